@@ -1,0 +1,1 @@
+"""gpuplane control plane: registry, scheduler, ledger and job state behind a gRPC API."""

@@ -1,0 +1,132 @@
+"""AdminService: tenants, API keys, registration tokens, pricing policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controlplane.api.convert import ROLE_TO_PB, role_from_pb, timestamp, from_timestamp
+from controlplane.auth.models import ApiKey, Tenant
+from controlplane.auth.principal import current_principal
+from controlplane.auth.service import AuthService
+from controlplane.errors import Unimplemented
+from controlplane.idempotency import check_key, fingerprint
+from controlplane.paging import decode_token, encode_token, page_size
+from gpuplane.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+
+Context = Any
+
+
+def tenant_pb(row: Tenant) -> types_pb2.Tenant:
+    return types_pb2.Tenant(
+        tenant_id=row.id,
+        name=row.name,
+        created_at=timestamp(row.created_at),
+        fair_share_weight=row.fair_share_weight,
+    )
+
+
+def api_key_pb(row: ApiKey) -> types_pb2.ApiKey:
+    from controlplane.auth.principal import Role
+
+    return types_pb2.ApiKey(
+        key_id=row.id,
+        tenant_id=row.tenant_id,
+        role=ROLE_TO_PB[Role(row.role)],
+        description=row.description,
+        prefix=row.prefix,
+        created_at=timestamp(row.created_at),
+        expires_at=timestamp(row.expires_at),
+        revoked_at=timestamp(row.revoked_at),
+        last_used_at=timestamp(row.last_used_at),
+    )
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, auth: AuthService) -> None:
+        self.auth = auth
+
+    async def WhoAmI(
+        self, request: admin_pb2.WhoAmIRequest, context: Context
+    ) -> admin_pb2.WhoAmIResponse:
+        principal = current_principal()
+        return admin_pb2.WhoAmIResponse(
+            tenant_id=principal.tenant_id,
+            role=ROLE_TO_PB[principal.role],
+            principal_id=principal.principal_id,
+        )
+
+    async def CreateTenant(
+        self, request: admin_pb2.CreateTenantRequest, context: Context
+    ) -> admin_pb2.CreateTenantResponse:
+        tenant = await self.auth.create_tenant(
+            request.name,
+            request.fair_share_weight,
+            check_key(request.idempotency_key),
+            fingerprint(request),
+        )
+        return admin_pb2.CreateTenantResponse(tenant=tenant_pb(tenant))
+
+    async def ListTenants(
+        self, request: admin_pb2.ListTenantsRequest, context: Context
+    ) -> admin_pb2.ListTenantsResponse:
+        cursor = decode_token(request.page_token)
+        limit = page_size(request.page_size)
+        rows = await self.auth.list_tenants(cursor["after"] if cursor else None, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return admin_pb2.ListTenantsResponse(
+            tenants=[tenant_pb(r) for r in rows],
+            next_page_token=encode_token({"after": rows[-1].id}) if more else "",
+        )
+
+    async def CreateApiKey(
+        self, request: admin_pb2.CreateApiKeyRequest, context: Context
+    ) -> admin_pb2.CreateApiKeyResponse:
+        created = await self.auth.create_api_key(
+            request.tenant_id,
+            role_from_pb(request.role),
+            request.description,
+            from_timestamp(request, "expires_at"),
+            check_key(request.idempotency_key),
+            fingerprint(request),
+        )
+        return admin_pb2.CreateApiKeyResponse(key=api_key_pb(created.key), secret=created.secret)
+
+    async def ListApiKeys(
+        self, request: admin_pb2.ListApiKeysRequest, context: Context
+    ) -> admin_pb2.ListApiKeysResponse:
+        cursor = decode_token(request.page_token)
+        limit = page_size(request.page_size)
+        rows = await self.auth.list_api_keys(
+            request.tenant_id or None,
+            request.include_revoked,
+            cursor["after"] if cursor else None,
+            limit + 1,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return admin_pb2.ListApiKeysResponse(
+            keys=[api_key_pb(r) for r in rows],
+            next_page_token=encode_token({"after": rows[-1].id}) if more else "",
+        )
+
+    async def RevokeApiKey(
+        self, request: admin_pb2.RevokeApiKeyRequest, context: Context
+    ) -> admin_pb2.RevokeApiKeyResponse:
+        key = await self.auth.revoke_api_key(request.key_id)
+        return admin_pb2.RevokeApiKeyResponse(key=api_key_pb(key))
+
+    async def CreateRegistrationToken(self, request: Any, context: Context) -> Any:
+        raise Unimplemented("AdminService.CreateRegistrationToken is not built yet")
+
+    async def ListRegistrationTokens(self, request: Any, context: Context) -> Any:
+        raise Unimplemented("AdminService.ListRegistrationTokens is not built yet")
+
+    async def RevokeRegistrationToken(self, request: Any, context: Context) -> Any:
+        raise Unimplemented("AdminService.RevokeRegistrationToken is not built yet")
+
+    async def GetPricingPolicy(self, request: Any, context: Context) -> Any:
+        raise Unimplemented("AdminService.GetPricingPolicy is not built yet")
+
+    async def SetPricingPolicy(self, request: Any, context: Context) -> Any:
+        raise Unimplemented("AdminService.SetPricingPolicy is not built yet")

@@ -1,0 +1,174 @@
+"""Server interceptors: error mapping (with RPC metrics) and bearer-key authentication."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from controlplane.auth.policy import PUBLIC_METHODS, allowed_roles
+from controlplane.auth.principal import Principal, set_current_principal
+from controlplane.errors import DomainError, PermissionDenied, Unauthenticated, status_code_for
+from controlplane.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+# Wraps one behaviour (unary or streaming) of a handler into another.
+Wrap = Callable[[Any, bool], Any]
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, wrap: Wrap) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour passed through `wrap(behaviour, streams_out)`."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary, False),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(handler.unary_stream, True),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap(handler.stream_unary, False),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap(handler.stream_stream, True),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """The one place domain errors become status codes. Anything else is logged with its
+    traceback and answered INTERNAL with a generic message and a reference to the log line."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        metrics = self.metrics
+
+        async def fail(context: aio.ServicerContext[Any, Any], error: BaseException) -> None:
+            if isinstance(error, DomainError):
+                code = status_code_for(error)
+                metrics.rpcs.labels(method, code.name).inc()
+                await context.abort(code, error.message)
+            ref = secrets.token_hex(4)
+            log.error("unhandled error in %s (ref %s)", method, ref, exc_info=error)
+            metrics.rpcs.labels(method, "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+
+        def wrap(behaviour: Any, streams_out: bool) -> Any:
+            if streams_out:
+
+                async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                    started = time.perf_counter()
+                    try:
+                        async for item in behaviour(request, context):
+                            yield item
+                    except aio.AbortError:
+                        raise
+                    except Exception as error:  # noqa: BLE001 - the one catch-all
+                        await fail(context, error)
+                    metrics.rpcs.labels(method, "OK").inc()
+                    metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+
+                return stream
+
+            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                started = time.perf_counter()
+                try:
+                    response = await behaviour(request, context)
+                except aio.AbortError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - the one catch-all
+                    await fail(context, error)
+                metrics.rpcs.labels(method, "OK").inc()
+                metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+                return response
+
+            return unary
+
+        return _rewrap(handler, wrap)
+
+
+Authenticator = Callable[[str], Awaitable[Principal]]
+
+
+def bearer_secret(metadata: Any) -> str | None:
+    """The secret of an `authorization: Bearer <secret>` metadata entry, if any."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, secret = text.partition(" ")
+            if scheme.lower() == "bearer" and secret.strip():
+                return secret.strip()
+            return None
+    return None
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Authenticates the bearer key and checks the caller's role against the policy table;
+    the principal is then available to the handler through current_principal()."""
+
+    def __init__(self, authenticate: Authenticator) -> None:
+        self.authenticate = authenticate
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method in PUBLIC_METHODS:
+            return handler
+        roles = allowed_roles(method)
+        secret = bearer_secret(handler_call_details.invocation_metadata)
+        authenticate = self.authenticate
+
+        async def admit() -> None:
+            if secret is None:
+                raise Unauthenticated(
+                    "missing credential: send metadata 'authorization: Bearer <api key>'"
+                )
+            principal = await authenticate(secret)
+            if principal.role not in roles:
+                raise PermissionDenied(
+                    f"{method.rsplit('/', 1)[-1]} is not allowed for role {principal.role.value}"
+                )
+            set_current_principal(principal)
+
+        def wrap(behaviour: Any, streams_out: bool) -> Any:
+            if streams_out:
+
+                async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                    await admit()
+                    async for item in behaviour(request, context):
+                        yield item
+
+                return stream
+
+            async def unary(request: Any, context: Any) -> Any:
+                await admit()
+                return await behaviour(request, context)
+
+            return unary
+
+        return _rewrap(handler, wrap)

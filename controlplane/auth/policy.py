@@ -1,0 +1,62 @@
+"""Which roles may call which RPC. A method missing from this table is denied to everyone."""
+
+from __future__ import annotations
+
+from controlplane.auth.principal import Role
+
+A, C, P, H = Role.ADMIN, Role.CONSUMER, Role.PROVIDER, Role.HOST
+
+# Methods any client may call with no credential at all.
+PUBLIC_METHODS: frozenset[str] = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        # Authenticated by the registration token in the request body.
+        "/gpuplane.v1.RegistryService/RegisterHost",
+    }
+)
+
+ALLOWED_ROLES: dict[str, frozenset[Role]] = {
+    # JobService: consumers own jobs; admins see all. Ownership is checked in the service.
+    "/gpuplane.v1.JobService/SubmitJob": frozenset({A, C}),
+    "/gpuplane.v1.JobService/GetJob": frozenset({A, C}),
+    "/gpuplane.v1.JobService/ListJobs": frozenset({A, C}),
+    "/gpuplane.v1.JobService/CancelJob": frozenset({A, C}),
+    "/gpuplane.v1.JobService/WatchJob": frozenset({A, C}),
+    "/gpuplane.v1.JobService/StreamLogs": frozenset({A, C}),
+    "/gpuplane.v1.JobService/GetResults": frozenset({A, C}),
+    # RegistryService.
+    "/gpuplane.v1.RegistryService/Connect": frozenset({H}),
+    "/gpuplane.v1.RegistryService/ListHosts": frozenset({A, P}),
+    "/gpuplane.v1.RegistryService/GetHost": frozenset({A, P}),
+    "/gpuplane.v1.RegistryService/DrainHost": frozenset({A, P}),
+    "/gpuplane.v1.RegistryService/UndrainHost": frozenset({A, P}),
+    "/gpuplane.v1.RegistryService/ListOffers": frozenset({A, C, P}),
+    # LedgerService.
+    "/gpuplane.v1.LedgerService/GetBalance": frozenset({A, C, P}),
+    "/gpuplane.v1.LedgerService/ListEntries": frozenset({A, C, P}),
+    "/gpuplane.v1.LedgerService/Deposit": frozenset({A}),
+    "/gpuplane.v1.LedgerService/Payout": frozenset({A, P}),
+    "/gpuplane.v1.LedgerService/RefundJob": frozenset({A}),
+    "/gpuplane.v1.LedgerService/GetUsage": frozenset({A, C, P}),
+    "/gpuplane.v1.LedgerService/CheckLedger": frozenset({A}),
+    # AdminService.
+    "/gpuplane.v1.AdminService/WhoAmI": frozenset({A, C, P, H}),
+    "/gpuplane.v1.AdminService/CreateTenant": frozenset({A}),
+    "/gpuplane.v1.AdminService/ListTenants": frozenset({A}),
+    "/gpuplane.v1.AdminService/CreateApiKey": frozenset({A}),
+    "/gpuplane.v1.AdminService/ListApiKeys": frozenset({A}),
+    "/gpuplane.v1.AdminService/RevokeApiKey": frozenset({A}),
+    "/gpuplane.v1.AdminService/CreateRegistrationToken": frozenset({A, P}),
+    "/gpuplane.v1.AdminService/ListRegistrationTokens": frozenset({A, P}),
+    "/gpuplane.v1.AdminService/RevokeRegistrationToken": frozenset({A, P}),
+    "/gpuplane.v1.AdminService/GetPricingPolicy": frozenset({A, C, P}),
+    "/gpuplane.v1.AdminService/SetPricingPolicy": frozenset({A}),
+}
+
+
+def allowed_roles(method: str) -> frozenset[Role]:
+    """Roles allowed on `method` ("/package.Service/Method"); empty = nobody."""
+    return ALLOWED_ROLES.get(method, frozenset())

@@ -1,0 +1,69 @@
+"""All SQL for tenants and API keys."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.auth.models import ApiKey, Tenant
+
+
+class AuthRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        return await self.session.get(Tenant, tenant_id)
+
+    async def tenant_by_name(self, name: str) -> Tenant | None:
+        return await self.session.scalar(select(Tenant).where(Tenant.name == name))
+
+    async def tenant_by_idempotency_key(self, key: str) -> Tenant | None:
+        return await self.session.scalar(select(Tenant).where(Tenant.idempotency_key == key))
+
+    async def list_tenants(self, after_id: str | None, limit: int) -> Sequence[Tenant]:
+        query = select(Tenant).order_by(Tenant.id).limit(limit)
+        if after_id:
+            query = query.where(Tenant.id > after_id)
+        return (await self.session.scalars(query)).all()
+
+    def add(self, row: Tenant | ApiKey) -> None:
+        self.session.add(row)
+
+    async def flush(self) -> None:
+        await self.session.flush()
+
+    async def key_by_hash(self, secret_hash: str) -> ApiKey | None:
+        return await self.session.scalar(select(ApiKey).where(ApiKey.secret_hash == secret_hash))
+
+    async def key_by_idempotency_key(self, key: str) -> ApiKey | None:
+        return await self.session.scalar(select(ApiKey).where(ApiKey.idempotency_key == key))
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        return await self.session.get(ApiKey, key_id)
+
+    async def list_keys(
+        self, tenant_id: str | None, include_revoked: bool, after_id: str | None, limit: int
+    ) -> Sequence[ApiKey]:
+        query = select(ApiKey).order_by(ApiKey.id).limit(limit)
+        if tenant_id:
+            query = query.where(ApiKey.tenant_id == tenant_id)
+        if not include_revoked:
+            query = query.where(ApiKey.revoked_at.is_(None))
+        if after_id:
+            query = query.where(ApiKey.id > after_id)
+        return (await self.session.scalars(query)).all()
+
+    async def any_admin_key(self) -> bool:
+        found = await self.session.scalar(
+            select(ApiKey.id).where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None)).limit(1)
+        )
+        return found is not None
+
+    async def touch_key(self, key_id: str, when: datetime) -> None:
+        await self.session.execute(
+            update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when)
+        )

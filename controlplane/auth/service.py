@@ -1,0 +1,242 @@
+"""Tenants and API keys: creation, listing, revocation, and authenticating a bearer secret."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+
+from controlplane.auth.models import ApiKey, Tenant
+from controlplane.auth.principal import Principal, Role
+from controlplane.auth.repository import AuthRepository
+from controlplane.db.base import new_id, utcnow
+from controlplane.db.engine import Database
+from controlplane.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from controlplane.idempotency import ensure_same
+
+log = logging.getLogger(__name__)
+
+API_KEY_PREFIX = "gpk_"
+PLATFORM_TENANT = "platform"
+MAX_NAME_LENGTH = 200
+
+
+def hash_secret(secret: str) -> str:
+    """Secrets carry 256 random bits, so one SHA-256 is enough (no salt or stretching)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def generate_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    key: ApiKey
+    # Empty when an idempotent replay returned an existing key: the secret is shown once.
+    secret: str
+
+
+class AuthService:
+    """Owns tenants and API keys. Verified keys are cached for `cache_ttl` seconds, which
+    bounds how long a revoked key keeps working on another replica."""
+
+    def __init__(self, db: Database, cache_ttl: float = 5.0) -> None:
+        self.db = db
+        self.cache_ttl = cache_ttl
+        self._cache: dict[str, tuple[Principal, float, datetime | None]] = {}
+
+    async def authenticate(self, secret: str) -> Principal:
+        """The principal of an API key secret, or UNAUTHENTICATED."""
+        digest = hash_secret(secret)
+        now_mono = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            principal, checked_at, expires_at = cached
+            if now_mono - checked_at < self.cache_ttl and (
+                expires_at is None or expires_at > utcnow()
+            ):
+                return principal
+            del self._cache[digest]
+        async with self.db.transaction() as session:
+            repo = AuthRepository(session)
+            key = await repo.key_by_hash(digest)
+            now = utcnow()
+            if key is None or key.revoked_at is not None:
+                raise Unauthenticated("the API key is not valid (unknown or revoked)")
+            if key.expires_at is not None and key.expires_at <= now:
+                raise Unauthenticated("the API key has expired")
+            await repo.touch_key(key.id, now)
+            principal = Principal(tenant_id=key.tenant_id, role=Role(key.role), principal_id=key.id)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[digest] = (principal, now_mono, key.expires_at)
+        return principal
+
+    def forget(self, key_id: str) -> None:
+        """Drops a key from this process's cache (after revocation)."""
+        for digest, (principal, _, _) in list(self._cache.items()):
+            if principal.principal_id == key_id:
+                del self._cache[digest]
+
+    async def create_tenant(
+        self, name: str, weight: int, idempotency_key: str | None, request_hash: str
+    ) -> Tenant:
+        name = name.strip()
+        if not name:
+            raise InvalidArgument("name", "must not be empty")
+        if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+            raise InvalidArgument("name", f"must be printable and at most {MAX_NAME_LENGTH} chars")
+        try:
+            async with self.db.transaction() as session:
+                repo = AuthRepository(session)
+                if idempotency_key:
+                    existing = await repo.tenant_by_idempotency_key(idempotency_key)
+                    if existing is not None:
+                        ensure_same(existing.request_hash, request_hash, idempotency_key)
+                        return existing
+                if await repo.tenant_by_name(name) is not None:
+                    raise AlreadyExists(f"name: a tenant named {name!r} already exists")
+                tenant = Tenant(
+                    id=new_id("ten"),
+                    name=name,
+                    fair_share_weight=max(weight, 1),
+                    created_at=utcnow(),
+                    idempotency_key=idempotency_key,
+                    request_hash=request_hash,
+                )
+                repo.add(tenant)
+                return tenant
+        except IntegrityError:
+            # A concurrent request with the same key or name won; replay or report it.
+            if idempotency_key:
+                async with self.db.read() as session:
+                    existing = await AuthRepository(session).tenant_by_idempotency_key(
+                        idempotency_key
+                    )
+                if existing is not None:
+                    ensure_same(existing.request_hash, request_hash, idempotency_key)
+                    return existing
+            raise AlreadyExists(f"name: a tenant named {name!r} already exists") from None
+
+    async def list_tenants(self, after_id: str | None, limit: int) -> Sequence[Tenant]:
+        async with self.db.read() as session:
+            return await AuthRepository(session).list_tenants(after_id, limit)
+
+    async def create_api_key(
+        self,
+        tenant_id: str,
+        role: Role,
+        description: str,
+        expires_at: datetime | None,
+        idempotency_key: str | None,
+        request_hash: str,
+    ) -> CreatedKey:
+        if role is Role.HOST:
+            raise InvalidArgument("role", "host credentials are issued by RegisterHost")
+        if len(description) > 500:
+            raise InvalidArgument("description", "longer than 500 characters")
+        if expires_at is not None and expires_at <= utcnow():
+            raise InvalidArgument("expires_at", "is in the past")
+        async with self.db.transaction() as session:
+            repo = AuthRepository(session)
+            if idempotency_key:
+                existing = await repo.key_by_idempotency_key(idempotency_key)
+                if existing is not None:
+                    ensure_same(existing.request_hash, request_hash, idempotency_key)
+                    return CreatedKey(existing, "")
+            if await repo.get_tenant(tenant_id) is None:
+                raise NotFound(f"tenant_id: no tenant {tenant_id!r}")
+            secret = generate_secret(API_KEY_PREFIX)
+            key = ApiKey(
+                id=new_id("key"),
+                tenant_id=tenant_id,
+                role=role.value,
+                description=description,
+                prefix=secret[:10],
+                secret_hash=hash_secret(secret),
+                created_at=utcnow(),
+                expires_at=expires_at,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+            repo.add(key)
+            return CreatedKey(key, secret)
+
+    async def list_api_keys(
+        self, tenant_id: str | None, include_revoked: bool, after_id: str | None, limit: int
+    ) -> Sequence[ApiKey]:
+        async with self.db.read() as session:
+            return await AuthRepository(session).list_keys(
+                tenant_id, include_revoked, after_id, limit
+            )
+
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        async with self.db.transaction() as session:
+            key = await AuthRepository(session).get_key(key_id)
+            if key is None:
+                raise NotFound(f"key_id: no API key {key_id!r}")
+            if key.revoked_at is None:
+                key.revoked_at = utcnow()
+        self.forget(key_id)
+        return key
+
+    async def ensure_platform_tenant(self) -> Tenant:
+        async with self.db.transaction() as session:
+            repo = AuthRepository(session)
+            tenant = await repo.get_tenant(PLATFORM_TENANT)
+            if tenant is None:
+                tenant = Tenant(id=PLATFORM_TENANT, name=PLATFORM_TENANT, created_at=utcnow())
+                repo.add(tenant)
+            return tenant
+
+    async def ensure_bootstrap_admin(self, configured: str | None, data_dir: Path) -> Path | None:
+        """Makes sure an admin can log in: accepts the configured key (stored hashed), or, when
+        no admin key exists yet, generates one and writes it once to data_dir/admin.key."""
+        await self.ensure_platform_tenant()
+        if configured:
+            async with self.db.transaction() as session:
+                repo = AuthRepository(session)
+                if await repo.key_by_hash(hash_secret(configured)) is None:
+                    repo.add(
+                        ApiKey(
+                            id=new_id("key"),
+                            tenant_id=PLATFORM_TENANT,
+                            role=Role.ADMIN.value,
+                            description="bootstrap admin key (from settings)",
+                            prefix=configured[:10],
+                            secret_hash=hash_secret(configured),
+                            created_at=utcnow(),
+                        )
+                    )
+            return None
+        async with self.db.read() as session:
+            if await AuthRepository(session).any_admin_key():
+                return None
+        secret = generate_secret(API_KEY_PREFIX)
+        key_file = data_dir / "admin.key"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        async with self.db.transaction() as session:
+            AuthRepository(session).add(
+                ApiKey(
+                    id=new_id("key"),
+                    tenant_id=PLATFORM_TENANT,
+                    role=Role.ADMIN.value,
+                    description="bootstrap admin key (generated)",
+                    prefix=secret[:10],
+                    secret_hash=hash_secret(secret),
+                    created_at=utcnow(),
+                )
+            )
+            key_file.touch(mode=0o600)
+            key_file.chmod(0o600)
+            key_file.write_text(secret + "\n")
+        log.info("generated a bootstrap admin key; it is in %s", key_file)
+        return key_file

@@ -1,0 +1,1 @@
+"""Persistence: typed ORM base, async engine and unit of work, Alembic migrations."""

@@ -1,0 +1,65 @@
+"""Control-plane configuration, read from GPUPLANE_* environment variables or a .env file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of one control-plane process. Built once in main() and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUPLANE_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".gpuplane"),
+        description="Where the embedded database, the generated admin key and logs live.",
+    )
+    database_url: str = Field(
+        default="",
+        description=(
+            "SQLAlchemy async URL: postgresql+psycopg://… or sqlite+aiosqlite:///…; "
+            "empty = SQLite in data_dir."
+        ),
+    )
+    listen_addr: str = Field(default="127.0.0.1:50051", description="gRPC host:port; port 0 picks one.")
+    metrics_addr: str = Field(
+        default="127.0.0.1:9464", description="Prometheus /metrics host:port; port 0 picks one; empty disables."
+    )
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None,
+        description="An admin API key to accept from the start (stored hashed). "
+        "Unset: one is generated once and written to data_dir/admin.key.",
+    )
+    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated.")
+    s3_endpoint: str = Field(default="127.0.0.1:8333", description="S3 API host:port.")
+    s3_access_key: str = Field(default="gpuplane")
+    s3_secret_key: SecretStr = Field(default=SecretStr("gpuplane-secret"))
+    s3_secure: bool = Field(default=False, description="Use HTTPS to reach the S3 API.")
+    s3_bucket: str = Field(default="gpuplane", description="Bucket for job inputs, outputs and logs.")
+    platform_fee_basis_points: int = Field(
+        default=1000, ge=0, le=10_000, description="Platform fee on every charge (1000 = 10%)."
+    )
+    heartbeat_interval_ms: int = Field(default=2000, gt=0)
+    heartbeat_timeout_ms: int = Field(
+        default=15_000, gt=0, description="A host without a heartbeat this long is lost."
+    )
+    telemetry_interval_ms: int = Field(default=5000, gt=0)
+    scheduler_interval_ms: int = Field(default=500, gt=0)
+    allow_simulated_by_default: bool = Field(
+        default=False, description="Dev stacks: jobs may run on simulated GPUs unless they say otherwise."
+    )
+    auth_cache_ttl_seconds: float = Field(
+        default=5.0, ge=0, description="How long a verified API key is trusted before re-checking."
+    )
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    log_level: str = Field(default="INFO")
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite inside the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'gpuplane.db').resolve()}"

@@ -1,0 +1,1 @@
+"""gpuplane wire contract: generated protobuf and gRPC stubs live in gpuplane.v1."""

@@ -1,0 +1,1 @@
+"""Generated stubs of proto/gpuplane/v1/*.proto (regenerate with scripts/gen-stubs)."""
