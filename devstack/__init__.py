@@ -1,0 +1,24 @@
+"""Real local servers (NATS, S3, PostgreSQL, Docker) for tests, benchmarks and `gpuplane up`."""
+
+from devstack.docker_engine import DockerEngine, HookCall
+from devstack.images import TEST_IMAGE, build_test_image
+from devstack.nats import NatsServer
+from devstack.ports import free_port, free_ports
+from devstack.postgres import PostgresCluster
+from devstack.process import DevstackError, LocalServer, ManagedProcess
+from devstack.s3 import S3Server
+
+__all__ = [
+    "TEST_IMAGE",
+    "DevstackError",
+    "DockerEngine",
+    "HookCall",
+    "LocalServer",
+    "ManagedProcess",
+    "NatsServer",
+    "PostgresCluster",
+    "S3Server",
+    "build_test_image",
+    "free_port",
+    "free_ports",
+]

