@@ -75,5 +75,5 @@ def status_code_for(error: DomainError) -> grpc.StatusCode:
     """The gRPC status of a domain error (its nearest mapped base class)."""
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.UNKNOWN

@@ -16,7 +16,7 @@ def fingerprint(message: Message) -> str:
     copy = type(message)()
     copy.CopyFrom(message)
     if "idempotency_key" in copy.DESCRIPTOR.fields_by_name:
-        copy.ClearField("idempotency_key")  # type: ignore[arg-type]
+        copy.ClearField("idempotency_key")
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
@@ -34,6 +34,4 @@ def check_key(key: str) -> str | None:
 def ensure_same(stored_hash: str | None, request_hash: str, key: str) -> None:
     """Raises ALREADY_EXISTS when a key is reused with a different request."""
     if stored_hash != request_hash:
-        raise AlreadyExists(
-            f"idempotency_key {key!r} was already used with a different request"
-        )
+        raise AlreadyExists(f"idempotency_key {key!r} was already used with a different request")

@@ -33,7 +33,9 @@ class Metrics:
     def serve(self, addr: str) -> int:
         """Starts /metrics on `addr` ("host:port", port 0 picks one); returns the port."""
         host, _, port = addr.rpartition(":")
-        server, thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        server, thread = start_http_server(
+            int(port), addr=host or "127.0.0.1", registry=self.registry
+        )
         self._server, self._thread = server, thread
         return int(server.server_port)
 

@@ -5,24 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from datetime import timedelta
 
 import grpc
-from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from controlplane.api.admin import AdminServicer
-from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor
-from controlplane.api.unbuilt import (
-    UnbuiltJobService,
-    UnbuiltLedgerService,
-    UnbuiltRegistryService,
-)
-from controlplane.auth.service import AuthService
-from controlplane.db import migrate
-from controlplane.db.engine import Database
-from controlplane.metrics import Metrics
-from controlplane.settings import Settings
+import urllib3
 from gpuplane.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -32,7 +18,32 @@ from gpuplane.v1 import (
     ledger_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    types_pb2,
 )
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controlplane.api.admin import AdminServicer
+from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor
+from controlplane.api.jobs import JobServicer
+from controlplane.api.ledger import LedgerServicer
+from controlplane.api.registry import RegistryServicer
+from controlplane.auth.service import AuthService
+from controlplane.background import Background
+from controlplane.bus import Bus
+from controlplane.db import migrate
+from controlplane.db.engine import Database
+from controlplane.jobs.logs import LogReader
+from controlplane.jobs.notify import Notifier
+from controlplane.jobs.quote import Quoter
+from controlplane.jobs.service import JobPolicy, JobService
+from controlplane.ledger.service import LedgerService
+from controlplane.metrics import Metrics
+from controlplane.registry.service import RegistryService
+from controlplane.scheduler.service import Scheduler
+from controlplane.settings import Settings
+from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +63,30 @@ class ControlPlane:
         self.metrics = Metrics()
         self.db: Database | None = None
         self.server: aio.Server | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics_port = 0
         self.admin_key_file: str | None = None
+        self.bus = Bus(settings.nats_url, settings.nats_stream_replicas)
+        self.notifier = Notifier()
+        self.background: Background | None = None
+        self.jobs: JobService | None = None
+        self.registry: RegistryService | None = None
+        self.store = ObjectStore(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+            bucket=settings.s3_bucket,
+            # Fail fast and let callers retry: the SDK's default retries block a worker
+            # thread for many seconds per call while the server is down.
+            http_client=urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=2.0, read=30.0),
+                retries=urllib3.Retry(total=2, backoff_factor=0.2),
+            ),
+        )
         self._stopped = asyncio.Event()
+        self._bucket_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -64,7 +94,28 @@ class ControlPlane:
         url = settings.resolved_database_url()
         await asyncio.to_thread(migrate.upgrade, url)
         self.db = Database(url)
-        auth = AuthService(self.db, cache_ttl=settings.auth_cache_ttl_seconds)
+        db = self.db
+        self.registry = registry = RegistryService(
+            db, max_price=settings.max_price_per_gpu_hour_micro_credits
+        )
+        auth = AuthService(
+            db, cache_ttl=settings.auth_cache_ttl_seconds, fallback=registry.authenticate_host
+        )
+        policy = JobPolicy(
+            fee_basis_points=settings.platform_fee_basis_points,
+            default_max_price=settings.max_price_per_gpu_hour_micro_credits,
+            allow_simulated_by_default=settings.allow_simulated_by_default,
+            retry_backoff=timedelta(milliseconds=settings.retry_backoff_ms),
+            dispatch_ack_timeout=timedelta(milliseconds=settings.dispatch_ack_timeout_ms),
+        )
+        self.jobs = jobs = JobService(db, policy, registry.sessions, self.notifier)
+        scheduler = Scheduler(db, self.notifier, settings.s3_bucket)
+        pricing = types_pb2.PricingPolicy(
+            platform_fee_basis_points=settings.platform_fee_basis_points,
+            min_price_per_gpu_hour_micro_credits=settings.min_price_per_gpu_hour_micro_credits,
+            max_price_per_gpu_hour_micro_credits=settings.max_price_per_gpu_hour_micro_credits,
+            min_payout_micro_credits=settings.min_payout_micro_credits,
+        )
         key_file = await auth.ensure_bootstrap_admin(
             settings.bootstrap_admin_key.get_secret_value()
             if settings.bootstrap_admin_key
@@ -82,10 +133,32 @@ class ControlPlane:
             interceptors=[ErrorInterceptor(self.metrics), AuthInterceptor(auth.authenticate)],
             options=options,
         )
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(UnbuiltJobService(), server)
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(UnbuiltRegistryService(), server)
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(UnbuiltLedgerService(), server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(auth), server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(
+                jobs,
+                Quoter(db, settings.max_price_per_gpu_hour_micro_credits),
+                self.notifier,
+                self.store,
+                LogReader(db, self.bus, self.store),
+            ),
+            server,
+        )
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryServicer(
+                registry,
+                jobs,
+                nats_servers=self.bus.servers,
+                heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                telemetry_interval_ms=settings.telemetry_interval_ms,
+            ),
+            server,
+        )
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+            LedgerServicer(LedgerService(db)), server
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(auth, registry, pricing), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -99,6 +172,17 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics_addr:
             self.metrics_port = self.metrics.serve(settings.metrics_addr)
+        self.background = Background(
+            bus=self.bus,
+            notifier=self.notifier,
+            scheduler=scheduler,
+            jobs=jobs,
+            registry=registry,
+            scheduler_interval=settings.scheduler_interval_ms / 1000,
+            heartbeat_timeout=settings.heartbeat_timeout_ms / 1000,
+        )
+        self.background.start()
+        self._bucket_task = asyncio.create_task(self._ensure_bucket())
         self.metrics.up.set(1)
         host = settings.listen_addr.rpartition(":")[0]
         log.info("control plane serving gRPC on %s:%d", host, self.port)
@@ -109,12 +193,31 @@ class ControlPlane:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
             self.server = None
+        if self.background is not None:
+            await self.background.stop()
+            self.background = None
+        if self._bucket_task is not None:
+            self._bucket_task.cancel()
+            self._bucket_task = None
+        await self.bus.close()
         self.metrics.up.set(0)
         self.metrics.stop()
         if self.db is not None:
             await self.db.close()
             self.db = None
         self._stopped.set()
+
+    async def _ensure_bucket(self) -> None:
+        """Creates the results bucket, retrying while the S3 server is unreachable."""
+        delay = 0.2
+        while True:
+            try:
+                await self.store.ensure_bucket()
+                return
+            except Exception as error:  # noqa: BLE001 - S3 SDK errors vary; keep trying
+                log.warning("object storage not ready (%s); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def wait(self) -> None:
         await self._stopped.wait()

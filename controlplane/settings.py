@@ -24,23 +24,44 @@ class Settings(BaseSettings):
             "empty = SQLite in data_dir."
         ),
     )
-    listen_addr: str = Field(default="127.0.0.1:50051", description="gRPC host:port; port 0 picks one.")
+    listen_addr: str = Field(
+        default="127.0.0.1:50051", description="gRPC host:port; port 0 picks one."
+    )
     metrics_addr: str = Field(
-        default="127.0.0.1:9464", description="Prometheus /metrics host:port; port 0 picks one; empty disables."
+        default="127.0.0.1:9464",
+        description="Prometheus /metrics host:port; port 0 picks one; empty disables.",
     )
     bootstrap_admin_key: SecretStr | None = Field(
         default=None,
         description="An admin API key to accept from the start (stored hashed). "
         "Unset: one is generated once and written to data_dir/admin.key.",
     )
-    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated.")
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated."
+    )
     s3_endpoint: str = Field(default="127.0.0.1:8333", description="S3 API host:port.")
     s3_access_key: str = Field(default="gpuplane")
     s3_secret_key: SecretStr = Field(default=SecretStr("gpuplane-secret"))
     s3_secure: bool = Field(default=False, description="Use HTTPS to reach the S3 API.")
-    s3_bucket: str = Field(default="gpuplane", description="Bucket for job inputs, outputs and logs.")
+    s3_bucket: str = Field(
+        default="gpuplane", description="Bucket for job inputs, outputs and logs."
+    )
     platform_fee_basis_points: int = Field(
         default=1000, ge=0, le=10_000, description="Platform fee on every charge (1000 = 10%)."
+    )
+    max_price_per_gpu_hour_micro_credits: int = Field(
+        default=100_000_000,
+        gt=0,
+        description="Ceiling on host prices; the price a job's hold assumes when it names none.",
+    )
+    min_price_per_gpu_hour_micro_credits: int = Field(default=1, gt=0)
+    min_payout_micro_credits: int = Field(default=1_000_000, ge=0)
+    nats_stream_replicas: int = Field(default=1, ge=1, le=5)
+    dispatch_ack_timeout_ms: int = Field(
+        default=120_000, gt=0, description="A placed attempt never taken by its daemon is lost."
+    )
+    retry_backoff_ms: int = Field(
+        default=1000, ge=0, description="First retry delay of a lost attempt."
     )
     heartbeat_interval_ms: int = Field(default=2000, gt=0)
     heartbeat_timeout_ms: int = Field(
@@ -49,7 +70,8 @@ class Settings(BaseSettings):
     telemetry_interval_ms: int = Field(default=5000, gt=0)
     scheduler_interval_ms: int = Field(default=500, gt=0)
     allow_simulated_by_default: bool = Field(
-        default=False, description="Dev stacks: jobs may run on simulated GPUs unless they say otherwise."
+        default=False,
+        description="Dev stacks: jobs may run on simulated GPUs unless they say otherwise.",
     )
     auth_cache_ttl_seconds: float = Field(
         default=5.0, ge=0, description="How long a verified API key is trusted before re-checking."

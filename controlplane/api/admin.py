@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.api.convert import ROLE_TO_PB, role_from_pb, timestamp, from_timestamp
+from gpuplane.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+
+from controlplane.api.convert import ROLE_TO_PB, from_timestamp, role_from_pb, timestamp
 from controlplane.auth.models import ApiKey, Tenant
-from controlplane.auth.principal import current_principal
+from controlplane.auth.principal import Role, current_principal
 from controlplane.auth.service import AuthService
 from controlplane.errors import Unimplemented
 from controlplane.idempotency import check_key, fingerprint
 from controlplane.paging import decode_token, encode_token, page_size
-from gpuplane.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from controlplane.registry.models import RegistrationToken
+from controlplane.registry.service import RegistryService
 
 Context = Any
 
@@ -26,8 +29,6 @@ def tenant_pb(row: Tenant) -> types_pb2.Tenant:
 
 
 def api_key_pb(row: ApiKey) -> types_pb2.ApiKey:
-    from controlplane.auth.principal import Role
-
     return types_pb2.ApiKey(
         key_id=row.id,
         tenant_id=row.tenant_id,
@@ -42,8 +43,12 @@ def api_key_pb(row: ApiKey) -> types_pb2.ApiKey:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, auth: AuthService) -> None:
+    def __init__(
+        self, auth: AuthService, registry: RegistryService, pricing: types_pb2.PricingPolicy
+    ) -> None:
         self.auth = auth
+        self.registry = registry
+        self.pricing = pricing
 
     async def WhoAmI(
         self, request: admin_pb2.WhoAmIRequest, context: Context
@@ -116,17 +121,64 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         key = await self.auth.revoke_api_key(request.key_id)
         return admin_pb2.RevokeApiKeyResponse(key=api_key_pb(key))
 
-    async def CreateRegistrationToken(self, request: Any, context: Context) -> Any:
-        raise Unimplemented("AdminService.CreateRegistrationToken is not built yet")
+    async def CreateRegistrationToken(
+        self, request: admin_pb2.CreateRegistrationTokenRequest, context: Context
+    ) -> admin_pb2.CreateRegistrationTokenResponse:
+        token, secret = await self.registry.create_token(
+            current_principal(),
+            request.provider_tenant_id,
+            request.label,
+            request.ttl_seconds,
+            request.max_uses,
+            check_key(request.idempotency_key),
+            fingerprint(request),
+        )
+        return admin_pb2.CreateRegistrationTokenResponse(token=token_pb(token), secret=secret)
 
-    async def ListRegistrationTokens(self, request: Any, context: Context) -> Any:
-        raise Unimplemented("AdminService.ListRegistrationTokens is not built yet")
+    async def ListRegistrationTokens(
+        self, request: admin_pb2.ListRegistrationTokensRequest, context: Context
+    ) -> admin_pb2.ListRegistrationTokensResponse:
+        cursor = decode_token(request.page_token)
+        limit = page_size(request.page_size)
+        rows = await self.registry.list_tokens(
+            current_principal(),
+            request.provider_tenant_id,
+            request.include_inactive,
+            cursor["after"] if cursor else None,
+            limit + 1,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return admin_pb2.ListRegistrationTokensResponse(
+            tokens=[token_pb(r) for r in rows],
+            next_page_token=encode_token({"after": rows[-1].id}) if more else "",
+        )
 
-    async def RevokeRegistrationToken(self, request: Any, context: Context) -> Any:
-        raise Unimplemented("AdminService.RevokeRegistrationToken is not built yet")
+    async def RevokeRegistrationToken(
+        self, request: admin_pb2.RevokeRegistrationTokenRequest, context: Context
+    ) -> admin_pb2.RevokeRegistrationTokenResponse:
+        token = await self.registry.revoke_token(current_principal(), request.token_id)
+        return admin_pb2.RevokeRegistrationTokenResponse(token=token_pb(token))
 
-    async def GetPricingPolicy(self, request: Any, context: Context) -> Any:
-        raise Unimplemented("AdminService.GetPricingPolicy is not built yet")
+    async def GetPricingPolicy(
+        self, request: admin_pb2.GetPricingPolicyRequest, context: Context
+    ) -> admin_pb2.GetPricingPolicyResponse:
+        return admin_pb2.GetPricingPolicyResponse(policy=self.pricing)
 
     async def SetPricingPolicy(self, request: Any, context: Context) -> Any:
-        raise Unimplemented("AdminService.SetPricingPolicy is not built yet")
+        raise Unimplemented(
+            "AdminService.SetPricingPolicy is not built yet; the policy comes from settings"
+        )
+
+
+def token_pb(row: RegistrationToken) -> types_pb2.RegistrationToken:
+    return types_pb2.RegistrationToken(
+        token_id=row.id,
+        provider_tenant_id=row.provider_tenant_id,
+        label=row.label,
+        created_at=timestamp(row.created_at),
+        expires_at=timestamp(row.expires_at),
+        max_uses=row.max_uses,
+        uses=row.uses,
+        revoked_at=timestamp(row.revoked_at),
+    )

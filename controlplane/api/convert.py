@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from gpuplane.v1 import types_pb2
 
 from controlplane.auth.principal import Role
 from controlplane.errors import InvalidArgument
-from gpuplane.v1 import types_pb2
 
 ROLE_TO_PB = {
     Role.ADMIN: types_pb2.ROLE_ADMIN,
@@ -40,7 +40,7 @@ def from_timestamp(message: object, field: str) -> datetime | None:
 
 
 def role_from_pb(value: int, field: str = "role") -> Role:
-    role = PB_TO_ROLE.get(value)  # type: ignore[call-overload]
+    role: Role | None = PB_TO_ROLE.get(value)  # type: ignore[call-overload]
     if role is None:
         raise InvalidArgument(field, "must be ROLE_ADMIN, ROLE_CONSUMER or ROLE_PROVIDER")
     return role

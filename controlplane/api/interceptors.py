@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -18,12 +18,16 @@ from controlplane.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 # Wraps one behaviour (unary or streaming) of a handler into another.
 Wrap = Callable[[Any, bool], Any]
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Wrap) -> grpc.RpcMethodHandler:
+def _rewrap(handler: Handler, wrap: Wrap) -> Handler:
     """The same handler with its behaviour passed through `wrap(behaviour, streams_out)`."""
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
@@ -50,7 +54,7 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Wrap) -> grpc.RpcMethodHandler
     )
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
+class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     """The one place domain errors become status codes. Anything else is logged with its
     traceback and answered INTERNAL with a generic message and a reference to the log line."""
 
@@ -59,10 +63,10 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
-            return None
+            return handler  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
         metrics = self.metrics
 
@@ -125,7 +129,7 @@ def bearer_secret(metadata: Any) -> str | None:
     return None
 
 
-class AuthInterceptor(aio.ServerInterceptor):
+class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authenticates the bearer key and checks the caller's role against the policy table;
     the principal is then available to the handler through current_principal()."""
 
@@ -134,7 +138,7 @@ class AuthInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method in PUBLIC_METHODS:

@@ -6,9 +6,9 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 API_KEY_PREFIX = "gpk_"
 PLATFORM_TENANT = "platform"
 MAX_NAME_LENGTH = 200
+# last_used_at is kept to this resolution, so authentication rarely writes.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def hash_secret(secret: str) -> str:
@@ -48,9 +50,16 @@ class AuthService:
     """Owns tenants and API keys. Verified keys are cached for `cache_ttl` seconds, which
     bounds how long a revoked key keeps working on another replica."""
 
-    def __init__(self, db: Database, cache_ttl: float = 5.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        cache_ttl: float = 5.0,
+        fallback: Callable[[str], Awaitable[Principal | None]] | None = None,
+    ) -> None:
         self.db = db
         self.cache_ttl = cache_ttl
+        # Other credentials (host credentials) are checked here when no API key matches.
+        self.fallback = fallback
         self._cache: dict[str, tuple[Principal, float, datetime | None]] = {}
 
     async def authenticate(self, secret: str) -> Principal:
@@ -65,16 +74,22 @@ class AuthService:
             ):
                 return principal
             del self._cache[digest]
-        async with self.db.transaction() as session:
-            repo = AuthRepository(session)
-            key = await repo.key_by_hash(digest)
-            now = utcnow()
-            if key is None or key.revoked_at is not None:
-                raise Unauthenticated("the API key is not valid (unknown or revoked)")
-            if key.expires_at is not None and key.expires_at <= now:
-                raise Unauthenticated("the API key has expired")
-            await repo.touch_key(key.id, now)
-            principal = Principal(tenant_id=key.tenant_id, role=Role(key.role), principal_id=key.id)
+        async with self.db.read() as session:
+            key = await AuthRepository(session).key_by_hash(digest)
+        now = utcnow()
+        if key is None and self.fallback is not None:
+            other = await self.fallback(secret)
+            if other is not None:
+                self._cache[digest] = (other, now_mono, None)
+                return other
+        if key is None or key.revoked_at is not None:
+            raise Unauthenticated("the API key is not valid (unknown or revoked)")
+        if key.expires_at is not None and key.expires_at <= now:
+            raise Unauthenticated("the API key has expired")
+        if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+            async with self.db.transaction() as session:
+                await AuthRepository(session).touch_key(key.id, now)
+        principal = Principal(tenant_id=key.tenant_id, role=Role(key.role), principal_id=key.id)
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[digest] = (principal, now_mono, key.expires_at)

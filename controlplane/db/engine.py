@@ -20,8 +20,9 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    """WAL, foreign keys, and BEGIN IMMEDIATE so concurrent writers queue instead of failing."""
+def _configure_sqlite(engine: AsyncEngine, *, writer: bool) -> None:
+    """WAL and foreign keys; writers BEGIN IMMEDIATE so they queue instead of failing on lock
+    upgrade. Readers use plain deferred transactions: WAL gives them a snapshot, unblocked."""
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -35,14 +36,14 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 10, writer: bool = True) -> AsyncEngine:
     """An async engine for `url`; SQLite gets its concurrency pragmas."""
     if is_sqlite(url):
         engine = create_async_engine(url)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, writer=writer)
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
@@ -54,6 +55,8 @@ class Database:
         self.url = url
         self.engine = create_engine(url, pool_size=pool_size)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._read_engine = create_engine(url, writer=False) if is_sqlite(url) else self.engine
+        self._read_sessions = async_sessionmaker(self._read_engine, expire_on_commit=False)
 
     @property
     def sqlite(self) -> bool:
@@ -67,9 +70,12 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        """A session for reads only; never commits."""
-        async with self._sessions() as session:
+        """A session for reads only; never commits. Never open one inside `transaction()`
+        on SQLite writers' behalf: use the transaction's own session instead."""
+        async with self._read_sessions() as session:
             yield session
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._read_engine is not self.engine:
+            await self._read_engine.dispose()

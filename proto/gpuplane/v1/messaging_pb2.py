@@ -26,17 +26,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from gpuplane.v1 import types_pb2 as gpuplane_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgpuplane/v1/messaging.proto\x12\x0bgpuplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gpuplane/v1/types.proto\"\xd2\x01\n\x0f\x44ispatchMessage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\"\n\x04spec\x18\x04 \x01(\x0b\x32\x14.gpuplane.v1.JobSpec\x12\x11\n\tgpu_uuids\x18\x05 \x03(\t\x12\x16\n\x0eresults_prefix\x18\x06 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbf\x02\n\tJobReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12(\n\x04kind\x18\x05 \x01(\x0e\x32\x1a.gpuplane.v1.JobReportKind\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x13\n\x0brun_time_ms\x18\t \x01(\x04\x12+\n\x08manifest\x18\n \x03(\x0b\x32\x19.gpuplane.v1.ResultObject\x12\x12\n\noom_killed\x18\x0b \x01(\x08\x12\x13\n\x0bstop_reason\x18\x0c \x01(\tB\x0c\n\n_exit_code*\x85\x02\n\rJobReportKind\x12\x1f\n\x1bJOB_REPORT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18JOB_REPORT_KIND_STARTING\x10\x01\x12\x1b\n\x17JOB_REPORT_KIND_RUNNING\x10\x02\x12\x19\n\x15JOB_REPORT_KIND_USAGE\x10\x03\x12\x1d\n\x19JOB_REPORT_KIND_UPLOADING\x10\x04\x12\x1c\n\x18JOB_REPORT_KIND_FINISHED\x10\x05\x12#\n\x1fJOB_REPORT_KIND_FAILED_TO_START\x10\x06\x12\x1b\n\x17JOB_REPORT_KIND_STOPPED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgpuplane/v1/messaging.proto\x12\x0bgpuplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gpuplane/v1/types.proto\"\xd2\x01\n\x0f\x44ispatchMessage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\"\n\x04spec\x18\x04 \x01(\x0b\x32\x14.gpuplane.v1.JobSpec\x12\x11\n\tgpu_uuids\x18\x05 \x03(\t\x12\x16\n\x0eresults_prefix\x18\x06 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd7\x02\n\tJobReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12(\n\x04kind\x18\x05 \x01(\x0e\x32\x1a.gpuplane.v1.JobReportKind\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x13\n\x0brun_time_ms\x18\t \x01(\x04\x12+\n\x08manifest\x18\n \x03(\x0b\x32\x19.gpuplane.v1.ResultObject\x12\x12\n\noom_killed\x18\x0b \x01(\x08\x12\x13\n\x0bstop_reason\x18\x0c \x01(\t\x12\x16\n\x0eprovider_fault\x18\r \x01(\x08\x42\x0c\n\n_exit_code*\x85\x02\n\rJobReportKind\x12\x1f\n\x1bJOB_REPORT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18JOB_REPORT_KIND_STARTING\x10\x01\x12\x1b\n\x17JOB_REPORT_KIND_RUNNING\x10\x02\x12\x19\n\x15JOB_REPORT_KIND_USAGE\x10\x03\x12\x1d\n\x19JOB_REPORT_KIND_UPLOADING\x10\x04\x12\x1c\n\x18JOB_REPORT_KIND_FINISHED\x10\x05\x12#\n\x1fJOB_REPORT_KIND_FAILED_TO_START\x10\x06\x12\x1b\n\x17JOB_REPORT_KIND_STOPPED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpuplane.v1.messaging_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBREPORTKIND']._serialized_start=638
-  _globals['_JOBREPORTKIND']._serialized_end=899
+  _globals['_JOBREPORTKIND']._serialized_start=662
+  _globals['_JOBREPORTKIND']._serialized_end=923
   _globals['_DISPATCHMESSAGE']._serialized_start=103
   _globals['_DISPATCHMESSAGE']._serialized_end=313
   _globals['_JOBREPORT']._serialized_start=316
-  _globals['_JOBREPORT']._serialized_end=635
+  _globals['_JOBREPORT']._serialized_end=659
 # @@protoc_insertion_point(module_scope)

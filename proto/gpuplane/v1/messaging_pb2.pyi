@@ -35,13 +35,17 @@ class _JobReportKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobRepo
     JOB_REPORT_KIND_USAGE: _JobReportKind.ValueType  # 3
     """Periodic metered usage while running."""
     JOB_REPORT_KIND_UPLOADING: _JobReportKind.ValueType  # 4
-    """The container exited; outputs are being uploaded."""
+    """The container exited (on its own, or killed at max_duration); outputs are being uploaded."""
     JOB_REPORT_KIND_FINISHED: _JobReportKind.ValueType  # 5
-    """Outputs and logs are stored; the manifest is final."""
+    """Outputs and logs are stored; the manifest is final. A job stopped at max_duration ends
+    FINISHED with stop_reason "timed_out" (its partial outputs are stored too).
+    """
     JOB_REPORT_KIND_FAILED_TO_START: _JobReportKind.ValueType  # 6
     """The attempt could not run (image missing, runtime error); `reason` says why."""
     JOB_REPORT_KIND_STOPPED: _JobReportKind.ValueType  # 7
-    """Stopped on request (cancel) or by the daemon (timeout, budget)."""
+    """Stopped before its outputs were stored: on request ("cancelled"), by the daemon
+    ("budget_exhausted"), or by a fault of the host ("host_error", "daemon_restarted").
+    """
 
 class JobReportKind(_JobReportKind, metaclass=_JobReportKindEnumTypeWrapper): ...
 
@@ -53,13 +57,17 @@ JOB_REPORT_KIND_RUNNING: JobReportKind.ValueType  # 2
 JOB_REPORT_KIND_USAGE: JobReportKind.ValueType  # 3
 """Periodic metered usage while running."""
 JOB_REPORT_KIND_UPLOADING: JobReportKind.ValueType  # 4
-"""The container exited; outputs are being uploaded."""
+"""The container exited (on its own, or killed at max_duration); outputs are being uploaded."""
 JOB_REPORT_KIND_FINISHED: JobReportKind.ValueType  # 5
-"""Outputs and logs are stored; the manifest is final."""
+"""Outputs and logs are stored; the manifest is final. A job stopped at max_duration ends
+FINISHED with stop_reason "timed_out" (its partial outputs are stored too).
+"""
 JOB_REPORT_KIND_FAILED_TO_START: JobReportKind.ValueType  # 6
 """The attempt could not run (image missing, runtime error); `reason` says why."""
 JOB_REPORT_KIND_STOPPED: JobReportKind.ValueType  # 7
-"""Stopped on request (cancel) or by the daemon (timeout, budget)."""
+"""Stopped before its outputs were stored: on request ("cancelled"), by the daemon
+("budget_exhausted"), or by a fault of the host ("host_error", "daemon_restarted").
+"""
 Global___JobReportKind: _TypeAlias = JobReportKind  # noqa: Y015
 
 @_typing.final
@@ -130,6 +138,7 @@ class JobReport(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     OOM_KILLED_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
+    PROVIDER_FAULT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     host_id: _builtins.str
@@ -143,7 +152,13 @@ class JobReport(_message.Message):
     oom_killed: _builtins.bool
     """Whether the process was killed for running out of memory."""
     stop_reason: _builtins.str
-    """Why the daemon stopped it, when it did: "cancelled", "timed_out", "budget_exhausted"."""
+    """Why the daemon stopped it, when it did: "cancelled", "timed_out", "budget_exhausted",
+    "host_error", "daemon_restarted".
+    """
+    provider_fault: _builtins.bool
+    """The attempt ended through no fault of the job (the host's Docker failed, the daemon
+    restarted, the GPUs are missing): it is not charged and is retried like a lost attempt.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -163,10 +178,11 @@ class JobReport(_message.Message):
         manifest: _abc.Iterable[_types_pb2.ResultObject] | None = ...,
         oom_killed: _builtins.bool = ...,
         stop_reason: _builtins.str = ...,
+        provider_fault: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "exit_code", b"exit_code", "host_id", b"host_id", "job_id", b"job_id", "kind", b"kind", "manifest", b"manifest", "oom_killed", b"oom_killed", "reason", b"reason", "run_time_ms", b"run_time_ms", "seq", b"seq", "stop_reason", b"stop_reason", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "exit_code", b"exit_code", "host_id", b"host_id", "job_id", b"job_id", "kind", b"kind", "manifest", b"manifest", "oom_killed", b"oom_killed", "provider_fault", b"provider_fault", "reason", b"reason", "run_time_ms", b"run_time_ms", "seq", b"seq", "stop_reason", b"stop_reason", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

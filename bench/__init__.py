@@ -1,0 +1,1 @@
+"""Benchmarks of gpuplane: figures measured against floors taken in the same run."""

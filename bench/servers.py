@@ -1,0 +1,104 @@
+"""Servers under test, each in its own process: `python -m bench.servers echo|controlplane`.
+
+Both kinds run alone in a fresh interpreter with the same gRPC server options and are driven
+by the same client processes (bench.load), so the control plane's figure and the raw echo
+floor differ only in what the server does per call. Each prints one JSON line with its port
+(and what a client needs) when ready, and exits when its stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+ECHO_SERVICE = "bench.Echo"
+ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+# The control plane's own options (controlplane/server.py), so both servers are configured alike.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", 4 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+async def _echo(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> bytes:
+    return request
+
+
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[dict[str, Any]]:
+    """A bare grpc.aio server whose one method returns the request bytes."""
+    server = aio.server(options=SERVER_OPTIONS)
+    handler = grpc.unary_unary_rpc_method_handler(_echo)  # no (de)serializers: raw bytes
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield {"port": port}
+    finally:
+        await server.stop(0)
+
+
+@asynccontextmanager
+async def control_plane(args: argparse.Namespace) -> AsyncIterator[dict[str, Any]]:
+    """The real control plane on SQLite, with the bootstrap admin key for callers."""
+    from pydantic import SecretStr
+
+    from controlplane.server import ControlPlane
+    from controlplane.settings import Settings
+
+    data_dir = Path(args.data_dir)
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=args.database_url or "",
+        listen_addr="127.0.0.1:0",
+        metrics_addr="127.0.0.1:0",
+        nats_url=args.nats_url,
+        s3_endpoint=args.s3_endpoint,
+        s3_access_key=args.s3_access_key,
+        s3_secret_key=SecretStr(args.s3_secret_key),
+        log_level="WARNING",
+    )
+    plane = ControlPlane(settings)
+    await plane.start()
+    try:
+        key = (data_dir / "admin.key").read_text().strip()
+        yield {"port": plane.port, "admin_key": key}
+    finally:
+        await plane.stop(grace=0)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    server = echo_server() if args.kind == "echo" else control_plane(args)
+    async with server as ready:
+        sys.stdout.write(json.dumps(ready) + "\n")
+        sys.stdout.flush()
+        # Runs until the parent closes our stdin (or dies).
+        await asyncio.to_thread(sys.stdin.read)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers")
+    parser.add_argument("kind", choices=["echo", "controlplane"])
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--database-url", default="")
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--s3-endpoint", default="127.0.0.1:8333")
+    parser.add_argument("--s3-access-key", default="")
+    parser.add_argument("--s3-secret-key", default="")
+    asyncio.run(_serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Jobs: spec validation, the state machine, events, attempts, results."""

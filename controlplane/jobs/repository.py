@@ -1,0 +1,114 @@
+"""All SQL for jobs, attempts and job events."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.jobs.models import Job, JobAttempt, JobEvent
+from controlplane.registry.models import Host
+
+
+class JobRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    def add(self, row: Job | JobAttempt | JobEvent) -> None:
+        self.session.add(row)
+
+    async def flush(self) -> None:
+        await self.session.flush()
+
+    async def get(self, job_id: str, *, lock: bool = False) -> Job | None:
+        return await self.session.get(Job, job_id, with_for_update=lock)
+
+    async def by_idempotency_key(self, tenant_id: str, key: str) -> Job | None:
+        return await self.session.scalar(
+            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
+        )
+
+    async def list(
+        self,
+        tenant_id: str | None,
+        states: Sequence[str],
+        created_after: datetime | None,
+        created_before: datetime | None,
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> Sequence[Job]:
+        query = select(Job)
+        if tenant_id:
+            query = query.where(Job.tenant_id == tenant_id)
+        if states:
+            query = query.where(Job.state.in_(states))
+        if created_after:
+            query = query.where(Job.created_at >= created_after)
+        if created_before:
+            query = query.where(Job.created_at < created_before)
+        if before:
+            query = query.where(
+                (Job.created_at < before[0])
+                | ((Job.created_at == before[0]) & (Job.id < before[1]))
+            )
+        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        return (await self.session.scalars(query)).all()
+
+    async def queued(self, now: datetime, limit: int) -> Sequence[Job]:
+        """Queued jobs whose backoff has passed, highest priority first, then oldest."""
+        query = (
+            select(Job)
+            .where(Job.state == "queued", (Job.not_before.is_(None)) | (Job.not_before <= now))
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return (await self.session.scalars(query)).all()
+
+    async def attempt(self, job_id: str, attempt: int, *, lock: bool = False) -> JobAttempt | None:
+        return await self.session.get(JobAttempt, (job_id, attempt), with_for_update=lock)
+
+    async def attempts(self, job_id: str) -> Sequence[JobAttempt]:
+        return (
+            await self.session.scalars(
+                select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)
+            )
+        ).all()
+
+    async def live_attempts_on(self, host_id: str) -> Sequence[JobAttempt]:
+        return (
+            await self.session.scalars(
+                select(JobAttempt).where(JobAttempt.host_id == host_id, JobAttempt.live.is_(True))
+            )
+        ).all()
+
+    async def lost_attempts(self, unacked_before: datetime) -> Sequence[tuple[JobAttempt, str]]:
+        """Live attempts that are lost: their host is lost, or their daemon never took the
+        dispatch (still SCHEDULED, placed before `unacked_before`). With the reason."""
+        query = (
+            select(JobAttempt, Host.state)
+            .join(Host, Host.id == JobAttempt.host_id)
+            .where(
+                JobAttempt.live.is_(True),
+                (Host.state == "lost")
+                | ((JobAttempt.state == "scheduled") & (JobAttempt.created_at < unacked_before)),
+            )
+            .with_for_update(of=JobAttempt, skip_locked=True)
+        )
+        rows = (await self.session.execute(query)).all()
+        return [
+            (attempt, "host lost (no heartbeat)" if state == "lost" else "daemon never took it")
+            for attempt, state in rows
+        ]
+
+    async def events_after(self, job_id: str, seq: int, limit: int = 500) -> Sequence[JobEvent]:
+        return (
+            await self.session.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.seq > seq)
+                .order_by(JobEvent.seq)
+                .limit(limit)
+            )
+        ).all()

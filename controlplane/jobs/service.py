@@ -1,0 +1,544 @@
+"""Job lifecycle: submit (with its hold), cancel, daemon reports, lost attempts, settlement."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.auth.principal import Principal
+from controlplane.db.base import new_id, utcnow
+from controlplane.db.engine import Database
+from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
+from controlplane.idempotency import ensure_same
+from controlplane.jobs.models import Job, JobAttempt, JobEvent
+from controlplane.jobs.notify import Notifier
+from controlplane.jobs.repository import JobRepository
+from controlplane.jobs.spec import validate_spec
+from controlplane.jobs.states import ON_HOST, JobState, can_transition
+from controlplane.ledger import service as ledger
+from controlplane.ledger.service import AccountKind, TransferKind, account_id
+from controlplane.registry.repository import RegistryRepository
+from controlplane.registry.service import HostSessions
+
+log = logging.getLogger(__name__)
+Kind = messaging_pb2.JobReportKind
+TERMINAL_REPORTS = frozenset(
+    {
+        Kind.JOB_REPORT_KIND_FINISHED,
+        Kind.JOB_REPORT_KIND_STOPPED,
+        Kind.JOB_REPORT_KIND_FAILED_TO_START,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPolicy:
+    fee_basis_points: int
+    # Price used for the hold when the job names no max price (the policy's ceiling).
+    default_max_price: int
+    allow_simulated_by_default: bool
+    retry_backoff: timedelta = timedelta(seconds=1)
+    # A placed attempt whose daemon has not reported within this is lost.
+    dispatch_ack_timeout: timedelta = timedelta(minutes=2)
+
+
+def hold_for(spec: types_pb2.JobSpec, default_max_price: int) -> int:
+    """The budget, or the most the job could cost: price × GPUs × max duration."""
+    if spec.budget_micro_credits:
+        return spec.budget_micro_credits
+    price = spec.max_price_per_gpu_hour_micro_credits or default_max_price
+    return ledger.charge_for(price, spec.gpu_count, spec.max_duration_seconds * 1000)
+
+
+def transition(
+    repo: JobRepository,
+    job: Job,
+    target: JobState,
+    *,
+    reason: str = "",
+    exit_code: int | None = None,
+    now: datetime,
+) -> bool:
+    """Moves `job` to `target` and records the event; False when the edge is not allowed."""
+    current = JobState(job.state)
+    if current == target or not can_transition(current, target):
+        return False
+    job.state = target.value
+    job.state_reason = reason
+    job.updated_at = now
+    job.event_seq += 1
+    if exit_code is not None:
+        job.exit_code = exit_code
+    if target.terminal:
+        job.finished_at = now
+    repo.add(
+        JobEvent(
+            job_id=job.id,
+            seq=job.event_seq,
+            attempt=job.attempt,
+            state=target.value,
+            reason=reason,
+            exit_code=exit_code,
+            time=now,
+        )
+    )
+    return True
+
+
+@dataclass
+class JobView:
+    job: Job
+    attempts: Sequence[JobAttempt]
+
+
+class JobService:
+    def __init__(
+        self, db: Database, policy: JobPolicy, sessions: HostSessions, notifier: Notifier
+    ) -> None:
+        self.db = db
+        self.policy = policy
+        self.sessions = sessions
+        self.notifier = notifier
+
+    # Submit, read, cancel -----------------------------------------------------------------
+
+    def prepare_spec(self, spec: types_pb2.JobSpec) -> types_pb2.JobSpec:
+        """Validates and normalises a spec (defaults filled in) before it is stored."""
+        validate_spec(spec)
+        normalised = types_pb2.JobSpec()
+        normalised.CopyFrom(spec)
+        if normalised.network == types_pb2.NETWORK_MODE_UNSPECIFIED:
+            normalised.network = types_pb2.NETWORK_MODE_NONE
+        if self.policy.allow_simulated_by_default:
+            normalised.allow_simulated = True
+        return normalised
+
+    async def submit(
+        self,
+        caller: Principal,
+        spec: types_pb2.JobSpec,
+        idempotency_key: str | None,
+        request_hash: str,
+    ) -> Job:
+        """Validates, holds credit and queues the job in one transaction."""
+        spec = self.prepare_spec(spec)
+        hold = hold_for(spec, self.policy.default_max_price)
+        now = utcnow()
+        try:
+            async with self.db.transaction() as session:
+                repo = JobRepository(session)
+                if idempotency_key:
+                    existing = await repo.by_idempotency_key(caller.tenant_id, idempotency_key)
+                    if existing is not None:
+                        ensure_same(existing.request_hash, request_hash, idempotency_key)
+                        return existing
+                job = Job(
+                    id=new_id("job"),
+                    tenant_id=caller.tenant_id,
+                    spec=spec.SerializeToString(deterministic=True),
+                    state=JobState.QUEUED.value,
+                    state_reason="waiting for the scheduler",
+                    attempt=1,
+                    gpu_count=spec.gpu_count,
+                    priority=spec.priority,
+                    max_retries=spec.max_retries,
+                    labels=dict(spec.labels),
+                    gpu_uuids=[],
+                    hold_amount=hold,
+                    charged=0,
+                    price_per_gpu_hour=0,
+                    event_seq=1,
+                    cancel_requested=False,
+                    created_at=now,
+                    updated_at=now,
+                    idempotency_key=idempotency_key,
+                    request_hash=request_hash,
+                )
+                repo.add(job)
+                repo.add(JobEvent(job_id=job.id, seq=1, attempt=1, state="queued", time=now))
+                await repo.flush()
+                await ledger.ensure_tenant_accounts(session, caller.tenant_id)
+                try:
+                    await ledger.transfer(
+                        session,
+                        debit=account_id(caller.tenant_id, AccountKind.AVAILABLE),
+                        credit=account_id(caller.tenant_id, AccountKind.HELD),
+                        amount=hold,
+                        kind=TransferKind.HOLD,
+                        key=f"job/{job.id}/hold",
+                        job_id=job.id,
+                    )
+                except FailedPrecondition:
+                    raise FailedPrecondition(
+                        f"insufficient credit: the job needs a hold of "
+                        f"{ledger.format_credits(hold)} credits; deposit more or set a lower "
+                        "spec.budget_micro_credits or spec.max_duration_seconds"
+                    ) from None
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            async with self.db.read() as session:
+                existing = await JobRepository(session).by_idempotency_key(
+                    caller.tenant_id, idempotency_key
+                )
+            if existing is None:
+                raise
+            ensure_same(existing.request_hash, request_hash, idempotency_key)
+            return existing
+        self.notifier.schedule.set()
+        return job
+
+    async def get(self, caller: Principal, job_id: str) -> JobView:
+        async with self.db.read() as session:
+            repo = JobRepository(session)
+            job = await repo.get(job_id)
+            if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
+                raise NotFound(f"job_id: no job {job_id!r}")
+            return JobView(job, await repo.attempts(job_id))
+
+    async def list_jobs(
+        self,
+        caller: Principal,
+        tenant_id: str,
+        states: Sequence[JobState],
+        labels: dict[str, str],
+        created_after: datetime | None,
+        created_before: datetime | None,
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> Sequence[Job]:
+        owner = None if caller.is_admin and not tenant_id else caller.require_tenant(tenant_id)
+        async with self.db.read() as session:
+            rows = await JobRepository(session).list(
+                owner, [s.value for s in states], created_after, created_before, before, limit
+            )
+        # Label filters are applied here; a label index arrives with the scheduler issue.
+        return [r for r in rows if all(r.labels.get(k) == v for k, v in labels.items())]
+
+    async def cancel(self, caller: Principal, job_id: str, reason: str) -> Job:
+        if len(reason) > 500:
+            raise InvalidArgument("reason", "at most 500 characters")
+        now = utcnow()
+        command: registry_pb2.ControlMessage | None = None
+        async with self.db.transaction() as session:
+            repo = JobRepository(session)
+            job = await repo.get(job_id, lock=True)
+            if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
+                raise NotFound(f"job_id: no job {job_id!r}")
+            state = JobState(job.state)
+            why = f"cancelled: {reason}" if reason else "cancelled by the user"
+            if state == JobState.QUEUED:
+                transition(repo, job, JobState.CANCELLED, reason=why, now=now)
+                await self._release(session, job)
+            elif state in ON_HOST:
+                job.cancel_requested = True
+                job.state_reason = "cancel requested"
+                command = self._cancel_command(job, why)
+        if command is not None:
+            self.sessions.send(job.host_id or "", command)
+        self.notifier.job_changed(job_id)
+        return job
+
+    @staticmethod
+    def _cancel_command(job: Job, reason: str) -> registry_pb2.ControlMessage:
+        return registry_pb2.ControlMessage(
+            cancel=registry_pb2.CancelCommand(job_id=job.id, attempt=job.attempt, reason=reason)
+        )
+
+    async def events_after(
+        self, caller: Principal, job_id: str, seq: int
+    ) -> tuple[Job, Sequence[JobEvent]]:
+        async with self.db.read() as session:
+            repo = JobRepository(session)
+            job = await repo.get(job_id)
+            if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
+                raise NotFound(f"job_id: no job {job_id!r}")
+            return job, await repo.events_after(job_id, seq)
+
+    async def attempt_of(
+        self, caller: Principal, job_id: str, attempt: int
+    ) -> tuple[Job, JobAttempt | None]:
+        """The job and one attempt (0 = the current one)."""
+        async with self.db.read() as session:
+            repo = JobRepository(session)
+            job = await repo.get(job_id)
+            if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
+                raise NotFound(f"job_id: no job {job_id!r}")
+            if attempt > job.attempt:
+                raise NotFound(f"attempt: job {job_id} has no attempt {attempt}")
+            return job, await repo.attempt(job_id, attempt or job.attempt)
+
+    async def live_attempts(self, host_id: str) -> list[registry_pb2.RunningJob]:
+        return await live_attempts_of(self.db, host_id)
+
+    # Daemon reports -----------------------------------------------------------------------
+
+    async def apply_report(self, report: messaging_pb2.JobReport) -> bool:
+        """Applies one daemon report idempotently; False when it was stale or a duplicate."""
+        now = utcnow()
+        resend: registry_pb2.ControlMessage | None = None
+        async with self.db.transaction() as session:
+            repo = JobRepository(session)
+            job = await repo.get(report.job_id, lock=True)
+            attempt = await repo.attempt(report.job_id, report.attempt, lock=True)
+            if job is None or attempt is None:
+                log.warning("report for unknown attempt %s/%s", report.job_id, report.attempt)
+                return False
+            # Fencing: only the live attempt on its own host may change the job.
+            if (
+                not attempt.live
+                or attempt.host_id != report.host_id
+                or job.attempt != attempt.attempt
+            ):
+                log.info("stale report for %s/%s ignored", job.id, attempt.attempt)
+                return False
+            if report.seq <= attempt.report_seq:
+                return False
+            attempt.report_seq = report.seq
+            if report.run_time_ms:
+                attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
+            if report.provider_fault and report.kind in TERMINAL_REPORTS:
+                why = report.reason or report.stop_reason or "host fault"
+                await self._lose_attempt(session, repo, job, attempt, f"host fault: {why}", now)
+                changed = True
+            else:
+                changed = self._apply(repo, job, attempt, report, now)
+            if JobState(job.state).terminal and attempt.live:
+                await self._finish_attempt(session, job, attempt, now)
+            elif job.cancel_requested and report.kind in (
+                Kind.JOB_REPORT_KIND_STARTING,
+                Kind.JOB_REPORT_KIND_RUNNING,
+            ):
+                resend = self._cancel_command(job, job.state_reason or "cancelled")
+        if resend is not None:
+            self.sessions.send(report.host_id, resend)
+        if changed:
+            self.notifier.job_changed(job.id)
+            if not attempt.live:
+                self.notifier.schedule.set()
+        return True
+
+    def _apply(
+        self,
+        repo: JobRepository,
+        job: Job,
+        attempt: JobAttempt,
+        report: messaging_pb2.JobReport,
+        now: datetime,
+    ) -> bool:
+        exit_code = report.exit_code if report.HasField("exit_code") else None
+        if exit_code is not None:
+            attempt.exit_code = exit_code
+        kind = report.kind
+        if kind == Kind.JOB_REPORT_KIND_STARTING:
+            attempt.state = JobState.STARTING.value
+            return transition(
+                repo, job, JobState.STARTING, reason="preparing image and inputs", now=now
+            )
+        if kind == Kind.JOB_REPORT_KIND_RUNNING:
+            attempt.state = JobState.RUNNING.value
+            attempt.started_at = attempt.started_at or now
+            job.started_at = job.started_at or now
+            return transition(repo, job, JobState.RUNNING, now=now)
+        if kind == Kind.JOB_REPORT_KIND_USAGE:
+            return False
+        if kind == Kind.JOB_REPORT_KIND_UPLOADING:
+            attempt.state = JobState.UPLOADING.value
+            return transition(
+                repo,
+                job,
+                JobState.UPLOADING,
+                reason="storing outputs and logs",
+                exit_code=exit_code,
+                now=now,
+            )
+        if kind == Kind.JOB_REPORT_KIND_FAILED_TO_START:
+            target, reason = JobState.FAILED, report.reason or "the job could not start"
+        elif kind == Kind.JOB_REPORT_KIND_STOPPED:
+            target, reason = self._stopped_outcome(job, report)
+        elif kind == Kind.JOB_REPORT_KIND_FINISHED:
+            attempt.manifest = [
+                {"key": o.key, "path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
+                for o in report.manifest
+            ]
+            target, reason = self._finished_outcome(job, report, exit_code)
+        else:
+            log.warning("report of unknown kind %s for %s ignored", kind, job.id)
+            return False
+        attempt.state = target.value
+        attempt.reason = reason
+        attempt.finished_at = now
+        return transition(repo, job, target, reason=reason, exit_code=exit_code, now=now)
+
+    @staticmethod
+    def _stopped_outcome(job: Job, report: messaging_pb2.JobReport) -> tuple[JobState, str]:
+        if report.stop_reason == "timed_out":
+            return JobState.TIMED_OUT, "ran past max_duration_seconds"
+        if report.stop_reason == "budget_exhausted":
+            return JobState.FAILED, "budget_exhausted"
+        if job.cancel_requested or report.stop_reason == "cancelled":
+            return JobState.CANCELLED, job.state_reason if job.cancel_requested else "cancelled"
+        return JobState.FAILED, report.reason or f"stopped by the host: {report.stop_reason}"
+
+    def _finished_outcome(
+        self, job: Job, report: messaging_pb2.JobReport, exit_code: int | None
+    ) -> tuple[JobState, str]:
+        if report.stop_reason:
+            return self._stopped_outcome(job, report)
+        if report.oom_killed:
+            return JobState.FAILED, "oom"
+        if report.reason.startswith("upload_failed"):
+            detail = report.reason.partition(":")[2].strip() or "outputs could not be stored"
+            return JobState.FAILED, f"upload_failed: {detail}"
+        if exit_code == 0:
+            return JobState.SUCCEEDED, ""
+        return JobState.FAILED, f"exit code {exit_code}"
+
+    async def _finish_attempt(
+        self, session: AsyncSession, job: Job, attempt: JobAttempt, now: datetime
+    ) -> None:
+        """Charges a finished attempt, frees its GPUs and releases the rest of the hold."""
+        attempt.live = False
+        registry = RegistryRepository(session)
+        await registry.release_gpus(job.id, attempt.attempt)
+        host = await registry.get_host(attempt.host_id)
+        if host is not None:
+            host.completed_attempts += 1
+            await self._charge(session, job, attempt, host.provider_tenant_id)
+        await self._release(session, job)
+
+    async def _charge(
+        self, session: AsyncSession, job: Job, attempt: JobAttempt, provider: str
+    ) -> None:
+        if attempt.lost:
+            return
+        spec = types_pb2.JobSpec.FromString(job.spec)
+        cost = ledger.charge_for(job.price_per_gpu_hour, spec.gpu_count, attempt.run_time_ms)
+        cost = min(cost, job.hold_amount - job.charged)
+        share, fee = ledger.split_fee(cost, self.policy.fee_basis_points)
+        await ledger.ensure_tenant_accounts(session, provider)
+        held = account_id(job.tenant_id, AccountKind.HELD)
+        prefix = f"job/{job.id}/{attempt.attempt}"
+        await ledger.transfer(
+            session,
+            debit=held,
+            credit=account_id(provider, AccountKind.EARNINGS),
+            amount=share,
+            kind=TransferKind.CHARGE,
+            key=f"{prefix}/charge",
+            job_id=job.id,
+            attempt=attempt.attempt,
+        )
+        await ledger.transfer(
+            session,
+            debit=held,
+            credit=ledger.REVENUE,
+            amount=fee,
+            kind=TransferKind.FEE,
+            key=f"{prefix}/fee",
+            job_id=job.id,
+            attempt=attempt.attempt,
+        )
+        attempt.charged = cost
+        job.charged += cost
+
+    async def _release(self, session: AsyncSession, job: Job) -> None:
+        await ledger.transfer(
+            session,
+            debit=account_id(job.tenant_id, AccountKind.HELD),
+            credit=account_id(job.tenant_id, AccountKind.AVAILABLE),
+            amount=job.hold_amount - job.charged,
+            kind=TransferKind.RELEASE,
+            key=f"job/{job.id}/release",
+            job_id=job.id,
+        )
+
+    # Lost attempts ------------------------------------------------------------------------
+
+    async def sweep_lost_attempts(self) -> list[str]:
+        """Requeues (or fails) lost attempts (host lost, dispatch never taken); the consumer
+        pays nothing for them."""
+        now = utcnow()
+        touched: list[str] = []
+        async with self.db.transaction() as session:
+            repo = JobRepository(session)
+            for attempt, why in await repo.lost_attempts(now - self.policy.dispatch_ack_timeout):
+                job = await repo.get(attempt.job_id, lock=True)
+                if job is None:
+                    continue
+                await self._lose_attempt(session, repo, job, attempt, why, now)
+                touched.append(job.id)
+        for job_id in touched:
+            self.notifier.job_changed(job_id)
+        if touched:
+            self.notifier.schedule.set()
+        return touched
+
+    async def _lose_attempt(
+        self,
+        session: AsyncSession,
+        repo: JobRepository,
+        job: Job,
+        attempt: JobAttempt,
+        why: str,
+        now: datetime,
+    ) -> None:
+        """Ends an attempt lost to a provider fault: never charged, GPUs freed, job retried."""
+        attempt.live = False
+        attempt.lost = True
+        attempt.state = "lost"
+        attempt.reason = why
+        attempt.finished_at = now
+        registry = RegistryRepository(session)
+        await registry.release_gpus(job.id, attempt.attempt)
+        host = await registry.get_host(attempt.host_id)
+        if host is not None:
+            host.lost_attempts += 1
+        if job.attempt == attempt.attempt and not JobState(job.state).terminal:
+            await self._requeue_or_fail(session, repo, job, now, why)
+
+    async def _requeue_or_fail(
+        self, session: AsyncSession, repo: JobRepository, job: Job, now: datetime, why: str
+    ) -> None:
+        if job.cancel_requested:
+            transition(repo, job, JobState.CANCELLED, reason=job.state_reason, now=now)
+        elif job.attempt <= job.max_retries:
+            transition(
+                repo,
+                job,
+                JobState.QUEUED,
+                reason=f"attempt {job.attempt} lost: {why}; retrying",
+                now=now,
+            )
+            backoff = self.policy.retry_backoff * (2 ** (job.attempt - 1))
+            job.attempt += 1
+            job.host_id = None
+            job.gpu_uuids = []
+            job.not_before = now + min(backoff, timedelta(minutes=5))
+            return
+        else:
+            transition(
+                repo,
+                job,
+                JobState.FAILED,
+                reason=f"attempt {job.attempt} lost: {why}; no retries left",
+                now=now,
+            )
+        await self._release(session, job)
+
+
+async def live_attempts_of(db: Database, host_id: str) -> list[registry_pb2.RunningJob]:
+    """The attempts the control plane believes run on `host_id` (for HelloAck and resync)."""
+    async with db.read() as session:
+        rows = await JobRepository(session).live_attempts_on(host_id)
+    return [
+        registry_pb2.RunningJob(job_id=r.job_id, attempt=r.attempt, state=JobState(r.state).pb)
+        for r in rows
+        if r.state in JobState._value2member_map_
+    ]

@@ -1,0 +1,113 @@
+"""Validation of a submitted JobSpec: every problem names its field."""
+
+from __future__ import annotations
+
+import re
+
+from gpuplane.v1 import types_pb2
+
+from controlplane.errors import InvalidArgument
+
+MAX_GPUS = 64
+MAX_DURATION_SECONDS = 30 * 24 * 3600
+MAX_PRICE = 10**12  # micro-credits per GPU-hour (a million credits)
+MAX_STRING = 4096
+MAX_ITEMS = 256
+MAX_ENV_BYTES = 128 * 1024
+# A Docker image reference: [registry[:port]/]path[:tag][@digest], conservatively.
+IMAGE_RE = re.compile(
+    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$")
+CC_RE = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
+# Variables the daemon sets itself; a job may not override them.
+RESERVED_ENV = frozenset({"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "GPUPLANE_JOB_ID"})
+
+
+def _text(field: str, value: str, limit: int = MAX_STRING) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(field, f"longer than {limit} characters")
+    if "\x00" in value:
+        raise InvalidArgument(field, "contains a NUL character")
+
+
+def _labels(field: str, labels: dict[str, str]) -> None:
+    if len(labels) > 64:
+        raise InvalidArgument(field, "more than 64 labels")
+    for key, value in labels.items():
+        if not LABEL_KEY_RE.match(key):
+            raise InvalidArgument(f"{field}[{key!r}]", "label keys are 1-128 of [A-Za-z0-9._/-]")
+        _text(f"{field}[{key!r}]", value, 256)
+
+
+def validate_spec(spec: types_pb2.JobSpec) -> None:
+    """Raises InvalidArgument naming the first bad field of `spec`."""
+    if not spec.image:
+        raise InvalidArgument("spec.image", "is required")
+    if len(spec.image) > 512 or not IMAGE_RE.match(spec.image):
+        raise InvalidArgument("spec.image", f"{spec.image[:80]!r} is not a valid image reference")
+    for name, items in (("spec.command", spec.command), ("spec.args", spec.args)):
+        if len(items) > MAX_ITEMS:
+            raise InvalidArgument(name, f"more than {MAX_ITEMS} items")
+        for i, item in enumerate(items):
+            _text(f"{name}[{i}]", item)
+    env_bytes = 0
+    for key, value in spec.env.items():
+        if not ENV_NAME_RE.match(key):
+            raise InvalidArgument(f"spec.env[{key!r}]", "is not a valid variable name")
+        if key in RESERVED_ENV:
+            raise InvalidArgument(
+                f"spec.env[{key!r}]", "is set by gpuplane and cannot be overridden"
+            )
+        _text(f"spec.env[{key!r}]", value, MAX_ENV_BYTES)
+        env_bytes += len(key) + len(value)
+    if env_bytes > MAX_ENV_BYTES:
+        raise InvalidArgument("spec.env", f"larger than {MAX_ENV_BYTES} bytes in total")
+    if spec.gpu_count > MAX_GPUS:
+        raise InvalidArgument("spec.gpu_count", f"at most {MAX_GPUS} GPUs on one host")
+    if len(spec.gpu_models) > 32:
+        raise InvalidArgument("spec.gpu_models", "more than 32 models")
+    for i, model in enumerate(spec.gpu_models):
+        if not model.strip():
+            raise InvalidArgument(f"spec.gpu_models[{i}]", "must not be empty")
+        _text(f"spec.gpu_models[{i}]", model, 100)
+    if spec.min_vram_gib > 4096:
+        raise InvalidArgument("spec.min_vram_gib", "larger than any GPU (4096 GiB)")
+    if spec.min_compute_capability and not CC_RE.match(spec.min_compute_capability):
+        raise InvalidArgument("spec.min_compute_capability", 'must look like "8.0"')
+    if spec.cpu_millicores > 1024 * 1000:
+        raise InvalidArgument("spec.cpu_millicores", "more than 1024 cores")
+    if spec.memory_bytes and spec.memory_bytes < 6 * 1024 * 1024:
+        raise InvalidArgument("spec.memory_bytes", "below Docker's minimum of 6 MiB")
+    if spec.network not in types_pb2.NetworkMode.values():
+        raise InvalidArgument("spec.network", "unknown network mode")
+    if len(spec.inputs) > MAX_ITEMS:
+        raise InvalidArgument("spec.inputs", f"more than {MAX_ITEMS} inputs")
+    for i, entry in enumerate(spec.inputs):
+        if not entry.key or entry.key.startswith("/") or ".." in entry.key.split("/"):
+            raise InvalidArgument(f"spec.inputs[{i}].key", "must be a relative object key")
+        if entry.path and (entry.path.startswith("/") or ".." in entry.path.split("/")):
+            raise InvalidArgument(f"spec.inputs[{i}].path", "must be relative, inside /input")
+        _text(f"spec.inputs[{i}].key", entry.key, 1024)
+    if spec.max_duration_seconds == 0:
+        raise InvalidArgument("spec.max_duration_seconds", "is required (the attempt's time limit)")
+    if spec.max_duration_seconds > MAX_DURATION_SECONDS:
+        raise InvalidArgument("spec.max_duration_seconds", "longer than 30 days")
+    if not 0 <= spec.max_price_per_gpu_hour_micro_credits <= MAX_PRICE:
+        raise InvalidArgument(
+            "spec.max_price_per_gpu_hour_micro_credits", f"must be 0..{MAX_PRICE}"
+        )
+    if spec.budget_micro_credits < 0 or spec.budget_micro_credits > 10**15:
+        raise InvalidArgument("spec.budget_micro_credits", "must be 0..10^15")
+    if not -1000 <= spec.priority <= 1000:
+        raise InvalidArgument("spec.priority", "must be between -1000 and 1000")
+    _labels("spec.labels", dict(spec.labels))
+    _labels("spec.host_labels", dict(spec.host_labels))
+    if spec.max_retries > 20:
+        raise InvalidArgument("spec.max_retries", "at most 20")
+    if spec.placement_policy not in types_pb2.PlacementPolicy.values():
+        raise InvalidArgument("spec.placement_policy", "unknown policy")
+    if len(spec.locations) > 64 or len(spec.exclude_host_ids) > 1024:
+        raise InvalidArgument("spec.locations", "too many entries")

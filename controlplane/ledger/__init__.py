@@ -1,0 +1,1 @@
+"""Double-entry credit ledger in integer micro-credits."""

@@ -1,0 +1,1 @@
+"""Transactional outbox: rows committed with a state change, published to JetStream after."""

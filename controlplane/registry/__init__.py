@@ -1,0 +1,1 @@
+"""Provider registry: registration tokens, hosts, GPUs, liveness, offers."""

@@ -1,0 +1,74 @@
+"""ORM classes for registration tokens, hosts and their GPUs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from controlplane.db.base import Base, UtcDateTime, utcnow
+
+
+class RegistrationToken(Base):
+    __tablename__ = "registration_tokens"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider_tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    label: Mapped[str] = mapped_column(String(200), default="")
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    max_uses: Mapped[int] = mapped_column(Integer, default=0)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    __table_args__ = (UniqueConstraint("provider_tenant_id", "machine_id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider_tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    machine_id: Mapped[str] = mapped_column(String(200))
+    hostname: Mapped[str] = mapped_column(String(255))
+    # online | lost | draining | drained (see HostState in registry.service).
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    location: Mapped[str] = mapped_column(String(100), default="")
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    price_per_gpu_hour: Mapped[int] = mapped_column(BigInteger)
+    credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    daemon_version: Mapped[str] = mapped_column(String(64), default="")
+    driver_version: Mapped[str] = mapped_column(String(64), default="")
+    cuda_driver_version: Mapped[str] = mapped_column(String(64), default="")
+    cpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    drain_reason: Mapped[str] = mapped_column(String(500), default="")
+    lost_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    completed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Gpu(Base):
+    __tablename__ = "gpus"
+
+    uuid: Mapped[str] = mapped_column(String(100), primary_key=True)
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    memory_total_bytes: Mapped[int] = mapped_column(BigInteger)
+    compute_capability: Mapped[str] = mapped_column(String(16), default="")
+    pci_bus_id: Mapped[str] = mapped_column(String(64), default="")
+    mig_mode: Mapped[int] = mapped_column(Integer, default=0)
+    power_limit_milliwatts: Mapped[int] = mapped_column(BigInteger, default=0)
+    healthy: Mapped[bool] = mapped_column(Boolean, default=True)
+    unhealthy_reason: Mapped[str] = mapped_column(String(500), default="")
+    # The job whose live attempt holds this GPU; set and cleared only with a guard on its
+    # previous value, so no GPU is ever given to two live attempts.
+    job_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    attempt: Mapped[int | None] = mapped_column(Integer)

@@ -1,0 +1,129 @@
+"""All SQL for registration tokens, hosts and GPUs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.registry.models import Gpu, Host, RegistrationToken
+
+
+class RegistryRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    def add(self, row: RegistrationToken | Host | Gpu) -> None:
+        self.session.add(row)
+
+    async def flush(self) -> None:
+        await self.session.flush()
+
+    async def token_by_hash(self, secret_hash: str) -> RegistrationToken | None:
+        return await self.session.scalar(
+            select(RegistrationToken).where(RegistrationToken.secret_hash == secret_hash)
+        )
+
+    async def token_by_idempotency_key(self, key: str) -> RegistrationToken | None:
+        return await self.session.scalar(
+            select(RegistrationToken).where(RegistrationToken.idempotency_key == key)
+        )
+
+    async def get_token(self, token_id: str) -> RegistrationToken | None:
+        return await self.session.get(RegistrationToken, token_id)
+
+    async def list_tokens(
+        self, provider: str | None, active_after: datetime | None, after_id: str | None, limit: int
+    ) -> Sequence[RegistrationToken]:
+        query = select(RegistrationToken).order_by(RegistrationToken.id).limit(limit)
+        if provider:
+            query = query.where(RegistrationToken.provider_tenant_id == provider)
+        if active_after is not None:
+            query = query.where(
+                RegistrationToken.revoked_at.is_(None), RegistrationToken.expires_at > active_after
+            )
+        if after_id:
+            query = query.where(RegistrationToken.id > after_id)
+        return (await self.session.scalars(query)).all()
+
+    async def consume_token(self, token_id: str) -> bool:
+        """Counts one use unless the token is used up (atomic against concurrent registers)."""
+        token = RegistrationToken
+        result = await self.session.execute(
+            update(token)
+            .where(token.id == token_id, (token.max_uses == 0) | (token.uses < token.max_uses))
+            .values(uses=token.uses + 1)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def host_by_machine(self, provider: str, machine_id: str) -> Host | None:
+        return await self.session.scalar(
+            select(Host).where(Host.provider_tenant_id == provider, Host.machine_id == machine_id)
+        )
+
+    async def host_by_credential(self, credential_hash: str) -> Host | None:
+        return await self.session.scalar(
+            select(Host).where(Host.credential_hash == credential_hash)
+        )
+
+    async def get_host(self, host_id: str, *, lock: bool = False) -> Host | None:
+        return await self.session.get(Host, host_id, with_for_update=lock)
+
+    async def list_hosts(
+        self, states: Sequence[str], provider: str | None, after_id: str | None, limit: int
+    ) -> Sequence[Host]:
+        query = select(Host).order_by(Host.id).limit(limit)
+        if states:
+            query = query.where(Host.state.in_(states))
+        if provider:
+            query = query.where(Host.provider_tenant_id == provider)
+        if after_id:
+            query = query.where(Host.id > after_id)
+        return (await self.session.scalars(query)).all()
+
+    async def gpus_of(self, host_ids: Sequence[str]) -> Sequence[Gpu]:
+        if not host_ids:
+            return []
+        return (
+            await self.session.scalars(
+                select(Gpu).where(Gpu.host_id.in_(host_ids)).order_by(Gpu.host_id, Gpu.index)
+            )
+        ).all()
+
+    async def gpus_by_uuid(self, uuids: Sequence[str]) -> Sequence[Gpu]:
+        return (await self.session.scalars(select(Gpu).where(Gpu.uuid.in_(uuids)))).all()
+
+    async def heartbeat(self, host_id: str, when: datetime) -> None:
+        await self.session.execute(
+            update(Host).where(Host.id == host_id).values(last_heartbeat_at=when)
+        )
+
+    async def stale_online_hosts(self, cutoff: datetime) -> Sequence[Host]:
+        return (
+            await self.session.scalars(
+                select(Host)
+                .where(
+                    Host.state.in_(("online", "draining", "drained")),
+                    (Host.last_heartbeat_at.is_(None)) | (Host.last_heartbeat_at < cutoff),
+                )
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+
+    async def allocate_gpus(self, uuids: Sequence[str], job_id: str, attempt: int) -> int:
+        """Gives free GPUs to an attempt; returns how many were free (all or the caller aborts)."""
+        result = await self.session.execute(
+            update(Gpu)
+            .where(Gpu.uuid.in_(uuids), Gpu.job_id.is_(None))
+            .values(job_id=job_id, attempt=attempt)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def release_gpus(self, job_id: str, attempt: int) -> None:
+        await self.session.execute(
+            update(Gpu)
+            .where(Gpu.job_id == job_id, Gpu.attempt == attempt)
+            .values(job_id=None, attempt=None)
+        )

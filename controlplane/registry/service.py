@@ -1,0 +1,356 @@
+"""Registration tokens, host registration and credentials, heartbeats, liveness, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from gpuplane.v1 import registry_pb2
+
+from controlplane.auth.principal import Principal, Role
+from controlplane.auth.service import generate_secret, hash_secret
+from controlplane.db.base import new_id, utcnow
+from controlplane.db.engine import Database
+from controlplane.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from controlplane.idempotency import ensure_same
+from controlplane.registry.models import Gpu, Host, RegistrationToken
+from controlplane.registry.repository import RegistryRepository
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "gpr_"
+HOST_CREDENTIAL_PREFIX = "gph_"
+DEFAULT_TOKEN_TTL = timedelta(hours=24)
+MAX_TOKEN_TTL = timedelta(days=365)
+
+
+class HostState(StrEnum):
+    ONLINE = "online"
+    LOST = "lost"
+    DRAINING = "draining"
+    DRAINED = "drained"
+
+
+@dataclass
+class HostRegistration:
+    """What RegisterHost hands back (the credential is shown only here)."""
+
+    host: Host
+    credential: str
+
+
+@dataclass
+class HostSession:
+    """One connected daemon: the queue its Connect stream drains into ControlMessages."""
+
+    host_id: str
+    outbox: asyncio.Queue[registry_pb2.ControlMessage] = field(default_factory=asyncio.Queue)
+
+
+class HostSessions:
+    """Daemons connected to this control-plane process, for sending them commands."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, HostSession] = {}
+
+    def open(self, host_id: str) -> HostSession:
+        session = HostSession(host_id)
+        self._sessions[host_id] = session
+        return session
+
+    def close(self, session: HostSession) -> None:
+        if self._sessions.get(session.host_id) is session:
+            del self._sessions[session.host_id]
+
+    def send(self, host_id: str, message: registry_pb2.ControlMessage) -> bool:
+        session = self._sessions.get(host_id)
+        if session is None:
+            return False
+        session.outbox.put_nowait(message)
+        return True
+
+    def connected(self, host_id: str) -> bool:
+        return host_id in self._sessions
+
+
+def _validate_registration(request: registry_pb2.RegisterHostRequest, max_price: int) -> None:
+    if not request.machine_id or len(request.machine_id) > 200:
+        raise InvalidArgument("machine_id", "is required (at most 200 characters)")
+    if not request.hostname or len(request.hostname) > 255:
+        raise InvalidArgument("hostname", "is required (at most 255 characters)")
+    if not request.gpus:
+        raise InvalidArgument("gpus", "a host must offer at least one GPU")
+    if len(request.gpus) > 64:
+        raise InvalidArgument("gpus", "at most 64 GPUs per host")
+    seen: set[str] = set()
+    for i, gpu in enumerate(request.gpus):
+        if not gpu.uuid or len(gpu.uuid) > 100:
+            raise InvalidArgument(f"gpus[{i}].uuid", "is required (at most 100 characters)")
+        if gpu.uuid in seen:
+            raise InvalidArgument(f"gpus[{i}].uuid", f"{gpu.uuid} appears twice")
+        seen.add(gpu.uuid)
+        if not gpu.name or len(gpu.name) > 200:
+            raise InvalidArgument(f"gpus[{i}].name", "is required (at most 200 characters)")
+        if gpu.memory_total_bytes == 0:
+            raise InvalidArgument(f"gpus[{i}].memory_total_bytes", "must be positive")
+    price = request.price_per_gpu_hour_micro_credits
+    if price <= 0 or price > max_price:
+        raise InvalidArgument(
+            "price_per_gpu_hour_micro_credits", f"must be between 1 and {max_price}"
+        )
+    if len(request.location) > 100:
+        raise InvalidArgument("location", "at most 100 characters")
+    if len(request.labels) > 64:
+        raise InvalidArgument("labels", "at most 64 labels")
+
+
+class RegistryService:
+    def __init__(self, db: Database, *, max_price: int) -> None:
+        self.db = db
+        self.max_price = max_price
+        self.sessions = HostSessions()
+
+    # Registration tokens -------------------------------------------------------------------
+
+    async def create_token(
+        self,
+        caller: Principal,
+        provider_tenant_id: str,
+        label: str,
+        ttl_seconds: int,
+        max_uses: int,
+        idempotency_key: str | None,
+        request_hash: str,
+    ) -> tuple[RegistrationToken, str]:
+        provider = caller.require_tenant(provider_tenant_id)
+        if provider == "platform" and caller.is_admin and not provider_tenant_id:
+            raise InvalidArgument("provider_tenant_id", "name the provider the hosts belong to")
+        ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else DEFAULT_TOKEN_TTL
+        if ttl > MAX_TOKEN_TTL:
+            raise InvalidArgument("ttl_seconds", "at most 365 days")
+        if len(label) > 200:
+            raise InvalidArgument("label", "at most 200 characters")
+        from controlplane.auth.repository import AuthRepository
+
+        async with self.db.transaction() as session:
+            repo = RegistryRepository(session)
+            if idempotency_key:
+                existing = await repo.token_by_idempotency_key(idempotency_key)
+                if existing is not None:
+                    ensure_same(existing.request_hash, request_hash, idempotency_key)
+                    return existing, ""
+            if await AuthRepository(session).get_tenant(provider) is None:
+                raise NotFound(f"provider_tenant_id: no tenant {provider!r}")
+            secret = generate_secret(TOKEN_PREFIX)
+            now = utcnow()
+            token = RegistrationToken(
+                id=new_id("rt"),
+                provider_tenant_id=provider,
+                label=label,
+                secret_hash=hash_secret(secret),
+                created_at=now,
+                expires_at=now + ttl,
+                max_uses=max_uses,
+                uses=0,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+            repo.add(token)
+            return token, secret
+
+    async def list_tokens(
+        self,
+        caller: Principal,
+        provider_tenant_id: str,
+        include_inactive: bool,
+        after: str | None,
+        limit: int,
+    ) -> Sequence[RegistrationToken]:
+        provider = (
+            None
+            if caller.is_admin and not provider_tenant_id
+            else caller.require_tenant(provider_tenant_id)
+        )
+        async with self.db.read() as session:
+            return await RegistryRepository(session).list_tokens(
+                provider, None if include_inactive else utcnow(), after, limit
+            )
+
+    async def revoke_token(self, caller: Principal, token_id: str) -> RegistrationToken:
+        async with self.db.transaction() as session:
+            token = await RegistryRepository(session).get_token(token_id)
+            if token is None or (
+                not caller.is_admin and token.provider_tenant_id != caller.tenant_id
+            ):
+                raise NotFound(f"token_id: no registration token {token_id!r}")
+            if token.revoked_at is None:
+                token.revoked_at = utcnow()
+            return token
+
+    # Hosts ---------------------------------------------------------------------------------
+
+    async def register_host(self, request: registry_pb2.RegisterHostRequest) -> HostRegistration:
+        """Exchanges a registration token for a host and a fresh host credential."""
+        if not request.registration_token:
+            raise Unauthenticated("registration_token: is required")
+        _validate_registration(request, self.max_price)
+        credential = generate_secret(HOST_CREDENTIAL_PREFIX)
+        now = utcnow()
+        async with self.db.transaction() as session:
+            repo = RegistryRepository(session)
+            token = await repo.token_by_hash(hash_secret(request.registration_token))
+            if token is None:
+                raise Unauthenticated("registration_token: not a valid registration token")
+            if token.revoked_at is not None:
+                raise PermissionDenied("registration_token: has been revoked")
+            if token.expires_at <= now:
+                raise PermissionDenied("registration_token: has expired")
+            host = await repo.host_by_machine(token.provider_tenant_id, request.machine_id)
+            if host is None:
+                if not await repo.consume_token(token.id):
+                    raise PermissionDenied("registration_token: has no uses left")
+                host = Host(
+                    id=new_id("host"),
+                    provider_tenant_id=token.provider_tenant_id,
+                    machine_id=request.machine_id,
+                    registered_at=now,
+                    state=HostState.ONLINE.value,
+                    lost_attempts=0,
+                    completed_attempts=0,
+                    drain_reason="",
+                )
+                repo.add(host)
+            host.hostname = request.hostname
+            host.simulated = request.simulated
+            host.location = request.location
+            host.labels = dict(request.labels)
+            host.price_per_gpu_hour = request.price_per_gpu_hour_micro_credits
+            host.credential_hash = hash_secret(credential)
+            host.daemon_version = request.daemon_version[:64]
+            host.driver_version = request.driver_version[:64]
+            host.cuda_driver_version = request.cuda_driver_version[:64]
+            host.cpu_count = request.cpu_count
+            host.memory_bytes = request.memory_bytes
+            host.last_heartbeat_at = now
+            await repo.flush()
+            await self._sync_gpus(repo, host, request)
+            return HostRegistration(host, credential)
+
+    async def _sync_gpus(
+        self, repo: RegistryRepository, host: Host, request: registry_pb2.RegisterHostRequest
+    ) -> None:
+        existing = {g.uuid: g for g in await repo.gpus_by_uuid([g.uuid for g in request.gpus])}
+        for gpu in request.gpus:
+            row = existing.get(gpu.uuid)
+            if row is not None and row.host_id != host.id:
+                raise AlreadyExists(f"gpus: GPU {gpu.uuid} is registered to another host")
+            if row is None:
+                row = Gpu(uuid=gpu.uuid, host_id=host.id, healthy=True, unhealthy_reason="")
+                repo.add(row)
+            row.index = gpu.index
+            row.name = gpu.name
+            row.memory_total_bytes = gpu.memory_total_bytes
+            row.compute_capability = gpu.compute_capability
+            row.pci_bus_id = gpu.pci_bus_id
+            row.mig_mode = gpu.mig_mode
+            row.power_limit_milliwatts = gpu.power_limit_milliwatts
+        reported = {g.uuid for g in request.gpus}
+        for row in await repo.gpus_of([host.id]):
+            if row.uuid not in reported:
+                row.healthy = False
+                row.unhealthy_reason = "GPU no longer reported by the host"
+
+    async def authenticate_host(self, secret: str) -> Principal | None:
+        """The principal of a host credential, or None when it is not one."""
+        if not secret.startswith(HOST_CREDENTIAL_PREFIX):
+            return None
+        async with self.db.read() as session:
+            host = await RegistryRepository(session).host_by_credential(hash_secret(secret))
+        if host is None:
+            return None
+        return Principal(tenant_id=host.provider_tenant_id, role=Role.HOST, principal_id=host.id)
+
+    async def heartbeat(self, host_id: str) -> None:
+        """Records a heartbeat; a lost host that reports again is back online."""
+        now = utcnow()
+        async with self.db.transaction() as session:
+            repo = RegistryRepository(session)
+            host = await repo.get_host(host_id)
+            if host is None:
+                raise NotFound(f"host_id: no host {host_id!r}")
+            host.last_heartbeat_at = now
+            if host.state == HostState.LOST.value:
+                host.state = HostState.ONLINE.value
+                log.info("host %s is back online", host_id)
+
+    async def get_host(self, caller: Principal, host_id: str) -> tuple[Host, Sequence[Gpu]]:
+        async with self.db.read() as session:
+            repo = RegistryRepository(session)
+            host = await repo.get_host(host_id)
+            if host is None or not self._may_see(caller, host):
+                raise NotFound(f"host_id: no host {host_id!r}")
+            return host, await repo.gpus_of([host.id])
+
+    async def list_hosts(
+        self, caller: Principal, states: Sequence[str], provider: str, after: str | None, limit: int
+    ) -> tuple[Sequence[Host], dict[str, list[Gpu]]]:
+        owner = None if caller.is_admin and not provider else caller.require_tenant(provider)
+        async with self.db.read() as session:
+            repo = RegistryRepository(session)
+            hosts = await repo.list_hosts(states, owner, after, limit)
+            gpus: dict[str, list[Gpu]] = {}
+            for gpu in await repo.gpus_of([h.id for h in hosts]):
+                gpus.setdefault(gpu.host_id, []).append(gpu)
+            return hosts, gpus
+
+    async def set_draining(
+        self, caller: Principal, host_id: str, draining: bool, reason: str
+    ) -> Host:
+        if len(reason) > 500:
+            raise InvalidArgument("reason", "at most 500 characters")
+        async with self.db.transaction() as session:
+            repo = RegistryRepository(session)
+            host = await repo.get_host(host_id, lock=True)
+            if host is None or not self._may_see(caller, host):
+                raise NotFound(f"host_id: no host {host_id!r}")
+            if host.state == HostState.LOST.value and draining:
+                raise FailedPrecondition("host_id: the host is lost; it drains when it returns")
+            if draining:
+                host.state = HostState.DRAINING.value
+                host.drain_reason = reason
+            elif host.state in (HostState.DRAINING.value, HostState.DRAINED.value):
+                host.state = HostState.ONLINE.value
+                host.drain_reason = ""
+        message = registry_pb2.ControlMessage(
+            drain=registry_pb2.DrainCommand(draining=draining, reason=reason)
+        )
+        self.sessions.send(host_id, message)
+        return host
+
+    @staticmethod
+    def _may_see(caller: Principal, host: Host) -> bool:
+        if caller.is_admin:
+            return True
+        if caller.role is Role.HOST:
+            return caller.principal_id == host.id
+        return caller.tenant_id == host.provider_tenant_id
+
+    async def stale_hosts(self, timeout: timedelta, now: datetime) -> Sequence[str]:
+        """Marks hosts without a heartbeat for `timeout` as lost; returns their ids."""
+        async with self.db.transaction() as session:
+            hosts = await RegistryRepository(session).stale_online_hosts(now - timeout)
+            for host in hosts:
+                host.state = HostState.LOST.value
+                log.warning("host %s lost: no heartbeat since %s", host.id, host.last_heartbeat_at)
+            return [h.id for h in hosts]

@@ -1,0 +1,1 @@
+"""Scheduler: queued jobs × free GPUs → placements, committed with their dispatch messages."""

@@ -1,0 +1,1 @@
+"""The provider daemon: GPUs (NVML or simulated), Docker runtime, job executor, agent."""

@@ -1,0 +1,330 @@
+"""The provider daemon: identity, Connect session, dispatch consumer, one executor per attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import shutil
+from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
+
+import docker
+import grpc
+import urllib3
+from google.protobuf.message import DecodeError
+from gpuplane.v1 import messaging_pb2, registry_pb2
+from nats.aio.msg import Msg
+
+from daemon.bus import DaemonBus
+from daemon.executor import JobExecutor, work_dir_for
+from daemon.gpus import GpuInventory, discover
+from daemon.identity import HostIdentity, RegistrationError, daemon_version, register
+from daemon.journal import Journal, JournalEntry
+from daemon.runtime import DockerRuntime
+from daemon.session import ControlSession
+from daemon.settings import DaemonSettings
+from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
+from storage.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+Key = tuple[str, int]
+Kind = messaging_pb2.JobReportKind
+# Attempts that ended here recently: a redelivered dispatch for one of them is acked, not run.
+_REMEMBERED_ATTEMPTS = 4096
+
+
+class Agent:
+    """Everything one daemon process runs. start() → run_forever() → stop()."""
+
+    def __init__(self, settings: DaemonSettings) -> None:
+        self.settings = settings
+        self.inventory: GpuInventory | None = None
+        self.identity: HostIdentity | None = None
+        self.journal = Journal(settings.journal_dir)
+        self.executors: dict[Key, JobExecutor] = {}
+        self.draining = False
+        self._ended: OrderedDict[Key, None] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+        self._bus: DaemonBus | None = None
+        self._runtime: DockerRuntime | None = None
+        self._store: ObjectStore | None = None
+        self.session: ControlSession | None = None
+
+    @property
+    def host_id(self) -> str:
+        return self.identity.host_id if self.identity else ""
+
+    async def start(self) -> None:
+        """Discovers GPUs, registers (once), connects to Docker, NATS and the control plane,
+        settles attempts left by an earlier run, then starts taking dispatches."""
+        settings = self.settings
+        self.inventory = await asyncio.to_thread(discover, settings)
+        self._channel = grpc.aio.insecure_channel(settings.control_plane)
+        self.identity = HostIdentity.load(settings.host_file)
+        if self.identity is None:
+            self.identity = await self._register_with_retry()
+        identity = self.identity
+        client = await asyncio.to_thread(self._docker_client)
+        self._runtime = DockerRuntime(
+            client, settings, host_id=identity.host_id, simulated_gpus=self.inventory.simulated
+        )
+        self._store = ObjectStore(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key.get_secret_value(),
+            bucket=settings.s3_bucket,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            # Fail within seconds and let the executor's upload retries (with backoff) decide;
+            # the SDK's own retries would hold a worker thread for a long time per call.
+            http_client=urllib3.PoolManager(
+                maxsize=16,
+                timeout=urllib3.Timeout(connect=5.0, read=120.0),
+                retries=urllib3.Retry(total=2, backoff_factor=0.5),
+            ),
+        )
+        servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
+        self._bus = await DaemonBus.connect(servers, identity.nats_credentials)
+        await self._settle_leftovers()
+        await self._bus.subscribe(
+            identity.dispatch_subject or dispatch_subject(identity.host_id),
+            identity.dispatch_stream or DISPATCH_STREAM,
+            identity.dispatch_durable or dispatch_durable(identity.host_id),
+        )
+        self.session = ControlSession(
+            self._channel,
+            host_id=identity.host_id,
+            credential=identity.host_credential,
+            daemon_version=daemon_version(),
+            gpus=list(self.inventory.gpus),
+            running_jobs=self.running_jobs,
+            on_command=self._on_command,
+            on_unauthenticated=self._reregister,
+            heartbeat_interval_ms=identity.heartbeat_interval_ms or settings.heartbeat_interval_ms,
+            backoff_max_seconds=settings.reconnect_max_seconds,
+        )
+        self._spawn(self.session.run())
+        self._spawn(self._bus.take_dispatches(self._on_dispatch, self._may_take))
+        log.info(
+            "daemon up: host %s, %d %sGPUs",
+            identity.host_id,
+            len(self.inventory.gpus),
+            "simulated " if self.inventory.simulated else "",
+        )
+
+    async def run_forever(self) -> None:
+        await self._stopped.wait()
+
+    async def run(self) -> None:
+        """start(), then run until cancelled or stop(); stops on the way out."""
+        try:
+            await self.start()
+            await self.run_forever()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stops taking work and leaves running containers as they are (their journal entries
+        stay, for the next start to settle)."""
+        self._stopped.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._bus is not None:
+            await self._bus.close()
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+        if self._runtime is not None:
+            self._runtime.close()
+            await asyncio.to_thread(self._runtime.client.close)
+
+    def running_jobs(self) -> list[registry_pb2.RunningJob]:
+        return [
+            registry_pb2.RunningJob(job_id=job_id, attempt=attempt, state=executor.state)
+            for (job_id, attempt), executor in self.executors.items()
+        ]
+
+    # ---- dispatches --------------------------------------------------------------------
+
+    def _may_take(self) -> bool:
+        return len(self.executors) < self.settings.max_concurrent_jobs
+
+    async def _on_dispatch(self, message: Msg) -> None:
+        try:
+            dispatch = messaging_pb2.DispatchMessage.FromString(message.data)
+        except DecodeError:
+            log.error("undecodable dispatch on %s terminated", message.subject)
+            await message.term()
+            return
+        if not dispatch.job_id or not dispatch.attempt:
+            log.error("dispatch without job id or attempt terminated")
+            await message.term()
+            return
+        key = (dispatch.job_id, dispatch.attempt)
+        if key in self.executors or key in self._ended or self.journal.get(*key):
+            log.info("dispatch %s/%s delivered again: already taken", *key)
+            await message.ack()
+            return
+        assert self.inventory is not None
+        missing = self.inventory.missing(list(dispatch.gpu_uuids))
+        encoded = base64.b64encode(message.data).decode()
+        await asyncio.to_thread(self.journal.write, JournalEntry(*key, dispatch_b64=encoded))
+        await message.ack()
+        if missing:
+            reason = f"this host has no GPU {', '.join(missing)}"
+            await self._report_once(
+                dispatch, Kind.JOB_REPORT_KIND_FAILED_TO_START, reason, provider_fault=True
+            )
+            return
+        self._start_executor(dispatch)
+
+    def _start_executor(self, dispatch: messaging_pb2.DispatchMessage) -> None:
+        assert self._runtime is not None
+        assert self._store is not None
+        assert self._bus is not None
+        executor = JobExecutor(
+            dispatch,
+            host_id=self.host_id,
+            runtime=self._runtime,
+            store=self._store,
+            settings=self.settings,
+            report=self._bus.publish_report,
+            publish_log=self._bus.publish_log,
+            journal=self.journal,
+        )
+        key = (dispatch.job_id, dispatch.attempt)
+        self.executors[key] = executor
+        task = self._spawn(executor.run())
+        task.add_done_callback(lambda _: self._ended_attempt(key))
+
+    def _ended_attempt(self, key: Key) -> None:
+        self.executors.pop(key, None)
+        self._ended[key] = None
+        while len(self._ended) > _REMEMBERED_ATTEMPTS:
+            self._ended.popitem(last=False)
+
+    async def _report_once(
+        self,
+        dispatch: messaging_pb2.DispatchMessage,
+        kind: messaging_pb2.JobReportKind.ValueType,
+        reason: str,
+        seq: int = 1,
+        stop_reason: str = "",
+        provider_fault: bool = False,
+    ) -> None:
+        """A terminal report for an attempt that has no executor, then forget the attempt."""
+        assert self._bus is not None
+        report = messaging_pb2.JobReport(
+            job_id=dispatch.job_id,
+            attempt=dispatch.attempt,
+            host_id=self.host_id,
+            seq=seq,
+            kind=kind,
+            reason=reason,
+            stop_reason=stop_reason,
+            provider_fault=provider_fault,
+        )
+        report.time.GetCurrentTime()
+        await self._bus.publish_report(report)
+        await asyncio.to_thread(self.journal.remove, dispatch.job_id, dispatch.attempt)
+        self._ended_attempt((dispatch.job_id, dispatch.attempt))
+
+    # ---- commands ----------------------------------------------------------------------
+
+    async def _on_command(self, message: registry_pb2.ControlMessage) -> None:
+        kind = message.WhichOneof("msg")
+        if kind == "cancel":
+            command = message.cancel
+            targets = [
+                e
+                for (job_id, attempt), e in self.executors.items()
+                if job_id == command.job_id and command.attempt in (0, attempt)
+            ]
+            if not targets:
+                log.info("cancel for %s/%s: not running here", command.job_id, command.attempt)
+            for executor in targets:
+                self._spawn(executor.cancel(command.reason or "cancelled"))
+        elif kind == "drain":
+            self.draining = message.drain.draining
+            log.info("drain=%s (%s)", self.draining, message.drain.reason)
+        elif kind == "hello_ack":
+            known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
+            unknown = set(self.executors) - known
+            if unknown:
+                log.warning("running attempts the control plane did not list: %s", unknown)
+        elif kind == "resync":
+            log.info("resync requested; reconciliation comes with re-attach")
+
+    # ---- identity and restarts ---------------------------------------------------------
+
+    def _docker_client(self) -> docker.DockerClient:
+        if self.settings.docker_host:
+            return docker.DockerClient(base_url=self.settings.docker_host, version="auto")
+        return docker.from_env()
+
+    async def _register_with_retry(self) -> HostIdentity:
+        assert self.inventory is not None
+        assert self._channel is not None
+        delay = 1.0
+        while True:
+            try:
+                return await register(self.settings, self.inventory, self._channel)
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "control plane %s unreachable (%s); retrying in %.0fs",
+                    self.settings.control_plane,
+                    exc.code().name,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.reconnect_max_seconds)
+
+    async def _reregister(self) -> str | None:
+        """The credential was refused: register again when a token is at hand."""
+        if self.settings.registration_token is None or self.inventory is None:
+            log.error("the control plane refused this host's credential and no token is set")
+            return None
+        assert self._channel is not None
+        try:
+            self.identity = await register(self.settings, self.inventory, self._channel)
+        except (RegistrationError, grpc.aio.AioRpcError) as exc:
+            log.error("re-registration failed: %s", exc)
+            return None
+        return self.identity.host_credential
+
+    async def _settle_leftovers(self) -> None:
+        """Attempts journaled by an earlier run of this daemon: re-attach is not built yet, so
+        their containers are removed and each is reported STOPPED ("daemon_restarted").
+        Containers of this host that no journal entry names are orphans and are removed."""
+        assert self._runtime is not None
+        for container in await self._runtime.find_by_label(host=self.host_id):
+            await self._runtime.stop(container)
+        for entry in self.journal.entries():
+            log.warning("attempt %s/%s was left by an earlier run", entry.job_id, entry.attempt)
+            workdir = work_dir_for(self.settings, entry.job_id, entry.attempt)
+            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+            await self._report_once(
+                messaging_pb2.DispatchMessage(job_id=entry.job_id, attempt=entry.attempt),
+                Kind.JOB_REPORT_KIND_STOPPED,
+                "the host daemon restarted while the attempt ran",
+                seq=entry.last_seq + 1,
+                stop_reason="daemon_restarted",
+                provider_fault=True,
+            )
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+        return task
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("daemon task failed", exc_info=task.exception())

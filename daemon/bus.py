@@ -1,0 +1,115 @@
+"""The daemon's side of NATS JetStream: take dispatches, publish reports (deduplicated) and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats
+import nats.errors
+from gpuplane.v1 import messaging_pb2
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from messaging.subjects import LOG_END_HEADER, events_subject, report_msg_id
+
+log = logging.getLogger(__name__)
+
+OnDispatch = Callable[[Msg], Awaitable[None]]
+# How long a dispatch may stay un-acked before JetStream delivers it again, and how often.
+DISPATCH_ACK_WAIT_SECONDS = 30.0
+DISPATCH_MAX_DELIVER = 5
+
+
+class DaemonBus:
+    """One NATS connection: a durable pull consumer on this host's dispatch subject, reports
+    to gpuplane.events.<job> with msg id <job>.<attempt>.<seq>, logs to gpuplane.logs.*."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.js: JetStreamContext = client.jetstream()
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    @classmethod
+    async def connect(cls, servers: list[str], credentials: str = "") -> DaemonBus:
+        options: dict[str, object] = {
+            "servers": servers,
+            "name": "gpuplane-daemon",
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 1,
+        }
+        if credentials:
+            options["user_credentials"] = credentials
+        client = await nats.connect(**options)  # type: ignore[arg-type]
+        return cls(client)
+
+    async def subscribe(self, subject: str, stream: str, durable: str) -> None:
+        self._sub = await self.js.pull_subscribe(
+            subject,
+            durable=durable,
+            stream=stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=DISPATCH_ACK_WAIT_SECONDS,
+                max_deliver=DISPATCH_MAX_DELIVER,
+            ),
+        )
+
+    async def take_dispatches(self, on_dispatch: OnDispatch, may_take: Callable[[], bool]) -> None:
+        """Fetches one dispatch at a time while `may_take()`; runs until cancelled."""
+        assert self._sub is not None, "subscribe() first"
+        while True:
+            if not may_take():
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                messages = await self._sub.fetch(1, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.Error as exc:
+                log.warning("fetching dispatches failed: %s", exc)
+                await asyncio.sleep(1)
+                continue
+            for message in messages:
+                await on_dispatch(message)
+
+    async def publish_report(self, report: messaging_pb2.JobReport) -> None:
+        """Publishes until JetStream acks it; the msg id makes retries harmless."""
+        headers = {"Nats-Msg-Id": report_msg_id(report.job_id, report.attempt, report.seq)}
+        data = report.SerializeToString()
+        delay = 0.2
+        while True:
+            try:
+                await self.js.publish(
+                    events_subject(report.job_id), data, timeout=5, headers=headers
+                )
+                return
+            except (nats.errors.Error, OSError) as exc:
+                log.warning(
+                    "publishing report %s/%s seq %d failed (%s); retrying in %.1fs",
+                    report.job_id,
+                    report.attempt,
+                    report.seq,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def publish_log(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        """Chunks go out as plain publishes (the LOGS stream stores them, no ack round trip);
+        the end marker waits for JetStream's ack. NATS keeps one connection's messages in
+        order, so once the marker is stored the chunks before it are too."""
+        if LOG_END_HEADER in headers:
+            await self.js.publish(subject, data, timeout=5, headers=headers)
+        else:
+            await self.client.publish(subject, data, headers=headers)
+
+    async def close(self) -> None:
+        if self.client.is_connected:
+            await self.client.drain()
+        else:
+            await self.client.close()

@@ -1,0 +1,151 @@
+"""`gpuplane daemon run`: flags over GPUPLANE_DAEMON_* settings; runs until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from docker.errors import DockerException
+from pydantic import SecretStr, ValidationError
+
+from daemon.gpus import NoGpuError, UnknownGpuModel
+from daemon.identity import RegistrationError
+from daemon.settings import DaemonSettings
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+MICRO = Decimal(1_000_000)
+log = logging.getLogger(__name__)
+
+
+def price_micro_credits(text: str) -> int:
+    """Credits per GPU-hour ("2.5") to integer micro-credits (2_500_000), exactly, via Decimal."""
+    try:
+        amount = Decimal(text.strip())
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a decimal number of credits") from None
+    micro = amount * MICRO
+    if not amount.is_finite() or micro <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the price must be more than 0")
+    if micro != micro.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{text!r} has more than 6 decimal places")
+    return int(micro)
+
+
+def label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+# flag destination → settings field, for flags that map one to one.
+_FIELDS = {
+    "control_plane": "control_plane",
+    "data_dir": "data_dir",
+    "simulate_gpus": "simulate_gpus",
+    "price_per_gpu_hour": "price_per_gpu_hour_micro_credits",
+    "location": "location",
+    "docker_host": "docker_host",
+    "gpu_device_requests": "gpu_device_requests",
+    "nats_url": "nats_url",
+    "s3_endpoint": "s3_endpoint",
+    "s3_access_key": "s3_access_key",
+    "s3_bucket": "s3_bucket",
+    "log_level": "log_level",
+}
+
+
+def add_daemon_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds `run` to the `gpuplane daemon` group; every flag overrides its GPUPLANE_DAEMON_ env."""
+    text = "run the provider daemon until SIGINT/SIGTERM (settings from GPUPLANE_DAEMON_* env)"
+    run = subparsers.add_parser("run", help=text, description=text)
+    run.set_defaults(handler=lambda args, ctx: run_daemon(args))
+    add = run.add_argument
+    add("--env-file", default=argparse.SUPPRESS, help="read settings from this KEY=VALUE file")
+    add("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
+    add("--token", help="host registration token (needed until DATA_DIR/host.json exists)")
+    add("--data-dir", type=Path, help="identity, journal and job work dirs")
+    add("--simulate-gpus", metavar="SPEC", help="e.g. 4xA100-80GB (hosts without NVIDIA GPUs)")
+    add("--price-per-gpu-hour", type=price_micro_credits, metavar="CREDITS", help="e.g. 2.5")
+    add("--location", help="where the host is, e.g. eu-west")
+    add("--label", type=label, action="append", metavar="KEY=VALUE", help="repeatable")
+    add("--docker-host", metavar="URL", help="Docker engine; default: the environment's")
+    add("--gpu-device-requests", choices=["auto", "always", "never"])
+    add("--nats-url", help="NATS server(s), comma-separated; default: from registration")
+    add("--s3-endpoint", metavar="HOST:PORT")
+    add("--s3-access-key")
+    add("--s3-secret-key")
+    add("--s3-secure", action=argparse.BooleanOptionalAction, default=None)
+    add("--s3-bucket")
+    add("--log-level")
+    return run  # type: ignore[no-any-return]
+
+
+def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
+    """Flags given on the command line win over the environment; the rest comes from it."""
+    overrides: dict[str, Any] = {}
+    for flag, field in _FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[field] = value
+    if getattr(args, "token", None):
+        overrides["registration_token"] = SecretStr(args.token)
+    if getattr(args, "s3_secret_key", None):
+        overrides["s3_secret_key"] = SecretStr(args.s3_secret_key)
+    if getattr(args, "s3_secure", None) is not None:
+        overrides["s3_secure"] = args.s3_secure
+    if getattr(args, "label", None):
+        overrides["labels"] = dict(args.label)
+    return DaemonSettings(**overrides)
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    """Builds the settings, runs the agent until SIGINT/SIGTERM; returns the exit code."""
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"error: invalid daemon settings: {problems}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(_serve(settings))
+    except (NoGpuError, UnknownGpuModel, RegistrationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DockerException as exc:
+        print(f"error: the Docker engine is not reachable: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+async def _serve(settings: DaemonSettings) -> None:
+    from daemon.agent import Agent
+
+    agent = Agent(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    starting = asyncio.create_task(agent.start())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a start that failed raises here
+            await stopping
+        log.info("stopping: running containers are left to a restarted daemon")
+    finally:
+        for task in (starting, stopping):
+            task.cancel()
+        await asyncio.gather(starting, stopping, return_exceptions=True)
+        await agent.stop()

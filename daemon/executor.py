@@ -1,0 +1,362 @@
+"""Runs one dispatched attempt end to end and reports each step as a JobReport.
+
+Reports per outcome (seq from 1, strictly increasing; USAGE repeats while running):
+  exited       STARTING, RUNNING, USAGE*, UPLOADING(exit), FINISHED(exit, manifest, oom)
+  timed out    ... UPLOADING(exit), FINISHED(stop_reason="timed_out"), outputs still stored
+  cancelled    [STARTING, [RUNNING, USAGE*, [UPLOADING]]], STOPPED(stop_reason="cancelled")
+  can't start  STARTING, FAILED_TO_START(reason)      (bad input, image, create or start)
+  late         FAILED_TO_START(reason)                (dispatch past its deadline)
+Uploads are retried `upload_attempts` times with exponential backoff while the attempt stays
+UPLOADING; then FINISHED carries reason "upload_failed" with whatever manifest was stored
+(outputs over `output_max_bytes` are not stored at all: logs only, "upload_failed").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from docker.errors import DockerException
+from docker.models.containers import Container
+from gpuplane.v1 import messaging_pb2, types_pb2
+
+from daemon.inputs import InputError, fetch_inputs
+from daemon.journal import Journal
+from daemon.logstream import LogFollower, LogPump, PublishLog
+from daemon.runtime import ContainerError, DockerRuntime, ExitInfo, ImageUnavailable
+from daemon.settings import DaemonSettings
+from daemon.uploads import store_results
+from messaging.subjects import logs_subject
+from storage.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+Kind = messaging_pb2.JobReportKind
+ReportFn = Callable[[messaging_pb2.JobReport], Awaitable[None]]
+T = TypeVar("T")
+TERMINAL = frozenset(
+    {
+        Kind.JOB_REPORT_KIND_FINISHED,
+        Kind.JOB_REPORT_KIND_STOPPED,
+        Kind.JOB_REPORT_KIND_FAILED_TO_START,
+    }
+)
+# How long the log followers get to drain after the container has exited.
+LOG_DRAIN_SECONDS = 10.0
+
+
+def work_dir_for(settings: DaemonSettings, job_id: str, attempt: int) -> Path:
+    """The attempt's private directory: input/, output/ and the log files."""
+    return settings.work_dir / f"{job_id}-{attempt}".replace("/", "_")
+
+
+class _Cancelled(Exception):
+    """cancel() was called while the attempt was preparing or uploading."""
+
+
+class JobExecutor:
+    """One attempt: inputs → container → logs, usage → outputs and logs stored → report."""
+
+    def __init__(
+        self,
+        dispatch: messaging_pb2.DispatchMessage,
+        *,
+        host_id: str,
+        runtime: DockerRuntime,
+        store: ObjectStore,
+        settings: DaemonSettings,
+        report: ReportFn,
+        publish_log: PublishLog | None = None,
+        journal: Journal | None = None,
+    ) -> None:
+        self.dispatch = dispatch
+        self.job_id, self.attempt = dispatch.job_id, dispatch.attempt
+        self.host_id = host_id
+        self.runtime = runtime
+        self.store = store.for_bucket(dispatch.bucket or settings.s3_bucket)
+        self.settings = settings
+        self._report = report
+        self._publish_log = publish_log
+        self.journal = journal
+        self.state: types_pb2.JobState.ValueType = types_pb2.JOB_STATE_STARTING
+        self.terminal: messaging_pb2.JobReport | None = None
+        self.work_dir = work_dir_for(settings, self.job_id, self.attempt)
+        self._seq = 0
+        self._lock = asyncio.Lock()
+        self._cancel = asyncio.Event()
+        self._cancel_reason = ""
+        self._done = asyncio.Event()
+        self._container: Container | None = None
+        self._started_at = 0.0
+
+    # ---- control ---------------------------------------------------------------------------
+
+    async def cancel(self, reason: str = "cancelled") -> None:
+        """Stops the attempt (container killed and removed) and returns once STOPPED is out."""
+        if not self._cancel.is_set():
+            self._cancel_reason = reason or "cancelled"
+            self._cancel.set()
+        await self._done.wait()
+
+    async def run(self) -> messaging_pb2.JobReport:
+        """Runs the attempt to its terminal report and returns that report.
+
+        Cancelled as a task (daemon shutdown), it leaves the container, the work dir and the
+        journal entry in place for a restarted daemon to find."""
+        abandoned = False
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            abandoned = True
+            raise
+        except Exception as exc:  # noqa: BLE001 - a host fault must still end the attempt
+            log.exception("attempt %s/%s failed on this host", self.job_id, self.attempt)
+            return await self._host_fault(exc)
+        finally:
+            self._done.set()
+            if not abandoned:
+                if self._container is not None:
+                    await self._quietly(self.runtime.stop(self._container))
+                await asyncio.to_thread(shutil.rmtree, self.work_dir, ignore_errors=True)
+
+    # ---- the attempt -----------------------------------------------------------------------
+
+    async def _run(self) -> messaging_pb2.JobReport:
+        deadline = self.dispatch.deadline
+        if self.dispatch.HasField("deadline") and deadline.ToDatetime(UTC) < datetime.now(UTC):
+            return await self._emit(
+                Kind.JOB_REPORT_KIND_FAILED_TO_START,
+                reason="the dispatch arrived after its deadline",
+            )
+        if self._cancel.is_set():
+            return await self._stopped(None)
+        await self._emit(Kind.JOB_REPORT_KIND_STARTING)
+        try:
+            container = await self._start()
+        except _Cancelled:
+            return await self._stopped(self._container)
+        except (InputError, ImageUnavailable, ContainerError) as exc:
+            return await self._emit(Kind.JOB_REPORT_KIND_FAILED_TO_START, reason=str(exc))
+        self._started_at = time.monotonic()
+        follower = self.runtime.follow_logs(container)
+        pump = LogPump(logs_subject(self.job_id, self.attempt), self._publish_log, self.work_dir)
+        pump_task = asyncio.create_task(pump.pump(follower))
+        try:
+            self.state = types_pb2.JOB_STATE_RUNNING
+            await self._emit(Kind.JOB_REPORT_KIND_RUNNING)
+            outcome = await self._supervise(container)
+            if outcome == "cancelled":
+                stopped = await self._stopped(container)
+                await asyncio.wait({pump_task}, timeout=2.0)
+                await pump.end()
+                return stopped
+            info = await self.runtime.inspect(container)
+            await self._drain_logs(container, pump_task, follower, pump)
+            await pump.end()
+        finally:
+            follower.close()
+            pump_task.cancel()
+        await self.runtime.stop(container)
+        self._container = None
+        return await self._collect(info, pump, "timed_out" if outcome == "timed_out" else "")
+
+    async def _start(self) -> Container:
+        """Work dir, inputs, image, container; racing each slow step against cancel()."""
+        await asyncio.to_thread(self._make_work_dir)
+        inputs = list(self.dispatch.spec.inputs)
+        await self._unless_cancelled(
+            fetch_inputs(self.store, self.dispatch.tenant_id, inputs, self.work_dir / "input")
+        )
+        await self._unless_cancelled(self.runtime.ensure_image(self.dispatch.spec.image))
+        container = await self.runtime.create(self.dispatch, self.work_dir)
+        self._container = container
+        await self._journal(container_id=container.id)
+        if self._cancel.is_set():
+            raise _Cancelled
+        await self.runtime.start(container)
+        return container
+
+    async def _supervise(self, container: Container) -> str:
+        """Waits for exit, cancel() or max_duration; returns "exited", "cancelled", "timed_out"."""
+        limit = float(self.dispatch.spec.max_duration_seconds) or None
+        usage_stop = asyncio.Event()
+        usage = asyncio.create_task(self._usage_loop(usage_stop))
+        exited = asyncio.create_task(self.runtime.wait(container, limit))
+        cancelled = asyncio.create_task(self._cancel.wait())
+        try:
+            await asyncio.wait({exited, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            usage_stop.set()
+            await usage
+            cancelled.cancel()
+        if self._cancel.is_set():
+            exited.cancel()
+            return "cancelled"
+        if exited.result() is not None:
+            return "exited"
+        log.info("attempt %s/%s ran past %ss: killing it", self.job_id, self.attempt, limit)
+        await self.runtime.kill(container)
+        await self.runtime.wait(container, 30)
+        return "timed_out"
+
+    async def _usage_loop(self, stop: asyncio.Event) -> None:
+        interval = self.settings.usage_report_interval_seconds
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+                return
+            except TimeoutError:
+                await self._emit(Kind.JOB_REPORT_KIND_USAGE, run_time_ms=self._run_time_ms())
+
+    async def _drain_logs(
+        self,
+        container: Container,
+        pump_task: asyncio.Task[None],
+        follower: LogFollower,
+        pump: LogPump,
+    ) -> None:
+        """Lets the followers reach the end; if they failed, the files come from `docker logs`."""
+        done, _ = await asyncio.wait({pump_task}, timeout=LOG_DRAIN_SECONDS)
+        if done and pump_task.exception() is None and not follower.errors:
+            return
+        log.warning(
+            "following the logs of %s/%s failed (%s): reading them from docker",
+            self.job_id,
+            self.attempt,
+            follower.errors or pump_task.exception() if done else "timed out",
+        )
+        follower.close()
+        pump_task.cancel()
+        await asyncio.wait({pump_task})
+        stdout, stderr = await self.runtime.logs(container)
+        await asyncio.to_thread(pump.paths["stdout"].write_bytes, stdout)
+        await asyncio.to_thread(pump.paths["stderr"].write_bytes, stderr)
+
+    async def _collect(
+        self, info: ExitInfo, pump: LogPump, stop_reason: str
+    ) -> messaging_pb2.JobReport:
+        self.state = types_pb2.JOB_STATE_UPLOADING
+        await self._emit(
+            Kind.JOB_REPORT_KIND_UPLOADING, exit_code=info.exit_code, run_time_ms=info.run_time_ms
+        )
+        try:
+            manifest, reason = await self._unless_cancelled(
+                store_results(
+                    self.store, self.dispatch, self.work_dir / "output", pump.paths, self.settings
+                )
+            )
+        except _Cancelled:
+            return await self._emit(
+                Kind.JOB_REPORT_KIND_STOPPED,
+                stop_reason="cancelled",
+                reason=self._cancel_reason,
+                exit_code=info.exit_code,
+                run_time_ms=info.run_time_ms,
+            )
+        return await self._emit(
+            Kind.JOB_REPORT_KIND_FINISHED,
+            exit_code=info.exit_code,
+            run_time_ms=info.run_time_ms,
+            manifest=manifest,
+            oom_killed=info.oom_killed,
+            stop_reason=stop_reason,
+            reason=reason,
+        )
+
+    async def _stopped(self, container: Container | None) -> messaging_pb2.JobReport:
+        """cancel(): kill, note the run time, remove, then report STOPPED."""
+        fields: dict[str, Any] = {"stop_reason": "cancelled", "reason": self._cancel_reason}
+        if container is not None:
+            await self.runtime.kill(container)
+            info = await self._quietly(self.runtime.inspect(container))
+            await self.runtime.stop(container)
+            self._container = None
+            if info is not None:
+                fields["run_time_ms"] = info.run_time_ms
+        return await self._emit(Kind.JOB_REPORT_KIND_STOPPED, **fields)
+
+    async def _host_fault(self, exc: Exception) -> messaging_pb2.JobReport:
+        if self.terminal is not None:
+            return self.terminal
+        reason = f"host error: {exc}"
+        if self._started_at:
+            return await self._emit(
+                Kind.JOB_REPORT_KIND_STOPPED,
+                stop_reason="host_error",
+                reason=reason,
+                run_time_ms=self._run_time_ms(),
+                provider_fault=True,
+            )
+        return await self._emit(
+            Kind.JOB_REPORT_KIND_FAILED_TO_START, reason=reason, provider_fault=True
+        )
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    async def _emit(
+        self, kind: messaging_pb2.JobReportKind.ValueType, **fields: Any
+    ) -> messaging_pb2.JobReport:
+        """Publishes the next report (seq + 1) through the callback, then journals it."""
+        async with self._lock:
+            if self.terminal is not None:
+                return self.terminal
+            self._seq += 1
+            report = messaging_pb2.JobReport(
+                job_id=self.job_id,
+                attempt=self.attempt,
+                host_id=self.host_id,
+                seq=self._seq,
+                kind=kind,
+                **fields,
+            )
+            report.time.GetCurrentTime()
+            await self._report(report)
+            name = Kind.Name(kind)
+            if kind in TERMINAL:
+                self.terminal = report
+                if self.journal is not None:
+                    await asyncio.to_thread(self.journal.remove, self.job_id, self.attempt)
+            else:
+                await self._journal(last_seq=self._seq, state=name)
+            return report
+
+    async def _journal(self, **changes: Any) -> None:
+        if self.journal is not None:
+            await asyncio.to_thread(self.journal.update, self.job_id, self.attempt, **changes)
+
+    async def _unless_cancelled(self, work: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.ensure_future(work)
+        cancelled = asyncio.ensure_future(self._cancel.wait())
+        await asyncio.wait({task, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        cancelled.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise _Cancelled
+
+    def _make_work_dir(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.work_dir.mkdir(parents=True, mode=0o700)
+        (self.work_dir / "input").mkdir(mode=0o755)
+        output = self.work_dir / "output"
+        output.mkdir()
+        # The job may run as any user, without CAP_DAC_OVERRIDE: /output must be writable.
+        output.chmod(0o777)
+
+    def _run_time_ms(self) -> int:
+        return int((time.monotonic() - self._started_at) * 1000) if self._started_at else 0
+
+    @staticmethod
+    async def _quietly(work: Awaitable[T]) -> T | None:
+        """Cleanup that must not mask the outcome: errors are logged, not raised."""
+        try:
+            return await work
+        except (DockerException, OSError, TimeoutError) as exc:
+            log.warning("cleanup step failed: %s", exc)
+            return None

@@ -1,0 +1,150 @@
+"""Who this host is to the control plane: registration, and host.json (mode 0600) that keeps it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+from gpuplane.v1 import registry_pb2, registry_pb2_grpc
+
+from daemon.gpus import GpuInventory
+from daemon.settings import DaemonSettings
+
+log = logging.getLogger(__name__)
+
+
+class RegistrationError(Exception):
+    """The daemon has no identity and cannot get one; the message says what to do."""
+
+
+def daemon_version() -> str:
+    try:
+        return metadata.version("gpuplane")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+@dataclass
+class HostIdentity:
+    """What registration returned, as kept in data_dir/host.json."""
+
+    host_id: str
+    host_credential: str
+    control_plane: str
+    nats_servers: list[str] = field(default_factory=list)
+    dispatch_subject: str = ""
+    dispatch_stream: str = ""
+    dispatch_durable: str = ""
+    nats_credentials: str = ""
+    heartbeat_interval_ms: int = 0
+    telemetry_interval_ms: int = 0
+
+    @classmethod
+    def from_response(
+        cls, response: registry_pb2.RegisterHostResponse, control_plane: str
+    ) -> HostIdentity:
+        nats = response.nats
+        return cls(
+            host_id=response.host_id,
+            host_credential=response.host_credential,
+            control_plane=control_plane,
+            nats_servers=list(nats.servers),
+            dispatch_subject=nats.dispatch_subject,
+            dispatch_stream=nats.stream,
+            dispatch_durable=nats.durable,
+            nats_credentials=nats.credentials,
+            heartbeat_interval_ms=response.heartbeat_interval_ms,
+            telemetry_interval_ms=response.telemetry_interval_ms,
+        )
+
+    def save(self, path: Path) -> None:
+        """Writes atomically, readable by the daemon's user only (it holds a credential)."""
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = path.with_name(f".{path.name}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(asdict(self), indent=2).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: Path) -> HostIdentity | None:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise RegistrationError(
+                f"{path} is unreadable ({exc}); remove it to re-register"
+            ) from exc
+        if path.stat().st_mode & 0o077:
+            log.warning("%s is readable by other users; setting mode 0600", path)
+            path.chmod(0o600)
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**known)
+        except TypeError as exc:
+            raise RegistrationError(
+                f"{path} is malformed ({exc}); remove it to re-register"
+            ) from exc
+
+
+def register_request(
+    settings: DaemonSettings, inventory: GpuInventory, token: str
+) -> registry_pb2.RegisterHostRequest:
+    return registry_pb2.RegisterHostRequest(
+        registration_token=token,
+        machine_id=settings.machine_id,
+        hostname=settings.hostname,
+        gpus=inventory.gpus,
+        simulated=inventory.simulated,
+        price_per_gpu_hour_micro_credits=settings.price_per_gpu_hour_micro_credits,
+        location=settings.location,
+        labels=settings.labels,
+        daemon_version=daemon_version(),
+        driver_version=inventory.driver_version,
+        cuda_driver_version=inventory.cuda_driver_version,
+        cpu_count=os.cpu_count() or 0,
+        memory_bytes=memory_bytes(),
+    )
+
+
+async def register(
+    settings: DaemonSettings, inventory: GpuInventory, channel: grpc.aio.Channel
+) -> HostIdentity:
+    """Exchanges the registration token for an identity and saves it to host.json."""
+    if settings.registration_token is None:
+        raise RegistrationError(
+            f"this host is not registered ({settings.host_file} does not exist) and no "
+            "registration token was given: pass --token (or GPUPLANE_DAEMON_REGISTRATION_TOKEN)"
+        )
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    request = register_request(settings, inventory, settings.registration_token.get_secret_value())
+    try:
+        response = await stub.RegisterHost(request, timeout=30)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise
+        raise RegistrationError(
+            f"the control plane at {settings.control_plane} refused to register this host: "
+            f"{exc.code().name}: {exc.details()}"
+        ) from exc
+    identity = HostIdentity.from_response(response, settings.control_plane)
+    identity.save(settings.host_file)
+    log.info("registered as host %s with %d GPUs", identity.host_id, len(inventory.gpus))
+    return identity

@@ -1,0 +1,50 @@
+"""Fetches a job's inputs from the tenant's input area into the attempt's /input directory."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from gpuplane.v1 import types_pb2
+
+from storage.layout import input_key
+from storage.objects import ObjectNotFound, ObjectStore, StorageError
+
+
+class InputError(Exception):
+    """An input could not be placed under /input; the message is for the job's owner."""
+
+
+def input_path(item: types_pb2.JobInput) -> PurePosixPath:
+    """Where the input goes under /input: `path`, else the key's last segment. It must be a
+    relative path that stays under /input."""
+    raw = item.path or item.key.rstrip("/").rsplit("/", 1)[-1]
+    path = PurePosixPath(raw)
+    if not raw or path.is_absolute() or ".." in path.parts or path == PurePosixPath("."):
+        raise InputError(
+            f"input '{item.key}': path '{raw}' must be a relative path that stays under /input"
+        )
+    return path
+
+
+async def fetch_inputs(
+    store: ObjectStore, tenant_id: str, inputs: list[types_pb2.JobInput], input_dir: Path
+) -> int:
+    """Downloads every input (validated first, so a bad path fails before any transfer);
+    returns the bytes fetched."""
+    placed = [(item, input_path(item)) for item in inputs]
+    seen: set[PurePosixPath] = set()
+    for item, path in placed:
+        if path in seen:
+            raise InputError(f"input '{item.key}': path '{path}' is given twice")
+        seen.add(path)
+    total = 0
+    for item, path in placed:
+        try:
+            total += await store.download_file(
+                input_key(tenant_id, item.key), input_dir.joinpath(*path.parts)
+            )
+        except ObjectNotFound as exc:
+            raise InputError(f"input '{item.key}' does not exist in your input area") from exc
+        except (StorageError, OSError) as exc:
+            raise InputError(f"input '{item.key}' could not be fetched: {exc}") from exc
+    return total

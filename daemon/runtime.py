@@ -1,0 +1,276 @@
+"""Runs job containers with the Docker SDK: GPUs by UUID, hardening, limits, logs, exit info."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+from docker.types import DeviceRequest
+from gpuplane.v1 import messaging_pb2, types_pb2
+
+from daemon.logstream import LogFollower
+from daemon.settings import DaemonSettings
+
+log = logging.getLogger(__name__)
+
+LABEL_JOB = "gpuplane.job"
+LABEL_ATTEMPT = "gpuplane.attempt"
+LABEL_HOST = "gpuplane.host"
+# Env names a job may not set: they decide which GPUs the NVIDIA hook exposes.
+_RESERVED_ENV = re.compile(r"^(NVIDIA_VISIBLE_DEVICES|NVIDIA_MIG_\w+|GPUPLANE_\w+)$")
+_DOCKER_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+class ImageUnavailable(Exception):
+    """The job's image is not on this host and could not be pulled; the message says why."""
+
+
+class ContainerError(Exception):
+    """The container could not be created or started; the message says why."""
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a container ended, from `docker inspect`."""
+
+    exit_code: int
+    oom_killed: bool
+    run_time_ms: int
+    error: str = ""
+
+
+def parse_docker_time(value: str) -> datetime | None:
+    """Docker's RFC 3339 times carry nanoseconds; the zero time means "never"."""
+    match = _DOCKER_TIME.match(value or "")
+    if match is None or value.startswith("0001-"):
+        return None
+    whole, fraction, zone = match.groups()
+    micros = (fraction or "0")[:6].ljust(6, "0")
+    zone = "+00:00" if zone == "Z" else zone
+    return datetime.fromisoformat(f"{whole}.{micros}{zone}")
+
+
+def short_reason(exc: BaseException) -> str:
+    """The first line of a Docker error's explanation, bounded for a user-facing reason."""
+    text = str(getattr(exc, "explanation", None) or exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def container_name(job_id: str, attempt: int) -> str:
+    return re.sub(r"[^a-zA-Z0-9_.-]", "_", f"gpuplane-{job_id}-{attempt}")
+
+
+class DockerRuntime:
+    """Creates, watches and removes job containers on one Docker engine.
+
+    Short SDK calls run through asyncio.to_thread; calls that block for a job's lifetime
+    (wait, following logs) run on this runtime's own threads, so that many running jobs
+    cannot starve the default executor that S3 and the other SDK calls share.
+    """
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        settings: DaemonSettings,
+        *,
+        host_id: str = "",
+        simulated_gpus: bool = False,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.host_id = host_id
+        mode = settings.gpu_device_requests
+        self.device_requests = mode == "always" or (mode == "auto" and not simulated_gpus)
+        self._long = ThreadPoolExecutor(
+            max_workers=3 * settings.max_concurrent_jobs + 2, thread_name_prefix="gpuplane-docker"
+        )
+        self._cpus = os.cpu_count() or 1
+
+    def close(self) -> None:
+        self._long.shutdown(wait=False, cancel_futures=True)
+
+    async def ensure_image(self, image: str) -> None:
+        """Makes sure `image` is local, pulling it if needed; raises ImageUnavailable."""
+        if not image:
+            raise ImageUnavailable("the job names no container image")
+
+        def ensure() -> None:
+            try:
+                self.client.images.get(image)
+                return
+            except ImageNotFound:
+                pass
+            try:
+                self.client.images.pull(image)
+            except (DockerException, OSError) as exc:
+                raise ImageUnavailable(
+                    f"image '{image}' is not on this host and could not be pulled: "
+                    f"{short_reason(exc)}"
+                ) from exc
+
+        await asyncio.to_thread(ensure)
+
+    def container_config(
+        self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path
+    ) -> dict[str, Any]:
+        """The keyword arguments of `containers.create` for one attempt."""
+        spec = dispatch.spec
+        uuids = list(dispatch.gpu_uuids)
+        env = {k: v for k, v in spec.env.items() if not _RESERVED_ENV.match(k)}
+        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(uuids) if uuids else "void"
+        env["GPUPLANE_JOB_ID"] = dispatch.job_id
+        env["GPUPLANE_ATTEMPT"] = str(dispatch.attempt)
+        config: dict[str, Any] = {
+            "name": container_name(dispatch.job_id, dispatch.attempt),
+            "command": list(spec.args) or None,
+            "entrypoint": list(spec.command) or None,
+            "environment": env,
+            "labels": {
+                LABEL_JOB: dispatch.job_id,
+                LABEL_ATTEMPT: str(dispatch.attempt),
+                LABEL_HOST: self.host_id,
+            },
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "pids_limit": self.settings.default_pids_limit,
+            "shm_size": spec.shm_bytes or self.settings.default_shm_bytes,
+            "network_mode": "bridge" if spec.network == types_pb2.NETWORK_MODE_BRIDGE else "none",
+            "volumes": {
+                str(work_dir / "output"): {"bind": "/output", "mode": "rw"},
+                str(work_dir / "input"): {"bind": "/input", "mode": "ro"},
+            },
+        }
+        memory = spec.memory_bytes or self.settings.default_memory_bytes
+        if memory:
+            config["mem_limit"] = memory
+            config["memswap_limit"] = memory  # no swap beyond the limit
+        if spec.cpu_millicores:
+            # Docker refuses more CPUs than the machine has; the scheduler's view may differ.
+            config["nano_cpus"] = min(spec.cpu_millicores * 1_000_000, self._cpus * 10**9)
+        if uuids and self.device_requests:
+            config["device_requests"] = [
+                DeviceRequest(driver="nvidia", device_ids=uuids, capabilities=[["gpu"]])
+            ]
+        return config
+
+    async def create(self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path) -> Container:
+        """Creates (does not start) the attempt's container; a leftover of the same name from
+        an earlier run of this attempt is removed first. Raises ContainerError."""
+        config = self.container_config(dispatch, work_dir)
+
+        def create() -> Container:
+            try:
+                return self.client.containers.create(dispatch.spec.image, **config)
+            except APIError as exc:
+                if exc.status_code != 409:
+                    raise
+            self.client.api.remove_container(config["name"], force=True)
+            return self.client.containers.create(dispatch.spec.image, **config)
+
+        try:
+            return await asyncio.to_thread(create)
+        except (DockerException, OSError) as exc:
+            raise ContainerError(
+                f"the container could not be created: {short_reason(exc)}"
+            ) from exc
+
+    async def start(self, container: Container) -> None:
+        try:
+            await asyncio.to_thread(container.start)
+        except (DockerException, OSError) as exc:
+            raise ContainerError(f"the container could not start: {short_reason(exc)}") from exc
+
+    async def run(self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path) -> Container:
+        """Image check (pull if absent), create and start; the container is running after."""
+        await self.ensure_image(dispatch.spec.image)
+        container = await self.create(dispatch, work_dir)
+        try:
+            await self.start(container)
+        except ContainerError:
+            await self.stop(container)
+            raise
+        return container
+
+    async def wait(self, container: Container, timeout: float | None = None) -> int | None:
+        """The exit code once the container has exited; None if `timeout` passed first."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._long, lambda: container.wait()["StatusCode"])
+        # On timeout or cancellation the thread runs on until the container stops; whatever
+        # it ends with then is nobody's business (and must not be logged as unretrieved).
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            return int(await asyncio.wait_for(asyncio.shield(future), timeout))
+        except TimeoutError:
+            return None
+
+    async def kill(self, container: Container) -> None:
+        """SIGKILL; a container that already stopped or is gone is fine."""
+        try:
+            await asyncio.to_thread(container.kill)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code != 409:  # 409: not running
+                raise
+
+    async def stop(self, container: Container) -> None:
+        """Kills and removes the container (with its anonymous volumes) in one call."""
+        try:
+            await asyncio.to_thread(container.remove, force=True, v=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code != 409:  # 409: removal already in progress
+                raise
+
+    async def inspect(self, container: Container) -> ExitInfo:
+        """Exit code, OOM kill and run time (StartedAt → FinishedAt, or → now if running)."""
+        info = await asyncio.to_thread(self.client.api.inspect_container, container.id)
+        state = info.get("State", {})
+        started = parse_docker_time(state.get("StartedAt", ""))
+        finished = parse_docker_time(state.get("FinishedAt", "")) or datetime.now(UTC)
+        run_time_ms = 0
+        if started is not None:
+            run_time_ms = max(0, int((finished - started).total_seconds() * 1000))
+        return ExitInfo(
+            exit_code=int(state.get("ExitCode", 0)),
+            oom_killed=bool(state.get("OOMKilled", False)),
+            run_time_ms=run_time_ms,
+            error=str(state.get("Error", "")),
+        )
+
+    async def logs(self, container: Container) -> tuple[bytes, bytes]:
+        """Everything the container wrote so far: (stdout, stderr)."""
+        stdout, stderr = await asyncio.gather(
+            asyncio.to_thread(container.logs, stdout=True, stderr=False),
+            asyncio.to_thread(container.logs, stdout=False, stderr=True),
+        )
+        return bytes(stdout), bytes(stderr)
+
+    def follow_logs(self, container: Container) -> LogFollower:
+        """Streams ("stdout" | "stderr", chunk) from the start until the container stops."""
+        streams = {
+            name: lambda out=(name == "stdout"): container.logs(
+                stdout=out, stderr=not out, stream=True, follow=True
+            )
+            for name in ("stdout", "stderr")
+        }
+        return LogFollower(streams, self._long)
+
+    async def find_by_label(self, **labels: str) -> list[Container]:
+        """Containers (running or not) carrying all of `labels` (keys without "gpuplane.")."""
+        wanted = [f"gpuplane.{k}={v}" for k, v in labels.items()] or ["gpuplane.job"]
+        return await asyncio.to_thread(
+            self.client.containers.list, all=True, filters={"label": wanted}
+        )

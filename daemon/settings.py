@@ -1,0 +1,112 @@
+"""Daemon configuration, read from GPUPLANE_DAEMON_* environment variables (flags override)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/gpuplane/daemon")
+    return Path.home() / ".local" / "share" / "gpuplane" / "daemon"
+
+
+def derive_machine_id(data_dir: Path, id_files: tuple[Path, ...] = MACHINE_ID_FILES) -> str:
+    """A stable id for (this machine, this data dir): two daemons with different data dirs on
+    one machine are two hosts; a restarted daemon with the same data dir is the same host."""
+    base = ""
+    for candidate in id_files:
+        try:
+            base = candidate.read_text().strip()
+        except OSError:
+            continue
+        if base:
+            break
+    base = base or f"hostname:{socket.gethostname()}"
+    digest = hashlib.sha256(f"{base}\0{data_dir.absolute()}".encode()).hexdigest()
+    return digest[:32]
+
+
+class DaemonSettings(BaseSettings):
+    """Every setting of one daemon process. Built once in run_daemon() and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUPLANE_DAEMON_", env_file=None, extra="ignore")
+
+    control_plane: str = Field(
+        default="127.0.0.1:50051", description="Control plane gRPC address, host:port."
+    )
+    registration_token: SecretStr | None = Field(
+        default=None, description="Host registration token; needed until data_dir/host.json exists."
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="host.json (identity, mode 0600), the journal and job work dirs.",
+    )
+    simulate_gpus: str | None = Field(
+        default=None, description='Pretend to have GPUs, e.g. "4xA100-80GB" (dev and tests).'
+    )
+    machine_id: str = Field(
+        default="", description="Stable machine identity; empty = derived (see derive_machine_id)."
+    )
+    hostname: str = Field(default_factory=socket.gethostname)
+    price_per_gpu_hour_micro_credits: int = Field(default=2_000_000, gt=0)
+    location: str = Field(default="")
+    labels: dict[str, str] = Field(default_factory=dict)
+    docker_host: str | None = Field(
+        default=None, description="Docker engine URL; unset = docker.from_env()."
+    )
+    gpu_device_requests: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Pass GPUs to containers via device_requests: auto = only for real GPUs.",
+    )
+    nats_url: str | None = Field(
+        default=None, description="NATS server(s), comma-separated; unset = from registration."
+    )
+    s3_endpoint: str = Field(default="127.0.0.1:8333", description="S3 API host:port.")
+    s3_access_key: str = Field(default="gpuplane")
+    s3_secret_key: SecretStr = Field(default=SecretStr("gpuplane-secret"))
+    s3_secure: bool = Field(default=False)
+    s3_region: str = Field(default="us-east-1")
+    s3_bucket: str = Field(default="gpuplane", description="Used when a dispatch names none.")
+    usage_report_interval_seconds: float = Field(default=60.0, gt=0)
+    default_pids_limit: int = Field(default=1024, gt=0)
+    default_memory_bytes: int = Field(default=0, ge=0, description="0 = no memory limit.")
+    default_shm_bytes: int = Field(default=64 << 20, gt=0)
+    output_max_bytes: int = Field(default=10 << 30, gt=0)
+    upload_attempts: int = Field(
+        default=5, ge=1, description="Tries to store an attempt's results before upload_failed."
+    )
+    upload_retry_base_seconds: float = Field(default=1.0, ge=0)
+    max_concurrent_jobs: int = Field(default=64, gt=0)
+    heartbeat_interval_ms: int = Field(
+        default=2000, gt=0, description="Used until the control plane says otherwise."
+    )
+    reconnect_max_seconds: float = Field(default=30.0, gt=0)
+    log_level: str = Field(default="INFO")
+
+    @model_validator(mode="after")
+    def _derive_machine_id(self) -> DaemonSettings:
+        if not self.machine_id:
+            self.machine_id = derive_machine_id(self.data_dir)
+        return self
+
+    @property
+    def host_file(self) -> Path:
+        return self.data_dir / "host.json"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.data_dir / "journal"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"

@@ -1,0 +1,103 @@
+"""Argparse helpers shared by the command modules: typed values, common options, handlers."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from gpuplane_cli import units
+from gpuplane_cli.client import Context
+from gpuplane_cli.output import enum_value
+
+T = TypeVar("T")
+Handler = Callable[[argparse.Namespace, Context], Awaitable[int]]
+SyncHandler = Callable[[argparse.Namespace, Context], int]
+Subparsers = Any  # argparse's _SubParsersAction is private; its type is not worth spelling out
+
+
+def typed(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """Wraps a parser so argparse reports its ValueError message instead of a generic one."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+credits = typed(units.parse_credits, "credits")
+credits_or_zero = typed(lambda t: units.parse_credits(t, allow_zero=True), "credits")
+duration = typed(units.parse_duration, "duration")
+size = typed(units.parse_size, "size")
+cpus = typed(units.parse_cpus, "cpus")
+key_value = typed(units.parse_key_value, "KEY=VALUE")
+
+
+def non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def enum_arg(enum: Any, name: str) -> Callable[[str], int]:
+    return typed(lambda text: enum_value(enum, text), name)
+
+
+def common_options(*, suppress: bool) -> argparse.ArgumentParser:
+    """--addr, --api-key, --env-file, --json and --timeout, accepted before the command and
+    after it. Leaf parsers use SUPPRESS defaults so a later position does not reset an
+    earlier one."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection and output")
+    group.add_argument(
+        "--addr", default=default, help="control plane host:port (env GPUPLANE_ADDR)"
+    )
+    group.add_argument("--api-key", default=default, help="bearer API key (env GPUPLANE_API_KEY)")
+    group.add_argument(
+        "--env-file",
+        default=default,
+        help="read KEY=VALUE settings from this file; its values override the environment "
+        "(env GPUPLANE_ENV_FILE: a file whose values only fill in what is unset)",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="machine-readable JSON output (proto field names)",
+    )
+    group.add_argument(
+        "--timeout", type=float, default=default, help="seconds to wait for each unary call"
+    )
+    return parent
+
+
+def add_leaf(
+    subparsers: Subparsers,
+    name: str,
+    handler: Handler | SyncHandler,
+    help_text: str,
+    common: argparse.ArgumentParser,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """A leaf command whose handler runs with the parsed arguments and a Context."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=help_text, description=help_text, parents=[common], **kwargs
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_group(subparsers: Subparsers, name: str, help_text: str, **kwargs: Any) -> Subparsers:
+    """A command group (`gpuplane jobs ...`) whose subcommand is required."""
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, **kwargs)
+    group = parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+    return group

@@ -1,0 +1,302 @@
+"""`gpuplane jobs submit|list|get|cancel`: building job specs and showing jobs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gpuplane.v1 import jobs_pb2, types_pb2
+
+from gpuplane_cli import args as a
+from gpuplane_cli import follow
+from gpuplane_cli.client import EXIT_OK, Context, all_pages, env_flag
+from gpuplane_cli.output import enum_name, fields, print_json, table, when
+from gpuplane_cli.units import format_credits, format_duration_ms, parse_duration
+
+DEFAULT_MAX_DURATION = "1h"
+
+
+def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
+    jobs = a.add_group(subparsers, "jobs", "submit, follow and collect GPU jobs")
+    submit = a.add_leaf(
+        jobs,
+        "submit",
+        submit_job,
+        "submit a containerised job",
+        common,
+        usage="%(prog)s --image IMAGE [options] [-- COMMAND [ARG ...]]",
+        epilog="Everything after `--` is the container's command and arguments, as with "
+        "`docker run IMAGE COMMAND ...` (use --entrypoint to replace the entrypoint).",
+    )
+    _submit_options(submit)
+    listing = a.add_leaf(jobs, "list", list_jobs, "list your jobs, newest first", common)
+    listing.add_argument(
+        "--state",
+        action="append",
+        type=a.enum_arg(types_pb2.JobState, "state"),
+        default=[],
+        help="only jobs in this state (repeatable): queued, running, succeeded, ...",
+    )
+    listing.add_argument("--label", action="append", type=a.key_value, default=[])
+    listing.add_argument("--tenant", default="", help="admins: another tenant's jobs")
+    listing.add_argument("--limit", type=a.non_negative, default=50, help="0 = all (default 50)")
+    get = a.add_leaf(jobs, "get", get_job, "show one job with its attempts", common)
+    get.add_argument("job_id")
+    cancel = a.add_leaf(jobs, "cancel", cancel_job, "cancel a job (idempotent)", common)
+    cancel.add_argument("job_id")
+    cancel.add_argument("--reason", default="")
+    follow.register(jobs, common)
+
+
+def _submit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="container image reference")
+    p.add_argument("--entrypoint", help="replace the image's entrypoint")
+    p.add_argument("--gpus", type=a.non_negative, default=1, help="GPUs on one host (default 1)")
+    p.add_argument("--gpu-model", action="append", default=[], help="allowed model (repeatable)")
+    p.add_argument("--min-vram", type=a.non_negative, default=0, metavar="GIB")
+    p.add_argument("--min-compute-capability", default="", metavar="X.Y")
+    p.add_argument("--cpus", type=a.cpus, help="CPU limit: 2, 0.5 or 250m")
+    p.add_argument("--memory", type=a.size, help="memory limit: 512m, 16g")
+    p.add_argument("--shm-size", type=a.size, help="/dev/shm size: 1g")
+    p.add_argument(
+        "--max-duration",
+        type=a.duration,
+        default=parse_duration(DEFAULT_MAX_DURATION),
+        help=f"run-time limit per attempt: 600, 10m, 2h (default {DEFAULT_MAX_DURATION})",
+    )
+    p.add_argument("--max-price", type=a.credits, help="max credits per GPU-hour, e.g. 2.5")
+    p.add_argument("--budget", type=a.credits, help="spend cap for the job in credits")
+    p.add_argument("--env", action="append", type=a.key_value, default=[], metavar="K=V")
+    p.add_argument("--label", action="append", type=a.key_value, default=[], metavar="K=V")
+    p.add_argument("--host-label", action="append", type=a.key_value, default=[], metavar="K=V")
+    p.add_argument("--location", action="append", default=[], help="allowed location")
+    p.add_argument("--input", action="append", default=[], metavar="KEY[:PATH]")
+    p.add_argument("--network", action="store_true", help="outbound network (default: none)")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument(
+        "--placement", type=a.enum_arg(types_pb2.PlacementPolicy, "placement"), default=0
+    )
+    p.add_argument("--max-retries", type=a.non_negative, default=0)
+    p.add_argument("--idempotency-key", default="")
+    p.add_argument("--dry-run", action="store_true", help="quote only: create nothing")
+    p.add_argument(
+        "--allow-simulated",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="allow hosts with simulated GPUs (default: env GPUPLANE_ALLOW_SIMULATED=1)",
+    )
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+
+
+def build_spec(args: argparse.Namespace, ctx: Context) -> types_pb2.JobSpec:
+    """The JobSpec that `jobs submit` flags describe."""
+    allow_simulated = args.allow_simulated
+    if allow_simulated is None:
+        allow_simulated = env_flag(ctx.environ, "GPUPLANE_ALLOW_SIMULATED")
+    spec = types_pb2.JobSpec(
+        image=args.image,
+        args=list(getattr(args, "job_command", [])),
+        env=dict(args.env),
+        gpu_count=args.gpus,
+        gpu_models=args.gpu_model,
+        min_vram_gib=args.min_vram,
+        min_compute_capability=args.min_compute_capability,
+        cpu_millicores=args.cpus or 0,
+        memory_bytes=args.memory or 0,
+        shm_bytes=args.shm_size or 0,
+        network=types_pb2.NETWORK_MODE_BRIDGE if args.network else types_pb2.NETWORK_MODE_NONE,
+        max_duration_seconds=args.max_duration,
+        max_price_per_gpu_hour_micro_credits=args.max_price or 0,
+        budget_micro_credits=args.budget or 0,
+        priority=args.priority,
+        labels=dict(args.label),
+        max_retries=args.max_retries,
+        placement_policy=args.placement,
+        locations=args.location,
+        host_labels=dict(args.host_label),
+        allow_simulated=allow_simulated,
+    )
+    if args.entrypoint:
+        spec.command.append(args.entrypoint)
+    for item in args.input:
+        key, _, path = item.partition(":")
+        spec.inputs.append(types_pb2.JobInput(key=key, path=path))
+    return spec
+
+
+async def submit_job(args: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client()
+    request = jobs_pb2.SubmitJobRequest(
+        spec=build_spec(args, ctx), idempotency_key=args.idempotency_key, dry_run=args.dry_run
+    )
+    response = await client.call(client.jobs.SubmitJob, request)
+    if args.dry_run:
+        if ctx.json:
+            print_json(response.quote)
+        else:
+            print(show_quote(response.quote))
+        return EXIT_OK
+    job = response.job
+    if not args.wait:
+        if ctx.json:
+            print_json(job)
+        else:
+            print(f"job {job.job_id} {enum_name(types_pb2.JobState, job.state)}", end="")
+            print(f", holding {format_credits(job.hold_micro_credits)} credits")
+        return EXIT_OK
+    if not ctx.json:
+        print(f"job {job.job_id} submitted, holding {format_credits(job.hold_micro_credits)}")
+    return await follow.wait_for_job(ctx, job.job_id)
+
+
+def show_quote(quote: jobs_pb2.Quote) -> str:
+    lines = [
+        fields(
+            [
+                ("Matching hosts", quote.matching_host_count),
+                ("Price/GPU-hour", _price_range(quote)),
+                ("Would hold", format_credits(quote.hold_micro_credits)),
+                ("Estimated start", when(quote.estimated_start) or "not on the current market"),
+                ("Explanation", quote.explanation or None),
+            ]
+        )
+    ]
+    if quote.offers:
+        from gpuplane_cli.hosts import offers_table
+
+        lines += ["", offers_table(quote.offers)]
+    return "\n".join(lines)
+
+
+def _price_range(quote: jobs_pb2.Quote) -> str:
+    low = quote.min_price_per_gpu_hour_micro_credits
+    high = quote.max_price_per_gpu_hour_micro_credits
+    if not low and not high:
+        return "-"
+    if low == high:
+        return format_credits(low)
+    return f"{format_credits(low)} – {format_credits(high)}"
+
+
+async def list_jobs(args: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client()
+
+    async def fetch(token: str, size: int) -> tuple[Sequence[types_pb2.Job], str]:
+        request = jobs_pb2.ListJobsRequest(
+            states=args.state,
+            labels=dict(args.label),
+            tenant_id=args.tenant,
+            page_size=size,
+            page_token=token,
+        )
+        response = await client.call(client.jobs.ListJobs, request)
+        return response.jobs, response.next_page_token
+
+    jobs, more = await all_pages(fetch, args.limit)
+    if ctx.json:
+        print_json(jobs)
+        return EXIT_OK
+    print(jobs_table(jobs))
+    if more:
+        print(f"(more than {args.limit} jobs: --limit 0 lists all)", file=sys.stderr)
+    return EXIT_OK
+
+
+def jobs_table(jobs: Sequence[types_pb2.Job]) -> str:
+    return table(
+        ["JOB", "STATE", "IMAGE", "GPUS", "HOST", "CREATED", "CHARGED"],
+        [
+            (
+                job.job_id,
+                enum_name(types_pb2.JobState, job.state),
+                job.spec.image,
+                job.spec.gpu_count,
+                job.host_id or "-",
+                when(job.created_at),
+                format_credits(job.charged_micro_credits),
+            )
+            for job in jobs
+        ],
+    )
+
+
+async def get_job(args: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client()
+    response = await client.call(client.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=args.job_id))
+    if ctx.json:
+        print_json(response.job)
+    else:
+        print(show_job(response.job))
+    return EXIT_OK
+
+
+def show_job(job: types_pb2.Job) -> str:
+    spec = job.spec
+    state = enum_name(types_pb2.JobState, job.state)
+    command = [*spec.command, *spec.args]
+    lines = [
+        fields(
+            [
+                ("Job", job.job_id),
+                ("State", f"{state} ({job.state_reason})" if job.state_reason else state),
+                ("Image", spec.image),
+                ("Command", " ".join(command) if command else None),
+                (
+                    "GPUs",
+                    f"{spec.gpu_count}"
+                    + (f" of {', '.join(spec.gpu_models)}" if spec.gpu_models else ""),
+                ),
+                ("Host", job.host_id or None),
+                ("GPU UUIDs", ", ".join(job.gpu_uuids) or None),
+                ("Attempt", job.attempt),
+                ("Exit code", job.exit_code if job.HasField("exit_code") else None),
+                ("Created", when(job.created_at)),
+                ("Started", when(job.started_at) or None),
+                ("Finished", when(job.finished_at) or None),
+                ("Price/GPU-hour", format_credits(job.price_per_gpu_hour_micro_credits)),
+                ("Held", format_credits(job.hold_micro_credits)),
+                ("Charged", format_credits(job.charged_micro_credits)),
+                ("Run time", format_duration_ms(job.usage.run_time_ms)),
+                ("GPU time", format_duration_ms(job.usage.gpu_time_ms)),
+                (
+                    "Labels",
+                    ", ".join(f"{k}={v}" for k, v in sorted(job.spec.labels.items())) or None,
+                ),
+            ]
+        )
+    ]
+    if job.attempts:
+        lines += ["", attempts_table(job)]
+    return "\n".join(lines)
+
+
+def attempts_table(job: types_pb2.Job) -> str:
+    return table(
+        ["ATTEMPT", "STATE", "HOST", "STARTED", "FINISHED", "EXIT", "CHARGED", "REASON"],
+        [
+            (
+                att.attempt,
+                enum_name(types_pb2.JobState, att.state),
+                att.host_id or "-",
+                when(att.started_at),
+                when(att.finished_at),
+                att.exit_code if att.HasField("exit_code") else "",
+                format_credits(att.charged_micro_credits),
+                att.reason,
+            )
+            for att in job.attempts
+        ],
+    )
+
+
+async def cancel_job(args: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client()
+    request = jobs_pb2.CancelJobRequest(job_id=args.job_id, reason=args.reason)
+    response = await client.call(client.jobs.CancelJob, request)
+    if ctx.json:
+        print_json(response.job)
+    else:
+        state = enum_name(types_pb2.JobState, response.job.state)
+        print(f"job {response.job.job_id} {state}")
+    return EXIT_OK

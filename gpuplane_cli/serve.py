@@ -1,0 +1,116 @@
+"""`gpuplane controlplane serve` and `gpuplane daemon run|install`: the long-running processes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import ValidationError
+
+from gpuplane_cli import args as a
+from gpuplane_cli.client import EXIT_OK, EXIT_UNIMPLEMENTED, EXIT_USAGE, CliError, Context
+
+DAEMON_CLI = "daemon.cli"
+
+
+def register(subparsers: a.Subparsers, want_daemon: bool) -> None:
+    env_file = argparse.ArgumentParser(add_help=False)
+    env_file.add_argument(
+        "--env-file", default=argparse.SUPPRESS, help="read GPUPLANE_* settings from this file"
+    )
+    plane = a.add_group(subparsers, "controlplane", "the control plane server")
+    serve = a.add_leaf(
+        plane,
+        "serve",
+        serve_control_plane,
+        "serve the gRPC API until SIGINT/SIGTERM (settings from GPUPLANE_* env)",
+        env_file,
+    )
+    serve.add_argument("--listen", help="gRPC host:port (GPUPLANE_LISTEN_ADDR)")
+    serve.add_argument("--metrics", help="/metrics host:port, empty = off (GPUPLANE_METRICS_ADDR)")
+    serve.add_argument("--data-dir", type=Path, help="GPUPLANE_DATA_DIR")
+    serve.add_argument("--database-url", help="GPUPLANE_DATABASE_URL; empty = SQLite in data dir")
+    serve.add_argument("--log-level", help="GPUPLANE_LOG_LEVEL")
+
+    daemon = a.add_group(subparsers, "daemon", "the provider daemon on a GPU machine")
+    module = daemon_cli() if want_daemon else None
+    if module is not None:
+        module.add_daemon_parser(daemon)
+    else:
+        run = a.add_leaf(daemon, "run", daemon_missing, "run the provider daemon", env_file)
+        run.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    install = a.add_leaf(
+        daemon, "install", daemon_install, "install the daemon as a systemd service", env_file
+    )
+    install.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def daemon_cli() -> ModuleType | None:
+    """The daemon's own CLI module, imported only when a daemon command is run."""
+    try:
+        module = importlib.import_module(DAEMON_CLI)
+    except ModuleNotFoundError as exc:
+        if exc.name not in (DAEMON_CLI, "daemon"):
+            raise
+        return None
+    return module if hasattr(module, "add_daemon_parser") else None
+
+
+async def serve_control_plane(args: argparse.Namespace, ctx: Context) -> int:
+    from controlplane.server import serve
+    from controlplane.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    for flag, field in (
+        ("listen", "listen_addr"),
+        ("metrics", "metrics_addr"),
+        ("data_dir", "data_dir"),
+        ("database_url", "database_url"),
+        ("log_level", "log_level"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[field] = value
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CliError(f"invalid settings: {problems}", EXIT_USAGE) from None
+    configure_logging(settings.log_level)
+    await serve(settings)
+    return EXIT_OK
+
+
+def configure_logging(level: str, log_file: Path | None = None) -> None:
+    """Logs to stderr (or to `log_file`, with only warnings on stderr)."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(fmt))
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setFormatter(logging.Formatter(fmt))
+        root.addHandler(to_file)
+        console.setLevel(logging.WARNING)
+    root.addHandler(console)
+
+
+async def daemon_missing(args: argparse.Namespace, ctx: Context) -> int:
+    raise CliError(
+        "the provider daemon is not part of this build yet (no module daemon.cli)",
+        EXIT_UNIMPLEMENTED,
+    )
+
+
+async def daemon_install(args: argparse.Namespace, ctx: Context) -> int:
+    raise CliError(
+        "`gpuplane daemon install` is not built yet; see deploy/ for the systemd unit",
+        EXIT_UNIMPLEMENTED,
+    )

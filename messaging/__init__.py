@@ -1,0 +1,1 @@
+"""JetStream contract shared by the control plane and daemons: streams, subjects, ids."""

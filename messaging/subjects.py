@@ -1,0 +1,89 @@
+"""Stream and subject names, message ids and stream configurations (one place for both sides)."""
+
+from __future__ import annotations
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+DISPATCH_STREAM = "DISPATCH"
+EVENTS_STREAM = "EVENTS"
+LOGS_STREAM = "LOGS"
+
+# Durable consumer of the EVENTS stream on the control-plane side (shared by replicas).
+EVENTS_DURABLE = "controlplane-events"
+# How long JetStream remembers message ids for de-duplication.
+DEDUP_WINDOW_SECONDS = 600.0
+
+
+def dispatch_subject(host_id: str) -> str:
+    return f"gpuplane.dispatch.{host_id}"
+
+
+def events_subject(job_id: str) -> str:
+    return f"gpuplane.events.{job_id}"
+
+
+def logs_subject(job_id: str, attempt: int) -> str:
+    return f"gpuplane.logs.{job_id}.{attempt}"
+
+
+def dispatch_durable(host_id: str) -> str:
+    """The durable pull consumer through which one host takes its dispatch messages."""
+    return f"host-{host_id}"
+
+
+def dispatch_msg_id(job_id: str, attempt: int) -> str:
+    return f"{job_id}.{attempt}"
+
+
+def report_msg_id(job_id: str, attempt: int, seq: int) -> str:
+    return f"{job_id}.{attempt}.{seq}"
+
+
+# Header on a log message that marks the end of an attempt's logs.
+LOG_END_HEADER = "Gpuplane-Log-End"
+# Header naming the stream ("stdout" or "stderr") of a log chunk.
+LOG_STREAM_HEADER = "Gpuplane-Log-Stream"
+
+
+def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+    """The three streams; replicas is 1 in dev and 3 on a production cluster."""
+    return [
+        StreamConfig(
+            name=DISPATCH_STREAM,
+            subjects=["gpuplane.dispatch.*"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=DEDUP_WINDOW_SECONDS,
+        ),
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=["gpuplane.events.*"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=DEDUP_WINDOW_SECONDS,
+        ),
+        StreamConfig(
+            name=LOGS_STREAM,
+            subjects=["gpuplane.logs.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=24 * 3600.0,
+            max_bytes=1 << 30,
+            discard=DiscardPolicy.OLD,
+        ),
+    ]
+
+
+async def ensure_streams(js: object, replicas: int = 1) -> None:
+    """Creates the streams or brings their config up to date (idempotent)."""
+    from nats.js.errors import NotFoundError
+
+    for config in stream_configs(replicas):
+        try:
+            await js.stream_info(config.name)  # type: ignore[attr-defined]
+            await js.update_stream(config)  # type: ignore[attr-defined]
+        except NotFoundError:
+            await js.add_stream(config)  # type: ignore[attr-defined]

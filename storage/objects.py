@@ -1,0 +1,225 @@
+"""Async object store over the MinIO SDK: put/get/stat/list/presign in one bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+# S3 error codes that mean "no such object" (NoSuchKey on GET, NotFound on HEAD).
+T = TypeVar("T")
+
+_MISSING = frozenset({"NoSuchKey", "NotFound", "NoSuchObject"})
+
+
+class StorageError(Exception):
+    """An object store operation failed; the message says which and why."""
+
+
+class ObjectNotFound(StorageError):
+    """The object does not exist in the bucket."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object just written: its key, size and the SHA-256 of the bytes sent."""
+
+    key: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the server says about a stored object."""
+
+    key: str
+    size_bytes: int
+    etag: str
+    last_modified: datetime | None
+
+
+class _HashingReader(io.RawIOBase):
+    """Wraps a binary file; hashes the bytes as the SDK reads them (one pass, no re-read)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        super().__init__()
+        self._handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._handle.read(-1 if size is None else size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+class ObjectStore:
+    """One bucket of an S3 server. Blocking SDK calls run in worker threads.
+
+    `region` is given to the SDK so that presigning needs no network round trip.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        *,
+        bucket: str,
+        secure: bool = False,
+        region: str = "us-east-1",
+        http_client: urllib3.PoolManager | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.region = region
+        self._client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http_client,
+        )
+
+    @classmethod
+    def _sharing(cls, other: ObjectStore, bucket: str) -> ObjectStore:
+        store = cls.__new__(cls)
+        store.endpoint, store.bucket, store.region = other.endpoint, bucket, other.region
+        store._client = other._client
+        return store
+
+    def for_bucket(self, bucket: str) -> ObjectStore:
+        """The same server and credentials, another bucket (shares the connection pool)."""
+        return self if bucket == self.bucket else ObjectStore._sharing(self, bucket)
+
+    async def ensure_bucket(self) -> None:
+        """Creates the bucket unless it exists."""
+
+        def ensure() -> None:
+            if self._client.bucket_exists(self.bucket):
+                return
+            try:
+                self._client.make_bucket(self.bucket)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+        await self._call("", ensure)
+
+    async def put_file(self, key: str, path: Path) -> StoredObject:
+        """Uploads a local file, hashing it while it streams."""
+
+        def put() -> StoredObject:
+            with path.open("rb") as handle:
+                length = path.stat().st_size
+                reader = _HashingReader(handle)
+                self._client.put_object(self.bucket, key, reader, length)  # type: ignore[arg-type]
+            return StoredObject(key, reader.size, reader.digest.hexdigest())
+
+        return await self._call(key, put)
+
+    async def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> StoredObject:
+        def put() -> StoredObject:
+            self._client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
+            return StoredObject(key, len(data), hashlib.sha256(data).hexdigest())
+
+        return await self._call(key, put)
+
+    async def get_bytes(self, key: str) -> bytes:
+        def get() -> bytes:
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
+        return await self._call(key, get)
+
+    async def stat(self, key: str) -> ObjectInfo:
+        def stat() -> ObjectInfo:
+            info = self._client.stat_object(self.bucket, key)
+            return ObjectInfo(key, int(info.size or 0), str(info.etag or ""), info.last_modified)
+
+        return await self._call(key, stat)
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.stat(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    async def presign_get(self, key: str, ttl_seconds: int) -> str:
+        """A URL that GETs the object without credentials until it expires."""
+        expires = timedelta(seconds=ttl_seconds)
+        return await asyncio.to_thread(
+            self._client.presigned_get_object, self.bucket, key, expires=expires
+        )
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under `prefix` (recursively), in key order."""
+
+        def listing() -> list[ObjectInfo]:
+            found = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return [
+                ObjectInfo(str(o.object_name), int(o.size or 0), str(o.etag or ""), o.last_modified)
+                for o in found
+                if not o.is_dir
+            ]
+
+        return await self._call(prefix, listing)
+
+    async def download_file(self, key: str, path: Path) -> int:
+        """Writes the object to `path` (via a temporary file beside it); returns its size."""
+
+        def download() -> int:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.part")
+            response = self._client.get_object(self.bucket, key)
+            size = 0
+            try:
+                with partial.open("wb") as handle:
+                    for chunk in response.stream(1 << 20):
+                        handle.write(chunk)
+                        size += len(chunk)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            finally:
+                response.close()
+                response.release_conn()
+            partial.replace(path)
+            return size
+
+        return await self._call(key, download)
+
+    async def _call(self, key: str, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                raise ObjectNotFound(f"object '{key}' not found in bucket '{self.bucket}'") from exc
+            where = f"bucket '{self.bucket}', '{key}'"
+            raise StorageError(f"{where}: {exc.code}: {exc.message}") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise StorageError(f"S3 endpoint {self.endpoint} unreachable: {exc}") from exc

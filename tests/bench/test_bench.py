@@ -1,0 +1,79 @@
+"""scripts/bench: the registry's planning, and a short real run printing valid JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import format_table
+from bench.registry import REGISTRY, Result, plan
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "bench"
+FIELDS = {"name", "figure", "unit", "floor", "ratio", "target"}
+
+
+def test_every_figure_names_a_registered_floor() -> None:
+    assert REGISTRY, "importing bench.cli registers the benchmarks"
+    for figure in REGISTRY.values():
+        if figure.floor is not None:
+            assert figure.floor in REGISTRY, figure.name
+            assert REGISTRY[figure.floor].floor is None, "a floor is measured, not compared"
+
+
+def test_plan_runs_a_figures_floor_first() -> None:
+    names = [b.name for b in plan(["authenticated_noop_rpc"])]
+    assert names == ["grpc_echo_qps", "authenticated_noop_rpc"]
+    assert [b.name for b in plan(["grpc_echo_qps", "grpc_echo_qps"])] == ["grpc_echo_qps"]
+    with pytest.raises(KeyError, match="no benchmark"):
+        plan(["no_such_thing"])
+
+
+def test_table_shows_ratio_and_target() -> None:
+    floor = Result("grpc_echo_qps", 4000.0, "calls/s", None, None, None, None, "higher", 1.0)
+    figure = Result(
+        "authenticated_noop_rpc", 3000.0, "calls/s", 4000.0, "grpc_echo_qps", 0.75, 0.5,
+        "higher", 1.0, {"p99_ms": 2.5},
+    )  # fmt: skip
+    failed = Result("pg_tx", None, "tx/s", None, None, None, None, "higher", 0.1, error="boom")
+    text = format_table([floor, figure, failed])
+    assert ">= 0.5 ok" in text
+    assert "0.750" in text
+    assert "FAILED" in text
+    assert figure.meets_target is True
+
+
+def test_list_names_every_benchmark() -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("grpc_echo_qps", "pg_tx", "jetstream_publish", "docker_run"):
+        assert name in out
+    assert "authenticated_noop_rpc" in out
+
+
+@pytest.mark.timeout(90)
+def test_grpc_echo_floor_prints_json() -> None:
+    done = subprocess.run(
+        [str(SCRIPT), "--only", "grpc_echo_qps", "--json", "--duration", "0.5", "--clients", "1"],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert isinstance(results, list)
+    assert len(results) == 1
+    result = results[0]
+    assert FIELDS <= result.keys()
+    assert result["name"] == "grpc_echo_qps"
+    assert result["unit"] == "calls/s"
+    assert result["figure"] > 0
+    assert result["floor"] is None
+    assert result["ratio"] is None
+    assert result["details"]["errors"] == 0

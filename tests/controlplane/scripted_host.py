@@ -1,0 +1,182 @@
+"""A host whose daemon side is played by the test: registers, heartbeats over Connect, pulls
+its dispatch messages from JetStream and publishes the reports the test chooses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import grpc
+import nats
+from gpuplane.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    messaging_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    types_pb2,
+)
+from nats.js.api import ConsumerConfig
+
+from messaging.subjects import events_subject, report_msg_id
+
+GIB = 1 << 30
+
+
+class ScriptedHost:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        nats_url: str,
+        token: str,
+        *,
+        gpus: int = 4,
+        model: str = "NVIDIA A100-SXM4-80GB",
+        price: int = 2_000_000,
+        heartbeat_interval: float = 0.2,
+    ) -> None:
+        self.channel = channel
+        self.nats_url = nats_url
+        self.token = token
+        self.gpu_count = gpus
+        self.model = model
+        self.price = price
+        self.heartbeat_interval = heartbeat_interval
+        self.machine_id = uuid.uuid4().hex
+        self.host_id = ""
+        self.credential = ""
+        self.commands: asyncio.Queue[registry_pb2.ControlMessage] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._call: Any = None
+        self._nc: Any = None
+        self._sub: Any = None
+        self._seq: dict[tuple[str, int], int] = {}
+
+    def gpus(self) -> list[types_pb2.Gpu]:
+        return [
+            types_pb2.Gpu(
+                uuid=f"GPU-{self.machine_id[:8]}-{i}",
+                index=i,
+                name=self.model,
+                memory_total_bytes=80 * GIB,
+                compute_capability="8.0",
+            )
+            for i in range(self.gpu_count)
+        ]
+
+    async def register(self) -> registry_pb2.RegisterHostResponse:
+        reply = await registry_pb2_grpc.RegistryServiceStub(self.channel).RegisterHost(
+            registry_pb2.RegisterHostRequest(
+                registration_token=self.token,
+                machine_id=self.machine_id,
+                hostname=f"scripted-{self.machine_id[:6]}",
+                gpus=self.gpus(),
+                simulated=True,
+                price_per_gpu_hour_micro_credits=self.price,
+                location="test-lab",
+            )
+        )
+        self.host_id = reply.host_id
+        self.credential = reply.host_credential
+        return reply
+
+    async def start(self) -> None:
+        """Registers (if needed), opens Connect with heartbeats and the dispatch consumer."""
+        if not self.host_id:
+            await self.register()
+        stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
+        self._call = stub.Connect(  # type: ignore[call-arg]
+            metadata=(("authorization", f"Bearer {self.credential}"),)
+        )
+        await self._call.write(
+            registry_pb2.DaemonMessage(hello=registry_pb2.DaemonHello(host_id=self.host_id))
+        )
+        first = await self._call.read()
+        assert first.WhichOneof("msg") == "hello_ack"
+        self._tasks.append(asyncio.create_task(self._heartbeats()))
+        self._tasks.append(asyncio.create_task(self._read_commands()))
+        self._nc = await nats.connect(self.nats_url)
+        js = self._nc.jetstream()
+        self._sub = await js.pull_subscribe(
+            f"gpuplane.dispatch.{self.host_id}",
+            durable=f"host-{self.host_id}",
+            stream="DISPATCH",
+            config=ConsumerConfig(ack_wait=30),
+        )
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self._call.write(registry_pb2.DaemonMessage(heartbeat=registry_pb2.Heartbeat()))
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _read_commands(self) -> None:
+        while True:
+            message = await self._call.read()
+            if message is grpc.aio.EOF:  # type: ignore[attr-defined]
+                return
+            await self.commands.put(message)
+
+    async def stop_heartbeats(self) -> None:
+        """Plays a dead daemon: heartbeats stop and the Connect stream closes."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
+        self._tasks = []
+        if self._call is not None:
+            self._call.cancel()
+
+    async def next_dispatch(self, timeout: float = 10.0) -> messaging_pb2.DispatchMessage:
+        messages = await self._sub.fetch(1, timeout=timeout)
+        message = messages[0]
+        await message.ack()
+        dispatch = messaging_pb2.DispatchMessage.FromString(message.data)
+        assert message.headers is not None
+        assert message.headers.get("Nats-Msg-Id") == f"{dispatch.job_id}.{dispatch.attempt}"
+        return dispatch
+
+    async def report(
+        self,
+        dispatch: messaging_pb2.DispatchMessage,
+        kind: int,
+        *,
+        seq: int | None = None,
+        **fields: Any,
+    ) -> messaging_pb2.JobReport:
+        key = (dispatch.job_id, dispatch.attempt)
+        if seq is None:
+            seq = self._seq.get(key, 0) + 1
+        self._seq[key] = max(self._seq.get(key, 0), seq)
+        report = messaging_pb2.JobReport(
+            job_id=dispatch.job_id,
+            attempt=dispatch.attempt,
+            host_id=self.host_id,
+            seq=seq,
+            kind=kind,  # type: ignore[arg-type]
+            **fields,
+        )
+        js = self._nc.jetstream()
+        await js.publish(
+            events_subject(dispatch.job_id),
+            report.SerializeToString(),
+            headers={"Nats-Msg-Id": report_msg_id(dispatch.job_id, dispatch.attempt, seq)},
+        )
+        return report
+
+    async def close(self) -> None:
+        await self.stop_heartbeats()
+        if self._nc is not None:
+            await self._nc.close()
+
+
+async def mint_token(
+    channel: grpc.aio.Channel, admin_key: str, provider_tenant: str, **kw: Any
+) -> str:
+    reply = await admin_pb2_grpc.AdminServiceStub(channel).CreateRegistrationToken(
+        admin_pb2.CreateRegistrationTokenRequest(provider_tenant_id=provider_tenant, **kw),
+        metadata=(("authorization", f"Bearer {admin_key}"),),
+    )
+    return str(reply.secret)
