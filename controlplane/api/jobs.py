@@ -197,11 +197,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.StreamLogsRequest, context: Context
     ) -> AsyncIterator[jobs_pb2.LogChunk]:
         caller = current_principal()
-        job, attempt = await self.jobs.attempt_of(
-            caller, _require_job_id(request.job_id), request.attempt
-        )
-        if attempt is None:
-            return  # not placed yet: nothing logged
+        job_id = _require_job_id(request.job_id)
+        while True:
+            job, attempt = await self.jobs.attempt_of(caller, job_id, request.attempt)
+            if attempt is not None:
+                break
+            if not request.follow or JobState(job.state).terminal:
+                return  # never placed: nothing was logged
+            await self.notifier.wait_job(job_id, timeout=1.0)  # following: wait for a start
         async for chunk in self.logs.read(job, attempt, request):
             yield chunk
 
