@@ -1,0 +1,208 @@
+"""Job-path figures: submit → container running latency and whole-path job throughput, against
+a control plane in its own process and a real daemon on the bench's private Docker engine."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from gpuplane.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    types_pb2,
+)
+from pydantic import SecretStr
+
+from bench.registry import Measurement, RunContext, benchmark
+from bench.resources import ServerProcess
+
+SAMPLES = 20
+THROUGHPUT_JOBS = 40
+DAEMON_GPUS = "8xA100-80GB"
+
+
+@dataclass
+class Stack:
+    jobs: jobs_pb2_grpc.JobServiceAsyncStub
+    consumer: tuple[tuple[str, str], ...]
+    image: str
+
+
+def _auth(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+@asynccontextmanager
+async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
+    """Control plane (own process) + one daemon with 8 simulated GPUs + a funded consumer."""
+    from daemon.agent import Agent
+    from daemon.settings import DaemonSettings
+    from devstack import TEST_IMAGE
+
+    nats = await ctx.resources.nats()
+    s3 = await ctx.resources.s3()
+    engine, client = await ctx.resources.docker()
+    client.close()
+    data_dir = ctx.workdir / "jobpath-controlplane"
+    server = ServerProcess(
+        "controlplane",
+        ctx.workdir / "jobpath-controlplane.log",
+        f"--data-dir={data_dir}",
+        f"--nats-url={nats.url}",
+        f"--s3-endpoint={s3.endpoint}",
+        f"--s3-access-key={s3.access_key}",
+        f"--s3-secret-key={s3.secret_key}",
+    )
+    async with server:
+        ready = await server.start()
+        address = f"127.0.0.1:{ready['port']}"
+        admin = _auth(ready["admin_key"])
+        async with grpc.aio.insecure_channel(address) as channel:
+            admins = admin_pb2_grpc.AdminServiceStub(channel)
+            suffix = str(time.monotonic_ns())
+            consumer = await admins.CreateTenant(
+                admin_pb2.CreateTenantRequest(name=f"bench-consumer-{suffix}"), metadata=admin
+            )
+            key = await admins.CreateApiKey(
+                admin_pb2.CreateApiKeyRequest(
+                    tenant_id=consumer.tenant.tenant_id, role=types_pb2.ROLE_CONSUMER
+                ),
+                metadata=admin,
+            )
+            provider = await admins.CreateTenant(
+                admin_pb2.CreateTenantRequest(name=f"bench-provider-{suffix}"), metadata=admin
+            )
+            token = await admins.CreateRegistrationToken(
+                admin_pb2.CreateRegistrationTokenRequest(
+                    provider_tenant_id=provider.tenant.tenant_id
+                ),
+                metadata=admin,
+            )
+            await ledger_pb2_grpc.LedgerServiceStub(channel).Deposit(
+                ledger_pb2.DepositRequest(
+                    tenant_id=consumer.tenant.tenant_id,
+                    amount_micro_credits=10**12,
+                    idempotency_key=f"bench-{suffix}",
+                ),
+                metadata=admin,
+            )
+            agent = Agent(
+                DaemonSettings(
+                    control_plane=address,
+                    registration_token=SecretStr(token.secret),
+                    data_dir=ctx.workdir / f"jobpath-daemon-{suffix}",
+                    simulate_gpus=DAEMON_GPUS,
+                    gpu_device_requests="always",
+                    docker_host=engine.base_url,
+                    s3_endpoint=s3.endpoint,
+                    s3_access_key=s3.access_key,
+                    s3_secret_key=SecretStr(s3.secret_key),
+                    max_concurrent_jobs=8,
+                )
+            )
+            await agent.start()
+            try:
+                yield Stack(jobs_pb2_grpc.JobServiceStub(channel), _auth(key.secret), TEST_IMAGE)
+            finally:
+                await agent.stop()
+
+
+def _spec(stack: Stack, command: list[str]) -> types_pb2.JobSpec:
+    return types_pb2.JobSpec(
+        image=stack.image,
+        command=command,
+        gpu_count=1,
+        max_duration_seconds=120,
+        max_price_per_gpu_hour_micro_credits=10_000_000,
+        allow_simulated=True,
+    )
+
+
+async def _until(stack: Stack, job_id: str, states: set[int]) -> Any:
+    """Follows WatchJob until the job reaches one of `states`; returns that event."""
+    watch = stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=stack.consumer)
+    async for event in watch:
+        if event.state in states:
+            watch.cancel()
+            return event
+    raise RuntimeError(f"job {job_id} ended without reaching {states}")
+
+
+def _percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@benchmark(
+    "submit_to_running",
+    unit="ms",
+    better="lower",
+    floor="docker_run",
+    target=2.0,
+    description="p50 of SubmitJob → RUNNING (WatchJob) for a 1-GPU busybox job through control "
+    "plane, outbox, JetStream, daemon and Docker, vs bare `docker run` of the same image",
+)
+async def submit_to_running(ctx: RunContext) -> Measurement:
+    samples: list[float] = []
+    async with job_stack(ctx) as stack:
+        for _ in range(SAMPLES):
+            started = time.perf_counter()
+            reply = await stack.jobs.SubmitJob(
+                jobs_pb2.SubmitJobRequest(spec=_spec(stack, ["true"])), metadata=stack.consumer
+            )
+            await _until(stack, reply.job.job_id, {types_pb2.JOB_STATE_RUNNING})
+            samples.append(time.perf_counter() - started)
+            await _until(stack, reply.job.job_id, {types_pb2.JOB_STATE_SUCCEEDED})
+    return Measurement(
+        statistics.median(samples) * 1000,
+        {
+            "p50_ms": round(statistics.median(samples) * 1000, 1),
+            "p99_ms": round(_percentile(samples, 0.99) * 1000, 1),
+            "samples": len(samples),
+        },
+    )
+
+
+@benchmark(
+    "job_throughput",
+    unit="jobs/s",
+    better="higher",
+    description=f"{THROUGHPUT_JOBS} trivial 1-GPU jobs submitted at once to one daemon with 8 "
+    "GPUs, until all SUCCEEDED (placement, dispatch, container, upload, settlement)",
+)
+async def job_throughput(ctx: RunContext) -> Measurement:
+    async with job_stack(ctx) as stack:
+        started = time.perf_counter()
+        replies = await asyncio.gather(
+            *(
+                stack.jobs.SubmitJob(
+                    jobs_pb2.SubmitJobRequest(spec=_spec(stack, ["true"])),
+                    metadata=stack.consumer,
+                )
+                for _ in range(THROUGHPUT_JOBS)
+            )
+        )
+        terminal = {
+            types_pb2.JOB_STATE_SUCCEEDED,
+            types_pb2.JOB_STATE_FAILED,
+            types_pb2.JOB_STATE_CANCELLED,
+            types_pb2.JOB_STATE_TIMED_OUT,
+        }
+        events = await asyncio.gather(*(_until(stack, r.job.job_id, terminal) for r in replies))
+        elapsed = time.perf_counter() - started
+    failed = sum(1 for e in events if e.state != types_pb2.JOB_STATE_SUCCEEDED)
+    if failed:
+        raise RuntimeError(f"{failed} of {THROUGHPUT_JOBS} jobs did not succeed")
+    return Measurement(
+        THROUGHPUT_JOBS / elapsed, {"jobs": THROUGHPUT_JOBS, "seconds": round(elapsed, 2)}
+    )
