@@ -128,7 +128,7 @@ def _spec(stack: Stack, command: list[str]) -> types_pb2.JobSpec:
     )
 
 
-async def _until(stack: Stack, job_id: str, states: set[int]) -> Any:
+async def _until(stack: Stack, job_id: str, states: set[types_pb2.JobState.ValueType]) -> Any:
     """Follows WatchJob until the job reaches one of `states`; returns that event."""
     watch = stack.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=stack.consumer)
     async for event in watch:
