@@ -134,9 +134,11 @@ def test_up_serves_writes_env_file_and_stops_cleanly(
     assert values["GPUPLANE_ALLOW_SIMULATED"] == "1"
     for name in ("GPUPLANE_API_KEY", "GPUPLANE_ADMIN_API_KEY", "GPUPLANE_PROVIDER_API_KEY"):
         assert values[name].startswith("gpk_"), name
+    # The banner's last line is the grpcurl example: wait for it, since the pump thread
+    # may not have read the whole banner yet when the ready line arrives.
+    up.wait_for("grpcurl -plaintext", timeout=10)
     banner = "".join(up.output)
     assert f"set -a; . {env_file}; set +a" in banner
-    assert "grpcurl -plaintext" in banner
 
     grpcurl = Path(sys.executable).parent / "grpcurl"
     called = subprocess.run(
