@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import figures, floors, jobpath  # noqa: F401 - importing registers the benchmarks
+from bench import figures, floors, jobpath, ledger, telemetry  # noqa: F401 - registers them
 from bench.registry import REGISTRY, Benchmark, Result, RunContext, plan, ratio_of
 from bench.resources import Resources
 

@@ -55,7 +55,7 @@ async def control_plane(args: argparse.Namespace) -> AsyncIterator[dict[str, Any
     """The real control plane on SQLite, with the bootstrap admin key for callers."""
     from pydantic import SecretStr
 
-    from controlplane.server import ControlPlane
+    from controlplane.server import ControlPlane, settle_heap
     from controlplane.settings import Settings
 
     data_dir = Path(args.data_dir)
@@ -72,9 +72,10 @@ async def control_plane(args: argparse.Namespace) -> AsyncIterator[dict[str, Any
     )
     plane = ControlPlane(settings)
     await plane.start()
+    settle_heap()  # as `gpuplane controlplane serve` does
     try:
         key = (data_dir / "admin.key").read_text().strip()
-        yield {"port": plane.port, "admin_key": key}
+        yield {"port": plane.port, "admin_key": key, "metrics_port": plane.metrics_port}
     finally:
         await plane.stop(grace=0)
 

@@ -1,4 +1,5 @@
-"""Background loops of one control plane: scheduler, outbox relay, report consumer, liveness."""
+"""Background loops of one control plane: scheduler, outbox relay, report consumer, liveness,
+hold expiry."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class Background:
         registry: RegistryService,
         scheduler_interval: float,
         heartbeat_timeout: float,
+        hold_expiry_interval: float = 30.0,
     ) -> None:
         self.bus = bus
         self.notifier = notifier
@@ -46,6 +48,7 @@ class Background:
         self.registry = registry
         self.scheduler_interval = scheduler_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.hold_expiry_interval = hold_expiry_interval
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -55,6 +58,7 @@ class Background:
             asyncio.create_task(self._supervise("outbox", self._relay)),
             asyncio.create_task(self._supervise("reports", self._consume)),
             asyncio.create_task(self._supervise("liveness", self._liveness)),
+            asyncio.create_task(self._supervise("holds", self._expire_holds)),
         ]
 
     async def stop(self) -> None:
@@ -117,3 +121,11 @@ class Background:
             if lost:
                 log.warning("hosts lost: %s", ", ".join(lost))
             await self.jobs.sweep_lost_attempts()
+            await self.registry.maintain()
+
+    async def _expire_holds(self) -> None:
+        """Resolves credit holds past their expiry that no outcome resolved (EXPIRED)."""
+        while True:
+            await asyncio.sleep(self.hold_expiry_interval)
+            while len(await self.jobs.expire_holds()) >= 100:
+                pass  # a full batch: there may be more due

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from controlplane.registry.monitor import GpuMonitor
 
 
 class Metrics:
@@ -27,8 +32,15 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
         self.up = Gauge("gpuplane_up", "1 while this control plane serves.", registry=self.registry)
+        self._telemetry: TelemetryCollector | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def watch_telemetry(self, monitor: GpuMonitor) -> None:
+        """Exports the GPU telemetry `monitor` keeps (once per process)."""
+        if self._telemetry is None:
+            self._telemetry = TelemetryCollector(monitor)
+            self.registry.register(self._telemetry)
 
     def serve(self, addr: str) -> int:
         """Starts /metrics on `addr` ("host:port", port 0 picks one); returns the port."""
@@ -44,3 +56,71 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+# (metric name, help, sample field, scale to the metric's unit)
+GPU_GAUGES = (
+    ("gpuplane_gpu_utilization_percent", "GPU utilisation.", "utilization_gpu_percent", 1.0),
+    ("gpuplane_gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes", 1.0),
+    ("gpuplane_gpu_temperature_celsius", "GPU temperature.", "temperature_celsius", 1.0),
+    ("gpuplane_gpu_power_watts", "GPU power draw.", "power_draw_milliwatts", 1e-3),
+    ("gpuplane_gpu_sm_clock_hertz", "GPU SM clock.", "sm_clock_mhz", 1e6),
+    (
+        "gpuplane_gpu_ecc_corrected_errors",
+        "Corrected ECC errors NVML reports.",
+        "ecc_corrected_errors",
+        1.0,
+    ),
+    (
+        "gpuplane_gpu_ecc_uncorrected_errors",
+        "Uncorrected ECC errors NVML reports.",
+        "ecc_uncorrected_errors",
+        1.0,
+    ),
+)
+
+
+class TelemetryCollector(Collector):
+    """Per-GPU gauges from the latest sample of every GPU whose host is connected here, read
+    at scrape time: ingest touches no metric, and a host's series vanish when it is forgotten
+    (lost), so cardinality follows the connected hosts."""
+
+    def __init__(self, monitor: GpuMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["host", "gpu"]
+        gauges = [GaugeMetricFamily(name, text, labels=labels) for name, text, _, _ in GPU_GAUGES]
+        healthy = GaugeMetricFamily(
+            "gpuplane_gpu_healthy", "1 while the GPU is healthy, else 0.", labels=labels
+        )
+        # This runs on the HTTP server's thread: copy the containers before walking them.
+        for host in list(self.monitor.store.hosts.values()):
+            for uuid, series in list(host.gpus.items()):
+                key = [host.host_id, uuid]
+                healthy.add_metric(key, 1.0 if series.healthy else 0.0)
+                latest = series.latest
+                if latest is None:
+                    continue
+                for family, (_, _, field, scale) in zip(gauges, GPU_GAUGES, strict=True):
+                    family.add_metric(key, getattr(latest, field) * scale)
+        yield from gauges
+        yield healthy
+        accepted = CounterMetricFamily(
+            "gpuplane_telemetry_samples", "GPU telemetry samples accepted."
+        )
+        accepted.add_metric([], self.monitor.accepted_samples)
+        yield accepted
+        rejected = CounterMetricFamily(
+            "gpuplane_telemetry_rejected_samples",
+            "GPU telemetry samples rejected as invalid, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in list(self.monitor.rejected_samples.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        hosts = GaugeMetricFamily(
+            "gpuplane_telemetry_hosts", "Hosts whose telemetry this process keeps."
+        )
+        hosts.add_metric([], len(self.monitor.store.hosts))
+        yield hosts

@@ -56,6 +56,16 @@ class Settings(BaseSettings):
     )
     min_price_per_gpu_hour_micro_credits: int = Field(default=1, gt=0)
     min_payout_micro_credits: int = Field(default=1_000_000, ge=0)
+    hold_queue_timeout_seconds: int = Field(
+        default=86_400,
+        gt=0,
+        description="How long a job may wait for placement before its credit hold expires "
+        "(the hold lasts this plus the job's max_duration from submit, and again from each "
+        "requeue); a queued job whose hold expires fails with hold_expired.",
+    )
+    hold_expiry_interval_ms: int = Field(
+        default=30_000, gt=0, description="How often expired holds are looked for and resolved."
+    )
     nats_stream_replicas: int = Field(default=1, ge=1, le=5)
     dispatch_ack_timeout_ms: int = Field(
         default=120_000, gt=0, description="A placed attempt never taken by its daemon is lost."
@@ -68,6 +78,28 @@ class Settings(BaseSettings):
         default=15_000, gt=0, description="A host without a heartbeat this long is lost."
     )
     telemetry_interval_ms: int = Field(default=5000, gt=0)
+    telemetry_history: int = Field(
+        default=60,
+        ge=1,
+        le=10_000,
+        description="Telemetry samples kept in memory per GPU (GetHost's recent).",
+    )
+    telemetry_max_clock_skew_seconds: float = Field(
+        default=60.0, ge=0, description="Samples stamped further ahead of our clock are rejected."
+    )
+    gpu_clean_period_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="An unhealthy GPU is healthy again after this long without a new fault.",
+    )
+    gpu_ignored_xids: list[int] = Field(
+        default=[13, 31, 43, 45, 68, 109],
+        description="XIDs that do not make a GPU unhealthy: errors of the application running "
+        "on it (as NVIDIA's device plugin ignores them).",
+    )
+    job_usage_max_attempts: int = Field(
+        default=100_000, ge=1, description="Attempts whose GPU usage is kept in memory."
+    )
     scheduler_interval_ms: int = Field(default=500, gt=0)
     allow_simulated_by_default: bool = Field(
         default=False,

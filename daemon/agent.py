@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
@@ -13,18 +14,23 @@ from typing import Any
 import docker
 import grpc
 import urllib3
+from docker.models.containers import Container
 from google.protobuf.message import DecodeError
-from gpuplane.v1 import messaging_pb2, registry_pb2
+from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 from nats.aio.msg import Msg
 
+from daemon import reattach
+from daemon.attribution import JobAttribution
 from daemon.bus import DaemonBus
 from daemon.executor import JobExecutor, work_dir_for
 from daemon.gpus import GpuInventory, discover
 from daemon.identity import HostIdentity, RegistrationError, daemon_version, register
 from daemon.journal import Journal, JournalEntry
+from daemon.nvml import NvmlSampler
 from daemon.runtime import DockerRuntime
-from daemon.session import ControlSession
+from daemon.session import Backoff, ControlSession
 from daemon.settings import DaemonSettings
+from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 from storage.objects import ObjectStore
 
@@ -33,6 +39,14 @@ Key = tuple[str, int]
 Kind = messaging_pb2.JobReportKind
 # Attempts that ended here recently: a redelivered dispatch for one of them is acked, not run.
 _REMEMBERED_ATTEMPTS = 4096
+# A resync's known_jobs were listed at most this long before the command arrived: running
+# attempts taken later are not treated as unknown to the control plane.
+RESYNC_GRACE_SECONDS = 10.0
+_LEFTOVER_STATES = {
+    "JOB_REPORT_KIND_RUNNING": types_pb2.JOB_STATE_RUNNING,
+    "JOB_REPORT_KIND_USAGE": types_pb2.JOB_STATE_RUNNING,
+    "JOB_REPORT_KIND_UPLOADING": types_pb2.JOB_STATE_UPLOADING,
+}
 
 
 class Agent:
@@ -45,6 +59,13 @@ class Agent:
         self.journal = Journal(settings.journal_dir)
         self.executors: dict[Key, JobExecutor] = {}
         self.draining = False
+        self.drain_reason = ""
+        # Attempts journaled by an earlier run of this daemon, not yet adopted or settled.
+        self.leftovers: dict[Key, JournalEntry] = {}
+        self.reattached: list[Key] = []
+        self.orphans_removed = 0
+        self.telemetry: TelemetryLoop | None = None
+        self._reconciling = asyncio.Lock()
         self._ended: OrderedDict[Key, None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -89,7 +110,8 @@ class Agent:
         )
         servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
         self._bus = await DaemonBus.connect(servers, identity.nats_credentials)
-        await self._settle_leftovers()
+        self.leftovers = {(e.job_id, e.attempt): e for e in self.journal.entries()}
+        await self._settle_vanished(await self._runtime.find_by_label(host=identity.host_id))
         await self._bus.subscribe(
             identity.dispatch_subject or dispatch_subject(identity.host_id),
             identity.dispatch_stream or DISPATCH_STREAM,
@@ -102,12 +124,18 @@ class Agent:
             daemon_version=daemon_version(),
             gpus=list(self.inventory.gpus),
             running_jobs=self.running_jobs,
-            on_command=self._on_command,
+            on_command=self.on_command,
             on_unauthenticated=self._reregister,
             heartbeat_interval_ms=identity.heartbeat_interval_ms or settings.heartbeat_interval_ms,
+            telemetry_interval_ms=identity.telemetry_interval_ms or DEFAULT_INTERVAL_MS,
+            backoff_base_seconds=settings.reconnect_base_seconds,
             backoff_max_seconds=settings.reconnect_max_seconds,
         )
+        self.telemetry = TelemetryLoop(
+            self._sampler(), self.session.send_telemetry, self._telemetry_interval, self._busy
+        )
         self._spawn(self.session.run())
+        self._spawn(self.telemetry.run())
         self._spawn(self._bus.take_dispatches(self._on_dispatch, self._may_take))
         log.info(
             "daemon up: host %s, %d %sGPUs",
@@ -144,10 +172,44 @@ class Agent:
             await asyncio.to_thread(self._runtime.client.close)
 
     def running_jobs(self) -> list[registry_pb2.RunningJob]:
-        return [
+        """Live executors, and leftovers of an earlier run still waiting to be adopted."""
+        running = [
             registry_pb2.RunningJob(job_id=job_id, attempt=attempt, state=executor.state)
             for (job_id, attempt), executor in self.executors.items()
         ]
+        running.extend(
+            registry_pb2.RunningJob(
+                job_id=job_id,
+                attempt=attempt,
+                state=_LEFTOVER_STATES.get(entry.state, types_pb2.JOB_STATE_STARTING),
+            )
+            for (job_id, attempt), entry in self.leftovers.items()
+        )
+        return running
+
+    # ---- telemetry ---------------------------------------------------------------------
+
+    def _sampler(self) -> Sampler:
+        assert self.inventory is not None
+        assert self._runtime is not None
+        if self.inventory.simulated:
+            return SimulatedSampler(list(self.inventory.gpus))
+        attribution = JobAttribution(self._runtime.job_containers)
+        return NvmlSampler([g.uuid for g in self.inventory.gpus], attribution.job_of)
+
+    def _telemetry_interval(self) -> int:
+        if self.settings.telemetry_interval_ms:
+            return self.settings.telemetry_interval_ms
+        return self.session.telemetry_interval_ms if self.session else DEFAULT_INTERVAL_MS
+
+    def _busy(self) -> dict[str, str]:
+        """GPU UUID → job id of the attempts whose containers run now."""
+        return {
+            uuid: executor.job_id
+            for executor in self.executors.values()
+            if executor.state == types_pb2.JOB_STATE_RUNNING
+            for uuid in executor.dispatch.gpu_uuids
+        }
 
     # ---- dispatches --------------------------------------------------------------------
 
@@ -183,7 +245,12 @@ class Agent:
             return
         self._start_executor(dispatch)
 
-    def _start_executor(self, dispatch: messaging_pb2.DispatchMessage) -> None:
+    def _start_executor(
+        self,
+        dispatch: messaging_pb2.DispatchMessage,
+        adopt: Container | None = None,
+        journaled: JournalEntry | None = None,
+    ) -> None:
         assert self._runtime is not None
         assert self._store is not None
         assert self._bus is not None
@@ -199,7 +266,7 @@ class Agent:
         )
         key = (dispatch.job_id, dispatch.attempt)
         self.executors[key] = executor
-        task = self._spawn(executor.run())
+        task = self._spawn(executor.run(adopt, journaled))
         task.add_done_callback(lambda _: self._ended_attempt(key))
 
     def _ended_attempt(self, key: Key) -> None:
@@ -236,7 +303,8 @@ class Agent:
 
     # ---- commands ----------------------------------------------------------------------
 
-    async def _on_command(self, message: registry_pb2.ControlMessage) -> None:
+    async def on_command(self, message: registry_pb2.ControlMessage) -> None:
+        """One command from the control plane (the session awaits it before reading on)."""
         kind = message.WhichOneof("msg")
         if kind == "cancel":
             command = message.cancel
@@ -250,15 +318,17 @@ class Agent:
             for executor in targets:
                 self._spawn(executor.cancel(command.reason or "cancelled"))
         elif kind == "drain":
+            # The control plane stops placing work here; running attempts finish as usual.
             self.draining = message.drain.draining
-            log.info("drain=%s (%s)", self.draining, message.drain.reason)
+            self.drain_reason = message.drain.reason
+            log.info("drain=%s (%s)", self.draining, message.drain.reason or "no reason given")
         elif kind == "hello_ack":
+            assert self.session is not None
             known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
-            unknown = set(self.executors) - known
-            if unknown:
-                log.warning("running attempts the control plane did not list: %s", unknown)
+            await self.reconcile(known, listed_after=self.session.hello_sent_at)
         elif kind == "resync":
-            log.info("resync requested; reconciliation comes with re-attach")
+            known = {(j.job_id, j.attempt) for j in message.resync.known_jobs}
+            await self.reconcile(known, listed_after=time.monotonic() - RESYNC_GRACE_SECONDS)
 
     # ---- identity and restarts ---------------------------------------------------------
 
@@ -270,19 +340,19 @@ class Agent:
     async def _register_with_retry(self) -> HostIdentity:
         assert self.inventory is not None
         assert self._channel is not None
-        delay = 1.0
+        backoff = Backoff(self.settings.reconnect_base_seconds, self.settings.reconnect_max_seconds)
         while True:
             try:
                 return await register(self.settings, self.inventory, self._channel)
             except grpc.aio.AioRpcError as exc:
+                delay = backoff.next_delay()
                 log.warning(
-                    "control plane %s unreachable (%s); retrying in %.0fs",
+                    "control plane %s unreachable (%s); retrying in %.1fs",
                     self.settings.control_plane,
                     exc.code().name,
                     delay,
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.settings.reconnect_max_seconds)
 
     async def _reregister(self) -> str | None:
         """The credential was refused: register again when a token is at hand."""
@@ -297,25 +367,80 @@ class Agent:
             return None
         return self.identity.host_credential
 
-    async def _settle_leftovers(self) -> None:
-        """Attempts journaled by an earlier run of this daemon: re-attach is not built yet, so
-        their containers are removed and each is reported STOPPED ("daemon_restarted").
-        Containers of this host that no journal entry names are orphans and are removed."""
+    # ---- re-attach -----------------------------------------------------------------------
+
+    async def reconcile(self, known: set[Key], listed_after: float) -> reattach.Plan:
+        """Brings this host's containers in line with the control plane's `known` attempts
+        (listed after `listed_after`, monotonic); see daemon/reattach.py for the rules."""
         assert self._runtime is not None
-        for container in await self._runtime.find_by_label(host=self.host_id):
-            await self._runtime.stop(container)
-        for entry in self.journal.entries():
-            log.warning("attempt %s/%s was left by an earlier run", entry.job_id, entry.attempt)
-            workdir = work_dir_for(self.settings, entry.job_id, entry.attempt)
-            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
-            await self._report_once(
-                messaging_pb2.DispatchMessage(job_id=entry.job_id, attempt=entry.attempt),
-                Kind.JOB_REPORT_KIND_STOPPED,
-                "the host daemon restarted while the attempt ran",
-                seq=entry.last_seq + 1,
-                stop_reason="daemon_restarted",
-                provider_fault=True,
+        async with self._reconciling:
+            containers = await self._runtime.find_by_label(host=self.host_id)
+            decided = reattach.plan(
+                containers,
+                known=known,
+                leftovers=self.leftovers,
+                running=set(self.executors),
+                ended=set(self._ended),
             )
+            for entry, container in decided.adopt:
+                self._adopt(entry, container)
+            for container in decided.orphans:
+                await self._remove_orphan(container)
+            for key, container in decided.unresumable:
+                await self._runtime.stop(container)
+                journaled = self.leftovers.get(key)
+                await self._report_restarted(key, journaled.last_seq + 1 if journaled else 0)
+            for container in decided.stray:
+                await self._runtime.stop(container)
+            await self._settle_vanished(containers)
+            taken = {k: e.created_at for k, e in self.executors.items() if not e.terminal}
+            for key in reattach.unlisted(taken, known, listed_after):
+                log.warning("attempt %s/%s is not known to the control plane: stopping it", *key)
+                reason = "orphaned: the control plane does not know this attempt"
+                self._spawn(self.executors[key].cancel(reason))
+            return decided
+
+    def _adopt(self, entry: JournalEntry, container: Container) -> None:
+        key = (entry.job_id, entry.attempt)
+        dispatch = messaging_pb2.DispatchMessage.FromString(base64.b64decode(entry.dispatch_b64))
+        self.leftovers.pop(key, None)
+        self.reattached.append(key)
+        self._start_executor(dispatch, adopt=container, journaled=entry)
+
+    async def _remove_orphan(self, container: Container) -> None:
+        """A container the control plane does not know: it, its journal entry and work dir go."""
+        assert self._runtime is not None
+        key = reattach.key_of(container)
+        log.warning("removing orphan container %s (%s)", (container.id or "")[:12], key)
+        await self._runtime.stop(container)
+        self.orphans_removed += 1
+        if key is None:
+            return
+        self.leftovers.pop(key, None)
+        await asyncio.to_thread(self.journal.remove, *key)
+        workdir = work_dir_for(self.settings, *key)
+        await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+
+    async def _settle_vanished(self, containers: list[Container]) -> None:
+        """Leftover attempts whose container is gone: STOPPED ("daemon_restarted")."""
+        for key in reattach.vanished(self.leftovers, containers):
+            entry = self.leftovers[key]
+            log.warning("attempt %s/%s was left by an earlier run; its container is gone", *key)
+            await self._report_restarted(key, entry.last_seq + 1)
+
+    async def _report_restarted(self, key: Key, seq: int) -> None:
+        """The attempt cannot go on after the restart: STOPPED, provider fault, forgotten."""
+        self.leftovers.pop(key, None)
+        workdir = work_dir_for(self.settings, *key)
+        await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+        await self._report_once(
+            messaging_pb2.DispatchMessage(job_id=key[0], attempt=key[1]),
+            Kind.JOB_REPORT_KIND_STOPPED,
+            "the host daemon restarted while the attempt ran",
+            seq=seq or reattach.UNJOURNALED_SEQ,
+            stop_reason=reattach.DAEMON_RESTARTED,
+            provider_fault=True,
+        )
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(work)

@@ -1,4 +1,4 @@
-"""`gpuplane daemon run`: flags over GPUPLANE_DAEMON_* settings; runs until SIGINT/SIGTERM."""
+"""`gpuplane daemon run | install`: the daemon under GPUPLANE_DAEMON_* settings, or its setup."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import subprocess
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 from docker.errors import DockerException
 from pydantic import SecretStr, ValidationError
 
+from daemon import install
 from daemon.gpus import NoGpuError, UnknownGpuModel
 from daemon.identity import RegistrationError
 from daemon.settings import DaemonSettings
@@ -85,6 +87,23 @@ def add_daemon_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--s3-bucket")
     add("--log-level")
     return run  # type: ignore[no-any-return]
+
+
+def add_install_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds `install` to the `gpuplane daemon` group (see daemon/install.py)."""
+    text = "install the daemon on this GPU host: checks, virtualenv, config, systemd service"
+    parser = subparsers.add_parser("install", help=text, description=text)
+    install.add_arguments(parser)
+    parser.set_defaults(handler=lambda args, ctx: install_daemon(args))
+    return parser  # type: ignore[no-any-return]
+
+
+def install_daemon(args: argparse.Namespace) -> int:
+    try:
+        return install.install(args)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def settings_from_args(args: argparse.Namespace) -> DaemonSettings:

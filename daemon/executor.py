@@ -3,9 +3,12 @@
 Reports per outcome (seq from 1, strictly increasing; USAGE repeats while running):
   exited       STARTING, RUNNING, USAGE*, UPLOADING(exit), FINISHED(exit, manifest, oom)
   timed out    ... UPLOADING(exit), FINISHED(stop_reason="timed_out"), outputs still stored
-  cancelled    [STARTING, [RUNNING, USAGE*, [UPLOADING]]], STOPPED(stop_reason="cancelled")
+  cancelled    [STARTING, [RUNNING, USAGE*, [UPLOADING]]], STOPPED(stop_reason="cancelled",
+               or "budget_exhausted" when that is the cancel's reason)
   can't start  STARTING, FAILED_TO_START(reason)      (bad input, image, create or start)
   late         FAILED_TO_START(reason)                (dispatch past its deadline)
+  adopted      (after a daemon restart; seq continues from the journaled one + 2) [RUNNING],
+               USAGE*, then as above; the uploaded logs are the container's whole logs
 Uploads are retried `upload_attempts` times with exponential backoff while the attempt stays
 UPLOADING; then FINISHED carries reason "upload_failed" with whatever manifest was stored
 (outputs over `output_max_bytes` are not stored at all: logs only, "upload_failed").
@@ -27,7 +30,7 @@ from docker.models.containers import Container
 from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.inputs import InputError, fetch_inputs
-from daemon.journal import Journal
+from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
 from daemon.runtime import ContainerError, DockerRuntime, ExitInfo, ImageUnavailable
 from daemon.settings import DaemonSettings
@@ -48,6 +51,8 @@ TERMINAL = frozenset(
 )
 # How long the log followers get to drain after the container has exited.
 LOG_DRAIN_SECONDS = 10.0
+# The cancel reason the control plane sends when a job's spend reaches its hold.
+BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 def work_dir_for(settings: DaemonSettings, job_id: str, attempt: int) -> Path:
@@ -93,6 +98,8 @@ class JobExecutor:
         self._done = asyncio.Event()
         self._container: Container | None = None
         self._started_at = 0.0
+        self.created_at = time.monotonic()
+        self.adopted = False
 
     # ---- control ---------------------------------------------------------------------------
 
@@ -103,13 +110,23 @@ class JobExecutor:
             self._cancel.set()
         await self._done.wait()
 
-    async def run(self) -> messaging_pb2.JobReport:
-        """Runs the attempt to its terminal report and returns that report.
+    @property
+    def container_id(self) -> str:
+        return (self._container.id or "") if self._container is not None else ""
+
+    async def run(
+        self, adopt: Container | None = None, journaled: JournalEntry | None = None
+    ) -> messaging_pb2.JobReport:
+        """Runs the attempt to its terminal report and returns that report. With `adopt`, the
+        attempt's container exists already (left by an earlier run of the daemon, whose
+        journal entry is `journaled`): it is supervised from where it is, not restarted.
 
         Cancelled as a task (daemon shutdown), it leaves the container, the work dir and the
         journal entry in place for a restarted daemon to find."""
         abandoned = False
         try:
+            if adopt is not None:
+                return await self._resume(adopt, journaled)
             return await self._run()
         except asyncio.CancelledError:
             abandoned = True
@@ -143,13 +160,55 @@ class JobExecutor:
         except (InputError, ImageUnavailable, ContainerError) as exc:
             return await self._emit(Kind.JOB_REPORT_KIND_FAILED_TO_START, reason=str(exc))
         self._started_at = time.monotonic()
-        follower = self.runtime.follow_logs(container)
+        self.state = types_pb2.JOB_STATE_RUNNING
+        await self._emit(Kind.JOB_REPORT_KIND_RUNNING)
+        return await self._watch(container, float(self.dispatch.spec.max_duration_seconds))
+
+    async def _resume(
+        self, container: Container, journaled: JournalEntry | None
+    ) -> messaging_pb2.JobReport:
+        """Adopts a container left by an earlier run of the daemon: reports continue from the
+        journaled seq, max_duration counts from the container's start, logs are followed
+        from now on (the uploaded files come whole from Docker at exit)."""
+        self.adopted = True
+        self._container = container
+        self._started_at = time.monotonic()  # it ran before: a host fault from here is STOPPED
+        last_kind = journaled.state if journaled else ""
+        # One seq is skipped: a report published just before the old daemon stopped may not
+        # have reached the journal, and a different report must not reuse its seq (msg id).
+        self._seq = journaled.last_seq + 1 if journaled else 0
+        await asyncio.to_thread(self.work_dir.mkdir, parents=True, exist_ok=True)
+        info = await self.runtime.inspect(container)
+        if not info.started:
+            await self.runtime.start(container)
+            info = await self.runtime.inspect(container)
+        elapsed = info.run_time_ms / 1000
+        self._started_at = time.monotonic() - elapsed
+        self.state = types_pb2.JOB_STATE_RUNNING
+        if last_kind in ("", "ACCEPTED", Kind.Name(Kind.JOB_REPORT_KIND_STARTING)):
+            await self._emit(Kind.JOB_REPORT_KIND_RUNNING)
+        limit = float(self.dispatch.spec.max_duration_seconds)
+        if info.status in ("exited", "dead"):
+            limit = 0.0  # it ended while no daemon watched: its exit is what counts
+        elif limit:
+            limit = max(limit - elapsed, 0.001)
+        log.info(
+            "attempt %s/%s re-attached to container %s (%s, %.1fs in)",
+            self.job_id,
+            self.attempt,
+            (container.id or "")[:12],
+            info.status,
+            elapsed,
+        )
+        return await self._watch(container, limit)
+
+    async def _watch(self, container: Container, limit: float) -> messaging_pb2.JobReport:
+        """A started container: logs, usage and the limit until it ends, then its results."""
+        follower = self.runtime.follow_logs(container, from_now=self.adopted)
         pump = LogPump(logs_subject(self.job_id, self.attempt), self._publish_log, self.work_dir)
         pump_task = asyncio.create_task(pump.pump(follower))
         try:
-            self.state = types_pb2.JOB_STATE_RUNNING
-            await self._emit(Kind.JOB_REPORT_KIND_RUNNING)
-            outcome = await self._supervise(container)
+            outcome = await self._supervise(container, limit)
             if outcome == "cancelled":
                 stopped = await self._stopped(container)
                 await asyncio.wait({pump_task}, timeout=2.0)
@@ -181,9 +240,10 @@ class JobExecutor:
         await self.runtime.start(container)
         return container
 
-    async def _supervise(self, container: Container) -> str:
-        """Waits for exit, cancel() or max_duration; returns "exited", "cancelled", "timed_out"."""
-        limit = float(self.dispatch.spec.max_duration_seconds) or None
+    async def _supervise(self, container: Container, max_seconds: float) -> str:
+        """Waits for exit, cancel() or `max_seconds` (0: no limit); returns "exited",
+        "cancelled" or "timed_out"."""
+        limit = max_seconds or None
         usage_stop = asyncio.Event()
         usage = asyncio.create_task(self._usage_loop(usage_stop))
         exited = asyncio.create_task(self.runtime.wait(container, limit))
@@ -220,16 +280,18 @@ class JobExecutor:
         follower: LogFollower,
         pump: LogPump,
     ) -> None:
-        """Lets the followers reach the end; if they failed, the files come from `docker logs`."""
+        """Lets the followers reach the end; if they failed, or the attempt was adopted (the
+        followers saw only the end), the files come from `docker logs`."""
         done, _ = await asyncio.wait({pump_task}, timeout=LOG_DRAIN_SECONDS)
-        if done and pump_task.exception() is None and not follower.errors:
+        if done and pump_task.exception() is None and not follower.errors and not self.adopted:
             return
-        log.warning(
-            "following the logs of %s/%s failed (%s): reading them from docker",
-            self.job_id,
-            self.attempt,
-            follower.errors or pump_task.exception() if done else "timed out",
-        )
+        if not self.adopted:
+            log.warning(
+                "following the logs of %s/%s failed (%s): reading them from docker",
+                self.job_id,
+                self.attempt,
+                follower.errors or pump_task.exception() if done else "timed out",
+            )
         follower.close()
         pump_task.cancel()
         await asyncio.wait({pump_task})
@@ -253,7 +315,7 @@ class JobExecutor:
         except _Cancelled:
             return await self._emit(
                 Kind.JOB_REPORT_KIND_STOPPED,
-                stop_reason="cancelled",
+                stop_reason=self._stop_reason(),
                 reason=self._cancel_reason,
                 exit_code=info.exit_code,
                 run_time_ms=info.run_time_ms,
@@ -270,7 +332,7 @@ class JobExecutor:
 
     async def _stopped(self, container: Container | None) -> messaging_pb2.JobReport:
         """cancel(): kill, note the run time, remove, then report STOPPED."""
-        fields: dict[str, Any] = {"stop_reason": "cancelled", "reason": self._cancel_reason}
+        fields: dict[str, Any] = {"stop_reason": self._stop_reason(), "reason": self._cancel_reason}
         if container is not None:
             await self.runtime.kill(container)
             info = await self._quietly(self.runtime.inspect(container))
@@ -297,6 +359,9 @@ class JobExecutor:
         )
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    def _stop_reason(self) -> str:
+        return BUDGET_EXHAUSTED if self._cancel_reason == BUDGET_EXHAUSTED else "cancelled"
 
     async def _emit(
         self, kind: messaging_pb2.JobReportKind.ValueType, **fields: Any

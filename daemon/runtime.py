@@ -47,6 +47,10 @@ class ExitInfo:
     oom_killed: bool
     run_time_ms: int
     error: str = ""
+    # Docker's State.Status: "created", "running", "exited", ...
+    status: str = ""
+    # Whether the container ever started (State.StartedAt is set).
+    started: bool = True
 
 
 def parse_docker_time(value: str) -> datetime | None:
@@ -248,6 +252,8 @@ class DockerRuntime:
             oom_killed=bool(state.get("OOMKilled", False)),
             run_time_ms=run_time_ms,
             error=str(state.get("Error", "")),
+            status=str(state.get("Status", "")),
+            started=started is not None,
         )
 
     async def logs(self, container: Container) -> tuple[bytes, bytes]:
@@ -258,15 +264,24 @@ class DockerRuntime:
         )
         return bytes(stdout), bytes(stderr)
 
-    def follow_logs(self, container: Container) -> LogFollower:
-        """Streams ("stdout" | "stderr", chunk) from the start until the container stops."""
+    def follow_logs(self, container: Container, from_now: bool = False) -> LogFollower:
+        """Streams ("stdout" | "stderr", chunk) from the start (or, `from_now`, only what is
+        written from now on) until the container stops."""
+        tail: int | str = 0 if from_now else "all"
         streams = {
             name: lambda out=(name == "stdout"): container.logs(
-                stdout=out, stderr=not out, stream=True, follow=True
+                stdout=out, stderr=not out, stream=True, follow=True, tail=tail
             )
             for name in ("stdout", "stderr")
         }
         return LogFollower(streams, self._long)
+
+    def job_containers(self) -> dict[str, str]:
+        """{container id: job id} of this host's running job containers (blocking: one
+        API call, no inspect per container)."""
+        wanted = [LABEL_JOB, f"{LABEL_HOST}={self.host_id}"] if self.host_id else [LABEL_JOB]
+        listed = self.client.api.containers(filters={"label": wanted})
+        return {c["Id"]: (c.get("Labels") or {}).get(LABEL_JOB, "") for c in listed}
 
     async def find_by_label(self, **labels: str) -> list[Container]:
         """Containers (running or not) carrying all of `labels` (keys without "gpuplane.")."""

@@ -1,10 +1,11 @@
-"""The daemon's Connect stream: hello, heartbeats, commands; reconnects with backoff and jitter."""
+"""The daemon's Connect stream: hello, heartbeats, telemetry, commands; reconnects with jitter."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
@@ -22,14 +23,41 @@ Call: TypeAlias = (
 )
 
 
+class Backoff:
+    """Exponential backoff with full jitter: the n-th delay is uniform in
+    [0, min(cap, base * 2**n)]. A control plane that restarts drops every stream at once;
+    full jitter spreads the fleet's first reconnects over `base` seconds, the next ones
+    over twice that, and so on, instead of bringing all daemons back in the same instant."""
+
+    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
+        self.base = base
+        self.cap = max(cap, base)
+        self.attempt = 0
+        # Seeded from os.urandom per process, so daemons started together do not agree.
+        self._rng = rng or random.Random()
+
+    def window(self) -> float:
+        return float(min(self.cap, self.base * 2**self.attempt))
+
+    def next_delay(self) -> float:
+        delay = self._rng.uniform(0, self.window())
+        self.attempt = min(self.attempt + 1, 32)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
 class ControlSession:
     """Keeps one Connect stream open for as long as `run()` runs.
 
     Each (re)connect sends hello (host id, GPUs, running jobs), then a heartbeat every
-    interval (the HelloAck's, else `heartbeat_interval_ms`). Commands go to `on_command`.
-    A broken stream is retried after an exponential backoff with full jitter, reset once a
-    HelloAck arrives; jobs keep running meanwhile. UNAUTHENTICATED asks `on_unauthenticated`
-    for a new credential (re-registration), which may return None to keep waiting.
+    interval (the HelloAck's, else `heartbeat_interval_ms`) and each telemetry batch handed
+    to `send_telemetry` while connected (one writer per stream, so writes never interleave).
+    Commands go to `on_command`. A broken stream is retried after a Backoff delay, reset once
+    a HelloAck arrives; jobs keep running and reporting (over NATS) meanwhile.
+    UNAUTHENTICATED asks `on_unauthenticated` for a new credential (re-registration), which
+    may return None to keep waiting.
     """
 
     def __init__(
@@ -44,6 +72,8 @@ class ControlSession:
         on_command: OnCommand,
         on_unauthenticated: OnUnauthenticated | None = None,
         heartbeat_interval_ms: int = 2000,
+        telemetry_interval_ms: int = 5000,
+        backoff_base_seconds: float = 1.0,
         backoff_max_seconds: float = 30.0,
     ) -> None:
         self.stub = registry_pb2_grpc.RegistryServiceStub(channel)
@@ -55,12 +85,31 @@ class ControlSession:
         self.on_command = on_command
         self.on_unauthenticated = on_unauthenticated
         self.heartbeat_interval_ms = heartbeat_interval_ms
-        self.backoff_max_seconds = backoff_max_seconds
+        self.telemetry_interval_ms = telemetry_interval_ms
+        self.backoff = Backoff(backoff_base_seconds, backoff_max_seconds)
         self.connected = asyncio.Event()
         self.sessions = 0
+        self.telemetry_sent = 0
+        self.telemetry_dropped = 0
+        self._pending: registry_pb2.TelemetryBatch | None = None
+        self._wake = asyncio.Event()
+        # When this session's hello went out (monotonic): the HelloAck's known_jobs were
+        # listed after it.
+        self.hello_sent_at = 0.0
+
+    def send_telemetry(self, batch: registry_pb2.TelemetryBatch) -> bool:
+        """Queues `batch` for the stream's writer; False (dropped) while not connected. An
+        unsent batch is replaced by a newer one: at most one waits."""
+        if not self.connected.is_set():
+            self.telemetry_dropped += 1
+            return False
+        if self._pending is not None:
+            self.telemetry_dropped += 1
+        self._pending = batch
+        self._wake.set()
+        return True
 
     async def run(self) -> None:
-        backoff = 0.5
         while True:
             try:
                 await self._session()
@@ -75,10 +124,11 @@ class ControlSession:
                 log.exception("Connect stream failed")
             finally:
                 if self.connected.is_set():
-                    backoff = 0.5
+                    self.backoff.reset()
                 self.connected.clear()
-            delay = random.uniform(0, backoff)
-            backoff = min(backoff * 2, self.backoff_max_seconds)
+                self._pending = None
+            delay = self.backoff.next_delay()
+            log.info("reconnecting to the control plane in %.1fs", delay)
             await asyncio.sleep(delay)
 
     def _hello(self) -> registry_pb2.DaemonMessage:
@@ -96,10 +146,11 @@ class ControlSession:
         call = self.stub.Connect(metadata=metadata)  # type: ignore[call-arg]
         tasks: list[asyncio.Task[None]] = []
         try:
+            self.hello_sent_at = time.monotonic()
             await call.write(self._hello())
             tasks = [
                 asyncio.create_task(self._read(call)),
-                asyncio.create_task(self._heartbeats(call)),
+                asyncio.create_task(self._write(call)),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -116,6 +167,8 @@ class ControlSession:
                 ack = message.hello_ack
                 if ack.heartbeat_interval_ms:
                     self.heartbeat_interval_ms = ack.heartbeat_interval_ms
+                if ack.telemetry_interval_ms:
+                    self.telemetry_interval_ms = ack.telemetry_interval_ms
                 self.sessions += 1
                 self.connected.set()
                 log.info("connected to the control plane as host %s", self.host_id)
@@ -124,10 +177,22 @@ class ControlSession:
             except Exception:  # noqa: BLE001 - one bad command must not end the session
                 log.exception("handling %s failed", message.WhichOneof("msg"))
 
-    async def _heartbeats(self, call: Call) -> None:
+    async def _write(self, call: Call) -> None:
+        """The stream's only writer: a heartbeat every interval, telemetry as it comes."""
+        next_beat = time.monotonic() + self.heartbeat_interval_ms / 1000
         while True:
-            await asyncio.sleep(self.heartbeat_interval_ms / 1000)
-            now = Timestamp()
-            now.GetCurrentTime()
-            beat = registry_pb2.Heartbeat(time=now, running_jobs=self.running_jobs())
-            await call.write(registry_pb2.DaemonMessage(heartbeat=beat))
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_beat - time.monotonic()))
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            batch, self._pending = self._pending, None
+            if batch is not None:
+                await call.write(registry_pb2.DaemonMessage(telemetry=batch))
+                self.telemetry_sent += 1
+            if time.monotonic() >= next_beat:
+                now = Timestamp()
+                now.GetCurrentTime()
+                beat = registry_pb2.Heartbeat(time=now, running_jobs=self.running_jobs())
+                await call.write(registry_pb2.DaemonMessage(heartbeat=beat))
+                next_beat = time.monotonic() + self.heartbeat_interval_ms / 1000

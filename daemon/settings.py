@@ -90,6 +90,16 @@ class DaemonSettings(BaseSettings):
     heartbeat_interval_ms: int = Field(
         default=2000, gt=0, description="Used until the control plane says otherwise."
     )
+    telemetry_interval_ms: int | None = Field(
+        default=None,
+        gt=0,
+        description="GPU telemetry period; unset = the control plane's (HelloAck), else 5000.",
+    )
+    reconnect_base_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="First reconnect window: delays are uniform in [0, base * 2**n] (capped).",
+    )
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
     log_level: str = Field(default="INFO")
 

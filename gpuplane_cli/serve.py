@@ -41,13 +41,15 @@ def register(subparsers: a.Subparsers, want_daemon: bool) -> None:
     module = daemon_cli() if want_daemon else None
     if module is not None:
         module.add_daemon_parser(daemon)
+        module.add_install_parser(daemon)
     else:
+        # Listed for --help; the daemon's own parser is loaded only when a daemon command runs.
         run = a.add_leaf(daemon, "run", daemon_missing, "run the provider daemon", env_file)
         run.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    install = a.add_leaf(
-        daemon, "install", daemon_install, "install the daemon as a systemd service", env_file
-    )
-    install.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        install = a.add_leaf(
+            daemon, "install", daemon_missing, "install the daemon as a systemd service", env_file
+        )
+        install.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def daemon_cli() -> ModuleType | None:
@@ -105,12 +107,5 @@ def configure_logging(level: str, log_file: Path | None = None) -> None:
 async def daemon_missing(args: argparse.Namespace, ctx: Context) -> int:
     raise CliError(
         "the provider daemon is not part of this build yet (no module daemon.cli)",
-        EXIT_UNIMPLEMENTED,
-    )
-
-
-async def daemon_install(args: argparse.Namespace, ctx: Context) -> int:
-    raise CliError(
-        "`gpuplane daemon install` is not built yet; see deploy/ for the systemd unit",
         EXIT_UNIMPLEMENTED,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +19,7 @@ from controlplane.jobs.quote import Quoter
 from controlplane.jobs.service import JobService
 from controlplane.jobs.states import JobState
 from controlplane.paging import decode_token, encode_token, page_size
+from controlplane.registry.usage import GpuUsage
 from storage.objects import ObjectStore
 
 Context = Any
@@ -49,7 +50,10 @@ def attempt_pb(row: JobAttempt) -> types_pb2.JobAttempt:
     return message
 
 
-def job_pb(row: Job, attempts: Sequence[JobAttempt] = ()) -> types_pb2.Job:
+def job_pb(
+    row: Job, attempts: Sequence[JobAttempt] = (), gpu_usage: GpuUsage | None = None
+) -> types_pb2.Job:
+    """`gpu_usage`: the current attempt's telemetry aggregates, where this process has them."""
     current = next((a for a in attempts if a.attempt == row.attempt), None)
     run_time = current.run_time_ms if current else 0
     gpu_time = sum(a.run_time_ms * max(len(a.gpu_uuids), 0) for a in attempts if not a.lost)
@@ -69,7 +73,12 @@ def job_pb(row: Job, attempts: Sequence[JobAttempt] = ()) -> types_pb2.Job:
         price_per_gpu_hour_micro_credits=row.price_per_gpu_hour,
         hold_micro_credits=row.hold_amount,
         charged_micro_credits=row.charged,
-        usage=types_pb2.JobUsage(run_time_ms=run_time, gpu_time_ms=gpu_time),
+        usage=types_pb2.JobUsage(
+            run_time_ms=run_time,
+            gpu_time_ms=gpu_time,
+            avg_gpu_utilization_percent=gpu_usage.mean_utilization_percent if gpu_usage else 0,
+            peak_gpu_memory_bytes=gpu_usage.peak_memory_bytes if gpu_usage else 0,
+        ),
         attempts=[attempt_pb(a) for a in attempts],
         idempotency_key=row.idempotency_key or "",
     )
@@ -108,8 +117,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         notifier: Notifier,
         store: ObjectStore,
         logs: LogReader,
+        usage: Callable[[str, int], GpuUsage | None] | None = None,
     ) -> None:
         self.jobs = jobs
+        self.usage = usage
         self.quoter = quoter
         self.notifier = notifier
         self.store = store
@@ -133,7 +144,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.GetJobRequest, context: Context
     ) -> jobs_pb2.GetJobResponse:
         view = await self.jobs.get(current_principal(), _require_job_id(request.job_id))
-        return jobs_pb2.GetJobResponse(job=job_pb(view.job, view.attempts))
+        usage = self.usage(view.job.id, view.job.attempt) if self.usage else None
+        return jobs_pb2.GetJobResponse(job=job_pb(view.job, view.attempts, usage))
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: Context

@@ -1,4 +1,4 @@
-"""LedgerService: balances, statements, deposits and the consistency check."""
+"""LedgerService: balances, statements, deposits, payouts, refunds, usage and the check."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 from gpuplane.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
 from controlplane.api.convert import from_timestamp, timestamp
-from controlplane.auth.principal import current_principal
-from controlplane.errors import InvalidArgument, Unimplemented
+from controlplane.auth.principal import Role, current_principal
+from controlplane.errors import InvalidArgument
 from controlplane.idempotency import check_key
-from controlplane.ledger.models import Transfer
+from controlplane.ledger.models import PayoutState, Transfer
 from controlplane.ledger.service import (
     AccountKind,
     Balance,
@@ -19,6 +19,7 @@ from controlplane.ledger.service import (
     TransferKind,
     account_id,
 )
+from controlplane.ledger.usage import UsageGrouping, UsageQuery, UsageRow
 from controlplane.paging import decode_token, encode_token, page_size
 
 Context = Any
@@ -27,6 +28,33 @@ KIND_PB = {k: types_pb2.TransferKind.Value(f"TRANSFER_KIND_{k.name}") for k in T
 PB_KIND = {v: k for k, v in KIND_PB.items()}
 ACCOUNT_PB = {k: types_pb2.AccountKind.Value(f"ACCOUNT_KIND_{k.name}") for k in AccountKind}
 PB_ACCOUNT = {v: k for k, v in ACCOUNT_PB.items()}
+PAYOUT_PB = {s: ledger_pb2.PayoutState.Value(f"PAYOUT_STATE_{s.name}") for s in PayoutState}
+PB_GROUPING = {
+    ledger_pb2.USAGE_GROUPING_UNSPECIFIED: UsageGrouping.JOB,
+    ledger_pb2.USAGE_GROUPING_JOB: UsageGrouping.JOB,
+    ledger_pb2.USAGE_GROUPING_DAY: UsageGrouping.DAY,
+    ledger_pb2.USAGE_GROUPING_MONTH: UsageGrouping.MONTH,
+}
+
+
+def required_key(value: str, what: str) -> str:
+    key = check_key(value)
+    if key is None:
+        raise InvalidArgument("idempotency_key", f"is required for {what}")
+    return key
+
+
+def usage_row_pb(row: UsageRow) -> ledger_pb2.UsageRow:
+    return ledger_pb2.UsageRow(
+        job_id=row.job_id,
+        period_start=timestamp(row.period_start),
+        gpu_time_ms=row.gpu_time_ms,
+        cost_micro_credits=row.cost,
+        host_id=row.host_id,
+        gpu_model=row.gpu_model,
+        avg_gpu_utilization_percent=row.avg_gpu_utilization_percent,
+        job_count=row.job_count,
+    )
 
 
 def balance_pb(balance: Balance) -> types_pb2.Balance:
@@ -115,9 +143,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument("tenant_id", "is required")
         if request.amount_micro_credits <= 0:
             raise InvalidArgument("amount_micro_credits", "must be positive")
-        key = check_key(request.idempotency_key)
-        if key is None:
-            raise InvalidArgument("idempotency_key", "is required for deposits")
+        key = required_key(request.idempotency_key, "deposits")
         from controlplane.auth.repository import AuthRepository
         from controlplane.errors import NotFound
 
@@ -152,14 +178,89 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             ],
         )
 
-    async def Payout(self, request: Any, context: Context) -> Any:
-        raise Unimplemented("LedgerService.Payout arrives with the ledger issue")
+    async def Payout(
+        self, request: ledger_pb2.PayoutRequest, context: Context
+    ) -> ledger_pb2.PayoutResponse:
+        tenant = current_principal().require_tenant(request.tenant_id)
+        if request.amount_micro_credits <= 0:
+            raise InvalidArgument("amount_micro_credits", "must be positive")
+        if not request.destination:
+            raise InvalidArgument("destination", "is required")
+        if len(request.destination) > 500:
+            raise InvalidArgument("destination", "at most 500 characters")
+        key = required_key(request.idempotency_key, "payouts")
+        payout, balance = await self.ledger.payout(
+            tenant, request.amount_micro_credits, request.destination, key
+        )
+        return ledger_pb2.PayoutResponse(
+            payout_id=payout.id,
+            state=PAYOUT_PB[PayoutState(payout.state)],
+            transfer_id=payout.transfer_id,
+            balance=balance_pb(balance),
+        )
 
-    async def RefundJob(self, request: Any, context: Context) -> Any:
-        raise Unimplemented("LedgerService.RefundJob arrives with the ledger issue")
+    async def RefundJob(
+        self, request: ledger_pb2.RefundJobRequest, context: Context
+    ) -> ledger_pb2.RefundJobResponse:
+        current_principal()
+        if not request.job_id:
+            raise InvalidArgument("job_id", "is required")
+        if request.amount_micro_credits < 0:
+            raise InvalidArgument("amount_micro_credits", "must not be negative (0 = all)")
+        if not request.reason:
+            raise InvalidArgument("reason", "is required")
+        if len(request.reason) > 500:
+            raise InvalidArgument("reason", "at most 500 characters")
+        key = required_key(request.idempotency_key, "refunds")
+        refund = await self.ledger.refund_job(
+            request.job_id, request.amount_micro_credits, request.reason, key
+        )
+        return ledger_pb2.RefundJobResponse(
+            transfer_id=refund.transfer_id,
+            refunded_micro_credits=refund.refunded,
+            balance=balance_pb(refund.balance),
+        )
 
-    async def GetUsage(self, request: Any, context: Context) -> Any:
-        raise Unimplemented("LedgerService.GetUsage arrives with the ledger issue")
+    async def GetUsage(
+        self, request: ledger_pb2.GetUsageRequest, context: Context
+    ) -> ledger_pb2.GetUsageResponse:
+        principal = current_principal()
+        tenant = principal.require_tenant(request.tenant_id)
+        grouping = PB_GROUPING.get(request.group_by)
+        if grouping is None:
+            raise InvalidArgument("group_by", "unknown grouping")
+        cursor = decode_token(request.page_token)
+        after = None
+        if cursor:
+            try:
+                after = (datetime.fromisoformat(cursor["t"]), str(cursor["id"]))
+            except (KeyError, ValueError, TypeError):
+                raise InvalidArgument("page_token", "is not a token this server issued") from None
+        # A provider sees the jobs its hosts ran; anyone else the jobs the tenant submitted.
+        as_provider = principal.role is Role.PROVIDER
+        report = await self.ledger.usage(
+            UsageQuery(
+                tenant_id=None if as_provider else tenant,
+                provider_tenant_id=tenant if as_provider else None,
+                job_id=request.job_id or None,
+                start=from_timestamp(request, "start_time"),
+                end=from_timestamp(request, "end_time"),
+                grouping=grouping,
+                after=after,
+                limit=page_size(request.page_size),
+            )
+        )
+        token = ""
+        if report.next_after is not None:
+            token = encode_token(
+                {"t": report.next_after[0].isoformat(), "id": report.next_after[1]}
+            )
+        return ledger_pb2.GetUsageResponse(
+            rows=[usage_row_pb(r) for r in report.rows],
+            total_gpu_time_ms=report.total_gpu_time_ms,
+            total_cost_micro_credits=report.total_cost,
+            next_page_token=token,
+        )
 
 
 __all__ = ["LedgerServicer", "account_id"]

@@ -11,25 +11,27 @@ from typing import Any
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from controlplane.api.convert import timestamp
-from controlplane.auth.principal import current_principal
+from controlplane.auth.principal import Principal, Role, current_principal
 from controlplane.errors import InvalidArgument, PermissionDenied
 from controlplane.jobs.service import JobService
 from controlplane.paging import decode_token, encode_token, page_size
 from controlplane.registry.models import Gpu, Host
-from controlplane.registry.service import HostState, RegistryService
-from controlplane.scheduler.matching import GIB
-from controlplane.scheduler.service import capacity_snapshot
+from controlplane.registry.offers import Offer, OfferFilter
+from controlplane.registry.service import RegistryService
+from controlplane.registry.states import HostState
+from controlplane.registry.telemetry import GpuSeries
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 
 log = logging.getLogger(__name__)
 Context = Any
 
-HOST_STATE_PB = {s: types_pb2.HostState.Value(f"HOST_STATE_{s.name}") for s in HostState}
-PB_HOST_STATE = {v: k for k, v in HOST_STATE_PB.items()}
+PB_HOST_STATE = {s.pb: s for s in HostState}
+NO_TELEMETRY: dict[str, GpuSeries] = {}
 
 
-def gpu_pb(row: Gpu) -> types_pb2.Gpu:
-    return types_pb2.Gpu(
+def gpu_pb(row: Gpu, series: GpuSeries | None = None, recent: bool = False) -> types_pb2.Gpu:
+    """A GPU as stored, with its latest sample (and recent ones) when this process has them."""
+    message = types_pb2.Gpu(
         uuid=row.uuid,
         index=row.index,
         name=row.name,
@@ -42,27 +44,34 @@ def gpu_pb(row: Gpu) -> types_pb2.Gpu:
         unhealthy_reason=row.unhealthy_reason,
         job_id=row.job_id or "",
     )
+    if series is not None and series.recent:
+        if recent:
+            message.recent.extend(series.history())
+            message.latest.CopyFrom(message.recent[-1])
+        else:
+            message.latest.MergeFromString(series.recent[-1])
+    return message
 
 
-def reliability_permille(host: Host) -> int:
-    total = host.lost_attempts + host.completed_attempts
-    return 1000 if total == 0 else (1000 * host.completed_attempts) // total
-
-
-def host_pb(row: Host, gpus: Sequence[Gpu]) -> types_pb2.Host:
+def host_pb(
+    row: Host,
+    gpus: Sequence[Gpu],
+    telemetry: dict[str, GpuSeries] = NO_TELEMETRY,
+    recent: bool = False,
+) -> types_pb2.Host:
     return types_pb2.Host(
         host_id=row.id,
         hostname=row.hostname,
         provider_tenant_id=row.provider_tenant_id,
-        state=HOST_STATE_PB[HostState(row.state)],
+        state=HostState(row.state).pb,
         simulated=row.simulated,
         location=row.location,
         labels={str(k): str(v) for k, v in row.labels.items()},
         price_per_gpu_hour_micro_credits=row.price_per_gpu_hour,
-        gpus=[gpu_pb(g) for g in gpus],
+        gpus=[gpu_pb(g, telemetry.get(g.uuid), recent) for g in gpus],
         registered_at=timestamp(row.registered_at),
         last_heartbeat_at=timestamp(row.last_heartbeat_at),
-        reliability_permille=reliability_permille(row),
+        reliability_permille=row.reliability_permille,
         daemon_version=row.daemon_version,
         driver_version=row.driver_version,
         cuda_driver_version=row.cuda_driver_version,
@@ -119,7 +128,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise InvalidArgument("hello", "the first message on Connect must be a hello")
         if first.hello.host_id and first.hello.host_id != host_id:
             raise PermissionDenied("hello.host_id: a host credential acts only as its own host")
-        await self.registry.heartbeat(host_id)
+        host = await self.registry.connect(host_id, first.hello.running_jobs)
         session = self.registry.sessions.open(host_id)
         known = await self.jobs.live_attempts(host_id)
         yield registry_pb2.ControlMessage(
@@ -130,32 +139,39 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 known_jobs=known,
             )
         )
+        if host.drain_reason:
+            yield registry_pb2.ControlMessage(
+                drain=registry_pb2.DrainCommand(draining=True, reason=host.drain_reason)
+            )
         reader = asyncio.create_task(self._read(host_id, request_iterator))
+        getter: asyncio.Task[registry_pb2.ControlMessage] | None = None
         try:
             while not reader.done():
                 getter = asyncio.create_task(session.outbox.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     yield getter.result()
-                else:
-                    getter.cancel()
+                getter.cancel()
             reader.result()
         finally:
-            self.registry.sessions.close(session)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            self.registry.disconnect(session)
+            for task in (reader, getter):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     async def _read(
         self, host_id: str, request_iterator: AsyncIterator[registry_pb2.DaemonMessage]
     ) -> None:
         async for message in request_iterator:
             kind = message.WhichOneof("msg")
-            if kind == "heartbeat":
-                await self.registry.heartbeat(host_id)
+            if kind == "telemetry":
+                await self.registry.ingest(host_id, message.telemetry)
+            elif kind == "heartbeat":
+                await self.registry.heartbeat(host_id, message.heartbeat.running_jobs)
             elif kind == "hello":
-                await self.registry.heartbeat(host_id)
-            # Telemetry is ingested by the registry issue; accepted and dropped until then.
+                await self.registry.heartbeat(host_id, message.hello.running_jobs)
 
     async def ListHosts(
         self, request: registry_pb2.ListHostsRequest, context: Context
@@ -177,7 +193,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         more = len(hosts) > limit
         hosts = hosts[:limit]
         return registry_pb2.ListHostsResponse(
-            hosts=[host_pb(h, gpus.get(h.id, [])) for h in hosts],
+            hosts=[host_pb(h, gpus.get(h.id, []), self.registry.telemetry_of(h.id)) for h in hosts],
             next_page_token=encode_token({"after": hosts[-1].id}) if more else "",
         )
 
@@ -187,7 +203,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if not request.host_id:
             raise InvalidArgument("host_id", "is required")
         host, gpus = await self.registry.get_host(current_principal(), request.host_id)
-        return registry_pb2.GetHostResponse(host=host_pb(host, gpus))
+        telemetry = self.registry.telemetry_of(host.id)
+        return registry_pb2.GetHostResponse(host=host_pb(host, gpus, telemetry, recent=True))
 
     async def DrainHost(
         self, request: registry_pb2.DrainHostRequest, context: Context
@@ -208,59 +225,43 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListOffers(
         self, request: registry_pb2.ListOffersRequest, context: Context
     ) -> registry_pb2.ListOffersResponse:
-        current_principal()
-        if request.max_price_per_gpu_hour_micro_credits < 0:
-            raise InvalidArgument("max_price_per_gpu_hour_micro_credits", "must not be negative")
         cursor = decode_token(request.page_token)
-        offset = int(cursor.get("offset", 0)) if cursor else 0
+        offset = cursor.get("offset", 0) if cursor else 0
+        if not isinstance(offset, int) or offset < 0:
+            raise InvalidArgument("page_token", "is not a token this server issued")
         limit = page_size(request.page_size)
-        async with self.registry.db.read() as session:
-            hosts = await capacity_snapshot(session)
-        offers: list[types_pb2.Offer] = []
-        wanted = request.gpu_type.lower()
-        for host in hosts:
-            if request.exclude_simulated and host.simulated:
-                continue
-            if request.location and host.location != request.location:
-                continue
-            if any(host.labels.get(k) != v for k, v in request.labels.items()):
-                continue
-            limit_price = request.max_price_per_gpu_hour_micro_credits
-            if limit_price and host.price_per_gpu_hour > limit_price:
-                continue
-            by_model: dict[str, list[Any]] = {}
-            for gpu in host.free:
-                by_model.setdefault(gpu.name, []).append(gpu)
-            for model, free in sorted(by_model.items()):
-                vram = free[0].memory_total_bytes // GIB
-                if wanted and wanted not in model.lower():
-                    continue
-                if vram < request.min_vram_gib or len(free) < request.min_gpu_count:
-                    continue
-                offers.append(
-                    types_pb2.Offer(
-                        host_id=host.host_id,
-                        gpu_model=model,
-                        vram_gib=vram,
-                        free_gpu_count=len(free),
-                        total_gpu_count=host.total_gpus,
-                        price_per_gpu_hour_micro_credits=host.price_per_gpu_hour,
-                        location=host.location,
-                        labels=host.labels,
-                        simulated=host.simulated,
-                        compute_capability=free[0].compute_capability,
-                    )
-                )
-        page = offers[offset : offset + limit]
-        more = offset + limit < len(offers)
+        wanted = OfferFilter(
+            gpu_type=request.gpu_type,
+            min_vram_gib=request.min_vram_gib,
+            max_price_per_gpu_hour=request.max_price_per_gpu_hour_micro_credits,
+            min_gpu_count=request.min_gpu_count,
+            location=request.location,
+            labels=dict(request.labels),
+            exclude_simulated=request.exclude_simulated,
+        )
+        offers, more = await self.registry.list_offers(wanted, offset, limit)
         return registry_pb2.ListOffersResponse(
-            offers=page,
+            offers=[offer_pb(o) for o in offers],
             next_page_token=encode_token({"offset": offset + limit}) if more else "",
         )
 
 
-def current_principal_or_host(host: Host) -> Any:
-    """RegisterHost runs without a key: read the new host back as that host."""
-    from controlplane.auth.principal import Principal, Role
+def offer_pb(offer: Offer) -> types_pb2.Offer:
+    return types_pb2.Offer(
+        host_id=offer.host_id,
+        gpu_model=offer.gpu_model,
+        vram_gib=offer.vram_gib,
+        free_gpu_count=offer.free_gpu_count,
+        total_gpu_count=offer.total_gpu_count,
+        price_per_gpu_hour_micro_credits=offer.price_per_gpu_hour,
+        location=offer.location,
+        labels=offer.labels,
+        reliability_permille=offer.reliability_permille,
+        simulated=offer.simulated,
+        compute_capability=offer.compute_capability,
+    )
 
+
+def current_principal_or_host(host: Host) -> Principal:
+    """RegisterHost runs without a key: read the new host back as that host."""
     return Principal(tenant_id=host.provider_tenant_id, role=Role.HOST, principal_id=host.id)

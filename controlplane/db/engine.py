@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+from controlplane.errors import Conflict
+
+T = TypeVar("T")
+# PostgreSQL SQLSTATEs after which the whole unit of work may simply run again:
+# serialization_failure, deadlock_detected, and unique_violation (every unique key we race
+# on is an idempotency key: the rerun finds the winner's row and replays it).
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "23505"})
+DEFAULT_ATTEMPTS = 8
+
+
+def retryable_sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of `error` when rerunning its transaction may succeed, else None."""
+    state = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return state if state in RETRYABLE_SQLSTATES else None
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Jittered exponential backoff: ~2 ms, 4 ms, 8 ms … capped at ~100 ms."""
+    return min(0.002 * (1 << min(attempt, 16)), 0.1) * random.uniform(0.5, 1.5)
 
 
 def is_sqlite(url: str) -> bool:
@@ -57,6 +81,8 @@ class Database:
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._read_engine = create_engine(url, writer=False) if is_sqlite(url) else self.engine
         self._read_sessions = async_sessionmaker(self._read_engine, expire_on_commit=False)
+        # Reruns by `run()`, by SQLSTATE (40P01 = deadlocks), for metrics and benchmarks.
+        self.retries: Counter[str] = Counter()
 
     @property
     def sqlite(self) -> bool:
@@ -67,6 +93,33 @@ class Database:
         """A session in one transaction: committed on normal exit, rolled back on error."""
         async with self._sessions() as session, session.begin():
             yield session
+
+    async def run(
+        self,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> T:
+        """Runs `work(session)` in one transaction and commits; on a serialization failure,
+        deadlock or unique-key race (PostgreSQL) rolls back and runs the whole unit again,
+        with jittered backoff, at most `attempts` times, then answers Conflict (ABORTED).
+
+        `work` must have no effect outside the transaction: it may run more than once."""
+        for attempt in range(attempts):
+            try:
+                async with self.transaction() as session:
+                    return await work(session)
+            except DBAPIError as error:
+                state = retryable_sqlstate(error)
+                if state is None:
+                    raise
+                self.retries[state] += 1
+                if attempt == attempts - 1:
+                    raise Conflict(
+                        "the database kept reporting concurrent changes; retry the request"
+                    ) from error
+                await asyncio.sleep(backoff_seconds(attempt))
+        raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -3,7 +3,7 @@
 from controlplane.auth.models import ApiKey, Tenant
 from controlplane.db.base import Base
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
-from controlplane.ledger.models import Account, Transfer
+from controlplane.ledger.models import Account, Hold, Payout, Transfer
 from controlplane.outbox.models import OutboxMessage
 from controlplane.registry.models import Gpu, Host, RegistrationToken
 
@@ -12,11 +12,13 @@ __all__ = [
     "ApiKey",
     "Base",
     "Gpu",
+    "Hold",
     "Host",
     "Job",
     "JobAttempt",
     "JobEvent",
     "OutboxMessage",
+    "Payout",
     "RegistrationToken",
     "Tenant",
     "Transfer",

@@ -1,4 +1,5 @@
-"""Job lifecycle: submit (with its hold), cancel, daemon reports, lost attempts, settlement."""
+"""Job lifecycle: submit (with its hold), cancel, daemon reports (metered charging, budget
+stop), lost attempts (their charges refunded), settlement and hold expiry."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from controlplane.jobs.notify import Notifier
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.spec import validate_spec
 from controlplane.jobs.states import ON_HOST, JobState, can_transition
+from controlplane.ledger import holds as ledger_holds
 from controlplane.ledger import service as ledger
-from controlplane.ledger.service import AccountKind, TransferKind, account_id
+from controlplane.ledger.holds import NOTHING, AttemptCost, Charged
+from controlplane.ledger.models import HoldState
+from controlplane.ledger.repository import LedgerRepository
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.service import HostSessions
 
@@ -35,6 +39,10 @@ TERMINAL_REPORTS = frozenset(
         Kind.JOB_REPORT_KIND_FAILED_TO_START,
     }
 )
+# The CancelCommand reason (and the daemon's stop_reason) of a job whose spend reached its hold.
+BUDGET_EXHAUSTED = "budget_exhausted"
+# States in which a job still runs up cost on its host.
+RUNS_UP_COST = frozenset({JobState.SCHEDULED, JobState.STARTING, JobState.RUNNING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,14 @@ class JobPolicy:
     retry_backoff: timedelta = timedelta(seconds=1)
     # A placed attempt whose daemon has not reported within this is lost.
     dispatch_ack_timeout: timedelta = timedelta(minutes=2)
+    # How long a job may wait for placement before its hold expires; the hold lasts this
+    # plus max_duration from submit (and again from each requeue).
+    hold_queue_timeout: timedelta = timedelta(days=1)
+
+
+def hold_expiry(spec: types_pb2.JobSpec, policy: JobPolicy, now: datetime) -> datetime:
+    """When a hold placed (or requeued) at `now` expires if the job has no outcome by then."""
+    return now + policy.hold_queue_timeout + timedelta(seconds=spec.max_duration_seconds)
 
 
 def hold_for(spec: types_pb2.JobSpec, default_max_price: int) -> int:
@@ -91,6 +107,16 @@ def transition(
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """What applying a report changed, for the work done after its transaction commits."""
+
+    job_id: str
+    changed: bool
+    live: bool
+    command: registry_pb2.ControlMessage | None
+
+
 @dataclass
 class JobView:
     job: Job
@@ -130,56 +156,58 @@ class JobService:
         spec = self.prepare_spec(spec)
         hold = hold_for(spec, self.policy.default_max_price)
         now = utcnow()
-        try:
-            async with self.db.transaction() as session:
-                repo = JobRepository(session)
-                if idempotency_key:
-                    existing = await repo.by_idempotency_key(caller.tenant_id, idempotency_key)
-                    if existing is not None:
-                        ensure_same(existing.request_hash, request_hash, idempotency_key)
-                        return existing
-                job = Job(
-                    id=new_id("job"),
+
+        async def work(session: AsyncSession) -> Job:
+            repo = JobRepository(session)
+            if idempotency_key:
+                existing = await repo.by_idempotency_key(caller.tenant_id, idempotency_key)
+                if existing is not None:
+                    ensure_same(existing.request_hash, request_hash, idempotency_key)
+                    return existing
+            job = Job(
+                id=new_id("job"),
+                tenant_id=caller.tenant_id,
+                spec=spec.SerializeToString(deterministic=True),
+                state=JobState.QUEUED.value,
+                state_reason="waiting for the scheduler",
+                attempt=1,
+                gpu_count=spec.gpu_count,
+                priority=spec.priority,
+                max_retries=spec.max_retries,
+                labels=dict(spec.labels),
+                gpu_uuids=[],
+                hold_amount=hold,
+                charged=0,
+                price_per_gpu_hour=0,
+                event_seq=1,
+                cancel_requested=False,
+                created_at=now,
+                updated_at=now,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+            repo.add(job)
+            repo.add(JobEvent(job_id=job.id, seq=1, attempt=1, state="queued", time=now))
+            await repo.flush()
+            try:
+                await ledger_holds.place_hold(
+                    session,
                     tenant_id=caller.tenant_id,
-                    spec=spec.SerializeToString(deterministic=True),
-                    state=JobState.QUEUED.value,
-                    state_reason="waiting for the scheduler",
-                    attempt=1,
-                    gpu_count=spec.gpu_count,
-                    priority=spec.priority,
-                    max_retries=spec.max_retries,
-                    labels=dict(spec.labels),
-                    gpu_uuids=[],
-                    hold_amount=hold,
-                    charged=0,
-                    price_per_gpu_hour=0,
-                    event_seq=1,
-                    cancel_requested=False,
-                    created_at=now,
-                    updated_at=now,
-                    idempotency_key=idempotency_key,
-                    request_hash=request_hash,
+                    amount=hold,
+                    key=f"job/{job.id}/hold",
+                    expires_at=hold_expiry(spec, self.policy, now),
+                    job_id=job.id,
                 )
-                repo.add(job)
-                repo.add(JobEvent(job_id=job.id, seq=1, attempt=1, state="queued", time=now))
-                await repo.flush()
-                await ledger.ensure_tenant_accounts(session, caller.tenant_id)
-                try:
-                    await ledger.transfer(
-                        session,
-                        debit=account_id(caller.tenant_id, AccountKind.AVAILABLE),
-                        credit=account_id(caller.tenant_id, AccountKind.HELD),
-                        amount=hold,
-                        kind=TransferKind.HOLD,
-                        key=f"job/{job.id}/hold",
-                        job_id=job.id,
-                    )
-                except FailedPrecondition:
-                    raise FailedPrecondition(
-                        f"insufficient credit: the job needs a hold of "
-                        f"{ledger.format_credits(hold)} credits; deposit more or set a lower "
-                        "spec.budget_micro_credits or spec.max_duration_seconds"
-                    ) from None
+            except FailedPrecondition:
+                raise FailedPrecondition(
+                    f"insufficient credit: the job needs a hold of "
+                    f"{ledger.format_credits(hold)} credits; deposit more or set a lower "
+                    "spec.budget_micro_credits or spec.max_duration_seconds"
+                ) from None
+            return job
+
+        try:
+            job = await self.db.run(work)
         except IntegrityError:
             if not idempotency_key:
                 raise
@@ -225,8 +253,8 @@ class JobService:
         if len(reason) > 500:
             raise InvalidArgument("reason", "at most 500 characters")
         now = utcnow()
-        command: registry_pb2.ControlMessage | None = None
-        async with self.db.transaction() as session:
+
+        async def work(session: AsyncSession) -> tuple[Job, registry_pb2.ControlMessage | None]:
             repo = JobRepository(session)
             job = await repo.get(job_id, lock=True)
             if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
@@ -235,11 +263,14 @@ class JobService:
             why = f"cancelled: {reason}" if reason else "cancelled by the user"
             if state == JobState.QUEUED:
                 transition(repo, job, JobState.CANCELLED, reason=why, now=now)
-                await self._release(session, job)
+                await self._settle(session, job, None, None)
             elif state in ON_HOST:
                 job.cancel_requested = True
                 job.state_reason = "cancel requested"
-                command = self._cancel_command(job, why)
+                return job, self._cancel_command(job, why)
+            return job, None
+
+        job, command = await self.db.run(work)
         if command is not None:
             self.sessions.send(job.host_id or "", command)
         self.notifier.job_changed(job_id)
@@ -282,14 +313,14 @@ class JobService:
     async def apply_report(self, report: messaging_pb2.JobReport) -> bool:
         """Applies one daemon report idempotently; False when it was stale or a duplicate."""
         now = utcnow()
-        resend: registry_pb2.ControlMessage | None = None
-        async with self.db.transaction() as session:
+
+        async def work(session: AsyncSession) -> _Applied | None:
             repo = JobRepository(session)
             job = await repo.get(report.job_id, lock=True)
             attempt = await repo.attempt(report.job_id, report.attempt, lock=True)
             if job is None or attempt is None:
                 log.warning("report for unknown attempt %s/%s", report.job_id, report.attempt)
-                return False
+                return None
             # Fencing: only the live attempt on its own host may change the job.
             if (
                 not attempt.live
@@ -297,18 +328,23 @@ class JobService:
                 or job.attempt != attempt.attempt
             ):
                 log.info("stale report for %s/%s ignored", job.id, attempt.attempt)
-                return False
+                return None
             if report.seq <= attempt.report_seq:
-                return False
+                return None
             attempt.report_seq = report.seq
             if report.run_time_ms:
                 attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
+            resend: registry_pb2.ControlMessage | None = None
             if report.provider_fault and report.kind in TERMINAL_REPORTS:
                 why = report.reason or report.stop_reason or "host fault"
                 await self._lose_attempt(session, repo, job, attempt, f"host fault: {why}", now)
                 changed = True
             else:
                 changed = self._apply(repo, job, attempt, report, now)
+                if report.kind not in TERMINAL_REPORTS and attempt.run_time_ms:
+                    charged = await self._meter(session, job, attempt)
+                    if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
+                        resend = self._cancel_command(job, BUDGET_EXHAUSTED)
             if JobState(job.state).terminal and attempt.live:
                 await self._finish_attempt(session, job, attempt, now)
             elif job.cancel_requested and report.kind in (
@@ -316,11 +352,16 @@ class JobService:
                 Kind.JOB_REPORT_KIND_RUNNING,
             ):
                 resend = self._cancel_command(job, job.state_reason or "cancelled")
-        if resend is not None:
-            self.sessions.send(report.host_id, resend)
-        if changed:
-            self.notifier.job_changed(job.id)
-            if not attempt.live:
+            return _Applied(job.id, changed, attempt.live, resend)
+
+        applied = await self.db.run(work)
+        if applied is None:
+            return False
+        if applied.command is not None:
+            self.sessions.send(report.host_id, applied.command)
+        if applied.changed:
+            self.notifier.job_changed(applied.job_id)
+            if not applied.live:
                 self.notifier.schedule.set()
         return True
 
@@ -380,8 +421,13 @@ class JobService:
     def _stopped_outcome(job: Job, report: messaging_pb2.JobReport) -> tuple[JobState, str]:
         if report.stop_reason == "timed_out":
             return JobState.TIMED_OUT, "ran past max_duration_seconds"
-        if report.stop_reason == "budget_exhausted":
-            return JobState.FAILED, "budget_exhausted"
+        if report.stop_reason == BUDGET_EXHAUSTED or (
+            # A daemon that reports every stop we asked for as "cancelled".
+            report.stop_reason == "cancelled"
+            and report.reason == BUDGET_EXHAUSTED
+            and not job.cancel_requested
+        ):
+            return JobState.FAILED, BUDGET_EXHAUSTED
         if job.cancel_requested or report.stop_reason == "cancelled":
             return JobState.CANCELLED, job.state_reason if job.cancel_requested else "cancelled"
         return JobState.FAILED, report.reason or f"stopped by the host: {report.stop_reason}"
@@ -403,61 +449,69 @@ class JobService:
     async def _finish_attempt(
         self, session: AsyncSession, job: Job, attempt: JobAttempt, now: datetime
     ) -> None:
-        """Charges a finished attempt, frees its GPUs and releases the rest of the hold."""
+        """Charges a finished attempt (what metering has not), frees its GPUs and resolves
+        the job's hold: the rest goes back to available."""
         attempt.live = False
         registry = RegistryRepository(session)
         await registry.release_gpus(job.id, attempt.attempt)
         host = await registry.get_host(attempt.host_id)
+        cost = None
         if host is not None:
             host.completed_attempts += 1
-            await self._charge(session, job, attempt, host.provider_tenant_id)
-        await self._release(session, job)
+            if not attempt.lost:
+                cost = self._cost(job, attempt, host.provider_tenant_id)
+        await self._settle(session, job, attempt, cost)
 
-    async def _charge(
-        self, session: AsyncSession, job: Job, attempt: JobAttempt, provider: str
+    def _cost(self, job: Job, attempt: JobAttempt, provider: str) -> AttemptCost:
+        """What the attempt has cost so far, at the placement's price."""
+        return AttemptCost(
+            provider_tenant_id=provider,
+            attempt=attempt.attempt,
+            cost=ledger.charge_for(job.price_per_gpu_hour, job.gpu_count, attempt.run_time_ms),
+            fee_basis_points=self.policy.fee_basis_points,
+        )
+
+    async def _meter(self, session: AsyncSession, job: Job, attempt: JobAttempt) -> Charged:
+        """Metered charging of a running attempt: the increment since its last charge, capped
+        at the hold. Keys name the attempt and its cumulative run time, so a replay of the
+        same report (or an older run time) charges nothing."""
+        hold = await LedgerRepository(session).hold_of_job(job.id)
+        host = await RegistryRepository(session).get_host(attempt.host_id)
+        if hold is None or host is None or attempt.lost:
+            return NOTHING
+        cost = self._cost(job, attempt, host.provider_tenant_id)
+        key = f"job/{job.id}/{attempt.attempt}/meter/{attempt.run_time_ms}"
+        charged = await ledger_holds.charge(session, hold.id, cost, key)
+        attempt.charged += charged.amount
+        job.charged += charged.amount
+        return charged
+
+    async def _settle(
+        self,
+        session: AsyncSession,
+        job: Job,
+        attempt: JobAttempt | None,
+        cost: AttemptCost | None,
+        outcome: HoldState | None = None,
     ) -> None:
-        if attempt.lost:
+        """Resolves the job's hold once: the final charge of `cost` (if any), the rest
+        released. A replay (the hold already resolved) moves nothing."""
+        hold = await LedgerRepository(session).hold_of_job(job.id)
+        if hold is None:
             return
-        spec = types_pb2.JobSpec.FromString(job.spec)
-        cost = ledger.charge_for(job.price_per_gpu_hour, spec.gpu_count, attempt.run_time_ms)
-        cost = min(cost, job.hold_amount - job.charged)
-        share, fee = ledger.split_fee(cost, self.policy.fee_basis_points)
-        await ledger.ensure_tenant_accounts(session, provider)
-        held = account_id(job.tenant_id, AccountKind.HELD)
-        prefix = f"job/{job.id}/{attempt.attempt}"
-        await ledger.transfer(
+        number = attempt.attempt if attempt is not None else job.attempt
+        resolution = await ledger_holds.settle(
             session,
-            debit=held,
-            credit=account_id(provider, AccountKind.EARNINGS),
-            amount=share,
-            kind=TransferKind.CHARGE,
-            key=f"{prefix}/charge",
-            job_id=job.id,
-            attempt=attempt.attempt,
+            hold.id,
+            cost=cost,
+            key=f"job/{job.id}/{number}/final",
+            release_key=f"job/{job.id}/release",
+            outcome=outcome,
         )
-        await ledger.transfer(
-            session,
-            debit=held,
-            credit=ledger.REVENUE,
-            amount=fee,
-            kind=TransferKind.FEE,
-            key=f"{prefix}/fee",
-            job_id=job.id,
-            attempt=attempt.attempt,
-        )
-        attempt.charged = cost
-        job.charged += cost
-
-    async def _release(self, session: AsyncSession, job: Job) -> None:
-        await ledger.transfer(
-            session,
-            debit=account_id(job.tenant_id, AccountKind.HELD),
-            credit=account_id(job.tenant_id, AccountKind.AVAILABLE),
-            amount=job.hold_amount - job.charged,
-            kind=TransferKind.RELEASE,
-            key=f"job/{job.id}/release",
-            job_id=job.id,
-        )
+        if attempt is not None:
+            attempt.charged += resolution.charged.amount
+        if not resolution.replay:
+            job.charged = resolution.posted
 
     # Lost attempts ------------------------------------------------------------------------
 
@@ -480,6 +534,54 @@ class JobService:
             self.notifier.schedule.set()
         return touched
 
+    # Hold expiry --------------------------------------------------------------------------
+
+    async def expire_holds(self, limit: int = 100) -> list[str]:
+        """Resolves pending holds past their expiry (EXPIRED: the rest released). A queued
+        job whose hold expires fails ("hold_expired"); a job still on a host is asked to stop
+        and its hold settles when it reports; a hold without a job simply expires. Returns
+        the ids of the holds expired."""
+        now = utcnow()
+        async with self.db.read() as session:
+            due = await LedgerRepository(session).due_holds(now, limit)
+        expired: list[str] = []
+        for hold_id, job_id in due:
+
+            async def work(
+                session: AsyncSession, hold_id: str = hold_id, job_id: str | None = job_id
+            ) -> tuple[bool, Job | None, registry_pb2.ControlMessage | None]:
+                repo = JobRepository(session)
+                job = await repo.get(job_id, lock=True) if job_id else None
+                if job is not None and JobState(job.state) in ON_HOST:
+                    job.cancel_requested = True
+                    job.state_reason = "cancel requested: hold expired"
+                    return False, job, self._cancel_command(job, "hold expired")
+                if job is not None and job.state == JobState.QUEUED.value:
+                    why = "hold_expired: not placed before the job's hold expired"
+                    transition(repo, job, JobState.FAILED, reason=why, now=now)
+                release = f"job/{job_id}/release" if job_id else f"hold/{hold_id}/release"
+                resolution = await ledger_holds.settle(
+                    session,
+                    hold_id,
+                    cost=None,
+                    key=f"hold/{hold_id}/expired",
+                    release_key=release,
+                    outcome=HoldState.EXPIRED,
+                )
+                if job is not None and not resolution.replay:
+                    job.charged = resolution.posted
+                return not resolution.replay, job, None
+
+            done, job, command = await self.db.run(work)
+            if command is not None and job is not None:
+                self.sessions.send(job.host_id or "", command)
+            if done:
+                expired.append(hold_id)
+                log.warning("hold %s expired (job %s)", hold_id, job_id or "-")
+            if job is not None:
+                self.notifier.job_changed(job.id)
+        return expired
+
     async def _lose_attempt(
         self,
         session: AsyncSession,
@@ -489,7 +591,8 @@ class JobService:
         why: str,
         now: datetime,
     ) -> None:
-        """Ends an attempt lost to a provider fault: never charged, GPUs freed, job retried."""
+        """Ends an attempt lost to a provider fault: never charged (what metering charged is
+        refunded into the hold), GPUs freed, job retried."""
         attempt.live = False
         attempt.lost = True
         attempt.state = "lost"
@@ -500,6 +603,13 @@ class JobService:
         host = await registry.get_host(attempt.host_id)
         if host is not None:
             host.lost_attempts += 1
+        hold = await LedgerRepository(session).hold_of_job(job.id)
+        if hold is not None:
+            # What metering charged for this attempt goes back into the hold.
+            key = f"job/{job.id}/{attempt.attempt}/provider-fault"
+            refunded = await ledger_holds.refund_attempt(session, hold.id, attempt.attempt, key)
+            attempt.charged -= refunded
+            job.charged -= refunded
         if job.attempt == attempt.attempt and not JobState(job.state).terminal:
             await self._requeue_or_fail(session, repo, job, now, why)
 
@@ -521,6 +631,10 @@ class JobService:
             job.host_id = None
             job.gpu_uuids = []
             job.not_before = now + min(backoff, timedelta(minutes=5))
+            hold = await LedgerRepository(session).hold_of_job(job.id)
+            if hold is not None:
+                spec = types_pb2.JobSpec.FromString(job.spec)
+                await ledger_holds.extend(session, hold.id, hold_expiry(spec, self.policy, now))
             return
         else:
             transition(
@@ -530,7 +644,7 @@ class JobService:
                 reason=f"attempt {job.attempt} lost: {why}; no retries left",
                 now=now,
             )
-        await self._release(session, job)
+        await self._settle(session, job, None, None)
 
 
 async def live_attempts_of(db: Database, host_id: str) -> list[registry_pb2.RunningJob]:

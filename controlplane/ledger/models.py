@@ -1,10 +1,20 @@
-"""ORM classes for ledger accounts and immutable transfers."""
+"""ORM classes for ledger accounts, immutable transfers, two-phase holds and payouts."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from controlplane.db.base import Base, UtcDateTime, utcnow
@@ -44,3 +54,103 @@ class Transfer(Base):
     debit_balance_after: Mapped[int] = mapped_column(BigInteger)
     credit_balance_after: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class HoldState(StrEnum):
+    PENDING = "pending"
+    # Resolved with charges: the charges went to earnings and revenue, the rest back.
+    POSTED = "posted"
+    # Resolved with nothing charged (cancelled before it ran): everything released.
+    VOIDED = "voided"
+    # Resolved by the expiry sweep: past expires_at with no outcome; the rest released.
+    EXPIRED = "expired"
+
+
+# A hold leaves PENDING exactly once, to one of these; the conditional UPDATE that does it
+# (WHERE state = 'pending') is the guard, so replays and races resolve it at most once.
+HOLD_TRANSITIONS: dict[HoldState, frozenset[HoldState]] = {
+    HoldState.PENDING: frozenset({HoldState.POSTED, HoldState.VOIDED, HoldState.EXPIRED}),
+    HoldState.POSTED: frozenset(),
+    HoldState.VOIDED: frozenset(),
+    HoldState.EXPIRED: frozenset(),
+}
+
+
+class Hold(Base):
+    """A two-phase reservation of a consumer's credit (available → held) for one job.
+
+    While PENDING it is charged in increments (metering) up to `amount`; it is then resolved
+    once: posted, voided or expired, and whatever was not charged goes back to available."""
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        CheckConstraint("posted_amount >= 0 AND posted_amount <= amount", name="posted_in_hold"),
+        CheckConstraint("attempt_fee >= 0 AND attempt_fee <= attempt_charged", name="attempt_fee"),
+        Index("ix_holds_state_expires", "state", "expires_at"),
+        Index("ix_holds_provider_state", "provider_tenant_id", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # Idempotency key of the hold ("job/<id>/hold" for a job's hold).
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), index=True)
+    # No foreign key: the ledger does not depend on the jobs tables (as transfers.job_id).
+    job_id: Mapped[str | None] = mapped_column(String(40), unique=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    # Net charged from the hold: charges minus provider-fault refunds back into it.
+    posted_amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=HoldState.PENDING.value)
+    # The attempt being metered, its provider and what it was charged so far (fee part
+    # included). Its provider share stays refundable (a provider fault) until the hold is
+    # resolved, so it is not payable out of the provider's earnings before then.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    provider_tenant_id: Mapped[str | None] = mapped_column(String(40))
+    attempt_charged: Mapped[int] = mapped_column(BigInteger, default=0)
+    attempt_fee: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    hold_transfer_id: Mapped[str | None] = mapped_column(String(40))
+    release_transfer_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class PayoutState(StrEnum):
+    PENDING = "pending"
+    PAID = "paid"
+    # Failed: the money came back to earnings by a PAYOUT_REVERSAL transfer.
+    REVERSED = "reversed"
+
+
+PAYOUT_TRANSITIONS: dict[PayoutState, frozenset[PayoutState]] = {
+    PayoutState.PENDING: frozenset(
+        {
+            PayoutState.PAID,  # the payment processor confirmed it
+            PayoutState.REVERSED,  # the payment failed: money back to earnings
+        }
+    ),
+    PayoutState.PAID: frozenset({PayoutState.REVERSED}),  # a payment that bounced later
+    PayoutState.REVERSED: frozenset(),
+}
+
+
+class Payout(Base):
+    """Earnings leaving the platform (earnings → external) to a destination."""
+
+    __tablename__ = "payouts"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        CheckConstraint("amount > 0", name="positive_amount"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    destination: Mapped[str] = mapped_column(String(500))
+    state: Mapped[str] = mapped_column(String(16), default=PayoutState.PENDING.value)
+    idempotency_key: Mapped[str] = mapped_column(String(200))
+    transfer_id: Mapped[str] = mapped_column(String(40))
+    reversal_transfer_id: Mapped[str | None] = mapped_column(String(40))
+    reason: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -35,7 +35,7 @@ class Host(Base):
     provider_tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     machine_id: Mapped[str] = mapped_column(String(200))
     hostname: Mapped[str] = mapped_column(String(255))
-    # online | lost | draining | drained (see HostState in registry.service).
+    # online | lost | draining | drained (HostState and its transitions: registry.states).
     state: Mapped[str] = mapped_column(String(16), index=True)
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     location: Mapped[str] = mapped_column(String(100), default="")
@@ -52,6 +52,13 @@ class Host(Base):
     drain_reason: Mapped[str] = mapped_column(String(500), default="")
     lost_attempts: Mapped[int] = mapped_column(Integer, default=0)
     completed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+    @property
+    def reliability_permille(self) -> int:
+        """Attempts completed per thousand ended (lost to a host fault or completed); 1000
+        while the host has ended none."""
+        ended = self.lost_attempts + self.completed_attempts
+        return 1000 if ended == 0 else (1000 * self.completed_attempts) // ended
 
 
 class Gpu(Base):

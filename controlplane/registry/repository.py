@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controlplane.jobs.models import JobAttempt
 from controlplane.registry.models import Gpu, Host, RegistrationToken
 
 
@@ -71,6 +72,16 @@ class RegistryRepository:
     async def get_host(self, host_id: str, *, lock: bool = False) -> Host | None:
         return await self.session.get(Host, host_id, with_for_update=lock)
 
+    async def hosts_in_states(self, states: Sequence[str]) -> Sequence[Host]:
+        """Hosts in `states`, cheapest first, then by id."""
+        return (
+            await self.session.scalars(
+                select(Host)
+                .where(Host.state.in_(states))
+                .order_by(Host.price_per_gpu_hour, Host.id)
+            )
+        ).all()
+
     async def list_hosts(
         self, states: Sequence[str], provider: str | None, after_id: str | None, limit: int
     ) -> Sequence[Host]:
@@ -99,6 +110,58 @@ class RegistryRepository:
         await self.session.execute(
             update(Host).where(Host.id == host_id).values(last_heartbeat_at=when)
         )
+
+    async def set_gpu_health(
+        self, uuid: str, host_id: str, healthy: bool, reason: str
+    ) -> str | None:
+        """Sets a GPU's health; returns the job on it ("" for none), None when the GPU is not
+        (or no longer) this host's."""
+        gpu = await self.session.get(Gpu, uuid, with_for_update=True)
+        if gpu is None or gpu.host_id != host_id:
+            return None
+        gpu.healthy = healthy
+        gpu.unhealthy_reason = "" if healthy else reason[:500]
+        return gpu.job_id or ""
+
+    async def allocated_gpus(self) -> Sequence[tuple[str, str, int]]:
+        """(uuid, job id, attempt) of every GPU held by a live attempt."""
+        rows = await self.session.execute(
+            select(Gpu.uuid, Gpu.job_id, Gpu.attempt).where(Gpu.job_id.is_not(None))
+        )
+        return [(uuid, job_id, attempt or 0) for uuid, job_id, attempt in rows if job_id]
+
+    async def has_live_attempts(self, host_id: str) -> bool:
+        return bool(
+            await self.session.scalar(
+                select(exists().where(JobAttempt.host_id == host_id, JobAttempt.live.is_(True)))
+            )
+        )
+
+    async def idle_draining_hosts(self, *, lock: bool = True) -> Sequence[Host]:
+        """Draining hosts with no live attempt left (locked, skipping rows others hold)."""
+        live = exists().where(JobAttempt.host_id == Host.id, JobAttempt.live.is_(True))
+        query = select(Host).where(Host.state == "draining", ~live)
+        if lock:
+            query = query.with_for_update(skip_locked=True)
+        return (await self.session.scalars(query)).all()
+
+    async def record_heartbeats(self, host_ids: Iterable[str], when: datetime) -> int:
+        """Sets last_heartbeat_at of those hosts that are not lost; returns how many."""
+        result = await self.session.execute(
+            update(Host)
+            .where(Host.id.in_(list(host_ids)), Host.state != "lost")
+            .values(last_heartbeat_at=when)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def not_up_among(self, host_ids: Iterable[str]) -> set[str]:
+        """Those of `host_ids` that are lost or no longer exist."""
+        ids = set(host_ids)
+        rows = await self.session.scalars(
+            select(Host.id).where(Host.id.in_(list(ids)), Host.state != "lost")
+        )
+        return ids - set(rows)
 
     async def stale_online_hosts(self, cutoff: datetime) -> Sequence[Host]:
         return (

@@ -1,13 +1,11 @@
-"""Registration tokens, host registration and credentials, heartbeats, liveness, drain."""
+"""Registration tokens, host registration and credentials, heartbeats, liveness, drain, offers."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 
 from gpuplane.v1 import registry_pb2
 
@@ -17,7 +15,6 @@ from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -25,7 +22,14 @@ from controlplane.errors import (
 )
 from controlplane.idempotency import ensure_same
 from controlplane.registry.models import Gpu, Host, RegistrationToken
+from controlplane.registry.monitor import GpuMonitor
+from controlplane.registry.offers import Offer, OfferFilter, build_offers
 from controlplane.registry.repository import RegistryRepository
+from controlplane.registry.sessions import HostSession
+from controlplane.registry.sessions import HostSessions as HostSessions  # re-exported
+from controlplane.registry.states import HostState, returning_state, transition
+from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
+from controlplane.scheduler.capacity import capacity_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +37,8 @@ TOKEN_PREFIX = "gpr_"
 HOST_CREDENTIAL_PREFIX = "gph_"
 DEFAULT_TOKEN_TTL = timedelta(hours=24)
 MAX_TOKEN_TTL = timedelta(days=365)
-
-
-class HostState(StrEnum):
-    ONLINE = "online"
-    LOST = "lost"
-    DRAINING = "draining"
-    DRAINED = "drained"
+# Stored when DrainHost names no reason: a non-empty drain_reason is what records the request.
+DEFAULT_DRAIN_REASON = "drain requested"
 
 
 @dataclass
@@ -50,40 +49,6 @@ class HostRegistration:
     credential: str
 
 
-@dataclass
-class HostSession:
-    """One connected daemon: the queue its Connect stream drains into ControlMessages."""
-
-    host_id: str
-    outbox: asyncio.Queue[registry_pb2.ControlMessage] = field(default_factory=asyncio.Queue)
-
-
-class HostSessions:
-    """Daemons connected to this control-plane process, for sending them commands."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, HostSession] = {}
-
-    def open(self, host_id: str) -> HostSession:
-        session = HostSession(host_id)
-        self._sessions[host_id] = session
-        return session
-
-    def close(self, session: HostSession) -> None:
-        if self._sessions.get(session.host_id) is session:
-            del self._sessions[session.host_id]
-
-    def send(self, host_id: str, message: registry_pb2.ControlMessage) -> bool:
-        session = self._sessions.get(host_id)
-        if session is None:
-            return False
-        session.outbox.put_nowait(message)
-        return True
-
-    def connected(self, host_id: str) -> bool:
-        return host_id in self._sessions
-
-
 def _validate_registration(request: registry_pb2.RegisterHostRequest, max_price: int) -> None:
     if not request.machine_id or len(request.machine_id) > 200:
         raise InvalidArgument("machine_id", "is required (at most 200 characters)")
@@ -91,8 +56,8 @@ def _validate_registration(request: registry_pb2.RegisterHostRequest, max_price:
         raise InvalidArgument("hostname", "is required (at most 255 characters)")
     if not request.gpus:
         raise InvalidArgument("gpus", "a host must offer at least one GPU")
-    if len(request.gpus) > 64:
-        raise InvalidArgument("gpus", "at most 64 GPUs per host")
+    if len(request.gpus) > MAX_GPUS_PER_HOST:
+        raise InvalidArgument("gpus", f"at most {MAX_GPUS_PER_HOST} GPUs per host")
     seen: set[str] = set()
     for i, gpu in enumerate(request.gpus):
         if not gpu.uuid or len(gpu.uuid) > 100:
@@ -116,10 +81,28 @@ def _validate_registration(request: registry_pb2.RegisterHostRequest, max_price:
 
 
 class RegistryService:
-    def __init__(self, db: Database, *, max_price: int) -> None:
+    """Hosts and their liveness. Heartbeats of hosts known to be up are written together, one
+    statement for all of them, by flush_heartbeats() (the liveness loop, every
+    `heartbeat_write_interval` seconds at most); liveness allows for that lag. `monitor` keeps
+    the telemetry of the hosts connected to this process."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_price: int,
+        monitor: GpuMonitor | None = None,
+        heartbeat_write_interval: float = 0.0,
+    ) -> None:
         self.db = db
         self.max_price = max_price
         self.sessions = HostSessions()
+        self.monitor = monitor
+        self.heartbeat_write_interval = heartbeat_write_interval
+        # Hosts this process has seen up (not lost) since their last (re)connection, and those
+        # heard from since the last flush.
+        self._up: set[str] = set()
+        self._heard: set[str] = set()
 
     # Registration tokens -------------------------------------------------------------------
 
@@ -281,18 +264,74 @@ class RegistryService:
             return None
         return Principal(tenant_id=host.provider_tenant_id, role=Role.HOST, principal_id=host.id)
 
-    async def heartbeat(self, host_id: str) -> None:
-        """Records a heartbeat; a lost host that reports again is back online."""
-        now = utcnow()
+    # Connect stream: heartbeats, telemetry ------------------------------------------------
+
+    async def connect(self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()) -> Host:
+        """A daemon's hello: records a heartbeat, starts keeping its telemetry."""
+        host = await self._record_heartbeat(host_id)
+        if self.monitor is not None:
+            await self.monitor.attach(host_id)
+            self.monitor.running(host_id, running)
+        return host
+
+    def disconnect(self, session: HostSession) -> None:
+        self.sessions.close(session)
+        if self.monitor is not None and not self.sessions.connected(session.host_id):
+            self.monitor.detach(session.host_id)
+
+    async def heartbeat(
+        self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()
+    ) -> None:
+        """Records a heartbeat (written at the next flush); a lost host that reports again is
+        back at once."""
+        if self.monitor is not None:
+            self.monitor.running(host_id, running)
+        await self._heard_from(host_id)
+
+    async def ingest(self, host_id: str, batch: registry_pb2.TelemetryBatch) -> None:
+        """One telemetry batch; it is a sign of life too."""
+        if self.monitor is not None:
+            await self.monitor.ingest(host_id, batch)
+        await self._heard_from(host_id)
+
+    async def _heard_from(self, host_id: str) -> None:
+        if host_id in self._up:
+            self._heard.add(host_id)
+        else:
+            await self._record_heartbeat(host_id)
+
+    async def flush_heartbeats(self) -> None:
+        """Writes the heartbeats heard since the last flush, in one statement."""
+        if not self._heard:
+            return
+        heard, self._heard = self._heard, set()
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
-            host = await repo.get_host(host_id)
+            if await repo.record_heartbeats(heard, utcnow()) < len(heard):
+                # Lost meanwhile (another replica, or a slow flush): their next heartbeat
+                # takes the full path, which brings them back.
+                self._up.difference_update(await repo.not_up_among(heard))
+
+    async def _record_heartbeat(self, host_id: str) -> Host:
+        now = utcnow()
+        async with self.db.transaction() as session:
+            host = await RegistryRepository(session).get_host(host_id)
             if host is None:
                 raise NotFound(f"host_id: no host {host_id!r}")
             host.last_heartbeat_at = now
             if host.state == HostState.LOST.value:
-                host.state = HostState.ONLINE.value
-                log.info("host %s is back online", host_id)
+                transition(host, returning_state(host), "heartbeat after loss")
+        self._up.add(host_id)
+        return host
+
+    def telemetry_of(self, host_id: str) -> dict[str, GpuSeries]:
+        """The GPUs' telemetry kept here, by uuid (empty when the host is not connected here)."""
+        if self.monitor is None:
+            return {}
+        host = self.monitor.store.hosts.get(host_id)
+        return host.gpus if host is not None else {}
+
+    # Hosts ---------------------------------------------------------------------------------
 
     async def get_host(self, caller: Principal, host_id: str) -> tuple[Host, Sequence[Gpu]]:
         async with self.db.read() as session:
@@ -317,6 +356,8 @@ class RegistryService:
     async def set_draining(
         self, caller: Principal, host_id: str, draining: bool, reason: str
     ) -> Host:
+        """DrainHost / UndrainHost. A lost host keeps the request and drains when it returns;
+        a draining host with no live attempt is drained at once."""
         if len(reason) > 500:
             raise InvalidArgument("reason", "at most 500 characters")
         async with self.db.transaction() as session:
@@ -324,16 +365,21 @@ class RegistryService:
             host = await repo.get_host(host_id, lock=True)
             if host is None or not self._may_see(caller, host):
                 raise NotFound(f"host_id: no host {host_id!r}")
-            if host.state == HostState.LOST.value and draining:
-                raise FailedPrecondition("host_id: the host is lost; it drains when it returns")
+            state = HostState(host.state)
             if draining:
-                host.state = HostState.DRAINING.value
-                host.drain_reason = reason
-            elif host.state in (HostState.DRAINING.value, HostState.DRAINED.value):
-                host.state = HostState.ONLINE.value
+                host.drain_reason = reason or host.drain_reason or DEFAULT_DRAIN_REASON
+                if state == HostState.ONLINE:
+                    transition(host, HostState.DRAINING, "DrainHost")
+                if host.state == HostState.DRAINING.value and not await repo.has_live_attempts(
+                    host.id
+                ):
+                    transition(host, HostState.DRAINED, "no job left")
+            else:
                 host.drain_reason = ""
+                if state in (HostState.DRAINING, HostState.DRAINED):
+                    transition(host, HostState.ONLINE, "UndrainHost")
         message = registry_pb2.ControlMessage(
-            drain=registry_pb2.DrainCommand(draining=draining, reason=reason)
+            drain=registry_pb2.DrainCommand(draining=draining, reason=host.drain_reason)
         )
         self.sessions.send(host_id, message)
         return host
@@ -347,10 +393,39 @@ class RegistryService:
         return caller.tenant_id == host.provider_tenant_id
 
     async def stale_hosts(self, timeout: timedelta, now: datetime) -> Sequence[str]:
-        """Marks hosts without a heartbeat for `timeout` as lost; returns their ids."""
+        """Marks hosts without a heartbeat for `timeout` as lost; returns their ids. Flushes
+        this process's heartbeats first; another replica's may lag by its write interval."""
+        await self.flush_heartbeats()
+        cutoff = now - timeout - timedelta(seconds=self.heartbeat_write_interval)
         async with self.db.transaction() as session:
-            hosts = await RegistryRepository(session).stale_online_hosts(now - timeout)
+            hosts = await RegistryRepository(session).stale_online_hosts(cutoff)
             for host in hosts:
-                host.state = HostState.LOST.value
-                log.warning("host %s lost: no heartbeat since %s", host.id, host.last_heartbeat_at)
-            return [h.id for h in hosts]
+                transition(host, HostState.LOST, f"no heartbeat since {host.last_heartbeat_at}")
+            lost = [h.id for h in hosts]
+        self._up.difference_update(lost)
+        if self.monitor is not None:
+            self.monitor.forget(lost)
+        return lost
+
+    async def maintain(self) -> None:
+        """Periodic: idle draining hosts become drained; GPU health recovers (monitor)."""
+        async with self.db.read() as session:
+            idle = await RegistryRepository(session).idle_draining_hosts(lock=False)
+        if idle:  # checked first without the writer lock: it is rarely needed
+            async with self.db.transaction() as session:
+                for host in await RegistryRepository(session).idle_draining_hosts():
+                    transition(host, HostState.DRAINED, "no live attempt left")
+        if self.monitor is not None:
+            await self.monitor.maintain()
+
+    # Offers --------------------------------------------------------------------------------
+
+    async def list_offers(
+        self, wanted: OfferFilter, offset: int, limit: int
+    ) -> tuple[list[Offer], bool]:
+        """One page of offers from `offset`, and whether more follow."""
+        wanted.validate()
+        async with self.db.read() as session:
+            hosts = await capacity_snapshot(session)
+        offers = build_offers(hosts, wanted)
+        return offers[offset : offset + limit], offset + limit < len(offers)

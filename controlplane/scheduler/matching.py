@@ -26,7 +26,9 @@ class HostCapacity:
     labels: dict[str, str]
     simulated: bool
     free: list[FreeGpu] = field(default_factory=list)
+    # Healthy GPUs of the host, free or not.
     total_gpus: int = 0
+    reliability_permille: int = 1000
 
 
 def _cc(value: str) -> tuple[int, int]:

@@ -9,8 +9,6 @@ from datetime import datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import messaging_pb2, types_pb2
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
@@ -21,53 +19,18 @@ from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.service import transition
 from controlplane.jobs.states import JobState
 from controlplane.outbox.repository import OutboxRepository
-from controlplane.registry.models import Gpu, Host
 from controlplane.registry.repository import RegistryRepository
-from controlplane.scheduler.matching import FreeGpu, HostCapacity, explain, first_fit
+from controlplane.scheduler.capacity import SCHEDULABLE_HOST_STATES, capacity_snapshot
+from controlplane.scheduler.matching import HostCapacity, explain, first_fit
 from messaging.subjects import dispatch_msg_id, dispatch_subject
 from storage.layout import attempt_prefix
 
+__all__ = ["SCHEDULABLE_HOST_STATES", "Scheduler", "capacity_snapshot"]
+
 log = logging.getLogger(__name__)
 
-SCHEDULABLE_HOST_STATES = ("online",)
 # Time a placed attempt may wait for its daemon before it counts as lost.
 DISPATCH_GRACE = timedelta(minutes=10)
-
-
-async def capacity_snapshot(session: AsyncSession) -> list[HostCapacity]:
-    """Online hosts with their free healthy GPUs, cheapest first."""
-    hosts = (
-        await session.scalars(
-            select(Host)
-            .where(Host.state.in_(SCHEDULABLE_HOST_STATES))
-            .order_by(Host.price_per_gpu_hour, Host.id)
-        )
-    ).all()
-    by_id: dict[str, HostCapacity] = {
-        h.id: HostCapacity(
-            host_id=h.id,
-            price_per_gpu_hour=h.price_per_gpu_hour,
-            location=h.location,
-            labels={str(k): str(v) for k, v in h.labels.items()},
-            simulated=h.simulated,
-        )
-        for h in hosts
-    }
-    gpus = (
-        await session.scalars(
-            select(Gpu).where(Gpu.host_id.in_(list(by_id))).order_by(Gpu.host_id, Gpu.index)
-        )
-    ).all()
-    for gpu in gpus:
-        capacity = by_id[gpu.host_id]
-        if not gpu.healthy:
-            continue
-        capacity.total_gpus += 1
-        if gpu.job_id is None:
-            capacity.free.append(
-                FreeGpu(gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.compute_capability)
-            )
-    return list(by_id.values())
 
 
 class Scheduler:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from typing import Any
 
 import docker
 import pytest
 from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.executor import JobExecutor
-from daemon.journal import Journal
+from daemon.journal import Journal, JournalEntry
 from daemon.runtime import DockerRuntime
 from daemon.settings import DaemonSettings
 from devstack import S3Server
@@ -351,3 +352,107 @@ async def test_out_of_memory_is_reported(
     assert final.kind == K.JOB_REPORT_KIND_FINISHED
     assert final.oom_killed
     assert final.exit_code != 0
+
+
+async def test_budget_exhausted_cancel_is_stopped_for_that_reason(
+    runtime: DockerRuntime,
+    store: ObjectStore,
+    settings: DaemonSettings,
+    test_image: str,
+    cleanup_containers: list[str],
+) -> None:
+    dispatch = make_dispatch(test_image, args=["sleep", "60"])
+    in_bucket(dispatch, store)
+    cleanup_containers.append(dispatch.job_id)
+    reports = Reports()
+    job = executor(dispatch, runtime, store, settings, reports)
+    task = asyncio.create_task(job.run())
+    await reports.wait_for(K.JOB_REPORT_KIND_RUNNING)
+    await job.cancel("budget_exhausted")
+    final = await task
+    assert (final.kind, final.stop_reason) == (K.JOB_REPORT_KIND_STOPPED, "budget_exhausted")
+    assert final.run_time_ms > 0
+
+
+async def adopted_after_abandoning(
+    script: str,
+    runtime: DockerRuntime,
+    store: ObjectStore,
+    settings: DaemonSettings,
+    test_image: str,
+    cleanup_containers: list[str],
+    docker_client: docker.DockerClient,
+    max_duration_seconds: int = 30,
+) -> tuple[messaging_pb2.DispatchMessage, Journal, Reports, JobExecutor, asyncio.Task[Any]]:
+    """Runs `script` until RUNNING, abandons the executor the way a daemon shutdown does (its
+    task cancelled), then adopts the container with a new executor, as a restart does."""
+    dispatch = make_dispatch(
+        test_image, command=["sh", "-c", script], max_duration_seconds=max_duration_seconds
+    )
+    in_bucket(dispatch, store)
+    cleanup_containers.append(dispatch.job_id)
+    journal = Journal(settings.journal_dir)
+    first = Reports()
+    task = asyncio.create_task(executor(dispatch, runtime, store, settings, first, journal).run())
+    await first.wait_for(K.JOB_REPORT_KIND_RUNNING)
+    async with asyncio.timeout(5):  # RUNNING is journaled just after it is published
+        while (journal.get(dispatch.job_id, 1) or JournalEntry("", 0)).last_seq < 2:
+            await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    entry = journal.get(dispatch.job_id, 1)
+    assert entry is not None
+    assert len(containers_of(docker_client, dispatch.job_id)) == 1
+    container = docker_client.containers.get(entry.container_id)
+    second = Reports()
+    adopter = executor(dispatch, runtime, store, settings, second, journal)
+    adopted = asyncio.create_task(adopter.run(adopt=container, journaled=entry))
+    return dispatch, journal, second, adopter, adopted
+
+
+async def test_an_adopted_container_runs_on_and_reports_from_the_journaled_seq(
+    runtime: DockerRuntime,
+    store: ObjectStore,
+    settings: DaemonSettings,
+    test_image: str,
+    cleanup_containers: list[str],
+    docker_client: docker.DockerClient,
+) -> None:
+    script = "echo before; hostname > /output/host; sleep 1.5; echo after; echo bye >&2"
+    dispatch, journal, reports, adopter, task = await adopted_after_abandoning(
+        script, runtime, store, settings, test_image, cleanup_containers, docker_client
+    )
+    container_id = containers_of(docker_client, dispatch.job_id)[0].id  # type: ignore[attr-defined]
+    final = await task
+    assert adopter.adopted
+    assert reports.without_usage() == ["JOB_REPORT_KIND_UPLOADING", "JOB_REPORT_KIND_FINISHED"]
+    # STARTING 1 and RUNNING 2 came from the first executor; 3 is skipped on adoption.
+    assert [r.seq for r in reports.items] == list(range(4, 4 + len(reports.items)))
+    assert (final.exit_code, final.stop_reason) == (0, "")
+    assert final.run_time_ms >= 1500
+    manifest = {o.path: o for o in final.manifest}
+    host = await store.get_bytes(manifest["output/host"].key)
+    assert container_id.startswith(host.decode().strip())  # the same container ran on
+    # Logs written before the adoption are in the uploaded file too: they come from Docker.
+    assert await store.get_bytes(manifest["logs/stdout"].key) == b"before\nafter\n"
+    assert await store.get_bytes(manifest["logs/stderr"].key) == b"bye\n"
+    assert containers_of(docker_client, dispatch.job_id) == []
+    assert journal.entries() == []
+
+
+async def test_an_adopted_container_keeps_its_original_deadline(
+    runtime: DockerRuntime,
+    store: ObjectStore,
+    settings: DaemonSettings,
+    test_image: str,
+    cleanup_containers: list[str],
+    docker_client: docker.DockerClient,
+) -> None:
+    _, _, reports, _, task = await adopted_after_abandoning(
+        "sleep 60", runtime, store, settings, test_image, cleanup_containers, docker_client, 2
+    )
+    started = time.monotonic()
+    final = await task
+    assert time.monotonic() - started < 2.5  # the rest of 2 s, not 2 s again
+    assert (final.kind, final.stop_reason) == (K.JOB_REPORT_KIND_FINISHED, "timed_out")
+    assert 2000 <= final.run_time_ms < 4000

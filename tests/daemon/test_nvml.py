@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,38 +28,6 @@ else:
         "simulated": inventory.simulated,
     }))
 """
-
-
-def nvml_header() -> Path | None:
-    spec = importlib.util.find_spec("nvidia")  # the namespace package of nvidia-nvml-dev
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        for header in Path(root).glob("*/include/nvml.h"):
-            return header
-    return None
-
-
-@pytest.fixture(scope="module")
-def fake_nvml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    header = nvml_header()
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if header is None or compiler is None:
-        pytest.fail("needs a C compiler and nvml.h (pip install nvidia-nvml-dev)", pytrace=False)
-    out = tmp_path_factory.mktemp("fake-nvml")
-    subprocess.run(
-        [
-            compiler,
-            "-shared",
-            "-fPIC",
-            "-O0",
-            f"-I{header.parent}",
-            str(HERE / "fake_nvml.c"),
-            "-o",
-            str(out / "libnvidia-ml.so.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 def probe(library_dir: Path | None, gpus: int = 2) -> dict[str, Any]:

@@ -1,0 +1,210 @@
+"""Simulated provider hosts for the telemetry benchmarks: `python -m bench.hostsim SPEC`.
+
+Each process registers its share of hosts, opens one Connect stream per host (each on its own
+channel, as daemons do), heartbeats, and sends one TelemetryBatch per round listing every GPU.
+Batches are assembled from pre-encoded bytes (only the timestamp changes), so a client costs
+little and the control plane is what is measured. Prints {"ready": true} once every host is
+connected and sending, and a HostReport line when its stdin closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
+
+CONNECT = "/gpuplane.v1.RegistryService/Connect"
+GIB = 1 << 30
+
+
+@dataclass
+class HostSpec:
+    target: str
+    token: str
+    hosts: int
+    gpus: int = 8
+    # Telemetry batches per second per host: 0 = as fast as the server takes them, < 0 = none.
+    batches_per_second: float = 0.0
+    heartbeat_interval: float = 2.0
+
+
+@dataclass
+class HostReport:
+    hosts: int
+    sent_samples: int
+    seconds: float
+    errors: int
+    first_error: str = ""
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _gpus(machine: str, count: int) -> list[types_pb2.Gpu]:
+    return [
+        types_pb2.Gpu(
+            uuid=f"GPU-{machine}-{i}",
+            index=i,
+            name="NVIDIA H100 80GB HBM3",
+            memory_total_bytes=80 * GIB,
+            compute_capability="9.0",
+        )
+        for i in range(count)
+    ]
+
+
+def encoded_samples(gpus: list[types_pb2.Gpu]) -> bytes:
+    """TelemetryBatch field 2 (the samples) of one round, encoded once."""
+    samples = [
+        types_pb2.GpuTelemetry(
+            gpu_uuid=gpu.uuid,
+            utilization_gpu_percent=87,
+            utilization_memory_percent=40,
+            memory_used_bytes=61 * GIB,
+            temperature_celsius=71,
+            power_draw_milliwatts=612_000,
+            sm_clock_mhz=1_980,
+            processes=[types_pb2.GpuProcess(pid=4242, used_memory_bytes=60 * GIB)],
+        )
+        for gpu in gpus
+    ]
+    return registry_pb2.TelemetryBatch(samples=samples).SerializeToString()
+
+
+def telemetry_message(samples: bytes) -> bytes:
+    """DaemonMessage{telemetry: TelemetryBatch{time: now, samples}} without re-encoding."""
+    now = time.time_ns()
+    stamp = Timestamp(seconds=now // 1_000_000_000, nanos=now % 1_000_000_000)
+    encoded = stamp.SerializeToString()
+    batch = b"\x0a" + _varint(len(encoded)) + encoded + samples
+    return b"\x1a" + _varint(len(batch)) + batch
+
+
+class SimulatedHost:
+    def __init__(self, spec: HostSpec, channel: grpc.aio.Channel) -> None:
+        self.spec = spec
+        self.channel = channel
+        self.machine = uuid.uuid4().hex[:12]
+        self.gpus = _gpus(self.machine, spec.gpus)
+        self.sent = 0
+        self.call: Any = None
+        self.lock = asyncio.Lock()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def connect(self) -> None:
+        """Registers, opens Connect (hello, HelloAck) and starts heartbeating."""
+        reply = await registry_pb2_grpc.RegistryServiceStub(self.channel).RegisterHost(
+            registry_pb2.RegisterHostRequest(
+                registration_token=self.spec.token,
+                machine_id=self.machine,
+                hostname=f"bench-{self.machine}",
+                gpus=self.gpus,
+                simulated=True,
+                price_per_gpu_hour_micro_credits=2_000_000,
+                location="bench",
+            )
+        )
+        connect = self.channel.stream_stream(CONNECT, None, None)  # raw bytes both ways
+        credential = (("authorization", f"Bearer {reply.host_credential}"),)
+        self.call = connect(metadata=credential)  # type: ignore[call-arg]
+        hello = registry_pb2.DaemonHello(host_id=reply.host_id, gpus=self.gpus)
+        await self.call.write(registry_pb2.DaemonMessage(hello=hello).SerializeToString())
+        await self.call.read()  # the HelloAck
+        self.tasks = [
+            asyncio.create_task(self._drain()),
+            asyncio.create_task(self._heartbeats()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.call is not None:
+            self.call.cancel()
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while await self.call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                pass
+
+    async def _heartbeats(self) -> None:
+        beat = registry_pb2.DaemonMessage(heartbeat=registry_pb2.Heartbeat()).SerializeToString()
+        while True:
+            async with self.lock:
+                await self.call.write(beat)
+            await asyncio.sleep(self.spec.heartbeat_interval)
+
+    async def telemetry(self) -> None:
+        """Sends rounds at the spec's rate (or as fast as they are taken) until cancelled."""
+        samples = encoded_samples(self.gpus)
+        rate = self.spec.batches_per_second
+        period = 1.0 / rate if rate else 0.0
+        # Spread the hosts' rounds over the period instead of sending them all at once.
+        due = time.monotonic() + period * random.random()
+        while True:
+            if period:
+                due += period
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+            async with self.lock:
+                await self.call.write(telemetry_message(samples))
+            self.sent += self.spec.gpus
+
+
+async def drive(spec: HostSpec) -> HostReport:
+    """Connects the hosts, prints a ready line, sends telemetry until stdin closes."""
+    channels = [grpc.aio.insecure_channel(spec.target) for _ in range(spec.hosts)]
+    hosts = [SimulatedHost(spec, channel) for channel in channels]
+    try:
+        await asyncio.gather(*(h.connect() for h in hosts))
+        pumps = (
+            [asyncio.create_task(h.telemetry()) for h in hosts]
+            if spec.batches_per_second >= 0
+            else []
+        )
+        started = time.monotonic()
+        sys.stdout.write(json.dumps({"ready": True}) + "\n")
+        sys.stdout.flush()
+        await asyncio.to_thread(sys.stdin.read)
+        elapsed = time.monotonic() - started
+        failed = [p for p in pumps if p.done() and p.exception() is not None]
+        for pump in pumps:
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*(h.stop() for h in hosts))
+    finally:
+        await asyncio.gather(*(c.close(None) for c in channels))
+    return HostReport(
+        hosts=spec.hosts,
+        sent_samples=sum(h.sent for h in hosts),
+        seconds=round(elapsed, 3),
+        errors=len(failed),
+        first_error=repr(failed[0].exception()) if failed else "",
+    )
+
+
+def main() -> None:
+    report = asyncio.run(drive(HostSpec(**json.loads(sys.argv[1]))))
+    sys.stdout.write(json.dumps(asdict(report)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

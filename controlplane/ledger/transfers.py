@@ -1,0 +1,213 @@
+"""Accounts and immutable double-entry transfers, in integer micro-credits: the one place that
+moves money. Every balance change goes through `post()`, inside the caller's transaction."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.db.base import new_id, utcnow
+from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from controlplane.ledger.models import Transfer
+from controlplane.ledger.repository import LedgerRepository
+
+PLATFORM = "platform"
+MICRO = 1_000_000
+MS_PER_HOUR = 3_600_000
+# Largest single amount accepted (1e12 credits); keeps every sum far inside int64.
+MAX_AMOUNT = 10**18
+MAX_KEY_LENGTH = 200
+
+
+class AccountKind(StrEnum):
+    AVAILABLE = "available"
+    HELD = "held"
+    EARNINGS = "earnings"
+    REVENUE = "revenue"
+    EXTERNAL = "external"
+
+
+class TransferKind(StrEnum):
+    DEPOSIT = "deposit"
+    HOLD = "hold"
+    CHARGE = "charge"
+    FEE = "fee"
+    RELEASE = "release"
+    REFUND = "refund"
+    PAYOUT = "payout"
+    PAYOUT_REVERSAL = "payout_reversal"
+
+
+def account_id(tenant_id: str, kind: AccountKind) -> str:
+    return f"{tenant_id}:{kind.value}"
+
+
+REVENUE = account_id(PLATFORM, AccountKind.REVENUE)
+EXTERNAL = account_id(PLATFORM, AccountKind.EXTERNAL)
+
+
+def charge_for(price_per_gpu_hour: int, gpus: int, run_time_ms: int) -> int:
+    """ceil(price × GPUs × run time in ms / 3,600,000), in integers only."""
+    numerator = price_per_gpu_hour * max(gpus, 1) * run_time_ms
+    return -(-numerator // MS_PER_HOUR)
+
+
+def split_fee(charge: int, fee_basis_points: int) -> tuple[int, int]:
+    """(provider share, platform fee); the fee rounds down, so the provider keeps the rest."""
+    fee = charge * fee_basis_points // 10_000
+    return charge - fee, fee
+
+
+def format_credits(amount: int) -> str:
+    sign = "-" if amount < 0 else ""
+    whole, frac = divmod(abs(amount), MICRO)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+def scoped_key(*parts: object) -> str:
+    """An idempotency key joined from parts; hashed when it would not fit the column."""
+    key = "/".join(str(p) for p in parts)
+    if len(key) <= MAX_KEY_LENGTH:
+        return key
+    return f"{parts[0]}/sha256/{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewTransfer:
+    """A transfer to post: `amount` moves from `debit` to `credit`."""
+
+    debit: str
+    credit: str
+    amount: int
+    kind: TransferKind
+    key: str
+    job_id: str | None = None
+    attempt: int | None = None
+    reference: str = ""
+    # Given when the caller must know the transfer's id before it is posted.
+    id: str | None = None
+
+
+def new_transfer_id() -> str:
+    return new_id("tr")
+
+
+async def ensure_tenant_accounts(session: AsyncSession, tenant_id: str) -> None:
+    repo = LedgerRepository(session)
+    for kind in (AccountKind.AVAILABLE, AccountKind.HELD, AccountKind.EARNINGS):
+        await repo.ensure_account(account_id(tenant_id, kind), tenant_id, kind.value, True)
+    await repo.ensure_account(REVENUE, PLATFORM, AccountKind.REVENUE.value, True)
+    await repo.ensure_account(EXTERNAL, PLATFORM, AccountKind.EXTERNAL.value, False)
+
+
+async def ensure_accounts(repo: LedgerRepository, account_ids: Sequence[str]) -> None:
+    """Creates accounts named "<tenant>:<kind>" unless they exist; only external accounts
+    may go below zero."""
+    for account in sorted(account_ids):
+        tenant, _, kind = account.rpartition(":")
+        AccountKind(kind)  # a typo in an account id fails here, not in a balance
+        await repo.ensure_account(account, tenant, kind, kind != AccountKind.EXTERNAL.value)
+
+
+async def post(session: AsyncSession, transfers: Sequence[NewTransfer]) -> list[str]:
+    """See `post_rows()`; returns the transfer ids, in order."""
+    return [str(row["id"]) for row in await post_rows(session, transfers)]
+
+
+async def post_rows(
+    session: AsyncSession, transfers: Sequence[NewTransfer]
+) -> list[dict[str, Any]]:
+    """Posts `transfers` (zero amounts skipped) inside the caller's transaction, all or none.
+
+    Every account involved is locked once, in account-id order (one statement), and changed
+    once by its net delta, so concurrent posts never deadlock and a hot account (the platform
+    fee account) is held only from that statement to the commit. An account that forbids
+    overdraft and would end below zero raises FailedPrecondition: the caller's transaction
+    must then roll back (it does, when the error leaves the unit of work).
+
+    Accounts are created on first use. No idempotency check here: callers guard with state
+    (a hold's conditional UPDATE) or use `transfer()`; a duplicate key still fails on the
+    unique index. Returns the transfer rows (column → value), in order."""
+    moves = [t for t in transfers if t.amount != 0]
+    if not moves:
+        return []
+    deltas: dict[str, int] = {}
+    for t in moves:
+        if t.amount < 0 or t.amount > MAX_AMOUNT:
+            raise InvalidArgument("amount_micro_credits", f"must be between 1 and {MAX_AMOUNT}")
+        deltas[t.debit] = deltas.get(t.debit, 0) - t.amount
+        deltas[t.credit] = deltas.get(t.credit, 0) + t.amount
+    repo = LedgerRepository(session)
+    balances = await repo.apply_deltas(deltas)
+    missing = [a for a in deltas if a not in balances]
+    if missing:
+        await ensure_accounts(repo, missing)
+        balances.update(await repo.apply_deltas({a: deltas[a] for a in missing}))
+    for account, (balance, no_overdraft) in balances.items():
+        if no_overdraft and balance < 0:
+            short = format_credits(-balance)
+            raise FailedPrecondition(f"insufficient funds: {account} is short by {short} credits")
+    # Balances after each transfer, in the order given: start from the final balances.
+    running = {a: balances[a][0] - d for a, d in deltas.items()}
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    for t in moves:
+        running[t.debit] -= t.amount
+        running[t.credit] += t.amount
+        rows.append(
+            {
+                "id": t.id or new_transfer_id(),
+                "debit_account_id": t.debit,
+                "credit_account_id": t.credit,
+                "amount": t.amount,
+                "kind": t.kind.value,
+                "idempotency_key": t.key,
+                "job_id": t.job_id,
+                "attempt": t.attempt,
+                "reference": t.reference,
+                "debit_balance_after": running[t.debit],
+                "credit_balance_after": running[t.credit],
+                "created_at": now,
+            }
+        )
+    await repo.insert_transfers(rows)
+    return rows
+
+
+async def transfer(
+    session: AsyncSession,
+    *,
+    debit: str,
+    credit: str,
+    amount: int,
+    kind: TransferKind,
+    key: str,
+    job_id: str | None = None,
+    attempt: int | None = None,
+    reference: str = "",
+) -> Transfer | None:
+    """Moves `amount` from `debit` to `credit` inside the caller's transaction.
+
+    Idempotent by `key`: a replay with the same parameters returns the original transfer, a
+    replay with others is ALREADY_EXISTS. Zero amounts record nothing and return None."""
+    if amount == 0:
+        return None
+    existing = await LedgerRepository(session).transfer_by_key(key)
+    if existing is not None:
+        same = (
+            existing.debit_account_id,
+            existing.credit_account_id,
+            existing.amount,
+            existing.kind,
+        )
+        if same != (debit, credit, amount, kind.value):
+            raise AlreadyExists(f"idempotency_key {key!r} was already used for another transfer")
+        return existing
+    move = NewTransfer(debit, credit, amount, kind, key, job_id, attempt, reference)
+    (row,) = await post_rows(session, [move])
+    return Transfer(**row)

@@ -1,0 +1,245 @@
+"""Re-attach after a daemon restart, against the real control plane (in process), NATS, S3 and
+Docker: the job finishes on the same container and is charged once; orphans are removed;
+attempts whose container vanished are reported; a resync reconciles the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import nats
+import pytest
+from docker.models.containers import Container
+from gpuplane.v1 import jobs_pb2, ledger_pb2, messaging_pb2, registry_pb2, types_pb2
+from nats.aio.msg import Msg
+
+from daemon import reattach
+from daemon.agent import Agent
+from daemon.executor import work_dir_for
+from daemon.journal import JournalEntry
+from daemon.runtime import LABEL_ATTEMPT, LABEL_HOST, LABEL_JOB
+from devstack import DockerEngine, NatsServer, S3Server
+from tests.controlplane.jobplane import JobPlane, job_plane
+from tests.controlplane.scripted_host import mint_token
+from tests.daemon.test_agent import daemon_settings, fetch, wait_online
+
+S = types_pb2
+K = messaging_pb2.JobReportKind
+pytestmark = [pytest.mark.timeout(60), pytest.mark.docker]
+
+
+@pytest.fixture
+async def plane(
+    tmp_path: Path, nats_server: NatsServer, s3_server: S3Server
+) -> AsyncIterator[JobPlane]:
+    def configure(options: dict[str, Any]) -> None:
+        # The host stays online across the restart (a real one takes seconds, not 15).
+        options["heartbeat_timeout_ms"] = 6000
+
+    async with job_plane(tmp_path / "cp", nats_server.url, s3_server, configure=configure) as p:
+        yield p
+
+
+def jobs_on_gpus(batch: registry_pb2.TelemetryBatch | None) -> set[str]:
+    return {p.job_id for s in (batch.samples if batch else []) for p in s.processes}
+
+
+def labelled(client: docker.DockerClient, job_id: str) -> list[Container]:
+    return list(client.containers.list(all=True, filters={"label": f"{LABEL_JOB}={job_id}"}))
+
+
+async def test_a_restarted_daemon_reattaches_and_the_job_is_charged_once(
+    plane: JobPlane,
+    tmp_path: Path,
+    s3_server: S3Server,
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    test_image: str,
+) -> None:
+    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    settings = daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine)
+    settings.telemetry_interval_ms = 200
+    first = Agent(settings)
+    await first.start()
+    try:
+        await wait_online(plane, first.host_id)
+        # Runs until the test drops /output/go into its work dir: no sleeps to race.
+        script = (
+            "hostname > /output/host; echo started; "
+            "until [ -f /output/go ]; do sleep 0.05; done; echo finished"
+        )
+        job = await plane.submit(
+            image=test_image, command=["sh", "-c", script], gpu_count=1, max_duration_seconds=60
+        )
+        await plane.wait_for(job.job_id, [S.JOB_STATE_RUNNING])
+        [container] = labelled(docker_client, job.job_id)
+    finally:
+        await first.stop()
+    assert container.id is not None
+    container.reload()
+    assert container.status == "running"  # stopping the daemon left the job running
+
+    restarted = time.monotonic()
+    second = Agent(daemon_settings(plane, None, tmp_path / "daemon", s3_server, docker_engine))
+    second.settings.telemetry_interval_ms = 200
+    await second.start()
+    try:
+        async with asyncio.timeout(10):
+            while not second.executors.get((job.job_id, 1), None) or not (
+                second.executors[(job.job_id, 1)].container_id
+            ):
+                await asyncio.sleep(0.01)
+        reattach_seconds = time.monotonic() - restarted
+        print(f"\nre-attach: {reattach_seconds * 1000:.0f} ms from Agent() to adopted")
+        assert second.reattached == [(job.job_id, 1)]
+        assert second.executors[(job.job_id, 1)].container_id == container.id
+        # Telemetry of the simulated GPU shows the adopted job on it.
+        assert second.telemetry is not None
+        async with asyncio.timeout(5):
+            while job.job_id not in jobs_on_gpus(second.telemetry.latest):
+                await asyncio.sleep(0.05)
+        assert second.session is not None
+        assert second.session.telemetry_sent > 0
+
+        work = work_dir_for(second.settings, job.job_id, 1)
+        (work / "output" / "go").write_text("")
+        done = await plane.wait_for(job.job_id, [S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED])
+    finally:
+        await second.stop()
+    assert done.state == S.JOB_STATE_SUCCEEDED, done.state_reason
+    assert [a.attempt for a in done.attempts] == [1]
+    assert labelled(docker_client, job.job_id) == []
+
+    results = await plane.jobs.GetResults(
+        jobs_pb2.GetResultsRequest(job_id=job.job_id), metadata=plane.auth(plane.consumer_key)
+    )
+    urls = {o.path: o.url for o in results.objects}
+    host = (await asyncio.to_thread(fetch, urls["output/host"])).decode().strip()
+    assert container.id.startswith(host)  # the very container that was started first
+    assert await asyncio.to_thread(fetch, urls["logs/stdout"]) == b"started\nfinished\n"
+
+    entries = await plane.ledger.ListEntries(
+        ledger_pb2.ListEntriesRequest(tenant_id=plane.consumer_tenant, job_id=job.job_id),
+        metadata=plane.auth(),
+    )
+    charges = [e for e in entries.entries if e.kind == S.TRANSFER_KIND_CHARGE]
+    assert len(charges) == 1
+    assert {e.attempt for e in charges} == {1}
+    assert done.charged_micro_credits == done.attempts[0].charged_micro_credits > 0
+    await plane.assert_ledger_consistent()
+
+
+def leave_orphan(
+    agent: Agent, client: docker.DockerClient, image: str, job_id: str, host_id: str
+) -> Container:
+    """A running container with this host's labels, a journal entry and a work dir for it,
+    for an attempt the control plane never heard of."""
+    dispatch = messaging_pb2.DispatchMessage(job_id=job_id, attempt=1)
+    agent.journal.write(
+        JournalEntry(
+            job_id,
+            1,
+            last_seq=2,
+            dispatch_b64=base64.b64encode(dispatch.SerializeToString()).decode(),
+        )
+    )
+    work_dir_for(agent.settings, job_id, 1).mkdir(parents=True)
+    labels = {LABEL_JOB: job_id, LABEL_ATTEMPT: "1", LABEL_HOST: host_id}
+    return client.containers.run(image, ["sleep", "60"], labels=labels, detach=True)
+
+
+async def test_orphans_go_and_vanished_attempts_are_reported(
+    plane: JobPlane,
+    tmp_path: Path,
+    nats_server: NatsServer,
+    s3_server: S3Server,
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    test_image: str,
+) -> None:
+    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    settings = daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine)
+    first = Agent(settings)
+    await first.start()
+    await first.stop()
+    host_id = first.host_id
+    leave_orphan(first, docker_client, test_image, "job-orphan", host_id)
+    first.journal.write(JournalEntry("job-vanished", 2, last_seq=3, state="JOB_REPORT_KIND_USAGE"))
+    work_dir_for(settings, "job-vanished", 2).mkdir(parents=True)
+
+    client = await nats.connect(nats_server.url)
+    reports: list[messaging_pb2.JobReport] = []
+
+    async def collect(message: Msg) -> None:
+        reports.append(messaging_pb2.JobReport.FromString(message.data))
+
+    await client.subscribe("gpuplane.events.job-vanished", cb=collect)
+    second = Agent(daemon_settings(plane, None, tmp_path / "daemon", s3_server, docker_engine))
+    try:
+        await second.start()
+        async with asyncio.timeout(10):
+            while labelled(docker_client, "job-orphan") or not reports:
+                await asyncio.sleep(0.05)
+        assert second.orphans_removed == 1
+        assert second.reattached == []
+        assert second.journal.entries() == []
+        assert second.leftovers == {}
+        assert not work_dir_for(settings, "job-orphan", 1).exists()
+        assert not work_dir_for(settings, "job-vanished", 2).exists()
+        [stopped] = reports
+        assert (stopped.job_id, stopped.attempt, stopped.seq) == ("job-vanished", 2, 4)
+        assert stopped.kind == K.JOB_REPORT_KIND_STOPPED
+        assert (stopped.stop_reason, stopped.provider_fault) == ("daemon_restarted", True)
+
+        # A resync reconciles the same way: a new orphan goes; a running attempt taken
+        # moments ago is not stopped (the listing may predate it).
+        late = leave_orphan(second, docker_client, test_image, "job-orphan-2", host_id)
+        await second.on_command(
+            registry_pb2.ControlMessage(resync=registry_pb2.ResyncCommand(known_jobs=[]))
+        )
+        assert labelled(docker_client, "job-orphan-2") == []
+        assert second.orphans_removed == 2
+        assert late.id not in {c.id for c in docker_client.containers.list(all=True)}
+    finally:
+        await client.close()
+        await second.stop()
+        for job_id in ("job-orphan", "job-orphan-2"):
+            for container in labelled(docker_client, job_id):
+                container.remove(force=True)
+
+
+def test_plan_decides_per_container() -> None:
+    def container(job: str, attempt: str = "1") -> Container:
+        labels = {LABEL_JOB: job, LABEL_ATTEMPT: attempt}
+        return Container(attrs={"Id": job, "Config": {"Labels": labels}})
+
+    dispatch = base64.b64encode(messaging_pb2.DispatchMessage(job_id="a").SerializeToString())
+    leftovers = {
+        ("adopt", 1): JournalEntry("adopt", 1, dispatch_b64=dispatch.decode()),
+        ("unknown", 1): JournalEntry("unknown", 1, dispatch_b64=dispatch.decode()),
+        ("gone", 1): JournalEntry("gone", 1),
+    }
+    containers = [
+        container("adopt"),
+        container("unknown"),
+        container("running"),
+        container("nojournal"),
+        container("ended"),
+        container("bad", "x"),
+    ]
+    known = {("adopt", 1), ("running", 1), ("nojournal", 1), ("ended", 1)}
+    decided = reattach.plan(
+        containers, known=known, leftovers=leftovers, running={("running", 1)}, ended={("ended", 1)}
+    )
+    assert [(e.job_id, c.id) for e, c in decided.adopt] == [("adopt", "adopt")]
+    assert [c.id for c in decided.orphans] == ["unknown", "bad"]
+    assert [k for k, _ in decided.unresumable] == [("nojournal", 1)]
+    assert [c.id for c in decided.stray] == ["ended"]
+    assert reattach.vanished(leftovers, containers) == [("gone", 1)]
+    taken = {("old", 1): 1.0, ("new", 1): 5.0, ("listed", 1): 1.0}
+    assert reattach.unlisted(taken, {("listed", 1)}, listed_after=3.0) == [("old", 1)]

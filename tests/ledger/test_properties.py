@@ -1,0 +1,282 @@
+"""Hypothesis: random interleavings of deposits, holds (submits), usage ticks, provider faults,
+settlements, cancels, expiry, refunds and payouts from concurrent asyncio clients against
+PostgreSQL. After each example: the balances sum to zero and match the transfers, no
+no-overdraft account is negative, every hold was resolved at most once, held balances are
+exactly the pending holds' rest, and no provider could pay out what is still refundable."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import cast
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+
+from controlplane.db import migrate
+from controlplane.db.base import utcnow
+from controlplane.db.engine import Database
+from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.ledger.holds import AttemptCost, Resolution
+from controlplane.ledger.models import HoldState
+from controlplane.ledger.service import LedgerService
+from tests.ledger.conftest import CREDIT, FEE_BP, Ledger
+
+pytestmark = pytest.mark.postgres
+
+CONSUMERS = 3
+PROVIDERS = 2
+SLOTS = 6  # holds an example may place; two clients naming one slot replay its submit
+CLIENTS = 6
+EXPECTED = (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound)
+
+amounts = st.integers(min_value=0, max_value=4 * CREDIT)
+op = st.one_of(
+    st.tuples(st.just("deposit"), st.integers(0, CONSUMERS - 1), amounts, st.integers(0, 2)),
+    st.tuples(st.just("submit"), st.integers(0, SLOTS - 1)),
+    st.tuples(
+        st.just("usage"), st.integers(0, SLOTS - 1), st.integers(0, PROVIDERS - 1),
+        st.integers(1, 2), amounts,
+    ),
+    st.tuples(st.just("lose"), st.integers(0, SLOTS - 1), st.integers(1, 2)),
+    st.tuples(
+        st.just("settle"), st.integers(0, SLOTS - 1), st.integers(0, PROVIDERS - 1),
+        st.integers(1, 2), amounts,
+    ),
+    st.tuples(st.just("cancel"), st.integers(0, SLOTS - 1)),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("refund"), st.integers(0, SLOTS - 1), amounts, st.integers(0, 2)),
+    st.tuples(
+        st.just("payout"), st.integers(0, PROVIDERS - 1), st.integers(1, 2 * CREDIT),
+        st.integers(0, 2),
+    ),
+    st.tuples(st.just("fail_payout"), st.integers(0, PROVIDERS - 1), st.integers(0, 2)),
+)  # fmt: skip
+scenarios = st.tuples(
+    st.lists(st.integers(100_000, 3 * CREDIT), min_size=SLOTS, max_size=SLOTS),
+    st.lists(st.booleans(), min_size=SLOTS, max_size=SLOTS),
+    st.lists(st.lists(op, min_size=2, max_size=9), min_size=CLIENTS, max_size=CLIENTS),
+)
+
+
+@dataclass
+class World:
+    ledger: Ledger
+    hold_amounts: list[int]
+    expired: list[bool]
+    prefix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    holds: dict[int, str] = field(default_factory=dict)
+    resolutions: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def consumer(self, n: int) -> str:
+        return f"{self.prefix}-consumer{n}"
+
+    def provider(self, n: int) -> str:
+        return f"{self.prefix}-provider{n}"
+
+    def job(self, slot: int) -> str:
+        return f"{self.prefix}-job{slot}"
+
+    @property
+    def tenants(self) -> Iterator[str]:
+        yield from (self.consumer(n) for n in range(CONSUMERS))
+        yield from (self.provider(n) for n in range(PROVIDERS))
+
+
+def resolved(world: World, hold_id: str, result: Resolution) -> None:
+    if not result.replay:
+        world.resolutions[hold_id] += 1
+
+
+async def step(world: World, action: tuple[object, ...]) -> str:
+    """Runs one action; "ok", or "skip" when it named a hold not placed (yet)."""
+    service = world.ledger.service
+    kind, args = str(action[0]), cast(list[int], list(action[1:]))
+    if kind == "deposit":
+        consumer, amount, key = args
+        await service.deposit(world.consumer(consumer), amount or 1, "", f"{world.prefix}-{key}")
+    elif kind == "submit":
+        (slot,) = args
+        lifetime = timedelta(seconds=-1 if world.expired[slot] else 3600)
+        hold = await service.place_hold(
+            world.consumer(slot % CONSUMERS),
+            world.hold_amounts[slot],
+            f"{world.prefix}-slot{slot}",
+            utcnow() + lifetime,
+            job_id=world.job(slot),
+        )
+        world.holds[slot] = hold.id
+    elif kind == "expire":
+        for hold_id in await world.ledger.jobs().expire_holds():
+            world.resolutions[hold_id] += 1
+    elif kind in ("payout", "fail_payout"):
+        return await money_out(world, kind, args)
+    else:
+        return await on_hold(world, kind, args)
+    return "ok"
+
+
+async def on_hold(world: World, kind: str, args: list[int]) -> str:
+    service = world.ledger.service
+    slot = args[0]
+    hold_id = world.holds.get(slot)
+    if hold_id is None:
+        return "skip"
+    if kind in ("usage", "settle"):
+        _, provider, attempt, amount = args
+        cost = AttemptCost(world.provider(provider), attempt, amount, FEE_BP)
+        if kind == "usage":
+            await service.charge_hold(hold_id, cost)
+        else:
+            resolved(world, hold_id, await service.settle_hold(hold_id, cost))
+    elif kind == "lose":
+        await service.refund_attempt(hold_id, args[1])
+    elif kind == "cancel":
+        resolved(world, hold_id, await service.settle_hold(hold_id, None))
+    elif kind == "refund":
+        _, amount, key = args
+        await service.refund_job(world.job(slot), amount, "test", f"{world.prefix}-r{key}")
+    return "ok"
+
+
+async def money_out(world: World, kind: str, args: list[int]) -> str:
+    service = world.ledger.service
+    if kind == "payout":
+        provider, amount, key = args
+        await service.payout(world.provider(provider), amount, "iban", f"{world.prefix}-{key}")
+        return "ok"
+    provider, key = args
+    async with world.ledger.db.read() as session:
+        payout_id = await session.scalar(
+            text("SELECT id FROM payouts WHERE tenant_id = :t AND idempotency_key = :k"),
+            {"t": world.provider(provider), "k": f"{world.prefix}-{key}"},
+        )
+    if payout_id is None:
+        return "skip"
+    await service.fail_payout(payout_id, "bank said no")
+    return "ok"
+
+
+async def client(world: World, actions: list[tuple[object, ...]]) -> None:
+    for action in actions:
+        try:
+            outcome = await step(world, action)
+        except EXPECTED as error:
+            outcome = type(error).__name__
+        world.outcomes[f"{action[0]}: {outcome}"] += 1
+
+
+async def check_invariants(world: World) -> None:
+    report = await world.ledger.service.check()
+    assert report.mismatches == []
+    assert report.balance_sum == 0
+    async with world.ledger.db.read() as session:
+        negative = (
+            await session.execute(
+                text("SELECT id FROM accounts WHERE no_overdraft AND balance < 0")
+            )
+        ).all()
+        assert negative == []
+        holds = {
+            row.id: row
+            for row in await session.execute(
+                text("SELECT * FROM holds WHERE key LIKE :p"), {"p": f"hold/{world.prefix}-%"}
+            )
+        }
+        releases = Counter(
+            row.job_id
+            for row in await session.execute(
+                text("SELECT job_id FROM transfers WHERE kind = 'release' AND job_id LIKE :p"),
+                {"p": f"{world.prefix}-%"},
+            )
+        )
+        flows = await session.execute(
+            text(
+                "SELECT job_id, kind, credit_account_id, sum(amount) AS total FROM transfers "
+                "WHERE job_id LIKE :p GROUP BY job_id, kind, credit_account_id"
+            ),
+            {"p": f"{world.prefix}-%"},
+        )
+        posted: Counter[str] = Counter()
+        for row in flows:
+            if row.kind in ("charge", "fee"):
+                posted[row.job_id] += row.total
+            elif row.kind == "refund" and row.credit_account_id.endswith(":held"):
+                posted[row.job_id] -= row.total  # a provider fault, back into the hold
+        balances = {
+            row.id: row.balance
+            for row in await session.execute(
+                text("SELECT id, balance FROM accounts WHERE tenant_id LIKE :p"),
+                {"p": f"{world.prefix}-%"},
+            )
+        }
+    pending_rest: Counter[str] = Counter()
+    unsettled: Counter[str] = Counter()
+    for hold in holds.values():
+        assert posted[hold.job_id] == hold.posted_amount, hold.id
+        if hold.state == HoldState.PENDING.value:
+            assert world.resolutions[hold.id] == 0
+            assert releases[hold.job_id] == 0
+            pending_rest[hold.tenant_id] += hold.amount - hold.posted_amount
+            if hold.provider_tenant_id:
+                unsettled[hold.provider_tenant_id] += hold.attempt_charged - hold.attempt_fee
+        else:
+            assert world.resolutions[hold.id] == 1, (hold.id, hold.state)
+            assert releases[hold.job_id] == (1 if hold.amount > hold.posted_amount else 0)
+    for n in range(CONSUMERS):
+        consumer = world.consumer(n)
+        assert balances.get(f"{consumer}:held", 0) == pending_rest[consumer]
+    for n in range(PROVIDERS):
+        provider = world.provider(n)
+        assert balances.get(f"{provider}:earnings", 0) >= unsettled[provider]
+
+
+async def run_example(url: str, scenario: tuple[list[int], list[bool], list[list[object]]]) -> None:
+    hold_amounts, expired, plans = scenario
+    db = Database(url, pool_size=8)
+    try:
+        world = World(Ledger(db, LedgerService(db, min_payout=1)), hold_amounts, expired)
+        for n in range(CONSUMERS):
+            await world.ledger.service.deposit(world.consumer(n), 6 * CREDIT, "", world.consumer(n))
+        # Each client submits first (six clients, six slots: every hold is placed, some twice).
+        actions: list[list[tuple[object, ...]]] = [
+            [("submit", n % SLOTS), *(tuple(a) for a in plan)]  # type: ignore[arg-type]
+            for n, plan in enumerate(plans)
+        ]
+        await asyncio.wait_for(
+            asyncio.gather(*(client(world, plan) for plan in actions)), timeout=60
+        )
+        await check_invariants(world)
+        for outcome in world.outcomes:
+            event(outcome)
+    finally:
+        await db.close()
+
+
+@pytest.fixture(scope="module")
+def ledger_url(postgres: object) -> str:
+    cluster = postgres
+    name = cluster.create_database(f"ledger_props_{uuid.uuid4().hex[:8]}")  # type: ignore[attr-defined]
+    url: str = cluster.url(name)  # type: ignore[attr-defined]
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.mark.timeout(240)
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(scenario=scenarios)
+def test_random_interleavings_keep_the_ledger_exact(
+    ledger_url: str, scenario: tuple[list[int], list[bool], list[list[object]]]
+) -> None:
+    asyncio.run(run_example(ledger_url, scenario))
