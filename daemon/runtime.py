@@ -286,6 +286,15 @@ class DockerRuntime:
     async def find_by_label(self, **labels: str) -> list[Container]:
         """Containers (running or not) carrying all of `labels` (keys without "gpuplane.")."""
         wanted = [f"gpuplane.{k}={v}" for k, v in labels.items()] or ["gpuplane.job"]
-        return await asyncio.to_thread(
-            self.client.containers.list, all=True, filters={"label": wanted}
-        )
+        return await asyncio.to_thread(self._list_labelled, wanted)
+
+    def _list_labelled(self, wanted: list[str]) -> list[Container]:
+        # containers.list() inspects each listed container and fails whole when one is
+        # removed between the list and its inspect (a job ending meanwhile): skip those.
+        found = []
+        for listed in self.client.api.containers(all=True, filters={"label": wanted}):
+            try:
+                found.append(self.client.containers.get(listed["Id"]))
+            except NotFound:
+                continue
+        return found

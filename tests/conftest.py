@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import re
+import shutil
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
@@ -108,3 +112,40 @@ def test_image(docker_client: docker.DockerClient) -> str:
     if problem is not None:
         pytest.fail(problem, pytrace=False)
     return TEST_IMAGE
+
+
+def nvml_header() -> Path | None:
+    """nvml.h from the nvidia-nvml-dev wheel (namespace package `nvidia`)."""
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for header in Path(root).glob("*/include/nvml.h"):
+            return header
+    return None
+
+
+@pytest.fixture(scope="session")
+def fake_nvml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the fake libnvidia-ml.so.1 built from tests/daemon/fake_nvml.c (put
+    it on LD_LIBRARY_PATH of a child: the loader reads that variable only at process start)."""
+    header = nvml_header()
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if header is None or compiler is None:
+        pytest.fail("needs a C compiler and nvml.h (pip install nvidia-nvml-dev)", pytrace=False)
+    out = tmp_path_factory.mktemp("fake-nvml")
+    subprocess.run(
+        [
+            compiler,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-pthread",
+            "-Wl,-soname,libnvidia-ml.so.1",
+            f"-I{header.parent}",
+            str(Path(__file__).parent / "daemon" / "fake_nvml.c"),
+            "-o",
+            str(out / "libnvidia-ml.so.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out

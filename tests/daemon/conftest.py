@@ -1,12 +1,9 @@
-"""Fixtures: daemon settings on simulated GPUs, a DockerRuntime on the harness engine, and a
-fake libnvidia-ml.so.1 compiled from fake_nvml.c against NVIDIA's nvml.h."""
+"""Fixtures: daemon settings on simulated GPUs and a DockerRuntime on the harness engine (the
+fake libnvidia-ml.so.1 is a session fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,44 +17,6 @@ from daemon.runtime import DockerRuntime
 from daemon.settings import DaemonSettings
 from devstack import S3Server
 from storage.objects import ObjectStore
-
-HERE = Path(__file__).parent
-
-
-def nvml_header() -> Path | None:
-    spec = importlib.util.find_spec("nvidia")  # the namespace package of nvidia-nvml-dev
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        for header in Path(root).glob("*/include/nvml.h"):
-            return header
-    return None
-
-
-@pytest.fixture(scope="session")
-def fake_nvml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding the fake libnvidia-ml.so.1 (put it on LD_LIBRARY_PATH of a child:
-    the loader reads that variable only when a process starts)."""
-    header = nvml_header()
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if header is None or compiler is None:
-        pytest.fail("needs a C compiler and nvml.h (pip install nvidia-nvml-dev)", pytrace=False)
-    out = tmp_path_factory.mktemp("fake-nvml")
-    subprocess.run(
-        [
-            compiler,
-            "-shared",
-            "-fPIC",
-            "-O2",
-            "-pthread",
-            "-Wl,-soname,libnvidia-ml.so.1",
-            f"-I{header.parent}",
-            str(HERE / "fake_nvml.c"),
-            "-o",
-            str(out / "libnvidia-ml.so.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 @pytest.fixture
