@@ -5,10 +5,12 @@ nor committed without its message."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import messaging_pb2, types_pb2
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
@@ -32,19 +34,34 @@ log = logging.getLogger(__name__)
 # Time a placed attempt may wait for its daemon before it counts as lost.
 DISPATCH_GRACE = timedelta(minutes=10)
 
+# Called inside every placement transaction before anything is written: raises (a domain
+# error) when this process may no longer place jobs (a stale scheduling leader), so the
+# transaction rolls back and nothing is committed.
+Fence = Callable[[AsyncSession], Awaitable[None]]
+
 
 class Scheduler:
-    def __init__(self, db: Database, notifier: Notifier, bucket: str, batch: int = 200) -> None:
+    def __init__(
+        self,
+        db: Database,
+        notifier: Notifier,
+        bucket: str,
+        batch: int = 200,
+        fence: Fence | None = None,
+    ) -> None:
         self.db = db
         self.notifier = notifier
         self.bucket = bucket
         self.batch = batch
+        self.fence = fence
 
     async def run_once(self) -> int:
         """One scheduling cycle; returns how many jobs were placed."""
         now = utcnow()
         placed: list[str] = []
         async with self.db.transaction() as session:
+            if self.fence is not None:
+                await self.fence(session)
             repo = JobRepository(session)
             jobs = await repo.queued(now, self.batch)
             if not jobs:
