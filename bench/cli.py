@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import figures, floors, jobpath, ledger, telemetry  # noqa: F401 - registers them
+from bench import figures, floors, jobpath, ledger, scheduler, telemetry  # noqa: F401 - registers them
 from bench.registry import REGISTRY, Benchmark, Result, RunContext, plan, ratio_of
 from bench.resources import Resources
 
@@ -40,9 +40,7 @@ def format_table(results: list[Result]) -> str:
         if r.target is not None:
             sign = ">=" if r.better == "higher" else "<="
             target = f"{sign} {r.target:g} {'ok' if r.meets_target else 'MISSED'}"
-        notes = ", ".join(
-            f"{k} {v}" for k, v in r.details.items() if k in ("p50_ms", "p99_ms", "errors", "count")
-        )
+        notes = ", ".join(f"{k} {v}" for k, v in r.details.items())
         rows.append((r.name, f"{_number(r.figure)} {r.unit}", floor, ratio, target, notes))
     return table(["BENCHMARK", "FIGURE", "FLOOR (same run)", "RATIO", "TARGET", "DETAILS"], rows)
 

@@ -1,5 +1,6 @@
-"""Background loops of one control plane: scheduler, outbox relay, report consumer, liveness,
-hold expiry."""
+"""Background loops of one control plane: scheduling leadership and the scheduler (on the
+leader only), outbox relay, report consumer, liveness, hold expiry (on every replica: each
+leases its rows or applies idempotently)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from datetime import timedelta
 
 from controlplane.bus import Bus
 from controlplane.db.base import utcnow
-from controlplane.errors import Conflict
+from controlplane.errors import Conflict, NotLeader
 from controlplane.jobs.consumer import ReportConsumer
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.service import JobService
 from controlplane.outbox.relay import OutboxRelay
 from controlplane.registry.service import RegistryService
+from controlplane.scheduler.leader import Leadership, SoleLeader
 from controlplane.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,14 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout)
     event.clear()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class Background:
@@ -40,34 +50,44 @@ class Background:
         scheduler_interval: float,
         heartbeat_timeout: float,
         hold_expiry_interval: float = 30.0,
+        leader: Leadership | None = None,
     ) -> None:
         self.bus = bus
         self.notifier = notifier
         self.scheduler = scheduler
+        self.leader: Leadership = leader if leader is not None else SoleLeader()
         self.jobs = jobs
         self.registry = registry
         self.scheduler_interval = scheduler_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.hold_expiry_interval = hold_expiry_interval
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._supervise("bus", self._connect_bus, once=True)),
-            asyncio.create_task(self._supervise("scheduler", self._schedule)),
-            asyncio.create_task(self._supervise("outbox", self._relay)),
-            asyncio.create_task(self._supervise("reports", self._consume)),
-            asyncio.create_task(self._supervise("liveness", self._liveness)),
-            asyncio.create_task(self._supervise("holds", self._expire_holds)),
+        loops: list[tuple[str, Callable[[], Awaitable[None]], bool]] = [
+            ("bus", self._connect_bus, True),
+            ("leader", self.leader.campaign, True),
+            ("scheduler", self._schedule, False),
+            ("outbox", self._relay, False),
+            ("reports", self._consume, False),
+            ("liveness", self._liveness, False),
+            ("holds", self._expire_holds, False),
         ]
+        self._tasks = {
+            name: asyncio.create_task(self._supervise(name, loop, once=once))
+            for name, loop, once in loops
+        }
+
+    async def stop_scheduling(self) -> None:
+        """Stops placing and gives leadership up, so another replica takes over at its next
+        check instead of after the lease ttl (a graceful shutdown calls this first)."""
+        await _cancel([self._tasks.pop(n) for n in ("scheduler", "leader") if n in self._tasks])
+        await self.leader.release()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self.stop_scheduling()
+        await _cancel(list(self._tasks.values()))
+        self._tasks = {}
 
     async def _supervise(
         self, name: str, loop: Callable[[], Awaitable[None]], once: bool = False
@@ -88,11 +108,18 @@ class Background:
         await self.bus.connect()
 
     async def _schedule(self) -> None:
+        """Scheduling cycles while this process leads; a new term starts with one at once
+        (the old leader may have left jobs queued)."""
         while True:
-            await _wait(self.notifier.schedule, self.scheduler_interval)
+            if self.leader.leading:
+                await _wait(self.notifier.schedule, self.scheduler_interval)
+            else:
+                await self.leader.wait_leading()
             try:
-                while await self.scheduler.run_once():
+                while self.leader.leading and await self.scheduler.run_once():
                     pass
+            except NotLeader as error:
+                log.warning("scheduling cycle fenced off, nothing placed: %s", error.message)
             except Conflict:
                 self.notifier.schedule.set()  # lost a race: run the cycle again at once
 

@@ -33,6 +33,10 @@ class FailedPrecondition(DomainError):
     pass
 
 
+class NotLeader(FailedPrecondition):
+    """This control plane is not (or no longer) the scheduling leader: it may not place."""
+
+
 class Unauthenticated(DomainError):
     pass
 

@@ -32,6 +32,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
         self.up = Gauge("gpuplane_up", "1 while this control plane serves.", registry=self.registry)
+        self.scheduler_leader = Gauge(
+            "gpuplane_scheduler_leader",
+            "1 while this control plane is the scheduling leader, else 0.",
+            registry=self.registry,
+        )
         self._telemetry: TelemetryCollector | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -43,7 +43,8 @@ from controlplane.ledger.service import LedgerService
 from controlplane.metrics import Metrics
 from controlplane.registry.monitor import GpuMonitor, MonitorPolicy
 from controlplane.registry.service import RegistryService
-from controlplane.scheduler.service import Scheduler
+from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
+from controlplane.scheduler.service import Scheduler, scheduler_policy
 from controlplane.settings import Settings
 from storage.objects import ObjectStore
 
@@ -72,8 +73,10 @@ class ControlPlane:
         self.bus = Bus(settings.nats_url, settings.nats_stream_replicas)
         self.notifier = Notifier()
         self.background: Background | None = None
+        self.scheduler: Scheduler | None = None
         self.jobs: JobService | None = None
         self.registry: RegistryService | None = None
+        self.leader: SoleLeader | PostgresLeader | None = None
         self.store = ObjectStore(
             settings.s3_endpoint,
             settings.s3_access_key,
@@ -128,7 +131,16 @@ class ControlPlane:
             hold_queue_timeout=timedelta(seconds=settings.hold_queue_timeout_seconds),
         )
         self.jobs = jobs = JobService(db, policy, registry.sessions, self.notifier)
-        scheduler = Scheduler(db, self.notifier, settings.s3_bucket)
+        self.leader = leadership_for(
+            db,
+            check_interval=settings.scheduler_leader_check_interval_ms / 1000,
+            ttl=settings.scheduler_lease_ttl_ms / 1000,
+            on_change=self._leadership_changed,
+        )
+        scheduling = scheduler_policy(settings)
+        self.scheduler = scheduler = Scheduler(
+            db, self.notifier, settings.s3_bucket, fence=self.leader.fence, policy=scheduling
+        )
         pricing = types_pb2.PricingPolicy(
             platform_fee_basis_points=settings.platform_fee_basis_points,
             min_price_per_gpu_hour_micro_credits=settings.min_price_per_gpu_hour_micro_credits,
@@ -155,7 +167,11 @@ class ControlPlane:
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(
                 jobs,
-                Quoter(db, settings.max_price_per_gpu_hour_micro_credits),
+                Quoter(
+                    db,
+                    settings.max_price_per_gpu_hour_micro_credits,
+                    scheduling.default_policy,
+                ),
                 self.notifier,
                 self.store,
                 LogReader(db, self.bus, self.store),
@@ -202,6 +218,7 @@ class ControlPlane:
             scheduler_interval=settings.scheduler_interval_ms / 1000,
             heartbeat_timeout=settings.heartbeat_timeout_ms / 1000,
             hold_expiry_interval=settings.hold_expiry_interval_ms / 1000,
+            leader=self.leader,
         )
         self.background.start()
         self._bucket_task = asyncio.create_task(self._ensure_bucket())
@@ -210,7 +227,12 @@ class ControlPlane:
         log.info("control plane serving gRPC on %s:%d", host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes."""
+        """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
+        Scheduling stops first, so another replica takes leadership over during the grace."""
+        if self.background is not None:
+            await self.background.stop_scheduling()
+        elif self.leader is not None:
+            await self.leader.release()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
@@ -228,6 +250,14 @@ class ControlPlane:
             await self.db.close()
             self.db = None
         self._stopped.set()
+
+    def _leadership_changed(self, leading: bool) -> None:
+        self.metrics.scheduler_leader.set(1 if leading else 0)
+        if leading:
+            if self.scheduler is not None:
+                # Another replica may have led meanwhile: start fair share from history.
+                self.scheduler.reset()
+            self.notifier.schedule.set()
 
     async def _ensure_bucket(self) -> None:
         """Creates the results bucket, retrying while the S3 server is unreachable."""

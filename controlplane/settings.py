@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -101,6 +102,40 @@ class Settings(BaseSettings):
         default=100_000, ge=1, description="Attempts whose GPU usage is kept in memory."
     )
     scheduler_interval_ms: int = Field(default=500, gt=0)
+    default_placement_policy: Literal["cheapest", "balanced", "pack", "spread"] = Field(
+        default="cheapest", description="Placement policy of jobs that name none."
+    )
+    fair_share_half_life_seconds: float = Field(
+        default=3600.0, gt=0, description="How fast a tenant's past GPU time stops counting."
+    )
+    fair_share_horizon_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="A running GPU counts toward fair share as if it ran this much longer.",
+    )
+    reserve_after_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="A job queued this long gets a reservation (no starvation by small jobs).",
+    )
+    max_reservations: int = Field(default=4, ge=0, description="Reservations per cycle.")
+    scheduler_batch: int = Field(
+        default=5000, gt=0, description="Queued jobs one scheduling cycle considers."
+    )
+    scheduler_leader_check_interval_ms: int = Field(
+        default=1000,
+        gt=0,
+        description="PostgreSQL: how often a replica that is not the scheduling leader tries "
+        "to take over (a killed leader is replaced within about this long), and how often the "
+        "leader checks the connection holding its lock (a broken one stops it scheduling).",
+    )
+    scheduler_lease_ttl_ms: int = Field(
+        default=10_000,
+        gt=0,
+        description="PostgreSQL: a scheduling leader that cannot show it is alive for this "
+        "long (frozen, cut off) is replaced: the database ends its lock session and any "
+        "placement transaction it left idle this long. At least twice the check interval.",
+    )
     allow_simulated_by_default: bool = Field(
         default=False,
         description="Dev stacks: jobs may run on simulated GPUs unless they say otherwise.",
@@ -108,9 +143,26 @@ class Settings(BaseSettings):
     auth_cache_ttl_seconds: float = Field(
         default=5.0, ge=0, description="How long a verified API key is trusted before re-checking."
     )
+    rate_limit_per_second: float = Field(
+        default=200.0,
+        ge=0,
+        description="Requests per second each API key may make on average (token bucket); "
+        "0 disables. Admin keys, health and the daemons' Connect streams are not limited.",
+    )
+    rate_limit_burst: int = Field(
+        default=400, ge=1, description="Requests an idle API key may make at once."
+    )
     shutdown_grace_seconds: float = Field(default=5.0, ge=0)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     log_level: str = Field(default="INFO")
+
+    @model_validator(mode="after")
+    def _lease_outlives_checks(self) -> Settings:
+        if self.scheduler_lease_ttl_ms < 2 * self.scheduler_leader_check_interval_ms:
+            raise ValueError(
+                "scheduler_lease_ttl_ms must be at least twice scheduler_leader_check_interval_ms"
+            )
+        return self
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite inside the data dir."""

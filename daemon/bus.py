@@ -67,7 +67,7 @@ class DaemonBus:
                 continue
             try:
                 messages = await self._sub.fetch(1, timeout=5)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
                 continue
             except nats.errors.Error as exc:
                 log.warning("fetching dispatches failed: %s", exc)

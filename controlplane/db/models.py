@@ -6,6 +6,7 @@ from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.ledger.models import Account, Hold, Payout, Transfer
 from controlplane.outbox.models import OutboxMessage
 from controlplane.registry.models import Gpu, Host, RegistrationToken
+from controlplane.scheduler.models import SchedulerLease
 
 __all__ = [
     "Account",
@@ -20,6 +21,7 @@ __all__ = [
     "OutboxMessage",
     "Payout",
     "RegistrationToken",
+    "SchedulerLease",
     "Tenant",
     "Transfer",
 ]

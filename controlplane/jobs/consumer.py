@@ -41,7 +41,8 @@ class ReportConsumer:
         assert self._sub is not None
         try:
             messages = await self._sub.fetch(self.batch, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
+            # nats-py raises either, depending on where in the fetch the time ran out.
             return 0
         for message in messages:
             try:

@@ -1,4 +1,5 @@
-"""Quotes for dry-run submits: matching offers, price range, hold, estimated start."""
+"""Quotes for dry-run submits: matching offers, price range, hold, estimated start, decided on
+the same capacity index and policies as the scheduler."""
 
 from __future__ import annotations
 
@@ -7,46 +8,61 @@ from gpuplane.v1 import jobs_pb2, types_pb2
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.jobs.service import hold_for
-from controlplane.scheduler.matching import GIB, explain, first_fit, gpu_fits, host_rejection
-from controlplane.scheduler.service import capacity_snapshot
+from controlplane.scheduler.capacity import Durations, load_capacity
+from controlplane.scheduler.demand import GIB, Policy, demand_of
+from controlplane.scheduler.explain import explain
+from controlplane.scheduler.index import host_rejection, within_price
+from controlplane.scheduler.planner import earliest_start
+from controlplane.scheduler.policies import choose
 
 MAX_QUOTE_OFFERS = 20
 
 
 class Quoter:
-    def __init__(self, db: Database, default_max_price: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        default_max_price: int,
+        default_policy: int = Policy.PLACEMENT_POLICY_CHEAPEST,
+    ) -> None:
         self.db = db
         self.default_max_price = default_max_price
+        self.default_policy = default_policy
+        self.durations = Durations()
 
     async def quote(self, spec: types_pb2.JobSpec) -> jobs_pb2.Quote:
         async with self.db.read() as session:
-            hosts = await capacity_snapshot(session)
+            capacity = await load_capacity(session, self.durations)
+        index = capacity.index
+        now = utcnow()
+        demand = demand_of("", "", spec, now.timestamp(), default_policy=self.default_policy)
+        classes = index.fitting_classes(demand)
         offers: list[types_pb2.Offer] = []
         prices: list[int] = []
-        for host in hosts:
-            if host_rejection(spec, host, spec.allow_simulated) is not None:
+        for host in sorted(index.hosts.values(), key=lambda h: (h.price, h.host_id)):
+            if host_rejection(demand, host) is not None or not within_price(demand, host):
                 continue
-            fitting = [g for g in host.free if gpu_fits(spec, g)]
-            if host.total_gpus < spec.gpu_count:
+            sizes = [(len(host.free.get(c.id, ())), host.total(c.id), c) for c in classes]
+            if demand.gpu_count and not any(total >= demand.gpu_count for _, total, _ in sizes):
                 continue
-            prices.append(host.price_per_gpu_hour)
-            if len(fitting) >= max(spec.gpu_count, 1) and len(offers) < MAX_QUOTE_OFFERS:
-                first = fitting[0]
-                offers.append(
-                    types_pb2.Offer(
-                        host_id=host.host_id,
-                        gpu_model=first.name,
-                        vram_gib=first.memory_total_bytes // GIB,
-                        free_gpu_count=len(fitting),
-                        total_gpu_count=host.total_gpus,
-                        price_per_gpu_hour_micro_credits=host.price_per_gpu_hour,
-                        location=host.location,
-                        labels=host.labels,
-                        simulated=host.simulated,
-                        compute_capability=first.compute_capability,
+            prices.append(host.price)
+            for free, total, gpu_class in sizes:
+                if free >= max(demand.gpu_count, 1) and len(offers) < MAX_QUOTE_OFFERS:
+                    offers.append(
+                        types_pb2.Offer(
+                            host_id=host.host_id,
+                            gpu_model=gpu_class.name,
+                            vram_gib=gpu_class.memory_total_bytes // GIB,
+                            free_gpu_count=free,
+                            total_gpu_count=total,
+                            price_per_gpu_hour_micro_credits=host.price,
+                            location=host.location,
+                            labels=host.labels,
+                            simulated=host.simulated,
+                            compute_capability=gpu_class.compute_capability,
+                            reliability_permille=host.reliability_permille,
+                        )
                     )
-                )
-        decision = first_fit(spec, hosts, spec.allow_simulated)
         quote = jobs_pb2.Quote(
             offers=offers,
             matching_host_count=len(prices),
@@ -54,13 +70,20 @@ class Quoter:
             max_price_per_gpu_hour_micro_credits=max(prices, default=0),
             hold_micro_credits=hold_for(spec, self.default_max_price),
         )
-        if decision.placement is not None:
-            quote.estimated_start.FromDatetime(utcnow())
-            host = decision.placement.host
+        choice = choose(index, demand, lambda _: True)
+        if choice is not None:
+            host = choice[0]
+            quote.estimated_start.FromDatetime(now)
             quote.explanation = (
-                f"can start now on {host.host_id} at {host.price_per_gpu_hour} "
-                "micro-credits per GPU-hour"
+                f"can start now on {host.host_id} at {host.price} micro-credits per GPU-hour"
             )
-        else:
-            quote.explanation = explain(spec, decision)
+            return quote
+        quote.explanation = explain(index, demand, lambda _: True)
+        soonest = earliest_start(index, demand, now.timestamp())
+        if soonest is not None:
+            quote.estimated_start.FromSeconds(int(soonest.start))
+            quote.explanation += (
+                f"; earliest start on {soonest.host_id} when its running jobs reach their "
+                "max_duration, unless queued jobs take it first"
+            )
         return quote

@@ -24,3 +24,6 @@ class OutboxMessage(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # A relay publishing the row holds it until then, so replicas' relays do not both
+    # publish it; a relay that died mid-batch leaves it to the others once this passes.
+    leased_until: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -52,13 +52,20 @@ class Host(Base):
     drain_reason: Mapped[str] = mapped_column(String(500), default="")
     lost_attempts: Mapped[int] = mapped_column(Integer, default=0)
     completed_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # GPUs of the host that went unhealthy (XID, uncorrectable ECC growth, vanished).
+    gpu_faults: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     @property
     def reliability_permille(self) -> int:
-        """Attempts completed per thousand ended (lost to a host fault or completed); 1000
-        while the host has ended none."""
-        ended = self.lost_attempts + self.completed_attempts
-        return 1000 if ended == 0 else (1000 * self.completed_attempts) // ended
+        return reliability_permille(self.completed_attempts, self.lost_attempts, self.gpu_faults)
+
+
+def reliability_permille(completed: int, lost: int, gpu_faults: int) -> int:
+    """Completed attempts per thousand outcomes, where an outcome is a completed attempt, an
+    attempt lost to a host fault (lost, daemon error, failed start not caused by the job) or
+    a GPU fault; 1000 while the host has none."""
+    outcomes = completed + lost + gpu_faults
+    return 1000 if outcomes == 0 else (1000 * completed) // outcomes
 
 
 class Gpu(Base):

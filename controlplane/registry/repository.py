@@ -111,6 +111,11 @@ class RegistryRepository:
             update(Host).where(Host.id == host_id).values(last_heartbeat_at=when)
         )
 
+    async def count_gpu_fault(self, host_id: str) -> None:
+        await self.session.execute(
+            update(Host).where(Host.id == host_id).values(gpu_faults=Host.gpu_faults + 1)
+        )
+
     async def set_gpu_health(
         self, uuid: str, host_id: str, healthy: bool, reason: str
     ) -> str | None:
@@ -119,6 +124,8 @@ class RegistryRepository:
         gpu = await self.session.get(Gpu, uuid, with_for_update=True)
         if gpu is None or gpu.host_id != host_id:
             return None
+        if gpu.healthy and not healthy:
+            await self.count_gpu_fault(host_id)
         gpu.healthy = healthy
         gpu.unhealthy_reason = "" if healthy else reason[:500]
         return gpu.job_id or ""

@@ -251,6 +251,8 @@ class RegistryService:
         reported = {g.uuid for g in request.gpus}
         for row in await repo.gpus_of([host.id]):
             if row.uuid not in reported:
+                if row.healthy:
+                    host.gpu_faults += 1
                 row.healthy = False
                 row.unhealthy_reason = "GPU no longer reported by the host"
 

@@ -1,11 +1,19 @@
-"""The capacity snapshot shared by the scheduler and the offers: online hosts, free healthy GPUs."""
+"""Capacity read from the database: the snapshot offers list, and the index the scheduler and
+quotes decide on (online hosts, healthy GPUs, free or busy until their attempt must end)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from gpuplane.v1 import types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controlplane.registry.models import reliability_permille
 from controlplane.registry.repository import RegistryRepository
+from controlplane.scheduler.index import CapacityIndex, HostEntry
 from controlplane.scheduler.matching import FreeGpu, HostCapacity
+from controlplane.scheduler.repository import SchedulerRepository
 
 # Only these host states take new placements; draining, drained and lost hosts offer nothing.
 SCHEDULABLE_HOST_STATES = ("online",)
@@ -36,3 +44,70 @@ async def capacity_snapshot(session: AsyncSession) -> list[HostCapacity]:
                 FreeGpu(gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.compute_capability)
             )
     return list(by_id.values())
+
+
+def _epoch(value: datetime) -> float:
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+class Durations:
+    """max_duration of jobs holding GPUs, read once per job (specs are immutable); bounded."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self.seconds: dict[str, float] = {}
+
+    def remember(self, job_id: str, seconds: float) -> None:
+        if len(self.seconds) >= self.limit:
+            self.seconds.clear()  # rare: re-read what is still running on the next load
+        self.seconds[job_id] = seconds
+
+    async def fill(self, repo: SchedulerRepository, job_ids: set[str]) -> None:
+        missing = [j for j in job_ids if j not in self.seconds]
+        for job_id, spec in (await repo.specs(missing)).items():
+            self.remember(job_id, float(types_pb2.JobSpec.FromString(spec).max_duration_seconds))
+
+
+@dataclass(slots=True)
+class Capacity:
+    index: CapacityIndex
+    # GPUs each tenant's live attempts hold.
+    running: dict[str, int]
+
+
+async def load_capacity(session: AsyncSession, durations: Durations) -> Capacity:
+    """The capacity index of online hosts' healthy GPUs: free ones, and busy ones with the
+    time their attempt must end by (start + max_duration), for reservations."""
+    repo = SchedulerRepository(session)
+    index = CapacityIndex()
+    entries: dict[str, HostEntry] = {}
+    for h in await repo.hosts(SCHEDULABLE_HOST_STATES):
+        entries[h.id] = HostEntry(
+            h.id,
+            h.price_per_gpu_hour,
+            h.location,
+            {str(k): str(v) for k, v in (h.labels or {}).items()},
+            h.simulated,
+            reliability_permille(h.completed_attempts, h.lost_attempts, h.gpu_faults),
+        )
+    live = await repo.live_attempts()
+    await durations.fill(repo, {row.job_id for row in live})
+    running: dict[str, int] = {}
+    ends: dict[str, float] = {}
+    for row in live:
+        running[row.tenant_id] = running.get(row.tenant_id, 0) + len(row.gpu_uuids or [])
+        until = _epoch(row.since) + durations.seconds.get(row.job_id, 0.0)
+        for uuid in row.gpu_uuids or []:
+            ends[uuid] = until
+    for gpu in await repo.healthy_gpus(SCHEDULABLE_HOST_STATES):
+        entry = entries.get(gpu.host_id)
+        if entry is None:
+            continue
+        gpu_class = index.gpu_class(gpu.name, gpu.memory_total_bytes, gpu.compute_capability)
+        if gpu.job_id is None:
+            entry.free.setdefault(gpu_class.id, []).append(gpu.uuid)
+        else:
+            entry.busy_until.setdefault(gpu_class.id, []).append(ends.get(gpu.uuid, 0.0))
+    for entry in entries.values():
+        index.add_host(entry)
+    return Capacity(index, running)

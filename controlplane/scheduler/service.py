@@ -1,11 +1,13 @@
-"""First-fit scheduling: places queued jobs on free GPUs; each placement commits together
-with its dispatch message in the outbox, so a placement is never published without its row
-nor committed without its message."""
+"""Scheduling cycles: load capacity and the queue, plan (planner.py, pure), then commit every
+placement of the cycle in one transaction together with its dispatch message in the outbox,
+so a placement is never published without its row nor committed without its message."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -15,19 +17,24 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import Conflict
-from controlplane.jobs.models import Job, JobAttempt
+from controlplane.jobs.models import Job
 from controlplane.jobs.notify import Notifier
-from controlplane.jobs.repository import JobRepository
-from controlplane.jobs.service import transition
 from controlplane.jobs.states import JobState
-from controlplane.outbox.repository import OutboxRepository
-from controlplane.registry.repository import RegistryRepository
-from controlplane.scheduler.capacity import SCHEDULABLE_HOST_STATES, capacity_snapshot
-from controlplane.scheduler.matching import HostCapacity, explain, first_fit
+from controlplane.scheduler.capacity import (
+    SCHEDULABLE_HOST_STATES,
+    Durations,
+    capacity_snapshot,
+    load_capacity,
+)
+from controlplane.scheduler.demand import Demand, Policy, demand_of
+from controlplane.scheduler.fairshare import FairShare, FairShareConfig
+from controlplane.scheduler.planner import Placed, Plan, PlannerConfig, plan_cycle
+from controlplane.scheduler.repository import SchedulerRepository
+from controlplane.settings import Settings
 from messaging.subjects import dispatch_msg_id, dispatch_subject
 from storage.layout import attempt_prefix
 
-__all__ = ["SCHEDULABLE_HOST_STATES", "Scheduler", "capacity_snapshot"]
+__all__ = ["SCHEDULABLE_HOST_STATES", "Scheduler", "SchedulerPolicy", "capacity_snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -40,87 +47,214 @@ DISPATCH_GRACE = timedelta(minutes=10)
 Fence = Callable[[AsyncSession], Awaitable[None]]
 
 
+POLICY_NAMES = {
+    "cheapest": Policy.PLACEMENT_POLICY_CHEAPEST,
+    "balanced": Policy.PLACEMENT_POLICY_BALANCED,
+    "pack": Policy.PLACEMENT_POLICY_PACK,
+    "spread": Policy.PLACEMENT_POLICY_SPREAD,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerPolicy:
+    default_policy: int = Policy.PLACEMENT_POLICY_CHEAPEST
+    fair_share: FairShareConfig = field(default_factory=FairShareConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    # Queued jobs one cycle considers: in all, and per tenant and priority (their oldest).
+    batch: int = 5000
+    per_tenant: int = 1000
+
+
+def scheduler_policy(settings: Settings) -> SchedulerPolicy:
+    return SchedulerPolicy(
+        default_policy=POLICY_NAMES[settings.default_placement_policy],
+        fair_share=FairShareConfig(
+            half_life_s=settings.fair_share_half_life_seconds,
+            horizon_s=settings.fair_share_horizon_seconds,
+        ),
+        planner=PlannerConfig(
+            reserve_after_s=settings.reserve_after_seconds,
+            max_reservations=settings.max_reservations,
+        ),
+        batch=settings.scheduler_batch,
+        per_tenant=max(1, settings.scheduler_batch // 5),
+    )
+
+
+@dataclass(slots=True)
+class CycleStats:
+    """The last cycle, for logs and metrics."""
+
+    considered: int = 0
+    placed: int = 0
+    reservations: int = 0
+    seconds: float = 0.0
+
+
 class Scheduler:
     def __init__(
         self,
         db: Database,
         notifier: Notifier,
         bucket: str,
-        batch: int = 200,
+        batch: int = 5000,
         fence: Fence | None = None,
+        policy: SchedulerPolicy | None = None,
     ) -> None:
         self.db = db
         self.notifier = notifier
         self.bucket = bucket
-        self.batch = batch
         self.fence = fence
+        self.policy = policy or SchedulerPolicy(batch=batch)
+        self.fair = FairShare(self.policy.fair_share)
+        self.durations = Durations()
+        self.last = CycleStats()
+        self._seeded = False
+
+    def reset(self) -> None:
+        """Forgets in-memory state (fair share); the next cycle seeds it from history."""
+        self.fair = FairShare(self.policy.fair_share)
+        self._seeded = False
 
     async def run_once(self) -> int:
         """One scheduling cycle; returns how many jobs were placed."""
+        started = time.perf_counter()
         now = utcnow()
-        placed: list[str] = []
         async with self.db.transaction() as session:
             if self.fence is not None:
                 await self.fence(session)
-            repo = JobRepository(session)
-            jobs = await repo.queued(now, self.batch)
+            repo = SchedulerRepository(session)
+            jobs = await repo.queued(now, self.policy.per_tenant, self.policy.batch)
             if not jobs:
                 return 0
-            hosts = await capacity_snapshot(session)
-            registry = RegistryRepository(session)
-            outbox = OutboxRepository(session)
-            for job in jobs:
-                spec = types_pb2.JobSpec.FromString(job.spec)
-                decision = first_fit(spec, hosts, spec.allow_simulated)
-                if decision.placement is None:
-                    job.state_reason = explain(spec, decision)
-                    continue
-                host, gpus = decision.placement.host, decision.placement.gpus
-                uuids = [g.uuid for g in gpus]
-                if await registry.allocate_gpus(uuids, job.id, job.attempt) != len(uuids):
-                    # Another writer took a GPU since the snapshot: roll the whole cycle back.
-                    raise Conflict("GPU allocation raced; retrying the cycle")
-                host.free = [g for g in host.free if g.uuid not in set(uuids)]
-                self._place(repo, outbox, job, spec, host, uuids, now)
-                placed.append(job.id)
-        for job_id in placed:
-            self.notifier.job_changed(job_id)
-        if placed:
+            capacity = await load_capacity(session, self.durations)
+            if not self._seeded:
+                await self._seed(repo, now)
+            self.fair.weights = await repo.weights({job.tenant_id for job in jobs})
+            self.fair.advance(now.timestamp(), capacity.running)
+            specs = {job.id: types_pb2.JobSpec.FromString(job.spec) for job in jobs}
+            queue = [self._demand(job, specs[job.id]) for job in jobs]
+            plan = plan_cycle(
+                capacity.index,
+                queue,
+                self.fair,
+                capacity.running,
+                now.timestamp(),
+                self.policy.planner,
+            )
+            await self._commit(repo, plan, {j.id: j for j in jobs}, specs, now)
+        self.last = CycleStats(
+            len(jobs), len(plan.placed), len(plan.reservations), time.perf_counter() - started
+        )
+        for placed in plan.placed:
+            self.notifier.job_changed(placed.demand.job_id)
+        if plan.placed:
             self.notifier.outbox.set()
-            log.info("placed %d job(s)", len(placed))
-        return len(placed)
+            log.info(
+                "placed %d of %d queued job(s) in %.0f ms",
+                len(plan.placed),
+                len(jobs),
+                self.last.seconds * 1000,
+            )
+        return len(plan.placed)
 
-    def _place(
+    def _demand(self, job: Job, spec: types_pb2.JobSpec) -> Demand:
+        since = job.created_at if job.not_before is None else max(job.created_at, job.not_before)
+        return demand_of(
+            job.id,
+            job.tenant_id,
+            spec,
+            since.timestamp(),
+            default_policy=self.policy.default_policy,
+        )
+
+    async def _seed(self, repo: SchedulerRepository, now: datetime) -> None:
+        """Fair share starts from the GPU time of attempts that ended recently (this process
+        just became the scheduler: another may have led before)."""
+        half_life = self.policy.fair_share.half_life_s
+        since = now - timedelta(seconds=4 * half_life)
+        for tenant, uuids, run_ms, finished in await repo.finished_usage(since):
+            age = max(0.0, (now - finished).total_seconds())
+            self.fair.seed(tenant, len(uuids or []) * run_ms / 1000 * 0.5 ** (age / half_life))
+        self._seeded = True
+
+    async def _commit(
         self,
-        repo: JobRepository,
-        outbox: OutboxRepository,
-        job: Job,
-        spec: types_pb2.JobSpec,
-        host: HostCapacity,
-        uuids: list[str],
+        repo: SchedulerRepository,
+        plan: Plan,
+        jobs: dict[str, Job],
+        specs: dict[str, types_pb2.JobSpec],
         now: datetime,
     ) -> None:
-        job.host_id = host.host_id
-        job.gpu_uuids = uuids
-        job.price_per_gpu_hour = host.price_per_gpu_hour
-        transition(repo, job, JobState.SCHEDULED, reason=f"placed on {host.host_id}", now=now)
-        repo.add(
-            JobAttempt(
-                job_id=job.id,
-                attempt=job.attempt,
-                host_id=host.host_id,
-                gpu_uuids=uuids,
-                state=JobState.SCHEDULED.value,
-                reason="",
-                live=True,
-                lost=False,
-                report_seq=0,
-                run_time_ms=0,
-                charged=0,
-                manifest=[],
-                created_at=now,
+        """Writes the plan with a few statements, whatever its size (no ORM unit of work:
+        the loaded jobs are only read)."""
+        rows = [
+            (uuid, p.demand.job_id, jobs[p.demand.job_id].attempt)
+            for p in plan.placed
+            for uuid in p.gpu_uuids
+        ]
+        if await repo.allocate(rows) != len(rows):
+            # Another writer took a GPU since the load: roll the whole cycle back.
+            raise Conflict("GPU allocation raced; retrying the cycle")
+        updates, attempts, events, messages = [], [], [], []
+        for placed in plan.placed:
+            job = jobs[placed.demand.job_id]
+            reason = f"placed on {placed.host_id}"
+            updates.append(
+                {
+                    "b_id": job.id,
+                    "state": JobState.SCHEDULED.value,
+                    "state_reason": reason,
+                    "host_id": placed.host_id,
+                    "gpu_uuids": placed.gpu_uuids,
+                    "price_per_gpu_hour": placed.price,
+                    "event_seq": job.event_seq + 1,
+                    "updated_at": now,
+                }
             )
+            attempts.append(
+                {
+                    "job_id": job.id,
+                    "attempt": job.attempt,
+                    "host_id": placed.host_id,
+                    "gpu_uuids": placed.gpu_uuids,
+                    "state": JobState.SCHEDULED.value,
+                    "reason": "",
+                    "live": True,
+                    "lost": False,
+                    "report_seq": 0,
+                    "run_time_ms": 0,
+                    "charged": 0,
+                    "manifest": [],
+                    "created_at": now,
+                }
+            )
+            events.append(
+                {
+                    "job_id": job.id,
+                    "seq": job.event_seq + 1,
+                    "attempt": job.attempt,
+                    "state": JobState.SCHEDULED.value,
+                    "reason": reason,
+                    "exit_code": None,
+                    "time": now,
+                }
+            )
+            messages.append(self._dispatch(job, specs[job.id], placed, now))
+            self.durations.remember(job.id, placed.demand.max_duration_s)
+        await repo.place(updates, attempts, events, messages)
+        await repo.set_reasons(
+            {
+                job_id: reason[:1000]
+                for job_id, reason in plan.reasons.items()
+                if jobs[job_id].state_reason != reason[:1000]
+            }
         )
+
+    def _dispatch(
+        self, job: Job, spec: types_pb2.JobSpec, placed: Placed, now: datetime
+    ) -> dict[str, object]:
+        """The outbox row of the placement's DispatchMessage."""
         deadline = Timestamp()
         deadline.FromDatetime(now + DISPATCH_GRACE + timedelta(seconds=spec.max_duration_seconds))
         message = messaging_pb2.DispatchMessage(
@@ -128,14 +262,14 @@ class Scheduler:
             attempt=job.attempt,
             tenant_id=job.tenant_id,
             spec=spec,
-            gpu_uuids=uuids,
+            gpu_uuids=placed.gpu_uuids,
             results_prefix=attempt_prefix(job.id, job.attempt),
             bucket=self.bucket,
             deadline=deadline,
         )
-        outbox.enqueue(
-            dispatch_subject(host.host_id),
-            dispatch_msg_id(job.id, job.attempt),
-            message.SerializeToString(),
-            now,
-        )
+        return {
+            "subject": dispatch_subject(placed.host_id),
+            "msg_id": dispatch_msg_id(job.id, job.attempt),
+            "payload": message.SerializeToString(),
+            "created_at": now,
+        }

@@ -118,7 +118,9 @@ async def test_placement_disjoint_gpus_then_queue_then_settle(plane: JobPlane) -
         await asyncio.sleep(0.5)
         queued = await plane.get(c.job_id)
         assert queued.state == S.JOB_STATE_QUEUED
-        assert "0 of 1 online hosts have 2 free matching GPUs" in queued.state_reason
+        assert queued.state_reason == (
+            "0 of 1 online hosts have 2×GPU free; 1 lacks enough free matching GPUs right now"
+        )
 
         # A duplicated report (same seq) and a stale one change nothing.
         await run_to_success(host, da, run_time_ms=90_000)

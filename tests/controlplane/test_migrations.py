@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,3 +64,21 @@ def _diff(url: str) -> list[Any]:
 async def test_migrations_match_models(database_url: str) -> None:
     await asyncio.to_thread(migrate.upgrade, database_url)
     assert await asyncio.to_thread(_diff, database_url) == []
+
+
+@pytest.mark.postgres
+def test_replicas_migrating_one_fresh_database_at_once_both_succeed(pg_url: str) -> None:
+    # Two processes, as two replicas are (Alembic's context is per process). Without the
+    # migration lock the second one's CREATE TABLE fails: the relation already exists.
+    code = "import sys; from controlplane.db import migrate; migrate.upgrade(sys.argv[1])"
+    children = [
+        subprocess.Popen([sys.executable, "-c", code, pg_url], stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for child in children:
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+    head = migrate.current_revision(pg_url)
+    assert head is not None
+    migrate.upgrade(pg_url)
+    assert migrate.current_revision(pg_url) == head

@@ -429,7 +429,9 @@ async def test_an_adopted_container_runs_on_and_reports_from_the_journaled_seq(
     # STARTING 1 and RUNNING 2 came from the first executor; 3 is skipped on adoption.
     assert [r.seq for r in reports.items] == list(range(4, 4 + len(reports.items)))
     assert (final.exit_code, final.stop_reason) == (0, "")
-    assert final.run_time_ms >= 1500
+    # The whole run, from the container's own start (Docker's clock: a few ms of slack
+    # against `sleep 1.5` seen in the container), not just the part after adoption.
+    assert final.run_time_ms >= 1450
     manifest = {o.path: o for o in final.manifest}
     host = await store.get_bytes(manifest["output/host"].key)
     assert container_id.startswith(host.decode().strip())  # the same container ran on

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from controlplane.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+# Serialises migrations of control-plane replicas starting at once on one PostgreSQL
+# database (a transaction-level advisory lock: released at commit or rollback).
+MIGRATION_LOCK = 0x67707571
 
 
 def run_migrations() -> None:
@@ -23,6 +26,9 @@ def run_migrations() -> None:
             compare_type=True,
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # The second replica waits here, then finds the schema current.
+                connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
             context.run_migrations()
     engine.dispose()
 

@@ -1,0 +1,247 @@
+"""All SQL of the scheduler: lean reads of capacity and queue, batched GPU allocation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, and_, bindparam, case, func, insert, literal, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.auth.models import Tenant
+from controlplane.errors import Conflict
+from controlplane.jobs.models import Job, JobAttempt, JobEvent
+from controlplane.outbox.models import OutboxMessage
+from controlplane.registry.models import Gpu, Host
+
+# SQLite binds at most 32,766 variables per statement: allocate in chunks.
+SQLITE_CHUNK = 500
+
+PG_ALLOCATE = text(
+    """
+    UPDATE gpus AS g SET job_id = r.job_id, attempt = r.attempt
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(uuid varchar, job_id varchar, attempt int)
+    WHERE g.uuid = r.uuid AND g.job_id IS NULL
+    """
+)
+
+
+JOBS = cast(Table, Job.__table__)
+# The columns a placement sets on its job (JobState.SCHEDULED; see jobs/service.transition).
+PLACED_COLUMNS = (
+    ("state", "varchar"),
+    ("state_reason", "varchar"),
+    ("host_id", "varchar"),
+    ("gpu_uuids", "json"),
+    ("price_per_gpu_hour", "bigint"),
+    ("event_seq", "integer"),
+    ("updated_at", "timestamptz"),
+)
+PG_PLACE_JOBS = text(
+    "UPDATE jobs AS j SET "
+    + ", ".join(f"{c} = r.{c}" for c, _ in PLACED_COLUMNS)
+    + " FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(b_id varchar, "
+    + ", ".join(f"{c} {t}" for c, t in PLACED_COLUMNS)
+    + ") WHERE j.id = r.b_id AND j.state = 'queued'"
+)
+SQLITE_PLACE_JOBS = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_id"), JOBS.c.state == "queued")
+    .values({c: bindparam(c) for c, _ in PLACED_COLUMNS})
+)
+PG_SET_REASONS = text(
+    "UPDATE jobs AS j SET state_reason = r.reason "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(b_id varchar, reason varchar) "
+    "WHERE j.id = r.b_id AND j.state = 'queued' AND j.state_reason <> r.reason"
+)
+SQLITE_SET_REASONS = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_id"), JOBS.c.state == "queued")
+    .values(state_reason=bindparam("reason"))
+)
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+class SchedulerRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    @property
+    def postgres(self) -> bool:
+        return self.session.get_bind().dialect.name == "postgresql"
+
+    async def hosts(self, states: Sequence[str]) -> Sequence[Any]:
+        query = select(
+            Host.id,
+            Host.price_per_gpu_hour,
+            Host.location,
+            Host.labels,
+            Host.simulated,
+            Host.lost_attempts,
+            Host.completed_attempts,
+            Host.gpu_faults,
+        ).where(Host.state.in_(states))
+        return (await self.session.execute(query)).all()
+
+    async def healthy_gpus(self, states: Sequence[str]) -> Sequence[Any]:
+        """Healthy GPUs of hosts in `states`, by host then index."""
+        query = (
+            select(
+                Gpu.uuid,
+                Gpu.host_id,
+                Gpu.name,
+                Gpu.memory_total_bytes,
+                Gpu.compute_capability,
+                Gpu.job_id,
+            )
+            .join(Host, Host.id == Gpu.host_id)
+            .where(Host.state.in_(states), Gpu.healthy.is_(True))
+            .order_by(Gpu.host_id, Gpu.index)
+        )
+        return (await self.session.execute(query)).all()
+
+    async def live_attempts(self) -> Sequence[Any]:
+        """(job id, tenant, GPU uuids, since) of every live attempt: what holds GPUs now."""
+        since = func.coalesce(JobAttempt.started_at, JobAttempt.created_at)
+        query = (
+            select(JobAttempt.job_id, Job.tenant_id, JobAttempt.gpu_uuids, since.label("since"))
+            .join(Job, Job.id == JobAttempt.job_id)
+            .where(JobAttempt.live.is_(True))
+        )
+        return (await self.session.execute(query)).all()
+
+    async def specs(self, job_ids: Sequence[str]) -> dict[str, bytes]:
+        if not job_ids:
+            return {}
+        rows = await self.session.execute(select(Job.id, Job.spec).where(Job.id.in_(job_ids)))
+        return {job_id: spec for job_id, spec in rows}
+
+    async def queued(self, now: datetime, per_tenant: int, limit: int) -> Sequence[Job]:
+        """Queued jobs whose backoff has passed, locked for this cycle (others skip them):
+        at most `per_tenant` of each tenant and priority (its oldest), so one tenant's deep
+        backlog never hides another tenant's jobs; highest priority first, then oldest."""
+        placeable = and_(
+            Job.state == "queued", (Job.not_before.is_(None)) | (Job.not_before <= now)
+        )
+        ranked = (
+            select(
+                Job.id,
+                func.row_number()
+                .over(
+                    partition_by=(Job.tenant_id, Job.priority),
+                    order_by=(Job.created_at, Job.id),
+                )
+                .label("rank"),
+            )
+            .where(placeable)
+            .subquery()
+        )
+        chosen = (
+            select(ranked.c.id)
+            .where(ranked.c.rank <= per_tenant)
+            .order_by(ranked.c.id)
+            .limit(limit * 2)
+        )
+        # Ids first, then the rows by id: one statement joining the window query under FOR
+        # UPDATE was planned as a nested loop (quadratic) on freshly filled tables.
+        ids = list((await self.session.scalars(chosen)).all())
+        if not ids:
+            return []
+        query = (
+            select(Job)
+            .where(Job.id.in_(ids), placeable)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return (await self.session.scalars(query)).all()
+
+    async def weights(self, tenant_ids: set[str]) -> dict[str, float]:
+        """Fair-share weights of the tenants (AdminService CreateTenant fair_share_weight)."""
+        if not tenant_ids:
+            return {}
+        rows = await self.session.execute(
+            select(Tenant.id, Tenant.fair_share_weight).where(Tenant.id.in_(tenant_ids))
+        )
+        return {tenant: float(weight) for tenant, weight in rows}
+
+    async def allocate(self, rows: Sequence[tuple[str, str, int]]) -> int:
+        """Gives each (GPU uuid, job id, attempt) its GPU if still free, in one statement per
+        chunk; returns how many were free (all, or the caller rolls back)."""
+        if not rows:
+            return 0
+        if self.postgres:
+            payload = json.dumps([{"uuid": u, "job_id": j, "attempt": a} for u, j, a in rows])
+            result = await self.session.execute(PG_ALLOCATE, {"rows": payload})
+            return int(getattr(result, "rowcount", 0))
+        total = 0
+        for start in range(0, len(rows), SQLITE_CHUNK):
+            chunk = rows[start : start + SQLITE_CHUNK]
+            jobs = {u: literal(j) for u, j, _ in chunk}
+            attempts = {u: literal(a) for u, _, a in chunk}
+            statement = (
+                update(Gpu)
+                .where(Gpu.uuid.in_(list(jobs)), Gpu.job_id.is_(None))
+                .values(
+                    job_id=case(jobs, value=Gpu.uuid),
+                    attempt=case(attempts, value=Gpu.uuid),
+                )
+            )
+            result = await self.session.execute(statement)
+            total += int(getattr(result, "rowcount", 0))
+        return total
+
+    async def place(
+        self,
+        jobs: Sequence[dict[str, Any]],
+        attempts: Sequence[dict[str, Any]],
+        events: Sequence[dict[str, Any]],
+        messages: Sequence[dict[str, Any]],
+    ) -> None:
+        """Writes a cycle's placements in a few statements: each job (still queued) moves to
+        its new state, with its attempt, its event row and its dispatch message."""
+        if not jobs:
+            return
+        if self.postgres:
+            payload = json.dumps(jobs, default=_iso)
+            result = await self.session.execute(PG_PLACE_JOBS, {"rows": payload})
+            if int(getattr(result, "rowcount", 0)) != len(jobs):
+                raise Conflict("a placed job left the queue meanwhile; retrying the cycle")
+        else:  # one writer at a time: the rows cannot change under this transaction
+            await self.session.execute(SQLITE_PLACE_JOBS, list(jobs))
+        await self.session.execute(insert(JobAttempt), list(attempts))
+        await self.session.execute(insert(JobEvent), list(events))
+        await self.session.execute(insert(OutboxMessage), list(messages))
+
+    async def set_reasons(self, reasons: dict[str, str]) -> None:
+        """Why each still-queued job waits ("why pending")."""
+        if not reasons:
+            return
+        rows = [{"b_id": job_id, "reason": reason} for job_id, reason in reasons.items()]
+        if self.postgres:
+            await self.session.execute(PG_SET_REASONS, {"rows": json.dumps(rows)})
+        else:
+            await self.session.execute(SQLITE_SET_REASONS, rows)
+
+    async def finished_usage(self, since: datetime) -> Sequence[Any]:
+        """(tenant, GPU uuids, run time ms, finished at) of attempts that ended after `since`
+        and were not lost: the history fair share starts from."""
+        query = (
+            select(
+                Job.tenant_id, JobAttempt.gpu_uuids, JobAttempt.run_time_ms, JobAttempt.finished_at
+            )
+            .join(Job, Job.id == JobAttempt.job_id)
+            .where(
+                JobAttempt.finished_at.is_not(None),
+                JobAttempt.finished_at >= since,
+                JobAttempt.lost.is_(False),
+            )
+        )
+        return (await self.session.execute(query)).all()

@@ -1,0 +1,1 @@
+"""Tests of deploy/: compose file, Dockerfiles, NATS config, env examples."""
