@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane.api.admin import AdminServicer
-from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor
+from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, RateLimiter
 from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
@@ -161,7 +161,13 @@ class ControlPlane:
             ("grpc.so_reuseport", 0),
         ]
         server = aio.server(
-            interceptors=[ErrorInterceptor(self.metrics), AuthInterceptor(auth.authenticate)],
+            interceptors=[
+                ErrorInterceptor(self.metrics),
+                AuthInterceptor(
+                    auth.authenticate,
+                    RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+                ),
+            ],
             options=options,
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(

@@ -11,7 +11,7 @@ Reports per outcome (seq from 1, strictly increasing; USAGE repeats while runnin
                USAGE*, then as above; the uploaded logs are the container's whole logs
 Uploads are retried `upload_attempts` times with exponential backoff while the attempt stays
 UPLOADING; then FINISHED carries reason "upload_failed" with whatever manifest was stored
-(outputs over `output_max_bytes` are not stored at all: logs only, "upload_failed").
+(outputs over `output_max_bytes` are not stored at all: logs only, "upload_failed: <why>").
 """
 
 from __future__ import annotations

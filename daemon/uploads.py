@@ -11,7 +11,7 @@ from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.settings import DaemonSettings
 from storage.objects import ObjectStore, StorageError
-from storage.upload import OutputTooLarge, upload_attempt
+from storage.upload import ManifestMismatch, OutputTooLarge, upload_attempt, verify_attempt
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,12 @@ async def store_results(
 ) -> tuple[list[types_pb2.ResultObject], str]:
     """Uploads outputs, logs and the manifest; returns (manifest, reason).
 
+    Every stored object is then read back and checked against the manifest (size, SHA-256)
+    before the manifest is returned; a mismatch is a failed try like any other.
     Transient failures are retried `settings.upload_attempts` times with exponential backoff
     from `upload_retry_base_seconds` (capped at 30 s). After the last one the reason is
     "upload_failed" and the manifest is empty. Outputs over `output_max_bytes` are never
-    stored: the logs alone are (same retries), and the reason is "upload_failed".
+    stored: the logs alone are (same retries), and the reason is "upload_failed: <why>".
     """
     outputs: Path | None = output_dir
     reason = ""
@@ -47,10 +49,13 @@ async def store_results(
                 logs,
                 max_output_bytes=settings.output_max_bytes,
             )
+            # What settles the job is what is stored, not what was sent: read it back.
+            if await verify_attempt(store, dispatch.job_id, dispatch.attempt) != manifest:
+                raise ManifestMismatch("the stored manifest.json differs from the one sent")
             return manifest, reason
         except OutputTooLarge as exc:
             log.warning("%s/%s: %s; storing the logs only", dispatch.job_id, dispatch.attempt, exc)
-            outputs, reason = None, UPLOAD_FAILED
+            outputs, reason = None, f"{UPLOAD_FAILED}: {exc}"
             continue
         except (StorageError, OSError) as exc:
             log.warning(

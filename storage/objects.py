@@ -155,6 +155,23 @@ class ObjectStore:
 
         return await self._call(key, get)
 
+    async def digest(self, key: str) -> tuple[int, str]:
+        """(size, SHA-256 hex) of the stored object's bytes, read back in a stream."""
+
+        def read() -> tuple[int, str]:
+            response = self._client.get_object(self.bucket, key)
+            digest, size = hashlib.sha256(), 0
+            try:
+                for chunk in response.stream(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+            return size, digest.hexdigest()
+
+        return await self._call(key, read)
+
     async def stat(self, key: str) -> ObjectInfo:
         def stat() -> ObjectInfo:
             info = self._client.stat_object(self.bucket, key)

@@ -13,7 +13,7 @@ from pathlib import Path
 from gpuplane.v1 import types_pb2
 
 from storage import layout
-from storage.objects import ObjectStore, StoredObject
+from storage.objects import ObjectNotFound, ObjectStore, StorageError, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,11 @@ _PARALLEL_UPLOADS = 4
 
 class OutputTooLarge(Exception):
     """The files under /output add up to more than the host accepts."""
+
+
+class ManifestMismatch(StorageError):
+    """A stored object's bytes differ from what the attempt's manifest says (size or
+    SHA-256), or an object the manifest lists is missing."""
 
 
 @dataclass(frozen=True)
@@ -125,3 +130,33 @@ async def upload_attempt(
     body = json.dumps(document, indent=2).encode()
     await store.put_bytes(layout.manifest_key(job_id, attempt), body, "application/json")
     return manifest
+
+
+async def verify_attempt(
+    store: ObjectStore, job_id: str, attempt: int
+) -> list[types_pb2.ResultObject]:
+    """Reads the attempt's manifest.json and every object it lists back from the store;
+    returns the entries when each object's size and SHA-256 match. Raises
+    `ManifestMismatch` naming the first object that differs or is missing (`ObjectNotFound`
+    when there is no manifest, `StorageError` when the store cannot be read)."""
+    document = json.loads(await store.get_bytes(layout.manifest_key(job_id, attempt)))
+    entries = [types_pb2.ResultObject(**entry) for entry in document]
+    limit = asyncio.Semaphore(_PARALLEL_UPLOADS)
+
+    async def check(entry: types_pb2.ResultObject) -> None:
+        async with limit:
+            try:
+                size, sha256 = await store.digest(entry.key)
+            except ObjectNotFound as exc:
+                raise ManifestMismatch(f"'{entry.key}' is in the manifest but not stored") from exc
+        if (size, sha256) != (entry.size_bytes, entry.sha256):
+            raise ManifestMismatch(
+                f"'{entry.key}' does not match the manifest: stored {size} bytes with sha256 "
+                f"{sha256}, manifest says {entry.size_bytes} bytes with sha256 {entry.sha256}"
+            )
+
+    outcomes = await asyncio.gather(*(check(entry) for entry in entries), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return entries

@@ -12,7 +12,7 @@ from controlplane.auth.principal import Role, current_principal
 from controlplane.auth.service import AuthService
 from controlplane.errors import Unimplemented
 from controlplane.idempotency import check_key, fingerprint
-from controlplane.paging import decode_token, encode_token, page_size
+from controlplane.paging import after_id, encode_token, page_size
 from controlplane.registry.models import RegistrationToken
 from controlplane.registry.service import RegistryService
 
@@ -74,9 +74,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListTenants(
         self, request: admin_pb2.ListTenantsRequest, context: Context
     ) -> admin_pb2.ListTenantsResponse:
-        cursor = decode_token(request.page_token)
         limit = page_size(request.page_size)
-        rows = await self.auth.list_tenants(cursor["after"] if cursor else None, limit + 1)
+        rows = await self.auth.list_tenants(after_id(request.page_token), limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
         return admin_pb2.ListTenantsResponse(
@@ -100,12 +99,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Context
     ) -> admin_pb2.ListApiKeysResponse:
-        cursor = decode_token(request.page_token)
         limit = page_size(request.page_size)
         rows = await self.auth.list_api_keys(
             request.tenant_id or None,
             request.include_revoked,
-            cursor["after"] if cursor else None,
+            after_id(request.page_token),
             limit + 1,
         )
         more = len(rows) > limit
@@ -138,13 +136,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListRegistrationTokens(
         self, request: admin_pb2.ListRegistrationTokensRequest, context: Context
     ) -> admin_pb2.ListRegistrationTokensResponse:
-        cursor = decode_token(request.page_token)
         limit = page_size(request.page_size)
         rows = await self.registry.list_tokens(
             current_principal(),
             request.provider_tenant_id,
             request.include_inactive,
-            cursor["after"] if cursor else None,
+            after_id(request.page_token),
             limit + 1,
         )
         more = len(rows) > limit

@@ -1,4 +1,5 @@
-"""Server interceptors: error mapping (with RPC metrics) and bearer-key authentication."""
+"""Server interceptors: error mapping (with RPC metrics), bearer-key authentication and
+per-key rate limits."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ import grpc
 from grpc import aio
 
 from controlplane.auth.policy import PUBLIC_METHODS, allowed_roles
-from controlplane.auth.principal import Principal, set_current_principal
-from controlplane.errors import DomainError, PermissionDenied, Unauthenticated, status_code_for
+from controlplane.auth.principal import Principal, Role, set_current_principal
+from controlplane.errors import (
+    DomainError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    status_code_for,
+)
 from controlplane.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -129,12 +136,76 @@ def bearer_secret(metadata: Any) -> str | None:
     return None
 
 
-class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Authenticates the bearer key and checks the caller's role against the policy table;
-    the principal is then available to the handler through current_principal()."""
+# The daemon's long-lived stream is one call, not a request rate: never limited.
+RATE_EXEMPT_METHODS: frozenset[str] = frozenset({"/gpuplane.v1.RegistryService/Connect"})
+# Operators' keys (and the benchmarks that drive the server with one) are not limited.
+RATE_EXEMPT_ROLES: frozenset[Role] = frozenset({Role.ADMIN})
 
-    def __init__(self, authenticate: Authenticator) -> None:
+
+class RateLimiter:
+    """A token bucket per credential: `per_second` requests on average, bursts of `burst`.
+    `per_second` 0 disables it."""
+
+    MAX_BUCKETS = 100_000
+
+    def __init__(
+        self,
+        per_second: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_second = per_second
+        self.burst = max(burst, 1)
+        self.clock = clock
+        # credential id -> (tokens left, when they were counted)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_second > 0
+
+    def allow(self, credential_id: str) -> bool:
+        """Takes one token from the credential's bucket; False when it is empty."""
+        if not self.enabled:
+            return True
+        now = self.clock()
+        tokens, counted = self._buckets.get(credential_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - counted) * self.per_second)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        if len(self._buckets) >= self.MAX_BUCKETS and credential_id not in self._buckets:
+            self._forget_full(now)
+        self._buckets[credential_id] = (tokens, now)
+        return allowed
+
+    def _forget_full(self, now: float) -> None:
+        """Drops buckets that have refilled (forgetting them changes nothing)."""
+        for key, (tokens, counted) in list(self._buckets.items()):
+            if tokens + (now - counted) * self.per_second >= self.burst:
+                del self._buckets[key]
+        if len(self._buckets) >= self.MAX_BUCKETS:
+            self._buckets.clear()
+
+    def check(self, principal: Principal, method: str) -> None:
+        """RESOURCE_EXHAUSTED when `principal` is over its rate on `method`."""
+        if method in RATE_EXEMPT_METHODS or principal.role in RATE_EXEMPT_ROLES:
+            return
+        if not self.allow(principal.principal_id):
+            raise ResourceExhausted(
+                f"rate limit exceeded: at most {self.per_second:g} requests per second "
+                f"(bursts of {self.burst}) per credential; retry later"
+            )
+
+
+class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates the bearer key, applies its rate limit and checks the caller's role
+    against the policy table; the principal is then available to the handler through
+    current_principal()."""
+
+    def __init__(self, authenticate: Authenticator, limiter: RateLimiter | None = None) -> None:
         self.authenticate = authenticate
+        self.limiter = limiter
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -146,6 +217,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         roles = allowed_roles(method)
         secret = bearer_secret(handler_call_details.invocation_metadata)
         authenticate = self.authenticate
+        limiter = self.limiter
 
         async def admit() -> None:
             if secret is None:
@@ -153,6 +225,8 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
                     "missing credential: send metadata 'authorization: Bearer <api key>'"
                 )
             principal = await authenticate(secret)
+            if limiter is not None:
+                limiter.check(principal, method)
             if principal.role not in roles:
                 raise PermissionDenied(
                     f"{method.rsplit('/', 1)[-1]} is not allowed for role {principal.role.value}"

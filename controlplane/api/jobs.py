@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -18,9 +19,12 @@ from controlplane.jobs.notify import Notifier
 from controlplane.jobs.quote import Quoter
 from controlplane.jobs.service import JobService
 from controlplane.jobs.states import JobState
-from controlplane.paging import decode_token, encode_token, page_size
+from controlplane.paging import encode_token, page_size, time_cursor
 from controlplane.registry.usage import GpuUsage
+from storage.layout import attempt_prefix
 from storage.objects import ObjectStore
+
+log = logging.getLogger(__name__)
 
 Context = Any
 DEFAULT_URL_TTL = 3600
@@ -101,6 +105,11 @@ def event_pb(row: JobEvent, job_id: str) -> types_pb2.JobEvent:
     return message
 
 
+def _inside(key: str, prefix: str) -> bool:
+    """Whether object `key` lies under `prefix` (no climbing out with "..")."""
+    return key.startswith(prefix) and ".." not in key.split("/")
+
+
 def _require_job_id(job_id: str) -> str:
     if not job_id:
         raise InvalidArgument("job_id", "is required")
@@ -150,15 +159,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: Context
     ) -> jobs_pb2.ListJobsResponse:
-        cursor = decode_token(request.page_token)
-        before = None
-        if cursor:
-            from datetime import datetime
-
-            try:
-                before = (datetime.fromisoformat(cursor["t"]), str(cursor["id"]))
-            except (KeyError, ValueError, TypeError):
-                raise InvalidArgument("page_token", "is not a token this server issued") from None
+        before = time_cursor(request.page_token)
         states = []
         for value in request.states:
             if value == types_pb2.JOB_STATE_UNSPECIFIED or value not in types_pb2.JobState.values():
@@ -237,9 +238,21 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 f"job_id: job {job_id} has no stored results yet (state {view.job.state})"
             )
         attempt = candidates[-1]
+        # The manifest comes from the provider's daemon: presign only what lies under this
+        # attempt's own prefix, never a key naming another job's (or tenant's) objects.
+        prefix = attempt_prefix(job_id, attempt.attempt)
+        entries = [e for e in attempt.manifest if _inside(str(e.get("key", "")), prefix)]
+        if len(entries) < len(attempt.manifest):
+            log.warning(
+                "job %s attempt %d: %d result keys outside %s not presigned",
+                job_id,
+                attempt.attempt,
+                len(attempt.manifest) - len(entries),
+                prefix,
+            )
         objects = []
         try:
-            for entry in attempt.manifest:
+            for entry in entries:
                 url = await self.store.presign_get(entry["key"], ttl)
                 objects.append(
                     types_pb2.ResultObject(

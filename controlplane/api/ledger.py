@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from gpuplane.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
@@ -20,7 +19,7 @@ from controlplane.ledger.service import (
     account_id,
 )
 from controlplane.ledger.usage import UsageGrouping, UsageQuery, UsageRow
-from controlplane.paging import decode_token, encode_token, page_size
+from controlplane.paging import encode_token, page_size, time_cursor
 
 Context = Any
 
@@ -108,13 +107,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             kinds = [PB_KIND[v] for v in request.kinds]
         except KeyError:
             raise InvalidArgument("kinds", "unknown transfer kind") from None
-        cursor = decode_token(request.page_token)
-        before = None
-        if cursor:
-            try:
-                before = (datetime.fromisoformat(cursor["t"]), str(cursor["id"]))
-            except (KeyError, ValueError, TypeError):
-                raise InvalidArgument("page_token", "is not a token this server issued") from None
+        before = time_cursor(request.page_token)
         limit = page_size(request.page_size)
         rows = await self.ledger.entries(
             tenant,
@@ -229,13 +222,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         grouping = PB_GROUPING.get(request.group_by)
         if grouping is None:
             raise InvalidArgument("group_by", "unknown grouping")
-        cursor = decode_token(request.page_token)
-        after = None
-        if cursor:
-            try:
-                after = (datetime.fromisoformat(cursor["t"]), str(cursor["id"]))
-            except (KeyError, ValueError, TypeError):
-                raise InvalidArgument("page_token", "is not a token this server issued") from None
+        after = time_cursor(request.page_token)
         # A provider sees the jobs its hosts ran; anyone else the jobs the tenant submitted.
         as_provider = principal.role is Role.PROVIDER
         report = await self.ledger.usage(

@@ -14,7 +14,7 @@ from controlplane.api.convert import timestamp
 from controlplane.auth.principal import Principal, Role, current_principal
 from controlplane.errors import InvalidArgument, PermissionDenied
 from controlplane.jobs.service import JobService
-from controlplane.paging import decode_token, encode_token, page_size
+from controlplane.paging import after_id, decode_token, encode_token, page_size
 from controlplane.registry.models import Gpu, Host
 from controlplane.registry.offers import Offer, OfferFilter
 from controlplane.registry.service import RegistryService
@@ -181,13 +181,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if value not in PB_HOST_STATE:
                 raise InvalidArgument("states", f"unknown host state {value}")
             states.append(PB_HOST_STATE[value].value)
-        cursor = decode_token(request.page_token)
         limit = page_size(request.page_size)
         hosts, gpus = await self.registry.list_hosts(
             current_principal(),
             states,
             request.provider_tenant_id,
-            cursor["after"] if cursor else None,
+            after_id(request.page_token),
             limit + 1,
         )
         more = len(hosts) > limit

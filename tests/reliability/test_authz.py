@@ -1,0 +1,488 @@
+"""The authorisation matrix: every RPC called by every kind of caller, checked against the
+intended table below; tenants never see each other's jobs, logs, results, ledger or usage;
+presigned result URLs are scoped to one job's attempt prefix and expire."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+from gpuplane.v1 import (
+    admin_pb2,
+    jobs_pb2,
+    ledger_pb2,
+    messaging_pb2,
+    registry_pb2,
+    types_pb2,
+)
+
+from controlplane.auth.policy import ALLOWED_ROLES, PUBLIC_METHODS
+from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane, new_tenant
+from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.reliability import summary
+
+K = messaging_pb2
+CALLERS = (
+    "admin",
+    "consumer",
+    "other_consumer",
+    "provider",
+    "other_provider",
+    "host",
+    "no_key",
+    "revoked",
+)
+ALLOW, DENY, UNAUTH, HIDDEN = "allowed", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"
+
+
+def table(default: str = DENY, **overrides: str) -> dict[str, str]:
+    """A row: `default` for every authenticated caller except `overrides`; no key and a
+    revoked key are always UNAUTHENTICATED."""
+    row = {c: default for c in CALLERS}
+    row.update(no_key=UNAUTH, revoked=UNAUTH)
+    row.update(overrides)
+    return row
+
+
+# What each caller is meant to get when it calls the RPC on the consumer's (or the
+# provider's) resource. "other_*" callers are tenants that do not own it: where the request
+# names a resource by id its existence is hidden (NOT_FOUND); where it names another tenant
+# explicitly, the answer is PERMISSION_DENIED.
+OWNED_JOB = table(admin=ALLOW, consumer=ALLOW, other_consumer=HIDDEN)
+OWN_TENANT = table(admin=ALLOW, consumer=ALLOW)  # tenant_id = the consumer's
+PROVIDER_TENANT = table(admin=ALLOW, provider=ALLOW)  # provider_tenant_id = the provider's
+OWNED_HOST = table(admin=ALLOW, provider=ALLOW, other_provider=HIDDEN)
+ADMIN_ONLY = table(admin=ALLOW)
+SIGNED_IN = table(ALLOW, host=DENY)
+EXPECTED: dict[str, dict[str, str]] = {
+    "JobService/SubmitJob": table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW),
+    "JobService/GetJob": OWNED_JOB,
+    "JobService/ListJobs": OWN_TENANT,
+    "JobService/CancelJob": OWNED_JOB,
+    "JobService/WatchJob": OWNED_JOB,
+    "JobService/StreamLogs": OWNED_JOB,
+    "JobService/GetResults": OWNED_JOB,
+    "RegistryService/Connect": table(host=ALLOW),
+    "RegistryService/ListHosts": PROVIDER_TENANT,
+    "RegistryService/GetHost": OWNED_HOST,
+    "RegistryService/DrainHost": OWNED_HOST,
+    "RegistryService/UndrainHost": OWNED_HOST,
+    "RegistryService/ListOffers": SIGNED_IN,
+    "LedgerService/GetBalance": OWN_TENANT,
+    "LedgerService/ListEntries": OWN_TENANT,
+    "LedgerService/Deposit": ADMIN_ONLY,
+    "LedgerService/Payout": PROVIDER_TENANT,
+    "LedgerService/RefundJob": ADMIN_ONLY,
+    "LedgerService/GetUsage": OWN_TENANT,
+    "LedgerService/CheckLedger": ADMIN_ONLY,
+    "AdminService/WhoAmI": table(ALLOW),
+    "AdminService/CreateTenant": ADMIN_ONLY,
+    "AdminService/ListTenants": ADMIN_ONLY,
+    "AdminService/CreateApiKey": ADMIN_ONLY,
+    "AdminService/ListApiKeys": ADMIN_ONLY,
+    "AdminService/RevokeApiKey": ADMIN_ONLY,
+    "AdminService/CreateRegistrationToken": PROVIDER_TENANT,
+    "AdminService/ListRegistrationTokens": PROVIDER_TENANT,
+    "AdminService/RevokeRegistrationToken": table(
+        admin=ALLOW, provider=ALLOW, other_provider=HIDDEN
+    ),
+    "AdminService/GetPricingPolicy": SIGNED_IN,
+    "AdminService/SetPricingPolicy": ADMIN_ONLY,
+}
+PRICE = 2 * CREDIT
+
+
+@dataclass
+class World:
+    plane: JobPlane
+    keys: dict[str, str | None] = field(default_factory=dict)
+    tenants: dict[str, str] = field(default_factory=dict)
+    host: ScriptedHost | None = None
+    job: str = ""  # the consumer's job with stored results
+    other_job: str = ""  # the other consumer's job, also with results
+    token_id: str = ""  # a registration token of the provider's
+    spare_key_id: str = ""  # an API key of the other consumer's, for RevokeApiKey
+    seen_details: list[str] = field(default_factory=list)
+
+
+async def finish(host: ScriptedHost, manifest: list[types_pb2.ResultObject]) -> None:
+    dispatch = await host.next_dispatch()
+    for kind in (K.JOB_REPORT_KIND_STARTING, K.JOB_REPORT_KIND_RUNNING):
+        await host.report(dispatch, kind)
+    await host.report(dispatch, K.JOB_REPORT_KIND_UPLOADING, exit_code=0, run_time_ms=1000)
+    await host.report(
+        dispatch, K.JOB_REPORT_KIND_FINISHED, exit_code=0, run_time_ms=1000, manifest=manifest
+    )
+
+
+async def job_with_results(world: World, key: str, body: bytes, stray: str = "") -> str:
+    """A job of the key's tenant run to success, its output stored; `stray`: a key outside
+    its prefix that the (hostile) daemon also lists in the manifest."""
+    plane, host = world.plane, world.host
+    assert host is not None
+    spec = types_pb2.JobSpec(
+        image="gpuplane-test/busybox:1",
+        gpu_count=1,
+        max_duration_seconds=600,
+        max_price_per_gpu_hour_micro_credits=PRICE,
+    )
+    reply = await plane.jobs.SubmitJob(
+        jobs_pb2.SubmitJobRequest(spec=spec), metadata=plane.auth(key)
+    )
+    job_id = reply.job.job_id
+    output = f"jobs/{job_id}/1/output/result.txt"
+    await plane.plane.store.put_bytes(output, body)
+    manifest = [types_pb2.ResultObject(key=output, path="output/result.txt", size_bytes=len(body))]
+    if stray:
+        manifest.append(types_pb2.ResultObject(key=stray, path="output/stolen", size_bytes=1))
+    await finish(host, manifest)
+    for _ in range(400):
+        got = await plane.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), metadata=plane.auth())
+        if got.job.state == types_pb2.JOB_STATE_SUCCEEDED:
+            return job_id
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not succeed: {got.job.state_reason}")
+
+
+@pytest.fixture(scope="module")
+async def world(
+    tmp_path_factory: pytest.TempPathFactory, nats_server: Any, s3_server: Any
+) -> AsyncIterator[World]:
+    data_dir = tmp_path_factory.mktemp("authz") / "cp"
+    async with job_plane(data_dir, nats_server.url, s3_server) as plane:
+        w = World(plane)
+        admin = plane.admin
+        provider_key = await admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(
+                tenant_id=plane.provider_tenant, role=types_pb2.ROLE_PROVIDER
+            ),
+            metadata=plane.auth(),
+        )
+        other_consumer, other_key = await new_tenant(plane, "other", types_pb2.ROLE_CONSUMER)
+        other_provider, other_provider_key = await new_tenant(
+            plane, "other-provider", types_pb2.ROLE_PROVIDER
+        )
+        await plane.deposit(other_consumer, 100, "other-initial")
+        revoked = await admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(
+                tenant_id=plane.consumer_tenant, role=types_pb2.ROLE_CONSUMER
+            ),
+            metadata=plane.auth(),
+        )
+        await admin.RevokeApiKey(
+            admin_pb2.RevokeApiKeyRequest(key_id=revoked.key.key_id), metadata=plane.auth()
+        )
+        spare = await admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(tenant_id=other_consumer, role=types_pb2.ROLE_CONSUMER),
+            metadata=plane.auth(),
+        )
+        w.spare_key_id = spare.key.key_id
+        token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+        w.host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=2, price=PRICE)
+        await w.host.start()
+        listed = await admin.ListRegistrationTokens(
+            admin_pb2.ListRegistrationTokensRequest(provider_tenant_id=plane.provider_tenant),
+            metadata=plane.auth(),
+        )
+        w.token_id = listed.tokens[0].token_id
+        w.keys = {
+            "admin": plane.admin_key,
+            "consumer": plane.consumer_key,
+            "other_consumer": other_key,
+            "provider": provider_key.secret,
+            "other_provider": other_provider_key,
+            "host": w.host.credential,
+            "no_key": None,
+            "revoked": revoked.secret,
+        }
+        w.tenants = {
+            "consumer": plane.consumer_tenant,
+            "other_consumer": other_consumer,
+            "provider": plane.provider_tenant,
+            "other_provider": other_provider,
+        }
+        summary.record("authorisation matrix", jobs_run=2)
+        w.other_job = await job_with_results(w, other_key, b"the other tenant's secret output")
+        w.job = await job_with_results(
+            w,
+            plane.consumer_key,
+            b"consumer output",
+            stray=f"jobs/{w.other_job}/1/output/result.txt",
+        )
+        try:
+            yield w
+        finally:
+            await w.host.close()
+
+
+def request_for(world: World, method: str) -> Message:
+    """A well-formed request of `method` aimed at the consumer's or the provider's things."""
+    t = world.tenants
+    host_id = world.host.host_id if world.host else ""
+    spec = types_pb2.JobSpec(image="gpuplane-test/busybox:1", max_duration_seconds=60, gpu_count=1)
+    requests: dict[str, Message] = {
+        "JobService/SubmitJob": jobs_pb2.SubmitJobRequest(spec=spec, dry_run=True),
+        "JobService/GetJob": jobs_pb2.GetJobRequest(job_id=world.job),
+        "JobService/ListJobs": jobs_pb2.ListJobsRequest(tenant_id=t["consumer"]),
+        "JobService/CancelJob": jobs_pb2.CancelJobRequest(job_id=world.job, reason="authz"),
+        "JobService/WatchJob": jobs_pb2.WatchJobRequest(job_id=world.job),
+        "JobService/StreamLogs": jobs_pb2.StreamLogsRequest(job_id=world.job),
+        "JobService/GetResults": jobs_pb2.GetResultsRequest(job_id=world.job),
+        "RegistryService/Connect": registry_pb2.DaemonMessage(
+            hello=registry_pb2.DaemonHello(host_id=host_id)
+        ),
+        "RegistryService/ListHosts": registry_pb2.ListHostsRequest(
+            provider_tenant_id=t["provider"]
+        ),
+        "RegistryService/GetHost": registry_pb2.GetHostRequest(host_id=host_id),
+        "RegistryService/DrainHost": registry_pb2.DrainHostRequest(host_id=host_id),
+        "RegistryService/UndrainHost": registry_pb2.UndrainHostRequest(host_id=host_id),
+        "RegistryService/ListOffers": registry_pb2.ListOffersRequest(),
+        "LedgerService/GetBalance": ledger_pb2.GetBalanceRequest(tenant_id=t["consumer"]),
+        "LedgerService/ListEntries": ledger_pb2.ListEntriesRequest(tenant_id=t["consumer"]),
+        "LedgerService/Deposit": ledger_pb2.DepositRequest(
+            tenant_id=t["consumer"], amount_micro_credits=1, idempotency_key="authz-deposit"
+        ),
+        "LedgerService/Payout": ledger_pb2.PayoutRequest(
+            tenant_id=t["provider"],
+            amount_micro_credits=1,
+            destination="iban:authz",
+            idempotency_key="authz-payout",
+        ),
+        "LedgerService/RefundJob": ledger_pb2.RefundJobRequest(
+            job_id=world.job, amount_micro_credits=1, reason="authz", idempotency_key="authz-r"
+        ),
+        "LedgerService/GetUsage": ledger_pb2.GetUsageRequest(tenant_id=t["consumer"]),
+        "LedgerService/CheckLedger": ledger_pb2.CheckLedgerRequest(),
+        "AdminService/WhoAmI": admin_pb2.WhoAmIRequest(),
+        "AdminService/CreateTenant": admin_pb2.CreateTenantRequest(
+            name="authz-tenant", idempotency_key="authz-tenant"
+        ),
+        "AdminService/ListTenants": admin_pb2.ListTenantsRequest(),
+        "AdminService/CreateApiKey": admin_pb2.CreateApiKeyRequest(
+            tenant_id=t["consumer"], role=types_pb2.ROLE_CONSUMER, idempotency_key="authz-key"
+        ),
+        "AdminService/ListApiKeys": admin_pb2.ListApiKeysRequest(),
+        "AdminService/RevokeApiKey": admin_pb2.RevokeApiKeyRequest(key_id=world.spare_key_id),
+        "AdminService/CreateRegistrationToken": admin_pb2.CreateRegistrationTokenRequest(
+            provider_tenant_id=t["provider"], idempotency_key="authz-token"
+        ),
+        "AdminService/ListRegistrationTokens": admin_pb2.ListRegistrationTokensRequest(
+            provider_tenant_id=t["provider"]
+        ),
+        "AdminService/RevokeRegistrationToken": admin_pb2.RevokeRegistrationTokenRequest(
+            token_id=world.token_id
+        ),
+        "AdminService/GetPricingPolicy": admin_pb2.GetPricingPolicyRequest(),
+        "AdminService/SetPricingPolicy": admin_pb2.SetPricingPolicyRequest(),
+    }
+    return requests[method]
+
+
+def method_descriptor(method: str) -> Any:
+    service, name = method.split("/")
+    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2):
+        if service in module.DESCRIPTOR.services_by_name:
+            return module.DESCRIPTOR.services_by_name[service].methods_by_name[name]
+    raise KeyError(method)
+
+
+async def outcome(world: World, method: str, key: str | None) -> tuple[str, str]:
+    """(what the caller got as a matrix cell, the status details)."""
+    descriptor = method_descriptor(method)
+    request = request_for(world, method)
+    output = message_factory.GetMessageClass(descriptor.output_type)
+    path = f"/gpuplane.v1.{method}"
+    channel = world.plane.channel
+    metadata = (("authorization", f"Bearer {key}"),) if key else None
+    kw: dict[str, Any] = {
+        "request_serializer": lambda m: m.SerializeToString(),
+        "response_deserializer": output.FromString,
+    }
+    try:
+        if descriptor.client_streaming:
+            call = channel.stream_stream(path, **kw)(iter([request]), metadata=metadata)
+            try:
+                await asyncio.wait_for(call.read(), 5)
+            finally:
+                call.cancel()
+        elif descriptor.server_streaming:
+            stream = channel.unary_stream(path, **kw)(request, metadata=metadata, timeout=5)
+            async for _ in stream:
+                break
+            stream.cancel()
+        else:
+            await channel.unary_unary(path, **kw)(request, metadata=metadata, timeout=10)
+    except grpc.aio.AioRpcError as error:
+        code, details = error.code(), error.details() or ""
+        world.seen_details.append(details)
+        if code in (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.NOT_FOUND,
+        ):
+            return code.name, details
+        assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
+            f"{method} as {key and key[:8]}: {code.name} {details}"
+        )
+        return ALLOW, f"{code.name}: {details}"  # got past authorisation
+    return ALLOW, "OK"
+
+
+def test_table_covers_every_rpc_and_the_policy() -> None:
+    """The intended table, the policy module and the proto agree on what exists."""
+    rpcs = {
+        f"{service.name}/{m.name}"
+        for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for m in service.methods
+    }
+    public = {m.removeprefix("/gpuplane.v1.") for m in PUBLIC_METHODS}
+    assert rpcs - public == set(EXPECTED)
+    assert {m.removeprefix("/gpuplane.v1.") for m in ALLOWED_ROLES} == set(EXPECTED)
+
+
+# Mutating calls last, each caller in the same order, so that e.g. the admin's CancelJob
+# runs after every read of the job (a cancelled, finished job still answers the reads).
+ORDER = sorted(
+    EXPECTED,
+    key=lambda m: m.endswith(("CancelJob", "RevokeApiKey", "RevokeRegistrationToken")),
+)
+
+
+@pytest.mark.parametrize("method", ORDER)
+async def test_authorisation_matrix(world: World, method: str) -> None:
+    expected = EXPECTED[method]
+    got = {}
+    for caller in CALLERS:
+        cell, details = await outcome(world, method, world.keys[caller])
+        got[caller] = cell
+        if cell != expected[caller]:
+            got[caller] += f" ({details})"
+    summary.record(
+        "authorisation matrix",
+        f"{len(EXPECTED)} RPCs x {len(CALLERS)} callers against the intended table",
+        requests_tried=len(CALLERS),
+    )
+    wrong = {c: g for c, g in got.items() if not g.startswith(expected[c])}
+    assert not wrong, f"{method}: expected {expected}, got {wrong}"
+
+
+async def test_register_host_needs_a_valid_token(world: World) -> None:
+    plane = world.plane
+    for token in ("", "rt_not-a-token", "gpk_" + "x" * 43):
+        host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await host.register()
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # An API key is not a registration token, whoever's it is.
+    host = ScriptedHost(plane.channel, plane.nats_url, plane.admin_key, gpus=1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await host.register()
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    summary.record("authorisation matrix", requests_tried=4)
+
+
+async def test_tenants_never_see_each_other(world: World) -> None:
+    """The consumer's own reads return only its own jobs, entries and usage; the other
+    tenant's job is NOT_FOUND to it through every JobService door."""
+    plane = world.plane
+    mine = plane.auth(plane.consumer_key)
+    listed = await plane.jobs.ListJobs(jobs_pb2.ListJobsRequest(page_size=500), metadata=mine)
+    assert {j.tenant_id for j in listed.jobs} == {plane.consumer_tenant}
+    assert world.other_job not in {j.job_id for j in listed.jobs}
+    entries = await plane.ledger.ListEntries(
+        ledger_pb2.ListEntriesRequest(page_size=500), metadata=mine
+    )
+    assert world.other_job not in {e.job_id for e in entries.entries}
+    assert {e.job_id for e in entries.entries} - {""} <= {j.job_id for j in listed.jobs}
+    filtered = await plane.ledger.ListEntries(
+        ledger_pb2.ListEntriesRequest(job_id=world.other_job), metadata=mine
+    )
+    assert list(filtered.entries) == []
+    usage = await plane.ledger.GetUsage(
+        ledger_pb2.GetUsageRequest(job_id=world.other_job), metadata=mine
+    )
+    assert list(usage.rows) == []
+    assert usage.total_cost_micro_credits == 0
+    own_usage = await plane.ledger.GetUsage(ledger_pb2.GetUsageRequest(), metadata=mine)
+    assert world.other_job not in {r.job_id for r in own_usage.rows}
+    balance = await plane.ledger.GetBalance(ledger_pb2.GetBalanceRequest(), metadata=mine)
+    assert balance.balance.tenant_id == plane.consumer_tenant
+    calls: list[Any] = [
+        plane.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=world.other_job), metadata=mine),
+        plane.jobs.GetResults(jobs_pb2.GetResultsRequest(job_id=world.other_job), metadata=mine),
+        plane.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=world.other_job), metadata=mine),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    for stream in (
+        plane.jobs.StreamLogs(jobs_pb2.StreamLogsRequest(job_id=world.other_job), metadata=mine),
+        plane.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=world.other_job), metadata=mine),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream:
+                pass
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # The answers name nothing of the other tenant's.
+    other = await plane.jobs.GetJob(
+        jobs_pb2.GetJobRequest(job_id=world.other_job), metadata=plane.auth()
+    )
+    leaked = [d for d in world.seen_details if world.tenants["other_consumer"] in d]
+    assert not leaked
+    assert other.job.tenant_id == world.tenants["other_consumer"]
+    summary.record(
+        "tenant isolation", "jobs, logs, results, entries, usage, balance", requests_tried=12
+    )
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:  # noqa: S310 - our S3 server
+            return int(reply.status), bytes(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+
+
+async def test_result_urls_are_scoped_to_the_job_and_expire(world: World) -> None:
+    plane = world.plane
+    reply = await plane.jobs.GetResults(
+        jobs_pb2.GetResultsRequest(job_id=world.job, url_ttl_seconds=120),
+        metadata=plane.auth(plane.consumer_key),
+    )
+    prefix = f"jobs/{world.job}/{reply.attempt}/"
+    # The daemon's manifest also named the other job's output: that is not presigned.
+    assert [o.key for o in reply.objects] == [f"{prefix}output/result.txt"]
+    for obj in reply.objects:
+        parsed = urllib.parse.urlparse(obj.url)
+        assert urllib.parse.unquote(parsed.path).endswith(f"/{obj.key}")
+        query = urllib.parse.parse_qs(parsed.query)
+        assert query["X-Amz-Expires"] == ["120"]
+        assert await asyncio.to_thread(fetch, obj.url) == (200, b"consumer output")
+        # The signature covers the path: the same URL aimed at another object is refused.
+        other = obj.url.replace(world.job, world.other_job)
+        status, _ = await asyncio.to_thread(fetch, other)
+        assert status == 403
+    short = await plane.jobs.GetResults(
+        jobs_pb2.GetResultsRequest(job_id=world.job, url_ttl_seconds=1),
+        metadata=plane.auth(plane.consumer_key),
+    )
+    await asyncio.sleep(2.2)
+    status, _ = await asyncio.to_thread(fetch, short.objects[0].url)
+    assert status == 403
+    too_long = jobs_pb2.GetResultsRequest(job_id=world.job, url_ttl_seconds=8 * 24 * 3600)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await plane.jobs.GetResults(too_long, metadata=plane.auth(plane.consumer_key))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    summary.record("presigned URLs", "scoped to the attempt prefix, expire", requests_tried=7)
