@@ -30,6 +30,7 @@ from daemon.nvml import NvmlSampler
 from daemon.runtime import DockerRuntime
 from daemon.session import Backoff, ControlSession
 from daemon.settings import DaemonSettings
+from daemon.target import grpc_target
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 from storage.objects import ObjectStore
@@ -84,7 +85,7 @@ class Agent:
         settles attempts left by an earlier run, then starts taking dispatches."""
         settings = self.settings
         self.inventory = await asyncio.to_thread(discover, settings)
-        self._channel = grpc.aio.insecure_channel(settings.control_plane)
+        self._channel = grpc.aio.insecure_channel(grpc_target(settings.control_plane))
         self.identity = HostIdentity.load(settings.host_file)
         if self.identity is None:
             self.identity = await self._register_with_retry()

@@ -42,7 +42,9 @@ class DaemonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GPUPLANE_DAEMON_", env_file=None, extra="ignore")
 
     control_plane: str = Field(
-        default="127.0.0.1:50051", description="Control plane gRPC address, host:port."
+        default="127.0.0.1:50051",
+        description="Control plane gRPC address(es), HOST:PORT; several replicas comma-"
+        "separated: the daemon uses the first that answers and fails over in order.",
     )
     registration_token: SecretStr | None = Field(
         default=None, description="Host registration token; needed until data_dir/host.json exists."

@@ -18,6 +18,8 @@ from gpuplane.v1 import (
 )
 from grpc import aio
 
+from daemon.target import grpc_target
+
 DEFAULT_ADDR = "127.0.0.1:50051"
 # Unary calls give up after this long unless --timeout says otherwise; streams never do.
 DEFAULT_TIMEOUT = 30.0
@@ -155,7 +157,7 @@ class Client:
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.channel = aio.insecure_channel(target.addr)
+        self.channel = aio.insecure_channel(grpc_target(target.addr))
         self.metadata = target.metadata()
         self.timeout = target.timeout
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
