@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -33,6 +36,25 @@ def retryable_sqlstate(error: BaseException) -> str | None:
     """The SQLSTATE of `error` when rerunning its transaction may succeed, else None."""
     state = getattr(getattr(error, "orig", None), "sqlstate", None)
     return state if state in RETRYABLE_SQLSTATES else None
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database cannot be reached right now (connection refused or
+    lost, server starting or shutting down, pool exhausted, SQLite busy): the request may
+    succeed if retried later, so callers are told UNAVAILABLE, not INTERNAL."""
+    if isinstance(error, SQLAlchemyTimeoutError):
+        return True  # no pooled connection came free in time
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    orig = getattr(error, "orig", error)
+    if isinstance(orig, psycopg.OperationalError | psycopg.InterfaceError):
+        state = getattr(orig, "sqlstate", None) or ""
+        # Connection failures carry no SQLSTATE or class 08; 57P0x: shutdown, starting up.
+        return state == "" or state.startswith("08") or state.startswith("57P")
+    if isinstance(orig, sqlite3.OperationalError):
+        text = str(orig).lower()
+        return "locked" in text or "busy" in text or "unable to open" in text
+    return False
 
 
 def backoff_seconds(attempt: int) -> float:
