@@ -24,6 +24,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 CONNECT = "/gpuplane.v1.RegistryService/Connect"
+# Answers after which a daemon tries again (the control plane is busy or restarting).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 GIB = 1 << 30
 
 
@@ -111,7 +113,18 @@ class SimulatedHost:
         self.tasks: list[asyncio.Task[None]] = []
 
     async def connect(self) -> None:
-        """Registers, opens Connect (hello, HelloAck) and starts heartbeating."""
+        """Registers, opens Connect (hello, HelloAck) and starts heartbeating; like a daemon,
+        retries with jittered backoff while the control plane answers "busy, retry"."""
+        for attempt in range(8):
+            try:
+                await self._connect_once()
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE or attempt == 7:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(8.0, 0.25 * 2**attempt)))
+
+    async def _connect_once(self) -> None:
         reply = await registry_pb2_grpc.RegistryServiceStub(self.channel).RegisterHost(
             registry_pb2.RegisterHostRequest(
                 registration_token=self.spec.token,

@@ -276,6 +276,27 @@ async def test_kill_9_daemon_moves_job_to_second_daemon_and_charges_once(
         assert attempts[1].charged_micro_credits == 0
         assert attempts[1].reason == "host lost (no heartbeat)"
         assert attempts[2].charged_micro_credits == done.charged_micro_credits > 0
+
+        # The killed daemon's container of attempt 1 ran on; when that daemon comes back it
+        # finds the attempt unknown to the control plane and removes the orphan.
+        orphans = docker_client.containers.list(
+            all=True, filters={"label": f"gpuplane.host={first_host}"}
+        )
+        first = start_daemon_process(plane, token, tmp_path / "first", s3_server, docker_engine)
+        deadline = time.monotonic() + 30
+        while docker_client.containers.list(
+            all=True, filters={"label": f"gpuplane.host={first_host}"}
+        ):
+            assert time.monotonic() < deadline, "the returning daemon left its orphan"
+            assert first.poll() is None, "the returning daemon exited"
+            await asyncio.sleep(0.1)
+        print(f"\n[orphans] the returning daemon removed {len(orphans)} orphaned container(s)")
+        after = await plane.get(job.job_id)
+        assert (after.state, after.attempt, after.charged_micro_credits) == (
+            S.JOB_STATE_SUCCEEDED,
+            2,
+            done.charged_micro_credits,
+        )
     finally:
         if first.poll() is None:
             first.kill()
