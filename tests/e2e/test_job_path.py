@@ -279,12 +279,13 @@ async def test_kill_9_daemon_moves_job_to_second_daemon_and_charges_once(
 
         # The killed daemon's container of attempt 1 ran on; when that daemon comes back it
         # finds the attempt unknown to the control plane and removes the orphan.
-        orphans = docker_client.containers.list(
+        orphans = docker_client.api.containers(
             all=True, filters={"label": f"gpuplane.host={first_host}"}
         )
         first = start_daemon_process(plane, token, tmp_path / "first", s3_server, docker_engine)
         deadline = time.monotonic() + 30
-        while docker_client.containers.list(
+        # The low-level list: containers.list() inspects each and fails on one just removed.
+        while docker_client.api.containers(
             all=True, filters={"label": f"gpuplane.host={first_host}"}
         ):
             assert time.monotonic() < deadline, "the returning daemon left its orphan"
