@@ -23,10 +23,12 @@ class GroupCommit(Generic[Request, Result]):
         *,
         max_batch: int = 128,
         max_in_flight: int = 2,
+        min_batch: int = 8,
     ) -> None:
         self.execute = execute
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.min_batch = min_batch
         self._queue: list[tuple[Request, asyncio.Future[Result]]] = []
         self._in_flight = 0
         self._flush_scheduled = False
@@ -51,8 +53,13 @@ class GroupCommit(Generic[Request, Result]):
     def _start_batches(self) -> None:
         self._flush_scheduled = False
         while self._queue and self._in_flight < self.max_in_flight:
-            batch = self._queue[: self.max_batch]
-            del self._queue[: self.max_batch]
+            # What waits is shared out over the free slots (but no batch smaller than
+            # min_batch), so batches overlap: one's Python work while another's SQL runs.
+            free = self.max_in_flight - self._in_flight
+            share = max(self.min_batch, -(-len(self._queue) // free))
+            size = min(self.max_batch, share)
+            batch = self._queue[:size]
+            del self._queue[:size]
             self._in_flight += 1
             task = asyncio.create_task(self._run(batch))
             self._tasks.add(task)

@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import new_id, utcnow
-from controlplane.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
+from controlplane.errors import AlreadyExists, FailedPrecondition, NotFound
 from controlplane.ledger.models import Hold, HoldState
-from controlplane.ledger.repository import HOLD_MONEY_COLUMNS, LedgerRepository
+from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.repository_pg import HOLD_LOCK_COLUMNS, HOLD_WRITE_COLUMNS
 from controlplane.ledger.transfers import (
     REVENUE,
     AccountKind,
@@ -102,19 +103,17 @@ class _Hold:
     updated_at: datetime
     resolved_at: datetime | None
 
-    @classmethod
-    def of(cls, row: Any) -> _Hold:
-        return cls(*(getattr(row, name) for name in _HOLD_FIELDS))
-
-    def values(self) -> dict[str, Any]:
-        return {"b_id": self.id, **{c: getattr(self, c) for c in HOLD_MONEY_COLUMNS}}
+    def row(self) -> tuple[Any, ...]:
+        """The hold as written back (HOLD_WRITE_COLUMNS order)."""
+        return tuple(getattr(self, column) for column, _ in HOLD_WRITE_COLUMNS)
 
     @property
     def remaining(self) -> int:
         return self.amount - self.posted_amount
 
 
-_HOLD_FIELDS = tuple(f.name for f in fields(_Hold))
+# Locked rows come in HOLD_LOCK_COLUMNS order, straight into _Hold(*row).
+assert tuple(f.name for f in fields(_Hold)) == HOLD_LOCK_COLUMNS
 
 
 def hold_accounts(tenant_id: str) -> tuple[str, str]:
@@ -169,13 +168,8 @@ async def place_hold(
 
 
 async def _lock(repo: LedgerRepository, hold_ids: Sequence[str]) -> dict[str, _Hold]:
-    return {i: _Hold.of(row) for i, row in (await repo.lock_holds(hold_ids)).items()}
-
-
-async def _write(repo: LedgerRepository, holds: Sequence[_Hold]) -> None:
-    if holds and await repo.update_pending_holds([h.values() for h in holds]) != len(holds):
-        # The rows are locked by this transaction: only a broken invariant gets here.
-        raise Conflict("a hold changed under its lock")
+    holds = [_Hold(*row) for row in await repo.lock_holds(hold_ids)]
+    return {hold.id: hold for hold in holds}
 
 
 def _charge(hold: _Hold, cost: AttemptCost) -> Charged:
@@ -232,11 +226,11 @@ async def charge(session: AsyncSession, hold_id: str, cost: AttemptCost, key: st
         return NOTHING
     before = (hold.attempt, hold.provider_tenant_id, hold.attempt_charged)
     charged = _charge(hold, cost)
-    if before != (hold.attempt, hold.provider_tenant_id, hold.attempt_charged):
+    changed = before != (hold.attempt, hold.provider_tenant_id, hold.attempt_charged)
+    if changed:
         hold.updated_at = utcnow()
-        await _write(repo, [hold])
-    if charged.amount:
-        await post(session, _charge_transfers(hold, cost, charged, key))
+    moves = _charge_transfers(hold, cost, charged, key) if charged.amount else []
+    await post(session, moves, holds=[hold.row()] if changed else ())
     return charged
 
 
@@ -258,7 +252,6 @@ async def refund_attempt(session: AsyncSession, hold_id: str, attempt: int, key:
     hold.posted_amount -= amount
     hold.attempt_charged = hold.attempt_fee = 0
     hold.updated_at = utcnow()
-    await _write(repo, [hold])
     held = account_id(hold.tenant_id, AccountKind.HELD)
     earnings = account_id(hold.provider_tenant_id, AccountKind.EARNINGS)
     reason = f"provider fault: attempt {attempt} is not charged"
@@ -273,14 +266,15 @@ async def refund_attempt(session: AsyncSession, hold_id: str, attempt: int, key:
                 REVENUE, held, fee, TransferKind.REFUND, f"{key}/fee", hold.job_id, attempt, reason
             ),
         ],
+        holds=[hold.row()],
     )  # fmt: skip
     return amount
 
 
 async def settle_many(session: AsyncSession, requests: Sequence[Settle]) -> list[Resolution | None]:
     """Resolves pending holds, each exactly once, in one go: a statement to lock the holds
-    (id order), one to update them, one to move every balance and one to record every
-    transfer, however many holds. Per request: the final charge of its cost (the increment
+    (id order), then one (PostgreSQL) to move every balance, record every transfer and write
+    the holds back, however many holds. Per request: the final charge of its cost (the increment
     over what metering charged), then the rest released held → available. A hold resolved
     already (before, or earlier in `requests`) is a replay and moves nothing; a hold that
     does not exist answers None."""
@@ -317,8 +311,7 @@ async def settle_many(session: AsyncSession, requests: Sequence[Settle]) -> list
         )  # fmt: skip
         resolved.append(hold)
         results.append(Resolution(state, hold.posted_amount, released, charged, False))
-    await _write(repo, resolved)
-    await post(session, moves)
+    await post(session, moves, holds=[hold.row() for hold in resolved])
     return results
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
-    Row,
     Table,
     bindparam,
     case,
@@ -18,7 +16,6 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -26,7 +23,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.jobs.models import Job, JobAttempt
+from controlplane.ledger import repository_pg
 from controlplane.ledger.models import Account, Hold, HoldState, Payout, PayoutState, Transfer
+from controlplane.ledger.repository_pg import (
+    HOLD_LOCK_COLUMNS,
+    HOLD_WRITE_COLUMNS,
+    TRANSFER_INPUT_COLUMNS,
+    Posted,
+)
 from controlplane.registry.models import Gpu, Host
 
 ACCOUNTS = cast(Table, Account.__table__)
@@ -35,100 +39,17 @@ HOLDS = cast(Table, Hold.__table__)
 PAYOUTS = cast(Table, Payout.__table__)
 PENDING = HoldState.PENDING.value
 
-# The columns a hold's money operations change; every update sets all of them.
-HOLD_MONEY_COLUMNS = (
-    "posted_amount",
-    "state",
-    "attempt",
-    "provider_tenant_id",
-    "attempt_charged",
-    "attempt_fee",
-    "release_transfer_id",
-    "updated_at",
-    "resolved_at",
-)
-HOLD_MONEY_TYPES = (
-    "bigint", "varchar", "integer", "varchar", "bigint", "bigint", "varchar", "timestamptz",
-    "timestamptz",
-)  # fmt: skip
-TRANSFER_COLUMNS = (
-    ("id", "varchar"),
-    ("debit_account_id", "varchar"),
-    ("credit_account_id", "varchar"),
-    ("amount", "bigint"),
-    ("kind", "varchar"),
-    ("idempotency_key", "varchar"),
-    ("job_id", "varchar"),
-    ("attempt", "integer"),
-    ("reference", "varchar"),
-    ("debit_balance_after", "bigint"),
-    ("credit_balance_after", "bigint"),
-    ("created_at", "timestamptz"),
-)
-
-
-def _recordset(columns: Sequence[tuple[str, str]]) -> str:
-    """`jsonb_to_recordset(:rows) AS r(col type, …)`: a batch of rows as one JSON parameter,
-    so each statement below has one text whatever the batch size (psycopg prepares it)."""
-    return "jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(" + ", ".join(
-        f"{c} {t}" for c, t in columns
-    ) + ")"  # fmt: skip
-
-
-# PostgreSQL: lock the accounts in account-id order, then add each delta.
-PG_APPLY_DELTAS = text(
-    f"""
-    WITH d AS (SELECT * FROM {_recordset((("id", "varchar"), ("delta", "bigint")))}),
-    locked AS (
-        SELECT id FROM accounts WHERE id IN (SELECT id FROM d) ORDER BY id FOR UPDATE
-    )
-    UPDATE accounts AS a SET balance = a.balance + d.delta
-    FROM d WHERE a.id = d.id AND a.id IN (SELECT id FROM locked)
-    RETURNING a.id, a.balance, a.no_overdraft
-    """
-)
-PG_UPDATE_PENDING_HOLDS = text(
-    "UPDATE holds AS h SET "
-    + ", ".join(f"{c} = r.{c}" for c in HOLD_MONEY_COLUMNS)
-    + " FROM "
-    + _recordset((("b_id", "varchar"), *zip(HOLD_MONEY_COLUMNS, HOLD_MONEY_TYPES, strict=True)))
-    + " WHERE h.id = r.b_id AND h.state = 'pending'"
-)
-PG_INSERT_TRANSFERS = text(
-    f"INSERT INTO transfers ({', '.join(c for c, _ in TRANSFER_COLUMNS)}) "
-    f"SELECT {', '.join(c for c, _ in TRANSFER_COLUMNS)} FROM {_recordset(TRANSFER_COLUMNS)}"
-)
-PG_LOCK_HOLDS = text(
-    f"""
-    SELECT id, tenant_id, job_id, amount, expires_at, {", ".join(HOLD_MONEY_COLUMNS)}
-    FROM holds WHERE id IN (SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)))
-    ORDER BY id FOR UPDATE
-    """
-)
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, default=_iso, separators=(",", ":"))
-
-
-def _iso(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
-
-
-UPDATE_PENDING_HOLDS = (
-    update(HOLDS)
-    .where(HOLDS.c.id == bindparam("b_id"), HOLDS.c.state == PENDING)
-    .values({c: bindparam(c) for c in HOLD_MONEY_COLUMNS})
-)
 LOCK_HOLDS = (
-    select(*(HOLDS.c[c] for c in ("id", "tenant_id", "job_id", "amount", "expires_at")),
-           *(HOLDS.c[c] for c in HOLD_MONEY_COLUMNS))
+    select(*(HOLDS.c[c] for c in HOLD_LOCK_COLUMNS))
     .where(HOLDS.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(HOLDS.c.id)
     .with_for_update()
-)  # fmt: skip
+)
+UPDATE_PENDING_HOLDS = (
+    update(HOLDS)
+    .where(HOLDS.c.id == bindparam("b_id"), HOLDS.c.state == PENDING)
+    .values({c: bindparam(c) for c, _ in HOLD_WRITE_COLUMNS[1:]})
+)
 
 
 class LedgerRepository:
@@ -176,39 +97,73 @@ class LedgerRepository:
         )
         return {row.id: row.balance for row in await self.session.execute(query)}
 
-    async def apply_deltas(self, deltas: dict[str, int]) -> dict[str, tuple[int, bool]]:
-        """Adds each delta to its account in one statement; {account: (new balance,
-        no_overdraft)} for the accounts that exist. On PostgreSQL the rows are locked first in
-        account-id order (a locking CTE), so two such statements can never deadlock; SQLite
-        has one writer at a time."""
-        ids = sorted(deltas)
+    async def post(
+        self,
+        deltas: dict[str, int],
+        transfers: Sequence[Sequence[Any]],
+        holds: Sequence[Sequence[Any]],
+        now: datetime,
+    ) -> Posted:
+        """All or nothing: adds each delta to its account, records `transfers` (rows in
+        TRANSFER_INPUT_COLUMNS order) and writes `holds` back (rows in HOLD_WRITE_COLUMNS
+        order, only those still pending), provided every account exists and none that
+        forbids overdraft would end below zero; else changes nothing. On PostgreSQL one
+        statement that locks the accounts in account-id order, so concurrent posts never
+        deadlock; SQLite has one writer at a time."""
         if self.postgres:
-            rows = [{"id": a, "delta": deltas[a]} for a in ids]
-            result = await self.session.execute(PG_APPLY_DELTAS, {"rows": _json(rows)})
-        else:
+            return await repository_pg.post(self.session, deltas, transfers, holds, now)
+        found = {
+            row.id: (row.balance + deltas[row.id], row.no_overdraft)
+            for row in await self.session.execute(
+                select(ACCOUNTS.c.id, ACCOUNTS.c.balance, ACCOUNTS.c.no_overdraft).where(
+                    ACCOUNTS.c.id.in_(sorted(deltas))
+                )
+            )
+        }
+        if len(found) != len(deltas) or any(b < 0 and n for b, n in found.values()):
+            return Posted(False, 0, 0, found)
+        if deltas:
             delta = case(
                 {a: literal(d, BigInteger) for a, d in deltas.items()}, value=ACCOUNTS.c.id
             )
-            result = await self.session.execute(
+            await self.session.execute(
                 update(ACCOUNTS)
                 .values(balance=ACCOUNTS.c.balance + delta)
-                .where(ACCOUNTS.c.id.in_(ids))
-                .returning(ACCOUNTS.c.id, ACCOUNTS.c.balance, ACCOUNTS.c.no_overdraft)
+                .where(ACCOUNTS.c.id.in_(sorted(deltas)))
             )
-        return {row.id: (row.balance, row.no_overdraft) for row in result}
+        if transfers:
+            await self.session.execute(
+                insert(TRANSFERS), [self._transfer_row(t, found, deltas, now) for t in transfers]
+            )
+        written = 0
+        if holds:
+            names = [c for c, _ in HOLD_WRITE_COLUMNS]
+            rows = [{"b_id": h[0], **dict(zip(names[1:], h[1:], strict=True))} for h in holds]
+            result = await self.session.execute(UPDATE_PENDING_HOLDS, rows)
+            written = int(getattr(result, "rowcount", 0))
+        return Posted(True, written, len(transfers), found)
+
+    @staticmethod
+    def _transfer_row(
+        row: Sequence[Any],
+        after: dict[str, tuple[int, bool]],
+        deltas: dict[str, int],
+        now: datetime,
+    ) -> dict[str, Any]:
+        values = dict(zip((c for c, _ in TRANSFER_INPUT_COLUMNS), row, strict=True))
+        debit, credit = values["debit_account_id"], values["credit_account_id"]
+        values["debit_balance_after"] = after[debit][0] - deltas[debit] + values.pop("debit_offset")
+        values["credit_balance_after"] = (
+            after[credit][0] - deltas[credit] + values.pop("credit_offset")
+        )
+        values["created_at"] = now
+        return values
 
     async def all_accounts(self) -> Sequence[Account]:
         query = select(Account).order_by(Account.id).execution_options(populate_existing=True)
         return (await self.session.scalars(query)).all()
 
     # Transfers -----------------------------------------------------------------------------
-
-    async def insert_transfers(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Inserts transfer rows (column → value) in one statement."""
-        if self.postgres:
-            await self.session.execute(PG_INSERT_TRANSFERS, {"rows": _json(rows)})
-        else:
-            await self.session.execute(insert(TRANSFERS), list(rows))
 
     async def transfer_by_key(self, key: str) -> Transfer | None:
         return await self.session.scalar(select(Transfer).where(Transfer.idempotency_key == key))
@@ -327,22 +282,12 @@ class LedgerRepository:
             query = query.with_for_update()
         return await self.session.scalar(query)
 
-    async def lock_holds(self, hold_ids: Sequence[str]) -> dict[str, Row[Any]]:
-        """Locks the holds in id order (PostgreSQL); their money columns, by id."""
+    async def lock_holds(self, hold_ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Locks the holds in id order (PostgreSQL); their rows, in HOLD_LOCK_COLUMNS order."""
         ids = sorted(set(hold_ids))
         if self.postgres:
-            rows = await self.session.execute(PG_LOCK_HOLDS, {"ids": _json(ids)})
-        else:
-            rows = await self.session.execute(LOCK_HOLDS, {"ids": ids})
-        return {row.id: row for row in rows}
-
-    async def update_pending_holds(self, values: Sequence[dict[str, Any]]) -> int:
-        """Sets HOLD_MONEY_COLUMNS of each hold (`b_id`) that is still pending; how many."""
-        if self.postgres:
-            result = await self.session.execute(PG_UPDATE_PENDING_HOLDS, {"rows": _json(values)})
-        else:
-            result = await self.session.execute(UPDATE_PENDING_HOLDS, list(values))
-        return int(getattr(result, "rowcount", 0))
+            return await repository_pg.lock_holds(self.session, ids)
+        return [tuple(row) for row in await self.session.execute(LOCK_HOLDS, {"ids": ids})]
 
     async def update_pending_hold(self, hold_id: str, guard: Any = None, **values: Any) -> bool:
         """Updates a hold only while it is still pending (and `guard` holds): the one place

@@ -4,17 +4,20 @@ moves money. Every balance change goes through `post()`, inside the caller's tra
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import new_id, utcnow
-from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from controlplane.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
 from controlplane.ledger.models import Transfer
 from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.repository_pg import TRANSFER_INPUT_COLUMNS
 
 PLATFORM = "platform"
 MICRO = 1_000_000
@@ -97,6 +100,12 @@ def new_transfer_id() -> str:
     return new_id("tr")
 
 
+def new_transfer_ids(count: int) -> list[str]:
+    """`count` ids like new_transfer_id()'s, from one draw of randomness."""
+    digits = secrets.token_hex(16 * count)
+    return [f"tr_{digits[i : i + 32]}" for i in range(0, 32 * count, 32)]
+
+
 async def ensure_tenant_accounts(session: AsyncSession, tenant_id: str) -> None:
     repo = LedgerRepository(session)
     for kind in (AccountKind.AVAILABLE, AccountKind.HELD, AccountKind.EARNINGS):
@@ -114,9 +123,17 @@ async def ensure_accounts(repo: LedgerRepository, account_ids: Sequence[str]) ->
         await repo.ensure_account(account, tenant, kind, kind != AccountKind.EXTERNAL.value)
 
 
-async def post(session: AsyncSession, transfers: Sequence[NewTransfer]) -> list[str]:
-    """See `post_rows()`; returns the transfer ids, in order."""
-    return [str(row["id"]) for row in await post_rows(session, transfers)]
+async def post(
+    session: AsyncSession,
+    transfers: Sequence[NewTransfer],
+    *,
+    holds: Sequence[Sequence[Any]] = (),
+) -> list[str]:
+    """See `post_rows()`; returns the transfer ids, in order. `holds` (rows in
+    HOLD_WRITE_COLUMNS order, locked by the caller) are written back in the same statement,
+    only where still pending: all must be, or this raises Conflict."""
+    rows, _, _ = await _post(session, transfers, holds)
+    return [row[0] for row in rows]
 
 
 async def post_rows(
@@ -124,59 +141,73 @@ async def post_rows(
 ) -> list[dict[str, Any]]:
     """Posts `transfers` (zero amounts skipped) inside the caller's transaction, all or none.
 
-    Every account involved is locked once, in account-id order (one statement), and changed
-    once by its net delta, so concurrent posts never deadlock and a hot account (the platform
-    fee account) is held only from that statement to the commit. An account that forbids
-    overdraft and would end below zero raises FailedPrecondition: the caller's transaction
-    must then roll back (it does, when the error leaves the unit of work).
+    Every account involved is locked once, in account-id order, and changed once by its net
+    delta, so concurrent posts never deadlock and a hot account (the platform fee account) is
+    held only from that one statement (PostgreSQL) to the commit. An account that forbids
+    overdraft and would end below zero raises FailedPrecondition, having changed nothing.
 
     Accounts are created on first use. No idempotency check here: callers guard with state
     (a hold's conditional UPDATE) or use `transfer()`; a duplicate key still fails on the
     unique index. Returns the transfer rows (column → value), in order."""
+    rows, balances, now = await _post(session, transfers, ())
+    names = [c for c, _ in TRANSFER_INPUT_COLUMNS[:-2]]
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        values = dict(zip(names, row, strict=False))
+        debit, credit = values["debit_account_id"], values["credit_account_id"]
+        values["debit_balance_after"] = balances[debit] + row[-2]
+        values["credit_balance_after"] = balances[credit] + row[-1]
+        values["created_at"] = now
+        out.append(values)
+    return out
+
+
+async def _post(
+    session: AsyncSession, transfers: Sequence[NewTransfer], holds: Sequence[Sequence[Any]]
+) -> tuple[list[tuple[Any, ...]], dict[str, int], datetime]:
+    """Posts; (the rows given to the repository, each account's balance before, the time)."""
     moves = [t for t in transfers if t.amount != 0]
-    if not moves:
-        return []
     deltas: dict[str, int] = {}
     for t in moves:
         if t.amount < 0 or t.amount > MAX_AMOUNT:
             raise InvalidArgument("amount_micro_credits", f"must be between 1 and {MAX_AMOUNT}")
         deltas[t.debit] = deltas.get(t.debit, 0) - t.amount
         deltas[t.credit] = deltas.get(t.credit, 0) + t.amount
-    repo = LedgerRepository(session)
-    balances = await repo.apply_deltas(deltas)
-    missing = [a for a in deltas if a not in balances]
-    if missing:
-        await ensure_accounts(repo, missing)
-        balances.update(await repo.apply_deltas({a: deltas[a] for a in missing}))
-    for account, (balance, no_overdraft) in balances.items():
-        if no_overdraft and balance < 0:
-            short = format_credits(-balance)
-            raise FailedPrecondition(f"insufficient funds: {account} is short by {short} credits")
-    # Balances after each transfer, in the order given: start from the final balances.
-    running = {a: balances[a][0] - d for a, d in deltas.items()}
-    now = utcnow()
-    rows: list[dict[str, Any]] = []
+    # Each transfer's balances after, as the running change of its accounts in this post.
+    running = dict.fromkeys(deltas, 0)
+    fresh = iter(new_transfer_ids(sum(1 for t in moves if t.id is None)))
+    rows: list[tuple[Any, ...]] = []
     for t in moves:
         running[t.debit] -= t.amount
         running[t.credit] += t.amount
         rows.append(
-            {
-                "id": t.id or new_transfer_id(),
-                "debit_account_id": t.debit,
-                "credit_account_id": t.credit,
-                "amount": t.amount,
-                "kind": t.kind.value,
-                "idempotency_key": t.key,
-                "job_id": t.job_id,
-                "attempt": t.attempt,
-                "reference": t.reference,
-                "debit_balance_after": running[t.debit],
-                "credit_balance_after": running[t.credit],
-                "created_at": now,
-            }
-        )
-    await repo.insert_transfers(rows)
-    return rows
+            (
+                t.id or next(fresh), t.debit, t.credit, t.amount, t.kind.value, t.key,
+                t.job_id, t.attempt, t.reference, running[t.debit], running[t.credit],
+            )
+        )  # fmt: skip
+    if not rows and not holds:
+        return [], {}, utcnow()
+    repo = LedgerRepository(session)
+    now = utcnow()
+    posted = await repo.post(deltas, rows, holds, now)
+    missing = [a for a in deltas if a not in posted.balances]
+    if missing:
+        await ensure_accounts(repo, missing)
+        posted = await repo.post(deltas, rows, holds, now)
+    if not posted.ok:
+        for account, (balance, no_overdraft) in sorted(posted.balances.items()):
+            if no_overdraft and balance < 0:
+                short = format_credits(-balance)
+                raise FailedPrecondition(
+                    f"insufficient funds: {account} is short by {short} credits"
+                )
+        raise Conflict(f"accounts missing after they were created: {missing}")
+    if posted.holds_written != len(holds) or posted.transfers_recorded != len(rows):
+        # The holds are locked by this transaction: only a broken invariant gets here.
+        raise Conflict("a hold changed under its lock")
+    before = {a: posted.balances[a][0] - d for a, d in deltas.items()}
+    return rows, before, now
 
 
 async def transfer(
