@@ -1,9 +1,4 @@
-"""Group commit: concurrent requests coalesced into batches, each run as one transaction.
-
-A request that arrives while `max_in_flight` batches are running waits for the next batch;
-one that finds a free slot runs at once (alone, if it is alone), so batching adds no latency
-to a single caller and turns N concurrent callers into N/batch transactions (TigerBeetle's
-batching of transfers, on PostgreSQL)."""
+"""Group commit: concurrent requests coalesced into batches, each run as one transaction."""
 
 from __future__ import annotations
 
@@ -16,6 +11,16 @@ Result = TypeVar("Result")
 
 
 class GroupCommit(Generic[Request, Result]):
+    """Runs requests in batches, up to `max_in_flight` batches at a time (TigerBeetle's
+    batching of transfers, on PostgreSQL).
+
+    A request that finds nothing running runs at once (alone, if it is alone), so batching
+    adds no latency to a single caller, and N concurrent callers make about N/batch
+    transactions. What waits is shared out over the free slots, so two batches overlap (one's
+    Python work while the other's statements run), but never in batches under `min_batch`
+    beside one running: a transaction has a fixed cost (round trips, planning) that a small
+    batch would not earn back; those requests wait for the next batch instead."""
+
     def __init__(
         self,
         # Runs a batch; answers per request its result or the error that request raises.
@@ -23,7 +28,7 @@ class GroupCommit(Generic[Request, Result]):
         *,
         max_batch: int = 128,
         max_in_flight: int = 2,
-        min_batch: int = 8,
+        min_batch: int = 16,
     ) -> None:
         self.execute = execute
         self.max_batch = max_batch
@@ -53,11 +58,11 @@ class GroupCommit(Generic[Request, Result]):
     def _start_batches(self) -> None:
         self._flush_scheduled = False
         while self._queue and self._in_flight < self.max_in_flight:
-            # What waits is shared out over the free slots (but no batch smaller than
-            # min_batch), so batches overlap: one's Python work while another's SQL runs.
+            least = min(self.min_batch, self.max_batch)
+            if self._in_flight and len(self._queue) < least:
+                break  # too few to earn a transaction of their own: they join the next batch
             free = self.max_in_flight - self._in_flight
-            share = max(self.min_batch, -(-len(self._queue) // free))
-            size = min(self.max_batch, share)
+            size = min(self.max_batch, max(least, -(-len(self._queue) // free)))
             batch = self._queue[:size]
             del self._queue[:size]
             self._in_flight += 1

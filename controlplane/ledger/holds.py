@@ -2,15 +2,16 @@
 refund a provider-fault attempt, and resolve exactly once (posted, voided or expired).
 
 Every function works inside the caller's transaction. Each locks its hold rows first (in id
-order), then the accounts (in account-id order, in `post()`), and changes a hold only by a
-conditional UPDATE `WHERE state = 'pending'`: a replayed or racing call finds it resolved and
-moves no money."""
+order), then the accounts (in account-id order, in `post()`, which writes the holds back in
+the same statement), and changes a hold only while it is still pending (a conditional
+UPDATE): a replayed or racing call finds it resolved and moves no money."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,6 +28,7 @@ from controlplane.ledger.transfers import (
     TransferKind,
     account_id,
     new_transfer_id,
+    new_transfer_ids,
     post,
 )
 
@@ -105,7 +107,7 @@ class _Hold:
 
     def row(self) -> tuple[Any, ...]:
         """The hold as written back (HOLD_WRITE_COLUMNS order)."""
-        return tuple(getattr(self, column) for column, _ in HOLD_WRITE_COLUMNS)
+        return _WRITTEN(self)
 
     @property
     def remaining(self) -> int:
@@ -114,6 +116,7 @@ class _Hold:
 
 # Locked rows come in HOLD_LOCK_COLUMNS order, straight into _Hold(*row).
 assert tuple(f.name for f in fields(_Hold)) == HOLD_LOCK_COLUMNS
+_WRITTEN = attrgetter(*(column for column, _ in HOLD_WRITE_COLUMNS))
 
 
 def hold_accounts(tenant_id: str) -> tuple[str, str]:
@@ -281,6 +284,7 @@ async def settle_many(session: AsyncSession, requests: Sequence[Settle]) -> list
     repo = LedgerRepository(session)
     holds = await _lock(repo, [r.hold_id for r in requests])
     now = utcnow()
+    release_ids = iter(new_transfer_ids(len(requests)))
     results: list[Resolution | None] = []
     moves: list[NewTransfer] = []
     resolved: list[_Hold] = []
@@ -301,7 +305,7 @@ async def settle_many(session: AsyncSession, requests: Sequence[Settle]) -> list
         released = hold.remaining
         state = request.outcome or (HoldState.POSTED if hold.posted_amount else HoldState.VOIDED)
         hold.state, hold.resolved_at, hold.updated_at = state.value, now, now
-        hold.release_transfer_id = new_transfer_id() if released else None
+        hold.release_transfer_id = next(release_ids) if released else None
         available, held = hold_accounts(hold.tenant_id)
         moves.append(
             NewTransfer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controlplane.ledger.models import HoldState
 
 PENDING = HoldState.PENDING.value
-# Column order of a locked hold row, and of the hold rows `post` writes back (id first).
+# Column order of a locked hold row (both backends).
 HOLD_LOCK_COLUMNS = (
     "id",
     "tenant_id",
@@ -79,18 +80,29 @@ def _unnest(alias: str, columns: Sequence[tuple[str, str]]) -> str:
 
 
 def array_literal(values: Sequence[Any], sql_type: str = "varchar") -> str:
-    """PostgreSQL's text form of an array of `values` (None is NULL). Built here rather than
-    by psycopg's per-element array dumpers, which cost several times as much for a batch:
-    every element but an integer is double-quoted, with backslash and quote escaped, which
-    is all the array syntax asks of a quoted element."""
-    if sql_type in ("bigint", "integer"):
-        items = ["NULL" if v is None else str(int(v)) for v in values]
-    else:
-        items = [
-            "NULL" if v is None else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-            for v in values
-        ]
-    return "{" + ",".join(items) + "}"
+    """PostgreSQL's text form of an array of `values` (None is NULL): one text parameter per
+    column, at a fraction of what psycopg's element-by-element array dumpers cost a batch.
+
+    JSON's text of a list without a backslash in it is PostgreSQL's array text once its
+    brackets become braces: strings double-quoted with nothing escaped, numbers bare, and
+    null, which PostgreSQL reads as NULL. A backslash means JSON escaped something (a quote,
+    a backslash or a control character, the last in a way PostgreSQL would misread): then
+    each element is quoted the way PostgreSQL asks."""
+    if sql_type == "timestamptz":
+        values = [None if v is None else v.isoformat() for v in values]
+    text = _json(values)
+    if "\\" not in text:
+        return "{" + text[1:-1] + "}"
+    return "{" + ",".join(_quote(v) for v in values) + "}"
+
+
+_json = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":")).encode
+
+
+def _quote(value: object) -> str:
+    if value is None:
+        return "NULL"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _arrays(
@@ -101,6 +113,7 @@ def _arrays(
     return {f"{alias}_{c}": array_literal(v, t) for (c, t), v in zip(columns, values, strict=True)}
 
 
+# `id = ANY(array)`: each hold found through the primary key, whatever the batch size.
 LOCK_HOLDS = (
     f"SELECT {', '.join(HOLD_LOCK_COLUMNS)} FROM holds "
     "WHERE id = ANY(%(ids)s::varchar[]) ORDER BY id FOR UPDATE"
@@ -133,6 +146,7 @@ ok AS (
     FROM after
 ),
 moved AS (
+    -- Updates the rows `locked` holds, so `before` is the balance it locked.
     UPDATE accounts AS a SET balance = a.balance + d.delta FROM d, ok
     WHERE ok.ok AND a.id = d.id AND a.id IN (SELECT id FROM locked)
     RETURNING a.id, a.balance - d.delta AS before

@@ -47,7 +47,7 @@ class TransferKind(StrEnum):
 
 
 def account_id(tenant_id: str, kind: AccountKind) -> str:
-    return f"{tenant_id}:{kind.value}"
+    return f"{tenant_id}:{kind}"  # a StrEnum formats as its value (and faster than .value)
 
 
 REVENUE = account_id(PLATFORM, AccountKind.REVENUE)
@@ -203,9 +203,12 @@ async def _post(
                     f"insufficient funds: {account} is short by {short} credits"
                 )
         raise Conflict(f"accounts missing after they were created: {missing}")
-    if posted.holds_written != len(holds) or posted.transfers_recorded != len(rows):
-        # The holds are locked by this transaction: only a broken invariant gets here.
+    # The holds and accounts are locked by this transaction: only a broken invariant gets
+    # to either (and the unit of work then rolls back what the statement did).
+    if posted.holds_written != len(holds):
         raise Conflict("a hold changed under its lock")
+    if posted.transfers_recorded != len(rows):
+        raise Conflict(f"{posted.transfers_recorded} of {len(rows)} transfers were recorded")
     before = {a: posted.balances[a][0] - d for a, d in deltas.items()}
     return rows, before, now
 
