@@ -48,6 +48,11 @@ async def check_allocations(plane: JobPlane) -> dict[str, list[str]]:
     agree with the attempts, and an attempt's GPUs are all on its host."""
     assert plane.plane.db is not None
     async with plane.plane.db.read() as session:
+        if not plane.plane.db.sqlite:
+            # One snapshot for both reads (READ COMMITTED would let a placement committed
+            # between them show GPUs busy for attempts not yet seen). SQLite's read
+            # transaction is one snapshot already.
+            await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         live = (await session.scalars(select(JobAttempt).where(JobAttempt.live.is_(True)))).all()
         gpus = {g.uuid: g for g in (await session.scalars(select(Gpu))).all()}
     held: dict[str, list[str]] = {}
