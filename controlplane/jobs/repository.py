@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import select
@@ -38,12 +38,16 @@ class JobRepository:
         created_before: datetime | None,
         before: tuple[datetime, str] | None,
         limit: int,
+        labels: Mapping[str, str] | None = None,
     ) -> Sequence[Job]:
         query = select(Job)
         if tenant_id:
             query = query.where(Job.tenant_id == tenant_id)
         if states:
             query = query.where(Job.state.in_(states))
+        # In the query, before the limit: a page holds `limit` matching jobs, not fewer.
+        for key, value in (labels or {}).items():
+            query = query.where(Job.labels[key].as_string() == value)
         if created_after:
             query = query.where(Job.created_at >= created_after)
         if created_before:

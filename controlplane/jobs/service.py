@@ -20,7 +20,7 @@ from controlplane.idempotency import ensure_same
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.repository import JobRepository
-from controlplane.jobs.spec import validate_spec
+from controlplane.jobs.spec import validate_labels, validate_spec
 from controlplane.jobs.states import ON_HOST, JobState, can_transition
 from controlplane.ledger import holds as ledger_holds
 from controlplane.ledger import service as ledger
@@ -242,12 +242,17 @@ class JobService:
         limit: int,
     ) -> Sequence[Job]:
         owner = None if caller.is_admin and not tenant_id else caller.require_tenant(tenant_id)
+        validate_labels("labels", labels)
         async with self.db.read() as session:
-            rows = await JobRepository(session).list(
-                owner, [s.value for s in states], created_after, created_before, before, limit
+            return await JobRepository(session).list(
+                owner,
+                [s.value for s in states],
+                created_after,
+                created_before,
+                before,
+                limit,
+                labels,
             )
-        # Label filters are applied here; a label index arrives with the scheduler issue.
-        return [r for r in rows if all(r.labels.get(k) == v for k, v in labels.items())]
 
     async def cancel(self, caller: Principal, job_id: str, reason: str) -> Job:
         if len(reason) > 500:

@@ -33,7 +33,7 @@ def _text(field: str, value: str, limit: int = MAX_STRING) -> None:
         raise InvalidArgument(field, "contains a NUL character")
 
 
-def _labels(field: str, labels: dict[str, str]) -> None:
+def validate_labels(field: str, labels: dict[str, str]) -> None:
     if len(labels) > 64:
         raise InvalidArgument(field, "more than 64 labels")
     for key, value in labels.items():
@@ -103,8 +103,8 @@ def validate_spec(spec: types_pb2.JobSpec) -> None:
         raise InvalidArgument("spec.budget_micro_credits", "must be 0..10^15")
     if not -1000 <= spec.priority <= 1000:
         raise InvalidArgument("spec.priority", "must be between -1000 and 1000")
-    _labels("spec.labels", dict(spec.labels))
-    _labels("spec.host_labels", dict(spec.host_labels))
+    validate_labels("spec.labels", dict(spec.labels))
+    validate_labels("spec.host_labels", dict(spec.host_labels))
     if spec.max_retries > 20:
         raise InvalidArgument("spec.max_retries", "at most 20")
     if spec.placement_policy not in types_pb2.PlacementPolicy.values():

@@ -343,3 +343,38 @@ async def test_provider_fault_requeues_without_charge(plane: JobPlane) -> None:
     assert done.attempts[0].charged_micro_credits == 0
     assert done.charged_micro_credits == charge_for(PRICE, 1, 10_000)
     await plane.assert_ledger_consistent()
+
+
+async def test_list_jobs_filters_labels_before_paging(plane: JobPlane) -> None:
+    """Label filters select in the query, so every page is full of matching jobs (filtering
+    after the limit gave short or empty pages when newer jobs did not match)."""
+    wanted = [
+        await plane.submit(gpu_count=1, labels={"team": "a", "run": str(n)}) for n in range(2)
+    ]
+    for n in range(3):  # newer, not matching
+        await plane.submit(gpu_count=1, labels={"team": "b", "run": str(n)})
+    seen: list[str] = []
+    token = ""
+    for _ in range(3):
+        page = await plane.jobs.ListJobs(
+            jobs_pb2.ListJobsRequest(labels={"team": "a"}, page_size=1, page_token=token),
+            metadata=plane.auth(plane.consumer_key),
+        )
+        assert len(page.jobs) == 1, page
+        seen.append(page.jobs[0].job_id)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [j.job_id for j in reversed(wanted)]
+    both = await plane.jobs.ListJobs(
+        jobs_pb2.ListJobsRequest(labels={"team": "a", "run": "1"}),
+        metadata=plane.auth(plane.consumer_key),
+    )
+    assert [j.job_id for j in both.jobs] == [wanted[1].job_id]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await plane.jobs.ListJobs(
+            jobs_pb2.ListJobsRequest(labels={"bad key!": "x"}),
+            metadata=plane.auth(plane.consumer_key),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "labels['bad key!']" in (caught.value.details() or "")
