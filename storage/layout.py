@@ -8,6 +8,13 @@ def attempt_prefix(job_id: str, attempt: int) -> str:
     return f"jobs/{job_id}/{attempt}/"
 
 
+def inside(key: str, prefix: str) -> bool:
+    """Whether object `key` lies under `prefix` (no climbing out with ".."). Keys in a
+    manifest come from the provider's daemon: read or presign only those under the attempt's
+    own prefix, never one naming another job's (or tenant's) objects."""
+    return key.startswith(prefix) and ".." not in key.split("/")
+
+
 def output_key(job_id: str, attempt: int, relative_path: str) -> str:
     return f"{attempt_prefix(job_id, attempt)}output/{relative_path}"
 

@@ -21,7 +21,7 @@ from controlplane.jobs.service import JobService
 from controlplane.jobs.states import JobState
 from controlplane.paging import encode_token, page_size, time_cursor
 from controlplane.registry.usage import GpuUsage
-from storage.layout import attempt_prefix
+from storage.layout import attempt_prefix, inside
 from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,6 @@ def event_pb(row: JobEvent, job_id: str) -> types_pb2.JobEvent:
     if row.exit_code is not None:
         message.exit_code = row.exit_code
     return message
-
-
-def _inside(key: str, prefix: str) -> bool:
-    """Whether object `key` lies under `prefix` (no climbing out with "..")."""
-    return key.startswith(prefix) and ".." not in key.split("/")
 
 
 def _require_job_id(job_id: str) -> str:
@@ -241,7 +236,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         # The manifest comes from the provider's daemon: presign only what lies under this
         # attempt's own prefix, never a key naming another job's (or tenant's) objects.
         prefix = attempt_prefix(job_id, attempt.attempt)
-        entries = [e for e in attempt.manifest if _inside(str(e.get("key", "")), prefix)]
+        entries = [e for e in attempt.manifest if inside(str(e.get("key", "")), prefix)]
         if len(entries) < len(attempt.manifest):
             log.warning(
                 "job %s attempt %d: %d result keys outside %s not presigned",

@@ -17,6 +17,7 @@ from controlplane.errors import Unavailable
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.jobs.repository import JobRepository
 from messaging.subjects import LOG_END_HEADER, LOG_STREAM_HEADER, logs_subject
+from storage.layout import attempt_prefix, inside
 from storage.objects import ObjectStore, StorageError
 
 STREAMS: dict[str, types_pb2.LogStream.ValueType] = {
@@ -41,7 +42,10 @@ class LogReader:
     async def read(
         self, job: Job, attempt: JobAttempt, request: jobs_pb2.StreamLogsRequest
     ) -> AsyncIterator[jobs_pb2.LogChunk]:
-        stored = {e["path"]: e["key"] for e in attempt.manifest}
+        prefix = attempt_prefix(job.id, attempt.attempt)
+        stored = {
+            e["path"]: e["key"] for e in attempt.manifest if inside(str(e.get("key", "")), prefix)
+        }
         if not attempt.live and not request.follow and "logs/stdout" in stored:
             async for chunk in self._from_storage(attempt, stored, request):
                 yield chunk

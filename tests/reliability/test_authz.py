@@ -124,9 +124,12 @@ async def finish(host: ScriptedHost, manifest: list[types_pb2.ResultObject]) -> 
     )
 
 
-async def job_with_results(world: World, key: str, body: bytes, stray: str = "") -> str:
-    """A job of the key's tenant run to success, its output stored; `stray`: a key outside
-    its prefix that the (hostile) daemon also lists in the manifest."""
+async def job_with_results(
+    world: World, key: str, body: bytes, stray: str = "", stray_logs: str = ""
+) -> str:
+    """A job of the key's tenant run to success, its output and stdout stored; `stray` and
+    `stray_logs`: keys outside its prefix that the (hostile) daemon lists in the manifest as
+    an output and as the job's stdout."""
     plane, host = world.plane, world.host
     assert host is not None
     spec = types_pb2.JobSpec(
@@ -144,6 +147,12 @@ async def job_with_results(world: World, key: str, body: bytes, stray: str = "")
     manifest = [types_pb2.ResultObject(key=output, path="output/result.txt", size_bytes=len(body))]
     if stray:
         manifest.append(types_pb2.ResultObject(key=stray, path="output/stolen", size_bytes=1))
+    if stray_logs:
+        manifest.append(types_pb2.ResultObject(key=stray_logs, path="logs/stdout", size_bytes=1))
+    else:
+        stdout = f"jobs/{job_id}/1/logs/stdout"
+        await plane.plane.store.put_bytes(stdout, b"logs: " + body)
+        manifest.append(types_pb2.ResultObject(key=stdout, path="logs/stdout", size_bytes=1))
     await finish(host, manifest)
     for _ in range(400):
         got = await plane.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), metadata=plane.auth())
@@ -217,6 +226,7 @@ async def world(
             plane.consumer_key,
             b"consumer output",
             stray=f"jobs/{w.other_job}/1/output/result.txt",
+            stray_logs=f"jobs/{w.other_job}/1/logs/stdout",
         )
         try:
             yield w
@@ -435,6 +445,16 @@ async def test_tenants_never_see_each_other(world: World) -> None:
             async for _ in stream:
                 pass
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # The daemon's manifest named the other job's stdout as this job's: not read.
+    own = plane.jobs.StreamLogs(jobs_pb2.StreamLogsRequest(job_id=world.job), metadata=mine)
+    assert b"secret" not in b"".join([chunk.data async for chunk in own])
+    theirs = plane.jobs.StreamLogs(
+        jobs_pb2.StreamLogsRequest(job_id=world.other_job),
+        metadata=plane.auth(world.keys["other_consumer"]),
+    )
+    assert b"".join([chunk.data async for chunk in theirs]) == (
+        b"logs: the other tenant's secret output"
+    )
     # The answers name nothing of the other tenant's.
     other = await plane.jobs.GetJob(
         jobs_pb2.GetJobRequest(job_id=world.other_job), metadata=plane.auth()
