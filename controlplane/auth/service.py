@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.models import ApiKey, Tenant
 from controlplane.auth.principal import Principal, Role
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 API_KEY_PREFIX = "gpk_"
 PLATFORM_TENANT = "platform"
+# pg_advisory_xact_lock key of the bootstrap ("gpub"): see AuthService._lock_bootstrap.
+BOOTSTRAP_LOCK = 0x67707562
 MAX_NAME_LENGTH = 200
 # last_used_at is kept to this resolution, so authentication rarely writes.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -203,22 +207,40 @@ class AuthService:
         self.forget(key_id)
         return key
 
+    async def _lock_bootstrap(self, session: AsyncSession) -> None:
+        """Serialises the bootstrap of replicas starting at once on one fresh PostgreSQL
+        database (a transaction-level advisory lock); SQLite has one writer anyway."""
+        if not self.db.sqlite:
+            await session.execute(text(f"SELECT pg_advisory_xact_lock({BOOTSTRAP_LOCK})"))
+
+    async def _platform_tenant(self, session: AsyncSession) -> Tenant:
+        repo = AuthRepository(session)
+        tenant = await repo.get_tenant(PLATFORM_TENANT)
+        if tenant is None:
+            tenant = Tenant(id=PLATFORM_TENANT, name=PLATFORM_TENANT, created_at=utcnow())
+            repo.add(tenant)
+            await session.flush()
+        return tenant
+
     async def ensure_platform_tenant(self) -> Tenant:
-        async with self.db.transaction() as session:
-            repo = AuthRepository(session)
-            tenant = await repo.get_tenant(PLATFORM_TENANT)
-            if tenant is None:
-                tenant = Tenant(id=PLATFORM_TENANT, name=PLATFORM_TENANT, created_at=utcnow())
-                repo.add(tenant)
-            return tenant
+        async def work(session: AsyncSession) -> Tenant:
+            await self._lock_bootstrap(session)
+            return await self._platform_tenant(session)
+
+        return await self.db.run(work)
 
     async def ensure_bootstrap_admin(self, configured: str | None, data_dir: Path) -> Path | None:
         """Makes sure an admin can log in: accepts the configured key (stored hashed), or, when
-        no admin key exists yet, generates one and writes it once to data_dir/admin.key."""
-        await self.ensure_platform_tenant()
-        if configured:
-            async with self.db.transaction() as session:
-                repo = AuthRepository(session)
+        no admin key exists yet, generates one and writes it once to data_dir/admin.key.
+        Replicas starting together on a fresh database take turns: one creates, the others
+        find what it created."""
+        key_file = data_dir / "admin.key"
+
+        async def work(session: AsyncSession) -> Path | None:
+            await self._lock_bootstrap(session)
+            await self._platform_tenant(session)
+            repo = AuthRepository(session)
+            if configured:
                 if await repo.key_by_hash(hash_secret(configured)) is None:
                     repo.add(
                         ApiKey(
@@ -231,15 +253,11 @@ class AuthService:
                             created_at=utcnow(),
                         )
                     )
-            return None
-        async with self.db.read() as session:
-            if await AuthRepository(session).any_admin_key():
                 return None
-        secret = generate_secret(API_KEY_PREFIX)
-        key_file = data_dir / "admin.key"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        async with self.db.transaction() as session:
-            AuthRepository(session).add(
+            if await repo.any_admin_key():
+                return None
+            secret = generate_secret(API_KEY_PREFIX)
+            repo.add(
                 ApiKey(
                     id=new_id("key"),
                     tenant_id=PLATFORM_TENANT,
@@ -250,8 +268,17 @@ class AuthService:
                     created_at=utcnow(),
                 )
             )
+            await session.flush()
+            # Written before the commit: a key file never names a key that was not stored
+            # by a committed transaction, except when the commit itself fails (then the
+            # next start generates a new one and overwrites it).
+            data_dir.mkdir(parents=True, exist_ok=True)
             key_file.touch(mode=0o600)
             key_file.chmod(0o600)
             key_file.write_text(secret + "\n")
-        log.info("generated a bootstrap admin key; it is in %s", key_file)
-        return key_file
+            return key_file
+
+        written = await self.db.run(work)
+        if written is not None:
+            log.info("generated a bootstrap admin key; it is in %s", written)
+        return written

@@ -12,9 +12,12 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, select
 
+from controlplane.auth.models import ApiKey, Tenant
+from controlplane.auth.service import PLATFORM_TENANT, AuthService
 from controlplane.db import migrate
+from controlplane.db.engine import Database
 from controlplane.db.models import Base
 
 _counter = iter(range(1_000_000))
@@ -82,3 +85,38 @@ def test_replicas_migrating_one_fresh_database_at_once_both_succeed(pg_url: str)
     assert head is not None
     migrate.upgrade(pg_url)
     assert migrate.current_revision(pg_url) == head
+
+
+@pytest.mark.postgres
+async def test_replicas_bootstrapping_one_fresh_database_at_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Replicas starting together on a fresh database: one platform tenant, one generated
+    admin key (its file written by exactly one replica), one row for a configured key."""
+    await asyncio.to_thread(migrate.upgrade, pg_url)
+    databases = [Database(pg_url) for _ in range(4)]
+    try:
+        services = [AuthService(db) for db in databases]
+        written = await asyncio.gather(
+            *(s.ensure_bootstrap_admin(None, tmp_path / f"r{n}") for n, s in enumerate(services))
+        )
+        files = [w for w in written if w is not None]
+        assert len(files) == 1, written
+        configured = "gpk_configured-bootstrap-key-0123456789"
+        again = await asyncio.gather(
+            *(s.ensure_bootstrap_admin(configured, tmp_path / "c") for s in services)
+        )
+        assert again == [None] * 4
+        async with databases[0].read() as session:
+            keys = (await session.scalars(select(ApiKey))).all()
+            tenants = (await session.scalars(select(Tenant))).all()
+        assert sorted(k.description for k in keys) == [
+            "bootstrap admin key (from settings)",
+            "bootstrap admin key (generated)",
+        ]
+        assert [t.id for t in tenants] == [PLATFORM_TENANT]
+        secret = files[0].read_text().strip()
+        assert (await services[1].authenticate(secret)) is not None
+    finally:
+        for db in databases:
+            await db.close()
