@@ -38,7 +38,9 @@ DEMO_SCRIPT = (
 
 
 def _context(stack: Stack, key: str) -> Context:
-    args = argparse.Namespace(addr=stack.addr, api_key=key, json=False, timeout=30.0)
+    args = argparse.Namespace(
+        addr=stack.addr, api_key=key, json=False, timeout=30.0, plaintext=True
+    )
     return Context(args=args, environ={})
 
 
