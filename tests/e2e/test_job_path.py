@@ -1,5 +1,6 @@
 """The whole job path on real servers: control plane, NATS JetStream, S3, Docker engine and
-real daemons (in process, and as `gpuplane daemon run` processes for kill -9)."""
+real daemons (in process, and as `gpuplane daemon run` processes for kill -9). Every test
+runs twice: plaintext, and with gRPC and NATS both over TLS requiring client certificates."""
 
 from __future__ import annotations
 
