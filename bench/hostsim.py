@@ -17,11 +17,14 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
+
+from daemon.channel import PLAINTEXT, ChannelSecurity, open_channel
 
 CONNECT = "/gpuplane.v1.RegistryService/Connect"
 # Answers after which a daemon tries again (the control plane is busy or restarting).
@@ -38,6 +41,21 @@ class HostSpec:
     # Telemetry batches per second per host: 0 = as fast as the server takes them, < 0 = none.
     batches_per_second: float = 0.0
     heartbeat_interval: float = 2.0
+    # A control plane serving TLS: the CA verifying it (and a client certificate when it
+    # requires one). Empty = plaintext, for loopback benchmarks.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def channel(self) -> grpc.aio.Channel:
+        if not self.ca_file:
+            return open_channel(self.target, PLAINTEXT)
+        security = ChannelSecurity(
+            ca_file=Path(self.ca_file),
+            cert_file=Path(self.cert_file) if self.cert_file else None,
+            key_file=Path(self.key_file) if self.key_file else None,
+        )
+        return open_channel(self.target, security)
 
 
 @dataclass
@@ -184,7 +202,7 @@ class SimulatedHost:
 
 async def drive(spec: HostSpec) -> HostReport:
     """Connects the hosts, prints a ready line, sends telemetry until stdin closes."""
-    channels = [grpc.aio.insecure_channel(spec.target) for _ in range(spec.hosts)]
+    channels = [spec.channel() for _ in range(spec.hosts)]
     hosts = [SimulatedHost(spec, channel) for channel in channels]
     try:
         await asyncio.gather(*(h.connect() for h in hosts))

@@ -99,6 +99,7 @@ async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
             agent = Agent(
                 DaemonSettings(
                     control_plane=address,
+                    plaintext=True,
                     registration_token=SecretStr(token.secret),
                     data_dir=ctx.workdir / f"jobpath-daemon-{suffix}",
                     simulate_gpus=DAEMON_GPUS,

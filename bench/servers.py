@@ -69,6 +69,7 @@ async def control_plane(args: argparse.Namespace) -> AsyncIterator[dict[str, Any
         s3_access_key=args.s3_access_key,
         s3_secret_key=SecretStr(args.s3_secret_key),
         log_level="WARNING",
+        allow_plaintext=True,  # loopback benchmark
     )
     plane = ControlPlane(settings)
     await plane.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 import nats
 from nats.aio.client import Client
@@ -17,9 +18,10 @@ log = logging.getLogger(__name__)
 class Bus:
     """Holds one NATS connection; `ready` is set once JetStream streams exist."""
 
-    def __init__(self, servers: str, replicas: int = 1) -> None:
+    def __init__(self, servers: str, replicas: int = 1, tls: ssl.SSLContext | None = None) -> None:
         self.servers = [s.strip() for s in servers.split(",") if s.strip()]
         self.replicas = replicas
+        self.tls = tls
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.ready = asyncio.Event()
@@ -35,6 +37,9 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
+                    # Verified against the configured CA (else the system's roots) when the
+                    # server requires TLS or a URL is tls://.
+                    tls=self.tls,
                 )
                 self.js = self.nc.jetstream()
                 await ensure_streams(self.js, self.replicas)

@@ -46,6 +46,8 @@ from controlplane.registry.service import RegistryService
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
 from controlplane.scheduler.service import Scheduler, scheduler_policy
 from controlplane.settings import Settings
+from controlplane.tls import server_credentials
+from messaging.tls import nats_tls_context
 from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,13 @@ class ControlPlane:
         self.port = 0
         self.metrics_port = 0
         self.admin_key_file: str | None = None
-        self.bus = Bus(settings.nats_url, settings.nats_stream_replicas)
+        self.bus = Bus(
+            settings.nats_url,
+            settings.nats_stream_replicas,
+            tls=nats_tls_context(
+                settings.nats_ca_file, settings.nats_cert_file, settings.nats_key_file
+            ),
+        )
         self.notifier = Notifier()
         self.background: Background | None = None
         self.scheduler: Scheduler | None = None
@@ -95,6 +103,8 @@ class ControlPlane:
 
     async def start(self) -> None:
         settings = self.settings
+        # Read before anything starts: a missing or broken PEM file fails start-up, naming it.
+        credentials = server_credentials(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         url = settings.resolved_database_url()
         await asyncio.to_thread(migrate.upgrade, url)
@@ -206,7 +216,10 @@ class ControlPlane:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(settings.listen_addr)
+        if credentials is None:
+            self.port = server.add_insecure_port(settings.listen_addr)
+        else:
+            self.port = server.add_secure_port(settings.listen_addr, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen_addr}")
         await server.start()
@@ -230,7 +243,9 @@ class ControlPlane:
         self._bucket_task = asyncio.create_task(self._ensure_bucket())
         self.metrics.up.set(1)
         host = settings.listen_addr.rpartition(":")[0]
-        log.info("control plane serving gRPC on %s:%d", host, self.port)
+        certs = settings.tls_client_auth
+        mode = "plaintext" if credentials is None else f"TLS, client certificates: {certs}"
+        log.info("control plane serving gRPC on %s:%d (%s)", host, self.port, mode)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
@@ -307,9 +322,4 @@ async def serve(settings: Settings) -> None:
     await control_plane.wait()
 
 
-def insecure_channel(target: str) -> aio.Channel:
-    """A client channel to a control plane (plaintext; TLS arrives with scale-out)."""
-    return aio.insecure_channel(target)
-
-
-__all__ = ["ControlPlane", "grpc", "insecure_channel", "serve", "settle_heap"]
+__all__ = ["ControlPlane", "grpc", "serve", "settle_heap"]

@@ -8,6 +8,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# No "optional": grpcio's Python API either requires a verified client certificate or asks
+# for none (a half-way mode would accept any certificate unverified).
+ClientAuth = Literal["off", "require"]
+
 
 class Settings(BaseSettings):
     """Every setting of one control-plane process. Built once in main() and passed down."""
@@ -28,6 +32,28 @@ class Settings(BaseSettings):
     listen_addr: str = Field(
         default="127.0.0.1:50051", description="gRPC host:port; port 0 picks one."
     )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate chain the gRPC API serves TLS with (with tls_key_file); "
+        "its SANs name what clients dial (a DNS name, or an IP).",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that signs client certificates (daemons); needed when "
+        "tls_client_auth is require.",
+    )
+    tls_client_auth: ClientAuth = Field(
+        default="off",
+        description="off: clients need no certificate; require: a client without a "
+        "certificate signed by tls_client_ca_file fails the TLS handshake. Either way the "
+        "bearer API key or host credential still says who calls.",
+    )
+    allow_plaintext: bool = Field(
+        default=False,
+        description="Serve gRPC without TLS when no certificate is set (dev stacks and tests "
+        "only). Without it and without tls_cert_file the control plane refuses to start.",
+    )
     metrics_addr: str = Field(
         default="127.0.0.1:9464",
         description="Prometheus /metrics host:port; port 0 picks one; empty disables.",
@@ -39,6 +65,17 @@ class Settings(BaseSettings):
     )
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated."
+    )
+    nats_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that verifies the NATS servers' certificates (TLS); unset = "
+        "the system's roots when a server requires TLS or a URL is tls://.",
+    )
+    nats_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate for NATS servers that verify clients."
+    )
+    nats_key_file: Path | None = Field(
+        default=None, description="PEM private key of nats_cert_file."
     )
     s3_endpoint: str = Field(default="127.0.0.1:8333", description="S3 API host:port.")
     s3_access_key: str = Field(default="gpuplane")
@@ -155,6 +192,20 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=5.0, ge=0)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     log_level: str = Field(default="INFO")
+
+    @model_validator(mode="after")
+    def _tls_is_complete(self) -> Settings:
+        # Neither a certificate nor allow_plaintext is refused when serving (controlplane/tls.py),
+        # not here: one-shots like the migration read these settings too.
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_auth != "off" and self.tls_cert_file is None:
+            raise ValueError("tls_client_auth needs tls_cert_file and tls_key_file")
+        if self.tls_client_auth == "require" and self.tls_client_ca_file is None:
+            raise ValueError("tls_client_auth=require needs tls_client_ca_file")
+        if (self.nats_cert_file is None) != (self.nats_key_file is None):
+            raise ValueError("nats_cert_file and nats_key_file go together: set both or neither")
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_checks(self) -> Settings:

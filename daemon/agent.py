@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from daemon import reattach
 from daemon.attribution import JobAttribution
 from daemon.bus import DaemonBus
+from daemon.channel import open_channel
 from daemon.executor import JobExecutor, work_dir_for
 from daemon.gpus import GpuInventory, discover
 from daemon.identity import HostIdentity, RegistrationError, daemon_version, register
@@ -30,9 +31,9 @@ from daemon.nvml import NvmlSampler
 from daemon.runtime import DockerRuntime
 from daemon.session import Backoff, ControlSession
 from daemon.settings import DaemonSettings
-from daemon.target import grpc_target
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
+from messaging.tls import nats_tls_context
 from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class Agent:
         settles attempts left by an earlier run, then starts taking dispatches."""
         settings = self.settings
         self.inventory = await asyncio.to_thread(discover, settings)
-        self._channel = grpc.aio.insecure_channel(grpc_target(settings.control_plane))
+        self._channel = open_channel(settings.control_plane, settings.channel_security())
         self.identity = HostIdentity.load(settings.host_file)
         if self.identity is None:
             self.identity = await self._register_with_retry()
@@ -110,7 +111,13 @@ class Agent:
             ),
         )
         servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
-        self._bus = await DaemonBus.connect(servers, identity.nats_credentials)
+        self._bus = await DaemonBus.connect(
+            servers,
+            identity.nats_credentials,
+            tls=nats_tls_context(
+                settings.nats_ca_file, settings.nats_cert_file, settings.nats_key_file
+            ),
+        )
         self.leftovers = {(e.job_id, e.attempt): e for e in self.journal.entries()}
         await self._settle_vanished(await self._runtime.find_by_label(host=identity.host_id))
         await self._bus.subscribe(

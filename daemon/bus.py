@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 import nats
@@ -34,7 +35,9 @@ class DaemonBus:
         self._sub: JetStreamContext.PullSubscription | None = None
 
     @classmethod
-    async def connect(cls, servers: list[str], credentials: str = "") -> DaemonBus:
+    async def connect(
+        cls, servers: list[str], credentials: str = "", tls: ssl.SSLContext | None = None
+    ) -> DaemonBus:
         options: dict[str, object] = {
             "servers": servers,
             "name": "gpuplane-daemon",
@@ -43,6 +46,8 @@ class DaemonBus:
         }
         if credentials:
             options["user_credentials"] = credentials
+        if tls is not None:
+            options["tls"] = tls
         client = await nats.connect(**options)  # type: ignore[arg-type]
         return cls(client)
 

@@ -16,9 +16,11 @@ from docker.errors import DockerException
 from pydantic import SecretStr, ValidationError
 
 from daemon import install
+from daemon.channel import ChannelConfigError
 from daemon.gpus import NoGpuError, UnknownGpuModel
 from daemon.identity import RegistrationError
 from daemon.settings import DaemonSettings
+from messaging.tls import TlsConfigError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 MICRO = Decimal(1_000_000)
@@ -49,6 +51,9 @@ def label(text: str) -> tuple[str, str]:
 # flag destination → settings field, for flags that map one to one.
 _FIELDS = {
     "control_plane": "control_plane",
+    "tls_ca_file": "tls_ca_file",
+    "tls_cert_file": "tls_cert_file",
+    "tls_key_file": "tls_key_file",
     "data_dir": "data_dir",
     "simulate_gpus": "simulate_gpus",
     "price_per_gpu_hour": "price_per_gpu_hour_micro_credits",
@@ -71,6 +76,10 @@ def add_daemon_parser(subparsers: Any) -> argparse.ArgumentParser:
     add = run.add_argument
     add("--env-file", default=argparse.SUPPRESS, help="read settings from this KEY=VALUE file")
     add("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
+    add("--plaintext", action="store_true", default=None, help="no TLS to the control plane (dev)")
+    add("--tls-ca-file", type=Path, metavar="PEM", help="CA verifying the control plane")
+    add("--tls-cert-file", type=Path, metavar="PEM", help="client certificate (client auth)")
+    add("--tls-key-file", type=Path, metavar="PEM", help="key of --tls-cert-file")
     add("--token", help="host registration token (needed until DATA_DIR/host.json exists)")
     add("--data-dir", type=Path, help="identity, journal and job work dirs")
     add("--simulate-gpus", metavar="SPEC", help="e.g. 4xA100-80GB (hosts without NVIDIA GPUs)")
@@ -117,6 +126,8 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         overrides["registration_token"] = SecretStr(args.token)
     if getattr(args, "s3_secret_key", None):
         overrides["s3_secret_key"] = SecretStr(args.s3_secret_key)
+    if getattr(args, "plaintext", None):
+        overrides["plaintext"] = True
     if getattr(args, "s3_secure", None) is not None:
         overrides["s3_secure"] = args.s3_secure
     if getattr(args, "label", None):
@@ -138,7 +149,13 @@ def run_daemon(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(_serve(settings))
-    except (NoGpuError, UnknownGpuModel, RegistrationError) as exc:
+    except (
+        NoGpuError,
+        UnknownGpuModel,
+        RegistrationError,
+        ChannelConfigError,
+        TlsConfigError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DockerException as exc:

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from daemon.channel import ChannelSecurity
+
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
 
@@ -46,6 +48,27 @@ class DaemonSettings(BaseSettings):
         description="Control plane gRPC address(es), HOST:PORT; several replicas comma-"
         "separated: the daemon uses the first that answers and fails over in order.",
     )
+    plaintext: bool = Field(
+        default=False,
+        description="Reach the control plane without TLS (dev stacks only); else TLS, "
+        "verifying its certificate.",
+    )
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that verifies the control plane's certificate; unset = the "
+        "system's roots.",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM client certificate (with tls_key_file) for a control plane that "
+        "requires client certificates.",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    tls_server_name: str = Field(
+        default="",
+        description="The name the control plane's certificate must carry; empty = the host "
+        "of the (first) control-plane address.",
+    )
     registration_token: SecretStr | None = Field(
         default=None, description="Host registration token; needed until data_dir/host.json exists."
     )
@@ -72,6 +95,17 @@ class DaemonSettings(BaseSettings):
     )
     nats_url: str | None = Field(
         default=None, description="NATS server(s), comma-separated; unset = from registration."
+    )
+    nats_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that verifies the NATS servers' certificates; unset = the "
+        "system's roots when a server requires TLS or a URL is tls://.",
+    )
+    nats_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate for NATS servers that verify clients."
+    )
+    nats_key_file: Path | None = Field(
+        default=None, description="PEM private key of nats_cert_file."
     )
     s3_endpoint: str = Field(default="127.0.0.1:8333", description="S3 API host:port.")
     s3_access_key: str = Field(default="gpuplane")
@@ -104,6 +138,23 @@ class DaemonSettings(BaseSettings):
     )
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
     log_level: str = Field(default="INFO")
+
+    @model_validator(mode="after")
+    def _tls_is_consistent(self) -> DaemonSettings:
+        self.channel_security()  # raises ChannelConfigError, a ValueError, naming the problem
+        if (self.nats_cert_file is None) != (self.nats_key_file is None):
+            raise ValueError("nats_cert_file and nats_key_file go together: set both or neither")
+        return self
+
+    def channel_security(self) -> ChannelSecurity:
+        """How to reach the control plane (TLS unless plaintext)."""
+        return ChannelSecurity(
+            plaintext=self.plaintext,
+            ca_file=self.tls_ca_file,
+            cert_file=self.tls_cert_file,
+            key_file=self.tls_key_file,
+            server_name=self.tls_server_name,
+        )
 
     @model_validator(mode="after")
     def _derive_machine_id(self) -> DaemonSettings:

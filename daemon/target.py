@@ -13,6 +13,11 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def first_host(addresses: str) -> str:
+    """The host of the first of "HOST:PORT[,HOST:PORT…]" (the name TLS verifies)."""
+    return _split(addresses.split(",")[0])[0]
+
+
 def grpc_target(addresses: str) -> str:
     """The channel target for "HOST:PORT[,HOST:PORT…]".
 

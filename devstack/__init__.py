@@ -2,7 +2,7 @@
 
 from devstack.docker_engine import DockerEngine, HookCall
 from devstack.images import TEST_IMAGE, build_test_image
-from devstack.nats import NatsServer
+from devstack.nats import NatsServer, NatsTls
 from devstack.ports import free_port, free_ports
 from devstack.postgres import PostgresCluster
 from devstack.process import DevstackError, LocalServer, ManagedProcess
@@ -16,6 +16,7 @@ __all__ = [
     "LocalServer",
     "ManagedProcess",
     "NatsServer",
+    "NatsTls",
     "PostgresCluster",
     "S3Server",
     "build_test_image",

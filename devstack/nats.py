@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from devstack.ports import LOOPBACK, free_ports
 from devstack.process import DevstackError, LocalServer, ManagedProcess, find_binary
+
+
+@dataclass(frozen=True)
+class NatsTls:
+    """Client connections over TLS with this certificate; with `ca_file`, clients must also
+    present a certificate it signed (`verify: true`). Monitoring stays plain HTTP."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+
+    def argv(self) -> list[str]:
+        args = ["--tls", "--tlscert", str(self.cert_file), "--tlskey", str(self.key_file)]
+        if self.ca_file is not None:
+            args += ["--tlscacert", str(self.ca_file), "--tlsverify"]
+        return args
 
 
 class NatsServer(LocalServer):
@@ -19,8 +36,16 @@ class NatsServer(LocalServer):
 
     name = "nats-server"
 
-    def __init__(self, directory: Path, *, binary: str | None = None, timeout: float = 20.0):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        binary: str | None = None,
+        timeout: float = 20.0,
+        tls: NatsTls | None = None,
+    ):
         super().__init__()
+        self.tls = tls
         self.directory = Path(directory).absolute()
         self.binary = binary
         self.timeout = timeout
@@ -30,7 +55,7 @@ class NatsServer(LocalServer):
 
     @property
     def url(self) -> str:
-        return f"nats://{LOOPBACK}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{LOOPBACK}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -62,6 +87,7 @@ class NatsServer(LocalServer):
             str(self.store_dir),
             "-n",
             f"devstack-{self.port}",
+            *(self.tls.argv() if self.tls else []),
         ]
         self._process = ManagedProcess(
             self.name, argv, log_path=self.directory / "nats-server.log", cwd=self.directory

@@ -52,9 +52,9 @@ def enum_arg(enum: Any, name: str) -> Callable[[str], int]:
 
 
 def common_options(*, suppress: bool) -> argparse.ArgumentParser:
-    """--addr, --api-key, --env-file, --json and --timeout, accepted before the command and
-    after it. Leaf parsers use SUPPRESS defaults so a later position does not reset an
-    earlier one."""
+    """--addr, --api-key, TLS (--plaintext, --cacert, --cert, --key), --env-file, --json and
+    --timeout, accepted before the command and after it. Leaf parsers use SUPPRESS defaults
+    so a later position does not reset an earlier one."""
     default: Any = argparse.SUPPRESS if suppress else None
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection and output")
@@ -62,6 +62,24 @@ def common_options(*, suppress: bool) -> argparse.ArgumentParser:
         "--addr", default=default, help="control plane host:port (env GPUPLANE_ADDR)"
     )
     group.add_argument("--api-key", default=default, help="bearer API key (env GPUPLANE_API_KEY)")
+    group.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="no TLS: for a dev stack (env GPUPLANE_PLAINTEXT=1; `gpuplane up` sets it)",
+    )
+    group.add_argument(
+        "--cacert",
+        default=default,
+        metavar="PEM",
+        help="CA that verifies the control plane (env GPUPLANE_CA_FILE); default: system roots",
+    )
+    group.add_argument(
+        "--cert", default=default, metavar="PEM", help="client certificate (env GPUPLANE_CERT_FILE)"
+    )
+    group.add_argument(
+        "--key", default=default, metavar="PEM", help="its private key (env GPUPLANE_KEY_FILE)"
+    )
     group.add_argument(
         "--env-file",
         default=default,

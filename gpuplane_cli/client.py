@@ -18,7 +18,7 @@ from gpuplane.v1 import (
 )
 from grpc import aio
 
-from daemon.target import grpc_target
+from daemon.channel import ChannelConfigError, ChannelSecurity, open_channel
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 # Unary calls give up after this long unless --timeout says otherwise; streams never do.
@@ -92,6 +92,11 @@ def describe_rpc_error(error: grpc.RpcError, addr: str) -> str:
     text = f"{code.name}: {details}"
     if code is grpc.StatusCode.UNAVAILABLE:
         text += f"\nhint: is a control plane listening on {addr}? (set GPUPLANE_ADDR or --addr)"
+        if "handshake" in details.lower() or "ssl" in details.lower():
+            text += (
+                "\nhint: TLS failed: give the CA that signed its certificate (GPUPLANE_CA_FILE "
+                "or --cacert), or --plaintext for a dev stack"
+            )
     elif code is grpc.StatusCode.UNAUTHENTICATED:
         text += "\nhint: set GPUPLANE_API_KEY or pass --api-key (or --env-file FILE)"
     return text
@@ -140,16 +145,46 @@ class Target:
     addr: str
     api_key: str
     timeout: float | None
+    security: ChannelSecurity = ChannelSecurity()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
         addr = getattr(args, "addr", None) or environ.get("GPUPLANE_ADDR") or DEFAULT_ADDR
         key = getattr(args, "api_key", None) or environ.get("GPUPLANE_API_KEY", "")
         timeout = getattr(args, "timeout", None)
-        return cls(addr=addr, api_key=key.strip(), timeout=timeout)
+        return cls(
+            addr=addr, api_key=key.strip(), timeout=timeout, security=security_of(args, environ)
+        )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+
+def security_of(args: argparse.Namespace, environ: Mapping[str, str]) -> ChannelSecurity:
+    """TLS (flags, else GPUPLANE_CA_FILE/CERT_FILE/KEY_FILE) unless --plaintext or
+    GPUPLANE_PLAINTEXT; a flag naming a file wins over plaintext from the environment."""
+
+    def path(flag: str, env: str) -> Path | None:
+        value = getattr(args, flag, None) or environ.get(env, "").strip()
+        return Path(value).expanduser() if value else None
+
+    ca, cert, key = (
+        path("cacert", "GPUPLANE_CA_FILE"),
+        path("cert", "GPUPLANE_CERT_FILE"),
+        path("key", "GPUPLANE_KEY_FILE"),
+    )
+    tls_flags = any(getattr(args, flag, None) for flag in ("cacert", "cert", "key"))
+    plaintext = bool(getattr(args, "plaintext", False)) or (
+        env_flag(environ, "GPUPLANE_PLAINTEXT") and not tls_flags
+    )
+    try:
+        if plaintext:
+            if tls_flags:
+                raise ChannelConfigError("--plaintext and --cacert/--cert/--key exclude each other")
+            return ChannelSecurity(plaintext=True)
+        return ChannelSecurity(ca_file=ca, cert_file=cert, key_file=key)
+    except ChannelConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 class Client:
@@ -157,7 +192,10 @@ class Client:
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.channel = aio.insecure_channel(grpc_target(target.addr))
+        try:
+            self.channel = open_channel(target.addr, target.security)
+        except ChannelConfigError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
         self.metadata = target.metadata()
         self.timeout = target.timeout
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from gpuplane.v1 import admin_pb2, jobs_pb2, ledger_pb2, registry_pb2, types_pb2
 
+from daemon.channel import PLAINTEXT
 from gpuplane_cli import follow
 from gpuplane_cli.client import EXIT_UNIMPLEMENTED, Client, CliError, Context, Target
 from gpuplane_cli.stackinfo import DemoKeys
@@ -37,7 +38,9 @@ DEMO_SCRIPT = (
 
 
 def _context(stack: Stack, key: str) -> Context:
-    args = argparse.Namespace(addr=stack.addr, api_key=key, json=False, timeout=30.0)
+    args = argparse.Namespace(
+        addr=stack.addr, api_key=key, json=False, timeout=30.0, plaintext=True
+    )
     return Context(args=args, environ={})
 
 
@@ -81,7 +84,7 @@ def _agent_module() -> Any:
 
 
 async def mint_token(stack: Stack, keys: DemoKeys) -> str:
-    client = Client(Target(stack.addr, stack.admin_key, 30.0))
+    client = Client(Target(stack.addr, stack.admin_key, 30.0, PLAINTEXT))
     try:
         request = admin_pb2.CreateRegistrationTokenRequest(
             provider_tenant_id=keys.provider_tenant, label="gpuplane up --demo", max_uses=0
@@ -145,6 +148,7 @@ async def start_daemon(stack: Stack, token: str, daemon: LocalDaemon) -> None:
     daemon.docker_url = await asyncio.to_thread(_docker_for_demo, stack, daemon)
     settings = DaemonSettings(
         control_plane=stack.addr,
+        plaintext=True,  # the embedded stack's control plane on loopback
         registration_token=SecretStr(token),
         data_dir=stack.data_dir / "daemon",
         simulate_gpus=await asyncio.to_thread(_simulate_gpus),
@@ -161,7 +165,7 @@ async def start_daemon(stack: Stack, token: str, daemon: LocalDaemon) -> None:
 
 
 async def wait_for_host(stack: Stack, timeout: float = 30.0) -> None:
-    client = Client(Target(stack.addr, stack.admin_key, 10.0))
+    client = Client(Target(stack.addr, stack.admin_key, 10.0, PLAINTEXT))
     deadline = asyncio.get_running_loop().time() + timeout
     try:
         while True:
@@ -178,7 +182,7 @@ async def wait_for_host(stack: Stack, timeout: float = 30.0) -> None:
 
 async def fund(stack: Stack, keys: DemoKeys) -> None:
     """Tops the consumer up to DEMO_CREDITS available."""
-    client = Client(Target(stack.addr, stack.admin_key, 30.0))
+    client = Client(Target(stack.addr, stack.admin_key, 30.0, PLAINTEXT))
     try:
         request = ledger_pb2.GetBalanceRequest(tenant_id=keys.consumer_tenant)
         balance = (await client.call(client.ledger.GetBalance, request)).balance
@@ -247,7 +251,7 @@ async def _download(consumer: Context, stack: Stack, job_id: str) -> None:
 
 
 async def _report(stack: Stack, keys: DemoKeys, job: types_pb2.Job) -> None:
-    admin = Client(Target(stack.addr, stack.admin_key, 30.0))
+    admin = Client(Target(stack.addr, stack.admin_key, 30.0, PLAINTEXT))
     try:
         request = ledger_pb2.GetBalanceRequest(tenant_id=keys.provider_tenant)
         earned = (await admin.call(admin.ledger.GetBalance, request)).balance

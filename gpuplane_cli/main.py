@@ -28,6 +28,9 @@ DESCRIPTION = "gpuplane: a GPU compute marketplace (control plane, provider daem
 EPILOG = """\
 Clients read GPUPLANE_ADDR and GPUPLANE_API_KEY (or --addr/--api-key), optionally from an
 env file (--env-file FILE or GPUPLANE_ENV_FILE). `gpuplane up` writes one for its stack.
+They speak TLS and verify the server (GPUPLANE_CA_FILE/--cacert, default the system's roots;
+a client certificate from GPUPLANE_CERT_FILE/--cert and GPUPLANE_KEY_FILE/--key); plaintext
+only with GPUPLANE_PLAINTEXT=1 or --plaintext.
 
 exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found, 4 unauthenticated or
 permission denied, 5 failed precondition or conflict, 6 resource exhausted, 7 control plane
@@ -56,7 +59,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def _first_command(argv: Sequence[str]) -> str | None:
     """The first word that is not an option or an option's value (good enough for routing)."""
-    takes_value = {"--addr", "--api-key", "--env-file", "--timeout"}
+    takes_value = {"--addr", "--api-key", "--env-file", "--timeout", "--cacert", "--cert", "--key"}
     skip = False
     for word in argv:
         if skip:

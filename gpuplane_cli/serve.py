@@ -66,6 +66,7 @@ def daemon_cli() -> ModuleType | None:
 async def serve_control_plane(args: argparse.Namespace, ctx: Context) -> int:
     from controlplane.server import serve
     from controlplane.settings import Settings
+    from controlplane.tls import TlsConfigError
 
     overrides: dict[str, Any] = {}
     for flag, field in (
@@ -81,10 +82,15 @@ async def serve_control_plane(args: argparse.Namespace, ctx: Context) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
         raise CliError(f"invalid settings: {problems}", EXIT_USAGE) from None
     configure_logging(settings.log_level)
-    await serve(settings)
+    try:
+        await serve(settings)
+    except TlsConfigError as exc:
+        raise CliError(f"invalid TLS settings: {exc}", EXIT_USAGE) from None
     return EXIT_OK
 
 

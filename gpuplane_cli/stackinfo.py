@@ -94,6 +94,7 @@ def env_values(addr: str, admin_key: str, keys: DemoKeys) -> dict[str, str]:
         "GPUPLANE_ADMIN_API_KEY": admin_key,
         "GPUPLANE_PROVIDER_API_KEY": keys.provider_key,
         "GPUPLANE_ALLOW_SIMULATED": "1",
+        "GPUPLANE_PLAINTEXT": "1",  # the embedded stack serves loopback without TLS
     }
 
 

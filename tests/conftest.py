@@ -22,10 +22,12 @@ from devstack import (
     DockerEngine,
     LocalServer,
     NatsServer,
+    NatsTls,
     PostgresCluster,
     S3Server,
     build_test_image,
 )
+from devstack.certs import TestCerts, issue_test_certs
 
 Server = TypeVar("Server", bound=LocalServer)
 
@@ -68,6 +70,22 @@ def _serve(server: Server) -> Iterator[Server]:
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """nats-server with JetStream; connect to `.url`."""
     yield from _serve(NatsServer(tmp_path_factory.mktemp("nats")))
+
+
+@pytest.fixture(scope="session")
+def test_certs(tmp_path_factory: pytest.TempPathFactory) -> TestCerts:
+    """A CA with a server certificate for localhost/127.0.0.1 and a client certificate."""
+    return issue_test_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def nats_tls_server(
+    tmp_path_factory: pytest.TempPathFactory, test_certs: TestCerts
+) -> Iterator[NatsServer]:
+    """nats-server with JetStream requiring TLS and a client certificate signed by
+    test_certs' CA; `.url` is tls://."""
+    tls = NatsTls(test_certs.server_cert, test_certs.server_key, ca_file=test_certs.ca_cert)
+    yield from _serve(NatsServer(tmp_path_factory.mktemp("nats-tls"), tls=tls))
 
 
 @pytest.fixture(scope="session")

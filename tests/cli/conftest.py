@@ -72,6 +72,7 @@ def served(
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPLANE_")}
     env.update(
         GPUPLANE_METRICS_ADDR="127.0.0.1:0",
+        GPUPLANE_ALLOW_PLAINTEXT="true",
         GPUPLANE_NATS_URL=nats_server.url,
         GPUPLANE_S3_ENDPOINT=s3_server.endpoint,
         GPUPLANE_S3_ACCESS_KEY=s3_server.access_key,
@@ -104,4 +105,4 @@ def served(
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], served: Served) -> Cli:
-    return Cli(capsys, {"GPUPLANE_ADDR": served.addr})
+    return Cli(capsys, {"GPUPLANE_ADDR": served.addr, "GPUPLANE_PLAINTEXT": "1"})

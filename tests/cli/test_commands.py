@@ -104,7 +104,9 @@ def test_not_found_and_permission_denied(cli: Cli, served: Served) -> None:
 
 def test_env_file_supplies_address_and_key(cli: Cli, served: Served, tmp_path: Path) -> None:
     env_file = tmp_path / "gpuplane.env"
-    env_file.write_text(f"GPUPLANE_ADDR={served.addr}\nGPUPLANE_API_KEY={served.admin_key}\n")
+    env_file.write_text(
+        f"GPUPLANE_ADDR={served.addr}\nGPUPLANE_API_KEY={served.admin_key}\nGPUPLANE_PLAINTEXT=1\n"
+    )
     cli.environ = {"GPUPLANE_ADDR": "127.0.0.1:1"}  # overridden by the named file
     run = cli("--env-file", str(env_file), "whoami")
     assert run.code == 0, run.err

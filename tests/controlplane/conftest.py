@@ -44,6 +44,7 @@ def sqlite_settings(data_dir: Path, **overrides: object) -> Settings:
         data_dir=data_dir,
         listen_addr="127.0.0.1:0",
         metrics_addr="127.0.0.1:0",
+        allow_plaintext=True,
         **overrides,  # type: ignore[arg-type]
     )
 

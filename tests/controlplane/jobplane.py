@@ -23,6 +23,8 @@ from gpuplane.v1 import (
 
 from controlplane.server import ControlPlane
 from controlplane.settings import Settings
+from daemon.channel import PLAINTEXT, ChannelSecurity, open_channel
+from devstack.certs import TestCerts
 
 CREDIT = 1_000_000
 
@@ -37,6 +39,22 @@ class JobPlane:
     consumer_tenant: str = ""
     consumer_key: str = ""
     provider_tenant: str = ""
+    # Set: gRPC and NATS both TLS, and the control plane requires client certificates.
+    tls: TestCerts | None = None
+
+    def daemon_tls(self) -> dict[str, Any]:
+        """DaemonSettings fields to reach this plane and its NATS (client certificates)."""
+        if self.tls is None:
+            return {"plaintext": True}
+        certs = self.tls
+        return {
+            "tls_ca_file": certs.ca_cert,
+            "tls_cert_file": certs.client_cert,
+            "tls_key_file": certs.client_key,
+            "nats_ca_file": certs.ca_cert,
+            "nats_cert_file": certs.client_cert,
+            "nats_key_file": certs.client_key,
+        }
 
     def auth(self, key: str | None = None) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {key or self.admin_key}"),)
@@ -128,8 +146,10 @@ async def job_plane(
     s3: Any,
     database_url: str = "",
     configure: Callable[[dict[str, Any]], None] | None = None,
+    tls: TestCerts | None = None,
 ) -> AsyncIterator[JobPlane]:
-    """A running control plane with a consumer (100 credits) and a provider tenant."""
+    """A running control plane with a consumer (100 credits) and a provider tenant. With
+    `tls`: gRPC over TLS requiring client certificates, NATS (`nats_url`) over TLS."""
     options: dict[str, Any] = {
         "data_dir": data_dir,
         "database_url": database_url,
@@ -144,7 +164,22 @@ async def job_plane(
         "scheduler_interval_ms": 100,
         "retry_backoff_ms": 50,
         "allow_simulated_by_default": True,
+        "allow_plaintext": tls is None,
     }
+    security = PLAINTEXT
+    if tls is not None:
+        options.update(
+            tls_cert_file=tls.server_cert,
+            tls_key_file=tls.server_key,
+            tls_client_ca_file=tls.ca_cert,
+            tls_client_auth="require",
+            nats_ca_file=tls.ca_cert,
+            nats_cert_file=tls.client_cert,
+            nats_key_file=tls.client_key,
+        )
+        security = ChannelSecurity(
+            ca_file=tls.ca_cert, cert_file=tls.client_cert, key_file=tls.client_key
+        )
     if configure is not None:
         configure(options)
     plane = ControlPlane(Settings(**options))
@@ -152,8 +187,9 @@ async def job_plane(
     await asyncio.wait_for(plane.bus.ready.wait(), timeout=15)
     assert plane.admin_key_file is not None
     admin_key = Path(plane.admin_key_file).read_text().strip()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}")
-    running = JobPlane(plane, f"127.0.0.1:{plane.port}", admin_key, channel, nats_url)
+    address = f"127.0.0.1:{plane.port}"  # TLS: verified against the certificate's IP SAN
+    channel = open_channel(address, security)
+    running = JobPlane(plane, address, admin_key, channel, nats_url, tls=tls)
     try:
         running.consumer_tenant, running.consumer_key = await new_tenant(
             running, "consumer", types_pb2.ROLE_CONSUMER

@@ -44,6 +44,7 @@ def daemon_settings(
 ) -> DaemonSettings:
     return DaemonSettings(
         control_plane=plane.address,
+        plaintext=True,
         registration_token=SecretStr(token) if token else None,
         data_dir=data_dir,
         simulate_gpus="2xA100-80GB",

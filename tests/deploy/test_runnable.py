@@ -76,6 +76,7 @@ async def test_control_plane_healthcheck_follows_the_server(tmp_path: Path) -> N
             metrics_addr="127.0.0.1:0",
             nats_url="nats://127.0.0.1:1",
             s3_endpoint="127.0.0.1:1",
+            allow_plaintext=True,
         )
     )
     await plane.start()

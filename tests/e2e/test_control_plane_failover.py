@@ -69,6 +69,7 @@ async def test_daemon_and_cli_fail_over_when_a_control_plane_dies(
         agent = Agent(
             DaemonSettings(
                 control_plane=addresses,
+                plaintext=True,
                 registration_token=SecretStr(token),
                 data_dir=tmp_path / "daemon",
                 simulate_gpus="1xA100-80GB",
@@ -106,8 +107,8 @@ async def test_daemon_and_cli_fail_over_when_a_control_plane_dies(
             env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPLANE_")}
             cli = await asyncio.to_thread(
                 subprocess.run,
-                [str(gpuplane), "--addr", addresses, "--api-key", api.consumer_key, "--json"]
-                + ["jobs", "get", job.job_id],
+                [str(gpuplane), "--plaintext", "--addr", addresses, "--api-key", api.consumer_key]
+                + ["--json", "jobs", "get", job.job_id],
                 env=env,
                 capture_output=True,
                 text=True,

@@ -1,5 +1,6 @@
 """The whole job path on real servers: control plane, NATS JetStream, S3, Docker engine and
-real daemons (in process, and as `gpuplane daemon run` processes for kill -9)."""
+real daemons (in process, and as `gpuplane daemon run` processes for kill -9). Every test
+runs twice: plaintext, and with gRPC and NATS both over TLS requiring client certificates."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pydantic import SecretStr
 from daemon.agent import Agent
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
+from devstack.certs import TestCerts
 from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
 from tests.controlplane.scripted_host import mint_token
 
@@ -31,11 +33,19 @@ PRICE = 2_000_000
 pytestmark = [pytest.mark.timeout(90), pytest.mark.docker]
 
 
-@pytest.fixture
+@pytest.fixture(params=["plaintext", "tls"])
 async def plane(
-    tmp_path: Path, nats_server: NatsServer, s3_server: S3Server
+    request: pytest.FixtureRequest, tmp_path: Path, s3_server: S3Server
 ) -> AsyncIterator[JobPlane]:
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server) as running:
+    """Each test twice: plaintext, and TLS everywhere (gRPC with client certificates
+    required, NATS requiring TLS and client certificates)."""
+    tls: TestCerts | None = None
+    if request.param == "tls":
+        tls = request.getfixturevalue("test_certs")
+        nats: NatsServer = request.getfixturevalue("nats_tls_server")
+    else:
+        nats = request.getfixturevalue("nats_server")
+    async with job_plane(tmp_path / "cp", nats.url, s3_server, tls=tls) as running:
         yield running
         # After every test: the books balance and the consumer paid exactly the charges.
         await running.assert_ledger_consistent()
@@ -58,6 +68,7 @@ def settings(
 ) -> DaemonSettings:
     return DaemonSettings(
         control_plane=plane.address,
+        **plane.daemon_tls(),
         registration_token=SecretStr(token),
         data_dir=data_dir,
         simulate_gpus=gpus,
@@ -202,6 +213,8 @@ def start_daemon_process(
 ) -> subprocess.Popen[bytes]:
     gpuplane = Path(sys.executable).parent / "gpuplane"
     env = dict(os.environ, GPUPLANE_DAEMON_HEARTBEAT_INTERVAL_MS="200")
+    for name, value in plane.daemon_tls().items():  # as a provider would configure it
+        env[f"GPUPLANE_DAEMON_{name.upper()}"] = str(value).lower() if value is True else str(value)
     log = (data_dir.parent / f"{data_dir.name}.log").open("wb")
     return subprocess.Popen(
         [

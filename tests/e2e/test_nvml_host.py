@@ -77,6 +77,7 @@ async def daemon(
                 str(gpuplane),
                 "daemon",
                 "run",
+                "--plaintext",
                 "--control-plane",
                 plane.address,
                 "--token",

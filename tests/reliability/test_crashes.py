@@ -383,7 +383,8 @@ def start_daemon(
         GPUPLANE_DAEMON_USAGE_REPORT_INTERVAL_SECONDS="0.5",
     )
     log = (data_dir.parent / f"{data_dir.name}.log").open("ab")
-    argv = [str(gpuplane), "daemon", "run", "--control-plane", plane.address, "--token", token]
+    argv = [str(gpuplane), "daemon", "run", "--plaintext", "--control-plane", plane.address]
+    argv += ["--token", token]
     argv += ["--data-dir", str(data_dir), "--simulate-gpus", "1xA100-80GB"]
     argv += ["--gpu-device-requests", "always", "--docker-host", engine.base_url]
     argv += ["--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key]

@@ -226,7 +226,8 @@ def start_daemon_process(
     gpuplane = Path(sys.executable).parent / "gpuplane"
     env = dict(os.environ, GPUPLANE_DAEMON_HEARTBEAT_INTERVAL_MS="200")
     log = (data_dir.parent / f"{data_dir.name}.log").open("ab")
-    argv = [str(gpuplane), "daemon", "run", "--control-plane", plane.address, "--token", token]
+    argv = [str(gpuplane), "daemon", "run", "--plaintext", "--control-plane", plane.address]
+    argv += ["--token", token]
     argv += ["--data-dir", str(data_dir), "--simulate-gpus", "1xA100-80GB"]
     argv += ["--gpu-device-requests", "always", "--docker-host", engine.base_url]
     argv += ["--s3-endpoint", endpoint, "--s3-access-key", s3.access_key]
@@ -321,6 +322,7 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
     agent = Agent(
         DaemonSettings(
             control_plane=plane.address,
+            plaintext=True,
             registration_token=SecretStr(token),
             data_dir=tmp_path / "daemon",
             simulate_gpus="1xA100-80GB",

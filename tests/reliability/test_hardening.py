@@ -50,6 +50,7 @@ async def agent(
     running = Agent(
         DaemonSettings(
             control_plane=plane.address,
+            plaintext=True,
             registration_token=SecretStr(token),
             data_dir=tmp_path_factory.mktemp("hardening-daemon"),
             simulate_gpus="2xA100-80GB",
