@@ -81,13 +81,15 @@ async def plane(
         yield p
 
 
-async def register(plane: JobPlane, name: str) -> registry_pb2.RegisterHostResponse:
+async def register(
+    plane: JobPlane, name: str, machine_id: str = ""
+) -> registry_pb2.RegisterHostResponse:
     token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
     stub = registry_pb2_grpc.RegistryServiceStub(plane.channel)
     return await stub.RegisterHost(
         registry_pb2.RegisterHostRequest(
             registration_token=token,
-            machine_id=f"machine-{name}-{time.monotonic_ns()}",
+            machine_id=machine_id or f"machine-{name}-{time.monotonic_ns()}",
             hostname=name,
             gpus=[
                 S.Gpu(uuid=f"GPU-{name}-{time.monotonic_ns()}", name="A100", memory_total_bytes=GIB)
@@ -281,6 +283,24 @@ async def test_revoked_host_is_cut_off_from_nats_and_grpc(
         session.cancel()
         await other.close()
         await client.close()
+
+
+async def test_re_registration_revokes_the_earlier_nats_user(plane: JobPlane) -> None:
+    machine = f"machine-again-{time.monotonic_ns()}"
+    first = await register(plane, "again", machine)
+    second = await register(plane, "again", machine)
+    assert first.host_id == second.host_id
+    assert user_of(first) != user_of(second)
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(
+            first.nats.servers[0],
+            user_credentials=RawCredentials(first.nats.credentials),
+            allow_reconnect=False,
+            connect_timeout=2,
+        )
+    client = await connect_as(second, Errors())
+    await client.flush(timeout=2)
+    await client.close()
 
 
 async def test_revoke_host_names_the_field(plane: JobPlane) -> None:
