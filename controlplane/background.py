@@ -12,11 +12,12 @@ from datetime import timedelta
 
 from controlplane.bus import Bus
 from controlplane.db.base import utcnow
-from controlplane.errors import Conflict, NotLeader
+from controlplane.errors import Conflict, NotLeader, Unavailable
 from controlplane.jobs.consumer import ReportConsumer
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.service import JobService
 from controlplane.outbox.relay import OutboxRelay
+from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
 from controlplane.scheduler.leader import Leadership, SoleLeader
 from controlplane.scheduler.service import Scheduler
@@ -51,6 +52,9 @@ class Background:
         heartbeat_timeout: float,
         hold_expiry_interval: float = 30.0,
         leader: Leadership | None = None,
+        nats_auth: NatsAuth | None = None,
+        nats_account_sync_interval: float = 300.0,
+        on_report_dropped: Callable[[str], None] | None = None,
     ) -> None:
         self.bus = bus
         self.notifier = notifier
@@ -61,6 +65,10 @@ class Background:
         self.scheduler_interval = scheduler_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.hold_expiry_interval = hold_expiry_interval
+        self.nats_auth = nats_auth
+        self.nats_account_sync_interval = nats_account_sync_interval
+        self.on_report_dropped = on_report_dropped
+        self.report_consumer: ReportConsumer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
@@ -73,6 +81,8 @@ class Background:
             ("liveness", self._liveness, False),
             ("holds", self._expire_holds, False),
         ]
+        if self.nats_auth is not None:
+            loops.append(("nats-account", self._sync_nats_account, False))
         self._tasks = {
             name: asyncio.create_task(self._supervise(name, loop, once=once))
             for name, loop, once in loops
@@ -135,9 +145,25 @@ class Background:
     async def _consume(self) -> None:
         await self.bus.ready.wait()
         assert self.bus.js is not None
-        consumer = ReportConsumer(self.bus.js, self.jobs)
+        consumer = ReportConsumer(self.bus.js, self.jobs, on_dropped=self.on_report_dropped)
+        self.report_consumer = consumer
         while True:
             await consumer.run_once(timeout=1.0)
+
+    async def _sync_nats_account(self) -> None:
+        """Pushes the account JWT built from the database once connected, then every
+        interval: a restarted nats-server, a new cluster node or a push another replica
+        lost all end up with every revocation."""
+        assert self.nats_auth is not None
+        await self.bus.ready.wait()
+        while True:
+            try:
+                await self.nats_auth.push_account()
+                delay = self.nats_account_sync_interval
+            except Unavailable as error:
+                log.warning("NATS account sync failed (%s); retrying in 2s", error.message)
+                delay = 2.0
+            await asyncio.sleep(delay)
 
     async def _liveness(self) -> None:
         timeout = timedelta(seconds=self.heartbeat_timeout)

@@ -7,7 +7,7 @@ import logging
 import ssl
 
 import nats
-from nats.aio.client import Client
+from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
 
 from messaging.subjects import ensure_streams
@@ -18,10 +18,18 @@ log = logging.getLogger(__name__)
 class Bus:
     """Holds one NATS connection; `ready` is set once JetStream streams exist."""
 
-    def __init__(self, servers: str, replicas: int = 1, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        servers: str,
+        replicas: int = 1,
+        tls: ssl.SSLContext | None = None,
+        credentials: str = "",
+    ) -> None:
         self.servers = [s.strip() for s in servers.split(",") if s.strip()]
         self.replicas = replicas
         self.tls = tls
+        # .creds text of the control plane's own NATS user ("" = open server).
+        self.credentials = credentials
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.ready = asyncio.Event()
@@ -40,6 +48,7 @@ class Bus:
                     # Verified against the configured CA (else the system's roots) when the
                     # server requires TLS or a URL is tls://.
                     tls=self.tls,
+                    user_credentials=RawCredentials(self.credentials) if self.credentials else None,
                 )
                 self.js = self.nc.jetstream()
                 await ensure_streams(self.js, self.replicas)

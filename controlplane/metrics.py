@@ -37,6 +37,13 @@ class Metrics:
             "1 while this control plane is the scheduling leader, else 0.",
             registry=self.registry,
         )
+        self.reports_dropped = Counter(
+            "gpuplane_job_reports_dropped_total",
+            "Daemon reports dropped unapplied, by reason (foreign_host: the subject's host "
+            "is not the host of the attempt).",
+            ["reason"],
+            registry=self.registry,
+        )
         self._telemetry: TelemetryCollector | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

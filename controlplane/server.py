@@ -42,11 +42,13 @@ from controlplane.jobs.service import JobPolicy, JobService
 from controlplane.ledger.service import LedgerService
 from controlplane.metrics import Metrics
 from controlplane.registry.monitor import GpuMonitor, MonitorPolicy
+from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
 from controlplane.scheduler.service import Scheduler, scheduler_policy
 from controlplane.settings import Settings
 from controlplane.tls import server_credentials
+from messaging.natsjwt import Permissions
 from messaging.tls import nats_tls_context
 from storage.objects import ObjectStore
 
@@ -72,13 +74,19 @@ class ControlPlane:
         self.port = 0
         self.metrics_port = 0
         self.admin_key_file: str | None = None
+        # NATS auth (operator mode) when the seeds are set: our own user has no limits.
+        self.nats_keys = settings.nats_keys()
         self.bus = Bus(
             settings.nats_url,
             settings.nats_stream_replicas,
             tls=nats_tls_context(
                 settings.nats_ca_file, settings.nats_cert_file, settings.nats_key_file
             ),
+            credentials=self.nats_keys.user_creds("gpuplane-controlplane", Permissions())
+            if self.nats_keys
+            else "",
         )
+        self.nats_auth: NatsAuth | None = None
         self.notifier = Notifier()
         self.background: Background | None = None
         self.scheduler: Scheduler | None = None
@@ -110,6 +118,8 @@ class ControlPlane:
         await asyncio.to_thread(migrate.upgrade, url)
         self.db = Database(url)
         db = self.db
+        if self.nats_keys is not None:
+            self.nats_auth = NatsAuth(self.nats_keys, self.bus.servers, db)
         monitor = GpuMonitor(
             db,
             MonitorPolicy(
@@ -128,6 +138,7 @@ class ControlPlane:
             monitor=monitor,
             # The liveness loop's tick, which flushes heartbeats (background.py).
             heartbeat_write_interval=min(1.0, settings.heartbeat_timeout_ms / 4000),
+            nats_auth=self.nats_auth,
         )
         auth = AuthService(
             db, cache_ttl=settings.auth_cache_ttl_seconds, fallback=registry.authenticate_host
@@ -202,6 +213,7 @@ class ControlPlane:
                 nats_servers=self.bus.servers,
                 heartbeat_interval_ms=settings.heartbeat_interval_ms,
                 telemetry_interval_ms=settings.telemetry_interval_ms,
+                forget_principal=auth.forget,
             ),
             server,
         )
@@ -238,6 +250,9 @@ class ControlPlane:
             heartbeat_timeout=settings.heartbeat_timeout_ms / 1000,
             hold_expiry_interval=settings.hold_expiry_interval_ms / 1000,
             leader=self.leader,
+            nats_auth=self.nats_auth,
+            nats_account_sync_interval=settings.nats_account_sync_interval_seconds,
+            on_report_dropped=lambda reason: self.metrics.reports_dropped.labels(reason).inc(),
         )
         self.background.start()
         self._bucket_task = asyncio.create_task(self._ensure_bucket())

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from messaging.natsjwt import NatsKeys, public_key
+
 # No "optional": grpcio's Python API either requires a verified client certificate or asks
 # for none (a half-way mode would accept any certificate unverified).
 ClientAuth = Literal["off", "require"]
@@ -76,6 +78,28 @@ class Settings(BaseSettings):
     )
     nats_key_file: Path | None = Field(
         default=None, description="PEM private key of nats_cert_file."
+    )
+    nats_operator_seed: SecretStr | None = Field(
+        default=None,
+        description="NATS auth (operator mode): the operator's nkey seed (SO…), which signs "
+        "account JWTs. Unset, with the two below, = no NATS auth (open dev servers). "
+        "`gpuplane nats init` generates all three and the server config.",
+    )
+    nats_account_seed: SecretStr | None = Field(
+        default=None,
+        description="NATS auth: the application account's nkey seed (SA…); it issues the "
+        "control plane's own user and each host's scoped user.",
+    )
+    nats_system_account_seed: SecretStr | None = Field(
+        default=None,
+        description="NATS auth: the system account's nkey seed (SA…); its user pushes "
+        "account JWT updates (host revocations) to the servers.",
+    )
+    nats_account_sync_interval_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="NATS auth: how often the account JWT (with every revocation in the "
+        "database) is pushed again, beyond at start and on each revocation.",
     )
     s3_endpoint: str = Field(default="127.0.0.1:8333", description="S3 API host:port.")
     s3_access_key: str = Field(default="gpuplane")
@@ -214,6 +238,41 @@ class Settings(BaseSettings):
                 "scheduler_lease_ttl_ms must be at least twice scheduler_leader_check_interval_ms"
             )
         return self
+
+    @model_validator(mode="after")
+    def _nats_seeds_together(self) -> Settings:
+        seeds = (self.nats_operator_seed, self.nats_account_seed, self.nats_system_account_seed)
+        if any(seeds) and not all(seeds):
+            raise ValueError(
+                "nats_operator_seed, nats_account_seed and nats_system_account_seed are set "
+                "together or not at all"
+            )
+        if all(seeds):
+            self.nats_keys()  # validates them
+        return self
+
+    def nats_keys(self) -> NatsKeys | None:
+        """The NATS auth seeds, or None when NATS auth is off."""
+        if not (
+            self.nats_operator_seed and self.nats_account_seed and self.nats_system_account_seed
+        ):
+            return None
+        keys = NatsKeys(
+            self.nats_operator_seed.get_secret_value().strip(),
+            self.nats_account_seed.get_secret_value().strip(),
+            self.nats_system_account_seed.get_secret_value().strip(),
+        )
+        for name, seed, prefix in (
+            ("nats_operator_seed", keys.operator_seed, "SO"),
+            ("nats_account_seed", keys.account_seed, "SA"),
+            ("nats_system_account_seed", keys.system_account_seed, "SA"),
+        ):
+            if not seed.startswith(prefix):
+                raise ValueError(f"{name} must be an nkey seed starting {prefix}")
+            public_key(seed)
+        if keys.account_seed == keys.system_account_seed:
+            raise ValueError("nats_account_seed and nats_system_account_seed must differ")
+        return keys
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite inside the data dir."""

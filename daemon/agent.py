@@ -114,6 +114,7 @@ class Agent:
         self._bus = await DaemonBus.connect(
             servers,
             identity.nats_credentials,
+            identity.nats_inbox_prefix,
             tls=nats_tls_context(
                 settings.nats_ca_file, settings.nats_cert_file, settings.nats_key_file
             ),
@@ -373,6 +374,9 @@ class Agent:
         except (RegistrationError, grpc.aio.AioRpcError) as exc:
             log.error("re-registration failed: %s", exc)
             return None
+        if self._bus is not None:
+            # Re-registration revokes the earlier NATS user; reconnects present the new one.
+            self._bus.set_credentials(self.identity.nats_credentials)
         return self.identity.host_credential
 
     # ---- re-attach -----------------------------------------------------------------------

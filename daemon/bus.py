@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import nats
 import nats.errors
+import nkeys
 from gpuplane.v1 import messaging_pb2
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -18,6 +22,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from messaging.subjects import LOG_END_HEADER, events_subject, report_msg_id
 
 log = logging.getLogger(__name__)
+_CREDS_JWT = re.compile(r"-----BEGIN NATS USER JWT-----\s*(\S+)\s*------END NATS USER JWT------")
+_CREDS_SEED = re.compile(r"-----BEGIN USER NKEY SEED-----\s*(\S+)\s*------END USER NKEY SEED------")
 
 OnDispatch = Callable[[Msg], Awaitable[None]]
 # How long a dispatch may stay un-acked before JetStream delivers it again, and how often.
@@ -25,31 +31,78 @@ DISPATCH_ACK_WAIT_SECONDS = 30.0
 DISPATCH_MAX_DELIVER = 5
 
 
+class UserCredentials:
+    """A NATS user JWT and its nkey seed, from .creds text or a .creds file."""
+
+    def __init__(self, jwt: str, seed: str) -> None:
+        self.jwt = jwt
+        self.seed = seed
+
+    @classmethod
+    def parse(cls, credentials: str) -> UserCredentials:
+        text = credentials
+        if "BEGIN NATS USER JWT" not in credentials:
+            text = Path(credentials).read_text()
+        jwt, seed = _CREDS_JWT.search(text), _CREDS_SEED.search(text)
+        if jwt is None or seed is None:
+            raise ValueError("NATS credentials hold no user JWT and nkey seed")
+        return cls(jwt.group(1), seed.group(1))
+
+    def replace(self, other: UserCredentials) -> None:
+        self.jwt, self.seed = other.jwt, other.seed
+
+    def jwt_bytes(self) -> bytes:
+        return self.jwt.encode()
+
+    def sign(self, nonce: str) -> bytes:
+        pair = nkeys.from_seed(bytearray(self.seed.encode()))
+        return base64.b64encode(pair.sign(nonce.encode()))
+
+
 class DaemonBus:
     """One NATS connection: a durable pull consumer on this host's dispatch subject, reports
-    to gpuplane.events.<job> with msg id <job>.<attempt>.<seq>, logs to gpuplane.logs.*."""
+    to gpuplane.events.<host>.<job> with msg id <job>.<attempt>.<seq>, logs to
+    gpuplane.logs.<host>.*."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, credentials: UserCredentials | None = None) -> None:
         self.client = client
         self.js: JetStreamContext = client.jetstream()
+        self.credentials = credentials
         self._sub: JetStreamContext.PullSubscription | None = None
 
     @classmethod
     async def connect(
-        cls, servers: list[str], credentials: str = "", tls: ssl.SSLContext | None = None
+        cls,
+        servers: list[str],
+        credentials: str = "",
+        inbox_prefix: str = "",
+        tls: ssl.SSLContext | None = None,
     ) -> DaemonBus:
+        """`credentials` is .creds text (what registration returned) or a .creds file path;
+        a scoped user may subscribe only under its own `inbox_prefix`."""
         options: dict[str, object] = {
             "servers": servers,
             "name": "gpuplane-daemon",
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 1,
         }
-        if credentials:
-            options["user_credentials"] = credentials
+        user = UserCredentials.parse(credentials) if credentials else None
+        if user is not None:
+            # Callbacks, not user_credentials: re-registration swaps the user in place and
+            # the next (re)connect presents the new one.
+            options["user_jwt_cb"] = user.jwt_bytes
+            options["signature_cb"] = user.sign
+        if inbox_prefix:
+            options["inbox_prefix"] = inbox_prefix
         if tls is not None:
             options["tls"] = tls
         client = await nats.connect(**options)  # type: ignore[arg-type]
-        return cls(client)
+        return cls(client, user)
+
+    def set_credentials(self, credentials: str) -> None:
+        """New .creds (re-registration): used from the next reconnect on."""
+        if self.credentials is not None and credentials:
+            self.credentials.replace(UserCredentials.parse(credentials))
 
     async def subscribe(self, subject: str, stream: str, durable: str) -> None:
         self._sub = await self.js.pull_subscribe(
@@ -89,7 +142,10 @@ class DaemonBus:
         while True:
             try:
                 await self.js.publish(
-                    events_subject(report.job_id), data, timeout=5, headers=headers
+                    events_subject(report.host_id, report.job_id),
+                    data,
+                    timeout=5,
+                    headers=headers,
                 )
                 return
             except (nats.errors.Error, OSError) as exc:

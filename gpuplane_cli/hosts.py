@@ -27,6 +27,15 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     drain.add_argument("--reason", default="")
     undrain = a.add_leaf(hosts, "undrain", undrain_host, "take new jobs on a host again", common)
     undrain.add_argument("host_id")
+    revoke = a.add_leaf(
+        hosts,
+        "revoke",
+        revoke_host,
+        "admins: cut a host off for good (credential, NATS user); its jobs are retried",
+        common,
+    )
+    revoke.add_argument("host_id")
+    revoke.add_argument("--reason", default="")
 
     offers = a.add_leaf(
         subparsers, "offers", list_offers, "free GPUs for sale, cheapest first", common
@@ -95,6 +104,10 @@ def show_host(h: types_pb2.Host) -> str:
             ("Hostname", h.hostname),
             ("Provider", h.provider_tenant_id),
             ("State", f"{state} ({h.drain_reason})" if h.drain_reason else state),
+            (
+                "Revoked",
+                f"{when(h.revoked_at)} ({h.revoked_reason})" if h.HasField("revoked_at") else None,
+            ),
             ("Simulated GPUs", "yes" if h.simulated else None),
             ("Location", h.location or None),
             ("Labels", ", ".join(f"{k}={v}" for k, v in sorted(h.labels.items())) or None),
@@ -142,11 +155,19 @@ async def undrain_host(args: argparse.Namespace, ctx: Context) -> int:
     return _print_state(ctx, host)
 
 
+async def revoke_host(args: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client()
+    request = registry_pb2.RevokeHostRequest(host_id=args.host_id, reason=args.reason)
+    host = (await client.call(client.registry.RevokeHost, request)).host
+    return _print_state(ctx, host)
+
+
 def _print_state(ctx: Context, host: types_pb2.Host) -> int:
     if ctx.json:
         print_json(host)
     else:
-        print(f"host {host.host_id} {enum_name(types_pb2.HostState, host.state)}")
+        revoked = f" (revoked: {host.revoked_reason})" if host.HasField("revoked_at") else ""
+        print(f"host {host.host_id} {enum_name(types_pb2.HostState, host.state)}{revoked}")
     return EXIT_OK
 
 

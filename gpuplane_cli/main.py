@@ -11,7 +11,7 @@ from collections.abc import MutableMapping, Sequence
 
 import grpc
 
-from gpuplane_cli import admin, hosts, jobs, ledger, serve, up
+from gpuplane_cli import admin, hosts, jobs, ledger, natskeys, serve, up
 from gpuplane_cli.args import Handler, common_options
 from gpuplane_cli.client import (
     EXIT_INTERRUPTED,
@@ -54,6 +54,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     hosts.register(subparsers, leaf_common)
     ledger.register(subparsers, leaf_common)
     admin.register(subparsers, leaf_common)
+    natskeys.register(subparsers, leaf_common)
     return parser
 
 

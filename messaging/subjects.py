@@ -10,6 +10,7 @@ LOGS_STREAM = "LOGS"
 
 # Durable consumer of the EVENTS stream on the control-plane side (shared by replicas).
 EVENTS_DURABLE = "controlplane-events"
+EVENTS_SUBJECTS = "gpuplane.events.>"
 # How long JetStream remembers message ids for de-duplication.
 DEDUP_WINDOW_SECONDS = 600.0
 
@@ -18,12 +19,28 @@ def dispatch_subject(host_id: str) -> str:
     return f"gpuplane.dispatch.{host_id}"
 
 
-def events_subject(job_id: str) -> str:
-    return f"gpuplane.events.{job_id}"
+def events_prefix(host_id: str) -> str:
+    """A host's reports go under this prefix (its NATS user may publish only there)."""
+    return f"gpuplane.events.{host_id}"
 
 
-def logs_subject(job_id: str, attempt: int) -> str:
-    return f"gpuplane.logs.{job_id}.{attempt}"
+def events_subject(host_id: str, job_id: str) -> str:
+    return f"{events_prefix(host_id)}.{job_id}"
+
+
+def host_of_events_subject(subject: str) -> str | None:
+    """The host named by a report's subject; None for the host-less form of earlier
+    releases (gpuplane.events.<job>), which only an open (unauthenticated) server lets in."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 4 else None
+
+
+def logs_prefix(host_id: str) -> str:
+    return f"gpuplane.logs.{host_id}"
+
+
+def logs_subject(host_id: str, job_id: str, attempt: int) -> str:
+    return f"{logs_prefix(host_id)}.{job_id}.{attempt}"
 
 
 def dispatch_durable(host_id: str) -> str:
@@ -58,7 +75,9 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=EVENTS_STREAM,
-            subjects=["gpuplane.events.*"],
+            # gpuplane.events.<host>.<job>; `>` also keeps the host-less subjects of earlier
+            # releases, so a stream updated in place loses nothing in flight.
+            subjects=[EVENTS_SUBJECTS],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             num_replicas=replicas,

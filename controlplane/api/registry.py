@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from controlplane.api.convert import timestamp
 from controlplane.auth.principal import Principal, Role, current_principal
-from controlplane.errors import InvalidArgument, PermissionDenied
+from controlplane.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from controlplane.jobs.service import JobService
 from controlplane.paging import after_id, decode_token, encode_token, page_size
 from controlplane.registry.models import Gpu, Host
@@ -20,6 +20,7 @@ from controlplane.registry.offers import Offer, OfferFilter
 from controlplane.registry.service import RegistryService
 from controlplane.registry.states import HostState
 from controlplane.registry.telemetry import GpuSeries
+from messaging.natsjwt import host_inbox_prefix
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ def host_pb(
         memory_bytes=row.memory_bytes,
         drain_reason=row.drain_reason,
         job_ids=sorted({g.job_id for g in gpus if g.job_id}),
+        revoked_at=timestamp(row.revoked_at),
+        revoked_reason=row.revoked_reason or "",
     )
 
 
@@ -91,9 +94,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         nats_servers: list[str],
         heartbeat_interval_ms: int,
         telemetry_interval_ms: int,
+        forget_principal: Callable[[str], None] | None = None,
     ) -> None:
         self.registry = registry
         self.jobs = jobs
+        # Drops a principal from the API-key cache (AuthService.forget) once it is revoked.
+        self.forget_principal = forget_principal
         self.nats_servers = nats_servers
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.telemetry_interval_ms = telemetry_interval_ms
@@ -103,6 +109,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.RegisterHostResponse:
         registration = await self.registry.register_host(request)
         host = registration.host
+        if registration.revoked_nats_user:
+            await self._push_account("re-registration revoked the host's earlier NATS user")
         _, gpus = await self.registry.get_host(current_principal_or_host(host), host.id)
         return registry_pb2.RegisterHostResponse(
             host_id=host.id,
@@ -112,6 +120,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 dispatch_subject=dispatch_subject(host.id),
                 stream=DISPATCH_STREAM,
                 durable=dispatch_durable(host.id),
+                credentials=registration.nats_credentials,
+                inbox_prefix=host_inbox_prefix(host.id) if registration.nats_credentials else "",
             ),
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             telemetry_interval_ms=self.telemetry_interval_ms,
@@ -144,18 +154,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 drain=registry_pb2.DrainCommand(draining=True, reason=host.drain_reason)
             )
         reader = asyncio.create_task(self._read(host_id, request_iterator))
+        revoked = asyncio.create_task(session.revoked.wait())
         getter: asyncio.Task[registry_pb2.ControlMessage] | None = None
         try:
             while not reader.done():
                 getter = asyncio.create_task(session.outbox.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, reader, revoked}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter in done:
                     yield getter.result()
                 getter.cancel()
+                if revoked in done:
+                    raise Unauthenticated("host credential: the host has been revoked")
             reader.result()
         finally:
             self.registry.disconnect(session)
-            for task in (reader, getter):
+            for task in (reader, getter, revoked):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -220,6 +235,37 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         host = await self.registry.set_draining(caller, request.host_id, False, "")
         _, gpus = await self.registry.get_host(caller, host.id)
         return registry_pb2.UndrainHostResponse(host=host_pb(host, gpus))
+
+    async def RevokeHost(
+        self, request: registry_pb2.RevokeHostRequest, context: Context
+    ) -> registry_pb2.RevokeHostResponse:
+        if not request.host_id:
+            raise InvalidArgument("host_id", "is required")
+        host = await self.registry.revoke_host(request.host_id, request.reason)
+        if self.forget_principal is not None:
+            self.forget_principal(host.id)
+        # Its running attempts are lost now rather than at the next liveness tick.
+        await self.jobs.sweep_lost_attempts()
+        if host.nats_user_key:
+            await self._push_account(f"host {host.id} revoked", required=True)
+        _, gpus = await self.registry.get_host(current_principal(), host.id)
+        return registry_pb2.RevokeHostResponse(host=host_pb(host, gpus))
+
+    async def _push_account(self, why: str, *, required: bool = False) -> None:
+        """Pushes the account JWT. Required (RevokeHost): UNAVAILABLE when NATS did not take
+        it; the revocation is committed, so retrying the RPC pushes again."""
+        nats_auth = self.registry.nats_auth
+        if nats_auth is None:
+            return
+        try:
+            await nats_auth.push_account()
+        except Unavailable as error:
+            log.warning("NATS account update (%s) failed: %s", why, error.message)
+            if required:
+                raise Unavailable(
+                    f"the revocation is stored but NATS has not taken it yet ({error.message}); "
+                    "call RevokeHost again to retry (control planes also push it at start)"
+                ) from None
 
     async def ListOffers(
         self, request: registry_pb2.ListOffersRequest, context: Context

@@ -33,6 +33,8 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.RegistryService/GetHost": frozenset({A, P}),
     "/gpuplane.v1.RegistryService/DrainHost": frozenset({A, P}),
     "/gpuplane.v1.RegistryService/UndrainHost": frozenset({A, P}),
+    # Revoking a host ends its gRPC credential and NATS user for good: the platform decides.
+    "/gpuplane.v1.RegistryService/RevokeHost": frozenset({A}),
     "/gpuplane.v1.RegistryService/ListOffers": frozenset({A, C, P}),
     # LedgerService.
     "/gpuplane.v1.LedgerService/GetBalance": frozenset({A, C, P}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -11,28 +12,49 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from controlplane.errors import Conflict
-from controlplane.jobs.service import JobService
-from messaging.subjects import EVENTS_DURABLE, EVENTS_STREAM
+from controlplane.jobs.service import ForeignReport, JobService
+from messaging.subjects import (
+    EVENTS_DURABLE,
+    EVENTS_STREAM,
+    EVENTS_SUBJECTS,
+    host_of_events_subject,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ReportConsumer:
-    def __init__(self, js: JetStreamContext, jobs: JobService, batch: int = 64) -> None:
+    """Applies reports from gpuplane.events.<host>.<job>. A report whose subject's host is
+    not its attempt's host is dropped and counted (`foreign`, and `on_dropped`)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        jobs: JobService,
+        batch: int = 64,
+        on_dropped: Callable[[str], None] | None = None,
+    ) -> None:
         self.js = js
         self.jobs = jobs
         self.batch = batch
+        self.on_dropped = on_dropped
+        self.foreign = 0
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def subscribe(self) -> None:
-        self._sub = await self.js.pull_subscribe(
-            "gpuplane.events.*",
-            durable=EVENTS_DURABLE,
-            stream=EVENTS_STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=20, max_ack_pending=10_000
-            ),
+        config = ConsumerConfig(
+            durable_name=EVENTS_DURABLE,
+            name=EVENTS_DURABLE,
+            filter_subject=EVENTS_SUBJECTS,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_deliver=20,
+            max_ack_pending=10_000,
         )
+        # Create or update: a durable of an earlier release filtered gpuplane.events.*, which
+        # the host-scoped subjects no longer match.
+        await self.js.add_consumer(EVENTS_STREAM, config)
+        self._sub = await self.js.pull_subscribe_bind(EVENTS_DURABLE, stream=EVENTS_STREAM)
 
     async def run_once(self, timeout: float = 1.0) -> int:
         """Fetches and applies one batch; returns how many messages were handled."""
@@ -52,7 +74,20 @@ class ReportConsumer:
                 await message.term()
                 continue
             try:
-                await self.jobs.apply_report(report)
+                await self.jobs.apply_report(report, host_of_events_subject(message.subject))
+            except ForeignReport as error:
+                self.foreign += 1
+                log.warning(
+                    "report for %s/%s on %s dropped: %s",
+                    report.job_id,
+                    report.attempt,
+                    message.subject,
+                    error,
+                )
+                if self.on_dropped is not None:
+                    self.on_dropped("foreign_host")
+                await message.term()
+                continue
             except Conflict:
                 await message.nak(delay=0.2)
                 continue

@@ -86,7 +86,7 @@ class LogReader:
             raise Unavailable("the message bus is not reachable; try again") from None
         assert self.bus.js is not None
         subscription = await self.bus.js.subscribe(
-            logs_subject(job.id, attempt.attempt),
+            logs_subject(attempt.host_id, job.id, attempt.attempt),
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
         )

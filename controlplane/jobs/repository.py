@@ -92,7 +92,7 @@ class JobRepository:
         """Live attempts that are lost: their host is lost, or their daemon never took the
         dispatch (still SCHEDULED, placed before `unacked_before`). With the reason."""
         query = (
-            select(JobAttempt, Host.state)
+            select(JobAttempt, Host.state, Host.revoked_at)
             .join(Host, Host.id == JobAttempt.host_id)
             .where(
                 JobAttempt.live.is_(True),
@@ -102,10 +102,7 @@ class JobRepository:
             .with_for_update(of=JobAttempt, skip_locked=True)
         )
         rows = (await self.session.execute(query)).all()
-        return [
-            (attempt, "host lost (no heartbeat)" if state == "lost" else "daemon never took it")
-            for attempt, state in rows
-        ]
+        return [(attempt, _lost_why(state, revoked)) for attempt, state, revoked in rows]
 
     async def events_after(self, job_id: str, seq: int, limit: int = 500) -> Sequence[JobEvent]:
         return (
@@ -116,3 +113,9 @@ class JobRepository:
                 .limit(limit)
             )
         ).all()
+
+
+def _lost_why(host_state: str, revoked: datetime | None) -> str:
+    if revoked is not None:
+        return "host revoked"
+    return "host lost (no heartbeat)" if host_state == "lost" else "daemon never took it"

@@ -107,6 +107,12 @@ def transition(
     return True
 
 
+class ForeignReport(Exception):
+    """A report on a subject of a host that is not the host of the attempt it is about: a
+    host writing about another host's job (its NATS user may publish only under its own
+    subject prefix, so this is a bug or a forgery)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Applied:
     """What applying a report changed, for the work done after its transaction commits."""
@@ -315,8 +321,14 @@ class JobService:
 
     # Daemon reports -----------------------------------------------------------------------
 
-    async def apply_report(self, report: messaging_pb2.JobReport) -> bool:
-        """Applies one daemon report idempotently; False when it was stale or a duplicate."""
+    async def apply_report(
+        self, report: messaging_pb2.JobReport, subject_host: str | None = None
+    ) -> bool:
+        """Applies one daemon report idempotently; False when it was stale or a duplicate.
+        `subject_host` is the host its subject names (None: the host-less subject of earlier
+        releases); ForeignReport when it, or the report's own host_id, is not the attempt's."""
+        if subject_host is not None and report.host_id != subject_host:
+            raise ForeignReport(f"report names host {report.host_id!r}")
         now = utcnow()
 
         async def work(session: AsyncSession) -> _Applied | None:
@@ -326,6 +338,8 @@ class JobService:
             if job is None or attempt is None:
                 log.warning("report for unknown attempt %s/%s", report.job_id, report.attempt)
                 return None
+            if subject_host is not None and attempt.host_id != subject_host:
+                raise ForeignReport(f"the attempt ran on host {attempt.host_id!r}")
             # Fencing: only the live attempt on its own host may change the job.
             if (
                 not attempt.live

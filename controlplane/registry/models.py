@@ -54,6 +54,11 @@ class Host(Base):
     completed_attempts: Mapped[int] = mapped_column(Integer, default=0)
     # GPUs of the host that went unhealthy (XID, uncorrectable ECC growth, vanished).
     gpu_faults: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The public nkey of the host's current NATS user (None while NATS auth is off).
+    nats_user_key: Mapped[str | None] = mapped_column(String(56))
+    # RevokeHost: the credential and NATS user stop working; the host never returns.
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_reason: Mapped[str] = mapped_column(String(500), default="", server_default="")
 
     @property
     def reliability_permille(self) -> int:
@@ -66,6 +71,17 @@ def reliability_permille(completed: int, lost: int, gpu_faults: int) -> int:
     a GPU fault; 1000 while the host has none."""
     outcomes = completed + lost + gpu_faults
     return 1000 if outcomes == 0 else (1000 * completed) // outcomes
+
+
+class NatsRevocation(Base):
+    """A NATS user key the application account refuses (the account JWT's `revocations`):
+    a revoked host's, or a host's earlier key replaced by re-registration."""
+
+    __tablename__ = "nats_revocations"
+
+    public_key: Mapped[str] = mapped_column(String(56), primary_key=True)
+    host_id: Mapped[str] = mapped_column(String(40), index=True)
+    revoked_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class Gpu(Base):

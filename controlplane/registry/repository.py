@@ -9,14 +9,14 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.jobs.models import JobAttempt
-from controlplane.registry.models import Gpu, Host, RegistrationToken
+from controlplane.registry.models import Gpu, Host, NatsRevocation, RegistrationToken
 
 
 class RegistryRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    def add(self, row: RegistrationToken | Host | Gpu) -> None:
+    def add(self, row: RegistrationToken | Host | Gpu | NatsRevocation) -> None:
         self.session.add(row)
 
     async def flush(self) -> None:
@@ -197,3 +197,17 @@ class RegistryRepository:
             .where(Gpu.job_id == job_id, Gpu.attempt == attempt)
             .values(job_id=None, attempt=None)
         )
+
+    async def revoke_nats_user(self, public_key: str, host_id: str, when: datetime) -> None:
+        """Adds a user key to the account's revocations (once; the first time stays)."""
+        if await self.session.get(NatsRevocation, public_key) is None:
+            row = NatsRevocation(public_key=public_key, host_id=host_id, revoked_at=when)
+            self.session.add(row)
+
+    async def nats_revocations(self) -> Sequence[tuple[str, datetime]]:
+        rows = await self.session.execute(
+            select(NatsRevocation.public_key, NatsRevocation.revoked_at).order_by(
+                NatsRevocation.public_key
+            )
+        )
+        return [(key, when) for key, when in rows]

@@ -23,6 +23,7 @@ from controlplane.errors import (
 from controlplane.idempotency import ensure_same
 from controlplane.registry.models import Gpu, Host, RegistrationToken
 from controlplane.registry.monitor import GpuMonitor
+from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.offers import Offer, OfferFilter, build_offers
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.sessions import HostSession
@@ -47,6 +48,10 @@ class HostRegistration:
 
     host: Host
     credential: str
+    # .creds text of the host's new NATS user ("" while NATS auth is off).
+    nats_credentials: str = ""
+    # Re-registration revoked the host's earlier NATS user: the account JWT must be pushed.
+    revoked_nats_user: bool = False
 
 
 def _validate_registration(request: registry_pb2.RegisterHostRequest, max_price: int) -> None:
@@ -93,8 +98,10 @@ class RegistryService:
         max_price: int,
         monitor: GpuMonitor | None = None,
         heartbeat_write_interval: float = 0.0,
+        nats_auth: NatsAuth | None = None,
     ) -> None:
         self.db = db
+        self.nats_auth = nats_auth
         self.max_price = max_price
         self.sessions = HostSessions()
         self.monitor = monitor
@@ -200,6 +207,11 @@ class RegistryService:
             if token.expires_at <= now:
                 raise PermissionDenied("registration_token: has expired")
             host = await repo.host_by_machine(token.provider_tenant_id, request.machine_id)
+            if host is not None and host.revoked_at is not None:
+                raise PermissionDenied(
+                    f"machine_id: this machine's host {host.id} has been revoked; it cannot "
+                    "register again"
+                )
             if host is None:
                 if not await repo.consume_token(token.id):
                     raise PermissionDenied("registration_token: has no uses left")
@@ -228,7 +240,43 @@ class RegistryService:
             host.last_heartbeat_at = now
             await repo.flush()
             await self._sync_gpus(repo, host, request)
-            return HostRegistration(host, credential)
+            registration = HostRegistration(host, credential)
+            if self.nats_auth is not None:
+                user = self.nats_auth.host_user(host.id)
+                if host.nats_user_key and host.nats_user_key != user.public_key:
+                    # Whoever holds the earlier host.json loses NATS as well as gRPC.
+                    await repo.revoke_nats_user(host.nats_user_key, host.id, now)
+                    registration.revoked_nats_user = True
+                host.nats_user_key = user.public_key
+                registration.nats_credentials = user.creds
+            return registration
+
+    async def revoke_host(self, host_id: str, reason: str) -> Host:
+        """RevokeHost (admin): the credential stops matching, the NATS user joins the
+        account's revocations, the host is lost for good (its live attempts are then lost
+        like any lost host's) and its Connect stream here ends. Idempotent."""
+        if len(reason) > 500:
+            raise InvalidArgument("reason", "at most 500 characters")
+        now = utcnow()
+        async with self.db.transaction() as session:
+            repo = RegistryRepository(session)
+            host = await repo.get_host(host_id, lock=True)
+            if host is None:
+                raise NotFound(f"host_id: no host {host_id!r}")
+            if host.revoked_at is None:
+                host.revoked_at = now
+                host.revoked_reason = reason or "revoked"
+                # A hash no secret has: the old credential matches nothing from now on.
+                host.credential_hash = hash_secret(generate_secret("revoked_"))
+                transition(host, HostState.LOST, f"RevokeHost: {host.revoked_reason}")
+            if host.nats_user_key:
+                await repo.revoke_nats_user(host.nats_user_key, host.id, host.revoked_at)
+        self._up.discard(host_id)
+        self._heard.discard(host_id)
+        if self.monitor is not None:
+            self.monitor.forget([host_id])
+        self.sessions.revoke(host_id)
+        return host
 
     async def _sync_gpus(
         self, repo: RegistryRepository, host: Host, request: registry_pb2.RegisterHostRequest
@@ -320,6 +368,9 @@ class RegistryService:
             host = await RegistryRepository(session).get_host(host_id)
             if host is None:
                 raise NotFound(f"host_id: no host {host_id!r}")
+            if host.revoked_at is not None:
+                # Another replica revoked it while its stream here was open.
+                raise Unauthenticated("host credential: the host has been revoked")
             host.last_heartbeat_at = now
             if host.state == HostState.LOST.value:
                 transition(host, returning_state(host), "heartbeat after loss")

@@ -14,6 +14,8 @@ class HostSession:
 
     host_id: str
     outbox: asyncio.Queue[registry_pb2.ControlMessage] = field(default_factory=asyncio.Queue)
+    # Set by RevokeHost: the Connect stream ends with UNAUTHENTICATED.
+    revoked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class HostSessions:
@@ -36,6 +38,14 @@ class HostSessions:
         if session is None:
             return False
         session.outbox.put_nowait(message)
+        return True
+
+    def revoke(self, host_id: str) -> bool:
+        """Ends the host's Connect stream on this process (its credential was revoked)."""
+        session = self._sessions.get(host_id)
+        if session is None:
+            return False
+        session.revoked.set()
         return True
 
     def connected(self, host_id: str) -> bool:

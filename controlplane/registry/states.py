@@ -32,7 +32,7 @@ H = HostState
 TRANSITIONS: dict[HostState, frozenset[HostState]] = {
     H.ONLINE: frozenset(
         {
-            H.LOST,  # no heartbeat within the liveness timeout
+            H.LOST,  # no heartbeat within the liveness timeout, or RevokeHost
             H.DRAINING,  # DrainHost: no new jobs, running ones finish
         }
     ),
@@ -40,15 +40,18 @@ TRANSITIONS: dict[HostState, frozenset[HostState]] = {
         {
             H.DRAINED,  # no live attempt is left on the host
             H.ONLINE,  # UndrainHost
-            H.LOST,  # no heartbeat within the liveness timeout (the drain request is kept)
+            H.LOST,  # no heartbeat within the liveness timeout (the drain request is kept),
+            # or RevokeHost
         }
     ),
     H.DRAINED: frozenset(
         {
             H.ONLINE,  # UndrainHost
-            H.LOST,  # no heartbeat within the liveness timeout (the drain request is kept)
+            H.LOST,  # no heartbeat within the liveness timeout (the drain request is kept),
+            # or RevokeHost
         }
     ),
+    # A revoked host stays LOST: its credential is refused, so it never heartbeats again.
     H.LOST: frozenset(
         {
             H.ONLINE,  # heartbeats again and no drain was requested

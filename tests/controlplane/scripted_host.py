@@ -160,7 +160,7 @@ class ScriptedHost:
         )
         js = self._nc.jetstream()
         await js.publish(
-            events_subject(dispatch.job_id),
+            events_subject(self.host_id, dispatch.job_id),
             report.SerializeToString(),
             headers={"Nats-Msg-Id": report_msg_id(dispatch.job_id, dispatch.attempt, seq)},
         )

@@ -199,7 +199,7 @@ async def test_dispatch_poison_foreign_gpus_and_duplicates(
         reports.append(messaging_pb2.JobReport.FromString(message.data))
 
     try:
-        await client.subscribe("gpuplane.events.*", cb=collect)
+        await client.subscribe("gpuplane.events.>", cb=collect)
         js = client.jetstream()
         subject = dispatch_subject(agent.host_id)
         await js.publish(subject, b"\xff not a protobuf", headers={"Nats-Msg-Id": "poison"})

@@ -71,7 +71,7 @@ async def test_log_chunks_and_end_marker_reach_the_logs_stream(
     final = await job.run()
     assert final.exit_code == 0
 
-    subject = logs_subject(dispatch.job_id, dispatch.attempt)
+    subject = logs_subject("host-test", dispatch.job_id, dispatch.attempt)
     sub = await jetstream.pull_subscribe(
         subject, durable=f"test-{uuid.uuid4().hex[:8]}", stream=LOGS_STREAM
     )

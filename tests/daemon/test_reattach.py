@@ -178,7 +178,7 @@ async def test_orphans_go_and_vanished_attempts_are_reported(
     async def collect(message: Msg) -> None:
         reports.append(messaging_pb2.JobReport.FromString(message.data))
 
-    await client.subscribe("gpuplane.events.job-vanished", cb=collect)
+    await client.subscribe("gpuplane.events.*.job-vanished", cb=collect)
     second = Agent(daemon_settings(plane, None, tmp_path / "daemon", s3_server, docker_engine))
     try:
         await second.start()

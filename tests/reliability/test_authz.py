@@ -76,6 +76,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     "RegistryService/GetHost": OWNED_HOST,
     "RegistryService/DrainHost": OWNED_HOST,
     "RegistryService/UndrainHost": OWNED_HOST,
+    "RegistryService/RevokeHost": ADMIN_ONLY,
     "RegistryService/ListOffers": SIGNED_IN,
     "LedgerService/GetBalance": OWN_TENANT,
     "LedgerService/ListEntries": OWN_TENANT,
@@ -111,6 +112,7 @@ class World:
     other_job: str = ""  # the other consumer's job, also with results
     token_id: str = ""  # a registration token of the provider's
     spare_key_id: str = ""  # an API key of the other consumer's, for RevokeApiKey
+    spare_host_id: str = ""  # a host of the provider's, for RevokeHost
     seen_details: list[str] = field(default_factory=list)
 
 
@@ -198,6 +200,10 @@ async def world(
         token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
         w.host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=2, price=PRICE)
         await w.host.start()
+        spare_host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=1, price=PRICE)
+        await spare_host.start()
+        await spare_host.close()
+        w.spare_host_id = spare_host.host_id
         listed = await admin.ListRegistrationTokens(
             admin_pb2.ListRegistrationTokensRequest(provider_tenant_id=plane.provider_tenant),
             metadata=plane.auth(),
@@ -256,6 +262,9 @@ def request_for(world: World, method: str) -> Message:
         "RegistryService/GetHost": registry_pb2.GetHostRequest(host_id=host_id),
         "RegistryService/DrainHost": registry_pb2.DrainHostRequest(host_id=host_id),
         "RegistryService/UndrainHost": registry_pb2.UndrainHostRequest(host_id=host_id),
+        "RegistryService/RevokeHost": registry_pb2.RevokeHostRequest(
+            host_id=world.spare_host_id, reason="authz"
+        ),
         "RegistryService/ListOffers": registry_pb2.ListOffersRequest(),
         "LedgerService/GetBalance": ledger_pb2.GetBalanceRequest(tenant_id=t["consumer"]),
         "LedgerService/ListEntries": ledger_pb2.ListEntriesRequest(tenant_id=t["consumer"]),
@@ -365,7 +374,9 @@ def test_table_covers_every_rpc_and_the_policy() -> None:
 # runs after every read of the job (a cancelled, finished job still answers the reads).
 ORDER = sorted(
     EXPECTED,
-    key=lambda m: m.endswith(("CancelJob", "RevokeApiKey", "RevokeRegistrationToken")),
+    key=lambda m: m.endswith(
+        ("CancelJob", "RevokeApiKey", "RevokeRegistrationToken", "RevokeHost")
+    ),
 )
 
 

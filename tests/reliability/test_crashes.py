@@ -420,8 +420,8 @@ async def test_frozen_daemon_is_replaced_and_its_late_reports_are_fenced(
     reports: list[tuple[float, int, int, bool]] = []  # (time, attempt, kind, applied)
     apply_report = jobs.apply_report
 
-    async def recording(report: messaging_pb2.JobReport) -> bool:
-        applied = await apply_report(report)
+    async def recording(report: messaging_pb2.JobReport, subject_host: str | None = None) -> bool:
+        applied = await apply_report(report, subject_host)
         reports.append((time.monotonic(), report.attempt, report.kind, applied))
         return applied
 

@@ -109,13 +109,19 @@ class NatsConnection(_message.Message):
     STREAM_FIELD_NUMBER: _builtins.int
     DURABLE_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
+    INBOX_PREFIX_FIELD_NUMBER: _builtins.int
     dispatch_subject: _builtins.str
     """Subject the host's dispatch messages arrive on: gpuplane.dispatch.<host_id>."""
     stream: _builtins.str
     durable: _builtins.str
     """Durable pull consumer name for this host."""
     credentials: _builtins.str
-    """NATS user credentials (JWT + nkey seed) scoped to this host; empty on open dev servers."""
+    """NATS user credentials (.creds text: user JWT + nkey seed) scoped to this host: publish
+    only its own consumer's API, acks, reports and logs, subscribe only under inbox_prefix.
+    Empty on open (dev) servers.
+    """
+    inbox_prefix: _builtins.str
+    """The reply-subject prefix the daemon's NATS client must use (e.g. _INBOX_<host_id>)."""
     @_builtins.property
     def servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -126,10 +132,11 @@ class NatsConnection(_message.Message):
         stream: _builtins.str = ...,
         durable: _builtins.str = ...,
         credentials: _builtins.str = ...,
+        inbox_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "dispatch_subject", b"dispatch_subject", "durable", b"durable", "servers", b"servers", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "dispatch_subject", b"dispatch_subject", "durable", b"durable", "inbox_prefix", b"inbox_prefix", "servers", b"servers", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -617,6 +624,48 @@ class UndrainHostResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UndrainHostResponse: _TypeAlias = UndrainHostResponse  # noqa: Y015
+
+@_typing.final
+class RevokeHostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeHostRequest: _TypeAlias = RevokeHostRequest  # noqa: Y015
+
+@_typing.final
+class RevokeHostResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def host(self) -> _types_pb2.Host: ...
+    def __init__(
+        self,
+        *,
+        host: _types_pb2.Host | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeHostResponse: _TypeAlias = RevokeHostResponse  # noqa: Y015
 
 @_typing.final
 class ListOffersRequest(_message.Message):

@@ -64,6 +64,11 @@ class RegistryServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_registry__pb2.UndrainHostRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_registry__pb2.UndrainHostResponse.FromString,
                 _registered_method=True)
+        self.RevokeHost = channel.unary_unary(
+                '/gpuplane.v1.RegistryService/RevokeHost',
+                request_serializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostResponse.FromString,
+                _registered_method=True)
         self.ListOffers = channel.unary_unary(
                 '/gpuplane.v1.RegistryService/ListOffers',
                 request_serializer=gpuplane_dot_v1_dot_registry__pb2.ListOffersRequest.SerializeToString,
@@ -116,6 +121,15 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeHost(self, request, context):
+        """Admin only: the host's credential and NATS user stop working for good (the NATS server
+        disconnects it); the host is lost and its running attempts are retried elsewhere.
+        Registering the same machine again is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListOffers(self, request, context):
         """Free healthy GPUs for sale, grouped by host and model, cheapest first.
         """
@@ -155,6 +169,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.UndrainHost,
                     request_deserializer=gpuplane_dot_v1_dot_registry__pb2.UndrainHostRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_registry__pb2.UndrainHostResponse.SerializeToString,
+            ),
+            'RevokeHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeHost,
+                    request_deserializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostResponse.SerializeToString,
             ),
             'ListOffers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOffers,
@@ -324,6 +343,33 @@ class RegistryService:
             '/gpuplane.v1.RegistryService/UndrainHost',
             gpuplane_dot_v1_dot_registry__pb2.UndrainHostRequest.SerializeToString,
             gpuplane_dot_v1_dot_registry__pb2.UndrainHostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.RegistryService/RevokeHost',
+            gpuplane_dot_v1_dot_registry__pb2.RevokeHostRequest.SerializeToString,
+            gpuplane_dot_v1_dot_registry__pb2.RevokeHostResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,11 @@ class RegistryServiceStub:
     DrainHost: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DrainHostRequest, _registry_pb2.DrainHostResponse]
     """Stops new placements on the host; running jobs finish. Provider (own hosts) or admin."""
     UndrainHost: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UndrainHostRequest, _registry_pb2.UndrainHostResponse]
+    RevokeHost: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RevokeHostRequest, _registry_pb2.RevokeHostResponse]
+    """Admin only: the host's credential and NATS user stop working for good (the NATS server
+    disconnects it); the host is lost and its running attempts are retried elsewhere.
+    Registering the same machine again is refused.
+    """
     ListOffers: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListOffersRequest, _registry_pb2.ListOffersResponse]
     """Free healthy GPUs for sale, grouped by host and model, cheapest first."""
 
@@ -65,6 +70,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     DrainHost: _aio.UnaryUnaryMultiCallable[_registry_pb2.DrainHostRequest, _registry_pb2.DrainHostResponse]  # type: ignore[assignment]
     """Stops new placements on the host; running jobs finish. Provider (own hosts) or admin."""
     UndrainHost: _aio.UnaryUnaryMultiCallable[_registry_pb2.UndrainHostRequest, _registry_pb2.UndrainHostResponse]  # type: ignore[assignment]
+    RevokeHost: _aio.UnaryUnaryMultiCallable[_registry_pb2.RevokeHostRequest, _registry_pb2.RevokeHostResponse]  # type: ignore[assignment]
+    """Admin only: the host's credential and NATS user stop working for good (the NATS server
+    disconnects it); the host is lost and its running attempts are retried elsewhere.
+    Registering the same machine again is refused.
+    """
     ListOffers: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListOffersRequest, _registry_pb2.ListOffersResponse]  # type: ignore[assignment]
     """Free healthy GPUs for sale, grouped by host and model, cheapest first."""
 
@@ -118,6 +128,17 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.UndrainHostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.UndrainHostResponse, _abc.Awaitable[_registry_pb2.UndrainHostResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeHost(
+        self,
+        request: _registry_pb2.RevokeHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RevokeHostResponse, _abc.Awaitable[_registry_pb2.RevokeHostResponse]]:
+        """Admin only: the host's credential and NATS user stop working for good (the NATS server
+        disconnects it); the host is lost and its running attempts are retried elsewhere.
+        Registering the same machine again is refused.
+        """
 
     @_abc_1.abstractmethod
     def ListOffers(

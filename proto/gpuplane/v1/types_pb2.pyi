@@ -964,6 +964,8 @@ class Host(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     DRAIN_REASON_FIELD_NUMBER: _builtins.int
     JOB_IDS_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_REASON_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     hostname: _builtins.str
     provider_tenant_id: _builtins.str
@@ -981,6 +983,7 @@ class Host(_message.Message):
     cpu_count: _builtins.int
     memory_bytes: _builtins.int
     drain_reason: _builtins.str
+    revoked_reason: _builtins.str
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -992,6 +995,10 @@ class Host(_message.Message):
     @_builtins.property
     def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Jobs currently placed on this host."""
+
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """Set once RevokeHost revoked the host (it never comes back)."""
 
     def __init__(
         self,
@@ -1015,10 +1022,12 @@ class Host(_message.Message):
         memory_bytes: _builtins.int = ...,
         drain_reason: _builtins.str = ...,
         job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "registered_at", b"registered_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "registered_at", b"registered_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cuda_driver_version", b"cuda_driver_version", "daemon_version", b"daemon_version", "drain_reason", b"drain_reason", "driver_version", b"driver_version", "gpus", b"gpus", "host_id", b"host_id", "hostname", b"hostname", "job_ids", b"job_ids", "labels", b"labels", "last_heartbeat_at", b"last_heartbeat_at", "location", b"location", "memory_bytes", b"memory_bytes", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "provider_tenant_id", b"provider_tenant_id", "registered_at", b"registered_at", "reliability_permille", b"reliability_permille", "simulated", b"simulated", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cuda_driver_version", b"cuda_driver_version", "daemon_version", b"daemon_version", "drain_reason", b"drain_reason", "driver_version", b"driver_version", "gpus", b"gpus", "host_id", b"host_id", "hostname", b"hostname", "job_ids", b"job_ids", "labels", b"labels", "last_heartbeat_at", b"last_heartbeat_at", "location", b"location", "memory_bytes", b"memory_bytes", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "provider_tenant_id", b"provider_tenant_id", "registered_at", b"registered_at", "reliability_permille", b"reliability_permille", "revoked_at", b"revoked_at", "revoked_reason", b"revoked_reason", "simulated", b"simulated", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
