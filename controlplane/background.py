@@ -10,6 +10,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
+
 from controlplane.bus import Bus
 from controlplane.db.base import utcnow
 from controlplane.errors import Conflict, NotLeader, Unavailable
@@ -55,6 +58,8 @@ class Background:
         nats_auth: NatsAuth | None = None,
         nats_account_sync_interval: float = 300.0,
         on_report_dropped: Callable[[str], None] | None = None,
+        refresh_gauges: Callable[[], Awaitable[None]] | None = None,
+        gauges_interval: float = 15.0,
     ) -> None:
         self.bus = bus
         self.notifier = notifier
@@ -68,6 +73,8 @@ class Background:
         self.nats_auth = nats_auth
         self.nats_account_sync_interval = nats_account_sync_interval
         self.on_report_dropped = on_report_dropped
+        self.refresh_gauges = refresh_gauges
+        self.gauges_interval = gauges_interval
         self.report_consumer: ReportConsumer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -83,6 +90,8 @@ class Background:
         ]
         if self.nats_auth is not None:
             loops.append(("nats-account", self._sync_nats_account, False))
+        if self.refresh_gauges is not None:
+            loops.append(("gauges", self._gauges, False))
         self._tasks = {
             name: asyncio.create_task(self._supervise(name, loop, once=once))
             for name, loop, once in loops
@@ -164,6 +173,17 @@ class Background:
                 log.warning("NATS account sync failed (%s); retrying in 2s", error.message)
                 delay = 2.0
             await asyncio.sleep(delay)
+
+    async def _gauges(self) -> None:
+        """Fleet gauges from the database, at once and then every interval; a database
+        that is down leaves the last values and is tried again next interval."""
+        assert self.refresh_gauges is not None
+        while True:
+            try:
+                await self.refresh_gauges()
+            except (OSError, DBAPIError, SQLAlchemyTimeoutError) as error:
+                log.warning("metrics gauges not refreshed: %s", error)
+            await asyncio.sleep(self.gauges_interval)
 
     async def _liveness(self) -> None:
         timeout = timedelta(seconds=self.heartbeat_timeout)

@@ -44,6 +44,36 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        # Fleet gauges, refreshed from the database by every replica (controlplane.gauges).
+        self.jobs = Gauge(
+            "gpuplane_jobs",
+            "Jobs by state (queued = the queue depth).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.hosts = Gauge("gpuplane_hosts", "Hosts by state.", ["state"], registry=self.registry)
+        self.outbox_backlog = Gauge(
+            "gpuplane_outbox_unpublished",
+            "Outbox messages (dispatch, control) committed but not yet published to NATS.",
+            registry=self.registry,
+        )
+        self.outbox_oldest_seconds = Gauge(
+            "gpuplane_outbox_oldest_unpublished_seconds",
+            "Age of the oldest unpublished outbox message (0 when none).",
+            registry=self.registry,
+        )
+        self.scheduler_cycle_seconds = Histogram(
+            "gpuplane_scheduler_cycle_seconds",
+            "Scheduling cycle time on the leader (load, plan, commit), cycles that placed or "
+            "explained at least one job.",
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.jobs_placed = Counter(
+            "gpuplane_jobs_placed_total",
+            "Job attempts placed by this replica's scheduler.",
+            registry=self.registry,
+        )
         self._telemetry: TelemetryCollector | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

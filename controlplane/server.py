@@ -25,6 +25,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controlplane import gauges
 from controlplane.api.admin import AdminServicer
 from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, RateLimiter
 from controlplane.api.jobs import JobServicer
@@ -45,7 +46,7 @@ from controlplane.registry.monitor import GpuMonitor, MonitorPolicy
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
-from controlplane.scheduler.service import Scheduler, scheduler_policy
+from controlplane.scheduler.service import CycleStats, Scheduler, scheduler_policy
 from controlplane.settings import Settings
 from controlplane.tls import server_credentials
 from messaging.natsjwt import Permissions
@@ -162,6 +163,7 @@ class ControlPlane:
         self.scheduler = scheduler = Scheduler(
             db, self.notifier, settings.s3_bucket, fence=self.leader.fence, policy=scheduling
         )
+        scheduler.on_cycle = self._observe_cycle
         pricing = types_pb2.PricingPolicy(
             platform_fee_basis_points=settings.platform_fee_basis_points,
             min_price_per_gpu_hour_micro_credits=settings.min_price_per_gpu_hour_micro_credits,
@@ -253,6 +255,8 @@ class ControlPlane:
             nats_auth=self.nats_auth,
             nats_account_sync_interval=settings.nats_account_sync_interval_seconds,
             on_report_dropped=lambda reason: self.metrics.reports_dropped.labels(reason).inc(),
+            refresh_gauges=lambda: gauges.refresh(db, self.metrics),
+            gauges_interval=settings.metrics_refresh_seconds,
         )
         self.background.start()
         self._bucket_task = asyncio.create_task(self._ensure_bucket())
@@ -294,6 +298,10 @@ class ControlPlane:
                 # Another replica may have led meanwhile: start fair share from history.
                 self.scheduler.reset()
             self.notifier.schedule.set()
+
+    def _observe_cycle(self, cycle: CycleStats) -> None:
+        self.metrics.scheduler_cycle_seconds.observe(cycle.seconds)
+        self.metrics.jobs_placed.inc(cycle.placed)
 
     async def _ensure_bucket(self) -> None:
         """Creates the results bucket, retrying while the S3 server is unreachable."""

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         default="127.0.0.1:9464",
         description="Prometheus /metrics host:port; port 0 picks one; empty disables.",
     )
+    metrics_refresh_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often each replica refreshes the fleet gauges (jobs and hosts by "
+        "state, outbox backlog) from the database.",
+    )
     bootstrap_admin_key: SecretStr | None = Field(
         default=None,
         description="An admin API key to accept from the start (stored hashed). "

@@ -109,6 +109,8 @@ class Scheduler:
         self.fair = FairShare(self.policy.fair_share)
         self.durations = Durations()
         self.last = CycleStats()
+        # Called with each cycle's stats (metrics), when set.
+        self.on_cycle: Callable[[CycleStats], None] | None = None
         self._seeded = False
 
     def reset(self) -> None:
@@ -146,6 +148,8 @@ class Scheduler:
         self.last = CycleStats(
             len(jobs), len(plan.placed), len(plan.reservations), time.perf_counter() - started
         )
+        if self.on_cycle is not None:
+            self.on_cycle(self.last)
         for placed in plan.placed:
             self.notifier.job_changed(placed.demand.job_id)
         if plan.placed:

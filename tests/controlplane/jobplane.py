@@ -162,6 +162,7 @@ async def job_plane(
         "heartbeat_interval_ms": 200,
         "heartbeat_timeout_ms": 1500,
         "scheduler_interval_ms": 100,
+        "metrics_refresh_seconds": 0.2,
         "retry_backoff_ms": 50,
         "allow_simulated_by_default": True,
         "allow_plaintext": tls is None,

@@ -4,7 +4,9 @@ submit → hold → placement → dispatch → reports → settlement, fencing, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -378,3 +380,57 @@ async def test_list_jobs_filters_labels_before_paging(plane: JobPlane) -> None:
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "labels['bad key!']" in (caught.value.details() or "")
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    """The value of sample `name{labels}` in a /metrics page (0.0 when absent)."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_fleet_gauges_and_scheduler_metrics(plane: JobPlane) -> None:
+    """/metrics tells jobs by state (the queue depth), hosts by state, the outbox backlog and
+    scheduling cycles, refreshed from the database."""
+    url = f"http://127.0.0.1:{plane.plane.metrics_port}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as reply:  # noqa: S310 - loopback
+            return str(reply.read().decode())
+
+    async def until(check: Callable[[str], bool]) -> str:
+        deadline = time.monotonic() + 10
+        while True:
+            text = await asyncio.to_thread(scrape)
+            if check(text) or time.monotonic() > deadline:
+                return text
+            await asyncio.sleep(0.1)
+
+    queued = [await plane.submit(gpu_count=2) for _ in range(2)]
+    text = await until(lambda t: _metric(t, "gpuplane_jobs", 'state="queued"') == 2)
+    assert _metric(text, "gpuplane_jobs", 'state="queued"') == 2
+    assert _metric(text, "gpuplane_jobs", 'state="running"') == 0
+    assert 'gpuplane_hosts{state="online"} 0.0' in text
+    host = await host_for(plane, gpus=2)
+    try:
+        placed = await plane.wait_for(queued[0].job_id, [S.JOB_STATE_SCHEDULED])  # oldest first
+        assert placed.host_id == host.host_id
+        text = await until(
+            lambda t: (
+                _metric(t, "gpuplane_jobs", 'state="scheduled"') == 1
+                and _metric(t, "gpuplane_hosts", 'state="online"') == 1
+            )
+        )
+        assert _metric(text, "gpuplane_jobs", 'state="queued"') == 1
+        assert _metric(text, "gpuplane_jobs", 'state="scheduled"') == 1
+        assert _metric(text, "gpuplane_hosts", 'state="online"') == 1
+        assert _metric(text, "gpuplane_jobs_placed_total") == 1
+        assert _metric(text, "gpuplane_scheduler_cycle_seconds_count") >= 1
+        # The placement's dispatch was published: nothing waits in the outbox.
+        text = await until(lambda t: _metric(t, "gpuplane_outbox_unpublished") == 0)
+        assert _metric(text, "gpuplane_outbox_unpublished") == 0
+        assert _metric(text, "gpuplane_outbox_oldest_unpublished_seconds") == 0
+    finally:
+        await host.close()

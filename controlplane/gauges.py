@@ -1,0 +1,42 @@
+"""Fleet gauges from the database: jobs and hosts by state, the outbox backlog. Every replica
+refreshes them (cheap index scans), so any one scraped tells the whole marketplace."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from controlplane.db.base import utcnow
+from controlplane.db.engine import Database
+from controlplane.jobs.models import Job
+from controlplane.jobs.states import JobState
+from controlplane.metrics import Metrics
+from controlplane.outbox.models import OutboxMessage
+from controlplane.registry.models import Host
+from controlplane.registry.states import HostState
+
+
+async def refresh(db: Database, metrics: Metrics) -> None:
+    """Reads the counts in one read transaction and sets the gauges; every state is set,
+    those with no row to 0, so a state that empties does not keep its last count."""
+    async with db.read() as session:
+        jobs = dict(
+            (await session.execute(select(Job.state, func.count()).group_by(Job.state))).all()
+        )
+        hosts = dict(
+            (await session.execute(select(Host.state, func.count()).group_by(Host.state))).all()
+        )
+        backlog, oldest = (
+            await session.execute(
+                select(func.count(), func.min(OutboxMessage.created_at)).where(
+                    OutboxMessage.published_at.is_(None)
+                )
+            )
+        ).one()
+    for job_state in JobState:
+        metrics.jobs.labels(job_state.value).set(jobs.get(job_state.value, 0))
+    for host_state in HostState:
+        metrics.hosts.labels(host_state.value).set(hosts.get(host_state.value, 0))
+    metrics.outbox_backlog.set(backlog)
+    metrics.outbox_oldest_seconds.set(
+        max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
+    )
