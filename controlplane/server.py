@@ -120,7 +120,7 @@ class ControlPlane:
         self.db = Database(url)
         db = self.db
         if self.nats_keys is not None:
-            self.nats_auth = NatsAuth(self.nats_keys, self.bus.servers, db)
+            self.nats_auth = NatsAuth(self.nats_keys, self.bus.servers, db, tls=self.bus.tls)
         monitor = GpuMonitor(
             db,
             MonitorPolicy(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from dataclasses import dataclass
 
 import nats
@@ -39,10 +40,17 @@ class NatsAuth:
     database's nats_revocations, pushed through a system-account user to the servers'
     full resolver (which disconnects revoked users at once)."""
 
-    def __init__(self, keys: NatsKeys, servers: list[str], db: Database) -> None:
+    def __init__(
+        self,
+        keys: NatsKeys,
+        servers: list[str],
+        db: Database,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.keys = keys
         self.servers = servers
         self.db = db
+        self.tls = tls  # the control plane's own NATS TLS context, for the push connection
         self.pushes = 0
         self._lock = asyncio.Lock()
 
@@ -74,6 +82,7 @@ class NatsAuth:
                     user_credentials=RawCredentials(system_user),
                     allow_reconnect=False,
                     connect_timeout=timeout,
+                    tls=self.tls,
                 )
             except (OSError, TimeoutError, nats.errors.Error) as error:
                 raise Unavailable(f"NATS is not reachable to update the account: {error}") from None

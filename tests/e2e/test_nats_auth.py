@@ -30,6 +30,8 @@ from daemon.agent import Agent
 from daemon.bus import DaemonBus
 from daemon.identity import HostIdentity
 from devstack import DockerEngine, NatsServer, S3Server
+from devstack.certs import TestCerts
+from devstack.nats import NatsTls
 from messaging.natsjwt import NatsKeys, decode_claims
 from messaging.subjects import (
     DISPATCH_STREAM,
@@ -39,6 +41,7 @@ from messaging.subjects import (
     logs_subject,
     report_msg_id,
 )
+from messaging.tls import nats_tls_context
 from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import GIB, mint_token
 from tests.e2e.test_job_path import settings as daemon_settings
@@ -373,3 +376,52 @@ async def test_job_runs_end_to_end_with_nats_auth(
         assert (await plane.get(job.job_id)).state == S.JOB_STATE_SUCCEEDED
     finally:
         await agent.stop()
+
+
+async def test_revocation_is_pushed_over_tls(
+    tmp_path: Path, s3_server: S3Server, nats_keys: NatsKeys, test_certs: TestCerts
+) -> None:
+    """The production combination: NATS in operator mode requiring TLS and client
+    certificates, gRPC over TLS. Hosts' users connect over TLS, and RevokeHost's account
+    push (its own connection) reaches the server through the same TLS settings."""
+    include = tmp_path / "auth.conf"
+    include.write_text(nats_keys.server_include(str(tmp_path / "jwt")))
+    tls = NatsTls(test_certs.server_cert, test_certs.server_key, ca_file=test_certs.ca_cert)
+    server = NatsServer(tmp_path / "nats", auth_include=include, tls=tls)
+    server.start()
+
+    def configure(options: dict[str, Any]) -> None:
+        options["nats_operator_seed"] = nats_keys.operator_seed
+        options["nats_account_seed"] = nats_keys.account_seed
+        options["nats_system_account_seed"] = nats_keys.system_account_seed
+
+    context = nats_tls_context(test_certs.ca_cert, test_certs.client_cert, test_certs.client_key)
+    try:
+        async with job_plane(
+            tmp_path / "cp", server.url, s3_server, configure=configure, tls=test_certs
+        ) as plane:
+            reply = await register(plane, "tls-host")
+            assert reply.nats.servers[0].startswith("tls://")
+            closed = asyncio.Event()
+
+            async def on_closed() -> None:
+                closed.set()
+
+            client = await connect_as(
+                reply, Errors(), tls=context, closed_cb=on_closed, max_reconnect_attempts=2
+            )
+            try:
+                await client.flush(timeout=5)
+                stub = registry_pb2_grpc.RegistryServiceStub(plane.channel)
+                await stub.RevokeHost(
+                    registry_pb2.RevokeHostRequest(host_id=reply.host_id, reason="tls"),
+                    metadata=plane.auth(),
+                )
+                async with asyncio.timeout(10):
+                    await closed.wait()
+                reasons = await asyncio.to_thread(closed_reasons, server, user_of(reply))
+                assert any("revoked" in r.lower() for r in reasons), reasons
+            finally:
+                await client.close()
+    finally:
+        server.stop()
