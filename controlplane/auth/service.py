@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.models import ApiKey, Tenant
 from controlplane.auth.principal import Principal, Role
@@ -204,7 +205,10 @@ class AuthService:
         return key
 
     async def ensure_platform_tenant(self) -> Tenant:
-        async with self.db.transaction() as session:
+        """Creates the platform tenant once. Replicas starting together on one database race
+        to insert it; `run` retries the loser's unit, which then finds the winner's row."""
+
+        async def work(session: AsyncSession) -> Tenant:
             repo = AuthRepository(session)
             tenant = await repo.get_tenant(PLATFORM_TENANT)
             if tenant is None:
@@ -212,12 +216,16 @@ class AuthService:
                 repo.add(tenant)
             return tenant
 
+        return await self.db.run(work)
+
     async def ensure_bootstrap_admin(self, configured: str | None, data_dir: Path) -> Path | None:
         """Makes sure an admin can log in: accepts the configured key (stored hashed), or, when
         no admin key exists yet, generates one and writes it once to data_dir/admin.key."""
         await self.ensure_platform_tenant()
         if configured:
-            async with self.db.transaction() as session:
+
+            async def work(session: AsyncSession) -> None:
+                # Replicas configured with the same key race here too (unique secret_hash).
                 repo = AuthRepository(session)
                 if await repo.key_by_hash(hash_secret(configured)) is None:
                     repo.add(
@@ -231,6 +239,8 @@ class AuthService:
                             created_at=utcnow(),
                         )
                     )
+
+            await self.db.run(work)
             return None
         async with self.db.read() as session:
             if await AuthRepository(session).any_admin_key():
