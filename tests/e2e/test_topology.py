@@ -176,11 +176,13 @@ def spawn_daemon(
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def stream_leaders(cluster: NatsCluster) -> dict[str, str]:
-    """Stream name → the server_name of its leader, as JetStream's stream info says."""
-    nc = await nats.connect(servers=cluster.urls.split(","), connect_timeout=2)
+async def stream_leaders(cluster: NatsCluster, timeout: float = 5.0) -> dict[str, str]:
+    """Stream name → the server_name of its leader, as JetStream's stream info says (asked
+    of the running nodes only, each request bounded by `timeout`)."""
+    urls = [node.url for node in cluster.nodes if node.running]
+    nc = await nats.connect(servers=urls, connect_timeout=2, allow_reconnect=False)
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=timeout)
         leaders = {}
         for stream in (DISPATCH_STREAM, EVENTS_STREAM):
             info = await js.stream_info(stream)
@@ -216,11 +218,11 @@ class Faults:
 async def new_stream_leader(cluster: NatsCluster, old: str) -> None:
     """Until DISPATCH and EVENTS both name a leader other than `old`."""
     while True:
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            leaders = await stream_leaders(cluster)
+        with contextlib.suppress(nats.errors.Error, TimeoutError, AssertionError):
+            leaders = await stream_leaders(cluster, timeout=0.5)
             if old not in leaders.values():
                 return
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
 
 
 async def inject_faults(
