@@ -382,7 +382,15 @@ async def test_200_jobs_survive_a_nats_node_and_a_control_plane_dying(
                     )
                 )
             await until(lambda: hosts_online(planes.db, DAEMONS), 60, "the daemons are online")
-            leaders = await stream_leaders(nats_cluster)
+            leaders: dict[str, str] = {}
+
+            async def streams_led() -> bool:
+                # The planes create the streams once connected: maybe not all of them yet.
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    leaders.update(await stream_leaders(nats_cluster))
+                return len(leaders) == 2
+
+            await until(streams_led, 30, "DISPATCH and EVENTS have leaders")
 
             began = time.time()
             submitted: asyncio.Queue[int] = asyncio.Queue()
@@ -402,7 +410,11 @@ async def test_200_jobs_survive_a_nats_node_and_a_control_plane_dying(
                     assert process.poll() is None, f"a daemon exited ({process.returncode})"
                 return await ended(planes.db) >= JOBS
 
-            await until(all_ended, 180, f"all {JOBS} jobs end")
+            try:
+                await until(all_ended, 180, f"all {JOBS} jobs end")
+            except AssertionError as error:
+                states = await by_state(planes.db)
+                raise AssertionError(f"{error}; jobs by state: {states}") from None
             wall = time.time() - began
             jobs = {j.job_id: j for j in await client.jobs()}
 
@@ -418,9 +430,8 @@ async def test_200_jobs_survive_a_nats_node_and_a_control_plane_dying(
                 why = await history(planes.db, job.job_id)
                 assert len(won) == 1, why
                 assert won[0].attempt == job.attempt, why
-                # Docker's own StartedAt..FinishedAt (what the daemon bills) can come out 0
-                # for a 0.1 s job on a loaded host, so a job may be charged nothing.
-                assert won[0].charged_micro_credits == job.charged_micro_credits >= 0, why
+                # Charged something: the 0.1 s job ran (even where Docker's own times say 0).
+                assert won[0].charged_micro_credits == job.charged_micro_credits > 0, why
                 assert all(a.charged_micro_credits == 0 for a in job.attempts if a is not won[0]), (
                     why
                 )
@@ -428,10 +439,9 @@ async def test_200_jobs_survive_a_nats_node_and_a_control_plane_dying(
             # Charged once: one hold per job, posted once, one release; net charges = the job's.
             holds, releases, net = await ledger_rows(planes.db)
             for job_id, job in jobs.items():
-                resolved = "posted" if job.charged_micro_credits else "voided"
-                assert holds[job_id] == resolved, (job_id, holds.get(job_id))
+                assert holds[job_id] == "posted", (job_id, holds.get(job_id))
                 assert releases[job_id] == 1, (job_id, releases[job_id])
-                assert net.get(job_id, 0) == job.charged_micro_credits, job_id
+                assert net[job_id] == job.charged_micro_credits, job_id
 
             # The books: every balance sums to zero; the consumer paid what the provider
             # earned plus the platform's fees, and exactly the jobs' charges.
@@ -448,7 +458,6 @@ async def test_200_jobs_survive_a_nats_node_and_a_control_plane_dying(
             assert consumer.held_micro_credits == 0
             charged = sum(j.charged_micro_credits for j in jobs.values())
             assert spent == charged == provider.earnings_micro_credits + await revenue(planes.db)
-            assert charged > 0
 
             retried = sum(1 for j in jobs.values() if j.attempt > 1)
             listed = list(jobs.values())
@@ -497,6 +506,12 @@ async def ended(db: Database) -> int:
             )
         )
     return int(done or 0)
+
+
+async def by_state(db: Database) -> dict[str, int]:
+    async with db.read() as session:
+        rows = await session.execute(text("SELECT state, count(*) FROM jobs GROUP BY state"))
+        return {str(state): int(count) for state, count in rows}
 
 
 async def revenue(db: Database) -> int:
