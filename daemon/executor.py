@@ -21,6 +21,7 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -211,12 +212,21 @@ class JobExecutor:
         pump_task = asyncio.create_task(pump.pump(follower))
         try:
             outcome = await self._supervise(container, limit)
+            watched_ms = self._run_time_ms()
             if outcome == "cancelled":
                 stopped = await self._stopped(container)
                 await asyncio.wait({pump_task}, timeout=2.0)
                 await pump.end()
                 return stopped
             info = await self.runtime.inspect(container)
+            # Docker stamps StartedAt when its start call is done, which on a busy host can be
+            # after a short job has already exited (FinishedAt is the exit's own time), so
+            # its run time comes out 0: the job would be free. Docker's times stay the bill;
+            # only when they say 0 does the time this daemon watched it run (from its start
+            # call's return to the exit, as the usage reports count) stand in. An adopted
+            # container's start was not watched: Docker's times are all there is.
+            if not info.run_time_ms and not self.adopted:
+                info = replace(info, run_time_ms=watched_ms)
             await self._drain_logs(container, pump_task, follower, pump)
             await pump.end()
         finally:

@@ -3,6 +3,7 @@
 from devstack.docker_engine import DockerEngine, HookCall
 from devstack.images import TEST_IMAGE, build_test_image
 from devstack.nats import NatsServer, NatsTls
+from devstack.nats_cluster import NatsCluster
 from devstack.ports import free_port, free_ports
 from devstack.postgres import PostgresCluster
 from devstack.process import DevstackError, LocalServer, ManagedProcess
@@ -15,6 +16,7 @@ __all__ = [
     "HookCall",
     "LocalServer",
     "ManagedProcess",
+    "NatsCluster",
     "NatsServer",
     "NatsTls",
     "PostgresCluster",

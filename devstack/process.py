@@ -145,6 +145,15 @@ class ManagedProcess:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
 
+    def kill(self) -> None:
+        """SIGKILLs the child's whole group at once (no clean shutdown) and reaps it."""
+        popen = self._popen
+        if popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+
     def stop(self) -> None:
         """Signals the child, waits up to stop_timeout, then kills its process group."""
         popen = self._popen
