@@ -140,7 +140,7 @@ def spawn_daemon(
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPLANE_")}
     env["GPUPLANE_DAEMON_RECONNECT_BASE_SECONDS"] = "0.2"
     env["GPUPLANE_DAEMON_RECONNECT_MAX_SECONDS"] = "1.0"
-    argv = [sys.executable, "-m", "gpuplane_cli.main", "daemon", "run"]
+    argv = [sys.executable, "-m", "gpuplane_cli.main", "daemon", "run", "--plaintext"]
     argv += ["--control-plane", planes, "--token", token, "--data-dir", str(directory / "data")]
     argv += ["--simulate-gpus", GPUS, "--gpu-device-requests", "always"]
     argv += ["--docker-host", engine.base_url, "--nats-url", cluster.urls]
