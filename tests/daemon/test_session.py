@@ -178,6 +178,10 @@ async def test_telemetry_goes_out_while_connected_and_is_dropped_otherwise() -> 
         assert session.sessions == 2
         assert session.send_telemetry(batch)
         await next_of(recorder.messages, "telemetry")
+        # The server can read the batch before the session's write call returns to count it.
+        async with asyncio.timeout(5):
+            while session.telemetry_sent < 2:
+                await asyncio.sleep(0.01)
         assert session.telemetry_sent == 2
     finally:
         task.cancel()
