@@ -176,8 +176,10 @@ async def execute(session: AsyncSession, query: str, params: dict[str, Any]) -> 
     """Runs `query` on the psycopg connection of the session's transaction and fetches its
     rows (tuples). Unprepared, so PostgreSQL plans it for this call's parameters and table
     sizes: a prepared plan cached while a table was small would stay a sequential scan as the
-    table grows. Driver errors are wrapped as SQLAlchemy's, so the unit of work retries
-    serialization failures and deadlocks as usual."""
+    table grows, and a generic plan need not lock the accounts in the order POST's `locked`
+    CTE asks (with prepared statements the settlement benchmark deadlocked at once). Driver
+    errors are wrapped as SQLAlchemy's, so the unit of work retries serialization failures
+    and deadlocks as usual."""
     connection = await session.connection()
     raw = await connection.get_raw_connection()
     driver = cast(psycopg.AsyncConnection[Any], raw.driver_connection)
