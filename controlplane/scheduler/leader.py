@@ -51,6 +51,7 @@ LEASE_NAME = "scheduler"
 LOCK_CLASS = 0x67707570
 LOCK_OBJECT = 1
 _TAKE_LOCK = text(f"SELECT pg_try_advisory_lock({LOCK_CLASS}, {LOCK_OBJECT})")
+_UNLOCK = text(f"SELECT pg_advisory_unlock({LOCK_CLASS}, {LOCK_OBJECT})")
 # pg_locks shows a two-int4 advisory key as classid, objid with objsubid 2.
 _CHECK = text(
     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
@@ -300,6 +301,13 @@ class PostgresLeader:
             return
         if why != RELEASED:
             log.info("scheduler lock connection closed: %s", why)
+        else:
+            # Graceful: unlock before closing, so the lock is free when release() returns.
+            # A closed socket frees it too, but only once the server has ended the backend,
+            # a moment later, and a replica asking meanwhile would wait a whole check.
+            with contextlib.suppress(SQLAlchemyError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await conn.execute(_UNLOCK)
         # Invalidate: close the socket without a reset round trip on a broken connection.
         with contextlib.suppress(SQLAlchemyError, OSError):
             await conn.invalidate()
