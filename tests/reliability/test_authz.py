@@ -200,7 +200,9 @@ async def world(
         token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
         w.host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=2, price=PRICE)
         await w.host.start()
-        spare_host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=1, price=PRICE)
+        # Dearer than any job here may pay: the scheduler never places work on it (it
+        # disconnects at once, and is only there for RevokeHost).
+        spare_host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=1, price=2 * PRICE)
         await spare_host.start()
         await spare_host.close()
         w.spare_host_id = spare_host.host_id
