@@ -8,19 +8,16 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
 
 import docker
 import pytest
 
 from devstack import (
     TEST_IMAGE,
-    DevstackError,
     DockerEngine,
-    LocalServer,
     NatsServer,
     NatsTls,
     PostgresCluster,
@@ -28,8 +25,7 @@ from devstack import (
     build_test_image,
 )
 from devstack.certs import TestCerts, issue_test_certs
-
-Server = TypeVar("Server", bound=LocalServer)
+from tests.serving import serve, start_or_message
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -46,30 +42,10 @@ def pytest_configure(config: pytest.Config) -> None:
 _databases = itertools.count()
 
 
-def _start(start: Callable[[], object]) -> str | None:
-    """Runs `start`; returns the DevstackError message instead of raising it."""
-    try:
-        start()
-    except DevstackError as exc:
-        return str(exc)
-    return None
-
-
-def _serve(server: Server) -> Iterator[Server]:
-    """Starts `server` for the session; a server that cannot start fails the test."""
-    problem = _start(server.start)
-    if problem is not None:
-        pytest.fail(problem, pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """nats-server with JetStream; connect to `.url`."""
-    yield from _serve(NatsServer(tmp_path_factory.mktemp("nats")))
+    yield from serve(NatsServer(tmp_path_factory.mktemp("nats")))
 
 
 @pytest.fixture(scope="session")
@@ -85,19 +61,19 @@ def nats_tls_server(
     """nats-server with JetStream requiring TLS and a client certificate signed by
     test_certs' CA; `.url` is tls://."""
     tls = NatsTls(test_certs.server_cert, test_certs.server_key, ca_file=test_certs.ca_cert)
-    yield from _serve(NatsServer(tmp_path_factory.mktemp("nats-tls"), tls=tls))
+    yield from serve(NatsServer(tmp_path_factory.mktemp("nats-tls"), tls=tls))
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """An S3 server; `.endpoint`, `.access_key`, `.secret_key`, `.client()`."""
-    yield from _serve(S3Server(tmp_path_factory.mktemp("s3")))
+    yield from serve(S3Server(tmp_path_factory.mktemp("s3")))
 
 
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster; `.create_database(name)`, `.url(name)`, `.dsn(name)`."""
-    yield from _serve(PostgresCluster(tmp_path_factory.mktemp("postgres")))
+    yield from serve(PostgresCluster(tmp_path_factory.mktemp("postgres")))
 
 
 @pytest.fixture
@@ -111,7 +87,7 @@ def pg_url(postgres: PostgresCluster, request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
     """A Docker engine: a private dockerd with a stand-in NVIDIA hook when root."""
-    yield from _serve(DockerEngine(tmp_path_factory.mktemp("docker")))
+    yield from serve(DockerEngine(tmp_path_factory.mktemp("docker")))
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +102,7 @@ def docker_client(docker_engine: DockerEngine) -> Iterator[docker.DockerClient]:
 @pytest.fixture(scope="session")
 def test_image(docker_client: docker.DockerClient) -> str:
     """The tag of a local busybox image (sh, echo, cat, env, ...; /input and /output)."""
-    problem = _start(lambda: build_test_image(docker_client, TEST_IMAGE))
+    problem = start_or_message(lambda: build_test_image(docker_client, TEST_IMAGE))
     if problem is not None:
         pytest.fail(problem, pytrace=False)
     return TEST_IMAGE

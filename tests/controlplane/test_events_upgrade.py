@@ -14,18 +14,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from controlplane.jobs.consumer import ReportConsumer
 from devstack import NatsServer
 from messaging.subjects import EVENTS_DURABLE, EVENTS_STREAM, ensure_streams, events_subject
+from tests.serving import serve
 
 pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture
 def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(NatsServer(tmp_path / "nats"))
 
 
 async def test_old_events_stream_and_consumer_are_updated_in_place(fresh_nats: NatsServer) -> None:

@@ -45,6 +45,7 @@ from messaging.tls import nats_tls_context
 from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import GIB, mint_token
 from tests.e2e.test_job_path import settings as daemon_settings
+from tests.serving import serve
 
 S = types_pb2
 pytestmark = pytest.mark.timeout(60)
@@ -63,12 +64,7 @@ def auth_nats(
     directory = tmp_path_factory.mktemp("nats-auth")
     include = directory / "auth.conf"
     include.write_text(nats_keys.server_include(str(directory / "jwt")))
-    server = NatsServer(directory, auth_include=include)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(NatsServer(directory, auth_include=include))
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ from tests.e2e.topology import (
 )
 from tests.scheduler.planes import Fleet, fleet, plane_options, until
 from tests.scheduler.probes import lease
+from tests.serving import serve
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.docker, pytest.mark.postgres]
 S = types_pb2
@@ -65,12 +66,7 @@ KILL_NATS_AT, RESTART_NATS_AT, KILL_PLANE_AT = 40, 90, 120  # after this many su
 
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path / "nats")
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from serve(NatsCluster(tmp_path / "nats"))
 
 
 @dataclass

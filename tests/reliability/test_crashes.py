@@ -37,6 +37,7 @@ from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
 from tests.reliability import summary
 from tests.scheduler.planes import fleet, plane_options, until
+from tests.serving import serve
 
 S = types_pb2
 K = messaging_pb2
@@ -65,12 +66,7 @@ class PinnedNats(NatsServer):
 
 @pytest.fixture
 def private_nats(tmp_path: Path) -> Iterator[PinnedNats]:
-    server = PinnedNats(tmp_path / "nats")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(PinnedNats(tmp_path / "nats"))
 
 
 async def dispatch_ids(nats_url: str) -> tuple[int, Counter[str]]:

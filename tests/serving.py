@@ -1,0 +1,34 @@
+"""Starting a real local server for a fixture: one place for how a server that cannot start
+fails the test (loudly, with devstack's message, never skipped)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+
+from devstack import DevstackError, LocalServer
+
+Server = TypeVar("Server", bound=LocalServer)
+
+
+def start_or_message(start: Callable[[], object]) -> str | None:
+    """Runs `start`; returns the DevstackError message instead of raising it."""
+    try:
+        start()
+    except DevstackError as exc:
+        return str(exc)
+    return None
+
+
+def serve(server: Server) -> Iterator[Server]:
+    """Starts `server` for a fixture (`yield from serve(...)`) and stops it afterwards; a
+    server that cannot start fails the test."""
+    problem = start_or_message(server.start)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
