@@ -26,7 +26,14 @@ async def test_a_replicated_stream_outlives_its_leader_node(tmp_path: Path) -> N
         nc = await nats.connect(servers=cluster.urls.split(","), reconnect_time_wait=0.2)
         try:
             js = nc.jetstream()
-            await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
+            deadline = time.monotonic() + 30
+            while True:  # a fresh cluster's first stream can time out while its peers settle
+                try:
+                    await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
+                    break
+                except (nats.errors.Error, TimeoutError):
+                    assert time.monotonic() < deadline, "the R3 stream was never created"
+                    await asyncio.sleep(0.2)
             await js.publish("r3.a", b"before")
             info = await js.stream_info("R3")
             assert info.cluster is not None
