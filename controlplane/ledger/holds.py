@@ -274,13 +274,16 @@ async def refund_attempt(session: AsyncSession, hold_id: str, attempt: int, key:
     return amount
 
 
-async def settle_many(session: AsyncSession, requests: Sequence[Settle]) -> list[Resolution | None]:
+async def settle_many(
+    session: AsyncSession, requests: Sequence[Settle], *, commit: bool = False
+) -> list[Resolution | None]:
     """Resolves pending holds, each exactly once, in one go: a statement to lock the holds
     (id order), then one (PostgreSQL) to move every balance, record every transfer and write
     the holds back, however many holds. Per request: the final charge of its cost (the increment
     over what metering charged), then the rest released held → available. A hold resolved
     already (before, or earlier in `requests`) is a replay and moves nothing; a hold that
-    does not exist answers None."""
+    does not exist answers None. `commit`: the settlement is the transaction's only work, and
+    its last statement commits it (see transfers.post)."""
     repo = LedgerRepository(session)
     holds = await _lock(repo, [r.hold_id for r in requests])
     now = utcnow()
@@ -315,7 +318,7 @@ async def settle_many(session: AsyncSession, requests: Sequence[Settle]) -> list
         )  # fmt: skip
         resolved.append(hold)
         results.append(Resolution(state, hold.posted_amount, released, charged, False))
-    await post(session, moves, holds=[hold.row() for hold in resolved])
+    await post(session, moves, holds=[hold.row() for hold in resolved], commit=commit)
     return results
 
 

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
-    ForeignKey,
     Index,
     Integer,
     String,
     UniqueConstraint,
+    literal_column,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnClause
 
 from controlplane.db.base import Base, UtcDateTime, utcnow
 
@@ -43,8 +46,12 @@ class Transfer(Base):
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    debit_account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
-    credit_account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    # Accounts by id, with no foreign key: the one statement that inserts transfers
+    # (repository_pg.POST; its SQLite twin) joins them to the accounts it has just updated,
+    # so none names a missing account, and a foreign-key check would repeat that under the
+    # accounts' locks (a quarter of a settlement batch's time on the hot fee account).
+    debit_account_id: Mapped[str] = mapped_column(String(64))
+    credit_account_id: Mapped[str] = mapped_column(String(64))
     amount: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(24))
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
@@ -76,6 +83,16 @@ HOLD_TRANSITIONS: dict[HoldState, frozenset[HoldState]] = {
 }
 
 
+# Where a partial index holds only pending holds. Queries that should use one spell the state
+# as a literal (PENDING_STATE), not a parameter: a cached generic plan cannot prove a
+# parameter matches the index's predicate.
+PENDING_STATE: ColumnClause[str] = literal_column("'pending'")
+PENDING_ONLY: dict[str, Any] = {
+    "postgresql_where": text("state = 'pending'"),
+    "sqlite_where": text("state = 'pending'"),
+}
+
+
 class Hold(Base):
     """A two-phase reservation of a consumer's credit (available → held) for one job.
 
@@ -86,8 +103,10 @@ class Hold(Base):
     __table_args__ = (
         CheckConstraint("posted_amount >= 0 AND posted_amount <= amount", name="posted_in_hold"),
         CheckConstraint("attempt_fee >= 0 AND attempt_fee <= attempt_charged", name="attempt_fee"),
-        Index("ix_holds_state_expires", "state", "expires_at"),
-        Index("ix_holds_provider_state", "provider_tenant_id", "state"),
+        # Pending holds only: the expiry sweep and the payout check look for nothing else,
+        # and resolving a hold (a new row version) then adds no entry to either.
+        Index("ix_holds_pending_expires", "expires_at", **PENDING_ONLY),
+        Index("ix_holds_pending_provider", "provider_tenant_id", **PENDING_ONLY),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

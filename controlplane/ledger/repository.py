@@ -24,7 +24,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.ledger import repository_pg
-from controlplane.ledger.models import Account, Hold, HoldState, Payout, PayoutState, Transfer
+from controlplane.ledger.models import (
+    PENDING_STATE,
+    Account,
+    Hold,
+    HoldState,
+    Payout,
+    PayoutState,
+    Transfer,
+)
 from controlplane.ledger.repository_pg import (
     HOLD_LOCK_COLUMNS,
     HOLD_WRITE_COLUMNS,
@@ -103,15 +111,21 @@ class LedgerRepository:
         transfers: Sequence[Sequence[Any]],
         holds: Sequence[Sequence[Any]],
         now: datetime,
+        *,
+        commit: bool = False,
     ) -> Posted:
         """All or nothing: adds each delta to its account, records `transfers` (rows in
         TRANSFER_INPUT_COLUMNS order) and writes `holds` back (rows in HOLD_WRITE_COLUMNS
         order, only those still pending), provided every account exists and none that
-        forbids overdraft would end below zero; else changes nothing. On PostgreSQL one
-        statement that locks the accounts in account-id order, so concurrent posts never
-        deadlock; SQLite has one writer at a time."""
+        forbids overdraft would end below zero; else changes nothing. On PostgreSQL the
+        accounts are locked in account-id order first, so concurrent posts never deadlock,
+        and with `commit` the transaction is committed in the same round trip, applied or
+        not (the caller's transaction must have written nothing before); SQLite has one
+        writer at a time, and its unit of work commits as usual."""
         if self.postgres:
-            return await repository_pg.post(self.session, deltas, transfers, holds, now)
+            return await repository_pg.post(
+                self.session, deltas, transfers, holds, now, commit=commit
+            )
         found = {
             row.id: (row.balance + deltas[row.id], row.no_overdraft)
             for row in await self.session.execute(
@@ -302,7 +316,7 @@ class LedgerRepository:
         """(hold id, job id) of pending holds past their expiry, oldest first."""
         query = (
             select(Hold.id, Hold.job_id)
-            .where(Hold.state == PENDING, Hold.expires_at < now)
+            .where(Hold.state == PENDING_STATE, Hold.expires_at < now)
             .order_by(Hold.expires_at)
             .limit(limit)
         )
@@ -312,7 +326,7 @@ class LedgerRepository:
         """The provider's share of charges on pending holds: refundable on a provider fault,
         so not yet payable."""
         query = select(func.sum(Hold.attempt_charged - Hold.attempt_fee)).where(
-            Hold.provider_tenant_id == provider_tenant_id, Hold.state == PENDING
+            Hold.provider_tenant_id == provider_tenant_id, Hold.state == PENDING_STATE
         )
         return int(await self.session.scalar(query) or 0)
 

@@ -31,10 +31,12 @@ from controlplane.ledger.transfers import (
     PLATFORM,
     REVENUE,
     AccountKind,
+    AccountsMissing,
     NewTransfer,
     TransferKind,
     account_id,
     charge_for,
+    ensure_accounts,
     ensure_tenant_accounts,
     format_credits,
     new_transfer_id,
@@ -475,7 +477,7 @@ class LedgerService:
         """One transaction for the batch; should it fail as a whole on a domain error (one
         request's), each request runs alone so only that one fails."""
         try:
-            outcomes = await self.db.run(lambda session: holds.settle_many(session, requests))
+            outcomes = await self._settle(requests)
         except DomainError:
             if len(requests) == 1:
                 raise
@@ -483,9 +485,25 @@ class LedgerService:
         pairs = zip(requests, outcomes, strict=True)
         return [outcome if outcome is not None else _no_hold(q) for q, outcome in pairs]
 
+    async def _settle(self, requests: Sequence[Settle]) -> list[Resolution | None]:
+        """settle_many in a transaction of its own, committed by its last statement; accounts
+        seen for the first time (a new provider's earnings) are created first."""
+        try:
+            return await self.db.run(
+                lambda session: holds.settle_many(session, requests, commit=True)
+            )
+        except AccountsMissing as missing:
+            accounts = missing.accounts
+
+            async def create(session: AsyncSession) -> None:
+                await ensure_accounts(LedgerRepository(session), accounts)
+
+            await self.db.run(create)
+        return await self.db.run(lambda session: holds.settle_many(session, requests))
+
     async def _settle_alone(self, request: Settle) -> Resolution | Exception:
         try:
-            (outcome,) = await self.db.run(lambda session: holds.settle_many(session, [request]))
+            (outcome,) = await self._settle([request])
         except DomainError as error:
             return error
         return outcome if outcome is not None else _no_hold(request)

@@ -123,16 +123,31 @@ async def ensure_accounts(repo: LedgerRepository, account_ids: Sequence[str]) ->
         await repo.ensure_account(account, tenant, kind, kind != AccountKind.EXTERNAL.value)
 
 
+class AccountsMissing(Exception):
+    """A committing post (`post(commit=True)`) found accounts missing: it committed the
+    transaction having changed nothing; create `accounts` and run the work again."""
+
+    def __init__(self, accounts: Sequence[str]) -> None:
+        super().__init__(f"accounts missing: {', '.join(accounts)}")
+        self.accounts = list(accounts)
+
+
 async def post(
     session: AsyncSession,
     transfers: Sequence[NewTransfer],
     *,
     holds: Sequence[Sequence[Any]] = (),
+    commit: bool = False,
 ) -> list[str]:
     """See `post_rows()`; returns the transfer ids, in order. `holds` (rows in
     HOLD_WRITE_COLUMNS order, locked by the caller) are written back in the same statement,
-    only where still pending: all must be, or this raises Conflict."""
-    rows, _, _ = await _post(session, transfers, holds)
+    only where still pending: all must be, or this raises Conflict.
+
+    `commit`: the post is the last thing the transaction does and nothing before it wrote
+    (only locked): PostgreSQL then commits in the post's own round trip, which keeps the
+    accounts locked for no round trip more. Applied or not, it is committed: a refusal
+    changed nothing, and missing accounts raise AccountsMissing instead of being created."""
+    rows, _, _ = await _post(session, transfers, holds, commit=commit)
     return [row[0] for row in rows]
 
 
@@ -163,7 +178,11 @@ async def post_rows(
 
 
 async def _post(
-    session: AsyncSession, transfers: Sequence[NewTransfer], holds: Sequence[Sequence[Any]]
+    session: AsyncSession,
+    transfers: Sequence[NewTransfer],
+    holds: Sequence[Sequence[Any]],
+    *,
+    commit: bool = False,
 ) -> tuple[list[tuple[Any, ...]], dict[str, int], datetime]:
     """Posts; (the rows given to the repository, each account's balance before, the time)."""
     moves = [t for t in transfers if t.amount != 0]
@@ -190,9 +209,11 @@ async def _post(
         return [], {}, utcnow()
     repo = LedgerRepository(session)
     now = utcnow()
-    posted = await repo.post(deltas, rows, holds, now)
+    posted = await repo.post(deltas, rows, holds, now, commit=commit)
     missing = [a for a in deltas if a not in posted.balances]
     if missing:
+        if commit and repo.postgres:
+            raise AccountsMissing(missing)
         await ensure_accounts(repo, missing)
         posted = await repo.post(deltas, rows, holds, now)
     if not posted.ok:
@@ -202,7 +223,9 @@ async def _post(
                 raise FailedPrecondition(
                     f"insufficient funds: {account} is short by {short} credits"
                 )
-        raise Conflict(f"accounts missing after they were created: {missing}")
+        if missing:
+            raise Conflict(f"accounts missing after they were created: {missing}")
+        raise Conflict("a hold changed under its lock")
     # The holds and accounts are locked by this transaction: only a broken invariant gets
     # to either (and the unit of work then rolls back what the statement did).
     if posted.holds_written != len(holds):

@@ -9,8 +9,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.errors import Conflict
+from controlplane.ledger.holds import hold_accounts
 from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.repository_pg import HOLD_LOCK_COLUMNS, HOLD_WRITE_COLUMNS
 from controlplane.ledger.service import REVENUE
+from controlplane.ledger.transfers import NewTransfer, TransferKind, post
 from tests.ledger.conftest import CREDIT, Ledger, cost
 
 pytestmark = pytest.mark.postgres
@@ -113,3 +116,61 @@ async def test_one_failing_request_does_not_fail_its_batch(pg_ledger: Ledger) ->
     assert [type(r).__name__ for r in results] == ["Resolution"] * 2 + ["NotFound"] + [
         "Resolution"
     ] * 3
+
+
+async def test_a_committing_settlement_creates_missing_accounts_and_settles_once(
+    pg_ledger: Ledger,
+) -> None:
+    # The group-committed settlement commits in its post's round trip; a provider seen for
+    # the first time has no earnings account, so that post commits having changed nothing,
+    # the account is created, and the settlement runs again.
+    service = pg_ledger.service
+    consumer = await pg_ledger.funded("consumer")
+    hold = await pg_ledger.hold(consumer, CREDIT)
+    provider = pg_ledger.tenant("new-provider")
+    async with pg_ledger.db.read() as session:
+        assert await LedgerRepository(session).accounts_of(provider) == []
+    done = await service.settle_hold(hold.id, cost(provider, 300_000))
+    assert (done.posted, done.released, done.replay) == (300_000, 700_000, False)
+    async with pg_ledger.db.read() as session:
+        repo = LedgerRepository(session)
+        earnings = await repo.get_account(f"{provider}:earnings")
+        assert earnings is not None
+        assert earnings.balance == 270_000
+        moved = await repo.transfers_by_key_prefix(f"hold/{hold.id}/")
+    assert sorted(t.kind for t in moved) == ["charge", "fee", "release"]
+    assert (await service.check()).consistent
+    again = await service.settle_hold(hold.id, cost(provider, 300_000))
+    assert again.replay
+    assert again.posted == 300_000
+
+
+async def test_a_hold_written_behind_the_lock_makes_the_post_change_nothing(
+    pg_ledger: Ledger,
+) -> None:
+    # A committing post is committed whatever it answers, so it must refuse as a whole (and
+    # move no money) when a hold it writes back is no longer pending.
+    consumer = await pg_ledger.funded("consumer")
+    hold = await pg_ledger.hold(consumer, CREDIT)
+    balance = await pg_ledger.service.balance(consumer)
+    available, held = hold_accounts(consumer)
+
+    async def work(session: AsyncSession) -> None:
+        (row,) = await LedgerRepository(session).lock_holds([hold.id])
+        locked = list(row)
+        # What no caller does: the hold resolved inside the lock, behind the post's back.
+        await session.execute(
+            text("UPDATE holds SET state = 'voided' WHERE id = :i"), {"i": hold.id}
+        )
+        written = dict(zip(HOLD_LOCK_COLUMNS, locked, strict=True))
+        written["state"] = "posted"
+        back = NewTransfer(held, available, CREDIT, TransferKind.RELEASE, "k-release", hold.job_id)
+        await post(
+            session, [back], holds=[[written[c] for c, _ in HOLD_WRITE_COLUMNS]], commit=True
+        )
+
+    with pytest.raises(Conflict, match="a hold changed under its lock"):
+        await pg_ledger.db.run(work)
+    assert await pg_ledger.service.balance(consumer) == balance
+    async with pg_ledger.db.read() as session:
+        assert await LedgerRepository(session).transfers_by_key_prefix("k-release") == []
