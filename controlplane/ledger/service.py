@@ -487,7 +487,7 @@ class LedgerService:
 
     async def _settle(self, requests: Sequence[Settle]) -> list[Resolution | None]:
         """settle_many in a transaction of its own, committed by its last statement; accounts
-        seen for the first time (a new provider's earnings) are created first."""
+        seen for the first time (a new provider's earnings) are created, and it runs again."""
         try:
             return await self.db.run(
                 lambda session: holds.settle_many(session, requests, commit=True)
