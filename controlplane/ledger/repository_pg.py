@@ -124,17 +124,16 @@ LOCK_HOLDS = (
 # change the order: PostgreSQL sorts, then locks row by row in that order (LockRows above the
 # Sort). So concurrent posts, and every other account locker (lock_balances), take accounts in
 # one global order and never deadlock, whatever plan the statements that follow get.
-# FOR NO KEY UPDATE (what the UPDATE takes anyway) leaves the foreign-key checks of other
-# inserts referencing these accounts unblocked.
+# FOR NO KEY UPDATE is what the UPDATE takes anyway.
 LOCK_ACCOUNTS = (
     "SELECT id FROM accounts WHERE id = ANY(%(accounts)s::varchar[]) ORDER BY id FOR NO KEY UPDATE"
 )
 
 # Then one statement posts the batch, on rows this transaction holds locked (so it waits for
-# no lock, whatever its plan): only if every account exists, none
-# that forbids overdraft would end below zero and every hold is still pending ("ok") does it
-# add the deltas, write the holds back and insert the transfers, whose balances after come from
-# the balances before the batch. Otherwise it changes nothing and answers the balances the
+# no lock, whatever its plan): only if every account exists, none that forbids overdraft
+# would end below zero and every hold is still pending ("ok") does it add the deltas, write
+# the holds back and insert the transfers, whose balances after come from the balances
+# before the batch. Otherwise it changes nothing and answers the balances the
 # deltas would leave, so the caller can create missing accounts and run it again, or refuse.
 # The holds' "still pending" guard compares with a column of the batch (h.was), not a
 # constant: with `state = 'pending'` a planner whose statistics undercount pending holds
@@ -180,14 +179,11 @@ FROM ok LEFT JOIN after ON true
 """
 
 
-def _driver(raw: Any) -> psycopg.AsyncConnection[Any]:
-    return cast(psycopg.AsyncConnection[Any], raw.driver_connection)
-
-
 async def _connection(session: AsyncSession) -> psycopg.AsyncConnection[Any]:
     """The psycopg connection of the session's transaction."""
     connection = await session.connection()
-    return _driver(await connection.get_raw_connection())
+    raw = await connection.get_raw_connection()
+    return cast(psycopg.AsyncConnection[Any], raw.driver_connection)
 
 
 def _wrapped(query: str, params: dict[str, Any], error: psycopg.Error) -> StatementError:

@@ -494,11 +494,7 @@ class LedgerService:
             )
         except AccountsMissing as missing:
             accounts = missing.accounts
-
-            async def create(session: AsyncSession) -> None:
-                await ensure_accounts(LedgerRepository(session), accounts)
-
-            await self.db.run(create)
+            await self.db.run(lambda session: ensure_accounts(LedgerRepository(session), accounts))
         return await self.db.run(lambda session: holds.settle_many(session, requests))
 
     async def _settle_alone(self, request: Settle) -> Resolution | Exception:
