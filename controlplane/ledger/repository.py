@@ -119,9 +119,9 @@ class LedgerRepository:
         order, only those still pending), provided every account exists and none that
         forbids overdraft would end below zero; else changes nothing. On PostgreSQL the
         accounts are locked in account-id order first, so concurrent posts never deadlock,
-        and with `commit` the transaction is committed in the same round trip, applied or
-        not (the caller's transaction must have written nothing before); SQLite has one
-        writer at a time, and its unit of work commits as usual."""
+        and with `commit` the transaction ends in the same round trip: committed if applied,
+        else rolled back (the caller's transaction must have written nothing before); SQLite
+        has one writer at a time, and its unit of work commits as usual."""
         if self.postgres:
             return await repository_pg.post(
                 self.session, deltas, transfers, holds, now, commit=commit

@@ -130,38 +130,30 @@ LOCK_ACCOUNTS = (
 )
 
 # Then one statement posts the batch, on rows this transaction holds locked (so it waits for
-# no lock, whatever its plan): only if every account exists, none that forbids overdraft
-# would end below zero and every hold is still pending ("ok") does it add the deltas, write
-# the holds back and insert the transfers, whose balances after come from the balances
-# before the batch. Otherwise it changes nothing and answers the balances the
-# deltas would leave, so the caller can create missing accounts and run it again, or refuse.
+# no lock, whatever its plan): it adds the deltas, writes the holds back where still pending
+# and inserts the transfers, whose balances after come from each account's balance before
+# the batch. Then it checks what it did: every account found, none that forbids overdraft
+# below zero, every hold written and every transfer recorded. If not, ledger_refuse()
+# (migration 0008) raises, which undoes the whole statement, with the balances the deltas
+# would leave in every account that exists as its DETAIL, so the caller can create missing
+# accounts and run it again, or refuse. Checking after the writes, not before, is a third
+# cheaper than a statement that checks first: the accounts and holds are read once.
 # The holds' "still pending" guard compares with a column of the batch (h.was), not a
 # constant: with `state = 'pending'` a planner whose statistics undercount pending holds
 # scans them all through the state index instead of looking each hold up by id.
 _HOLD_SETS = ", ".join(f"{c} = h.{c}" for c, _ in HOLD_WRITE_COLUMNS[1:])
 _TRANSFER_COLUMNS = ", ".join(c for c, _ in TRANSFER_INPUT_COLUMNS[:-2])
+REFUSED = "GP001"  # ledger_refuse()'s SQLSTATE
 POST = f"""
 WITH d AS (SELECT * FROM unnest(%(accounts)s::varchar[], %(deltas)s::bigint[]) AS d(id, delta)),
-after AS (
-    SELECT a.id, a.balance + d.delta AS balance, a.no_overdraft FROM accounts a JOIN d USING (id)
-),
-ok AS (
-    SELECT count(*) = cardinality(%(accounts)s::varchar[])
-        AND coalesce(bool_and(balance >= 0 OR NOT no_overdraft), true)
-        AND (SELECT count(*) FROM holds JOIN unnest(%(h_id)s::varchar[], %(h_was)s::varchar[])
-            AS p(id, was) ON holds.id = p.id AND holds.state = p.was)
-            = cardinality(%(h_id)s::varchar[]) AS ok
-    FROM after
-),
 moved AS (
-    UPDATE accounts AS a SET balance = a.balance + d.delta FROM d, ok
-    WHERE ok.ok AND a.id = d.id
-    RETURNING a.id, a.balance - d.delta AS before
+    UPDATE accounts AS a SET balance = a.balance + d.delta FROM d WHERE a.id = d.id
+    RETURNING a.id, a.balance, a.no_overdraft, a.balance - d.delta AS before
 ),
 written AS (
     UPDATE holds SET {_HOLD_SETS}
-    FROM {_unnest("h", (*HOLD_WRITE_COLUMNS, ("was", "varchar")))}, ok
-    WHERE ok.ok AND holds.id = h.id AND holds.state = h.was
+    FROM {_unnest("h", (*HOLD_WRITE_COLUMNS, ("was", "varchar")))}
+    WHERE holds.id = h.id AND holds.state = h.was
     RETURNING holds.id
 ),
 recorded AS (
@@ -172,10 +164,23 @@ recorded AS (
     FROM {_unnest("t", TRANSFER_INPUT_COLUMNS)}
     JOIN moved dm ON dm.id = t.debit_account_id JOIN moved cm ON cm.id = t.credit_account_id
     RETURNING transfers.id
+),
+done AS (
+    SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM written) AS written,
+        (SELECT count(*) FROM recorded) AS recorded,
+        (SELECT coalesce(bool_and(balance >= 0 OR NOT no_overdraft), true) FROM moved) AS funded
 )
-SELECT ok.ok, (SELECT count(*) FROM written), (SELECT count(*) FROM recorded),
-    after.id, after.balance, after.no_overdraft
-FROM ok LEFT JOIN after ON true
+SELECT CASE
+        WHEN done.moved = cardinality(%(accounts)s::varchar[]) AND done.funded
+            AND done.written = cardinality(%(h_id)s::varchar[])
+            AND done.recorded = cardinality(%(t_id)s::varchar[])
+        THEN true
+        ELSE ledger_refuse(json_build_object(
+            'written', done.written, 'recorded', done.recorded,
+            'balances', (SELECT json_agg(json_build_array(id, balance, no_overdraft)) FROM moved)
+        )::text)
+    END, done.written, done.recorded, m.id, m.balance, m.no_overdraft
+FROM done LEFT JOIN moved m ON true
 """
 
 
@@ -225,8 +230,9 @@ async def post(
     """See LedgerRepository.post: LOCK_ACCOUNTS and POST sent together, one round trip
     whatever the batch size. With `commit`, the COMMIT goes in the same round trip too, so the
     accounts (the hot fee account among them) are held for no round trip to the client: the
-    caller's transaction must have written nothing before, since it is committed whether the
-    post applied or not (when not, it changed nothing)."""
+    caller's transaction must have written nothing before, since it ends here whether the
+    post applied (committed) or not (rolled back). Without `commit` the post runs in a
+    savepoint, so a refusal undoes only the post and the transaction goes on."""
     accounts = sorted(deltas)
     params = {
         "accounts": array_literal(accounts),
@@ -239,13 +245,36 @@ async def post(
     driver = await _connection(session)
     try:
         async with driver.pipeline():
+            if not commit:
+                await driver.execute("SAVEPOINT ledger_post", prepare=False)
             await driver.execute(LOCK_ACCOUNTS, {"accounts": params["accounts"]}, prepare=False)
             cursor = await driver.execute(POST, params, prepare=False, binary=True)
-            if commit:
-                await driver.commit()
+            # As statements, not driver.commit(): in a pipeline an error surfaces once, at
+            # its end, rather than in commit() and again when the pipeline closes.
+            end = "COMMIT" if commit else "RELEASE SAVEPOINT ledger_post"
+            await driver.execute(end, prepare=False)
         rows = await cursor.fetchall()
     except psycopg.Error as error:
-        raise _wrapped(POST, params, error) from error
+        if error.sqlstate != REFUSED:
+            raise _wrapped(POST, params, error) from error
+        return await _refused(driver, error, commit=commit)
     ok, written, recorded = rows[0][:3]
     balances = {row[3]: (row[4], row[5]) for row in rows if row[3] is not None}
     return Posted(bool(ok), int(written), int(recorded), balances)
+
+
+async def _refused(
+    driver: psycopg.AsyncConnection[Any], error: psycopg.Error, *, commit: bool
+) -> Posted:
+    """What ledger_refuse() reported, once its error is cleared: the transaction rolled back
+    (`commit`: it was to end anyway) or back to the post's savepoint."""
+    try:
+        if commit:
+            await driver.rollback()
+        else:
+            await driver.execute("ROLLBACK TO SAVEPOINT ledger_post", prepare=False)
+    except psycopg.Error as cleanup:
+        raise _wrapped(POST, {}, cleanup) from error
+    report = json.loads(error.diag.message_detail or "{}")
+    balances = {a: (int(b), bool(no)) for a, b, no in report.get("balances") or ()}
+    return Posted(False, int(report["written"]), int(report["recorded"]), balances)

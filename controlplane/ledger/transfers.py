@@ -124,7 +124,7 @@ async def ensure_accounts(repo: LedgerRepository, account_ids: Sequence[str]) ->
 
 
 class AccountsMissing(Exception):
-    """A committing post (`post(commit=True)`) found accounts missing: it committed the
+    """A committing post (`post(commit=True)`) found accounts missing: it ended the
     transaction having changed nothing; create `accounts` and run the work again."""
 
     def __init__(self, accounts: Sequence[str]) -> None:
@@ -145,8 +145,9 @@ async def post(
 
     `commit`: the post is the last thing the transaction does and nothing before it wrote
     (only locked): PostgreSQL then commits in the post's own round trip, which keeps the
-    accounts locked for no round trip more. Applied or not, it is committed: a refusal
-    changed nothing, and missing accounts raise AccountsMissing instead of being created."""
+    accounts locked for no round trip more. Applied or not, the transaction ends there (a
+    refusal rolls it back), and missing accounts raise AccountsMissing instead of being
+    created."""
     rows, _, _ = await _post(session, transfers, holds, commit=commit)
     return [row[0] for row in rows]
 
