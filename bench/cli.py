@@ -36,10 +36,13 @@ def format_table(results: list[Result]) -> str:
             continue
         floor = f"{r.floor_name} {_number(r.floor)}" if r.floor_name else "-"
         ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
+        sign = ">=" if r.better == "higher" else "<="
+        aims = [f"{sign} {r.target:g}"] if r.target is not None else []
+        if r.minimum is not None:
+            aims.append(f">= {_number(r.minimum)} {r.unit}")
         target = "-"
-        if r.target is not None:
-            sign = ">=" if r.better == "higher" else "<="
-            target = f"{sign} {r.target:g} {'ok' if r.meets_target else 'MISSED'}"
+        if aims:
+            target = f"{' and '.join(aims)} {'ok' if r.meets_target else 'MISSED'}"
         notes = ", ".join(f"{k} {v}" for k, v in r.details.items())
         rows.append((r.name, f"{_number(r.figure)} {r.unit}", floor, ratio, target, notes))
     return table(["BENCHMARK", "FIGURE", "FLOOR (same run)", "RATIO", "TARGET", "DETAILS"], rows)
@@ -56,6 +59,7 @@ async def run_one(bench: Benchmark, ctx: RunContext) -> Result:
         floor_name=bench.floor,
         ratio=None,
         target=bench.target,
+        minimum=bench.minimum,
         better=bench.better,
         seconds=0.0,
     )

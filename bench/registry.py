@@ -51,6 +51,9 @@ class Benchmark:
     floor: str | None = None
     # For a figure: the ratio to aim for, a minimum when higher is better, else a maximum.
     target: float | None = None
+    # The figure itself to reach (an issue's absolute target on the reference machine),
+    # checked as well as the ratio where both are given.
+    minimum: float | None = None
 
 
 @dataclass
@@ -66,12 +69,17 @@ class Result:
     seconds: float
     details: dict[str, float | int | str] = field(default_factory=dict)
     error: str | None = None
+    minimum: float | None = None
 
     @property
     def meets_target(self) -> bool | None:
-        if self.ratio is None or self.target is None:
-            return None
-        return self.ratio >= self.target if self.better == "higher" else self.ratio <= self.target
+        checks: list[bool] = []
+        if self.ratio is not None and self.target is not None:
+            higher = self.better == "higher"
+            checks.append(self.ratio >= self.target if higher else self.ratio <= self.target)
+        if self.figure is not None and self.minimum is not None:
+            checks.append(self.figure >= self.minimum)
+        return all(checks) if checks else None
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -83,6 +91,7 @@ class Result:
             "target": self.target,
             "floor_name": self.floor_name,
             "better": self.better,
+            "minimum": self.minimum,
             "meets_target": self.meets_target,
             "seconds": round(self.seconds, 3),
             "details": self.details,
@@ -101,13 +110,14 @@ def benchmark(
     description: str,
     floor: str | None = None,
     target: float | None = None,
+    minimum: float | None = None,
 ) -> Callable[[Runner], Runner]:
     """Registers the decorated coroutine function as benchmark `name`."""
 
     def register(run: Runner) -> Runner:
         if name in REGISTRY:
             raise ValueError(f"benchmark {name!r} registered twice")
-        REGISTRY[name] = Benchmark(name, unit, better, run, description, floor, target)
+        REGISTRY[name] = Benchmark(name, unit, better, run, description, floor, target, minimum)
         return run
 
     return register

@@ -47,6 +47,22 @@ def test_table_shows_ratio_and_target() -> None:
     assert figure.meets_target is True
 
 
+def test_an_absolute_minimum_is_checked_with_the_ratio() -> None:
+    def settled(figure: float, ratio: float) -> Result:
+        return Result(
+            "settlements_per_s", figure, "settle/s", 1500.0, "pg_tx", ratio, 2.0, "higher", 1.0,
+            minimum=3000,
+        )  # fmt: skip
+
+    assert settled(3100.0, 2.07).meets_target is True
+    assert settled(2900.0, 2.5).meets_target is False  # the ratio alone would pass
+    assert settled(3100.0, 1.9).meets_target is False
+    assert ">= 2 and >= 3,000 settle/s MISSED" in format_table([settled(2900.0, 2.5)])
+    only = Result("x", 10.0, "x/s", None, None, None, None, "higher", 1.0, minimum=5)
+    assert only.meets_target is True
+    assert ">= 5 x/s ok" in format_table([only])
+
+
 def test_list_names_every_benchmark() -> None:
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True, check=True
