@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from sqlalchemy import text
 
+from bench.machine import cpu_ticks, steal_percent
 from bench.registry import Measurement, RunContext, benchmark
 from controlplane.db import migrate
 from controlplane.db.base import utcnow
@@ -116,7 +117,7 @@ async def _check(service: LedgerService) -> None:
     description="LedgerService.settle_hold (lock hold, post charge + fee + release, resolve) on "
     "PostgreSQL from 32 concurrent asyncio clients in the bench process, all crediting one "
     "platform fee account; details: 1 client, p50/p99, bench process CPU per settlement, "
-    "deadlocks (any fails it)",
+    "CPU steal, deadlocks (any fails it)",
 )
 async def settlements_per_s(ctx: RunContext) -> Measurement:
     db, service = await _stack(ctx, "bench_ledger_settle")
@@ -124,21 +125,26 @@ async def settlements_per_s(ctx: RunContext) -> Measurement:
         consumers = await _fund(service, "s")
         providers = [f"bench-p{n}" for n in range(PROVIDERS)]
         deadlocks_before = await _deadlocks(db)
-        figures: dict[int, tuple[float, list[float], float]] = {}
+        figures: dict[int, tuple[float, list[float], float, float | None]] = {}
         # Holds enough that each run lasts its whole duration.
         for clients, per_second in ((1, 900), (32, 5000)):
             holds = await _place(service, consumers, int(per_second * ctx.duration), f"h{clients}")
             until = time.perf_counter() + ctx.duration
-            cpu = time.process_time()
+            cpu, ticks = time.process_time(), cpu_ticks()
             count, seconds, latencies = await _settle_all(service, holds, providers, clients, until)
             cpu_us = (time.process_time() - cpu) / max(count, 1) * 1e6
-            figures[clients] = (count / seconds, latencies, cpu_us)
+            figures[clients] = (
+                count / seconds,
+                latencies,
+                cpu_us,
+                steal_percent(ticks, cpu_ticks()),
+            )
         await _check(service)
         deadlocks = await _deadlocks(db) - deadlocks_before
         if deadlocks:
             raise RuntimeError(f"{deadlocks} deadlocks")
-        rate, latencies, cpu_us = figures[32]
-        one, one_latencies, _ = figures[1]
+        rate, latencies, cpu_us, steal = figures[32]
+        one, one_latencies, _, _ = figures[1]
         return Measurement(
             rate,
             {
@@ -148,6 +154,8 @@ async def settlements_per_s(ctx: RunContext) -> Measurement:
                 "p99_ms": _ms(latencies, 0.99),
                 # CPU of this process (the clients and the ledger) per settlement
                 "process_cpu_us": round(cpu_us),
+                # CPU the hypervisor gave to other guests meanwhile (-1: not known here)
+                "cpu_steal_pct": -1 if steal is None else steal,
                 "one_client_per_s": round(one, 1),
                 "one_client_p50_ms": _ms(one_latencies, 0.5),
                 "one_client_p99_ms": _ms(one_latencies, 0.99),

@@ -93,3 +93,14 @@ def test_grpc_echo_floor_prints_json() -> None:
     assert result["floor"] is None
     assert result["ratio"] is None
     assert result["details"]["errors"] == 0
+
+
+def test_cpu_steal_is_a_share_of_all_cpu_time() -> None:
+    from bench.machine import cpu_ticks, steal_percent
+
+    ticks = cpu_ticks()
+    assert ticks is not None, "this Linux machine has /proc/stat"
+    assert 0 <= ticks[0] <= ticks[1]
+    assert steal_percent((10, 1000), (60, 1200)) == 25.0
+    assert steal_percent((10, 1000), (10, 1000)) is None  # no time passed
+    assert steal_percent(None, ticks) is None

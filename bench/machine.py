@@ -1,0 +1,28 @@
+"""What the machine took from a measurement: the share of CPU time the hypervisor gave to
+other guests (steal), which on a shared 2-core VM moves figures by a third or more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROC_STAT = Path("/proc/stat")
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks since boot, all CPUs; None where /proc/stat has no steal."""
+    try:
+        first = PROC_STAT.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if first[0] != "cpu" or len(first) < 9:
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    ticks = [int(v) for v in first[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Steal as a percentage of all CPU time between two cpu_ticks() readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
