@@ -89,6 +89,7 @@ def market(seed: int = 1) -> tuple[CapacityIndex, list[Demand]]:
     "placement_decisions",
     unit="decisions/s",
     better="higher",
+    minimum=TARGET_DECISIONS,
     description=f"pure scheduling decisions/s: one cycle over {QUEUED:,} queued jobs (mixed "
     f"shapes, constraints, 4 policies, 20 tenants) on {HOSTS:,} hosts × {GPUS_PER_HOST} GPUs "
     f"in memory, fair share and reservations on (target ≥ {TARGET_DECISIONS:,})",
@@ -108,8 +109,6 @@ async def placement_decisions(ctx: RunContext) -> Measurement:
             "explained": len(plan.reasons),
             "reservations": len(plan.reservations),
             "cycle_s": round(seconds, 2),
-            "target": TARGET_DECISIONS,
-            "meets_target": "yes" if rate >= TARGET_DECISIONS else "no",
         },
     )
 
@@ -185,6 +184,7 @@ async def _queued_market(db: Database, hosts: int, tenants: int) -> int:
     better="higher",
     floor="jetstream_publish",
     target=TARGET_PUBLISHED / 4000,
+    minimum=TARGET_PUBLISHED,
     description=f"queued 1-GPU jobs placed (scheduling cycles: PostgreSQL transaction with "
     f"outbox rows) and their dispatch messages published to JetStream by the outbox relay, "
     f"per second: {PLACED_HOSTS} online hosts × {GPUS_PER_HOST} GPUs, as many jobs from "
@@ -240,7 +240,5 @@ async def jobs_placed_published(ctx: RunContext) -> Measurement:
             "cycles": cycles,
             "placed_in_s": round(placed_at, 2),
             "published_in_s": round(seconds, 2),
-            "target": TARGET_PUBLISHED,
-            "meets_target": "yes" if rate >= TARGET_PUBLISHED else "no",
         },
     )

@@ -196,6 +196,7 @@ async def accepted_samples(stack: Stack) -> tuple[float, float]:
     "telemetry_ingest",
     unit="samples/s",
     better="higher",
+    minimum=TARGET_SAMPLES_PER_SECOND,
     description=f"GPU telemetry samples/s one control plane accepts from {HOSTS} simulated hosts "
     f"× {GPUS_PER_HOST} GPUs, one Connect stream each, sending batches as fast as they are "
     f"taken (target ≥ {TARGET_SAMPLES_PER_SECOND:,})",
@@ -223,8 +224,6 @@ async def telemetry_ingest(ctx: RunContext) -> Measurement:
             "sent_per_s": round(sent / seconds),
             "rejected": int(rejected_after - rejected_before),
             "errors": sum(r["errors"] for r in reports),
-            "target": TARGET_SAMPLES_PER_SECOND,
-            "meets_target": "yes" if rate >= TARGET_SAMPLES_PER_SECOND else "no",
         },
     )
 
