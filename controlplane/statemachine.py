@@ -15,6 +15,8 @@ can draw each one into docs/DESIGN.md from the same tables the code enforces.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -102,3 +104,14 @@ def register(machine: StateMachine[S]) -> StateMachine[S]:
         raise ValueError(f"a state machine for {machine.entity} is already registered")
     MACHINES[machine.entity] = machine  # type: ignore[assignment]
     return machine
+
+
+def all_machines() -> dict[str, StateMachine[StrEnum]]:
+    """Every machine of the control plane: imports each `states` module under controlplane/
+    (each registers its machines on import), then returns the registry."""
+    import controlplane
+
+    for module in pkgutil.walk_packages(controlplane.__path__, "controlplane."):
+        if module.name.rsplit(".", 1)[-1] == "states":
+            importlib.import_module(module.name)
+    return MACHINES
