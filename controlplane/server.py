@@ -122,6 +122,8 @@ class ControlPlane:
         )
         self.admin_key_file = str(key_file) if key_file else None
         self.server = await self._serve_grpc(domains, credentials)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics.addr:
             self.metrics_port = self.metrics.serve(settings.metrics.addr)
         self.background = self._build_background(domains)
@@ -169,7 +171,7 @@ class ControlPlane:
     async def _serve_grpc(
         self, domains: Domains, credentials: grpc.ServerCredentials | None
     ) -> aio.Server:
-        """The gRPC server with every service on it, listening and marked SERVING."""
+        """The gRPC server with every service on it, listening."""
         serving, limits = self.settings.serving, self.settings.auth
         server = aio.server(
             interceptors=[
@@ -197,8 +199,6 @@ class ControlPlane:
         if self.port == 0:
             raise OSError(f"cannot listen on {serving.listen_addr}")
         await server.start()
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return server
 
     def _add_servicers(self, server: aio.Server, domains: Domains) -> None:
