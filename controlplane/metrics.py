@@ -16,8 +16,31 @@ from controlplane.registry.monitor import GpuMonitor
 class Metrics:
     """One registry per control plane, so several can live in one process (tests)."""
 
+    # This process: RPCs, whether it serves, dropped daemon reports.
+    rpcs: Counter
+    rpc_seconds: Histogram
+    up: Gauge
+    reports_dropped: Counter
+    # Scheduling on this replica.
+    scheduler_leader: Gauge
+    scheduler_cycle_seconds: Histogram
+    jobs_placed: Counter
+    # Fleet gauges, refreshed from the database by every replica (controlplane.gauges).
+    jobs: Gauge
+    hosts: Gauge
+    outbox_backlog: Gauge
+    outbox_oldest_seconds: Gauge
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._add_process_metrics()
+        self._add_scheduler_metrics()
+        self._add_fleet_gauges()
+        self._telemetry: TelemetryCollector | None = None
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _add_process_metrics(self) -> None:
         self.rpcs = Counter(
             "gpuplane_rpc_total",
             "RPCs handled, by method and status code.",
@@ -32,11 +55,6 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
         self.up = Gauge("gpuplane_up", "1 while this control plane serves.", registry=self.registry)
-        self.scheduler_leader = Gauge(
-            "gpuplane_scheduler_leader",
-            "1 while this control plane is the scheduling leader, else 0.",
-            registry=self.registry,
-        )
         self.reports_dropped = Counter(
             "gpuplane_job_reports_dropped_total",
             "Daemon reports dropped unapplied, by reason (foreign_host: the subject's host "
@@ -44,7 +62,27 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        # Fleet gauges, refreshed from the database by every replica (controlplane.gauges).
+
+    def _add_scheduler_metrics(self) -> None:
+        self.scheduler_leader = Gauge(
+            "gpuplane_scheduler_leader",
+            "1 while this control plane is the scheduling leader, else 0.",
+            registry=self.registry,
+        )
+        self.scheduler_cycle_seconds = Histogram(
+            "gpuplane_scheduler_cycle_seconds",
+            "Scheduling cycle time on the leader (load, plan, commit), cycles that placed or "
+            "explained at least one job.",
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.jobs_placed = Counter(
+            "gpuplane_jobs_placed_total",
+            "Job attempts placed by this replica's scheduler.",
+            registry=self.registry,
+        )
+
+    def _add_fleet_gauges(self) -> None:
         self.jobs = Gauge(
             "gpuplane_jobs",
             "Jobs by state (queued = the queue depth).",
@@ -62,21 +100,6 @@ class Metrics:
             "Age of the oldest unpublished outbox message (0 when none).",
             registry=self.registry,
         )
-        self.scheduler_cycle_seconds = Histogram(
-            "gpuplane_scheduler_cycle_seconds",
-            "Scheduling cycle time on the leader (load, plan, commit), cycles that placed or "
-            "explained at least one job.",
-            registry=self.registry,
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )
-        self.jobs_placed = Counter(
-            "gpuplane_jobs_placed_total",
-            "Job attempts placed by this replica's scheduler.",
-            registry=self.registry,
-        )
-        self._telemetry: TelemetryCollector | None = None
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def watch_telemetry(self, monitor: GpuMonitor) -> None:
         """Exports the GPU telemetry `monitor` keeps (once per process)."""

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
-from datetime import timedelta
+from dataclasses import dataclass
 
 import grpc
 import urllib3
@@ -36,18 +36,22 @@ from controlplane.background import Background
 from controlplane.bus import Bus
 from controlplane.db import migrate
 from controlplane.db.engine import Database
+from controlplane.jobs.config import job_policy
 from controlplane.jobs.logs import LogReader
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.quote import Quoter
-from controlplane.jobs.service import JobPolicy, JobService
+from controlplane.jobs.service import JobService
 from controlplane.ledger.service import LedgerService
 from controlplane.metrics import Metrics
-from controlplane.registry.monitor import GpuMonitor, MonitorPolicy
+from controlplane.registry.config import heartbeat_write_interval, monitor_policy
+from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
+from controlplane.scheduler.config import scheduler_policy
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
-from controlplane.scheduler.service import CycleStats, Scheduler, scheduler_policy
+from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolicy
 from controlplane.settings import Settings
+from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
 from controlplane.tls import server_credentials
 from messaging.natsjwt import Permissions
 from messaging.tls import nats_tls_context
@@ -63,6 +67,19 @@ SERVICE_NAMES = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Domains:
+    """The domain services of one process, built from their settings groups by `start()`."""
+
+    db: Database
+    monitor: GpuMonitor
+    registry: RegistryService
+    auth: AuthService
+    jobs: JobService
+    scheduler: Scheduler
+    scheduling: SchedulerPolicy
+
+
 class ControlPlane:
     """One control-plane process: `await start()`, then `port`; `await stop()` drains it."""
 
@@ -75,18 +92,9 @@ class ControlPlane:
         self.port = 0
         self.metrics_port = 0
         self.admin_key_file: str | None = None
-        # NATS auth (operator mode) when the seeds are set: our own user has no limits.
-        self.nats_keys = settings.nats_keys()
-        self.bus = Bus(
-            settings.nats_url,
-            settings.nats_stream_replicas,
-            tls=nats_tls_context(
-                settings.nats_ca_file, settings.nats_cert_file, settings.nats_key_file
-            ),
-            credentials=self.nats_keys.user_creds("gpuplane-controlplane", Permissions())
-            if self.nats_keys
-            else "",
-        )
+        nats = settings.nats
+        self.nats_keys = nats.keys
+        self.bus = bus_for(nats)
         self.nats_auth: NatsAuth | None = None
         self.notifier = Notifier()
         self.background: Background | None = None
@@ -94,170 +102,31 @@ class ControlPlane:
         self.jobs: JobService | None = None
         self.registry: RegistryService | None = None
         self.leader: SoleLeader | PostgresLeader | None = None
-        self.store = ObjectStore(
-            settings.s3_endpoint,
-            settings.s3_access_key,
-            settings.s3_secret_key.get_secret_value(),
-            secure=settings.s3_secure,
-            bucket=settings.s3_bucket,
-            # Fail fast and let callers retry: the SDK's default retries block a worker
-            # thread for many seconds per call while the server is down.
-            http_client=urllib3.PoolManager(
-                timeout=urllib3.Timeout(connect=2.0, read=30.0),
-                retries=urllib3.Retry(total=2, backoff_factor=0.2),
-            ),
-        )
+        self.store = object_store(settings.storage)
         self._stopped = asyncio.Event()
         self._bucket_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Opens the database, builds each domain from its settings group, serves gRPC, then
+        starts the background loops."""
         settings = self.settings
         # Read before anything starts: a missing or broken PEM file fails start-up, naming it.
         credentials = server_credentials(settings)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        url = settings.resolved_database_url()
-        await asyncio.to_thread(migrate.upgrade, url)
-        self.db = Database(url)
-        db = self.db
+        self.db = db = await open_database(settings)
         if self.nats_keys is not None:
             self.nats_auth = NatsAuth(self.nats_keys, self.bus.servers, db, tls=self.bus.tls)
-        monitor = GpuMonitor(
-            db,
-            MonitorPolicy(
-                history=settings.telemetry_history,
-                clean_period_seconds=settings.gpu_clean_period_seconds,
-                max_clock_skew_seconds=settings.telemetry_max_clock_skew_seconds,
-                ignored_xids=tuple(settings.gpu_ignored_xids),
-                usage_max_attempts=settings.job_usage_max_attempts,
-                forget_after_seconds=settings.heartbeat_timeout_ms / 1000,
-            ),
-        )
-        self.metrics.watch_telemetry(monitor)
-        self.registry = registry = RegistryService(
-            db,
-            max_price=settings.max_price_per_gpu_hour_micro_credits,
-            monitor=monitor,
-            # The liveness loop's tick, which flushes heartbeats (background.py).
-            heartbeat_write_interval=min(1.0, settings.heartbeat_timeout_ms / 4000),
-            nats_auth=self.nats_auth,
-        )
-        auth = AuthService(
-            db, cache_ttl=settings.auth_cache_ttl_seconds, fallback=registry.authenticate_host
-        )
-        policy = JobPolicy(
-            fee_basis_points=settings.platform_fee_basis_points,
-            default_max_price=settings.max_price_per_gpu_hour_micro_credits,
-            allow_simulated_by_default=settings.allow_simulated_by_default,
-            retry_backoff=timedelta(milliseconds=settings.retry_backoff_ms),
-            dispatch_ack_timeout=timedelta(milliseconds=settings.dispatch_ack_timeout_ms),
-            hold_queue_timeout=timedelta(seconds=settings.hold_queue_timeout_seconds),
-        )
-        self.jobs = jobs = JobService(db, policy, registry.sessions, self.notifier)
-        self.leader = leadership_for(
-            db,
-            check_interval=settings.scheduler_leader_check_interval_ms / 1000,
-            ttl=settings.scheduler_lease_ttl_ms / 1000,
-            on_change=self._leadership_changed,
-        )
-        scheduling = scheduler_policy(settings)
-        self.scheduler = scheduler = Scheduler(
-            db, self.notifier, settings.s3_bucket, fence=self.leader.fence, policy=scheduling
-        )
-        scheduler.on_cycle = self._observe_cycle
-        pricing = types_pb2.PricingPolicy(
-            platform_fee_basis_points=settings.platform_fee_basis_points,
-            min_price_per_gpu_hour_micro_credits=settings.min_price_per_gpu_hour_micro_credits,
-            max_price_per_gpu_hour_micro_credits=settings.max_price_per_gpu_hour_micro_credits,
-            min_payout_micro_credits=settings.min_payout_micro_credits,
-        )
-        key_file = await auth.ensure_bootstrap_admin(
-            settings.bootstrap_admin_key.get_secret_value()
-            if settings.bootstrap_admin_key
-            else None,
-            settings.data_dir,
+        domains = self._build_domains(db)
+        auth = settings.auth
+        key_file = await domains.auth.ensure_bootstrap_admin(
+            auth.bootstrap_admin_key, auth.data_dir
         )
         self.admin_key_file = str(key_file) if key_file else None
-
-        options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = aio.server(
-            interceptors=[
-                ErrorInterceptor(self.metrics),
-                AuthInterceptor(
-                    auth.authenticate,
-                    RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
-                ),
-            ],
-            options=options,
-        )
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(
-                jobs,
-                Quoter(
-                    db,
-                    settings.max_price_per_gpu_hour_micro_credits,
-                    scheduling.default_policy,
-                ),
-                self.notifier,
-                self.store,
-                LogReader(db, self.bus, self.store),
-                usage=monitor.usage_of,
-            ),
-            server,
-        )
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
-            RegistryServicer(
-                registry,
-                jobs,
-                nats_servers=self.bus.servers,
-                heartbeat_interval_ms=settings.heartbeat_interval_ms,
-                telemetry_interval_ms=settings.telemetry_interval_ms,
-                forget_principal=auth.forget,
-            ),
-            server,
-        )
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            LedgerServicer(LedgerService(db, min_payout=settings.min_payout_micro_credits)),
-            server,
-        )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(auth, registry, pricing), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        if credentials is None:
-            self.port = server.add_insecure_port(settings.listen_addr)
-        else:
-            self.port = server.add_secure_port(settings.listen_addr, credentials)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.listen_addr}")
-        await server.start()
-        self.server = server
+        self.server = await self._serve_grpc(domains, credentials)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if settings.metrics_addr:
-            self.metrics_port = self.metrics.serve(settings.metrics_addr)
-        self.background = Background(
-            bus=self.bus,
-            notifier=self.notifier,
-            scheduler=scheduler,
-            jobs=jobs,
-            registry=registry,
-            scheduler_interval=settings.scheduler_interval_ms / 1000,
-            heartbeat_timeout=settings.heartbeat_timeout_ms / 1000,
-            hold_expiry_interval=settings.hold_expiry_interval_ms / 1000,
-            leader=self.leader,
-            nats_auth=self.nats_auth,
-            nats_account_sync_interval=settings.nats_account_sync_interval_seconds,
-            on_report_dropped=lambda reason: self.metrics.reports_dropped.labels(reason).inc(),
-            refresh_gauges=lambda: gauges.refresh(db, self.metrics),
-            gauges_interval=settings.metrics_refresh_seconds,
-        )
+        if settings.metrics.addr:
+            self.metrics_port = self.metrics.serve(settings.metrics.addr)
+        self.background = self._build_background(domains)
         self.background.start()
         self._bucket_task = asyncio.create_task(self._ensure_bucket())
         self.metrics.up.set(1)
@@ -265,6 +134,125 @@ class ControlPlane:
         certs = settings.tls_client_auth
         mode = "plaintext" if credentials is None else f"TLS, client certificates: {certs}"
         log.info("control plane serving gRPC on %s:%d (%s)", host, self.port, mode)
+
+    def _build_domains(self, db: Database) -> Domains:
+        """Each domain's service, from the policy its package builds from its settings group."""
+        settings = self.settings
+        monitor = GpuMonitor(db, monitor_policy(settings.telemetry))
+        self.metrics.watch_telemetry(monitor)
+        hosts = settings.hosts
+        self.registry = registry = RegistryService(
+            db,
+            max_price=hosts.max_price,
+            monitor=monitor,
+            heartbeat_write_interval=heartbeat_write_interval(hosts),
+            nats_auth=self.nats_auth,
+        )
+        auth = AuthService(
+            db, cache_ttl=settings.auth.cache_ttl_seconds, fallback=registry.authenticate_host
+        )
+        self.jobs = jobs = JobService(
+            db, job_policy(settings.jobs), registry.sessions, self.notifier
+        )
+        scheduling = settings.scheduler
+        self.leader = leader = leadership_for(
+            db,
+            check_interval=scheduling.leader_check_interval_seconds,
+            ttl=scheduling.lease_ttl_seconds,
+            on_change=self._leadership_changed,
+        )
+        policy = scheduler_policy(scheduling)
+        self.scheduler = scheduler = Scheduler(
+            db, self.notifier, settings.storage.bucket, fence=leader.fence, policy=policy
+        )
+        scheduler.on_cycle = self._observe_cycle
+        return Domains(db, monitor, registry, auth, jobs, scheduler, policy)
+
+    async def _serve_grpc(
+        self, domains: Domains, credentials: grpc.ServerCredentials | None
+    ) -> aio.Server:
+        """The gRPC server with every service on it, listening."""
+        serving, limits = self.settings.serving, self.settings.auth
+        server = aio.server(
+            interceptors=[
+                ErrorInterceptor(self.metrics),
+                AuthInterceptor(
+                    domains.auth.authenticate,
+                    RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
+                ),
+            ],
+            options=[
+                ("grpc.max_receive_message_length", serving.max_message_bytes),
+                ("grpc.max_send_message_length", serving.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self._add_servicers(server, domains)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        if credentials is None:
+            self.port = server.add_insecure_port(serving.listen_addr)
+        else:
+            self.port = server.add_secure_port(serving.listen_addr, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {serving.listen_addr}")
+        await server.start()
+        return server
+
+    def _add_servicers(self, server: aio.Server, domains: Domains) -> None:
+        """One thin servicer per proto service, over the domain services."""
+        settings = self.settings
+        db, jobs, pricing = domains.db, domains.jobs, settings.pricing
+        quoter = Quoter(db, pricing.max_price, domains.scheduling.default_policy)
+        logs = LogReader(db, self.bus, self.store)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(
+                jobs, quoter, self.notifier, self.store, logs, usage=domains.monitor.usage_of
+            ),
+            server,
+        )
+        hosts = settings.hosts
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryServicer(
+                domains.registry,
+                jobs,
+                nats_servers=self.bus.servers,
+                # The wire (Connect's HostIdentity) speaks milliseconds.
+                heartbeat_interval_ms=round(hosts.heartbeat_interval_seconds * 1000),
+                telemetry_interval_ms=round(hosts.telemetry_interval_seconds * 1000),
+                forget_principal=domains.auth.forget,
+            ),
+            server,
+        )
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+            LedgerServicer(LedgerService(db, min_payout=pricing.min_payout)), server
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(domains.auth, domains.registry, pricing_policy(pricing)), server
+        )
+
+    def _build_background(self, domains: Domains) -> Background:
+        """The background loops, with the periods their domains' settings groups set."""
+        settings = self.settings
+        db = domains.db
+        return Background(
+            bus=self.bus,
+            notifier=self.notifier,
+            scheduler=domains.scheduler,
+            jobs=domains.jobs,
+            registry=domains.registry,
+            scheduler_interval=settings.scheduler.interval_seconds,
+            heartbeat_timeout=settings.hosts.heartbeat_timeout_seconds,
+            hold_expiry_interval=settings.jobs.hold_expiry_interval_seconds,
+            leader=self.leader,
+            nats_auth=self.nats_auth,
+            nats_account_sync_interval=settings.nats.account_sync_interval_seconds,
+            on_report_dropped=lambda reason: self.metrics.reports_dropped.labels(reason).inc(),
+            refresh_gauges=lambda: gauges.refresh(db, self.metrics),
+            gauges_interval=settings.metrics.refresh_interval_seconds,
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
@@ -275,7 +263,9 @@ class ControlPlane:
             await self.leader.release()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+            await self.server.stop(
+                self.settings.serving.shutdown_grace_seconds if grace is None else grace
+            )
             self.server = None
         if self.background is not None:
             await self.background.stop()
@@ -317,6 +307,52 @@ class ControlPlane:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+async def open_database(settings: Settings) -> Database:
+    """The database, migrated to the latest schema (data_dir made first: SQLite lives there)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    await asyncio.to_thread(migrate.upgrade, url)
+    return Database(url)
+
+
+def bus_for(group: NatsSettings) -> Bus:
+    """The NATS connection; with NATS auth on, as the control plane's own user (no limits)."""
+    return Bus(
+        group.url,
+        group.stream_replicas,
+        tls=nats_tls_context(group.ca_file, group.cert_file, group.key_file),
+        credentials=group.keys.user_creds("gpuplane-controlplane", Permissions())
+        if group.keys
+        else "",
+    )
+
+
+def object_store(group: StorageSettings) -> ObjectStore:
+    """The object storage client. It fails fast and lets callers retry: the SDK's default
+    retries block a worker thread for many seconds per call while the server is down."""
+    return ObjectStore(
+        group.endpoint,
+        group.access_key,
+        group.secret_key,
+        secure=group.secure,
+        bucket=group.bucket,
+        http_client=urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=2.0, read=30.0),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2),
+        ),
+    )
+
+
+def pricing_policy(group: PricingSettings) -> types_pb2.PricingPolicy:
+    """The pricing policy AdminService states."""
+    return types_pb2.PricingPolicy(
+        platform_fee_basis_points=group.fee_basis_points,
+        min_price_per_gpu_hour_micro_credits=group.min_price,
+        max_price_per_gpu_hour_micro_credits=group.max_price,
+        min_payout_micro_credits=group.min_payout,
+    )
 
 
 def settle_heap() -> None:

@@ -8,6 +8,19 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from controlplane.settings_groups import (
+    AuthSettings,
+    HostSettings,
+    JobSettings,
+    MetricsSettings,
+    NatsSettings,
+    PlacementPolicyName,
+    PricingSettings,
+    SchedulerSettings,
+    ServingSettings,
+    StorageSettings,
+    TelemetrySettings,
+)
 from messaging.natsjwt import NatsKeys, public_key
 
 # No "optional": grpcio's Python API either requires a verified client certificate or asks
@@ -16,10 +29,15 @@ ClientAuth = Literal["off", "require"]
 
 
 class Settings(BaseSettings):
-    """Every setting of one control-plane process. Built once in main() and passed down."""
+    """Every setting of one control-plane process. Built once in main() and passed down.
+
+    The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;
+    each domain reads its group (`settings.jobs`, `settings.scheduler`, ...), where every
+    duration is in seconds whatever unit its variable is set in."""
 
     model_config = SettingsConfigDict(env_prefix="GPUPLANE_", env_file=None, extra="ignore")
 
+    # ---- Process: where its state lives, logging, shutdown.
     data_dir: Path = Field(
         default=Path(".gpuplane"),
         description="Where the embedded database, the generated admin key and logs live.",
@@ -31,8 +49,23 @@ class Settings(BaseSettings):
             "empty = SQLite in data_dir."
         ),
     )
+    log_level: str = Field(
+        default="INFO", description="Logging level: DEBUG, INFO, WARNING or ERROR."
+    )
+    shutdown_grace_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="On SIGTERM: how long RPCs in progress may run on before the server closes.",
+    )
+
+    # ---- gRPC API and its TLS (serving).
     listen_addr: str = Field(
         default="127.0.0.1:50051", description="gRPC host:port; port 0 picks one."
+    )
+    max_message_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        gt=0,
+        description="Largest gRPC message received or sent, in bytes.",
     )
     tls_cert_file: Path | None = Field(
         default=None,
@@ -56,6 +89,27 @@ class Settings(BaseSettings):
         description="Serve gRPC without TLS when no certificate is set (dev stacks and tests "
         "only). Without it and without tls_cert_file the control plane refuses to start.",
     )
+
+    # ---- API keys and rate limits (auth).
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None,
+        description="An admin API key to accept from the start (stored hashed). "
+        "Unset: one is generated once and written to data_dir/admin.key.",
+    )
+    auth_cache_ttl_seconds: float = Field(
+        default=5.0, ge=0, description="How long a verified API key is trusted before re-checking."
+    )
+    rate_limit_per_second: float = Field(
+        default=200.0,
+        ge=0,
+        description="Requests per second each API key may make on average (token bucket); "
+        "0 disables. Admin keys, health and the daemons' Connect streams are not limited.",
+    )
+    rate_limit_burst: int = Field(
+        default=400, ge=1, description="Requests an idle API key may make at once."
+    )
+
+    # ---- Prometheus metrics (metrics).
     metrics_addr: str = Field(
         default="127.0.0.1:9464",
         description="Prometheus /metrics host:port; port 0 picks one; empty disables.",
@@ -66,13 +120,17 @@ class Settings(BaseSettings):
         description="How often each replica refreshes the fleet gauges (jobs and hosts by "
         "state, outbox backlog) from the database.",
     )
-    bootstrap_admin_key: SecretStr | None = Field(
-        default=None,
-        description="An admin API key to accept from the start (stored hashed). "
-        "Unset: one is generated once and written to data_dir/admin.key.",
-    )
+
+    # ---- NATS: servers, TLS, JetStream, auth (nats).
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", description="NATS server(s), comma-separated."
+    )
+    nats_stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Replicas of each JetStream stream (DISPATCH, EVENTS, LOGS): 1 on a single "
+        "nats-server, 3 on a 3-node cluster. Streams that exist are updated to it at start.",
     )
     nats_ca_file: Path | None = Field(
         default=None,
@@ -107,13 +165,19 @@ class Settings(BaseSettings):
         description="NATS auth: how often the account JWT (with every revocation in the "
         "database) is pushed again, beyond at start and on each revocation.",
     )
+
+    # ---- Object storage (storage).
     s3_endpoint: str = Field(default="127.0.0.1:8333", description="S3 API host:port.")
-    s3_access_key: str = Field(default="gpuplane")
-    s3_secret_key: SecretStr = Field(default=SecretStr("gpuplane-secret"))
+    s3_access_key: str = Field(default="gpuplane", description="Access key for the S3 API.")
+    s3_secret_key: SecretStr = Field(
+        default=SecretStr("gpuplane-secret"), description="Secret key for the S3 API."
+    )
     s3_secure: bool = Field(default=False, description="Use HTTPS to reach the S3 API.")
     s3_bucket: str = Field(
         default="gpuplane", description="Bucket for job inputs, outputs and logs."
     )
+
+    # ---- Pricing policy and payouts (pricing).
     platform_fee_basis_points: int = Field(
         default=1000, ge=0, le=10_000, description="Platform fee on every charge (1000 = 10%)."
     )
@@ -122,8 +186,30 @@ class Settings(BaseSettings):
         gt=0,
         description="Ceiling on host prices; the price a job's hold assumes when it names none.",
     )
-    min_price_per_gpu_hour_micro_credits: int = Field(default=1, gt=0)
-    min_payout_micro_credits: int = Field(default=1_000_000, ge=0)
+    min_price_per_gpu_hour_micro_credits: int = Field(
+        default=1,
+        gt=0,
+        description="Lowest host price per GPU-hour that the pricing policy states "
+        "(AdminService), in micro-credits.",
+    )
+    min_payout_micro_credits: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="Smallest payout a provider may request, in micro-credits "
+        "(1 credit = 1000000).",
+    )
+
+    # ---- Jobs: dispatch, retries, credit holds (jobs).
+    allow_simulated_by_default: bool = Field(
+        default=False,
+        description="Dev stacks: jobs may run on simulated GPUs unless they say otherwise.",
+    )
+    dispatch_ack_timeout_ms: int = Field(
+        default=120_000, gt=0, description="A placed attempt never taken by its daemon is lost."
+    )
+    retry_backoff_ms: int = Field(
+        default=1000, ge=0, description="First retry delay of a lost attempt."
+    )
     hold_queue_timeout_seconds: int = Field(
         default=86_400,
         gt=0,
@@ -134,18 +220,21 @@ class Settings(BaseSettings):
     hold_expiry_interval_ms: int = Field(
         default=30_000, gt=0, description="How often expired holds are looked for and resolved."
     )
-    nats_stream_replicas: int = Field(default=1, ge=1, le=5)
-    dispatch_ack_timeout_ms: int = Field(
-        default=120_000, gt=0, description="A placed attempt never taken by its daemon is lost."
+
+    # ---- Hosts: liveness and the periods daemons are told (hosts).
+    heartbeat_interval_ms: int = Field(
+        default=2000, gt=0, description="How often daemons are told to send a heartbeat."
     )
-    retry_backoff_ms: int = Field(
-        default=1000, ge=0, description="First retry delay of a lost attempt."
-    )
-    heartbeat_interval_ms: int = Field(default=2000, gt=0)
     heartbeat_timeout_ms: int = Field(
         default=15_000, gt=0, description="A host without a heartbeat this long is lost."
     )
-    telemetry_interval_ms: int = Field(default=5000, gt=0)
+    telemetry_interval_ms: int = Field(
+        default=5000,
+        gt=0,
+        description="GPU telemetry period daemons are told to use, unless they set their own.",
+    )
+
+    # ---- GPU telemetry, health and usage (telemetry).
     telemetry_history: int = Field(
         default=60,
         ge=1,
@@ -168,8 +257,12 @@ class Settings(BaseSettings):
     job_usage_max_attempts: int = Field(
         default=100_000, ge=1, description="Attempts whose GPU usage is kept in memory."
     )
-    scheduler_interval_ms: int = Field(default=500, gt=0)
-    default_placement_policy: Literal["cheapest", "balanced", "pack", "spread"] = Field(
+
+    # ---- Scheduling and its leadership (scheduler).
+    scheduler_interval_ms: int = Field(
+        default=500, gt=0, description="Period of the scheduler's placement pass."
+    )
+    default_placement_policy: PlacementPolicyName = Field(
         default="cheapest", description="Placement policy of jobs that name none."
     )
     fair_share_half_life_seconds: float = Field(
@@ -203,25 +296,6 @@ class Settings(BaseSettings):
         "long (frozen, cut off) is replaced: the database ends its lock session and any "
         "placement transaction it left idle this long. At least twice the check interval.",
     )
-    allow_simulated_by_default: bool = Field(
-        default=False,
-        description="Dev stacks: jobs may run on simulated GPUs unless they say otherwise.",
-    )
-    auth_cache_ttl_seconds: float = Field(
-        default=5.0, ge=0, description="How long a verified API key is trusted before re-checking."
-    )
-    rate_limit_per_second: float = Field(
-        default=200.0,
-        ge=0,
-        description="Requests per second each API key may make on average (token bucket); "
-        "0 disables. Admin keys, health and the daemons' Connect streams are not limited.",
-    )
-    rate_limit_burst: int = Field(
-        default=400, ge=1, description="Requests an idle API key may make at once."
-    )
-    shutdown_grace_seconds: float = Field(default=5.0, ge=0)
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
-    log_level: str = Field(default="INFO")
 
     @model_validator(mode="after")
     def _tls_is_complete(self) -> Settings:
@@ -285,3 +359,107 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'gpuplane.db').resolve()}"
+
+    # ---- The groups each domain builds its policy from (controlplane/settings_groups.py).
+
+    @property
+    def serving(self) -> ServingSettings:
+        return ServingSettings(
+            listen_addr=self.listen_addr,
+            max_message_bytes=self.max_message_bytes,
+            shutdown_grace_seconds=self.shutdown_grace_seconds,
+        )
+
+    @property
+    def auth(self) -> AuthSettings:
+        key = self.bootstrap_admin_key
+        return AuthSettings(
+            bootstrap_admin_key=key.get_secret_value() if key else None,
+            data_dir=self.data_dir,
+            cache_ttl_seconds=self.auth_cache_ttl_seconds,
+            rate_limit_per_second=self.rate_limit_per_second,
+            rate_limit_burst=self.rate_limit_burst,
+        )
+
+    @property
+    def metrics(self) -> MetricsSettings:
+        return MetricsSettings(
+            addr=self.metrics_addr, refresh_interval_seconds=self.metrics_refresh_seconds
+        )
+
+    @property
+    def nats(self) -> NatsSettings:
+        return NatsSettings(
+            url=self.nats_url,
+            stream_replicas=self.nats_stream_replicas,
+            ca_file=self.nats_ca_file,
+            cert_file=self.nats_cert_file,
+            key_file=self.nats_key_file,
+            keys=self.nats_keys(),
+            account_sync_interval_seconds=self.nats_account_sync_interval_seconds,
+        )
+
+    @property
+    def storage(self) -> StorageSettings:
+        return StorageSettings(
+            endpoint=self.s3_endpoint,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key.get_secret_value(),
+            secure=self.s3_secure,
+            bucket=self.s3_bucket,
+        )
+
+    @property
+    def pricing(self) -> PricingSettings:
+        return PricingSettings(
+            fee_basis_points=self.platform_fee_basis_points,
+            min_price=self.min_price_per_gpu_hour_micro_credits,
+            max_price=self.max_price_per_gpu_hour_micro_credits,
+            min_payout=self.min_payout_micro_credits,
+        )
+
+    @property
+    def jobs(self) -> JobSettings:
+        return JobSettings(
+            fee_basis_points=self.platform_fee_basis_points,
+            default_max_price=self.max_price_per_gpu_hour_micro_credits,
+            allow_simulated_by_default=self.allow_simulated_by_default,
+            dispatch_ack_timeout_seconds=self.dispatch_ack_timeout_ms / 1000,
+            retry_backoff_seconds=self.retry_backoff_ms / 1000,
+            hold_queue_timeout_seconds=float(self.hold_queue_timeout_seconds),
+            hold_expiry_interval_seconds=self.hold_expiry_interval_ms / 1000,
+        )
+
+    @property
+    def hosts(self) -> HostSettings:
+        return HostSettings(
+            max_price=self.max_price_per_gpu_hour_micro_credits,
+            heartbeat_interval_seconds=self.heartbeat_interval_ms / 1000,
+            heartbeat_timeout_seconds=self.heartbeat_timeout_ms / 1000,
+            telemetry_interval_seconds=self.telemetry_interval_ms / 1000,
+        )
+
+    @property
+    def telemetry(self) -> TelemetrySettings:
+        return TelemetrySettings(
+            history=self.telemetry_history,
+            max_clock_skew_seconds=self.telemetry_max_clock_skew_seconds,
+            clean_period_seconds=self.gpu_clean_period_seconds,
+            ignored_xids=tuple(self.gpu_ignored_xids),
+            usage_max_attempts=self.job_usage_max_attempts,
+            forget_after_seconds=self.heartbeat_timeout_ms / 1000,
+        )
+
+    @property
+    def scheduler(self) -> SchedulerSettings:
+        return SchedulerSettings(
+            interval_seconds=self.scheduler_interval_ms / 1000,
+            default_placement_policy=self.default_placement_policy,
+            fair_share_half_life_seconds=self.fair_share_half_life_seconds,
+            fair_share_horizon_seconds=self.fair_share_horizon_seconds,
+            reserve_after_seconds=self.reserve_after_seconds,
+            max_reservations=self.max_reservations,
+            batch=self.scheduler_batch,
+            leader_check_interval_seconds=self.scheduler_leader_check_interval_ms / 1000,
+            lease_ttl_seconds=self.scheduler_lease_ttl_ms / 1000,
+        )

@@ -85,16 +85,10 @@ def _issue(
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def issue_test_certs(
-    directory: Path, hosts: tuple[str, ...] = LOOPBACK_NAMES, name: str = "gpuplane test"
-) -> TestCerts:
-    """Writes ca.pem, server.pem/server.key (for `hosts`) and client.pem/client.key, all from
-    a new CA, into `directory`. Each call makes a CA of its own (a "wrong CA" for another)."""
-    directory.mkdir(parents=True, exist_ok=True)
+def _issue_ca(ca_key: ec.EllipticCurvePrivateKey, ca_name: x509.Name) -> x509.Certificate:
+    """A self-signed CA certificate that may sign leaf certificates only (path length 0)."""
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = _key()
-    ca_name = _name(f"{name} CA")
-    ca = (
+    return (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
@@ -119,6 +113,17 @@ def issue_test_certs(
         )
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def issue_test_certs(
+    directory: Path, hosts: tuple[str, ...] = LOOPBACK_NAMES, name: str = "gpuplane test"
+) -> TestCerts:
+    """Writes ca.pem, server.pem/server.key (for `hosts`) and client.pem/client.key, all from
+    a new CA, into `directory`. Each call makes a CA of its own (a "wrong CA" for another)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = _key()
+    ca_name = _name(f"{name} CA")
+    ca = _issue_ca(ca_key, ca_name)
     certs = TestCerts(
         directory=directory,
         ca_cert=directory / "ca.pem",

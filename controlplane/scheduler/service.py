@@ -30,7 +30,6 @@ from controlplane.scheduler.demand import Demand, Policy, demand_of
 from controlplane.scheduler.fairshare import FairShare, FairShareConfig
 from controlplane.scheduler.planner import Placed, Plan, PlannerConfig, plan_cycle
 from controlplane.scheduler.repository import SchedulerRepository
-from controlplane.settings import Settings
 from messaging.subjects import dispatch_msg_id, dispatch_subject
 from storage.layout import attempt_prefix
 
@@ -47,14 +46,6 @@ DISPATCH_GRACE = timedelta(minutes=10)
 Fence = Callable[[AsyncSession], Awaitable[None]]
 
 
-POLICY_NAMES = {
-    "cheapest": Policy.PLACEMENT_POLICY_CHEAPEST,
-    "balanced": Policy.PLACEMENT_POLICY_BALANCED,
-    "pack": Policy.PLACEMENT_POLICY_PACK,
-    "spread": Policy.PLACEMENT_POLICY_SPREAD,
-}
-
-
 @dataclass(frozen=True, slots=True)
 class SchedulerPolicy:
     default_policy: int = Policy.PLACEMENT_POLICY_CHEAPEST
@@ -63,22 +54,6 @@ class SchedulerPolicy:
     # Queued jobs one cycle considers: in all, and per tenant and priority (their oldest).
     batch: int = 5000
     per_tenant: int = 1000
-
-
-def scheduler_policy(settings: Settings) -> SchedulerPolicy:
-    return SchedulerPolicy(
-        default_policy=POLICY_NAMES[settings.default_placement_policy],
-        fair_share=FairShareConfig(
-            half_life_s=settings.fair_share_half_life_seconds,
-            horizon_s=settings.fair_share_horizon_seconds,
-        ),
-        planner=PlannerConfig(
-            reserve_after_s=settings.reserve_after_seconds,
-            max_reservations=settings.max_reservations,
-        ),
-        batch=settings.scheduler_batch,
-        per_tenant=max(1, settings.scheduler_batch // 5),
-    )
 
 
 @dataclass(slots=True)

@@ -1,0 +1,129 @@
+"""Per-domain groups of the control-plane settings: read-only, every duration in seconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from messaging.natsjwt import NatsKeys
+
+# The environment variables keep their names (and so their units: _MS, _SECONDS) as
+# deployments set them; Settings converts once, here every duration is float seconds.
+
+PlacementPolicyName = Literal["cheapest", "balanced", "pack", "spread"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServingSettings:
+    """The gRPC API of one process."""
+
+    listen_addr: str
+    max_message_bytes: int
+    # On SIGTERM, how long RPCs in progress may run on before the server closes.
+    shutdown_grace_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """API keys: the bootstrap admin key, the verified-key cache and per-key rate limits."""
+
+    bootstrap_admin_key: str | None
+    data_dir: Path  # where a generated admin key is written
+    cache_ttl_seconds: float
+    rate_limit_per_second: float  # 0 = unlimited
+    rate_limit_burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The Prometheus endpoint and the fleet gauges every replica refreshes."""
+
+    addr: str  # empty = no endpoint
+    refresh_interval_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class NatsSettings:
+    """The NATS servers, their TLS, JetStream replication and NATS auth (operator mode)."""
+
+    url: str
+    stream_replicas: int
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    keys: NatsKeys | None  # None = NATS auth off
+    account_sync_interval_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """The S3-compatible object storage of job inputs, outputs and logs."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    secure: bool
+    bucket: str
+
+
+@dataclass(frozen=True, slots=True)
+class PricingSettings:
+    """The pricing policy (prices in micro-credits per GPU-hour) and the ledger's payout floor."""
+
+    fee_basis_points: int
+    min_price: int
+    max_price: int
+    min_payout: int  # micro-credits
+
+
+@dataclass(frozen=True, slots=True)
+class JobSettings:
+    """Job lifecycle: the hold a submit places, dispatch, retries and hold expiry."""
+
+    fee_basis_points: int
+    # Price a job's hold assumes when the job names none (the pricing policy's ceiling).
+    default_max_price: int
+    allow_simulated_by_default: bool
+    dispatch_ack_timeout_seconds: float
+    retry_backoff_seconds: float
+    hold_queue_timeout_seconds: float
+    hold_expiry_interval_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class HostSettings:
+    """Provider hosts: their price ceiling, liveness, and the periods daemons are told."""
+
+    max_price: int
+    heartbeat_interval_seconds: float
+    heartbeat_timeout_seconds: float
+    telemetry_interval_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """GPU telemetry kept in memory, GPU health, and per-attempt GPU usage."""
+
+    history: int  # samples per GPU
+    max_clock_skew_seconds: float
+    clean_period_seconds: float
+    ignored_xids: tuple[int, ...]
+    usage_max_attempts: int
+    # A host whose Connect stream closed is forgotten after this long (its liveness timeout).
+    forget_after_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """Scheduling cycles, fair share, reservations and scheduling leadership."""
+
+    interval_seconds: float
+    default_placement_policy: PlacementPolicyName
+    fair_share_half_life_seconds: float
+    fair_share_horizon_seconds: float
+    reserve_after_seconds: float
+    max_reservations: int
+    batch: int
+    leader_check_interval_seconds: float
+    lease_ttl_seconds: float
