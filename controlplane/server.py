@@ -36,12 +36,15 @@ from controlplane.background import Background
 from controlplane.bus import Bus
 from controlplane.db import migrate
 from controlplane.db.engine import Database
+from controlplane.jobs.dryrun import DryRun
 from controlplane.jobs.logs import LogReader
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.quote import Quoter
+from controlplane.jobs.results import JobResults
 from controlplane.jobs.service import JobPolicy, JobService
 from controlplane.ledger.service import LedgerService
 from controlplane.metrics import Metrics
+from controlplane.registry.access import HostAccess
 from controlplane.registry.monitor import GpuMonitor, MonitorPolicy
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
@@ -196,13 +199,16 @@ class ControlPlane:
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(
                 jobs,
-                Quoter(
-                    db,
-                    settings.max_price_per_gpu_hour_micro_credits,
-                    scheduling.default_policy,
+                DryRun(
+                    jobs,
+                    Quoter(
+                        db,
+                        settings.max_price_per_gpu_hour_micro_credits,
+                        scheduling.default_policy,
+                    ),
                 ),
+                JobResults(jobs, self.store),
                 self.notifier,
-                self.store,
                 LogReader(db, self.bus, self.store),
                 usage=monitor.usage_of,
             ),
@@ -212,10 +218,10 @@ class ControlPlane:
             RegistryServicer(
                 registry,
                 jobs,
+                HostAccess(registry, jobs.sweep_lost_attempts, forget_principal=auth.forget),
                 nats_servers=self.bus.servers,
                 heartbeat_interval_ms=settings.heartbeat_interval_ms,
                 telemetry_interval_ms=settings.telemetry_interval_ms,
-                forget_principal=auth.forget,
             ),
             server,
         )
