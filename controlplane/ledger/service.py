@@ -173,7 +173,6 @@ class LedgerService:
         end: datetime | None,
         page: PageRequest,
     ) -> Page[Transfer]:
-        """One page of the tenant's ledger entries (of its own accounts), newest first."""
         kinds_of_tenant = account_kinds or (
             AccountKind.AVAILABLE,
             AccountKind.HELD,
