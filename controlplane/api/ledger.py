@@ -7,7 +7,7 @@ from typing import Any
 from gpuplane.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
 from controlplane.api.convert import from_timestamp, timestamp
-from controlplane.auth.principal import Role, current_principal
+from controlplane.auth.principal import current_principal
 from controlplane.errors import InvalidArgument
 from controlplane.idempotency import check_key
 from controlplane.ledger.models import PayoutState, Transfer
@@ -18,7 +18,7 @@ from controlplane.ledger.service import (
     TransferKind,
     account_id,
 )
-from controlplane.ledger.usage import UsageGrouping, UsageQuery, UsageRow
+from controlplane.ledger.usage import UsageGrouping, UsageQuery, UsageRow, readable_usage
 from controlplane.paging import PageRequest
 
 Context = Any
@@ -209,17 +209,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetUsage(
         self, request: ledger_pb2.GetUsageRequest, context: Context
     ) -> ledger_pb2.GetUsageResponse:
-        principal = current_principal()
-        tenant = principal.require_tenant(request.tenant_id)
+        scope = readable_usage(current_principal(), request.tenant_id)
         grouping = PB_GROUPING.get(request.group_by)
         if grouping is None:
             raise InvalidArgument("group_by", "unknown grouping")
-        # A provider sees the jobs its hosts ran; anyone else the jobs the tenant submitted.
-        as_provider = principal.role is Role.PROVIDER
         report = await self.ledger.usage(
             UsageQuery(
-                tenant_id=None if as_provider else tenant,
-                provider_tenant_id=tenant if as_provider else None,
+                tenant_id=scope.tenant_id,
+                provider_tenant_id=scope.provider_tenant_id,
                 job_id=request.job_id or None,
                 start=from_timestamp(request, "start_time"),
                 end=from_timestamp(request, "end_time"),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from controlplane.auth.principal import Principal, Role
 from controlplane.errors import InvalidArgument
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.paging import PageRequest, page_of, time_cursor, time_token
@@ -18,6 +19,24 @@ class UsageGrouping(StrEnum):
     JOB = "job"
     DAY = "day"
     MONTH = "month"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageScope:
+    """Whose usage a report covers: exactly one of the two is set."""
+
+    # The consumer whose jobs count, or the provider whose hosts ran them.
+    tenant_id: str | None
+    provider_tenant_id: str | None
+
+
+def readable_usage(caller: Principal, tenant_id: str) -> UsageScope:
+    """The usage `caller` may read for `tenant_id` ("" for its own): a provider sees the jobs
+    its hosts ran; anyone else the jobs the tenant submitted."""
+    tenant = caller.require_tenant(tenant_id)
+    if caller.role is Role.PROVIDER:
+        return UsageScope(tenant_id=None, provider_tenant_id=tenant)
+    return UsageScope(tenant_id=tenant, provider_tenant_id=None)
 
 
 @dataclass(frozen=True, slots=True)
