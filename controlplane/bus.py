@@ -10,6 +10,7 @@ import nats
 from nats.aio.client import Client, RawCredentials
 from nats.js import JetStreamContext
 
+from controlplane.errors import Unavailable
 from messaging.subjects import ensure_streams
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ class Bus:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.ready = asyncio.Event()
+
+    async def jetstream(self, timeout: float = 5.0) -> JetStreamContext:
+        """The JetStream context once connected; Unavailable when NATS is not reachable
+        within `timeout` seconds (the connection keeps retrying meanwhile)."""
+        try:
+            await asyncio.wait_for(self.ready.wait(), timeout=timeout)
+        except TimeoutError:
+            raise Unavailable("the message bus is not reachable; try again") from None
+        assert self.js is not None
+        return self.js
 
     async def connect(self) -> None:
         """Connects, retrying with backoff until it works (the API serves meanwhile)."""

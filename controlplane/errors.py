@@ -1,8 +1,7 @@
-"""The domain error tree and its one mapping to gRPC status codes."""
+"""The domain error tree. No transport codes here: controlplane/api/status.py maps it to
+gRPC status codes, once."""
 
 from __future__ import annotations
-
-import grpc
 
 
 class DomainError(Exception):
@@ -59,25 +58,3 @@ class Unimplemented(DomainError):
 
 class Conflict(DomainError):
     """A concurrent change won; retrying the request may succeed."""
-
-
-STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
-    Conflict: grpc.StatusCode.ABORTED,
-}
-
-
-def status_code_for(error: DomainError) -> grpc.StatusCode:
-    """The gRPC status of a domain error (its nearest mapped base class)."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.UNKNOWN

@@ -37,12 +37,15 @@ from controlplane.bus import Bus
 from controlplane.db import migrate
 from controlplane.db.engine import Database
 from controlplane.jobs.config import job_policy
+from controlplane.jobs.dryrun import DryRun
 from controlplane.jobs.logs import LogReader
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.quote import Quoter
+from controlplane.jobs.results import JobResults
 from controlplane.jobs.service import JobService
 from controlplane.ledger.service import LedgerService
 from controlplane.metrics import Metrics
+from controlplane.registry.access import HostAccess
 from controlplane.registry.config import heartbeat_write_interval, monitor_policy
 from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
@@ -209,7 +212,12 @@ class ControlPlane:
         logs = LogReader(db, self.bus, self.store)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(
-                jobs, quoter, self.notifier, self.store, logs, usage=domains.monitor.usage_of
+                jobs,
+                DryRun(jobs, quoter),
+                JobResults(jobs, self.store),
+                self.notifier,
+                logs,
+                usage=domains.monitor.usage_of,
             ),
             server,
         )
@@ -218,11 +226,13 @@ class ControlPlane:
             RegistryServicer(
                 domains.registry,
                 jobs,
+                HostAccess(
+                    domains.registry, jobs.sweep_lost_attempts, forget_principal=domains.auth.forget
+                ),
                 nats_servers=self.bus.servers,
                 # The wire (Connect's HostIdentity) speaks milliseconds.
                 heartbeat_interval_ms=round(hosts.heartbeat_interval_seconds * 1000),
                 telemetry_interval_ms=round(hosts.telemetry_interval_seconds * 1000),
-                forget_principal=domains.auth.forget,
             ),
             server,
         )

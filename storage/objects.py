@@ -189,9 +189,13 @@ class ObjectStore:
     async def presign_get(self, key: str, ttl_seconds: int) -> str:
         """A URL that GETs the object without credentials until it expires."""
         expires = timedelta(seconds=ttl_seconds)
-        return await asyncio.to_thread(
-            self._client.presigned_get_object, self.bucket, key, expires=expires
-        )
+        try:
+            return await asyncio.to_thread(
+                self._client.presigned_get_object, self.bucket, key, expires=expires
+            )
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            # Presigning needs no round trip (the region is given) unless the SDK must ask.
+            raise StorageError(str(exc)) from exc
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object under `prefix` (recursively), in key order."""

@@ -12,7 +12,7 @@ from controlplane.auth.principal import Role, current_principal
 from controlplane.auth.service import AuthService
 from controlplane.errors import Unimplemented
 from controlplane.idempotency import check_key, fingerprint
-from controlplane.paging import after_id, encode_token, page_size
+from controlplane.paging import PageRequest
 from controlplane.registry.models import RegistrationToken
 from controlplane.registry.service import RegistryService
 
@@ -74,13 +74,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListTenants(
         self, request: admin_pb2.ListTenantsRequest, context: Context
     ) -> admin_pb2.ListTenantsResponse:
-        limit = page_size(request.page_size)
-        rows = await self.auth.list_tenants(after_id(request.page_token), limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
+        page = await self.auth.list_tenants(PageRequest(request.page_token, request.page_size))
         return admin_pb2.ListTenantsResponse(
-            tenants=[tenant_pb(r) for r in rows],
-            next_page_token=encode_token({"after": rows[-1].id}) if more else "",
+            tenants=[tenant_pb(r) for r in page.items], next_page_token=page.next_cursor
         )
 
     async def CreateApiKey(
@@ -99,18 +95,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListApiKeys(
         self, request: admin_pb2.ListApiKeysRequest, context: Context
     ) -> admin_pb2.ListApiKeysResponse:
-        limit = page_size(request.page_size)
-        rows = await self.auth.list_api_keys(
+        page = await self.auth.list_api_keys(
             request.tenant_id or None,
             request.include_revoked,
-            after_id(request.page_token),
-            limit + 1,
+            PageRequest(request.page_token, request.page_size),
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
         return admin_pb2.ListApiKeysResponse(
-            keys=[api_key_pb(r) for r in rows],
-            next_page_token=encode_token({"after": rows[-1].id}) if more else "",
+            keys=[api_key_pb(r) for r in page.items], next_page_token=page.next_cursor
         )
 
     async def RevokeApiKey(
@@ -136,19 +127,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListRegistrationTokens(
         self, request: admin_pb2.ListRegistrationTokensRequest, context: Context
     ) -> admin_pb2.ListRegistrationTokensResponse:
-        limit = page_size(request.page_size)
-        rows = await self.registry.list_tokens(
+        page = await self.registry.list_tokens(
             current_principal(),
             request.provider_tenant_id,
             request.include_inactive,
-            after_id(request.page_token),
-            limit + 1,
+            PageRequest(request.page_token, request.page_size),
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
         return admin_pb2.ListRegistrationTokensResponse(
-            tokens=[token_pb(r) for r in rows],
-            next_page_token=encode_token({"after": rows[-1].id}) if more else "",
+            tokens=[token_pb(r) for r in page.items], next_page_token=page.next_cursor
         )
 
     async def RevokeRegistrationToken(

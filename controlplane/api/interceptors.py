@@ -12,16 +12,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from controlplane.api.status import dependency_down, status_code_for
 from controlplane.auth.policy import PUBLIC_METHODS, allowed_roles
 from controlplane.auth.principal import Principal, Role, set_current_principal
-from controlplane.db.engine import database_unavailable
-from controlplane.errors import (
-    DomainError,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    status_code_for,
-)
+from controlplane.errors import DomainError, PermissionDenied, ResourceExhausted, Unauthenticated
 from controlplane.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -83,13 +77,13 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
                 code = status_code_for(error)
                 metrics.rpcs.labels(method, code.name).inc()
                 await context.abort(code, error.message)
-            if database_unavailable(error):
-                log.warning("%s: the database is unavailable: %s", method, error.__class__.__name__)
-                metrics.rpcs.labels(method, "UNAVAILABLE").inc()
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the database is unavailable; retry the request (with its idempotency key)",
+            down = dependency_down(error)
+            if down is not None:
+                log.warning(
+                    "%s: the %s is unavailable: %s", method, down.dependency, type(error).__name__
                 )
+                metrics.rpcs.labels(method, "UNAVAILABLE").inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, down.message)
             ref = secrets.token_hex(4)
             log.error("unhandled error in %s (ref %s)", method, ref, exc_info=error)
             metrics.rpcs.labels(method, "INTERNAL").inc()

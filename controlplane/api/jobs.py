@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 from gpuplane.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from controlplane.api.convert import from_timestamp, timestamp
 from controlplane.auth.principal import current_principal
-from controlplane.errors import InvalidArgument, NotFound, Unavailable
+from controlplane.errors import InvalidArgument, NotFound
 from controlplane.idempotency import check_key, fingerprint
+from controlplane.jobs.dryrun import DryRun
 from controlplane.jobs.logs import LogReader
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.notify import Notifier
-from controlplane.jobs.quote import Quoter
+from controlplane.jobs.results import JobResults, url_ttl
 from controlplane.jobs.service import JobService
 from controlplane.jobs.states import JobState
-from controlplane.paging import encode_token, page_size, time_cursor
+from controlplane.paging import PageRequest
 from controlplane.registry.usage import GpuUsage
-from storage.layout import attempt_prefix, inside
-from storage.objects import ObjectStore
-
-log = logging.getLogger(__name__)
 
 Context = Any
-DEFAULT_URL_TTL = 3600
-MAX_URL_TTL = 7 * 24 * 3600
 ATTEMPT_STATES = {s.value for s in JobState} | {"lost"}
 
 
@@ -117,17 +110,17 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(
         self,
         jobs: JobService,
-        quoter: Quoter,
+        dry_run: DryRun,
+        results: JobResults,
         notifier: Notifier,
-        store: ObjectStore,
         logs: LogReader,
         usage: Callable[[str, int], GpuUsage | None] | None = None,
     ) -> None:
         self.jobs = jobs
         self.usage = usage
-        self.quoter = quoter
+        self.dry_run = dry_run
+        self.results = results
         self.notifier = notifier
-        self.store = store
         self.logs = logs
 
     async def SubmitJob(
@@ -137,8 +130,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         if request.dry_run:
-            spec = self.jobs.prepare_spec(request.spec)
-            return jobs_pb2.SubmitJobResponse(quote=await self.quoter.quote(spec))
+            return jobs_pb2.SubmitJobResponse(quote=await self.dry_run.quote(request.spec))
         job = await self.jobs.submit(
             caller, request.spec, check_key(request.idempotency_key), fingerprint(request)
         )
@@ -154,29 +146,23 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: Context
     ) -> jobs_pb2.ListJobsResponse:
-        before = time_cursor(request.page_token)
         states = []
         for value in request.states:
             if value == types_pb2.JOB_STATE_UNSPECIFIED or value not in types_pb2.JobState.values():
                 raise InvalidArgument("states", f"unknown job state {value}")
             states.append(JobState.from_pb(value))
-        limit = page_size(request.page_size)
-        rows = await self.jobs.list_jobs(
+        page = await self.jobs.list_jobs(
             current_principal(),
             request.tenant_id,
             states,
             dict(request.labels),
             from_timestamp(request, "created_after"),
             from_timestamp(request, "created_before"),
-            before,
-            limit + 1,
+            PageRequest(request.page_token, request.page_size),
         )
-        more = len(rows) > limit
-        rows = list(rows[:limit])
-        token = (
-            encode_token({"t": rows[-1].created_at.isoformat(), "id": rows[-1].id}) if more else ""
+        return jobs_pb2.ListJobsResponse(
+            jobs=[job_pb(r) for r in page.items], next_page_token=page.next_cursor
         )
-        return jobs_pb2.ListJobsResponse(jobs=[job_pb(r) for r in rows], next_page_token=token)
 
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: Context
@@ -219,52 +205,18 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def GetResults(
         self, request: jobs_pb2.GetResultsRequest, context: Context
     ) -> jobs_pb2.GetResultsResponse:
-        ttl = request.url_ttl_seconds or DEFAULT_URL_TTL
-        if ttl > MAX_URL_TTL:
-            raise InvalidArgument("url_ttl_seconds", "at most 7 days (604800)")
-        caller = current_principal()
-        job_id = _require_job_id(request.job_id)
-        view = await self.jobs.get(caller, job_id)
-        candidates = [a for a in view.attempts if a.manifest]
-        if request.attempt:
-            candidates = [a for a in candidates if a.attempt == request.attempt]
-        if not candidates:
-            raise NotFound(
-                f"job_id: job {job_id} has no stored results yet (state {view.job.state})"
-            )
-        attempt = candidates[-1]
-        # The manifest comes from the provider's daemon: presign only what lies under this
-        # attempt's own prefix, never a key naming another job's (or tenant's) objects.
-        prefix = attempt_prefix(job_id, attempt.attempt)
-        entries = [e for e in attempt.manifest if inside(str(e.get("key", "")), prefix)]
-        if len(entries) < len(attempt.manifest):
-            log.warning(
-                "job %s attempt %d: %d result keys outside %s not presigned",
-                job_id,
-                attempt.attempt,
-                len(attempt.manifest) - len(entries),
-                prefix,
-            )
-        objects = []
-        try:
-            for entry in entries:
-                url = await self.store.presign_get(entry["key"], ttl)
-                objects.append(
-                    types_pb2.ResultObject(
-                        key=entry["key"],
-                        path=entry["path"],
-                        size_bytes=int(entry["size_bytes"]),
-                        sha256=entry["sha256"],
-                        url=url,
-                    )
-                )
-        except (TimeoutError, OSError) as error:
-            raise Unavailable(f"object storage unavailable: {error}") from None
-        from controlplane.db.base import utcnow
-
+        ttl = url_ttl(request.url_ttl_seconds)
+        found = await self.results.presigned(
+            current_principal(), _require_job_id(request.job_id), request.attempt, ttl
+        )
         return jobs_pb2.GetResultsResponse(
-            job_id=job_id,
-            attempt=attempt.attempt,
-            objects=objects,
-            urls_expire_at=timestamp(utcnow() + timedelta(seconds=ttl)),
+            job_id=found.job_id,
+            attempt=found.attempt,
+            objects=[
+                types_pb2.ResultObject(
+                    key=o.key, path=o.path, size_bytes=o.size_bytes, sha256=o.sha256, url=o.url
+                )
+                for o in found.objects
+            ],
+            urls_expire_at=timestamp(found.urls_expire_at),
         )

@@ -7,7 +7,7 @@ from typing import Any
 from gpuplane.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
 from controlplane.api.convert import from_timestamp, timestamp
-from controlplane.auth.principal import Role, current_principal
+from controlplane.auth.principal import current_principal
 from controlplane.errors import InvalidArgument
 from controlplane.idempotency import check_key
 from controlplane.ledger.models import PayoutState, Transfer
@@ -18,8 +18,8 @@ from controlplane.ledger.service import (
     TransferKind,
     account_id,
 )
-from controlplane.ledger.usage import UsageGrouping, UsageQuery, UsageRow
-from controlplane.paging import encode_token, page_size, time_cursor
+from controlplane.ledger.usage import UsageGrouping, UsageQuery, UsageRow, readable_usage
+from controlplane.paging import PageRequest
 
 Context = Any
 
@@ -107,25 +107,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             kinds = [PB_KIND[v] for v in request.kinds]
         except KeyError:
             raise InvalidArgument("kinds", "unknown transfer kind") from None
-        before = time_cursor(request.page_token)
-        limit = page_size(request.page_size)
-        rows = await self.ledger.entries(
+        page = await self.ledger.entries(
             tenant,
             accounts,
             kinds,
             request.job_id or None,
             from_timestamp(request, "start_time"),
             from_timestamp(request, "end_time"),
-            before,
-            limit + 1,
-        )
-        more = len(rows) > limit
-        rows = list(rows[:limit])
-        token = (
-            encode_token({"t": rows[-1].created_at.isoformat(), "id": rows[-1].id}) if more else ""
+            PageRequest(request.page_token, request.page_size),
         )
         return ledger_pb2.ListEntriesResponse(
-            entries=[entry_pb(r, tenant) for r in rows], next_page_token=token
+            entries=[entry_pb(r, tenant) for r in page.items], next_page_token=page.next_cursor
         )
 
     async def Deposit(
@@ -217,36 +209,26 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetUsage(
         self, request: ledger_pb2.GetUsageRequest, context: Context
     ) -> ledger_pb2.GetUsageResponse:
-        principal = current_principal()
-        tenant = principal.require_tenant(request.tenant_id)
+        scope = readable_usage(current_principal(), request.tenant_id)
         grouping = PB_GROUPING.get(request.group_by)
         if grouping is None:
             raise InvalidArgument("group_by", "unknown grouping")
-        after = time_cursor(request.page_token)
-        # A provider sees the jobs its hosts ran; anyone else the jobs the tenant submitted.
-        as_provider = principal.role is Role.PROVIDER
         report = await self.ledger.usage(
             UsageQuery(
-                tenant_id=None if as_provider else tenant,
-                provider_tenant_id=tenant if as_provider else None,
+                tenant_id=scope.tenant_id,
+                provider_tenant_id=scope.provider_tenant_id,
                 job_id=request.job_id or None,
                 start=from_timestamp(request, "start_time"),
                 end=from_timestamp(request, "end_time"),
                 grouping=grouping,
-                after=after,
-                limit=page_size(request.page_size),
+                page=PageRequest(request.page_token, request.page_size),
             )
         )
-        token = ""
-        if report.next_after is not None:
-            token = encode_token(
-                {"t": report.next_after[0].isoformat(), "id": report.next_after[1]}
-            )
         return ledger_pb2.GetUsageResponse(
             rows=[usage_row_pb(r) for r in report.rows],
             total_gpu_time_ms=report.total_gpu_time_ms,
             total_cost_micro_credits=report.total_cost,
-            next_page_token=token,
+            next_page_token=report.next_cursor,
         )
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from controlplane.api.convert import timestamp
-from controlplane.auth.principal import Principal, Role, current_principal
-from controlplane.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
+from controlplane.auth.principal import current_principal
+from controlplane.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from controlplane.jobs.service import JobService
-from controlplane.paging import after_id, decode_token, encode_token, page_size
+from controlplane.paging import PageRequest
+from controlplane.registry.access import HostAccess
 from controlplane.registry.models import Gpu, Host
 from controlplane.registry.offers import Offer, OfferFilter
 from controlplane.registry.service import RegistryService
@@ -23,7 +23,6 @@ from controlplane.registry.telemetry import GpuSeries
 from messaging.natsjwt import host_inbox_prefix
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 
-log = logging.getLogger(__name__)
 Context = Any
 
 PB_HOST_STATE = {s.pb: s for s in HostState}
@@ -90,16 +89,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self,
         registry: RegistryService,
         jobs: JobService,
+        access: HostAccess,
         *,
         nats_servers: list[str],
         heartbeat_interval_ms: int,
         telemetry_interval_ms: int,
-        forget_principal: Callable[[str], None] | None = None,
     ) -> None:
         self.registry = registry
         self.jobs = jobs
-        # Drops a principal from the API-key cache (AuthService.forget) once it is revoked.
-        self.forget_principal = forget_principal
+        self.access = access
         self.nats_servers = nats_servers
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.telemetry_interval_ms = telemetry_interval_ms
@@ -107,11 +105,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def RegisterHost(
         self, request: registry_pb2.RegisterHostRequest, context: Context
     ) -> registry_pb2.RegisterHostResponse:
-        registration = await self.registry.register_host(request)
+        registration, gpus = await self.access.register(request)
         host = registration.host
-        if registration.revoked_nats_user:
-            await self._push_account("re-registration revoked the host's earlier NATS user")
-        _, gpus = await self.registry.get_host(current_principal_or_host(host), host.id)
         return registry_pb2.RegisterHostResponse(
             host_id=host.id,
             host_credential=registration.credential,
@@ -196,19 +191,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if value not in PB_HOST_STATE:
                 raise InvalidArgument("states", f"unknown host state {value}")
             states.append(PB_HOST_STATE[value].value)
-        limit = page_size(request.page_size)
-        hosts, gpus = await self.registry.list_hosts(
+        page, gpus = await self.registry.list_hosts(
             current_principal(),
             states,
             request.provider_tenant_id,
-            after_id(request.page_token),
-            limit + 1,
+            PageRequest(request.page_token, request.page_size),
         )
-        more = len(hosts) > limit
-        hosts = hosts[:limit]
+        telemetry = self.registry.telemetry_of
         return registry_pb2.ListHostsResponse(
-            hosts=[host_pb(h, gpus.get(h.id, []), self.registry.telemetry_of(h.id)) for h in hosts],
-            next_page_token=encode_token({"after": hosts[-1].id}) if more else "",
+            hosts=[host_pb(h, gpus.get(h.id, []), telemetry(h.id)) for h in page.items],
+            next_page_token=page.next_cursor,
         )
 
     async def GetHost(
@@ -241,40 +233,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.RevokeHostResponse:
         if not request.host_id:
             raise InvalidArgument("host_id", "is required")
-        host = await self.registry.revoke_host(request.host_id, request.reason)
-        if self.forget_principal is not None:
-            self.forget_principal(host.id)
-        # Its running attempts are lost now rather than at the next liveness tick.
-        await self.jobs.sweep_lost_attempts()
-        if host.nats_user_key:
-            await self._push_account(f"host {host.id} revoked", required=True)
-        _, gpus = await self.registry.get_host(current_principal(), host.id)
+        host, gpus = await self.access.revoke(current_principal(), request.host_id, request.reason)
         return registry_pb2.RevokeHostResponse(host=host_pb(host, gpus))
-
-    async def _push_account(self, why: str, *, required: bool = False) -> None:
-        """Pushes the account JWT. Required (RevokeHost): UNAVAILABLE when NATS did not take
-        it; the revocation is committed, so retrying the RPC pushes again."""
-        nats_auth = self.registry.nats_auth
-        if nats_auth is None:
-            return
-        try:
-            await nats_auth.push_account()
-        except Unavailable as error:
-            log.warning("NATS account update (%s) failed: %s", why, error.message)
-            if required:
-                raise Unavailable(
-                    f"the revocation is stored but NATS has not taken it yet ({error.message}); "
-                    "call RevokeHost again to retry (control planes also push it at start)"
-                ) from None
 
     async def ListOffers(
         self, request: registry_pb2.ListOffersRequest, context: Context
     ) -> registry_pb2.ListOffersResponse:
-        cursor = decode_token(request.page_token)
-        offset = cursor.get("offset", 0) if cursor else 0
-        if not isinstance(offset, int) or offset < 0:
-            raise InvalidArgument("page_token", "is not a token this server issued")
-        limit = page_size(request.page_size)
         wanted = OfferFilter(
             gpu_type=request.gpu_type,
             min_vram_gib=request.min_vram_gib,
@@ -284,10 +248,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             labels=dict(request.labels),
             exclude_simulated=request.exclude_simulated,
         )
-        offers, more = await self.registry.list_offers(wanted, offset, limit)
+        page = await self.registry.list_offers(
+            wanted, PageRequest(request.page_token, request.page_size)
+        )
         return registry_pb2.ListOffersResponse(
-            offers=[offer_pb(o) for o in offers],
-            next_page_token=encode_token({"offset": offset + limit}) if more else "",
+            offers=[offer_pb(o) for o in page.items], next_page_token=page.next_cursor
         )
 
 
@@ -305,8 +270,3 @@ def offer_pb(offer: Offer) -> types_pb2.Offer:
         simulated=offer.simulated,
         compute_capability=offer.compute_capability,
     )
-
-
-def current_principal_or_host(host: Host) -> Principal:
-    """RegisterHost runs without a key: read the new host back as that host."""
-    return Principal(tenant_id=host.provider_tenant_id, role=Role.HOST, principal_id=host.id)

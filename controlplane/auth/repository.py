@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.models import ApiKey, Tenant
+from controlplane.paging import Page, PageRequest, page_by_id
 
 
 class AuthRepository:
@@ -24,11 +24,8 @@ class AuthRepository:
     async def tenant_by_idempotency_key(self, key: str) -> Tenant | None:
         return await self.session.scalar(select(Tenant).where(Tenant.idempotency_key == key))
 
-    async def list_tenants(self, after_id: str | None, limit: int) -> Sequence[Tenant]:
-        query = select(Tenant).order_by(Tenant.id).limit(limit)
-        if after_id:
-            query = query.where(Tenant.id > after_id)
-        return (await self.session.scalars(query)).all()
+    async def list_tenants(self, page: PageRequest) -> Page[Tenant]:
+        return await page_by_id(self.session, select(Tenant), Tenant.id, page, lambda t: t.id)
 
     def add(self, row: Tenant | ApiKey) -> None:
         self.session.add(row)
@@ -46,16 +43,14 @@ class AuthRepository:
         return await self.session.get(ApiKey, key_id)
 
     async def list_keys(
-        self, tenant_id: str | None, include_revoked: bool, after_id: str | None, limit: int
-    ) -> Sequence[ApiKey]:
-        query = select(ApiKey).order_by(ApiKey.id).limit(limit)
+        self, tenant_id: str | None, include_revoked: bool, page: PageRequest
+    ) -> Page[ApiKey]:
+        query = select(ApiKey)
         if tenant_id:
             query = query.where(ApiKey.tenant_id == tenant_id)
         if not include_revoked:
             query = query.where(ApiKey.revoked_at.is_(None))
-        if after_id:
-            query = query.where(ApiKey.id > after_id)
-        return (await self.session.scalars(query)).all()
+        return await page_by_id(self.session, query, ApiKey.id, page, lambda k: k.id)
 
     async def any_admin_key(self) -> bool:
         found = await self.session.scalar(

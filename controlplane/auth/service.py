@@ -6,7 +6,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,6 +22,7 @@ from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from controlplane.idempotency import ensure_same
+from controlplane.paging import Page, PageRequest
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,9 @@ class AuthService:
                     return existing
             raise AlreadyExists(f"name: a tenant named {name!r} already exists") from None
 
-    async def list_tenants(self, after_id: str | None, limit: int) -> Sequence[Tenant]:
+    async def list_tenants(self, page: PageRequest) -> Page[Tenant]:
         async with self.db.read() as session:
-            return await AuthRepository(session).list_tenants(after_id, limit)
+            return await AuthRepository(session).list_tenants(page)
 
     async def create_api_key(
         self,
@@ -190,12 +191,10 @@ class AuthService:
             return CreatedKey(key, secret)
 
     async def list_api_keys(
-        self, tenant_id: str | None, include_revoked: bool, after_id: str | None, limit: int
-    ) -> Sequence[ApiKey]:
+        self, tenant_id: str | None, include_revoked: bool, page: PageRequest
+    ) -> Page[ApiKey]:
         async with self.db.read() as session:
-            return await AuthRepository(session).list_keys(
-                tenant_id, include_revoked, after_id, limit
-            )
+            return await AuthRepository(session).list_keys(tenant_id, include_revoked, page)
 
     async def revoke_api_key(self, key_id: str) -> ApiKey:
         async with self.db.transaction() as session:

@@ -1,24 +1,22 @@
-"""Job logs: live from the JetStream LOGS stream while an attempt runs, from S3 after."""
+"""Job logs: live from the JetStream LOGS stream while an attempt runs, from S3 after.
+Object-store and NATS failures propagate: the API maps them to UNAVAILABLE."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 import nats.errors
-import urllib3.exceptions
 from gpuplane.v1 import jobs_pb2, types_pb2
 from nats.js.api import DeliverPolicy
 
 from controlplane.bus import Bus
 from controlplane.db.engine import Database
-from controlplane.errors import Unavailable
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.jobs.repository import JobRepository
 from messaging.subjects import LOG_END_HEADER, LOG_STREAM_HEADER, logs_subject
 from storage.layout import attempt_prefix, inside
-from storage.objects import ObjectStore, StorageError
+from storage.objects import ObjectStore
 
 STREAMS: dict[str, types_pb2.LogStream.ValueType] = {
     "stdout": types_pb2.LOG_STREAM_STDOUT,
@@ -62,11 +60,7 @@ class LogReader:
             key = stored.get(f"logs/{name}")
             if key is None:
                 continue
-            try:
-                data = await self.store.get_bytes(key)
-            except (StorageError, urllib3.exceptions.HTTPError) as error:
-                raise Unavailable(f"object storage unavailable: {error}") from None
-            data = _tail(data, request.tail_lines)
+            data = _tail(await self.store.get_bytes(key), request.tail_lines)
             for start in range(0, len(data), 64 * 1024):
                 yield jobs_pb2.LogChunk(
                     stream=stream, data=data[start : start + 64 * 1024], attempt=attempt.attempt
@@ -80,12 +74,8 @@ class LogReader:
     async def _from_stream(
         self, job: Job, attempt: JobAttempt, request: jobs_pb2.StreamLogsRequest
     ) -> AsyncIterator[jobs_pb2.LogChunk]:
-        try:
-            await asyncio.wait_for(self.bus.ready.wait(), timeout=5)
-        except TimeoutError:
-            raise Unavailable("the message bus is not reachable; try again") from None
-        assert self.bus.js is not None
-        subscription = await self.bus.js.subscribe(
+        js = await self.bus.jetstream(timeout=5)
+        subscription = await js.subscribe(
             logs_subject(attempt.host_id, job.id, attempt.attempt),
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controlplane.auth.principal import Principal
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
+from controlplane.paging import Page, PageRequest, page_newest_first
 from controlplane.registry.models import Host
 
 
@@ -30,35 +32,48 @@ class JobRepository:
             select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
         )
 
+    @staticmethod
+    def readable(caller: Principal) -> Select[Job]:
+        """The jobs `caller` may see: its tenant's; every job for an admin."""
+        query = select(Job)
+        return query if caller.is_admin else query.where(Job.tenant_id == caller.tenant_id)
+
+    async def get_readable(
+        self, caller: Principal, job_id: str, *, lock: bool = False
+    ) -> Job | None:
+        """The job if `caller` may see it (a foreign job is as absent as a missing one)."""
+        query = self.readable(caller).where(Job.id == job_id)
+        if lock:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        return await self.session.scalar(query)
+
     async def list(
         self,
+        caller: Principal,
         tenant_id: str | None,
         states: Sequence[str],
         created_after: datetime | None,
         created_before: datetime | None,
-        before: tuple[datetime, str] | None,
-        limit: int,
-        labels: Mapping[str, str] | None = None,
-    ) -> Sequence[Job]:
-        query = select(Job)
+        labels: Mapping[str, str],
+        page: PageRequest,
+    ) -> Page[Job]:
+        """One page of the jobs `caller` may see (of `tenant_id` only, when given), newest
+        first."""
+        query = self.readable(caller)
         if tenant_id:
             query = query.where(Job.tenant_id == tenant_id)
         if states:
             query = query.where(Job.state.in_(states))
         # In the query, before the limit: a page holds `limit` matching jobs, not fewer.
-        for key, value in (labels or {}).items():
+        for key, value in labels.items():
             query = query.where(Job.labels[key].as_string() == value)
         if created_after:
             query = query.where(Job.created_at >= created_after)
         if created_before:
             query = query.where(Job.created_at < created_before)
-        if before:
-            query = query.where(
-                (Job.created_at < before[0])
-                | ((Job.created_at == before[0]) & (Job.id < before[1]))
-            )
-        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
-        return (await self.session.scalars(query)).all()
+        return await page_newest_first(
+            self.session, query, (Job.created_at, Job.id), page, lambda j: (j.created_at, j.id)
+        )
 
     async def queued(self, now: datetime, limit: int) -> Sequence[Job]:
         """Queued jobs whose backoff has passed, highest priority first, then oldest."""

@@ -27,6 +27,7 @@ from controlplane.ledger import service as ledger
 from controlplane.ledger.holds import NOTHING, AttemptCost, Charged
 from controlplane.ledger.models import HoldState
 from controlplane.ledger.repository import LedgerRepository
+from controlplane.paging import Page, PageRequest
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.service import HostSessions
 
@@ -231,8 +232,8 @@ class JobService:
     async def get(self, caller: Principal, job_id: str) -> JobView:
         async with self.db.read() as session:
             repo = JobRepository(session)
-            job = await repo.get(job_id)
-            if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
+            job = await repo.get_readable(caller, job_id)
+            if job is None:
                 raise NotFound(f"job_id: no job {job_id!r}")
             return JobView(job, await repo.attempts(job_id))
 
@@ -244,20 +245,19 @@ class JobService:
         labels: dict[str, str],
         created_after: datetime | None,
         created_before: datetime | None,
-        before: tuple[datetime, str] | None,
-        limit: int,
-    ) -> Sequence[Job]:
+        page: PageRequest,
+    ) -> Page[Job]:
         owner = None if caller.is_admin and not tenant_id else caller.require_tenant(tenant_id)
         validate_labels("labels", labels)
         async with self.db.read() as session:
             return await JobRepository(session).list(
+                caller,
                 owner,
                 [s.value for s in states],
                 created_after,
                 created_before,
-                before,
-                limit,
                 labels,
+                page,
             )
 
     async def cancel(self, caller: Principal, job_id: str, reason: str) -> Job:
@@ -267,8 +267,8 @@ class JobService:
 
         async def work(session: AsyncSession) -> tuple[Job, registry_pb2.ControlMessage | None]:
             repo = JobRepository(session)
-            job = await repo.get(job_id, lock=True)
-            if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
+            job = await repo.get_readable(caller, job_id, lock=True)
+            if job is None:
                 raise NotFound(f"job_id: no job {job_id!r}")
             state = JobState(job.state)
             why = f"cancelled: {reason}" if reason else "cancelled by the user"
@@ -298,8 +298,8 @@ class JobService:
     ) -> tuple[Job, Sequence[JobEvent]]:
         async with self.db.read() as session:
             repo = JobRepository(session)
-            job = await repo.get(job_id)
-            if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
+            job = await repo.get_readable(caller, job_id)
+            if job is None:
                 raise NotFound(f"job_id: no job {job_id!r}")
             return job, await repo.events_after(job_id, seq)
 
@@ -309,8 +309,8 @@ class JobService:
         """The job and one attempt (0 = the current one)."""
         async with self.db.read() as session:
             repo = JobRepository(session)
-            job = await repo.get(job_id)
-            if job is None or not (caller.is_admin or job.tenant_id == caller.tenant_id):
+            job = await repo.get_readable(caller, job_id)
+            if job is None:
                 raise NotFound(f"job_id: no job {job_id!r}")
             if attempt > job.attempt:
                 raise NotFound(f"attempt: job {job_id} has no attempt {attempt}")

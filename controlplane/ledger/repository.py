@@ -39,6 +39,7 @@ from controlplane.ledger.repository_pg import (
     TRANSFER_INPUT_COLUMNS,
     Posted,
 )
+from controlplane.paging import Page, PageRequest, page_newest_first
 from controlplane.registry.models import Gpu, Host
 
 ACCOUNTS = cast(Table, Account.__table__)
@@ -225,9 +226,10 @@ class LedgerRepository:
         job_id: str | None,
         start: datetime | None,
         end: datetime | None,
-        before: tuple[datetime, str] | None,
-        limit: int,
-    ) -> Sequence[Transfer]:
+        page: PageRequest,
+    ) -> Page[Transfer]:
+        """One page of the transfers that move money in or out of `account_ids` (the only
+        ones a tenant may read: those touching its own accounts), newest first."""
         query = select(Transfer).where(
             or_(
                 Transfer.debit_account_id.in_(account_ids),
@@ -242,15 +244,13 @@ class LedgerRepository:
             query = query.where(Transfer.created_at >= start)
         if end:
             query = query.where(Transfer.created_at < end)
-        if before:
-            query = query.where(
-                or_(
-                    Transfer.created_at < before[0],
-                    (Transfer.created_at == before[0]) & (Transfer.id < before[1]),
-                )
-            )
-        query = query.order_by(Transfer.created_at.desc(), Transfer.id.desc()).limit(limit)
-        return (await self.session.scalars(query)).all()
+        return await page_newest_first(
+            self.session,
+            query,
+            (Transfer.created_at, Transfer.id),
+            page,
+            lambda t: (t.created_at, t.id),
+        )
 
     async def recomputed_balances(self) -> dict[str, int]:
         """Every account's balance recomputed from the transfers alone."""

@@ -46,6 +46,7 @@ from controlplane.ledger.transfers import (
     transfer,
 )
 from controlplane.ledger.usage import UsageQuery, UsageReport, usage_report
+from controlplane.paging import Page, PageRequest
 
 __all__ = [
     "EXTERNAL",
@@ -170,9 +171,8 @@ class LedgerService:
         job_id: str | None,
         start: datetime | None,
         end: datetime | None,
-        before: tuple[datetime, str] | None,
-        limit: int,
-    ) -> Sequence[Transfer]:
+        page: PageRequest,
+    ) -> Page[Transfer]:
         kinds_of_tenant = account_kinds or (
             AccountKind.AVAILABLE,
             AccountKind.HELD,
@@ -183,7 +183,7 @@ class LedgerService:
         ids = [account_id(tenant_id, k) for k in kinds_of_tenant]
         async with self.db.read() as session:
             return await LedgerRepository(session).entries(
-                ids, [k.value for k in kinds], job_id, start, end, before, limit
+                ids, [k.value for k in kinds], job_id, start, end, page
             )
 
     async def check(self) -> CheckReport:

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from controlplane.auth.principal import Principal, Role
 from controlplane.errors import InvalidArgument
 from controlplane.ledger.repository import LedgerRepository
+from controlplane.paging import PageRequest, page_of, time_cursor, time_token
 
 # A report aggregates in memory; past this many attempts it asks for a narrower range.
 MAX_USAGE_ATTEMPTS = 20_000
@@ -20,6 +22,24 @@ class UsageGrouping(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class UsageScope:
+    """Whose usage a report covers: exactly one of the two is set."""
+
+    # The consumer whose jobs count, or the provider whose hosts ran them.
+    tenant_id: str | None
+    provider_tenant_id: str | None
+
+
+def readable_usage(caller: Principal, tenant_id: str) -> UsageScope:
+    """The usage `caller` may read for `tenant_id` ("" for its own): a provider sees the jobs
+    its hosts ran; anyone else the jobs the tenant submitted."""
+    tenant = caller.require_tenant(tenant_id)
+    if caller.role is Role.PROVIDER:
+        return UsageScope(tenant_id=None, provider_tenant_id=tenant)
+    return UsageScope(tenant_id=tenant, provider_tenant_id=None)
+
+
+@dataclass(frozen=True, slots=True)
 class UsageQuery:
     # Exactly one of these: the consumer whose jobs count, or the provider whose hosts ran them.
     tenant_id: str | None
@@ -28,9 +48,8 @@ class UsageQuery:
     start: datetime | None
     end: datetime | None
     grouping: UsageGrouping
-    # Rows strictly after this row key (from the previous page), newest first.
-    after: tuple[datetime, str] | None
-    limit: int
+    # Newest first; a page token resumes strictly after the last row of the previous page.
+    page: PageRequest
 
 
 @dataclass(slots=True)
@@ -61,8 +80,8 @@ class UsageReport:
     rows: list[UsageRow]
     total_gpu_time_ms: int
     total_cost: int
-    # Key of the last row when there are more, else None.
-    next_after: tuple[datetime, str] | None
+    # The token of the next page, "" on the last.
+    next_cursor: str
 
 
 def period_of(when: datetime, grouping: UsageGrouping) -> datetime:
@@ -74,6 +93,7 @@ async def usage_report(repo: LedgerRepository, query: UsageQuery) -> UsageReport
     """GPU time (GPU count × run time of attempts that were not lost) and net cost (charges
     minus refunds) of the matching started jobs, grouped by job or by the UTC day/month the
     job started, newest first."""
+    after = time_cursor(query.page.token)
     attempts = await repo.usage_attempts(
         query.tenant_id,
         query.provider_tenant_id,
@@ -118,9 +138,7 @@ async def usage_report(repo: LedgerRepository, query: UsageQuery) -> UsageReport
     rows.sort(key=lambda r: r.key, reverse=True)
     total_ms = sum(r.gpu_time_ms for r in rows)
     total_cost = sum(r.cost for r in rows)
-    if query.after is not None:
-        after = query.after
+    if after is not None:
         rows = [r for r in rows if r.key < after]
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    return UsageReport(rows, total_ms, total_cost, rows[-1].key if more else None)
+    page = page_of(rows, query.page.limit, lambda r: time_token(*r.key))
+    return UsageReport(page.items, total_ms, total_cost, page.next_cursor)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import Select, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controlplane.auth.principal import Principal, Role
 from controlplane.jobs.models import JobAttempt
+from controlplane.paging import Page, PageRequest, page_by_id
 from controlplane.registry.models import Gpu, Host, NatsRevocation, RegistrationToken
 
 
@@ -35,19 +37,35 @@ class RegistryRepository:
     async def get_token(self, token_id: str) -> RegistrationToken | None:
         return await self.session.get(RegistrationToken, token_id)
 
+    @staticmethod
+    def readable_tokens(caller: Principal) -> Select[RegistrationToken]:
+        """The registration tokens `caller` may see: its tenant's; all for an admin."""
+        query = select(RegistrationToken)
+        if caller.is_admin:
+            return query
+        return query.where(RegistrationToken.provider_tenant_id == caller.tenant_id)
+
+    async def get_readable_token(
+        self, caller: Principal, token_id: str
+    ) -> RegistrationToken | None:
+        return await self.session.scalar(
+            self.readable_tokens(caller).where(RegistrationToken.id == token_id)
+        )
+
     async def list_tokens(
-        self, provider: str | None, active_after: datetime | None, after_id: str | None, limit: int
-    ) -> Sequence[RegistrationToken]:
-        query = select(RegistrationToken).order_by(RegistrationToken.id).limit(limit)
+        self,
+        caller: Principal,
+        provider: str | None,
+        active_after: datetime | None,
+        page: PageRequest,
+    ) -> Page[RegistrationToken]:
+        token = RegistrationToken
+        query = self.readable_tokens(caller)
         if provider:
-            query = query.where(RegistrationToken.provider_tenant_id == provider)
+            query = query.where(token.provider_tenant_id == provider)
         if active_after is not None:
-            query = query.where(
-                RegistrationToken.revoked_at.is_(None), RegistrationToken.expires_at > active_after
-            )
-        if after_id:
-            query = query.where(RegistrationToken.id > after_id)
-        return (await self.session.scalars(query)).all()
+            query = query.where(token.revoked_at.is_(None), token.expires_at > active_after)
+        return await page_by_id(self.session, query, token.id, page, lambda t: t.id)
 
     async def consume_token(self, token_id: str) -> bool:
         """Counts one use unless the token is used up (atomic against concurrent registers)."""
@@ -82,17 +100,34 @@ class RegistryRepository:
             )
         ).all()
 
+    @staticmethod
+    def readable_hosts(caller: Principal) -> Select[Host]:
+        """The hosts `caller` may see: a provider its own, a host itself, an admin all."""
+        query = select(Host)
+        if caller.is_admin:
+            return query
+        if caller.role is Role.HOST:
+            return query.where(Host.id == caller.principal_id)
+        return query.where(Host.provider_tenant_id == caller.tenant_id)
+
+    async def get_readable_host(
+        self, caller: Principal, host_id: str, *, lock: bool = False
+    ) -> Host | None:
+        """The host if `caller` may see it (a foreign host is as absent as a missing one)."""
+        query = self.readable_hosts(caller).where(Host.id == host_id)
+        if lock:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        return await self.session.scalar(query)
+
     async def list_hosts(
-        self, states: Sequence[str], provider: str | None, after_id: str | None, limit: int
-    ) -> Sequence[Host]:
-        query = select(Host).order_by(Host.id).limit(limit)
+        self, caller: Principal, states: Sequence[str], provider: str | None, page: PageRequest
+    ) -> Page[Host]:
+        query = self.readable_hosts(caller)
         if states:
             query = query.where(Host.state.in_(states))
         if provider:
             query = query.where(Host.provider_tenant_id == provider)
-        if after_id:
-            query = query.where(Host.id > after_id)
-        return (await self.session.scalars(query)).all()
+        return await page_by_id(self.session, query, Host.id, page, lambda h: h.id)
 
     async def gpus_of(self, host_ids: Sequence[str]) -> Sequence[Gpu]:
         if not host_ids:

@@ -21,6 +21,7 @@ from controlplane.errors import (
     Unauthenticated,
 )
 from controlplane.idempotency import ensure_same
+from controlplane.paging import Page, PageRequest, offset_of, page_by_offset
 from controlplane.registry.models import Gpu, Host, RegistrationToken
 from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
@@ -164,9 +165,8 @@ class RegistryService:
         caller: Principal,
         provider_tenant_id: str,
         include_inactive: bool,
-        after: str | None,
-        limit: int,
-    ) -> Sequence[RegistrationToken]:
+        page: PageRequest,
+    ) -> Page[RegistrationToken]:
         provider = (
             None
             if caller.is_admin and not provider_tenant_id
@@ -174,15 +174,13 @@ class RegistryService:
         )
         async with self.db.read() as session:
             return await RegistryRepository(session).list_tokens(
-                provider, None if include_inactive else utcnow(), after, limit
+                caller, provider, None if include_inactive else utcnow(), page
             )
 
     async def revoke_token(self, caller: Principal, token_id: str) -> RegistrationToken:
         async with self.db.transaction() as session:
-            token = await RegistryRepository(session).get_token(token_id)
-            if token is None or (
-                not caller.is_admin and token.provider_tenant_id != caller.tenant_id
-            ):
+            token = await RegistryRepository(session).get_readable_token(caller, token_id)
+            if token is None:
                 raise NotFound(f"token_id: no registration token {token_id!r}")
             if token.revoked_at is None:
                 token.revoked_at = utcnow()
@@ -389,20 +387,21 @@ class RegistryService:
     async def get_host(self, caller: Principal, host_id: str) -> tuple[Host, Sequence[Gpu]]:
         async with self.db.read() as session:
             repo = RegistryRepository(session)
-            host = await repo.get_host(host_id)
-            if host is None or not self._may_see(caller, host):
+            host = await repo.get_readable_host(caller, host_id)
+            if host is None:
                 raise NotFound(f"host_id: no host {host_id!r}")
             return host, await repo.gpus_of([host.id])
 
     async def list_hosts(
-        self, caller: Principal, states: Sequence[str], provider: str, after: str | None, limit: int
-    ) -> tuple[Sequence[Host], dict[str, list[Gpu]]]:
+        self, caller: Principal, states: Sequence[str], provider: str, page: PageRequest
+    ) -> tuple[Page[Host], dict[str, list[Gpu]]]:
+        """One page of the hosts `caller` may see, with their GPUs by host id."""
         owner = None if caller.is_admin and not provider else caller.require_tenant(provider)
         async with self.db.read() as session:
             repo = RegistryRepository(session)
-            hosts = await repo.list_hosts(states, owner, after, limit)
+            hosts = await repo.list_hosts(caller, states, owner, page)
             gpus: dict[str, list[Gpu]] = {}
-            for gpu in await repo.gpus_of([h.id for h in hosts]):
+            for gpu in await repo.gpus_of([h.id for h in hosts.items]):
                 gpus.setdefault(gpu.host_id, []).append(gpu)
             return hosts, gpus
 
@@ -415,8 +414,8 @@ class RegistryService:
             raise InvalidArgument("reason", "at most 500 characters")
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
-            host = await repo.get_host(host_id, lock=True)
-            if host is None or not self._may_see(caller, host):
+            host = await repo.get_readable_host(caller, host_id, lock=True)
+            if host is None:
                 raise NotFound(f"host_id: no host {host_id!r}")
             state = HostState(host.state)
             if draining:
@@ -436,14 +435,6 @@ class RegistryService:
         )
         self.sessions.send(host_id, message)
         return host
-
-    @staticmethod
-    def _may_see(caller: Principal, host: Host) -> bool:
-        if caller.is_admin:
-            return True
-        if caller.role is Role.HOST:
-            return caller.principal_id == host.id
-        return caller.tenant_id == host.provider_tenant_id
 
     async def stale_hosts(self, timeout: timedelta, now: datetime) -> Sequence[str]:
         """Marks hosts without a heartbeat for `timeout` as lost; returns their ids. Flushes
@@ -473,12 +464,10 @@ class RegistryService:
 
     # Offers --------------------------------------------------------------------------------
 
-    async def list_offers(
-        self, wanted: OfferFilter, offset: int, limit: int
-    ) -> tuple[list[Offer], bool]:
-        """One page of offers from `offset`, and whether more follow."""
+    async def list_offers(self, wanted: OfferFilter, page: PageRequest) -> Page[Offer]:
+        """One page of the offers matching `wanted`, cheapest first."""
+        offset = offset_of(page.token)
         wanted.validate()
         async with self.db.read() as session:
             hosts = await capacity_snapshot(session)
-        offers = build_offers(hosts, wanted)
-        return offers[offset : offset + limit], offset + limit < len(offers)
+        return page_by_offset(build_offers(hosts, wanted), offset, page.limit)

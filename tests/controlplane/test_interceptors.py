@@ -1,18 +1,24 @@
-"""Error mapping: domain errors keep their code; unknown errors become a generic INTERNAL."""
+"""Error mapping: domain errors keep their code; a dependency that is down (object storage,
+NATS) is UNAVAILABLE; unknown errors become a generic INTERNAL."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import nats.errors
 import pytest
 from gpuplane.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
+from controlplane import errors
 from controlplane.api.interceptors import ErrorInterceptor
 from controlplane.errors import FailedPrecondition
 from controlplane.metrics import Metrics
+from storage.objects import StorageError
 
 
 class Exploding(admin_pb2_grpc.AdminServiceServicer):
@@ -21,6 +27,12 @@ class Exploding(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListTenants(self, request: Any, context: Any) -> Any:
         raise FailedPrecondition("tenant is frozen")
+
+    async def ListApiKeys(self, request: Any, context: Any) -> Any:
+        raise StorageError("bucket 'b', 'k': SlowDown: try later")
+
+    async def GetPricingPolicy(self, request: Any, context: Any) -> Any:
+        raise nats.errors.NoServersError()
 
 
 class ExplodingStream(jobs_pb2_grpc.JobServiceServicer):
@@ -83,3 +95,32 @@ async def test_stream_error_after_items_is_internal(server_address: str) -> None
             await watch(channel)
     assert received == [1]
     assert caught.value.code() == grpc.StatusCode.INTERNAL
+
+
+async def test_storage_and_nats_failures_are_unavailable(server_address: str) -> None:
+    async with grpc.aio.insecure_channel(server_address) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as storage:
+            await stub.ListApiKeys(admin_pb2.ListApiKeysRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as bus:
+            await stub.GetPricingPolicy(admin_pb2.GetPricingPolicyRequest())
+    assert storage.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (
+        storage.value.details()
+        == "object storage unavailable: bucket 'b', 'k': SlowDown: try later"
+    )
+    assert bus.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert bus.value.details() == "the message bus is not reachable; try again"
+
+
+def test_domain_errors_know_no_transport() -> None:
+    tree = ast.parse(inspect.getsource(errors))
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (
+            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+        )
+    }
+    assert "grpc" not in imported
