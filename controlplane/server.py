@@ -38,7 +38,6 @@ from controlplane.db import migrate
 from controlplane.db.engine import Database
 from controlplane.jobs.logs import LogReader
 from controlplane.jobs.notify import Notifier
-from controlplane.jobs.quote import Quoter
 from controlplane.jobs.service import JobPolicy, JobService
 from controlplane.ledger.service import LedgerService
 from controlplane.metrics import Metrics
@@ -46,6 +45,7 @@ from controlplane.registry.monitor import GpuMonitor, MonitorPolicy
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
+from controlplane.scheduler.quote import Quoter
 from controlplane.scheduler.service import CycleStats, Scheduler, scheduler_policy
 from controlplane.settings import Settings
 from controlplane.tls import server_credentials

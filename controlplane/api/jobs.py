@@ -16,11 +16,11 @@ from controlplane.idempotency import check_key, fingerprint
 from controlplane.jobs.logs import LogReader
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.notify import Notifier
-from controlplane.jobs.quote import Quoter
 from controlplane.jobs.service import JobService
 from controlplane.jobs.states import JobState
 from controlplane.paging import encode_token, page_size, time_cursor
 from controlplane.registry.usage import GpuUsage
+from controlplane.scheduler.quote import Quoter
 from storage.layout import attempt_prefix, inside
 from storage.objects import ObjectStore
 
