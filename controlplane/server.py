@@ -152,7 +152,8 @@ class ControlPlane:
             dispatch_ack_timeout=timedelta(milliseconds=settings.dispatch_ack_timeout_ms),
             hold_queue_timeout=timedelta(seconds=settings.hold_queue_timeout_seconds),
         )
-        self.jobs = jobs = JobService(db, policy, registry.sessions, self.notifier)
+        ledger = LedgerService(db, min_payout=settings.min_payout_micro_credits)
+        self.jobs = jobs = JobService(db, policy, registry.sessions, self.notifier, ledger)
         self.leader = leadership_for(
             db,
             check_interval=settings.scheduler_leader_check_interval_ms / 1000,
@@ -220,7 +221,7 @@ class ControlPlane:
             server,
         )
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            LedgerServicer(LedgerService(db, min_payout=settings.min_payout_micro_credits)),
+            LedgerServicer(ledger),
             server,
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(

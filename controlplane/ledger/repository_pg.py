@@ -13,7 +13,7 @@ import psycopg
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controlplane.ledger.models import HoldState
+from controlplane.ledger.states import HoldState
 
 PENDING = HoldState.PENDING.value
 # Column order of a locked hold row (both backends).
