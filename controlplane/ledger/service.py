@@ -79,7 +79,9 @@ def _no_hold(request: Settle) -> NotFound:
 
 
 class LedgerService:
-    """The ledger, for the API, jobs, tools, tests and benchmarks alike."""
+    """The ledger, for the API, jobs, tools, tests and benchmarks alike. Its hold methods
+    take the caller's session (a job places, charges and settles its hold inside the job's
+    own transaction); those for callers without one open a transaction and call them."""
 
     def __init__(self, db: Database, *, min_payout: int = MICRO, max_batch: int = 128) -> None:
         self.db = db
@@ -269,6 +271,7 @@ class LedgerService:
         expires_at: datetime,
         job_id: str | None = None,
     ) -> Hold:
+        """place_hold in a transaction of its own, its key scoped as "hold/<key>"."""
         return await self.db.run(
             lambda session: self.place_hold(
                 session,
@@ -286,6 +289,7 @@ class LedgerService:
         return await self.db.run(lambda session: self.charge(session, hold_id, cost, key))
 
     async def refund_hold_attempt(self, hold_id: str, attempt: int) -> int:
+        """refund_attempt (a provider fault) in a transaction of its own."""
         key = scoped_key("hold", hold_id, attempt, "provider-fault")
         return await self.db.run(
             lambda session: self.refund_attempt(session, hold_id, attempt, key)
