@@ -40,7 +40,6 @@ from controlplane.jobs.config import job_policy
 from controlplane.jobs.dryrun import DryRun
 from controlplane.jobs.logs import LogReader
 from controlplane.jobs.notify import Notifier
-from controlplane.jobs.quote import Quoter
 from controlplane.jobs.results import JobResults
 from controlplane.jobs.service import JobService
 from controlplane.ledger.service import LedgerService
@@ -52,6 +51,7 @@ from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
 from controlplane.scheduler.config import scheduler_policy
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
+from controlplane.scheduler.quote import Quoter
 from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolicy
 from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
@@ -79,6 +79,7 @@ class Domains:
     registry: RegistryService
     auth: AuthService
     jobs: JobService
+    ledger: LedgerService
     scheduler: Scheduler
     scheduling: SchedulerPolicy
 
@@ -154,8 +155,9 @@ class ControlPlane:
         auth = AuthService(
             db, cache_ttl=settings.auth.cache_ttl_seconds, fallback=registry.authenticate_host
         )
+        ledger = LedgerService(db, min_payout=settings.pricing.min_payout)
         self.jobs = jobs = JobService(
-            db, job_policy(settings.jobs), registry.sessions, self.notifier
+            db, job_policy(settings.jobs), registry.sessions, self.notifier, ledger
         )
         scheduling = settings.scheduler
         self.leader = leader = leadership_for(
@@ -169,7 +171,7 @@ class ControlPlane:
             db, self.notifier, settings.storage.bucket, fence=leader.fence, policy=policy
         )
         scheduler.on_cycle = self._observe_cycle
-        return Domains(db, monitor, registry, auth, jobs, scheduler, policy)
+        return Domains(db, monitor, registry, auth, jobs, ledger, scheduler, policy)
 
     async def _serve_grpc(
         self, domains: Domains, credentials: grpc.ServerCredentials | None
@@ -236,9 +238,7 @@ class ControlPlane:
             ),
             server,
         )
-        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-            LedgerServicer(LedgerService(db, min_payout=pricing.min_payout)), server
-        )
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(domains.ledger), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(domains.auth, domains.registry, pricing_policy(pricing)), server
         )

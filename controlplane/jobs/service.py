@@ -22,11 +22,11 @@ from controlplane.jobs.notify import Notifier
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.spec import validate_labels, validate_spec
 from controlplane.jobs.states import ON_HOST, JobState, can_transition
-from controlplane.ledger import holds as ledger_holds
 from controlplane.ledger import service as ledger
 from controlplane.ledger.holds import NOTHING, AttemptCost, Charged
 from controlplane.ledger.models import HoldState
 from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.service import LedgerService
 from controlplane.paging import Page, PageRequest
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.service import HostSessions
@@ -132,9 +132,16 @@ class JobView:
 
 class JobService:
     def __init__(
-        self, db: Database, policy: JobPolicy, sessions: HostSessions, notifier: Notifier
+        self,
+        db: Database,
+        policy: JobPolicy,
+        sessions: HostSessions,
+        notifier: Notifier,
+        ledger: LedgerService | None = None,
     ) -> None:
         self.db = db
+        # Holds are placed, charged and settled through it, inside the job's transaction.
+        self.ledger = ledger or LedgerService(db)
         self.policy = policy
         self.sessions = sessions
         self.notifier = notifier
@@ -197,7 +204,7 @@ class JobService:
             repo.add(JobEvent(job_id=job.id, seq=1, attempt=1, state="queued", time=now))
             await repo.flush()
             try:
-                await ledger_holds.place_hold(
+                await self.ledger.place_hold(
                     session,
                     tenant_id=caller.tenant_id,
                     amount=hold,
@@ -500,7 +507,7 @@ class JobService:
             return NOTHING
         cost = self._cost(job, attempt, host.provider_tenant_id)
         key = f"job/{job.id}/{attempt.attempt}/meter/{attempt.run_time_ms}"
-        charged = await ledger_holds.charge(session, hold.id, cost, key)
+        charged = await self.ledger.charge(session, hold.id, cost, key)
         attempt.charged += charged.amount
         job.charged += charged.amount
         return charged
@@ -519,7 +526,7 @@ class JobService:
         if hold is None:
             return
         number = attempt.attempt if attempt is not None else job.attempt
-        resolution = await ledger_holds.settle(
+        resolution = await self.ledger.settle(
             session,
             hold.id,
             cost=cost,
@@ -579,7 +586,7 @@ class JobService:
                     why = "hold_expired: not placed before the job's hold expired"
                     transition(repo, job, JobState.FAILED, reason=why, now=now)
                 release = f"job/{job_id}/release" if job_id else f"hold/{hold_id}/release"
-                resolution = await ledger_holds.settle(
+                resolution = await self.ledger.settle(
                     session,
                     hold_id,
                     cost=None,
@@ -626,7 +633,7 @@ class JobService:
         if hold is not None:
             # What metering charged for this attempt goes back into the hold.
             key = f"job/{job.id}/{attempt.attempt}/provider-fault"
-            refunded = await ledger_holds.refund_attempt(session, hold.id, attempt.attempt, key)
+            refunded = await self.ledger.refund_attempt(session, hold.id, attempt.attempt, key)
             attempt.charged -= refunded
             job.charged -= refunded
         if job.attempt == attempt.attempt and not JobState(job.state).terminal:
@@ -653,7 +660,7 @@ class JobService:
             hold = await LedgerRepository(session).hold_of_job(job.id)
             if hold is not None:
                 spec = types_pb2.JobSpec.FromString(job.spec)
-                await ledger_holds.extend(session, hold.id, hold_expiry(spec, self.policy, now))
+                await self.ledger.extend(session, hold.id, hold_expiry(spec, self.policy, now))
             return
         else:
             transition(

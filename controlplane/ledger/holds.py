@@ -1,10 +1,11 @@
 """Two-phase holds: place (available → held), charge in increments while pending (metering),
 refund a provider-fault attempt, and resolve exactly once (posted, voided or expired).
 
-Every function works inside the caller's transaction. Each locks its hold rows first (in id
-order), then the accounts (in account-id order, in `post()`, which writes the holds back in
-the same statement), and changes a hold only while it is still pending (a conditional
-UPDATE): a replayed or racing call finds it resolved and moves no money."""
+The mechanics behind LedgerService's hold methods (ledger/service.py), the one way in: call
+them through it. Every function works inside the caller's transaction. Each locks its hold
+rows first (in id order), then the accounts (in account-id order, in `post()`, which writes
+the holds back in the same statement), and changes a hold only while it is still pending (a
+conditional UPDATE): a replayed or racing call finds it resolved and moves no money."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import new_id, utcnow
 from controlplane.errors import AlreadyExists, FailedPrecondition, NotFound
-from controlplane.ledger.models import Hold, HoldState
+from controlplane.ledger.models import Hold
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.repository_pg import HOLD_LOCK_COLUMNS, HOLD_WRITE_COLUMNS
+from controlplane.ledger.states import HoldState, new_hold, resolve_holds
 from controlplane.ledger.transfers import (
     REVENUE,
     AccountKind,
@@ -143,14 +145,13 @@ async def place_hold(
     available, held = hold_accounts(tenant_id)
     now = utcnow()
     transfer_id = new_transfer_id() if amount else None
-    hold = Hold(
+    hold = new_hold(
         id=new_id("hold"),
         key=key,
         tenant_id=tenant_id,
         job_id=job_id,
         amount=amount,
         posted_amount=0,
-        state=PENDING,
         attempt=0,
         provider_tenant_id=None,
         attempt_charged=0,
@@ -288,17 +289,14 @@ async def settle_many(
     holds = await _lock(repo, [r.hold_id for r in requests])
     now = utcnow()
     release_ids = iter(new_transfer_ids(len(requests)))
-    results: list[Resolution | None] = []
     moves: list[NewTransfer] = []
-    resolved: list[_Hold] = []
+    resolving: dict[str, tuple[_Hold, HoldState]] = {}
+    # Per request: what it charged and released; None where it resolves nothing.
+    done: list[tuple[Charged, int] | None] = []
     for request in requests:
         hold = holds.get(request.hold_id)
-        if hold is None:
-            results.append(None)
-            continue
-        if hold.state != PENDING:
-            state = HoldState(hold.state)
-            results.append(Resolution(state, hold.posted_amount, hold.remaining, NOTHING, True))
+        if hold is None or hold.state != PENDING or hold.id in resolving:
+            done.append(None)
             continue
         charged = NOTHING
         if request.cost is not None:
@@ -307,7 +305,7 @@ async def settle_many(
                 moves += _charge_transfers(hold, request.cost, charged, request.key)
         released = hold.remaining
         state = request.outcome or (HoldState.POSTED if hold.posted_amount else HoldState.VOIDED)
-        hold.state, hold.resolved_at, hold.updated_at = state.value, now, now
+        resolving[hold.id] = (hold, state)
         hold.release_transfer_id = next(release_ids) if released else None
         available, held = hold_accounts(hold.tenant_id)
         moves.append(
@@ -316,10 +314,21 @@ async def settle_many(
                 hold.job_id, id=hold.release_transfer_id,
             )
         )  # fmt: skip
-        resolved.append(hold)
-        results.append(Resolution(state, hold.posted_amount, released, charged, False))
-    await post(session, moves, holds=[hold.row() for hold in resolved], commit=commit)
-    return results
+        done.append((charged, released))
+    # Every edge checked before the one statement that writes the holds back is built.
+    resolve_holds(list(resolving.values()), now)
+    await post(session, moves, holds=[h.row() for h, _ in resolving.values()], commit=commit)
+    return [_resolution(holds.get(r.hold_id), d) for r, d in zip(requests, done, strict=True)]
+
+
+def _resolution(hold: _Hold | None, done: tuple[Charged, int] | None) -> Resolution | None:
+    if hold is None:
+        return None
+    state = HoldState(hold.state)
+    if done is None:  # resolved before this request: a replay
+        return Resolution(state, hold.posted_amount, hold.remaining, NOTHING, True)
+    charged, released = done
+    return Resolution(state, hold.posted_amount, released, charged, False)
 
 
 async def settle(

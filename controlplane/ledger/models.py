@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -21,6 +20,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnClause
 
 from controlplane.db.base import Base, UtcDateTime, utcnow
+
+# The states live with their machines (ledger/states.py); re-exported for older imports.
+from controlplane.ledger.states import HoldState as HoldState
+from controlplane.ledger.states import PayoutState as PayoutState
 
 
 class Account(Base):
@@ -61,26 +64,6 @@ class Transfer(Base):
     debit_balance_after: Mapped[int] = mapped_column(BigInteger)
     credit_balance_after: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-
-
-class HoldState(StrEnum):
-    PENDING = "pending"
-    # Resolved with charges: the charges went to earnings and revenue, the rest back.
-    POSTED = "posted"
-    # Resolved with nothing charged (cancelled before it ran): everything released.
-    VOIDED = "voided"
-    # Resolved by the expiry sweep: past expires_at with no outcome; the rest released.
-    EXPIRED = "expired"
-
-
-# A hold leaves PENDING exactly once, to one of these; the conditional UPDATE that does it
-# (WHERE state = 'pending') is the guard, so replays and races resolve it at most once.
-HOLD_TRANSITIONS: dict[HoldState, frozenset[HoldState]] = {
-    HoldState.PENDING: frozenset({HoldState.POSTED, HoldState.VOIDED, HoldState.EXPIRED}),
-    HoldState.POSTED: frozenset(),
-    HoldState.VOIDED: frozenset(),
-    HoldState.EXPIRED: frozenset(),
-}
 
 
 # Where a partial index holds only pending holds. Queries that should use one spell the state
@@ -132,25 +115,6 @@ class Hold(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-
-
-class PayoutState(StrEnum):
-    PENDING = "pending"
-    PAID = "paid"
-    # Failed: the money came back to earnings by a PAYOUT_REVERSAL transfer.
-    REVERSED = "reversed"
-
-
-PAYOUT_TRANSITIONS: dict[PayoutState, frozenset[PayoutState]] = {
-    PayoutState.PENDING: frozenset(
-        {
-            PayoutState.PAID,  # the payment processor confirmed it
-            PayoutState.REVERSED,  # the payment failed: money back to earnings
-        }
-    ),
-    PayoutState.PAID: frozenset({PayoutState.REVERSED}),  # a payment that bounced later
-    PayoutState.REVERSED: frozenset(),
-}
 
 
 class Payout(Base):

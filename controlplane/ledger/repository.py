@@ -24,21 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.ledger import repository_pg
-from controlplane.ledger.models import (
-    PENDING_STATE,
-    Account,
-    Hold,
-    HoldState,
-    Payout,
-    PayoutState,
-    Transfer,
-)
+from controlplane.ledger.models import PENDING_STATE, Account, Hold, Payout, Transfer
 from controlplane.ledger.repository_pg import (
     HOLD_LOCK_COLUMNS,
     HOLD_WRITE_COLUMNS,
     TRANSFER_INPUT_COLUMNS,
     Posted,
 )
+from controlplane.ledger.states import HoldState, PayoutState
 from controlplane.paging import Page, PageRequest, page_newest_first
 from controlplane.registry.models import Gpu, Host
 
@@ -304,8 +297,9 @@ class LedgerRepository:
         return [tuple(row) for row in await self.session.execute(LOCK_HOLDS, {"ids": ids})]
 
     async def update_pending_hold(self, hold_id: str, guard: Any = None, **values: Any) -> bool:
-        """Updates a hold only while it is still pending (and `guard` holds): the one place
-        a hold changes, so a resolved hold never changes again. False when nothing matched."""
+        """Updates a hold's other columns (never its state: holds.post writes that, after
+        states.set_hold_state) only while it is still pending (and `guard` holds), so a
+        resolved hold never changes again. False when nothing matched."""
         statement = update(HOLDS).where(HOLDS.c.id == hold_id, HOLDS.c.state == PENDING)
         if guard is not None:
             statement = statement.where(guard)
@@ -360,7 +354,9 @@ class LedgerRepository:
     async def move_payout(
         self, payout_id: str, sources: Sequence[PayoutState], **values: Any
     ) -> bool:
-        """Moves a payout out of one of `sources`; False when it was in none of them."""
+        """Moves a payout out of one of `sources` (a guarded UPDATE, for
+        states.set_payout_state, the only caller, once it has checked the edge); False when
+        it was in none of them."""
         result = await self.session.execute(
             update(PAYOUTS)
             .where(PAYOUTS.c.id == payout_id, PAYOUTS.c.state.in_([s.value for s in sources]))

@@ -13,7 +13,7 @@ import psycopg
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controlplane.ledger.models import HoldState
+from controlplane.ledger.states import HoldState
 
 PENDING = HoldState.PENDING.value
 # Column order of a locked hold row (both backends).
@@ -138,9 +138,12 @@ LOCK_ACCOUNTS = (
 # would leave in every account that exists as its DETAIL, so the caller can create missing
 # accounts and run it again, or refuse. Checking after the writes, not before, is a third
 # cheaper than a statement that checks first: the accounts and holds are read once.
-# The holds' "still pending" guard compares with a column of the batch (h.was), not a
-# constant: with `state = 'pending'` a planner whose statistics undercount pending holds
-# scans them all through the state index instead of looking each hold up by id.
+# Each hold's state change was checked against its machine in Python before this statement
+# was built (states.set_hold_state, resolve_holds); here the guarded UPDATE writes it only
+# where the row is still in the state it was locked in. That guard compares with a column of
+# the batch (h.was), not a constant: with `state = 'pending'` a planner whose statistics
+# undercount pending holds scans them all through the state index instead of looking each
+# hold up by id.
 _HOLD_SETS = ", ".join(f"{c} = h.{c}" for c, _ in HOLD_WRITE_COLUMNS[1:])
 _TRANSFER_COLUMNS = ", ".join(c for c, _ in TRANSFER_INPUT_COLUMNS[:-2])
 REFUSED = "GP001"  # ledger_refuse()'s SQLSTATE

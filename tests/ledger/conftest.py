@@ -44,7 +44,7 @@ class Ledger:
         self, tenant: str, amount: int, *, job_id: str | None = None, expires_in: float = 3600
     ) -> Hold:
         expires = utcnow() + timedelta(seconds=expires_in)
-        return await self.service.place_hold(
+        return await self.service.hold_credit(
             tenant, amount, f"test-{uuid.uuid4().hex}", expires, job_id=job_id
         )
 

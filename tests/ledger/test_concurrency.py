@@ -68,7 +68,7 @@ async def test_concurrent_replays_of_one_key_move_money_once(pg_ledger: Ledger) 
     assert (await service.balance(consumer)).available == 7 * CREDIT
     provider = pg_ledger.tenant("provider")
     hold = await pg_ledger.hold(consumer, 5 * CREDIT, job_id=pg_ledger.tenant("job"))
-    await service.settle_hold(hold.id, cost(provider, 4 * CREDIT))
+    await service.settle_hold(hold.id, cost(provider, 4 * CREDIT), group_commit=True)
     payouts = await asyncio.gather(
         *(service.payout(provider, 1 * CREDIT, "iban:1", "payout-key") for _ in range(8))
     )
@@ -90,7 +90,7 @@ async def test_concurrent_settlements_share_transactions(pg_ledger: Ledger) -> N
     before = service.settlements.batches
     provider = pg_ledger.tenant("provider")
     results = await asyncio.gather(
-        *(service.settle_hold(h.id, cost(provider, 100_000)) for h in holds)
+        *(service.settle_hold(h.id, cost(provider, 100_000), group_commit=True) for h in holds)
     )
     assert all(not r.replay and r.released == 900_000 for r in results)
     assert service.settlements.batches - before < 300 / 4
@@ -110,8 +110,8 @@ async def test_one_failing_request_does_not_fail_its_batch(pg_ledger: Ledger) ->
     consumer = await pg_ledger.funded("consumer")
     holds = [await pg_ledger.hold(consumer, CREDIT) for _ in range(5)]
     provider = pg_ledger.tenant("provider")
-    calls = [service.settle_hold(h.id, cost(provider, 10)) for h in holds]
-    calls.insert(2, service.settle_hold("hold_missing", None))
+    calls = [service.settle_hold(h.id, cost(provider, 10), group_commit=True) for h in holds]
+    calls.insert(2, service.settle_hold("hold_missing", None, group_commit=True))
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert [type(r).__name__ for r in results] == ["Resolution"] * 2 + ["NotFound"] + [
         "Resolution"
@@ -130,7 +130,7 @@ async def test_a_committing_settlement_creates_missing_accounts_and_settles_once
     provider = pg_ledger.tenant("new-provider")
     async with pg_ledger.db.read() as session:
         assert await LedgerRepository(session).accounts_of(provider) == []
-    done = await service.settle_hold(hold.id, cost(provider, 300_000))
+    done = await service.settle_hold(hold.id, cost(provider, 300_000), group_commit=True)
     assert (done.posted, done.released, done.replay) == (300_000, 700_000, False)
     async with pg_ledger.db.read() as session:
         repo = LedgerRepository(session)
@@ -140,7 +140,7 @@ async def test_a_committing_settlement_creates_missing_accounts_and_settles_once
         moved = await repo.transfers_by_key_prefix(f"hold/{hold.id}/")
     assert sorted(t.kind for t in moved) == ["charge", "fee", "release"]
     assert (await service.check()).consistent
-    again = await service.settle_hold(hold.id, cost(provider, 300_000))
+    again = await service.settle_hold(hold.id, cost(provider, 300_000), group_commit=True)
     assert again.replay
     assert again.posted == 300_000
 

@@ -11,9 +11,9 @@ from sqlalchemy import text
 
 from controlplane.db.base import utcnow
 from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from controlplane.ledger.models import HoldState, PayoutState
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.service import REVENUE, split_fee
+from controlplane.ledger.states import HoldState, PayoutState
 from tests.ledger.conftest import CREDIT, FEE_BP, Ledger, cost
 
 
@@ -38,7 +38,7 @@ async def test_metering_in_steps_splits_the_fee_like_one_charge(ledger: Ledger) 
     charged = [await ledger.service.charge_hold(hold.id, cost(provider, c)) for c in steps]
     assert [c.amount for c in charged] == [1_234_567, 1_111_112, 0, 0, 1_111_112]
     assert not any(c.exhausted for c in charged)
-    done = await ledger.service.settle_hold(hold.id, cost(provider, 4_000_003))
+    done = await ledger.service.settle_hold(hold.id, cost(provider, 4_000_003), group_commit=True)
     assert done.state is HoldState.POSTED
     assert done.charged.amount == 4_000_003 - 3_456_791
     assert (done.posted, done.released) == (4_000_003, 10 * CREDIT - 4_000_003)
@@ -58,7 +58,7 @@ async def test_charges_stop_at_the_hold_and_report_exhaustion(ledger: Ledger) ->
     assert (first.amount, first.remaining, first.exhausted) == (600, 400, False)
     second = await ledger.service.charge_hold(hold.id, cost(provider, 1500))
     assert (second.amount, second.remaining, second.exhausted) == (400, 0, True)
-    done = await ledger.service.settle_hold(hold.id, cost(provider, 2500))
+    done = await ledger.service.settle_hold(hold.id, cost(provider, 2500), group_commit=True)
     assert (done.charged.amount, done.posted, done.released) == (0, 1000, 0)
     assert (await ledger.service.balance(consumer)).available == 100 * CREDIT - 1000
     await assert_consistent(ledger)
@@ -69,14 +69,16 @@ async def test_void_releases_everything_and_a_resolved_hold_never_changes(ledger
     provider = ledger.tenant("provider")
     hold = await ledger.hold(consumer, 5 * CREDIT)
     assert (await ledger.service.balance(consumer)).held == 5 * CREDIT
-    voided = await ledger.service.settle_hold(hold.id, None)
+    voided = await ledger.service.settle_hold(hold.id, None, group_commit=True)
     assert (voided.state, voided.released, voided.replay) == (HoldState.VOIDED, 5 * CREDIT, False)
     after = await ledger.service.balance(consumer)
     assert (after.available, after.held) == (100 * CREDIT, 0)
     # Nothing touches it any more: charge, refund, settle and expiry all find it resolved.
     assert (await ledger.service.charge_hold(hold.id, cost(provider, 100))).amount == 0
-    assert await ledger.service.refund_attempt(hold.id, 1) == 0
-    again = await ledger.service.settle_hold(hold.id, cost(provider, 100), HoldState.EXPIRED)
+    assert await ledger.service.refund_hold_attempt(hold.id, 1) == 0
+    again = await ledger.service.settle_hold(
+        hold.id, cost(provider, 100), HoldState.EXPIRED, group_commit=True
+    )
     assert (again.state, again.replay) == (HoldState.VOIDED, True)
     assert await ledger.service.balance(consumer) == after
     await assert_consistent(ledger)
@@ -86,8 +88,11 @@ async def test_concurrent_resolutions_resolve_a_hold_exactly_once(ledger: Ledger
     consumer = await ledger.funded("consumer")
     provider = ledger.tenant("provider")
     hold = await ledger.hold(consumer, 2 * CREDIT)
-    calls = [ledger.service.settle_hold(hold.id, cost(provider, 500_000 + n)) for n in range(12)]
-    calls += [ledger.service.settle_hold(hold.id, None) for _ in range(4)]
+    calls = [
+        ledger.service.settle_hold(hold.id, cost(provider, 500_000 + n), group_commit=True)
+        for n in range(12)
+    ]
+    calls += [ledger.service.settle_hold(hold.id, None, group_commit=True) for _ in range(4)]
     results = await asyncio.gather(*calls)
     winners = [r for r in results if not r.replay]
     assert len(winners) == 1
@@ -114,8 +119,8 @@ async def test_a_provider_fault_refunds_the_attempt_into_the_hold(ledger: Ledger
     hold = await ledger.hold(consumer, 1 * CREDIT)
     await ledger.service.charge_hold(hold.id, cost(provider, 700_000, attempt=1))
     assert (await ledger.service.balance(provider)).earnings == split_fee(700_000, FEE_BP)[0]
-    assert await ledger.service.refund_attempt(hold.id, 1) == 700_000
-    assert await ledger.service.refund_attempt(hold.id, 1) == 0  # exactly once
+    assert await ledger.service.refund_hold_attempt(hold.id, 1) == 700_000
+    assert await ledger.service.refund_hold_attempt(hold.id, 1) == 0  # exactly once
     assert (await ledger.service.balance(provider)).earnings == 0
     assert await revenue(ledger) == 0
     assert (await ledger.service.get_hold(hold.id)).posted_amount == 0
@@ -124,7 +129,9 @@ async def test_a_provider_fault_refunds_the_attempt_into_the_hold(ledger: Ledger
     assert (second.amount, second.exhausted) == (1 * CREDIT, True)
     # A late charge of the lost attempt changes nothing.
     assert (await ledger.service.charge_hold(hold.id, cost(provider, 900_000))).amount == 0
-    done = await ledger.service.settle_hold(hold.id, cost(provider, 1 * CREDIT, attempt=2))
+    done = await ledger.service.settle_hold(
+        hold.id, cost(provider, 1 * CREDIT, attempt=2), group_commit=True
+    )
     assert (done.posted, done.released) == (1 * CREDIT, 0)
     assert (await ledger.service.balance(consumer)).available == 99 * CREDIT
     async with ledger.db.read() as session:
@@ -142,7 +149,7 @@ async def test_earnings_still_refundable_are_not_payable(ledger: Ledger) -> None
     await ledger.service.charge_hold(hold.id, cost(provider, 5 * CREDIT))
     with pytest.raises(FailedPrecondition, match="payable"):
         await ledger.service.payout(provider, 2 * CREDIT, "iban:1", "p1")
-    await ledger.service.settle_hold(hold.id, cost(provider, 5 * CREDIT))
+    await ledger.service.settle_hold(hold.id, cost(provider, 5 * CREDIT), group_commit=True)
     payout, balance = await ledger.service.payout(provider, 2 * CREDIT, "iban:1", "p1")
     assert payout.state == PayoutState.PENDING.value
     assert balance.earnings == split_fee(5 * CREDIT, FEE_BP)[0] - 2 * CREDIT
@@ -153,7 +160,7 @@ async def test_payouts_minimum_replay_and_reversal(ledger: Ledger) -> None:
     consumer = await ledger.funded("consumer")
     provider = ledger.tenant("provider")
     hold = await ledger.hold(consumer, 10 * CREDIT)
-    await ledger.service.settle_hold(hold.id, cost(provider, 10 * CREDIT))
+    await ledger.service.settle_hold(hold.id, cost(provider, 10 * CREDIT), group_commit=True)
     earned = split_fee(10 * CREDIT, FEE_BP)[0]
     with pytest.raises(InvalidArgument, match="minimum payout"):
         await ledger.service.payout(provider, CREDIT - 1, "iban:1", "small")
@@ -192,7 +199,7 @@ async def test_refund_job_in_parts_never_more_than_charged(ledger: Ledger) -> No
         await ledger.service.refund_job("job_unknown", 0, "why", "r0")
     with pytest.raises(FailedPrecondition, match="not settled"):
         await ledger.service.refund_job(job_id, 0, "early", "r0")
-    await ledger.service.settle_hold(hold.id, cost(provider, 4 * CREDIT))
+    await ledger.service.settle_hold(hold.id, cost(provider, 4 * CREDIT), group_commit=True)
     paid = 100 * CREDIT - 4 * CREDIT
     part = await ledger.service.refund_job(job_id, 1 * CREDIT, "slow GPU", "r1")
     assert part.refunded == 1 * CREDIT
@@ -222,7 +229,7 @@ async def test_refund_is_refused_when_the_earnings_were_paid_out(ledger: Ledger)
     provider = ledger.tenant("provider")
     job_id = ledger.tenant("job")
     hold = await ledger.hold(consumer, 10 * CREDIT, job_id=job_id)
-    await ledger.service.settle_hold(hold.id, cost(provider, 10 * CREDIT))
+    await ledger.service.settle_hold(hold.id, cost(provider, 10 * CREDIT), group_commit=True)
     await ledger.service.payout(provider, 8 * CREDIT, "iban:1", "most")  # 1 credit left
     with pytest.raises(FailedPrecondition, match="provider's earnings"):
         await ledger.service.refund_job(job_id, 0, "bad job", "r")
@@ -261,15 +268,19 @@ async def test_replays_change_nothing_and_answer_the_original(ledger: Ledger) ->
     with pytest.raises(AlreadyExists):
         await ledger.service.deposit(consumer, 51 * CREDIT, "wire 1", "d1")
     expires = utcnow() + timedelta(hours=1)
-    hold = await ledger.service.place_hold(consumer, 5 * CREDIT, "h1", expires, job_id="job-r")
-    same = await ledger.service.place_hold(consumer, 5 * CREDIT, "h1", expires, job_id="job-r")
+    hold = await ledger.service.hold_credit(consumer, 5 * CREDIT, "h1", expires, job_id="job-r")
+    same = await ledger.service.hold_credit(consumer, 5 * CREDIT, "h1", expires, job_id="job-r")
     assert same.id == hold.id
     assert (await ledger.service.balance(consumer)).held == 5 * CREDIT
     with pytest.raises(AlreadyExists):
-        await ledger.service.place_hold(consumer, 6 * CREDIT, "h1", expires, job_id="job-r")
-    settled = await ledger.service.settle_hold(hold.id, cost(provider, 2 * CREDIT))
+        await ledger.service.hold_credit(consumer, 6 * CREDIT, "h1", expires, job_id="job-r")
+    settled = await ledger.service.settle_hold(
+        hold.id, cost(provider, 2 * CREDIT), group_commit=True
+    )
     before = await ledger.service.balance(consumer)
-    replay = await ledger.service.settle_hold(hold.id, cost(provider, 2 * CREDIT))
+    replay = await ledger.service.settle_hold(
+        hold.id, cost(provider, 2 * CREDIT), group_commit=True
+    )
     assert replay.replay
     assert (replay.state, replay.posted, replay.released) == (
         settled.state,

@@ -24,8 +24,8 @@ from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from controlplane.ledger.holds import AttemptCost, Resolution
-from controlplane.ledger.models import HoldState
 from controlplane.ledger.service import LedgerService
+from controlplane.ledger.states import HoldState
 from tests.ledger.conftest import CREDIT, FEE_BP, Ledger
 
 pytestmark = pytest.mark.postgres
@@ -105,7 +105,7 @@ async def step(world: World, action: tuple[object, ...]) -> str:
     elif kind == "submit":
         (slot,) = args
         lifetime = timedelta(seconds=-1 if world.expired[slot] else 3600)
-        hold = await service.place_hold(
+        hold = await service.hold_credit(
             world.consumer(slot % CONSUMERS),
             world.hold_amounts[slot],
             f"{world.prefix}-slot{slot}",
@@ -135,11 +135,11 @@ async def on_hold(world: World, kind: str, args: list[int]) -> str:
         if kind == "usage":
             await service.charge_hold(hold_id, cost)
         else:
-            resolved(world, hold_id, await service.settle_hold(hold_id, cost))
+            resolved(world, hold_id, await service.settle_hold(hold_id, cost, group_commit=True))
     elif kind == "lose":
-        await service.refund_attempt(hold_id, args[1])
+        await service.refund_hold_attempt(hold_id, args[1])
     elif kind == "cancel":
-        resolved(world, hold_id, await service.settle_hold(hold_id, None))
+        resolved(world, hold_id, await service.settle_hold(hold_id, None, group_commit=True))
     elif kind == "refund":
         _, amount, key = args
         await service.refund_job(world.job(slot), amount, "test", f"{world.prefix}-r{key}")
