@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from docker.errors import DockerException
 from docker.models.containers import Container
@@ -51,6 +51,8 @@ StopReason = messaging_pb2.StopReason
 Reason: TypeAlias = messaging_pb2.StopReason.ValueType
 ReportFn = Callable[[messaging_pb2.JobReport], Awaitable[None]]
 T = TypeVar("T")
+# How watching a running container ended.
+Watched: TypeAlias = Literal["exited", "cancelled", "timed_out"]
 TERMINAL = frozenset(
     {
         Kind.JOB_REPORT_KIND_FINISHED,
@@ -274,7 +276,7 @@ class JobExecutor:
         await self.runtime.start(container)
         return container
 
-    async def _supervise(self, container: Container, max_seconds: float) -> str:
+    async def _supervise(self, container: Container, max_seconds: float) -> Watched:
         """Waits for exit, cancel() or `max_seconds` (0: no limit); returns "exited",
         "cancelled" or "timed_out"."""
         limit = max_seconds or None

@@ -104,7 +104,6 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     StopReason.STOP_REASON_DAEMON_RESTARTED: Outcome(None, Fault.PROVIDER, _host_fault),
     StopReason.STOP_REASON_GPUS_MISSING: Outcome(None, Fault.PROVIDER, _host_fault),
 }
-assert all((o.state is None) == (o.fault is Fault.PROVIDER) for o in OUTCOMES.values())
 
 # The strings daemons of earlier releases wrote (legacy_stop_reason, and "upload_failed" at
 # the head of `reason`) and the reason each meant: the one place those strings are read.
