@@ -115,8 +115,13 @@ LEGACY_NAMES: Mapping[str, Reason] = {
     "daemon_restarted": StopReason.STOP_REASON_DAEMON_RESTARTED,
     "upload_failed": StopReason.STOP_REASON_UPLOAD_FAILED,
 }
-# The CancelCommand text of a budget stop: daemons of earlier releases recognise it.
-BUDGET_EXHAUSTED_TEXT = "budget_exhausted"
+# The text of a CancelCommand for each reason the control plane stops a job for (daemons of
+# earlier releases read "budget_exhausted" in it).
+CANCEL_TEXTS: Mapping[Reason, str] = {
+    StopReason.STOP_REASON_CANCELLED: "cancelled",
+    StopReason.STOP_REASON_BUDGET_EXHAUSTED: "budget_exhausted",
+    StopReason.STOP_REASON_HOLD_EXPIRED: "hold expired",
+}
 
 
 @dataclass(frozen=True, slots=True)

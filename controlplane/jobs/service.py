@@ -19,7 +19,7 @@ from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.idempotency import ensure_same
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.notify import Notifier
-from controlplane.jobs.outcomes import BUDGET_EXHAUSTED_TEXT, Ending, ending_of
+from controlplane.jobs.outcomes import CANCEL_TEXTS, Ending, ending_of
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.spec import validate_labels, validate_spec
 from controlplane.jobs.states import ON_HOST, JobState, can_transition
@@ -278,7 +278,7 @@ class JobService:
             elif state in ON_HOST:
                 job.cancel_requested = True
                 job.state_reason = "cancel requested"
-                return job, self._cancel_command(job, why, StopReason.STOP_REASON_CANCELLED)
+                return job, self._cancel_command(job, text=why)
             return job, None
 
         job, command = await self.db.run(work)
@@ -289,13 +289,18 @@ class JobService:
 
     @staticmethod
     def _cancel_command(
-        job: Job, reason: str, stop_reason: messaging_pb2.StopReason.ValueType
+        job: Job,
+        stop_reason: messaging_pb2.StopReason.ValueType = StopReason.STOP_REASON_CANCELLED,
+        text: str = "",
     ) -> registry_pb2.ControlMessage:
-        return registry_pb2.ControlMessage(
-            cancel=registry_pb2.CancelCommand(
-                job_id=job.id, attempt=job.attempt, reason=reason, stop_reason=stop_reason
-            )
+        """Asks the job's host to stop it, saying why (`text`: the reason's usual one)."""
+        cancel = registry_pb2.CancelCommand(
+            job_id=job.id,
+            attempt=job.attempt,
+            reason=text or CANCEL_TEXTS[stop_reason],
+            stop_reason=stop_reason,
         )
+        return registry_pb2.ControlMessage(cancel=cancel)
 
     async def events_after(
         self, caller: Principal, job_id: str, seq: int
@@ -367,18 +372,14 @@ class JobService:
                 if report.kind not in TERMINAL_REPORTS and attempt.run_time_ms:
                     charged = await self._meter(session, job, attempt)
                     if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
-                        resend = self._cancel_command(
-                            job, BUDGET_EXHAUSTED_TEXT, StopReason.STOP_REASON_BUDGET_EXHAUSTED
-                        )
+                        resend = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
             if JobState(job.state).terminal and attempt.live:
                 await self._finish_attempt(session, job, attempt, now)
             elif job.cancel_requested and report.kind in (
                 Kind.JOB_REPORT_KIND_STARTING,
                 Kind.JOB_REPORT_KIND_RUNNING,
             ):
-                resend = self._cancel_command(
-                    job, job.state_reason or "cancelled", StopReason.STOP_REASON_CANCELLED
-                )
+                resend = self._cancel_command(job, text=job.state_reason)
             return _Applied(job.id, changed, attempt.live, resend)
 
         applied = await self.db.run(work)
@@ -553,9 +554,7 @@ class JobService:
                     return (
                         False,
                         job,
-                        self._cancel_command(
-                            job, "hold expired", StopReason.STOP_REASON_HOLD_EXPIRED
-                        ),
+                        self._cancel_command(job, StopReason.STOP_REASON_HOLD_EXPIRED),
                     )
                 if job is not None and job.state == JobState.QUEUED.value:
                     why = "hold_expired: not placed before the job's hold expired"
