@@ -16,7 +16,7 @@ import grpc
 import urllib3
 from docker.models.containers import Container
 from google.protobuf.message import DecodeError
-from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
+from gpuplane.v1 import messaging_pb2, registry_pb2
 from nats.aio.msg import Msg
 
 from daemon import reattach
@@ -28,6 +28,7 @@ from daemon.gpus import GpuInventory, discover
 from daemon.identity import HostIdentity, RegistrationError, daemon_version, register
 from daemon.journal import Journal, JournalEntry
 from daemon.nvml import NvmlSampler
+from daemon.progress import Progress
 from daemon.runtime import DockerRuntime
 from daemon.session import Backoff, ControlSession
 from daemon.settings import DaemonSettings
@@ -39,16 +40,12 @@ from storage.objects import ObjectStore
 log = logging.getLogger(__name__)
 Key = tuple[str, int]
 Kind = messaging_pb2.JobReportKind
+StopReason = messaging_pb2.StopReason
 # Attempts that ended here recently: a redelivered dispatch for one of them is acked, not run.
 _REMEMBERED_ATTEMPTS = 4096
 # A resync's known_jobs were listed at most this long before the command arrived: running
 # attempts taken later are not treated as unknown to the control plane.
 RESYNC_GRACE_SECONDS = 10.0
-_LEFTOVER_STATES = {
-    "JOB_REPORT_KIND_RUNNING": types_pb2.JOB_STATE_RUNNING,
-    "JOB_REPORT_KIND_USAGE": types_pb2.JOB_STATE_RUNNING,
-    "JOB_REPORT_KIND_UPLOADING": types_pb2.JOB_STATE_UPLOADING,
-}
 
 
 class Agent:
@@ -95,21 +92,7 @@ class Agent:
         self._runtime = DockerRuntime(
             client, settings, host_id=identity.host_id, simulated_gpus=self.inventory.simulated
         )
-        self._store = ObjectStore(
-            settings.s3_endpoint,
-            settings.s3_access_key,
-            settings.s3_secret_key.get_secret_value(),
-            bucket=settings.s3_bucket,
-            secure=settings.s3_secure,
-            region=settings.s3_region,
-            # Fail within seconds and let the executor's upload retries (with backoff) decide;
-            # the SDK's own retries would hold a worker thread for a long time per call.
-            http_client=urllib3.PoolManager(
-                maxsize=16,
-                timeout=urllib3.Timeout(connect=5.0, read=120.0),
-                retries=urllib3.Retry(total=2, backoff_factor=0.5),
-            ),
-        )
+        self._store = self._object_store()
         servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
         self._bus = await DaemonBus.connect(
             servers,
@@ -126,7 +109,43 @@ class Agent:
             identity.dispatch_stream or DISPATCH_STREAM,
             identity.dispatch_durable or dispatch_durable(identity.host_id),
         )
-        self.session = ControlSession(
+        self.session = self._control_session(identity)
+        self.telemetry = TelemetryLoop(
+            self._sampler(), self.session.send_telemetry, self._telemetry_interval, self._busy
+        )
+        self._spawn(self.session.run())
+        self._spawn(self.telemetry.run())
+        self._spawn(self._bus.take_dispatches(self._on_dispatch, self._may_take))
+        log.info(
+            "daemon up: host %s, %d %sGPUs",
+            identity.host_id,
+            len(self.inventory.gpus),
+            "simulated " if self.inventory.simulated else "",
+        )
+
+    def _object_store(self) -> ObjectStore:
+        settings = self.settings
+        return ObjectStore(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key.get_secret_value(),
+            bucket=settings.s3_bucket,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            # Fail within seconds and let the executor's upload retries (with backoff) decide;
+            # the SDK's own retries would hold a worker thread for a long time per call.
+            http_client=urllib3.PoolManager(
+                maxsize=16,
+                timeout=urllib3.Timeout(connect=5.0, read=120.0),
+                retries=urllib3.Retry(total=2, backoff_factor=0.5),
+            ),
+        )
+
+    def _control_session(self, identity: HostIdentity) -> ControlSession:
+        assert self._channel is not None
+        assert self.inventory is not None
+        settings = self.settings
+        return ControlSession(
             self._channel,
             host_id=identity.host_id,
             credential=identity.host_credential,
@@ -139,18 +158,6 @@ class Agent:
             telemetry_interval_ms=identity.telemetry_interval_ms or DEFAULT_INTERVAL_MS,
             backoff_base_seconds=settings.reconnect_base_seconds,
             backoff_max_seconds=settings.reconnect_max_seconds,
-        )
-        self.telemetry = TelemetryLoop(
-            self._sampler(), self.session.send_telemetry, self._telemetry_interval, self._busy
-        )
-        self._spawn(self.session.run())
-        self._spawn(self.telemetry.run())
-        self._spawn(self._bus.take_dispatches(self._on_dispatch, self._may_take))
-        log.info(
-            "daemon up: host %s, %d %sGPUs",
-            identity.host_id,
-            len(self.inventory.gpus),
-            "simulated " if self.inventory.simulated else "",
         )
 
     async def run_forever(self) -> None:
@@ -183,14 +190,16 @@ class Agent:
     def running_jobs(self) -> list[registry_pb2.RunningJob]:
         """Live executors, and leftovers of an earlier run still waiting to be adopted."""
         running = [
-            registry_pb2.RunningJob(job_id=job_id, attempt=attempt, state=executor.state)
+            registry_pb2.RunningJob(
+                job_id=job_id, attempt=attempt, state=executor.progress.job_state
+            )
             for (job_id, attempt), executor in self.executors.items()
         ]
         running.extend(
             registry_pb2.RunningJob(
                 job_id=job_id,
                 attempt=attempt,
-                state=_LEFTOVER_STATES.get(entry.state, types_pb2.JOB_STATE_STARTING),
+                state=entry.state.job_state,
             )
             for (job_id, attempt), entry in self.leftovers.items()
         )
@@ -216,7 +225,7 @@ class Agent:
         return {
             uuid: executor.job_id
             for executor in self.executors.values()
-            if executor.state == types_pb2.JOB_STATE_RUNNING
+            if executor.progress is Progress.RUNNING
             for uuid in executor.dispatch.gpu_uuids
         }
 
@@ -247,9 +256,11 @@ class Agent:
         await asyncio.to_thread(self.journal.write, JournalEntry(*key, dispatch_b64=encoded))
         await message.ack()
         if missing:
-            reason = f"this host has no GPU {', '.join(missing)}"
             await self._report_once(
-                dispatch, Kind.JOB_REPORT_KIND_FAILED_TO_START, reason, provider_fault=True
+                dispatch,
+                Kind.JOB_REPORT_KIND_FAILED_TO_START,
+                StopReason.STOP_REASON_GPUS_MISSING,
+                f"this host has no GPU {', '.join(missing)}",
             )
             return
         self._start_executor(dispatch)
@@ -288,10 +299,9 @@ class Agent:
         self,
         dispatch: messaging_pb2.DispatchMessage,
         kind: messaging_pb2.JobReportKind.ValueType,
+        stop_reason: messaging_pb2.StopReason.ValueType,
         reason: str,
         seq: int = 1,
-        stop_reason: str = "",
-        provider_fault: bool = False,
     ) -> None:
         """A terminal report for an attempt that has no executor, then forget the attempt."""
         assert self._bus is not None
@@ -303,7 +313,6 @@ class Agent:
             kind=kind,
             reason=reason,
             stop_reason=stop_reason,
-            provider_fault=provider_fault,
         )
         report.time.GetCurrentTime()
         await self._bus.publish_report(report)
@@ -325,7 +334,8 @@ class Agent:
             if not targets:
                 log.info("cancel for %s/%s: not running here", command.job_id, command.attempt)
             for executor in targets:
-                self._spawn(executor.cancel(command.reason or "cancelled"))
+                why = command.stop_reason or StopReason.STOP_REASON_CANCELLED
+                self._spawn(executor.cancel(why, command.reason))
         elif kind == "drain":
             # The control plane stops placing work here; running attempts finish as usual.
             self.draining = message.drain.draining
@@ -409,7 +419,7 @@ class Agent:
             for key in reattach.unlisted(taken, known, listed_after):
                 log.warning("attempt %s/%s is not known to the control plane: stopping it", *key)
                 reason = "orphaned: the control plane does not know this attempt"
-                self._spawn(self.executors[key].cancel(reason))
+                self._spawn(self.executors[key].cancel(StopReason.STOP_REASON_ORPHANED, reason))
             return decided
 
     def _adopt(self, entry: JournalEntry, container: Container) -> None:
@@ -434,7 +444,7 @@ class Agent:
         await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
 
     async def _settle_vanished(self, containers: list[Container]) -> None:
-        """Leftover attempts whose container is gone: STOPPED ("daemon_restarted")."""
+        """Leftover attempts whose container is gone: STOPPED (DAEMON_RESTARTED)."""
         for key in reattach.vanished(self.leftovers, containers):
             entry = self.leftovers[key]
             log.warning("attempt %s/%s was left by an earlier run; its container is gone", *key)
@@ -448,10 +458,9 @@ class Agent:
         await self._report_once(
             messaging_pb2.DispatchMessage(job_id=key[0], attempt=key[1]),
             Kind.JOB_REPORT_KIND_STOPPED,
+            StopReason.STOP_REASON_DAEMON_RESTARTED,
             "the host daemon restarted while the attempt ran",
             seq=seq or reattach.UNJOURNALED_SEQ,
-            stop_reason=reattach.DAEMON_RESTARTED,
-            provider_fault=True,
         )
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

@@ -1,17 +1,22 @@
 """Runs one dispatched attempt end to end and reports each step as a JobReport.
 
-Reports per outcome (seq from 1, strictly increasing; USAGE repeats while running):
-  exited       STARTING, RUNNING, USAGE*, UPLOADING(exit), FINISHED(exit, manifest, oom)
-  timed out    ... UPLOADING(exit), FINISHED(stop_reason="timed_out"), outputs still stored
-  cancelled    [STARTING, [RUNNING, USAGE*, [UPLOADING]]], STOPPED(stop_reason="cancelled",
-               or "budget_exhausted" when that is the cancel's reason)
-  can't start  STARTING, FAILED_TO_START(reason)      (bad input, image, create or start)
-  late         FAILED_TO_START(reason)                (dispatch past its deadline)
+Reports per outcome (seq from 1, strictly increasing; USAGE repeats while running), with the
+StopReason (STOP_REASON_...) of the terminal one:
+  exited       STARTING, RUNNING, USAGE*, UPLOADING(exit), FINISHED(exit, manifest, oom):
+               COMPLETED, EXITED_WITH_ERROR or OOM_KILLED
+  timed out    ... UPLOADING(exit), FINISHED(TIMED_OUT), outputs still stored
+  cancelled    [STARTING, [RUNNING, USAGE*, [UPLOADING]]], STOPPED(the cancel's reason:
+               CANCELLED, BUDGET_EXHAUSTED, HOLD_EXPIRED or ORPHANED)
+  can't start  STARTING, FAILED_TO_START(INPUT_UNAVAILABLE, IMAGE_UNAVAILABLE or
+               CONTAINER_ERROR; `reason` says why)
+  late         FAILED_TO_START(DISPATCH_EXPIRED)      (dispatch past its deadline)
+  host fault   STOPPED(HOST_ERROR) once running, else FAILED_TO_START(HOST_ERROR)
   adopted      (after a daemon restart; seq continues from the journaled one + 2) [RUNNING],
                USAGE*, then as above; the uploaded logs are the container's whole logs
 Uploads are retried `upload_attempts` times with exponential backoff while the attempt stays
-UPLOADING; then FINISHED carries reason "upload_failed" with whatever manifest was stored
-(outputs over `output_max_bytes` are not stored at all: logs only, "upload_failed: <why>").
+UPLOADING; then FINISHED carries UPLOAD_FAILED with whatever manifest was stored (outputs
+over `output_max_bytes` are not stored at all: logs only, OUTPUT_TOO_LARGE, `reason` why).
+Each step is a Progress (daemon/progress.py): the executor's, the journal's and the report's.
 """
 
 from __future__ import annotations
@@ -24,25 +29,30 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from docker.errors import DockerException
 from docker.models.containers import Container
-from gpuplane.v1 import messaging_pb2, types_pb2
+from gpuplane.v1 import messaging_pb2
 
 from daemon.inputs import InputError, fetch_inputs
 from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
+from daemon.progress import Progress
 from daemon.runtime import ContainerError, DockerRuntime, ExitInfo, ImageUnavailable
 from daemon.settings import DaemonSettings
-from daemon.uploads import store_results
+from daemon.uploads import Stored, store_results
 from messaging.subjects import logs_subject
 from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 Kind = messaging_pb2.JobReportKind
+StopReason = messaging_pb2.StopReason
+Reason: TypeAlias = messaging_pb2.StopReason.ValueType
 ReportFn = Callable[[messaging_pb2.JobReport], Awaitable[None]]
 T = TypeVar("T")
+# How watching a running container ended.
+Watched: TypeAlias = Literal["exited", "cancelled", "timed_out"]
 TERMINAL = frozenset(
     {
         Kind.JOB_REPORT_KIND_FINISHED,
@@ -52,8 +62,12 @@ TERMINAL = frozenset(
 )
 # How long the log followers get to drain after the container has exited.
 LOG_DRAIN_SECONDS = 10.0
-# The cancel reason the control plane sends when a job's spend reaches its hold.
-BUDGET_EXHAUSTED = "budget_exhausted"
+# Why an attempt could not start, by the error its preparation raised.
+START_FAILURES: dict[type[Exception], Reason] = {
+    InputError: StopReason.STOP_REASON_INPUT_UNAVAILABLE,
+    ImageUnavailable: StopReason.STOP_REASON_IMAGE_UNAVAILABLE,
+    ContainerError: StopReason.STOP_REASON_CONTAINER_ERROR,
+}
 
 
 def work_dir_for(settings: DaemonSettings, job_id: str, attempt: int) -> Path:
@@ -89,13 +103,14 @@ class JobExecutor:
         self._report = report
         self._publish_log = publish_log
         self.journal = journal
-        self.state: types_pb2.JobState.ValueType = types_pb2.JOB_STATE_STARTING
+        self.progress = Progress.ACCEPTED
         self.terminal: messaging_pb2.JobReport | None = None
         self.work_dir = work_dir_for(settings, self.job_id, self.attempt)
         self._seq = 0
         self._lock = asyncio.Lock()
         self._cancel = asyncio.Event()
-        self._cancel_reason = ""
+        self._cancel_reason: Reason = StopReason.STOP_REASON_CANCELLED
+        self._cancel_text = ""
         self._done = asyncio.Event()
         self._container: Container | None = None
         self._started_at = 0.0
@@ -104,10 +119,14 @@ class JobExecutor:
 
     # ---- control ---------------------------------------------------------------------------
 
-    async def cancel(self, reason: str = "cancelled") -> None:
-        """Stops the attempt (container killed and removed) and returns once STOPPED is out."""
+    async def cancel(
+        self, reason: Reason = StopReason.STOP_REASON_CANCELLED, text: str = ""
+    ) -> None:
+        """Stops the attempt (container killed and removed) and returns once STOPPED is out,
+        which carries `reason` and `text` (default "cancelled")."""
         if not self._cancel.is_set():
-            self._cancel_reason = reason or "cancelled"
+            self._cancel_reason = reason or StopReason.STOP_REASON_CANCELLED
+            self._cancel_text = text or "cancelled"
             self._cancel.set()
         await self._done.wait()
 
@@ -149,20 +168,24 @@ class JobExecutor:
         if self.dispatch.HasField("deadline") and deadline.ToDatetime(UTC) < datetime.now(UTC):
             return await self._emit(
                 Kind.JOB_REPORT_KIND_FAILED_TO_START,
+                stop_reason=StopReason.STOP_REASON_DISPATCH_EXPIRED,
                 reason="the dispatch arrived after its deadline",
             )
         if self._cancel.is_set():
             return await self._stopped(None)
-        await self._emit(Kind.JOB_REPORT_KIND_STARTING)
+        await self._advance(Progress.STARTING)
         try:
             container = await self._start()
         except _Cancelled:
             return await self._stopped(self._container)
-        except (InputError, ImageUnavailable, ContainerError) as exc:
-            return await self._emit(Kind.JOB_REPORT_KIND_FAILED_TO_START, reason=str(exc))
+        except tuple(START_FAILURES) as exc:
+            return await self._emit(
+                Kind.JOB_REPORT_KIND_FAILED_TO_START,
+                stop_reason=_start_failure(exc),
+                reason=str(exc),
+            )
         self._started_at = time.monotonic()
-        self.state = types_pb2.JOB_STATE_RUNNING
-        await self._emit(Kind.JOB_REPORT_KIND_RUNNING)
+        await self._advance(Progress.RUNNING)
         return await self._watch(container, float(self.dispatch.spec.max_duration_seconds))
 
     async def _resume(
@@ -174,7 +197,7 @@ class JobExecutor:
         self.adopted = True
         self._container = container
         self._started_at = time.monotonic()  # it ran before: a host fault from here is STOPPED
-        last_kind = journaled.state if journaled else ""
+        journaled_progress = journaled.state if journaled else Progress.ACCEPTED
         # One seq is skipped: a report published just before the old daemon stopped may not
         # have reached the journal, and a different report must not reuse its seq (msg id).
         self._seq = journaled.last_seq + 1 if journaled else 0
@@ -185,9 +208,10 @@ class JobExecutor:
             info = await self.runtime.inspect(container)
         elapsed = info.run_time_ms / 1000
         self._started_at = time.monotonic() - elapsed
-        self.state = types_pb2.JOB_STATE_RUNNING
-        if last_kind in ("", "ACCEPTED", Kind.Name(Kind.JOB_REPORT_KIND_STARTING)):
-            await self._emit(Kind.JOB_REPORT_KIND_RUNNING)
+        if journaled_progress in (Progress.ACCEPTED, Progress.STARTING):
+            await self._advance(Progress.RUNNING)
+        else:
+            self.progress = Progress.RUNNING  # reported by the earlier run
         limit = float(self.dispatch.spec.max_duration_seconds)
         if info.status in ("exited", "dead"):
             limit = 0.0  # it ended while no daemon watched: its exit is what counts
@@ -234,7 +258,7 @@ class JobExecutor:
             pump_task.cancel()
         await self.runtime.stop(container)
         self._container = None
-        return await self._collect(info, pump, "timed_out" if outcome == "timed_out" else "")
+        return await self._collect(info, pump, timed_out=outcome == "timed_out")
 
     async def _start(self) -> Container:
         """Work dir, inputs, image, container; racing each slow step against cancel()."""
@@ -252,7 +276,7 @@ class JobExecutor:
         await self.runtime.start(container)
         return container
 
-    async def _supervise(self, container: Container, max_seconds: float) -> str:
+    async def _supervise(self, container: Container, max_seconds: float) -> Watched:
         """Waits for exit, cancel() or `max_seconds` (0: no limit); returns "exited",
         "cancelled" or "timed_out"."""
         limit = max_seconds or None
@@ -312,14 +336,13 @@ class JobExecutor:
         await asyncio.to_thread(pump.paths["stderr"].write_bytes, stderr)
 
     async def _collect(
-        self, info: ExitInfo, pump: LogPump, stop_reason: str
+        self, info: ExitInfo, pump: LogPump, *, timed_out: bool
     ) -> messaging_pb2.JobReport:
-        self.state = types_pb2.JOB_STATE_UPLOADING
-        await self._emit(
-            Kind.JOB_REPORT_KIND_UPLOADING, exit_code=info.exit_code, run_time_ms=info.run_time_ms
+        await self._advance(
+            Progress.UPLOADING, exit_code=info.exit_code, run_time_ms=info.run_time_ms
         )
         try:
-            manifest, reason = await self._unless_cancelled(
+            stored = await self._unless_cancelled(
                 store_results(
                     self.store, self.dispatch, self.work_dir / "output", pump.paths, self.settings
                 )
@@ -327,8 +350,8 @@ class JobExecutor:
         except _Cancelled:
             return await self._emit(
                 Kind.JOB_REPORT_KIND_STOPPED,
-                stop_reason=self._stop_reason(),
-                reason=self._cancel_reason,
+                stop_reason=self._cancel_reason,
+                reason=self._cancel_text,
                 exit_code=info.exit_code,
                 run_time_ms=info.run_time_ms,
             )
@@ -336,15 +359,15 @@ class JobExecutor:
             Kind.JOB_REPORT_KIND_FINISHED,
             exit_code=info.exit_code,
             run_time_ms=info.run_time_ms,
-            manifest=manifest,
+            manifest=stored.manifest,
             oom_killed=info.oom_killed,
-            stop_reason=stop_reason,
-            reason=reason,
+            stop_reason=_finished_reason(info, stored, timed_out=timed_out),
+            reason=stored.detail,
         )
 
     async def _stopped(self, container: Container | None) -> messaging_pb2.JobReport:
         """cancel(): kill, note the run time, remove, then report STOPPED."""
-        fields: dict[str, Any] = {"stop_reason": self._stop_reason(), "reason": self._cancel_reason}
+        fields: dict[str, Any] = {"stop_reason": self._cancel_reason, "reason": self._cancel_text}
         if container is not None:
             await self.runtime.kill(container)
             info = await self._quietly(self.runtime.inspect(container))
@@ -361,19 +384,22 @@ class JobExecutor:
         if self._started_at:
             return await self._emit(
                 Kind.JOB_REPORT_KIND_STOPPED,
-                stop_reason="host_error",
+                stop_reason=StopReason.STOP_REASON_HOST_ERROR,
                 reason=reason,
                 run_time_ms=self._run_time_ms(),
-                provider_fault=True,
             )
         return await self._emit(
-            Kind.JOB_REPORT_KIND_FAILED_TO_START, reason=reason, provider_fault=True
+            Kind.JOB_REPORT_KIND_FAILED_TO_START,
+            stop_reason=StopReason.STOP_REASON_HOST_ERROR,
+            reason=reason,
         )
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _stop_reason(self) -> str:
-        return BUDGET_EXHAUSTED if self._cancel_reason == BUDGET_EXHAUSTED else "cancelled"
+    async def _advance(self, progress: Progress, **fields: Any) -> messaging_pb2.JobReport:
+        """The attempt reaches `progress`: reported (with `fields`) and journaled."""
+        self.progress = progress
+        return await self._emit(progress.report_kind, **fields)
 
     async def _emit(
         self, kind: messaging_pb2.JobReportKind.ValueType, **fields: Any
@@ -393,13 +419,12 @@ class JobExecutor:
             )
             report.time.GetCurrentTime()
             await self._report(report)
-            name = Kind.Name(kind)
             if kind in TERMINAL:
                 self.terminal = report
                 if self.journal is not None:
                     await asyncio.to_thread(self.journal.remove, self.job_id, self.attempt)
             else:
-                await self._journal(last_seq=self._seq, state=name)
+                await self._journal(last_seq=self._seq, state=self.progress)
             return report
 
     async def _journal(self, **changes: Any) -> None:
@@ -437,3 +462,20 @@ class JobExecutor:
         except (DockerException, OSError, TimeoutError) as exc:
             log.warning("cleanup step failed: %s", exc)
             return None
+
+
+def _finished_reason(info: ExitInfo, stored: Stored, *, timed_out: bool) -> Reason:
+    """Why an attempt whose container ended (and whose results were stored, or not) ended."""
+    if timed_out:
+        return StopReason.STOP_REASON_TIMED_OUT
+    if info.oom_killed:
+        return StopReason.STOP_REASON_OOM_KILLED
+    if stored.failure:
+        return stored.failure
+    if info.exit_code == 0:
+        return StopReason.STOP_REASON_COMPLETED
+    return StopReason.STOP_REASON_EXITED_WITH_ERROR
+
+
+def _start_failure(exc: Exception) -> Reason:
+    return next(r for kind, r in START_FAILURES.items() if isinstance(exc, kind))

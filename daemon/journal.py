@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from daemon.progress import Progress
+
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -24,8 +26,8 @@ class JournalEntry:
     container_id: str = ""
     # seq of the last report published for this attempt (0: none yet).
     last_seq: int = 0
-    # The JobReportKind name of the last report, or "ACCEPTED" before the first.
-    state: str = "ACCEPTED"
+    # How far the attempt had got when last written.
+    state: Progress = Progress.ACCEPTED
     # The raw DispatchMessage, so a restarted daemon knows the spec and its GPUs.
     dispatch_b64: str = ""
 
@@ -81,6 +83,11 @@ class Journal:
             log.warning("journal file %s unreadable: %s", path, exc)
             return None
         fields = {k: v for k, v in raw.items() if k in JournalEntry.__dataclass_fields__}
+        if "state" in fields:
+            fields["state"] = Progress.journaled(fields["state"])
+            if fields["state"] is None:
+                log.warning("journal file %s names no known step: %s", path, raw["state"])
+                return None
         try:
             return JournalEntry(**fields)
         except TypeError as exc:

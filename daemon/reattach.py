@@ -7,10 +7,10 @@ gpuplane.host=<this host> and decides, per attempt (job id, attempt):
   container, not known to the control plane       orphan: container, journal entry and work
                                                   dir removed; nothing reported
   container, known, but nothing journaled         cannot be resumed (no dispatch): removed,
-                                                  STOPPED "daemon_restarted", provider fault
-  journaled by an earlier run, container gone     STOPPED "daemon_restarted", provider fault
+                                                  STOPPED, STOP_REASON_DAEMON_RESTARTED
+  journaled by an earlier run, container gone     STOPPED, STOP_REASON_DAEMON_RESTARTED
                                                   (decided at start, without the control plane)
-  running executor that the control plane does    cancelled ("orphaned"), when it was taken
+  running executor that the control plane does    cancelled (STOP_REASON_ORPHANED), if taken
   not list                                        before the listing could have included it
 
 "Known" means listed in HelloAck.known_jobs / ResyncCommand.known_jobs.
@@ -33,7 +33,6 @@ Key = tuple[str, int]
 # The seq of a terminal report for an attempt whose journal is lost: above any real one, so
 # the control plane does not take it for a duplicate.
 UNJOURNALED_SEQ = 1 << 30
-DAEMON_RESTARTED = "daemon_restarted"
 
 
 def key_of(container: Container) -> Key | None:

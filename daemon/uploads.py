@@ -1,10 +1,11 @@
-"""Stores an attempt's results with bounded retries; says "upload_failed" when it cannot."""
+"""Stores an attempt's results with bounded retries; says why (a StopReason) when it cannot."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpuplane.v1 import messaging_pb2, types_pb2
@@ -15,9 +16,18 @@ from storage.upload import ManifestMismatch, OutputTooLarge, upload_attempt, ver
 
 log = logging.getLogger(__name__)
 
-# The FINISHED reason the control plane recognises for results that could not be stored.
-UPLOAD_FAILED = "upload_failed"
+StopReason = messaging_pb2.StopReason
 _MAX_BACKOFF_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What store_results stored, and why not all of it when it did not."""
+
+    manifest: list[types_pb2.ResultObject] = field(default_factory=list)
+    # STOP_REASON_UNSPECIFIED (all stored), _OUTPUT_TOO_LARGE or _UPLOAD_FAILED.
+    failure: messaging_pb2.StopReason.ValueType = StopReason.STOP_REASON_UNSPECIFIED
+    detail: str = ""
 
 
 async def store_results(
@@ -26,18 +36,20 @@ async def store_results(
     output_dir: Path,
     log_files: Mapping[str, Path],
     settings: DaemonSettings,
-) -> tuple[list[types_pb2.ResultObject], str]:
-    """Uploads outputs, logs and the manifest; returns (manifest, reason).
+) -> Stored:
+    """Uploads outputs, logs and the manifest; returns the manifest stored.
 
     Every stored object is then read back and checked against the manifest (size, SHA-256)
     before the manifest is returned; a mismatch is a failed try like any other.
     Transient failures are retried `settings.upload_attempts` times with exponential backoff
-    from `upload_retry_base_seconds` (capped at 30 s). After the last one the reason is
-    "upload_failed" and the manifest is empty. Outputs over `output_max_bytes` are never
-    stored: the logs alone are (same retries), and the reason is "upload_failed: <why>".
+    from `upload_retry_base_seconds` (capped at 30 s). After the last one the failure is
+    STOP_REASON_UPLOAD_FAILED and the manifest is empty. Outputs over `output_max_bytes` are
+    never stored: the logs alone are (same retries), the failure is
+    STOP_REASON_OUTPUT_TOO_LARGE and the detail says why.
     """
     outputs: Path | None = output_dir
-    reason = ""
+    # Why the outputs were left out, once they were.
+    too_large = ""
     logs = {name: path for name, path in log_files.items() if path.exists()}
     for attempt in range(1, settings.upload_attempts + 1):
         try:
@@ -52,10 +64,12 @@ async def store_results(
             # What settles the job is what is stored, not what was sent: read it back.
             if await verify_attempt(store, dispatch.job_id, dispatch.attempt) != manifest:
                 raise ManifestMismatch("the stored manifest.json differs from the one sent")
-            return manifest, reason
+            if too_large:
+                return Stored(manifest, StopReason.STOP_REASON_OUTPUT_TOO_LARGE, too_large)
+            return Stored(manifest)
         except OutputTooLarge as exc:
             log.warning("%s/%s: %s; storing the logs only", dispatch.job_id, dispatch.attempt, exc)
-            outputs, reason = None, f"{UPLOAD_FAILED}: {exc}"
+            outputs, too_large = None, str(exc) or "the outputs are too large"
             continue
         except (StorageError, OSError) as exc:
             log.warning(
@@ -69,4 +83,4 @@ async def store_results(
         if attempt < settings.upload_attempts:
             delay = settings.upload_retry_base_seconds * 2 ** (attempt - 1)
             await asyncio.sleep(min(delay, _MAX_BACKOFF_SECONDS))
-    return [], UPLOAD_FAILED
+    return Stored(failure=StopReason.STOP_REASON_UPLOAD_FAILED)

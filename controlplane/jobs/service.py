@@ -19,6 +19,7 @@ from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.idempotency import ensure_same
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.notify import Notifier
+from controlplane.jobs.outcomes import CANCEL_TEXTS, Ending, ending_of
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.spec import validate_labels, validate_spec
 from controlplane.jobs.states import ON_HOST, JobState, can_transition
@@ -33,6 +34,7 @@ from controlplane.registry.service import HostSessions
 
 log = logging.getLogger(__name__)
 Kind = messaging_pb2.JobReportKind
+StopReason = messaging_pb2.StopReason
 TERMINAL_REPORTS = frozenset(
     {
         Kind.JOB_REPORT_KIND_FINISHED,
@@ -40,8 +42,6 @@ TERMINAL_REPORTS = frozenset(
         Kind.JOB_REPORT_KIND_FAILED_TO_START,
     }
 )
-# The CancelCommand reason (and the daemon's stop_reason) of a job whose spend reached its hold.
-BUDGET_EXHAUSTED = "budget_exhausted"
 # States in which a job still runs up cost on its host.
 RUNS_UP_COST = frozenset({JobState.SCHEDULED, JobState.STARTING, JobState.RUNNING})
 
@@ -285,7 +285,7 @@ class JobService:
             elif state in ON_HOST:
                 job.cancel_requested = True
                 job.state_reason = "cancel requested"
-                return job, self._cancel_command(job, why)
+                return job, self._cancel_command(job, text=why)
             return job, None
 
         job, command = await self.db.run(work)
@@ -295,10 +295,19 @@ class JobService:
         return job
 
     @staticmethod
-    def _cancel_command(job: Job, reason: str) -> registry_pb2.ControlMessage:
-        return registry_pb2.ControlMessage(
-            cancel=registry_pb2.CancelCommand(job_id=job.id, attempt=job.attempt, reason=reason)
+    def _cancel_command(
+        job: Job,
+        stop_reason: messaging_pb2.StopReason.ValueType = StopReason.STOP_REASON_CANCELLED,
+        text: str = "",
+    ) -> registry_pb2.ControlMessage:
+        """Asks the job's host to stop it, saying why (`text`: the reason's usual one)."""
+        cancel = registry_pb2.CancelCommand(
+            job_id=job.id,
+            attempt=job.attempt,
+            reason=text or CANCEL_TEXTS[stop_reason],
+            stop_reason=stop_reason,
         )
+        return registry_pb2.ControlMessage(cancel=cancel)
 
     async def events_after(
         self, caller: Principal, job_id: str, seq: int
@@ -361,23 +370,23 @@ class JobService:
             if report.run_time_ms:
                 attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
             resend: registry_pb2.ControlMessage | None = None
-            if report.provider_fault and report.kind in TERMINAL_REPORTS:
-                why = report.reason or report.stop_reason or "host fault"
-                await self._lose_attempt(session, repo, job, attempt, f"host fault: {why}", now)
+            ending = ending_of(report, job) if report.kind in TERMINAL_REPORTS else None
+            if ending is not None and ending.void:
+                await self._lose_attempt(session, repo, job, attempt, ending.text, now)
                 changed = True
             else:
-                changed = self._apply(repo, job, attempt, report, now)
+                changed = self._apply(repo, job, attempt, report, ending, now)
                 if report.kind not in TERMINAL_REPORTS and attempt.run_time_ms:
                     charged = await self._meter(session, job, attempt)
                     if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
-                        resend = self._cancel_command(job, BUDGET_EXHAUSTED)
+                        resend = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
             if JobState(job.state).terminal and attempt.live:
                 await self._finish_attempt(session, job, attempt, now)
             elif job.cancel_requested and report.kind in (
                 Kind.JOB_REPORT_KIND_STARTING,
                 Kind.JOB_REPORT_KIND_RUNNING,
             ):
-                resend = self._cancel_command(job, job.state_reason or "cancelled")
+                resend = self._cancel_command(job, text=job.state_reason)
             return _Applied(job.id, changed, attempt.live, resend)
 
         applied = await self.db.run(work)
@@ -397,6 +406,7 @@ class JobService:
         job: Job,
         attempt: JobAttempt,
         report: messaging_pb2.JobReport,
+        ending: Ending | None,
         now: datetime,
     ) -> bool:
         exit_code = report.exit_code if report.HasField("exit_code") else None
@@ -425,52 +435,19 @@ class JobService:
                 exit_code=exit_code,
                 now=now,
             )
-        if kind == Kind.JOB_REPORT_KIND_FAILED_TO_START:
-            target, reason = JobState.FAILED, report.reason or "the job could not start"
-        elif kind == Kind.JOB_REPORT_KIND_STOPPED:
-            target, reason = self._stopped_outcome(job, report)
-        elif kind == Kind.JOB_REPORT_KIND_FINISHED:
+        if ending is None or ending.state is None:
+            log.warning("report of unknown kind %s for %s ignored", kind, job.id)
+            return False
+        if kind == Kind.JOB_REPORT_KIND_FINISHED:
             attempt.manifest = [
                 {"key": o.key, "path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
                 for o in report.manifest
             ]
-            target, reason = self._finished_outcome(job, report, exit_code)
-        else:
-            log.warning("report of unknown kind %s for %s ignored", kind, job.id)
-            return False
+        target, reason = ending.state, ending.text
         attempt.state = target.value
         attempt.reason = reason
         attempt.finished_at = now
         return transition(repo, job, target, reason=reason, exit_code=exit_code, now=now)
-
-    @staticmethod
-    def _stopped_outcome(job: Job, report: messaging_pb2.JobReport) -> tuple[JobState, str]:
-        if report.stop_reason == "timed_out":
-            return JobState.TIMED_OUT, "ran past max_duration_seconds"
-        if report.stop_reason == BUDGET_EXHAUSTED or (
-            # A daemon that reports every stop we asked for as "cancelled".
-            report.stop_reason == "cancelled"
-            and report.reason == BUDGET_EXHAUSTED
-            and not job.cancel_requested
-        ):
-            return JobState.FAILED, BUDGET_EXHAUSTED
-        if job.cancel_requested or report.stop_reason == "cancelled":
-            return JobState.CANCELLED, job.state_reason if job.cancel_requested else "cancelled"
-        return JobState.FAILED, report.reason or f"stopped by the host: {report.stop_reason}"
-
-    def _finished_outcome(
-        self, job: Job, report: messaging_pb2.JobReport, exit_code: int | None
-    ) -> tuple[JobState, str]:
-        if report.stop_reason:
-            return self._stopped_outcome(job, report)
-        if report.oom_killed:
-            return JobState.FAILED, "oom"
-        if report.reason.startswith("upload_failed"):
-            detail = report.reason.partition(":")[2].strip() or "outputs could not be stored"
-            return JobState.FAILED, f"upload_failed: {detail}"
-        if exit_code == 0:
-            return JobState.SUCCEEDED, ""
-        return JobState.FAILED, f"exit code {exit_code}"
 
     async def _finish_attempt(
         self, session: AsyncSession, job: Job, attempt: JobAttempt, now: datetime
@@ -581,7 +558,11 @@ class JobService:
                 if job is not None and JobState(job.state) in ON_HOST:
                     job.cancel_requested = True
                     job.state_reason = "cancel requested: hold expired"
-                    return False, job, self._cancel_command(job, "hold expired")
+                    return (
+                        False,
+                        job,
+                        self._cancel_command(job, StopReason.STOP_REASON_HOLD_EXPIRED),
+                    )
                 if job is not None and job.state == JobState.QUEUED.value:
                     why = "hold_expired: not placed before the job's hold expired"
                     transition(repo, job, JobState.FAILED, reason=why, now=now)

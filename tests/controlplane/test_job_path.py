@@ -162,7 +162,11 @@ async def test_end_states_from_reports(plane: JobPlane) -> None:
         d = await host.next_dispatch()
         await host.report(d, K.JOB_REPORT_KIND_RUNNING)
         await host.report(
-            d, K.JOB_REPORT_KIND_FINISHED, exit_code=137, run_time_ms=5000, stop_reason="timed_out"
+            d,
+            K.JOB_REPORT_KIND_FINISHED,
+            exit_code=137,
+            run_time_ms=5000,
+            stop_reason=K.STOP_REASON_TIMED_OUT,
         )
         job = await plane.wait_for(slow.job_id, [S.JOB_STATE_TIMED_OUT])
         assert job.charged_micro_credits == charge_for(PRICE, 1, 5000)
@@ -207,7 +211,9 @@ async def test_cancel_queued_and_running(plane: JobPlane) -> None:
         command = await asyncio.wait_for(_next_cancel(host), timeout=5)
         assert command.cancel.job_id == running.job_id
         assert command.cancel.attempt == 1
-        await host.report(d, K.JOB_REPORT_KIND_STOPPED, stop_reason="cancelled", run_time_ms=2000)
+        await host.report(
+            d, K.JOB_REPORT_KIND_STOPPED, stop_reason=K.STOP_REASON_CANCELLED, run_time_ms=2000
+        )
         job = await plane.wait_for(running.job_id, [S.JOB_STATE_CANCELLED])
         assert job.charged_micro_credits == charge_for(PRICE, 1, 2000)
     finally:
@@ -330,10 +336,9 @@ async def test_provider_fault_requeues_without_charge(plane: JobPlane) -> None:
         await host.report(
             d1,
             K.JOB_REPORT_KIND_STOPPED,
-            stop_reason="host_error",
+            stop_reason=K.STOP_REASON_HOST_ERROR,
             reason="host error: docker died",
             run_time_ms=50_000,
-            provider_fault=True,
         )
         d2 = await host.next_dispatch()
         assert (d2.job_id, d2.attempt) == (job.job_id, 2)

@@ -91,12 +91,13 @@ async def test_budget_stops_the_job_near_its_budget_and_charges_at_most_the_hold
         await host.report(dispatch, K.JOB_REPORT_KIND_USAGE, run_time_ms=30_000)
         cancel = await next_cancel(host)
         assert (cancel.job_id, cancel.attempt, cancel.reason) == (job.job_id, 1, "budget_exhausted")
+        assert cancel.stop_reason == K.STOP_REASON_BUDGET_EXHAUSTED
         await charged_becomes(plane, job.job_id, budget)
         # It ran on a little before the daemon stopped it: never charged past the hold.
         await host.report(
             dispatch,
             K.JOB_REPORT_KIND_STOPPED,
-            stop_reason="budget_exhausted",
+            stop_reason=K.STOP_REASON_BUDGET_EXHAUSTED,
             reason="budget_exhausted",
             run_time_ms=31_500,
         )
@@ -131,7 +132,7 @@ async def test_a_usage_tick_past_the_budget_is_capped_and_stops_the_job(
         await host.report(
             dispatch,
             K.JOB_REPORT_KIND_STOPPED,
-            stop_reason="cancelled",
+            legacy_stop_reason="cancelled",
             reason="budget_exhausted",
             run_time_ms=81_000,
         )
@@ -183,10 +184,10 @@ async def test_metered_charges_of_a_provider_fault_attempt_are_refunded(plane: J
         await host.report(
             first,
             K.JOB_REPORT_KIND_STOPPED,
-            stop_reason="host_error",
+            legacy_stop_reason="host_error",
             reason="host error: docker died",
             run_time_ms=61_000,
-            provider_fault=True,
+            legacy_provider_fault=True,
         )
         second = await host.next_dispatch()
         assert second.attempt == 2

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import docker
 import nats
@@ -20,6 +21,7 @@ from nats.aio.msg import Msg
 from pydantic import SecretStr
 
 from daemon.agent import Agent
+from daemon.executor import JobExecutor
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
@@ -236,3 +238,28 @@ async def test_dispatch_poison_foreign_gpus_and_duplicates(
     finally:
         await client.close()
         await agent.stop()
+
+
+async def test_a_cancel_command_hands_its_reason_to_the_executor(tmp_path: Path) -> None:
+    agent = Agent(DaemonSettings(data_dir=tmp_path))
+    asked: list[tuple[int, str]] = []
+
+    class Executor:
+        async def cancel(self, reason: int, text: str) -> None:
+            asked.append((reason, text))
+
+    agent.executors[("job-1", 1)] = cast(JobExecutor, Executor())
+    budget = messaging_pb2.StopReason.STOP_REASON_BUDGET_EXHAUSTED
+    for cancel in (
+        registry_pb2.CancelCommand(
+            job_id="job-1", attempt=1, reason="budget_exhausted", stop_reason=budget
+        ),
+        registry_pb2.CancelCommand(job_id="job-1"),  # no reason: a plain cancel
+        registry_pb2.CancelCommand(job_id="job-2", attempt=1),  # not running here
+    ):
+        await agent.on_command(registry_pb2.ControlMessage(cancel=cancel))
+    await asyncio.gather(*agent._tasks)
+    assert asked == [
+        (budget, "budget_exhausted"),
+        (messaging_pb2.StopReason.STOP_REASON_CANCELLED, ""),
+    ]

@@ -14,6 +14,7 @@ from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.executor import JobExecutor
 from daemon.journal import Journal, JournalEntry
+from daemon.progress import Progress
 from daemon.runtime import DockerRuntime, ExitInfo
 from daemon.settings import DaemonSettings
 from devstack import S3Server
@@ -22,6 +23,7 @@ from storage.objects import ObjectStore
 from tests.daemon.conftest import Reports, make_dispatch
 
 K = messaging_pb2.JobReportKind
+R = messaging_pb2.StopReason
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -86,7 +88,11 @@ async def test_successful_job_reports_each_step_and_stores_outputs(
     assert final.HasField("exit_code")
     assert final.exit_code == 0
     assert final.run_time_ms >= 700
-    assert (final.stop_reason, final.reason, final.oom_killed) == ("", "", False)
+    assert (final.stop_reason, final.reason, final.oom_killed) == (
+        R.STOP_REASON_COMPLETED,
+        "",
+        False,
+    )
     manifest = {o.path: o for o in final.manifest}
     assert set(manifest) == {"output/result.txt", "logs/stdout", "logs/stderr"}
     result = manifest["output/result.txt"]
@@ -144,7 +150,7 @@ async def test_past_max_duration_is_killed_and_still_stored(
         "JOB_REPORT_KIND_UPLOADING",
         "JOB_REPORT_KIND_FINISHED",
     ]
-    assert final.stop_reason == "timed_out"
+    assert final.stop_reason == R.STOP_REASON_TIMED_OUT
     assert final.exit_code == 137
     assert 1000 <= final.run_time_ms < 5000
     paths = {o.path for o in final.manifest}
@@ -171,16 +177,16 @@ async def test_cancel_removes_the_container_within_5s_and_reports_stopped(
     await asyncio.sleep(0.2)
     entry = journal.get(dispatch.job_id, 1)
     assert entry is not None
-    assert (entry.last_seq, entry.state) == (2, "JOB_REPORT_KIND_RUNNING")
+    assert (entry.last_seq, entry.state) == (2, Progress.RUNNING)
     assert containers_of(docker_client, dispatch.job_id)[0].id == entry.container_id  # type: ignore[attr-defined]
     started = time.monotonic()
-    await job.cancel("cancelled by the owner")
+    await job.cancel(R.STOP_REASON_CANCELLED, "cancelled by the owner")
     elapsed = time.monotonic() - started
     assert containers_of(docker_client, dispatch.job_id) == []
     assert elapsed < 5
     final = await task
     assert final.kind == K.JOB_REPORT_KIND_STOPPED
-    assert final.stop_reason == "cancelled"
+    assert final.stop_reason == R.STOP_REASON_CANCELLED
     assert final.reason == "cancelled by the owner"
     assert final.run_time_ms >= 200
     assert reports.without_usage() == [
@@ -271,7 +277,7 @@ async def test_results_that_cannot_be_stored_end_upload_failed(
     final = await executor(dispatch, runtime, wrong_key, settings, reports).run()
     assert time.monotonic() - started < 8
     assert reports.without_usage()[-2:] == ["JOB_REPORT_KIND_UPLOADING", "JOB_REPORT_KIND_FINISHED"]
-    assert final.reason == "upload_failed"
+    assert (final.stop_reason, final.reason) == (R.STOP_REASON_UPLOAD_FAILED, "")
     assert final.exit_code == 0
     assert not final.manifest
 
@@ -281,7 +287,7 @@ async def test_cancel_before_start_reports_only_stopped(
 ) -> None:
     reports = Reports()
     job = executor(make_dispatch(test_image, args=["true"]), runtime, store, settings, reports)
-    cancelling = asyncio.create_task(job.cancel("changed my mind"))
+    cancelling = asyncio.create_task(job.cancel(R.STOP_REASON_CANCELLED, "changed my mind"))
     await asyncio.sleep(0)  # cancel() runs first
     await job.run()
     await cancelling
@@ -305,7 +311,7 @@ async def test_cancel_while_preparing_creates_no_container(
     await job.cancel()
     await running
     assert reports.kinds == ["JOB_REPORT_KIND_STARTING", "JOB_REPORT_KIND_STOPPED"]
-    assert reports.items[-1].stop_reason == "cancelled"
+    assert reports.items[-1].stop_reason == R.STOP_REASON_CANCELLED
     assert containers_of(docker_client, dispatch.job_id) == []
 
 
@@ -369,9 +375,12 @@ async def test_budget_exhausted_cancel_is_stopped_for_that_reason(
     job = executor(dispatch, runtime, store, settings, reports)
     task = asyncio.create_task(job.run())
     await reports.wait_for(K.JOB_REPORT_KIND_RUNNING)
-    await job.cancel("budget_exhausted")
+    await job.cancel(R.STOP_REASON_BUDGET_EXHAUSTED, "budget_exhausted")
     final = await task
-    assert (final.kind, final.stop_reason) == (K.JOB_REPORT_KIND_STOPPED, "budget_exhausted")
+    assert (final.kind, final.stop_reason) == (
+        K.JOB_REPORT_KIND_STOPPED,
+        R.STOP_REASON_BUDGET_EXHAUSTED,
+    )
     assert final.run_time_ms > 0
 
 
@@ -429,7 +438,7 @@ async def test_an_adopted_container_runs_on_and_reports_from_the_journaled_seq(
     assert reports.without_usage() == ["JOB_REPORT_KIND_UPLOADING", "JOB_REPORT_KIND_FINISHED"]
     # STARTING 1 and RUNNING 2 came from the first executor; 3 is skipped on adoption.
     assert [r.seq for r in reports.items] == list(range(4, 4 + len(reports.items)))
-    assert (final.exit_code, final.stop_reason) == (0, "")
+    assert (final.exit_code, final.stop_reason) == (0, R.STOP_REASON_COMPLETED)
     # The whole run, from the container's own start (Docker's clock: a few ms of slack
     # against `sleep 1.5` seen in the container), not just the part after adoption.
     assert final.run_time_ms >= 1450
@@ -457,7 +466,7 @@ async def test_an_adopted_container_keeps_its_original_deadline(
     started = time.monotonic()
     final = await task
     assert time.monotonic() - started < 2.5  # the rest of 2 s, not 2 s again
-    assert (final.kind, final.stop_reason) == (K.JOB_REPORT_KIND_FINISHED, "timed_out")
+    assert (final.kind, final.stop_reason) == (K.JOB_REPORT_KIND_FINISHED, R.STOP_REASON_TIMED_OUT)
     assert 2000 <= final.run_time_ms < 4000
 
 

@@ -11,6 +11,7 @@ from gpuplane.v1 import types_pb2
 
 from daemon.gpus import GIB, NoGpuError, UnknownGpuModel, discover, simulated_gpus
 from daemon.journal import Journal, JournalEntry
+from daemon.progress import Progress
 from daemon.settings import DaemonSettings, derive_machine_id
 
 
@@ -96,13 +97,39 @@ def test_discover_without_gpus_tells_about_simulation(tmp_path: Path) -> None:
         discover(DaemonSettings(data_dir=tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [
+        ("ACCEPTED", Progress.ACCEPTED),
+        ("JOB_REPORT_KIND_STARTING", Progress.STARTING),
+        ("JOB_REPORT_KIND_RUNNING", Progress.RUNNING),
+        ("JOB_REPORT_KIND_USAGE", Progress.RUNNING),
+        ("JOB_REPORT_KIND_UPLOADING", Progress.UPLOADING),
+    ],
+)
+def test_journal_reads_the_steps_earlier_runs_wrote(
+    tmp_path: Path, written: str, read: Progress
+) -> None:
+    journal = Journal(tmp_path / "journal")
+    record = {"job_id": "job-1", "attempt": 1, "last_seq": 4, "state": written}
+    (tmp_path / "journal" / "job-1.1.json").write_text(json.dumps(record))
+    assert journal.entries() == [JournalEntry("job-1", 1, last_seq=4, state=read)]
+    journal.update("job-1", 1, last_seq=5)
+    assert json.loads((tmp_path / "journal" / "job-1.1.json").read_text())["state"] == read.value
+
+
+def test_a_journal_entry_of_no_known_step_is_skipped(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    record = {"job_id": "job-1", "attempt": 1, "state": "JOB_REPORT_KIND_FINISHED"}
+    (tmp_path / "journal" / "job-1.1.json").write_text(json.dumps(record))
+    assert journal.entries() == []
+
+
 def test_journal_roundtrip_and_atomic_files(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal")
     journal.write(JournalEntry("job/1", 2))
-    entry = journal.update(
-        "job/1", 2, container_id="c1", last_seq=3, state="JOB_REPORT_KIND_RUNNING"
-    )
-    assert entry == JournalEntry("job/1", 2, "c1", 3, "JOB_REPORT_KIND_RUNNING")
+    entry = journal.update("job/1", 2, container_id="c1", last_seq=3, state=Progress.RUNNING)
+    assert entry == JournalEntry("job/1", 2, "c1", 3, Progress.RUNNING)
     assert journal.get("job/1", 2) == entry
     files = list((tmp_path / "journal").iterdir())
     assert [f.name for f in files] == ["job_1.2.json"]

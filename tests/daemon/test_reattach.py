@@ -22,6 +22,7 @@ from daemon import reattach
 from daemon.agent import Agent
 from daemon.executor import work_dir_for
 from daemon.journal import JournalEntry
+from daemon.progress import Progress
 from daemon.runtime import LABEL_ATTEMPT, LABEL_HOST, LABEL_JOB
 from devstack import DockerEngine, NatsServer, S3Server
 from tests.controlplane.jobplane import JobPlane, job_plane
@@ -169,7 +170,7 @@ async def test_orphans_go_and_vanished_attempts_are_reported(
     await first.stop()
     host_id = first.host_id
     leave_orphan(first, docker_client, test_image, "job-orphan", host_id)
-    first.journal.write(JournalEntry("job-vanished", 2, last_seq=3, state="JOB_REPORT_KIND_USAGE"))
+    first.journal.write(JournalEntry("job-vanished", 2, last_seq=3, state=Progress.RUNNING))
     work_dir_for(settings, "job-vanished", 2).mkdir(parents=True)
 
     client = await nats.connect(nats_server.url)
@@ -194,7 +195,7 @@ async def test_orphans_go_and_vanished_attempts_are_reported(
         [stopped] = reports
         assert (stopped.job_id, stopped.attempt, stopped.seq) == ("job-vanished", 2, 4)
         assert stopped.kind == K.JOB_REPORT_KIND_STOPPED
-        assert (stopped.stop_reason, stopped.provider_fault) == ("daemon_restarted", True)
+        assert stopped.stop_reason == messaging_pb2.StopReason.STOP_REASON_DAEMON_RESTARTED
 
         # A resync reconciles the same way: a new orphan goes; a running attempt taken
         # moments ago is not stopped (the listing may predate it).

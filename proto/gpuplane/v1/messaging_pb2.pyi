@@ -37,14 +37,15 @@ class _JobReportKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobRepo
     JOB_REPORT_KIND_UPLOADING: _JobReportKind.ValueType  # 4
     """The container exited (on its own, or killed at max_duration); outputs are being uploaded."""
     JOB_REPORT_KIND_FINISHED: _JobReportKind.ValueType  # 5
-    """Outputs and logs are stored; the manifest is final. A job stopped at max_duration ends
-    FINISHED with stop_reason "timed_out" (its partial outputs are stored too).
+    """Outputs and logs are stored (or could not be: STOP_REASON_UPLOAD_FAILED); the manifest
+    is final. A job stopped at max_duration ends FINISHED with STOP_REASON_TIMED_OUT (its
+    partial outputs are stored too).
     """
     JOB_REPORT_KIND_FAILED_TO_START: _JobReportKind.ValueType  # 6
-    """The attempt could not run (image missing, runtime error); `reason` says why."""
+    """The attempt could not run (image missing, runtime error); `stop_reason` and `reason` say why."""
     JOB_REPORT_KIND_STOPPED: _JobReportKind.ValueType  # 7
-    """Stopped before its outputs were stored: on request ("cancelled"), by the daemon
-    ("budget_exhausted"), or by a fault of the host ("host_error", "daemon_restarted").
+    """Stopped before its outputs were stored: on request (cancel, budget, hold expiry), or by a
+    fault of the host (STOP_REASON_HOST_ERROR, STOP_REASON_DAEMON_RESTARTED).
     """
 
 class JobReportKind(_JobReportKind, metaclass=_JobReportKindEnumTypeWrapper): ...
@@ -59,16 +60,121 @@ JOB_REPORT_KIND_USAGE: JobReportKind.ValueType  # 3
 JOB_REPORT_KIND_UPLOADING: JobReportKind.ValueType  # 4
 """The container exited (on its own, or killed at max_duration); outputs are being uploaded."""
 JOB_REPORT_KIND_FINISHED: JobReportKind.ValueType  # 5
-"""Outputs and logs are stored; the manifest is final. A job stopped at max_duration ends
-FINISHED with stop_reason "timed_out" (its partial outputs are stored too).
+"""Outputs and logs are stored (or could not be: STOP_REASON_UPLOAD_FAILED); the manifest
+is final. A job stopped at max_duration ends FINISHED with STOP_REASON_TIMED_OUT (its
+partial outputs are stored too).
 """
 JOB_REPORT_KIND_FAILED_TO_START: JobReportKind.ValueType  # 6
-"""The attempt could not run (image missing, runtime error); `reason` says why."""
+"""The attempt could not run (image missing, runtime error); `stop_reason` and `reason` say why."""
 JOB_REPORT_KIND_STOPPED: JobReportKind.ValueType  # 7
-"""Stopped before its outputs were stored: on request ("cancelled"), by the daemon
-("budget_exhausted"), or by a fault of the host ("host_error", "daemon_restarted").
+"""Stopped before its outputs were stored: on request (cancel, budget, hold expiry), or by a
+fault of the host (STOP_REASON_HOST_ERROR, STOP_REASON_DAEMON_RESTARTED).
 """
 Global___JobReportKind: _TypeAlias = JobReportKind  # noqa: Y015
+
+class _StopReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STOP_REASON_UNSPECIFIED: _StopReason.ValueType  # 0
+    """A non-terminal report, or one of a daemon of an earlier release (which said why in
+    `legacy_stop_reason`, `legacy_provider_fault` and `reason`).
+    """
+    STOP_REASON_COMPLETED: _StopReason.ValueType  # 1
+    """Decided by the job itself (the daemon observes it).
+    The container exited with code 0.
+    """
+    STOP_REASON_EXITED_WITH_ERROR: _StopReason.ValueType  # 2
+    """The container exited with another code (`exit_code`)."""
+    STOP_REASON_OOM_KILLED: _StopReason.ValueType  # 3
+    """The container was killed for running out of memory."""
+    STOP_REASON_IMAGE_UNAVAILABLE: _StopReason.ValueType  # 4
+    """The job's image is not on the host and could not be pulled; `reason` says why."""
+    STOP_REASON_INPUT_UNAVAILABLE: _StopReason.ValueType  # 5
+    """One of the job's inputs could not be fetched; `reason` says which and why."""
+    STOP_REASON_CONTAINER_ERROR: _StopReason.ValueType  # 6
+    """The job's container could not be created or started; `reason` says why."""
+    STOP_REASON_OUTPUT_TOO_LARGE: _StopReason.ValueType  # 7
+    """The outputs were over the host's size cap: only the logs were stored; `reason` says why."""
+    STOP_REASON_CANCELLED: _StopReason.ValueType  # 10
+    """Decided by the control plane (the daemon carries it out).
+    Cancelled on the user's request.
+    """
+    STOP_REASON_BUDGET_EXHAUSTED: _StopReason.ValueType  # 11
+    """The job's spend reached its hold (its budget)."""
+    STOP_REASON_TIMED_OUT: _StopReason.ValueType  # 12
+    """The job ran past its max_duration_seconds (the daemon kills it; its outputs are stored)."""
+    STOP_REASON_HOLD_EXPIRED: _StopReason.ValueType  # 13
+    """The job's hold expired while it was on the host."""
+    STOP_REASON_DISPATCH_EXPIRED: _StopReason.ValueType  # 14
+    """The dispatch reached the host after its deadline; nothing ran."""
+    STOP_REASON_HOST_ERROR: _StopReason.ValueType  # 20
+    """Decided by the host: its daemon, Docker, GPUs or its path to object storage.
+    The host's Docker (or another part of the host) failed; `reason` says how.
+    """
+    STOP_REASON_DAEMON_RESTARTED: _StopReason.ValueType  # 21
+    """The daemon restarted and could not resume the attempt."""
+    STOP_REASON_GPUS_MISSING: _StopReason.ValueType  # 22
+    """The dispatch named GPUs this host does not have."""
+    STOP_REASON_UPLOAD_FAILED: _StopReason.ValueType  # 23
+    """The results could not be stored after every retry; whatever was stored is in `manifest`."""
+    STOP_REASON_ORPHANED: _StopReason.ValueType  # 24
+    """The daemon stopped an attempt the control plane does not know."""
+
+class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
+    """Why an attempt ended: set by the daemon on every terminal report (FINISHED, STOPPED,
+    FAILED_TO_START), and on a CancelCommand by the control plane. Grouped by who decides it;
+    controlplane/jobs/outcomes.py maps each, in one table, to the job's end state and who is at
+    fault (the user, the platform or the provider).
+    """
+
+STOP_REASON_UNSPECIFIED: StopReason.ValueType  # 0
+"""A non-terminal report, or one of a daemon of an earlier release (which said why in
+`legacy_stop_reason`, `legacy_provider_fault` and `reason`).
+"""
+STOP_REASON_COMPLETED: StopReason.ValueType  # 1
+"""Decided by the job itself (the daemon observes it).
+The container exited with code 0.
+"""
+STOP_REASON_EXITED_WITH_ERROR: StopReason.ValueType  # 2
+"""The container exited with another code (`exit_code`)."""
+STOP_REASON_OOM_KILLED: StopReason.ValueType  # 3
+"""The container was killed for running out of memory."""
+STOP_REASON_IMAGE_UNAVAILABLE: StopReason.ValueType  # 4
+"""The job's image is not on the host and could not be pulled; `reason` says why."""
+STOP_REASON_INPUT_UNAVAILABLE: StopReason.ValueType  # 5
+"""One of the job's inputs could not be fetched; `reason` says which and why."""
+STOP_REASON_CONTAINER_ERROR: StopReason.ValueType  # 6
+"""The job's container could not be created or started; `reason` says why."""
+STOP_REASON_OUTPUT_TOO_LARGE: StopReason.ValueType  # 7
+"""The outputs were over the host's size cap: only the logs were stored; `reason` says why."""
+STOP_REASON_CANCELLED: StopReason.ValueType  # 10
+"""Decided by the control plane (the daemon carries it out).
+Cancelled on the user's request.
+"""
+STOP_REASON_BUDGET_EXHAUSTED: StopReason.ValueType  # 11
+"""The job's spend reached its hold (its budget)."""
+STOP_REASON_TIMED_OUT: StopReason.ValueType  # 12
+"""The job ran past its max_duration_seconds (the daemon kills it; its outputs are stored)."""
+STOP_REASON_HOLD_EXPIRED: StopReason.ValueType  # 13
+"""The job's hold expired while it was on the host."""
+STOP_REASON_DISPATCH_EXPIRED: StopReason.ValueType  # 14
+"""The dispatch reached the host after its deadline; nothing ran."""
+STOP_REASON_HOST_ERROR: StopReason.ValueType  # 20
+"""Decided by the host: its daemon, Docker, GPUs or its path to object storage.
+The host's Docker (or another part of the host) failed; `reason` says how.
+"""
+STOP_REASON_DAEMON_RESTARTED: StopReason.ValueType  # 21
+"""The daemon restarted and could not resume the attempt."""
+STOP_REASON_GPUS_MISSING: StopReason.ValueType  # 22
+"""The dispatch named GPUs this host does not have."""
+STOP_REASON_UPLOAD_FAILED: StopReason.ValueType  # 23
+"""The results could not be stored after every retry; whatever was stored is in `manifest`."""
+STOP_REASON_ORPHANED: StopReason.ValueType  # 24
+"""The daemon stopped an attempt the control plane does not know."""
+Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 
 @_typing.final
 class DispatchMessage(_message.Message):
@@ -122,7 +228,10 @@ Global___DispatchMessage: _TypeAlias = DispatchMessage  # noqa: Y015
 
 @_typing.final
 class JobReport(_message.Message):
-    """Subject gpuplane.events.<job_id>: what happened to one attempt, from the daemon."""
+    """Subject gpuplane.events.<host_id>.<job_id> (messaging/subjects.py events_subject; the
+    control plane's EVENTS consumer filters gpuplane.events.>), message id
+    "<job_id>.<attempt>.<seq>": what happened to one attempt, from the daemon.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -137,8 +246,9 @@ class JobReport(_message.Message):
     RUN_TIME_MS_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     OOM_KILLED_FIELD_NUMBER: _builtins.int
+    LEGACY_STOP_REASON_FIELD_NUMBER: _builtins.int
+    LEGACY_PROVIDER_FAULT_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
-    PROVIDER_FAULT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     host_id: _builtins.str
@@ -151,13 +261,15 @@ class JobReport(_message.Message):
     """Container run time so far (or in total, once exited)."""
     oom_killed: _builtins.bool
     """Whether the process was killed for running out of memory."""
-    stop_reason: _builtins.str
-    """Why the daemon stopped it, when it did: "cancelled", "timed_out", "budget_exhausted",
-    "host_error", "daemon_restarted".
+    legacy_stop_reason: _builtins.str
+    """Written only by daemons of earlier releases, read only from them (STOP_REASON_UNSPECIFIED):
+    why the daemon stopped it ("cancelled", "timed_out", "budget_exhausted", "host_error",
+    "daemon_restarted"), and whether the attempt ended through a fault of the host.
     """
-    provider_fault: _builtins.bool
-    """The attempt ended through no fault of the job (the host's Docker failed, the daemon
-    restarted, the GPUs are missing): it is not charged and is retried like a lost attempt.
+    legacy_provider_fault: _builtins.bool
+    stop_reason: Global___StopReason.ValueType
+    """Why the attempt ended, on a terminal report; who is at fault follows from it (a fault of
+    the provider is not charged and is retried like a lost attempt).
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
@@ -177,12 +289,13 @@ class JobReport(_message.Message):
         run_time_ms: _builtins.int = ...,
         manifest: _abc.Iterable[_types_pb2.ResultObject] | None = ...,
         oom_killed: _builtins.bool = ...,
-        stop_reason: _builtins.str = ...,
-        provider_fault: _builtins.bool = ...,
+        legacy_stop_reason: _builtins.str = ...,
+        legacy_provider_fault: _builtins.bool = ...,
+        stop_reason: Global___StopReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "exit_code", b"exit_code", "host_id", b"host_id", "job_id", b"job_id", "kind", b"kind", "manifest", b"manifest", "oom_killed", b"oom_killed", "provider_fault", b"provider_fault", "reason", b"reason", "run_time_ms", b"run_time_ms", "seq", b"seq", "stop_reason", b"stop_reason", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "exit_code", b"exit_code", "host_id", b"host_id", "job_id", b"job_id", "kind", b"kind", "legacy_provider_fault", b"legacy_provider_fault", "legacy_stop_reason", b"legacy_stop_reason", "manifest", b"manifest", "oom_killed", b"oom_killed", "reason", b"reason", "run_time_ms", b"run_time_ms", "seq", b"seq", "stop_reason", b"stop_reason", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

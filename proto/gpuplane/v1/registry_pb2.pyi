@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from gpuplane.v1 import messaging_pb2 as _messaging_pb2
 from gpuplane.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -354,19 +355,26 @@ class CancelCommand(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     reason: _builtins.str
+    """Said to people (and read by daemons of earlier releases, which know "budget_exhausted")."""
+    stop_reason: _messaging_pb2.StopReason.ValueType
+    """STOP_REASON_CANCELLED, _BUDGET_EXHAUSTED or _HOLD_EXPIRED: the daemon reports it back on
+    the attempt's STOPPED report.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         reason: _builtins.str = ...,
+        stop_reason: _messaging_pb2.StopReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "reason", b"reason", "stop_reason", b"stop_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
