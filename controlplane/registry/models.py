@@ -44,7 +44,8 @@ class Host(Base):
     provider_tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     machine_id: Mapped[str] = mapped_column(String(200))
     hostname: Mapped[str] = mapped_column(String(255))
-    # online | lost | draining | drained (HostState and its transitions: registry.states).
+    # online | lost | draining | drained: HostState, written only by registry.states
+    # (set_host_state, which records each change in host_events).
     state: Mapped[str] = mapped_column(String(16), index=True)
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     location: Mapped[str] = mapped_column(String(100), default="")
