@@ -5,7 +5,7 @@ from controlplane.db.base import Base
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.ledger.models import Account, Hold, Payout, Transfer
 from controlplane.outbox.models import OutboxMessage
-from controlplane.registry.models import Gpu, Host, RegistrationToken
+from controlplane.registry.models import Gpu, Host, HostEvent, RegistrationToken
 from controlplane.scheduler.models import SchedulerLease
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Gpu",
     "Hold",
     "Host",
+    "HostEvent",
     "Job",
     "JobAttempt",
     "JobEvent",

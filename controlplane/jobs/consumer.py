@@ -12,7 +12,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from controlplane.errors import Conflict
-from controlplane.jobs.service import ForeignReport, JobService
+from controlplane.jobs.reports import ForeignReport
+from controlplane.jobs.service import JobService
 from messaging.subjects import (
     EVENTS_DURABLE,
     EVENTS_STREAM,

@@ -33,6 +33,7 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     # The JobSpec as submitted (protobuf bytes, deterministic encoding).
     spec: Mapped[bytes] = mapped_column(LargeBinary)
+    # JobState, written only by jobs.states (set_job_state and its batch form).
     state: Mapped[str] = mapped_column(String(16))
     state_reason: Mapped[str] = mapped_column(String(1000), default="")
     attempt: Mapped[int] = mapped_column(Integer, default=0)
@@ -66,6 +67,7 @@ class JobAttempt(Base):
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     host_id: Mapped[str] = mapped_column(String(40))
     gpu_uuids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # AttemptState; it, live and lost are written only by jobs.states (set_attempt_state).
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(1000), default="")
     # True while the attempt may still run: it holds GPUs and its reports are accepted.

@@ -44,6 +44,14 @@ def validate_labels(field: str, labels: dict[str, str]) -> None:
 
 def validate_spec(spec: types_pb2.JobSpec) -> None:
     """Raises InvalidArgument naming the first bad field of `spec`."""
+    _validate_image_and_command(spec)
+    _validate_env(spec)
+    _validate_resources(spec)
+    _validate_inputs(spec)
+    _validate_limits_and_placement(spec)
+
+
+def _validate_image_and_command(spec: types_pb2.JobSpec) -> None:
     if not spec.image:
         raise InvalidArgument("spec.image", "is required")
     if len(spec.image) > 512 or not IMAGE_RE.match(spec.image):
@@ -53,6 +61,9 @@ def validate_spec(spec: types_pb2.JobSpec) -> None:
             raise InvalidArgument(name, f"more than {MAX_ITEMS} items")
         for i, item in enumerate(items):
             _text(f"{name}[{i}]", item)
+
+
+def _validate_env(spec: types_pb2.JobSpec) -> None:
     env_bytes = 0
     for key, value in spec.env.items():
         if not ENV_NAME_RE.match(key):
@@ -65,6 +76,9 @@ def validate_spec(spec: types_pb2.JobSpec) -> None:
         env_bytes += len(key) + len(value)
     if env_bytes > MAX_ENV_BYTES:
         raise InvalidArgument("spec.env", f"larger than {MAX_ENV_BYTES} bytes in total")
+
+
+def _validate_resources(spec: types_pb2.JobSpec) -> None:
     if spec.gpu_count > MAX_GPUS:
         raise InvalidArgument("spec.gpu_count", f"at most {MAX_GPUS} GPUs on one host")
     if len(spec.gpu_models) > 32:
@@ -83,6 +97,9 @@ def validate_spec(spec: types_pb2.JobSpec) -> None:
         raise InvalidArgument("spec.memory_bytes", "below Docker's minimum of 6 MiB")
     if spec.network not in types_pb2.NetworkMode.values():
         raise InvalidArgument("spec.network", "unknown network mode")
+
+
+def _validate_inputs(spec: types_pb2.JobSpec) -> None:
     if len(spec.inputs) > MAX_ITEMS:
         raise InvalidArgument("spec.inputs", f"more than {MAX_ITEMS} inputs")
     for i, entry in enumerate(spec.inputs):
@@ -91,6 +108,9 @@ def validate_spec(spec: types_pb2.JobSpec) -> None:
         if entry.path and (entry.path.startswith("/") or ".." in entry.path.split("/")):
             raise InvalidArgument(f"spec.inputs[{i}].path", "must be relative, inside /input")
         _text(f"spec.inputs[{i}].key", entry.key, 1024)
+
+
+def _validate_limits_and_placement(spec: types_pb2.JobSpec) -> None:
     if spec.max_duration_seconds == 0:
         raise InvalidArgument("spec.max_duration_seconds", "is required (the attempt's time limit)")
     if spec.max_duration_seconds > MAX_DURATION_SECONDS:

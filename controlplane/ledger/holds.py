@@ -22,7 +22,7 @@ from controlplane.errors import AlreadyExists, FailedPrecondition, NotFound
 from controlplane.ledger.models import Hold
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.repository_pg import HOLD_LOCK_COLUMNS, HOLD_WRITE_COLUMNS
-from controlplane.ledger.states import HoldState, new_hold, resolve_holds
+from controlplane.ledger.states import HoldState, new_hold, resolution_of, resolve_holds
 from controlplane.ledger.transfers import (
     REVENUE,
     AccountKind,
@@ -304,7 +304,7 @@ async def settle_many(
             if charged.amount:
                 moves += _charge_transfers(hold, request.cost, charged, request.key)
         released = hold.remaining
-        state = request.outcome or (HoldState.POSTED if hold.posted_amount else HoldState.VOIDED)
+        state = resolution_of(hold.posted_amount, request.outcome)
         resolving[hold.id] = (hold, state)
         hold.release_transfer_id = next(release_ids) if released else None
         available, held = hold_accounts(hold.tenant_id)

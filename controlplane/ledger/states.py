@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from controlplane.db.base import utcnow
-from controlplane.statemachine import StateMachine, register
+from controlplane.statemachine import InvalidTransition, StateMachine, produces, register
 
 if TYPE_CHECKING:  # models.py takes its states' defaults from here
     from controlplane.ledger.models import Hold, Payout
@@ -112,6 +112,20 @@ def set_hold_state(hold: HoldRow, target: HoldState, now: datetime) -> bool:
     if target in _HOLD_RESOLVED:
         hold.resolved_at = now
     return True
+
+
+# The states a settlement computes for a pending hold (the targets resolve_holds is given):
+# the outcome its caller asked for (EXPIRED from the expiry sweep), else POSTED when something
+# was charged and VOIDED when nothing was.
+HOLD_RESOLUTIONS = produces(frozenset({HoldState.POSTED, HoldState.VOIDED, HoldState.EXPIRED}))
+
+
+def resolution_of(posted_amount: int, outcome: HoldState | None) -> HoldState:
+    """Where a pending hold goes when it is settled."""
+    target = outcome or (HoldState.POSTED if posted_amount else HoldState.VOIDED)
+    if target not in HOLD_RESOLUTIONS:
+        raise InvalidTransition(f"hold: {target} is not a resolution")
+    return target
 
 
 def resolve_holds(changes: Sequence[tuple[HoldRow, HoldState]], now: datetime) -> None:

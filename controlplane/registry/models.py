@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from controlplane.db.base import Base, UtcDateTime, utcnow
@@ -35,7 +44,8 @@ class Host(Base):
     provider_tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     machine_id: Mapped[str] = mapped_column(String(200))
     hostname: Mapped[str] = mapped_column(String(255))
-    # online | lost | draining | drained (HostState and its transitions: registry.states).
+    # online | lost | draining | drained: HostState, written only by registry.states
+    # (set_host_state, which records each change in host_events).
     state: Mapped[str] = mapped_column(String(16), index=True)
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
     location: Mapped[str] = mapped_column(String(100), default="")
@@ -63,6 +73,22 @@ class Host(Base):
     @property
     def reliability_permille(self) -> int:
         return reliability_permille(self.completed_attempts, self.lost_attempts, self.gpu_faults)
+
+
+class HostEvent(Base):
+    """One change of a host's state and why (registry.states.set_host_state writes it)."""
+
+    __tablename__ = "host_events"
+    __table_args__ = (Index("ix_host_events_host_id", "host_id", "id"),)
+
+    # BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY autoincrements).
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id"))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(1000), default="")
+    time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 def reliability_permille(completed: int, lost: int, gpu_faults: int) -> int:

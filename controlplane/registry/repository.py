@@ -11,14 +11,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controlplane.auth.principal import Principal, Role
 from controlplane.jobs.models import JobAttempt
 from controlplane.paging import Page, PageRequest, page_by_id
-from controlplane.registry.models import Gpu, Host, NatsRevocation, RegistrationToken
+from controlplane.registry.models import Gpu, Host, HostEvent, NatsRevocation, RegistrationToken
 
 
 class RegistryRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    def add(self, row: RegistrationToken | Host | Gpu | NatsRevocation) -> None:
+    def add(self, row: RegistrationToken | Host | HostEvent | Gpu | NatsRevocation) -> None:
         self.session.add(row)
 
     async def flush(self) -> None:
@@ -128,6 +128,16 @@ class RegistryRepository:
         if provider:
             query = query.where(Host.provider_tenant_id == provider)
         return await page_by_id(self.session, query, Host.id, page, lambda h: h.id)
+
+    async def host_events(self, host_id: str, limit: int = 500) -> Sequence[HostEvent]:
+        """The host's state changes, oldest first."""
+        query = (
+            select(HostEvent)
+            .where(HostEvent.host_id == host_id)
+            .order_by(HostEvent.id)
+            .limit(limit)
+        )
+        return (await self.session.scalars(query)).all()
 
     async def gpus_of(self, host_ids: Sequence[str]) -> Sequence[Gpu]:
         if not host_ids:

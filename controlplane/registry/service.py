@@ -29,7 +29,7 @@ from controlplane.registry.offers import Offer, OfferFilter, build_offers
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.sessions import HostSession
 from controlplane.registry.sessions import HostSessions as HostSessions  # re-exported
-from controlplane.registry.states import HostState, returning_state, transition
+from controlplane.registry.states import HostState, new_host, returning_state, set_host_state
 from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
 from controlplane.scheduler.capacity import capacity_snapshot
 
@@ -213,17 +213,13 @@ class RegistryService:
             if host is None:
                 if not await repo.consume_token(token.id):
                     raise PermissionDenied("registration_token: has no uses left")
-                host = Host(
-                    id=new_id("host"),
+                host = new_host(
+                    repo,
+                    host_id=new_id("host"),
                     provider_tenant_id=token.provider_tenant_id,
                     machine_id=request.machine_id,
-                    registered_at=now,
-                    state=HostState.ONLINE.value,
-                    lost_attempts=0,
-                    completed_attempts=0,
-                    drain_reason="",
+                    now=now,
                 )
-                repo.add(host)
             host.hostname = request.hostname
             host.simulated = request.simulated
             host.location = request.location
@@ -266,7 +262,8 @@ class RegistryService:
                 host.revoked_reason = reason or "revoked"
                 # A hash no secret has: the old credential matches nothing from now on.
                 host.credential_hash = hash_secret(generate_secret("revoked_"))
-                transition(host, HostState.LOST, f"RevokeHost: {host.revoked_reason}")
+                why = f"RevokeHost: {host.revoked_reason}"
+                set_host_state(repo, host, HostState.LOST, why, now)
             if host.nats_user_key:
                 await repo.revoke_nats_user(host.nats_user_key, host.id, host.revoked_at)
         self._up.discard(host_id)
@@ -363,7 +360,8 @@ class RegistryService:
     async def _record_heartbeat(self, host_id: str) -> Host:
         now = utcnow()
         async with self.db.transaction() as session:
-            host = await RegistryRepository(session).get_host(host_id)
+            repo = RegistryRepository(session)
+            host = await repo.get_host(host_id)
             if host is None:
                 raise NotFound(f"host_id: no host {host_id!r}")
             if host.revoked_at is not None:
@@ -371,7 +369,7 @@ class RegistryService:
                 raise Unauthenticated("host credential: the host has been revoked")
             host.last_heartbeat_at = now
             if host.state == HostState.LOST.value:
-                transition(host, returning_state(host), "heartbeat after loss")
+                set_host_state(repo, host, returning_state(host), "heartbeat after loss", now)
         self._up.add(host_id)
         return host
 
@@ -412,6 +410,7 @@ class RegistryService:
         a draining host with no live attempt is drained at once."""
         if len(reason) > 500:
             raise InvalidArgument("reason", "at most 500 characters")
+        now = utcnow()
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
             host = await repo.get_readable_host(caller, host_id, lock=True)
@@ -421,15 +420,15 @@ class RegistryService:
             if draining:
                 host.drain_reason = reason or host.drain_reason or DEFAULT_DRAIN_REASON
                 if state == HostState.ONLINE:
-                    transition(host, HostState.DRAINING, "DrainHost")
+                    set_host_state(repo, host, HostState.DRAINING, "DrainHost", now)
                 if host.state == HostState.DRAINING.value and not await repo.has_live_attempts(
                     host.id
                 ):
-                    transition(host, HostState.DRAINED, "no job left")
+                    set_host_state(repo, host, HostState.DRAINED, "no job left", now)
             else:
                 host.drain_reason = ""
                 if state in (HostState.DRAINING, HostState.DRAINED):
-                    transition(host, HostState.ONLINE, "UndrainHost")
+                    set_host_state(repo, host, HostState.ONLINE, "UndrainHost", now)
         message = registry_pb2.ControlMessage(
             drain=registry_pb2.DrainCommand(draining=draining, reason=host.drain_reason)
         )
@@ -442,9 +441,11 @@ class RegistryService:
         await self.flush_heartbeats()
         cutoff = now - timeout - timedelta(seconds=self.heartbeat_write_interval)
         async with self.db.transaction() as session:
-            hosts = await RegistryRepository(session).stale_online_hosts(cutoff)
+            repo = RegistryRepository(session)
+            hosts = await repo.stale_online_hosts(cutoff)
             for host in hosts:
-                transition(host, HostState.LOST, f"no heartbeat since {host.last_heartbeat_at}")
+                why = f"no heartbeat since {host.last_heartbeat_at}"
+                set_host_state(repo, host, HostState.LOST, why, now)
             lost = [h.id for h in hosts]
         self._up.difference_update(lost)
         if self.monitor is not None:
@@ -457,8 +458,9 @@ class RegistryService:
             idle = await RegistryRepository(session).idle_draining_hosts(lock=False)
         if idle:  # checked first without the writer lock: it is rarely needed
             async with self.db.transaction() as session:
-                for host in await RegistryRepository(session).idle_draining_hosts():
-                    transition(host, HostState.DRAINED, "no live attempt left")
+                repo = RegistryRepository(session)
+                for host in await repo.idle_draining_hosts():
+                    set_host_state(repo, host, HostState.DRAINED, "no live attempt left", utcnow())
         if self.monitor is not None:
             await self.monitor.maintain()
 

@@ -1,13 +1,16 @@
-"""The host state machine: states, the transition table (one comment per edge) and transition()."""
+"""The host state machine: its table, its only setter and its history (host_events)."""
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from enum import StrEnum
+from typing import Protocol
 
 from gpuplane.v1 import types_pb2
 
-from controlplane.registry.models import Host
+from controlplane.registry.models import Host, HostEvent
+from controlplane.statemachine import StateMachine, register
 
 log = logging.getLogger(__name__)
 
@@ -28,51 +31,75 @@ class HostState(StrEnum):
 
 
 H = HostState
-# Only ONLINE hosts take new placements (scheduler.service.SCHEDULABLE_HOST_STATES).
-TRANSITIONS: dict[HostState, frozenset[HostState]] = {
-    H.ONLINE: frozenset(
+_HEARTBEAT_LOST = "no heartbeat within the liveness timeout (a drain request is kept)"
+# Only ONLINE hosts take new placements (scheduler.capacity.SCHEDULABLE_HOST_STATES).
+# A revoked host stays LOST: its credential is refused, so it never heartbeats again.
+HOST = register(
+    StateMachine(
+        "host",
+        HostState,
+        H.ONLINE,
         {
-            H.LOST,  # no heartbeat within the liveness timeout, or RevokeHost
-            H.DRAINING,  # DrainHost: no new jobs, running ones finish
-        }
-    ),
-    H.DRAINING: frozenset(
-        {
-            H.DRAINED,  # no live attempt is left on the host
-            H.ONLINE,  # UndrainHost
-            H.LOST,  # no heartbeat within the liveness timeout (the drain request is kept),
-            # or RevokeHost
-        }
-    ),
-    H.DRAINED: frozenset(
-        {
-            H.ONLINE,  # UndrainHost
-            H.LOST,  # no heartbeat within the liveness timeout (the drain request is kept),
-            # or RevokeHost
-        }
-    ),
-    # A revoked host stays LOST: its credential is refused, so it never heartbeats again.
-    H.LOST: frozenset(
-        {
-            H.ONLINE,  # heartbeats again and no drain was requested
-            H.DRAINING,  # heartbeats again with a drain requested before or while lost
-        }
-    ),
-}
+            H.ONLINE: {
+                H.LOST: "no heartbeat within the liveness timeout, or RevokeHost",
+                H.DRAINING: "DrainHost: no new jobs, running ones finish",
+            },
+            H.DRAINING: {
+                H.DRAINED: "no live attempt is left on the host",
+                H.ONLINE: "UndrainHost",
+                H.LOST: f"{_HEARTBEAT_LOST}, or RevokeHost",
+            },
+            H.DRAINED: {
+                H.ONLINE: "UndrainHost",
+                H.LOST: f"{_HEARTBEAT_LOST}, or RevokeHost",
+            },
+            H.LOST: {
+                H.ONLINE: "heartbeats again and no drain was requested",
+                H.DRAINING: "heartbeats again with a drain requested before or while lost",
+            },
+        },
+    )
+)
 
 
-def can_transition(current: HostState, target: HostState) -> bool:
-    return target in TRANSITIONS[current]
+class Adder(Protocol):
+    """Where the history rows go (a RegistryRepository)."""
+
+    def add(self, row: Host | HostEvent) -> None: ...
 
 
-def transition(host: Host, target: HostState, why: str) -> bool:
-    """Moves `host` to `target` (logged with `why`); False when the edge is not allowed."""
+def new_host(
+    events: Adder, *, host_id: str, provider_tenant_id: str, machine_id: str, now: datetime
+) -> Host:
+    """A newly registered host, ONLINE, its first state recorded through the setter's path."""
+    host = Host(
+        id=host_id,
+        provider_tenant_id=provider_tenant_id,
+        machine_id=machine_id,
+        registered_at=now,
+        lost_attempts=0,
+        completed_attempts=0,
+        drain_reason="",
+    )
+    events.add(host)
+    _enter(events, host, HOST.initial, "RegisterHost", now)
+    return host
+
+
+def set_host_state(events: Adder, host: Host, target: HostState, why: str, now: datetime) -> bool:
+    """The host's only setter: moves `host` to `target` and records why in host_events;
+    False (nothing changed) when it is already there or the edge is not in HOST's table."""
     current = HostState(host.state)
-    if current == target or not can_transition(current, target):
+    if not HOST.check(current, target):
         return False
-    host.state = target.value
+    _enter(events, host, target, why, now)
     log.info("host %s: %s → %s (%s)", host.id, current.value, target.value, why)
     return True
+
+
+def _enter(events: Adder, host: Host, target: HostState, why: str, now: datetime) -> None:
+    host.state = target.value
+    events.add(HostEvent(host_id=host.id, state=target.value, reason=why[:1000], time=now))
 
 
 def returning_state(host: Host) -> HostState:

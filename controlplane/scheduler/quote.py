@@ -7,7 +7,7 @@ from gpuplane.v1 import jobs_pb2, types_pb2
 
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
-from controlplane.jobs.service import hold_for
+from controlplane.jobs.policy import hold_for
 from controlplane.scheduler.capacity import Durations, load_capacity
 from controlplane.scheduler.demand import GIB, Policy, demand_of
 from controlplane.scheduler.explain import explain

@@ -29,7 +29,7 @@ PG_ALLOCATE = text(
 
 
 JOBS = cast(Table, Job.__table__)
-# The columns a placement sets on its job (JobState.SCHEDULED; see jobs/service.transition).
+# The columns a placement sets on its job (rows from jobs/states.schedule_jobs).
 PLACED_COLUMNS = (
     ("state", "varchar"),
     ("state_reason", "varchar"),

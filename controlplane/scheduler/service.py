@@ -19,7 +19,7 @@ from controlplane.db.engine import Database
 from controlplane.errors import Conflict
 from controlplane.jobs.models import Job
 from controlplane.jobs.notify import Notifier
-from controlplane.jobs.states import JobState
+from controlplane.jobs.states import Placement, schedule_jobs
 from controlplane.scheduler.capacity import (
     SCHEDULABLE_HOST_STATES,
     Durations,
@@ -166,7 +166,8 @@ class Scheduler:
         now: datetime,
     ) -> None:
         """Writes the plan with a few statements, whatever its size (no ORM unit of work:
-        the loaded jobs are only read)."""
+        the loaded jobs are only read); the rows come from the job and attempt machines'
+        batch form (jobs/states.schedule_jobs), which checks every job's edge."""
         rows = [
             (uuid, p.demand.job_id, jobs[p.demand.job_id].attempt)
             for p in plan.placed
@@ -175,53 +176,19 @@ class Scheduler:
         if await repo.allocate(rows) != len(rows):
             # Another writer took a GPU since the load: roll the whole cycle back.
             raise Conflict("GPU allocation raced; retrying the cycle")
-        updates, attempts, events, messages = [], [], [], []
+        placed_rows = schedule_jobs(
+            [
+                Placement(jobs[p.demand.job_id], p.host_id, p.gpu_uuids, p.price)
+                for p in plan.placed
+            ],
+            now,
+        )
+        messages = []
         for placed in plan.placed:
             job = jobs[placed.demand.job_id]
-            reason = f"placed on {placed.host_id}"
-            updates.append(
-                {
-                    "b_id": job.id,
-                    "state": JobState.SCHEDULED.value,
-                    "state_reason": reason,
-                    "host_id": placed.host_id,
-                    "gpu_uuids": placed.gpu_uuids,
-                    "price_per_gpu_hour": placed.price,
-                    "event_seq": job.event_seq + 1,
-                    "updated_at": now,
-                }
-            )
-            attempts.append(
-                {
-                    "job_id": job.id,
-                    "attempt": job.attempt,
-                    "host_id": placed.host_id,
-                    "gpu_uuids": placed.gpu_uuids,
-                    "state": JobState.SCHEDULED.value,
-                    "reason": "",
-                    "live": True,
-                    "lost": False,
-                    "report_seq": 0,
-                    "run_time_ms": 0,
-                    "charged": 0,
-                    "manifest": [],
-                    "created_at": now,
-                }
-            )
-            events.append(
-                {
-                    "job_id": job.id,
-                    "seq": job.event_seq + 1,
-                    "attempt": job.attempt,
-                    "state": JobState.SCHEDULED.value,
-                    "reason": reason,
-                    "exit_code": None,
-                    "time": now,
-                }
-            )
             messages.append(self._dispatch(job, specs[job.id], placed, now))
             self.durations.remember(job.id, placed.demand.max_duration_s)
-        await repo.place(updates, attempts, events, messages)
+        await repo.place(placed_rows.jobs, placed_rows.attempts, placed_rows.events, messages)
         await repo.set_reasons(
             {
                 job_id: reason[:1000]

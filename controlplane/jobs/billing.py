@@ -1,0 +1,124 @@
+"""Metering and settlement of a job's attempts against its hold, shared by the job paths."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from gpuplane.v1 import messaging_pb2, registry_pb2
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.db.engine import Database
+from controlplane.jobs.models import Job, JobAttempt
+from controlplane.jobs.notify import Notifier
+from controlplane.jobs.outcomes import CANCEL_TEXTS
+from controlplane.jobs.policy import JobPolicy
+from controlplane.ledger import service as ledger
+from controlplane.ledger.holds import NOTHING, AttemptCost, Charged
+from controlplane.ledger.models import HoldState
+from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.service import LedgerService
+from controlplane.registry.repository import RegistryRepository
+from controlplane.registry.sessions import HostSessions
+
+StopReason = messaging_pb2.StopReason
+
+
+class JobBilling:
+    """The base of JobService: what every job path (submit and cancel, reports, lost
+    attempts, hold expiry) needs, with the hold's metering and settlement."""
+
+    def __init__(
+        self,
+        db: Database,
+        policy: JobPolicy,
+        sessions: HostSessions,
+        notifier: Notifier,
+        ledger: LedgerService | None = None,
+    ) -> None:
+        self.db = db
+        self.policy = policy
+        self.sessions = sessions
+        self.notifier = notifier
+        # Holds are placed, charged and settled through it, inside the job's transaction.
+        self.ledger = ledger or LedgerService(db)
+
+    @staticmethod
+    def _cancel_command(
+        job: Job,
+        stop_reason: messaging_pb2.StopReason.ValueType = StopReason.STOP_REASON_CANCELLED,
+        text: str = "",
+    ) -> registry_pb2.ControlMessage:
+        """Asks the job's host to stop it, saying why (`text`: the reason's usual one)."""
+        cancel = registry_pb2.CancelCommand(
+            job_id=job.id,
+            attempt=job.attempt,
+            reason=text or CANCEL_TEXTS[stop_reason],
+            stop_reason=stop_reason,
+        )
+        return registry_pb2.ControlMessage(cancel=cancel)
+
+    async def _finish_attempt(
+        self, session: AsyncSession, job: Job, attempt: JobAttempt, now: datetime
+    ) -> None:
+        """Charges an attempt that just ended (what metering has not), frees its GPUs and
+        resolves the job's hold: the rest goes back to available."""
+        registry = RegistryRepository(session)
+        await registry.release_gpus(job.id, attempt.attempt)
+        host = await registry.get_host(attempt.host_id)
+        cost = None
+        if host is not None:
+            host.completed_attempts += 1
+            if not attempt.lost:
+                cost = self._cost(job, attempt, host.provider_tenant_id)
+        await self._settle(session, job, attempt, cost)
+
+    def _cost(self, job: Job, attempt: JobAttempt, provider: str) -> AttemptCost:
+        """What the attempt has cost so far, at the placement's price."""
+        return AttemptCost(
+            provider_tenant_id=provider,
+            attempt=attempt.attempt,
+            cost=ledger.charge_for(job.price_per_gpu_hour, job.gpu_count, attempt.run_time_ms),
+            fee_basis_points=self.policy.fee_basis_points,
+        )
+
+    async def _meter(self, session: AsyncSession, job: Job, attempt: JobAttempt) -> Charged:
+        """Metered charging of a running attempt: the increment since its last charge, capped
+        at the hold. Keys name the attempt and its cumulative run time, so a replay of the
+        same report (or an older run time) charges nothing."""
+        hold = await LedgerRepository(session).hold_of_job(job.id)
+        host = await RegistryRepository(session).get_host(attempt.host_id)
+        if hold is None or host is None or attempt.lost:
+            return NOTHING
+        cost = self._cost(job, attempt, host.provider_tenant_id)
+        key = f"job/{job.id}/{attempt.attempt}/meter/{attempt.run_time_ms}"
+        charged = await self.ledger.charge(session, hold.id, cost, key)
+        attempt.charged += charged.amount
+        job.charged += charged.amount
+        return charged
+
+    async def _settle(
+        self,
+        session: AsyncSession,
+        job: Job,
+        attempt: JobAttempt | None,
+        cost: AttemptCost | None,
+        outcome: HoldState | None = None,
+    ) -> None:
+        """Resolves the job's hold once: the final charge of `cost` (if any), the rest
+        released. A replay (the hold already resolved) moves nothing."""
+        hold = await LedgerRepository(session).hold_of_job(job.id)
+        if hold is None:
+            return
+        number = attempt.attempt if attempt is not None else job.attempt
+        resolution = await self.ledger.settle(
+            session,
+            hold.id,
+            cost=cost,
+            key=f"job/{job.id}/{number}/final",
+            release_key=f"job/{job.id}/release",
+            outcome=outcome,
+        )
+        if attempt is not None:
+            attempt.charged += resolution.charged.amount
+        if not resolution.replay:
+            job.charged = resolution.posted

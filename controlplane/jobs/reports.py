@@ -1,0 +1,171 @@
+"""Daemon reports applied to jobs and attempts: fencing, metered charging, budget stop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from gpuplane.v1 import messaging_pb2, registry_pb2
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.db.base import utcnow
+from controlplane.jobs.billing import StopReason
+from controlplane.jobs.lost import LostAttempts
+from controlplane.jobs.models import Job, JobAttempt
+from controlplane.jobs.outcomes import Ending, ending_of
+from controlplane.jobs.repository import JobRepository
+from controlplane.jobs.states import (
+    ATTEMPT_ENDING,
+    AttemptState,
+    JobState,
+    set_attempt_state,
+    set_job_state,
+)
+
+log = logging.getLogger(__name__)
+Kind = messaging_pb2.JobReportKind
+TERMINAL_REPORTS = frozenset(
+    {
+        Kind.JOB_REPORT_KIND_FINISHED,
+        Kind.JOB_REPORT_KIND_STOPPED,
+        Kind.JOB_REPORT_KIND_FAILED_TO_START,
+    }
+)
+# States in which a job still runs up cost on its host.
+RUNS_UP_COST = frozenset({JobState.SCHEDULED, JobState.STARTING, JobState.RUNNING})
+
+
+class ForeignReport(Exception):
+    """A report on a subject of a host that is not the host of the attempt it is about: a
+    host writing about another host's job (its NATS user may publish only under its own
+    subject prefix, so this is a bug or a forgery)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """What applying a report changed, for the work done after its transaction commits."""
+
+    job_id: str
+    changed: bool
+    live: bool
+    command: registry_pb2.ControlMessage | None
+
+
+class Reports(LostAttempts):
+    """Part of JobService: daemon reports."""
+
+    async def apply_report(
+        self, report: messaging_pb2.JobReport, subject_host: str | None = None
+    ) -> bool:
+        """Applies one daemon report idempotently; False when it was stale or a duplicate.
+        `subject_host` is the host its subject names (None: the host-less subject of earlier
+        releases); ForeignReport when it, or the report's own host_id, is not the attempt's."""
+        if subject_host is not None and report.host_id != subject_host:
+            raise ForeignReport(f"report names host {report.host_id!r}")
+        now = utcnow()
+
+        async def work(session: AsyncSession) -> _Applied | None:
+            repo = JobRepository(session)
+            job = await repo.get(report.job_id, lock=True)
+            attempt = await repo.attempt(report.job_id, report.attempt, lock=True)
+            if job is None or attempt is None:
+                log.warning("report for unknown attempt %s/%s", report.job_id, report.attempt)
+                return None
+            if subject_host is not None and attempt.host_id != subject_host:
+                raise ForeignReport(f"the attempt ran on host {attempt.host_id!r}")
+            # Fencing: only the live attempt on its own host may change the job.
+            if (
+                not attempt.live
+                or attempt.host_id != report.host_id
+                or job.attempt != attempt.attempt
+            ):
+                log.info("stale report for %s/%s ignored", job.id, attempt.attempt)
+                return None
+            if report.seq <= attempt.report_seq:
+                return None
+            attempt.report_seq = report.seq
+            if report.run_time_ms:
+                attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
+            resend: registry_pb2.ControlMessage | None = None
+            ending = ending_of(report, job) if report.kind in TERMINAL_REPORTS else None
+            if ending is not None and ending.void:
+                await self._lose_attempt(session, repo, job, attempt, ending.text, now)
+                changed = True
+            else:
+                changed = self._apply(repo, job, attempt, report, ending, now)
+                if report.kind not in TERMINAL_REPORTS and attempt.run_time_ms:
+                    charged = await self._meter(session, job, attempt)
+                    if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
+                        resend = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
+            # The attempt ended with this report, not lost (set_attempt_state cleared `live`).
+            if JobState(job.state).terminal and not attempt.lost:
+                await self._finish_attempt(session, job, attempt, now)
+            elif job.cancel_requested and report.kind in (
+                Kind.JOB_REPORT_KIND_STARTING,
+                Kind.JOB_REPORT_KIND_RUNNING,
+            ):
+                resend = self._cancel_command(job, text=job.state_reason)
+            return _Applied(job.id, changed, attempt.live, resend)
+
+        return self._announce(report.host_id, await self.db.run(work))
+
+    def _announce(self, host_id: str, applied: _Applied | None) -> bool:
+        """After the report's transaction committed: the command it calls for is sent, and
+        watchers (and the scheduler, when GPUs were freed) are told."""
+        if applied is None:
+            return False
+        if applied.command is not None:
+            self.sessions.send(host_id, applied.command)
+        if applied.changed:
+            self.notifier.job_changed(applied.job_id)
+            if not applied.live:
+                self.notifier.schedule.set()
+        return True
+
+    def _apply(
+        self,
+        repo: JobRepository,
+        job: Job,
+        attempt: JobAttempt,
+        report: messaging_pb2.JobReport,
+        ending: Ending | None,
+        now: datetime,
+    ) -> bool:
+        exit_code = report.exit_code if report.HasField("exit_code") else None
+        if exit_code is not None:
+            attempt.exit_code = exit_code
+        kind = report.kind
+        if kind == Kind.JOB_REPORT_KIND_STARTING:
+            set_attempt_state(attempt, AttemptState.STARTING, now=now)
+            return set_job_state(
+                repo, job, JobState.STARTING, reason="preparing image and inputs", now=now
+            )
+        if kind == Kind.JOB_REPORT_KIND_RUNNING:
+            set_attempt_state(attempt, AttemptState.RUNNING, now=now)
+            attempt.started_at = attempt.started_at or now
+            job.started_at = job.started_at or now
+            return set_job_state(repo, job, JobState.RUNNING, now=now)
+        if kind == Kind.JOB_REPORT_KIND_USAGE:
+            return False
+        if kind == Kind.JOB_REPORT_KIND_UPLOADING:
+            set_attempt_state(attempt, AttemptState.UPLOADING, now=now)
+            return set_job_state(
+                repo,
+                job,
+                JobState.UPLOADING,
+                reason="storing outputs and logs",
+                exit_code=exit_code,
+                now=now,
+            )
+        if ending is None or ending.state is None:
+            log.warning("report of unknown kind %s for %s ignored", kind, job.id)
+            return False
+        if kind == Kind.JOB_REPORT_KIND_FINISHED:
+            attempt.manifest = [
+                {"key": o.key, "path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
+                for o in report.manifest
+            ]
+        target, reason = ending.state, ending.text
+        set_attempt_state(attempt, ATTEMPT_ENDING[target], reason=reason, now=now)
+        return set_job_state(repo, job, target, reason=reason, exit_code=exit_code, now=now)
