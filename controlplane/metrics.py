@@ -147,8 +147,8 @@ GPU_GAUGES = (
 
 class TelemetryCollector(Collector):
     """Per-GPU gauges from the latest sample of every GPU whose host is connected here, read
-    at scrape time: ingest touches no metric, and a host's series vanish when it is forgotten
-    (lost), so cardinality follows the connected hosts."""
+    at scrape time: receiving telemetry touches no metric, and a host's series vanish when it
+    is forgotten (lost), so cardinality follows the connected hosts."""
 
     def __init__(self, monitor: GpuMonitor) -> None:
         self.monitor = monitor
@@ -160,7 +160,7 @@ class TelemetryCollector(Collector):
             "gpuplane_gpu_healthy", "1 while the GPU is healthy, else 0.", labels=labels
         )
         # This runs on the HTTP server's thread: copy the containers before walking them.
-        for host in list(self.monitor.store.hosts.values()):
+        for host in list(self.monitor.buffer.hosts.values()):
             for uuid, series in list(host.gpus.items()):
                 key = [host.host_id, uuid]
                 healthy.add_metric(key, 1.0 if series.healthy else 0.0)
@@ -187,5 +187,5 @@ class TelemetryCollector(Collector):
         hosts = GaugeMetricFamily(
             "gpuplane_telemetry_hosts", "Hosts whose telemetry this process keeps."
         )
-        hosts.add_metric([], len(self.monitor.store.hosts))
+        hosts.add_metric([], len(self.monitor.buffer.hosts))
         yield hosts

@@ -157,7 +157,7 @@ class ControlPlane:
         )
         ledger = LedgerService(db, min_payout=settings.pricing.min_payout)
         self.jobs = jobs = JobService(
-            db, job_policy(settings.jobs), registry.sessions, self.notifier, ledger
+            db, job_policy(settings.jobs), registry.streams, self.notifier, ledger
         )
         scheduling = settings.scheduler
         self.leader = leader = leadership_for(
@@ -219,7 +219,7 @@ class ControlPlane:
                 JobResults(jobs, self.store),
                 self.notifier,
                 logs,
-                usage=domains.monitor.usage_of,
+                utilization=domains.monitor.utilization_of,
             ),
             server,
         )

@@ -1,4 +1,4 @@
-"""The provider daemon: identity, Connect session, dispatch consumer, one executor per attempt."""
+"""The provider daemon: identity, Connect stream, dispatch consumer, one executor per attempt."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from daemon import reattach
 from daemon.attribution import JobAttribution
 from daemon.bus import DaemonBus
 from daemon.channel import open_channel
+from daemon.connect import Backoff, ConnectClient
 from daemon.executor import JobExecutor, work_dir_for
 from daemon.gpus import GpuInventory, discover
 from daemon.identity import HostIdentity, RegistrationError, daemon_version, register
@@ -30,7 +31,6 @@ from daemon.journal import Journal, JournalEntry
 from daemon.nvml import NvmlSampler
 from daemon.progress import Progress
 from daemon.runtime import DockerRuntime
-from daemon.session import Backoff, ControlSession
 from daemon.settings import DaemonSettings
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
@@ -72,7 +72,7 @@ class Agent:
         self._bus: DaemonBus | None = None
         self._runtime: DockerRuntime | None = None
         self._store: ObjectStore | None = None
-        self.session: ControlSession | None = None
+        self.connect: ConnectClient | None = None
 
     @property
     def host_id(self) -> str:
@@ -109,11 +109,11 @@ class Agent:
             identity.dispatch_stream or DISPATCH_STREAM,
             identity.dispatch_durable or dispatch_durable(identity.host_id),
         )
-        self.session = self._control_session(identity)
+        self.connect = self._connect_client(identity)
         self.telemetry = TelemetryLoop(
-            self._sampler(), self.session.send_telemetry, self._telemetry_interval, self._busy
+            self._sampler(), self.connect.send_telemetry, self._telemetry_interval, self._busy
         )
-        self._spawn(self.session.run())
+        self._spawn(self.connect.run())
         self._spawn(self.telemetry.run())
         self._spawn(self._bus.take_dispatches(self._on_dispatch, self._may_take))
         log.info(
@@ -141,11 +141,11 @@ class Agent:
             ),
         )
 
-    def _control_session(self, identity: HostIdentity) -> ControlSession:
+    def _connect_client(self, identity: HostIdentity) -> ConnectClient:
         assert self._channel is not None
         assert self.inventory is not None
         settings = self.settings
-        return ControlSession(
+        return ConnectClient(
             self._channel,
             host_id=identity.host_id,
             credential=identity.host_credential,
@@ -218,7 +218,7 @@ class Agent:
     def _telemetry_interval(self) -> int:
         if self.settings.telemetry_interval_ms:
             return self.settings.telemetry_interval_ms
-        return self.session.telemetry_interval_ms if self.session else DEFAULT_INTERVAL_MS
+        return self.connect.telemetry_interval_ms if self.connect else DEFAULT_INTERVAL_MS
 
     def _busy(self) -> dict[str, str]:
         """GPU UUID → job id of the attempts whose containers run now."""
@@ -322,7 +322,7 @@ class Agent:
     # ---- commands ----------------------------------------------------------------------
 
     async def on_command(self, message: registry_pb2.ControlMessage) -> None:
-        """One command from the control plane (the session awaits it before reading on)."""
+        """One command from the control plane (the Connect stream awaits it before reading on)."""
         kind = message.WhichOneof("msg")
         if kind == "cancel":
             command = message.cancel
@@ -342,9 +342,9 @@ class Agent:
             self.drain_reason = message.drain.reason
             log.info("drain=%s (%s)", self.draining, message.drain.reason or "no reason given")
         elif kind == "hello_ack":
-            assert self.session is not None
+            assert self.connect is not None
             known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
-            await self.reconcile(known, listed_after=self.session.hello_sent_at)
+            await self.reconcile(known, listed_after=self.connect.hello_sent_at)
         elif kind == "resync":
             known = {(j.job_id, j.attempt) for j in message.resync.known_jobs}
             await self.reconcile(known, listed_after=time.monotonic() - RESYNC_GRACE_SECONDS)

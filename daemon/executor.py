@@ -1,7 +1,7 @@
 """Runs one dispatched attempt end to end and reports each step as a JobReport.
 
-Reports per outcome (seq from 1, strictly increasing; USAGE repeats while running), with the
-StopReason (STOP_REASON_...) of the terminal one:
+Reports per outcome (seq from 1, strictly increasing; USAGE, the run-time report, repeats
+while running), with the StopReason (STOP_REASON_...) of the terminal one:
   exited       STARTING, RUNNING, USAGE*, UPLOADING(exit), FINISHED(exit, manifest, oom):
                COMPLETED, EXITED_WITH_ERROR or OOM_KILLED
   timed out    ... UPLOADING(exit), FINISHED(TIMED_OUT), outputs still stored
@@ -80,7 +80,7 @@ class _Cancelled(Exception):
 
 
 class JobExecutor:
-    """One attempt: inputs → container → logs, usage → outputs and logs stored → report."""
+    """One attempt: inputs → container → logs and run-time reports → results stored → report."""
 
     def __init__(
         self,
@@ -228,7 +228,8 @@ class JobExecutor:
         return await self._watch(container, limit)
 
     async def _watch(self, container: Container, limit: float) -> messaging_pb2.JobReport:
-        """A started container: logs, usage and the limit until it ends, then its results."""
+        """A started container: logs, run-time reports and its time limit until it ends, then
+        its results."""
         follower = self.runtime.follow_logs(container, from_now=self.adopted)
         pump = LogPump(
             logs_subject(self.host_id, self.job_id, self.attempt), self._publish_log, self.work_dir
@@ -247,7 +248,7 @@ class JobExecutor:
             # after a short job has already exited (FinishedAt is the exit's own time), so
             # its run time comes out 0: the job would be free. Docker's times stay the bill;
             # only when they say 0 does the time this daemon watched it run (from its start
-            # call's return to the exit, as the usage reports count) stand in. An adopted
+            # call's return to the exit, as the run-time reports count) stand in. An adopted
             # container's start was not watched: Docker's times are all there is.
             if not info.run_time_ms and not self.adopted:
                 info = replace(info, run_time_ms=watched_ms)
@@ -280,15 +281,15 @@ class JobExecutor:
         """Waits for exit, cancel() or `max_seconds` (0: no limit); returns "exited",
         "cancelled" or "timed_out"."""
         limit = max_seconds or None
-        usage_stop = asyncio.Event()
-        usage = asyncio.create_task(self._usage_loop(usage_stop))
+        run_time_stop = asyncio.Event()
+        run_time = asyncio.create_task(self._run_time_loop(run_time_stop))
         exited = asyncio.create_task(self.runtime.wait(container, limit))
         cancelled = asyncio.create_task(self._cancel.wait())
         try:
             await asyncio.wait({exited, cancelled}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            usage_stop.set()
-            await usage
+            run_time_stop.set()
+            await run_time
             cancelled.cancel()
         if self._cancel.is_set():
             exited.cancel()
@@ -300,7 +301,7 @@ class JobExecutor:
         await self.runtime.wait(container, 30)
         return "timed_out"
 
-    async def _usage_loop(self, stop: asyncio.Event) -> None:
+    async def _run_time_loop(self, stop: asyncio.Event) -> None:
         interval = self.settings.usage_report_interval_seconds
         while True:
             try:

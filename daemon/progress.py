@@ -20,7 +20,7 @@ class Progress(StrEnum):
     ACCEPTED = "ACCEPTED"
     # Inputs, image and container are being prepared.
     STARTING = "JOB_REPORT_KIND_STARTING"
-    # The container runs (usage reports repeat).
+    # The container runs (run-time reports repeat).
     RUNNING = "JOB_REPORT_KIND_RUNNING"
     # The container has exited; its outputs and logs are being stored.
     UPLOADING = "JOB_REPORT_KIND_UPLOADING"
@@ -53,7 +53,7 @@ _REPORT_KINDS: Mapping[Progress, messaging_pb2.JobReportKind.ValueType] = {
     Progress.RUNNING: Kind.JOB_REPORT_KIND_RUNNING,
     Progress.UPLOADING: Kind.JOB_REPORT_KIND_UPLOADING,
 }
-# Journals of earlier runs also name a usage report, which was sent while RUNNING.
+# Journals of earlier runs also name a run-time (USAGE) report, which was sent while RUNNING.
 _JOURNALED: Mapping[str, Progress] = {p.value: p for p in Progress} | {
     Kind.Name(Kind.JOB_REPORT_KIND_USAGE): Progress.RUNNING
 }

@@ -1,4 +1,4 @@
-"""The telemetry loop: one TelemetryBatch of every present GPU per interval, to the session.
+"""The telemetry loop: one TelemetryBatch of every present GPU per interval, to the Connect stream.
 
 Real GPUs are sampled through NVML (daemon/nvml.py); simulated ones get synthetic figures:
 busy (a running job's GPU) means high utilisation, memory, power and clock, idle means 0 %

@@ -19,7 +19,7 @@ from controlplane.jobs.results import JobResults, url_ttl
 from controlplane.jobs.service import JobService
 from controlplane.jobs.states import JobState
 from controlplane.paging import PageRequest
-from controlplane.registry.usage import GpuUsage
+from controlplane.registry.utilization import GpuUtilization
 
 Context = Any
 ATTEMPT_STATES = {s.value for s in JobState} | {"lost"}
@@ -48,9 +48,10 @@ def attempt_pb(row: JobAttempt) -> types_pb2.JobAttempt:
 
 
 def job_pb(
-    row: Job, attempts: Sequence[JobAttempt] = (), gpu_usage: GpuUsage | None = None
+    row: Job, attempts: Sequence[JobAttempt] = (), measured: GpuUtilization | None = None
 ) -> types_pb2.Job:
-    """`gpu_usage`: the current attempt's telemetry aggregates, where this process has them."""
+    """`measured`: the current attempt's GPU utilisation from telemetry, where this process
+    has it."""
     current = next((a for a in attempts if a.attempt == row.attempt), None)
     run_time = current.run_time_ms if current else 0
     gpu_time = sum(a.run_time_ms * max(len(a.gpu_uuids), 0) for a in attempts if not a.lost)
@@ -73,8 +74,8 @@ def job_pb(
         usage=types_pb2.JobUsage(
             run_time_ms=run_time,
             gpu_time_ms=gpu_time,
-            avg_gpu_utilization_percent=gpu_usage.mean_utilization_percent if gpu_usage else 0,
-            peak_gpu_memory_bytes=gpu_usage.peak_memory_bytes if gpu_usage else 0,
+            avg_gpu_utilization_percent=measured.mean_utilization_percent if measured else 0,
+            peak_gpu_memory_bytes=measured.peak_memory_bytes if measured else 0,
         ),
         attempts=[attempt_pb(a) for a in attempts],
         idempotency_key=row.idempotency_key or "",
@@ -114,10 +115,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         results: JobResults,
         notifier: Notifier,
         logs: LogReader,
-        usage: Callable[[str, int], GpuUsage | None] | None = None,
+        utilization: Callable[[str, int], GpuUtilization | None] | None = None,
     ) -> None:
         self.jobs = jobs
-        self.usage = usage
+        self.utilization = utilization
         self.dry_run = dry_run
         self.results = results
         self.notifier = notifier
@@ -140,8 +141,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.GetJobRequest, context: Context
     ) -> jobs_pb2.GetJobResponse:
         view = await self.jobs.get(current_principal(), _require_job_id(request.job_id))
-        usage = self.usage(view.job.id, view.job.attempt) if self.usage else None
-        return jobs_pb2.GetJobResponse(job=job_pb(view.job, view.attempts, usage))
+        measured = self.utilization(view.job.id, view.job.attempt) if self.utilization else None
+        return jobs_pb2.GetJobResponse(job=job_pb(view.job, view.attempts, measured))
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: Context

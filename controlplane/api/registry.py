@@ -134,7 +134,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if first.hello.host_id and first.hello.host_id != host_id:
             raise PermissionDenied("hello.host_id: a host credential acts only as its own host")
         host = await self.registry.connect(host_id, first.hello.running_jobs)
-        session = self.registry.sessions.open(host_id)
+        stream = self.registry.streams.open(host_id)
         known = await self.jobs.live_attempts(host_id)
         yield registry_pb2.ControlMessage(
             hello_ack=registry_pb2.HelloAck(
@@ -149,11 +149,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 drain=registry_pb2.DrainCommand(draining=True, reason=host.drain_reason)
             )
         reader = asyncio.create_task(self._read(host_id, request_iterator))
-        revoked = asyncio.create_task(session.revoked.wait())
+        revoked = asyncio.create_task(stream.revoked.wait())
         getter: asyncio.Task[registry_pb2.ControlMessage] | None = None
         try:
             while not reader.done():
-                getter = asyncio.create_task(session.outbox.get())
+                getter = asyncio.create_task(stream.commands.get())
                 done, _ = await asyncio.wait(
                     {getter, reader, revoked}, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -164,7 +164,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     raise Unauthenticated("host credential: the host has been revoked")
             reader.result()
         finally:
-            self.registry.disconnect(session)
+            self.registry.disconnect(stream)
             for task in (reader, getter, revoked):
                 if task is not None:
                     task.cancel()
@@ -177,7 +177,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         async for message in request_iterator:
             kind = message.WhichOneof("msg")
             if kind == "telemetry":
-                await self.registry.ingest(host_id, message.telemetry)
+                await self.registry.receive_telemetry(host_id, message.telemetry)
             elif kind == "heartbeat":
                 await self.registry.heartbeat(host_id, message.heartbeat.running_jobs)
             elif kind == "hello":

@@ -18,7 +18,7 @@ from controlplane.ledger.models import HoldState
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.service import LedgerService
 from controlplane.registry.repository import RegistryRepository
-from controlplane.registry.sessions import HostSessions
+from controlplane.registry.streams import HostStreams
 
 StopReason = messaging_pb2.StopReason
 
@@ -31,13 +31,13 @@ class JobBilling:
         self,
         db: Database,
         policy: JobPolicy,
-        sessions: HostSessions,
+        streams: HostStreams,
         notifier: Notifier,
         ledger: LedgerService | None = None,
     ) -> None:
         self.db = db
         self.policy = policy
-        self.sessions = sessions
+        self.streams = streams
         self.notifier = notifier
         # Holds are placed, charged and settled through it, inside the job's transaction.
         self.ledger = ledger or LedgerService(db)

@@ -63,7 +63,7 @@ class HoldExpiry(JobBilling):
 
             done, job, command = await self.db.run(work)
             if command is not None and job is not None:
-                self.sessions.send(job.host_id or "", command)
+                self.streams.send(job.host_id or "", command)
             if done:
                 expired.append(hold_id)
                 log.warning("hold %s expired (job %s)", hold_id, job_id or "-")

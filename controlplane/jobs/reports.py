@@ -116,7 +116,7 @@ class Reports(LostAttempts):
         if applied is None:
             return False
         if applied.command is not None:
-            self.sessions.send(host_id, applied.command)
+            self.streams.send(host_id, applied.command)
         if applied.changed:
             self.notifier.job_changed(applied.job_id)
             if not applied.live:

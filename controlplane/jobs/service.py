@@ -192,7 +192,7 @@ class JobService(Reports, HoldExpiry):
 
         job, command = await self.db.run(work)
         if command is not None:
-            self.sessions.send(job.host_id or "", command)
+            self.streams.send(job.host_id or "", command)
         self.notifier.job_changed(job_id)
         return job
 

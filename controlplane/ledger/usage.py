@@ -12,7 +12,7 @@ from controlplane.ledger.repository import LedgerRepository
 from controlplane.paging import PageRequest, page_of, time_cursor, time_token
 
 # A report aggregates in memory; past this many attempts it asks for a narrower range.
-MAX_USAGE_ATTEMPTS = 20_000
+MAX_REPORT_ATTEMPTS = 20_000
 
 
 class UsageGrouping(StrEnum):
@@ -100,11 +100,11 @@ async def usage_report(repo: LedgerRepository, query: UsageQuery) -> UsageReport
         query.job_id,
         query.start,
         query.end,
-        MAX_USAGE_ATTEMPTS + 1,
+        MAX_REPORT_ATTEMPTS + 1,
     )
-    if len(attempts) > MAX_USAGE_ATTEMPTS:
+    if len(attempts) > MAX_REPORT_ATTEMPTS:
         raise InvalidArgument(
-            "start_time", f"more than {MAX_USAGE_ATTEMPTS} attempts match: narrow the time range"
+            "start_time", f"more than {MAX_REPORT_ATTEMPTS} attempts match: narrow the time range"
         )
     names = await repo.gpu_names([a.gpu_uuids[0] for a in attempts if a.gpu_uuids])
     jobs: dict[str, UsageRow] = {}

@@ -1,5 +1,5 @@
-"""GPU monitoring from the Connect stream: telemetry ingest, GPU health kept in the database
-(written only when it changes), recovery after a clean period, and per-attempt job usage."""
+"""GPU monitoring from the Connect stream: telemetry received, GPU health kept in the database
+(written only when it changes), recovery after a clean period, and per-attempt GPU utilisation."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.db.engine import Database
 from controlplane.registry.repository import RegistryRepository
-from controlplane.registry.telemetry import HealthChange, TelemetryStore
-from controlplane.registry.usage import GpuUsage, JobUsageBook
+from controlplane.registry.telemetry import HealthChange, TelemetryBuffer
+from controlplane.registry.utilization import AttemptUtilizationBook, GpuUtilization
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class GpuMonitor:
     def __init__(self, db: Database, policy: MonitorPolicy) -> None:
         self.db = db
         self.policy = policy
-        self.usage = JobUsageBook(policy.usage_max_attempts)
-        self.store = TelemetryStore(
-            self.usage,
+        self.utilization = AttemptUtilizationBook(policy.usage_max_attempts)
+        self.buffer = TelemetryBuffer(
+            self.utilization,
             history=policy.history,
             max_clock_skew=policy.max_clock_skew_seconds,
             ignored_xids=policy.ignored_xids,
@@ -58,58 +58,58 @@ class GpuMonitor:
         """Starts keeping telemetry for a host that connected (its GPUs from the database)."""
         async with self.db.read() as session:
             rows = await RegistryRepository(session).gpus_of([host_id])
-        self.store.attach(host_id, rows, time.time())
+        self.buffer.attach(host_id, rows, time.time())
 
     def detach(self, host_id: str) -> None:
         """The host's stream closed: its data stays until it is lost or the grace passes."""
-        self.store.detach(host_id, time.time())
+        self.buffer.detach(host_id, time.time())
 
     def forget(self, host_ids: Iterable[str]) -> None:
         """Drops lost hosts' telemetry (and so their metric series)."""
         for host_id in host_ids:
-            self.store.forget(host_id)
+            self.buffer.forget(host_id)
 
     def running(self, host_id: str, jobs: Iterable[registry_pb2.RunningJob]) -> None:
-        self.store.set_running(host_id, jobs)
+        self.buffer.set_running(host_id, jobs)
 
-    async def ingest(self, host_id: str, batch: registry_pb2.TelemetryBatch) -> None:
+    async def record_batch(self, host_id: str, batch: registry_pb2.TelemetryBatch) -> None:
         """Keeps one telemetry batch; invalid samples are counted and dropped."""
-        if host_id not in self.store.hosts:
+        if host_id not in self.buffer.hosts:
             await self.attach(host_id)
-        outcome = self.store.ingest(host_id, batch, time.time())
+        outcome = self.buffer.apply(host_id, batch, time.time())
         self.accepted_samples += outcome.accepted
         if outcome.rejected:
             self.rejected_samples.update(outcome.rejected)
             log.debug("host %s: telemetry samples rejected: %s", host_id, dict(outcome.rejected))
         if outcome.changes:
-            await self._store(outcome.changes)
+            await self._write_health(outcome.changes)
 
-    def usage_of(self, job_id: str, attempt: int) -> GpuUsage | None:
-        return self.usage.get(job_id, attempt)
+    def utilization_of(self, job_id: str, attempt: int) -> GpuUtilization | None:
+        return self.utilization.get(job_id, attempt)
 
     async def maintain(self) -> None:
         """Periodic: GPUs clean for the clean period recover, unwritten health changes are
         retried, GPU → job assignments are refreshed and long-detached hosts forgotten."""
         now = time.time()
         changes: list[HealthChange] = []
-        for host_id, series in self.store.unsettled():
+        for host_id, series in self.buffer.unsettled():
             series.recover(now, self.policy.clean_period_seconds)
             if series.healthy != series.stored_healthy:
                 changes.append(HealthChange(host_id, series.uuid, series.healthy, series.reason))
         if changes:
-            await self._store(changes)
+            await self._write_health(changes)
         stale = [
             h.host_id
-            for h in self.store.hosts.values()
+            for h in self.buffer.hosts.values()
             if h.detached_at is not None and now - h.detached_at > self.policy.forget_after_seconds
         ]
         self.forget(stale)
-        if self.store.hosts:
+        if self.buffer.hosts:
             async with self.db.read() as session:
                 allocated = await RegistryRepository(session).allocated_gpus()
-            self.store.set_assignments({uuid: (job, attempt) for uuid, job, attempt in allocated})
+            self.buffer.set_assignments({uuid: (job, attempt) for uuid, job, attempt in allocated})
 
-    async def _store(self, changes: list[HealthChange]) -> None:
+    async def _write_health(self, changes: list[HealthChange]) -> None:
         """Writes health changes; on failure they stay pending and maintain() retries them."""
         try:
             async with self.db.transaction() as session:
@@ -122,7 +122,7 @@ class GpuMonitor:
             log.exception("storing GPU health changes failed; retrying later")
             return
         for change in changes:
-            host = self.store.hosts.get(change.host_id)
+            host = self.buffer.hosts.get(change.host_id)
             series = host.gpus.get(change.uuid) if host is not None else None
             if series is not None and series.healthy == change.healthy:
                 series.stored_healthy = change.healthy

@@ -27,9 +27,9 @@ from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.offers import Offer, OfferFilter, build_offers
 from controlplane.registry.repository import RegistryRepository
-from controlplane.registry.sessions import HostSession
-from controlplane.registry.sessions import HostSessions as HostSessions  # re-exported
 from controlplane.registry.states import HostState, new_host, returning_state, set_host_state
+from controlplane.registry.streams import HostStream
+from controlplane.registry.streams import HostStreams as HostStreams  # re-exported
 from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
 from controlplane.scheduler.capacity import capacity_snapshot
 
@@ -104,7 +104,7 @@ class RegistryService:
         self.db = db
         self.nats_auth = nats_auth
         self.max_price = max_price
-        self.sessions = HostSessions()
+        self.streams = HostStreams()
         self.monitor = monitor
         self.heartbeat_write_interval = heartbeat_write_interval
         # Hosts this process has seen up (not lost) since their last (re)connection, and those
@@ -270,7 +270,7 @@ class RegistryService:
         self._heard.discard(host_id)
         if self.monitor is not None:
             self.monitor.forget([host_id])
-        self.sessions.revoke(host_id)
+        self.streams.revoke(host_id)
         return host
 
     async def _sync_gpus(
@@ -319,10 +319,10 @@ class RegistryService:
             self.monitor.running(host_id, running)
         return host
 
-    def disconnect(self, session: HostSession) -> None:
-        self.sessions.close(session)
-        if self.monitor is not None and not self.sessions.connected(session.host_id):
-            self.monitor.detach(session.host_id)
+    def disconnect(self, stream: HostStream) -> None:
+        self.streams.close(stream)
+        if self.monitor is not None and not self.streams.connected(stream.host_id):
+            self.monitor.detach(stream.host_id)
 
     async def heartbeat(
         self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()
@@ -333,10 +333,10 @@ class RegistryService:
             self.monitor.running(host_id, running)
         await self._heard_from(host_id)
 
-    async def ingest(self, host_id: str, batch: registry_pb2.TelemetryBatch) -> None:
+    async def receive_telemetry(self, host_id: str, batch: registry_pb2.TelemetryBatch) -> None:
         """One telemetry batch; it is a sign of life too."""
         if self.monitor is not None:
-            await self.monitor.ingest(host_id, batch)
+            await self.monitor.record_batch(host_id, batch)
         await self._heard_from(host_id)
 
     async def _heard_from(self, host_id: str) -> None:
@@ -377,7 +377,7 @@ class RegistryService:
         """The GPUs' telemetry kept here, by uuid (empty when the host is not connected here)."""
         if self.monitor is None:
             return {}
-        host = self.monitor.store.hosts.get(host_id)
+        host = self.monitor.buffer.hosts.get(host_id)
         return host.gpus if host is not None else {}
 
     # Hosts ---------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ class RegistryService:
         message = registry_pb2.ControlMessage(
             drain=registry_pb2.DrainCommand(draining=draining, reason=host.drain_reason)
         )
-        self.sessions.send(host_id, message)
+        self.streams.send(host_id, message)
         return host
 
     async def stale_hosts(self, timeout: timedelta, now: datetime) -> Sequence[str]:

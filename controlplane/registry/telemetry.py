@@ -12,7 +12,7 @@ from enum import StrEnum
 from gpuplane.v1 import registry_pb2, types_pb2
 
 from controlplane.registry.models import Gpu
-from controlplane.registry.usage import JobUsageBook
+from controlplane.registry.utilization import AttemptUtilizationBook
 
 # Bounds on what one host may make this process keep, whatever its daemon sends.
 MAX_GPUS_PER_HOST = 64
@@ -124,7 +124,7 @@ class HostTelemetry:
 
 
 @dataclass
-class IngestOutcome:
+class BatchOutcome:
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     changes: list[HealthChange] = field(default_factory=list)
@@ -179,18 +179,18 @@ def check(
     return None
 
 
-class TelemetryStore:
+class TelemetryBuffer:
     """Hosts' telemetry by host id. Lives on the event loop; the metrics thread only reads."""
 
     def __init__(
         self,
-        usage: JobUsageBook,
+        utilization: AttemptUtilizationBook,
         *,
         history: int = 60,
         max_clock_skew: float = 60.0,
         ignored_xids: Iterable[int] = (),
     ) -> None:
-        self.usage = usage
+        self.utilization = utilization
         self.history = max(1, history)
         self.max_clock_skew = max_clock_skew
         self.ignored_xids = frozenset(ignored_xids)
@@ -246,9 +246,9 @@ class TelemetryStore:
                 if not series.healthy or series.healthy != series.stored_healthy:
                     yield host.host_id, series
 
-    def ingest(self, host_id: str, batch: registry_pb2.TelemetryBatch, now: float) -> IngestOutcome:
+    def apply(self, host_id: str, batch: registry_pb2.TelemetryBatch, now: float) -> BatchOutcome:
         """Validates and keeps one batch (one sampling round of every GPU of the host)."""
-        outcome = IngestOutcome()
+        outcome = BatchOutcome()
         host = self.hosts.get(host_id)
         samples = batch.samples
         if host is None or len(samples) > MAX_GPUS_PER_HOST:
@@ -298,7 +298,7 @@ class TelemetryStore:
         sample: types_pb2.GpuTelemetry,
         when: float,
         now: float,
-        outcome: IngestOutcome,
+        outcome: BatchOutcome,
     ) -> None:
         """An XID event or growing uncorrectable ECC errors make the GPU unhealthy."""
         reason = ""
@@ -328,4 +328,4 @@ class TelemetryStore:
         if processes and any(p.job_id for p in processes):
             job_id = key[0]
             memory = sum(p.used_memory_bytes for p in processes if p.job_id == job_id)
-        self.usage.record(key, sample.utilization_gpu_percent, memory)
+        self.utilization.record(key, sample.utilization_gpu_percent, memory)

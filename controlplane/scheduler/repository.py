@@ -230,7 +230,7 @@ class SchedulerRepository:
         else:
             await self.session.execute(SQLITE_SET_REASONS, rows)
 
-    async def finished_usage(self, since: datetime) -> Sequence[Any]:
+    async def finished_gpu_time(self, since: datetime) -> Sequence[Any]:
         """(tenant, GPU uuids, run time ms, finished at) of attempts that ended after `since`
         and were not lost: the history fair share starts from."""
         query = (

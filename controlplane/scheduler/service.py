@@ -152,7 +152,7 @@ class Scheduler:
         just became the scheduler: another may have led before)."""
         half_life = self.policy.fair_share.half_life_s
         since = now - timedelta(seconds=4 * half_life)
-        for tenant, uuids, run_ms, finished in await repo.finished_usage(since):
+        for tenant, uuids, run_ms, finished in await repo.finished_gpu_time(since):
             age = max(0.0, (now - finished).total_seconds())
             self.fair.seed(tenant, len(uuids or []) * run_ms / 1000 * 0.5 ** (age / half_life))
         self._seeded = True

@@ -104,8 +104,8 @@ async def test_a_restarted_daemon_reattaches_and_the_job_is_charged_once(
         async with asyncio.timeout(5):
             while job.job_id not in jobs_on_gpus(second.telemetry.latest):
                 await asyncio.sleep(0.05)
-        assert second.session is not None
-        assert second.session.telemetry_sent > 0
+        assert second.connect is not None
+        assert second.connect.telemetry_sent > 0
 
         work = work_dir_for(second.settings, job.job_id, 1)
         (work / "output" / "go").write_text("")

@@ -85,7 +85,7 @@ async def test_daemon_and_cli_fail_over_when_a_control_plane_dies(
         )
         await agent.start()
         assert stays.plane.registry is not None
-        sessions = stays.plane.registry.sessions
+        sessions = stays.plane.registry.streams
         try:
             # The first address answered: the host's Connect stream is on the doomed plane.
             await asyncio.sleep(1.0)

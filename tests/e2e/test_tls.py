@@ -25,9 +25,9 @@ from controlplane.server import ControlPlane
 from controlplane.settings import ClientAuth, Settings
 from controlplane.tls import TlsConfigError
 from daemon.channel import PLAINTEXT, ChannelConfigError, ChannelSecurity, open_channel
+from daemon.connect import ConnectClient
 from daemon.gpus import simulated_gpus
 from daemon.identity import register
-from daemon.session import ControlSession
 from daemon.settings import DaemonSettings
 from devstack import NatsServer
 from devstack.certs import TestCerts, issue_test_certs
@@ -173,7 +173,7 @@ async def test_required_client_certificate_gates_daemons(
             inventory = simulated_gpus("1xL4", settings.machine_id)
             async with open_channel(settings.control_plane, settings.channel_security()) as ch:
                 identity = await register(settings, inventory, ch)
-                session = ControlSession(
+                session = ConnectClient(
                     ch,
                     host_id=identity.host_id,
                     credential=identity.host_credential,

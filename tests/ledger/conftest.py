@@ -19,7 +19,7 @@ from controlplane.jobs.service import JobPolicy, JobService
 from controlplane.ledger.holds import AttemptCost
 from controlplane.ledger.models import Hold
 from controlplane.ledger.service import LedgerService
-from controlplane.registry.service import HostSessions
+from controlplane.registry.service import HostStreams
 
 CREDIT = 1_000_000
 FEE_BP = 1000
@@ -52,7 +52,7 @@ class Ledger:
         policy = JobPolicy(
             fee_basis_points=FEE_BP, default_max_price=CREDIT, allow_simulated_by_default=True
         )
-        return JobService(self.db, policy, HostSessions(), Notifier())
+        return JobService(self.db, policy, HostStreams(), Notifier())
 
 
 def cost(provider: str, micro_credits: int, attempt: int = 1) -> AttemptCost:

@@ -1,4 +1,4 @@
-"""ControlSession against a real gRPC server: bearer credential, hello, heartbeats, commands,
+"""ConnectClient against a real gRPC server: bearer credential, hello, heartbeats, commands,
 telemetry (sent while connected, dropped otherwise), and a new session (hello again) after
 the control plane drops the stream; the reconnect backoff's jitter."""
 
@@ -13,7 +13,7 @@ import grpc
 import pytest
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
-from daemon.session import Backoff, ControlSession
+from daemon.connect import Backoff, ConnectClient
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -62,7 +62,7 @@ async def test_reconnects_with_hello_and_takes_commands() -> None:
     running = [
         registry_pb2.RunningJob(job_id="job-1", attempt=2, state=types_pb2.JOB_STATE_RUNNING)
     ]
-    session = ControlSession(
+    session = ConnectClient(
         channel,
         host_id="host-1",
         credential="hc_secret",
@@ -86,7 +86,7 @@ async def test_reconnects_with_hello_and_takes_commands() -> None:
         assert session.heartbeat_interval_ms == 50  # taken from the HelloAck
         cancels = [c.cancel for c in commands if c.WhichOneof("msg") == "cancel"]
         assert [(c.job_id, c.attempt, c.reason) for c in cancels] == [("job-1", 2, "user")]
-        assert session.sessions == 2
+        assert session.streams_opened == 2
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -145,7 +145,7 @@ async def test_telemetry_goes_out_while_connected_and_is_dropped_otherwise() -> 
     async def on_command(message: registry_pb2.ControlMessage) -> None:
         pass
 
-    session = ControlSession(
+    session = ConnectClient(
         channel,
         host_id="host-1",
         credential="hc",
@@ -175,7 +175,7 @@ async def test_telemetry_goes_out_while_connected_and_is_dropped_otherwise() -> 
         assert session.telemetry_dropped == dropped + 1
         recorder.accept.set()
         await asyncio.wait_for(session.connected.wait(), 5)  # reconnected: hello again
-        assert session.sessions == 2
+        assert session.streams_opened == 2
         assert session.send_telemetry(batch)
         await next_of(recorder.messages, "telemetry")
         # The server can read the batch before the session's write call returns to count it.

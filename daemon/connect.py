@@ -48,7 +48,7 @@ class Backoff:
         self.attempt = 0
 
 
-class ControlSession:
+class ConnectClient:
     """Keeps one Connect stream open for as long as `run()` runs.
 
     Each (re)connect sends hello (host id, GPUs, running jobs), then a heartbeat every
@@ -88,12 +88,12 @@ class ControlSession:
         self.telemetry_interval_ms = telemetry_interval_ms
         self.backoff = Backoff(backoff_base_seconds, backoff_max_seconds)
         self.connected = asyncio.Event()
-        self.sessions = 0
+        self.streams_opened = 0
         self.telemetry_sent = 0
         self.telemetry_dropped = 0
         self._pending: registry_pb2.TelemetryBatch | None = None
         self._wake = asyncio.Event()
-        # When this session's hello went out (monotonic): the HelloAck's known_jobs were
+        # When this stream's hello went out (monotonic): the HelloAck's known_jobs were
         # listed after it.
         self.hello_sent_at = 0.0
 
@@ -112,7 +112,7 @@ class ControlSession:
     async def run(self) -> None:
         while True:
             try:
-                await self._session()
+                await self._stream()
                 log.warning("control plane closed the Connect stream")
             except grpc.aio.AioRpcError as exc:
                 log.warning("Connect stream broken: %s %s", exc.code().name, exc.details())
@@ -141,7 +141,7 @@ class ControlSession:
             )
         )
 
-    async def _session(self) -> None:
+    async def _stream(self) -> None:
         metadata = (("authorization", f"Bearer {self.credential}"),)
         call = self.stub.Connect(metadata=metadata)  # type: ignore[call-arg]
         tasks: list[asyncio.Task[None]] = []
@@ -154,7 +154,7 @@ class ControlSession:
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                task.result()  # raises what ended the session
+                task.result()  # raises what ended the stream
         finally:
             for task in tasks:
                 task.cancel()
@@ -169,12 +169,12 @@ class ControlSession:
                     self.heartbeat_interval_ms = ack.heartbeat_interval_ms
                 if ack.telemetry_interval_ms:
                     self.telemetry_interval_ms = ack.telemetry_interval_ms
-                self.sessions += 1
+                self.streams_opened += 1
                 self.connected.set()
                 log.info("connected to the control plane as host %s", self.host_id)
             try:
                 await self.on_command(message)
-            except Exception:  # noqa: BLE001 - one bad command must not end the session
+            except Exception:  # noqa: BLE001 - one bad command must not end the stream
                 log.exception("handling %s failed", message.WhichOneof("msg"))
 
     async def _write(self, call: Call) -> None:

@@ -1,4 +1,4 @@
-"""The in-memory telemetry store on its own: validation, bounded history, faults, recovery and
+"""The in-memory telemetry buffer on its own: validation, bounded history, faults, recovery and
 job usage attribution (no servers)."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from controlplane.registry.telemetry import (
     MAX_GPUS_PER_HOST,
     VANISHED,
     HealthChange,
-    TelemetryStore,
+    TelemetryBuffer,
 )
-from controlplane.registry.usage import JobUsageBook
+from controlplane.registry.utilization import AttemptUtilizationBook
 
 GIB = 1 << 30
 HOST = "host_a"
@@ -63,19 +63,19 @@ def both(at: float, **fields: Any) -> registry_pb2.TelemetryBatch:
 
 
 @pytest.fixture
-def store() -> TelemetryStore:
-    telemetry = TelemetryStore(JobUsageBook(10), history=3, ignored_xids=(13,))
+def buffer() -> TelemetryBuffer:
+    telemetry = TelemetryBuffer(AttemptUtilizationBook(10), history=3, ignored_xids=(13,))
     telemetry.attach(HOST, rows(), time.time())
     return telemetry
 
 
-def test_history_is_bounded_and_oldest_first(store: TelemetryStore) -> None:
+def test_history_is_bounded_and_oldest_first(buffer: TelemetryBuffer) -> None:
     start = time.time() - 10
     for i in range(5):
-        outcome = store.ingest(HOST, both(start + i, utilization_gpu_percent=i), time.time())
+        outcome = buffer.apply(HOST, both(start + i, utilization_gpu_percent=i), time.time())
         assert outcome.accepted == 2
         assert not outcome.rejected
-    series = store.hosts[HOST].gpus[UUIDS[0]]
+    series = buffer.hosts[HOST].gpus[UUIDS[0]]
     assert [s.utilization_gpu_percent for s in series.history()] == [2, 3, 4]
     assert series.latest is not None
     assert series.latest.utilization_gpu_percent == 4
@@ -99,81 +99,81 @@ BAD: list[tuple[dict[str, Any], str]] = [
 
 @pytest.mark.parametrize(("fields", "reason"), BAD)
 def test_implausible_samples_are_counted_never_stored(
-    store: TelemetryStore, fields: dict[str, Any], reason: str
+    buffer: TelemetryBuffer, fields: dict[str, Any], reason: str
 ) -> None:
-    outcome = store.ingest(HOST, batch(sample(**fields), sample(UUIDS[1])), time.time())
+    outcome = buffer.apply(HOST, batch(sample(**fields), sample(UUIDS[1])), time.time())
     assert outcome.rejected == {reason: 1}
     assert outcome.accepted == 1
-    assert not store.hosts[HOST].gpus[UUIDS[0]].recent
+    assert not buffer.hosts[HOST].gpus[UUIDS[0]].recent
     assert not outcome.changes  # a GPU with a bad sample is present: not vanished
 
 
-def test_unknown_duplicate_out_of_order_and_oversized(store: TelemetryStore) -> None:
+def test_unknown_duplicate_out_of_order_and_oversized(buffer: TelemetryBuffer) -> None:
     now = time.time()
-    outcome = store.ingest(
+    outcome = buffer.apply(
         HOST, batch(sample(), sample(), sample(UUIDS[1]), sample("GPU-other"), at=now), now
     )
     assert outcome.accepted == 2
     assert outcome.rejected == {"duplicate_gpu": 1, "unknown_gpu": 1}
-    replay = store.ingest(HOST, both(now), now)
+    replay = buffer.apply(HOST, both(now), now)
     assert replay.rejected == {"out_of_order": 2}
     huge = batch(*(sample(f"GPU-{i}") for i in range(MAX_GPUS_PER_HOST + 1)))
-    assert store.ingest(HOST, huge, now).rejected == {"batch_too_large": MAX_GPUS_PER_HOST + 1}
-    assert store.ingest("host_unknown", both(now), now).rejected == {"unknown_host": 2}
+    assert buffer.apply(HOST, huge, now).rejected == {"batch_too_large": MAX_GPUS_PER_HOST + 1}
+    assert buffer.apply("host_unknown", both(now), now).rejected == {"unknown_host": 2}
 
 
-def test_faults_xid_ecc_growth_and_vanished(store: TelemetryStore) -> None:
+def test_faults_xid_ecc_growth_and_vanished(buffer: TelemetryBuffer) -> None:
     now = time.time()
     ignored = types_pb2.XidEvent(xid=13)
-    first = store.ingest(
+    first = buffer.apply(
         HOST,
         batch(sample(xid_events=[ignored], ecc_uncorrected_errors=3), sample(UUIDS[1]), at=now),
         now,
     )
     assert first.changes == []
-    grown = store.ingest(
+    grown = buffer.apply(
         HOST, batch(sample(ecc_uncorrected_errors=5), sample(UUIDS[1]), at=now + 1), now
     )
     assert grown.changes == [HealthChange(HOST, UUIDS[0], False, "uncorrectable ECC errors 3 → 5")]
     xid = types_pb2.XidEvent(xid=79, time=Timestamp(seconds=1_790_000_000))
-    again = store.ingest(HOST, batch(sample(UUIDS[1], xid_events=[xid]), at=now + 2), now)
+    again = buffer.apply(HOST, batch(sample(UUIDS[1], xid_events=[xid]), at=now + 2), now)
     assert again.changes == [
         HealthChange(HOST, UUIDS[1], False, "XID 79 at 2026-09-21T14:13:20Z"),
     ]
     # GPU 0 was missing from that batch: already unhealthy, so no new change, fault renewed.
-    vanished = store.ingest(HOST, batch(sample(UUIDS[1]), at=now + 3), now)
+    vanished = buffer.apply(HOST, batch(sample(UUIDS[1]), at=now + 3), now)
     assert vanished.changes == []
-    fresh = TelemetryStore(JobUsageBook(10))
+    fresh = TelemetryBuffer(AttemptUtilizationBook(10))
     fresh.attach(HOST, rows(), now)
-    gone = fresh.ingest(HOST, batch(sample(), at=now), now)
+    gone = fresh.apply(HOST, batch(sample(), at=now), now)
     assert gone.changes == [HealthChange(HOST, UUIDS[1], False, VANISHED)]
 
 
 def test_recovery_needs_a_clean_period_and_samples_after_the_fault() -> None:
-    store = TelemetryStore(JobUsageBook(10))
+    buffer = TelemetryBuffer(AttemptUtilizationBook(10))
     start = time.time()
-    store.attach(HOST, rows(healthy=False), start)  # unhealthy in the database
-    series = store.hosts[HOST].gpus[UUIDS[0]]
+    buffer.attach(HOST, rows(healthy=False), start)  # unhealthy in the database
+    series = buffer.hosts[HOST].gpus[UUIDS[0]]
     assert not series.healthy
     assert not series.recover(start + 100, clean_period=10)  # no sample since the fault
-    store.ingest(HOST, both(start + 1), start + 1)
+    buffer.apply(HOST, both(start + 1), start + 1)
     assert not series.recover(start + 5, clean_period=10)  # not clean long enough
     assert series.recover(start + 11, clean_period=10)
     assert series.healthy
     assert series.reason == ""
     # Recovered but not yet written, and still unhealthy: both wait for the monitor.
-    assert {s.uuid for _, s in store.unsettled()} == set(UUIDS)
+    assert {s.uuid for _, s in buffer.unsettled()} == set(UUIDS)
 
 
-def test_usage_mean_utilization_and_peak_memory_per_attempt(store: TelemetryStore) -> None:
-    store.set_assignments({UUIDS[0]: ("job_1", 1), UUIDS[1]: ("job_1", 1)})
+def test_usage_mean_utilization_and_peak_memory_per_attempt(buffer: TelemetryBuffer) -> None:
+    buffer.set_assignments({UUIDS[0]: ("job_1", 1), UUIDS[1]: ("job_1", 1)})
     now = time.time()
     procs = [
         types_pb2.GpuProcess(pid=1, used_memory_bytes=3 * GIB, job_id="job_1"),
         types_pb2.GpuProcess(pid=2, used_memory_bytes=4 * GIB, job_id="job_1"),
         types_pb2.GpuProcess(pid=3, used_memory_bytes=9 * GIB, job_id="other"),
     ]
-    store.ingest(
+    buffer.apply(
         HOST,
         batch(
             sample(utilization_gpu_percent=40, processes=procs),
@@ -182,22 +182,22 @@ def test_usage_mean_utilization_and_peak_memory_per_attempt(store: TelemetryStor
         ),
         now,
     )
-    usage = store.usage.get("job_1", 1)
+    usage = buffer.utilization.get("job_1", 1)
     assert usage is not None
     assert usage.mean_utilization_percent == 60
     assert usage.peak_memory_bytes == 7 * GIB  # its processes on GPU 0, not the other job's
     # Unassigned GPU: attributed through its processes and the daemon's running jobs.
-    store.set_assignments({})
-    store.set_running(HOST, [registry_pb2.RunningJob(job_id="other", attempt=2)])
-    store.ingest(HOST, batch(sample(processes=procs), sample(UUIDS[1]), at=now + 1), now)
-    other = store.usage.get("other", 2)
+    buffer.set_assignments({})
+    buffer.set_running(HOST, [registry_pb2.RunningJob(job_id="other", attempt=2)])
+    buffer.apply(HOST, batch(sample(processes=procs), sample(UUIDS[1]), at=now + 1), now)
+    other = buffer.utilization.get("other", 2)
     assert other is not None
     assert other.peak_memory_bytes == 9 * GIB
     assert other.samples == 1
 
 
 def test_usage_book_is_bounded() -> None:
-    book = JobUsageBook(2)
+    book = AttemptUtilizationBook(2)
     for i in range(3):
         book.record((f"job_{i}", 1), 10, 0)
     assert len(book) == 2
