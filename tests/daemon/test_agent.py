@@ -23,8 +23,8 @@ from daemon.agent import Agent
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
-from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import mint_token
+from tests.harness import JobPlane, job_plane
 
 S = types_pb2
 K = messaging_pb2.JobReportKind

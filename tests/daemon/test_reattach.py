@@ -24,9 +24,9 @@ from daemon.executor import work_dir_for
 from daemon.journal import JournalEntry
 from daemon.runtime import LABEL_ATTEMPT, LABEL_HOST, LABEL_JOB
 from devstack import DockerEngine, NatsServer, S3Server
-from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import mint_token
 from tests.daemon.test_agent import daemon_settings, fetch, wait_online
+from tests.harness import JobPlane, job_plane
 
 S = types_pb2
 K = messaging_pb2.JobReportKind

@@ -22,8 +22,8 @@ from daemon.agent import Agent
 from daemon.settings import DaemonSettings
 from daemon.target import grpc_target
 from devstack import DockerEngine, S3Server
+from tests.controlplane.scheduler.planes import fleet, plane_options, until
 from tests.controlplane.scripted_host import mint_token
-from tests.scheduler.planes import fleet, plane_options, until
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.docker, pytest.mark.postgres]
 S = types_pb2

@@ -25,8 +25,8 @@ from daemon.agent import Agent
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from devstack.certs import TestCerts
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
 from tests.controlplane.scripted_host import mint_token
+from tests.harness import CREDIT, JobPlane, job_plane
 
 S = types_pb2
 PRICE = 2_000_000

@@ -42,9 +42,9 @@ from messaging.subjects import (
     report_msg_id,
 )
 from messaging.tls import nats_tls_context
-from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import GIB, mint_token
 from tests.e2e.test_job_path import settings as daemon_settings
+from tests.harness import JobPlane, job_plane
 from tests.serving import serve
 
 S = types_pb2

@@ -18,8 +18,8 @@ import pytest
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from devstack import DockerEngine, NatsServer, S3Server
-from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import mint_token
+from tests.harness import JobPlane, job_plane
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.docker]
 

@@ -34,8 +34,8 @@ from devstack.certs import TestCerts, issue_test_certs
 from gpuplane_cli.client import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from gpuplane_cli.main import main
 from messaging.tls import nats_tls_context
-from tests.controlplane.jobplane import JobPlane, new_tenant
 from tests.controlplane.scripted_host import mint_token
+from tests.harness import JobPlane, new_tenant
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,6 +29,8 @@ from gpuplane.v1 import (
 from daemon.target import grpc_target
 from devstack import DockerEngine, NatsCluster, S3Server
 from messaging.subjects import DISPATCH_STREAM
+from tests.controlplane.scheduler.planes import Fleet, fleet, plane_options, until
+from tests.controlplane.scheduler.probes import lease
 from tests.controlplane.scripted_host import mint_token
 from tests.e2e.test_control_plane_failover import serving
 from tests.e2e.topology import (
@@ -51,8 +53,6 @@ from tests.e2e.topology import (
     stream_leaders,
     succeeded_events,
 )
-from tests.scheduler.planes import Fleet, fleet, plane_options, until
-from tests.scheduler.probes import lease
 from tests.serving import serve
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.docker, pytest.mark.postgres]

@@ -32,8 +32,8 @@ from sqlalchemy import text
 from controlplane.db.engine import Database
 from devstack import DockerEngine, NatsCluster, S3Server
 from messaging.subjects import DISPATCH_STREAM, EVENTS_STREAM
-from tests.scheduler.planes import PlaneProcess
-from tests.scheduler.probes import lease
+from tests.controlplane.scheduler.planes import PlaneProcess
+from tests.controlplane.scheduler.probes import lease
 
 CREDIT = 1_000_000
 # Credits per GPU-hour: 10 micro-credits per GPU-millisecond, so even a job that runs for a

@@ -26,8 +26,8 @@ from gpuplane.v1 import (
 )
 
 from controlplane.auth.policy import ALLOWED_ROLES, PUBLIC_METHODS
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane, new_tenant
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.harness import CREDIT, JobPlane, job_plane, new_tenant
 from tests.reliability import summary
 
 K = messaging_pb2

@@ -33,10 +33,10 @@ from controlplane.outbox.models import OutboxMessage
 from devstack import DockerEngine, NatsServer, S3Server
 from messaging.subjects import DISPATCH_STREAM, dispatch_msg_id
 from storage import layout
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
+from tests.controlplane.scheduler.planes import fleet, plane_options, until
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.harness import CREDIT, JobPlane, job_plane
 from tests.reliability import summary
-from tests.scheduler.planes import fleet, plane_options, until
 from tests.serving import serve
 
 S = types_pb2

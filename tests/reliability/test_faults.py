@@ -29,8 +29,8 @@ from devstack import DockerEngine, NatsServer, S3Server
 from storage import layout
 from storage.objects import ObjectStore
 from storage.upload import ManifestMismatch, verify_attempt
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
 from tests.controlplane.scripted_host import mint_token
+from tests.harness import CREDIT, JobPlane, job_plane
 from tests.reliability import summary
 
 S = types_pb2

@@ -16,8 +16,8 @@ from daemon.agent import Agent
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from storage import layout
-from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import mint_token
+from tests.harness import JobPlane, job_plane
 from tests.reliability import summary
 
 S = types_pb2

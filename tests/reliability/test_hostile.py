@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from controlplane.auth.policy import allowed_roles
 from controlplane.auth.principal import Role
-from tests.controlplane.jobplane import JobPlane, job_plane, new_tenant
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.harness import JobPlane, job_plane, new_tenant
 from tests.reliability import summary
 
 T = TypeVar("T")

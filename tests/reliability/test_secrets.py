@@ -15,8 +15,8 @@ import grpc
 import pytest
 from gpuplane.v1 import admin_pb2, jobs_pb2, ledger_pb2, types_pb2
 
-from tests.controlplane.jobplane import JobPlane, job_plane, new_tenant
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.harness import JobPlane, job_plane, new_tenant
 from tests.reliability import summary
 
 # An API key shows its first 10 characters (ApiKey.prefix) by design; the rest must not show.

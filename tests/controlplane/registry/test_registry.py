@@ -24,9 +24,14 @@ from gpuplane.v1 import (
 
 from controlplane.db.base import utcnow
 from controlplane.registry.repository import RegistryRepository
-from tests.controlplane.jobplane import JobPlane, job_plane
+from tests.controlplane.registry.test_telemetry import (
+    TelemetryHost,
+    eventually,
+    get_host,
+    telemetry_host,
+)
 from tests.controlplane.scripted_host import mint_token
-from tests.controlplane.test_telemetry import TelemetryHost, eventually, get_host, telemetry_host
+from tests.harness import JobPlane, job_plane
 
 S = types_pb2
 pytestmark = pytest.mark.timeout(30)

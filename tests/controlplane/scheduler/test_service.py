@@ -18,8 +18,8 @@ from sqlalchemy import select
 
 from controlplane.jobs.models import JobAttempt
 from controlplane.registry.models import Gpu
-from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.harness import JobPlane, job_plane
 
 K = messaging_pb2
 S = types_pb2

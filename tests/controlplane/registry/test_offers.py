@@ -13,8 +13,8 @@ import pytest
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from controlplane.registry.repository import RegistryRepository
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
 from tests.controlplane.scripted_host import GIB, mint_token
+from tests.harness import CREDIT, JobPlane, job_plane
 
 S = types_pb2
 pytestmark = pytest.mark.timeout(30)

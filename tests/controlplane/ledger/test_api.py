@@ -16,8 +16,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import ledger_pb2, messaging_pb2, registry_pb2, types_pb2
 
 from controlplane.ledger.service import LedgerService, charge_for, split_fee
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane, new_tenant
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.harness import CREDIT, JobPlane, job_plane, new_tenant
 
 K = messaging_pb2
 S = types_pb2

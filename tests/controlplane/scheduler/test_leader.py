@@ -23,7 +23,7 @@ from controlplane.outbox.models import OutboxMessage
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
 from controlplane.scheduler.models import SchedulerLease
 from controlplane.scheduler.service import Scheduler
-from tests.scheduler.probes import lock_holders, terminate
+from tests.controlplane.scheduler.probes import lock_holders, terminate
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,8 +15,8 @@ import pytest
 from gpuplane.v1 import jobs_pb2, messaging_pb2, types_pb2
 
 from controlplane.ledger.service import charge_for, split_fee
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.harness import CREDIT, JobPlane, job_plane
 
 K = messaging_pb2
 S = types_pb2
@@ -284,7 +284,7 @@ async def test_watch_streams_state_changes(plane: JobPlane) -> None:
 
 
 async def test_other_tenant_cannot_see_job(plane: JobPlane) -> None:
-    from tests.controlplane.jobplane import new_tenant
+    from tests.harness import new_tenant
 
     job = await plane.submit(gpu_count=1)
     _, other_key = await new_tenant(plane, "other", S.ROLE_CONSUMER)

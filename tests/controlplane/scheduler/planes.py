@@ -26,9 +26,9 @@ from controlplane.scheduler.leader import PostgresLeader
 from controlplane.server import ControlPlane
 from controlplane.settings import Settings
 from devstack import free_port
-from tests.controlplane.jobplane import JobPlane, new_tenant
+from tests.controlplane.scheduler.probes import lease
 from tests.controlplane.scripted_host import ScriptedHost, mint_token
-from tests.scheduler.probes import lease
+from tests.harness import JobPlane, new_tenant
 
 PRICE = 2_000_000
 

@@ -16,8 +16,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import messaging_pb2, registry_pb2, registry_pb2_grpc, types_pb2
 from prometheus_client.utils import floatToGoString
 
-from tests.controlplane.jobplane import JobPlane, job_plane
 from tests.controlplane.scripted_host import GIB, ScriptedHost, mint_token
+from tests.harness import JobPlane, job_plane
 
 S = types_pb2
 pytestmark = pytest.mark.timeout(30)
