@@ -19,8 +19,6 @@ import nats
 import nats.errors
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
     ledger_pb2,
@@ -55,17 +53,6 @@ class Client:
 
     def auth(self, key: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {key}"),)
-
-    async def tenant(self, name: str, role: types_pb2.Role.ValueType) -> tuple[str, str]:
-        admin = admin_pb2_grpc.AdminServiceStub(self.channel)
-        made = await admin.CreateTenant(
-            admin_pb2.CreateTenantRequest(name=name), metadata=self.auth(self.admin_key)
-        )
-        key = await admin.CreateApiKey(
-            admin_pb2.CreateApiKeyRequest(tenant_id=made.tenant.tenant_id, role=role),
-            metadata=self.auth(self.admin_key),
-        )
-        return made.tenant.tenant_id, key.secret
 
     async def submit(self, index: int) -> str:
         """Submits job `index`; a call cut off by a dying plane is retried with the same

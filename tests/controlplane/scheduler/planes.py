@@ -26,9 +26,10 @@ from controlplane.scheduler.leader import PostgresLeader
 from controlplane.server import ControlPlane
 from controlplane.settings import Settings
 from devstack import free_port
+from devstack.factories import new_tenant
 from tests.controlplane.scheduler.probes import lease
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
-from tests.harness import JobPlane, new_tenant
+from tests.controlplane.scripted_host import ScriptedHost, scripted_host
+from tests.harness import JobPlane
 
 PRICE = 2_000_000
 
@@ -178,10 +179,7 @@ class Fleet:
 
     async def host(self, plane: InProcessPlane, gpus: int) -> ScriptedHost:
         """A scripted host (no Docker) connected to `plane`."""
-        api = plane.api
-        token = await mint_token(api.channel, api.admin_key, api.provider_tenant)
-        host = ScriptedHost(api.channel, api.nats_url, token, gpus=gpus, price=PRICE)
-        await host.start()
+        host = await scripted_host(plane.api, gpus=gpus, price=PRICE)
         self.hosts.append(host)
         return host
 
