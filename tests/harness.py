@@ -185,8 +185,11 @@ async def open_plane(
     plane = ControlPlane(settings)
     await plane.start()
     try:
-        assert plane.admin_key_file is not None
-        admin_key = Path(plane.admin_key_file).read_text().strip()
+        if settings.bootstrap_admin_key is not None:  # replicas sharing one configured key
+            admin_key = settings.bootstrap_admin_key.get_secret_value()
+        else:
+            assert plane.admin_key_file is not None
+            admin_key = Path(plane.admin_key_file).read_text().strip()
         address = f"127.0.0.1:{plane.port}"  # TLS: verified against the certificate's IP SAN
         channel = open_channel(address, security)
         try:
