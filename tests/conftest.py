@@ -3,20 +3,26 @@ and `plane`, the harness's control plane (tests/harness.py) for one test."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import itertools
 import re
 import shutil
 import signal
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import docker
+import nats
 import pytest
+from nats.js import JetStreamContext
 
+from controlplane.db import migrate
+from controlplane.db.engine import Database
 from devstack import (
     TEST_IMAGE,
     DockerEngine,
@@ -27,6 +33,8 @@ from devstack import (
     build_test_image,
 )
 from devstack.certs import TestCerts, issue_test_certs
+from messaging.subjects import ensure_streams
+from storage.objects import ObjectStore
 from tests.harness import JobPlane, job_plane
 from tests.serving import serve, start_or_message
 
@@ -97,6 +105,42 @@ def pg_url(postgres: PostgresCluster, request: pytest.FixtureRequest) -> str:
     slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:40]
     name = postgres.create_database(f"t{next(_databases)}_{slug}")
     return postgres.url(name)
+
+
+@pytest.fixture
+async def db(pg_url: str) -> AsyncIterator[Database]:
+    """A migrated PostgreSQL database of this test's own."""
+    await asyncio.to_thread(migrate.upgrade, pg_url)
+    database = Database(pg_url)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+async def jetstream(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
+    """A JetStream context on the session NATS server, with the control plane's streams."""
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    await ensure_streams(js)
+    try:
+        yield js
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def store(s3_server: S3Server) -> ObjectStore:
+    """An ObjectStore on the session S3 server, with a fresh bucket for this test."""
+    object_store = ObjectStore(
+        s3_server.endpoint,
+        s3_server.access_key,
+        s3_server.secret_key,
+        bucket=f"t-{uuid.uuid4().hex[:12]}",
+    )
+    await object_store.ensure_bucket()
+    return object_store
 
 
 @pytest.fixture

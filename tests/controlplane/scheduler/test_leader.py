@@ -29,16 +29,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def db(pg_url: str) -> AsyncIterator[Database]:
-    await asyncio.to_thread(migrate.upgrade, pg_url)
-    database = Database(pg_url)
-    try:
-        yield database
-    finally:
-        await database.close()
-
-
-@pytest.fixture
 async def leaders(db: Database) -> AsyncIterator[Callable[..., PostgresLeader]]:
     made: list[PostgresLeader] = []
 
