@@ -44,10 +44,13 @@ async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
     s3 = await ctx.resources.s3()
     engine, client = await ctx.resources.docker()
     client.close()
+    # A data dir per stack: a second stack on the first one's database would place jobs on
+    # the first one's daemon, stopped but not yet timed out.
+    suffix = str(time.monotonic_ns())
     server = ServerProcess(
         "controlplane",
-        ctx.workdir / "jobpath-controlplane.log",
-        f"--data-dir={ctx.workdir / 'jobpath-controlplane'}",
+        ctx.workdir / f"jobpath-controlplane-{suffix}.log",
+        f"--data-dir={ctx.workdir / f'jobpath-controlplane-{suffix}'}",
         f"--nats-url={nats.url}",
         f"--s3-endpoint={s3.endpoint}",
         f"--s3-access-key={s3.access_key}",
@@ -58,7 +61,6 @@ async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
         address = f"127.0.0.1:{ready['port']}"
         async with grpc.aio.insecure_channel(address) as channel:
             plane = Client(channel, ready["admin_key"])
-            suffix = str(time.monotonic_ns())
             consumer = await new_tenant(plane, f"bench-consumer-{suffix}", micro_credits=10**12)
             provider = await new_tenant(plane, f"bench-provider-{suffix}", types_pb2.ROLE_PROVIDER)
             token = await new_token(plane, provider.tenant_id)
