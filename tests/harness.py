@@ -32,6 +32,9 @@ __all__ = ["CREDIT", "JobPlane", "job_plane", "open_plane"]
 
 @dataclass
 class JobPlane:
+    """A running control plane as a test drives it: the in-process plane, a channel to it and
+    its admin key (a devstack.factories.Reachable); job_plane() adds the tenants."""
+
     plane: ControlPlane
     address: str
     admin_key: str
