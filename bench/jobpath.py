@@ -9,22 +9,18 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from gpuplane.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    jobs_pb2,
-    jobs_pb2_grpc,
-    ledger_pb2,
-    ledger_pb2_grpc,
-    types_pb2,
-)
+from gpuplane.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 from pydantic import SecretStr
 
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
+
+if TYPE_CHECKING:
+    from daemon.agent import Agent
+    from devstack import DockerEngine, S3Server
 
 SAMPLES = 20
 THROUGHPUT_JOBS = 40
@@ -38,26 +34,23 @@ class Stack:
     image: str
 
 
-def _auth(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
-
-
 @asynccontextmanager
 async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
     """Control plane (own process) + one daemon with 8 simulated GPUs + a funded consumer."""
-    from daemon.agent import Agent
-    from daemon.settings import DaemonSettings
     from devstack import TEST_IMAGE
+    from devstack.factories import Client, bearer, new_tenant, new_token
 
     nats = await ctx.resources.nats()
     s3 = await ctx.resources.s3()
     engine, client = await ctx.resources.docker()
     client.close()
-    data_dir = ctx.workdir / "jobpath-controlplane"
+    # A data dir per stack: a second stack on the first one's database would place jobs on
+    # the first one's daemon, stopped but not yet timed out.
+    suffix = str(time.monotonic_ns())
     server = ServerProcess(
         "controlplane",
-        ctx.workdir / "jobpath-controlplane.log",
-        f"--data-dir={data_dir}",
+        ctx.workdir / f"jobpath-controlplane-{suffix}.log",
+        f"--data-dir={ctx.workdir / f'jobpath-controlplane-{suffix}'}",
         f"--nats-url={nats.url}",
         f"--s3-endpoint={s3.endpoint}",
         f"--s3-access-key={s3.access_key}",
@@ -66,56 +59,42 @@ async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
     async with server:
         ready = await server.start()
         address = f"127.0.0.1:{ready['port']}"
-        admin = _auth(ready["admin_key"])
         async with grpc.aio.insecure_channel(address) as channel:
-            admins = admin_pb2_grpc.AdminServiceStub(channel)
-            suffix = str(time.monotonic_ns())
-            consumer = await admins.CreateTenant(
-                admin_pb2.CreateTenantRequest(name=f"bench-consumer-{suffix}"), metadata=admin
-            )
-            key = await admins.CreateApiKey(
-                admin_pb2.CreateApiKeyRequest(
-                    tenant_id=consumer.tenant.tenant_id, role=types_pb2.ROLE_CONSUMER
-                ),
-                metadata=admin,
-            )
-            provider = await admins.CreateTenant(
-                admin_pb2.CreateTenantRequest(name=f"bench-provider-{suffix}"), metadata=admin
-            )
-            token = await admins.CreateRegistrationToken(
-                admin_pb2.CreateRegistrationTokenRequest(
-                    provider_tenant_id=provider.tenant.tenant_id
-                ),
-                metadata=admin,
-            )
-            await ledger_pb2_grpc.LedgerServiceStub(channel).Deposit(
-                ledger_pb2.DepositRequest(
-                    tenant_id=consumer.tenant.tenant_id,
-                    amount_micro_credits=10**12,
-                    idempotency_key=f"bench-{suffix}",
-                ),
-                metadata=admin,
-            )
-            agent = Agent(
-                DaemonSettings(
-                    control_plane=address,
-                    plaintext=True,
-                    registration_token=SecretStr(token.secret),
-                    data_dir=ctx.workdir / f"jobpath-daemon-{suffix}",
-                    simulate_gpus=DAEMON_GPUS,
-                    gpu_device_requests="always",
-                    docker_host=engine.base_url,
-                    s3_endpoint=s3.endpoint,
-                    s3_access_key=s3.access_key,
-                    s3_secret_key=SecretStr(s3.secret_key),
-                    max_concurrent_jobs=8,
-                )
-            )
-            await agent.start()
+            plane = Client(channel, ready["admin_key"])
+            consumer = await new_tenant(plane, f"bench-consumer-{suffix}", micro_credits=10**12)
+            provider = await new_tenant(plane, f"bench-provider-{suffix}", types_pb2.ROLE_PROVIDER)
+            token = await new_token(plane, provider.tenant_id)
+            agent = await _daemon(ctx, engine, s3, address, token.secret, suffix)
             try:
-                yield Stack(jobs_pb2_grpc.JobServiceStub(channel), _auth(key.secret), TEST_IMAGE)
+                yield Stack(jobs_pb2_grpc.JobServiceStub(channel), bearer(consumer.key), TEST_IMAGE)
             finally:
                 await agent.stop()
+
+
+async def _daemon(
+    ctx: RunContext, engine: DockerEngine, s3: S3Server, address: str, token: str, suffix: str
+) -> Agent:
+    """A started daemon with DAEMON_GPUS on the bench's Docker engine, registered by `token`."""
+    from daemon.agent import Agent
+    from daemon.settings import DaemonSettings
+
+    agent = Agent(
+        DaemonSettings(
+            control_plane=address,
+            plaintext=True,
+            registration_token=SecretStr(token),
+            data_dir=ctx.workdir / f"jobpath-daemon-{suffix}",
+            simulate_gpus=DAEMON_GPUS,
+            gpu_device_requests="always",
+            docker_host=engine.base_url,
+            s3_endpoint=s3.endpoint,
+            s3_access_key=s3.access_key,
+            s3_secret_key=SecretStr(s3.secret_key),
+            max_concurrent_jobs=8,
+        )
+    )
+    await agent.start()
+    return agent
 
 
 def _spec(stack: Stack, command: list[str]) -> types_pb2.JobSpec:

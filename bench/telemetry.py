@@ -17,12 +17,8 @@ from typing import Any
 
 import grpc
 from gpuplane.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
-    ledger_pb2,
-    ledger_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     types_pb2,
@@ -71,6 +67,8 @@ async def telemetry_stack(
 ) -> AsyncIterator[Stack]:
     """A control plane in its own process (default settings; SQLite, or PostgreSQL), a funded
     consumer and an unlimited registration token for the simulated hosts."""
+    from devstack.factories import Client, new_tenant, new_token
+
     nats = await ctx.resources.nats()
     s3 = await ctx.resources.s3()
     database = ""
@@ -95,35 +93,12 @@ async def telemetry_stack(
         address = f"127.0.0.1:{ready['port']}"
         admin = _auth(ready["admin_key"])
         async with grpc.aio.insecure_channel(address) as channel:
-            admins = admin_pb2_grpc.AdminServiceStub(channel)
-            provider = await admins.CreateTenant(
-                admin_pb2.CreateTenantRequest(name="bench-provider"), metadata=admin
-            )
-            token = await admins.CreateRegistrationToken(
-                admin_pb2.CreateRegistrationTokenRequest(
-                    provider_tenant_id=provider.tenant.tenant_id
-                ),
-                metadata=admin,
-            )
-            consumer = await admins.CreateTenant(
-                admin_pb2.CreateTenantRequest(name="bench-consumer"), metadata=admin
-            )
-            key = await admins.CreateApiKey(
-                admin_pb2.CreateApiKeyRequest(
-                    tenant_id=consumer.tenant.tenant_id, role=types_pb2.ROLE_CONSUMER
-                ),
-                metadata=admin,
-            )
-            await ledger_pb2_grpc.LedgerServiceStub(channel).Deposit(
-                ledger_pb2.DepositRequest(
-                    tenant_id=consumer.tenant.tenant_id,
-                    amount_micro_credits=10**12,
-                    idempotency_key="bench",
-                ),
-                metadata=admin,
-            )
+            plane = Client(channel, ready["admin_key"])
+            provider = await new_tenant(plane, "bench-provider", types_pb2.ROLE_PROVIDER)
+            token = await new_token(plane, provider.tenant_id)
+            consumer = await new_tenant(plane, "bench-consumer", micro_credits=10**12)
             yield Stack(
-                address, ready["metrics_port"], admin, _auth(key.secret), token.secret, channel
+                address, ready["metrics_port"], admin, _auth(consumer.key), token.secret, channel
             )
 
 

@@ -1,20 +1,28 @@
-"""Session fixtures: real local servers (NATS, S3, PostgreSQL, Docker) started on first use."""
+"""Session fixtures: real local servers (NATS, S3, PostgreSQL, Docker) started on first use;
+and `plane`, the harness's control plane (tests/harness.py) for one test."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import itertools
 import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import docker
+import nats
 import pytest
+from nats.js import JetStreamContext
 
+from controlplane.db import migrate
+from controlplane.db.engine import Database
 from devstack import (
     TEST_IMAGE,
     DockerEngine,
@@ -25,6 +33,9 @@ from devstack import (
     build_test_image,
 )
 from devstack.certs import TestCerts, issue_test_certs
+from messaging.subjects import ensure_streams
+from storage.objects import ObjectStore
+from tests.harness import JobPlane, job_plane
 from tests.serving import serve, start_or_message
 
 
@@ -37,6 +48,18 @@ def pytest_configure(config: pytest.Config) -> None:
     # KeyboardInterrupt, pytest stops and runs the fixtures' teardown.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
+    config.addinivalue_line(
+        "markers", "databases(*kinds): run each test on these databases (sqlite, postgresql)"
+    )
+    config.addinivalue_line(
+        "markers", "plane(**settings): Settings overrides for the `plane` fixture's control plane"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("databases")
+    if marker is not None and "database_url" in metafunc.fixturenames:
+        metafunc.parametrize("database_url", marker.args, indirect=True)
 
 
 _databases = itertools.count()
@@ -82,6 +105,72 @@ def pg_url(postgres: PostgresCluster, request: pytest.FixtureRequest) -> str:
     slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:40]
     name = postgres.create_database(f"t{next(_databases)}_{slug}")
     return postgres.url(name)
+
+
+@pytest.fixture
+async def db(pg_url: str) -> AsyncIterator[Database]:
+    """A migrated PostgreSQL database of this test's own."""
+    await asyncio.to_thread(migrate.upgrade, pg_url)
+    database = Database(pg_url)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+async def jetstream(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
+    """A JetStream context on the session NATS server, with the control plane's streams."""
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    await ensure_streams(js)
+    try:
+        yield js
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def store(s3_server: S3Server) -> ObjectStore:
+    """An ObjectStore on the session S3 server, with a fresh bucket for this test."""
+    object_store = ObjectStore(
+        s3_server.endpoint,
+        s3_server.access_key,
+        s3_server.secret_key,
+        bucket=f"t-{uuid.uuid4().hex[:12]}",
+    )
+    await object_store.ensure_bucket()
+    return object_store
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The control plane's database: "" (SQLite in its data dir) unless the test is marked
+    `databases(...)`, which runs it once per kind, PostgreSQL on a fresh database."""
+    kind = getattr(request, "param", "sqlite")
+    return "" if kind == "sqlite" else str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def plane(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    nats_server: NatsServer,
+    s3_server: S3Server,
+    database_url: str,
+) -> AsyncIterator[JobPlane]:
+    """A control plane of this test's own (harness.job_plane) on real NATS and S3, with a
+    funded consumer and a provider; a `plane(**settings)` marker overrides its settings."""
+    marker = request.node.get_closest_marker("plane")
+    overrides = dict(marker.kwargs) if marker is not None else {}
+
+    def configure(options: dict[str, Any]) -> None:
+        options.update(overrides)
+
+    async with job_plane(
+        tmp_path / "cp", nats_server.url, s3_server, database_url, configure=configure
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

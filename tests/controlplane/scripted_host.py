@@ -6,23 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import grpc
 import nats
-from gpuplane.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    messaging_pb2,
-    registry_pb2,
-    registry_pb2_grpc,
-    types_pb2,
-)
+from gpuplane.v1 import messaging_pb2, registry_pb2, registry_pb2_grpc, types_pb2
 from nats.js.api import ConsumerConfig
 
+from devstack.factories import new_gpus, new_host
 from messaging.subjects import events_subject, report_msg_id
 
-GIB = 1 << 30
+if TYPE_CHECKING:
+    from tests.harness import JobPlane
+
+Host = TypeVar("Host", bound="ScriptedHost")
 
 
 class ScriptedHost:
@@ -55,28 +52,18 @@ class ScriptedHost:
         self._seq: dict[tuple[str, int], int] = {}
 
     def gpus(self) -> list[types_pb2.Gpu]:
-        return [
-            types_pb2.Gpu(
-                uuid=f"GPU-{self.machine_id[:8]}-{i}",
-                index=i,
-                name=self.model,
-                memory_total_bytes=80 * GIB,
-                compute_capability="8.0",
-            )
-            for i in range(self.gpu_count)
-        ]
+        return new_gpus(
+            self.gpu_count, self.model, prefix=self.machine_id[:8], compute_capability="8.0"
+        )
 
     async def register(self) -> registry_pb2.RegisterHostResponse:
-        reply = await registry_pb2_grpc.RegistryServiceStub(self.channel).RegisterHost(
-            registry_pb2.RegisterHostRequest(
-                registration_token=self.token,
-                machine_id=self.machine_id,
-                hostname=f"scripted-{self.machine_id[:6]}",
-                gpus=self.gpus(),
-                simulated=True,
-                price_per_gpu_hour_micro_credits=self.price,
-                location="test-lab",
-            )
+        reply = await new_host(
+            self.channel,
+            self.token,
+            machine_id=self.machine_id,
+            hostname=f"scripted-{self.machine_id[:6]}",
+            gpus=self.gpus(),
+            price_per_gpu_hour_micro_credits=self.price,
         )
         self.host_id = reply.host_id
         self.credential = reply.host_credential
@@ -172,11 +159,18 @@ class ScriptedHost:
             await self._nc.close()
 
 
-async def mint_token(
-    channel: grpc.aio.Channel, admin_key: str, provider_tenant: str, **kw: Any
-) -> str:
-    reply = await admin_pb2_grpc.AdminServiceStub(channel).CreateRegistrationToken(
-        admin_pb2.CreateRegistrationTokenRequest(provider_tenant_id=provider_tenant, **kw),
-        metadata=(("authorization", f"Bearer {admin_key}"),),
-    )
-    return str(reply.secret)
+@overload
+async def scripted_host(plane: JobPlane, **kw: Any) -> ScriptedHost: ...
+
+
+@overload
+async def scripted_host(plane: JobPlane, kind: type[Host], **kw: Any) -> Host: ...
+
+
+async def scripted_host(
+    plane: JobPlane, kind: type[ScriptedHost] = ScriptedHost, **kw: Any
+) -> ScriptedHost:
+    """A started host of `kind` registered for the plane's provider with a fresh token."""
+    host = kind(plane.channel, plane.nats_url, await plane.token(), **kw)
+    await host.start()
+    return host

@@ -16,7 +16,7 @@ from controlplane.auth.service import PLATFORM_TENANT, AuthService, hash_secret
 from controlplane.db import migrate
 from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
-from tests.scheduler.planes import until
+from tests.controlplane.scheduler.planes import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.postgres]
 

@@ -14,7 +14,8 @@ import pytest
 from gpuplane.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.controlplane.conftest import RunningControlPlane
+from devstack.factories import new_tenant
+from tests.harness import JobPlane
 
 
 def grpcurl_path() -> str:
@@ -35,7 +36,7 @@ async def grpcurl(*args: str) -> tuple[int, str, str]:
 
 
 async def test_grpcurl_lists_services_and_describes_job_service(
-    control_plane: RunningControlPlane,
+    control_plane: JobPlane,
 ) -> None:
     code, out, err = await grpcurl("-plaintext", control_plane.address, "list")
     assert code == 0, err
@@ -57,7 +58,7 @@ async def test_grpcurl_lists_services_and_describes_job_service(
     assert "returns ( stream .gpuplane.v1.JobEvent )" in out
 
 
-async def test_grpcurl_calls_with_bearer_key(control_plane: RunningControlPlane) -> None:
+async def test_grpcurl_calls_with_bearer_key(control_plane: JobPlane) -> None:
     code, out, err = await grpcurl(
         "-plaintext",
         "-H",
@@ -69,14 +70,14 @@ async def test_grpcurl_calls_with_bearer_key(control_plane: RunningControlPlane)
     assert json.loads(out)["role"] == "ROLE_ADMIN"
 
 
-async def test_health_serves_without_a_key(control_plane: RunningControlPlane) -> None:
+async def test_health_serves_without_a_key(control_plane: JobPlane) -> None:
     stub = health_pb2_grpc.HealthStub(control_plane.channel)
     for service in ("", "gpuplane.v1.JobService"):
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_call_without_key_is_unauthenticated(control_plane: RunningControlPlane) -> None:
+async def test_call_without_key_is_unauthenticated(control_plane: JobPlane) -> None:
     stub = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.WhoAmI(admin_pb2.WhoAmIRequest())
@@ -87,9 +88,9 @@ async def test_call_without_key_is_unauthenticated(control_plane: RunningControl
 
 
 async def test_consumer_key_on_admin_method_is_permission_denied(
-    control_plane: RunningControlPlane,
+    control_plane: JobPlane,
 ) -> None:
-    _, secret = await control_plane.new_tenant_key("acme")
+    _, secret = await new_tenant(control_plane, "acme")
     stub = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     me = await stub.WhoAmI(admin_pb2.WhoAmIRequest(), metadata=control_plane.auth(secret))
     assert me.role == types_pb2.ROLE_CONSUMER
@@ -101,8 +102,8 @@ async def test_consumer_key_on_admin_method_is_permission_denied(
     assert "consumer" in (caught.value.details() or "")
 
 
-async def test_revoked_key_stops_working(control_plane: RunningControlPlane) -> None:
-    _, secret = await control_plane.new_tenant_key("revokee")
+async def test_revoked_key_stops_working(control_plane: JobPlane) -> None:
+    _, secret = await new_tenant(control_plane, "revokee")
     admin = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     await admin.WhoAmI(admin_pb2.WhoAmIRequest(), metadata=control_plane.auth(secret))
     keys = await admin.ListApiKeys(admin_pb2.ListApiKeysRequest(), metadata=control_plane.auth())
@@ -117,8 +118,8 @@ async def test_revoked_key_stops_working(control_plane: RunningControlPlane) -> 
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_keys_are_stored_only_as_hashes(control_plane: RunningControlPlane) -> None:
-    _, secret = await control_plane.new_tenant_key("hashes")
+async def test_keys_are_stored_only_as_hashes(control_plane: JobPlane) -> None:
+    _, secret = await new_tenant(control_plane, "hashes")
     assert control_plane.plane.db is not None
     db_file = Path(control_plane.plane.settings.resolved_database_url().split("///", 1)[1])
     raw = db_file.read_bytes() + b"".join(p.read_bytes() for p in db_file.parent.glob("*.db-wal"))
@@ -126,7 +127,7 @@ async def test_keys_are_stored_only_as_hashes(control_plane: RunningControlPlane
     assert control_plane.admin_key.encode() not in raw
 
 
-async def test_bad_input_names_the_field(control_plane: RunningControlPlane) -> None:
+async def test_bad_input_names_the_field(control_plane: JobPlane) -> None:
     admin = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await admin.CreateTenant(
@@ -149,7 +150,7 @@ async def test_bad_input_names_the_field(control_plane: RunningControlPlane) -> 
     assert "role" in (caught.value.details() or "")
 
 
-async def test_idempotent_create_tenant(control_plane: RunningControlPlane) -> None:
+async def test_idempotent_create_tenant(control_plane: JobPlane) -> None:
     admin = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     request = admin_pb2.CreateTenantRequest(name="idem", idempotency_key="k-1")
     first = await admin.CreateTenant(request, metadata=control_plane.auth())
@@ -163,7 +164,7 @@ async def test_idempotent_create_tenant(control_plane: RunningControlPlane) -> N
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
-async def test_tenant_paging(control_plane: RunningControlPlane) -> None:
+async def test_tenant_paging(control_plane: JobPlane) -> None:
     admin = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     for i in range(5):
         await admin.CreateTenant(
@@ -185,7 +186,7 @@ async def test_tenant_paging(control_plane: RunningControlPlane) -> None:
 
 
 async def test_unbuilt_method_is_unimplemented_with_message(
-    control_plane: RunningControlPlane,
+    control_plane: JobPlane,
 ) -> None:
     stub = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -196,7 +197,7 @@ async def test_unbuilt_method_is_unimplemented_with_message(
     assert "SetPricingPolicy" in (caught.value.details() or "")
 
 
-async def test_metrics_count_rpcs_by_code(control_plane: RunningControlPlane) -> None:
+async def test_metrics_count_rpcs_by_code(control_plane: JobPlane) -> None:
     stub = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     await stub.WhoAmI(admin_pb2.WhoAmIRequest(), metadata=control_plane.auth())
     with pytest.raises(grpc.aio.AioRpcError):

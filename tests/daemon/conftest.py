@@ -15,8 +15,6 @@ from gpuplane.v1 import messaging_pb2, types_pb2
 from daemon.gpus import GpuInventory, simulated_gpus
 from daemon.runtime import DockerRuntime
 from daemon.settings import DaemonSettings
-from devstack import S3Server
-from storage.objects import ObjectStore
 
 
 @pytest.fixture
@@ -93,19 +91,6 @@ def make_dispatch(
         results_prefix=f"jobs/{job}/1/",
         bucket="gpuplane",
     )
-
-
-@pytest.fixture
-async def store(s3_server: S3Server) -> ObjectStore:
-    """A fresh bucket on the session S3 server."""
-    object_store = ObjectStore(
-        s3_server.endpoint,
-        s3_server.access_key,
-        s3_server.secret_key,
-        bucket=f"d-{uuid.uuid4().hex[:12]}",
-    )
-    await object_store.ensure_bucket()
-    return object_store
 
 
 class Reports:

@@ -9,7 +9,6 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -25,20 +24,11 @@ from daemon.executor import JobExecutor
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
-from tests.controlplane.jobplane import JobPlane, job_plane
-from tests.controlplane.scripted_host import mint_token
+from tests.harness import JobPlane
 
 S = types_pb2
 K = messaging_pb2.JobReportKind
 pytestmark = [pytest.mark.timeout(60), pytest.mark.docker]
-
-
-@pytest.fixture
-async def plane(
-    tmp_path: Path, nats_server: NatsServer, s3_server: S3Server
-) -> AsyncIterator[JobPlane]:
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server) as running:
-        yield running
 
 
 def daemon_settings(
@@ -90,7 +80,7 @@ async def test_agent_runs_a_job_end_to_end_and_survives_a_restart(
     docker_client: docker.DockerClient,
     test_image: str,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     settings = daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine)
     agent = Agent(settings)
     await agent.start()
@@ -140,7 +130,7 @@ async def test_cancel_through_the_control_plane_removes_the_container_fast(
     docker_client: docker.DockerClient,
     test_image: str,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     agent = Agent(daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine))
     await agent.start()
     try:
@@ -169,7 +159,7 @@ async def test_image_that_is_not_here_fails_the_job_with_the_reason(
     s3_server: S3Server,
     docker_engine: DockerEngine,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     agent = Agent(daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine))
     await agent.start()
     try:
@@ -191,7 +181,7 @@ async def test_dispatch_poison_foreign_gpus_and_duplicates(
 ) -> None:
     """Dispatches published straight to the host's subject (jobs the control plane does not
     know, so it ignores their reports): reports are watched with a plain subscription."""
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     agent = Agent(daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine))
     await agent.start()
     client = await nats.connect(nats_server.url)

@@ -3,41 +3,25 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
-import nats
 import pytest
 from gpuplane.v1 import messaging_pb2
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from daemon.executor import JobExecutor
 from daemon.runtime import DockerRuntime
 from daemon.settings import DaemonSettings
-from devstack import NatsServer
 from messaging.subjects import (
     LOG_END_HEADER,
     LOG_STREAM_HEADER,
     LOGS_STREAM,
-    ensure_streams,
     logs_subject,
 )
 from storage.objects import ObjectStore
 from tests.daemon.conftest import Reports, make_dispatch
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def jetstream(nats_server: NatsServer) -> AsyncIterator[JetStreamContext]:
-    client: Client = await nats.connect(nats_server.url)
-    js = client.jetstream()
-    await ensure_streams(js)
-    try:
-        yield js
-    finally:
-        await client.close()
 
 
 async def test_log_chunks_and_end_marker_reach_the_logs_stream(

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import nats
@@ -25,25 +23,17 @@ from daemon.journal import JournalEntry
 from daemon.progress import Progress
 from daemon.runtime import LABEL_ATTEMPT, LABEL_HOST, LABEL_JOB
 from devstack import DockerEngine, NatsServer, S3Server
-from tests.controlplane.jobplane import JobPlane, job_plane
-from tests.controlplane.scripted_host import mint_token
 from tests.daemon.test_agent import daemon_settings, fetch, wait_online
+from tests.harness import JobPlane
 
 S = types_pb2
 K = messaging_pb2.JobReportKind
-pytestmark = [pytest.mark.timeout(60), pytest.mark.docker]
-
-
-@pytest.fixture
-async def plane(
-    tmp_path: Path, nats_server: NatsServer, s3_server: S3Server
-) -> AsyncIterator[JobPlane]:
-    def configure(options: dict[str, Any]) -> None:
-        # The host stays online across the restart (a real one takes seconds, not 15).
-        options["heartbeat_timeout_ms"] = 6000
-
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server, configure=configure) as p:
-        yield p
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.docker,
+    # The host stays online across the restart (a real one takes seconds, not 15).
+    pytest.mark.plane(heartbeat_timeout_ms=6000),
+]
 
 
 def jobs_on_gpus(batch: registry_pb2.TelemetryBatch | None) -> set[str]:
@@ -62,7 +52,7 @@ async def test_a_restarted_daemon_reattaches_and_the_job_is_charged_once(
     docker_client: docker.DockerClient,
     test_image: str,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     settings = daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine)
     settings.telemetry_interval_ms = 200
     first = Agent(settings)
@@ -163,7 +153,7 @@ async def test_orphans_go_and_vanished_attempts_are_reported(
     docker_client: docker.DockerClient,
     test_image: str,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     settings = daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine)
     first = Agent(settings)
     await first.start()

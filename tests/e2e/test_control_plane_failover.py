@@ -22,8 +22,7 @@ from daemon.agent import Agent
 from daemon.settings import DaemonSettings
 from daemon.target import grpc_target
 from devstack import DockerEngine, S3Server
-from tests.controlplane.scripted_host import mint_token
-from tests.scheduler.planes import fleet, plane_options, until
+from tests.controlplane.scheduler.planes import fleet, plane_options, until
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.docker, pytest.mark.postgres]
 S = types_pb2
@@ -64,7 +63,7 @@ async def test_daemon_and_cli_fail_over_when_a_control_plane_dies(
         doomed = planes.spawn("doomed")
         await until(lambda: serving(doomed.port), 30, "the spawned control plane serves")
         api = stays.api
-        token = await mint_token(api.channel, api.admin_key, api.provider_tenant)
+        token = await api.token()
         addresses = f"127.0.0.1:{doomed.port},127.0.0.1:{stays.plane.port}"
         agent = Agent(
             DaemonSettings(

@@ -25,8 +25,7 @@ from daemon.agent import Agent
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from devstack.certs import TestCerts
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
-from tests.controlplane.scripted_host import mint_token
+from tests.harness import CREDIT, JobPlane, job_plane
 
 S = types_pb2
 PRICE = 2_000_000
@@ -87,7 +86,7 @@ def settings(
 async def four_gpu_agent(
     plane: JobPlane, tmp_path: Path, s3_server: S3Server, docker_engine: DockerEngine
 ) -> AsyncIterator[Agent]:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     agent = Agent(settings(plane, token, tmp_path / "d4", s3_server, docker_engine, "4xA100-80GB"))
     await agent.start()
     try:
@@ -256,7 +255,7 @@ async def test_kill_9_daemon_moves_job_to_second_daemon_and_charges_once(
     docker_client: docker.DockerClient,
     test_image: str,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     first = start_daemon_process(plane, token, tmp_path / "first", s3_server, docker_engine)
     second: Agent | None = None
     first_host = ""
@@ -328,7 +327,7 @@ async def test_kill_9_daemon_moves_job_to_second_daemon_and_charges_once(
 async def test_daemon_restart_on_same_machine_is_same_host(
     plane: JobPlane, tmp_path: Path, s3_server: S3Server, docker_engine: DockerEngine
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant, max_uses=1)
+    token = await plane.token(max_uses=1)
     config = settings(plane, token, tmp_path / "same", s3_server, docker_engine, "1xL4")
     agent = Agent(config)
     await agent.start()

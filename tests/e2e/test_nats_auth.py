@@ -31,6 +31,7 @@ from daemon.bus import DaemonBus
 from daemon.identity import HostIdentity
 from devstack import DockerEngine, NatsServer, S3Server
 from devstack.certs import TestCerts
+from devstack.factories import GIB, new_host
 from devstack.nats import NatsTls
 from messaging.natsjwt import NatsKeys, decode_claims
 from messaging.subjects import (
@@ -42,9 +43,8 @@ from messaging.subjects import (
     report_msg_id,
 )
 from messaging.tls import nats_tls_context
-from tests.controlplane.jobplane import JobPlane, job_plane
-from tests.controlplane.scripted_host import GIB, mint_token
 from tests.e2e.test_job_path import settings as daemon_settings
+from tests.harness import JobPlane, job_plane
 from tests.serving import serve
 
 S = types_pb2
@@ -83,19 +83,13 @@ async def plane(
 async def register(
     plane: JobPlane, name: str, machine_id: str = ""
 ) -> registry_pb2.RegisterHostResponse:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
-    stub = registry_pb2_grpc.RegistryServiceStub(plane.channel)
-    return await stub.RegisterHost(
-        registry_pb2.RegisterHostRequest(
-            registration_token=token,
-            machine_id=machine_id or f"machine-{name}-{time.monotonic_ns()}",
-            hostname=name,
-            gpus=[
-                S.Gpu(uuid=f"GPU-{name}-{time.monotonic_ns()}", name="A100", memory_total_bytes=GIB)
-            ],
-            simulated=True,
-            price_per_gpu_hour_micro_credits=2_000_000,
-        )
+    return await new_host(
+        plane.channel,
+        await plane.token(),
+        machine_id=machine_id or f"machine-{name}-{time.monotonic_ns()}",
+        hostname=name,
+        gpus=[S.Gpu(uuid=f"GPU-{name}-{time.monotonic_ns()}", name="A100", memory_total_bytes=GIB)],
+        location="",
     )
 
 
@@ -324,7 +318,7 @@ async def test_job_runs_end_to_end_with_nats_auth(
     docker_engine: DockerEngine,
     test_image: str,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     agent = Agent(
         daemon_settings(plane, token, tmp_path / "d", s3_server, docker_engine, "1xA100-80GB")
     )

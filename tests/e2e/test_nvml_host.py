@@ -18,8 +18,7 @@ import pytest
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from devstack import DockerEngine, NatsServer, S3Server
-from tests.controlplane.jobplane import JobPlane, job_plane
-from tests.controlplane.scripted_host import mint_token
+from tests.harness import JobPlane, job_plane
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.docker]
 
@@ -60,7 +59,7 @@ async def daemon(
     s3_server: S3Server,
     docker_engine: DockerEngine,
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     write_state(nvml_state, **{"0.temp": 40, "1.temp": 35})
     env = {
         **os.environ,

@@ -31,11 +31,11 @@ from daemon.identity import register
 from daemon.settings import DaemonSettings
 from devstack import NatsServer
 from devstack.certs import TestCerts, issue_test_certs
+from devstack.factories import new_tenant, new_token
 from gpuplane_cli.client import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from gpuplane_cli.main import main
 from messaging.tls import nats_tls_context
-from tests.controlplane.jobplane import JobPlane, new_tenant
-from tests.controlplane.scripted_host import mint_token
+from tests.harness import JobPlane
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -139,7 +139,7 @@ async def test_required_client_certificate_gates_daemons(
         async with open_channel(f"127.0.0.1:{plane.port}", admin_security) as admin:
             api = JobPlane(plane, "", admin_key, admin, "")
             provider, _ = await new_tenant(api, "provider", types_pb2.ROLE_PROVIDER)
-            token = await mint_token(admin, admin_key, provider)
+            token = (await new_token(api, provider)).secret
 
             def attempt(name: str, **tls: Any) -> DaemonSettings:
                 return daemon_settings(plane, token, tmp_path / name, **tls)

@@ -28,8 +28,10 @@ from gpuplane.v1 import (
 
 from daemon.target import grpc_target
 from devstack import DockerEngine, NatsCluster, S3Server
+from devstack.factories import new_tenant, new_token
 from messaging.subjects import DISPATCH_STREAM
-from tests.controlplane.scripted_host import mint_token
+from tests.controlplane.scheduler.planes import Fleet, fleet, plane_options, until
+from tests.controlplane.scheduler.probes import lease
 from tests.e2e.test_control_plane_failover import serving
 from tests.e2e.topology import (
     CREDIT,
@@ -51,8 +53,6 @@ from tests.e2e.topology import (
     stream_leaders,
     succeeded_events,
 )
-from tests.scheduler.planes import Fleet, fleet, plane_options, until
-from tests.scheduler.probes import lease
 from tests.serving import serve
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.docker, pytest.mark.postgres]
@@ -140,8 +140,10 @@ async def test_200_jobs_survive_a_nats_node_and_a_control_plane_dying(
         client = Client(channel, planes.admin_key)
         try:
             await until(lambda: serving_and_leading(planes), 60, "both planes serve, one leads")
-            client.consumer, client.consumer_key = await client.tenant("consumer", S.ROLE_CONSUMER)
-            client.provider, _ = await client.tenant("provider", S.ROLE_PROVIDER)
+            client.consumer, client.consumer_key = await new_tenant(
+                client, "consumer", S.ROLE_CONSUMER
+            )
+            client.provider, _ = await new_tenant(client, "provider", S.ROLE_PROVIDER)
             await ledger_pb2_grpc.LedgerServiceStub(channel).Deposit(
                 ledger_pb2.DepositRequest(
                     tenant_id=client.consumer,
@@ -151,7 +153,7 @@ async def test_200_jobs_survive_a_nats_node_and_a_control_plane_dying(
                 metadata=client.auth(client.admin_key),
             )
             for n in range(DAEMONS):
-                token = await mint_token(channel, client.admin_key, client.provider)
+                token = (await new_token(client, client.provider)).secret
                 daemons.append(
                     spawn_daemon(
                         tmp_path / f"daemon-{n}",

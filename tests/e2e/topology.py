@@ -19,8 +19,6 @@ import nats
 import nats.errors
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
     ledger_pb2,
@@ -32,8 +30,8 @@ from sqlalchemy import text
 from controlplane.db.engine import Database
 from devstack import DockerEngine, NatsCluster, S3Server
 from messaging.subjects import DISPATCH_STREAM, EVENTS_STREAM
-from tests.scheduler.planes import PlaneProcess
-from tests.scheduler.probes import lease
+from tests.controlplane.scheduler.planes import PlaneProcess
+from tests.controlplane.scheduler.probes import lease
 
 CREDIT = 1_000_000
 # Credits per GPU-hour: 10 micro-credits per GPU-millisecond, so even a job that runs for a
@@ -55,17 +53,6 @@ class Client:
 
     def auth(self, key: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {key}"),)
-
-    async def tenant(self, name: str, role: types_pb2.Role.ValueType) -> tuple[str, str]:
-        admin = admin_pb2_grpc.AdminServiceStub(self.channel)
-        made = await admin.CreateTenant(
-            admin_pb2.CreateTenantRequest(name=name), metadata=self.auth(self.admin_key)
-        )
-        key = await admin.CreateApiKey(
-            admin_pb2.CreateApiKeyRequest(tenant_id=made.tenant.tenant_id, role=role),
-            metadata=self.auth(self.admin_key),
-        )
-        return made.tenant.tenant_id, key.secret
 
     async def submit(self, index: int) -> str:
         """Submits job `index`; a call cut off by a dying plane is retried with the same

@@ -26,8 +26,9 @@ from gpuplane.v1 import (
 )
 
 from controlplane.auth.policy import ALLOWED_ROLES, PUBLIC_METHODS
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane, new_tenant
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from devstack.factories import new_tenant
+from tests.controlplane.scripted_host import ScriptedHost
+from tests.harness import CREDIT, JobPlane, job_plane
 from tests.reliability import summary
 
 K = messaging_pb2
@@ -197,7 +198,7 @@ async def world(
             metadata=plane.auth(),
         )
         w.spare_key_id = spare.key.key_id
-        token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+        token = await plane.token()
         w.host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=2, price=PRICE)
         await w.host.start()
         # Dearer than any job here may pay: the scheduler never places work on it (it

@@ -33,10 +33,10 @@ from controlplane.outbox.models import OutboxMessage
 from devstack import DockerEngine, NatsServer, S3Server
 from messaging.subjects import DISPATCH_STREAM, dispatch_msg_id
 from storage import layout
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.controlplane.scheduler.planes import fleet, plane_options, until
+from tests.controlplane.scripted_host import ScriptedHost
+from tests.harness import CREDIT, JobPlane, job_plane
 from tests.reliability import summary
-from tests.scheduler.planes import fleet, plane_options, until
 from tests.serving import serve
 
 S = types_pb2
@@ -191,7 +191,7 @@ async def test_control_plane_killed_between_placement_commit_and_publish(
             await doomed.wait_leading(planes.db)
             channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{doomed.port}"))
             api = dataclasses.replace(setup.api, channel=channels[-1])
-            token = await mint_token(api.channel, api.admin_key, api.provider_tenant)
+            token = await api.token()
             host = ScriptedHost(api.channel, private_nats.url, token, gpus=2)
             await host.start()
 
@@ -299,7 +299,7 @@ async def test_nats_killed_under_load_loses_no_acknowledged_job(
     accepted: list[str] = []
     refused: Counter[str] = Counter()
     async with job_plane(tmp_path / "cp", private_nats.url, s3_server, pg_url) as plane:
-        token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+        token = await plane.token()
         # Enough GPUs for every job; it never takes its dispatch, so DISPATCH keeps them all.
         host = ScriptedHost(plane.channel, private_nats.url, token, gpus=cap)
         await host.start()
@@ -437,7 +437,7 @@ async def test_frozen_daemon_is_replaced_and_its_late_reports_are_fenced(
     daemons: list[subprocess.Popen[bytes]] = []
     job_id = ""
     try:
-        token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+        token = await plane.token()
         daemons.append(start_daemon(plane, token, tmp_path / "frozen", s3_server, docker_engine))
         job = await plane.submit(
             image=test_image,
@@ -449,7 +449,7 @@ async def test_frozen_daemon_is_replaced_and_its_late_reports_are_fenced(
         running = await plane.wait_for(job.job_id, [S.JOB_STATE_RUNNING], timeout=40)
         frozen_host = running.host_id
         # The second host comes up only now, so attempt 1 ran on the frozen one.
-        token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+        token = await plane.token()
         daemons.append(start_daemon(plane, token, tmp_path / "spare", s3_server, docker_engine))
 
         os.kill(daemons[0].pid, signal.SIGSTOP)

@@ -22,7 +22,7 @@ from gpuplane.v1 import jobs_pb2, ledger_pb2, types_pb2
 from psycopg import sql
 
 from devstack import NatsServer, PostgresCluster, S3Server
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
+from tests.harness import CREDIT, JobPlane, job_plane
 from tests.reliability import summary
 
 S = types_pb2

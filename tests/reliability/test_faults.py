@@ -29,8 +29,7 @@ from devstack import DockerEngine, NatsServer, S3Server
 from storage import layout
 from storage.objects import ObjectStore
 from storage.upload import ManifestMismatch, verify_attempt
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
-from tests.controlplane.scripted_host import mint_token
+from tests.harness import CREDIT, JobPlane, job_plane
 from tests.reliability import summary
 
 S = types_pb2
@@ -244,7 +243,7 @@ async def test_daemon_killed_after_storing_results_before_reporting_settles_once
     docker_client: docker.DockerClient,
     test_image: str,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     data_dir = tmp_path / "daemon"
     daemon = start_daemon_process(plane, token, data_dir, s3_server, proxy.endpoint, docker_engine)
     restarted: subprocess.Popen[bytes] | None = None
@@ -318,7 +317,7 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
     s3_server: S3Server,
     test_image: str,
 ) -> None:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     agent = Agent(
         DaemonSettings(
             control_plane=plane.address,

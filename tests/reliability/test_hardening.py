@@ -16,8 +16,7 @@ from daemon.agent import Agent
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from storage import layout
-from tests.controlplane.jobplane import JobPlane, job_plane
-from tests.controlplane.scripted_host import mint_token
+from tests.harness import JobPlane, job_plane
 from tests.reliability import summary
 
 S = types_pb2
@@ -46,7 +45,7 @@ async def agent(
     test_image: str,
 ) -> AsyncIterator[Agent]:
     """One daemon with small pids and /output limits (memory comes from each job's spec)."""
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     running = Agent(
         DaemonSettings(
             control_plane=plane.address,

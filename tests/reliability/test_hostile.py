@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 
 from controlplane.auth.policy import allowed_roles
 from controlplane.auth.principal import Role
-from tests.controlplane.jobplane import JobPlane, job_plane, new_tenant
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from devstack.factories import new_tenant
+from tests.controlplane.scripted_host import ScriptedHost
+from tests.harness import JobPlane, job_plane
 from tests.reliability import summary
 
 T = TypeVar("T")
@@ -455,7 +456,7 @@ def test_connect_survives_hostile_daemon_messages(served: ServedPlane) -> None:
     plane = served.plane
 
     async def register() -> str:
-        token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+        token = await plane.token()
         host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=1)
         await host.register()
         return host.credential
@@ -561,7 +562,7 @@ def test_rate_limit_per_key(tmp_path: Path, nats_server: Any, s3_server: Any) ->
             served.call(who, admin_pb2.WhoAmIRequest(), plane.admin_key)
 
         async def connected_host() -> str:
-            token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+            token = await plane.token()
             host = ScriptedHost(
                 plane.channel, plane.nats_url, token, gpus=1, heartbeat_interval=0.01
             )

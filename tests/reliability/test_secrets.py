@@ -15,8 +15,9 @@ import grpc
 import pytest
 from gpuplane.v1 import admin_pb2, jobs_pb2, ledger_pb2, types_pb2
 
-from tests.controlplane.jobplane import JobPlane, job_plane, new_tenant
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from devstack.factories import new_tenant
+from tests.controlplane.scripted_host import ScriptedHost
+from tests.harness import JobPlane, job_plane
 from tests.reliability import summary
 
 # An API key shows its first 10 characters (ApiKey.prefix) by design; the rest must not show.
@@ -57,12 +58,12 @@ async def scenario(plane: JobPlane, details: list[str]) -> dict[str, str]:
     await plane.admin.RevokeApiKey(
         admin_pb2.RevokeApiKeyRequest(key_id=doomed.key.key_id), metadata=plane.auth()
     )
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
+    token = await plane.token()
     found["registration token"] = token
     host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=1)
     await host.start()
     found["host credential"] = host.credential
-    spent = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant, max_uses=1)
+    spent = await plane.token(max_uses=1)
     found["spent token"] = spent
     await ScriptedHost(plane.channel, plane.nats_url, spent, gpus=1).register()
     revoked_token = await plane.admin.CreateRegistrationToken(

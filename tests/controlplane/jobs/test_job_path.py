@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +15,14 @@ import pytest
 from gpuplane.v1 import jobs_pb2, messaging_pb2, types_pb2
 
 from controlplane.ledger.service import charge_for, split_fee
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from devstack.factories import new_tenant
+from tests.controlplane.scripted_host import ScriptedHost, scripted_host
+from tests.harness import CREDIT, JobPlane, job_plane
 
 K = messaging_pb2
 S = types_pb2
 PRICE = 2_000_000  # 2 credits per GPU-hour
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def plane(
-    request: pytest.FixtureRequest, tmp_path: Path, nats_server: Any, s3_server: Any
-) -> AsyncIterator[JobPlane]:
-    url = "" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server, url) as running:
-        yield running
-
-
-async def host_for(plane: JobPlane, **kw: Any) -> ScriptedHost:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
-    host = ScriptedHost(plane.channel, plane.nats_url, token, price=PRICE, **kw)
-    await host.start()
-    return host
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
 
 
 async def run_to_success(host: ScriptedHost, dispatch: Any, run_time_ms: int) -> None:
@@ -104,7 +90,7 @@ async def test_idempotent_submit(plane: JobPlane) -> None:
 
 
 async def test_placement_disjoint_gpus_then_queue_then_settle(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=4)
+    host = await scripted_host(plane, price=PRICE, gpus=4)
     try:
         a = await plane.submit(gpu_count=2, max_duration_seconds=600)
         b = await plane.submit(gpu_count=2, max_duration_seconds=600)
@@ -148,7 +134,7 @@ async def test_placement_disjoint_gpus_then_queue_then_settle(plane: JobPlane) -
 
 
 async def test_end_states_from_reports(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=4)
+    host = await scripted_host(plane, price=PRICE, gpus=4)
     try:
         failing = await plane.submit(gpu_count=1)
         d = await host.next_dispatch()
@@ -198,7 +184,7 @@ async def test_cancel_queued_and_running(plane: JobPlane) -> None:
     assert after.held_micro_credits == 0
     assert after.available_micro_credits == 100 * CREDIT
 
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         running = await plane.submit(gpu_count=1)
         d = await host.next_dispatch()
@@ -231,12 +217,12 @@ async def _next_cancel(host: ScriptedHost) -> Any:
 async def test_lost_host_retries_elsewhere_and_charges_only_the_second_attempt(
     plane: JobPlane,
 ) -> None:
-    first = await host_for(plane, gpus=1)
+    first = await scripted_host(plane, price=PRICE, gpus=1)
     job = await plane.submit(gpu_count=1, max_retries=2)
     d1 = await first.next_dispatch()
     await first.report(d1, K.JOB_REPORT_KIND_RUNNING)
     await plane.wait_for(job.job_id, [S.JOB_STATE_RUNNING])
-    second = await host_for(plane, gpus=1)
+    second = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         await first.stop_heartbeats()  # the daemon dies mid-job
         d2 = await second.next_dispatch(timeout=15)
@@ -261,7 +247,7 @@ async def test_lost_host_retries_elsewhere_and_charges_only_the_second_attempt(
 
 
 async def test_watch_streams_state_changes(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         job = await plane.submit(gpu_count=1)
         seen: list[int] = []
@@ -290,8 +276,6 @@ async def test_watch_streams_state_changes(plane: JobPlane) -> None:
 
 
 async def test_other_tenant_cannot_see_job(plane: JobPlane) -> None:
-    from tests.controlplane.jobplane import new_tenant
-
     job = await plane.submit(gpu_count=1)
     _, other_key = await new_tenant(plane, "other", S.ROLE_CONSUMER)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -314,7 +298,7 @@ async def test_dispatch_never_taken_is_requeued(
         options["dispatch_ack_timeout_ms"] = 700
 
     async with job_plane(tmp_path / "cp", nats_server.url, s3_server, configure=quick) as plane:
-        silent = await host_for(plane, gpus=1)  # heartbeats, but never reports
+        silent = await scripted_host(plane, price=PRICE, gpus=1)  # heartbeats, but never reports
         job = await plane.submit(gpu_count=1, max_retries=1)
         first = await silent.next_dispatch()
         assert first.attempt == 1
@@ -328,7 +312,7 @@ async def test_dispatch_never_taken_is_requeued(
 
 
 async def test_provider_fault_requeues_without_charge(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         job = await plane.submit(gpu_count=1, max_retries=1)
         d1 = await host.next_dispatch()
@@ -418,7 +402,7 @@ async def test_fleet_gauges_and_scheduler_metrics(plane: JobPlane) -> None:
     assert _metric(text, "gpuplane_jobs", 'state="queued"') == 2
     assert _metric(text, "gpuplane_jobs", 'state="running"') == 0
     assert 'gpuplane_hosts{state="online"} 0.0' in text
-    host = await host_for(plane, gpus=2)
+    host = await scripted_host(plane, price=PRICE, gpus=2)
     try:
         placed = await plane.wait_for(queued[0].job_id, [S.JOB_STATE_SCHEDULED])  # oldest first
         assert placed.host_id == host.host_id

@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 from controlplane.scheduler.demand import Demand, Policy, parse_cc
 from controlplane.scheduler.fairshare import FairShareConfig
 from controlplane.scheduler.planner import PlannerConfig
-from tests.scheduler.sim import A100, H100, L4, Market, Running, SimGpu, SimHost, demand, host_of
+from tests.controlplane.scheduler.sim import (
+    A100,
+    H100,
+    L4,
+    Market,
+    Running,
+    SimGpu,
+    SimHost,
+    demand,
+    host_of,
+)
 
 MODELS = (H100, A100, L4)
 CHEAPEST, BALANCED, PACK, SPREAD = (

@@ -4,8 +4,6 @@ paging, and what takes GPUs out of the offers (unhealthy GPUs, draining hosts)."
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,24 +11,12 @@ import pytest
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from controlplane.registry.repository import RegistryRepository
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane
-from tests.controlplane.scripted_host import GIB, mint_token
+from devstack.factories import CREDIT, new_gpus, new_host
+from tests.harness import JobPlane
 
 S = types_pb2
-pytestmark = pytest.mark.timeout(30)
-
-
-def quiet_hosts(options: dict[str, Any]) -> None:
-    # These hosts register but never connect: keep them online for the test's duration.
-    options["heartbeat_timeout_ms"] = 120_000
-
-
-@pytest.fixture
-async def plane(tmp_path: Path, nats_server: Any, s3_server: Any) -> AsyncIterator[JobPlane]:
-    async with job_plane(
-        tmp_path / "cp", nats_server.url, s3_server, configure=quiet_hosts
-    ) as running:
-        yield running
+# These hosts register but never connect: keep them online for the test's duration.
+pytestmark = [pytest.mark.timeout(30), pytest.mark.plane(heartbeat_timeout_ms=120_000)]
 
 
 def registry(plane: JobPlane) -> registry_pb2_grpc.RegistryServiceAsyncStub:
@@ -48,28 +34,16 @@ async def register(
     simulated: bool = False,
 ) -> str:
     machine = uuid.uuid4().hex
-    reply = await registry(plane).RegisterHost(
-        registry_pb2.RegisterHostRequest(
-            registration_token=await mint_token(
-                plane.channel, plane.admin_key, plane.provider_tenant
-            ),
-            machine_id=machine,
-            hostname=f"offers-{machine[:6]}",
-            gpus=[
-                S.Gpu(
-                    uuid=f"GPU-{machine[:8]}-{i}",
-                    index=i,
-                    name=model,
-                    memory_total_bytes=vram_gib * GIB,
-                    compute_capability="9.0" if "H100" in model else "8.0",
-                )
-                for i in range(count)
-            ],
-            simulated=simulated,
-            price_per_gpu_hour_micro_credits=int(price * CREDIT),
-            location=location,
-            labels=labels or {},
-        )
+    reply = await new_host(
+        plane.channel,
+        await plane.token(),
+        machine_id=machine,
+        hostname=f"offers-{machine[:6]}",
+        gpus=new_gpus(count, model, vram_gib=vram_gib, prefix=machine[:8]),
+        simulated=simulated,
+        price_per_gpu_hour_micro_credits=int(price * CREDIT),
+        location=location,
+        labels=labels or {},
     )
     return str(reply.host_id)
 

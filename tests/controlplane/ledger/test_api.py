@@ -5,9 +5,7 @@ payouts, usage reports and statements, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,29 +14,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import ledger_pb2, messaging_pb2, registry_pb2, types_pb2
 
 from controlplane.ledger.service import LedgerService, charge_for, split_fee
-from tests.controlplane.jobplane import CREDIT, JobPlane, job_plane, new_tenant
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from devstack.factories import new_key, new_tenant
+from tests.controlplane.scripted_host import ScriptedHost, scripted_host
+from tests.harness import CREDIT, JobPlane
 
 K = messaging_pb2
 S = types_pb2
 PRICE = 2_000_000  # 2 credits per GPU-hour
 FEE_BP = 1000  # the default platform fee
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def plane(
-    request: pytest.FixtureRequest, tmp_path: Path, nats_server: Any, s3_server: Any
-) -> AsyncIterator[JobPlane]:
-    url = "" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server, url) as running:
-        yield running
-
-
-async def host_for(plane: JobPlane, **kw: Any) -> ScriptedHost:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
-    host = ScriptedHost(plane.channel, plane.nats_url, token, price=PRICE, **kw)
-    await host.start()
-    return host
+pytestmark = pytest.mark.databases("sqlite", "postgresql")
 
 
 async def next_cancel(host: ScriptedHost, timeout: float = 10.0) -> registry_pb2.CancelCommand:
@@ -77,7 +61,7 @@ async def test_budget_stops_the_job_near_its_budget_and_charges_at_most_the_hold
     plane: JobPlane,
 ) -> None:
     budget = charge_for(PRICE, 1, 30_000)  # 30 s of the host's price
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         job = await plane.submit(gpu_count=1, budget_micro_credits=budget)
         assert job.hold_micro_credits == budget
@@ -118,7 +102,7 @@ async def test_a_usage_tick_past_the_budget_is_capped_and_stops_the_job(
     plane: JobPlane,
 ) -> None:
     budget = charge_for(PRICE, 2, 30_000)
-    host = await host_for(plane, gpus=2)
+    host = await scripted_host(plane, price=PRICE, gpus=2)
     try:
         job = await plane.submit(gpu_count=2, budget_micro_credits=budget)
         dispatch = await host.next_dispatch()
@@ -144,7 +128,7 @@ async def test_a_usage_tick_past_the_budget_is_capped_and_stops_the_job(
 
 
 async def test_the_final_report_charges_only_what_metering_did_not(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         job = await plane.submit(gpu_count=1)
         dispatch = await host.next_dispatch()
@@ -173,7 +157,7 @@ async def test_the_final_report_charges_only_what_metering_did_not(plane: JobPla
 
 
 async def test_metered_charges_of_a_provider_fault_attempt_are_refunded(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         job = await plane.submit(gpu_count=1, max_retries=1)
         first = await host.next_dispatch()
@@ -214,7 +198,7 @@ async def test_metered_charges_of_a_provider_fault_attempt_are_refunded(plane: J
 
 
 async def test_metered_charges_of_a_lost_host_are_refunded(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         job = await plane.submit(gpu_count=1, max_retries=0)
         dispatch = await host.next_dispatch()
@@ -244,14 +228,14 @@ async def run_job(
 
 
 async def test_refund_job_payout_and_their_replays(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         # One GPU-hour: 2 credits.
         done = await run_job(plane, host, 3_600_000, max_duration_seconds=7200)
     finally:
         await host.close()
     assert done.charged_micro_credits == 2 * CREDIT
-    _, provider_key = await new_tenant_key(plane, plane.provider_tenant)
+    provider_key = await new_key(plane, plane.provider_tenant, types_pb2.ROLE_PROVIDER)
     admin = plane.auth()
     refund = ledger_pb2.RefundJobRequest(
         job_id=done.job_id, amount_micro_credits=CREDIT // 2, reason="slow", idempotency_key="r1"
@@ -317,17 +301,6 @@ async def test_refund_job_payout_and_their_replays(plane: JobPlane) -> None:
     await plane.assert_ledger_consistent()
 
 
-async def new_tenant_key(plane: JobPlane, tenant_id: str) -> tuple[str, str]:
-    """A provider API key for an existing tenant."""
-    from gpuplane.v1 import admin_pb2
-
-    key = await plane.admin.CreateApiKey(
-        admin_pb2.CreateApiKeyRequest(tenant_id=tenant_id, role=types_pb2.ROLE_PROVIDER),
-        metadata=plane.auth(),
-    )
-    return tenant_id, key.secret
-
-
 def ts(value: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(value)
@@ -335,7 +308,7 @@ def ts(value: datetime) -> Timestamp:
 
 
 async def test_usage_per_job_and_per_period_paged(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         jobs = [await run_job(plane, host, ms) for ms in (60_000, 120_000, 180_000)]
     finally:
@@ -386,7 +359,7 @@ async def test_usage_per_job_and_per_period_paged(plane: JobPlane) -> None:
     )
     assert (list(later.rows), later.total_cost_micro_credits) == ([], 0)
     # The provider sees the jobs its hosts ran; another consumer sees none of them.
-    _, provider_key = await new_tenant_key(plane, plane.provider_tenant)
+    provider_key = await new_key(plane, plane.provider_tenant, types_pb2.ROLE_PROVIDER)
     provided = await plane.ledger.GetUsage(
         ledger_pb2.GetUsageRequest(), metadata=plane.auth(provider_key)
     )
@@ -397,7 +370,7 @@ async def test_usage_per_job_and_per_period_paged(plane: JobPlane) -> None:
 
 
 async def test_statement_filters_by_kind_job_and_time_and_pages(plane: JobPlane) -> None:
-    host = await host_for(plane, gpus=1)
+    host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         jobs = [await run_job(plane, host, 60_000) for _ in range(2)]
     finally:

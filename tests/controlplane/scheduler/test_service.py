@@ -8,8 +8,6 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,29 +16,13 @@ from sqlalchemy import select
 
 from controlplane.jobs.models import JobAttempt
 from controlplane.registry.models import Gpu
-from tests.controlplane.jobplane import JobPlane, job_plane
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
+from tests.controlplane.scripted_host import scripted_host
+from tests.harness import JobPlane
 
 K = messaging_pb2
 S = types_pb2
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.databases("sqlite", "postgresql")]
 SUBMITTED = "waiting for the scheduler"  # the reason a job has until a cycle looked at it
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def plane(
-    request: pytest.FixtureRequest, tmp_path: Path, nats_server: Any, s3_server: Any
-) -> AsyncIterator[JobPlane]:
-    url = "" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server, url) as running:
-        yield running
-
-
-async def scripted(plane: JobPlane, gpus: int, price: int, **kw: Any) -> ScriptedHost:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
-    host = ScriptedHost(plane.channel, plane.nats_url, token, gpus=gpus, price=price, **kw)
-    await host.start()
-    return host
 
 
 async def check_allocations(plane: JobPlane) -> dict[str, list[str]]:
@@ -71,9 +53,9 @@ async def test_concurrent_submits_never_share_a_gpu_and_respect_constraints(
     plane: JobPlane,
 ) -> None:
     hosts = [
-        await scripted(plane, 4, 1_000_000),
-        await scripted(plane, 4, 1_500_000, model="NVIDIA H100 80GB HBM3"),
-        await scripted(plane, 8, 2_000_000),
+        await scripted_host(plane, gpus=4, price=1_000_000),
+        await scripted_host(plane, gpus=4, price=1_500_000, model="NVIDIA H100 80GB HBM3"),
+        await scripted_host(plane, gpus=8, price=2_000_000),
     ]
     rng = random.Random(7)
     policies = [S.PLACEMENT_POLICY_CHEAPEST, S.PLACEMENT_POLICY_PACK, S.PLACEMENT_POLICY_SPREAD]
@@ -119,8 +101,8 @@ async def test_concurrent_submits_never_share_a_gpu_and_respect_constraints(
 
 
 async def test_why_pending_and_quotes_are_exact(plane: JobPlane) -> None:
-    cheap = await scripted(plane, 4, 1_000_000)
-    dear = await scripted(plane, 8, 3_000_000)
+    cheap = await scripted_host(plane, gpus=4, price=1_000_000)
+    dear = await scripted_host(plane, gpus=8, price=3_000_000)
     try:
         quote = await dry_run(plane, gpu_count=2, max_price_per_gpu_hour_micro_credits=2_000_000)
         assert quote.explanation == (

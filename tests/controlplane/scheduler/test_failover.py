@@ -14,9 +14,9 @@ import pytest
 from gpuplane.v1 import types_pb2
 
 from controlplane.errors import NotLeader
+from tests.controlplane.scheduler.planes import InProcessPlane, fleet, plane_options, until
+from tests.controlplane.scheduler.probes import lease, lock_holders, placements, terminate
 from tests.controlplane.scripted_host import ScriptedHost
-from tests.scheduler.planes import InProcessPlane, fleet, plane_options, until
-from tests.scheduler.probes import lease, lock_holders, placements, terminate
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 

@@ -6,20 +6,18 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
 import pytest
 from sqlalchemy import func, select
 
-from controlplane.db import migrate
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.outbox.models import OutboxMessage
 from controlplane.outbox.relay import OutboxRelay
 from controlplane.outbox.repository import OutboxRepository
-from messaging.subjects import dispatch_subject, ensure_streams
+from messaging.subjects import dispatch_subject
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(60)]
 
@@ -39,27 +37,6 @@ class CountingJetStream:
             raise nats.errors.TimeoutError
         self.published[headers["Nats-Msg-Id"]] += 1
         return await self.js.publish(subject, payload, headers=headers)
-
-
-@pytest.fixture
-async def db(pg_url: str) -> AsyncIterator[Database]:
-    await asyncio.to_thread(migrate.upgrade, pg_url)
-    database = Database(pg_url)
-    try:
-        yield database
-    finally:
-        await database.close()
-
-
-@pytest.fixture
-async def jetstream(nats_server: Any) -> AsyncIterator[Any]:
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await ensure_streams(js)
-    try:
-        yield js
-    finally:
-        await nc.close()
 
 
 async def enqueue(db: Database, count: int) -> list[str]:

@@ -19,7 +19,7 @@ from controlplane.ledger.states import (
     set_hold_state,
 )
 from controlplane.statemachine import MACHINES, InvalidTransition
-from tests.ledger.conftest import CREDIT, Ledger, cost
+from tests.controlplane.ledger.conftest import CREDIT, Ledger, cost
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,11 +15,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import messaging_pb2, registry_pb2, registry_pb2_grpc, types_pb2
 from prometheus_client.utils import floatToGoString
 
-from tests.controlplane.jobplane import JobPlane, job_plane
-from tests.controlplane.scripted_host import GIB, ScriptedHost, mint_token
+from devstack.factories import GIB
+from tests.controlplane.scripted_host import ScriptedHost, scripted_host
+from tests.harness import JobPlane
 
 S = types_pb2
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [
+    pytest.mark.timeout(30),
+    # GPU health clears fast, and GetHost keeps a short history.
+    pytest.mark.plane(gpu_clean_period_seconds=1.0, telemetry_history=5),
+]
 
 
 class TelemetryHost(ScriptedHost):
@@ -106,10 +110,7 @@ class TelemetryHost(ScriptedHost):
 
 
 async def telemetry_host(plane: JobPlane, **kw: Any) -> TelemetryHost:
-    token = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant)
-    host = TelemetryHost(plane.channel, plane.nats_url, token, **kw)
-    await host.start()
-    return host
+    return await scripted_host(plane, TelemetryHost, **kw)
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
@@ -138,19 +139,6 @@ async def scrape(plane: JobPlane) -> str:
             return str(response.read().decode())
 
     return await asyncio.to_thread(fetch)
-
-
-def fast_health(options: dict[str, Any]) -> None:
-    options["gpu_clean_period_seconds"] = 1.0
-    options["telemetry_history"] = 5
-
-
-@pytest.fixture
-async def plane(tmp_path: Path, nats_server: Any, s3_server: Any) -> AsyncIterator[JobPlane]:
-    async with job_plane(
-        tmp_path / "cp", nats_server.url, s3_server, configure=fast_health
-    ) as running:
-        yield running
 
 
 async def test_get_host_and_metrics_show_telemetry_invalid_samples_are_counted(

@@ -20,7 +20,7 @@ from controlplane.ledger.transfers import (
     post,
     post_rows,
 )
-from tests.ledger.conftest import CREDIT, Ledger
+from tests.controlplane.ledger.conftest import CREDIT, Ledger
 
 
 def _row(debit: str, credit: str, amount: int, key: str) -> tuple[object, ...]:

@@ -26,7 +26,7 @@ from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgume
 from controlplane.ledger.holds import AttemptCost, Resolution
 from controlplane.ledger.service import LedgerService
 from controlplane.ledger.states import HoldState
-from tests.ledger.conftest import CREDIT, FEE_BP, Ledger
+from tests.controlplane.ledger.conftest import CREDIT, FEE_BP, Ledger
 
 pytestmark = pytest.mark.postgres
 

@@ -14,7 +14,7 @@ from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.repository_pg import HOLD_LOCK_COLUMNS, HOLD_WRITE_COLUMNS
 from controlplane.ledger.service import REVENUE
 from controlplane.ledger.transfers import NewTransfer, TransferKind, post
-from tests.ledger.conftest import CREDIT, Ledger, cost
+from tests.controlplane.ledger.conftest import CREDIT, Ledger, cost
 
 pytestmark = pytest.mark.postgres
 

@@ -1,4 +1,5 @@
-"""A control plane wired to real NATS and S3 for job-path tests, plus waiting helpers."""
+"""The one test harness: an in-process control plane on port 0 (SQLite in a temp dir or a
+PostgreSQL database), wired to real NATS and S3, with a funded consumer and a provider."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Any
 
 import grpc
 from gpuplane.v1 import (
-    admin_pb2,
     admin_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
@@ -25,12 +25,16 @@ from controlplane.server import ControlPlane
 from controlplane.settings import Settings
 from daemon.channel import PLAINTEXT, ChannelSecurity, open_channel
 from devstack.certs import TestCerts
+from devstack.factories import CREDIT, bearer, deposit, new_job, new_tenant, new_token
 
-CREDIT = 1_000_000
+__all__ = ["CREDIT", "JobPlane", "job_plane", "open_plane"]
 
 
 @dataclass
 class JobPlane:
+    """A running control plane as a test drives it: the in-process plane, a channel to it and
+    its admin key (a devstack.factories.Reachable); job_plane() adds the tenants."""
+
     plane: ControlPlane
     address: str
     admin_key: str
@@ -57,7 +61,11 @@ class JobPlane:
         }
 
     def auth(self, key: str | None = None) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {key or self.admin_key}"),)
+        return bearer(key or self.admin_key)
+
+    async def token(self, **fields: Any) -> str:
+        """The secret of a fresh registration token for the provider (devstack.factories)."""
+        return str((await new_token(self, self.provider_tenant, **fields)).secret)
 
     @property
     def jobs(self) -> jobs_pb2_grpc.JobServiceAsyncStub:
@@ -72,14 +80,8 @@ class JobPlane:
         return admin_pb2_grpc.AdminServiceStub(self.channel)
 
     async def submit(self, **spec: Any) -> types_pb2.Job:
-        spec.setdefault("image", "gpuplane-test/busybox:1")
-        spec.setdefault("max_duration_seconds", 600)
-        spec.setdefault("max_price_per_gpu_hour_micro_credits", 2 * CREDIT)
-        reply = await self.jobs.SubmitJob(
-            jobs_pb2.SubmitJobRequest(spec=types_pb2.JobSpec(**spec)),
-            metadata=self.auth(self.consumer_key),
-        )
-        return reply.job
+        """A job of the consumer's (devstack.factories.new_job)."""
+        return await new_job(self, self.consumer_key, **spec)
 
     async def get(self, job_id: str) -> types_pb2.Job:
         reply = await self.jobs.GetJob(
@@ -111,12 +113,7 @@ class JobPlane:
         return reply.balance
 
     async def deposit(self, tenant_id: str, credits: int, key: str) -> None:
-        await self.ledger.Deposit(
-            ledger_pb2.DepositRequest(
-                tenant_id=tenant_id, amount_micro_credits=credits * CREDIT, idempotency_key=key
-            ),
-            metadata=self.auth(),
-        )
+        await deposit(self, tenant_id, credits * CREDIT, key)
 
     async def assert_ledger_consistent(self) -> ledger_pb2.CheckLedgerResponse:
         report = await self.ledger.CheckLedger(
@@ -126,17 +123,6 @@ class JobPlane:
         assert list(report.mismatches) == []
         assert report.consistent
         return report
-
-
-async def new_tenant(plane: JobPlane, name: str, role: types_pb2.Role.ValueType) -> tuple[str, str]:
-    tenant = await plane.admin.CreateTenant(
-        admin_pb2.CreateTenantRequest(name=name), metadata=plane.auth()
-    )
-    key = await plane.admin.CreateApiKey(
-        admin_pb2.CreateApiKeyRequest(tenant_id=tenant.tenant.tenant_id, role=role),
-        metadata=plane.auth(),
-    )
-    return tenant.tenant.tenant_id, key.secret
 
 
 @asynccontextmanager
@@ -183,21 +169,35 @@ async def job_plane(
         )
     if configure is not None:
         configure(options)
-    plane = ControlPlane(Settings(**options))
-    await plane.start()
-    await asyncio.wait_for(plane.bus.ready.wait(), timeout=15)
-    assert plane.admin_key_file is not None
-    admin_key = Path(plane.admin_key_file).read_text().strip()
-    address = f"127.0.0.1:{plane.port}"  # TLS: verified against the certificate's IP SAN
-    channel = open_channel(address, security)
-    running = JobPlane(plane, address, admin_key, channel, nats_url, tls=tls)
-    try:
+    async with open_plane(Settings(**options), security, tls) as running:
+        await asyncio.wait_for(running.plane.bus.ready.wait(), timeout=15)
         running.consumer_tenant, running.consumer_key = await new_tenant(
             running, "consumer", types_pb2.ROLE_CONSUMER
         )
         running.provider_tenant, _ = await new_tenant(running, "provider", types_pb2.ROLE_PROVIDER)
         await running.deposit(running.consumer_tenant, 100, "initial")
         yield running
+
+
+@asynccontextmanager
+async def open_plane(
+    settings: Settings, security: ChannelSecurity = PLAINTEXT, tls: TestCerts | None = None
+) -> AsyncIterator[JobPlane]:
+    """Starts a control plane on `settings` and opens a channel to it; stops both after. No
+    tenants: job_plane() adds them; a bare plane (no NATS) serves the admin API alone."""
+    plane = ControlPlane(settings)
+    await plane.start()
+    try:
+        if settings.bootstrap_admin_key is not None:  # replicas sharing one configured key
+            admin_key = settings.bootstrap_admin_key.get_secret_value()
+        else:
+            assert plane.admin_key_file is not None
+            admin_key = Path(plane.admin_key_file).read_text().strip()
+        address = f"127.0.0.1:{plane.port}"  # TLS: verified against the certificate's IP SAN
+        channel = open_channel(address, security)
+        try:
+            yield JobPlane(plane, address, admin_key, channel, settings.nats_url, tls=tls)
+        finally:
+            await channel.close(None)
     finally:
-        await channel.close(None)
         await plane.stop(grace=0)

@@ -23,19 +23,9 @@ from controlplane.outbox.models import OutboxMessage
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
 from controlplane.scheduler.models import SchedulerLease
 from controlplane.scheduler.service import Scheduler
-from tests.scheduler.probes import lock_holders, terminate
+from tests.controlplane.scheduler.probes import lock_holders, terminate
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def db(pg_url: str) -> AsyncIterator[Database]:
-    await asyncio.to_thread(migrate.upgrade, pg_url)
-    database = Database(pg_url)
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 @pytest.fixture

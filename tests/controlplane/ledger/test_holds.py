@@ -14,7 +14,7 @@ from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgume
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.service import REVENUE, split_fee
 from controlplane.ledger.states import HoldState, PayoutState
-from tests.ledger.conftest import CREDIT, FEE_BP, Ledger, cost
+from tests.controlplane.ledger.conftest import CREDIT, FEE_BP, Ledger, cost
 
 
 async def revenue(ledger: Ledger) -> int:

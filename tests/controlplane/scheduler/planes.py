@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from gpuplane.v1 import types_pb2
 
@@ -26,9 +25,10 @@ from controlplane.scheduler.leader import PostgresLeader
 from controlplane.server import ControlPlane
 from controlplane.settings import Settings
 from devstack import free_port
-from tests.controlplane.jobplane import JobPlane, new_tenant
-from tests.controlplane.scripted_host import ScriptedHost, mint_token
-from tests.scheduler.probes import lease
+from devstack.factories import new_tenant
+from tests.controlplane.scheduler.probes import lease
+from tests.controlplane.scripted_host import ScriptedHost, scripted_host
+from tests.harness import JobPlane, open_plane
 
 PRICE = 2_000_000
 
@@ -94,6 +94,7 @@ class InProcessPlane:
     plane: ControlPlane
     api: JobPlane
     counter: PlacementCounter
+    exits: contextlib.AsyncExitStack  # closes the channel, then stops the plane
 
     @property
     def db(self) -> Database:
@@ -133,22 +134,20 @@ class Fleet:
 
     async def start(self, name: str, **overrides: Any) -> InProcessPlane:
         settings = Settings(**{**self.options, "data_dir": self.tmp_path / name, **overrides})
-        plane = ControlPlane(settings)
-        await plane.start()
+        exits = contextlib.AsyncExitStack()
+        api = await exits.enter_async_context(open_plane(settings))
+        plane = api.plane
         await asyncio.wait_for(plane.bus.ready.wait(), timeout=15)
         assert plane.background is not None
         counter = PlacementCounter(plane.background.scheduler.run_once)
         self.monkeypatch.setattr(plane.background.scheduler, "run_once", counter)
-        address = f"127.0.0.1:{plane.port}"
-        channel = grpc.aio.insecure_channel(address)
-        api = JobPlane(plane, address, self.admin_key, channel, str(self.options["nats_url"]))
         if self.tenants is None:
             consumer, key = await new_tenant(api, "consumer", types_pb2.ROLE_CONSUMER)
             provider, _ = await new_tenant(api, "provider", types_pb2.ROLE_PROVIDER)
             await api.deposit(consumer, 100, "initial")
             self.tenants = (consumer, key, provider)
         api.consumer_tenant, api.consumer_key, api.provider_tenant = self.tenants
-        running = InProcessPlane(plane, api, counter)
+        running = InProcessPlane(plane, api, counter, exits)
         self.planes.append(running)
         return running
 
@@ -178,18 +177,14 @@ class Fleet:
 
     async def host(self, plane: InProcessPlane, gpus: int) -> ScriptedHost:
         """A scripted host (no Docker) connected to `plane`."""
-        api = plane.api
-        token = await mint_token(api.channel, api.admin_key, api.provider_tenant)
-        host = ScriptedHost(api.channel, api.nats_url, token, gpus=gpus, price=PRICE)
-        await host.start()
+        host = await scripted_host(plane.api, gpus=gpus, price=PRICE)
         self.hosts.append(host)
         return host
 
     async def stop(self, running: InProcessPlane) -> None:
         """A graceful shutdown of one in-process plane."""
         self.planes.remove(running)
-        await running.api.channel.close(None)
-        await running.plane.stop(grace=0)
+        await running.exits.aclose()
 
     async def close(self) -> None:
         for host in self.hosts:

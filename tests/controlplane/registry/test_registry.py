@@ -4,9 +4,8 @@ and host credentials, liveness (a lost host leaves the offers and comes back), a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,31 +23,21 @@ from gpuplane.v1 import (
 
 from controlplane.db.base import utcnow
 from controlplane.registry.repository import RegistryRepository
-from tests.controlplane.jobplane import JobPlane, job_plane
-from tests.controlplane.scripted_host import mint_token
-from tests.controlplane.test_telemetry import TelemetryHost, eventually, get_host, telemetry_host
+from devstack.factories import new_token
+from tests.controlplane.registry.test_telemetry import (
+    TelemetryHost,
+    eventually,
+    get_host,
+    telemetry_host,
+)
+from tests.harness import JobPlane
 
 S = types_pb2
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-async def plane(tmp_path: Path, nats_server: Any, s3_server: Any) -> AsyncIterator[JobPlane]:
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server) as running:
-        yield running
-
-
 def registry(plane: JobPlane) -> registry_pb2_grpc.RegistryServiceAsyncStub:
     return registry_pb2_grpc.RegistryServiceStub(plane.channel)
-
-
-async def new_token(plane: JobPlane) -> tuple[str, str]:
-    """(token id, secret) of a fresh registration token for the provider."""
-    reply = await admin_pb2_grpc.AdminServiceStub(plane.channel).CreateRegistrationToken(
-        admin_pb2.CreateRegistrationTokenRequest(provider_tenant_id=plane.provider_tenant),
-        metadata=plane.auth(),
-    )
-    return reply.token.token_id, reply.secret
 
 
 async def refused(host: TelemetryHost) -> grpc.aio.AioRpcError:
@@ -64,7 +53,7 @@ async def test_registration_tokens_refused_when_unknown_expired_used_up_or_revok
     assert unknown.code() == grpc.StatusCode.UNAUTHENTICATED
     assert unknown.details() == "registration_token: not a valid registration token"
 
-    once = await mint_token(plane.channel, plane.admin_key, plane.provider_tenant, max_uses=1)
+    once = await plane.token(max_uses=1)
     first = TelemetryHost(plane.channel, plane.nats_url, once)
     await first.register()
     used_up = await refused(TelemetryHost(plane.channel, plane.nats_url, once))
@@ -80,7 +69,8 @@ async def test_registration_tokens_refused_when_unknown_expired_used_up_or_revok
         await whoami(admin_pb2.WhoAmIRequest(), metadata=plane.auth(old_credential))
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    expiring_id, expiring = await new_token(plane)
+    made = await new_token(plane, plane.provider_tenant)
+    expiring_id, expiring = made.token.token_id, made.secret
     assert plane.plane.db is not None
     async with plane.plane.db.transaction() as session:
         token = await RegistryRepository(session).get_token(expiring_id)
@@ -90,7 +80,8 @@ async def test_registration_tokens_refused_when_unknown_expired_used_up_or_revok
     assert expired.code() == grpc.StatusCode.PERMISSION_DENIED
     assert expired.details() == "registration_token: has expired"
 
-    revoking_id, revoking = await new_token(plane)
+    made = await new_token(plane, plane.provider_tenant)
+    revoking_id, revoking = made.token.token_id, made.secret
     await admin_pb2_grpc.AdminServiceStub(plane.channel).RevokeRegistrationToken(
         admin_pb2.RevokeRegistrationTokenRequest(token_id=revoking_id),
         metadata=plane.auth(),
