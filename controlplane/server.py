@@ -31,6 +31,7 @@ from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, Rat
 from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
+from controlplane.api.text import TextInterceptor
 from controlplane.auth.service import AuthService
 from controlplane.background import Background
 from controlplane.bus import Bus
@@ -185,6 +186,7 @@ class ControlPlane:
                     domains.auth.authenticate,
                     RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
                 ),
+                TextInterceptor(),
             ],
             options=[
                 ("grpc.max_receive_message_length", serving.max_message_bytes),

@@ -23,6 +23,7 @@ from controlplane.registry.utilization import GpuUtilization
 
 Context = Any
 ATTEMPT_STATES = {s.value for s in JobState} | {"lost"}
+MAX_SEQ = 2**63 - 1  # event sequences are stored as signed 64-bit integers
 
 
 def _state_pb(value: str) -> types_pb2.JobState.ValueType:
@@ -179,6 +180,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         caller = current_principal()
         job_id = _require_job_id(request.job_id)
         seq = request.after_seq
+        if seq > MAX_SEQ:
+            raise InvalidArgument("after_seq", f"at most {MAX_SEQ}")
         while True:
             job, events = await self.jobs.events_after(caller, job_id, seq)
             for event in events:

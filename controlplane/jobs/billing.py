@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from gpuplane.v1 import messaging_pb2, registry_pb2
+from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.engine import Database
@@ -73,11 +73,14 @@ class JobBilling:
         await self._settle(session, job, attempt, cost)
 
     def _cost(self, job: Job, attempt: JobAttempt, provider: str) -> AttemptCost:
-        """What the attempt has cost so far, at the placement's price."""
+        """What the attempt has cost so far, at the placement's price, for at most the spec's
+        max_duration: time limits are exact, the daemon's kill latency is never charged."""
         return AttemptCost(
             provider_tenant_id=provider,
             attempt=attempt.attempt,
-            cost=ledger.charge_for(job.price_per_gpu_hour, job.gpu_count, attempt.run_time_ms),
+            cost=ledger.charge_for(
+                job.price_per_gpu_hour, job.gpu_count, billable_ms(job, attempt)
+            ),
             fee_basis_points=self.policy.fee_basis_points,
         )
 
@@ -122,3 +125,9 @@ class JobBilling:
             attempt.charged += resolution.charged.amount
         if not resolution.replay:
             job.charged = resolution.posted
+
+
+def billable_ms(job: Job, attempt: JobAttempt) -> int:
+    """The attempt's run time as charged: capped at the spec's max_duration."""
+    limit_ms = types_pb2.JobSpec.FromString(job.spec).max_duration_seconds * 1000
+    return min(attempt.run_time_ms, limit_ms) if limit_ms else attempt.run_time_ms

@@ -186,7 +186,8 @@ class JobService(Reports, HoldExpiry):
                 await self._settle(session, job, None, None)
             elif state in ON_HOST:
                 job.cancel_requested = True
-                job.state_reason = "cancel requested"
+                # Kept until the daemon's STOPPED report: it becomes the CANCELLED reason.
+                job.state_reason = why
                 return job, self._cancel_command(job, text=why)
             return job, None
 

@@ -14,6 +14,14 @@ MAX_PRICE = 10**12  # micro-credits per GPU-hour (a million credits)
 MAX_STRING = 4096
 MAX_ITEMS = 256
 MAX_ENV_BYTES = 128 * 1024
+# Upper bounds of a container's memory and /dev/shm: 16 TiB, beyond any host a provider runs
+# and far below what Docker's int64 fields overflow on (2^63 - 1).
+MAX_MEMORY_BYTES = 16 * 1024**4
+MAX_SHM_BYTES = MAX_MEMORY_BYTES
+MAX_VRAM_GIB = 4096
+MAX_CPU_MILLICORES = 1024 * 1000
+MAX_RETRIES = 20
+MAX_BUDGET = 10**15  # micro-credits (a billion credits)
 # A Docker image reference: [registry[:port]/]path[:tag][@digest], conservatively.
 IMAGE_RE = re.compile(
     r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
@@ -87,14 +95,18 @@ def _validate_resources(spec: types_pb2.JobSpec) -> None:
         if not model.strip():
             raise InvalidArgument(f"spec.gpu_models[{i}]", "must not be empty")
         _text(f"spec.gpu_models[{i}]", model, 100)
-    if spec.min_vram_gib > 4096:
-        raise InvalidArgument("spec.min_vram_gib", "larger than any GPU (4096 GiB)")
+    if spec.min_vram_gib > MAX_VRAM_GIB:
+        raise InvalidArgument("spec.min_vram_gib", f"larger than any GPU ({MAX_VRAM_GIB} GiB)")
     if spec.min_compute_capability and not CC_RE.match(spec.min_compute_capability):
         raise InvalidArgument("spec.min_compute_capability", 'must look like "8.0"')
-    if spec.cpu_millicores > 1024 * 1000:
+    if spec.cpu_millicores > MAX_CPU_MILLICORES:
         raise InvalidArgument("spec.cpu_millicores", "more than 1024 cores")
     if spec.memory_bytes and spec.memory_bytes < 6 * 1024 * 1024:
         raise InvalidArgument("spec.memory_bytes", "below Docker's minimum of 6 MiB")
+    if spec.memory_bytes > MAX_MEMORY_BYTES:
+        raise InvalidArgument("spec.memory_bytes", "larger than 16 TiB")
+    if spec.shm_bytes > MAX_SHM_BYTES:
+        raise InvalidArgument("spec.shm_bytes", "larger than 16 TiB")
     if spec.network not in types_pb2.NetworkMode.values():
         raise InvalidArgument("spec.network", "unknown network mode")
 
@@ -108,6 +120,7 @@ def _validate_inputs(spec: types_pb2.JobSpec) -> None:
         if entry.path and (entry.path.startswith("/") or ".." in entry.path.split("/")):
             raise InvalidArgument(f"spec.inputs[{i}].path", "must be relative, inside /input")
         _text(f"spec.inputs[{i}].key", entry.key, 1024)
+        _text(f"spec.inputs[{i}].path", entry.path, 1024)
 
 
 def _validate_limits_and_placement(spec: types_pb2.JobSpec) -> None:
@@ -119,15 +132,21 @@ def _validate_limits_and_placement(spec: types_pb2.JobSpec) -> None:
         raise InvalidArgument(
             "spec.max_price_per_gpu_hour_micro_credits", f"must be 0..{MAX_PRICE}"
         )
-    if spec.budget_micro_credits < 0 or spec.budget_micro_credits > 10**15:
+    if not 0 <= spec.budget_micro_credits <= MAX_BUDGET:
         raise InvalidArgument("spec.budget_micro_credits", "must be 0..10^15")
     if not -1000 <= spec.priority <= 1000:
         raise InvalidArgument("spec.priority", "must be between -1000 and 1000")
     validate_labels("spec.labels", dict(spec.labels))
     validate_labels("spec.host_labels", dict(spec.host_labels))
-    if spec.max_retries > 20:
-        raise InvalidArgument("spec.max_retries", "at most 20")
+    if spec.max_retries > MAX_RETRIES:
+        raise InvalidArgument("spec.max_retries", f"at most {MAX_RETRIES}")
     if spec.placement_policy not in types_pb2.PlacementPolicy.values():
         raise InvalidArgument("spec.placement_policy", "unknown policy")
     if len(spec.locations) > 64 or len(spec.exclude_host_ids) > 1024:
         raise InvalidArgument("spec.locations", "too many entries")
+    for name, items, limit in (
+        ("spec.locations", spec.locations, 256),
+        ("spec.exclude_host_ids", spec.exclude_host_ids, 64),
+    ):
+        for i, item in enumerate(items):
+            _text(f"{name}[{i}]", item, limit)

@@ -39,6 +39,7 @@ TOKEN_PREFIX = "gpr_"
 HOST_CREDENTIAL_PREFIX = "gph_"
 DEFAULT_TOKEN_TTL = timedelta(hours=24)
 MAX_TOKEN_TTL = timedelta(days=365)
+MAX_TOKEN_USES = 1_000_000  # stored as a signed 32-bit integer; 0 = unlimited
 # Stored when DrainHost names no reason: a non-empty drain_reason is what records the request.
 DEFAULT_DRAIN_REASON = "drain requested"
 
@@ -132,6 +133,8 @@ class RegistryService:
             raise InvalidArgument("ttl_seconds", "at most 365 days")
         if len(label) > 200:
             raise InvalidArgument("label", "at most 200 characters")
+        if max_uses > MAX_TOKEN_USES:
+            raise InvalidArgument("max_uses", f"at most {MAX_TOKEN_USES} (0 = unlimited)")
         from controlplane.auth.repository import AuthRepository
 
         async with self.db.transaction() as session:
