@@ -28,6 +28,8 @@ TERMINAL = frozenset(
     }
 )
 _DOWNLOAD_CHUNK = 1 << 20
+# Lines of stderr `submit --wait` prints when a job did not succeed.
+STDERR_TAIL_LINES = 20
 # A watch stream that ends before the job does is resumed this many times.
 MAX_RESUMES = 5
 
@@ -116,6 +118,8 @@ async def wait_for_job(ctx: Context, job_id: str) -> int:
                 objects = await _results(ctx, job_id, 0)
                 if objects.objects:
                     print(results_table(objects))
+            else:
+                await _print_stderr_tail(ctx, job_id)
         except grpc.RpcError as exc:
             print(f"(output not available: {exc.code().name}: {exc.details()})", file=sys.stderr)
     return EXIT_OK if job.state == types_pb2.JOB_STATE_SUCCEEDED else EXIT_JOB_FAILED
@@ -141,6 +145,27 @@ async def _print_logs(ctx: Context, job_id: str) -> None:
         sys.stdout.buffer.write(chunk.data)
     sys.stdout.flush()
     print("--- end of stdout ---")
+
+
+async def _print_stderr_tail(ctx: Context, job_id: str) -> None:
+    """The last lines of the job's stderr, on stderr: why it failed, as the job said it."""
+    client = ctx.client()
+    request = jobs_pb2.StreamLogsRequest(
+        job_id=job_id, stream=types_pb2.LOG_STREAM_STDERR, tail_lines=STDERR_TAIL_LINES
+    )
+    call = client.jobs.StreamLogs(request, metadata=client.metadata, timeout=30)
+    data = b"".join([chunk.data async for chunk in call])
+    if not data:
+        return
+    lines = data.splitlines(keepends=True)[-STDERR_TAIL_LINES:]
+    sys.stdout.flush()
+    print(f"--- last {len(lines)} lines of stderr ---", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stderr.buffer.write(b"".join(lines))
+    if not lines[-1].endswith(b"\n"):
+        sys.stderr.buffer.write(b"\n")
+    sys.stderr.flush()
+    print("--- end of stderr ---", file=sys.stderr)
 
 
 async def job_logs(args: argparse.Namespace, ctx: Context) -> int:

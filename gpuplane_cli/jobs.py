@@ -277,7 +277,7 @@ def attempts_table(job: types_pb2.Job) -> str:
         [
             (
                 att.attempt,
-                enum_name(types_pb2.JobState, att.state),
+                attempt_state(att),
                 att.host_id or "-",
                 when(att.started_at),
                 when(att.finished_at),
@@ -290,13 +290,24 @@ def attempts_table(job: types_pb2.Job) -> str:
     )
 
 
+def attempt_state(attempt: types_pb2.JobAttempt) -> str:
+    """LOST, RUNNING, ...: the attempt's own state, or its job state from earlier servers."""
+    if attempt.attempt_state:
+        return enum_name(types_pb2.AttemptState, attempt.attempt_state)
+    return enum_name(types_pb2.JobState, attempt.state)
+
+
 async def cancel_job(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
     request = jobs_pb2.CancelJobRequest(job_id=args.job_id, reason=args.reason)
     response = await client.call(client.jobs.CancelJob, request)
+    job = response.job
     if ctx.json:
-        print_json(response.job)
+        print_json(job)
+    elif job.state in follow.TERMINAL:
+        print(f"job {job.job_id} {enum_name(types_pb2.JobState, job.state)}")
     else:
-        state = enum_name(types_pb2.JobState, response.job.state)
-        print(f"job {response.job.job_id} {state}")
+        # On a host it runs until its daemon stops it: the cancel is asked for, not done.
+        state = enum_name(types_pb2.JobState, job.state)
+        print(f"job {job.job_id} cancel requested (still {state} until its host stops it)")
     return EXIT_OK

@@ -22,7 +22,6 @@ from controlplane.paging import PageRequest
 from controlplane.registry.utilization import GpuUtilization
 
 Context = Any
-ATTEMPT_STATES = {s.value for s in JobState} | {"lost"}
 MAX_SEQ = 2**63 - 1  # event sequences are stored as signed 64-bit integers
 
 
@@ -32,12 +31,21 @@ def _state_pb(value: str) -> types_pb2.JobState.ValueType:
     return types_pb2.JOB_STATE_UNSPECIFIED
 
 
+def _attempt_state_pb(value: str) -> types_pb2.AttemptState.ValueType:
+    """An attempt's stored state on the wire (LOST included)."""
+    name = f"ATTEMPT_STATE_{value.upper()}"
+    if name in types_pb2.AttemptState.keys():
+        return types_pb2.AttemptState.Value(name)
+    return types_pb2.ATTEMPT_STATE_UNSPECIFIED
+
+
 def attempt_pb(row: JobAttempt) -> types_pb2.JobAttempt:
     message = types_pb2.JobAttempt(
         attempt=row.attempt,
         host_id=row.host_id,
         gpu_uuids=row.gpu_uuids,
         state=_state_pb(row.state),
+        attempt_state=_attempt_state_pb(row.state),
         reason=row.reason,
         started_at=timestamp(row.started_at),
         finished_at=timestamp(row.finished_at),

@@ -98,6 +98,44 @@ JOB_STATE_REJECTED: JobState.ValueType  # 10
 """Never schedulable (e.g. no host could ever satisfy the spec); `state_reason` says why."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _AttemptState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttemptStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttemptState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTEMPT_STATE_UNSPECIFIED: _AttemptState.ValueType  # 0
+    ATTEMPT_STATE_SCHEDULED: _AttemptState.ValueType  # 2
+    ATTEMPT_STATE_STARTING: _AttemptState.ValueType  # 3
+    ATTEMPT_STATE_RUNNING: _AttemptState.ValueType  # 4
+    ATTEMPT_STATE_UPLOADING: _AttemptState.ValueType  # 5
+    ATTEMPT_STATE_SUCCEEDED: _AttemptState.ValueType  # 6
+    ATTEMPT_STATE_FAILED: _AttemptState.ValueType  # 7
+    ATTEMPT_STATE_CANCELLED: _AttemptState.ValueType  # 8
+    ATTEMPT_STATE_TIMED_OUT: _AttemptState.ValueType  # 9
+    ATTEMPT_STATE_LOST: _AttemptState.ValueType  # 11
+    """Lost to a provider fault (host lost or revoked, dispatch never taken, host error): never
+    charged; the job is retried as the next attempt or fails.
+    """
+
+class AttemptState(_AttemptState, metaclass=_AttemptStateEnumTypeWrapper):
+    """Lifecycle of one attempt: the job's states it runs through (same numbers), plus LOST."""
+
+ATTEMPT_STATE_UNSPECIFIED: AttemptState.ValueType  # 0
+ATTEMPT_STATE_SCHEDULED: AttemptState.ValueType  # 2
+ATTEMPT_STATE_STARTING: AttemptState.ValueType  # 3
+ATTEMPT_STATE_RUNNING: AttemptState.ValueType  # 4
+ATTEMPT_STATE_UPLOADING: AttemptState.ValueType  # 5
+ATTEMPT_STATE_SUCCEEDED: AttemptState.ValueType  # 6
+ATTEMPT_STATE_FAILED: AttemptState.ValueType  # 7
+ATTEMPT_STATE_CANCELLED: AttemptState.ValueType  # 8
+ATTEMPT_STATE_TIMED_OUT: AttemptState.ValueType  # 9
+ATTEMPT_STATE_LOST: AttemptState.ValueType  # 11
+"""Lost to a provider fault (host lost or revoked, dispatch never taken, host error): never
+charged; the job is retried as the next attempt or fails.
+"""
+Global___AttemptState: _TypeAlias = AttemptState  # noqa: Y015
+
 class _NetworkMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -580,12 +618,17 @@ class JobAttempt(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     CHARGED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_STATE_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     host_id: _builtins.str
     state: Global___JobState.ValueType
     reason: _builtins.str
     exit_code: _builtins.int
     charged_micro_credits: _builtins.int
+    attempt_state: Global___AttemptState.ValueType
+    """The attempt's own state (`state` above is JOB_STATE_UNSPECIFIED for a LOST attempt, which
+    is no job state; kept for clients of earlier releases).
+    """
     @_builtins.property
     def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -604,10 +647,11 @@ class JobAttempt(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         exit_code: _builtins.int | None = ...,
         charged_micro_credits: _builtins.int = ...,
+        attempt_state: Global___AttemptState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "charged_micro_credits", b"charged_micro_credits", "exit_code", b"exit_code", "finished_at", b"finished_at", "gpu_uuids", b"gpu_uuids", "host_id", b"host_id", "reason", b"reason", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "attempt_state", b"attempt_state", "charged_micro_credits", b"charged_micro_credits", "exit_code", b"exit_code", "finished_at", b"finished_at", "gpu_uuids", b"gpu_uuids", "host_id", b"host_id", "reason", b"reason", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
