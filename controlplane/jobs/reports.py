@@ -22,6 +22,7 @@ from controlplane.jobs.states import (
     set_attempt_state,
     set_job_state,
 )
+from controlplane.strings import scrub_text
 
 log = logging.getLogger(__name__)
 Kind = messaging_pb2.JobReportKind
@@ -63,6 +64,7 @@ class Reports(LostAttempts):
         releases); ForeignReport when it, or the report's own host_id, is not the attempt's."""
         if subject_host is not None and report.host_id != subject_host:
             raise ForeignReport(f"report names host {report.host_id!r}")
+        scrub_text(report)  # its reason and manifest are stored; PostgreSQL refuses NUL
         now = utcnow()
 
         async def work(session: AsyncSession) -> _Applied | None:

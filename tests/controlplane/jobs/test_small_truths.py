@@ -95,3 +95,24 @@ async def test_past_max_duration_is_charged_exactly_max_duration(plane: JobPlane
     assert consumer.held_micro_credits == 0
     assert consumer.available_micro_credits == 100 * 1_000_000 - exact
     await plane.assert_ledger_consistent()
+
+
+async def test_control_characters_in_a_daemon_report_are_replaced_not_stored(
+    plane: JobPlane,
+) -> None:
+    """A report cannot be refused (it is how the attempt ended): its NUL and other control
+    characters are replaced, so that PostgreSQL stores it and terminals show it safely."""
+    host = await scripted_host(plane, price=PRICE, gpus=1)
+    try:
+        job = await plane.submit(gpu_count=1)
+        d = await host.next_dispatch()
+        await host.report(
+            d,
+            K.JOB_REPORT_KIND_FAILED_TO_START,
+            reason="image\x00 pull\x1b[31m failed\nretry later",
+        )
+        done = await plane.wait_for(job.job_id, [S.JOB_STATE_FAILED])
+    finally:
+        await host.close()
+    assert done.state_reason == "image\ufffd pull\ufffd[31m failed\nretry later"
+    await plane.assert_ledger_consistent()
