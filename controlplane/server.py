@@ -52,6 +52,7 @@ from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
 from controlplane.scheduler.config import scheduler_policy
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
+from controlplane.scheduler.market import Market
 from controlplane.scheduler.quote import Quoter
 from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolicy
 from controlplane.settings import Settings
@@ -83,6 +84,8 @@ class Domains:
     ledger: LedgerService
     scheduler: Scheduler
     scheduling: SchedulerPolicy
+    # The capacity index holds and quotes are priced on.
+    market: Market
 
 
 class ControlPlane:
@@ -105,6 +108,7 @@ class ControlPlane:
         self.background: Background | None = None
         self.scheduler: Scheduler | None = None
         self.jobs: JobService | None = None
+        self.market: Market | None = None
         self.registry: RegistryService | None = None
         self.leader: SoleLeader | PostgresLeader | None = None
         self.store = object_store(settings.storage)
@@ -157,22 +161,24 @@ class ControlPlane:
             db, cache_ttl=settings.auth.cache_ttl_seconds, fallback=registry.authenticate_host
         )
         ledger = LedgerService(db, min_payout=settings.pricing.min_payout)
-        self.jobs = jobs = JobService(
-            db, job_policy(settings.jobs), registry.streams, self.notifier, ledger
-        )
         scheduling = settings.scheduler
+        policy = scheduler_policy(scheduling)
+        self.market = market = Market(db, policy.default_policy)
+        registry.on_host_connected = market.invalidate
+        self.jobs = jobs = JobService(
+            db, job_policy(settings.jobs), registry.streams, self.notifier, ledger, market
+        )
         self.leader = leader = leadership_for(
             db,
             check_interval=scheduling.leader_check_interval_seconds,
             ttl=scheduling.lease_ttl_seconds,
             on_change=self._leadership_changed,
         )
-        policy = scheduler_policy(scheduling)
         self.scheduler = scheduler = Scheduler(
             db, self.notifier, settings.storage.bucket, fence=leader.fence, policy=policy
         )
         scheduler.on_cycle = self._observe_cycle
-        return Domains(db, monitor, registry, auth, jobs, ledger, scheduler, policy)
+        return Domains(db, monitor, registry, auth, jobs, ledger, scheduler, policy, market)
 
     async def _serve_grpc(
         self, domains: Domains, credentials: grpc.ServerCredentials | None
@@ -212,7 +218,7 @@ class ControlPlane:
         """One thin servicer per proto service, over the domain services."""
         settings = self.settings
         db, jobs, pricing = domains.db, domains.jobs, settings.pricing
-        quoter = Quoter(db, pricing.max_price, domains.scheduling.default_policy)
+        quoter = Quoter(domains.market, pricing.max_price, domains.scheduling.default_policy)
         logs = LogReader(db, self.bus, self.store)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(
             JobServicer(
@@ -285,6 +291,8 @@ class ControlPlane:
         if self._bucket_task is not None:
             self._bucket_task.cancel()
             self._bucket_task = None
+        if self.market is not None:
+            await self.market.close()
         await self.bus.close()
         self.metrics.up.set(0)
         self.metrics.stop()

@@ -6,11 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli import follow
-from gpuplane_cli.client import EXIT_OK, Context, all_pages, env_flag
+from gpuplane_cli import credit, follow
+from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag, exit_code_for
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import format_credits, format_duration_ms, parse_duration
 
@@ -127,15 +128,21 @@ def build_spec(args: argparse.Namespace, ctx: Context) -> types_pb2.JobSpec:
 
 async def submit_job(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
+    spec = build_spec(args, ctx)
     request = jobs_pb2.SubmitJobRequest(
-        spec=build_spec(args, ctx), idempotency_key=args.idempotency_key, dry_run=args.dry_run
+        spec=spec, idempotency_key=args.idempotency_key, dry_run=args.dry_run
     )
-    response = await client.call(client.jobs.SubmitJob, request)
+    try:
+        response = await client.call(client.jobs.SubmitJob, request)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.FAILED_PRECONDITION and not args.dry_run:
+            await _explain_refusal(ctx, spec)
+        raise
     if args.dry_run:
         if ctx.json:
             print_json(response.quote)
         else:
-            print(show_quote(response.quote))
+            print(show_quote(response.quote, spec))
         return EXIT_OK
     job = response.job
     if not args.wait:
@@ -150,18 +157,39 @@ async def submit_job(args: argparse.Namespace, ctx: Context) -> int:
     return await follow.wait_for_job(ctx, job.job_id)
 
 
-def show_quote(quote: jobs_pb2.Quote) -> str:
+async def _explain_refusal(ctx: Context, spec: types_pb2.JobSpec) -> None:
+    """A refused submit: when a dry run shows the hold exceeds the caller's credit, says so
+    in credits and flags (the server's message names spec fields)."""
+    client = ctx.client()
+    request = jobs_pb2.SubmitJobRequest(spec=spec, dry_run=True)
+    try:
+        quote = (await client.call(client.jobs.SubmitJob, request)).quote
+    except grpc.RpcError:
+        return  # the original error says what it can
+    short = credit.shortfall(quote, spec)
+    if short is not None:
+        code = grpc.StatusCode.FAILED_PRECONDITION
+        raise CliError(f"{code.name}: {short}", exit_code_for(code))
+
+
+def show_quote(quote: jobs_pb2.Quote, spec: types_pb2.JobSpec) -> str:
+    hold_price = quote.hold_price_per_gpu_hour_micro_credits
     lines = [
         fields(
             [
                 ("Matching hosts", quote.matching_host_count),
                 ("Price/GPU-hour", _price_range(quote)),
                 ("Would hold", format_credits(quote.hold_micro_credits)),
+                ("Hold assumes", f"{format_credits(hold_price)}/GPU-hour" if hold_price else None),
+                ("Available", format_credits(quote.available_micro_credits)),
                 ("Estimated start", when(quote.estimated_start) or "not on the current market"),
                 ("Explanation", quote.explanation or None),
             ]
         )
     ]
+    short = credit.shortfall(quote, spec)
+    if short is not None:
+        lines += ["", f"Submit would be refused: {short}"]
     if quote.offers:
         from gpuplane_cli.hosts import offers_table
 

@@ -140,7 +140,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         if request.dry_run:
-            return jobs_pb2.SubmitJobResponse(quote=await self.dry_run.quote(request.spec))
+            return jobs_pb2.SubmitJobResponse(quote=await self.dry_run.quote(caller, request.spec))
         job = await self.jobs.submit(
             caller, request.spec, check_key(request.idempotency_key), fingerprint(request)
         )

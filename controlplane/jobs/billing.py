@@ -11,7 +11,7 @@ from controlplane.db.engine import Database
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.outcomes import CANCEL_TEXTS
-from controlplane.jobs.policy import JobPolicy
+from controlplane.jobs.policy import JobPolicy, MarketPrices
 from controlplane.ledger import service as ledger
 from controlplane.ledger.holds import NOTHING, AttemptCost, Charged
 from controlplane.ledger.models import HoldState
@@ -34,6 +34,7 @@ class JobBilling:
         streams: HostStreams,
         notifier: Notifier,
         ledger: LedgerService | None = None,
+        prices: MarketPrices | None = None,
     ) -> None:
         self.db = db
         self.policy = policy
@@ -41,6 +42,8 @@ class JobBilling:
         self.notifier = notifier
         # Holds are placed, charged and settled through it, inside the job's transaction.
         self.ledger = ledger or LedgerService(db)
+        # Holds are priced on it; without one a hold assumes the max price or the ceiling.
+        self.prices = prices
 
     @staticmethod
     def _cancel_command(

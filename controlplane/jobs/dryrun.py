@@ -1,5 +1,5 @@
 """SubmitJob with dry_run: the spec checked and completed exactly as a submit would, then
-quoted; nothing is stored and no credit is held."""
+quoted with the caller's available credit; nothing is stored and no credit is held."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Protocol
 
 from gpuplane.v1 import jobs_pb2, types_pb2
 
+from controlplane.auth.principal import Principal
 from controlplane.jobs.service import JobService
+from controlplane.ledger.service import format_credits
 
 
 class Quotes(Protocol):
@@ -21,6 +23,17 @@ class DryRun:
         self.jobs = jobs
         self.quoter = quoter
 
-    async def quote(self, spec: types_pb2.JobSpec) -> jobs_pb2.Quote:
-        """The quote of `spec` after the validation and defaults a submit applies."""
-        return await self.quoter.quote(self.jobs.prepare_spec(spec))
+    async def quote(self, caller: Principal, spec: types_pb2.JobSpec) -> jobs_pb2.Quote:
+        """The quote of `spec` after the validation and defaults a submit applies, with the
+        caller's available credit, and why submit would be refused when that is short."""
+        quote = await self.quoter.quote(self.jobs.prepare_spec(spec))
+        balance = await self.jobs.ledger.balance(caller.tenant_id)
+        quote.available_micro_credits = balance.available
+        if quote.hold_micro_credits > balance.available:
+            quote.credit_shortfall = (
+                f"insufficient credit: the hold of {format_credits(quote.hold_micro_credits)} "
+                f"credits exceeds the {format_credits(balance.available)} credits available; "
+                "deposit more or set a lower spec.budget_micro_credits, "
+                "spec.max_duration_seconds or spec.max_price_per_gpu_hour_micro_credits"
+            )
+        return quote

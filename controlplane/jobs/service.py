@@ -20,7 +20,7 @@ from controlplane.idempotency import ensure_same
 from controlplane.jobs.expiry import HoldExpiry
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.policy import JobPolicy as JobPolicy  # re-exported
-from controlplane.jobs.policy import hold_expiry, hold_for
+from controlplane.jobs.policy import hold_expiry, hold_for, priced
 from controlplane.jobs.reports import Reports
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.spec import validate_labels, validate_spec
@@ -55,6 +55,14 @@ class JobService(Reports, HoldExpiry):
             normalised.allow_simulated = True
         return normalised
 
+    async def price_spec(self, spec: types_pb2.JobSpec) -> types_pb2.JobSpec:
+        """A prepared spec with the price its hold assumes as its max price: the dearest
+        offer matching it now (policy.priced)."""
+        if spec.budget_micro_credits:
+            return spec
+        dearest = await self.prices.dearest_match(spec) if self.prices is not None else None
+        return priced(spec, dearest, self.policy.default_max_price)
+
     async def submit(
         self,
         caller: Principal,
@@ -63,7 +71,7 @@ class JobService(Reports, HoldExpiry):
         request_hash: str,
     ) -> Job:
         """Validates, holds credit and queues the job in one transaction."""
-        spec = self.prepare_spec(spec)
+        spec = await self.price_spec(self.prepare_spec(spec))
         hold = hold_for(spec, self.policy.default_max_price)
         now = utcnow()
 
@@ -128,7 +136,8 @@ class JobService(Reports, HoldExpiry):
             raise FailedPrecondition(
                 f"insufficient credit: the job needs a hold of "
                 f"{ledger.format_credits(hold)} credits; deposit more or set a lower "
-                "spec.budget_micro_credits or spec.max_duration_seconds"
+                "spec.budget_micro_credits, spec.max_duration_seconds or "
+                "spec.max_price_per_gpu_hour_micro_credits"
             ) from None
 
     async def _stored_first(self, caller: Principal, idempotency_key: str) -> Job | None:

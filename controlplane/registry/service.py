@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -112,6 +112,9 @@ class RegistryService:
         # heard from since the last flush.
         self._up: set[str] = set()
         self._heard: set[str] = set()
+        # Called when a host connects (and so offers its GPUs): the market view holds are
+        # priced on is then reread at once instead of within a few seconds.
+        self.on_host_connected: Callable[[], None] | None = None
 
     # Registration tokens -------------------------------------------------------------------
 
@@ -320,6 +323,8 @@ class RegistryService:
         if self.monitor is not None:
             await self.monitor.attach(host_id)
             self.monitor.running(host_id, running)
+        if self.on_host_connected is not None:
+            self.on_host_connected()
         return host
 
     def disconnect(self, stream: HostStream) -> None:

@@ -74,6 +74,14 @@ def within_price(demand: Demand, host: HostEntry) -> bool:
     return not demand.max_price or host.price <= demand.max_price
 
 
+def could_take(classes: tuple[GpuClass, ...], demand: Demand, host: HostEntry) -> bool:
+    """Whether the host matches the job whatever its load: host constraints, max price, and
+    enough GPUs in all of one class in `classes` (those fitting the job)."""
+    if host_rejection(demand, host) is not None or not within_price(demand, host):
+        return False
+    return not demand.gpu_count or any(host.total(c.id) >= demand.gpu_count for c in classes)
+
+
 class CapacityIndex:
     def __init__(self) -> None:
         self.classes: dict[tuple[str, int, str], GpuClass] = {}

@@ -59,14 +59,31 @@ class Quote(_message.Message):
     HOLD_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     ESTIMATED_START_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
+    HOLD_PRICE_PER_GPU_HOUR_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    CREDIT_SHORTFALL_FIELD_NUMBER: _builtins.int
     matching_host_count: _builtins.int
     """Hosts that match the job's constraints, free or busy."""
     min_price_per_gpu_hour_micro_credits: _builtins.int
     max_price_per_gpu_hour_micro_credits: _builtins.int
     hold_micro_credits: _builtins.int
-    """What submit would hold."""
+    """What submit would hold: the budget, or max duration × GPUs ×
+    hold_price_per_gpu_hour_micro_credits.
+    """
     explanation: _builtins.str
     """Human explanation, e.g. "0 of 812 hosts have 8×H100 free; 3 exceed max_price"."""
+    hold_price_per_gpu_hour_micro_credits: _builtins.int
+    """The price per GPU-hour the hold assumes (0 with a budget): the highest price among the
+    hosts matching the job now (within its max price), else its max price, else the pricing
+    policy's ceiling. Submit stores it as the job's max price, so no attempt of the job is
+    placed on a dearer host.
+    """
+    available_micro_credits: _builtins.int
+    """The caller's available credit when quoted; submit is refused when it is below the hold."""
+    credit_shortfall: _builtins.str
+    """Set when available_micro_credits does not cover the hold: submit would be refused, and
+    this says by how much and which spec fields lower the hold.
+    """
     @_builtins.property
     def offers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Offer]:
         """Offers the job could be placed on right now, cheapest first (at most 20)."""
@@ -85,10 +102,13 @@ class Quote(_message.Message):
         hold_micro_credits: _builtins.int = ...,
         estimated_start: _timestamp_pb2.Timestamp | None = ...,
         explanation: _builtins.str = ...,
+        hold_price_per_gpu_hour_micro_credits: _builtins.int = ...,
+        available_micro_credits: _builtins.int = ...,
+        credit_shortfall: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_start", b"estimated_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_start", b"estimated_start", "explanation", b"explanation", "hold_micro_credits", b"hold_micro_credits", "matching_host_count", b"matching_host_count", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "min_price_per_gpu_hour_micro_credits", b"min_price_per_gpu_hour_micro_credits", "offers", b"offers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_micro_credits", b"available_micro_credits", "credit_shortfall", b"credit_shortfall", "estimated_start", b"estimated_start", "explanation", b"explanation", "hold_micro_credits", b"hold_micro_credits", "hold_price_per_gpu_hour_micro_credits", b"hold_price_per_gpu_hour_micro_credits", "matching_host_count", b"matching_host_count", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "min_price_per_gpu_hour_micro_credits", b"min_price_per_gpu_hour_micro_credits", "offers", b"offers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -496,7 +496,10 @@ class JobSpec(_message.Message):
     max_duration_seconds: _builtins.int
     """Hard limit on run time of one attempt; past it the job ends TIMED_OUT. Required."""
     max_price_per_gpu_hour_micro_credits: _builtins.int
-    """The job is only placed on GPUs priced at or below this; 0 = no limit."""
+    """The job is only placed on GPUs priced at or below this. Without a budget, submit stores
+    the price its hold assumes here (the dearest offer matching the job then, within this
+    max price when set), so the stored spec always names the cap placement honours.
+    """
     budget_micro_credits: _builtins.int
     """Spend cap for the whole job; 0 = price × gpus × max_duration."""
     priority: _builtins.int

@@ -106,7 +106,7 @@ async def test_why_pending_and_quotes_are_exact(plane: JobPlane) -> None:
     try:
         quote = await dry_run(plane, gpu_count=2, max_price_per_gpu_hour_micro_credits=2_000_000)
         assert quote.explanation == (
-            f"can start now on {cheap.host_id} at 1000000 micro-credits per GPU-hour"
+            f"can start now on {cheap.host_id} at 1.000000 credits per GPU-hour"
         )
         assert [(o.host_id, o.free_gpu_count) for o in quote.offers] == [(cheap.host_id, 4)]
         assert quote.matching_host_count == 1

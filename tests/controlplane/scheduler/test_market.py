@@ -1,0 +1,95 @@
+"""The market view holds are priced on: the dearest matching offer on a hand-built index, and
+how old a view submits may use before the database is read again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from gpuplane.v1 import types_pb2
+
+from controlplane.scheduler.demand import demand_of
+from controlplane.scheduler.index import CapacityIndex, HostEntry
+from controlplane.scheduler.market import Market, MarketView
+from tests.controlplane.scripted_host import scripted_host
+from tests.harness import JobPlane
+
+GIB = 1 << 30
+
+
+def hand_built() -> MarketView:
+    index = CapacityIndex()
+    a100 = index.gpu_class("NVIDIA A100-SXM4-80GB", 80 * GIB, "8.0")
+    l4 = index.gpu_class("NVIDIA L4", 24 * GIB, "8.9")
+    hosts = [
+        # id, price, class, free, busy, location, simulated
+        ("cheap-a100", 1, a100, 4, 0, "eu", False),
+        ("busy-a100", 5, a100, 0, 8, "us", False),
+        ("dear-l4", 9, l4, 2, 0, "eu", False),
+        ("sim-a100", 20, a100, 8, 0, "eu", True),
+    ]
+    for host_id, price, gpu_class, free, busy, location, simulated in hosts:
+        entry = HostEntry(host_id, price, location, {}, simulated)
+        entry.free[gpu_class.id] = [f"{host_id}-{i}" for i in range(free)]
+        entry.busy_until[gpu_class.id] = [0.0] * busy
+        index.add_host(entry)
+    return MarketView.of(index, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"gpu_count": 1}, 9),  # any model: the L4 host is dearest (simulated ones excluded)
+        ({"gpu_count": 1, "allow_simulated": True}, 20),
+        ({"gpu_count": 1, "gpu_models": ["a100"]}, 5),  # busy GPUs match too
+        ({"gpu_count": 8, "gpu_models": ["a100"]}, 5),
+        ({"gpu_count": 9}, None),  # no host has 9 GPUs of one class
+        ({"gpu_count": 1, "min_vram_gib": 40}, 5),
+        ({"gpu_count": 1, "locations": ["eu"], "gpu_models": ["a100"]}, 1),
+        ({"gpu_count": 1, "max_price_per_gpu_hour_micro_credits": 4}, 1),
+        ({"gpu_count": 1, "exclude_host_ids": ["dear-l4", "busy-a100"]}, 1),
+        ({"gpu_count": 0}, 9),  # CPU only: any host passing the host constraints
+        ({"gpu_count": 1, "host_labels": {"rack": "7"}}, None),
+    ],
+)
+def test_dearest_match_is_the_highest_price_among_hosts_that_could_take_the_job(
+    fields: dict[str, object], expected: int | None
+) -> None:
+    demand = demand_of("", "", types_pb2.JobSpec(**fields), 0.0)  # type: ignore[arg-type]
+    assert hand_built().dearest_match(demand) == expected
+
+
+@pytest.mark.timeout(60)
+async def test_submits_use_a_recent_view_and_reload_a_stale_one(plane: JobPlane) -> None:
+    assert plane.plane.db is not None
+    now = [1000.0]
+    market = Market(plane.plane.db, fresh_seconds=1.0, stale_seconds=5.0, clock=lambda: now[0])
+    spec = types_pb2.JobSpec(gpu_count=1, allow_simulated=True)
+    try:
+        empty = await market.view()
+        assert await market.dearest_match(spec) is None
+        host = await scripted_host(plane, gpus=2, price=3_000_000)
+        try:
+            now[0] += 0.5  # fresh: used as it is, no read
+            assert await market.view() is empty
+            now[0] += 1.0  # past fresh, within stale: used while a reload runs behind it
+            assert await market.view() is empty
+            background = market._background
+            assert background is not None
+            reloaded = await background
+            assert await market.view() is reloaded
+            assert await market.dearest_match(spec) == 3_000_000
+            now[0] += 10.0  # past stale: read before use
+            read = await market.view()
+            assert read is not reloaded
+            assert read.loaded_at == now[0]
+            market.invalidate()  # a host connected to this process: read at once
+            assert await market.view() is not read
+            # Concurrent readers after an invalidation share one load.
+            market.invalidate()
+            views = await asyncio.gather(*(market.view() for _ in range(5)))
+            assert len({id(v) for v in views}) == 1
+        finally:
+            await host.close()
+    finally:
+        await market.close()
