@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from gpuplane.v1 import messaging_pb2, registry_pb2
+from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import utcnow
@@ -89,8 +89,14 @@ class Reports(LostAttempts):
                 attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
             resend: registry_pb2.ControlMessage | None = None
             ending = ending_of(report, job) if report.kind in TERMINAL_REPORTS else None
+            retried = ending is not None and (ending.void or _retried_exit(job, report, ending))
             if ending is not None and ending.void:
                 await self._lose_attempt(session, repo, job, attempt, ending.text, now)
+                changed = True
+            elif ending is not None and retried:
+                await self._retry_failed_attempt(
+                    session, repo, job, attempt, ending.text, report.exit_code, now
+                )
                 changed = True
             else:
                 changed = self._apply(repo, job, attempt, report, ending, now)
@@ -98,8 +104,9 @@ class Reports(LostAttempts):
                     charged = await self._meter(session, job, attempt)
                     if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
                         resend = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
-            # The attempt ended with this report, not lost (set_attempt_state cleared `live`).
-            if JobState(job.state).terminal and not attempt.lost:
+            # The attempt ended with this report and was not retried (lost or failed and
+            # requeued, or the job failed after its last retry: settled there).
+            if JobState(job.state).terminal and not retried:
                 await self._finish_attempt(session, job, attempt, now)
             elif job.cancel_requested and report.kind in (
                 Kind.JOB_REPORT_KIND_STARTING,
@@ -169,3 +176,12 @@ class Reports(LostAttempts):
         target, reason = ending.state, ending.text
         set_attempt_state(attempt, ATTEMPT_ENDING[target], reason=reason, now=now)
         return set_job_state(repo, job, target, reason=reason, exit_code=exit_code, now=now)
+
+
+def _retried_exit(job: Job, report: messaging_pb2.JobReport, ending: Ending) -> bool:
+    """A non-zero exit whose code the spec lists in retry_on_exit_codes (and no cancel was
+    asked for): the attempt is retried like a lost one, but charged."""
+    if ending.reason != StopReason.STOP_REASON_EXITED_WITH_ERROR or job.cancel_requested:
+        return False
+    spec = types_pb2.JobSpec.FromString(job.spec)
+    return report.HasField("exit_code") and report.exit_code in spec.retry_on_exit_codes

@@ -23,7 +23,7 @@ from controlplane.jobs.policy import JobPolicy as JobPolicy  # re-exported
 from controlplane.jobs.policy import hold_expiry, hold_for
 from controlplane.jobs.reports import Reports
 from controlplane.jobs.repository import JobRepository
-from controlplane.jobs.spec import validate_labels, validate_spec
+from controlplane.jobs.spec import DEFAULT_MAX_RETRIES, validate_labels, validate_spec
 from controlplane.jobs.states import ON_HOST, JobState, new_job, set_job_state
 from controlplane.ledger import service as ledger
 from controlplane.paging import Page, PageRequest
@@ -53,6 +53,8 @@ class JobService(Reports, HoldExpiry):
             normalised.network = types_pb2.NETWORK_MODE_NONE
         if self.policy.allow_simulated_by_default:
             normalised.allow_simulated = True
+        if not normalised.HasField("max_retries"):
+            normalised.max_retries = DEFAULT_MAX_RETRIES
         return normalised
 
     async def submit(

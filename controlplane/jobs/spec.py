@@ -14,6 +14,9 @@ MAX_PRICE = 10**12  # micro-credits per GPU-hour (a million credits)
 MAX_STRING = 4096
 MAX_ITEMS = 256
 MAX_ENV_BYTES = 128 * 1024
+MAX_RETRIES = 20
+# Retries of a job whose spec leaves max_retries unset (infrastructure faults are retried).
+DEFAULT_MAX_RETRIES = 2
 # A Docker image reference: [registry[:port]/]path[:tag][@digest], conservatively.
 IMAGE_RE = re.compile(
     r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
@@ -125,8 +128,13 @@ def _validate_limits_and_placement(spec: types_pb2.JobSpec) -> None:
         raise InvalidArgument("spec.priority", "must be between -1000 and 1000")
     validate_labels("spec.labels", dict(spec.labels))
     validate_labels("spec.host_labels", dict(spec.host_labels))
-    if spec.max_retries > 20:
-        raise InvalidArgument("spec.max_retries", "at most 20")
+    if spec.max_retries > MAX_RETRIES:
+        raise InvalidArgument("spec.max_retries", f"at most {MAX_RETRIES}")
+    if len(spec.retry_on_exit_codes) > 32:
+        raise InvalidArgument("spec.retry_on_exit_codes", "more than 32 exit codes")
+    for i, code in enumerate(spec.retry_on_exit_codes):
+        if not 1 <= code <= 255:
+            raise InvalidArgument(f"spec.retry_on_exit_codes[{i}]", "must be 1..255")
     if spec.placement_policy not in types_pb2.PlacementPolicy.values():
         raise InvalidArgument("spec.placement_policy", "unknown policy")
     if len(spec.locations) > 64 or len(spec.exclude_host_ids) > 1024:
