@@ -94,6 +94,7 @@ class Reports(LostAttempts):
                 await self._lose_attempt(session, repo, job, attempt, ending.text, now)
                 changed = True
             elif ending is not None and retried:
+                attempt.manifest = _manifest(report)  # what the failed attempt stored
                 await self._retry_failed_attempt(
                     session, repo, job, attempt, ending.text, report.exit_code, now
                 )
@@ -169,10 +170,7 @@ class Reports(LostAttempts):
             log.warning("report of unknown kind %s for %s ignored", kind, job.id)
             return False
         if kind == Kind.JOB_REPORT_KIND_FINISHED:
-            attempt.manifest = [
-                {"key": o.key, "path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
-                for o in report.manifest
-            ]
+            attempt.manifest = _manifest(report)
         target, reason = ending.state, ending.text
         set_attempt_state(attempt, ATTEMPT_ENDING[target], reason=reason, now=now)
         return set_job_state(repo, job, target, reason=reason, exit_code=exit_code, now=now)
@@ -185,3 +183,10 @@ def _retried_exit(job: Job, report: messaging_pb2.JobReport, ending: Ending) -> 
         return False
     spec = types_pb2.JobSpec.FromString(job.spec)
     return report.HasField("exit_code") and report.exit_code in spec.retry_on_exit_codes
+
+
+def _manifest(report: messaging_pb2.JobReport) -> list[dict[str, object]]:
+    return [
+        {"key": o.key, "path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
+        for o in report.manifest
+    ]

@@ -1,5 +1,6 @@
 """Job lifecycle: submit (with its hold), read, cancel. JobService also applies daemon
-reports (reports.py), ends lost attempts (lost.py) and expires holds (expiry.py)."""
+reports (reports.py), retries attempts (lost.py), expires holds (expiry.py) and rejects
+jobs no host could ever run (rejection.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from controlplane.jobs.expiry import HoldExpiry
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.policy import JobPolicy as JobPolicy  # re-exported
 from controlplane.jobs.policy import hold_expiry, hold_for
+from controlplane.jobs.rejection import Rejections
 from controlplane.jobs.reports import Reports
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.spec import DEFAULT_MAX_RETRIES, validate_labels, validate_spec
@@ -37,7 +39,7 @@ class JobView:
     attempts: Sequence[JobAttempt]
 
 
-class JobService(Reports, HoldExpiry):
+class JobService(Reports, HoldExpiry, Rejections):
     """The jobs domain's entry point: servicers, the report consumer and the background
     loops call it. Its parts live beside it: billing.py (metering, settlement), reports.py,
     lost.py and expiry.py."""

@@ -45,7 +45,6 @@ TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.TIMED_OUT, S.REJECTE
 # States in which an attempt is live on a host.
 ON_HOST = frozenset({S.SCHEDULED, S.STARTING, S.RUNNING, S.UPLOADING})
 
-# REJECTED ("no host could ever satisfy it") has no producer yet: it gets its edge with one.
 JOB = register(
     StateMachine(
         "job",
@@ -56,6 +55,7 @@ JOB = register(
                 S.SCHEDULED: "the scheduler placed the attempt on a host's GPUs",
                 S.CANCELLED: "cancelled before it ever ran",
                 S.FAILED: "its hold expired before it was placed (hold_expired)",
+                S.REJECTED: "no registered host could ever run it, past the grace",
             },
             S.SCHEDULED: {
                 S.STARTING: "the daemon took the dispatch and prepares image and inputs",
