@@ -1,6 +1,6 @@
-"""Why an image could not be pulled, on a real dockerd: the host's fault when the registry is
+"""Why an attempt could not start, on a real dockerd: the host's fault when the registry is
 unreachable (IMAGE_PULL_FAILED, retried elsewhere), the job's when the registry says the image
-does not exist (IMAGE_UNAVAILABLE)."""
+does not exist (IMAGE_UNAVAILABLE); an input the host cannot fetch is the host's (HOST_ERROR)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpuplane.v1 import messaging_pb2
+import urllib3
+from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.executor import JobExecutor
 from daemon.runtime import DockerRuntime, ImagePullFailed, ImageUnavailable
@@ -110,3 +111,29 @@ async def test_the_executor_reports_an_image_not_found_as_unavailable(
     )
     assert reports.kinds == ["JOB_REPORT_KIND_STARTING", "JOB_REPORT_KIND_FAILED_TO_START"]
     assert final.stop_reason == R.STOP_REASON_IMAGE_UNAVAILABLE
+
+
+async def test_an_input_the_host_cannot_fetch_is_the_hosts_fault(
+    runtime: DockerRuntime, settings: DaemonSettings, test_image: str
+) -> None:
+    # Object storage unreachable from the host (no retries: the answer is the same).
+    unreachable = ObjectStore(
+        f"127.0.0.1:{closed_port()}",
+        "key",
+        "secret",
+        bucket="gpuplane",
+        http_client=urllib3.PoolManager(retries=False),
+    )
+    dispatch = make_dispatch(test_image, args=["true"], inputs=[types_pb2.JobInput(key="a.txt")])
+    reports = Reports()
+    final = await JobExecutor(
+        dispatch,
+        host_id="host-test",
+        runtime=runtime,
+        store=unreachable,
+        settings=settings,
+        report=reports,
+    ).run()
+    assert reports.kinds == ["JOB_REPORT_KIND_STARTING", "JOB_REPORT_KIND_FAILED_TO_START"]
+    assert final.stop_reason == R.STOP_REASON_HOST_ERROR
+    assert final.reason.startswith("input 'a.txt' could not be fetched: ")

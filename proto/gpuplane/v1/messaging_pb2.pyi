@@ -95,7 +95,10 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     denied or a bad reference); `reason` says why.
     """
     STOP_REASON_INPUT_UNAVAILABLE: _StopReason.ValueType  # 5
-    """One of the job's inputs could not be fetched; `reason` says which and why."""
+    """One of the job's inputs is not in the tenant's input area or has a bad path; `reason`
+    says which and why. (One the host could not fetch, storage being unreachable from it,
+    is HOST_ERROR.)
+    """
     STOP_REASON_CONTAINER_ERROR: _StopReason.ValueType  # 6
     """The job's container could not be created or started; `reason` says why."""
     STOP_REASON_OUTPUT_TOO_LARGE: _StopReason.ValueType  # 7
@@ -154,7 +157,10 @@ STOP_REASON_IMAGE_UNAVAILABLE: StopReason.ValueType  # 4
 denied or a bad reference); `reason` says why.
 """
 STOP_REASON_INPUT_UNAVAILABLE: StopReason.ValueType  # 5
-"""One of the job's inputs could not be fetched; `reason` says which and why."""
+"""One of the job's inputs is not in the tenant's input area or has a bad path; `reason`
+says which and why. (One the host could not fetch, storage being unreachable from it,
+is HOST_ERROR.)
+"""
 STOP_REASON_CONTAINER_ERROR: StopReason.ValueType  # 6
 """The job's container could not be created or started; `reason` says why."""
 STOP_REASON_OUTPUT_TOO_LARGE: StopReason.ValueType  # 7
