@@ -65,8 +65,15 @@ async def test_a_lost_host_that_could_run_the_job_keeps_it_queued(plane: JobPlan
 
 async def test_a_host_registered_within_the_grace_saves_the_job(plane: JobPlane) -> None:
     job = await plane.submit(gpu_count=1, gpu_models=["B300"])
+
+    async def explained() -> types_pb2.Job | None:
+        found = await plane.get(job.job_id)
+        return found if found.state_reason != "waiting for the scheduler" else None
+
     # A cycle has explained why it waits (no host at all), and left it queued.
-    await plane.wait_for(job.job_id, [S.JOB_STATE_QUEUED])
+    waiting = await eventually(explained)
+    assert waiting.state == S.JOB_STATE_QUEUED
+    assert waiting.state_reason == "no online hosts"
     host = await scripted_host(plane, gpus=1, model="NVIDIA B300")
     try:
         dispatch = await host.next_dispatch()
