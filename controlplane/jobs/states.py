@@ -90,7 +90,7 @@ JOB = register(
                 S.FAILED: "non-zero exit (results still stored) or upload failed",
                 S.TIMED_OUT: "stopped at max_duration; partial results stored",
                 S.CANCELLED: "cancelled during upload",
-                S.QUEUED: "the host was lost before the results were stored",
+                S.QUEUED: "lost before the results were stored, or the exit code is retried",
             },
             S.SUCCEEDED: {},
             S.FAILED: {},
