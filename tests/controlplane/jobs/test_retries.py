@@ -10,6 +10,7 @@ import grpc
 import pytest
 from gpuplane.v1 import messaging_pb2, types_pb2
 
+from controlplane.jobs.repository import JobRepository
 from controlplane.ledger.service import charge_for
 from tests.controlplane.scripted_host import ScriptedHost, scripted_host
 from tests.harness import CREDIT, JobPlane
@@ -123,12 +124,15 @@ async def test_a_listed_exit_code_is_retried_and_charged(plane: JobPlane) -> Non
         job = await plane.submit(gpu_count=1, retry_on_exit_codes=[3, 75])
         d1 = await host.next_dispatch()
         await host.report(d1, K.JOB_REPORT_KIND_RUNNING)
+        await host.report(d1, K.JOB_REPORT_KIND_UPLOADING, exit_code=75, run_time_ms=60_000)
+        logs = S.ResultObject(key="k1", path="logs/stdout", size_bytes=1, sha256="00")
         await host.report(
             d1,
             K.JOB_REPORT_KIND_FINISHED,
             stop_reason=K.STOP_REASON_EXITED_WITH_ERROR,
             exit_code=75,
             run_time_ms=60_000,
+            manifest=[logs],
         )
         d2 = await host.next_dispatch()
         assert d2.attempt == 2
@@ -147,6 +151,13 @@ async def test_a_listed_exit_code_is_retried_and_charged(plane: JobPlane) -> Non
     assert done.exit_code == 1
     attempts = {a.attempt: a for a in done.attempts}
     assert attempts[1].reason == "exit code 75"
+    assert attempts[1].exit_code == 75
+    db = plane.plane.db
+    assert db is not None
+    async with db.read() as session:
+        first = await JobRepository(session).attempt(job.job_id, 1)
+    assert first is not None
+    assert [o["key"] for o in first.manifest] == ["k1"]  # what the failed attempt stored
     assert attempts[1].charged_micro_credits == charge_for(PRICE, 1, 60_000)
     assert attempts[2].charged_micro_credits == charge_for(PRICE, 1, 30_000)
     assert done.charged_micro_credits == charge_for(PRICE, 1, 60_000) + charge_for(PRICE, 1, 30_000)
