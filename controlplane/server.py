@@ -175,7 +175,12 @@ class ControlPlane:
             on_change=self._leadership_changed,
         )
         self.scheduler = scheduler = Scheduler(
-            db, self.notifier, settings.storage.bucket, fence=leader.fence, policy=policy
+            db,
+            self.notifier,
+            settings.storage.bucket,
+            fence=leader.fence,
+            policy=policy,
+            reject=jobs.reject_unsatisfiable,
         )
         scheduler.on_cycle = self._observe_cycle
         return Domains(db, monitor, registry, auth, jobs, ledger, scheduler, policy, market)

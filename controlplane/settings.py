@@ -279,6 +279,12 @@ class Settings(BaseSettings):
         description="A job queued this long gets a reservation (no starvation by small jobs).",
     )
     max_reservations: int = Field(default=4, ge=0, description="Reservations per cycle.")
+    reject_unsatisfiable_after_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="A queued job that no registered host (in any state, not revoked) could "
+        "ever run is REJECTED, its hold released, once it is this old.",
+    )
     scheduler_batch: int = Field(
         default=5000, gt=0, description="Queued jobs one scheduling cycle considers."
     )
@@ -459,6 +465,7 @@ class Settings(BaseSettings):
             fair_share_horizon_seconds=self.fair_share_horizon_seconds,
             reserve_after_seconds=self.reserve_after_seconds,
             max_reservations=self.max_reservations,
+            reject_unsatisfiable_after_seconds=self.reject_unsatisfiable_after_seconds,
             batch=self.scheduler_batch,
             leader_check_interval_seconds=self.scheduler_leader_check_interval_ms / 1000,
             lease_ttl_seconds=self.scheduler_lease_ttl_ms / 1000,

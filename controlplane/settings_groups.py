@@ -124,6 +124,7 @@ class SchedulerSettings:
     fair_share_horizon_seconds: float
     reserve_after_seconds: float
     max_reservations: int
+    reject_unsatisfiable_after_seconds: float
     batch: int
     leader_check_interval_seconds: float
     lease_ttl_seconds: float

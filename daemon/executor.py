@@ -7,8 +7,10 @@ while running), with the StopReason (STOP_REASON_...) of the terminal one:
   timed out    ... UPLOADING(exit), FINISHED(TIMED_OUT), outputs still stored
   cancelled    [STARTING, [RUNNING, USAGE*, [UPLOADING]]], STOPPED(the cancel's reason:
                CANCELLED, BUDGET_EXHAUSTED, HOLD_EXPIRED or ORPHANED)
-  can't start  STARTING, FAILED_TO_START(INPUT_UNAVAILABLE, IMAGE_UNAVAILABLE or
-               CONTAINER_ERROR; `reason` says why)
+  can't start  STARTING, FAILED_TO_START(INPUT_UNAVAILABLE (bad or missing input),
+               HOST_ERROR (an input the host could not fetch), IMAGE_UNAVAILABLE (the
+               registry refused the image), IMAGE_PULL_FAILED (the host could not pull it)
+               or CONTAINER_ERROR; `reason` says why)
   late         FAILED_TO_START(DISPATCH_EXPIRED)      (dispatch past its deadline)
   host fault   STOPPED(HOST_ERROR) once running, else FAILED_TO_START(HOST_ERROR)
   adopted      (after a daemon restart; seq continues from the journaled one + 2) [RUNNING],
@@ -35,11 +37,17 @@ from docker.errors import DockerException
 from docker.models.containers import Container
 from gpuplane.v1 import messaging_pb2
 
-from daemon.inputs import InputError, fetch_inputs
+from daemon.inputs import InputError, InputFetchFailed, fetch_inputs
 from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
 from daemon.progress import Progress
-from daemon.runtime import ContainerError, DockerRuntime, ExitInfo, ImageUnavailable
+from daemon.runtime import (
+    ContainerError,
+    DockerRuntime,
+    ExitInfo,
+    ImagePullFailed,
+    ImageUnavailable,
+)
 from daemon.settings import DaemonSettings
 from daemon.uploads import Stored, store_results
 from messaging.subjects import logs_subject
@@ -65,7 +73,10 @@ LOG_DRAIN_SECONDS = 10.0
 # Why an attempt could not start, by the error its preparation raised.
 START_FAILURES: dict[type[Exception], Reason] = {
     InputError: StopReason.STOP_REASON_INPUT_UNAVAILABLE,
+    # Storage unreachable from the host, or its disk: the host's fault (retried elsewhere).
+    InputFetchFailed: StopReason.STOP_REASON_HOST_ERROR,
     ImageUnavailable: StopReason.STOP_REASON_IMAGE_UNAVAILABLE,
+    ImagePullFailed: StopReason.STOP_REASON_IMAGE_PULL_FAILED,
     ContainerError: StopReason.STOP_REASON_CONTAINER_ERROR,
 }
 

@@ -11,7 +11,13 @@ from storage.objects import ObjectNotFound, ObjectStore, StorageError
 
 
 class InputError(Exception):
-    """An input could not be placed under /input; the message is for the job's owner."""
+    """An input could not be placed under /input for the job's reasons (a bad path, a key
+    that is not in the tenant's input area); the message is for the job's owner."""
+
+
+class InputFetchFailed(Exception):
+    """An input exists but could not be fetched for the host's reasons (object storage
+    unreachable from the host, its disk): the host's fault, retried elsewhere."""
 
 
 def input_path(item: types_pb2.JobInput) -> PurePosixPath:
@@ -46,5 +52,5 @@ async def fetch_inputs(
         except ObjectNotFound as exc:
             raise InputError(f"input '{item.key}' does not exist in your input area") from exc
         except (StorageError, OSError) as exc:
-            raise InputError(f"input '{item.key}' could not be fetched: {exc}") from exc
+            raise InputFetchFailed(f"input '{item.key}' could not be fetched: {exc}") from exc
     return total

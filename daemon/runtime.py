@@ -32,7 +32,20 @@ _DOCKER_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]
 
 
 class ImageUnavailable(Exception):
-    """The job's image is not on this host and could not be pulled; the message says why."""
+    """The job's image is not on this host and the registry refused it (not found, denied,
+    a bad reference): the job's fault; the message says why."""
+
+
+class ImagePullFailed(Exception):
+    """The job's image is not on this host and pulling it failed for the host's reasons (the
+    registry unreachable from here, a registry or engine error): the host's fault, retried
+    elsewhere; the message says why."""
+
+
+# HTTP statuses of the engine's pull answer that put the image, not the host, at fault: a bad
+# reference (400), credentials the image needs (401, 403), no such repository or tag (404).
+# The engine answers 500 when it could not reach or read the registry.
+_USER_PULL_STATUSES = frozenset({400, 401, 403, 404})
 
 
 class ContainerError(Exception):
@@ -105,7 +118,9 @@ class DockerRuntime:
         self._long.shutdown(wait=False, cancel_futures=True)
 
     async def ensure_image(self, image: str) -> None:
-        """Makes sure `image` is local, pulling it if needed; raises ImageUnavailable."""
+        """Makes sure `image` is local, pulling it if needed. Raises ImageUnavailable when
+        the registry refused the image (the engine answered 4xx) and ImagePullFailed when
+        the pull failed for the host's reasons (5xx: registry unreachable; or no answer)."""
         if not image:
             raise ImageUnavailable("the job names no container image")
 
@@ -118,10 +133,10 @@ class DockerRuntime:
             try:
                 self.client.images.pull(image)
             except (DockerException, OSError) as exc:
-                raise ImageUnavailable(
-                    f"image '{image}' is not on this host and could not be pulled: "
-                    f"{short_reason(exc)}"
-                ) from exc
+                why = f"image '{image}' is not on this host and could not be pulled: "
+                if isinstance(exc, APIError) and exc.status_code in _USER_PULL_STATUSES:
+                    raise ImageUnavailable(why + short_reason(exc)) from exc
+                raise ImagePullFailed(why + short_reason(exc)) from exc
 
         await asyncio.to_thread(ensure)
 

@@ -78,7 +78,21 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--placement", type=a.enum_arg(types_pb2.PlacementPolicy, "placement"), default=0
     )
-    p.add_argument("--max-retries", type=a.non_negative, default=0)
+    p.add_argument(
+        "--max-retries",
+        type=a.non_negative,
+        default=None,
+        help="retries after the first attempt (default 2): infrastructure faults always, "
+        "user failures only with --retry-on-exit-code",
+    )
+    p.add_argument(
+        "--retry-on-exit-code",
+        type=int,
+        action="append",
+        default=[],
+        metavar="CODE",
+        help="retry (charged) an attempt that exits with CODE; repeatable",
+    )
     p.add_argument("--idempotency-key", default="")
     p.add_argument("--dry-run", action="store_true", help="quote only: create nothing")
     p.add_argument(
@@ -113,6 +127,7 @@ def build_spec(args: argparse.Namespace, ctx: Context) -> types_pb2.JobSpec:
         priority=args.priority,
         labels=dict(args.label),
         max_retries=args.max_retries,
+        retry_on_exit_codes=args.retry_on_exit_code,
         placement_policy=args.placement,
         locations=args.location,
         host_labels=dict(args.host_label),

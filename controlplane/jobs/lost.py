@@ -1,7 +1,9 @@
-"""Lost attempts: requeued (or the job ends), never charged (metered charges refunded)."""
+"""Retries: lost attempts (never charged, metered charges refunded) and failures the spec
+retries are requeued as the next attempt, or the job ends with every attempt's cause."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from gpuplane.v1 import types_pb2
@@ -64,11 +66,50 @@ class LostAttempts(JobBilling):
             attempt.charged -= refunded
             job.charged -= refunded
         if job.attempt == attempt.attempt and not JobState(job.state).terminal:
-            await self._requeue_or_fail(session, repo, job, now, why)
+            await self._requeue_or_fail(session, repo, job, now, f"lost: {why}")
+
+    async def _retry_failed_attempt(
+        self,
+        session: AsyncSession,
+        repo: JobRepository,
+        job: Job,
+        attempt: JobAttempt,
+        text: str,
+        exit_code: int,
+        now: datetime,
+    ) -> None:
+        """Ends an attempt that failed with an exit code the spec retries: it is charged
+        like any attempt that ran (its final cost, without settling the hold), its GPUs are
+        freed and the job is requeued, or fails when no retries are left."""
+        attempt.exit_code = exit_code
+        set_attempt_state(attempt, AttemptState.FAILED, reason=text, now=now)
+        registry = RegistryRepository(session)
+        await registry.release_gpus(job.id, attempt.attempt)
+        host = await registry.get_host(attempt.host_id)
+        hold = await LedgerRepository(session).hold_of_job(job.id)
+        if host is not None:
+            host.completed_attempts += 1
+            if hold is not None:
+                cost = self._cost(job, attempt, host.provider_tenant_id)
+                key = f"job/{job.id}/{attempt.attempt}/final"
+                charged = await self.ledger.charge(session, hold.id, cost, key)
+                attempt.charged += charged.amount
+                job.charged += charged.amount
+        await self._requeue_or_fail(session, repo, job, now, f"failed: {text}", exit_code)
 
     async def _requeue_or_fail(
-        self, session: AsyncSession, repo: JobRepository, job: Job, now: datetime, why: str
+        self,
+        session: AsyncSession,
+        repo: JobRepository,
+        job: Job,
+        now: datetime,
+        why: str,
+        exit_code: int | None = None,
     ) -> None:
+        """After attempt `job.attempt` ended for `why` (a provider fault, or a user failure
+        the spec retries): the job is cancelled if that was asked, requeued as the next
+        attempt while max_retries allows (the host of a lost attempt is avoided), else it
+        fails with the cause of every attempt and its hold is settled."""
         if job.cancel_requested:
             set_job_state(repo, job, JobState.CANCELLED, reason=job.state_reason, now=now)
         elif job.attempt <= job.max_retries:
@@ -76,7 +117,8 @@ class LostAttempts(JobBilling):
                 repo,
                 job,
                 JobState.QUEUED,
-                reason=f"attempt {job.attempt} lost: {why}; retrying",
+                reason=f"attempt {job.attempt} {why}; retrying",
+                exit_code=exit_code,
                 now=now,
             )
             backoff = self.policy.retry_backoff * (2 ** (job.attempt - 1))
@@ -90,11 +132,15 @@ class LostAttempts(JobBilling):
                 await self.ledger.extend(session, hold.id, hold_expiry(spec, self.policy, now))
             return
         else:
+            causes = attempt_causes(await repo.attempts(job.id))
+            reason = f"attempt {job.attempt} {why}; no retries left ({causes})"
             set_job_state(
-                repo,
-                job,
-                JobState.FAILED,
-                reason=f"attempt {job.attempt} lost: {why}; no retries left",
-                now=now,
+                repo, job, JobState.FAILED, reason=reason[:1000], exit_code=exit_code, now=now
             )
         await self._settle(session, job, None, None)
+
+
+def attempt_causes(attempts: Sequence[JobAttempt]) -> str:
+    """Why each attempt ended, for the reason of a job that failed after retries:
+    "attempt 1 on host-a: host lost (no heartbeat); attempt 2 on host-b: exit code 3"."""
+    return "; ".join(f"attempt {a.attempt} on {a.host_id}: {a.reason or a.state}" for a in attempts)

@@ -62,6 +62,10 @@ def _host_fault(facts: Facts) -> str:
     return f"host fault: {facts.detail or 'host fault'}"
 
 
+def _pull_failed(facts: Facts) -> str:
+    return f"image pull failed on the host: {facts.detail or 'image_pull_failed'}"
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One row of the table: the job's end state (None: the attempt is void and the job is
@@ -103,6 +107,9 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     StopReason.STOP_REASON_HOST_ERROR: Outcome(None, Fault.PROVIDER, _host_fault),
     StopReason.STOP_REASON_DAEMON_RESTARTED: Outcome(None, Fault.PROVIDER, _host_fault),
     StopReason.STOP_REASON_GPUS_MISSING: Outcome(None, Fault.PROVIDER, _host_fault),
+    # The registry unreachable from the host (its network, DNS) or failing: the host's fault,
+    # retried on another host. An image the registry does not know is IMAGE_UNAVAILABLE.
+    StopReason.STOP_REASON_IMAGE_PULL_FAILED: Outcome(None, Fault.PROVIDER, _pull_failed),
 }
 
 # The strings daemons of earlier releases wrote (legacy_stop_reason, and "upload_failed" at

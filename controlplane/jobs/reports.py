@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from gpuplane.v1 import messaging_pb2, registry_pb2
+from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import utcnow
@@ -74,25 +74,21 @@ class Reports(LostAttempts):
             if job is None or attempt is None:
                 log.warning("report for unknown attempt %s/%s", report.job_id, report.attempt)
                 return None
-            if subject_host is not None and attempt.host_id != subject_host:
-                raise ForeignReport(f"the attempt ran on host {attempt.host_id!r}")
-            # Fencing: only the live attempt on its own host may change the job.
-            if (
-                not attempt.live
-                or attempt.host_id != report.host_id
-                or job.attempt != attempt.attempt
-            ):
-                log.info("stale report for %s/%s ignored", job.id, attempt.attempt)
+            if not _admitted(job, attempt, report, subject_host):
                 return None
-            if report.seq <= attempt.report_seq:
-                return None
-            attempt.report_seq = report.seq
             if report.run_time_ms:
                 attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
             resend: registry_pb2.ControlMessage | None = None
             ending = ending_of(report, job) if report.kind in TERMINAL_REPORTS else None
+            retried = ending is not None and (ending.void or _retried_exit(job, report, ending))
             if ending is not None and ending.void:
                 await self._lose_attempt(session, repo, job, attempt, ending.text, now)
+                changed = True
+            elif ending is not None and retried:
+                attempt.manifest = _manifest(report)  # what the failed attempt stored
+                await self._retry_failed_attempt(
+                    session, repo, job, attempt, ending.text, report.exit_code, now
+                )
                 changed = True
             else:
                 changed = self._apply(repo, job, attempt, report, ending, now)
@@ -100,8 +96,9 @@ class Reports(LostAttempts):
                     charged = await self._meter(session, job, attempt)
                     if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
                         resend = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
-            # The attempt ended with this report, not lost (set_attempt_state cleared `live`).
-            if JobState(job.state).terminal and not attempt.lost:
+            # The attempt ended with this report and was not retried (lost or failed and
+            # requeued, or the job failed after its last retry: settled there).
+            if JobState(job.state).terminal and not retried:
                 await self._finish_attempt(session, job, attempt, now)
             elif job.cancel_requested and report.kind in (
                 Kind.JOB_REPORT_KIND_STARTING,
@@ -164,10 +161,39 @@ class Reports(LostAttempts):
             log.warning("report of unknown kind %s for %s ignored", kind, job.id)
             return False
         if kind == Kind.JOB_REPORT_KIND_FINISHED:
-            attempt.manifest = [
-                {"key": o.key, "path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
-                for o in report.manifest
-            ]
+            attempt.manifest = _manifest(report)
         target, reason = ending.state, ending.text
         set_attempt_state(attempt, ATTEMPT_ENDING[target], reason=reason, now=now)
         return set_job_state(repo, job, target, reason=reason, exit_code=exit_code, now=now)
+
+
+def _retried_exit(job: Job, report: messaging_pb2.JobReport, ending: Ending) -> bool:
+    """A non-zero exit whose code the spec lists in retry_on_exit_codes (and no cancel was
+    asked for): the attempt is retried like a lost one, but charged."""
+    if ending.reason != StopReason.STOP_REASON_EXITED_WITH_ERROR or job.cancel_requested:
+        return False
+    spec = types_pb2.JobSpec.FromString(job.spec)
+    return report.HasField("exit_code") and report.exit_code in spec.retry_on_exit_codes
+
+
+def _manifest(report: messaging_pb2.JobReport) -> list[dict[str, object]]:
+    return [
+        {"key": o.key, "path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
+        for o in report.manifest
+    ]
+
+
+def _admitted(
+    job: Job, attempt: JobAttempt, report: messaging_pb2.JobReport, subject_host: str | None
+) -> bool:
+    """Fencing: only the live attempt on its own host may change the job, and only with a
+    report newer than the last one applied (whose seq it then records)."""
+    if subject_host is not None and attempt.host_id != subject_host:
+        raise ForeignReport(f"the attempt ran on host {attempt.host_id!r}")
+    if not attempt.live or attempt.host_id != report.host_id or job.attempt != attempt.attempt:
+        log.info("stale report for %s/%s ignored", job.id, attempt.attempt)
+        return False
+    if report.seq <= attempt.report_seq:
+        return False
+    attempt.report_seq = report.seq
+    return True

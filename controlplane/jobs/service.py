@@ -1,5 +1,6 @@
 """Job lifecycle: submit (with its hold), read, cancel. JobService also applies daemon
-reports (reports.py), ends lost attempts (lost.py) and expires holds (expiry.py)."""
+reports (reports.py), retries attempts (lost.py), expires holds (expiry.py) and rejects
+jobs no host could ever run (rejection.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from controlplane.jobs.expiry import HoldExpiry
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.policy import JobPolicy as JobPolicy  # re-exported
 from controlplane.jobs.policy import hold_expiry, hold_for, priced
+from controlplane.jobs.rejection import Rejections
 from controlplane.jobs.reports import Reports
 from controlplane.jobs.repository import JobRepository
-from controlplane.jobs.spec import validate_labels, validate_spec
+from controlplane.jobs.spec import DEFAULT_MAX_RETRIES, validate_labels, validate_spec
 from controlplane.jobs.states import ON_HOST, JobState, new_job, set_job_state
 from controlplane.ledger import service as ledger
 from controlplane.paging import Page, PageRequest
@@ -37,7 +39,7 @@ class JobView:
     attempts: Sequence[JobAttempt]
 
 
-class JobService(Reports, HoldExpiry):
+class JobService(Reports, HoldExpiry, Rejections):
     """The jobs domain's entry point: servicers, the report consumer and the background
     loops call it. Its parts live beside it: billing.py (metering, settlement), reports.py,
     lost.py and expiry.py."""
@@ -53,6 +55,8 @@ class JobService(Reports, HoldExpiry):
             normalised.network = types_pb2.NETWORK_MODE_NONE
         if self.policy.allow_simulated_by_default:
             normalised.allow_simulated = True
+        if not normalised.HasField("max_retries"):
+            normalised.max_retries = DEFAULT_MAX_RETRIES
         return normalised
 
     async def price_spec(self, spec: types_pb2.JobSpec) -> types_pb2.JobSpec:

@@ -22,6 +22,8 @@ MAX_VRAM_GIB = 4096
 MAX_CPU_MILLICORES = 1024 * 1000
 MAX_RETRIES = 20
 MAX_BUDGET = 10**15  # micro-credits (a billion credits)
+# Retries of a job whose spec leaves max_retries unset (infrastructure faults are retried).
+DEFAULT_MAX_RETRIES = 2
 # A Docker image reference: [registry[:port]/]path[:tag][@digest], conservatively.
 IMAGE_RE = re.compile(
     r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
@@ -140,6 +142,11 @@ def _validate_limits_and_placement(spec: types_pb2.JobSpec) -> None:
     validate_labels("spec.host_labels", dict(spec.host_labels))
     if spec.max_retries > MAX_RETRIES:
         raise InvalidArgument("spec.max_retries", f"at most {MAX_RETRIES}")
+    if len(spec.retry_on_exit_codes) > 32:
+        raise InvalidArgument("spec.retry_on_exit_codes", "more than 32 exit codes")
+    for i, code in enumerate(spec.retry_on_exit_codes):
+        if not 1 <= code <= 255:
+            raise InvalidArgument(f"spec.retry_on_exit_codes[{i}]", "must be 1..255")
     if spec.placement_policy not in types_pb2.PlacementPolicy.values():
         raise InvalidArgument("spec.placement_policy", "unknown policy")
     if len(spec.locations) > 64 or len(spec.exclude_host_ids) > 1024:

@@ -45,7 +45,6 @@ TERMINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.TIMED_OUT, S.REJECTE
 # States in which an attempt is live on a host.
 ON_HOST = frozenset({S.SCHEDULED, S.STARTING, S.RUNNING, S.UPLOADING})
 
-# REJECTED ("no host could ever satisfy it") has no producer yet: it gets its edge with one.
 JOB = register(
     StateMachine(
         "job",
@@ -56,13 +55,15 @@ JOB = register(
                 S.SCHEDULED: "the scheduler placed the attempt on a host's GPUs",
                 S.CANCELLED: "cancelled before it ever ran",
                 S.FAILED: "its hold expired before it was placed (hold_expired)",
+                S.REJECTED: "no registered host could ever run it, past the grace",
             },
             S.SCHEDULED: {
                 S.STARTING: "the daemon took the dispatch and prepares image and inputs",
                 S.RUNNING: "the STARTING report was skipped or arrives later (then ignored)",
                 S.UPLOADING: "the container ran and exited between two reports",
                 S.FAILED: "the daemon could not start it (image missing, runtime error)",
-                S.QUEUED: "the attempt was lost (host lost, never acked): retried as attempt+1",
+                S.QUEUED: "the attempt was lost (host lost, never acked, pull failed) or exited "
+                "with a code the spec retries: retried as attempt+1",
                 S.CANCELLED: "cancelled; the daemon stopped it or it never started",
                 S.SUCCEEDED: "reports collapsed: finished before the control plane saw it run",
                 S.TIMED_OUT: "reports collapsed: timed out before the control plane saw it run",
@@ -71,7 +72,7 @@ JOB = register(
                 S.RUNNING: "the container is running",
                 S.UPLOADING: "it ran and exited between two reports",
                 S.FAILED: "it could not start",
-                S.QUEUED: "the attempt was lost: retried as attempt+1",
+                S.QUEUED: "the attempt was lost or exited with a retried code: attempt+1",
                 S.CANCELLED: "cancelled while starting",
                 S.SUCCEEDED: "reports collapsed",
                 S.TIMED_OUT: "reports collapsed",
@@ -82,14 +83,14 @@ JOB = register(
                 S.FAILED: "non-zero exit, OOM, budget exhausted, upload failed",
                 S.TIMED_OUT: "ran past max_duration and was stopped",
                 S.CANCELLED: "cancelled and stopped",
-                S.QUEUED: "the attempt was lost mid-run: retried as attempt+1",
+                S.QUEUED: "lost mid-run, or exited with a code the spec retries: attempt+1",
             },
             S.UPLOADING: {
                 S.SUCCEEDED: "exit 0, manifest stored",
                 S.FAILED: "non-zero exit (results still stored) or upload failed",
                 S.TIMED_OUT: "stopped at max_duration; partial results stored",
                 S.CANCELLED: "cancelled during upload",
-                S.QUEUED: "the host was lost before the results were stored",
+                S.QUEUED: "lost before the results were stored, or the exit code is retried",
             },
             S.SUCCEEDED: {},
             S.FAILED: {},

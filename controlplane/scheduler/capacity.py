@@ -46,7 +46,7 @@ async def capacity_snapshot(session: AsyncSession) -> list[HostCapacity]:
     return list(by_id.values())
 
 
-def _epoch(value: datetime) -> float:
+def epoch(value: datetime) -> float:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
@@ -96,7 +96,7 @@ async def load_capacity(session: AsyncSession, durations: Durations) -> Capacity
     ends: dict[str, float] = {}
     for row in live:
         running[row.tenant_id] = running.get(row.tenant_id, 0) + len(row.gpu_uuids or [])
-        until = _epoch(row.since) + durations.seconds.get(row.job_id, 0.0)
+        until = epoch(row.since) + durations.seconds.get(row.job_id, 0.0)
         for uuid in row.gpu_uuids or []:
             ends[uuid] = until
     for gpu in await repo.healthy_gpus(SCHEDULABLE_HOST_STATES):
@@ -111,3 +111,28 @@ async def load_capacity(session: AsyncSession, durations: Durations) -> Capacity
     for entry in entries.values():
         index.add_host(entry)
     return Capacity(index, running)
+
+
+async def load_registered(session: AsyncSession) -> CapacityIndex:
+    """Every registered, non-revoked host in any state with all its GPUs as if free and
+    healthy: what could ever run a job (scheduler/feasibility.py)."""
+    repo = SchedulerRepository(session)
+    index = CapacityIndex()
+    entries = {
+        h.id: HostEntry(
+            h.id,
+            h.price_per_gpu_hour,
+            h.location,
+            {str(k): str(v) for k, v in (h.labels or {}).items()},
+            h.simulated,
+        )
+        for h in await repo.registered_hosts()
+    }
+    for gpu in await repo.registered_gpus():
+        entry = entries.get(gpu.host_id)
+        if entry is not None:
+            gpu_class = index.gpu_class(gpu.name, gpu.memory_total_bytes, gpu.compute_capability)
+            entry.free.setdefault(gpu_class.id, []).append(gpu.uuid)
+    for entry in entries.values():
+        index.add_host(entry)
+    return index

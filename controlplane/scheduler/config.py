@@ -29,5 +29,6 @@ def scheduler_policy(group: SchedulerSettings) -> SchedulerPolicy:
             max_reservations=group.max_reservations,
         ),
         batch=group.batch,
+        reject_after_s=group.reject_unsatisfiable_after_seconds,
         per_tenant=max(1, group.batch // 5),
     )

@@ -19,7 +19,10 @@ REASON_TEXT: Mapping[str, tuple[str, str]] = {
     "excluded": ("is excluded", "are excluded"),
     "location": ("is in another location", "are in other locations"),
     "labels": ("lacks the required host labels", "lack the required host labels"),
-    "no_match": ("has no GPU of an allowed model/VRAM/compute capability",) * 2,
+    "no_match": (
+        "has no GPU of an allowed model/VRAM/compute capability",
+        "have no GPU of an allowed model/VRAM/compute capability",
+    ),
     "too_small": ("has too few matching GPUs", "have too few matching GPUs"),
     "price": (
         "would fit but exceeds max_price_per_gpu_hour",

@@ -90,6 +90,34 @@ class SchedulerRepository:
         ).where(Host.state.in_(states))
         return (await self.session.execute(query)).all()
 
+    async def registered_hosts(self) -> Sequence[Any]:
+        """Every host not revoked, in any state (what could ever run a job)."""
+        query = select(
+            Host.id, Host.price_per_gpu_hour, Host.location, Host.labels, Host.simulated
+        ).where(Host.revoked_at.is_(None))
+        return (await self.session.execute(query)).all()
+
+    async def registered_gpus(self) -> Sequence[Any]:
+        """Every GPU, healthy or not, of hosts not revoked."""
+        query = (
+            select(Gpu.uuid, Gpu.host_id, Gpu.name, Gpu.memory_total_bytes, Gpu.compute_capability)
+            .join(Host, Host.id == Gpu.host_id)
+            .where(Host.revoked_at.is_(None))
+        )
+        return (await self.session.execute(query)).all()
+
+    async def lost_on_hosts(self, job_ids: Sequence[str]) -> dict[str, set[str]]:
+        """The hosts each job lost an attempt on (a provider fault): its retries avoid them."""
+        if not job_ids:
+            return {}
+        query = select(JobAttempt.job_id, JobAttempt.host_id).where(
+            JobAttempt.job_id.in_(job_ids), JobAttempt.lost.is_(True)
+        )
+        found: dict[str, set[str]] = {}
+        for job_id, host_id in await self.session.execute(query):
+            found.setdefault(job_id, set()).add(host_id)
+        return found
+
     async def healthy_gpus(self, states: Sequence[str]) -> Sequence[Any]:
         """Healthy GPUs of hosts in `states`, by host then index."""
         query = (

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -24,10 +24,12 @@ from controlplane.scheduler.capacity import (
     SCHEDULABLE_HOST_STATES,
     Durations,
     capacity_snapshot,
+    epoch,
     load_capacity,
 )
 from controlplane.scheduler.demand import Demand, Policy, demand_of
 from controlplane.scheduler.fairshare import FairShare, FairShareConfig
+from controlplane.scheduler.feasibility import Feasibility
 from controlplane.scheduler.planner import Placed, Plan, PlannerConfig, plan_cycle
 from controlplane.scheduler.repository import SchedulerRepository
 from messaging.subjects import dispatch_msg_id, dispatch_subject
@@ -44,6 +46,9 @@ DISPATCH_GRACE = timedelta(minutes=10)
 # error) when this process may no longer place jobs (a stale scheduling leader), so the
 # transaction rolls back and nothing is committed.
 Fence = Callable[[AsyncSession], Awaitable[None]]
+# Called inside the cycle's transaction with the queued jobs (locked by it) that no
+# registered host could ever run, each with why (JobService.reject_unsatisfiable).
+Reject = Callable[[AsyncSession, list[tuple[Job, str]], datetime], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,9 @@ class SchedulerPolicy:
     # Queued jobs one cycle considers: in all, and per tenant and priority (their oldest).
     batch: int = 5000
     per_tenant: int = 1000
+    # A queued job no registered host could ever run is rejected once it is this old (a
+    # host being registered meanwhile saves it).
+    reject_after_s: float = 300.0
 
 
 @dataclass(slots=True)
@@ -75,11 +83,14 @@ class Scheduler:
         batch: int = 5000,
         fence: Fence | None = None,
         policy: SchedulerPolicy | None = None,
+        reject: Reject | None = None,
     ) -> None:
         self.db = db
         self.notifier = notifier
         self.bucket = bucket
         self.fence = fence
+        # Without it (a scheduler alone, in benchmarks) unsatisfiable jobs just wait.
+        self.reject = reject
         self.policy = policy or SchedulerPolicy(batch=batch)
         self.fair = FairShare(self.policy.fair_share)
         self.durations = Durations()
@@ -110,7 +121,9 @@ class Scheduler:
             self.fair.weights = await repo.weights({job.tenant_id for job in jobs})
             self.fair.advance(now.timestamp(), capacity.running)
             specs = {job.id: types_pb2.JobSpec.FromString(job.spec) for job in jobs}
-            queue = [self._demand(job, specs[job.id]) for job in jobs]
+            asked = [self._demand(job, specs[job.id]) for job in jobs]
+            feasible = Feasibility(session, capacity.index)
+            queue = await self._avoid_lost_hosts(repo, jobs, asked, feasible)
             plan = plan_cycle(
                 capacity.index,
                 queue,
@@ -119,14 +132,20 @@ class Scheduler:
                 now.timestamp(),
                 self.policy.planner,
             )
-            await self._commit(repo, plan, {j.id: j for j in jobs}, specs, now)
+            by_id = {j.id: j for j in jobs}
+            rejected = await self._unsatisfiable(by_id, asked, plan, feasible, now)
+            for job_id in rejected:
+                plan.reasons.pop(job_id, None)
+            await self._commit(repo, plan, by_id, specs, now)
+            if rejected and self.reject is not None:
+                await self.reject(session, [(by_id[j], why) for j, why in rejected.items()], now)
         self.last = CycleStats(
             len(jobs), len(plan.placed), len(plan.reservations), time.perf_counter() - started
         )
         if self.on_cycle is not None:
             self.on_cycle(self.last)
-        for placed in plan.placed:
-            self.notifier.job_changed(placed.demand.job_id)
+        for job_id in [p.demand.job_id for p in plan.placed] + list(rejected):
+            self.notifier.job_changed(job_id)
         if plan.placed:
             self.notifier.outbox.set()
             log.info(
@@ -146,6 +165,52 @@ class Scheduler:
             since.timestamp(),
             default_policy=self.policy.default_policy,
         )
+
+    async def _avoid_lost_hosts(
+        self,
+        repo: SchedulerRepository,
+        jobs: Sequence[Job],
+        asked: list[Demand],
+        feasible: Feasibility,
+    ) -> list[Demand]:
+        """A retry goes to another host than those its job lost attempts on, while some other
+        registered host could run it within its max price (else anywhere: waiting for a host
+        that may never come would be worse than trying the same one again)."""
+        lost_on = await repo.lost_on_hosts([j.id for j in jobs if j.attempt > 1])
+        if not lost_on:
+            return asked
+        queue = []
+        for demand in asked:
+            avoid = lost_on.get(demand.job_id, set()) - demand.exclude
+            if avoid:
+                avoiding = replace(demand, exclude=demand.exclude | avoid)
+                if await feasible.ever(avoiding, priced=True):
+                    demand = avoiding
+            queue.append(demand)
+        return queue
+
+    async def _unsatisfiable(
+        self,
+        jobs: dict[str, Job],
+        asked: list[Demand],
+        plan: Plan,
+        feasible: Feasibility,
+        now: datetime,
+    ) -> dict[str, str]:
+        """Job id → why, for the unplaced jobs past the grace that no registered host could
+        ever run (feasibility.py says what counts)."""
+        if self.reject is None:
+            return {}
+        placed = {p.demand.job_id for p in plan.placed}
+        due = now.timestamp() - self.policy.reject_after_s
+        rejected: dict[str, str] = {}
+        for demand in asked:
+            job = jobs[demand.job_id]
+            if demand.job_id in placed or epoch(job.created_at) > due:
+                continue
+            if not await feasible.ever(demand):
+                rejected[demand.job_id] = await feasible.why_never(demand)
+        return rejected
 
     async def _seed(self, repo: SchedulerRepository, now: datetime) -> None:
         """Fair share starts from the GPU time of attempts that ended recently (this process

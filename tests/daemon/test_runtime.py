@@ -9,7 +9,7 @@ import docker
 import pytest
 
 from daemon.gpus import GpuInventory
-from daemon.runtime import DockerRuntime, ImageUnavailable, parse_docker_time
+from daemon.runtime import DockerRuntime, ImagePullFailed, parse_docker_time
 from tests.daemon.conftest import make_dispatch
 
 
@@ -76,7 +76,7 @@ async def test_container_gets_exactly_its_gpus_and_is_hardened(
 async def test_absent_image_that_cannot_be_pulled_is_a_readable_error(
     runtime: DockerRuntime,
 ) -> None:
-    with pytest.raises(ImageUnavailable) as caught:
+    with pytest.raises(ImagePullFailed) as caught:  # the registry is unreachable
         await runtime.ensure_image("127.0.0.1:1/nope/missing:1")
     message = str(caught.value)
     assert message.startswith(

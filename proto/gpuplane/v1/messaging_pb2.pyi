@@ -91,9 +91,14 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     STOP_REASON_OOM_KILLED: _StopReason.ValueType  # 3
     """The container was killed for running out of memory."""
     STOP_REASON_IMAGE_UNAVAILABLE: _StopReason.ValueType  # 4
-    """The job's image is not on the host and could not be pulled; `reason` says why."""
+    """The job's image does not exist or may not be pulled (the registry answered not found,
+    denied or a bad reference); `reason` says why.
+    """
     STOP_REASON_INPUT_UNAVAILABLE: _StopReason.ValueType  # 5
-    """One of the job's inputs could not be fetched; `reason` says which and why."""
+    """One of the job's inputs is not in the tenant's input area or has a bad path; `reason`
+    says which and why. (One the host could not fetch, storage being unreachable from it,
+    is HOST_ERROR.)
+    """
     STOP_REASON_CONTAINER_ERROR: _StopReason.ValueType  # 6
     """The job's container could not be created or started; `reason` says why."""
     STOP_REASON_OUTPUT_TOO_LARGE: _StopReason.ValueType  # 7
@@ -122,6 +127,11 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     """The results could not be stored after every retry; whatever was stored is in `manifest`."""
     STOP_REASON_ORPHANED: _StopReason.ValueType  # 24
     """The daemon stopped an attempt the control plane does not know."""
+    STOP_REASON_IMAGE_PULL_FAILED: _StopReason.ValueType  # 25
+    """The job's image is not on the host and pulling it failed for the host's reasons (its
+    network, DNS or the registry unreachable from it, a registry error, its disk); `reason`
+    says why. An image the registry says does not exist is IMAGE_UNAVAILABLE instead.
+    """
 
 class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
     """Why an attempt ended: set by the daemon on every terminal report (FINISHED, STOPPED,
@@ -143,9 +153,14 @@ STOP_REASON_EXITED_WITH_ERROR: StopReason.ValueType  # 2
 STOP_REASON_OOM_KILLED: StopReason.ValueType  # 3
 """The container was killed for running out of memory."""
 STOP_REASON_IMAGE_UNAVAILABLE: StopReason.ValueType  # 4
-"""The job's image is not on the host and could not be pulled; `reason` says why."""
+"""The job's image does not exist or may not be pulled (the registry answered not found,
+denied or a bad reference); `reason` says why.
+"""
 STOP_REASON_INPUT_UNAVAILABLE: StopReason.ValueType  # 5
-"""One of the job's inputs could not be fetched; `reason` says which and why."""
+"""One of the job's inputs is not in the tenant's input area or has a bad path; `reason`
+says which and why. (One the host could not fetch, storage being unreachable from it,
+is HOST_ERROR.)
+"""
 STOP_REASON_CONTAINER_ERROR: StopReason.ValueType  # 6
 """The job's container could not be created or started; `reason` says why."""
 STOP_REASON_OUTPUT_TOO_LARGE: StopReason.ValueType  # 7
@@ -174,6 +189,11 @@ STOP_REASON_UPLOAD_FAILED: StopReason.ValueType  # 23
 """The results could not be stored after every retry; whatever was stored is in `manifest`."""
 STOP_REASON_ORPHANED: StopReason.ValueType  # 24
 """The daemon stopped an attempt the control plane does not know."""
+STOP_REASON_IMAGE_PULL_FAILED: StopReason.ValueType  # 25
+"""The job's image is not on the host and pulling it failed for the host's reasons (its
+network, DNS or the registry unreachable from it, a registry error, its disk); `reason`
+says why. An image the registry says does not exist is IMAGE_UNAVAILABLE instead.
+"""
 Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 
 @_typing.final

@@ -479,6 +479,7 @@ class JobSpec(_message.Message):
     HOST_LABELS_FIELD_NUMBER: _builtins.int
     EXCLUDE_HOST_IDS_FIELD_NUMBER: _builtins.int
     ALLOW_SIMULATED_FIELD_NUMBER: _builtins.int
+    RETRY_ON_EXIT_CODES_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """Container image reference, e.g. "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime"."""
     gpu_count: _builtins.int
@@ -505,7 +506,11 @@ class JobSpec(_message.Message):
     priority: _builtins.int
     """Higher runs first within the same tenant share; 0 is normal."""
     max_retries: _builtins.int
-    """Attempts lost to provider faults that are retried on another host."""
+    """How many times the job is retried after its first attempt (at most 20): attempts lost
+    to infrastructure faults (host lost, daemon or host error, image pull failed on the
+    host's network) are retried on another host and never charged; user failures only when
+    their exit code is in `retry_on_exit_codes`. Unset: 2. (`optional` since 0 is a choice.)
+    """
     placement_policy: Global___PlacementPolicy.ValueType
     allow_simulated: _builtins.bool
     """Allow hosts whose GPUs are simulated (dev and test stacks only)."""
@@ -537,6 +542,13 @@ class JobSpec(_message.Message):
     def host_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def exclude_host_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def retry_on_exit_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Exit codes (1..255) after which a failed attempt is retried, charged like any attempt
+        and counted against max_retries; other user failures (non-zero exit, OOM, image not
+        found) end the job.
+        """
+
     def __init__(
         self,
         *,
@@ -558,18 +570,21 @@ class JobSpec(_message.Message):
         budget_micro_credits: _builtins.int = ...,
         priority: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        max_retries: _builtins.int = ...,
+        max_retries: _builtins.int | None = ...,
         placement_policy: Global___PlacementPolicy.ValueType = ...,
         locations: _abc.Iterable[_builtins.str] | None = ...,
         host_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         exclude_host_ids: _abc.Iterable[_builtins.str] | None = ...,
         allow_simulated: _builtins.bool = ...,
+        retry_on_exit_codes: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_simulated", b"allow_simulated", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "shm_bytes", b"shm_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "shm_bytes", b"shm_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
+    _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
 
