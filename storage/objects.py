@@ -197,6 +197,21 @@ class ObjectStore:
             # Presigning needs no round trip (the region is given) unless the SDK must ask.
             raise StorageError(str(exc)) from exc
 
+    async def presign_put(self, key: str, ttl_seconds: int) -> str:
+        """A URL that PUTs the object (one request, up to 5 GiB) without credentials until it
+        expires."""
+        expires = timedelta(seconds=ttl_seconds)
+        try:
+            return await asyncio.to_thread(
+                self._client.presigned_put_object, self.bucket, key, expires=expires
+            )
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise StorageError(str(exc)) from exc
+
+    async def delete(self, key: str) -> None:
+        """Removes the object; removing one that does not exist is not an error (S3)."""
+        await self._call(key, lambda: self._client.remove_object(self.bucket, key))
+
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object under `prefix` (recursively), in key order."""
 
@@ -210,18 +225,20 @@ class ObjectStore:
 
         return await self._call(prefix, listing)
 
-    async def download_file(self, key: str, path: Path) -> int:
-        """Writes the object to `path` (via a temporary file beside it); returns its size."""
+    async def download_file(self, key: str, path: Path) -> StoredObject:
+        """Writes the object to `path` (via a temporary file beside it), hashing it in the
+        same pass; returns its size and SHA-256."""
 
-        def download() -> int:
+        def download() -> StoredObject:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.part")
             response = self._client.get_object(self.bucket, key)
-            size = 0
+            digest, size = hashlib.sha256(), 0
             try:
                 with partial.open("wb") as handle:
                     for chunk in response.stream(1 << 20):
                         handle.write(chunk)
+                        digest.update(chunk)
                         size += len(chunk)
             except BaseException:
                 partial.unlink(missing_ok=True)
@@ -230,7 +247,7 @@ class ObjectStore:
                 response.close()
                 response.release_conn()
             partial.replace(path)
-            return size
+            return StoredObject(key, size, digest.hexdigest())
 
         return await self._call(key, download)
 

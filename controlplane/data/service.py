@@ -1,0 +1,149 @@
+"""Input data of a consumer: presigned uploads, records with their SHA-256, listing, deletion."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from gpuplane.v1 import types_pb2
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.auth.principal import Principal
+from controlplane.data.models import InputRecord
+from controlplane.data.repository import InputRepository
+from controlplane.db.base import utcnow
+from controlplane.db.engine import Database
+from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
+from controlplane.paging import Page, PageRequest
+from storage.layout import input_key
+from storage.objects import ObjectNotFound, ObjectStore
+
+# S3 accepts one PUT of at most 5 GiB; larger inputs need multipart (not offered yet).
+MAX_SINGLE_PUT_BYTES = 5 * 1024**3
+# S3 keys are at most 1024 bytes; inputs/<tenant id>/ takes the rest.
+MAX_KEY_BYTES = 900
+DEFAULT_URL_TTL = 3600
+MAX_URL_TTL = 7 * 24 * 3600
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    key: str
+    url: str
+    expires_at: datetime
+    max_size_bytes: int = MAX_SINGLE_PUT_BYTES
+
+
+def key_problem(key: str) -> str | None:
+    """What is wrong with an input key, None when it is a clean relative object key."""
+    if not key:
+        return "is required"
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return f"at most {MAX_KEY_BYTES} bytes"
+    if any(unicodedata.category(c) == "Cc" for c in key):
+        return "must not contain NUL or control characters"
+    if key.startswith("/") or key.endswith("/"):
+        return "must be relative and name an object (no leading or trailing '/')"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "must not contain empty, '.' or '..' segments"
+    return None
+
+
+def checked_key(key: str, field: str = "key") -> str:
+    problem = key_problem(key)
+    if problem is not None:
+        raise InvalidArgument(field, problem)
+    return key
+
+
+def checked_sha256(value: str, field: str = "sha256") -> str:
+    """A hex SHA-256 in lower case, or "" (none given)."""
+    value = value.lower()
+    if value and not SHA256_HEX.fullmatch(value):
+        raise InvalidArgument(field, "must be 64 hexadecimal digits (a SHA-256)")
+    return value
+
+
+async def stamp_input_hashes(
+    session: AsyncSession, tenant_id: str, spec: types_pb2.JobSpec
+) -> types_pb2.JobSpec:
+    """The spec with each input that names no sha256 carrying the one recorded for its key
+    (inputs nobody uploaded through DataService stay unchecked)."""
+    unstamped = {item.key for item in spec.inputs if not item.sha256}
+    hashes = await InputRepository(session).hashes(tenant_id, unstamped)
+    if not hashes:
+        return spec
+    stamped = types_pb2.JobSpec()
+    stamped.CopyFrom(spec)
+    for item in stamped.inputs:
+        if not item.sha256 and item.key in hashes:
+            item.sha256 = hashes[item.key]
+    return stamped
+
+
+class DataService:
+    """The caller's own input area, inputs/<tenant>/: nothing here can name another's."""
+
+    def __init__(self, db: Database, store: ObjectStore) -> None:
+        self.db = db
+        self.store = store
+
+    async def create_upload(
+        self, caller: Principal, key: str, size_bytes: int, ttl_seconds: int
+    ) -> Upload:
+        """A presigned PUT URL for `key` in the caller's input area."""
+        checked_key(key)
+        if size_bytes > MAX_SINGLE_PUT_BYTES:
+            raise InvalidArgument("size_bytes", "at most 5 GiB in one upload")
+        ttl = ttl_seconds or DEFAULT_URL_TTL
+        if ttl > MAX_URL_TTL:
+            raise InvalidArgument("url_ttl_seconds", "at most 7 days (604800)")
+        url = await self.store.presign_put(input_key(caller.tenant_id, key), ttl)
+        return Upload(key, url, utcnow() + timedelta(seconds=ttl))
+
+    async def complete_upload(self, caller: Principal, key: str, sha256: str) -> InputRecord:
+        """Reads the uploaded object back and records its size and SHA-256. With `sha256`
+        given, bytes that hash otherwise are refused and deleted."""
+        checked_key(key)
+        expected = checked_sha256(sha256)
+        stored = input_key(caller.tenant_id, key)
+        try:
+            size, actual = await self.store.digest(stored)
+        except ObjectNotFound:
+            raise NotFound(f"key: nothing was uploaded to '{key}'") from None
+        if expected and actual != expected:
+            await self.store.delete(stored)
+            raise FailedPrecondition(
+                f"sha256: the uploaded bytes hash to {actual}, not {expected}; "
+                "the object was deleted, upload it again"
+            )
+
+        async def work(session: AsyncSession) -> InputRecord:
+            return await InputRepository(session).record(
+                caller.tenant_id, key, size, actual, utcnow()
+            )
+
+        return await self.db.run(work)
+
+    async def list(self, caller: Principal, prefix: str, page: PageRequest) -> Page[InputRecord]:
+        if len(prefix.encode()) > MAX_KEY_BYTES:
+            raise InvalidArgument("prefix", f"at most {MAX_KEY_BYTES} bytes")
+        async with self.db.read() as session:
+            return await InputRepository(session).list(caller.tenant_id, prefix, page)
+
+    async def delete(self, caller: Principal, key: str) -> None:
+        """Deletes the object and its record; NOT_FOUND when neither exists."""
+        checked_key(key)
+        stored = input_key(caller.tenant_id, key)
+        existed = await self.store.exists(stored)
+        if existed:
+            await self.store.delete(stored)
+
+        async def work(session: AsyncSession) -> bool:
+            return await InputRepository(session).forget(caller.tenant_id, key)
+
+        if not await self.db.run(work) and not existed:
+            raise NotFound(f"key: no input '{key}'")
