@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from gpuplane.v1 import data_pb2, types_pb2
 
@@ -28,8 +28,10 @@ from gpuplane_cli.client import (
 from gpuplane_cli.output import print_json, table, when
 from gpuplane_cli.units import format_bytes
 
-# One presigned PUT carries at most this much (S3's limit; DataService says the same).
-MAX_PUT_BYTES = 5 * 1024**3
+# A file larger than this goes up in parts of this size (multipart), each its own PUT.
+DEFAULT_PART_SIZE = 64 * 1024**2
+# The most one upload carries (S3's limit for a multipart upload; DataService checks it).
+MAX_UPLOAD_BYTES = 5 * 1024**4
 CHUNK = 1 << 20
 # `jobs submit --input` uploads a local file under this prefix, named by its content, so that
 # a queued job's input is never replaced by a later upload of another file of the same name.
@@ -49,6 +51,12 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     put.add_argument("local", metavar="LOCAL", help="the file to upload")
     put.add_argument(
         "input_key", metavar="KEY", nargs="?", help="its key (default: the file's name)"
+    )
+    put.add_argument(
+        "--part-size",
+        type=a.size,
+        default=DEFAULT_PART_SIZE,
+        help="larger files go up in parts of this size, 5m to 5g (default 64m)",
     )
     put.add_argument(
         "--progress",
@@ -91,35 +99,52 @@ class Progress:
 
 
 class _HashingBody:
-    """The request body urllib sends: the file, hashed and counted as it is read."""
+    """A request body urllib sends: the next `limit` bytes of the file, hashed (into the
+    whole file's digest) and counted as they are read."""
 
-    def __init__(self, handle: BinaryIO, progress: Progress) -> None:
-        self.handle, self.progress = handle, progress
-        self.digest = hashlib.sha256()
+    def __init__(self, handle: BinaryIO, limit: int, digest: Any, progress: Progress) -> None:
+        self.handle, self.left, self.digest, self.progress = handle, limit, digest, progress
 
     def read(self, size: int = -1) -> bytes:
-        data = self.handle.read(size if size and size > 0 else CHUNK)
+        want = min(size if size and size > 0 else CHUNK, self.left)
+        data = self.handle.read(want)
+        self.left -= len(data)
         self.digest.update(data)
         self.progress.advance(len(data))
         return data
 
 
-def _put(url: str, path: Path, size: int, progress: Progress) -> str:
-    """PUTs the file to a presigned URL; returns the SHA-256 of what was sent."""
+def _send(url: str, body: _HashingBody, size: int) -> str:
+    """PUTs `size` bytes of `body` to a presigned URL; returns the response's ETag."""
+    request = urllib.request.Request(url, data=body, method="PUT")
+    request.add_header("Content-Length", str(size))
+    request.add_header("Content-Type", "application/octet-stream")
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            response.read()
+            return str(response.headers.get("ETag", ""))
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:300].decode(errors="replace")
+        raise CliError(f"upload refused by object storage: HTTP {exc.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"object storage unreachable: {exc}", EXIT_UNAVAILABLE) from None
+
+
+def _put(
+    created: data_pb2.CreateUploadResponse, path: Path, size: int, progress: Progress
+) -> tuple[str, list[data_pb2.UploadedPart]]:
+    """PUTs the file (whole, or part by part); returns its SHA-256 and the parts sent."""
+    digest = hashlib.sha256()
+    parts: list[data_pb2.UploadedPart] = []
     with path.open("rb") as handle:
-        body = _HashingBody(handle, progress)
-        request = urllib.request.Request(url, data=body, method="PUT")
-        request.add_header("Content-Length", str(size))
-        request.add_header("Content-Type", "application/octet-stream")
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode(errors="replace")
-            raise CliError(f"upload refused by object storage: HTTP {exc.code} {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise CliError(f"object storage unreachable: {exc}", EXIT_UNAVAILABLE) from None
-    return body.digest.hexdigest()
+        if not created.upload_id:
+            _send(created.url, _HashingBody(handle, size, digest, progress), size)
+            return digest.hexdigest(), parts
+        for number, url in enumerate(created.part_urls, start=1):
+            length = min(created.part_size_bytes, size - (number - 1) * created.part_size_bytes)
+            etag = _send(url, _HashingBody(handle, length, digest, progress), length)
+            parts.append(data_pb2.UploadedPart(part_number=number, etag=etag))
+    return digest.hexdigest(), parts
 
 
 def local_file(text: str, flag: str) -> Path:
@@ -127,27 +152,36 @@ def local_file(text: str, flag: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
         raise CliError(f"{flag}: {text} is not a file", EXIT_USAGE)
-    if path.stat().st_size > MAX_PUT_BYTES:
-        raise CliError(f"{flag}: {text} is over 5 GiB, the most one upload carries", EXIT_USAGE)
+    if path.stat().st_size > MAX_UPLOAD_BYTES:
+        raise CliError(f"{flag}: {text} is over 5 TiB, the most one upload carries", EXIT_USAGE)
     return path
 
 
 async def upload(
-    client: Client, path: Path, key: str, progress_to: TextIO | None
+    client: Client,
+    path: Path,
+    key: str,
+    progress_to: TextIO | None,
+    part_size: int = DEFAULT_PART_SIZE,
 ) -> data_pb2.InputObject:
-    """Uploads `path` to `key` in the caller's input area and has the control plane record it
-    (it reads the object back and refuses bytes that do not hash as sent)."""
+    """Uploads `path` to `key` in the caller's input area, in parts of `part_size` when it is
+    larger, and has the control plane record it (it reads the object back and refuses bytes
+    that do not hash as sent)."""
     size = path.stat().st_size
-    created = await client.call(
-        client.data.CreateUpload, data_pb2.CreateUploadRequest(key=key, size_bytes=size)
-    )
+    request = data_pb2.CreateUploadRequest(key=key, size_bytes=size)
+    if size > part_size:
+        request.part_size_bytes = part_size
+    created = await client.call(client.data.CreateUpload, request)
     progress = Progress(key, size, progress_to)
     try:
-        sha256 = await asyncio.to_thread(_put, created.url, path, size, progress)
+        sha256, parts = await asyncio.to_thread(_put, created, path, size, progress)
     finally:
         progress.finish()
     done = await client.call(
-        client.data.CompleteUpload, data_pb2.CompleteUploadRequest(key=key, sha256=sha256)
+        client.data.CompleteUpload,
+        data_pb2.CompleteUploadRequest(
+            key=key, sha256=sha256, upload_id=created.upload_id, parts=parts
+        ),
     )
     return done.input
 
@@ -160,7 +194,9 @@ def _progress_stream(choice: bool | None) -> TextIO | None:
 async def put_data(args: argparse.Namespace, ctx: Context) -> int:
     path = local_file(args.local, "LOCAL")
     key = args.input_key or path.name
-    recorded = await upload(ctx.client(), path, key, _progress_stream(args.progress))
+    recorded = await upload(
+        ctx.client(), path, key, _progress_stream(args.progress), args.part_size
+    )
     if ctx.json:
         print_json(recorded)
     else:

@@ -13,12 +13,15 @@ from typing import BinaryIO, TypeVar
 
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import S3Error
 
 # S3 error codes that mean "no such object" (NoSuchKey on GET, NotFound on HEAD).
 T = TypeVar("T")
 
 _MISSING = frozenset({"NoSuchKey", "NotFound", "NoSuchObject"})
+# S3 error codes of a multipart completion the client got wrong.
+_REFUSED_PARTS = frozenset({"InvalidPart", "InvalidPartOrder", "NoSuchUpload", "EntityTooSmall"})
 
 
 class StorageError(Exception):
@@ -27,6 +30,11 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError):
     """The object does not exist in the bucket."""
+
+
+class PartsRefused(StorageError):
+    """A multipart upload could not be completed from the parts named (unknown upload,
+    missing or wrong ETags, parts too small)."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,41 @@ class ObjectStore:
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             raise StorageError(str(exc)) from exc
 
+    async def start_multipart(self, key: str) -> str:
+        """Starts a multipart upload of `key`; returns its upload id."""
+        # The SDK's multipart calls are internal to its put_object; they are what S3 offers.
+        return await self._call(
+            key, lambda: self._client._create_multipart_upload(self.bucket, key, {})
+        )
+
+    async def presign_part(self, key: str, upload_id: str, number: int, ttl_seconds: int) -> str:
+        """A URL that PUTs part `number` (from 1) of a multipart upload without credentials."""
+        query: dict[str, str | list[str] | tuple[str]] = {
+            "uploadId": upload_id,
+            "partNumber": str(number),
+        }
+        try:
+            return await asyncio.to_thread(
+                self._client.get_presigned_url,
+                "PUT",
+                self.bucket,
+                key,
+                expires=timedelta(seconds=ttl_seconds),
+                extra_query_params=query,
+            )
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise StorageError(str(exc)) from exc
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> None:
+        """Joins the uploaded parts, (number, ETag) in order, into the object."""
+        listed = [Part(number, etag) for number, etag in parts]
+        await self._call(
+            key,
+            lambda: self._client._complete_multipart_upload(self.bucket, key, upload_id, listed),
+        )
+
     async def delete(self, key: str) -> None:
         """Removes the object; removing one that does not exist is not an error (S3)."""
         await self._call(key, lambda: self._client.remove_object(self.bucket, key))
@@ -257,6 +300,8 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code in _MISSING:
                 raise ObjectNotFound(f"object '{key}' not found in bucket '{self.bucket}'") from exc
+            if exc.code in _REFUSED_PARTS:
+                raise PartsRefused(f"{exc.code}: {exc.message}") from exc
             where = f"bucket '{self.bucket}', '{key}'"
             raise StorageError(f"{where}: {exc.code}: {exc.message}") from exc
         except urllib3.exceptions.HTTPError as exc:

@@ -32,19 +32,32 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         self, request: data_pb2.CreateUploadRequest, context: Context
     ) -> data_pb2.CreateUploadResponse:
         upload = await self.data.create_upload(
-            current_principal(), request.key, request.size_bytes, request.url_ttl_seconds
+            current_principal(),
+            request.key,
+            request.size_bytes,
+            request.url_ttl_seconds,
+            request.part_size_bytes,
         )
         return data_pb2.CreateUploadResponse(
             key=upload.key,
             url=upload.url,
             url_expires_at=timestamp(upload.expires_at),
             max_size_bytes=upload.max_size_bytes,
+            upload_id=upload.upload_id,
+            part_urls=upload.part_urls,
+            part_size_bytes=upload.part_size_bytes,
         )
 
     async def CompleteUpload(
         self, request: data_pb2.CompleteUploadRequest, context: Context
     ) -> data_pb2.CompleteUploadResponse:
-        row = await self.data.complete_upload(current_principal(), request.key, request.sha256)
+        row = await self.data.complete_upload(
+            current_principal(),
+            request.key,
+            request.sha256,
+            request.upload_id,
+            [(part.part_number, part.etag) for part in request.parts],
+        )
         return data_pb2.CompleteUploadResponse(input=input_pb(row))
 
     async def ListInputs(

@@ -18,10 +18,14 @@ from controlplane.db.engine import Database
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.paging import Page, PageRequest
 from storage.layout import input_key
-from storage.objects import ObjectNotFound, ObjectStore
+from storage.objects import ObjectNotFound, ObjectStore, PartsRefused
 
-# S3 accepts one PUT of at most 5 GiB; larger inputs need multipart (not offered yet).
+# S3's limits: one PUT (or one part) carries at most 5 GiB; a multipart upload has parts of
+# at least 5 MiB (but the last), at most 10,000 of them, at most 5 TiB in all.
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3
+MIN_PART_BYTES = 5 * 1024**2
+MAX_PARTS = 10_000
+MAX_OBJECT_BYTES = 5 * 1024**4
 # S3 keys are at most 1024 bytes; inputs/<tenant id>/ takes the rest.
 MAX_KEY_BYTES = 900
 DEFAULT_URL_TTL = 3600
@@ -31,10 +35,27 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True, slots=True)
 class Upload:
+    """One PUT to `url`, or (`upload_id` set) one PUT per part to `part_urls`."""
+
     key: str
     url: str
     expires_at: datetime
     max_size_bytes: int = MAX_SINGLE_PUT_BYTES
+    upload_id: str = ""
+    part_urls: tuple[str, ...] = ()
+    part_size_bytes: int = 0
+
+
+def part_count(size_bytes: int, part_size_bytes: int) -> int:
+    """How many parts a multipart upload of `size_bytes` takes; checks S3's limits."""
+    if not MIN_PART_BYTES <= part_size_bytes <= MAX_SINGLE_PUT_BYTES:
+        raise InvalidArgument("part_size_bytes", "must be between 5 MiB and 5 GiB")
+    if not 0 < size_bytes <= MAX_OBJECT_BYTES:
+        raise InvalidArgument("size_bytes", "a multipart upload needs a size, at most 5 TiB")
+    count = -(-size_bytes // part_size_bytes)
+    if count > MAX_PARTS:
+        raise InvalidArgument("part_size_bytes", f"{count} parts: at most {MAX_PARTS}")
+    return count
 
 
 def key_problem(key: str) -> str | None:
@@ -92,24 +113,45 @@ class DataService:
         self.store = store
 
     async def create_upload(
-        self, caller: Principal, key: str, size_bytes: int, ttl_seconds: int
+        self, caller: Principal, key: str, size_bytes: int, ttl_seconds: int, part_size: int = 0
     ) -> Upload:
-        """A presigned PUT URL for `key` in the caller's input area."""
+        """Presigned PUT URLs for `key` in the caller's input area: one, or with `part_size`
+        one per part of a multipart upload."""
         checked_key(key)
-        if size_bytes > MAX_SINGLE_PUT_BYTES:
-            raise InvalidArgument("size_bytes", "at most 5 GiB in one upload")
         ttl = ttl_seconds or DEFAULT_URL_TTL
         if ttl > MAX_URL_TTL:
             raise InvalidArgument("url_ttl_seconds", "at most 7 days (604800)")
-        url = await self.store.presign_put(input_key(caller.tenant_id, key), ttl)
-        return Upload(key, url, utcnow() + timedelta(seconds=ttl))
+        expires = utcnow() + timedelta(seconds=ttl)
+        stored = input_key(caller.tenant_id, key)
+        if not part_size:
+            if size_bytes > MAX_SINGLE_PUT_BYTES:
+                raise InvalidArgument(
+                    "size_bytes", "at most 5 GiB in one PUT: give part_size_bytes for multipart"
+                )
+            return Upload(key, await self.store.presign_put(stored, ttl), expires)
+        count = part_count(size_bytes, part_size)
+        upload_id = await self.store.start_multipart(stored)
+        urls = [
+            await self.store.presign_part(stored, upload_id, n, ttl) for n in range(1, count + 1)
+        ]
+        return Upload(key, "", expires, part_size, upload_id, tuple(urls), part_size)
 
-    async def complete_upload(self, caller: Principal, key: str, sha256: str) -> InputRecord:
-        """Reads the uploaded object back and records its size and SHA-256. With `sha256`
-        given, bytes that hash otherwise are refused and deleted."""
+    async def complete_upload(
+        self,
+        caller: Principal,
+        key: str,
+        sha256: str,
+        upload_id: str = "",
+        parts: list[tuple[int, str]] | None = None,
+    ) -> InputRecord:
+        """Joins a multipart upload's `parts` (with `upload_id`), reads the object back and
+        records its size and SHA-256. With `sha256` given, bytes that hash otherwise are
+        refused and deleted."""
         checked_key(key)
         expected = checked_sha256(sha256)
         stored = input_key(caller.tenant_id, key)
+        if upload_id:
+            await self._join(stored, upload_id, parts or [])
         try:
             size, actual = await self.store.digest(stored)
         except ObjectNotFound:
@@ -127,6 +169,15 @@ class DataService:
             )
 
         return await self.db.run(work)
+
+    async def _join(self, stored: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
+        numbers = [number for number, _ in parts]
+        if not parts or numbers != list(range(1, len(parts) + 1)):
+            raise InvalidArgument("parts", "every part, numbered from 1 in order, with its ETag")
+        try:
+            await self.store.complete_multipart(stored, upload_id, parts)
+        except PartsRefused as exc:
+            raise FailedPrecondition(f"parts: the upload could not be completed: {exc}") from exc
 
     async def list(self, caller: Principal, prefix: str, page: PageRequest) -> Page[InputRecord]:
         if len(prefix.encode()) > MAX_KEY_BYTES:

@@ -96,3 +96,15 @@ def test_submit_uploads_local_inputs_first(
     gone = cli(*submit, "--input", "./missing.bin", key=secret)
     assert gone.code == 2
     assert gone.err == "error: --input: ./missing.bin is not a file\n"
+
+
+def test_large_files_go_up_in_parts(cli: Cli, served: Served, tmp_path: Path) -> None:
+    _, secret = new_consumer(cli, served)
+    path, sha = _file(tmp_path, "big.bin", 11 * 1024 * 1024)
+    put = cli("data", "put", "--part-size", "5m", "--progress", str(path), key=secret)
+    assert put.code == 0, put.err
+    assert put.out.split() == ["big.bin", "11.0MiB", "sha256", sha]
+    assert put.err.rstrip("\n").endswith("] 100% 11.0MiB/11.0MiB")
+    small_parts = cli("data", "put", "--part-size", "1m", str(path), key=secret)
+    assert small_parts.code == 2
+    assert small_parts.err.startswith("error: INVALID_ARGUMENT: part_size_bytes: ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import urllib.request
 
 import grpc
@@ -187,3 +188,74 @@ async def test_submit_stamps_recorded_hashes_on_inputs(plane: JobPlane) -> None:
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("spec.inputs[0].sha256"), details
+
+
+def _put_part(url: str, data: bytes) -> str:
+    request = urllib.request.Request(url, data=data, method="PUT")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return str(response.headers["ETag"])
+
+
+async def test_multipart_upload_in_parts(plane: JobPlane) -> None:
+    data = Data(plane, plane.consumer_key)
+    part = 5 * 1024 * 1024
+    payload = os.urandom(2 * part + 1234)
+    created = await data.stub.CreateUpload(
+        data_pb2.CreateUploadRequest(key="big.bin", size_bytes=len(payload), part_size_bytes=part),
+        metadata=data.metadata,
+    )
+    assert created.url == ""
+    assert created.upload_id
+    assert len(created.part_urls) == 3
+    chunks = [payload[i : i + part] for i in range(0, len(payload), part)]
+    pairs = zip(created.part_urls, chunks, strict=True)
+    etags = [await asyncio.to_thread(_put_part, url, chunk) for url, chunk in pairs]
+    parts = [data_pb2.UploadedPart(part_number=n, etag=e) for n, e in enumerate(etags, start=1)]
+    # Parts missing or out of order are the client's mistake, named.
+    code, details = await _code(
+        data.stub.CompleteUpload(
+            data_pb2.CompleteUploadRequest(
+                key="big.bin", upload_id=created.upload_id, parts=parts[1:]
+            ),
+            metadata=data.metadata,
+        )
+    )
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "parts")
+    wrong = [data_pb2.UploadedPart(part_number=1, etag='"0000"'), *parts[1:]]
+    code, details = await _code(
+        data.stub.CompleteUpload(
+            data_pb2.CompleteUploadRequest(key="big.bin", upload_id=created.upload_id, parts=wrong),
+            metadata=data.metadata,
+        )
+    )
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.FAILED_PRECONDITION, "parts")
+    done = await data.stub.CompleteUpload(
+        data_pb2.CompleteUploadRequest(
+            key="big.bin",
+            sha256=hashlib.sha256(payload).hexdigest(),
+            upload_id=created.upload_id,
+            parts=parts,
+        ),
+        metadata=data.metadata,
+    )
+    assert done.input.size_bytes == len(payload)
+    assert done.input.sha256 == hashlib.sha256(payload).hexdigest()
+    stored = f"inputs/{plane.consumer_tenant}/big.bin"
+    assert await plane.plane.store.get_bytes(stored) == payload
+
+
+@pytest.mark.parametrize(
+    ("size", "part", "field"),
+    [
+        (100, 1024, "part_size_bytes"),  # parts under 5 MiB
+        (10 * 1024**3, 6 * 1024**3, "part_size_bytes"),  # parts over 5 GiB
+        (0, 5 * 1024**2, "size_bytes"),  # multipart needs the size
+        (6 * 1024**4, 1024**3, "size_bytes"),  # over 5 TiB
+        (10_001 * 5 * 1024**2, 5 * 1024**2, "part_size_bytes"),  # over 10,000 parts
+    ],
+)
+async def test_bad_multipart_sizes(plane: JobPlane, size: int, part: int, field: str) -> None:
+    data = Data(plane, plane.consumer_key)
+    request = data_pb2.CreateUploadRequest(key="k", size_bytes=size, part_size_bytes=part)
+    code, details = await _code(data.stub.CreateUpload(request, metadata=data.metadata))
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, field)

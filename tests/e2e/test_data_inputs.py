@@ -1,6 +1,6 @@
-"""Input data end to end on real servers: a 20 MB file put with `gpuplane data put`, read by
-a busybox job under /input (it hashes what it sees), and the daemon's own SHA-256 check
-refusing an object that changed in storage after its upload was recorded."""
+"""Input data end to end on real servers: a 20 MB file put in parts with `gpuplane data put`,
+read by a busybox job under /input (it hashes what it sees), and the daemon's own SHA-256
+check refusing an object that changed in storage after its upload was recorded."""
 
 from __future__ import annotations
 
@@ -48,11 +48,12 @@ async def agent(
         await running.stop()
 
 
-async def data_put(plane: JobPlane, local: Path, key: str) -> str:
-    """`gpuplane data put LOCAL KEY` as the consumer, in a thread (it runs its own loop);
-    returns what it printed's SHA-256."""
+async def data_put(plane: JobPlane, local: Path, key: str, *options: str) -> str:
+    """`gpuplane data put [OPTIONS] LOCAL KEY` as the consumer, in a thread (it runs its own
+    loop); returns the file's SHA-256."""
     argv = ["--addr", plane.address, "--plaintext", "--api-key", plane.consumer_key]
-    code = await asyncio.to_thread(main, [*argv, "data", "put", str(local), key], {})
+    words = [*argv, "data", "put", *options, str(local), key]
+    code = await asyncio.to_thread(main, words, {})
     assert code == 0
     return hashlib.sha256(local.read_bytes()).hexdigest()
 
@@ -67,7 +68,8 @@ async def test_twenty_mb_input_is_read_by_a_job_and_its_hash_checked(
 ) -> None:
     local = tmp_path / "train.bin"
     local.write_bytes(os.urandom(TWENTY_MB))
-    sha = await data_put(plane, local, "sets/train.bin")
+    # In parts of 5 MiB: the multipart path, four presigned part URLs.
+    sha = await data_put(plane, local, "sets/train.bin", "--part-size", "5m")
     script = "sha256sum /input/data/train.bin > /output/sum.txt && wc -c < /input/data/train.bin"
     job = await plane.submit(
         image=test_image,

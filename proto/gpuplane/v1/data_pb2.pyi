@@ -58,21 +58,27 @@ class CreateUploadRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     URL_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    PART_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     size_bytes: _builtins.int
     """The size the client will PUT; checked against the one-PUT limit (5 GiB)."""
     url_ttl_seconds: _builtins.int
     """URL lifetime; 0 = server default (1 hour), at most 7 days."""
+    part_size_bytes: _builtins.int
+    """0: one PUT. Else a multipart upload in parts of this size (the last one smaller): at
+    least 5 MiB, at most 5 GiB, and at most 10,000 parts.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         url_ttl_seconds: _builtins.int = ...,
+        part_size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "size_bytes", b"size_bytes", "url_ttl_seconds", b"url_ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "part_size_bytes", b"part_size_bytes", "size_bytes", b"size_bytes", "url_ttl_seconds", b"url_ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -86,12 +92,23 @@ class CreateUploadResponse(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     URL_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     MAX_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    PART_URLS_FIELD_NUMBER: _builtins.int
+    PART_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     url: _builtins.str
-    """HTTP PUT the bytes here (no credentials, no extra headers needed)."""
+    """One PUT: HTTP PUT the bytes here (no credentials, no extra headers needed)."""
     max_size_bytes: _builtins.int
+    """The most one PUT (url) or one part carries."""
+    upload_id: _builtins.str
+    """Multipart: PUT part n (from 1) to part_urls[n-1]; keep each response's ETag header for
+    CompleteUpload.
+    """
+    part_size_bytes: _builtins.int
     @_builtins.property
     def url_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def part_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -99,14 +116,39 @@ class CreateUploadResponse(_message.Message):
         url: _builtins.str = ...,
         url_expires_at: _timestamp_pb2.Timestamp | None = ...,
         max_size_bytes: _builtins.int = ...,
+        upload_id: _builtins.str = ...,
+        part_urls: _abc.Iterable[_builtins.str] | None = ...,
+        part_size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["url_expires_at", b"url_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "max_size_bytes", b"max_size_bytes", "url", b"url", "url_expires_at", b"url_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "max_size_bytes", b"max_size_bytes", "part_size_bytes", b"part_size_bytes", "part_urls", b"part_urls", "upload_id", b"upload_id", "url", b"url", "url_expires_at", b"url_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateUploadResponse: _TypeAlias = CreateUploadResponse  # noqa: Y015
+
+@_typing.final
+class UploadedPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    part_number: _builtins.int
+    etag: _builtins.str
+    def __init__(
+        self,
+        *,
+        part_number: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "part_number", b"part_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadedPart: _TypeAlias = UploadedPart  # noqa: Y015
 
 @_typing.final
 class CompleteUploadRequest(_message.Message):
@@ -114,20 +156,28 @@ class CompleteUploadRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     sha256: _builtins.str
     """Optional: the hex SHA-256 the client computed; when set, an object whose stored bytes
     hash otherwise is refused (FAILED_PRECONDITION) and deleted.
     """
+    upload_id: _builtins.str
+    """Multipart: the upload_id CreateUpload returned and every part's ETag."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___UploadedPart]: ...
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         sha256: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+        parts: _abc.Iterable[Global___UploadedPart] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "parts", b"parts", "sha256", b"sha256", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
