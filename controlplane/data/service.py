@@ -58,13 +58,17 @@ def part_count(size_bytes: int, part_size_bytes: int) -> int:
     return count
 
 
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
 def key_problem(key: str) -> str | None:
     """What is wrong with an input key, None when it is a clean relative object key."""
     if not key:
         return "is required"
     if len(key.encode()) > MAX_KEY_BYTES:
         return f"at most {MAX_KEY_BYTES} bytes"
-    if any(unicodedata.category(c) == "Cc" for c in key):
+    if _has_control(key):
         return "must not contain NUL or control characters"
     if key.startswith("/") or key.endswith("/"):
         return "must be relative and name an object (no leading or trailing '/')"
@@ -171,6 +175,10 @@ class DataService:
         return await self.db.run(work)
 
     async def _join(self, stored: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
+        if len(upload_id) > 1024 or _has_control(upload_id):
+            raise InvalidArgument("upload_id", "is not an upload id CreateUpload returned")
+        if any(len(etag) > 200 or _has_control(etag) for _, etag in parts):
+            raise InvalidArgument("parts", "an ETag is not one storage returned")
         numbers = [number for number, _ in parts]
         if not parts or numbers != list(range(1, len(parts) + 1)):
             raise InvalidArgument("parts", "every part, numbered from 1 in order, with its ETag")
@@ -182,6 +190,8 @@ class DataService:
     async def list(self, caller: Principal, prefix: str, page: PageRequest) -> Page[InputRecord]:
         if len(prefix.encode()) > MAX_KEY_BYTES:
             raise InvalidArgument("prefix", f"at most {MAX_KEY_BYTES} bytes")
+        if _has_control(prefix):
+            raise InvalidArgument("prefix", "must not contain NUL or control characters")
         async with self.db.read() as session:
             return await InputRepository(session).list(caller.tenant_id, prefix, page)
 

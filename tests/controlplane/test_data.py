@@ -162,6 +162,10 @@ async def test_bad_sizes_hashes_and_missing_uploads(plane: JobPlane) -> None:
         )
     )
     assert (code, details.split(":")[0]) == (grpc.StatusCode.NOT_FOUND, "key")
+    code, details = await _code(
+        data.stub.ListInputs(data_pb2.ListInputsRequest(prefix="a\x00"), metadata=data.metadata)
+    )
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "prefix")
     # Bytes that do not hash as the client said are refused, deleted and never recorded.
     wrong = hashlib.sha256(b"something else").hexdigest()
     code, details = await _code(data.upload("mangled.bin", b"payload", sha256=wrong))
