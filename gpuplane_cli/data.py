@@ -17,6 +17,7 @@ from gpuplane.v1 import data_pb2, types_pb2
 
 from gpuplane_cli import args as a
 from gpuplane_cli.client import (
+    DEFAULT_TIMEOUT,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -30,6 +31,8 @@ from gpuplane_cli.units import format_bytes
 
 # A file larger than this goes up in parts of this size (multipart), each its own PUT.
 DEFAULT_PART_SIZE = 64 * 1024**2
+# A floor for how fast the control plane reads an object back when an upload completes.
+READ_BACK_BYTES_PER_SECOND = 20 * 1024**2
 # The most one upload carries (S3's limit for a multipart upload; DataService checks it).
 MAX_UPLOAD_BYTES = 5 * 1024**4
 CHUNK = 1 << 20
@@ -177,12 +180,12 @@ async def upload(
         sha256, parts = await asyncio.to_thread(_put, created, path, size, progress)
     finally:
         progress.finish()
-    done = await client.call(
-        client.data.CompleteUpload,
-        data_pb2.CompleteUploadRequest(
-            key=key, sha256=sha256, upload_id=created.upload_id, parts=parts
-        ),
+    request_done = data_pb2.CompleteUploadRequest(
+        key=key, sha256=sha256, upload_id=created.upload_id, parts=parts
     )
+    # The control plane reads the whole object back to hash it: allow for that.
+    timeout = (client.timeout or DEFAULT_TIMEOUT) + size / READ_BACK_BYTES_PER_SECOND
+    done = await client.data.CompleteUpload(request_done, metadata=client.metadata, timeout=timeout)
     return done.input
 
 
