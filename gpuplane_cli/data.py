@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import sys
 import time
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+import grpc
 from gpuplane.v1 import data_pb2, types_pb2
 
 from gpuplane_cli import args as a
@@ -178,6 +180,12 @@ async def upload(
     progress = Progress(key, size, progress_to)
     try:
         sha256, parts = await asyncio.to_thread(_put, created, path, size, progress)
+    except BaseException:
+        if created.upload_id:  # leave no parts behind
+            abort = data_pb2.AbortUploadRequest(key=key, upload_id=created.upload_id)
+            with contextlib.suppress(grpc.RpcError):
+                await client.call(client.data.AbortUpload, abort)
+        raise
     finally:
         progress.finish()
     request_done = data_pb2.CompleteUploadRequest(

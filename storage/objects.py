@@ -251,6 +251,15 @@ class ObjectStore:
             lambda: self._client._complete_multipart_upload(self.bucket, key, upload_id, listed),
         )
 
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drops a multipart upload and its parts; one already gone is not an error."""
+        try:
+            await self._call(
+                key, lambda: self._client._abort_multipart_upload(self.bucket, key, upload_id)
+            )
+        except (ObjectNotFound, PartsRefused):
+            return
+
     async def delete(self, key: str) -> None:
         """Removes the object; removing one that does not exist is not an error (S3)."""
         await self._call(key, lambda: self._client.remove_object(self.bucket, key))

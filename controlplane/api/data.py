@@ -60,6 +60,12 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
         )
         return data_pb2.CompleteUploadResponse(input=input_pb(row))
 
+    async def AbortUpload(
+        self, request: data_pb2.AbortUploadRequest, context: Context
+    ) -> data_pb2.AbortUploadResponse:
+        await self.data.abort_upload(current_principal(), request.key, request.upload_id)
+        return data_pb2.AbortUploadResponse()
+
     async def ListInputs(
         self, request: data_pb2.ListInputsRequest, context: Context
     ) -> data_pb2.ListInputsResponse:

@@ -30,6 +30,7 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     # DataService: a caller's own input area (inputs/<tenant>/), scoped in the service.
     "/gpuplane.v1.DataService/CreateUpload": frozenset({A, C}),
     "/gpuplane.v1.DataService/CompleteUpload": frozenset({A, C}),
+    "/gpuplane.v1.DataService/AbortUpload": frozenset({A, C}),
     "/gpuplane.v1.DataService/ListInputs": frozenset({A, C}),
     "/gpuplane.v1.DataService/DeleteInput": frozenset({A, C}),
     # RegistryService.

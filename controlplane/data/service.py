@@ -62,6 +62,12 @@ def _has_control(text: str) -> bool:
     return any(unicodedata.category(c) == "Cc" for c in text)
 
 
+def _checked_upload_id(upload_id: str) -> str:
+    if not upload_id or len(upload_id) > 1024 or _has_control(upload_id):
+        raise InvalidArgument("upload_id", "is not an upload id CreateUpload returned")
+    return upload_id
+
+
 def key_problem(key: str) -> str | None:
     """What is wrong with an input key, None when it is a clean relative object key."""
     if not key:
@@ -174,9 +180,15 @@ class DataService:
 
         return await self.db.run(work)
 
+    async def abort_upload(self, caller: Principal, key: str, upload_id: str) -> None:
+        """Drops a multipart upload of `key` in the caller's area, with its parts."""
+        checked_key(key)
+        await self.store.abort_multipart(
+            input_key(caller.tenant_id, key), _checked_upload_id(upload_id)
+        )
+
     async def _join(self, stored: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
-        if len(upload_id) > 1024 or _has_control(upload_id):
-            raise InvalidArgument("upload_id", "is not an upload id CreateUpload returned")
+        _checked_upload_id(upload_id)
         if any(len(etag) > 200 or _has_control(etag) for _, etag in parts):
             raise InvalidArgument("parts", "an ETag is not one storage returned")
         numbers = [number for number, _ in parts]

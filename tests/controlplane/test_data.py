@@ -248,6 +248,33 @@ async def test_multipart_upload_in_parts(plane: JobPlane) -> None:
     assert await plane.plane.store.get_bytes(stored) == payload
 
 
+async def test_an_aborted_multipart_upload_cannot_be_completed(plane: JobPlane) -> None:
+    data = Data(plane, plane.consumer_key)
+    part = 5 * 1024 * 1024
+    created = await data.stub.CreateUpload(
+        data_pb2.CreateUploadRequest(key="dropped.bin", size_bytes=part, part_size_bytes=part),
+        metadata=data.metadata,
+    )
+    etag = await asyncio.to_thread(_put_part, created.part_urls[0], os.urandom(part))
+    abort = data_pb2.AbortUploadRequest(key="dropped.bin", upload_id=created.upload_id)
+    await data.stub.AbortUpload(abort, metadata=data.metadata)
+    await data.stub.AbortUpload(abort, metadata=data.metadata)  # idempotent
+    complete = data_pb2.CompleteUploadRequest(
+        key="dropped.bin",
+        upload_id=created.upload_id,
+        parts=[data_pb2.UploadedPart(part_number=1, etag=etag)],
+    )
+    code, details = await _code(data.stub.CompleteUpload(complete, metadata=data.metadata))
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.FAILED_PRECONDITION, "parts")
+    assert await data.keys() == []
+    code, details = await _code(
+        data.stub.AbortUpload(
+            data_pb2.AbortUploadRequest(key="dropped.bin"), metadata=data.metadata
+        )
+    )
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "upload_id")
+
+
 @pytest.mark.parametrize(
     ("size", "part", "field"),
     [

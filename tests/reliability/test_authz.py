@@ -81,6 +81,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     "JobService/GetResults": OWNED_JOB,
     "DataService/CreateUpload": OWN_INPUT_AREA,
     "DataService/CompleteUpload": OWNED_INPUT,
+    "DataService/AbortUpload": OWN_INPUT_AREA,
     "DataService/ListInputs": OWN_INPUT_AREA,
     "DataService/DeleteInput": OWNED_INPUT,
     "RegistryService/Connect": table(host=ALLOW),
@@ -283,6 +284,7 @@ def request_for(world: World, method: str) -> Message:
         "JobService/GetResults": jobs_pb2.GetResultsRequest(job_id=world.job),
         "DataService/CreateUpload": data_pb2.CreateUploadRequest(key=INPUT_KEY, size_bytes=5),
         "DataService/CompleteUpload": data_pb2.CompleteUploadRequest(key=INPUT_KEY),
+        "DataService/AbortUpload": data_pb2.AbortUploadRequest(key=INPUT_KEY, upload_id="gone"),
         "DataService/ListInputs": data_pb2.ListInputsRequest(),
         "DataService/DeleteInput": data_pb2.DeleteInputRequest(key=INPUT_KEY),
         "RegistryService/Connect": registry_pb2.DaemonMessage(

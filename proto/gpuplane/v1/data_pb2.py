@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpuplane/v1/data.proto\x12\x0bgpuplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0bInputObject\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12/\n\x0buploaded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x13\x43reateUploadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x17\n\x0furl_ttl_seconds\x18\x03 \x01(\r\x12\x17\n\x0fpart_size_bytes\x18\x04 \x01(\x04\"\xbb\x01\n\x14\x43reateUploadResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x32\n\x0eurl_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0emax_size_bytes\x18\x04 \x01(\x04\x12\x11\n\tupload_id\x18\x05 \x01(\t\x12\x11\n\tpart_urls\x18\x06 \x03(\t\x12\x17\n\x0fpart_size_bytes\x18\x07 \x01(\x04\"1\n\x0cUploadedPart\x12\x13\n\x0bpart_number\x18\x01 \x01(\r\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"q\n\x15\x43ompleteUploadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12(\n\x05parts\x18\x04 \x03(\x0b\x32\x19.gpuplane.v1.UploadedPart\"A\n\x16\x43ompleteUploadResponse\x12\'\n\x05input\x18\x01 \x01(\x0b\x32\x18.gpuplane.v1.InputObject\"J\n\x11ListInputsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x12ListInputsResponse\x12(\n\x06inputs\x18\x01 \x03(\x0b\x32\x18.gpuplane.v1.InputObject\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x12\x44\x65leteInputRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteInputResponse2\xde\x02\n\x0b\x44\x61taService\x12S\n\x0c\x43reateUpload\x12 .gpuplane.v1.CreateUploadRequest\x1a!.gpuplane.v1.CreateUploadResponse\x12Y\n\x0e\x43ompleteUpload\x12\".gpuplane.v1.CompleteUploadRequest\x1a#.gpuplane.v1.CompleteUploadResponse\x12M\n\nListInputs\x12\x1e.gpuplane.v1.ListInputsRequest\x1a\x1f.gpuplane.v1.ListInputsResponse\x12P\n\x0b\x44\x65leteInput\x12\x1f.gpuplane.v1.DeleteInputRequest\x1a .gpuplane.v1.DeleteInputResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpuplane/v1/data.proto\x12\x0bgpuplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0bInputObject\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12/\n\x0buploaded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x13\x43reateUploadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x17\n\x0furl_ttl_seconds\x18\x03 \x01(\r\x12\x17\n\x0fpart_size_bytes\x18\x04 \x01(\x04\"\xbb\x01\n\x14\x43reateUploadResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x32\n\x0eurl_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0emax_size_bytes\x18\x04 \x01(\x04\x12\x11\n\tupload_id\x18\x05 \x01(\t\x12\x11\n\tpart_urls\x18\x06 \x03(\t\x12\x17\n\x0fpart_size_bytes\x18\x07 \x01(\x04\"1\n\x0cUploadedPart\x12\x13\n\x0bpart_number\x18\x01 \x01(\r\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"q\n\x15\x43ompleteUploadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\tupload_id\x18\x03 \x01(\t\x12(\n\x05parts\x18\x04 \x03(\x0b\x32\x19.gpuplane.v1.UploadedPart\"A\n\x16\x43ompleteUploadResponse\x12\'\n\x05input\x18\x01 \x01(\x0b\x32\x18.gpuplane.v1.InputObject\"4\n\x12\x41\x62ortUploadRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tupload_id\x18\x02 \x01(\t\"\x15\n\x13\x41\x62ortUploadResponse\"J\n\x11ListInputsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x12ListInputsResponse\x12(\n\x06inputs\x18\x01 \x03(\x0b\x32\x18.gpuplane.v1.InputObject\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x12\x44\x65leteInputRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteInputResponse2\xb0\x03\n\x0b\x44\x61taService\x12S\n\x0c\x43reateUpload\x12 .gpuplane.v1.CreateUploadRequest\x1a!.gpuplane.v1.CreateUploadResponse\x12Y\n\x0e\x43ompleteUpload\x12\".gpuplane.v1.CompleteUploadRequest\x1a#.gpuplane.v1.CompleteUploadResponse\x12P\n\x0b\x41\x62ortUpload\x12\x1f.gpuplane.v1.AbortUploadRequest\x1a .gpuplane.v1.AbortUploadResponse\x12M\n\nListInputs\x12\x1e.gpuplane.v1.ListInputsRequest\x1a\x1f.gpuplane.v1.ListInputsResponse\x12P\n\x0b\x44\x65leteInput\x12\x1f.gpuplane.v1.DeleteInputRequest\x1a .gpuplane.v1.DeleteInputResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,14 +44,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETEUPLOADREQUEST']._serialized_end=645
   _globals['_COMPLETEUPLOADRESPONSE']._serialized_start=647
   _globals['_COMPLETEUPLOADRESPONSE']._serialized_end=712
-  _globals['_LISTINPUTSREQUEST']._serialized_start=714
-  _globals['_LISTINPUTSREQUEST']._serialized_end=788
-  _globals['_LISTINPUTSRESPONSE']._serialized_start=790
-  _globals['_LISTINPUTSRESPONSE']._serialized_end=877
-  _globals['_DELETEINPUTREQUEST']._serialized_start=879
-  _globals['_DELETEINPUTREQUEST']._serialized_end=912
-  _globals['_DELETEINPUTRESPONSE']._serialized_start=914
-  _globals['_DELETEINPUTRESPONSE']._serialized_end=935
-  _globals['_DATASERVICE']._serialized_start=938
-  _globals['_DATASERVICE']._serialized_end=1288
+  _globals['_ABORTUPLOADREQUEST']._serialized_start=714
+  _globals['_ABORTUPLOADREQUEST']._serialized_end=766
+  _globals['_ABORTUPLOADRESPONSE']._serialized_start=768
+  _globals['_ABORTUPLOADRESPONSE']._serialized_end=789
+  _globals['_LISTINPUTSREQUEST']._serialized_start=791
+  _globals['_LISTINPUTSREQUEST']._serialized_end=865
+  _globals['_LISTINPUTSRESPONSE']._serialized_start=867
+  _globals['_LISTINPUTSRESPONSE']._serialized_end=954
+  _globals['_DELETEINPUTREQUEST']._serialized_start=956
+  _globals['_DELETEINPUTREQUEST']._serialized_end=989
+  _globals['_DELETEINPUTRESPONSE']._serialized_start=991
+  _globals['_DELETEINPUTRESPONSE']._serialized_end=1012
+  _globals['_DATASERVICE']._serialized_start=1015
+  _globals['_DATASERVICE']._serialized_end=1447
 # @@protoc_insertion_point(module_scope)

@@ -204,6 +204,43 @@ class CompleteUploadResponse(_message.Message):
 Global___CompleteUploadResponse: _TypeAlias = CompleteUploadResponse  # noqa: Y015
 
 @_typing.final
+class AbortUploadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    upload_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortUploadRequest: _TypeAlias = AbortUploadRequest  # noqa: Y015
+
+@_typing.final
+class AbortUploadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortUploadResponse: _TypeAlias = AbortUploadResponse  # noqa: Y015
+
+@_typing.final
 class ListInputsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

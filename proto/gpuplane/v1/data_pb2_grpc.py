@@ -48,6 +48,11 @@ class DataServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_data__pb2.CompleteUploadRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_data__pb2.CompleteUploadResponse.FromString,
                 _registered_method=True)
+        self.AbortUpload = channel.unary_unary(
+                '/gpuplane.v1.DataService/AbortUpload',
+                request_serializer=gpuplane_dot_v1_dot_data__pb2.AbortUploadRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_data__pb2.AbortUploadResponse.FromString,
+                _registered_method=True)
         self.ListInputs = channel.unary_unary(
                 '/gpuplane.v1.DataService/ListInputs',
                 request_serializer=gpuplane_dot_v1_dot_data__pb2.ListInputsRequest.SerializeToString,
@@ -83,6 +88,13 @@ class DataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AbortUpload(self, request, context):
+        """Drops a multipart upload that will not be completed, with its parts. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListInputs(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -108,6 +120,11 @@ def add_DataServiceServicer_to_server(servicer, server):
                     servicer.CompleteUpload,
                     request_deserializer=gpuplane_dot_v1_dot_data__pb2.CompleteUploadRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_data__pb2.CompleteUploadResponse.SerializeToString,
+            ),
+            'AbortUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortUpload,
+                    request_deserializer=gpuplane_dot_v1_dot_data__pb2.AbortUploadRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_data__pb2.AbortUploadResponse.SerializeToString,
             ),
             'ListInputs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInputs,
@@ -178,6 +195,33 @@ class DataService:
             '/gpuplane.v1.DataService/CompleteUpload',
             gpuplane_dot_v1_dot_data__pb2.CompleteUploadRequest.SerializeToString,
             gpuplane_dot_v1_dot_data__pb2.CompleteUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.DataService/AbortUpload',
+            gpuplane_dot_v1_dot_data__pb2.AbortUploadRequest.SerializeToString,
+            gpuplane_dot_v1_dot_data__pb2.AbortUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class DataServiceStub:
     """Records the uploaded object: the control plane reads it back and stores its size and
     SHA-256, which jobs naming the key carry (JobInput.sha256) and daemons verify.
     """
+    AbortUpload: _grpc.UnaryUnaryMultiCallable[_data_pb2.AbortUploadRequest, _data_pb2.AbortUploadResponse]
+    """Drops a multipart upload that will not be completed, with its parts. Idempotent."""
     ListInputs: _grpc.UnaryUnaryMultiCallable[_data_pb2.ListInputsRequest, _data_pb2.ListInputsResponse]
     DeleteInput: _grpc.UnaryUnaryMultiCallable[_data_pb2.DeleteInputRequest, _data_pb2.DeleteInputResponse]
     """Deletes the object and its record. NOT_FOUND when neither exists."""
@@ -66,6 +68,8 @@ class DataServiceAsyncStub(DataServiceStub):
     """Records the uploaded object: the control plane reads it back and stores its size and
     SHA-256, which jobs naming the key carry (JobInput.sha256) and daemons verify.
     """
+    AbortUpload: _aio.UnaryUnaryMultiCallable[_data_pb2.AbortUploadRequest, _data_pb2.AbortUploadResponse]  # type: ignore[assignment]
+    """Drops a multipart upload that will not be completed, with its parts. Idempotent."""
     ListInputs: _aio.UnaryUnaryMultiCallable[_data_pb2.ListInputsRequest, _data_pb2.ListInputsResponse]  # type: ignore[assignment]
     DeleteInput: _aio.UnaryUnaryMultiCallable[_data_pb2.DeleteInputRequest, _data_pb2.DeleteInputResponse]  # type: ignore[assignment]
     """Deletes the object and its record. NOT_FOUND when neither exists."""
@@ -96,6 +100,14 @@ class DataServiceServicer(metaclass=_abc_1.ABCMeta):
         """Records the uploaded object: the control plane reads it back and stores its size and
         SHA-256, which jobs naming the key carry (JobInput.sha256) and daemons verify.
         """
+
+    @_abc_1.abstractmethod
+    def AbortUpload(
+        self,
+        request: _data_pb2.AbortUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_data_pb2.AbortUploadResponse, _abc.Awaitable[_data_pb2.AbortUploadResponse]]:
+        """Drops a multipart upload that will not be completed, with its parts. Idempotent."""
 
     @_abc_1.abstractmethod
     def ListInputs(
