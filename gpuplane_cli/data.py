@@ -33,6 +33,8 @@ from gpuplane_cli.units import format_bytes
 
 # A file larger than this goes up in parts of this size (multipart), each its own PUT.
 DEFAULT_PART_SIZE = 64 * 1024**2
+# The most parts DataService takes for one upload.
+MAX_PARTS = 1_000
 # A floor for how fast the control plane reads an object back when an upload completes.
 READ_BACK_BYTES_PER_SECOND = 20 * 1024**2
 # The most one upload carries (S3's limit for a multipart upload; DataService checks it).
@@ -162,6 +164,15 @@ def local_file(text: str, flag: str) -> Path:
     return path
 
 
+def part_size_for(size: int, requested: int) -> int:
+    """0 (one PUT) for a file of at most `requested` bytes, else the part size: `requested`,
+    or larger for a file that would need more than MAX_PARTS parts (whole MiB)."""
+    if size <= requested:
+        return 0
+    mib = 1024**2
+    return max(requested, -(-size // (MAX_PARTS * mib)) * mib)
+
+
 async def upload(
     client: Client,
     path: Path,
@@ -174,8 +185,7 @@ async def upload(
     that do not hash as sent)."""
     size = path.stat().st_size
     request = data_pb2.CreateUploadRequest(key=key, size_bytes=size)
-    if size > part_size:
-        request.part_size_bytes = part_size
+    request.part_size_bytes = part_size_for(size, part_size)
     created = await client.call(client.data.CreateUpload, request)
     progress = Progress(key, size, progress_to)
     try:

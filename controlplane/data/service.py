@@ -21,10 +21,11 @@ from storage.layout import input_key
 from storage.objects import ObjectNotFound, ObjectStore, PartsRefused
 
 # S3's limits: one PUT (or one part) carries at most 5 GiB; a multipart upload has parts of
-# at least 5 MiB (but the last), at most 10,000 of them, at most 5 TiB in all.
+# at least 5 MiB (but the last), at most 5 TiB in all. Ours: at most 1,000 parts (S3 allows
+# 10,000), so that the URLs of all parts fit in one reply of well under a MiB.
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3
 MIN_PART_BYTES = 5 * 1024**2
-MAX_PARTS = 10_000
+MAX_PARTS = 1_000
 MAX_OBJECT_BYTES = 5 * 1024**4
 # S3 keys are at most 1024 bytes; inputs/<tenant id>/ takes the rest.
 MAX_KEY_BYTES = 900

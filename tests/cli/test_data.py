@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gpuplane_cli.data import part_size_for
 from tests.cli.conftest import Cli, Served
 from tests.cli.test_commands import new_consumer
 
@@ -108,3 +109,11 @@ def test_large_files_go_up_in_parts(cli: Cli, served: Served, tmp_path: Path) ->
     small_parts = cli("data", "put", "--part-size", "1m", str(path), key=secret)
     assert small_parts.code == 2
     assert small_parts.err.startswith("error: INVALID_ARGUMENT: part_size_bytes: ")
+
+
+def test_part_sizes_keep_to_a_thousand_parts() -> None:
+    mib, gib = 1024**2, 1024**3
+    assert part_size_for(64 * mib, 64 * mib) == 0  # one PUT
+    assert part_size_for(64 * mib + 1, 64 * mib) == 64 * mib
+    assert part_size_for(100 * gib, 64 * mib) == 103 * mib  # ceil(102400 MiB / 1000)
+    assert -(-100 * gib // part_size_for(100 * gib, 64 * mib)) <= 1000

@@ -282,7 +282,7 @@ async def test_an_aborted_multipart_upload_cannot_be_completed(plane: JobPlane) 
         (10 * 1024**3, 6 * 1024**3, "part_size_bytes"),  # parts over 5 GiB
         (0, 5 * 1024**2, "size_bytes"),  # multipart needs the size
         (6 * 1024**4, 1024**3, "size_bytes"),  # over 5 TiB
-        (10_001 * 5 * 1024**2, 5 * 1024**2, "part_size_bytes"),  # over 10,000 parts
+        (1_001 * 5 * 1024**2, 5 * 1024**2, "part_size_bytes"),  # over 1,000 parts
     ],
 )
 async def test_bad_multipart_sizes(plane: JobPlane, size: int, part: int, field: str) -> None:

@@ -66,7 +66,8 @@ class CreateUploadRequest(_message.Message):
     """URL lifetime; 0 = server default (1 hour), at most 7 days."""
     part_size_bytes: _builtins.int
     """0: one PUT. Else a multipart upload in parts of this size (the last one smaller): at
-    least 5 MiB, at most 5 GiB, and at most 10,000 parts.
+    least 5 MiB, at most 5 GiB, and at most 1,000 parts (the URLs of all
+    parts come in one reply).
     """
     def __init__(
         self,

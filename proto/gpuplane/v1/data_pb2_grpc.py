@@ -74,7 +74,7 @@ class DataServiceServicer:
 
     def CreateUpload(self, request, context):
         """Presigned URLs that PUT the object without credentials: one PUT (up to 5 GiB), or with
-        part_size_bytes a multipart upload, one URL per part (up to 10,000 parts, 5 TiB).
+        part_size_bytes a multipart upload, one URL per part (up to 1,000 parts, 5 TiB).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

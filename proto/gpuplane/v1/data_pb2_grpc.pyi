@@ -39,7 +39,7 @@ class DataServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DataServiceAsyncStub: ...
     CreateUpload: _grpc.UnaryUnaryMultiCallable[_data_pb2.CreateUploadRequest, _data_pb2.CreateUploadResponse]
     """Presigned URLs that PUT the object without credentials: one PUT (up to 5 GiB), or with
-    part_size_bytes a multipart upload, one URL per part (up to 10,000 parts, 5 TiB).
+    part_size_bytes a multipart upload, one URL per part (up to 1,000 parts, 5 TiB).
     """
     CompleteUpload: _grpc.UnaryUnaryMultiCallable[_data_pb2.CompleteUploadRequest, _data_pb2.CompleteUploadResponse]
     """Records the uploaded object: the control plane reads it back and stores its size and
@@ -62,7 +62,7 @@ class DataServiceAsyncStub(DataServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateUpload: _aio.UnaryUnaryMultiCallable[_data_pb2.CreateUploadRequest, _data_pb2.CreateUploadResponse]  # type: ignore[assignment]
     """Presigned URLs that PUT the object without credentials: one PUT (up to 5 GiB), or with
-    part_size_bytes a multipart upload, one URL per part (up to 10,000 parts, 5 TiB).
+    part_size_bytes a multipart upload, one URL per part (up to 1,000 parts, 5 TiB).
     """
     CompleteUpload: _aio.UnaryUnaryMultiCallable[_data_pb2.CompleteUploadRequest, _data_pb2.CompleteUploadResponse]  # type: ignore[assignment]
     """Records the uploaded object: the control plane reads it back and stores its size and
@@ -88,7 +88,7 @@ class DataServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_data_pb2.CreateUploadResponse, _abc.Awaitable[_data_pb2.CreateUploadResponse]]:
         """Presigned URLs that PUT the object without credentials: one PUT (up to 5 GiB), or with
-        part_size_bytes a multipart upload, one URL per part (up to 10,000 parts, 5 TiB).
+        part_size_bytes a multipart upload, one URL per part (up to 1,000 parts, 5 TiB).
         """
 
     @_abc_1.abstractmethod
