@@ -13,6 +13,8 @@ import urllib3
 from gpuplane.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    data_pb2,
+    data_pb2_grpc,
     jobs_pb2,
     jobs_pb2_grpc,
     ledger_pb2,
@@ -27,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from controlplane import gauges
 from controlplane.api.admin import AdminServicer
+from controlplane.api.data import DataServicer
 from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, RateLimiter
 from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
@@ -35,6 +38,7 @@ from controlplane.api.text import TextInterceptor
 from controlplane.auth.service import AuthService
 from controlplane.background import Background
 from controlplane.bus import Bus
+from controlplane.data.service import DataService
 from controlplane.db import migrate
 from controlplane.db.engine import Database
 from controlplane.jobs.config import job_policy
@@ -69,6 +73,7 @@ SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
 )
 
 
@@ -254,6 +259,9 @@ class ControlPlane:
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(domains.ledger), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(domains.auth, domains.registry, pricing_policy(pricing)), server
+        )
+        data_pb2_grpc.add_DataServiceServicer_to_server(
+            DataServicer(DataService(db, self.store)), server
         )
 
     def _build_background(self, domains: Domains) -> Background:

@@ -37,7 +37,7 @@ from docker.errors import DockerException
 from docker.models.containers import Container
 from gpuplane.v1 import messaging_pb2
 
-from daemon.inputs import InputError, InputFetchFailed, fetch_inputs
+from daemon.inputs import InputCorrupt, InputError, InputFetchFailed, fetch_inputs
 from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
 from daemon.progress import Progress
@@ -72,6 +72,8 @@ TERMINAL = frozenset(
 LOG_DRAIN_SECONDS = 10.0
 # Why an attempt could not start, by the error its preparation raised.
 START_FAILURES: dict[type[Exception], Reason] = {
+    # Before InputError: the first class an error is an instance of decides.
+    InputCorrupt: StopReason.STOP_REASON_INPUT_CORRUPT,
     InputError: StopReason.STOP_REASON_INPUT_UNAVAILABLE,
     # Storage unreachable from the host, or its disk: the host's fault (retried elsewhere).
     InputFetchFailed: StopReason.STOP_REASON_HOST_ERROR,

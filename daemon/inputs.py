@@ -20,6 +20,10 @@ class InputFetchFailed(Exception):
     unreachable from the host, its disk): the host's fault, retried elsewhere."""
 
 
+class InputCorrupt(InputError):
+    """An input's fetched bytes do not hash to the SHA-256 its job carries."""
+
+
 def input_path(item: types_pb2.JobInput) -> PurePosixPath:
     """Where the input goes under /input: `path`, else the key's last segment. It must be a
     relative path that stays under /input."""
@@ -35,8 +39,8 @@ def input_path(item: types_pb2.JobInput) -> PurePosixPath:
 async def fetch_inputs(
     store: ObjectStore, tenant_id: str, inputs: list[types_pb2.JobInput], input_dir: Path
 ) -> int:
-    """Downloads every input (validated first, so a bad path fails before any transfer);
-    returns the bytes fetched."""
+    """Downloads every input (validated first, so a bad path fails before any transfer),
+    checking each against its `sha256` where the job carries one; returns the bytes fetched."""
     placed = [(item, input_path(item)) for item in inputs]
     seen: set[PurePosixPath] = set()
     for item, path in placed:
@@ -45,12 +49,18 @@ async def fetch_inputs(
         seen.add(path)
     total = 0
     for item, path in placed:
+        target = input_dir.joinpath(*path.parts)
         try:
-            total += await store.download_file(
-                input_key(tenant_id, item.key), input_dir.joinpath(*path.parts)
-            )
+            fetched = await store.download_file(input_key(tenant_id, item.key), target)
         except ObjectNotFound as exc:
             raise InputError(f"input '{item.key}' does not exist in your input area") from exc
         except (StorageError, OSError) as exc:
             raise InputFetchFailed(f"input '{item.key}' could not be fetched: {exc}") from exc
+        if item.sha256 and fetched.sha256 != item.sha256:
+            target.unlink(missing_ok=True)
+            raise InputCorrupt(
+                f"input '{item.key}' is corrupt: its {fetched.size_bytes} bytes hash to "
+                f"sha256 {fetched.sha256}, not {item.sha256} as recorded when it was uploaded"
+            )
+        total += fetched.size_bytes
     return total

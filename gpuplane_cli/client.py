@@ -12,6 +12,7 @@ from typing import TypeVar
 import grpc
 from gpuplane.v1 import (
     admin_pb2_grpc,
+    data_pb2_grpc,
     jobs_pb2_grpc,
     ledger_pb2_grpc,
     registry_pb2_grpc,
@@ -202,6 +203,7 @@ class Client:
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self.data = data_pb2_grpc.DataServiceStub(self.channel)
 
     async def call(self, method: aio.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
         """One unary call with the caller's key and the unary timeout."""

@@ -10,7 +10,7 @@ import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli import credit, follow
+from gpuplane_cli import credit, data, follow
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag, exit_code_for
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import format_credits, format_duration_ms, parse_duration
@@ -72,7 +72,14 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", action="append", type=a.key_value, default=[], metavar="K=V")
     p.add_argument("--host-label", action="append", type=a.key_value, default=[], metavar="K=V")
     p.add_argument("--location", action="append", default=[], help="allowed location")
-    p.add_argument("--input", action="append", default=[], metavar="KEY[:PATH]")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY[:PATH]",
+        help="an input under /input (repeatable): a key of your input area, or a local file "
+        "(starting with ./, ../, / or ~) to upload first",
+    )
     p.add_argument("--network", action="store_true", help="outbound network (default: none)")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument(
@@ -144,6 +151,7 @@ def build_spec(args: argparse.Namespace, ctx: Context) -> types_pb2.JobSpec:
 async def submit_job(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
     spec = build_spec(args, ctx)
+    await data.upload_local_inputs(ctx, spec.inputs, args.dry_run)
     request = jobs_pb2.SubmitJobRequest(
         spec=spec, idempotency_key=args.idempotency_key, dry_run=args.dry_run
     )

@@ -13,12 +13,15 @@ from typing import BinaryIO, TypeVar
 
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import S3Error
 
 # S3 error codes that mean "no such object" (NoSuchKey on GET, NotFound on HEAD).
 T = TypeVar("T")
 
 _MISSING = frozenset({"NoSuchKey", "NotFound", "NoSuchObject"})
+# S3 error codes of a multipart completion the client got wrong.
+_REFUSED_PARTS = frozenset({"InvalidPart", "InvalidPartOrder", "NoSuchUpload", "EntityTooSmall"})
 
 
 class StorageError(Exception):
@@ -27,6 +30,11 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError):
     """The object does not exist in the bucket."""
+
+
+class PartsRefused(StorageError):
+    """A multipart upload could not be completed from the parts named (unknown upload,
+    missing or wrong ETags, parts too small)."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,65 @@ class ObjectStore:
             # Presigning needs no round trip (the region is given) unless the SDK must ask.
             raise StorageError(str(exc)) from exc
 
+    async def presign_put(self, key: str, ttl_seconds: int) -> str:
+        """A URL that PUTs the object (one request, up to 5 GiB) without credentials until it
+        expires."""
+        expires = timedelta(seconds=ttl_seconds)
+        try:
+            return await asyncio.to_thread(
+                self._client.presigned_put_object, self.bucket, key, expires=expires
+            )
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise StorageError(str(exc)) from exc
+
+    async def start_multipart(self, key: str) -> str:
+        """Starts a multipart upload of `key`; returns its upload id."""
+        # The SDK's multipart calls are internal to its put_object; they are what S3 offers.
+        return await self._call(
+            key, lambda: self._client._create_multipart_upload(self.bucket, key, {})
+        )
+
+    async def presign_part(self, key: str, upload_id: str, number: int, ttl_seconds: int) -> str:
+        """A URL that PUTs part `number` (from 1) of a multipart upload without credentials."""
+        query: dict[str, str | list[str] | tuple[str]] = {
+            "uploadId": upload_id,
+            "partNumber": str(number),
+        }
+        try:
+            return await asyncio.to_thread(
+                self._client.get_presigned_url,
+                "PUT",
+                self.bucket,
+                key,
+                expires=timedelta(seconds=ttl_seconds),
+                extra_query_params=query,
+            )
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise StorageError(str(exc)) from exc
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> None:
+        """Joins the uploaded parts, (number, ETag) in order, into the object."""
+        listed = [Part(number, etag) for number, etag in parts]
+        await self._call(
+            key,
+            lambda: self._client._complete_multipart_upload(self.bucket, key, upload_id, listed),
+        )
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drops a multipart upload and its parts; one already gone is not an error."""
+        try:
+            await self._call(
+                key, lambda: self._client._abort_multipart_upload(self.bucket, key, upload_id)
+            )
+        except (ObjectNotFound, PartsRefused):
+            return
+
+    async def delete(self, key: str) -> None:
+        """Removes the object; removing one that does not exist is not an error (S3)."""
+        await self._call(key, lambda: self._client.remove_object(self.bucket, key))
+
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object under `prefix` (recursively), in key order."""
 
@@ -210,18 +277,20 @@ class ObjectStore:
 
         return await self._call(prefix, listing)
 
-    async def download_file(self, key: str, path: Path) -> int:
-        """Writes the object to `path` (via a temporary file beside it); returns its size."""
+    async def download_file(self, key: str, path: Path) -> StoredObject:
+        """Writes the object to `path` (via a temporary file beside it), hashing it in the
+        same pass; returns its size and SHA-256."""
 
-        def download() -> int:
+        def download() -> StoredObject:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.part")
             response = self._client.get_object(self.bucket, key)
-            size = 0
+            digest, size = hashlib.sha256(), 0
             try:
                 with partial.open("wb") as handle:
                     for chunk in response.stream(1 << 20):
                         handle.write(chunk)
+                        digest.update(chunk)
                         size += len(chunk)
             except BaseException:
                 partial.unlink(missing_ok=True)
@@ -230,7 +299,7 @@ class ObjectStore:
                 response.close()
                 response.release_conn()
             partial.replace(path)
-            return size
+            return StoredObject(key, size, digest.hexdigest())
 
         return await self._call(key, download)
 
@@ -240,6 +309,8 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code in _MISSING:
                 raise ObjectNotFound(f"object '{key}' not found in bucket '{self.bucket}'") from exc
+            if exc.code in _REFUSED_PARTS:
+                raise PartsRefused(f"{exc.code}: {exc.message}") from exc
             where = f"bucket '{self.bucket}', '{key}'"
             raise StorageError(f"{where}: {exc.code}: {exc.message}") from exc
         except urllib3.exceptions.HTTPError as exc:

@@ -27,6 +27,12 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.JobService/WatchJob": frozenset({A, C}),
     "/gpuplane.v1.JobService/StreamLogs": frozenset({A, C}),
     "/gpuplane.v1.JobService/GetResults": frozenset({A, C}),
+    # DataService: a caller's own input area (inputs/<tenant>/), scoped in the service.
+    "/gpuplane.v1.DataService/CreateUpload": frozenset({A, C}),
+    "/gpuplane.v1.DataService/CompleteUpload": frozenset({A, C}),
+    "/gpuplane.v1.DataService/AbortUpload": frozenset({A, C}),
+    "/gpuplane.v1.DataService/ListInputs": frozenset({A, C}),
+    "/gpuplane.v1.DataService/DeleteInput": frozenset({A, C}),
     # RegistryService.
     "/gpuplane.v1.RegistryService/Connect": frozenset({H}),
     "/gpuplane.v1.RegistryService/ListHosts": frozenset({A, P}),

@@ -1,6 +1,7 @@
 """Imports every domain's ORM models so Base.metadata is complete (Alembic, tests)."""
 
 from controlplane.auth.models import ApiKey, Tenant
+from controlplane.data.models import InputRecord
 from controlplane.db.base import Base
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.ledger.models import Account, Hold, Payout, Transfer
@@ -16,6 +17,7 @@ __all__ = [
     "Hold",
     "Host",
     "HostEvent",
+    "InputRecord",
     "Job",
     "JobAttempt",
     "JobEvent",

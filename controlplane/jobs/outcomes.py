@@ -86,6 +86,10 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     StopReason.STOP_REASON_OOM_KILLED: Outcome(_FAILED, Fault.USER, lambda f: "oom"),
     StopReason.STOP_REASON_IMAGE_UNAVAILABLE: Outcome(_FAILED, Fault.USER, _not_started),
     StopReason.STOP_REASON_INPUT_UNAVAILABLE: Outcome(_FAILED, Fault.USER, _not_started),
+    # The bytes no longer hash as when CompleteUpload recorded them: the platform's object
+    # store changed them (or they changed on the way). Nothing ran, so nothing is charged;
+    # not retried, as another host would fetch the same object.
+    StopReason.STOP_REASON_INPUT_CORRUPT: Outcome(_FAILED, Fault.PLATFORM, _not_started),
     # Docker refusing the job's container: the job is charged nothing and not retried.
     StopReason.STOP_REASON_CONTAINER_ERROR: Outcome(_FAILED, Fault.USER, _not_started),
     StopReason.STOP_REASON_OUTPUT_TOO_LARGE: Outcome(_FAILED, Fault.USER, _upload_failed),

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal
+from controlplane.data.service import stamp_input_hashes
 from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -86,11 +87,12 @@ class JobService(Reports, HoldExpiry, Rejections):
                 if existing is not None:
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
                     return existing
+            stamped = await stamp_input_hashes(session, caller.tenant_id, spec)
             job = new_job(
                 repo,
                 job_id=new_id("job"),
                 tenant_id=caller.tenant_id,
-                spec=spec.SerializeToString(deterministic=True),
+                spec=stamped.SerializeToString(deterministic=True),
                 gpu_count=spec.gpu_count,
                 priority=spec.priority,
                 max_retries=spec.max_retries,

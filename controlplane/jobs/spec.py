@@ -8,6 +8,8 @@ from gpuplane.v1 import types_pb2
 
 from controlplane.errors import InvalidArgument
 
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
 MAX_GPUS = 64
 MAX_DURATION_SECONDS = 30 * 24 * 3600
 MAX_PRICE = 10**12  # micro-credits per GPU-hour (a million credits)
@@ -123,6 +125,8 @@ def _validate_inputs(spec: types_pb2.JobSpec) -> None:
             raise InvalidArgument(f"spec.inputs[{i}].path", "must be relative, inside /input")
         _text(f"spec.inputs[{i}].key", entry.key, 1024)
         _text(f"spec.inputs[{i}].path", entry.path, 1024)
+        if entry.sha256 and not SHA256_RE.fullmatch(entry.sha256):
+            raise InvalidArgument(f"spec.inputs[{i}].sha256", "must be 64 lower-case hex digits")
 
 
 def _validate_limits_and_placement(spec: types_pb2.JobSpec) -> None:

@@ -18,6 +18,8 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 from gpuplane.v1 import (
     admin_pb2,
+    data_pb2,
+    data_pb2_grpc,
     jobs_pb2,
     ledger_pb2,
     messaging_pb2,
@@ -64,6 +66,11 @@ PROVIDER_TENANT = table(admin=ALLOW, provider=ALLOW)  # provider_tenant_id = the
 OWNED_HOST = table(admin=ALLOW, provider=ALLOW, other_provider=HIDDEN)
 ADMIN_ONLY = table(admin=ALLOW)
 SIGNED_IN = table(ALLOW, host=DENY)
+# DataService acts in the caller's own input area: every consumer (and admin) has one.
+OWN_INPUT_AREA = table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW)
+# A key only the consumer uploaded: absent from everyone else's input area.
+OWNED_INPUT = table(admin=HIDDEN, consumer=ALLOW, other_consumer=HIDDEN)
+INPUT_KEY = "authz/input.bin"
 EXPECTED: dict[str, dict[str, str]] = {
     "JobService/SubmitJob": table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW),
     "JobService/GetJob": OWNED_JOB,
@@ -72,6 +79,11 @@ EXPECTED: dict[str, dict[str, str]] = {
     "JobService/WatchJob": OWNED_JOB,
     "JobService/StreamLogs": OWNED_JOB,
     "JobService/GetResults": OWNED_JOB,
+    "DataService/CreateUpload": OWN_INPUT_AREA,
+    "DataService/CompleteUpload": OWNED_INPUT,
+    "DataService/AbortUpload": OWN_INPUT_AREA,
+    "DataService/ListInputs": OWN_INPUT_AREA,
+    "DataService/DeleteInput": OWNED_INPUT,
     "RegistryService/Connect": table(host=ALLOW),
     "RegistryService/ListHosts": PROVIDER_TENANT,
     "RegistryService/GetHost": OWNED_HOST,
@@ -237,10 +249,24 @@ async def world(
             stray=f"jobs/{w.other_job}/1/output/result.txt",
             stray_logs=f"jobs/{w.other_job}/1/logs/stdout",
         )
+        await upload_input(plane, plane.consumer_key, INPUT_KEY, b"input")
         try:
             yield w
         finally:
             await w.host.close()
+
+
+async def upload_input(plane: JobPlane, key: str, input_key: str, data: bytes) -> None:
+    """Puts `data` in the input area of the holder of `key` through DataService."""
+    stub = data_pb2_grpc.DataServiceStub(plane.channel)
+    upload = await stub.CreateUpload(
+        data_pb2.CreateUploadRequest(key=input_key, size_bytes=len(data)), metadata=plane.auth(key)
+    )
+    request = urllib.request.Request(upload.url, data=data, method="PUT")
+    await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=10).close())
+    await stub.CompleteUpload(
+        data_pb2.CompleteUploadRequest(key=input_key), metadata=plane.auth(key)
+    )
 
 
 def request_for(world: World, method: str) -> Message:
@@ -256,6 +282,11 @@ def request_for(world: World, method: str) -> Message:
         "JobService/WatchJob": jobs_pb2.WatchJobRequest(job_id=world.job),
         "JobService/StreamLogs": jobs_pb2.StreamLogsRequest(job_id=world.job),
         "JobService/GetResults": jobs_pb2.GetResultsRequest(job_id=world.job),
+        "DataService/CreateUpload": data_pb2.CreateUploadRequest(key=INPUT_KEY, size_bytes=5),
+        "DataService/CompleteUpload": data_pb2.CompleteUploadRequest(key=INPUT_KEY),
+        "DataService/AbortUpload": data_pb2.AbortUploadRequest(key=INPUT_KEY, upload_id="gone"),
+        "DataService/ListInputs": data_pb2.ListInputsRequest(),
+        "DataService/DeleteInput": data_pb2.DeleteInputRequest(key=INPUT_KEY),
         "RegistryService/Connect": registry_pb2.DaemonMessage(
             hello=registry_pb2.DaemonHello(host_id=host_id)
         ),
@@ -312,7 +343,7 @@ def request_for(world: World, method: str) -> Message:
 
 def method_descriptor(method: str) -> Any:
     service, name = method.split("/")
-    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2):
+    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2):
         if service in module.DESCRIPTOR.services_by_name:
             return module.DESCRIPTOR.services_by_name[service].methods_by_name[name]
     raise KeyError(method)
@@ -364,7 +395,7 @@ def test_table_covers_every_rpc_and_the_policy() -> None:
     """The intended table, the policy module and the proto agree on what exists."""
     rpcs = {
         f"{service.name}/{m.name}"
-        for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2)
+        for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for m in service.methods
     }
@@ -378,7 +409,7 @@ def test_table_covers_every_rpc_and_the_policy() -> None:
 ORDER = sorted(
     EXPECTED,
     key=lambda m: m.endswith(
-        ("CancelJob", "RevokeApiKey", "RevokeRegistrationToken", "RevokeHost")
+        ("CancelJob", "DeleteInput", "RevokeApiKey", "RevokeRegistrationToken", "RevokeHost")
     ),
 )
 

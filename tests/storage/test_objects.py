@@ -58,8 +58,8 @@ async def test_list_and_download(store: ObjectStore, tmp_path: Path) -> None:
     await store.put_bytes("other", b"333")
     listed = await store.list("dir/")
     assert [(o.key, o.size_bytes) for o in listed] == [("dir/one", 1), ("dir/sub/two", 2)]
-    size = await store.download_file("dir/sub/two", tmp_path / "deep" / "two")
-    assert size == 2
+    fetched = await store.download_file("dir/sub/two", tmp_path / "deep" / "two")
+    assert (fetched.size_bytes, fetched.sha256) == (2, hashlib.sha256(b"22").hexdigest())
     assert (tmp_path / "deep" / "two").read_bytes() == b"22"
 
 

@@ -103,6 +103,10 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     """The job's container could not be created or started; `reason` says why."""
     STOP_REASON_OUTPUT_TOO_LARGE: _StopReason.ValueType  # 7
     """The outputs were over the host's size cap: only the logs were stored; `reason` says why."""
+    STOP_REASON_INPUT_CORRUPT: _StopReason.ValueType  # 8
+    """An input's fetched bytes do not hash to the SHA-256 recorded when it was uploaded
+    (JobInput.sha256): the object changed in storage or in transit; `reason` says which.
+    """
     STOP_REASON_CANCELLED: _StopReason.ValueType  # 10
     """Decided by the control plane (the daemon carries it out).
     Cancelled on the user's request.
@@ -165,6 +169,10 @@ STOP_REASON_CONTAINER_ERROR: StopReason.ValueType  # 6
 """The job's container could not be created or started; `reason` says why."""
 STOP_REASON_OUTPUT_TOO_LARGE: StopReason.ValueType  # 7
 """The outputs were over the host's size cap: only the logs were stored; `reason` says why."""
+STOP_REASON_INPUT_CORRUPT: StopReason.ValueType  # 8
+"""An input's fetched bytes do not hash to the SHA-256 recorded when it was uploaded
+(JobInput.sha256): the object changed in storage or in transit; `reason` says which.
+"""
 STOP_REASON_CANCELLED: StopReason.ValueType  # 10
 """Decided by the control plane (the daemon carries it out).
 Cancelled on the user's request.

@@ -371,19 +371,25 @@ class JobInput(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """Object key, in the tenant's input area of the bucket."""
     path: _builtins.str
     """Path under /input; defaults to the key's last segment."""
+    sha256: _builtins.str
+    """Hex SHA-256 the daemon checks the fetched bytes against. Submit fills it from the
+    DataService record of the key when empty; empty and unrecorded = not checked.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         path: _builtins.str = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "path", b"path", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
