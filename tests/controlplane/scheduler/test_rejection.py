@@ -104,24 +104,26 @@ async def test_a_retry_stays_when_no_other_host_is_within_its_price(plane: JobPl
 
 
 async def test_a_retry_goes_to_another_host(plane: JobPlane) -> None:
-    cheap = await scripted_host(plane, gpus=1, price=1_000_000)
-    dear = None
+    # Same price: the job's max price is the dearest offer at submit (scheduler/market.py),
+    # so only a host at that price is within it.
+    first = await scripted_host(plane, gpus=1, price=1_000_000)
+    other = None
     try:
         job = await plane.submit(gpu_count=1)
-        d1 = await cheap.next_dispatch()
-        dear = await scripted_host(plane, gpus=1, price=2_000_000)
-        await cheap.report(
+        d1 = await first.next_dispatch()
+        other = await scripted_host(plane, gpus=1, price=1_000_000)
+        await first.report(
             d1,
             K.JOB_REPORT_KIND_FAILED_TO_START,
             stop_reason=K.STOP_REASON_IMAGE_PULL_FAILED,
             reason="registry unreachable",
         )
-        # The cheaper host is free again, but lost this job's first attempt.
-        d2 = await dear.next_dispatch()
+        # The first host is free again, but lost this job's first attempt.
+        d2 = await other.next_dispatch()
         assert (d2.job_id, d2.attempt) == (job.job_id, 2)
         retried = await plane.get(job.job_id)
-        assert retried.host_id == dear.host_id
+        assert retried.host_id == other.host_id
     finally:
-        await cheap.close()
-        if dear is not None:
-            await dear.close()
+        await first.close()
+        if other is not None:
+            await other.close()
