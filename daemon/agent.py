@@ -8,8 +8,8 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import docker
 import grpc
@@ -26,7 +26,13 @@ from daemon.channel import open_channel
 from daemon.connect import Backoff, ConnectClient
 from daemon.executor import JobExecutor, work_dir_for
 from daemon.gpus import GpuInventory, discover
-from daemon.identity import HostIdentity, RegistrationError, daemon_version, register
+from daemon.identity import (
+    HostIdentity,
+    RegistrationError,
+    apply_offer,
+    daemon_version,
+    register,
+)
 from daemon.journal import Journal, JournalEntry
 from daemon.nvml import NvmlSampler
 from daemon.progress import Progress
@@ -38,6 +44,7 @@ from messaging.tls import nats_tls_context
 from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Key = tuple[str, int]
 Kind = messaging_pb2.JobReportKind
 StopReason = messaging_pb2.StopReason
@@ -86,7 +93,9 @@ class Agent:
         self._channel = open_channel(settings.control_plane, settings.channel_security())
         self.identity = HostIdentity.load(settings.host_file)
         if self.identity is None:
-            self.identity = await self._register_with_retry()
+            self.identity = await self._with_retry(self._register)
+        else:
+            await self._with_retry(self._apply_offer)
         identity = self.identity
         client = await asyncio.to_thread(self._docker_client)
         self._runtime = DockerRuntime(
@@ -356,13 +365,22 @@ class Agent:
             return docker.DockerClient(base_url=self.settings.docker_host, version="auto")
         return docker.from_env()
 
-    async def _register_with_retry(self) -> HostIdentity:
+    async def _register(self) -> HostIdentity:
         assert self.inventory is not None
         assert self._channel is not None
+        return await register(self.settings, self.inventory, self._channel)
+
+    async def _apply_offer(self) -> None:
+        assert self.identity is not None
+        assert self._channel is not None
+        await apply_offer(self.settings, self.identity, self._channel)
+
+    async def _with_retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call` until the control plane answers (UNAVAILABLE: retried with backoff)."""
         backoff = Backoff(self.settings.reconnect_base_seconds, self.settings.reconnect_max_seconds)
         while True:
             try:
-                return await register(self.settings, self.inventory, self._channel)
+                return await call()
             except grpc.aio.AioRpcError as exc:
                 delay = backoff.next_delay()
                 log.warning(

@@ -151,3 +151,34 @@ async def register(
     identity.save(settings.host_file)
     log.info("registered as host %s with %d GPUs", identity.host_id, len(inventory.gpus))
     return identity
+
+
+async def apply_offer(
+    settings: DaemonSettings, identity: HostIdentity, channel: grpc.aio.Channel
+) -> None:
+    """A registered host's restart: its price, location and labels flags become the host's
+    (UpdateHost with its own credential); jobs placed from now on use the new price."""
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    request = registry_pb2.UpdateHostRequest(
+        host_id=identity.host_id,
+        price_per_gpu_hour_micro_credits=settings.price_per_gpu_hour_micro_credits,
+        location=settings.location,
+        replace_labels=True,
+        labels=settings.labels,
+    )
+    metadata = (("authorization", f"Bearer {identity.host_credential}"),)
+    try:
+        await stub.UpdateHost(request, timeout=30, metadata=metadata)
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED):
+            # A refused credential re-registers (with these flags) once connected; an older
+            # control plane cannot update a host.
+            log.warning("could not apply this host's flags: %s: %s", code.name, exc.details())
+            return
+        raise RegistrationError(
+            f"the control plane at {settings.control_plane} refused this host's price, "
+            f"location or labels: {code.name}: {exc.details()}"
+        ) from exc

@@ -1,4 +1,4 @@
-"""`gpuplane hosts list|get|drain|undrain` and `gpuplane offers`: the supply side of the market."""
+"""`gpuplane hosts list|get|update|drain|undrain` and `gpuplane offers`: the supply side."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from gpuplane.v1 import registry_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli.client import EXIT_OK, Context, all_pages
+from gpuplane_cli.client import EXIT_OK, EXIT_USAGE, CliError, Context, all_pages
 from gpuplane_cli.output import enum_name, fields, gpu_summary, print_json, table, when
 from gpuplane_cli.units import format_bytes, format_credits
 
@@ -22,6 +22,16 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     listing.add_argument("--provider", default="", help="admins: another provider's hosts")
     get = a.add_leaf(hosts, "get", get_host, "show a host, its GPUs and their telemetry", common)
     get.add_argument("host_id")
+    update = a.add_leaf(
+        hosts, "update", update_host, "change a host's price, location or labels", common
+    )
+    update.add_argument("host_id")
+    update.add_argument("--price-per-gpu-hour", type=a.credits, metavar="CREDITS")
+    update.add_argument("--location")
+    update.add_argument(
+        "--label", action="append", type=a.key_value, metavar="K=V", help="replaces all labels"
+    )
+    update.add_argument("--clear-labels", action="store_true", help="remove every label")
     drain = a.add_leaf(hosts, "drain", drain_host, "stop placing new jobs on a host", common)
     drain.add_argument("host_id")
     drain.add_argument("--reason", default="")
@@ -139,6 +149,37 @@ def show_host(h: types_pb2.Host) -> str:
         ],
     )
     return f"{head}\n\n{gpus}"
+
+
+async def update_host(args: argparse.Namespace, ctx: Context) -> int:
+    """Jobs placed from now on use the new price; running ones keep theirs."""
+    if args.label and args.clear_labels:
+        raise CliError("--label and --clear-labels: give one or the other", EXIT_USAGE)
+    request = registry_pb2.UpdateHostRequest(
+        host_id=args.host_id,
+        replace_labels=bool(args.label) or args.clear_labels,
+        labels=dict(args.label or []),
+    )
+    if args.price_per_gpu_hour is not None:
+        request.price_per_gpu_hour_micro_credits = args.price_per_gpu_hour
+    if args.location is not None:
+        request.location = args.location
+    if args.price_per_gpu_hour is None and args.location is None and not request.replace_labels:
+        raise CliError(
+            "nothing to change: give --price-per-gpu-hour, --location or --label", EXIT_USAGE
+        )
+    client = ctx.client()
+    host = (await client.call(client.registry.UpdateHost, request)).host
+    if ctx.json:
+        print_json(host)
+    else:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(host.labels.items())) or "-"
+        price = format_credits(host.price_per_gpu_hour_micro_credits)
+        print(
+            f"host {host.host_id}: {price}/GPU-hour, location {host.location or '-'}, "
+            f"labels {labels}"
+        )
+    return EXIT_OK
 
 
 async def drain_host(args: argparse.Namespace, ctx: Context) -> int:

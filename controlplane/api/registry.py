@@ -228,6 +228,26 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         _, gpus = await self.registry.get_host(caller, host.id)
         return registry_pb2.UndrainHostResponse(host=host_pb(host, gpus))
 
+    async def UpdateHost(
+        self, request: registry_pb2.UpdateHostRequest, context: Context
+    ) -> registry_pb2.UpdateHostResponse:
+        if not request.host_id:
+            raise InvalidArgument("host_id", "is required")
+        caller = current_principal()
+        host = await self.registry.update_host(
+            caller,
+            request.host_id,
+            price=(
+                request.price_per_gpu_hour_micro_credits
+                if request.HasField("price_per_gpu_hour_micro_credits")
+                else None
+            ),
+            location=request.location if request.HasField("location") else None,
+            labels=dict(request.labels) if request.replace_labels else None,
+        )
+        _, gpus = await self.registry.get_host(caller, host.id)
+        return registry_pb2.UpdateHostResponse(host=host_pb(host, gpus))
+
     async def RevokeHost(
         self, request: registry_pb2.RevokeHostRequest, context: Context
     ) -> registry_pb2.RevokeHostResponse:

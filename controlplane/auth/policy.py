@@ -39,6 +39,8 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.RegistryService/GetHost": frozenset({A, P}),
     "/gpuplane.v1.RegistryService/DrainHost": frozenset({A, P}),
     "/gpuplane.v1.RegistryService/UndrainHost": frozenset({A, P}),
+    # The host itself too: its daemon applies its flags at start. Ownership in the service.
+    "/gpuplane.v1.RegistryService/UpdateHost": frozenset({A, P, H}),
     # Revoking a host ends its gRPC credential and NATS user for good: the platform decides.
     "/gpuplane.v1.RegistryService/RevokeHost": frozenset({A}),
     "/gpuplane.v1.RegistryService/ListOffers": frozenset({A, C, P}),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,6 +15,7 @@ from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -76,14 +77,22 @@ def _validate_registration(request: registry_pb2.RegisterHostRequest, max_price:
             raise InvalidArgument(f"gpus[{i}].name", "is required (at most 200 characters)")
         if gpu.memory_total_bytes == 0:
             raise InvalidArgument(f"gpus[{i}].memory_total_bytes", "must be positive")
-    price = request.price_per_gpu_hour_micro_credits
-    if price <= 0 or price > max_price:
+    _validate_offer(
+        request.price_per_gpu_hour_micro_credits, request.location, request.labels, max_price
+    )
+
+
+def _validate_offer(
+    price: int | None, location: str | None, labels: Mapping[str, str] | None, max_price: int
+) -> None:
+    """What RegisterHost and UpdateHost check of a host's price, location and labels."""
+    if price is not None and (price <= 0 or price > max_price):
         raise InvalidArgument(
             "price_per_gpu_hour_micro_credits", f"must be between 1 and {max_price}"
         )
-    if len(request.location) > 100:
+    if location is not None and len(location) > 100:
         raise InvalidArgument("location", "at most 100 characters")
-    if len(request.labels) > 64:
+    if labels is not None and len(labels) > 64:
         raise InvalidArgument("labels", "at most 64 labels")
 
 
@@ -441,6 +450,36 @@ class RegistryService:
             drain=registry_pb2.DrainCommand(draining=draining, reason=host.drain_reason)
         )
         self.streams.send(host_id, message)
+        return host
+
+    async def update_host(
+        self,
+        caller: Principal,
+        host_id: str,
+        *,
+        price: int | None = None,
+        location: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Host:
+        """UpdateHost: the host's price, location and labels (None keeps one). Placements copy
+        the price into the attempt, so running attempts keep theirs; the market view holds are
+        priced on is reread at once."""
+        _validate_offer(price, location, labels, self.max_price)
+        async with self.db.transaction() as session:
+            repo = RegistryRepository(session)
+            host = await repo.get_readable_host(caller, host_id, lock=True)
+            if host is None:
+                raise NotFound(f"host_id: no host {host_id!r}")
+            if host.revoked_at is not None:
+                raise FailedPrecondition(f"host_id: host {host_id} has been revoked")
+            if price is not None:
+                host.price_per_gpu_hour = price
+            if location is not None:
+                host.location = location
+            if labels is not None:
+                host.labels = dict(labels)
+        if self.on_host_connected is not None:
+            self.on_host_connected()
         return host
 
     async def stale_hosts(self, timeout: timedelta, now: datetime) -> Sequence[str]:

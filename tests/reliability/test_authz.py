@@ -89,6 +89,10 @@ EXPECTED: dict[str, dict[str, str]] = {
     "RegistryService/GetHost": OWNED_HOST,
     "RegistryService/DrainHost": OWNED_HOST,
     "RegistryService/UndrainHost": OWNED_HOST,
+    # A daemon applies its own flags at start: the host may update itself.
+    "RegistryService/UpdateHost": table(
+        admin=ALLOW, provider=ALLOW, other_provider=HIDDEN, host=ALLOW
+    ),
     "RegistryService/RevokeHost": ADMIN_ONLY,
     "RegistryService/ListOffers": SIGNED_IN,
     "LedgerService/GetBalance": OWN_TENANT,
@@ -296,6 +300,9 @@ def request_for(world: World, method: str) -> Message:
         "RegistryService/GetHost": registry_pb2.GetHostRequest(host_id=host_id),
         "RegistryService/DrainHost": registry_pb2.DrainHostRequest(host_id=host_id),
         "RegistryService/UndrainHost": registry_pb2.UndrainHostRequest(host_id=host_id),
+        "RegistryService/UpdateHost": registry_pb2.UpdateHostRequest(
+            host_id=host_id, location="authz"
+        ),
         "RegistryService/RevokeHost": registry_pb2.RevokeHostRequest(
             host_id=world.spare_host_id, reason="authz"
         ),

@@ -634,6 +634,87 @@ class UndrainHostResponse(_message.Message):
 Global___UndrainHostResponse: _TypeAlias = UndrainHostResponse  # noqa: Y015
 
 @_typing.final
+class UpdateHostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    PRICE_PER_GPU_HOUR_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    REPLACE_LABELS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    price_per_gpu_hour_micro_credits: _builtins.int
+    """Each field left unset keeps the host's current value."""
+    location: _builtins.str
+    replace_labels: _builtins.bool
+    """Replace the host's labels with `labels` (an empty map clears them); unset keeps them."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        price_per_gpu_hour_micro_credits: _builtins.int | None = ...,
+        location: _builtins.str | None = ...,
+        replace_labels: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_location", b"_location", "_price_per_gpu_hour_micro_credits", b"_price_per_gpu_hour_micro_credits", "location", b"location", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_location", b"_location", "_price_per_gpu_hour_micro_credits", b"_price_per_gpu_hour_micro_credits", "host_id", b"host_id", "labels", b"labels", "location", b"location", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "replace_labels", b"replace_labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__location: _TypeAlias = _typing.Literal["location"]  # noqa: Y015
+    _WhichOneofArgType__location: _TypeAlias = _typing.Literal["_location", b"_location"]  # noqa: Y015
+    _WhichOneofReturnType__price_per_gpu_hour_micro_credits: _TypeAlias = _typing.Literal["price_per_gpu_hour_micro_credits"]  # noqa: Y015
+    _WhichOneofArgType__price_per_gpu_hour_micro_credits: _TypeAlias = _typing.Literal["_price_per_gpu_hour_micro_credits", b"_price_per_gpu_hour_micro_credits"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__location) -> _WhichOneofReturnType__location | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__price_per_gpu_hour_micro_credits) -> _WhichOneofReturnType__price_per_gpu_hour_micro_credits | None: ...
+
+Global___UpdateHostRequest: _TypeAlias = UpdateHostRequest  # noqa: Y015
+
+@_typing.final
+class UpdateHostResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def host(self) -> _types_pb2.Host: ...
+    def __init__(
+        self,
+        *,
+        host: _types_pb2.Host | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateHostResponse: _TypeAlias = UpdateHostResponse  # noqa: Y015
+
+@_typing.final
 class RevokeHostRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

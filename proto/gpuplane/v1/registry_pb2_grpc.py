@@ -64,6 +64,11 @@ class RegistryServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_registry__pb2.UndrainHostRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_registry__pb2.UndrainHostResponse.FromString,
                 _registered_method=True)
+        self.UpdateHost = channel.unary_unary(
+                '/gpuplane.v1.RegistryService/UpdateHost',
+                request_serializer=gpuplane_dot_v1_dot_registry__pb2.UpdateHostRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_registry__pb2.UpdateHostResponse.FromString,
+                _registered_method=True)
         self.RevokeHost = channel.unary_unary(
                 '/gpuplane.v1.RegistryService/RevokeHost',
                 request_serializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostRequest.SerializeToString,
@@ -121,6 +126,15 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateHost(self, request, context):
+        """Changes a host's price, location or labels. Provider (own hosts), the host itself (its
+        daemon, at start, with its flags) or admin. Jobs placed from now on use the new price;
+        running attempts keep the price they were placed at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RevokeHost(self, request, context):
         """Admin only: the host's credential and NATS user stop working for good (the NATS server
         disconnects it); the host is lost and its running attempts are retried elsewhere.
@@ -169,6 +183,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.UndrainHost,
                     request_deserializer=gpuplane_dot_v1_dot_registry__pb2.UndrainHostRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_registry__pb2.UndrainHostResponse.SerializeToString,
+            ),
+            'UpdateHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateHost,
+                    request_deserializer=gpuplane_dot_v1_dot_registry__pb2.UpdateHostRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_registry__pb2.UpdateHostResponse.SerializeToString,
             ),
             'RevokeHost': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeHost,
@@ -343,6 +362,33 @@ class RegistryService:
             '/gpuplane.v1.RegistryService/UndrainHost',
             gpuplane_dot_v1_dot_registry__pb2.UndrainHostRequest.SerializeToString,
             gpuplane_dot_v1_dot_registry__pb2.UndrainHostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.RegistryService/UpdateHost',
+            gpuplane_dot_v1_dot_registry__pb2.UpdateHostRequest.SerializeToString,
+            gpuplane_dot_v1_dot_registry__pb2.UpdateHostResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,11 @@ class RegistryServiceStub:
     DrainHost: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DrainHostRequest, _registry_pb2.DrainHostResponse]
     """Stops new placements on the host; running jobs finish. Provider (own hosts) or admin."""
     UndrainHost: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UndrainHostRequest, _registry_pb2.UndrainHostResponse]
+    UpdateHost: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateHostRequest, _registry_pb2.UpdateHostResponse]
+    """Changes a host's price, location or labels. Provider (own hosts), the host itself (its
+    daemon, at start, with its flags) or admin. Jobs placed from now on use the new price;
+    running attempts keep the price they were placed at.
+    """
     RevokeHost: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RevokeHostRequest, _registry_pb2.RevokeHostResponse]
     """Admin only: the host's credential and NATS user stop working for good (the NATS server
     disconnects it); the host is lost and its running attempts are retried elsewhere.
@@ -70,6 +75,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     DrainHost: _aio.UnaryUnaryMultiCallable[_registry_pb2.DrainHostRequest, _registry_pb2.DrainHostResponse]  # type: ignore[assignment]
     """Stops new placements on the host; running jobs finish. Provider (own hosts) or admin."""
     UndrainHost: _aio.UnaryUnaryMultiCallable[_registry_pb2.UndrainHostRequest, _registry_pb2.UndrainHostResponse]  # type: ignore[assignment]
+    UpdateHost: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateHostRequest, _registry_pb2.UpdateHostResponse]  # type: ignore[assignment]
+    """Changes a host's price, location or labels. Provider (own hosts), the host itself (its
+    daemon, at start, with its flags) or admin. Jobs placed from now on use the new price;
+    running attempts keep the price they were placed at.
+    """
     RevokeHost: _aio.UnaryUnaryMultiCallable[_registry_pb2.RevokeHostRequest, _registry_pb2.RevokeHostResponse]  # type: ignore[assignment]
     """Admin only: the host's credential and NATS user stop working for good (the NATS server
     disconnects it); the host is lost and its running attempts are retried elsewhere.
@@ -128,6 +138,17 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.UndrainHostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.UndrainHostResponse, _abc.Awaitable[_registry_pb2.UndrainHostResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateHost(
+        self,
+        request: _registry_pb2.UpdateHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.UpdateHostResponse, _abc.Awaitable[_registry_pb2.UpdateHostResponse]]:
+        """Changes a host's price, location or labels. Provider (own hosts), the host itself (its
+        daemon, at start, with its flags) or admin. Jobs placed from now on use the new price;
+        running attempts keep the price they were placed at.
+        """
 
     @_abc_1.abstractmethod
     def RevokeHost(
