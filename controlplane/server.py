@@ -240,7 +240,10 @@ class ControlPlane:
         )
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(domains.ledger), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(domains.auth, domains.registry, pricing_policy(pricing)), server
+            AdminServicer(
+                domains.auth, domains.registry, pricing_policy(pricing), domains.ledger.fees
+            ),
+            server,
         )
 
     def _build_background(self, domains: Domains) -> Background:

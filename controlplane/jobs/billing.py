@@ -69,16 +69,20 @@ class JobBilling:
         if host is not None:
             host.completed_attempts += 1
             if not attempt.lost:
-                cost = self._cost(job, attempt, host.provider_tenant_id)
+                cost = await self._cost(session, job, attempt, host.provider_tenant_id)
         await self._settle(session, job, attempt, cost)
 
-    def _cost(self, job: Job, attempt: JobAttempt, provider: str) -> AttemptCost:
-        """What the attempt has cost so far, at the placement's price."""
+    async def _cost(
+        self, session: AsyncSession, job: Job, attempt: JobAttempt, provider: str
+    ) -> AttemptCost:
+        """What the attempt has cost so far, at the placement's price, with the platform fee
+        an operator set (else the settings')."""
+        fee = await self.ledger.fees.current(session)
         return AttemptCost(
             provider_tenant_id=provider,
             attempt=attempt.attempt,
             cost=ledger.charge_for(job.price_per_gpu_hour, job.gpu_count, attempt.run_time_ms),
-            fee_basis_points=self.policy.fee_basis_points,
+            fee_basis_points=self.policy.fee_basis_points if fee is None else fee,
         )
 
     async def _meter(self, session: AsyncSession, job: Job, attempt: JobAttempt) -> Charged:
@@ -89,7 +93,7 @@ class JobBilling:
         host = await RegistryRepository(session).get_host(attempt.host_id)
         if hold is None or host is None or attempt.lost:
             return NOTHING
-        cost = self._cost(job, attempt, host.provider_tenant_id)
+        cost = await self._cost(session, job, attempt, host.provider_tenant_id)
         key = f"job/{job.id}/{attempt.attempt}/meter/{attempt.run_time_ms}"
         charged = await self.ledger.charge(session, hold.id, cost, key)
         attempt.charged += charged.amount
