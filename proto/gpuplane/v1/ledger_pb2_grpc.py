@@ -97,7 +97,10 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEntries(self, request, context):
-        """A statement: the entries of one tenant's accounts, newest first.
+        """A statement: the entries of one tenant's accounts, newest first, one per leg of each
+        transfer on the accounts asked for (a hold: −X on available, +X on held), so each
+        account's entries sum to its balance. A page holds up to page_size transfers. Admins
+        may read the platform's ("platform": revenue and external).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,7 +34,11 @@ class LedgerServiceStub:
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
     """The caller's balances (admins may name any tenant)."""
     ListEntries: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListEntriesRequest, _ledger_pb2.ListEntriesResponse]
-    """A statement: the entries of one tenant's accounts, newest first."""
+    """A statement: the entries of one tenant's accounts, newest first, one per leg of each
+    transfer on the accounts asked for (a hold: −X on available, +X on held), so each
+    account's entries sum to its balance. A page holds up to page_size transfers. Admins
+    may read the platform's ("platform": revenue and external).
+    """
     Deposit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.DepositRequest, _ledger_pb2.DepositResponse]
     """Admin: credits a tenant's available account from outside the platform."""
     Payout: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.PayoutRequest, _ledger_pb2.PayoutResponse]
@@ -60,7 +64,11 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """The caller's balances (admins may name any tenant)."""
     ListEntries: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListEntriesRequest, _ledger_pb2.ListEntriesResponse]  # type: ignore[assignment]
-    """A statement: the entries of one tenant's accounts, newest first."""
+    """A statement: the entries of one tenant's accounts, newest first, one per leg of each
+    transfer on the accounts asked for (a hold: −X on available, +X on held), so each
+    account's entries sum to its balance. A page holds up to page_size transfers. Admins
+    may read the platform's ("platform": revenue and external).
+    """
     Deposit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.DepositRequest, _ledger_pb2.DepositResponse]  # type: ignore[assignment]
     """Admin: credits a tenant's available account from outside the platform."""
     Payout: _aio.UnaryUnaryMultiCallable[_ledger_pb2.PayoutRequest, _ledger_pb2.PayoutResponse]  # type: ignore[assignment]
@@ -95,7 +103,11 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.ListEntriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ListEntriesResponse, _abc.Awaitable[_ledger_pb2.ListEntriesResponse]]:
-        """A statement: the entries of one tenant's accounts, newest first."""
+        """A statement: the entries of one tenant's accounts, newest first, one per leg of each
+        transfer on the accounts asked for (a hold: −X on available, +X on held), so each
+        account's entries sum to its balance. A page holds up to page_size transfers. Admins
+        may read the platform's ("platform": revenue and external).
+        """
 
     @_abc_1.abstractmethod
     def Deposit(
