@@ -258,7 +258,10 @@ class ControlPlane:
         )
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(domains.ledger), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(domains.auth, domains.registry, pricing_policy(pricing)), server
+            AdminServicer(
+                domains.auth, domains.registry, pricing_policy(pricing), domains.ledger.fees
+            ),
+            server,
         )
         data_pb2_grpc.add_DataServiceServicer_to_server(
             DataServicer(DataService(db, self.store)), server

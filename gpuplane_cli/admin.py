@@ -1,4 +1,4 @@
-"""`gpuplane admin tenants|keys|tokens` and `gpuplane whoami`: who may do what."""
+"""`gpuplane admin tenants|keys|tokens|pricing` and `gpuplane whoami`: who may do what."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import admin_pb2, types_pb2
 
 from gpuplane_cli import args as a
+from gpuplane_cli import pricing
 from gpuplane_cli.client import EXIT_OK, Context, all_pages
 from gpuplane_cli.output import print_json, role_name, table, when
 
@@ -57,6 +58,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     listing.add_argument("--include-inactive", action="store_true")
     revoke = a.add_leaf(tokens, "revoke", revoke_token, "revoke a registration token", common)
     revoke.add_argument("token_id")
+    pricing.register(admin, common)
 
 
 async def whoami(args: argparse.Namespace, ctx: Context) -> int:

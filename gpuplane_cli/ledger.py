@@ -1,4 +1,5 @@
-"""`gpuplane ledger balance|statement|deposit|payout|refund|usage|check`: credits, exactly."""
+"""`gpuplane ledger balance|statement|deposit|payout|payouts|refund|usage|check`: credits,
+exactly."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import ledger_pb2, types_pb2
 
 from gpuplane_cli import args as a
+from gpuplane_cli import payouts
 from gpuplane_cli.client import EXIT_CONFLICT, EXIT_OK, Context, all_pages
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import format_credits, format_duration_ms
@@ -77,6 +79,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     usage.add_argument("--since", type=_time)
     usage.add_argument("--until", type=_time)
     a.add_leaf(ledger, "check", check_cmd, "admins: verify every balance against transfers", common)
+    payouts.register(ledger, common)
 
 
 IDEMPOTENCY_HELP = "retry-safe key; default: a new one (printed, to retry with)"
@@ -89,15 +92,30 @@ def idempotency_key(args: argparse.Namespace) -> str:
     return str(args.idempotency_key)
 
 
+TENANT_KINDS = (
+    types_pb2.ACCOUNT_KIND_AVAILABLE,
+    types_pb2.ACCOUNT_KIND_HELD,
+    types_pb2.ACCOUNT_KIND_EARNINGS,
+)
+
+
 def balance_block(balance: types_pb2.Balance) -> str:
-    return fields(
-        [
-            ("Tenant", balance.tenant_id),
+    """A tenant's three balances (a negative earnings balance is a receivable); the platform
+    its revenue and external accounts, each shard of the external one."""
+    earnings = balance.earnings_micro_credits
+    rows: list[tuple[str, str | None]] = [("Tenant", balance.tenant_id)]
+    if not balance.accounts or any(x.kind in TENANT_KINDS for x in balance.accounts):
+        rows += [
             ("Available", format_credits(balance.available_micro_credits)),
             ("Held", format_credits(balance.held_micro_credits)),
-            ("Earnings", format_credits(balance.earnings_micro_credits)),
+            ("Earnings", format_credits(earnings) + (" (receivable)" if earnings < 0 else "")),
         ]
-    )
+    rows += [
+        (x.account_id, format_credits(x.balance_micro_credits))
+        for x in balance.accounts
+        if x.kind not in TENANT_KINDS
+    ]
+    return fields(rows)
 
 
 async def get_balance(args: argparse.Namespace, ctx: Context) -> int:

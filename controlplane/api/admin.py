@@ -10,13 +10,20 @@ from controlplane.api.convert import ROLE_TO_PB, from_timestamp, role_from_pb, t
 from controlplane.auth.models import ApiKey, Tenant
 from controlplane.auth.principal import Role, current_principal
 from controlplane.auth.service import AuthService
-from controlplane.errors import Unimplemented
+from controlplane.errors import InvalidArgument
 from controlplane.idempotency import check_key, fingerprint
+from controlplane.ledger.fees import PlatformFees
 from controlplane.paging import PageRequest
 from controlplane.registry.models import RegistrationToken
 from controlplane.registry.service import RegistryService
 
 Context = Any
+# What SetPricingPolicy cannot change: the hosts' price bounds and the minimum payout.
+FIXED_FIELDS = (
+    "min_price_per_gpu_hour_micro_credits",
+    "max_price_per_gpu_hour_micro_credits",
+    "min_payout_micro_credits",
+)
 
 
 def tenant_pb(row: Tenant) -> types_pb2.Tenant:
@@ -44,11 +51,24 @@ def api_key_pb(row: ApiKey) -> types_pb2.ApiKey:
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
-        self, auth: AuthService, registry: RegistryService, pricing: types_pb2.PricingPolicy
+        self,
+        auth: AuthService,
+        registry: RegistryService,
+        pricing: types_pb2.PricingPolicy,
+        fees: PlatformFees,
     ) -> None:
         self.auth = auth
         self.registry = registry
+        # The settings' policy; its fee until an operator sets one (`fees`).
         self.pricing = pricing
+        self.fees = fees
+
+    def _policy(self, fee: int | None) -> types_pb2.PricingPolicy:
+        policy = types_pb2.PricingPolicy()
+        policy.CopyFrom(self.pricing)
+        if fee is not None:
+            policy.platform_fee_basis_points = fee
+        return policy
 
     async def WhoAmI(
         self, request: admin_pb2.WhoAmIRequest, context: Context
@@ -146,12 +166,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetPricingPolicy(
         self, request: admin_pb2.GetPricingPolicyRequest, context: Context
     ) -> admin_pb2.GetPricingPolicyResponse:
-        return admin_pb2.GetPricingPolicyResponse(policy=self.pricing)
+        return admin_pb2.GetPricingPolicyResponse(policy=self._policy(await self.fees.read()))
 
-    async def SetPricingPolicy(self, request: Any, context: Context) -> Any:
-        raise Unimplemented(
-            "AdminService.SetPricingPolicy is not built yet; the policy comes from settings"
-        )
+    async def SetPricingPolicy(
+        self, request: admin_pb2.SetPricingPolicyRequest, context: Context
+    ) -> admin_pb2.SetPricingPolicyResponse:
+        """Sets the platform fee; the price bounds and the minimum payout come from settings
+        (0 or their current value: unchanged)."""
+        wanted = request.policy
+        if not request.HasField("policy"):
+            raise InvalidArgument("policy", "is required")
+        for name in FIXED_FIELDS:
+            value = getattr(wanted, name)
+            if value not in (0, getattr(self.pricing, name)):
+                raise InvalidArgument(
+                    f"policy.{name}", "is set in the settings and cannot change at run time"
+                )
+        fee = await self.fees.set(wanted.platform_fee_basis_points)
+        return admin_pb2.SetPricingPolicyResponse(policy=self._policy(fee))
 
 
 def token_pb(row: RegistrationToken) -> types_pb2.RegistrationToken:

@@ -8,12 +8,13 @@ from gpuplane.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
 from controlplane.api.convert import from_timestamp, timestamp
 from controlplane.auth.principal import current_principal
-from controlplane.errors import InvalidArgument
+from controlplane.errors import InvalidArgument, PermissionDenied
 from controlplane.idempotency import check_key
-from controlplane.ledger.models import PayoutState, Transfer
+from controlplane.ledger.models import Payout, PayoutState
 from controlplane.ledger.service import (
     AccountKind,
     Balance,
+    Entry,
     LedgerService,
     TransferKind,
     account_id,
@@ -28,6 +29,7 @@ PB_KIND = {v: k for k, v in KIND_PB.items()}
 ACCOUNT_PB = {k: types_pb2.AccountKind.Value(f"ACCOUNT_KIND_{k.name}") for k in AccountKind}
 PB_ACCOUNT = {v: k for k, v in ACCOUNT_PB.items()}
 PAYOUT_PB = {s: ledger_pb2.PayoutState.Value(f"PAYOUT_STATE_{s.name}") for s in PayoutState}
+PB_PAYOUT = {v: k for k, v in PAYOUT_PB.items()}
 PB_GROUPING = {
     ledger_pb2.USAGE_GROUPING_UNSPECIFIED: UsageGrouping.JOB,
     ledger_pb2.USAGE_GROUPING_JOB: UsageGrouping.JOB,
@@ -62,26 +64,44 @@ def balance_pb(balance: Balance) -> types_pb2.Balance:
         available_micro_credits=balance.available,
         held_micro_credits=balance.held,
         earnings_micro_credits=balance.earnings,
+        accounts=[
+            types_pb2.AccountBalance(
+                account_id=a.account_id, kind=ACCOUNT_PB[a.kind], balance_micro_credits=a.balance
+            )
+            for a in balance.accounts
+        ],
     )
 
 
-def entry_pb(row: Transfer, tenant_id: str) -> types_pb2.LedgerEntry:
-    """One transfer seen from the tenant's side (credit positive, debit negative)."""
-    credited = row.credit_account_id.startswith(f"{tenant_id}:")
-    account = row.credit_account_id if credited else row.debit_account_id
-    kind = AccountKind(account.rsplit(":", 1)[1])
+def entry_pb(entry: Entry) -> types_pb2.LedgerEntry:
+    """One leg of a transfer, on one of the tenant's accounts (credit positive)."""
+    row = entry.transfer
     return types_pb2.LedgerEntry(
         transfer_id=row.id,
         kind=KIND_PB[TransferKind(row.kind)],
-        account_kind=ACCOUNT_PB[kind],
-        amount_micro_credits=row.amount if credited else -row.amount,
-        balance_after_micro_credits=row.credit_balance_after
-        if credited
-        else row.debit_balance_after,
+        account_kind=ACCOUNT_PB[entry.account_kind],
+        amount_micro_credits=entry.amount,
+        balance_after_micro_credits=entry.balance_after,
         job_id=row.job_id or "",
         attempt=row.attempt or 0,
         reference=row.reference,
         created_at=timestamp(row.created_at),
+        account_id=entry.account_id,
+    )
+
+
+def payout_pb(row: Payout) -> ledger_pb2.PayoutRecord:
+    return ledger_pb2.PayoutRecord(
+        payout_id=row.id,
+        tenant_id=row.tenant_id,
+        amount_micro_credits=row.amount,
+        destination=row.destination,
+        state=PAYOUT_PB[PayoutState(row.state)],
+        transfer_id=row.transfer_id,
+        reversal_transfer_id=row.reversal_transfer_id or "",
+        reason=row.reason,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
     )
 
 
@@ -117,7 +137,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             PageRequest(request.page_token, request.page_size),
         )
         return ledger_pb2.ListEntriesResponse(
-            entries=[entry_pb(r, tenant) for r in page.items], next_page_token=page.next_cursor
+            entries=[entry_pb(e) for e in page.items], next_page_token=page.next_cursor
         )
 
     async def Deposit(
@@ -183,6 +203,48 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             transfer_id=payout.transfer_id,
             balance=balance_pb(balance),
         )
+
+    async def ListPayouts(
+        self, request: ledger_pb2.ListPayoutsRequest, context: Context
+    ) -> ledger_pb2.ListPayoutsResponse:
+        principal = current_principal()
+        tenant: str | None = principal.require_tenant(request.tenant_id)
+        if request.all_tenants:
+            if not principal.is_admin:
+                raise PermissionDenied("all_tenants: only admins may list every tenant's payouts")
+            if request.tenant_id:
+                raise InvalidArgument("all_tenants", "give either tenant_id or all_tenants")
+            tenant = None
+        try:
+            states = [PB_PAYOUT[v] for v in request.states]
+        except KeyError:
+            raise InvalidArgument("states", "unknown payout state") from None
+        page = await self.ledger.list_payouts(
+            tenant, states, PageRequest(request.page_token, request.page_size)
+        )
+        return ledger_pb2.ListPayoutsResponse(
+            payouts=[payout_pb(p) for p in page.items], next_page_token=page.next_cursor
+        )
+
+    async def MarkPayoutPaid(
+        self, request: ledger_pb2.MarkPayoutPaidRequest, context: Context
+    ) -> ledger_pb2.MarkPayoutPaidResponse:
+        if not request.payout_id:
+            raise InvalidArgument("payout_id", "is required")
+        payout = await self.ledger.mark_payout_paid(request.payout_id)
+        return ledger_pb2.MarkPayoutPaidResponse(payout=payout_pb(payout))
+
+    async def FailPayout(
+        self, request: ledger_pb2.FailPayoutRequest, context: Context
+    ) -> ledger_pb2.FailPayoutResponse:
+        if not request.payout_id:
+            raise InvalidArgument("payout_id", "is required")
+        if not request.reason:
+            raise InvalidArgument("reason", "is required")
+        if len(request.reason) > 500:
+            raise InvalidArgument("reason", "at most 500 characters")
+        payout, balance = await self.ledger.fail_payout(request.payout_id, request.reason)
+        return ledger_pb2.FailPayoutResponse(payout=payout_pb(payout), balance=balance_pb(balance))
 
     async def RefundJob(
         self, request: ledger_pb2.RefundJobRequest, context: Context

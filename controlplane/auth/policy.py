@@ -52,6 +52,9 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.LedgerService/RefundJob": frozenset({A}),
     "/gpuplane.v1.LedgerService/GetUsage": frozenset({A, C, P}),
     "/gpuplane.v1.LedgerService/CheckLedger": frozenset({A}),
+    "/gpuplane.v1.LedgerService/ListPayouts": frozenset({A, P}),
+    "/gpuplane.v1.LedgerService/MarkPayoutPaid": frozenset({A}),
+    "/gpuplane.v1.LedgerService/FailPayout": frozenset({A}),
     # AdminService.
     "/gpuplane.v1.AdminService/WhoAmI": frozenset({A, C, P, H}),
     "/gpuplane.v1.AdminService/CreateTenant": frozenset({A}),

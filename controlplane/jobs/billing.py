@@ -72,19 +72,23 @@ class JobBilling:
         if host is not None:
             host.completed_attempts += 1
             if not attempt.lost:
-                cost = self._cost(job, attempt, host.provider_tenant_id)
+                cost = await self._cost(session, job, attempt, host.provider_tenant_id)
         await self._settle(session, job, attempt, cost)
 
-    def _cost(self, job: Job, attempt: JobAttempt, provider: str) -> AttemptCost:
+    async def _cost(
+        self, session: AsyncSession, job: Job, attempt: JobAttempt, provider: str
+    ) -> AttemptCost:
         """What the attempt has cost so far, at the placement's price, for at most the spec's
-        max_duration: time limits are exact, the daemon's kill latency is never charged."""
+        max_duration (time limits are exact: the daemon's kill latency is never charged), with
+        the platform fee an operator set (else the settings')."""
+        fee = await self.ledger.fees.current(session)
         return AttemptCost(
             provider_tenant_id=provider,
             attempt=attempt.attempt,
             cost=ledger.charge_for(
                 job.price_per_gpu_hour, job.gpu_count, billable_ms(job, attempt)
             ),
-            fee_basis_points=self.policy.fee_basis_points,
+            fee_basis_points=self.policy.fee_basis_points if fee is None else fee,
         )
 
     async def _meter(self, session: AsyncSession, job: Job, attempt: JobAttempt) -> Charged:
@@ -95,7 +99,7 @@ class JobBilling:
         host = await RegistryRepository(session).get_host(attempt.host_id)
         if hold is None or host is None or attempt.lost:
             return NOTHING
-        cost = self._cost(job, attempt, host.provider_tenant_id)
+        cost = await self._cost(session, job, attempt, host.provider_tenant_id)
         key = f"job/{job.id}/{attempt.attempt}/meter/{attempt.run_time_ms}"
         charged = await self.ledger.charge(session, hold.id, cost, key)
         attempt.charged += charged.amount

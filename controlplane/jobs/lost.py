@@ -90,7 +90,7 @@ class LostAttempts(JobBilling):
         if host is not None:
             host.completed_attempts += 1
             if hold is not None:
-                cost = self._cost(job, attempt, host.provider_tenant_id)
+                cost = await self._cost(session, job, attempt, host.provider_tenant_id)
                 key = f"job/{job.id}/{attempt.attempt}/final"
                 charged = await self.ledger.charge(session, hold.id, cost, key)
                 attempt.charged += charged.amount

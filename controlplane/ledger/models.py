@@ -137,3 +137,14 @@ class Payout(Base):
     reason: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class PlatformFee(Base):
+    """The platform fee an operator set at run time (SetPricingPolicy): one row, id 1. With
+    no row the fee is the settings' (GPUPLANE_PLATFORM_FEE_BASIS_POINTS)."""
+
+    __tablename__ = "platform_fee"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    fee_basis_points: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

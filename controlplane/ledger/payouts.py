@@ -8,11 +8,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controlplane.db.base import new_id, utcnow
 from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from controlplane.ledger.balances import Balance, balance_in
+from controlplane.ledger.external import lock_shards, shard_to_credit, shard_to_debit
 from controlplane.ledger.models import Payout
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.states import PayoutState, new_payout, set_payout_state
 from controlplane.ledger.transfers import (
-    EXTERNAL,
     MAX_AMOUNT,
     AccountKind,
     NewTransfer,
@@ -52,13 +52,14 @@ async def pay_out(
     await ensure_tenant_accounts(session, tenant_id)
     earnings = account_id(tenant_id, AccountKind.EARNINGS)
     # Lock before reading the reservation so no charge or refund slips in between.
-    balance = (await repo.lock_balances([earnings, EXTERNAL])).get(earnings, 0)
+    balances = await lock_shards(repo, earnings)
+    balance = balances.get(earnings, 0)
     payable = balance - await repo.unsettled_share(tenant_id)
     if amount > payable:
         raise FailedPrecondition(
-            f"insufficient earnings: {format_credits(payable)} credits are payable "
-            f"({format_credits(balance)} earned, the rest still refundable on running "
-            "jobs)"
+            f"insufficient earnings: {format_credits(max(payable, 0))} credits are payable "
+            f"({format_credits(balance)} earned, a negative balance being a receivable to "
+            "pay off first, the rest still refundable on running jobs)"
         )
     now = utcnow()
     row = new_payout(
@@ -78,7 +79,8 @@ async def pay_out(
         session,
         [
             NewTransfer(
-                earnings, EXTERNAL, amount, TransferKind.PAYOUT, scoped_key("payout", row.id),
+                earnings, shard_to_credit(balances), amount, TransferKind.PAYOUT,
+                scoped_key("payout", row.id),
                 reference=destination, id=row.transfer_id,
             )
         ],
@@ -109,11 +111,12 @@ async def reverse(session: AsyncSession, payout_id: str, reason: str) -> Payout:
     if not moved:
         return row  # already reversed
     earnings = account_id(row.tenant_id, AccountKind.EARNINGS)
+    external = await shard_to_debit(repo, await lock_shards(repo, earnings), row.amount)
     await post(
         session,
         [
             NewTransfer(
-                EXTERNAL, earnings, row.amount, TransferKind.PAYOUT_REVERSAL,
+                external, earnings, row.amount, TransferKind.PAYOUT_REVERSAL,
                 scoped_key("payout", row.id, "reversal"), reference=reason[:500], id=reversal,
             )
         ],

@@ -15,7 +15,6 @@ from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.states import HoldState
 from controlplane.ledger.transfers import (
     MAX_AMOUNT,
-    REVENUE,
     AccountKind,
     NewTransfer,
     TransferKind,
@@ -89,24 +88,18 @@ async def refund_job(
         for n, (source, part) in enumerate(allocate(wanted, refundable))
         if part
     ]  # fmt: skip
-    await _ensure_covered(repo, consumer, moves)
+    await _lock_accounts(repo, consumer, moves)
     ids = await post(session, moves)
     return Refund(ids[0], wanted, await balance_in(session, hold.tenant_id))
 
 
-async def _ensure_covered(
+async def _lock_accounts(
     repo: LedgerRepository, consumer: str, moves: Sequence[NewTransfer]
 ) -> None:
-    """Every account of the refund, locked in account-id order (as post() would); a
-    provider who was paid out already cannot cover it."""
-    balances = await repo.lock_balances([consumer, *(m.debit for m in moves)])
-    for move in moves:
-        if move.debit != REVENUE and balances.get(move.debit, 0) < move.amount:
-            raise FailedPrecondition(
-                f"the provider's earnings ({format_credits(balances.get(move.debit, 0))}"
-                f" credits in {move.debit}) cannot cover the refund of "
-                f"{format_credits(move.amount)} credits: it was paid out already"
-            )
+    """Every account of the refund, locked in account-id order (as post() would). A provider
+    paid out already may not cover its part: its earnings then go below zero, a receivable
+    that its next charges pay off (and no payout is possible until they have)."""
+    await repo.lock_balances([consumer, *(m.debit for m in moves)])
 
 
 async def _refundable(repo: LedgerRepository, job_id: str) -> list[tuple[str, int]]:

@@ -24,7 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.ledger import repository_pg
-from controlplane.ledger.models import PENDING_STATE, Account, Hold, Payout, Transfer
+from controlplane.ledger.models import (
+    PENDING_STATE,
+    Account,
+    Hold,
+    Payout,
+    PlatformFee,
+    Transfer,
+)
 from controlplane.ledger.repository_pg import (
     HOLD_LOCK_COLUMNS,
     HOLD_WRITE_COLUMNS,
@@ -40,6 +47,8 @@ TRANSFERS = cast(Table, Transfer.__table__)
 HOLDS = cast(Table, Hold.__table__)
 PAYOUTS = cast(Table, Payout.__table__)
 PENDING = HoldState.PENDING.value
+# What a balance holds (SQLite INTEGER, PostgreSQL BIGINT); see transfers.INT64_MAX.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 LOCK_HOLDS = (
     select(*(HOLDS.c[c] for c in HOLD_LOCK_COLUMNS))
@@ -89,6 +98,13 @@ class LedgerRepository:
         )
         return (await self.session.scalars(query)).all()
 
+    async def account_ids(self, tenant_id: str, kind: str) -> list[str]:
+        """The ids of the tenant's accounts of one kind (several for a sharded account)."""
+        query = select(ACCOUNTS.c.id).where(
+            ACCOUNTS.c.tenant_id == tenant_id, ACCOUNTS.c.kind == kind
+        )
+        return sorted((await self.session.scalars(query)).all())
+
     async def lock_balances(self, account_ids: Sequence[str]) -> dict[str, int]:
         """Locks the accounts in account-id order (PostgreSQL); their balances."""
         query = (
@@ -128,7 +144,8 @@ class LedgerRepository:
                 )
             )
         }
-        if len(found) != len(deltas) or any(b < 0 and n for b, n in found.values()):
+        refused = any((b < 0 and n) or not INT64_MIN <= b <= INT64_MAX for b, n in found.values())
+        if len(found) != len(deltas) or refused:
             return Posted(False, 0, 0, found)
         if deltas:
             delta = case(
@@ -351,6 +368,23 @@ class LedgerRepository:
         )
         return await self.session.scalar(query)
 
+    async def payouts(
+        self, tenant_id: str | None, states: Sequence[str], page: PageRequest
+    ) -> Page[Payout]:
+        """One page of payouts, newest first: one tenant's (None: every tenant's)."""
+        query = select(Payout)
+        if tenant_id is not None:
+            query = query.where(Payout.tenant_id == tenant_id)
+        if states:
+            query = query.where(Payout.state.in_(states))
+        return await page_newest_first(
+            self.session,
+            query,
+            (Payout.created_at, Payout.id),
+            page,
+            lambda p: (p.created_at, p.id),
+        )
+
     async def move_payout(
         self, payout_id: str, sources: Sequence[PayoutState], **values: Any
     ) -> bool:
@@ -363,6 +397,21 @@ class LedgerRepository:
             .values(**values)
         )
         return bool(getattr(result, "rowcount", 0))
+
+    # The platform fee --------------------------------------------------------------------
+
+    async def platform_fee(self) -> int | None:
+        row = await self.session.get(PlatformFee, 1, populate_existing=True)
+        return None if row is None else row.fee_basis_points
+
+    async def set_platform_fee(self, fee_basis_points: int, now: datetime) -> None:
+        insert_ = pg_insert if self.postgres else sqlite_insert
+        values = {"fee_basis_points": fee_basis_points, "updated_at": now}
+        await self.session.execute(
+            insert_(PlatformFee)
+            .values(id=1, **values)
+            .on_conflict_do_update(index_elements=["id"], set_=values)
+        )
 
     # Usage ---------------------------------------------------------------------------------
 

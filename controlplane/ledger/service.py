@@ -12,14 +12,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.engine import Database
 from controlplane.errors import DomainError, InvalidArgument, NotFound
-from controlplane.ledger import holds, payouts, refunds
+from controlplane.ledger import external, holds, payouts, refunds
 from controlplane.ledger.balances import Balance, balance_in
 from controlplane.ledger.batch import GroupCommit
+from controlplane.ledger.fees import PlatformFees
 from controlplane.ledger.holds import AttemptCost, Charged, Resolution, Settle
 from controlplane.ledger.models import Account, Hold, Payout, Transfer
 from controlplane.ledger.refunds import Refund
 from controlplane.ledger.repository import LedgerRepository
-from controlplane.ledger.states import HoldState
+from controlplane.ledger.statements import Entry, legs, statement_accounts
+from controlplane.ledger.states import HoldState, PayoutState
 from controlplane.ledger.transfers import (
     EXTERNAL,
     MAX_AMOUNT,
@@ -52,6 +54,7 @@ __all__ = [
     "AccountKind",
     "Balance",
     "CheckReport",
+    "Entry",
     "LedgerService",
     "Refund",
     "TransferKind",
@@ -87,6 +90,8 @@ class LedgerService:
     def __init__(self, db: Database, *, min_payout: int = MICRO, max_batch: int = 128) -> None:
         self.db = db
         self.min_payout = min_payout
+        # The platform fee an operator set at run time (None: the caller's settings).
+        self.fees = PlatformFees(db)
         # The group commit of settle_hold(group_commit=True): concurrent settlements of
         # callers without a transaction share one per batch (settle_many, committing).
         self.settlements = GroupCommit(self._settle_batch, max_batch=max_batch)
@@ -96,19 +101,26 @@ class LedgerService:
     async def deposit(
         self, tenant_id: str, amount: int, reference: str, key: str
     ) -> tuple[Transfer, Balance]:
-        """Credits `amount` from outside (external → available); idempotent by `key`."""
-        if amount <= 0:
-            raise InvalidArgument("amount_micro_credits", "must be positive")
+        """Credits `amount` from outside (external → available); idempotent by `key`. A
+        deposit that would take the balance past what it can hold is FailedPrecondition."""
+        if amount <= 0 or amount > MAX_AMOUNT:
+            raise InvalidArgument("amount_micro_credits", f"must be between 1 and {MAX_AMOUNT}")
 
         async def work(session: AsyncSession) -> tuple[Transfer, Balance]:
             await ensure_tenant_accounts(session, tenant_id)
+            repo, scoped = LedgerRepository(session), scoped_key("deposit", key)
+            credit = account_id(tenant_id, AccountKind.AVAILABLE)
+            replay = await repo.transfer_by_key(scoped)
+            debit = replay.debit_account_id if replay else await external.shard_to_debit(
+                repo, await external.lock_shards(repo, credit), amount
+            )  # fmt: skip
             row = await transfer(
                 session,
-                debit=EXTERNAL,
-                credit=account_id(tenant_id, AccountKind.AVAILABLE),
+                debit=debit,
+                credit=credit,
                 amount=amount,
                 kind=TransferKind.DEPOSIT,
-                key=scoped_key("deposit", key),
+                key=scoped,
                 reference=reference,
             )
             assert row is not None
@@ -129,19 +141,19 @@ class LedgerService:
         start: datetime | None,
         end: datetime | None,
         page: PageRequest,
-    ) -> Page[Transfer]:
-        kinds_of_tenant = account_kinds or (
-            AccountKind.AVAILABLE,
-            AccountKind.HELD,
-            AccountKind.EARNINGS,
-        )
-        if tenant_id == PLATFORM and not account_kinds:
-            kinds_of_tenant = (AccountKind.REVENUE, AccountKind.EXTERNAL)
-        ids = [account_id(tenant_id, k) for k in kinds_of_tenant]
+    ) -> Page[Entry]:
+        """A statement, newest first: each transfer touching the tenant's accounts of
+        `account_kinds` (all of its own when empty) as one entry per leg on them, so each
+        account's entries sum to its balance. A page holds `page.size` transfers, so up to
+        twice as many entries (a hold: −X on available, +X on held)."""
         async with self.db.read() as session:
-            return await LedgerRepository(session).entries(
-                ids, [k.value for k in kinds], job_id, start, end, page
-            )
+            repo = LedgerRepository(session)
+            accounts = await repo.accounts_of(tenant_id)
+            ids = statement_accounts(tenant_id, accounts, account_kinds)
+            if not ids:
+                return Page([])
+            rows = await repo.entries(ids, [k.value for k in kinds], job_id, start, end, page)
+        return Page(legs(rows.items, ids), rows.next_cursor)
 
     async def check(self) -> CheckReport:
         """Recomputes every balance from the transfers and compares with the stored ones."""
@@ -181,14 +193,28 @@ class LedgerService:
             lambda session: payouts.pay_out(session, tenant_id, amount, destination, key)
         )
 
+    async def list_payouts(
+        self, tenant_id: str | None, states: Sequence[PayoutState], page: PageRequest
+    ) -> Page[Payout]:
+        """Payouts newest first: one tenant's, or (None) every tenant's."""
+        async with self.db.read() as session:
+            return await LedgerRepository(session).payouts(
+                tenant_id, [s.value for s in states], page
+            )
+
     async def mark_payout_paid(self, payout_id: str) -> Payout:
         """The payment processor confirmed the payout. Idempotent."""
         return await self.db.run(lambda session: payouts.mark_paid(session, payout_id))
 
-    async def fail_payout(self, payout_id: str, reason: str) -> Payout:
+    async def fail_payout(self, payout_id: str, reason: str) -> tuple[Payout, Balance]:
         """The payment failed (or bounced): reversed by a PAYOUT_REVERSAL transfer
         (external → earnings), exactly once. Idempotent."""
-        return await self.db.run(lambda session: payouts.reverse(session, payout_id, reason))
+
+        async def work(session: AsyncSession) -> tuple[Payout, Balance]:
+            row = await payouts.reverse(session, payout_id, reason)
+            return row, await balance_in(session, row.tenant_id)
+
+        return await self.db.run(work)
 
     async def get_payout(self, payout_id: str) -> Payout:
         async with self.db.read() as session:

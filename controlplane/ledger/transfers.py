@@ -11,19 +11,24 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import new_id, utcnow
 from controlplane.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
 from controlplane.ledger.models import Transfer
 from controlplane.ledger.repository import LedgerRepository
-from controlplane.ledger.repository_pg import TRANSFER_INPUT_COLUMNS
+from controlplane.ledger.repository_pg import TRANSFER_INPUT_COLUMNS, Posted
 
 PLATFORM = "platform"
 MICRO = 1_000_000
 MS_PER_HOUR = 3_600_000
 # Largest single amount accepted (1e12 credits); keeps every sum far inside int64.
 MAX_AMOUNT = 10**18
+# What a balance column holds (BIGINT, SQLite INTEGER): a post that would take a balance
+# outside is refused (FailedPrecondition); the external account is sharded to stay inside.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+OUT_OF_RANGE = "22003"  # PostgreSQL's numeric_value_out_of_range
 MAX_KEY_LENGTH = 200
 
 
@@ -48,6 +53,18 @@ class TransferKind(StrEnum):
 
 def account_id(tenant_id: str, kind: AccountKind) -> str:
     return f"{tenant_id}:{kind}"  # a StrEnum formats as its value (and faster than .value)
+
+
+def kind_of(account: str) -> AccountKind:
+    """The kind of an account id: "<tenant>:<kind>", or "<tenant>:<kind>/<n>" for shard n
+    of a sharded account (the external one, ledger/external.py)."""
+    return AccountKind(account.rpartition(":")[2].partition("/")[0])
+
+
+def overdraft_allowed(kind: AccountKind) -> bool:
+    """External accounts go negative as money enters; a provider's earnings go negative by a
+    refund after a payout (a receivable, paid off by the next charges credited to it)."""
+    return kind in (AccountKind.EXTERNAL, AccountKind.EARNINGS)
 
 
 REVENUE = account_id(PLATFORM, AccountKind.REVENUE)
@@ -109,18 +126,20 @@ def new_transfer_ids(count: int) -> list[str]:
 async def ensure_tenant_accounts(session: AsyncSession, tenant_id: str) -> None:
     repo = LedgerRepository(session)
     for kind in (AccountKind.AVAILABLE, AccountKind.HELD, AccountKind.EARNINGS):
-        await repo.ensure_account(account_id(tenant_id, kind), tenant_id, kind.value, True)
+        await repo.ensure_account(
+            account_id(tenant_id, kind), tenant_id, kind.value, not overdraft_allowed(kind)
+        )
     await repo.ensure_account(REVENUE, PLATFORM, AccountKind.REVENUE.value, True)
     await repo.ensure_account(EXTERNAL, PLATFORM, AccountKind.EXTERNAL.value, False)
 
 
 async def ensure_accounts(repo: LedgerRepository, account_ids: Sequence[str]) -> None:
-    """Creates accounts named "<tenant>:<kind>" unless they exist; only external accounts
-    may go below zero."""
+    """Creates accounts named "<tenant>:<kind>[/<shard>]" unless they exist; only external
+    and earnings accounts may go below zero (overdraft_allowed)."""
     for account in sorted(account_ids):
-        tenant, _, kind = account.rpartition(":")
-        AccountKind(kind)  # a typo in an account id fails here, not in a balance
-        await repo.ensure_account(account, tenant, kind, kind != AccountKind.EXTERNAL.value)
+        tenant = account.rpartition(":")[0]
+        kind = kind_of(account)  # a typo in an account id fails here, not in a balance
+        await repo.ensure_account(account, tenant, kind.value, not overdraft_allowed(kind))
 
 
 class AccountsMissing(Exception):
@@ -210,15 +229,17 @@ async def _post(
         return [], {}, utcnow()
     repo = LedgerRepository(session)
     now = utcnow()
-    posted = await repo.post(deltas, rows, holds, now, commit=commit)
+    posted = await _post_in_range(repo, deltas, rows, holds, now, commit=commit)
     missing = [a for a in deltas if a not in posted.balances]
     if missing:
         if commit and repo.postgres:
             raise AccountsMissing(missing)
         await ensure_accounts(repo, missing)
-        posted = await repo.post(deltas, rows, holds, now)
+        posted = await _post_in_range(repo, deltas, rows, holds, now)
     if not posted.ok:
         for account, (balance, no_overdraft) in sorted(posted.balances.items()):
+            if not INT64_MIN <= balance <= INT64_MAX:
+                raise _out_of_range(account)
             if no_overdraft and balance < 0:
                 short = format_credits(-balance)
                 raise FailedPrecondition(
@@ -235,6 +256,33 @@ async def _post(
         raise Conflict(f"{posted.transfers_recorded} of {len(rows)} transfers were recorded")
     before = {a: posted.balances[a][0] - d for a, d in deltas.items()}
     return rows, before, now
+
+
+def _out_of_range(account: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"amount_micro_credits: the balance of {account} would leave the range a balance "
+        f"can hold (±{format_credits(INT64_MAX)} credits)"
+    )
+
+
+async def _post_in_range(
+    repo: LedgerRepository,
+    deltas: dict[str, int],
+    rows: Sequence[Sequence[Any]],
+    holds: Sequence[Sequence[Any]],
+    now: datetime,
+    *,
+    commit: bool = False,
+) -> Posted:
+    """repo.post; a balance PostgreSQL could not hold (bigint out of range, which aborts the
+    transaction) is FailedPrecondition, never INTERNAL. SQLite's twin reports it as refused."""
+    try:
+        return await repo.post(deltas, rows, holds, now, commit=commit)
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) != OUT_OF_RANGE:
+            raise
+        moved = ", ".join(sorted(deltas))
+        raise _out_of_range(moved) from error
 
 
 async def transfer(

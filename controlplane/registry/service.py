@@ -1,4 +1,5 @@
-"""Registration tokens, host registration and credentials, heartbeats, liveness, drain, offers."""
+"""Host registration and credentials, heartbeats, liveness, drain, updates, offers (with the
+registration tokens of registry/tokens.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from controlplane.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from controlplane.idempotency import ensure_same
 from controlplane.paging import Page, PageRequest, offset_of, page_by_offset
-from controlplane.registry.models import Gpu, Host, RegistrationToken
+from controlplane.registry.models import Gpu, Host
 from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.offers import Offer, OfferFilter, build_offers
@@ -32,15 +32,12 @@ from controlplane.registry.states import HostState, new_host, returning_state, s
 from controlplane.registry.streams import HostStream
 from controlplane.registry.streams import HostStreams as HostStreams  # re-exported
 from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
+from controlplane.registry.tokens import RegistrationTokens
 from controlplane.scheduler.capacity import capacity_snapshot
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX = "gpr_"
 HOST_CREDENTIAL_PREFIX = "gph_"
-DEFAULT_TOKEN_TTL = timedelta(hours=24)
-MAX_TOKEN_TTL = timedelta(days=365)
-MAX_TOKEN_USES = 1_000_000  # stored as a signed 32-bit integer; 0 = unlimited
 # Stored when DrainHost names no reason: a non-empty drain_reason is what records the request.
 DEFAULT_DRAIN_REASON = "drain requested"
 
@@ -96,7 +93,7 @@ def _validate_offer(
         raise InvalidArgument("labels", "at most 64 labels")
 
 
-class RegistryService:
+class RegistryService(RegistrationTokens):
     """Hosts and their liveness. Heartbeats of hosts known to be up are written together, one
     statement for all of them, by flush_heartbeats() (the liveness loop, every
     `heartbeat_write_interval` seconds at most); liveness allows for that lag. `monitor` keeps
@@ -124,82 +121,6 @@ class RegistryService:
         # Called when a host connects (and so offers its GPUs): the market view holds are
         # priced on is then reread at once instead of within a few seconds.
         self.on_host_connected: Callable[[], None] | None = None
-
-    # Registration tokens -------------------------------------------------------------------
-
-    async def create_token(
-        self,
-        caller: Principal,
-        provider_tenant_id: str,
-        label: str,
-        ttl_seconds: int,
-        max_uses: int,
-        idempotency_key: str | None,
-        request_hash: str,
-    ) -> tuple[RegistrationToken, str]:
-        provider = caller.require_tenant(provider_tenant_id)
-        if provider == "platform" and caller.is_admin and not provider_tenant_id:
-            raise InvalidArgument("provider_tenant_id", "name the provider the hosts belong to")
-        ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else DEFAULT_TOKEN_TTL
-        if ttl > MAX_TOKEN_TTL:
-            raise InvalidArgument("ttl_seconds", "at most 365 days")
-        if len(label) > 200:
-            raise InvalidArgument("label", "at most 200 characters")
-        if max_uses > MAX_TOKEN_USES:
-            raise InvalidArgument("max_uses", f"at most {MAX_TOKEN_USES} (0 = unlimited)")
-        from controlplane.auth.repository import AuthRepository
-
-        async with self.db.transaction() as session:
-            repo = RegistryRepository(session)
-            if idempotency_key:
-                existing = await repo.token_by_idempotency_key(idempotency_key)
-                if existing is not None:
-                    ensure_same(existing.request_hash, request_hash, idempotency_key)
-                    return existing, ""
-            if await AuthRepository(session).get_tenant(provider) is None:
-                raise NotFound(f"provider_tenant_id: no tenant {provider!r}")
-            secret = generate_secret(TOKEN_PREFIX)
-            now = utcnow()
-            token = RegistrationToken(
-                id=new_id("rt"),
-                provider_tenant_id=provider,
-                label=label,
-                secret_hash=hash_secret(secret),
-                created_at=now,
-                expires_at=now + ttl,
-                max_uses=max_uses,
-                uses=0,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-            )
-            repo.add(token)
-            return token, secret
-
-    async def list_tokens(
-        self,
-        caller: Principal,
-        provider_tenant_id: str,
-        include_inactive: bool,
-        page: PageRequest,
-    ) -> Page[RegistrationToken]:
-        provider = (
-            None
-            if caller.is_admin and not provider_tenant_id
-            else caller.require_tenant(provider_tenant_id)
-        )
-        async with self.db.read() as session:
-            return await RegistryRepository(session).list_tokens(
-                caller, provider, None if include_inactive else utcnow(), page
-            )
-
-    async def revoke_token(self, caller: Principal, token_id: str) -> RegistrationToken:
-        async with self.db.transaction() as session:
-            token = await RegistryRepository(session).get_readable_token(caller, token_id)
-            if token is None:
-                raise NotFound(f"token_id: no registration token {token_id!r}")
-            if token.revoked_at is None:
-                token.revoked_at = utcnow()
-            return token
 
     # Hosts ---------------------------------------------------------------------------------
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import uuid
 from pathlib import Path
 
+import pytest
+
+from gpuplane_cli.pricing import fee_percent
 from tests.cli.conftest import Cli, Served
 
 
@@ -128,3 +132,34 @@ def test_registration_tokens(cli: Cli, served: Served) -> None:
     revoked = cli("admin", "tokens", "revoke", listed[0]["token_id"], key=served.admin_key)
     assert revoked.code == 0, revoked.err
     assert "revoked at" in revoked.out
+
+
+def test_payouts_pricing_and_the_platform_balance(cli: Cli, served: Served) -> None:
+    admin = served.admin_key
+    listing = cli("ledger", "payouts", "list", "--all", key=admin)
+    assert listing.code == 0, listing.err
+    assert listing.out.split()[:3] == ["PAYOUT", "TENANT", "STATE"]
+    missing = cli("ledger", "payouts", "paid", "po_missing", key=admin)
+    assert missing.code == 3
+    assert missing.err.startswith("error: NOT_FOUND: ")
+    gone = cli("ledger", "payouts", "fail", "po_missing", "--reason", "bank", key=admin)
+    assert gone.code == 3
+    tenant, secret = new_consumer(cli, served)
+    assert cli("ledger", "deposit", "3", "--tenant", tenant, key=admin).code == 0
+    platform = cli("ledger", "balance", "--tenant", "platform", key=admin)
+    assert platform.code == 0, platform.err
+    assert "platform:external" in platform.out
+    assert "platform:revenue" in platform.out
+    held = cli("ledger", "statement", "--account", "held", key=secret)
+    assert held.out.split() == ["TIME", "KIND", "ACCOUNT", "AMOUNT", "BALANCE", "JOB", "REFERENCE"]
+    fee = cli("admin", "pricing", "set", "--fee", "12.5%", key=admin)
+    assert fee.code == 0, fee.err
+    assert "12.50% (1250 basis points)" in fee.out
+    assert "12.50%" in cli("admin", "pricing", "get", key=secret).out
+    assert [fee_percent(t) for t in ("10", "12.5%", "0", "100")] == [1000, 1250, 0, 10_000]
+    for text in ("0.001", "101", "ten"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fee_percent(text)
+    denied = cli("admin", "pricing", "set", "--fee", "1", key=secret)
+    assert denied.code == 4
+    assert cli("admin", "pricing", "set", "--fee", "10", key=admin).code == 0

@@ -77,6 +77,7 @@ def test_json_uses_proto_field_names_and_keeps_zero_values() -> None:
         "available_micro_credits": "2500000",  # int64 as a string: exact in every JSON parser
         "held_micro_credits": "0",
         "earnings_micro_credits": "0",
+        "accounts": [],
     }
     out = io.StringIO()
     print_json([types_pb2.Tenant(tenant_id="a"), types_pb2.Tenant(tenant_id="b")], out)

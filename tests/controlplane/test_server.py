@@ -185,16 +185,14 @@ async def test_tenant_paging(control_plane: JobPlane) -> None:
     assert sorted(seen) == sorted(["platform", "t0", "t1", "t2", "t3", "t4"])
 
 
-async def test_unbuilt_method_is_unimplemented_with_message(
-    control_plane: JobPlane,
-) -> None:
+async def test_set_pricing_policy_names_the_missing_field(control_plane: JobPlane) -> None:
     stub = admin_pb2_grpc.AdminServiceStub(control_plane.channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.SetPricingPolicy(
             admin_pb2.SetPricingPolicyRequest(), metadata=control_plane.auth()
         )
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "SetPricingPolicy" in (caught.value.details() or "")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("policy")
 
 
 async def test_metrics_count_rpcs_by_code(control_plane: JobPlane) -> None:

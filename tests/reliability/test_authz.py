@@ -102,6 +102,9 @@ EXPECTED: dict[str, dict[str, str]] = {
     "LedgerService/RefundJob": ADMIN_ONLY,
     "LedgerService/GetUsage": OWN_TENANT,
     "LedgerService/CheckLedger": ADMIN_ONLY,
+    "LedgerService/ListPayouts": PROVIDER_TENANT,
+    "LedgerService/MarkPayoutPaid": ADMIN_ONLY,
+    "LedgerService/FailPayout": ADMIN_ONLY,
     "AdminService/WhoAmI": table(ALLOW),
     "AdminService/CreateTenant": ADMIN_ONLY,
     "AdminService/ListTenants": ADMIN_ONLY,
@@ -323,6 +326,10 @@ def request_for(world: World, method: str) -> Message:
         ),
         "LedgerService/GetUsage": ledger_pb2.GetUsageRequest(tenant_id=t["consumer"]),
         "LedgerService/CheckLedger": ledger_pb2.CheckLedgerRequest(),
+        "LedgerService/ListPayouts": ledger_pb2.ListPayoutsRequest(tenant_id=t["provider"]),
+        # No payout id: past authorisation an admin gets INVALID_ARGUMENT, and no payout moves.
+        "LedgerService/MarkPayoutPaid": ledger_pb2.MarkPayoutPaidRequest(),
+        "LedgerService/FailPayout": ledger_pb2.FailPayoutRequest(reason="authz"),
         "AdminService/WhoAmI": admin_pb2.WhoAmIRequest(),
         "AdminService/CreateTenant": admin_pb2.CreateTenantRequest(
             name="authz-tenant", idempotency_key="authz-tenant"

@@ -145,8 +145,8 @@ async def settlement(plane: JobPlane, job: types_pb2.Job) -> tuple[dict[int, int
     kinds = (S.TRANSFER_KIND_CHARGE, S.TRANSFER_KIND_FEE, S.TRANSFER_KIND_REFUND)
     spent = -sum(e.amount_micro_credits for e in held if e.kind in kinds)
     assert spent == job.charged_micro_credits
-    # One statement line per release transfer (its held → available move).
-    releases = sum(1 for e in reply.entries if e.kind == S.TRANSFER_KIND_RELEASE)
+    # One held-account line per release transfer (its held → available move).
+    releases = sum(1 for e in held if e.kind == S.TRANSFER_KIND_RELEASE)
     return dict(await charges_by_attempt(plane, job.job_id)), releases
 
 

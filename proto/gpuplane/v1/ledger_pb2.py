@@ -26,17 +26,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from gpuplane.v1 import types_pb2 as gpuplane_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpuplane/v1/ledger.proto\x12\x0bgpuplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gpuplane/v1/types.proto\"&\n\x11GetBalanceRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\";\n\x12GetBalanceResponse\x12%\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"\x97\x02\n\x12ListEntriesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\raccount_kinds\x18\x02 \x03(\x0e\x32\x18.gpuplane.v1.AccountKind\x12(\n\x05kinds\x18\x03 \x03(\x0e\x32\x19.gpuplane.v1.TransferKind\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x12\n\npage_token\x18\x08 \x01(\t\"Y\n\x13ListEntriesResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.gpuplane.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x0e\x44\x65positRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x11\n\treference\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"M\n\x0f\x44\x65positResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12%\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"n\n\rPayoutRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x88\x01\n\x0ePayoutResponse\x12\x11\n\tpayout_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.gpuplane.v1.PayoutState\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12%\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"i\n\x10RefundJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"o\n\x11RefundJobResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x1e\n\x16refunded_micro_credits\x18\x02 \x01(\x03\x12%\n\x07\x62\x61lance\x18\x03 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"\xe7\x01\n\x0fGetUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08group_by\x18\x05 \x01(\x0e\x32\x1a.gpuplane.v1.UsageGrouping\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\"\xd9\x01\n\x08UsageRow\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgpu_time_ms\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ost_micro_credits\x18\x04 \x01(\x03\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x11\n\tgpu_model\x18\x06 \x01(\t\x12#\n\x1b\x61vg_gpu_utilization_percent\x18\x07 \x01(\r\x12\x11\n\tjob_count\x18\x08 \x01(\r\"\x8d\x01\n\x10GetUsageResponse\x12#\n\x04rows\x18\x01 \x03(\x0b\x32\x15.gpuplane.v1.UsageRow\x12\x19\n\x11total_gpu_time_ms\x18\x02 \x01(\x04\x12 \n\x18total_cost_micro_credits\x18\x03 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"\x14\n\x12\x43heckLedgerRequest\"\xa8\x01\n\x0f\x42\x61lanceMismatch\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\x0c\x61\x63\x63ount_kind\x18\x02 \x01(\x0e\x32\x18.gpuplane.v1.AccountKind\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x1c\n\x14stored_micro_credits\x18\x04 \x01(\x03\x12 \n\x18recomputed_micro_credits\x18\x05 \x01(\x03\"\xad\x01\n\x13\x43heckLedgerResponse\x12\x12\n\nconsistent\x18\x01 \x01(\x08\x12\x15\n\raccount_count\x18\x02 \x01(\x04\x12\x16\n\x0etransfer_count\x18\x03 \x01(\x04\x12!\n\x19\x62\x61lance_sum_micro_credits\x18\x04 \x01(\x03\x12\x30\n\nmismatches\x18\x05 \x03(\x0b\x32\x1c.gpuplane.v1.BalanceMismatch*w\n\x0bPayoutState\x12\x1c\n\x18PAYOUT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYOUT_STATE_PENDING\x10\x01\x12\x15\n\x11PAYOUT_STATE_PAID\x10\x02\x12\x19\n\x15PAYOUT_STATE_REVERSED\x10\x03*y\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x16\n\x12USAGE_GROUPING_JOB\x10\x01\x12\x16\n\x12USAGE_GROUPING_DAY\x10\x02\x12\x18\n\x14USAGE_GROUPING_MONTH\x10\x03\x32\xa0\x04\n\rLedgerService\x12M\n\nGetBalance\x12\x1e.gpuplane.v1.GetBalanceRequest\x1a\x1f.gpuplane.v1.GetBalanceResponse\x12P\n\x0bListEntries\x12\x1f.gpuplane.v1.ListEntriesRequest\x1a .gpuplane.v1.ListEntriesResponse\x12\x44\n\x07\x44\x65posit\x12\x1b.gpuplane.v1.DepositRequest\x1a\x1c.gpuplane.v1.DepositResponse\x12\x41\n\x06Payout\x12\x1a.gpuplane.v1.PayoutRequest\x1a\x1b.gpuplane.v1.PayoutResponse\x12J\n\tRefundJob\x12\x1d.gpuplane.v1.RefundJobRequest\x1a\x1e.gpuplane.v1.RefundJobResponse\x12G\n\x08GetUsage\x12\x1c.gpuplane.v1.GetUsageRequest\x1a\x1d.gpuplane.v1.GetUsageResponse\x12P\n\x0b\x43heckLedger\x12\x1f.gpuplane.v1.CheckLedgerRequest\x1a .gpuplane.v1.CheckLedgerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpuplane/v1/ledger.proto\x12\x0bgpuplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gpuplane/v1/types.proto\"&\n\x11GetBalanceRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\";\n\x12GetBalanceResponse\x12%\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"\x97\x02\n\x12ListEntriesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\raccount_kinds\x18\x02 \x03(\x0e\x32\x18.gpuplane.v1.AccountKind\x12(\n\x05kinds\x18\x03 \x03(\x0e\x32\x19.gpuplane.v1.TransferKind\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x12\n\npage_token\x18\x08 \x01(\t\"Y\n\x13ListEntriesResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.gpuplane.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x0e\x44\x65positRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x11\n\treference\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"M\n\x0f\x44\x65positResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12%\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"n\n\rPayoutRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x88\x01\n\x0ePayoutResponse\x12\x11\n\tpayout_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.gpuplane.v1.PayoutState\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12%\n\x07\x62\x61lance\x18\x04 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"\xb3\x02\n\x0cPayoutRecord\x12\x11\n\tpayout_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.gpuplane.v1.PayoutState\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t\x12\x1c\n\x14reversal_transfer_id\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x12ListPayoutsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12(\n\x06states\x18\x02 \x03(\x0e\x32\x18.gpuplane.v1.PayoutState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x05 \x01(\x08\"Z\n\x13ListPayoutsResponse\x12*\n\x07payouts\x18\x01 \x03(\x0b\x32\x19.gpuplane.v1.PayoutRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x15MarkPayoutPaidRequest\x12\x11\n\tpayout_id\x18\x01 \x01(\t\"C\n\x16MarkPayoutPaidResponse\x12)\n\x06payout\x18\x01 \x01(\x0b\x32\x19.gpuplane.v1.PayoutRecord\"6\n\x11\x46\x61ilPayoutRequest\x12\x11\n\tpayout_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"f\n\x12\x46\x61ilPayoutResponse\x12)\n\x06payout\x18\x01 \x01(\x0b\x32\x19.gpuplane.v1.PayoutRecord\x12%\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"i\n\x10RefundJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1c\n\x14\x61mount_micro_credits\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"o\n\x11RefundJobResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x1e\n\x16refunded_micro_credits\x18\x02 \x01(\x03\x12%\n\x07\x62\x61lance\x18\x03 \x01(\x0b\x32\x14.gpuplane.v1.Balance\"\xe7\x01\n\x0fGetUsageRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08group_by\x18\x05 \x01(\x0e\x32\x1a.gpuplane.v1.UsageGrouping\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\"\xd9\x01\n\x08UsageRow\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x0cperiod_start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgpu_time_ms\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ost_micro_credits\x18\x04 \x01(\x03\x12\x0f\n\x07host_id\x18\x05 \x01(\t\x12\x11\n\tgpu_model\x18\x06 \x01(\t\x12#\n\x1b\x61vg_gpu_utilization_percent\x18\x07 \x01(\r\x12\x11\n\tjob_count\x18\x08 \x01(\r\"\x8d\x01\n\x10GetUsageResponse\x12#\n\x04rows\x18\x01 \x03(\x0b\x32\x15.gpuplane.v1.UsageRow\x12\x19\n\x11total_gpu_time_ms\x18\x02 \x01(\x04\x12 \n\x18total_cost_micro_credits\x18\x03 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"\x14\n\x12\x43heckLedgerRequest\"\xa8\x01\n\x0f\x42\x61lanceMismatch\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\x0c\x61\x63\x63ount_kind\x18\x02 \x01(\x0e\x32\x18.gpuplane.v1.AccountKind\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x1c\n\x14stored_micro_credits\x18\x04 \x01(\x03\x12 \n\x18recomputed_micro_credits\x18\x05 \x01(\x03\"\xad\x01\n\x13\x43heckLedgerResponse\x12\x12\n\nconsistent\x18\x01 \x01(\x08\x12\x15\n\raccount_count\x18\x02 \x01(\x04\x12\x16\n\x0etransfer_count\x18\x03 \x01(\x04\x12!\n\x19\x62\x61lance_sum_micro_credits\x18\x04 \x01(\x03\x12\x30\n\nmismatches\x18\x05 \x03(\x0b\x32\x1c.gpuplane.v1.BalanceMismatch*w\n\x0bPayoutState\x12\x1c\n\x18PAYOUT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYOUT_STATE_PENDING\x10\x01\x12\x15\n\x11PAYOUT_STATE_PAID\x10\x02\x12\x19\n\x15PAYOUT_STATE_REVERSED\x10\x03*y\n\rUsageGrouping\x12\x1e\n\x1aUSAGE_GROUPING_UNSPECIFIED\x10\x00\x12\x16\n\x12USAGE_GROUPING_JOB\x10\x01\x12\x16\n\x12USAGE_GROUPING_DAY\x10\x02\x12\x18\n\x14USAGE_GROUPING_MONTH\x10\x03\x32\x9c\x06\n\rLedgerService\x12M\n\nGetBalance\x12\x1e.gpuplane.v1.GetBalanceRequest\x1a\x1f.gpuplane.v1.GetBalanceResponse\x12P\n\x0bListEntries\x12\x1f.gpuplane.v1.ListEntriesRequest\x1a .gpuplane.v1.ListEntriesResponse\x12\x44\n\x07\x44\x65posit\x12\x1b.gpuplane.v1.DepositRequest\x1a\x1c.gpuplane.v1.DepositResponse\x12\x41\n\x06Payout\x12\x1a.gpuplane.v1.PayoutRequest\x1a\x1b.gpuplane.v1.PayoutResponse\x12J\n\tRefundJob\x12\x1d.gpuplane.v1.RefundJobRequest\x1a\x1e.gpuplane.v1.RefundJobResponse\x12G\n\x08GetUsage\x12\x1c.gpuplane.v1.GetUsageRequest\x1a\x1d.gpuplane.v1.GetUsageResponse\x12P\n\x0b\x43heckLedger\x12\x1f.gpuplane.v1.CheckLedgerRequest\x1a .gpuplane.v1.CheckLedgerResponse\x12P\n\x0bListPayouts\x12\x1f.gpuplane.v1.ListPayoutsRequest\x1a .gpuplane.v1.ListPayoutsResponse\x12Y\n\x0eMarkPayoutPaid\x12\".gpuplane.v1.MarkPayoutPaidRequest\x1a#.gpuplane.v1.MarkPayoutPaidResponse\x12M\n\nFailPayout\x12\x1e.gpuplane.v1.FailPayoutRequest\x1a\x1f.gpuplane.v1.FailPayoutResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpuplane.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAYOUTSTATE']._serialized_start=2201
-  _globals['_PAYOUTSTATE']._serialized_end=2320
-  _globals['_USAGEGROUPING']._serialized_start=2322
-  _globals['_USAGEGROUPING']._serialized_end=2443
+  _globals['_PAYOUTSTATE']._serialized_start=3020
+  _globals['_PAYOUTSTATE']._serialized_end=3139
+  _globals['_USAGEGROUPING']._serialized_start=3141
+  _globals['_USAGEGROUPING']._serialized_end=3262
   _globals['_GETBALANCEREQUEST']._serialized_start=99
   _globals['_GETBALANCEREQUEST']._serialized_end=137
   _globals['_GETBALANCERESPONSE']._serialized_start=139
@@ -53,22 +53,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYOUTREQUEST']._serialized_end=873
   _globals['_PAYOUTRESPONSE']._serialized_start=876
   _globals['_PAYOUTRESPONSE']._serialized_end=1012
-  _globals['_REFUNDJOBREQUEST']._serialized_start=1014
-  _globals['_REFUNDJOBREQUEST']._serialized_end=1119
-  _globals['_REFUNDJOBRESPONSE']._serialized_start=1121
-  _globals['_REFUNDJOBRESPONSE']._serialized_end=1232
-  _globals['_GETUSAGEREQUEST']._serialized_start=1235
-  _globals['_GETUSAGEREQUEST']._serialized_end=1466
-  _globals['_USAGEROW']._serialized_start=1469
-  _globals['_USAGEROW']._serialized_end=1686
-  _globals['_GETUSAGERESPONSE']._serialized_start=1689
-  _globals['_GETUSAGERESPONSE']._serialized_end=1830
-  _globals['_CHECKLEDGERREQUEST']._serialized_start=1832
-  _globals['_CHECKLEDGERREQUEST']._serialized_end=1852
-  _globals['_BALANCEMISMATCH']._serialized_start=1855
-  _globals['_BALANCEMISMATCH']._serialized_end=2023
-  _globals['_CHECKLEDGERRESPONSE']._serialized_start=2026
-  _globals['_CHECKLEDGERRESPONSE']._serialized_end=2199
-  _globals['_LEDGERSERVICE']._serialized_start=2446
-  _globals['_LEDGERSERVICE']._serialized_end=2990
+  _globals['_PAYOUTRECORD']._serialized_start=1015
+  _globals['_PAYOUTRECORD']._serialized_end=1322
+  _globals['_LISTPAYOUTSREQUEST']._serialized_start=1325
+  _globals['_LISTPAYOUTSREQUEST']._serialized_end=1466
+  _globals['_LISTPAYOUTSRESPONSE']._serialized_start=1468
+  _globals['_LISTPAYOUTSRESPONSE']._serialized_end=1558
+  _globals['_MARKPAYOUTPAIDREQUEST']._serialized_start=1560
+  _globals['_MARKPAYOUTPAIDREQUEST']._serialized_end=1602
+  _globals['_MARKPAYOUTPAIDRESPONSE']._serialized_start=1604
+  _globals['_MARKPAYOUTPAIDRESPONSE']._serialized_end=1671
+  _globals['_FAILPAYOUTREQUEST']._serialized_start=1673
+  _globals['_FAILPAYOUTREQUEST']._serialized_end=1727
+  _globals['_FAILPAYOUTRESPONSE']._serialized_start=1729
+  _globals['_FAILPAYOUTRESPONSE']._serialized_end=1831
+  _globals['_REFUNDJOBREQUEST']._serialized_start=1833
+  _globals['_REFUNDJOBREQUEST']._serialized_end=1938
+  _globals['_REFUNDJOBRESPONSE']._serialized_start=1940
+  _globals['_REFUNDJOBRESPONSE']._serialized_end=2051
+  _globals['_GETUSAGEREQUEST']._serialized_start=2054
+  _globals['_GETUSAGEREQUEST']._serialized_end=2285
+  _globals['_USAGEROW']._serialized_start=2288
+  _globals['_USAGEROW']._serialized_end=2505
+  _globals['_GETUSAGERESPONSE']._serialized_start=2508
+  _globals['_GETUSAGERESPONSE']._serialized_end=2649
+  _globals['_CHECKLEDGERREQUEST']._serialized_start=2651
+  _globals['_CHECKLEDGERREQUEST']._serialized_end=2671
+  _globals['_BALANCEMISMATCH']._serialized_start=2674
+  _globals['_BALANCEMISMATCH']._serialized_end=2842
+  _globals['_CHECKLEDGERRESPONSE']._serialized_start=2845
+  _globals['_CHECKLEDGERRESPONSE']._serialized_end=3018
+  _globals['_LEDGERSERVICE']._serialized_start=3265
+  _globals['_LEDGERSERVICE']._serialized_end=4061
 # @@protoc_insertion_point(module_scope)

@@ -284,6 +284,204 @@ class PayoutResponse(_message.Message):
 Global___PayoutResponse: _TypeAlias = PayoutResponse  # noqa: Y015
 
 @_typing.final
+class PayoutRecord(_message.Message):
+    """A payout as the ledger records it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    REVERSAL_TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    payout_id: _builtins.str
+    tenant_id: _builtins.str
+    amount_micro_credits: _builtins.int
+    destination: _builtins.str
+    state: Global___PayoutState.ValueType
+    transfer_id: _builtins.str
+    """The PAYOUT transfer (earnings → external)."""
+    reversal_transfer_id: _builtins.str
+    """The PAYOUT_REVERSAL transfer (external → earnings), once REVERSED."""
+    reason: _builtins.str
+    """Why it was reversed."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        payout_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        amount_micro_credits: _builtins.int = ...,
+        destination: _builtins.str = ...,
+        state: Global___PayoutState.ValueType = ...,
+        transfer_id: _builtins.str = ...,
+        reversal_transfer_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micro_credits", b"amount_micro_credits", "created_at", b"created_at", "destination", b"destination", "payout_id", b"payout_id", "reason", b"reason", "reversal_transfer_id", b"reversal_transfer_id", "state", b"state", "tenant_id", b"tenant_id", "transfer_id", b"transfer_id", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayoutRecord: _TypeAlias = PayoutRecord  # noqa: Y015
+
+@_typing.final
+class ListPayoutsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty = the caller's own tenant; an admin may name any."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    all_tenants: _builtins.bool
+    """Admin: every tenant's payouts (tenant_id must then be empty)."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___PayoutState.ValueType]:
+        """Empty = every state."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        states: _abc.Iterable[Global___PayoutState.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        all_tenants: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPayoutsRequest: _TypeAlias = ListPayoutsRequest  # noqa: Y015
+
+@_typing.final
+class ListPayoutsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def payouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PayoutRecord]: ...
+    def __init__(
+        self,
+        *,
+        payouts: _abc.Iterable[Global___PayoutRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "payouts", b"payouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPayoutsResponse: _TypeAlias = ListPayoutsResponse  # noqa: Y015
+
+@_typing.final
+class MarkPayoutPaidRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    payout_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        payout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_id", b"payout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkPayoutPaidRequest: _TypeAlias = MarkPayoutPaidRequest  # noqa: Y015
+
+@_typing.final
+class MarkPayoutPaidResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout(self) -> Global___PayoutRecord: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___PayoutRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout", b"payout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkPayoutPaidResponse: _TypeAlias = MarkPayoutPaidResponse  # noqa: Y015
+
+@_typing.final
+class FailPayoutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    payout_id: _builtins.str
+    reason: _builtins.str
+    """Why the payment failed (shown on the reversal transfer)."""
+    def __init__(
+        self,
+        *,
+        payout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payout_id", b"payout_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailPayoutRequest: _TypeAlias = FailPayoutRequest  # noqa: Y015
+
+@_typing.final
+class FailPayoutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYOUT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def payout(self) -> Global___PayoutRecord: ...
+    @_builtins.property
+    def balance(self) -> _types_pb2.Balance: ...
+    def __init__(
+        self,
+        *,
+        payout: Global___PayoutRecord | None = ...,
+        balance: _types_pb2.Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "payout", b"payout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "payout", b"payout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailPayoutResponse: _TypeAlias = FailPayoutResponse  # noqa: Y015
+
+@_typing.final
 class RefundJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -69,6 +69,21 @@ class LedgerServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_ledger__pb2.CheckLedgerRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_ledger__pb2.CheckLedgerResponse.FromString,
                 _registered_method=True)
+        self.ListPayouts = channel.unary_unary(
+                '/gpuplane.v1.LedgerService/ListPayouts',
+                request_serializer=gpuplane_dot_v1_dot_ledger__pb2.ListPayoutsRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_ledger__pb2.ListPayoutsResponse.FromString,
+                _registered_method=True)
+        self.MarkPayoutPaid = channel.unary_unary(
+                '/gpuplane.v1.LedgerService/MarkPayoutPaid',
+                request_serializer=gpuplane_dot_v1_dot_ledger__pb2.MarkPayoutPaidRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_ledger__pb2.MarkPayoutPaidResponse.FromString,
+                _registered_method=True)
+        self.FailPayout = channel.unary_unary(
+                '/gpuplane.v1.LedgerService/FailPayout',
+                request_serializer=gpuplane_dot_v1_dot_ledger__pb2.FailPayoutRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_ledger__pb2.FailPayoutResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -82,7 +97,10 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEntries(self, request, context):
-        """A statement: the entries of one tenant's accounts, newest first.
+        """A statement: the entries of one tenant's accounts, newest first, one per leg of each
+        transfer on the accounts asked for (a hold: −X on available, +X on held), so each
+        account's entries sum to its balance. A page holds up to page_size transfers. Admins
+        may read the platform's ("platform": revenue and external).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +136,28 @@ class LedgerServiceServicer:
 
     def CheckLedger(self, request, context):
         """Admin: recomputes every balance from the transfers and reports any difference.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPayouts(self, request, context):
+        """Payouts, newest first: a provider its own, an admin any tenant's (or all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkPayoutPaid(self, request, context):
+        """Admin: the payment processor confirmed a payout (PENDING → PAID). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FailPayout(self, request, context):
+        """Admin: a payout failed or bounced (PENDING or PAID → REVERSED): the money goes back to
+        the provider's earnings. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +200,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.CheckLedger,
                     request_deserializer=gpuplane_dot_v1_dot_ledger__pb2.CheckLedgerRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_ledger__pb2.CheckLedgerResponse.SerializeToString,
+            ),
+            'ListPayouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPayouts,
+                    request_deserializer=gpuplane_dot_v1_dot_ledger__pb2.ListPayoutsRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_ledger__pb2.ListPayoutsResponse.SerializeToString,
+            ),
+            'MarkPayoutPaid': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkPayoutPaid,
+                    request_deserializer=gpuplane_dot_v1_dot_ledger__pb2.MarkPayoutPaidRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_ledger__pb2.MarkPayoutPaidResponse.SerializeToString,
+            ),
+            'FailPayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.FailPayout,
+                    request_deserializer=gpuplane_dot_v1_dot_ledger__pb2.FailPayoutRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_ledger__pb2.FailPayoutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +406,87 @@ class LedgerService:
             '/gpuplane.v1.LedgerService/CheckLedger',
             gpuplane_dot_v1_dot_ledger__pb2.CheckLedgerRequest.SerializeToString,
             gpuplane_dot_v1_dot_ledger__pb2.CheckLedgerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPayouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.LedgerService/ListPayouts',
+            gpuplane_dot_v1_dot_ledger__pb2.ListPayoutsRequest.SerializeToString,
+            gpuplane_dot_v1_dot_ledger__pb2.ListPayoutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkPayoutPaid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.LedgerService/MarkPayoutPaid',
+            gpuplane_dot_v1_dot_ledger__pb2.MarkPayoutPaidRequest.SerializeToString,
+            gpuplane_dot_v1_dot_ledger__pb2.MarkPayoutPaidResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailPayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.LedgerService/FailPayout',
+            gpuplane_dot_v1_dot_ledger__pb2.FailPayoutRequest.SerializeToString,
+            gpuplane_dot_v1_dot_ledger__pb2.FailPayoutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,7 +34,11 @@ class LedgerServiceStub:
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
     """The caller's balances (admins may name any tenant)."""
     ListEntries: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListEntriesRequest, _ledger_pb2.ListEntriesResponse]
-    """A statement: the entries of one tenant's accounts, newest first."""
+    """A statement: the entries of one tenant's accounts, newest first, one per leg of each
+    transfer on the accounts asked for (a hold: −X on available, +X on held), so each
+    account's entries sum to its balance. A page holds up to page_size transfers. Admins
+    may read the platform's ("platform": revenue and external).
+    """
     Deposit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.DepositRequest, _ledger_pb2.DepositResponse]
     """Admin: credits a tenant's available account from outside the platform."""
     Payout: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.PayoutRequest, _ledger_pb2.PayoutResponse]
@@ -45,6 +49,14 @@ class LedgerServiceStub:
     """Cost report per job or per period."""
     CheckLedger: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CheckLedgerRequest, _ledger_pb2.CheckLedgerResponse]
     """Admin: recomputes every balance from the transfers and reports any difference."""
+    ListPayouts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListPayoutsRequest, _ledger_pb2.ListPayoutsResponse]
+    """Payouts, newest first: a provider its own, an admin any tenant's (or all)."""
+    MarkPayoutPaid: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.MarkPayoutPaidRequest, _ledger_pb2.MarkPayoutPaidResponse]
+    """Admin: the payment processor confirmed a payout (PENDING → PAID). Idempotent."""
+    FailPayout: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.FailPayoutRequest, _ledger_pb2.FailPayoutResponse]
+    """Admin: a payout failed or bounced (PENDING or PAID → REVERSED): the money goes back to
+    the provider's earnings. Idempotent.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -52,7 +64,11 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """The caller's balances (admins may name any tenant)."""
     ListEntries: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListEntriesRequest, _ledger_pb2.ListEntriesResponse]  # type: ignore[assignment]
-    """A statement: the entries of one tenant's accounts, newest first."""
+    """A statement: the entries of one tenant's accounts, newest first, one per leg of each
+    transfer on the accounts asked for (a hold: −X on available, +X on held), so each
+    account's entries sum to its balance. A page holds up to page_size transfers. Admins
+    may read the platform's ("platform": revenue and external).
+    """
     Deposit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.DepositRequest, _ledger_pb2.DepositResponse]  # type: ignore[assignment]
     """Admin: credits a tenant's available account from outside the platform."""
     Payout: _aio.UnaryUnaryMultiCallable[_ledger_pb2.PayoutRequest, _ledger_pb2.PayoutResponse]  # type: ignore[assignment]
@@ -63,6 +79,14 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Cost report per job or per period."""
     CheckLedger: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CheckLedgerRequest, _ledger_pb2.CheckLedgerResponse]  # type: ignore[assignment]
     """Admin: recomputes every balance from the transfers and reports any difference."""
+    ListPayouts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListPayoutsRequest, _ledger_pb2.ListPayoutsResponse]  # type: ignore[assignment]
+    """Payouts, newest first: a provider its own, an admin any tenant's (or all)."""
+    MarkPayoutPaid: _aio.UnaryUnaryMultiCallable[_ledger_pb2.MarkPayoutPaidRequest, _ledger_pb2.MarkPayoutPaidResponse]  # type: ignore[assignment]
+    """Admin: the payment processor confirmed a payout (PENDING → PAID). Idempotent."""
+    FailPayout: _aio.UnaryUnaryMultiCallable[_ledger_pb2.FailPayoutRequest, _ledger_pb2.FailPayoutResponse]  # type: ignore[assignment]
+    """Admin: a payout failed or bounced (PENDING or PAID → REVERSED): the money goes back to
+    the provider's earnings. Idempotent.
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -79,7 +103,11 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.ListEntriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ListEntriesResponse, _abc.Awaitable[_ledger_pb2.ListEntriesResponse]]:
-        """A statement: the entries of one tenant's accounts, newest first."""
+        """A statement: the entries of one tenant's accounts, newest first, one per leg of each
+        transfer on the accounts asked for (a hold: −X on available, +X on held), so each
+        account's entries sum to its balance. A page holds up to page_size transfers. Admins
+        may read the platform's ("platform": revenue and external).
+        """
 
     @_abc_1.abstractmethod
     def Deposit(
@@ -120,5 +148,31 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.CheckLedgerResponse, _abc.Awaitable[_ledger_pb2.CheckLedgerResponse]]:
         """Admin: recomputes every balance from the transfers and reports any difference."""
+
+    @_abc_1.abstractmethod
+    def ListPayouts(
+        self,
+        request: _ledger_pb2.ListPayoutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListPayoutsResponse, _abc.Awaitable[_ledger_pb2.ListPayoutsResponse]]:
+        """Payouts, newest first: a provider its own, an admin any tenant's (or all)."""
+
+    @_abc_1.abstractmethod
+    def MarkPayoutPaid(
+        self,
+        request: _ledger_pb2.MarkPayoutPaidRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.MarkPayoutPaidResponse, _abc.Awaitable[_ledger_pb2.MarkPayoutPaidResponse]]:
+        """Admin: the payment processor confirmed a payout (PENDING → PAID). Idempotent."""
+
+    @_abc_1.abstractmethod
+    def FailPayout(
+        self,
+        request: _ledger_pb2.FailPayoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.FailPayoutResponse, _abc.Awaitable[_ledger_pb2.FailPayoutResponse]]:
+        """Admin: a payout failed or bounced (PENDING or PAID → REVERSED): the money goes back to
+        the provider's earnings. Idempotent.
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1184,10 +1184,18 @@ class Balance(_message.Message):
     AVAILABLE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     HELD_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     EARNINGS_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     available_micro_credits: _builtins.int
     held_micro_credits: _builtins.int
     earnings_micro_credits: _builtins.int
+    """Negative: a receivable (a refund after a payout), paid off by the next earnings."""
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountBalance]:
+        """Every account of the tenant, one per account (the platform's revenue and external
+        accounts included, the external one possibly in several shards).
+        """
+
     def __init__(
         self,
         *,
@@ -1195,14 +1203,40 @@ class Balance(_message.Message):
         available_micro_credits: _builtins.int = ...,
         held_micro_credits: _builtins.int = ...,
         earnings_micro_credits: _builtins.int = ...,
+        accounts: _abc.Iterable[Global___AccountBalance] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_micro_credits", b"available_micro_credits", "earnings_micro_credits", b"earnings_micro_credits", "held_micro_credits", b"held_micro_credits", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "available_micro_credits", b"available_micro_credits", "earnings_micro_credits", b"earnings_micro_credits", "held_micro_credits", b"held_micro_credits", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Balance: _TypeAlias = Balance  # noqa: Y015
+
+@_typing.final
+class AccountBalance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    BALANCE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    kind: Global___AccountKind.ValueType
+    balance_micro_credits: _builtins.int
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        kind: Global___AccountKind.ValueType = ...,
+        balance_micro_credits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance_micro_credits", b"balance_micro_credits", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountBalance: _TypeAlias = AccountBalance  # noqa: Y015
 
 @_typing.final
 class LedgerEntry(_message.Message):
@@ -1219,6 +1253,7 @@ class LedgerEntry(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     kind: Global___TransferKind.ValueType
     account_kind: Global___AccountKind.ValueType
@@ -1229,6 +1264,10 @@ class LedgerEntry(_message.Message):
     job_id: _builtins.str
     attempt: _builtins.int
     reference: _builtins.str
+    account_id: _builtins.str
+    """The account this leg is on ("<tenant>:<kind>", a shard of the external account with a
+    "/<n>" suffix).
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1243,10 +1282,11 @@ class LedgerEntry(_message.Message):
         attempt: _builtins.int = ...,
         reference: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        account_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_kind", b"account_kind", "amount_micro_credits", b"amount_micro_credits", "attempt", b"attempt", "balance_after_micro_credits", b"balance_after_micro_credits", "created_at", b"created_at", "job_id", b"job_id", "kind", b"kind", "reference", b"reference", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "account_kind", b"account_kind", "amount_micro_credits", b"amount_micro_credits", "attempt", b"attempt", "balance_after_micro_credits", b"balance_after_micro_credits", "created_at", b"created_at", "job_id", b"job_id", "kind", b"kind", "reference", b"reference", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import ledger_pb2, messaging_pb2, registry_pb2, types_pb2
 
-from controlplane.ledger.service import LedgerService, charge_for, split_fee
+from controlplane.ledger.service import charge_for, split_fee
 from devstack.factories import new_key, new_tenant
 from tests.controlplane.scripted_host import ScriptedHost, scripted_host
 from tests.harness import CREDIT, JobPlane
@@ -286,11 +286,13 @@ async def test_refund_job_payout_and_their_replays(plane: JobPlane) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await plane.ledger.Payout(request, metadata=plane.auth(provider_key))
         assert error.value.code() == code, request
-    # A failed payout is reversed (an admin path without an RPC: the service method).
-    assert plane.plane.db is not None
-    ledger = LedgerService(plane.plane.db)
-    reversed_ = await ledger.fail_payout(paid.payout_id, "bank rejected it")
-    assert reversed_.state == "reversed"
+    # A failed payout is reversed: the money back in earnings.
+    reversed_ = await plane.ledger.FailPayout(
+        ledger_pb2.FailPayoutRequest(payout_id=paid.payout_id, reason="bank rejected it"),
+        metadata=admin,
+    )
+    assert reversed_.payout.state == ledger_pb2.PAYOUT_STATE_REVERSED
+    assert reversed_.balance.earnings_micro_credits == earned
     provider = await plane.balance(plane.provider_tenant)
     assert provider.earnings_micro_credits == earned
     rows = await entries(plane, plane.provider_tenant)
@@ -377,13 +379,14 @@ async def test_statement_filters_by_kind_job_and_time_and_pages(plane: JobPlane)
         await host.close()
     tenant = plane.consumer_tenant
     everything = await entries(plane, tenant)
-    # deposit, then per job: hold, charge, fee, release (newest first)
-    assert len(everything) == 1 + 4 * 2
+    # deposit, then per job: hold and release (each a line on available and one on held),
+    # charge, fee (newest first)
+    assert len(everything) == 1 + 6 * 2
     holds = await entries(plane, tenant, kinds=[S.TRANSFER_KIND_HOLD])
     assert {e.job_id for e in holds} == {j.job_id for j in jobs}
     of_job = await entries(plane, tenant, job_id=jobs[0].job_id)
     assert {e.job_id for e in of_job} == {jobs[0].job_id}
-    assert len(of_job) == 4
+    assert len(of_job) == 6
     future = await entries(plane, tenant, start_time=ts(datetime.now(UTC) + timedelta(hours=1)))
     assert future == []
     past = await entries(plane, tenant, end_time=ts(datetime.now(UTC) - timedelta(hours=1)))

@@ -173,11 +173,12 @@ async def test_payouts_minimum_replay_and_reversal(ledger: Ledger) -> None:
     assert balance.earnings == earned - 3 * CREDIT
     with pytest.raises(AlreadyExists):
         await ledger.service.payout(provider, 4 * CREDIT, "iban:1", "k")
-    reversed_ = await ledger.service.fail_payout(first.id, "bank rejected the IBAN")
+    reversed_, after = await ledger.service.fail_payout(first.id, "bank rejected the IBAN")
+    assert after.earnings == earned
     assert reversed_.state == PayoutState.REVERSED.value
     assert reversed_.reversal_transfer_id
     assert (await ledger.service.balance(provider)).earnings == earned
-    assert (await ledger.service.fail_payout(first.id, "again")).state == "reversed"
+    assert (await ledger.service.fail_payout(first.id, "again"))[0].state == "reversed"
     assert (await ledger.service.balance(provider)).earnings == earned  # reversed once
     with pytest.raises(FailedPrecondition, match="reversed"):
         await ledger.service.mark_payout_paid(first.id)
@@ -224,17 +225,27 @@ async def test_refund_job_in_parts_never_more_than_charged(ledger: Ledger) -> No
     await assert_consistent(ledger)
 
 
-async def test_refund_is_refused_when_the_earnings_were_paid_out(ledger: Ledger) -> None:
+async def test_a_refund_after_a_payout_leaves_a_receivable(ledger: Ledger) -> None:
     consumer = await ledger.funded("consumer")
     provider = ledger.tenant("provider")
     job_id = ledger.tenant("job")
     hold = await ledger.hold(consumer, 10 * CREDIT, job_id=job_id)
     await ledger.service.settle_hold(hold.id, cost(provider, 10 * CREDIT), group_commit=True)
     await ledger.service.payout(provider, 8 * CREDIT, "iban:1", "most")  # 1 credit left
-    with pytest.raises(FailedPrecondition, match="provider's earnings"):
-        await ledger.service.refund_job(job_id, 0, "bad job", "r")
-    small = await ledger.service.refund_job(job_id, 1 * CREDIT, "partly", "r-small")
-    assert small.refunded == 1 * CREDIT
+    done = await ledger.service.refund_job(job_id, 0, "bad job", "r")
+    assert done.refunded == 10 * CREDIT
+    assert done.balance.available == 100 * CREDIT
+    # The provider's 9 credits came back: 1 it still had, 8 it owes (the receivable).
+    assert (await ledger.service.balance(provider)).earnings == -8 * CREDIT
+    with pytest.raises(FailedPrecondition, match="receivable"):
+        await ledger.service.payout(provider, CREDIT, "iban:1", "owed")
+    # Its next earnings pay the receivable off before anything is payable again.
+    for n in range(2):
+        again = await ledger.hold(consumer, 5 * CREDIT, job_id=f"{job_id}-{n}")
+        await ledger.service.settle_hold(again.id, cost(provider, 5 * CREDIT), group_commit=True)
+    assert (await ledger.service.balance(provider)).earnings == CREDIT
+    paid, balance = await ledger.service.payout(provider, CREDIT, "iban:1", "after")
+    assert balance.earnings == 0
     await assert_consistent(ledger)
 
 
