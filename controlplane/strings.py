@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from controlplane.errors import InvalidArgument
@@ -38,28 +39,47 @@ def _check(path: str, value: str, lines_allowed: bool) -> None:
 
 def check_text(message: Message, prefix: str = "") -> None:
     """Raises InvalidArgument naming the first string field of `message` (at any depth, map
-    keys and values included) that holds a NUL or control character."""
-    for field, value in message.ListFields():
+    keys and values included) that holds a NUL or control character. Only the fields that can
+    hold a string are visited (`_text_fields`): a telemetry batch's numbers cost nothing."""
+    for field in _text_fields(message.DESCRIPTOR):
         path = f"{prefix}{field.name}"
         lines = field.full_name in MULTILINE_FIELDS
         entry = field.message_type
         if entry is not None and entry.GetOptions().map_entry:
             value_field = entry.fields_by_name["value"]
-            for key, item in value.items():
+            for key, item in getattr(message, field.name).items():
                 shown = f"{path}[{key!r}]"
                 if isinstance(key, str):
                     _check(shown, key, False)
                 _check_one(shown, value_field, item, lines)
         elif field.is_repeated:
-            for i, item in enumerate(value):
+            for i, item in enumerate(getattr(message, field.name)):
                 _check_one(f"{path}[{i}]", field, item, lines)
-        else:
-            _check_one(path, field, value, lines)
+        elif entry is None or message.HasField(field.name):
+            _check_one(path, field, getattr(message, field.name), lines)
+
+
+@functools.cache
+def _text_fields(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
+    """The fields of a message type that are strings or can contain one, in field order."""
+    return tuple(f for f in descriptor.fields if _may_hold_text(f, frozenset({descriptor})))
+
+
+def _may_hold_text(field: FieldDescriptor, seen: frozenset[Descriptor]) -> bool:
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return True
+    entry = field.message_type
+    if entry is None:
+        return False
+    if entry in seen:
+        return True  # a recursive type: visit it, its instances decide
+    return any(_may_hold_text(f, seen | {entry}) for f in entry.fields)
 
 
 def _check_one(path: str, field: FieldDescriptor, value: Any, lines: bool) -> None:
     if field.type == FieldDescriptor.TYPE_STRING:
-        _check(path, value, lines)
+        if value:
+            _check(path, value, lines)
     elif field.type == FieldDescriptor.TYPE_MESSAGE:
         check_text(value, f"{path}.")
 
