@@ -196,24 +196,31 @@ class ObjectStore:
 
     async def presign_get(self, key: str, ttl_seconds: int) -> str:
         """A URL that GETs the object without credentials until it expires."""
-        expires = timedelta(seconds=ttl_seconds)
-        try:
-            return await asyncio.to_thread(
-                self._client.presigned_get_object, self.bucket, key, expires=expires
-            )
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            # Presigning needs no round trip (the region is given) unless the SDK must ask.
-            raise StorageError(str(exc)) from exc
+        return await self._presign("GET", key, ttl_seconds)
 
     async def presign_put(self, key: str, ttl_seconds: int) -> str:
         """A URL that PUTs the object (one request, up to 5 GiB) without credentials until it
         expires."""
-        expires = timedelta(seconds=ttl_seconds)
+        return await self._presign("PUT", key, ttl_seconds)
+
+    async def _presign(
+        self,
+        method: str,
+        key: str,
+        ttl_seconds: int,
+        query: dict[str, str | list[str] | tuple[str]] | None = None,
+    ) -> str:
         try:
             return await asyncio.to_thread(
-                self._client.presigned_put_object, self.bucket, key, expires=expires
+                self._client.get_presigned_url,
+                method,
+                self.bucket,
+                key,
+                expires=timedelta(seconds=ttl_seconds),
+                extra_query_params=query,
             )
         except (OSError, urllib3.exceptions.HTTPError) as exc:
+            # Presigning needs no round trip (the region is given) unless the SDK must ask.
             raise StorageError(str(exc)) from exc
 
     async def start_multipart(self, key: str) -> str:
@@ -229,17 +236,7 @@ class ObjectStore:
             "uploadId": upload_id,
             "partNumber": str(number),
         }
-        try:
-            return await asyncio.to_thread(
-                self._client.get_presigned_url,
-                "PUT",
-                self.bucket,
-                key,
-                expires=timedelta(seconds=ttl_seconds),
-                extra_query_params=query,
-            )
-        except (OSError, urllib3.exceptions.HTTPError) as exc:
-            raise StorageError(str(exc)) from exc
+        return await self._presign("PUT", key, ttl_seconds, query)
 
     async def complete_multipart(
         self, key: str, upload_id: str, parts: list[tuple[int, str]]
