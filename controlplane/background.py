@@ -24,22 +24,16 @@ from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
 from controlplane.scheduler.leader import Leadership, SoleLeader
 from controlplane.scheduler.service import Scheduler
+from messaging.tasks import stop_tasks, stopping
 
 log = logging.getLogger(__name__)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        async with asyncio.timeout(timeout):  # unlike 3.11's wait_for, never eats a cancel
+            await event.wait()
     event.clear()
-
-
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class Background:
@@ -93,19 +87,19 @@ class Background:
         if self.refresh_gauges is not None:
             loops.append(("gauges", self._gauges, False))
         self._tasks = {
-            name: asyncio.create_task(self._supervise(name, loop, once=once))
+            name: asyncio.create_task(self._supervise(name, loop, once=once), name=name)
             for name, loop, once in loops
         }
 
     async def stop_scheduling(self) -> None:
         """Stops placing and gives leadership up, so another replica takes over at its next
         check instead of after the lease ttl (a graceful shutdown calls this first)."""
-        await _cancel([self._tasks.pop(n) for n in ("scheduler", "leader") if n in self._tasks])
+        await stop_tasks([self._tasks.pop(n) for n in ("scheduler", "leader") if n in self._tasks])
         await self.leader.release()
 
     async def stop(self) -> None:
         await self.stop_scheduling()
-        await _cancel(list(self._tasks.values()))
+        await stop_tasks(list(self._tasks.values()))
         self._tasks = {}
 
     async def _supervise(
@@ -120,6 +114,8 @@ class Background:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a loop must survive a bad cycle
+                if stopping():  # a cancel that a library turned into another error
+                    raise asyncio.CancelledError from None
                 log.exception("background loop %s failed; restarting in 1s", name)
                 await asyncio.sleep(1.0)
 

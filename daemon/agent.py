@@ -40,6 +40,7 @@ from daemon.runtime import DockerRuntime
 from daemon.settings import DaemonSettings
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
+from messaging.tasks import stop_tasks
 from messaging.tls import nats_tls_context
 from storage.objects import ObjectStore
 
@@ -184,10 +185,7 @@ class Agent:
         """Stops taking work and leaves running containers as they are (their journal entries
         stay, for the next start to settle)."""
         self._stopped.set()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(list(self._tasks))
         if self._bus is not None:
             await self._bus.close()
         if self._channel is not None:

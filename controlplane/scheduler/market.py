@@ -15,6 +15,7 @@ from controlplane.db.engine import Database
 from controlplane.scheduler.capacity import Durations, load_capacity
 from controlplane.scheduler.demand import Demand, Policy, demand_of
 from controlplane.scheduler.index import CapacityIndex, HostEntry, could_take
+from messaging.tasks import stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,8 @@ class Market:
 
     async def close(self) -> None:
         task, self._background = self._background, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        if task is not None:
+            await stop_tasks([task])
 
     async def _reload(self, wanted_since: float) -> MarketView:
         """A view loaded no earlier than `wanted_since`: concurrent callers share one load."""
