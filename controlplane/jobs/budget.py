@@ -53,27 +53,29 @@ def attempt_budget(
 class BudgetStops(JobBilling):
     """Part of JobService: the control plane's own budget deadline, independent of daemons."""
 
-    async def sweep_over_budget(self, limit: int = 100) -> list[str]:
+    async def sweep_over_budget(self, limit: int = 1000) -> list[str]:
         """Asks the host of every running attempt past its budget deadline (the control
         plane's start of its run + its budget's run time + the policy's grace) to stop it
         with STOP_REASON_BUDGET_EXHAUSTED, and again every `budget_stop_resend` until it
-        ends; its charge never exceeds its budget whatever its daemon reports. Returns the
-        ids of the jobs asked."""
+        ends; its charge never exceeds its budget whatever its daemon reports. Each replica
+        stops the attempts of the hosts whose Connect stream it holds. Returns the ids of the
+        jobs asked."""
         now = utcnow()
         cutoff = now - self.policy.budget_stop_grace
         async with self.db.read() as session:
             due = await JobRepository(session).over_budget(cutoff, limit)
         sent: list[str] = []
-        for job_id, number in due:
+        for job_id, number, host_id in due:
+            if not self.streams.connected(host_id):
+                continue  # the replica that holds the host's Connect stream stops it
 
             async def work(
                 session: AsyncSession, job_id: str = job_id, number: int = number
-            ) -> tuple[str, registry_pb2.ControlMessage] | None:
+            ) -> registry_pb2.ControlMessage | None:
                 return await self._budget_stop(session, job_id, number, cutoff, now)
 
-            stop = await self.db.run(work)
-            if stop is not None:
-                host_id, command = stop
+            command = await self.db.run(work)
+            if command is not None:
                 log.warning("job %s/%s ran past its budget: stopping it", job_id, number)
                 self.streams.send(host_id, command)
                 sent.append(job_id)
@@ -81,7 +83,7 @@ class BudgetStops(JobBilling):
 
     async def _budget_stop(
         self, session: AsyncSession, job_id: str, number: int, cutoff: datetime, now: datetime
-    ) -> tuple[str, registry_pb2.ControlMessage] | None:
+    ) -> registry_pb2.ControlMessage | None:
         """Under the job's and the attempt's locks (the order reports take them): still
         running past the deadline? Then the stop to send, and the next resend's time."""
         repo = JobRepository(session)
@@ -94,4 +96,4 @@ class BudgetStops(JobBilling):
         attempt.budget_stop_at = now + self.policy.budget_stop_resend
         if job.attempt != attempt.attempt or job.state != JobState.RUNNING.value:
             return None
-        return attempt.host_id, self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
+        return self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
