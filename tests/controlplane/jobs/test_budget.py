@@ -134,7 +134,7 @@ async def test_the_control_plane_stops_an_attempt_whose_daemon_ignored_its_budge
         asked_after = time.monotonic() - running_at
         assert (cancel.job_id, cancel.attempt) == (job.job_id, 1)
         assert cancel.stop_reason == K.STOP_REASON_BUDGET_EXHAUSTED
-        assert 4.0 <= asked_after < 6.0, asked_after  # 2 s budget + 2 s grace (+ a tick)
+        assert 3.8 <= asked_after < 6.0, asked_after  # 2 s budget + 2 s grace (+ a tick)
         # Still running: asked again.
         again = await next_cancel(host)
         assert again.stop_reason == K.STOP_REASON_BUDGET_EXHAUSTED
