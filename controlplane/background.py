@@ -190,6 +190,7 @@ class Background:
             if lost:
                 log.warning("hosts lost: %s", ", ".join(lost))
             await self.jobs.sweep_lost_attempts()
+            await self.jobs.sweep_over_budget()
             await self.registry.maintain()
 
     async def _expire_holds(self) -> None:

@@ -5,8 +5,10 @@ while running), with the StopReason (STOP_REASON_...) of the terminal one:
   exited       STARTING, RUNNING, USAGE*, UPLOADING(exit), FINISHED(exit, manifest, oom):
                COMPLETED, EXITED_WITH_ERROR or OOM_KILLED
   timed out    ... UPLOADING(exit), FINISHED(TIMED_OUT), outputs still stored
+  budget spent ... UPLOADING(exit), FINISHED(BUDGET_EXHAUSTED), outputs still stored: at the
+               dispatch's budget_run_time_ms, or on a BUDGET_EXHAUSTED cancel once running
   cancelled    [STARTING, [RUNNING, USAGE*, [UPLOADING]]], STOPPED(the cancel's reason:
-               CANCELLED, BUDGET_EXHAUSTED, HOLD_EXPIRED or ORPHANED)
+               CANCELLED, HOLD_EXPIRED, ORPHANED, or BUDGET_EXHAUSTED before it ran)
   can't start  STARTING, FAILED_TO_START(INPUT_UNAVAILABLE (bad or missing input),
                HOST_ERROR (an input the host could not fetch), IMAGE_UNAVAILABLE (the
                registry refused the image), IMAGE_PULL_FAILED (the host could not pull it)
@@ -37,19 +39,14 @@ from docker.errors import DockerException
 from docker.models.containers import Container
 from gpuplane.v1 import messaging_pb2
 
-from daemon.inputs import InputCorrupt, InputError, InputFetchFailed, fetch_inputs
+from daemon.endings import START_FAILURES, RunLimit, finished_reason, run_limit, start_failure
+from daemon.inputs import fetch_inputs
 from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
 from daemon.progress import Progress
-from daemon.runtime import (
-    ContainerError,
-    DockerRuntime,
-    ExitInfo,
-    ImagePullFailed,
-    ImageUnavailable,
-)
+from daemon.runtime import DockerRuntime, ExitInfo
 from daemon.settings import DaemonSettings
-from daemon.uploads import Stored, store_results
+from daemon.uploads import store_results
 from messaging.subjects import logs_subject
 from storage.objects import ObjectStore
 
@@ -60,7 +57,7 @@ Reason: TypeAlias = messaging_pb2.StopReason.ValueType
 ReportFn = Callable[[messaging_pb2.JobReport], Awaitable[None]]
 T = TypeVar("T")
 # How watching a running container ended.
-Watched: TypeAlias = Literal["exited", "cancelled", "timed_out"]
+Watched: TypeAlias = Literal["exited", "cancelled", "stopped"]
 TERMINAL = frozenset(
     {
         Kind.JOB_REPORT_KIND_FINISHED,
@@ -70,17 +67,6 @@ TERMINAL = frozenset(
 )
 # How long the log followers get to drain after the container has exited.
 LOG_DRAIN_SECONDS = 10.0
-# Why an attempt could not start, by the error its preparation raised.
-START_FAILURES: dict[type[Exception], Reason] = {
-    # Before InputError: the first class an error is an instance of decides.
-    InputCorrupt: StopReason.STOP_REASON_INPUT_CORRUPT,
-    InputError: StopReason.STOP_REASON_INPUT_UNAVAILABLE,
-    # Storage unreachable from the host, or its disk: the host's fault (retried elsewhere).
-    InputFetchFailed: StopReason.STOP_REASON_HOST_ERROR,
-    ImageUnavailable: StopReason.STOP_REASON_IMAGE_UNAVAILABLE,
-    ImagePullFailed: StopReason.STOP_REASON_IMAGE_PULL_FAILED,
-    ContainerError: StopReason.STOP_REASON_CONTAINER_ERROR,
-}
 
 
 def work_dir_for(settings: DaemonSettings, job_id: str, attempt: int) -> Path:
@@ -124,6 +110,8 @@ class JobExecutor:
         self._cancel = asyncio.Event()
         self._cancel_reason: Reason = StopReason.STOP_REASON_CANCELLED
         self._cancel_text = ""
+        # A BUDGET_EXHAUSTED cancel once the container ran: stopped as at a time limit.
+        self._budget_spent = asyncio.Event()
         self._done = asyncio.Event()
         self._container: Container | None = None
         self._started_at = 0.0
@@ -136,8 +124,11 @@ class JobExecutor:
         self, reason: Reason = StopReason.STOP_REASON_CANCELLED, text: str = ""
     ) -> None:
         """Stops the attempt (container killed and removed) and returns once STOPPED is out,
-        which carries `reason` and `text` (default "cancelled")."""
-        if not self._cancel.is_set():
+        which carries `reason` and `text` (default "cancelled"). A budget stop of a container
+        that has started ends it as its budget's run time would (outputs stored, FINISHED)."""
+        if reason == StopReason.STOP_REASON_BUDGET_EXHAUSTED and self._started_at:
+            self._budget_spent.set()
+        elif not self._cancel.is_set():
             self._cancel_reason = reason or StopReason.STOP_REASON_CANCELLED
             self._cancel_text = text or "cancelled"
             self._cancel.set()
@@ -194,18 +185,18 @@ class JobExecutor:
         except tuple(START_FAILURES) as exc:
             return await self._emit(
                 Kind.JOB_REPORT_KIND_FAILED_TO_START,
-                stop_reason=_start_failure(exc),
+                stop_reason=start_failure(exc),
                 reason=str(exc),
             )
         self._started_at = time.monotonic()
         await self._advance(Progress.RUNNING)
-        return await self._watch(container, float(self.dispatch.spec.max_duration_seconds))
+        return await self._watch(container, run_limit(self.dispatch))
 
     async def _resume(
         self, container: Container, journaled: JournalEntry | None
     ) -> messaging_pb2.JobReport:
         """Adopts a container left by an earlier run of the daemon: reports continue from the
-        journaled seq, max_duration counts from the container's start, logs are followed
+        journaled seq, its run limit counts from the container's start, logs are followed
         from now on (the uploaded files come whole from Docker at exit)."""
         self.adopted = True
         self._container = container
@@ -225,11 +216,9 @@ class JobExecutor:
             await self._advance(Progress.RUNNING)
         else:
             self.progress = Progress.RUNNING  # reported by the earlier run
-        limit = float(self.dispatch.spec.max_duration_seconds)
+        limit = run_limit(self.dispatch).after(elapsed)
         if info.status in ("exited", "dead"):
-            limit = 0.0  # it ended while no daemon watched: its exit is what counts
-        elif limit:
-            limit = max(limit - elapsed, 0.001)
+            limit = RunLimit(0.0)  # it ended while no daemon watched: its exit is what counts
         log.info(
             "attempt %s/%s re-attached to container %s (%s, %.1fs in)",
             self.job_id,
@@ -240,7 +229,7 @@ class JobExecutor:
         )
         return await self._watch(container, limit)
 
-    async def _watch(self, container: Container, limit: float) -> messaging_pb2.JobReport:
+    async def _watch(self, container: Container, limit: RunLimit) -> messaging_pb2.JobReport:
         """A started container: logs, run-time reports and its time limit until it ends, then
         its results."""
         follower = self.runtime.follow_logs(container, from_now=self.adopted)
@@ -272,7 +261,8 @@ class JobExecutor:
             pump_task.cancel()
         await self.runtime.stop(container)
         self._container = None
-        return await self._collect(info, pump, timed_out=outcome == "timed_out")
+        limited = self._stopped_at(limit) if outcome == "stopped" else None
+        return await self._collect(info, pump, stopped=limited)
 
     async def _start(self) -> Container:
         """Work dir, inputs, image, container; racing each slow step against cancel()."""
@@ -290,29 +280,37 @@ class JobExecutor:
         await self.runtime.start(container)
         return container
 
-    async def _supervise(self, container: Container, max_seconds: float) -> Watched:
-        """Waits for exit, cancel() or `max_seconds` (0: no limit); returns "exited",
-        "cancelled" or "timed_out"."""
-        limit = max_seconds or None
+    async def _supervise(self, container: Container, limit: RunLimit) -> Watched:
+        """Waits for exit, cancel(), a budget stop or the limit; returns "exited",
+        "cancelled" or "stopped" (at the limit or by the budget stop: killed)."""
         run_time_stop = asyncio.Event()
         run_time = asyncio.create_task(self._run_time_loop(run_time_stop))
-        exited = asyncio.create_task(self.runtime.wait(container, limit))
-        cancelled = asyncio.create_task(self._cancel.wait())
+        exited = asyncio.create_task(self.runtime.wait(container, limit.seconds or None))
+        stops = [asyncio.create_task(e.wait()) for e in (self._cancel, self._budget_spent)]
         try:
-            await asyncio.wait({exited, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({exited, *stops}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             run_time_stop.set()
             await run_time
-            cancelled.cancel()
+            for stop in stops:
+                stop.cancel()
         if self._cancel.is_set():
             exited.cancel()
             return "cancelled"
-        if exited.result() is not None:
+        if exited.done() and exited.result() is not None:
             return "exited"
-        log.info("attempt %s/%s ran past %ss: killing it", self.job_id, self.attempt, limit)
+        exited.cancel()
+        reason = StopReason.Name(self._stopped_at(limit))
+        log.info("attempt %s/%s stopped (%s): killing it", self.job_id, self.attempt, reason)
         await self.runtime.kill(container)
         await self.runtime.wait(container, 30)
-        return "timed_out"
+        return "stopped"
+
+    def _stopped_at(self, limit: RunLimit) -> Reason:
+        """Why a running container was stopped: its budget, or the limit it reached."""
+        if self._budget_spent.is_set():
+            return StopReason.STOP_REASON_BUDGET_EXHAUSTED
+        return limit.reason
 
     async def _run_time_loop(self, stop: asyncio.Event) -> None:
         interval = self.settings.usage_report_interval_seconds
@@ -350,7 +348,7 @@ class JobExecutor:
         await asyncio.to_thread(pump.paths["stderr"].write_bytes, stderr)
 
     async def _collect(
-        self, info: ExitInfo, pump: LogPump, *, timed_out: bool
+        self, info: ExitInfo, pump: LogPump, *, stopped: Reason | None
     ) -> messaging_pb2.JobReport:
         await self._advance(
             Progress.UPLOADING, exit_code=info.exit_code, run_time_ms=info.run_time_ms
@@ -375,7 +373,7 @@ class JobExecutor:
             run_time_ms=info.run_time_ms,
             manifest=stored.manifest,
             oom_killed=info.oom_killed,
-            stop_reason=_finished_reason(info, stored, timed_out=timed_out),
+            stop_reason=finished_reason(info, stored, stopped=stopped),
             reason=stored.detail,
         )
 
@@ -476,20 +474,3 @@ class JobExecutor:
         except (DockerException, OSError, TimeoutError) as exc:
             log.warning("cleanup step failed: %s", exc)
             return None
-
-
-def _finished_reason(info: ExitInfo, stored: Stored, *, timed_out: bool) -> Reason:
-    """Why an attempt whose container ended (and whose results were stored, or not) ended."""
-    if timed_out:
-        return StopReason.STOP_REASON_TIMED_OUT
-    if info.oom_killed:
-        return StopReason.STOP_REASON_OOM_KILLED
-    if stored.failure:
-        return stored.failure
-    if info.exit_code == 0:
-        return StopReason.STOP_REASON_COMPLETED
-    return StopReason.STOP_REASON_EXITED_WITH_ERROR
-
-
-def _start_failure(exc: Exception) -> Reason:
-    return next(r for kind, r in START_FAILURES.items() if isinstance(exc, kind))

@@ -67,7 +67,12 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         help=f"run-time limit per attempt: 600, 10m, 2h (default {DEFAULT_MAX_DURATION})",
     )
     p.add_argument("--max-price", type=a.credits, help="max credits per GPU-hour, e.g. 2.5")
-    p.add_argument("--budget", type=a.credits, help="spend cap for the job in credits")
+    p.add_argument(
+        "--budget",
+        type=a.credits,
+        help="spend cap in credits: the job is stopped once it has run as long as this pays "
+        "for at its host's price (its outputs are kept; it is charged exactly the budget)",
+    )
     p.add_argument("--env", action="append", type=a.key_value, default=[], metavar="K=V")
     p.add_argument("--label", action="append", type=a.key_value, default=[], metavar="K=V")
     p.add_argument("--host-label", action="append", type=a.key_value, default=[], metavar="K=V")

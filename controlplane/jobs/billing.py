@@ -79,15 +79,16 @@ class JobBilling:
         self, session: AsyncSession, job: Job, attempt: JobAttempt, provider: str
     ) -> AttemptCost:
         """What the attempt has cost so far, at the placement's price, for at most the spec's
-        max_duration (time limits are exact: the daemon's kill latency is never charged), with
-        the platform fee an operator set (else the settings')."""
+        max_duration and its budget's run time (time limits are exact: the daemon's kill
+        latency is never charged) and never more than its budget, with the platform fee an
+        operator set (else the settings')."""
         fee = await self.ledger.fees.current(session)
+        billable = billable_ms(job, attempt)
+        cost = ledger.charge_for(job.price_per_gpu_hour, job.gpu_count, billable)
         return AttemptCost(
             provider_tenant_id=provider,
             attempt=attempt.attempt,
-            cost=ledger.charge_for(
-                job.price_per_gpu_hour, job.gpu_count, billable_ms(job, attempt)
-            ),
+            cost=budget_charge(cost, billable, attempt.budget, attempt.budget_ms),
             fee_basis_points=self.policy.fee_basis_points if fee is None else fee,
         )
 
@@ -135,6 +136,22 @@ class JobBilling:
 
 
 def billable_ms(job: Job, attempt: JobAttempt) -> int:
-    """The attempt's run time as charged: capped at the spec's max_duration."""
-    limit_ms = types_pb2.JobSpec.FromString(job.spec).max_duration_seconds * 1000
-    return min(attempt.run_time_ms, limit_ms) if limit_ms else attempt.run_time_ms
+    """The attempt's run time as charged: capped at the spec's max_duration and at the run
+    time its budget pays for."""
+    limits = [attempt.run_time_ms]
+    if max_ms := types_pb2.JobSpec.FromString(job.spec).max_duration_seconds * 1000:
+        limits.append(max_ms)
+    if attempt.budget_ms is not None:
+        limits.append(attempt.budget_ms)
+    return min(limits)
+
+
+def budget_charge(cost: int, billable_ms: int, budget: int | None, run_ms: int | None) -> int:
+    """What an attempt is charged: `cost` (its billable run time at its price), at most its
+    budget; exactly its budget once it has run the budget's whole time (that run time was
+    rounded down, so its cost can fall a micro-credit or so short of the budget)."""
+    if budget is None:
+        return cost
+    if run_ms is not None and billable_ms >= run_ms:
+        return budget
+    return min(cost, budget)

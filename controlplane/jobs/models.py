@@ -61,7 +61,10 @@ class Job(Base):
 
 class JobAttempt(Base):
     __tablename__ = "job_attempts"
-    __table_args__ = (Index("ix_job_attempts_host_live", "host_id", "live"),)
+    __table_args__ = (
+        Index("ix_job_attempts_host_live", "host_id", "live"),
+        Index("ix_job_attempts_budget_stop_at", "budget_stop_at"),
+    )
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -82,6 +85,13 @@ class JobAttempt(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # What was left of the job's budget when this attempt was placed (micro-credits) and the
+    # run time it pays for at the placement's price (jobs/budget.py); None: no budget.
+    budget: Mapped[int | None] = mapped_column(BigInteger)
+    budget_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # While it runs (set and cleared by set_attempt_state): when the control plane saw it
+    # start + budget_ms, the deadline of the control plane's own budget stop.
+    budget_stop_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class JobEvent(Base):

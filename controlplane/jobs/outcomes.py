@@ -95,6 +95,8 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     StopReason.STOP_REASON_OUTPUT_TOO_LARGE: Outcome(_FAILED, Fault.USER, _upload_failed),
     # Decided by the control plane.
     StopReason.STOP_REASON_CANCELLED: Outcome(JobState.CANCELLED, Fault.USER, _cancelled),
+    # Stopped when its budget ran out (by its daemon at the dispatch's budget run time, or on
+    # the control plane's stop): the outputs it wrote are stored, and it is charged its budget.
     StopReason.STOP_REASON_BUDGET_EXHAUSTED: Outcome(
         _FAILED, Fault.USER, lambda f: "budget_exhausted"
     ),

@@ -24,6 +24,10 @@ class JobPolicy:
     # How long a job may wait for placement before its hold expires; the hold lasts this
     # plus max_duration from submit (and again from each requeue).
     hold_queue_timeout: timedelta = timedelta(days=1)
+    # The control plane stops a running attempt this long after its budget's run time (from
+    # when it saw it start) if its daemon has not, and asks again every `budget_stop_resend`.
+    budget_stop_grace: timedelta = timedelta(seconds=2)
+    budget_stop_resend: timedelta = timedelta(seconds=5)
 
 
 def hold_expiry(spec: types_pb2.JobSpec, policy: JobPolicy, now: datetime) -> datetime:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -80,6 +80,8 @@ class Reports(LostAttempts):
                 attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
             resend: registry_pb2.ControlMessage | None = None
             ending = ending_of(report, job) if report.kind in TERMINAL_REPORTS else None
+            if ending is not None and ending.reason == StopReason.STOP_REASON_BUDGET_EXHAUSTED:
+                _ran_its_budget(attempt, now)
             retried = ending is not None and (ending.void or _retried_exit(job, report, ending))
             if ending is not None and ending.void:
                 await self._lose_attempt(session, repo, job, attempt, ending.text, now)
@@ -165,6 +167,16 @@ class Reports(LostAttempts):
         target, reason = ending.state, ending.text
         set_attempt_state(attempt, ATTEMPT_ENDING[target], reason=reason, now=now)
         return set_job_state(repo, job, target, reason=reason, exit_code=exit_code, now=now)
+
+
+def _ran_its_budget(attempt: JobAttempt, now: datetime) -> None:
+    """An attempt stopped for its budget ran the budget's whole run time when the control
+    plane's own clock says so (Docker's run time can end a few ms short of the daemon's
+    deadline): it is then charged exactly its budget (billing.budget_charge)."""
+    if attempt.budget_ms is None or attempt.started_at is None:
+        return
+    if now - attempt.started_at >= timedelta(milliseconds=attempt.budget_ms):
+        attempt.run_time_ms = max(attempt.run_time_ms, attempt.budget_ms)
 
 
 def _retried_exit(job: Job, report: messaging_pb2.JobReport, ending: Ending) -> bool:

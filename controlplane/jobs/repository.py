@@ -103,6 +103,18 @@ class JobRepository:
             )
         ).all()
 
+    async def over_budget(self, before: datetime, limit: int) -> Sequence[tuple[str, int, str]]:
+        """(job id, attempt, host id) of running attempts whose budget deadline is before
+        `before`, earliest first; the sweep locks each (job first, as reports do) and checks
+        again."""
+        query = (
+            select(JobAttempt.job_id, JobAttempt.attempt, JobAttempt.host_id)
+            .where(JobAttempt.budget_stop_at <= before, JobAttempt.live.is_(True))
+            .order_by(JobAttempt.budget_stop_at)
+            .limit(limit)
+        )
+        return [(job, attempt, host) for job, attempt, host in await self.session.execute(query)]
+
     async def lost_attempts(self, unacked_before: datetime) -> Sequence[tuple[JobAttempt, str]]:
         """Live attempts that are lost: their host is lost, or their daemon never took the
         dispatch (still SCHEDULED, placed before `unacked_before`). With the reason."""

@@ -19,6 +19,7 @@ from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.idempotency import ensure_same
+from controlplane.jobs.budget import BudgetStops
 from controlplane.jobs.expiry import HoldExpiry
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.policy import JobPolicy as JobPolicy  # re-exported
@@ -40,10 +41,10 @@ class JobView:
     attempts: Sequence[JobAttempt]
 
 
-class JobService(Reports, HoldExpiry, Rejections):
+class JobService(Reports, HoldExpiry, Rejections, BudgetStops):
     """The jobs domain's entry point: servicers, the report consumer and the background
     loops call it. Its parts live beside it: billing.py (metering, settlement), reports.py,
-    lost.py and expiry.py."""
+    lost.py, expiry.py and budget.py."""
 
     # Submit, read, cancel -----------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
@@ -275,6 +275,12 @@ def set_attempt_state(
     attempt.state = target.value
     attempt.live = target in LIVE
     attempt.lost = target == A.LOST
+    # The control plane's budget deadline counts from when it saw the attempt run, and only
+    # a running attempt has one (jobs/budget.py sweeps them).
+    if target == A.RUNNING and attempt.budget_ms is not None:
+        attempt.budget_stop_at = now + timedelta(milliseconds=attempt.budget_ms)
+    else:
+        attempt.budget_stop_at = None
     if target in ATTEMPT.terminal:
         attempt.reason = reason
         attempt.finished_at = now
@@ -302,6 +308,9 @@ class Placement:
     host_id: str
     gpu_uuids: list[str]
     price_per_gpu_hour: int
+    # The attempt's budget and the run time it pays for (jobs/budget.AttemptBudget).
+    budget: int | None = None
+    budget_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -366,4 +375,6 @@ def _new_attempt_row(job: Job, placement: Placement, now: datetime) -> dict[str,
         "charged": 0,
         "manifest": [],
         "created_at": now,
+        "budget": placement.budget,
+        "budget_ms": placement.budget_ms,
     }

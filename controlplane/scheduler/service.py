@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import Conflict
+from controlplane.jobs.budget import AttemptBudget, attempt_budget
 from controlplane.jobs.models import Job
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.states import Placement, schedule_jobs
@@ -241,17 +242,20 @@ class Scheduler:
         if await repo.allocate(rows) != len(rows):
             # Another writer took a GPU since the load: roll the whole cycle back.
             raise Conflict("GPU allocation raced; retrying the cycle")
-        placed_rows = schedule_jobs(
-            [
-                Placement(jobs[p.demand.job_id], p.host_id, p.gpu_uuids, p.price)
-                for p in plan.placed
-            ],
-            now,
-        )
+        budgets = {
+            p.demand.job_id: attempt_budget(
+                specs[p.demand.job_id],
+                jobs[p.demand.job_id].charged,
+                p.price,
+                jobs[p.demand.job_id].gpu_count,
+            )
+            for p in plan.placed
+        }
+        placed_rows = schedule_jobs([_placement(jobs, p, budgets) for p in plan.placed], now)
         messages = []
         for placed in plan.placed:
             job = jobs[placed.demand.job_id]
-            messages.append(self._dispatch(job, specs[job.id], placed, now))
+            messages.append(self._dispatch(job, specs[job.id], placed, budgets[job.id], now))
             self.durations.remember(job.id, placed.demand.max_duration_s)
         await repo.place(placed_rows.jobs, placed_rows.attempts, placed_rows.events, messages)
         await repo.set_reasons(
@@ -263,9 +267,15 @@ class Scheduler:
         )
 
     def _dispatch(
-        self, job: Job, spec: types_pb2.JobSpec, placed: Placed, now: datetime
+        self,
+        job: Job,
+        spec: types_pb2.JobSpec,
+        placed: Placed,
+        budget: AttemptBudget | None,
+        now: datetime,
     ) -> dict[str, object]:
-        """The outbox row of the placement's DispatchMessage."""
+        """The outbox row of the placement's DispatchMessage: with its price and, for a job
+        with a budget, the attempt's budget and the run time it pays for."""
         deadline = Timestamp()
         deadline.FromDatetime(now + DISPATCH_GRACE + timedelta(seconds=spec.max_duration_seconds))
         message = messaging_pb2.DispatchMessage(
@@ -277,6 +287,9 @@ class Scheduler:
             results_prefix=attempt_prefix(job.id, job.attempt),
             bucket=self.bucket,
             deadline=deadline,
+            price_per_gpu_hour_micro_credits=placed.price,
+            budget_micro_credits=budget.amount if budget else 0,
+            budget_run_time_ms=budget.run_ms if budget else 0,
         )
         return {
             "subject": dispatch_subject(placed.host_id),
@@ -284,3 +297,18 @@ class Scheduler:
             "payload": message.SerializeToString(),
             "created_at": now,
         }
+
+
+def _placement(
+    jobs: dict[str, Job], placed: Placed, budgets: dict[str, AttemptBudget | None]
+) -> Placement:
+    job_id = placed.demand.job_id
+    budget = budgets[job_id]
+    return Placement(
+        jobs[job_id],
+        placed.host_id,
+        placed.gpu_uuids,
+        placed.price,
+        budget=budget.amount if budget else None,
+        budget_ms=budget.run_ms if budget else None,
+    )

@@ -361,29 +361,6 @@ async def test_out_of_memory_is_reported(
     assert final.exit_code != 0
 
 
-async def test_budget_exhausted_cancel_is_stopped_for_that_reason(
-    runtime: DockerRuntime,
-    store: ObjectStore,
-    settings: DaemonSettings,
-    test_image: str,
-    cleanup_containers: list[str],
-) -> None:
-    dispatch = make_dispatch(test_image, args=["sleep", "60"])
-    in_bucket(dispatch, store)
-    cleanup_containers.append(dispatch.job_id)
-    reports = Reports()
-    job = executor(dispatch, runtime, store, settings, reports)
-    task = asyncio.create_task(job.run())
-    await reports.wait_for(K.JOB_REPORT_KIND_RUNNING)
-    await job.cancel(R.STOP_REASON_BUDGET_EXHAUSTED, "budget_exhausted")
-    final = await task
-    assert (final.kind, final.stop_reason) == (
-        K.JOB_REPORT_KIND_STOPPED,
-        R.STOP_REASON_BUDGET_EXHAUSTED,
-    )
-    assert final.run_time_ms > 0
-
-
 async def adopted_after_abandoning(
     script: str,
     runtime: DockerRuntime,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from gpuplane.v1 import messaging_pb2, types_pb2
 
-from daemon.executor import START_FAILURES
+from daemon.endings import START_FAILURES
 from daemon.inputs import InputCorrupt, InputError, fetch_inputs
 from storage import layout
 from storage.objects import ObjectStore

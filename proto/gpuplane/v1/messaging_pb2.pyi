@@ -35,11 +35,14 @@ class _JobReportKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobRepo
     JOB_REPORT_KIND_USAGE: _JobReportKind.ValueType  # 3
     """Periodic metered usage while running."""
     JOB_REPORT_KIND_UPLOADING: _JobReportKind.ValueType  # 4
-    """The container exited (on its own, or killed at max_duration); outputs are being uploaded."""
+    """The container exited (on its own, or killed at max_duration or its budget's run time);
+    outputs are being uploaded.
+    """
     JOB_REPORT_KIND_FINISHED: _JobReportKind.ValueType  # 5
     """Outputs and logs are stored (or could not be: STOP_REASON_UPLOAD_FAILED); the manifest
-    is final. A job stopped at max_duration ends FINISHED with STOP_REASON_TIMED_OUT (its
-    partial outputs are stored too).
+    is final. A job stopped at max_duration ends FINISHED with STOP_REASON_TIMED_OUT, one
+    stopped when its budget ran out FINISHED with STOP_REASON_BUDGET_EXHAUSTED (their partial
+    outputs are stored too).
     """
     JOB_REPORT_KIND_FAILED_TO_START: _JobReportKind.ValueType  # 6
     """The attempt could not run (image missing, runtime error); `stop_reason` and `reason` say why."""
@@ -58,11 +61,14 @@ JOB_REPORT_KIND_RUNNING: JobReportKind.ValueType  # 2
 JOB_REPORT_KIND_USAGE: JobReportKind.ValueType  # 3
 """Periodic metered usage while running."""
 JOB_REPORT_KIND_UPLOADING: JobReportKind.ValueType  # 4
-"""The container exited (on its own, or killed at max_duration); outputs are being uploaded."""
+"""The container exited (on its own, or killed at max_duration or its budget's run time);
+outputs are being uploaded.
+"""
 JOB_REPORT_KIND_FINISHED: JobReportKind.ValueType  # 5
 """Outputs and logs are stored (or could not be: STOP_REASON_UPLOAD_FAILED); the manifest
-is final. A job stopped at max_duration ends FINISHED with STOP_REASON_TIMED_OUT (its
-partial outputs are stored too).
+is final. A job stopped at max_duration ends FINISHED with STOP_REASON_TIMED_OUT, one
+stopped when its budget ran out FINISHED with STOP_REASON_BUDGET_EXHAUSTED (their partial
+outputs are stored too).
 """
 JOB_REPORT_KIND_FAILED_TO_START: JobReportKind.ValueType  # 6
 """The attempt could not run (image missing, runtime error); `stop_reason` and `reason` say why."""
@@ -112,7 +118,10 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     Cancelled on the user's request.
     """
     STOP_REASON_BUDGET_EXHAUSTED: _StopReason.ValueType  # 11
-    """The job's spend reached its hold (its budget)."""
+    """The job's budget is spent: the daemon stopped it at the dispatch's budget_run_time_ms
+    (FINISHED, its outputs stored), or the control plane asked it to (metering reached the
+    hold, or the attempt ran past its budget's time). Charged exactly the budget.
+    """
     STOP_REASON_TIMED_OUT: _StopReason.ValueType  # 12
     """The job ran past its max_duration_seconds (the daemon kills it; its outputs are stored)."""
     STOP_REASON_HOLD_EXPIRED: _StopReason.ValueType  # 13
@@ -178,7 +187,10 @@ STOP_REASON_CANCELLED: StopReason.ValueType  # 10
 Cancelled on the user's request.
 """
 STOP_REASON_BUDGET_EXHAUSTED: StopReason.ValueType  # 11
-"""The job's spend reached its hold (its budget)."""
+"""The job's budget is spent: the daemon stopped it at the dispatch's budget_run_time_ms
+(FINISHED, its outputs stored), or the control plane asked it to (metering reached the
+hold, or the attempt ran past its budget's time). Charged exactly the budget.
+"""
 STOP_REASON_TIMED_OUT: StopReason.ValueType  # 12
 """The job ran past its max_duration_seconds (the daemon kills it; its outputs are stored)."""
 STOP_REASON_HOLD_EXPIRED: StopReason.ValueType  # 13
@@ -218,12 +230,27 @@ class DispatchMessage(_message.Message):
     RESULTS_PREFIX_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    PRICE_PER_GPU_HOUR_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    BUDGET_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    BUDGET_RUN_TIME_MS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     tenant_id: _builtins.str
     results_prefix: _builtins.str
     """Object storage prefix for this attempt's outputs and logs."""
     bucket: _builtins.str
+    price_per_gpu_hour_micro_credits: _builtins.int
+    """The placement's price per GPU-hour, which this attempt is charged at."""
+    budget_micro_credits: _builtins.int
+    """What is left of the job's budget for this attempt (its budget less what earlier attempts
+    were charged); 0: the job has no budget.
+    """
+    budget_run_time_ms: _builtins.int
+    """The run time that budget pays for at this price and GPU count, rounded down so its charge
+    never exceeds the budget (at least 1 ms); 0: no budget. The daemon stops the container
+    when it has run this long (or max_duration_seconds, whichever comes first), stores its
+    outputs and logs and reports FINISHED with STOP_REASON_BUDGET_EXHAUSTED.
+    """
     @_builtins.property
     def spec(self) -> _types_pb2.JobSpec: ...
     @_builtins.property
@@ -245,10 +272,13 @@ class DispatchMessage(_message.Message):
         results_prefix: _builtins.str = ...,
         bucket: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        price_per_gpu_hour_micro_credits: _builtins.int = ...,
+        budget_micro_credits: _builtins.int = ...,
+        budget_run_time_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bucket", b"bucket", "deadline", b"deadline", "gpu_uuids", b"gpu_uuids", "job_id", b"job_id", "results_prefix", b"results_prefix", "spec", b"spec", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bucket", b"bucket", "budget_micro_credits", b"budget_micro_credits", "budget_run_time_ms", b"budget_run_time_ms", "deadline", b"deadline", "gpu_uuids", b"gpu_uuids", "job_id", b"job_id", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "results_prefix", b"results_prefix", "spec", b"spec", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
