@@ -9,7 +9,7 @@ from controlplane.auth.repository import AuthRepository
 from controlplane.auth.service import generate_secret, hash_secret
 from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
-from controlplane.errors import InvalidArgument, NotFound
+from controlplane.errors import InvalidArgument, NotFound, PermissionDenied
 from controlplane.idempotency import ensure_same
 from controlplane.paging import Page, PageRequest
 from controlplane.registry.models import RegistrationToken
@@ -25,6 +25,7 @@ class RegistrationTokens:
     """Part of RegistryService: registration tokens."""
 
     db: Database
+    self_service_providers: bool
 
     async def create_token(
         self,
@@ -36,6 +37,11 @@ class RegistrationTokens:
         idempotency_key: str | None,
         request_hash: str,
     ) -> tuple[RegistrationToken, str]:
+        if not caller.is_admin and not self.self_service_providers:
+            raise PermissionDenied(
+                "registration tokens are minted by an admin for a provider tenant "
+                "(self-service provider onboarding is off: GPUPLANE_SELF_SERVICE_PROVIDERS)"
+            )
         provider = caller.require_tenant(provider_tenant_id)
         if provider == "platform" and caller.is_admin and not provider_tenant_id:
             raise InvalidArgument("provider_tenant_id", "name the provider the hosts belong to")
