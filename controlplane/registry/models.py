@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -36,6 +37,8 @@ class RegistrationToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Minted by the provider itself (self-service onboarding), not by an admin.
+    self_service: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Host(Base):
@@ -73,6 +76,9 @@ class Host(Base):
     # RevokeHost: the credential and NATS user stop working; the host never returns.
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     revoked_reason: Mapped[str] = mapped_column(String(500), default="", server_default="")
+    # Registered with a token its provider minted itself: such a host must always pass
+    # verification before it is offered (registry.states.hello_state).
+    self_service: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Outcomes (completed / lost to the host or a GPU fault), each decayed by its age to
     # reliability_at (registry.reliability.note_outcome); kept across re-registrations.
     reliability_good: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")

@@ -167,6 +167,7 @@ class RegistryService(RegistrationTokens, Revocations):
                     machine_id=request.machine_id,
                     now=now,
                 )
+                host.self_service = token.self_service
             host.hostname = request.hostname
             host.simulated = request.simulated
             host.location = request.location

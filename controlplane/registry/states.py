@@ -123,5 +123,7 @@ def hello_state(host: Host) -> HostState | None:
 
     This is the admission gate: hardware verification (issue #15, "Hardware verified before
     it is sold") adds its check here, so that a host whose probe has not passed stays
-    REGISTERED and is never offered."""
+    REGISTERED and is never offered. A host registered with a token its provider minted
+    itself (`host.self_service`, GPUPLANE_SELF_SERVICE_PROVIDERS) must pass it whatever else
+    the operator allows."""
     return returning_state(host)

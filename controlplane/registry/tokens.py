@@ -74,6 +74,7 @@ class RegistrationTokens:
                 uses=0,
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
+                self_service=not caller.is_admin,
             )
             repo.add(token)
             return token, secret

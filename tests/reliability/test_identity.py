@@ -17,6 +17,7 @@ from gpuplane.v1 import (
     types_pb2,
 )
 
+from controlplane.registry.repository import RegistryRepository
 from devstack.factories import (
     CREDIT,
     bearer,
@@ -250,3 +251,10 @@ async def test_self_service_providers_mint_tokens_and_still_start_registered(
     host = await new_host(plane.channel, minted.secret, gpus=new_gpus(1))
     assert (await get_host(plane, host.host_id)).state == S.HOST_STATE_REGISTERED
     assert host.host_id not in await offered(plane)
+    admitted = await new_host(plane.channel, await plane.token(), gpus=new_gpus(1))
+    # Marked for the verification gate (registry.states.hello_state), unlike an admin's.
+    assert plane.plane.db is not None
+    async with plane.plane.db.read() as session:
+        repo = RegistryRepository(session)
+        marks = [(await repo.get_host(h.host_id)) for h in (host, admitted)]
+    assert [h.self_service for h in marks if h is not None] == [True, False]

@@ -1,4 +1,5 @@
-"""hosts.reliability_good / reliability_bad / reliability_at: outcomes decayed by age
+"""hosts.reliability_good / reliability_bad / reliability_at: outcomes decayed by age;
+registration_tokens.self_service, hosts.self_service: minted by the provider itself
 
 Revision ID: 0017
 Revises: 0011
@@ -25,6 +26,13 @@ def upgrade() -> None:
             sa.Column("reliability_bad", sa.Float(), nullable=False, server_default="0")
         )
         batch_op.add_column(sa.Column("reliability_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(
+            sa.Column("self_service", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
+    with op.batch_alter_table("registration_tokens", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("self_service", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
     # What hosts did so far counts from now on, then fades like any outcome.
     op.execute(
         "UPDATE hosts SET reliability_good = completed_attempts, "
@@ -34,7 +42,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("registration_tokens", schema=None) as batch_op:
+        batch_op.drop_column("self_service")
     with op.batch_alter_table("hosts", schema=None) as batch_op:
+        batch_op.drop_column("self_service")
         batch_op.drop_column("reliability_at")
         batch_op.drop_column("reliability_bad")
         batch_op.drop_column("reliability_good")
