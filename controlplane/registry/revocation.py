@@ -46,15 +46,18 @@ class Revocations:
         """RevokeProvider (admin): every host of the provider is revoked as RevokeHost revokes
         one (lost ones and those that never connected included), and its registration tokens
         still active are revoked, so none of its machines can register again until an admin
-        mints it a new token. Returns its hosts and how many tokens were revoked. Idempotent."""
+        mints it a new token (it can no longer mint its own, even with self-service on).
+        Returns its hosts and how many tokens were revoked. Idempotent."""
         _check_reason(reason)
         if not provider:
             raise InvalidArgument("provider_tenant_id", "is required")
         now = utcnow()
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
-            if await AuthRepository(session).get_tenant(provider) is None:
+            tenant = await AuthRepository(session).get_tenant(provider)
+            if tenant is None:
                 raise NotFound(f"provider_tenant_id: no tenant {provider!r}")
+            tenant.provider_revoked_at = tenant.provider_revoked_at or now
             hosts = await repo.hosts_of_provider(provider, lock=True)
             why = f"RevokeProvider: {reason or 'provider revoked'}"
             for host in hosts:

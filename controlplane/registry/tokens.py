@@ -59,8 +59,14 @@ class RegistrationTokens:
                 if existing is not None:
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
                     return existing, ""
-            if await AuthRepository(session).get_tenant(provider) is None:
+            tenant = await AuthRepository(session).get_tenant(provider)
+            if tenant is None:
                 raise NotFound(f"provider_tenant_id: no tenant {provider!r}")
+            if tenant.provider_revoked_at is not None and not caller.is_admin:
+                raise PermissionDenied(
+                    "provider_tenant_id: this provider has been revoked (RevokeProvider); only "
+                    "an admin can mint its registration tokens"
+                )
             secret = generate_secret(TOKEN_PREFIX)
             now = utcnow()
             token = RegistrationToken(

@@ -236,8 +236,8 @@ async def test_providers_cannot_mint_their_own_tokens_by_default(plane: JobPlane
     # An admin mints one for the provider.
     assert (await new_token(plane, plane.provider_tenant)).secret.startswith("gpr_")
     summary.record(
-        "self-service token minting (setting off)",
-        "a provider minting its own registration token: PERMISSION_DENIED",
+        "self-service token minting",
+        "a provider minting its own token, setting off or provider revoked: PERMISSION_DENIED",
         requests_tried=1,
     )
 
@@ -258,3 +258,12 @@ async def test_self_service_providers_mint_tokens_and_still_start_registered(
         repo = RegistryRepository(session)
         marks = [(await repo.get_host(h.host_id)) for h in (host, admitted)]
     assert [h.self_service for h in marks if h is not None] == [True, False]
+    # A provider revoked as a whole cannot mint its way back in; an admin still may.
+    await registry(plane).RevokeProvider(
+        registry_pb2.RevokeProviderRequest(provider_tenant_id=plane.provider_tenant),
+        metadata=plane.auth(),
+    )
+    details = await refused(_mint_own(plane), grpc.StatusCode.PERMISSION_DENIED)
+    assert "RevokeProvider" in details
+    assert (await new_token(plane, plane.provider_tenant)).secret.startswith("gpr_")
+    summary.record("self-service token minting", requests_tried=2)

@@ -1,5 +1,6 @@
 """hosts.reliability_good / reliability_bad / reliability_at: outcomes decayed by age;
-registration_tokens.self_service, hosts.self_service: minted by the provider itself
+registration_tokens.self_service, hosts.self_service: minted by the provider itself;
+tenants.provider_revoked_at (RevokeProvider)
 
 Revision ID: 0017
 Revises: 0011
@@ -33,6 +34,10 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("self_service", sa.Boolean(), nullable=False, server_default=sa.false())
         )
+    with op.batch_alter_table("tenants", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("provider_revoked_at", sa.DateTime(timezone=True), nullable=True)
+        )
     # What hosts did so far counts from now on, then fades like any outcome.
     op.execute(
         "UPDATE hosts SET reliability_good = completed_attempts, "
@@ -42,6 +47,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("tenants", schema=None) as batch_op:
+        batch_op.drop_column("provider_revoked_at")
     with op.batch_alter_table("registration_tokens", schema=None) as batch_op:
         batch_op.drop_column("self_service")
     with op.batch_alter_table("hosts", schema=None) as batch_op:
