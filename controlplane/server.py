@@ -158,6 +158,7 @@ class ControlPlane:
         self.registry = registry = RegistryService(
             db,
             max_price=hosts.max_price,
+            self_service_providers=hosts.self_service_providers,
             monitor=monitor,
             heartbeat_write_interval=heartbeat_write_interval(hosts),
             nats_auth=self.nats_auth,

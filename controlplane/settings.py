@@ -233,6 +233,11 @@ class Settings(BaseSettings):
         gt=0,
         description="GPU telemetry period daemons are told to use, unless they set their own.",
     )
+    self_service_providers: bool = Field(
+        default=False,
+        description="Whether a provider may mint registration tokens for its own hosts "
+        "(self-service onboarding); otherwise only an admin mints them for a provider tenant.",
+    )
 
     # ---- GPU telemetry, health and usage (telemetry).
     telemetry_history: int = Field(
@@ -263,7 +268,9 @@ class Settings(BaseSettings):
         default=500, gt=0, description="Period of the scheduler's placement pass."
     )
     default_placement_policy: PlacementPolicyName = Field(
-        default="cheapest", description="Placement policy of jobs that name none."
+        default="balanced",
+        description="Placement policy of jobs that name none (balanced weighs price against "
+        "the host's reliability and load).",
     )
     fair_share_half_life_seconds: float = Field(
         default=3600.0, gt=0, description="How fast a tenant's past GPU time stops counting."
@@ -443,6 +450,7 @@ class Settings(BaseSettings):
             heartbeat_interval_seconds=self.heartbeat_interval_ms / 1000,
             heartbeat_timeout_seconds=self.heartbeat_timeout_ms / 1000,
             telemetry_interval_seconds=self.telemetry_interval_ms / 1000,
+            self_service_providers=self.self_service_providers,
         )
 
     @property

@@ -155,6 +155,31 @@ async def new_host(
     )
 
 
+async def say_hello(channel: grpc.aio.Channel, host: registry_pb2.RegisterHostResponse) -> None:
+    """Opens the host's Connect stream, says hello as its daemon does first, waits for the
+    acknowledgement and hangs up: a REGISTERED host is admitted (ONLINE) and stays so until
+    its liveness timeout."""
+    stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    call = stub.Connect(metadata=bearer(host.host_credential))  # type: ignore[call-arg]
+    try:
+        hello = registry_pb2.DaemonHello(host_id=host.host_id)
+        await call.write(registry_pb2.DaemonMessage(hello=hello))
+        ack = await call.read()
+        if ack is grpc.aio.EOF or ack.WhichOneof("msg") != "hello_ack":  # type: ignore[attr-defined]
+            raise RuntimeError(f"host {host.host_id}: no hello_ack on Connect ({ack})")
+    finally:
+        call.cancel()
+
+
+async def new_online_host(
+    channel: grpc.aio.Channel, token: str, **fields: Any
+) -> registry_pb2.RegisterHostResponse:
+    """new_host, then its daemon's hello (say_hello): a host that is offered at once."""
+    host = await new_host(channel, token, **fields)
+    await say_hello(channel, host)
+    return host
+
+
 def job_spec(**spec: Any) -> types_pb2.JobSpec:
     """A JobSpec with the tests' defaults (the busybox test image, 10 minutes, up to 2 credits
     per GPU-hour) under the fields given."""

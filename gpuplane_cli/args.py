@@ -47,6 +47,19 @@ def non_negative(text: str) -> int:
     return value
 
 
+def reliability(text: str) -> int:
+    """A reliability in percent ("95", "99.5%") as per mille: 0 to 100, one decimal at most."""
+    try:
+        permille = float(text.strip().removesuffix("%")) * 10
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage (e.g. 95)") from None
+    if not 0 <= permille <= 1000 or abs(permille - round(permille)) > 1e-9:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be between 0 and 100 with one decimal at most"
+        )
+    return round(permille)
+
+
 def enum_arg(enum: Any, name: str) -> Callable[[str], int]:
     return typed(lambda text: enum_value(enum, text), name)
 

@@ -78,6 +78,14 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-label", action="append", type=a.key_value, default=[], metavar="K=V")
     p.add_argument("--location", action="append", default=[], help="allowed location")
     p.add_argument(
+        "--min-reliability",
+        type=a.reliability,
+        default=0,
+        metavar="PERCENT",
+        help="only hosts at least this reliable (completed attempts, recent ones weighing "
+        "most; see `gpuplane offers`), e.g. 95",
+    )
+    p.add_argument(
         "--input",
         action="append",
         default=[],
@@ -144,6 +152,7 @@ def build_spec(args: argparse.Namespace, ctx: Context) -> types_pb2.JobSpec:
         locations=args.location,
         host_labels=dict(args.host_label),
         allow_simulated=allow_simulated,
+        min_reliability_permille=args.min_reliability,
     )
     if args.entrypoint:
         spec.command.append(args.entrypoint)

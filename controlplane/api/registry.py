@@ -256,6 +256,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         host, gpus = await self.access.revoke(current_principal(), request.host_id, request.reason)
         return registry_pb2.RevokeHostResponse(host=host_pb(host, gpus))
 
+    async def RevokeProvider(
+        self, request: registry_pb2.RevokeProviderRequest, context: Context
+    ) -> registry_pb2.RevokeProviderResponse:
+        hosts, tokens = await self.access.revoke_provider(
+            request.provider_tenant_id, request.reason
+        )
+        return registry_pb2.RevokeProviderResponse(
+            host_ids=[h.id for h in hosts], revoked_tokens=tokens
+        )
+
     async def ListOffers(
         self, request: registry_pb2.ListOffersRequest, context: Context
     ) -> registry_pb2.ListOffersResponse:

@@ -19,6 +19,9 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # RevokeProvider: its hosts and tokens were revoked; it can no longer mint its own
+    # registration tokens (an admin still may, deliberately).
+    provider_revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class ApiKey(Base):

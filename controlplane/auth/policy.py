@@ -43,6 +43,7 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.RegistryService/UpdateHost": frozenset({A, P, H}),
     # Revoking a host ends its gRPC credential and NATS user for good: the platform decides.
     "/gpuplane.v1.RegistryService/RevokeHost": frozenset({A}),
+    "/gpuplane.v1.RegistryService/RevokeProvider": frozenset({A}),
     "/gpuplane.v1.RegistryService/ListOffers": frozenset({A, C, P}),
     # LedgerService.
     "/gpuplane.v1.LedgerService/GetBalance": frozenset({A, C, P}),

@@ -17,6 +17,7 @@ from controlplane.ledger.holds import NOTHING, AttemptCost, Charged
 from controlplane.ledger.models import HoldState
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.service import LedgerService
+from controlplane.registry.reliability import note_outcome
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.streams import HostStreams
 
@@ -71,6 +72,7 @@ class JobBilling:
         cost = None
         if host is not None:
             host.completed_attempts += 1
+            note_outcome(host, not attempt.lost, now)
             if not attempt.lost:
                 cost = await self._cost(session, job, attempt, host.provider_tenant_id)
         await self._settle(session, job, attempt, cost)

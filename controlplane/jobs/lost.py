@@ -16,6 +16,7 @@ from controlplane.jobs.policy import hold_expiry
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.states import AttemptState, JobState, set_attempt_state, set_job_state
 from controlplane.ledger.repository import LedgerRepository
+from controlplane.registry.reliability import note_outcome
 from controlplane.registry.repository import RegistryRepository
 
 
@@ -58,6 +59,7 @@ class LostAttempts(JobBilling):
         host = await registry.get_host(attempt.host_id)
         if host is not None:
             host.lost_attempts += 1
+            note_outcome(host, False, now)
         hold = await LedgerRepository(session).hold_of_job(job.id)
         if hold is not None:
             # What metering charged for this attempt goes back into the hold.
@@ -89,6 +91,7 @@ class LostAttempts(JobBilling):
         hold = await LedgerRepository(session).hold_of_job(job.id)
         if host is not None:
             host.completed_attempts += 1
+            note_outcome(host, True, now)
             if hold is not None:
                 cost = await self._cost(session, job, attempt, host.provider_tenant_id)
                 key = f"job/{job.id}/{attempt.attempt}/final"

@@ -151,6 +151,8 @@ def _validate_limits_and_placement(spec: types_pb2.JobSpec) -> None:
     for i, code in enumerate(spec.retry_on_exit_codes):
         if not 1 <= code <= 255:
             raise InvalidArgument(f"spec.retry_on_exit_codes[{i}]", "must be 1..255")
+    if spec.min_reliability_permille > 1000:
+        raise InvalidArgument("spec.min_reliability_permille", "must be 0..1000 (per mille)")
     if spec.placement_policy not in types_pb2.PlacementPolicy.values():
         raise InvalidArgument("spec.placement_policy", "unknown policy")
     if len(spec.locations) > 64 or len(spec.exclude_host_ids) > 1024:

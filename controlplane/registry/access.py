@@ -1,6 +1,6 @@
 """A host's credentials end to end: registration (and the NATS account push it may need) and
-RevokeHost's sequence: the registry's rows, the API-key cache, the host's live attempts, the
-NATS account."""
+RevokeHost's (and RevokeProvider's) sequence: the registry's rows, the API-key cache, the
+hosts' live attempts, the NATS account."""
 
 from __future__ import annotations
 
@@ -60,6 +60,18 @@ class HostAccess:
             await self.push_account(f"host {host.id} revoked", required=True)
         _, gpus = await self.registry.get_host(caller, host.id)
         return host, gpus
+
+    async def revoke_provider(self, provider: str, reason: str) -> tuple[Sequence[Host], int]:
+        """RevokeProvider: RevokeHost's sequence for every host of the provider at once (one
+        sweep, one NATS account push); its active registration tokens are revoked too."""
+        hosts, tokens = await self.registry.revoke_provider(provider, reason)
+        if self.forget_principal is not None:
+            for host in hosts:
+                self.forget_principal(host.id)
+        await self.sweep_lost_attempts()
+        if any(h.nats_user_key for h in hosts):
+            await self.push_account(f"provider {provider} revoked", required=True)
+        return hosts, tokens
 
     async def push_account(self, why: str, *, required: bool = False) -> None:
         """Pushes the account JWT. Required (RevokeHost): Unavailable when NATS did not take

@@ -9,15 +9,18 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
 from controlplane.db.base import Base, UtcDateTime, utcnow
+from controlplane.registry.reliability import ProviderBook
 
 
 class RegistrationToken(Base):
@@ -34,17 +37,21 @@ class RegistrationToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Minted by the provider itself (self-service onboarding), not by an admin.
+    self_service: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Host(Base):
     __tablename__ = "hosts"
     __table_args__ = (UniqueConstraint("provider_tenant_id", "machine_id"),)
+    # `reliability` below is not a column.
+    __allow_unmapped__ = True
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     provider_tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     machine_id: Mapped[str] = mapped_column(String(200))
     hostname: Mapped[str] = mapped_column(String(255))
-    # online | lost | draining | drained: HostState, written only by registry.states
+    # registered | online | lost | draining | drained: HostState, written only by registry.states
     # (set_host_state, which records each change in host_events).
     state: Mapped[str] = mapped_column(String(16), index=True)
     simulated: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -69,10 +76,24 @@ class Host(Base):
     # RevokeHost: the credential and NATS user stop working; the host never returns.
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     revoked_reason: Mapped[str] = mapped_column(String(500), default="", server_default="")
+    # Registered with a token its provider minted itself: such a host must always pass
+    # verification before it is offered (registry.states.hello_state).
+    self_service: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Outcomes (completed / lost to the host or a GPU fault), each decayed by its age to
+    # reliability_at (registry.reliability.note_outcome); kept across re-registrations.
+    reliability_good: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    reliability_bad: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    reliability_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Not stored: the host's score over its provider's (registry.reliability.ProviderBook),
+    # set by the registry on the hosts it returns; None until then.
+    reliability: int | None = None
 
     @property
     def reliability_permille(self) -> int:
-        return reliability_permille(self.completed_attempts, self.lost_attempts, self.gpu_faults)
+        """The score set by the registry; without it, the host's own over the prior."""
+        if self.reliability is not None:
+            return self.reliability
+        return ProviderBook([self], utcnow()).host_permille(self)
 
 
 class HostEvent(Base):
@@ -89,14 +110,6 @@ class HostEvent(Base):
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(1000), default="")
     time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-
-
-def reliability_permille(completed: int, lost: int, gpu_faults: int) -> int:
-    """Completed attempts per thousand outcomes, where an outcome is a completed attempt, an
-    attempt lost to a host fault (lost, daemon error, failed start not caused by the job) or
-    a GPU fault; 1000 while the host has none."""
-    outcomes = completed + lost + gpu_faults
-    return 1000 if outcomes == 0 else (1000 * completed) // outcomes
 
 
 class NatsRevocation(Base):

@@ -9,9 +9,11 @@ from sqlalchemy import Select, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal, Role
+from controlplane.db.base import utcnow
 from controlplane.jobs.models import JobAttempt
 from controlplane.paging import Page, PageRequest, page_by_id
 from controlplane.registry.models import Gpu, Host, HostEvent, NatsRevocation, RegistrationToken
+from controlplane.registry.reliability import ProviderBook, note_outcome
 
 
 class RegistryRepository:
@@ -77,6 +79,24 @@ class RegistryRepository:
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
+    async def revoke_tokens_of(self, provider: str, now: datetime) -> int:
+        """Revokes the provider's registration tokens not yet revoked; returns how many."""
+        token = RegistrationToken
+        result = await self.session.execute(
+            update(token)
+            .where(token.provider_tenant_id == provider, token.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def hosts_of_provider(self, provider: str, *, lock: bool = False) -> Sequence[Host]:
+        """Every host of the provider, in any state, by id."""
+        query = select(Host).where(Host.provider_tenant_id == provider).order_by(Host.id)
+        if lock:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        return (await self.session.scalars(query)).all()
+
     async def host_by_machine(self, provider: str, machine_id: str) -> Host | None:
         return await self.session.scalar(
             select(Host).where(Host.provider_tenant_id == provider, Host.machine_id == machine_id)
@@ -129,6 +149,29 @@ class RegistryRepository:
             query = query.where(Host.provider_tenant_id == provider)
         return await page_by_id(self.session, query, Host.id, page, lambda h: h.id)
 
+    async def provider_book(self, providers: Iterable[str], now: datetime) -> ProviderBook:
+        """The outcomes of every host (revoked and lost ones too) of `providers`, by provider:
+        what a host's reliability is scored over."""
+        wanted = sorted(set(providers))
+        if not wanted:
+            return ProviderBook((), now)
+        rows = await self.session.execute(
+            select(
+                Host.provider_tenant_id,
+                Host.reliability_good,
+                Host.reliability_bad,
+                Host.reliability_at,
+            ).where(Host.provider_tenant_id.in_(wanted))
+        )
+        return ProviderBook(rows.all(), now)
+
+    async def score(self, hosts: Sequence[Host], now: datetime) -> Sequence[Host]:
+        """Sets each host's `reliability` (its outcomes over its provider's); returns them."""
+        book = await self.provider_book((h.provider_tenant_id for h in hosts), now)
+        for host in hosts:
+            host.reliability = book.host_permille(host)
+        return hosts
+
     async def host_events(self, host_id: str, limit: int = 500) -> Sequence[HostEvent]:
         """The host's state changes, oldest first."""
         query = (
@@ -157,9 +200,11 @@ class RegistryRepository:
         )
 
     async def count_gpu_fault(self, host_id: str) -> None:
-        await self.session.execute(
-            update(Host).where(Host.id == host_id).values(gpu_faults=Host.gpu_faults + 1)
-        )
+        """A GPU of the host went unhealthy: one fault, and one bad outcome for reliability."""
+        host = await self.session.get(Host, host_id, with_for_update=True)
+        if host is not None:
+            host.gpu_faults += 1
+            note_outcome(host, False, utcnow())
 
     async def set_gpu_health(
         self, uuid: str, host_id: str, healthy: bool, reason: str

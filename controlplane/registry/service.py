@@ -1,5 +1,5 @@
 """Host registration and credentials, heartbeats, liveness, drain, updates, offers (with the
-registration tokens of registry/tokens.py)."""
+registration tokens of registry/tokens.py and the revocations of registry/revocation.py)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,16 @@ from controlplane.registry.models import Gpu, Host
 from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.offers import Offer, OfferFilter, build_offers
+from controlplane.registry.reliability import note_outcome
 from controlplane.registry.repository import RegistryRepository
-from controlplane.registry.states import HostState, new_host, returning_state, set_host_state
+from controlplane.registry.revocation import Revocations
+from controlplane.registry.states import (
+    HostState,
+    hello_state,
+    new_host,
+    returning_state,
+    set_host_state,
+)
 from controlplane.registry.streams import HostStream
 from controlplane.registry.streams import HostStreams as HostStreams  # re-exported
 from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
@@ -93,7 +101,7 @@ def _validate_offer(
         raise InvalidArgument("labels", "at most 64 labels")
 
 
-class RegistryService(RegistrationTokens):
+class RegistryService(RegistrationTokens, Revocations):
     """Hosts and their liveness. Heartbeats of hosts known to be up are written together, one
     statement for all of them, by flush_heartbeats() (the liveness loop, every
     `heartbeat_write_interval` seconds at most); liveness allows for that lag. `monitor` keeps
@@ -104,6 +112,7 @@ class RegistryService(RegistrationTokens):
         db: Database,
         *,
         max_price: int,
+        self_service_providers: bool = False,
         monitor: GpuMonitor | None = None,
         heartbeat_write_interval: float = 0.0,
         nats_auth: NatsAuth | None = None,
@@ -111,6 +120,8 @@ class RegistryService(RegistrationTokens):
         self.db = db
         self.nats_auth = nats_auth
         self.max_price = max_price
+        # Whether a provider may mint its own registration tokens (registry/tokens.py).
+        self.self_service_providers = self_service_providers
         self.streams = HostStreams()
         self.monitor = monitor
         self.heartbeat_write_interval = heartbeat_write_interval
@@ -156,6 +167,7 @@ class RegistryService(RegistrationTokens):
                     machine_id=request.machine_id,
                     now=now,
                 )
+                host.self_service = token.self_service
             host.hostname = request.hostname
             host.simulated = request.simulated
             host.location = request.location
@@ -181,34 +193,6 @@ class RegistryService(RegistrationTokens):
                 registration.nats_credentials = user.creds
             return registration
 
-    async def revoke_host(self, host_id: str, reason: str) -> Host:
-        """RevokeHost (admin): the credential stops matching, the NATS user joins the
-        account's revocations, the host is lost for good (its live attempts are then lost
-        like any lost host's) and its Connect stream here ends. Idempotent."""
-        if len(reason) > 500:
-            raise InvalidArgument("reason", "at most 500 characters")
-        now = utcnow()
-        async with self.db.transaction() as session:
-            repo = RegistryRepository(session)
-            host = await repo.get_host(host_id, lock=True)
-            if host is None:
-                raise NotFound(f"host_id: no host {host_id!r}")
-            if host.revoked_at is None:
-                host.revoked_at = now
-                host.revoked_reason = reason or "revoked"
-                # A hash no secret has: the old credential matches nothing from now on.
-                host.credential_hash = hash_secret(generate_secret("revoked_"))
-                why = f"RevokeHost: {host.revoked_reason}"
-                set_host_state(repo, host, HostState.LOST, why, now)
-            if host.nats_user_key:
-                await repo.revoke_nats_user(host.nats_user_key, host.id, host.revoked_at)
-        self._up.discard(host_id)
-        self._heard.discard(host_id)
-        if self.monitor is not None:
-            self.monitor.forget([host_id])
-        self.streams.revoke(host_id)
-        return host
-
     async def _sync_gpus(
         self, repo: RegistryRepository, host: Host, request: registry_pb2.RegisterHostRequest
     ) -> None:
@@ -232,6 +216,7 @@ class RegistryService(RegistrationTokens):
             if row.uuid not in reported:
                 if row.healthy:
                     host.gpu_faults += 1
+                    note_outcome(host, False, utcnow())
                 row.healthy = False
                 row.unhealthy_reason = "GPU no longer reported by the host"
 
@@ -248,8 +233,9 @@ class RegistryService(RegistrationTokens):
     # Connect stream: heartbeats, telemetry ------------------------------------------------
 
     async def connect(self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()) -> Host:
-        """A daemon's hello: records a heartbeat, starts keeping its telemetry."""
-        host = await self._record_heartbeat(host_id)
+        """A daemon's hello: records a heartbeat (a REGISTERED host goes online), starts
+        keeping its telemetry."""
+        host = await self._record_heartbeat(host_id, hello=True)
         if self.monitor is not None:
             await self.monitor.attach(host_id)
             self.monitor.running(host_id, running)
@@ -295,7 +281,9 @@ class RegistryService(RegistrationTokens):
                 # takes the full path, which brings them back.
                 self._up.difference_update(await repo.not_up_among(heard))
 
-    async def _record_heartbeat(self, host_id: str) -> Host:
+    async def _record_heartbeat(self, host_id: str, *, hello: bool = False) -> Host:
+        """Records a sign of life; a lost host is back, and a REGISTERED one is admitted on its
+        daemon's hello (states.hello_state: the verification gate), never on anything else."""
         now = utcnow()
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
@@ -308,6 +296,10 @@ class RegistryService(RegistrationTokens):
             host.last_heartbeat_at = now
             if host.state == HostState.LOST.value:
                 set_host_state(repo, host, returning_state(host), "heartbeat after loss", now)
+            elif host.state == HostState.REGISTERED.value and hello:
+                admitted = hello_state(host)
+                if admitted is not None:
+                    set_host_state(repo, host, admitted, "its daemon connected (hello)", now)
         self._up.add(host_id)
         return host
 
@@ -326,6 +318,7 @@ class RegistryService(RegistrationTokens):
             host = await repo.get_readable_host(caller, host_id)
             if host is None:
                 raise NotFound(f"host_id: no host {host_id!r}")
+            await repo.score([host], utcnow())
             return host, await repo.gpus_of([host.id])
 
     async def list_hosts(
@@ -336,6 +329,7 @@ class RegistryService(RegistrationTokens):
         async with self.db.read() as session:
             repo = RegistryRepository(session)
             hosts = await repo.list_hosts(caller, states, owner, page)
+            await repo.score(hosts.items, utcnow())
             gpus: dict[str, list[Gpu]] = {}
             for gpu in await repo.gpus_of([h.id for h in hosts.items]):
                 gpus.setdefault(gpu.host_id, []).append(gpu)
@@ -367,6 +361,7 @@ class RegistryService(RegistrationTokens):
                 host.drain_reason = ""
                 if state in (HostState.DRAINING, HostState.DRAINED):
                     set_host_state(repo, host, HostState.ONLINE, "UndrainHost", now)
+            await repo.score([host], now)
         message = registry_pb2.ControlMessage(
             drain=registry_pb2.DrainCommand(draining=draining, reason=host.drain_reason)
         )
@@ -399,6 +394,7 @@ class RegistryService(RegistrationTokens):
                 host.location = location
             if labels is not None:
                 host.labels = dict(labels)
+            await repo.score([host], utcnow())
         if self.on_host_connected is not None:
             self.on_host_connected()
         return host

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class HostState(StrEnum):
+    REGISTERED = "registered"
     ONLINE = "online"
     LOST = "lost"
     DRAINING = "draining"
@@ -32,14 +33,21 @@ class HostState(StrEnum):
 
 H = HostState
 _HEARTBEAT_LOST = "no heartbeat within the liveness timeout (a drain request is kept)"
-# Only ONLINE hosts take new placements (scheduler.capacity.SCHEDULABLE_HOST_STATES).
-# A revoked host stays LOST: its credential is refused, so it never heartbeats again.
+# Only ONLINE hosts take new placements (scheduler.capacity.SCHEDULABLE_HOST_STATES): a
+# host that registered but never connected is REGISTERED and offers nothing, so registering
+# fresh machine ids at a low price pulls no job from real hosts. A revoked host stays LOST:
+# its credential is refused, so it never heartbeats again.
 HOST = register(
     StateMachine(
         "host",
         HostState,
-        H.ONLINE,
+        H.REGISTERED,
         {
+            H.REGISTERED: {
+                H.ONLINE: "its daemon connected and said hello",
+                H.DRAINING: "its daemon said hello with a drain requested before",
+                H.LOST: "RevokeHost before its daemon ever connected",
+            },
             H.ONLINE: {
                 H.LOST: "no heartbeat within the liveness timeout, or RevokeHost",
                 H.DRAINING: "DrainHost: no new jobs, running ones finish",
@@ -71,7 +79,8 @@ class Adder(Protocol):
 def new_host(
     events: Adder, *, host_id: str, provider_tenant_id: str, machine_id: str, now: datetime
 ) -> Host:
-    """A newly registered host, ONLINE, its first state recorded through the setter's path."""
+    """A newly registered host, REGISTERED (offered only once its daemon says hello), its
+    first state recorded through the setter's path."""
     host = Host(
         id=host_id,
         provider_tenant_id=provider_tenant_id,
@@ -79,6 +88,8 @@ def new_host(
         registered_at=now,
         lost_attempts=0,
         completed_attempts=0,
+        reliability_good=0.0,
+        reliability_bad=0.0,
         drain_reason="",
     )
     events.add(host)
@@ -105,3 +116,14 @@ def _enter(events: Adder, host: Host, target: HostState, why: str, now: datetime
 def returning_state(host: Host) -> HostState:
     """Where a lost host goes when it heartbeats again: draining if a drain was requested."""
     return H.DRAINING if host.drain_reason else H.ONLINE
+
+
+def hello_state(host: Host) -> HostState | None:
+    """Where a REGISTERED host goes when its daemon says hello (None: it stays REGISTERED).
+
+    This is the admission gate: hardware verification (issue #15, "Hardware verified before
+    it is sold") adds its check here, so that a host whose probe has not passed stays
+    REGISTERED and is never offered. A host registered with a token its provider minted
+    itself (`host.self_service`, GPUPLANE_SELF_SERVICE_PROVIDERS) must pass it whatever else
+    the operator allows."""
+    return returning_state(host)

@@ -9,7 +9,7 @@ from controlplane.auth.repository import AuthRepository
 from controlplane.auth.service import generate_secret, hash_secret
 from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
-from controlplane.errors import InvalidArgument, NotFound
+from controlplane.errors import InvalidArgument, NotFound, PermissionDenied
 from controlplane.idempotency import ensure_same
 from controlplane.paging import Page, PageRequest
 from controlplane.registry.models import RegistrationToken
@@ -25,6 +25,7 @@ class RegistrationTokens:
     """Part of RegistryService: registration tokens."""
 
     db: Database
+    self_service_providers: bool
 
     async def create_token(
         self,
@@ -36,6 +37,11 @@ class RegistrationTokens:
         idempotency_key: str | None,
         request_hash: str,
     ) -> tuple[RegistrationToken, str]:
+        if not caller.is_admin and not self.self_service_providers:
+            raise PermissionDenied(
+                "registration tokens are minted by an admin for a provider tenant "
+                "(self-service provider onboarding is off: GPUPLANE_SELF_SERVICE_PROVIDERS)"
+            )
         provider = caller.require_tenant(provider_tenant_id)
         if provider == "platform" and caller.is_admin and not provider_tenant_id:
             raise InvalidArgument("provider_tenant_id", "name the provider the hosts belong to")
@@ -53,8 +59,14 @@ class RegistrationTokens:
                 if existing is not None:
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
                     return existing, ""
-            if await AuthRepository(session).get_tenant(provider) is None:
+            tenant = await AuthRepository(session).get_tenant(provider)
+            if tenant is None:
                 raise NotFound(f"provider_tenant_id: no tenant {provider!r}")
+            if tenant.provider_revoked_at is not None and not caller.is_admin:
+                raise PermissionDenied(
+                    "provider_tenant_id: this provider has been revoked (RevokeProvider); only "
+                    "an admin can mint its registration tokens"
+                )
             secret = generate_secret(TOKEN_PREFIX)
             now = utcnow()
             token = RegistrationToken(
@@ -68,6 +80,7 @@ class RegistrationTokens:
                 uses=0,
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
+                self_service=not caller.is_admin,
             )
             repo.add(token)
             return token, secret

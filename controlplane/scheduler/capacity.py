@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from gpuplane.v1 import types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controlplane.registry.models import reliability_permille
+from controlplane.db.base import utcnow
 from controlplane.registry.repository import RegistryRepository
 from controlplane.scheduler.index import CapacityIndex, HostEntry
 from controlplane.scheduler.matching import FreeGpu, HostCapacity
@@ -23,6 +23,7 @@ async def capacity_snapshot(session: AsyncSession) -> list[HostCapacity]:
     """Online hosts with their free healthy GPUs, cheapest first (then by host id)."""
     repo = RegistryRepository(session)
     hosts = await repo.hosts_in_states(SCHEDULABLE_HOST_STATES)
+    await repo.score(hosts, utcnow())
     by_id: dict[str, HostCapacity] = {
         h.id: HostCapacity(
             host_id=h.id,
@@ -81,14 +82,18 @@ async def load_capacity(session: AsyncSession, durations: Durations) -> Capacity
     repo = SchedulerRepository(session)
     index = CapacityIndex()
     entries: dict[str, HostEntry] = {}
-    for h in await repo.hosts(SCHEDULABLE_HOST_STATES):
+    hosts = await repo.hosts(SCHEDULABLE_HOST_STATES)
+    book = await RegistryRepository(session).provider_book(
+        (h.provider_tenant_id for h in hosts), utcnow()
+    )
+    for h in hosts:
         entries[h.id] = HostEntry(
             h.id,
             h.price_per_gpu_hour,
             h.location,
             {str(k): str(v) for k, v in (h.labels or {}).items()},
             h.simulated,
-            reliability_permille(h.completed_attempts, h.lost_attempts, h.gpu_faults),
+            book.host_permille(h),
         )
     live = await repo.live_attempts()
     await durations.fill(repo, {row.job_id for row in live})

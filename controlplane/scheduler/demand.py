@@ -39,6 +39,8 @@ class Demand:
     max_duration_s: float
     # When the job (this attempt) became placeable, in seconds since the epoch.
     queued_since: float
+    # Hosts scoring below this (per mille) cannot take the job; 0 = any.
+    min_reliability: int = 0
 
     @property
     def gpu_key(self) -> tuple[tuple[str, ...], int, tuple[int, int]]:
@@ -57,6 +59,7 @@ class Demand:
             self.host_labels,
             self.exclude,
             self.allow_simulated,
+            self.min_reliability,
         )
 
 
@@ -84,6 +87,7 @@ def demand_of(
         host_labels=tuple(sorted(spec.host_labels.items())),
         exclude=frozenset(spec.exclude_host_ids),
         allow_simulated=spec.allow_simulated or allow_simulated_default,
+        min_reliability=spec.min_reliability_permille,
         policy=policy,
         max_duration_s=float(spec.max_duration_seconds),
         queued_since=queued_since,

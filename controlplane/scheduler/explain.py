@@ -19,6 +19,10 @@ REASON_TEXT: Mapping[str, tuple[str, str]] = {
     "excluded": ("is excluded", "are excluded"),
     "location": ("is in another location", "are in other locations"),
     "labels": ("lacks the required host labels", "lack the required host labels"),
+    "reliability": (
+        "is less reliable than min_reliability",
+        "are less reliable than min_reliability",
+    ),
     "no_match": (
         "has no GPU of an allowed model/VRAM/compute capability",
         "have no GPU of an allowed model/VRAM/compute capability",

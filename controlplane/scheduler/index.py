@@ -67,6 +67,8 @@ def host_rejection(demand: Demand, host: HostEntry) -> str | None:
     for key, value in demand.host_labels:
         if host.labels.get(key) != value:
             return "labels"
+    if host.reliability_permille < demand.min_reliability:
+        return "reliability"
     return None
 
 

@@ -84,9 +84,10 @@ class SchedulerRepository:
             Host.location,
             Host.labels,
             Host.simulated,
-            Host.lost_attempts,
-            Host.completed_attempts,
-            Host.gpu_faults,
+            Host.provider_tenant_id,
+            Host.reliability_good,
+            Host.reliability_bad,
+            Host.reliability_at,
         ).where(Host.state.in_(states))
         return (await self.session.execute(query)).all()
 

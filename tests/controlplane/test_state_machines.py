@@ -316,6 +316,10 @@ async def test_host_states_are_recorded_from_registration_on(tmp_path: Path) -> 
             host.hostname, host.price_per_gpu_hour, host.credential_hash = "h", 1, "x" * 64
             await repo.flush()
             later = now + timedelta(seconds=1)
+            # Registered is not online: nothing but its daemon's hello (or a revocation)
+            # moves it on, and it is never drained before it ran anything.
+            assert not set_host_state(repo, host, HostState.DRAINED, "no job left", later)
+            assert set_host_state(repo, host, HostState.ONLINE, "hello", later)
             assert set_host_state(repo, host, HostState.DRAINING, "DrainHost", later)
             assert not set_host_state(repo, host, HostState.DRAINING, "DrainHost", later)
             assert set_host_state(repo, host, HostState.LOST, "no heartbeat", later)
@@ -324,7 +328,8 @@ async def test_host_states_are_recorded_from_registration_on(tmp_path: Path) -> 
             history = await RegistryRepository(session).host_events("host_1")
             stored = await session.get(Host, "host_1")
         assert [(e.state, e.reason) for e in history] == [
-            ("online", "RegisterHost"),
+            ("registered", "RegisterHost"),
+            ("online", "hello"),
             ("draining", "DrainHost"),
             ("lost", "no heartbeat"),
         ]

@@ -31,7 +31,7 @@ from daemon.bus import DaemonBus
 from daemon.identity import HostIdentity
 from devstack import DockerEngine, NatsServer, S3Server
 from devstack.certs import TestCerts
-from devstack.factories import GIB, new_host
+from devstack.factories import GIB, new_host, new_tenant, new_token
 from devstack.nats import NatsTls
 from messaging.natsjwt import NatsKeys, decode_claims
 from messaging.subjects import (
@@ -415,3 +415,56 @@ async def test_revocation_is_pushed_over_tls(
                 await client.close()
     finally:
         server.stop()
+
+
+async def test_revoke_provider_cuts_every_host_of_it_off_nats(plane: JobPlane) -> None:
+    """RevokeProvider: both hosts of the provider (one connected, one never) lose their NATS
+    users at once; another provider's host keeps its connection."""
+    a, b = await register(plane, "prov-a"), await register(plane, "prov-b")
+    stranger, _ = await new_tenant(plane, "another provider", S.ROLE_PROVIDER)
+    c = await new_host(
+        plane.channel,
+        (await new_token(plane, stranger)).secret,
+        hostname="prov-c",
+        gpus=[S.Gpu(uuid=f"GPU-prov-c-{time.monotonic_ns()}", name="A100", memory_total_bytes=GIB)],
+    )
+    closed = {name: asyncio.Event() for name in "ab"}
+
+    def closer(name: str) -> Any:
+        async def on_closed() -> None:
+            closed[name].set()
+
+        return on_closed
+
+    clients = [
+        await connect_as(a, Errors(), closed_cb=closer("a"), max_reconnect_attempts=2),
+        await connect_as(b, Errors(), closed_cb=closer("b"), max_reconnect_attempts=2),
+    ]
+    other = await connect_as(c, Errors())
+    try:
+        stub = registry_pb2_grpc.RegistryServiceStub(plane.channel)
+        reply = await stub.RevokeProvider(
+            registry_pb2.RevokeProviderRequest(provider_tenant_id=plane.provider_tenant),
+            metadata=plane.auth(),
+        )
+        assert set(reply.host_ids) == {a.host_id, b.host_id}
+        async with asyncio.timeout(10):
+            await asyncio.gather(closed["a"].wait(), closed["b"].wait())
+        for revoked in (a, b):
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await nats.connect(
+                    revoked.nats.servers[0],
+                    user_credentials=RawCredentials(revoked.nats.credentials),
+                    allow_reconnect=False,
+                    connect_timeout=2,
+                )
+        await other.flush(timeout=2)
+        assert other.is_connected
+        assert plane.plane.nats_auth is not None
+        account = decode_claims(await plane.plane.nats_auth.account_jwt())
+        assert {user_of(a), user_of(b)} <= set(account["nats"]["revocations"])
+        assert user_of(c) not in account["nats"]["revocations"]
+    finally:
+        await other.close()
+        for client in clients:
+            await client.close()

@@ -94,6 +94,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         admin=ALLOW, provider=ALLOW, other_provider=HIDDEN, host=ALLOW
     ),
     "RegistryService/RevokeHost": ADMIN_ONLY,
+    "RegistryService/RevokeProvider": ADMIN_ONLY,
     "RegistryService/ListOffers": SIGNED_IN,
     "LedgerService/GetBalance": OWN_TENANT,
     "LedgerService/ListEntries": OWN_TENANT,
@@ -111,7 +112,8 @@ EXPECTED: dict[str, dict[str, str]] = {
     "AdminService/CreateApiKey": ADMIN_ONLY,
     "AdminService/ListApiKeys": ADMIN_ONLY,
     "AdminService/RevokeApiKey": ADMIN_ONLY,
-    "AdminService/CreateRegistrationToken": PROVIDER_TENANT,
+    # Self-service provider onboarding is off by default: only admins mint tokens.
+    "AdminService/CreateRegistrationToken": ADMIN_ONLY,
     "AdminService/ListRegistrationTokens": PROVIDER_TENANT,
     "AdminService/RevokeRegistrationToken": table(
         admin=ALLOW, provider=ALLOW, other_provider=HIDDEN
@@ -309,6 +311,10 @@ def request_for(world: World, method: str) -> Message:
         "RegistryService/RevokeHost": registry_pb2.RevokeHostRequest(
             host_id=world.spare_host_id, reason="authz"
         ),
+        # The other provider's (it has no host): revoking it leaves the world's hosts alone.
+        "RegistryService/RevokeProvider": registry_pb2.RevokeProviderRequest(
+            provider_tenant_id=t["other_provider"], reason="authz"
+        ),
         "RegistryService/ListOffers": registry_pb2.ListOffersRequest(),
         "LedgerService/GetBalance": ledger_pb2.GetBalanceRequest(tenant_id=t["consumer"]),
         "LedgerService/ListEntries": ledger_pb2.ListEntriesRequest(tenant_id=t["consumer"]),
@@ -423,7 +429,14 @@ def test_table_covers_every_rpc_and_the_policy() -> None:
 ORDER = sorted(
     EXPECTED,
     key=lambda m: m.endswith(
-        ("CancelJob", "DeleteInput", "RevokeApiKey", "RevokeRegistrationToken", "RevokeHost")
+        (
+            "CancelJob",
+            "DeleteInput",
+            "RevokeApiKey",
+            "RevokeRegistrationToken",
+            "RevokeHost",
+            "RevokeProvider",
+        )
     ),
 )
 

@@ -757,6 +757,54 @@ class RevokeHostResponse(_message.Message):
 Global___RevokeHostResponse: _TypeAlias = RevokeHostResponse  # noqa: Y015
 
 @_typing.final
+class RevokeProviderRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_TENANT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    provider_tenant_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        provider_tenant_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_tenant_id", b"provider_tenant_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeProviderRequest: _TypeAlias = RevokeProviderRequest  # noqa: Y015
+
+@_typing.final
+class RevokeProviderResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_IDS_FIELD_NUMBER: _builtins.int
+    REVOKED_TOKENS_FIELD_NUMBER: _builtins.int
+    revoked_tokens: _builtins.int
+    """Registration tokens this call revoked (0 on a repeat)."""
+    @_builtins.property
+    def host_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every host of the provider, all revoked now."""
+
+    def __init__(
+        self,
+        *,
+        host_ids: _abc.Iterable[_builtins.str] | None = ...,
+        revoked_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_ids", b"host_ids", "revoked_tokens", b"revoked_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeProviderResponse: _TypeAlias = RevokeProviderResponse  # noqa: Y015
+
+@_typing.final
 class ListOffersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

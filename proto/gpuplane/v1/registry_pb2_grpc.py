@@ -74,6 +74,11 @@ class RegistryServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostResponse.FromString,
                 _registered_method=True)
+        self.RevokeProvider = channel.unary_unary(
+                '/gpuplane.v1.RegistryService/RevokeProvider',
+                request_serializer=gpuplane_dot_v1_dot_registry__pb2.RevokeProviderRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_registry__pb2.RevokeProviderResponse.FromString,
+                _registered_method=True)
         self.ListOffers = channel.unary_unary(
                 '/gpuplane.v1.RegistryService/ListOffers',
                 request_serializer=gpuplane_dot_v1_dot_registry__pb2.ListOffersRequest.SerializeToString,
@@ -144,6 +149,14 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeProvider(self, request, context):
+        """Admin only: revokes every host of a provider as RevokeHost revokes one (lost hosts and
+        hosts that never connected included) and the provider's active registration tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListOffers(self, request, context):
         """Free healthy GPUs for sale, grouped by host and model, cheapest first.
         """
@@ -193,6 +206,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.RevokeHost,
                     request_deserializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_registry__pb2.RevokeHostResponse.SerializeToString,
+            ),
+            'RevokeProvider': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeProvider,
+                    request_deserializer=gpuplane_dot_v1_dot_registry__pb2.RevokeProviderRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_registry__pb2.RevokeProviderResponse.SerializeToString,
             ),
             'ListOffers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOffers,
@@ -416,6 +434,33 @@ class RegistryService:
             '/gpuplane.v1.RegistryService/RevokeHost',
             gpuplane_dot_v1_dot_registry__pb2.RevokeHostRequest.SerializeToString,
             gpuplane_dot_v1_dot_registry__pb2.RevokeHostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeProvider(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.RegistryService/RevokeProvider',
+            gpuplane_dot_v1_dot_registry__pb2.RevokeProviderRequest.SerializeToString,
+            gpuplane_dot_v1_dot_registry__pb2.RevokeProviderResponse.FromString,
             options,
             channel_credentials,
             insecure,

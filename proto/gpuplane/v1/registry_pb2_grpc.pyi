@@ -55,6 +55,10 @@ class RegistryServiceStub:
     disconnects it); the host is lost and its running attempts are retried elsewhere.
     Registering the same machine again is refused.
     """
+    RevokeProvider: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RevokeProviderRequest, _registry_pb2.RevokeProviderResponse]
+    """Admin only: revokes every host of a provider as RevokeHost revokes one (lost hosts and
+    hosts that never connected included) and the provider's active registration tokens.
+    """
     ListOffers: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListOffersRequest, _registry_pb2.ListOffersResponse]
     """Free healthy GPUs for sale, grouped by host and model, cheapest first."""
 
@@ -84,6 +88,10 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Admin only: the host's credential and NATS user stop working for good (the NATS server
     disconnects it); the host is lost and its running attempts are retried elsewhere.
     Registering the same machine again is refused.
+    """
+    RevokeProvider: _aio.UnaryUnaryMultiCallable[_registry_pb2.RevokeProviderRequest, _registry_pb2.RevokeProviderResponse]  # type: ignore[assignment]
+    """Admin only: revokes every host of a provider as RevokeHost revokes one (lost hosts and
+    hosts that never connected included) and the provider's active registration tokens.
     """
     ListOffers: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListOffersRequest, _registry_pb2.ListOffersResponse]  # type: ignore[assignment]
     """Free healthy GPUs for sale, grouped by host and model, cheapest first."""
@@ -159,6 +167,16 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Admin only: the host's credential and NATS user stop working for good (the NATS server
         disconnects it); the host is lost and its running attempts are retried elsewhere.
         Registering the same machine again is refused.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeProvider(
+        self,
+        request: _registry_pb2.RevokeProviderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RevokeProviderResponse, _abc.Awaitable[_registry_pb2.RevokeProviderResponse]]:
+        """Admin only: revokes every host of a provider as RevokeHost revokes one (lost hosts and
+        hosts that never connected included) and the provider's active registration tokens.
         """
 
     @_abc_1.abstractmethod

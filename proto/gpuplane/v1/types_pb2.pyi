@@ -202,6 +202,8 @@ class _HostStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HostState.V
     """Accepts no new jobs; running jobs finish."""
     HOST_STATE_DRAINED: _HostState.ValueType  # 4
     """Draining and no job left on it."""
+    HOST_STATE_REGISTERED: _HostState.ValueType  # 5
+    """Registered, but its daemon has not connected and said hello yet: not offered."""
 
 class HostState(_HostState, metaclass=_HostStateEnumTypeWrapper): ...
 
@@ -214,6 +216,8 @@ HOST_STATE_DRAINING: HostState.ValueType  # 3
 """Accepts no new jobs; running jobs finish."""
 HOST_STATE_DRAINED: HostState.ValueType  # 4
 """Draining and no job left on it."""
+HOST_STATE_REGISTERED: HostState.ValueType  # 5
+"""Registered, but its daemon has not connected and said hello yet: not offered."""
 Global___HostState: _TypeAlias = HostState  # noqa: Y015
 
 class _MigMode:
@@ -486,6 +490,7 @@ class JobSpec(_message.Message):
     EXCLUDE_HOST_IDS_FIELD_NUMBER: _builtins.int
     ALLOW_SIMULATED_FIELD_NUMBER: _builtins.int
     RETRY_ON_EXIT_CODES_FIELD_NUMBER: _builtins.int
+    MIN_RELIABILITY_PERMILLE_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """Container image reference, e.g. "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime"."""
     gpu_count: _builtins.int
@@ -520,6 +525,10 @@ class JobSpec(_message.Message):
     placement_policy: Global___PlacementPolicy.ValueType
     allow_simulated: _builtins.bool
     """Allow hosts whose GPUs are simulated (dev and test stacks only)."""
+    min_reliability_permille: _builtins.int
+    """Only hosts whose reliability (completed attempts per thousand, scored over the host's
+    provider from a prior, recent outcomes weighing most) is at least this; 0 = any. 0..1000.
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Replaces the image's entrypoint when set."""
@@ -583,10 +592,11 @@ class JobSpec(_message.Message):
         exclude_host_ids: _abc.Iterable[_builtins.str] | None = ...,
         allow_simulated: _builtins.bool = ...,
         retry_on_exit_codes: _abc.Iterable[_builtins.int] | None = ...,
+        min_reliability_permille: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "shm_bytes", b"shm_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_reliability_permille", b"min_reliability_permille", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "shm_bytes", b"shm_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015

@@ -10,12 +10,13 @@ import grpc
 import pytest
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
+from controlplane.db.base import utcnow
 from controlplane.registry.repository import RegistryRepository
-from devstack.factories import CREDIT, new_gpus, new_host
+from devstack.factories import CREDIT, new_gpus, new_online_host
 from tests.harness import JobPlane
 
 S = types_pb2
-# These hosts register but never connect: keep them online for the test's duration.
+# These hosts say hello once and never heartbeat: keep them online for the test's duration.
 pytestmark = [pytest.mark.timeout(30), pytest.mark.plane(heartbeat_timeout_ms=120_000)]
 
 
@@ -34,7 +35,7 @@ async def register(
     simulated: bool = False,
 ) -> str:
     machine = uuid.uuid4().hex
-    reply = await new_host(
+    reply = await new_online_host(
         plane.channel,
         await plane.token(),
         machine_id=machine,
@@ -63,17 +64,22 @@ async def test_offer_filters_order_and_paging(plane: JobPlane) -> None:
     steady = await register(plane, "NVIDIA A100-SXM4-80GB", 80, 1, 1.0, "us-east")
     assert plane.plane.db is not None
     async with plane.plane.db.transaction() as session:
-        host = await RegistryRepository(session).get_host(flaky)
-        assert host is not None
-        host.lost_attempts, host.completed_attempts = 1, 3
+        repo = RegistryRepository(session)
+        for host_id, good, lost in ((flaky, 1, 3), (steady, 5, 0)):
+            host = await repo.get_host(host_id)
+            assert host is not None
+            host.reliability_good, host.reliability_bad, host.reliability_at = good, lost, utcnow()
 
     everything = await offers(plane)
     # Cheapest first; at one price the more reliable first; then by host id.
-    cheap = sorted([small, steady], key=str)
-    assert [o.host_id for o in everything] == [*cheap, flaky, h100]
+    assert [o.host_id for o in everything] == [steady, small, flaky, h100]
     by_host = {o.host_id: o for o in everything}
-    assert by_host[flaky].reliability_permille == 750
-    assert by_host[steady].reliability_permille == 1000
+    # Each host's outcomes over its provider's other hosts' (over a 90 % prior worth five):
+    # flaky (1, 3) over (5, 0): (1 + 5 × 0.95) / 9; steady (5, 0) over (1, 3); the others,
+    # with none of their own, stand where their provider does: (6 + 4.5) / 14.
+    assert by_host[flaky].reliability_permille == 639
+    assert by_host[steady].reliability_permille == 806
+    assert by_host[small].reliability_permille == 750
     first = by_host[h100]
     assert (first.gpu_model, first.vram_gib, first.free_gpu_count, first.total_gpu_count) == (
         "NVIDIA H100 80GB HBM3",
