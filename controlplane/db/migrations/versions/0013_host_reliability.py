@@ -2,8 +2,8 @@
 registration_tokens.self_service, hosts.self_service: minted by the provider itself;
 tenants.provider_revoked_at (RevokeProvider)
 
-Revision ID: 0017
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-06 16:40:00.000000
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0017"
-down_revision = "0011"
+revision = "0013"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
