@@ -1,6 +1,6 @@
 """Background loops of one control plane: scheduling leadership and the scheduler (on the
-leader only), outbox relay, report consumer, liveness, hold expiry (on every replica: each
-leases its rows or applies idempotently)."""
+leader only), outbox relay, report consumer, liveness, hold expiry, command delivery (on every
+replica: each leases its rows, applies idempotently or delivers only its own hosts')."""
 
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ class Background:
             ("reports", self._consume, False),
             ("liveness", self._liveness, False),
             ("holds", self._expire_holds, False),
+            ("commands", self.registry.commands.run, False),
         ]
         if self.nats_auth is not None:
             loops.append(("nats-account", self._sync_nats_account, False))

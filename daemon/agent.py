@@ -49,6 +49,7 @@ T = TypeVar("T")
 Key = tuple[str, int]
 Kind = messaging_pb2.JobReportKind
 StopReason = messaging_pb2.StopReason
+Answer = registry_pb2.CommandAnswer
 # Attempts that ended here recently: a redelivered dispatch for one of them is acked, not run.
 _REMEMBERED_ATTEMPTS = 4096
 # A resync's known_jobs were listed at most this long before the command arrived: running
@@ -328,33 +329,53 @@ class Agent:
 
     # ---- commands ----------------------------------------------------------------------
 
-    async def on_command(self, message: registry_pb2.ControlMessage) -> None:
-        """One command from the control plane (the Connect stream awaits it before reading on)."""
+    async def on_command(
+        self, message: registry_pb2.ControlMessage
+    ) -> registry_pb2.CommandAnswer.ValueType | None:
+        """One command from the control plane (the Connect stream awaits it before reading
+        on); returns the answer its CommandAck carries (None: not decided yet, let it come
+        again)."""
         kind = message.WhichOneof("msg")
         if kind == "cancel":
-            command = message.cancel
-            targets = [
-                e
-                for (job_id, attempt), e in self.executors.items()
-                if job_id == command.job_id and command.attempt in (0, attempt)
-            ]
-            if not targets:
-                log.info("cancel for %s/%s: not running here", command.job_id, command.attempt)
-            for executor in targets:
-                why = command.stop_reason or StopReason.STOP_REASON_CANCELLED
-                self._spawn(executor.cancel(why, command.reason))
-        elif kind == "drain":
+            return self._cancel(message.cancel)
+        if kind == "drain":
             # The control plane stops placing work here; running attempts finish as usual.
             self.draining = message.drain.draining
             self.drain_reason = message.drain.reason
             log.info("drain=%s (%s)", self.draining, message.drain.reason or "no reason given")
-        elif kind == "hello_ack":
+            return Answer.COMMAND_ANSWER_APPLIED
+        if kind == "hello_ack":
             assert self.connect is not None
             known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
             await self.reconcile(known, listed_after=self.connect.hello_sent_at)
         elif kind == "resync":
             known = {(j.job_id, j.attempt) for j in message.resync.known_jobs}
             await self.reconcile(known, listed_after=time.monotonic() - RESYNC_GRACE_SECONDS)
+            return Answer.COMMAND_ANSWER_APPLIED
+        return None
+
+    def _cancel(
+        self, command: registry_pb2.CancelCommand
+    ) -> registry_pb2.CommandAnswer.ValueType | None:
+        """Stops the attempt. An attempt that ended here was done already (its report says
+        how); one this daemon never took is "not running here", and remembered as ended so
+        that its dispatch, should it arrive later, is not run."""
+        targets = [
+            e
+            for (job_id, attempt), e in self.executors.items()
+            if job_id == command.job_id and command.attempt in (0, attempt)
+        ]
+        for executor in targets:
+            why = command.stop_reason or StopReason.STOP_REASON_CANCELLED
+            self._spawn(executor.cancel(why, command.reason))
+        key = (command.job_id, command.attempt)
+        if targets or not command.attempt or key in self._ended:
+            return Answer.COMMAND_ANSWER_APPLIED
+        if key in self.leftovers or self.journal.get(*key) is not None:
+            return None  # taken, its executor not started yet: the cancel comes again
+        log.info("cancel for %s/%s: not running here", *key)
+        self._ended_attempt(key)
+        return Answer.COMMAND_ANSWER_NOT_RUNNING_HERE
 
     # ---- identity and restarts ---------------------------------------------------------
 

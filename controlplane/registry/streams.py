@@ -1,4 +1,5 @@
-"""Connect streams open on this control-plane process, and the queues commands reach daemons by."""
+"""Connect streams open on this control-plane process, and the queues commands reach daemons by
+(commands themselves are stored and delivered by controlplane/commands)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,24 @@ class HostStreams:
 
     def __init__(self) -> None:
         self._streams: dict[str, HostStream] = {}
+        # Set when a command was stored here: this process's delivery loop looks at once
+        # (other replicas' loops find it at their next poll).
+        self.pending = asyncio.Event()
+
+    def wake(self) -> None:
+        self.pending.set()
 
     def open(self, host_id: str) -> HostStream:
         stream = HostStream(host_id)
         self._streams[host_id] = stream
         return stream
 
-    def close(self, stream: HostStream) -> None:
+    def close(self, stream: HostStream) -> bool:
+        """Forgets `stream`; False when a newer stream of its host replaced it here."""
         if self._streams.get(stream.host_id) is stream:
             del self._streams[stream.host_id]
+            return True
+        return False
 
     def send(self, host_id: str, message: registry_pb2.ControlMessage) -> bool:
         stream = self._streams.get(host_id)
