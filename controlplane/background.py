@@ -82,6 +82,7 @@ class Background:
             ("liveness", self._liveness, False),
             ("holds", self._expire_holds, False),
             ("commands", self.registry.commands.run, False),
+            ("commands-announce", self._announce_commands, False),
         ]
         if self.nats_auth is not None:
             loops.append(("nats-account", self._sync_nats_account, False))
@@ -155,6 +156,11 @@ class Background:
         self.report_consumer = consumer
         while True:
             await consumer.run_once(timeout=1.0)
+
+    async def _announce_commands(self) -> None:
+        await self.bus.ready.wait()
+        assert self.bus.nc is not None
+        await self.registry.commands.listen(self.bus.nc)
 
     async def _sync_nats_account(self) -> None:
         """Pushes the account JWT built from the database once connected, then every

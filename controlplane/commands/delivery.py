@@ -11,7 +11,10 @@ import socket
 from collections.abc import Sequence
 from datetime import timedelta
 
+import nats
 from gpuplane.v1 import registry_pb2
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.commands.models import HostCommand
@@ -19,6 +22,7 @@ from controlplane.commands.repository import MOOT, CommandRepository
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.registry.streams import HostStreams
+from messaging.subjects import COMMANDS_STORED_SUBJECT
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,9 @@ class CommandDelivery:
     """Each replica delivers the commands of the hosts whose Connect stream it holds (the
     host_stream_holders row it writes when a stream opens): all unacknowledged ones when
     the stream opens, then those due, polled every `poll_interval` (at once for a command
-    stored by this process). A delivered command is due again after `resend_after`,
-    doubling per delivery up to `resend_cap`, until the daemon acknowledges it."""
+    stored by this process, or by another that said so over NATS: `listen`). A delivered
+    command is due again after `resend_after`, doubling per delivery up to `resend_cap`,
+    until the daemon acknowledges it."""
 
     def __init__(
         self,
@@ -57,6 +62,7 @@ class CommandDelivery:
         self.resend_cap = max(resend_cap, resend_after)
         self.batch = batch
         self.delivered = 0
+        self._publishing: set[asyncio.Task[None]] = set()
 
     async def opened(self, host_id: str) -> None:
         """The host's Connect stream opened here: this replica delivers its commands from
@@ -90,12 +96,42 @@ class CommandDelivery:
     async def run(self) -> None:
         """The replica's delivery loop (background.py)."""
         while True:
+            self.streams.pending.clear()  # before looking: a wake-up meanwhile is kept
             while await self.deliver_due() >= self.batch:
                 pass
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval):
                     await self.streams.pending.wait()
-            self.streams.pending.clear()
+
+    async def listen(self, nc: Client) -> None:
+        """While NATS is connected (background.py): tells the other replicas whenever this
+        one stores a command, and looks at once when another says so about a host whose
+        stream is open here. Only latency depends on it; the poll finds every row."""
+
+        async def heard(message: Msg) -> None:
+            self.streams.woken(message.data.decode(errors="replace"))
+
+        subscription = await nc.subscribe(COMMANDS_STORED_SUBJECT, cb=heard)
+        self.streams.announce = lambda host_id: self._announce(nc, host_id)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.streams.announce = None
+            with contextlib.suppress(nats.errors.Error):  # closed: it went with the connection
+                await subscription.unsubscribe()
+
+    def _announce(self, nc: Client, host_id: str) -> None:
+        task = asyncio.create_task(nc.publish(COMMANDS_STORED_SUBJECT, host_id.encode()))
+        self._publishing.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._publishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info(
+                "commands stored: not announced (%s); replicas find them by polling",
+                task.exception(),
+            )
 
     async def _take(self, repo: CommandRepository, rows: Sequence[HostCommand]) -> Outgoing:
         """The rows to send now, marked delivered once more; a cancel whose attempt already

@@ -68,7 +68,7 @@ class JobBilling:
         """Stores a command about the job's current attempt for its host, in the caller's
         transaction: delivered from whichever replica holds the host's stream, re-sent until
         the daemon acknowledges it (controlplane/commands). Wake the delivery after commit
-        (`streams.wake()`)."""
+        (`streams.wake(host)`)."""
         if job.host_id:
             await CommandRepository(session).issue(
                 job.host_id, message, now, job_id=job.id, attempt=job.attempt

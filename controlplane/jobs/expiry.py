@@ -59,8 +59,8 @@ class HoldExpiry(JobBilling):
                 return not resolution.replay, job, False
 
             done, job, commanded = await self.db.run(work)
-            if commanded:
-                self.streams.wake()
+            if commanded and job is not None:
+                self.streams.wake(job.host_id or "")
             if done:
                 expired.append(hold_id)
                 log.warning("hold %s expired (job %s)", hold_id, job_id or "-")

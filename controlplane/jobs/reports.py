@@ -117,7 +117,7 @@ class Reports(LostAttempts):
         if applied is None:
             return False
         if applied.command is not None:
-            self.streams.wake()  # stored with the report's transaction
+            self.streams.wake(host_id)  # stored with the report's transaction
         if applied.changed:
             self.notifier.job_changed(applied.job_id)
             if not applied.live:

@@ -210,7 +210,7 @@ class JobService(Reports, HoldExpiry, Rejections, CommandAcks):
 
         job, commanded = await self.db.run(work)
         if commanded:
-            self.streams.wake()
+            self.streams.wake(job.host_id or "")
         self.notifier.job_changed(job_id)
         return job
 

@@ -393,7 +393,7 @@ class RegistryService(RegistrationTokens):
             )
             # Stored with the change: whichever replica holds the host's stream delivers it.
             await CommandRepository(session).issue(host.id, message, now)
-        self.streams.wake()
+        self.streams.wake(host.id)
         return host
 
     async def update_host(

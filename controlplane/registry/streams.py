@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpuplane.v1 import registry_pb2
@@ -27,9 +28,22 @@ class HostStreams:
         # Set when a command was stored here: this process's delivery loop looks at once
         # (other replicas' loops find it at their next poll).
         self.pending = asyncio.Event()
+        # Tells the other replicas a command was stored (set while NATS is connected).
+        self.announce: Callable[[str], None] | None = None
 
-    def wake(self) -> None:
-        self.pending.set()
+    def wake(self, host_id: str) -> None:
+        """A command for `host_id` was stored (and committed) by this process: its delivery
+        loop looks at once if the host is connected here, and the other replicas are told
+        (the host's latest stream may be on one of them even then)."""
+        if self.connected(host_id):
+            self.pending.set()
+        if self.announce is not None:
+            self.announce(host_id)
+
+    def woken(self, host_id: str) -> None:
+        """Another replica stored a command for `host_id`."""
+        if self.connected(host_id):
+            self.pending.set()
 
     def open(self, host_id: str) -> HostStream:
         stream = HostStream(host_id)

@@ -136,7 +136,10 @@ class ScriptedHost:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            # A stream the control plane ended (a revoked host) fails its next write.
+            with contextlib.suppress(
+                asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError
+            ):
                 await task
         self._tasks = []
         if self._call is not None:

@@ -143,6 +143,29 @@ async def test_a_drain_issued_on_a_reaches_a_daemon_on_b_and_is_resent_until_ack
     assert not undrain.drain.draining
 
 
+async def test_a_replica_hears_of_another_ones_command_at_once_over_nats(
+    tmp_path: Path,
+    pg_url: str,
+    nats_server: NatsServer,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Polls ten seconds apart: only the announcement over NATS makes B look sooner.
+    options = plane_options(pg_url, nats_server, s3_server, command_poll_interval_ms=10_000)
+    async with fleet(tmp_path, options, monkeypatch) as planes:
+        a = await planes.start("a")
+        b = await planes.start("b")
+        host = await host_on(b, planes)
+        await asyncio.sleep(0.5)  # B's loop has looked and waits for its next poll
+        await registry(a.api).DrainHost(
+            registry_pb2.DrainHostRequest(host_id=host.host_id), metadata=a.api.auth()
+        )
+        started = asyncio.get_running_loop().time()
+        command = await next_command(host, "drain", timeout=3)
+        assert command.command_id > 0
+        assert asyncio.get_running_loop().time() - started < 3
+
+
 async def _acked(db: Database, host_id: str, command_id: int, answer: str) -> bool:
     rows = {r.id: r for r in await commands_of(db, host_id)}
     row = rows[command_id]
