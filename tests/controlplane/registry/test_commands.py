@@ -337,3 +337,40 @@ async def test_a_host_credential_cannot_send_acks_before_hello(
         await call.read()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "hello" in (refused.value.details() or "")
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+@pytest.mark.plane(command_poll_interval_ms=100, command_resend_ms=300)
+async def test_one_plane_resends_until_acked_and_loses_what_is_not_running(
+    plane: JobPlane,
+) -> None:
+    db = plane.plane.db
+    assert db is not None
+    metrics = plane.plane.metrics.registry
+    host = ScriptedHost(plane.channel, plane.nats_url, await plane.token(), auto_ack=False)
+    await host.start()
+    try:
+        job = await plane.submit(gpu_count=1)
+        await host.next_dispatch()
+        await plane.jobs.CancelJob(
+            jobs_pb2.CancelJobRequest(job_id=job.job_id), metadata=plane.auth(plane.consumer_key)
+        )
+        first = await next_command(host, "cancel")
+        again = await next_command(host, "cancel")
+        assert again.command_id == first.command_id
+        await until(
+            lambda: metrics.get_sample_value("gpuplane_host_commands_unacked") == 1,
+            5,
+            "the gauge counts the unacknowledged cancel",
+        )
+        await host.ack(first.command_id, NOT_RUNNING)
+        done = await plane.wait_for(job.job_id, [S.JOB_STATE_CANCELLED], timeout=5)
+        assert done.attempts[0].attempt_state == S.ATTEMPT_STATE_LOST
+        assert done.charged_micro_credits == 0
+        await until(lambda: _acked(db, host.host_id, first.command_id, "not_running"), 5, "ack")
+        await until(
+            lambda: metrics.get_sample_value("gpuplane_host_commands_unacked") == 0, 5, "gauge"
+        )
+        await plane.assert_ledger_consistent()
+    finally:
+        await host.close()
