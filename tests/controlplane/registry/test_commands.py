@@ -197,6 +197,33 @@ async def test_an_unacked_command_follows_the_daemon_to_another_replica(
     await until(lambda: _acked(planes.db, host.host_id, lost.command_id, "applied"), 5, "acked")
 
 
+async def test_after_a_duplicate_connect_commands_go_to_the_latest_stream(two: Two) -> None:
+    planes, a, b = two
+    old = await host_on(b, planes)
+    # The same daemon connects again, to A, while its stream on B is still open (half-open).
+    latest = ScriptedHost(a.api.channel, a.api.nats_url, "", auto_ack=False)
+    latest.host_id, latest.credential = old.host_id, old.credential
+    await latest.start()
+    planes.hosts.append(latest)
+    assert a.plane.registry is not None
+    assert await holder_of(planes.db, old.host_id) == a.plane.registry.commands.replica
+    await registry(b.api).DrainHost(
+        registry_pb2.DrainHostRequest(host_id=old.host_id, reason="first"), metadata=b.api.auth()
+    )
+    first = await next_command(latest, "drain")
+    await latest.ack(first.command_id)
+    # The old stream ends: the latest keeps the host's commands.
+    await old.close()
+    await asyncio.sleep(0.3)
+    assert await holder_of(planes.db, old.host_id) == a.plane.registry.commands.replica
+    await registry(b.api).DrainHost(
+        registry_pb2.DrainHostRequest(host_id=old.host_id, reason="second"),
+        metadata=b.api.auth(),
+    )
+    second = await next_command(latest, "drain")
+    assert second.drain.reason == "second"
+
+
 async def running_job(api: JobPlane, host: ScriptedHost, **spec: Any) -> tuple[Any, Any]:
     job = await api.submit(gpu_count=1, **spec)
     dispatch = await host.next_dispatch()
