@@ -27,6 +27,8 @@ from messaging.subjects import COMMANDS_STORED_SUBJECT
 log = logging.getLogger(__name__)
 
 Outgoing = list[tuple[str, registry_pb2.ControlMessage]]
+# How often each replica closes the cancels of attempts that ended meanwhile.
+MOOT_SWEEP_SECONDS = 60.0
 
 
 def replica_name() -> str:
@@ -93,10 +95,22 @@ class CommandDelivery:
             outgoing = await self._take(repo, await repo.due(self.replica, now, self.batch))
         return self._send(outgoing)
 
+    async def close_moot(self) -> int:
+        """Closes the cancels of attempts that are no longer live, whichever host they are
+        for (those of hosts that stay away are never delivered, so never closed there)."""
+        async with self.db.transaction() as session:
+            return await CommandRepository(session).close_moot(utcnow())
+
     async def run(self) -> None:
-        """The replica's delivery loop (background.py)."""
+        """The replica's delivery loop (background.py); every `MOOT_SWEEP_SECONDS` it also
+        closes moot cancels."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
         while True:
             self.streams.pending.clear()  # before looking: a wake-up meanwhile is kept
+            if loop.time() >= next_sweep:
+                await self.close_moot()
+                next_sweep = loop.time() + MOOT_SWEEP_SECONDS
             while await self.deliver_due() >= self.batch:
                 pass
             with contextlib.suppress(TimeoutError):

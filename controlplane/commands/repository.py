@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from gpuplane.v1 import registry_pb2
-from sqlalchemy import Select, delete, select, tuple_, update
+from sqlalchemy import Select, delete, exists, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.commands.models import HostCommand, HostStreamHolder
@@ -130,6 +130,32 @@ class CommandRepository:
             )
         )
         return {(job_id, attempt) for job_id, attempt in rows}
+
+    async def close_moot(self, now: datetime) -> int:
+        """Closes the unacknowledged cancels whose attempt is no longer live (ended, or lost
+        with its host, which may never connect again to have them closed on delivery);
+        returns how many."""
+        live = exists().where(
+            JobAttempt.job_id == HostCommand.job_id,
+            JobAttempt.attempt == HostCommand.attempt,
+            JobAttempt.live,
+        )
+        result = await self.session.execute(
+            update(HostCommand)
+            .where(HostCommand.acked_at.is_(None), HostCommand.kind == "cancel", ~live)
+            .values(acked_at=now, answer=MOOT)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def close_host(self, host_id: str, now: datetime) -> None:
+        """Closes every unacknowledged command of a host that will never connect again."""
+        await self.session.execute(
+            update(HostCommand)
+            .where(HostCommand.host_id == host_id, HostCommand.acked_at.is_(None))
+            .values(acked_at=now, answer=MOOT)
+            .execution_options(synchronize_session=False)
+        )
 
     async def acknowledge(
         self, host_id: str, command_id: int, answer: str, now: datetime

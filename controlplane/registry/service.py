@@ -212,6 +212,8 @@ class RegistryService(RegistrationTokens):
                 host.credential_hash = hash_secret(generate_secret("revoked_"))
                 why = f"RevokeHost: {host.revoked_reason}"
                 set_host_state(repo, host, HostState.LOST, why, now)
+                # It never connects again: nothing stored for it will be delivered.
+                await CommandRepository(session).close_host(host.id, now)
             if host.nats_user_key:
                 await repo.revoke_nats_user(host.nats_user_key, host.id, host.revoked_at)
         self._up.discard(host_id)

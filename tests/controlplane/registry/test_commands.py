@@ -401,3 +401,36 @@ async def test_one_plane_resends_until_acked_and_loses_what_is_not_running(
         await plane.assert_ledger_consistent()
     finally:
         await host.close()
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+async def test_commands_of_hosts_that_stay_away_are_closed(plane: JobPlane) -> None:
+    db = plane.plane.db
+    registry_service = plane.plane.registry
+    assert db is not None
+    assert registry_service is not None
+    host = ScriptedHost(plane.channel, plane.nats_url, await plane.token(), auto_ack=False)
+    await host.start()
+    try:
+        job, dispatch = await running_job(plane, host)
+        await host.stop_heartbeats()  # away: the cancel waits in the database
+        await plane.jobs.CancelJob(
+            jobs_pb2.CancelJobRequest(job_id=job.job_id), metadata=plane.auth(plane.consumer_key)
+        )
+        await host.report(dispatch, K.JOB_REPORT_KIND_STOPPED, stop_reason=K.STOP_REASON_CANCELLED)
+        await plane.wait_for(job.job_id, [S.JOB_STATE_CANCELLED])
+        assert await registry_service.commands.close_moot() == 1
+        (cancel,) = await commands_of(db, host.host_id)
+        assert cancel.answer == "moot"
+        assert await registry_service.commands.close_moot() == 0
+
+        await registry(plane).DrainHost(
+            registry_pb2.DrainHostRequest(host_id=host.host_id), metadata=plane.auth()
+        )
+        await registry(plane).RevokeHost(
+            registry_pb2.RevokeHostRequest(host_id=host.host_id), metadata=plane.auth()
+        )
+        rows = await commands_of(db, host.host_id)
+        assert [(r.kind, r.answer) for r in rows] == [("cancel", "moot"), ("drain", "moot")]
+    finally:
+        await host.close()
