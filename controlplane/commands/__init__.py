@@ -1,2 +1,1 @@
-"""Commands to daemons (cancel, drain): stored, delivered by whichever replica holds the
-host's Connect stream, re-sent until the daemon acknowledges them."""
+"""Commands to daemons: stored, delivered by the replica holding the stream, acked."""
