@@ -166,12 +166,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     raise Unauthenticated("host credential: the host has been revoked")
             reader.result()
         finally:
-            await self.registry.disconnect(stream)
             for task in (reader, getter, revoked):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+            await self.registry.disconnect(stream)
 
     async def _read(
         self, host_id: str, request_iterator: AsyncIterator[registry_pb2.DaemonMessage]
