@@ -1,6 +1,6 @@
 """Background loops of one control plane: scheduling leadership and the scheduler (on the
-leader only), outbox relay, report consumer, liveness, hold expiry (on every replica: each
-leases its rows or applies idempotently)."""
+leader only), outbox relay, report consumer, liveness, hold expiry, command delivery (on every
+replica: each leases its rows, applies idempotently or delivers only its own hosts')."""
 
 from __future__ import annotations
 
@@ -81,6 +81,8 @@ class Background:
             ("reports", self._consume, False),
             ("liveness", self._liveness, False),
             ("holds", self._expire_holds, False),
+            ("commands", self.registry.commands.run, False),
+            ("commands-announce", self._announce_commands, False),
         ]
         if self.nats_auth is not None:
             loops.append(("nats-account", self._sync_nats_account, False))
@@ -154,6 +156,11 @@ class Background:
         self.report_consumer = consumer
         while True:
             await consumer.run_once(timeout=1.0)
+
+    async def _announce_commands(self) -> None:
+        await self.bus.ready.wait()
+        assert self.bus.nc is not None
+        await self.registry.commands.listen(self.bus.nc)
 
     async def _sync_nats_account(self) -> None:
         """Pushes the account JWT built from the database once connected, then every

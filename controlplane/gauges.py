@@ -1,10 +1,14 @@
-"""Fleet gauges from the database: jobs and hosts by state, the outbox backlog. Every replica
+"""Fleet gauges from the database: jobs and hosts by state, the outbox backlog, commands not
+yet acknowledged by their daemons. Every replica
 refreshes them (cheap index scans), so any one scraped tells the whole marketplace."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import func, select
 
+from controlplane.commands.models import HostCommand
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.jobs.models import Job
@@ -32,11 +36,22 @@ async def refresh(db: Database, metrics: Metrics) -> None:
                 )
             )
         ).one()
+        unacked, oldest_command = (
+            await session.execute(
+                select(func.count(), func.min(HostCommand.created_at)).where(
+                    HostCommand.acked_at.is_(None)
+                )
+            )
+        ).one()
     for job_state in JobState:
         metrics.jobs.labels(job_state.value).set(jobs.get(job_state.value, 0))
     for host_state in HostState:
         metrics.hosts.labels(host_state.value).set(hosts.get(host_state.value, 0))
     metrics.outbox_backlog.set(backlog)
-    metrics.outbox_oldest_seconds.set(
-        max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
-    )
+    metrics.outbox_oldest_seconds.set(_age(oldest))
+    metrics.commands_unacked.set(unacked)
+    metrics.commands_oldest_seconds.set(_age(oldest_command))
+
+
+def _age(since: datetime | None) -> float:
+    return max(0.0, (utcnow() - since).total_seconds()) if since is not None else 0.0

@@ -100,6 +100,16 @@ class Metrics:
             "Age of the oldest unpublished outbox message (0 when none).",
             registry=self.registry,
         )
+        self.commands_unacked = Gauge(
+            "gpuplane_host_commands_unacked",
+            "Commands to daemons (cancel, drain) stored but not yet acknowledged.",
+            registry=self.registry,
+        )
+        self.commands_oldest_seconds = Gauge(
+            "gpuplane_host_commands_oldest_unacked_seconds",
+            "Age of the oldest unacknowledged command to a daemon (0 when none).",
+            registry=self.registry,
+        )
 
     def watch_telemetry(self, monitor: GpuMonitor) -> None:
         """Exports the GPU telemetry `monitor` keeps (once per process)."""

@@ -162,6 +162,8 @@ class ControlPlane:
             monitor=monitor,
             heartbeat_write_interval=heartbeat_write_interval(hosts),
             nats_auth=self.nats_auth,
+            command_poll_interval=hosts.command_poll_interval_seconds,
+            command_resend_after=hosts.command_resend_seconds,
         )
         auth = AuthService(
             db, cache_ttl=settings.auth.cache_ttl_seconds, fallback=registry.authenticate_host

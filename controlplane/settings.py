@@ -238,6 +238,19 @@ class Settings(BaseSettings):
         description="Whether a provider may mint registration tokens for its own hosts "
         "(self-service onboarding); otherwise only an admin mints them for a provider tenant.",
     )
+    command_poll_interval_ms: int = Field(
+        default=500,
+        gt=0,
+        description="How often each replica looks for stored commands (cancel, drain) due to "
+        "the daemons whose Connect stream it holds (a command stored on the same replica "
+        "goes at once).",
+    )
+    command_resend_ms: int = Field(
+        default=2000,
+        gt=0,
+        description="A command the daemon has not acknowledged is sent again after this, "
+        "doubling per delivery up to a minute.",
+    )
 
     # ---- GPU telemetry, health and usage (telemetry).
     telemetry_history: int = Field(
@@ -451,6 +464,8 @@ class Settings(BaseSettings):
             heartbeat_timeout_seconds=self.heartbeat_timeout_ms / 1000,
             telemetry_interval_seconds=self.telemetry_interval_ms / 1000,
             self_service_providers=self.self_service_providers,
+            command_poll_interval_seconds=self.command_poll_interval_ms / 1000,
+            command_resend_seconds=self.command_resend_ms / 1000,
         )
 
     @property

@@ -99,6 +99,8 @@ class HostSettings:
     heartbeat_interval_seconds: float
     heartbeat_timeout_seconds: float
     telemetry_interval_seconds: float
+    command_poll_interval_seconds: float
+    command_resend_seconds: float
     # Providers may mint their own registration tokens (else only admins mint them).
     self_service_providers: bool = False
 

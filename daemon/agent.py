@@ -6,7 +6,6 @@ import asyncio
 import base64
 import logging
 import shutil
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -19,7 +18,7 @@ from google.protobuf.message import DecodeError
 from gpuplane.v1 import messaging_pb2, registry_pb2
 from nats.aio.msg import Msg
 
-from daemon import reattach
+from daemon import commands, reattach
 from daemon.attribution import JobAttribution
 from daemon.bus import DaemonBus
 from daemon.channel import open_channel
@@ -51,9 +50,6 @@ Kind = messaging_pb2.JobReportKind
 StopReason = messaging_pb2.StopReason
 # Attempts that ended here recently: a redelivered dispatch for one of them is acked, not run.
 _REMEMBERED_ATTEMPTS = 4096
-# A resync's known_jobs were listed at most this long before the command arrived: running
-# attempts taken later are not treated as unknown to the control plane.
-RESYNC_GRACE_SECONDS = 10.0
 
 
 class Agent:
@@ -328,33 +324,12 @@ class Agent:
 
     # ---- commands ----------------------------------------------------------------------
 
-    async def on_command(self, message: registry_pb2.ControlMessage) -> None:
-        """One command from the control plane (the Connect stream awaits it before reading on)."""
-        kind = message.WhichOneof("msg")
-        if kind == "cancel":
-            command = message.cancel
-            targets = [
-                e
-                for (job_id, attempt), e in self.executors.items()
-                if job_id == command.job_id and command.attempt in (0, attempt)
-            ]
-            if not targets:
-                log.info("cancel for %s/%s: not running here", command.job_id, command.attempt)
-            for executor in targets:
-                why = command.stop_reason or StopReason.STOP_REASON_CANCELLED
-                self._spawn(executor.cancel(why, command.reason))
-        elif kind == "drain":
-            # The control plane stops placing work here; running attempts finish as usual.
-            self.draining = message.drain.draining
-            self.drain_reason = message.drain.reason
-            log.info("drain=%s (%s)", self.draining, message.drain.reason or "no reason given")
-        elif kind == "hello_ack":
-            assert self.connect is not None
-            known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
-            await self.reconcile(known, listed_after=self.connect.hello_sent_at)
-        elif kind == "resync":
-            known = {(j.job_id, j.attempt) for j in message.resync.known_jobs}
-            await self.reconcile(known, listed_after=time.monotonic() - RESYNC_GRACE_SECONDS)
+    async def on_command(
+        self, message: registry_pb2.ControlMessage
+    ) -> registry_pb2.CommandAnswer.ValueType | None:
+        """One command from the control plane (the Connect stream awaits it before reading
+        on); returns the answer its CommandAck carries (daemon/commands.py)."""
+        return await commands.answer(self, message)
 
     # ---- identity and restarts ---------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
@@ -16,11 +17,16 @@ from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 log = logging.getLogger(__name__)
 
 RunningJobs = Callable[[], list[registry_pb2.RunningJob]]
-OnCommand = Callable[[registry_pb2.ControlMessage], Awaitable[None]]
+Answer: TypeAlias = "registry_pb2.CommandAnswer.ValueType"
+# What on_command made of a command: an answer to acknowledge it with, or None to leave it
+# unacknowledged (the control plane sends it again).
+OnCommand: TypeAlias = "Callable[[registry_pb2.ControlMessage], Awaitable[Answer | None]]"
 OnUnauthenticated = Callable[[], Awaitable[str | None]]
 Call: TypeAlias = (
     "grpc.aio.StreamStreamCall[registry_pb2.DaemonMessage, registry_pb2.ControlMessage]"
 )
+# Answered command ids kept, so that a re-sent command is answered again, not acted on twice.
+_REMEMBERED_COMMANDS = 4096
 
 
 class Backoff:
@@ -54,7 +60,10 @@ class ConnectClient:
     Each (re)connect sends hello (host id, GPUs, running jobs), then a heartbeat every
     interval (the HelloAck's, else `heartbeat_interval_ms`) and each telemetry batch handed
     to `send_telemetry` while connected (one writer per stream, so writes never interleave).
-    Commands go to `on_command`. A broken stream is retried after a Backoff delay, reset once
+    Commands go to `on_command`; one with a command_id is acknowledged with its answer
+    (CommandAck, written by the stream's writer) and remembered, so that the same id sent
+    again (the control plane re-sends until it hears the ack) is answered again without
+    reaching `on_command`. A broken stream is retried after a Backoff delay, reset once
     a HelloAck arrives; jobs keep running and reporting (over NATS) meanwhile.
     UNAUTHENTICATED asks `on_unauthenticated` for a new credential (re-registration), which
     may return None to keep waiting.
@@ -91,6 +100,10 @@ class ConnectClient:
         self.streams_opened = 0
         self.telemetry_sent = 0
         self.telemetry_dropped = 0
+        # Commands answered again without acting (re-sent by the control plane).
+        self.commands_repeated = 0
+        self._answered: OrderedDict[int, Answer] = OrderedDict()
+        self._acks: list[registry_pb2.CommandAck] = []
         self._pending: registry_pb2.TelemetryBatch | None = None
         self._wake = asyncio.Event()
         # When this stream's hello went out (monotonic): the HelloAck's known_jobs were
@@ -127,6 +140,7 @@ class ConnectClient:
                     self.backoff.reset()
                 self.connected.clear()
                 self._pending = None
+                self._acks = []  # answers to a broken stream: the commands come again
             delay = self.backoff.next_delay()
             log.info("reconnecting to the control plane in %.1fs", delay)
             await asyncio.sleep(delay)
@@ -172,13 +186,30 @@ class ConnectClient:
                 self.streams_opened += 1
                 self.connected.set()
                 log.info("connected to the control plane as host %s", self.host_id)
+            command_id = message.command_id
+            answer = self._answered.get(command_id) if command_id else None
+            if answer is not None:
+                self.commands_repeated += 1
+                self._acknowledge(command_id, answer)
+                continue
             try:
-                await self.on_command(message)
+                answer = await self.on_command(message)
             except Exception:  # noqa: BLE001 - one bad command must not end the stream
                 log.exception("handling %s failed", message.WhichOneof("msg"))
+                continue
+            if command_id and answer is not None:
+                self._answered[command_id] = answer
+                while len(self._answered) > _REMEMBERED_COMMANDS:
+                    self._answered.popitem(last=False)
+                self._acknowledge(command_id, answer)
+
+    def _acknowledge(self, command_id: int, answer: Answer) -> None:
+        self._acks.append(registry_pb2.CommandAck(command_id=command_id, answer=answer))
+        self._wake.set()
 
     async def _write(self, call: Call) -> None:
-        """The stream's only writer: a heartbeat every interval, telemetry as it comes."""
+        """The stream's only writer: a heartbeat every interval, telemetry and command
+        acknowledgements as they come."""
         next_beat = time.monotonic() + self.heartbeat_interval_ms / 1000
         while True:
             try:
@@ -186,6 +217,9 @@ class ConnectClient:
             except TimeoutError:
                 pass
             self._wake.clear()
+            acks, self._acks = self._acks, []
+            for ack in acks:
+                await call.write(registry_pb2.DaemonMessage(command_ack=ack))
             batch, self._pending = self._pending, None
             if batch is not None:
                 await call.write(registry_pb2.DaemonMessage(telemetry=batch))

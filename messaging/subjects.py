@@ -43,6 +43,11 @@ def logs_subject(host_id: str, job_id: str, attempt: int) -> str:
     return f"{logs_prefix(host_id)}.{job_id}.{attempt}"
 
 
+# Core NATS (no stream): a control plane that stored a host command tells the other replicas
+# to look at once instead of at their next poll. Payload: the host id.
+COMMANDS_STORED_SUBJECT = "gpuplane.control.commands"
+
+
 def dispatch_durable(host_id: str) -> str:
     """The durable pull consumer through which one host takes its dispatch messages."""
     return f"host-{host_id}"

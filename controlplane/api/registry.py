@@ -152,6 +152,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         revoked = asyncio.create_task(stream.revoked.wait())
         getter: asyncio.Task[registry_pb2.ControlMessage] | None = None
         try:
+            # Commands stored for the host (on any replica) come through this stream now.
+            await self.registry.commands.opened(host_id)
             while not reader.done():
                 getter = asyncio.create_task(stream.commands.get())
                 done, _ = await asyncio.wait(
@@ -164,12 +166,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     raise Unauthenticated("host credential: the host has been revoked")
             reader.result()
         finally:
-            self.registry.disconnect(stream)
             for task in (reader, getter, revoked):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+            await self.registry.disconnect(stream)
 
     async def _read(
         self, host_id: str, request_iterator: AsyncIterator[registry_pb2.DaemonMessage]
@@ -182,6 +184,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 await self.registry.heartbeat(host_id, message.heartbeat.running_jobs)
             elif kind == "hello":
                 await self.registry.heartbeat(host_id, message.hello.running_jobs)
+            elif kind == "command_ack":
+                await self.jobs.acknowledge_command(host_id, message.command_ack)
 
     async def ListHosts(
         self, request: registry_pb2.ListHostsRequest, context: Context

@@ -1,6 +1,7 @@
 """Imports every domain's ORM models so Base.metadata is complete (Alembic, tests)."""
 
 from controlplane.auth.models import ApiKey, Tenant
+from controlplane.commands.models import HostCommand, HostStreamHolder
 from controlplane.data.models import InputRecord
 from controlplane.db.base import Base
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
@@ -16,7 +17,9 @@ __all__ = [
     "Gpu",
     "Hold",
     "Host",
+    "HostCommand",
     "HostEvent",
+    "HostStreamHolder",
     "InputRecord",
     "Job",
     "JobAttempt",

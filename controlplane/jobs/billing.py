@@ -7,6 +7,7 @@ from datetime import datetime
 from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controlplane.commands.repository import CommandRepository
 from controlplane.db.engine import Database
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.jobs.notify import Notifier
@@ -60,6 +61,19 @@ class JobBilling:
             stop_reason=stop_reason,
         )
         return registry_pb2.ControlMessage(cancel=cancel)
+
+    @staticmethod
+    async def _command(
+        session: AsyncSession, job: Job, message: registry_pb2.ControlMessage, now: datetime
+    ) -> None:
+        """Stores a command about the job's current attempt for its host, in the caller's
+        transaction: delivered from whichever replica holds the host's stream, re-sent until
+        the daemon acknowledges it (controlplane/commands). Wake the delivery after commit
+        (`streams.wake(host)`)."""
+        if job.host_id:
+            await CommandRepository(session).issue(
+                job.host_id, message, now, job_id=job.id, attempt=job.attempt
+            )
 
     async def _finish_attempt(
         self, session: AsyncSession, job: Job, attempt: JobAttempt, now: datetime

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from gpuplane.v1 import registry_pb2, types_pb2
+from gpuplane.v1 import types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import utcnow
@@ -57,43 +57,44 @@ class BudgetStops(JobBilling):
         """Asks the host of every running attempt past its budget deadline (the control
         plane's start of its run + its budget's run time + the policy's grace) to stop it
         with STOP_REASON_BUDGET_EXHAUSTED, and again every `budget_stop_resend` until it
-        ends; its charge never exceeds its budget whatever its daemon reports. Each replica
-        stops the attempts of the hosts whose Connect stream it holds. Returns the ids of the
-        jobs asked."""
+        ends; its charge never exceeds its budget whatever its daemon reports. Any replica
+        may sweep: the stop is a stored command (controlplane/commands) that the replica
+        holding the host's stream delivers, and the attempt's lock lets one replica ask per
+        resend period. Returns the ids of the jobs asked."""
         now = utcnow()
         cutoff = now - self.policy.budget_stop_grace
         async with self.db.read() as session:
             due = await JobRepository(session).over_budget(cutoff, limit)
         sent: list[str] = []
         for job_id, number, host_id in due:
-            if not self.streams.connected(host_id):
-                continue  # the replica that holds the host's Connect stream stops it
 
             async def work(
                 session: AsyncSession, job_id: str = job_id, number: int = number
-            ) -> registry_pb2.ControlMessage | None:
+            ) -> bool:
                 return await self._budget_stop(session, job_id, number, cutoff, now)
 
-            command = await self.db.run(work)
-            if command is not None:
+            if await self.db.run(work):
                 log.warning("job %s/%s ran past its budget: stopping it", job_id, number)
-                self.streams.send(host_id, command)
+                self.streams.wake(host_id)
                 sent.append(job_id)
         return sent
 
     async def _budget_stop(
         self, session: AsyncSession, job_id: str, number: int, cutoff: datetime, now: datetime
-    ) -> registry_pb2.ControlMessage | None:
+    ) -> bool:
         """Under the job's and the attempt's locks (the order reports take them): still
-        running past the deadline? Then the stop to send, and the next resend's time."""
+        running past the deadline? Then the stop is stored for its host and the next
+        resend's time set."""
         repo = JobRepository(session)
         job = await repo.get(job_id, lock=True)
         attempt = await repo.attempt(job_id, number, lock=True)
         if job is None or attempt is None or attempt.budget_stop_at is None:
-            return None
+            return False
         if attempt.budget_stop_at > cutoff or attempt.state != AttemptState.RUNNING.value:
-            return None
+            return False
         attempt.budget_stop_at = now + self.policy.budget_stop_resend
         if job.attempt != attempt.attempt or job.state != JobState.RUNNING.value:
-            return None
-        return self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
+            return False
+        command = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
+        await self._command(session, job, command, now)
+        return True

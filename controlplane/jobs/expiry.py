@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from gpuplane.v1 import registry_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import utcnow
@@ -34,17 +33,15 @@ class HoldExpiry(JobBilling):
 
             async def work(
                 session: AsyncSession, hold_id: str = hold_id, job_id: str | None = job_id
-            ) -> tuple[bool, Job | None, registry_pb2.ControlMessage | None]:
+            ) -> tuple[bool, Job | None, bool]:
                 repo = JobRepository(session)
                 job = await repo.get(job_id, lock=True) if job_id else None
                 if job is not None and JobState(job.state) in ON_HOST:
                     job.cancel_requested = True
                     job.state_reason = "cancel requested: hold expired"
-                    return (
-                        False,
-                        job,
-                        self._cancel_command(job, StopReason.STOP_REASON_HOLD_EXPIRED),
-                    )
+                    stop = self._cancel_command(job, StopReason.STOP_REASON_HOLD_EXPIRED)
+                    await self._command(session, job, stop, now)
+                    return False, job, True
                 if job is not None and job.state == JobState.QUEUED.value:
                     why = "hold_expired: not placed before the job's hold expired"
                     set_job_state(repo, job, JobState.FAILED, reason=why, now=now)
@@ -59,11 +56,11 @@ class HoldExpiry(JobBilling):
                 )
                 if job is not None and not resolution.replay:
                     job.charged = resolution.posted
-                return not resolution.replay, job, None
+                return not resolution.replay, job, False
 
-            done, job, command = await self.db.run(work)
-            if command is not None and job is not None:
-                self.streams.send(job.host_id or "", command)
+            done, job, commanded = await self.db.run(work)
+            if commanded and job is not None:
+                self.streams.wake(job.host_id or "")
             if done:
                 expired.append(hold_id)
                 log.warning("hold %s expired (job %s)", hold_id, job_id or "-")

@@ -107,6 +107,8 @@ class Reports(LostAttempts):
                 Kind.JOB_REPORT_KIND_RUNNING,
             ):
                 resend = self._cancel_command(job, text=job.state_reason)
+            if resend is not None:
+                await self._command(session, job, resend, now)
             return _Applied(job.id, changed, attempt.live, resend)
 
         return self._announce(report.host_id, await self.db.run(work))
@@ -117,7 +119,7 @@ class Reports(LostAttempts):
         if applied is None:
             return False
         if applied.command is not None:
-            self.streams.send(host_id, applied.command)
+            self.streams.wake(host_id)  # stored with the report's transaction
         if applied.changed:
             self.notifier.job_changed(applied.job_id)
             if not applied.live:

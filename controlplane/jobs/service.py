@@ -19,6 +19,7 @@ from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.idempotency import ensure_same
+from controlplane.jobs.acks import CommandAcks
 from controlplane.jobs.budget import BudgetStops
 from controlplane.jobs.expiry import HoldExpiry
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
@@ -41,10 +42,10 @@ class JobView:
     attempts: Sequence[JobAttempt]
 
 
-class JobService(Reports, HoldExpiry, Rejections, BudgetStops):
+class JobService(Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks):
     """The jobs domain's entry point: servicers, the report consumer and the background
     loops call it. Its parts live beside it: billing.py (metering, settlement), reports.py,
-    lost.py, expiry.py and budget.py."""
+    lost.py, expiry.py, budget.py and acks.py (daemons' answers to commands)."""
 
     # Submit, read, cancel -----------------------------------------------------------------
 
@@ -190,7 +191,7 @@ class JobService(Reports, HoldExpiry, Rejections, BudgetStops):
             raise InvalidArgument("reason", "at most 500 characters")
         now = utcnow()
 
-        async def work(session: AsyncSession) -> tuple[Job, registry_pb2.ControlMessage | None]:
+        async def work(session: AsyncSession) -> tuple[Job, bool]:
             repo = JobRepository(session)
             job = await repo.get_readable(caller, job_id, lock=True)
             if job is None:
@@ -204,12 +205,13 @@ class JobService(Reports, HoldExpiry, Rejections, BudgetStops):
                 job.cancel_requested = True
                 # Kept until the daemon's STOPPED report: it becomes the CANCELLED reason.
                 job.state_reason = why
-                return job, self._cancel_command(job, text=why)
-            return job, None
+                await self._command(session, job, self._cancel_command(job, text=why), now)
+                return job, True
+            return job, False
 
-        job, command = await self.db.run(work)
-        if command is not None:
-            self.streams.send(job.host_id or "", command)
+        job, commanded = await self.db.run(work)
+        if commanded:
+            self.streams.wake(job.host_id or "")
         self.notifier.job_changed(job_id)
         return job
 

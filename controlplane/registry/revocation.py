@@ -8,6 +8,7 @@ from datetime import datetime
 
 from controlplane.auth.repository import AuthRepository
 from controlplane.auth.service import generate_secret, hash_secret
+from controlplane.commands.repository import CommandRepository
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import InvalidArgument, NotFound
@@ -92,5 +93,7 @@ async def _revoke(
         # A hash no secret has: the old credential matches nothing from now on.
         host.credential_hash = hash_secret(generate_secret("revoked_"))
         set_host_state(repo, host, HostState.LOST, why, now)
+        # It never connects again: nothing stored for it will be delivered.
+        await CommandRepository(repo.session).close_host(host.id, now)
     if host.nats_user_key:
         await repo.revoke_nats_user(host.nats_user_key, host.id, host.revoked_at)

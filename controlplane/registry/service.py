@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from gpuplane.v1 import registry_pb2
+from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.auth.principal import Principal, Role
 from controlplane.auth.service import generate_secret, hash_secret
+from controlplane.commands.delivery import CommandDelivery
+from controlplane.commands.repository import CommandRepository
 from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import (
@@ -116,6 +119,8 @@ class RegistryService(RegistrationTokens, Revocations):
         monitor: GpuMonitor | None = None,
         heartbeat_write_interval: float = 0.0,
         nats_auth: NatsAuth | None = None,
+        command_poll_interval: float = 0.5,
+        command_resend_after: float = 2.0,
     ) -> None:
         self.db = db
         self.nats_auth = nats_auth
@@ -123,6 +128,13 @@ class RegistryService(RegistrationTokens, Revocations):
         # Whether a provider may mint its own registration tokens (registry/tokens.py).
         self.self_service_providers = self_service_providers
         self.streams = HostStreams()
+        # Delivers the stored commands of the hosts whose Connect stream is open here.
+        self.commands = CommandDelivery(
+            db,
+            self.streams,
+            poll_interval=command_poll_interval,
+            resend_after=command_resend_after,
+        )
         self.monitor = monitor
         self.heartbeat_write_interval = heartbeat_write_interval
         # Hosts this process has seen up (not lost) since their last (re)connection, and those
@@ -243,10 +255,19 @@ class RegistryService(RegistrationTokens, Revocations):
             self.on_host_connected()
         return host
 
-    def disconnect(self, stream: HostStream) -> None:
-        self.streams.close(stream)
-        if self.monitor is not None and not self.streams.connected(stream.host_id):
+    async def disconnect(self, stream: HostStream) -> None:
+        """A Connect stream ended: unless a newer one of its host is open here, the host's
+        telemetry and commands are no longer this replica's."""
+        if not self.streams.close(stream):
+            return
+        if self.monitor is not None:
             self.monitor.detach(stream.host_id)
+        try:
+            await self.commands.closed(stream.host_id)
+        except (OSError, SQLAlchemyError) as error:
+            # Its holder row stays until the host connects again or delivery finds the
+            # stream gone (CommandDelivery._take).
+            log.warning("host %s: stream holder not released: %s", stream.host_id, error)
 
     async def heartbeat(
         self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()
@@ -362,10 +383,12 @@ class RegistryService(RegistrationTokens, Revocations):
                 if state in (HostState.DRAINING, HostState.DRAINED):
                     set_host_state(repo, host, HostState.ONLINE, "UndrainHost", now)
             await repo.score([host], now)
-        message = registry_pb2.ControlMessage(
-            drain=registry_pb2.DrainCommand(draining=draining, reason=host.drain_reason)
-        )
-        self.streams.send(host_id, message)
+            message = registry_pb2.ControlMessage(
+                drain=registry_pb2.DrainCommand(draining=draining, reason=host.drain_reason)
+            )
+            # Stored with the change: whichever replica holds the host's stream delivers it.
+            await CommandRepository(session).issue(host.id, message, now)
+        self.streams.wake(host.id)
         return host
 
     async def update_host(

@@ -1,8 +1,10 @@
-"""Connect streams open on this control-plane process, and the queues commands reach daemons by."""
+"""Connect streams open on this control-plane process, and the queues commands reach daemons by
+(commands themselves are stored and delivered by controlplane/commands)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpuplane.v1 import registry_pb2
@@ -23,15 +25,37 @@ class HostStreams:
 
     def __init__(self) -> None:
         self._streams: dict[str, HostStream] = {}
+        # Set when a command was stored here: this process's delivery loop looks at once
+        # (other replicas' loops find it at their next poll).
+        self.pending = asyncio.Event()
+        # Tells the other replicas a command was stored (set while NATS is connected).
+        self.announce: Callable[[str], None] | None = None
+
+    def wake(self, host_id: str) -> None:
+        """A command for `host_id` was stored (and committed) by this process: its delivery
+        loop looks at once if the host is connected here, and the other replicas are told
+        (the host's latest stream may be on one of them even then)."""
+        if self.connected(host_id):
+            self.pending.set()
+        if self.announce is not None:
+            self.announce(host_id)
+
+    def woken(self, host_id: str) -> None:
+        """Another replica stored a command for `host_id`."""
+        if self.connected(host_id):
+            self.pending.set()
 
     def open(self, host_id: str) -> HostStream:
         stream = HostStream(host_id)
         self._streams[host_id] = stream
         return stream
 
-    def close(self, stream: HostStream) -> None:
+    def close(self, stream: HostStream) -> bool:
+        """Forgets `stream`; False when a newer stream of its host replaced it here."""
         if self._streams.get(stream.host_id) is stream:
             del self._streams[stream.host_id]
+            return True
+        return False
 
     def send(self, host_id: str, message: registry_pb2.ControlMessage) -> bool:
         stream = self._streams.get(host_id)

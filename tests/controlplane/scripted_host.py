@@ -1,5 +1,7 @@
 """A host whose daemon side is played by the test: registers, heartbeats over Connect, pulls
-its dispatch messages from JetStream and publishes the reports the test chooses."""
+its dispatch messages from JetStream and publishes the reports the test chooses. Like a
+daemon, it acknowledges each stored command (APPLIED) and queues it once; with
+`auto_ack=False` the test answers (`ack`) and sees every delivery, re-sends included."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class ScriptedHost:
         model: str = "NVIDIA A100-SXM4-80GB",
         price: int = 2_000_000,
         heartbeat_interval: float = 0.2,
+        auto_ack: bool = True,
     ) -> None:
         self.channel = channel
         self.nats_url = nats_url
@@ -41,6 +44,9 @@ class ScriptedHost:
         self.model = model
         self.price = price
         self.heartbeat_interval = heartbeat_interval
+        self.auto_ack = auto_ack
+        self.answered: set[int] = set()
+        self._writing = asyncio.Lock()  # one write at a time on the Connect stream
         self.machine_id = uuid.uuid4().hex
         self.host_id = ""
         self.credential = ""
@@ -77,7 +83,7 @@ class ScriptedHost:
         self._call = stub.Connect(  # type: ignore[call-arg]
             metadata=(("authorization", f"Bearer {self.credential}"),)
         )
-        await self._call.write(
+        await self._write(
             registry_pb2.DaemonMessage(hello=registry_pb2.DaemonHello(host_id=self.host_id))
         )
         first = await self._call.read()
@@ -93,9 +99,13 @@ class ScriptedHost:
             config=ConsumerConfig(ack_wait=30),
         )
 
+    async def _write(self, message: registry_pb2.DaemonMessage) -> None:
+        async with self._writing:
+            await self._call.write(message)
+
     async def _heartbeats(self) -> None:
         while True:
-            await self._call.write(registry_pb2.DaemonMessage(heartbeat=registry_pb2.Heartbeat()))
+            await self._write(registry_pb2.DaemonMessage(heartbeat=registry_pb2.Heartbeat()))
             await asyncio.sleep(self.heartbeat_interval)
 
     async def _read_commands(self) -> None:
@@ -103,7 +113,23 @@ class ScriptedHost:
             message = await self._call.read()
             if message is grpc.aio.EOF:  # type: ignore[attr-defined]
                 return
+            command_id = message.command_id
+            if command_id and self.auto_ack:
+                if command_id not in self.answered:
+                    await self.commands.put(message)
+                await self.ack(command_id)
+                continue
             await self.commands.put(message)
+
+    async def ack(
+        self,
+        command_id: int,
+        answer: registry_pb2.CommandAnswer.ValueType = registry_pb2.COMMAND_ANSWER_APPLIED,
+    ) -> None:
+        """Answers a command on the Connect stream, as a daemon does."""
+        self.answered.add(command_id)
+        ack = registry_pb2.CommandAck(command_id=command_id, answer=answer)
+        await self._write(registry_pb2.DaemonMessage(command_ack=ack))
 
     async def stop_heartbeats(self) -> None:
         """Plays a dead daemon: heartbeats stop and the Connect stream closes."""

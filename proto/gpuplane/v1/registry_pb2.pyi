@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from gpuplane.v1 import messaging_pb2 as _messaging_pb2
 from gpuplane.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
@@ -20,6 +21,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _CommandAnswer:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CommandAnswerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommandAnswer.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMMAND_ANSWER_UNSPECIFIED: _CommandAnswer.ValueType  # 0
+    COMMAND_ANSWER_APPLIED: _CommandAnswer.ValueType  # 1
+    """Done, or nothing left to do (a cancel of an attempt that already ended here: its own
+    report says how).
+    """
+    COMMAND_ANSWER_NOT_RUNNING_HERE: _CommandAnswer.ValueType  # 2
+    """A cancel of an attempt this daemon does not run and never ran: the control plane marks
+    the attempt lost at once (the daemon will not run it if its dispatch arrives later).
+    """
+
+class CommandAnswer(_CommandAnswer, metaclass=_CommandAnswerEnumTypeWrapper):
+    """What a daemon made of a command."""
+
+COMMAND_ANSWER_UNSPECIFIED: CommandAnswer.ValueType  # 0
+COMMAND_ANSWER_APPLIED: CommandAnswer.ValueType  # 1
+"""Done, or nothing left to do (a cancel of an attempt that already ended here: its own
+report says how).
+"""
+COMMAND_ANSWER_NOT_RUNNING_HERE: CommandAnswer.ValueType  # 2
+"""A cancel of an attempt this daemon does not run and never ran: the control plane marks
+the attempt lost at once (the daemon will not run it if its dispatch arrives later).
+"""
+Global___CommandAnswer: _TypeAlias = CommandAnswer  # noqa: Y015
 
 @_typing.final
 class RegisterHostRequest(_message.Message):
@@ -294,28 +325,60 @@ class DaemonMessage(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     TELEMETRY_FIELD_NUMBER: _builtins.int
+    COMMAND_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___DaemonHello: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def telemetry(self) -> Global___TelemetryBatch: ...
+    @_builtins.property
+    def command_ack(self) -> Global___CommandAck:
+        """The daemon's answer to a command that carried a command_id."""
+
     def __init__(
         self,
         *,
         hello: Global___DaemonHello | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         telemetry: Global___TelemetryBatch | None = ...,
+        command_ack: Global___CommandAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "telemetry", b"telemetry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "heartbeat", "telemetry"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "heartbeat", "telemetry", "command_ack"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___DaemonMessage: _TypeAlias = DaemonMessage  # noqa: Y015
+
+@_typing.final
+class CommandAck(_message.Message):
+    """Acknowledges ControlMessage.command_id. A command is re-sent until acknowledged; a daemon
+    answers a repeated id again, the same way, without acting on it twice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.int
+    answer: Global___CommandAnswer.ValueType
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.int = ...,
+        answer: Global___CommandAnswer.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "command_id", b"command_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandAck: _TypeAlias = CommandAck  # noqa: Y015
 
 @_typing.final
 class HelloAck(_message.Message):
@@ -432,6 +495,12 @@ class ControlMessage(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.int
+    """Set on a command stored in the control plane's database (cancel, drain): the daemon
+    answers it with a CommandAck, and it is re-sent, from whichever replica holds the
+    host's Connect stream, until then. 0: nothing to acknowledge.
+    """
     @_builtins.property
     def hello_ack(self) -> Global___HelloAck: ...
     @_builtins.property
@@ -447,10 +516,11 @@ class ControlMessage(_message.Message):
         cancel: Global___CancelCommand | None = ...,
         drain: Global___DrainCommand | None = ...,
         resync: Global___ResyncCommand | None = ...,
+        command_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "resync", b"resync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "command_id", b"command_id", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "resync", b"resync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello_ack", "cancel", "drain", "resync"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015

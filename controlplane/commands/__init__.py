@@ -1,0 +1,1 @@
+"""Commands to daemons: stored, delivered by the replica holding the stream, acked."""

@@ -1,0 +1,68 @@
+"""The Agent's answers to the control plane's commands, acknowledged on the Connect stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from gpuplane.v1 import messaging_pb2, registry_pb2
+
+if TYPE_CHECKING:
+    from daemon.agent import Agent
+
+log = logging.getLogger(__name__)
+Answer = registry_pb2.CommandAnswer
+StopReason = messaging_pb2.StopReason
+# A resync's known_jobs were listed at most this long before the command arrived: running
+# attempts taken later are not treated as unknown to the control plane.
+RESYNC_GRACE_SECONDS = 10.0
+
+
+async def answer(
+    agent: Agent, message: registry_pb2.ControlMessage
+) -> registry_pb2.CommandAnswer.ValueType | None:
+    """Acts on one command; returns the answer its CommandAck carries (None: not decided
+    yet, or nothing to acknowledge: it comes again if it must)."""
+    kind = message.WhichOneof("msg")
+    if kind == "cancel":
+        return _cancel(agent, message.cancel)
+    if kind == "drain":
+        # The control plane stops placing work here; running attempts finish as usual.
+        agent.draining = message.drain.draining
+        agent.drain_reason = message.drain.reason
+        log.info("drain=%s (%s)", agent.draining, message.drain.reason or "no reason given")
+        return Answer.COMMAND_ANSWER_APPLIED
+    if kind == "hello_ack":
+        assert agent.connect is not None
+        known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
+        await agent.reconcile(known, listed_after=agent.connect.hello_sent_at)
+    elif kind == "resync":
+        known = {(j.job_id, j.attempt) for j in message.resync.known_jobs}
+        await agent.reconcile(known, listed_after=time.monotonic() - RESYNC_GRACE_SECONDS)
+        return Answer.COMMAND_ANSWER_APPLIED
+    return None
+
+
+def _cancel(
+    agent: Agent, command: registry_pb2.CancelCommand
+) -> registry_pb2.CommandAnswer.ValueType | None:
+    """Stops the attempt. An attempt that ended here was done already (its report says how);
+    one this daemon never took is "not running here", and remembered as ended so that its
+    dispatch, should it arrive later, is not run."""
+    targets = [
+        e
+        for (job_id, attempt), e in agent.executors.items()
+        if job_id == command.job_id and command.attempt in (0, attempt)
+    ]
+    for executor in targets:
+        why = command.stop_reason or StopReason.STOP_REASON_CANCELLED
+        agent._spawn(executor.cancel(why, command.reason))
+    key = (command.job_id, command.attempt)
+    if targets or not command.attempt or key in agent._ended:
+        return Answer.COMMAND_ANSWER_APPLIED
+    if key in agent.leftovers or agent.journal.get(*key) is not None:
+        return None  # taken, its executor not started yet: the cancel comes again
+    log.info("cancel for %s/%s: not running here", *key)
+    agent._ended_attempt(key)
+    return Answer.COMMAND_ANSWER_NOT_RUNNING_HERE
