@@ -1,6 +1,6 @@
 """Background loops of one control plane: scheduling leadership and the scheduler (on the
-leader only), outbox relay, report consumer, liveness, hold expiry (on every replica: each
-leases its rows or applies idempotently)."""
+leader only), outbox relay, report consumer, liveness, hold expiry, spending limits (on every
+replica: each leases its rows or applies idempotently)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from controlplane.errors import Conflict, NotLeader, Unavailable
 from controlplane.jobs.consumer import ReportConsumer
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.service import JobService
+from controlplane.jobs.spending import TenantSpend
 from controlplane.outbox.relay import OutboxRelay
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
@@ -54,6 +55,8 @@ class Background:
         on_report_dropped: Callable[[str], None] | None = None,
         refresh_gauges: Callable[[], Awaitable[None]] | None = None,
         gauges_interval: float = 15.0,
+        spending_interval: float = 5.0,
+        on_spending: Callable[[list[TenantSpend]], None] | None = None,
     ) -> None:
         self.bus = bus
         self.notifier = notifier
@@ -69,6 +72,8 @@ class Background:
         self.on_report_dropped = on_report_dropped
         self.refresh_gauges = refresh_gauges
         self.gauges_interval = gauges_interval
+        self.spending_interval = spending_interval
+        self.on_spending = on_spending
         self.report_consumer: ReportConsumer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -81,6 +86,7 @@ class Background:
             ("reports", self._consume, False),
             ("liveness", self._liveness, False),
             ("holds", self._expire_holds, False),
+            ("spending", self._enforce_spending_limits, False),
         ]
         if self.nats_auth is not None:
             loops.append(("nats-account", self._sync_nats_account, False))
@@ -198,3 +204,11 @@ class Background:
             await asyncio.sleep(self.hold_expiry_interval)
             while len(await self.jobs.expire_holds()) >= 100:
                 pass  # a full batch: there may be more due
+
+    async def _enforce_spending_limits(self) -> None:
+        """Monthly spending limits: thresholds recorded, jobs at the limit stopped."""
+        while True:
+            await asyncio.sleep(self.spending_interval)
+            spends = await self.jobs.enforce_spending_limits()
+            if self.on_spending is not None:
+                self.on_spending(spends)

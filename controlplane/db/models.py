@@ -4,7 +4,14 @@ from controlplane.auth.models import ApiKey, Tenant
 from controlplane.data.models import InputRecord
 from controlplane.db.base import Base
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
-from controlplane.ledger.models import Account, Hold, Payout, Transfer
+from controlplane.ledger.models import (
+    Account,
+    Hold,
+    Payout,
+    SpendingAlert,
+    SpendingLimit,
+    Transfer,
+)
 from controlplane.outbox.models import OutboxMessage
 from controlplane.registry.models import Gpu, Host, HostEvent, RegistrationToken
 from controlplane.scheduler.models import SchedulerLease
@@ -25,6 +32,8 @@ __all__ = [
     "Payout",
     "RegistrationToken",
     "SchedulerLease",
+    "SpendingAlert",
+    "SpendingLimit",
     "Tenant",
     "Transfer",
 ]
