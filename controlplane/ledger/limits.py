@@ -97,13 +97,14 @@ async def budget_in(
     row = await repo.limit(tenant_id, lock=lock)
     start = month_start(now)
     alerts = await repo.alerts(tenant_id, month_key(now)) if row is not None else ()
+    spent, held = await repo.month(tenant_id, start)
     return Budget(
         tenant_id=tenant_id,
         monthly_limit=row.monthly_limit if row is not None else 0,
         alert_percents=parse_percents(row.alert_percents) if row is not None else (),
         month_start=start,
-        spent=await repo.spent_since(tenant_id, start),
-        committed=await repo.held(tenant_id),
+        spent=spent,
+        committed=held,
         alerts=tuple(Alert(a.percent, a.spent, a.monthly_limit, a.created_at) for a in alerts),
     )
 

@@ -53,9 +53,11 @@ class SpendingRepository:
             delete(SpendingLimit).where(SpendingLimit.tenant_id == tenant_id)
         )
 
-    async def spent_since(self, tenant_id: str, start: datetime) -> int:
-        """Charges and fees out of the tenant's held account since `start`, less refunds to
-        its held (a provider fault) or available (RefundJob) account since then."""
+    async def month(self, tenant_id: str, start: datetime) -> tuple[int, int]:
+        """(spent, held) in one statement, so one snapshot: a charge committing meanwhile
+        (held → spent) is counted once. Spent: charges and fees out of the tenant's held
+        account since `start`, less refunds to its held (a provider fault) or available
+        (RefundJob) account since then."""
         held = account_id(tenant_id, AccountKind.HELD)
         available = account_id(tenant_id, AccountKind.AVAILABLE)
         charges = (
@@ -76,11 +78,13 @@ class SpendingRepository:
             )
             .scalar_subquery()
         )
-        return int(await self.session.scalar(select(charges - refunds)) or 0)
-
-    async def held(self, tenant_id: str) -> int:
-        query = select(Account.balance).where(Account.id == account_id(tenant_id, AccountKind.HELD))
-        return int(await self.session.scalar(query) or 0)
+        balance = (
+            select(func.coalesce(func.sum(Account.balance), 0))
+            .where(Account.id == held)
+            .scalar_subquery()
+        )
+        row = (await self.session.execute(select(charges - refunds, balance))).one()
+        return int(row[0]), int(row[1])
 
     async def alerts(self, tenant_id: str, month: str) -> Sequence[SpendingAlert]:
         query = (
