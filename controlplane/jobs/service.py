@@ -45,7 +45,7 @@ class JobView:
 class JobService(Reports, HoldExpiry, Rejections, SpendingLimits):
     """The jobs domain's entry point: servicers, the report consumer and the background
     loops call it. Its parts live beside it: billing.py (metering, settlement), reports.py,
-    lost.py and expiry.py."""
+    lost.py, expiry.py, rejection.py and spending.py."""
 
     # Submit, read, cancel -----------------------------------------------------------------
 
