@@ -152,15 +152,13 @@ async def set_limit(
     alert_percents: Sequence[int],
     now: datetime,
 ) -> Budget:
-    """Sets (0: removes) the tenant's limit; thresholds the month has already reached are
-    recorded at once. Returns the budget after."""
+    """Sets (0: removes) the tenant's limit; returns the budget after. Thresholds the month
+    has already reached are recorded by the next check (jobs/spending.py), like any other,
+    so that one place records and counts them."""
     percents = validate_limit(monthly_limit, alert_percents)
     repo = SpendingRepository(session)
     if monthly_limit:
         await repo.put_limit(tenant_id, monthly_limit, ",".join(map(str, percents)), now)
     else:
         await repo.drop_limit(tenant_id)
-    budget = await budget_in(session, tenant_id, now)
-    if await record_alerts(session, budget, budget.spent, now):
-        budget = await budget_in(session, tenant_id, now)
-    return budget
+    return await budget_in(session, tenant_id, now)

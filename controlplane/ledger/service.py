@@ -234,8 +234,8 @@ class LedgerService:
     async def set_spending_limit(
         self, tenant_id: str, monthly_limit: int, alert_percents: Sequence[int]
     ) -> Budget:
-        """Sets the tenant's monthly limit (0 removes it) and its alert thresholds; those the
-        month has reached already are recorded at once. The budget after."""
+        """Sets the tenant's monthly limit (0 removes it) and its alert thresholds. The
+        budget after (thresholds already reached are recorded by the next check)."""
         limits.validate_limit(monthly_limit, alert_percents)
 
         return await self.db.run(

@@ -144,10 +144,12 @@ async def test_who_may_set_a_limit_and_bad_values(plane: JobPlane) -> None:
     assert (await _budget(plane)).monthly_limit_micro_credits == 0  # nothing was stored
 
 
+@pytest.mark.plane(spending_limit_interval_ms=300)
 async def test_thresholds_are_recorded_once_and_a_running_job_stops_at_the_limit(
     plane: JobPlane,
 ) -> None:
     await _set_limit(plane, 10, (50, 80, 100))
+    tenant = plane.consumer_tenant
     host = await scripted_host(plane, price=PRICE, gpus=1)
     try:
         # Four hours at 2 credits per GPU-hour would be 8 credits: the budget holds that.
@@ -158,25 +160,23 @@ async def test_thresholds_are_recorded_once_and_a_running_job_stops_at_the_limit
         await host.report(d, K.JOB_REPORT_KIND_RUNNING)
         await host.report(d, K.JOB_REPORT_KIND_USAGE, run_time_ms=9_000_000)  # 2.5 h: 5 credits
         await _charged(plane, job.job_id, 5 * CREDIT)
+        # The background check (every 0.3 s here) records 50% once, and stops nothing.
+        await _alerts_become(plane, [50])
         jobs = plane.plane.jobs
         assert jobs is not None
-        spends = await jobs.enforce_spending_limits()
-        again = await jobs.enforce_spending_limits()
-        mine = [s for s in spends if s.tenant_id == plane.consumer_tenant]
-        assert [s.alerts for s in mine] == [[50]]
-        assert [s.alerts for s in again if s.tenant_id == plane.consumer_tenant] == [[]]
-        assert mine[0].stopped == []
+        again = [s for s in await jobs.enforce_spending_limits() if s.tenant_id == tenant]
+        assert [(s.alerts, s.stopped) for s in again] == [([], [])]
+        assert again[0].usage == 5 * CREDIT
         budget = await _budget(plane)
         assert budget.spent_micro_credits == 5 * CREDIT
         assert budget.committed_micro_credits == 3 * CREDIT
         assert budget.remaining_micro_credits == 2 * CREDIT
-        assert [a.percent for a in budget.alerts] == [50]
 
         # The limit lowered below the month's spend: the background check stops the job
         # through the cancel path, with the typed reason, and records the thresholds passed.
         lowered = await _set_limit(plane, 4, (50, 80, 100))
-        assert [a.percent for a in lowered.alerts] == [50, 80, 100]
-        command = await _next_cancel(host, timeout=15)
+        assert lowered.remaining_micro_credits == 0
+        command = await _next_cancel(host, timeout=5)
         assert command.cancel.stop_reason == K.STOP_REASON_SPENDING_LIMIT
         assert command.cancel.job_id == job.job_id
         assert "monthly limit of 4.000000 credits" in command.cancel.reason
@@ -210,16 +210,27 @@ async def test_thresholds_are_recorded_once_and_a_running_job_stops_at_the_limit
     budget = await _budget(plane)
     assert budget.spent_micro_credits == done.charged_micro_credits
     assert budget.committed_micro_credits == 0
+    assert [a.percent for a in budget.alerts] == [50, 80, 100]
     await plane.assert_ledger_consistent()
     metrics = await asyncio.to_thread(_scrape, plane.plane.metrics_port)
     ratio = f'gpuplane_tenant_spend_ratio{{tenant="{plane.consumer_tenant}"}}'
     assert ratio in metrics
+    assert "gpuplane_spending_limit_stops_total 1.0" in metrics
+    for percent in (50, 80, 100):
+        assert f'gpuplane_spending_alerts_total{{percent="{percent}"}} 1.0' in metrics
 
 
 async def _charged(plane: JobPlane, job_id: str, amount: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while (await plane.get(job_id)).charged_micro_credits < amount:
         assert time.monotonic() < deadline, "the usage report was not charged"
+        await asyncio.sleep(0.05)
+
+
+async def _alerts_become(plane: JobPlane, percents: list[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while [a.percent for a in (await _budget(plane)).alerts] != percents:
+        assert time.monotonic() < deadline, f"alerts are not {percents}"
         await asyncio.sleep(0.05)
 
 

@@ -90,9 +90,10 @@ async def test_thresholds_are_recorded_once_each(ledger: Ledger) -> None:
         (50, 6 * CREDIT),
         (80, 8 * CREDIT),
     ]
-    # Setting a limit the month has already passed records its thresholds at once.
+    # A limit the month has already passed: its thresholds are recorded by the next check.
     lowered = await service.set_spending_limit(consumer, 5 * CREDIT, [100])
-    assert [a.percent for a in lowered.alerts] == [25, 50, 80, 100]
+    assert [a.percent for a in lowered.alerts] == [25, 50, 80]
+    assert await record(6 * CREDIT) == [100]
 
 
 async def test_bad_limits_name_their_field(ledger: Ledger) -> None:
