@@ -124,7 +124,8 @@ class Metrics:
         )
         self.spending_limit_stops = Counter(
             "gpuplane_spending_limit_stops_total",
-            "Jobs asked to stop because their tenant reached its monthly spending limit.",
+            "Jobs asked to stop (on a host) or cancelled (queued) because their tenant reached "
+            "its monthly spending limit.",
             registry=self.registry,
         )
 

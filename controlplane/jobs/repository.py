@@ -97,6 +97,16 @@ class JobRepository:
             )
         ).all()
 
+    async def queued_of(self, tenant_id: str) -> Sequence[Job]:
+        """The tenant's queued jobs, locked; those a scheduling cycle holds are skipped."""
+        query = (
+            select(Job)
+            .where(Job.tenant_id == tenant_id, Job.state == "queued")
+            .order_by(Job.id)
+            .with_for_update(skip_locked=True)
+        )
+        return (await self.session.scalars(query)).all()
+
     async def on_host_of(self, tenant_id: str) -> Sequence[tuple[Job, JobAttempt]]:
         """The tenant's jobs on a host (scheduled to uploading), each with its attempt."""
         query = (

@@ -1,6 +1,7 @@
 """Monthly spending limits while jobs run: a tenant whose month (charges and what its
 running jobs have run up since their last charge) reaches its limit has its jobs on hosts
-stopped (STOP_REASON_SPENDING_LIMIT), and every threshold crossed is recorded once."""
+stopped (STOP_REASON_SPENDING_LIMIT) and its queued jobs cancelled, and every threshold
+crossed is recorded once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from controlplane.db.base import utcnow
 from controlplane.jobs.billing import JobBilling, StopReason
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.jobs.repository import JobRepository
+from controlplane.jobs.states import ON_HOST, JobState, set_job_state
 from controlplane.ledger import service as ledger
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ class TenantSpend:
     monthly_limit: int
     # The month's spend plus what its running attempts have run up and not been charged.
     usage: int
-    # Thresholds this check recorded (percents), and the jobs it asked to stop.
+    # Thresholds this check recorded (percents), and the jobs it stopped or cancelled.
     alerts: list[int] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
 
@@ -65,7 +67,8 @@ class SpendingLimits(JobBilling):
     async def enforce_spending_limits(self) -> list[TenantSpend]:
         """Checks every limited tenant once (each in a transaction of its own): records the
         thresholds its month has reached and, at the limit, asks its jobs on hosts to stop
-        through the cancel path. Idempotent: a job asked already is not asked again."""
+        through the cancel path and cancels its queued ones. Idempotent: a job asked already
+        is not asked again."""
         spends: list[TenantSpend] = []
         for tenant_id in await self.ledger.limited_tenants():
             now = utcnow()
@@ -100,19 +103,46 @@ class SpendingLimits(JobBilling):
         if not budget.monthly_limit:
             return spend, []  # removed since the list was read
         spend.alerts.extend(await self.ledger.record_alerts(session, budget, usage, now))
-        commands: list[tuple[str, registry_pb2.ControlMessage]] = []
         if usage < budget.monthly_limit:
-            return spend, commands
-        for job, _ in on_host:
+            return spend, []
+        text = stop_text(budget.monthly_limit)
+        commands = await self._stop_on_host(repo, [job for job, _ in on_host], text, spend)
+        await self._cancel_queued(session, repo, text, spend, now)
+        return spend, commands
+
+    async def _stop_on_host(
+        self, repo: JobRepository, jobs: list[Job], text: str, spend: TenantSpend
+    ) -> list[tuple[str, registry_pb2.ControlMessage]]:
+        """Asks each job still on its host, and not asked before, to stop (the cancel path)."""
+        commands: list[tuple[str, registry_pb2.ControlMessage]] = []
+        for job in jobs:
             locked = await repo.get(job.id, lock=True)
-            if locked is None or locked.cancel_requested or locked.attempt != job.attempt:
+            if (
+                locked is None
+                or locked.cancel_requested
+                or locked.attempt != job.attempt
+                or JobState(locked.state) not in ON_HOST
+            ):
                 continue
             locked.cancel_requested = True
-            # Kept until the daemon's STOPPED report: it becomes the CANCELLED reason.
-            locked.state_reason = stop_text(budget.monthly_limit)
-            command = self._cancel_command(
-                locked, StopReason.STOP_REASON_SPENDING_LIMIT, locked.state_reason
-            )
+            # Kept until the daemon's report: it becomes the CANCELLED reason.
+            locked.state_reason = text
+            command = self._cancel_command(locked, StopReason.STOP_REASON_SPENDING_LIMIT, text)
             commands.append((locked.host_id or "", command))
             spend.stopped.append(locked.id)
-        return spend, commands
+        return commands
+
+    async def _cancel_queued(
+        self,
+        session: AsyncSession,
+        repo: JobRepository,
+        text: str,
+        spend: TenantSpend,
+        now: datetime,
+    ) -> None:
+        """Cancels the tenant's queued jobs (they could only run past the limit, which was
+        lowered below what their holds assumed): their holds settle, nothing charged."""
+        for job in await repo.queued_of(spend.tenant_id):
+            if set_job_state(repo, job, JobState.CANCELLED, reason=text, now=now):
+                await self._settle(session, job, None, None)
+                spend.stopped.append(job.id)

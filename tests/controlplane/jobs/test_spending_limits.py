@@ -1,7 +1,8 @@
 """Monthly spending limits through the API, with the daemon played by the test: a submit past
 the limit is refused with a clean status and stores nothing, the dry run says so, each
-threshold is recorded once, and a running job is stopped through the cancel path (typed
-reason, outputs kept) when the month reaches the limit; the metric shows the ratio."""
+threshold is recorded once, and when the month reaches the limit a running job is stopped
+through the cancel path (typed reason, outputs kept) and a queued one cancelled; the metrics
+show the ratio, the alerts and the stops."""
 
 from __future__ import annotations
 
@@ -172,10 +173,17 @@ async def test_thresholds_are_recorded_once_and_a_running_job_stops_at_the_limit
         assert budget.committed_micro_credits == 3 * CREDIT
         assert budget.remaining_micro_credits == 2 * CREDIT
 
+        # A second job that no host can take (2 GPUs) waits queued, its hold within the limit.
+        queued = await plane.submit(gpu_count=2, budget_micro_credits=CREDIT)
+
         # The limit lowered below the month's spend: the background check stops the job
         # through the cancel path, with the typed reason, and records the thresholds passed.
         lowered = await _set_limit(plane, 4, (50, 80, 100))
         assert lowered.remaining_micro_credits == 0
+        # ... and cancels the queued one, whose hold is released.
+        cancelled = await plane.wait_for(queued.job_id, [S.JOB_STATE_CANCELLED], timeout=5)
+        assert cancelled.state_reason.startswith("spending limit: this month's spend reached")
+        assert cancelled.charged_micro_credits == 0
         command = await _next_cancel(host, timeout=5)
         assert command.cancel.stop_reason == K.STOP_REASON_SPENDING_LIMIT
         assert command.cancel.job_id == job.job_id
@@ -215,7 +223,7 @@ async def test_thresholds_are_recorded_once_and_a_running_job_stops_at_the_limit
     metrics = await asyncio.to_thread(_scrape, plane.plane.metrics_port)
     ratio = f'gpuplane_tenant_spend_ratio{{tenant="{plane.consumer_tenant}"}}'
     assert ratio in metrics
-    assert "gpuplane_spending_limit_stops_total 1.0" in metrics
+    assert "gpuplane_spending_limit_stops_total 2.0" in metrics  # the running and the queued
     for percent in (50, 80, 100):
         assert f'gpuplane_spending_alerts_total{{percent="{percent}"}} 1.0' in metrics
 
