@@ -90,13 +90,14 @@ def parse_percents(stored: str) -> tuple[int, ...]:
 
 
 async def budget_in(
-    session: AsyncSession, tenant_id: str, now: datetime, *, lock: bool = False
+    session: AsyncSession, tenant_id: str, now: datetime, *, for_hold: bool = False
 ) -> Budget:
-    """The tenant's budget for `now`'s month; `lock`: its limit row is locked first."""
+    """The tenant's budget for `now`'s month. `for_hold`: its limit row is locked first and
+    the alerts are not read (a hold's check needs neither)."""
     repo = SpendingRepository(session)
-    row = await repo.limit(tenant_id, lock=lock)
+    row = await repo.limit(tenant_id, lock=for_hold)
     start = month_start(now)
-    alerts = await repo.alerts(tenant_id, month_key(now)) if row is not None else ()
+    alerts = await repo.alerts(tenant_id, month_key(now)) if row and not for_hold else ()
     spent, held = await repo.month(tenant_id, start)
     return Budget(
         tenant_id=tenant_id,
@@ -113,12 +114,17 @@ async def check_hold(session: AsyncSession, tenant_id: str, amount: int, now: da
     """Refuses (SpendingLimitExceeded) a hold of `amount` that would take the month's spend
     and holds past the tenant's limit. The limit's row stays locked to the end of the
     transaction, so two holds of one tenant cannot both fit in the same room. Charges move
-    held → spent and releases and refunds only lower the sum, so holds alone can raise it."""
-    repo = SpendingRepository(session)
-    if amount <= 0 or await repo.limit(tenant_id, lock=True) is None:
+    held → spent and releases and refunds only lower the sum, so holds alone can raise it.
+    A tenant without a limit costs one primary-key read; with one, a second statement."""
+    if amount <= 0:
         return
-    budget = await budget_in(session, tenant_id, now)
-    if budget.spent + budget.committed + amount > budget.monthly_limit:
+    repo = SpendingRepository(session)
+    row = await repo.limit(tenant_id, lock=True)
+    if row is None:
+        return
+    spent, held = await repo.month(tenant_id, month_start(now))
+    if spent + held + amount > row.monthly_limit:
+        budget = await budget_in(session, tenant_id, now)
         raise SpendingLimitExceeded(budget, amount)
 
 
