@@ -133,7 +133,8 @@ class Metrics:
         """One check of every limited tenant: the ratios replace the last check's."""
         self.tenant_spend_ratio.clear()
         for spend in spends:
-            self.tenant_spend_ratio.labels(spend.tenant_id).set(spend.ratio)
+            if spend.monthly_limit:  # else removed while the check ran
+                self.tenant_spend_ratio.labels(spend.tenant_id).set(spend.ratio)
             for percent in spend.alerts:
                 self.spending_alerts.labels(str(percent)).inc()
             self.spending_limit_stops.inc(len(spend.stopped))
