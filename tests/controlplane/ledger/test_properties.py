@@ -92,6 +92,8 @@ class World:
     outcomes: Counter[str] = field(default_factory=Counter)
     # The consumers' spending limits; only raised, so each hold's check still bounds them.
     limits: dict[int, int] = field(default_factory=dict)
+    # Raises of one example one at a time, so the stored limit is the last one computed.
+    limit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def consumer(self, n: int) -> str:
         return f"{self.prefix}-consumer{n}"
@@ -140,8 +142,9 @@ async def step(world: World, action: tuple[object, ...]) -> str:
         consumer, amount = args
         if consumer not in world.limits:
             return "skip"
-        world.limits[consumer] += amount
-        await service.set_spending_limit(world.consumer(consumer), world.limits[consumer], [])
+        async with world.limit_lock:
+            world.limits[consumer] += amount
+            await service.set_spending_limit(world.consumer(consumer), world.limits[consumer], [])
     else:
         return await on_hold(world, kind, args)
     return "ok"
