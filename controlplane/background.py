@@ -1,6 +1,7 @@
 """Background loops of one control plane: scheduling leadership and the scheduler (on the
-leader only), outbox relay, report consumer, liveness, hold expiry, command delivery (on every
-replica: each leases its rows, applies idempotently or delivers only its own hosts')."""
+leader only), outbox relay, report consumer, liveness, hold expiry, spending limits, command
+delivery (on every replica: each leases its rows, applies idempotently or delivers only its own
+hosts')."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from controlplane.errors import Conflict, NotLeader, Unavailable
 from controlplane.jobs.consumer import ReportConsumer
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.service import JobService
+from controlplane.jobs.spending import TenantSpend
 from controlplane.outbox.relay import OutboxRelay
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
@@ -54,6 +56,8 @@ class Background:
         on_report_dropped: Callable[[str], None] | None = None,
         refresh_gauges: Callable[[], Awaitable[None]] | None = None,
         gauges_interval: float = 15.0,
+        spending_interval: float = 5.0,
+        on_spending: Callable[[list[TenantSpend]], None] | None = None,
     ) -> None:
         self.bus = bus
         self.notifier = notifier
@@ -69,6 +73,8 @@ class Background:
         self.on_report_dropped = on_report_dropped
         self.refresh_gauges = refresh_gauges
         self.gauges_interval = gauges_interval
+        self.spending_interval = spending_interval
+        self.on_spending = on_spending
         self.report_consumer: ReportConsumer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -83,6 +89,7 @@ class Background:
             ("holds", self._expire_holds, False),
             ("commands", self.registry.commands.run, False),
             ("commands-announce", self._announce_commands, False),
+            ("spending", self._enforce_spending_limits, False),
         ]
         if self.nats_auth is not None:
             loops.append(("nats-account", self._sync_nats_account, False))
@@ -206,3 +213,11 @@ class Background:
             await asyncio.sleep(self.hold_expiry_interval)
             while len(await self.jobs.expire_holds()) >= 100:
                 pass  # a full batch: there may be more due
+
+    async def _enforce_spending_limits(self) -> None:
+        """Monthly spending limits: thresholds recorded, jobs at the limit stopped."""
+        while True:
+            await asyncio.sleep(self.spending_interval)
+            spends = await self.jobs.enforce_spending_limits()
+            if self.on_spending is not None:
+                self.on_spending(spends)

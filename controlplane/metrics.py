@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from controlplane.jobs.spending import TenantSpend
 from controlplane.registry.monitor import GpuMonitor
 
 
@@ -30,12 +31,17 @@ class Metrics:
     hosts: Gauge
     outbox_backlog: Gauge
     outbox_oldest_seconds: Gauge
+    # Monthly spending limits (jobs/spending.py), from this replica's checks.
+    tenant_spend_ratio: Gauge
+    spending_alerts: Counter
+    spending_limit_stops: Counter
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._add_process_metrics()
         self._add_scheduler_metrics()
         self._add_fleet_gauges()
+        self._add_spending_metrics()
         self._telemetry: TelemetryCollector | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -110,6 +116,38 @@ class Metrics:
             "Age of the oldest unacknowledged command to a daemon (0 when none).",
             registry=self.registry,
         )
+
+    def _add_spending_metrics(self) -> None:
+        self.tenant_spend_ratio = Gauge(
+            "gpuplane_tenant_spend_ratio",
+            "A limited tenant's month (charges, and what its running jobs have run up) as a "
+            "fraction of its monthly spending limit.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.spending_alerts = Counter(
+            "gpuplane_spending_alerts_total",
+            "Spending-limit thresholds crossed (each recorded once per tenant and month), by "
+            "percent.",
+            ["percent"],
+            registry=self.registry,
+        )
+        self.spending_limit_stops = Counter(
+            "gpuplane_spending_limit_stops_total",
+            "Jobs asked to stop (on a host) or cancelled (queued) because their tenant reached "
+            "its monthly spending limit.",
+            registry=self.registry,
+        )
+
+    def record_spending(self, spends: Sequence[TenantSpend]) -> None:
+        """One check of every limited tenant: the ratios replace the last check's."""
+        self.tenant_spend_ratio.clear()
+        for spend in spends:
+            if spend.monthly_limit:  # else removed while the check ran
+                self.tenant_spend_ratio.labels(spend.tenant_id).set(spend.ratio)
+            for percent in spend.alerts:
+                self.spending_alerts.labels(str(percent)).inc()
+            self.spending_limit_stops.inc(len(spend.stopped))
 
     def watch_telemetry(self, monitor: GpuMonitor) -> None:
         """Exports the GPU telemetry `monitor` keeps (once per process)."""

@@ -289,6 +289,8 @@ class ControlPlane:
             on_report_dropped=lambda reason: self.metrics.reports_dropped.labels(reason).inc(),
             refresh_gauges=lambda: gauges.refresh(db, self.metrics),
             gauges_interval=settings.metrics.refresh_interval_seconds,
+            spending_interval=settings.jobs.spending_limit_interval_seconds,
+            on_spending=self.metrics.record_spending,
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -220,6 +220,12 @@ class Settings(BaseSettings):
     hold_expiry_interval_ms: int = Field(
         default=30_000, gt=0, description="How often expired holds are looked for and resolved."
     )
+    spending_limit_interval_ms: int = Field(
+        default=5000,
+        gt=0,
+        description="How often each tenant with a monthly spending limit is checked: "
+        "thresholds reached are recorded, and its running jobs stopped at the limit.",
+    )
 
     # ---- Hosts: liveness and the periods daemons are told (hosts).
     heartbeat_interval_ms: int = Field(
@@ -454,6 +460,7 @@ class Settings(BaseSettings):
             retry_backoff_seconds=self.retry_backoff_ms / 1000,
             hold_queue_timeout_seconds=float(self.hold_queue_timeout_seconds),
             hold_expiry_interval_seconds=self.hold_expiry_interval_ms / 1000,
+            spending_limit_interval_seconds=self.spending_limit_interval_ms / 1000,
         )
 
     @property

@@ -89,6 +89,7 @@ class JobSettings:
     retry_backoff_seconds: float
     hold_queue_timeout_seconds: float
     hold_expiry_interval_seconds: float
+    spending_limit_interval_seconds: float
 
 
 @dataclass(frozen=True, slots=True)

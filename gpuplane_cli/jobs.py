@@ -10,7 +10,7 @@ import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli import credit, data, follow
+from gpuplane_cli import budget, credit, data, follow
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag, exit_code_for
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import format_credits, format_duration_ms, parse_duration
@@ -203,7 +203,7 @@ async def _explain_refusal(ctx: Context, spec: types_pb2.JobSpec) -> None:
         quote = (await client.call(client.jobs.SubmitJob, request)).quote
     except grpc.RpcError:
         return  # the original error says what it can
-    short = credit.shortfall(quote, spec)
+    short = credit.shortfall(quote, spec) or budget.limit_shortfall(quote)
     if short is not None:
         code = grpc.StatusCode.FAILED_PRECONDITION
         raise CliError(f"{code.name}: {short}", exit_code_for(code))
@@ -219,12 +219,13 @@ def show_quote(quote: jobs_pb2.Quote, spec: types_pb2.JobSpec) -> str:
                 ("Would hold", format_credits(quote.hold_micro_credits)),
                 ("Hold assumes", f"{format_credits(hold_price)}/GPU-hour" if hold_price else None),
                 ("Available", format_credits(quote.available_micro_credits)),
+                ("Monthly limit left", _limit_left(quote)),
                 ("Estimated start", when(quote.estimated_start) or "not on the current market"),
                 ("Explanation", quote.explanation or None),
             ]
         )
     ]
-    short = credit.shortfall(quote, spec)
+    short = credit.shortfall(quote, spec) or budget.limit_shortfall(quote)
     if short is not None:
         lines += ["", f"Submit would be refused: {short}"]
     if quote.offers:
@@ -232,6 +233,14 @@ def show_quote(quote: jobs_pb2.Quote, spec: types_pb2.JobSpec) -> str:
 
         lines += ["", offers_table(quote.offers)]
     return "\n".join(lines)
+
+
+def _limit_left(quote: jobs_pb2.Quote) -> str | None:
+    limit = quote.spending_limit_micro_credits
+    if not limit:
+        return None
+    left = format_credits(quote.spending_limit_remaining_micro_credits)
+    return f"{left} of {format_credits(limit)}"
 
 
 def _price_range(quote: jobs_pb2.Quote) -> str:

@@ -1,5 +1,5 @@
-"""`gpuplane ledger balance|statement|deposit|payout|payouts|refund|usage|check`: credits,
-exactly."""
+"""`gpuplane ledger balance|statement|deposit|payout|payouts|refund|usage|check|budget`:
+credits, exactly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import ledger_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli import payouts
+from gpuplane_cli import budget, payouts
 from gpuplane_cli.client import EXIT_CONFLICT, EXIT_OK, Context, all_pages
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import format_credits, format_duration_ms
@@ -80,6 +80,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     usage.add_argument("--until", type=_time)
     a.add_leaf(ledger, "check", check_cmd, "admins: verify every balance against transfers", common)
     payouts.register(ledger, common)
+    budget.register(ledger, common)
 
 
 IDEMPOTENCY_HELP = "retry-safe key; default: a new one (printed, to retry with)"

@@ -14,6 +14,7 @@ from controlplane.ledger.models import Payout, PayoutState
 from controlplane.ledger.service import (
     AccountKind,
     Balance,
+    Budget,
     Entry,
     LedgerService,
     TransferKind,
@@ -102,6 +103,27 @@ def payout_pb(row: Payout) -> ledger_pb2.PayoutRecord:
         reason=row.reason,
         created_at=timestamp(row.created_at),
         updated_at=timestamp(row.updated_at),
+    )
+
+
+def budget_pb(budget: Budget) -> ledger_pb2.Budget:
+    return ledger_pb2.Budget(
+        tenant_id=budget.tenant_id,
+        monthly_limit_micro_credits=budget.monthly_limit,
+        alert_percents=budget.alert_percents,
+        month_start=timestamp(budget.month_start),
+        spent_micro_credits=budget.spent,
+        committed_micro_credits=budget.committed,
+        remaining_micro_credits=budget.remaining,
+        alerts=[
+            ledger_pb2.SpendingAlert(
+                percent=a.percent,
+                spent_micro_credits=a.spent,
+                monthly_limit_micro_credits=a.monthly_limit,
+                created_at=timestamp(a.created_at),
+            )
+            for a in budget.alerts
+        ],
     )
 
 
@@ -292,6 +314,29 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             total_cost_micro_credits=report.total_cost,
             next_page_token=report.next_cursor,
         )
+
+    async def SetSpendingLimit(
+        self, request: ledger_pb2.SetSpendingLimitRequest, context: Context
+    ) -> ledger_pb2.SetSpendingLimitResponse:
+        tenant = await self._tenant(request.tenant_id)
+        budget = await self.ledger.set_spending_limit(
+            tenant, request.monthly_limit_micro_credits, list(request.alert_percents)
+        )
+        return ledger_pb2.SetSpendingLimitResponse(budget=budget_pb(budget))
+
+    async def GetBudget(
+        self, request: ledger_pb2.GetBudgetRequest, context: Context
+    ) -> ledger_pb2.GetBudgetResponse:
+        tenant = await self._tenant(request.tenant_id)
+        return ledger_pb2.GetBudgetResponse(budget=budget_pb(await self.ledger.budget(tenant)))
+
+    async def _tenant(self, tenant_id: str) -> str:
+        """The tenant a request names: the caller's own, or (admins) one that exists."""
+        principal = current_principal()
+        tenant = principal.require_tenant(tenant_id)
+        if tenant != principal.tenant_id:
+            await self.ledger.require_tenant(tenant)
+        return tenant
 
 
 __all__ = ["LedgerServicer", "account_id"]

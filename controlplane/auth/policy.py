@@ -56,6 +56,9 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.LedgerService/ListPayouts": frozenset({A, P}),
     "/gpuplane.v1.LedgerService/MarkPayoutPaid": frozenset({A}),
     "/gpuplane.v1.LedgerService/FailPayout": frozenset({A}),
+    # A consumer's own monthly spending limit; admins any tenant's.
+    "/gpuplane.v1.LedgerService/SetSpendingLimit": frozenset({A, C}),
+    "/gpuplane.v1.LedgerService/GetBudget": frozenset({A, C}),
     # AdminService.
     "/gpuplane.v1.AdminService/WhoAmI": frozenset({A, C, P, H}),
     "/gpuplane.v1.AdminService/CreateTenant": frozenset({A}),

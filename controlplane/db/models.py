@@ -5,7 +5,14 @@ from controlplane.commands.models import HostCommand, HostStreamHolder
 from controlplane.data.models import InputRecord
 from controlplane.db.base import Base
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
-from controlplane.ledger.models import Account, Hold, Payout, Transfer
+from controlplane.ledger.models import (
+    Account,
+    Hold,
+    Payout,
+    SpendingAlert,
+    SpendingLimit,
+    Transfer,
+)
 from controlplane.outbox.models import OutboxMessage
 from controlplane.registry.models import Gpu, Host, HostEvent, RegistrationToken
 from controlplane.scheduler.models import SchedulerLease
@@ -28,6 +35,8 @@ __all__ = [
     "Payout",
     "RegistrationToken",
     "SchedulerLease",
+    "SpendingAlert",
+    "SpendingLimit",
     "Tenant",
     "Transfer",
 ]

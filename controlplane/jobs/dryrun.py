@@ -8,7 +8,7 @@ from typing import Protocol
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from controlplane.auth.principal import Principal
-from controlplane.jobs.service import JobService
+from controlplane.jobs.service import JobService, limit_refusal
 from controlplane.ledger.service import format_credits
 
 
@@ -25,7 +25,8 @@ class DryRun:
 
     async def quote(self, caller: Principal, spec: types_pb2.JobSpec) -> jobs_pb2.Quote:
         """The quote of `spec` after the validation and defaults a submit applies, with the
-        caller's available credit, and why submit would be refused when that is short."""
+        caller's available credit and what its monthly spending limit leaves, and why submit
+        would be refused when either is short."""
         quote = await self.quoter.quote(self.jobs.prepare_spec(spec))
         balance = await self.jobs.ledger.balance(caller.tenant_id)
         quote.available_micro_credits = balance.available
@@ -36,4 +37,10 @@ class DryRun:
                 "deposit more or set a lower spec.budget_micro_credits, "
                 "spec.max_duration_seconds or spec.max_price_per_gpu_hour_micro_credits"
             )
+        budget = await self.jobs.ledger.budget(caller.tenant_id)
+        if budget.monthly_limit:
+            quote.spending_limit_micro_credits = budget.monthly_limit
+            quote.spending_limit_remaining_micro_credits = budget.remaining
+            if quote.hold_micro_credits > budget.remaining:
+                quote.spending_limit_shortfall = limit_refusal(budget, quote.hold_micro_credits)
         return quote

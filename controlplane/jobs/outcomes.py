@@ -50,6 +50,10 @@ def _cancelled(facts: Facts) -> str:
     return facts.job.state_reason if facts.job.cancel_requested else "cancelled"
 
 
+def _limit_reached(facts: Facts) -> str:
+    return facts.job.state_reason if facts.job.cancel_requested else "spending limit reached"
+
+
 def _not_started(facts: Facts) -> str:
     return facts.detail or "the job could not start"
 
@@ -105,6 +109,9 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     ),
     StopReason.STOP_REASON_HOLD_EXPIRED: Outcome(JobState.CANCELLED, Fault.PLATFORM, _cancelled),
     StopReason.STOP_REASON_DISPATCH_EXPIRED: Outcome(_FAILED, Fault.PLATFORM, _not_started),
+    # The tenant's monthly spending limit was reached (jobs/spending.py): ended as a cancel
+    # would be, outputs stored, the run charged.
+    StopReason.STOP_REASON_SPENDING_LIMIT: Outcome(JobState.CANCELLED, Fault.USER, _limit_reached),
     # Decided by the host. Results that could not be stored end the job (it ran; what was
     # stored is kept): the platform's object store, or the host's path to it.
     StopReason.STOP_REASON_UPLOAD_FAILED: Outcome(_FAILED, Fault.PLATFORM, _upload_failed),
@@ -134,6 +141,7 @@ CANCEL_TEXTS: Mapping[Reason, str] = {
     StopReason.STOP_REASON_CANCELLED: "cancelled",
     StopReason.STOP_REASON_BUDGET_EXHAUSTED: "budget_exhausted",
     StopReason.STOP_REASON_HOLD_EXPIRED: "hold expired",
+    StopReason.STOP_REASON_SPENDING_LIMIT: "spending limit reached",
 }
 
 

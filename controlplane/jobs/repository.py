@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
+from controlplane.jobs.states import ON_HOST
 from controlplane.paging import Page, PageRequest, page_newest_first
 from controlplane.registry.models import Host
 
@@ -95,6 +96,29 @@ class JobRepository:
                 select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)
             )
         ).all()
+
+    async def queued_of(self, tenant_id: str) -> Sequence[Job]:
+        """The tenant's queued jobs, locked; those a scheduling cycle holds are skipped."""
+        query = (
+            select(Job)
+            .where(Job.tenant_id == tenant_id, Job.state == "queued")
+            .order_by(Job.id)
+            .with_for_update(skip_locked=True)
+        )
+        return (await self.session.scalars(query)).all()
+
+    async def on_host_of(self, tenant_id: str) -> Sequence[tuple[Job, JobAttempt]]:
+        """The tenant's jobs on a host (scheduled to uploading), each with its attempt."""
+        query = (
+            select(Job, JobAttempt)
+            .join(
+                JobAttempt,
+                (JobAttempt.job_id == Job.id) & (JobAttempt.attempt == Job.attempt),
+            )
+            .where(Job.tenant_id == tenant_id, Job.state.in_([s.value for s in ON_HOST]))
+            .order_by(Job.id)
+        )
+        return [(job, attempt) for job, attempt in (await self.session.execute(query)).all()]
 
     async def live_attempts_on(self, host_id: str) -> Sequence[JobAttempt]:
         return (

@@ -1,6 +1,7 @@
 """Job lifecycle: submit (with its hold), read, cancel. JobService also applies daemon
-reports (reports.py), retries attempts (lost.py), expires holds (expiry.py) and rejects
-jobs no host could ever run (rejection.py)."""
+reports (reports.py), retries attempts (lost.py), expires holds (expiry.py), rejects
+jobs no host could ever run (rejection.py) and stops jobs at their tenant's monthly spending
+limit (spending.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from controlplane.jobs.rejection import Rejections
 from controlplane.jobs.reports import Reports
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.spec import DEFAULT_MAX_RETRIES, validate_labels, validate_spec
+from controlplane.jobs.spending import SpendingLimits
 from controlplane.jobs.states import ON_HOST, JobState, new_job, set_job_state
 from controlplane.ledger import service as ledger
 from controlplane.paging import Page, PageRequest
@@ -42,10 +44,11 @@ class JobView:
     attempts: Sequence[JobAttempt]
 
 
-class JobService(Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks):
+class JobService(Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks, SpendingLimits):
     """The jobs domain's entry point: servicers, the report consumer and the background
     loops call it. Its parts live beside it: billing.py (metering, settlement), reports.py,
-    lost.py, expiry.py, budget.py and acks.py (daemons' answers to commands)."""
+    lost.py, expiry.py, rejection.py, budget.py, spending.py and acks.py (daemons' answers to
+    commands)."""
 
     # Submit, read, cancel -----------------------------------------------------------------
 
@@ -140,6 +143,8 @@ class JobService(Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks):
                 expires_at=hold_expiry(spec, self.policy, now),
                 job_id=job.id,
             )
+        except ledger.SpendingLimitExceeded as refused:
+            raise FailedPrecondition(limit_refusal(refused.budget, hold)) from None
         except FailedPrecondition:
             raise FailedPrecondition(
                 f"insufficient credit: the job needs a hold of "
@@ -240,6 +245,19 @@ class JobService(Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks):
 
     async def live_attempts(self, host_id: str) -> list[registry_pb2.RunningJob]:
         return await live_attempts_of(self.db, host_id)
+
+
+def limit_refusal(budget: ledger.Budget, hold: int) -> str:
+    """Why a hold past the tenant's monthly spending limit is refused, and what to do."""
+    credits = ledger.format_credits
+    return (
+        f"spending limit: the job needs a hold of {credits(hold)} credits and this month "
+        f"has {credits(budget.remaining)} of its {credits(budget.monthly_limit)}-credit limit "
+        f"left ({credits(budget.spent)} spent, {credits(budget.committed)} held by other "
+        "jobs); raise the limit (SetSpendingLimit), wait for running jobs to finish, or set "
+        "a lower spec.budget_micro_credits, spec.max_duration_seconds or "
+        "spec.max_price_per_gpu_hour_micro_credits"
+    )
 
 
 async def live_attempts_of(db: Database, host_id: str) -> list[registry_pb2.RunningJob]:

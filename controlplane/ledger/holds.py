@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import new_id, utcnow
 from controlplane.errors import AlreadyExists, FailedPrecondition, NotFound
+from controlplane.ledger.limits import check_hold
 from controlplane.ledger.models import Hold
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.repository_pg import HOLD_LOCK_COLUMNS, HOLD_WRITE_COLUMNS
@@ -135,7 +136,8 @@ async def place_hold(
     job_id: str | None = None,
 ) -> Hold:
     """Holds `amount` of the tenant's available credit (a pending hold). Idempotent by `key`;
-    insufficient credit is FailedPrecondition."""
+    insufficient credit is FailedPrecondition, a hold past the tenant's monthly spending
+    limit SpendingLimitExceeded (limits.check_hold)."""
     repo = LedgerRepository(session)
     existing = await repo.hold_by_key(key)
     if existing is not None:
@@ -144,6 +146,7 @@ async def place_hold(
         return existing
     available, held = hold_accounts(tenant_id)
     now = utcnow()
+    await check_hold(session, tenant_id, amount, now)
     transfer_id = new_transfer_id() if amount else None
     hold = new_hold(
         id=new_id("hold"),

@@ -148,3 +148,31 @@ class PlatformFee(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     fee_basis_points: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class SpendingLimit(Base):
+    """A tenant's monthly spending limit (SetSpendingLimit): one row per limited tenant. Its
+    row is locked by every hold the tenant places, so concurrent submits see each other."""
+
+    __tablename__ = "spending_limits"
+    __table_args__ = (CheckConstraint("monthly_limit > 0", name="positive_limit"),)
+
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    monthly_limit: Mapped[int] = mapped_column(BigInteger)
+    # Percentages of the limit at which an alert is recorded, ascending ("50,80,100").
+    alert_percents: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class SpendingAlert(Base):
+    """A threshold of a tenant's spending limit crossed in a month: recorded once (the key)."""
+
+    __tablename__ = "spending_alerts"
+
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # The calendar month (UTC), "YYYY-MM".
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    percent: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spent: Mapped[int] = mapped_column(BigInteger)
+    monthly_limit: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -10,13 +10,17 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from controlplane.auth.repository import AuthRepository
+from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import DomainError, InvalidArgument, NotFound
-from controlplane.ledger import external, holds, payouts, refunds
+from controlplane.ledger import external, holds, limits, payouts, refunds
 from controlplane.ledger.balances import Balance, balance_in
 from controlplane.ledger.batch import GroupCommit
 from controlplane.ledger.fees import PlatformFees
 from controlplane.ledger.holds import AttemptCost, Charged, Resolution, Settle
+from controlplane.ledger.limits import Budget, SpendingLimitExceeded
+from controlplane.ledger.limits_repository import SpendingRepository
 from controlplane.ledger.models import Account, Hold, Payout, Transfer
 from controlplane.ledger.refunds import Refund
 from controlplane.ledger.repository import LedgerRepository
@@ -53,10 +57,12 @@ __all__ = [
     "REVENUE",
     "AccountKind",
     "Balance",
+    "Budget",
     "CheckReport",
     "Entry",
     "LedgerService",
     "Refund",
+    "SpendingLimitExceeded",
     "TransferKind",
     "account_id",
     "balance_in",
@@ -222,6 +228,49 @@ class LedgerService:
         if row is None:
             raise NotFound(f"payout_id: no payout {payout_id!r}")
         return row
+
+    # Monthly spending limits (ledger/limits.py) --------------------------------------------
+
+    async def set_spending_limit(
+        self, tenant_id: str, monthly_limit: int, alert_percents: Sequence[int]
+    ) -> Budget:
+        """Sets the tenant's monthly limit (0 removes it) and its alert thresholds. The
+        budget after (thresholds already reached are recorded by the next check)."""
+        limits.validate_limit(monthly_limit, alert_percents)
+
+        return await self.db.run(
+            lambda session: limits.set_limit(
+                session, tenant_id, monthly_limit, alert_percents, utcnow()
+            )
+        )
+
+    async def budget(self, tenant_id: str) -> Budget:
+        """The tenant's month: limit, spent, committed, remaining and the alerts recorded."""
+        async with self.db.read() as session:
+            return await limits.budget_in(session, tenant_id, utcnow())
+
+    async def require_tenant(self, tenant_id: str) -> None:
+        """NotFound naming tenant_id unless the tenant exists (the ledger itself keeps
+        accounts of any id: callers that take a tenant from a request check it here)."""
+        async with self.db.read() as session:
+            if await AuthRepository(session).get_tenant(tenant_id) is None:
+                raise NotFound(f"tenant_id: no tenant {tenant_id!r}")
+
+    async def limited_tenants(self) -> list[str]:
+        """Every tenant with a spending limit."""
+        async with self.db.read() as session:
+            return [row.tenant_id for row in await SpendingRepository(session).limits()]
+
+    async def budget_in(self, session: AsyncSession, tenant_id: str, now: datetime) -> Budget:
+        """budget(), inside the caller's transaction."""
+        return await limits.budget_in(session, tenant_id, now)
+
+    async def record_alerts(
+        self, session: AsyncSession, budget: Budget, usage: int, now: datetime
+    ) -> list[int]:
+        """Records the thresholds `usage` has reached this month that are not recorded yet,
+        once each (safe under concurrent callers); the percents this call recorded."""
+        return await limits.record_alerts(session, budget, usage, now)
 
     # Holds, inside the caller's transaction (a job's, or one opened below) ---------------
 

@@ -106,6 +106,8 @@ EXPECTED: dict[str, dict[str, str]] = {
     "LedgerService/ListPayouts": PROVIDER_TENANT,
     "LedgerService/MarkPayoutPaid": ADMIN_ONLY,
     "LedgerService/FailPayout": ADMIN_ONLY,
+    "LedgerService/SetSpendingLimit": OWN_TENANT,
+    "LedgerService/GetBudget": OWN_TENANT,
     "AdminService/WhoAmI": table(ALLOW),
     "AdminService/CreateTenant": ADMIN_ONLY,
     "AdminService/ListTenants": ADMIN_ONLY,
@@ -336,6 +338,11 @@ def request_for(world: World, method: str) -> Message:
         # No payout id: past authorisation an admin gets INVALID_ARGUMENT, and no payout moves.
         "LedgerService/MarkPayoutPaid": ledger_pb2.MarkPayoutPaidRequest(),
         "LedgerService/FailPayout": ledger_pb2.FailPayoutRequest(reason="authz"),
+        # 0: no limit, so the consumer's later submits are not refused by it.
+        "LedgerService/SetSpendingLimit": ledger_pb2.SetSpendingLimitRequest(
+            tenant_id=t["consumer"], monthly_limit_micro_credits=0
+        ),
+        "LedgerService/GetBudget": ledger_pb2.GetBudgetRequest(tenant_id=t["consumer"]),
         "AdminService/WhoAmI": admin_pb2.WhoAmIRequest(),
         "AdminService/CreateTenant": admin_pb2.CreateTenantRequest(
             name="authz-tenant", idempotency_key="authz-tenant"

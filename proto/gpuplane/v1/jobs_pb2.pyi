@@ -62,6 +62,9 @@ class Quote(_message.Message):
     HOLD_PRICE_PER_GPU_HOUR_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     AVAILABLE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     CREDIT_SHORTFALL_FIELD_NUMBER: _builtins.int
+    SPENDING_LIMIT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    SPENDING_LIMIT_REMAINING_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    SPENDING_LIMIT_SHORTFALL_FIELD_NUMBER: _builtins.int
     matching_host_count: _builtins.int
     """Hosts that match the job's constraints, free or busy."""
     min_price_per_gpu_hour_micro_credits: _builtins.int
@@ -84,6 +87,15 @@ class Quote(_message.Message):
     """Set when available_micro_credits does not cover the hold: submit would be refused, and
     this says by how much and which spec fields lower the hold.
     """
+    spending_limit_micro_credits: _builtins.int
+    """The caller's monthly spending limit (0: none) and what of it is left this month (the
+    limit less the month's charges and the holds outstanding).
+    """
+    spending_limit_remaining_micro_credits: _builtins.int
+    spending_limit_shortfall: _builtins.str
+    """Set when the hold would take the month past the spending limit: submit would be
+    refused, and this says by how much and what to do.
+    """
     @_builtins.property
     def offers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Offer]:
         """Offers the job could be placed on right now, cheapest first (at most 20)."""
@@ -105,10 +117,13 @@ class Quote(_message.Message):
         hold_price_per_gpu_hour_micro_credits: _builtins.int = ...,
         available_micro_credits: _builtins.int = ...,
         credit_shortfall: _builtins.str = ...,
+        spending_limit_micro_credits: _builtins.int = ...,
+        spending_limit_remaining_micro_credits: _builtins.int = ...,
+        spending_limit_shortfall: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_start", b"estimated_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_micro_credits", b"available_micro_credits", "credit_shortfall", b"credit_shortfall", "estimated_start", b"estimated_start", "explanation", b"explanation", "hold_micro_credits", b"hold_micro_credits", "hold_price_per_gpu_hour_micro_credits", b"hold_price_per_gpu_hour_micro_credits", "matching_host_count", b"matching_host_count", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "min_price_per_gpu_hour_micro_credits", b"min_price_per_gpu_hour_micro_credits", "offers", b"offers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_micro_credits", b"available_micro_credits", "credit_shortfall", b"credit_shortfall", "estimated_start", b"estimated_start", "explanation", b"explanation", "hold_micro_credits", b"hold_micro_credits", "hold_price_per_gpu_hour_micro_credits", b"hold_price_per_gpu_hour_micro_credits", "matching_host_count", b"matching_host_count", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "min_price_per_gpu_hour_micro_credits", b"min_price_per_gpu_hour_micro_credits", "offers", b"offers", "spending_limit_micro_credits", b"spending_limit_micro_credits", "spending_limit_remaining_micro_credits", b"spending_limit_remaining_micro_credits", "spending_limit_shortfall", b"spending_limit_shortfall"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

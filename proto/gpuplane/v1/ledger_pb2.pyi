@@ -64,6 +64,181 @@ USAGE_GROUPING_MONTH: UsageGrouping.ValueType  # 3
 Global___UsageGrouping: _TypeAlias = UsageGrouping  # noqa: Y015
 
 @_typing.final
+class SetSpendingLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    MONTHLY_LIMIT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    ALERT_PERCENTS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty = the caller's own tenant; an admin may name any."""
+    monthly_limit_micro_credits: _builtins.int
+    """Credits a calendar month (UTC) may spend; 0 removes the limit."""
+    @_builtins.property
+    def alert_percents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percentages of the limit (1..100, at most 10) at which an alert is recorded once a
+        month; empty = 50, 80, 100.
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        monthly_limit_micro_credits: _builtins.int = ...,
+        alert_percents: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_percents", b"alert_percents", "monthly_limit_micro_credits", b"monthly_limit_micro_credits", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSpendingLimitRequest: _TypeAlias = SetSpendingLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetSpendingLimitResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___Budget: ...
+    def __init__(
+        self,
+        *,
+        budget: Global___Budget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSpendingLimitResponse: _TypeAlias = SetSpendingLimitResponse  # noqa: Y015
+
+@_typing.final
+class GetBudgetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Empty = the caller's own tenant; an admin may name any."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBudgetRequest: _TypeAlias = GetBudgetRequest  # noqa: Y015
+
+@_typing.final
+class GetBudgetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___Budget: ...
+    def __init__(
+        self,
+        *,
+        budget: Global___Budget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBudgetResponse: _TypeAlias = GetBudgetResponse  # noqa: Y015
+
+@_typing.final
+class SpendingAlert(_message.Message):
+    """A threshold of the spending limit crossed this month, recorded once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    SPENT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    MONTHLY_LIMIT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    percent: _builtins.int
+    spent_micro_credits: _builtins.int
+    """What the month had spent (and was running up) when it was crossed."""
+    monthly_limit_micro_credits: _builtins.int
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        percent: _builtins.int = ...,
+        spent_micro_credits: _builtins.int = ...,
+        monthly_limit_micro_credits: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "monthly_limit_micro_credits", b"monthly_limit_micro_credits", "percent", b"percent", "spent_micro_credits", b"spent_micro_credits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendingAlert: _TypeAlias = SpendingAlert  # noqa: Y015
+
+@_typing.final
+class Budget(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    MONTHLY_LIMIT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    ALERT_PERCENTS_FIELD_NUMBER: _builtins.int
+    MONTH_START_FIELD_NUMBER: _builtins.int
+    SPENT_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    COMMITTED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    REMAINING_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    monthly_limit_micro_credits: _builtins.int
+    """0: no limit."""
+    spent_micro_credits: _builtins.int
+    """Charges and fees this month less refunds to the tenant this month."""
+    committed_micro_credits: _builtins.int
+    """What pending holds still reserve (the held balance)."""
+    remaining_micro_credits: _builtins.int
+    """The limit less spent and committed (never below 0); 0 without a limit."""
+    @_builtins.property
+    def alert_percents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def month_start(self) -> _timestamp_pb2.Timestamp:
+        """The calendar month (UTC) the figures are for."""
+
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpendingAlert]:
+        """The thresholds crossed this month, lowest first."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        monthly_limit_micro_credits: _builtins.int = ...,
+        alert_percents: _abc.Iterable[_builtins.int] | None = ...,
+        month_start: _timestamp_pb2.Timestamp | None = ...,
+        spent_micro_credits: _builtins.int = ...,
+        committed_micro_credits: _builtins.int = ...,
+        remaining_micro_credits: _builtins.int = ...,
+        alerts: _abc.Iterable[Global___SpendingAlert] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["month_start", b"month_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_percents", b"alert_percents", "alerts", b"alerts", "committed_micro_credits", b"committed_micro_credits", "month_start", b"month_start", "monthly_limit_micro_credits", b"monthly_limit_micro_credits", "remaining_micro_credits", b"remaining_micro_credits", "spent_micro_credits", b"spent_micro_credits", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Budget: _TypeAlias = Budget  # noqa: Y015
+
+@_typing.final
 class GetBalanceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -84,6 +84,16 @@ class LedgerServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_ledger__pb2.FailPayoutRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_ledger__pb2.FailPayoutResponse.FromString,
                 _registered_method=True)
+        self.SetSpendingLimit = channel.unary_unary(
+                '/gpuplane.v1.LedgerService/SetSpendingLimit',
+                request_serializer=gpuplane_dot_v1_dot_ledger__pb2.SetSpendingLimitRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_ledger__pb2.SetSpendingLimitResponse.FromString,
+                _registered_method=True)
+        self.GetBudget = channel.unary_unary(
+                '/gpuplane.v1.LedgerService/GetBudget',
+                request_serializer=gpuplane_dot_v1_dot_ledger__pb2.GetBudgetRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_ledger__pb2.GetBudgetResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -163,6 +173,23 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSpendingLimit(self, request, context):
+        """A tenant's monthly spending limit (calendar month, UTC) and the percentages of it at
+        which an alert is recorded: a consumer its own, an admin any tenant's. A submit whose
+        hold would take the month's spend and holds past it is refused (FAILED_PRECONDITION),
+        and running jobs are stopped (STOP_REASON_SPENDING_LIMIT) when it is reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudget(self, request, context):
+        """The month's budget: limit, spent, committed, remaining and the alerts recorded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +242,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.FailPayout,
                     request_deserializer=gpuplane_dot_v1_dot_ledger__pb2.FailPayoutRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_ledger__pb2.FailPayoutResponse.SerializeToString,
+            ),
+            'SetSpendingLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSpendingLimit,
+                    request_deserializer=gpuplane_dot_v1_dot_ledger__pb2.SetSpendingLimitRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_ledger__pb2.SetSpendingLimitResponse.SerializeToString,
+            ),
+            'GetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudget,
+                    request_deserializer=gpuplane_dot_v1_dot_ledger__pb2.GetBudgetRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_ledger__pb2.GetBudgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +524,60 @@ class LedgerService:
             '/gpuplane.v1.LedgerService/FailPayout',
             gpuplane_dot_v1_dot_ledger__pb2.FailPayoutRequest.SerializeToString,
             gpuplane_dot_v1_dot_ledger__pb2.FailPayoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSpendingLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.LedgerService/SetSpendingLimit',
+            gpuplane_dot_v1_dot_ledger__pb2.SetSpendingLimitRequest.SerializeToString,
+            gpuplane_dot_v1_dot_ledger__pb2.SetSpendingLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.LedgerService/GetBudget',
+            gpuplane_dot_v1_dot_ledger__pb2.GetBudgetRequest.SerializeToString,
+            gpuplane_dot_v1_dot_ledger__pb2.GetBudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

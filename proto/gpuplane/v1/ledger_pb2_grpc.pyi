@@ -57,6 +57,14 @@ class LedgerServiceStub:
     """Admin: a payout failed or bounced (PENDING or PAID → REVERSED): the money goes back to
     the provider's earnings. Idempotent.
     """
+    SetSpendingLimit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetSpendingLimitRequest, _ledger_pb2.SetSpendingLimitResponse]
+    """A tenant's monthly spending limit (calendar month, UTC) and the percentages of it at
+    which an alert is recorded: a consumer its own, an admin any tenant's. A submit whose
+    hold would take the month's spend and holds past it is refused (FAILED_PRECONDITION),
+    and running jobs are stopped (STOP_REASON_SPENDING_LIMIT) when it is reached.
+    """
+    GetBudget: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBudgetRequest, _ledger_pb2.GetBudgetResponse]
+    """The month's budget: limit, spent, committed, remaining and the alerts recorded."""
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -87,6 +95,14 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Admin: a payout failed or bounced (PENDING or PAID → REVERSED): the money goes back to
     the provider's earnings. Idempotent.
     """
+    SetSpendingLimit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetSpendingLimitRequest, _ledger_pb2.SetSpendingLimitResponse]  # type: ignore[assignment]
+    """A tenant's monthly spending limit (calendar month, UTC) and the percentages of it at
+    which an alert is recorded: a consumer its own, an admin any tenant's. A submit whose
+    hold would take the month's spend and holds past it is refused (FAILED_PRECONDITION),
+    and running jobs are stopped (STOP_REASON_SPENDING_LIMIT) when it is reached.
+    """
+    GetBudget: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBudgetRequest, _ledger_pb2.GetBudgetResponse]  # type: ignore[assignment]
+    """The month's budget: limit, spent, committed, remaining and the alerts recorded."""
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -174,5 +190,25 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Admin: a payout failed or bounced (PENDING or PAID → REVERSED): the money goes back to
         the provider's earnings. Idempotent.
         """
+
+    @_abc_1.abstractmethod
+    def SetSpendingLimit(
+        self,
+        request: _ledger_pb2.SetSpendingLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SetSpendingLimitResponse, _abc.Awaitable[_ledger_pb2.SetSpendingLimitResponse]]:
+        """A tenant's monthly spending limit (calendar month, UTC) and the percentages of it at
+        which an alert is recorded: a consumer its own, an admin any tenant's. A submit whose
+        hold would take the month's spend and holds past it is refused (FAILED_PRECONDITION),
+        and running jobs are stopped (STOP_REASON_SPENDING_LIMIT) when it is reached.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBudget(
+        self,
+        request: _ledger_pb2.GetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetBudgetResponse, _abc.Awaitable[_ledger_pb2.GetBudgetResponse]]:
+        """The month's budget: limit, spent, committed, remaining and the alerts recorded."""
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

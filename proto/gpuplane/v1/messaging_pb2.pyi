@@ -128,6 +128,10 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     """The job's hold expired while it was on the host."""
     STOP_REASON_DISPATCH_EXPIRED: _StopReason.ValueType  # 14
     """The dispatch reached the host after its deadline; nothing ran."""
+    STOP_REASON_SPENDING_LIMIT: _StopReason.ValueType  # 15
+    """The tenant's monthly spending limit was reached (SetSpendingLimit); outputs are stored
+    as for a cancel.
+    """
     STOP_REASON_HOST_ERROR: _StopReason.ValueType  # 20
     """Decided by the host: its daemon, Docker, GPUs or its path to object storage.
     The host's Docker (or another part of the host) failed; `reason` says how.
@@ -197,6 +201,10 @@ STOP_REASON_HOLD_EXPIRED: StopReason.ValueType  # 13
 """The job's hold expired while it was on the host."""
 STOP_REASON_DISPATCH_EXPIRED: StopReason.ValueType  # 14
 """The dispatch reached the host after its deadline; nothing ran."""
+STOP_REASON_SPENDING_LIMIT: StopReason.ValueType  # 15
+"""The tenant's monthly spending limit was reached (SetSpendingLimit); outputs are stored
+as for a cancel.
+"""
 STOP_REASON_HOST_ERROR: StopReason.ValueType  # 20
 """Decided by the host: its daemon, Docker, GPUs or its path to object storage.
 The host's Docker (or another part of the host) failed; `reason` says how.

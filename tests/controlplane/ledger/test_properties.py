@@ -4,8 +4,11 @@ clients against PostgreSQL. After each example: the balances sum to zero and mat
 transfers, no no-overdraft account is negative, every hold was resolved at most once, held
 balances are exactly the pending holds' rest, no provider could pay out what is still
 refundable, a provider's earnings go below zero (a receivable) only by refunds after its
-payouts, every payout's state agrees with its transfers, and every account's statement sums
-to its balance."""
+payouts, every payout's state agrees with its transfers, every account's statement sums
+to its balance, and a consumer with a monthly spending limit (raised at random) never has
+the month's spend and holds above it, its spent being exactly the month's charges and fees
+less its refunds (the ledger has no running accrual: charges come out of holds, which the
+limit bounds)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from controlplane.ledger.holds import AttemptCost, Resolution
+from controlplane.ledger.limits import month_start
 from controlplane.ledger.service import LedgerService
 from controlplane.ledger.states import HoldState
 from controlplane.paging import PageRequest
@@ -64,11 +68,16 @@ op = st.one_of(
     ),
     st.tuples(st.just("fail_payout"), st.integers(0, PROVIDERS - 1), st.integers(0, 2)),
     st.tuples(st.just("paid_payout"), st.integers(0, PROVIDERS - 1), st.integers(0, 2)),
+    st.tuples(st.just("raise_limit"), st.integers(0, CONSUMERS - 1), amounts),
 )  # fmt: skip
 scenarios = st.tuples(
     st.lists(st.integers(100_000, 3 * CREDIT), min_size=SLOTS, max_size=SLOTS),
     st.lists(st.booleans(), min_size=SLOTS, max_size=SLOTS),
     st.lists(st.lists(op, min_size=2, max_size=9), min_size=CLIENTS, max_size=CLIENTS),
+)
+# Each consumer's monthly spending limit (None: none), set before anything else.
+limit_choices = st.lists(
+    st.one_of(st.none(), st.integers(1, 8 * CREDIT)), min_size=CONSUMERS, max_size=CONSUMERS
 )
 
 
@@ -81,6 +90,10 @@ class World:
     holds: dict[int, str] = field(default_factory=dict)
     resolutions: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
+    # The consumers' spending limits; only raised, so each hold's check still bounds them.
+    limits: dict[int, int] = field(default_factory=dict)
+    # Raises of one example one at a time, so the stored limit is the last one computed.
+    limit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def consumer(self, n: int) -> str:
         return f"{self.prefix}-consumer{n}"
@@ -125,6 +138,13 @@ async def step(world: World, action: tuple[object, ...]) -> str:
             world.resolutions[hold_id] += 1
     elif kind in ("payout", "fail_payout", "paid_payout"):
         return await money_out(world, kind, args)
+    elif kind == "raise_limit":
+        consumer, amount = args
+        if consumer not in world.limits:
+            return "skip"
+        async with world.limit_lock:
+            world.limits[consumer] += amount
+            await service.set_spending_limit(world.consumer(consumer), world.limits[consumer], [])
     else:
         return await on_hold(world, kind, args)
     return "ok"
@@ -278,6 +298,43 @@ async def check_invariants(world: World) -> None:
         if balances.get(earnings, 0) < 0:
             event("a provider ends with a receivable")
     await check_statements(world, balances)
+    await check_limits(world)
+
+
+async def check_limits(world: World) -> None:
+    """Each consumer's month: spent is the month's charges and fees out of its held account
+    less the refunds into its accounts (recomputed here), committed its held balance, and
+    a limited consumer's spent and committed together within its limit."""
+    now = utcnow()
+    start = month_start(now)
+    async with world.ledger.db.read() as session:
+        for n in range(CONSUMERS):
+            consumer = world.consumer(n)
+            budget = await world.ledger.service.budget_in(session, consumer, now)
+            flows = await session.execute(
+                text(
+                    "SELECT kind, debit_account_id, credit_account_id, amount FROM transfers "
+                    "WHERE (debit_account_id LIKE :c OR credit_account_id LIKE :c) "
+                    "AND created_at >= :start"
+                ),
+                {"c": f"{consumer}:%", "start": start},
+            )
+            spent = 0
+            for row in flows:
+                if row.kind in ("charge", "fee") and row.debit_account_id == f"{consumer}:held":
+                    spent += row.amount
+                elif row.kind == "refund" and row.credit_account_id.startswith(f"{consumer}:"):
+                    spent -= row.amount
+            assert budget.spent == spent, consumer
+            held = await session.scalar(
+                text("SELECT balance FROM accounts WHERE id = :a"), {"a": f"{consumer}:held"}
+            )
+            assert budget.committed == (held or 0)
+            if n in world.limits:
+                assert budget.monthly_limit == world.limits[n]
+                assert budget.spent + budget.committed <= world.limits[n], (consumer, budget)
+                if budget.spent + budget.committed > world.limits[n] // 2:
+                    event("a limited consumer spent or holds over half its limit")
 
 
 async def check_payouts(session: AsyncSession, world: World) -> None:
@@ -315,13 +372,21 @@ async def check_statements(world: World, balances: dict[str, int]) -> None:
         assert set(sums) <= set(mine)
 
 
-async def run_example(url: str, scenario: tuple[list[int], list[bool], list[list[object]]]) -> None:
+async def run_example(
+    url: str,
+    scenario: tuple[list[int], list[bool], list[list[object]]],
+    limits: list[int | None],
+) -> None:
     hold_amounts, expired, plans = scenario
     db = Database(url, pool_size=8)
     try:
         world = World(Ledger(db, LedgerService(db, min_payout=1)), hold_amounts, expired)
         for n in range(CONSUMERS):
             await world.ledger.service.deposit(world.consumer(n), 6 * CREDIT, "", world.consumer(n))
+            limit = limits[n]
+            if limit is not None:
+                world.limits[n] = limit
+                await world.ledger.service.set_spending_limit(world.consumer(n), limit, [])
         # Each client submits first (six clients, six slots: every hold is placed, some twice).
         actions: list[list[tuple[object, ...]]] = [
             [("submit", n % SLOTS), *(tuple(a) for a in plan)]  # type: ignore[arg-type]
@@ -354,8 +419,10 @@ def ledger_url(postgres: object) -> str:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(scenario=scenarios)
+@given(scenario=scenarios, limits=limit_choices)
 def test_random_interleavings_keep_the_ledger_exact(
-    ledger_url: str, scenario: tuple[list[int], list[bool], list[list[object]]]
+    ledger_url: str,
+    scenario: tuple[list[int], list[bool], list[list[object]]],
+    limits: list[int | None],
 ) -> None:
-    asyncio.run(run_example(ledger_url, scenario))
+    asyncio.run(run_example(ledger_url, scenario, limits))
