@@ -15,7 +15,7 @@ from gpuplane_cli import args as a
 from gpuplane_cli import payouts
 from gpuplane_cli.client import EXIT_CONFLICT, EXIT_OK, Context, all_pages
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
-from gpuplane_cli.units import format_credits, format_duration_ms
+from gpuplane_cli.units import format_credits, format_duration_ms, format_utilization
 
 
 def _time(text: str) -> datetime:
@@ -70,11 +70,22 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     refund.add_argument("amount", nargs="?", type=a.credits, help="default: everything charged")
     refund.add_argument("--reason", required=True)
     refund.add_argument("--idempotency-key", default="", help=IDEMPOTENCY_HELP)
-    usage = a.add_leaf(ledger, "usage", usage_cmd, "cost report per job or period", common)
+    usage = a.add_leaf(
+        ledger, "usage", usage_cmd, "GPU time, utilisation and cost per job or group", common
+    )
     usage.add_argument("--tenant", default="")
     usage.add_argument("--job", default="")
     usage.add_argument(
+        "--by",
+        choices=list(GROUPINGS),
+        default=None,
+        help="one row per job (default), day, month, gpu-model or provider",
+    )
+    usage.add_argument(  # the earlier spelling, kept: --group-by day
         "--group-by", type=a.enum_arg(ledger_pb2.UsageGrouping, "grouping"), default=0
+    )
+    usage.add_argument(
+        "--platform", action="store_true", help="admins: every tenant's usage (platform-wide)"
     )
     usage.add_argument("--since", type=_time)
     usage.add_argument("--until", type=_time)
@@ -82,6 +93,13 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     payouts.register(ledger, common)
 
 
+GROUPINGS = {
+    "job": ledger_pb2.USAGE_GROUPING_JOB,
+    "day": ledger_pb2.USAGE_GROUPING_DAY,
+    "month": ledger_pb2.USAGE_GROUPING_MONTH,
+    "gpu-model": ledger_pb2.USAGE_GROUPING_GPU_MODEL,
+    "provider": ledger_pb2.USAGE_GROUPING_PROVIDER,
+}
 IDEMPOTENCY_HELP = "retry-safe key; default: a new one (printed, to retry with)"
 
 
@@ -228,6 +246,7 @@ async def refund_cmd(args: argparse.Namespace, ctx: Context) -> int:
 
 async def usage_cmd(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
+    grouping = GROUPINGS[args.by] if args.by else args.group_by
     rows: list[ledger_pb2.UsageRow] = []
     token = ""
     total_ms = total_cost = 0
@@ -237,9 +256,10 @@ async def usage_cmd(args: argparse.Namespace, ctx: Context) -> int:
             job_id=args.job,
             start_time=_ts(args.since),
             end_time=_ts(args.until),
-            group_by=args.group_by,
+            group_by=grouping,
             page_size=500,
             page_token=token,
+            all_tenants=args.platform,
         )
         response = await client.call(client.ledger.GetUsage, request)
         rows.extend(response.rows)
@@ -254,24 +274,49 @@ async def usage_cmd(args: argparse.Namespace, ctx: Context) -> int:
             )
         )
         return EXIT_OK
+    print(usage_table(rows, grouping))
+    used = sum(r.utilized_gpu_time_ms for r in rows)
+    share = f" ({format_utilization(used * 10_000 // total_ms)} used)" if used and total_ms else ""
     print(
-        table(
-            ["JOB/PERIOD", "JOBS", "GPU", "GPU TIME", "UTIL", "COST"],
-            [
-                (
-                    r.job_id or when(r.period_start),
-                    r.job_count,
-                    r.gpu_model or "-",
-                    format_duration_ms(r.gpu_time_ms),
-                    f"{r.avg_gpu_utilization_percent}%",
-                    format_credits(r.cost_micro_credits),
-                )
-                for r in rows
-            ],
-        )
+        f"total: {format_duration_ms(total_ms)} GPU time{share}, "
+        f"{format_credits(total_cost)} credits"
     )
-    print(f"total: {format_duration_ms(total_ms)} GPU time, {format_credits(total_cost)} credits")
     return EXIT_OK
+
+
+USAGE_HEADERS: dict[int, str] = {
+    ledger_pb2.USAGE_GROUPING_GPU_MODEL: "GPU MODEL",
+    ledger_pb2.USAGE_GROUPING_PROVIDER: "PROVIDER",
+    ledger_pb2.USAGE_GROUPING_DAY: "DAY",
+    ledger_pb2.USAGE_GROUPING_MONTH: "MONTH",
+}
+
+
+def usage_table(rows: Sequence[ledger_pb2.UsageRow], grouping: int) -> str:
+    first = USAGE_HEADERS.get(grouping, "JOB")
+
+    def key(r: ledger_pb2.UsageRow) -> str:
+        if grouping == ledger_pb2.USAGE_GROUPING_GPU_MODEL:
+            return r.gpu_model or "-"
+        if grouping == ledger_pb2.USAGE_GROUPING_PROVIDER:
+            return r.provider_tenant_id or "-"
+        return r.job_id or when(r.period_start)
+
+    return table(
+        [first, "JOBS", "GPU", "GPU TIME", "USED", "UTIL", "COST"],
+        [
+            (
+                key(r),
+                r.job_count,
+                r.gpu_model or "-",
+                format_duration_ms(r.gpu_time_ms),
+                format_duration_ms(r.utilized_gpu_time_ms),
+                format_utilization(r.avg_gpu_utilization_basis_points),
+                format_credits(r.cost_micro_credits),
+            )
+            for r in rows
+        ],
+    )
 
 
 async def check_cmd(args: argparse.Namespace, ctx: Context) -> int:

@@ -35,6 +35,8 @@ PB_GROUPING = {
     ledger_pb2.USAGE_GROUPING_JOB: UsageGrouping.JOB,
     ledger_pb2.USAGE_GROUPING_DAY: UsageGrouping.DAY,
     ledger_pb2.USAGE_GROUPING_MONTH: UsageGrouping.MONTH,
+    ledger_pb2.USAGE_GROUPING_GPU_MODEL: UsageGrouping.GPU_MODEL,
+    ledger_pb2.USAGE_GROUPING_PROVIDER: UsageGrouping.PROVIDER,
 }
 
 
@@ -55,6 +57,9 @@ def usage_row_pb(row: UsageRow) -> ledger_pb2.UsageRow:
         gpu_model=row.gpu_model,
         avg_gpu_utilization_percent=row.avg_gpu_utilization_percent,
         job_count=row.job_count,
+        avg_gpu_utilization_basis_points=row.avg_gpu_utilization_basis_points,
+        provider_tenant_id=row.provider_tenant_id,
+        utilized_gpu_time_ms=row.utilized_gpu_time_ms,
     )
 
 
@@ -271,7 +276,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetUsage(
         self, request: ledger_pb2.GetUsageRequest, context: Context
     ) -> ledger_pb2.GetUsageResponse:
-        scope = readable_usage(current_principal(), request.tenant_id)
+        scope = readable_usage(current_principal(), request.tenant_id, request.all_tenants)
         grouping = PB_GROUPING.get(request.group_by)
         if grouping is None:
             raise InvalidArgument("group_by", "unknown grouping")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Select, select
+from sqlalchemy import BigInteger, Select, Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.paging import Page, PageRequest, page_newest_first
 from controlplane.registry.models import Host
+from controlplane.registry.utilization import GpuUtilization
 
 
 class JobRepository:
@@ -95,6 +97,37 @@ class JobRepository:
                 select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)
             )
         ).all()
+
+    async def add_utilization(self, measured: Mapping[tuple[str, int], GpuUtilization]) -> None:
+        """Adds measured GPU utilisation to attempts (sums and counts add, the peak is the
+        larger): one statement for the batch, whatever the attempts' state."""
+        table = cast(Table, JobAttempt.__table__)
+        peak: Any = bindparam("p_peak", type_=BigInteger())
+        statement = (
+            update(table)
+            .where(table.c.job_id == bindparam("p_job"), table.c.attempt == bindparam("p_attempt"))
+            .values(
+                gpu_utilization_sum=table.c.gpu_utilization_sum + bindparam("p_sum"),
+                gpu_utilization_samples=table.c.gpu_utilization_samples + bindparam("p_samples"),
+                peak_gpu_memory_bytes=case(
+                    (table.c.peak_gpu_memory_bytes < peak, peak),
+                    else_=table.c.peak_gpu_memory_bytes,
+                ),
+            )
+        )
+        rows = [
+            {
+                "p_job": job_id,
+                "p_attempt": attempt,
+                "p_sum": m.utilization_sum,
+                "p_samples": m.samples,
+                "p_peak": m.peak_memory_bytes,
+            }
+            for (job_id, attempt), m in sorted(measured.items())  # one lock order
+        ]
+        if rows:
+            connection = await self.session.connection()
+            await connection.execute(statement, rows)
 
     async def live_attempts_on(self, host_id: str) -> Sequence[JobAttempt]:
         return (

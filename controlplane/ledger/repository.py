@@ -424,19 +424,26 @@ class LedgerRepository:
         end: datetime | None,
         limit: int,
     ) -> Sequence[Any]:
-        """Per attempt of the matching started jobs: job id, started_at, attempt, host,
-        GPU uuids, run time and whether it was lost; newest job first."""
+        """Per attempt of the matching started jobs (every tenant's when both tenants are
+        None): job id, started_at, attempt, host and its provider, GPU uuids, run time,
+        whether it was lost, its charge and measured utilisation; newest job first."""
         query = (
             select(
                 Job.id.label("job_id"),
                 Job.started_at,
                 JobAttempt.attempt,
                 JobAttempt.host_id,
+                Host.provider_tenant_id,
                 JobAttempt.gpu_uuids,
                 JobAttempt.run_time_ms,
                 JobAttempt.lost,
+                JobAttempt.charged,
+                JobAttempt.gpu_utilization_sum,
+                JobAttempt.gpu_utilization_samples,
+                JobAttempt.peak_gpu_memory_bytes,
             )
             .join(JobAttempt, JobAttempt.job_id == Job.id)
+            .outerjoin(Host, Host.id == JobAttempt.host_id)
             .where(Job.started_at.is_not(None))
         )
         if tenant_id is not None:
