@@ -95,6 +95,8 @@ def efficiency_of(
         for a in attempts
     ]
     models = {r.gpu_model for r in rows if r.paid_gpu_time_ms}
+    # The total is of the charged attempts: a lost one's samples are behind no figure of it.
+    kept = [r for r, a in zip(rows, attempts, strict=True) if not a.lost]
     total = AttemptEfficiency(
         attempt=0,
         host_id="",
@@ -104,8 +106,8 @@ def efficiency_of(
         paid_gpu_time_ms=sum(r.paid_gpu_time_ms for r in rows),
         utilized_gpu_time_ms=sum(r.utilized_gpu_time_ms for r in rows),
         basis_points=job_basis_points(attempts),
-        peak_memory_bytes=max((r.peak_memory_bytes for r in rows), default=0),
-        samples=sum(r.samples for r in rows),
+        peak_memory_bytes=max((r.peak_memory_bytes for r in kept), default=0),
+        samples=sum(r.samples for r in kept),
         charged=sum(r.charged for r in rows),
         idle=sum(r.idle for r in rows),
     )
