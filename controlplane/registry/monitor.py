@@ -110,8 +110,8 @@ class GpuMonitor:
 
     async def maintain(self) -> None:
         """Periodic: GPUs clean for the clean period recover, unwritten health changes are
-        retried, measured utilisation is written every flush interval, GPU → job assignments
-        are refreshed and long-detached hosts forgotten."""
+        retried, measured utilisation is written every flush interval and as soon as an
+        attempt ends, GPU → job assignments are refreshed and long-detached hosts forgotten."""
         now = time.time()
         changes: list[HealthChange] = []
         for host_id, series in self.buffer.unsettled():
@@ -132,6 +132,19 @@ class GpuMonitor:
             async with self.db.read() as session:
                 allocated = await RegistryRepository(session).allocated_gpus()
             self.buffer.set_assignments({uuid: (job, attempt) for uuid, job, attempt in allocated})
+        if self._ended_measured():
+            await self.flush()  # an attempt's last increments are written once it has ended
+
+    def _ended_measured(self) -> bool:
+        """Whether an attempt with unwritten increments is no longer placed on a GPU here nor
+        named by its host's heartbeats (it ended, or its host left this process)."""
+        if not len(self.utilization):
+            return False
+        current: set[tuple[str, int]] = set()
+        for host in self.buffer.hosts.values():
+            current.update(host.assignments.values())
+            current.update(host.running.items())
+        return any(key not in current for key in self.utilization.keys())
 
     async def _write_health(self, changes: list[HealthChange]) -> None:
         """Writes health changes; on failure they stay pending and maintain() retries them."""

@@ -7,7 +7,7 @@ several processes or from before a restart combine; what any replica reads is th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, KeysView
 from dataclasses import dataclass
 
 BASIS_POINTS = 10_000  # 100 % utilisation
@@ -96,6 +96,9 @@ class AttemptUtilizationBook:
 
     def get(self, job_id: str, attempt: int) -> GpuUtilization | None:
         return self._book.get((job_id, attempt))
+
+    def keys(self) -> KeysView[tuple[str, int]]:
+        return self._book.keys()
 
     def take(self) -> dict[tuple[str, int], GpuUtilization]:
         """Every unwritten increment, leaving the book empty (for one flush)."""

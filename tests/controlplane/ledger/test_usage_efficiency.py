@@ -51,9 +51,11 @@ async def run_measured(
     *,
     key: str | None = None,
     memory_gib: int = 3,
+    stored_while_running: bool = True,
 ) -> types_pb2.Job:
     """A job that runs on `host`, whose GPU reports `utilizations` (one sample each, its
-    process holding `memory_gib`), stored before it finishes after `run_time_ms`."""
+    process holding `memory_gib`), stored before it finishes after `run_time_ms` (or, not
+    `stored_while_running`, once it has finished)."""
     key = key or plane.consumer_key
     submitted = await new_job_as(plane, key, gpu_models=[host.model])
     dispatch = await host.next_dispatch()
@@ -82,9 +84,14 @@ async def run_measured(
     async def all_stored() -> bool:
         return await stored_samples(plane, dispatch.job_id, key) == len(utilizations)
 
-    await eventually(all_stored, timeout=10)
+    if stored_while_running:
+        await eventually(all_stored, timeout=10)
     await host.report(dispatch, K.JOB_REPORT_KIND_FINISHED, exit_code=0, run_time_ms=run_time_ms)
     host.running = []
+    done = await wait_done(plane, dispatch.job_id, key)
+    if stored_while_running:
+        return done
+    await eventually(all_stored, timeout=10)
     return await wait_done(plane, dispatch.job_id, key)
 
 
@@ -298,3 +305,16 @@ async def test_flushes_from_several_processes_add_up_and_keep_the_peak(plane: Jo
         await JobRepository(session).add_utilization({("job_ghost", 1): GpuUtilization(5, 1, 1)})
     (row,) = (await usage(plane, plane.consumer_key)).rows
     assert row.avg_gpu_utilization_basis_points == 7500
+
+
+@pytest.mark.plane(job_usage_flush_seconds=3600)
+async def test_an_attempt_is_written_when_it_ends_not_only_every_interval(plane: JobPlane) -> None:
+    host = await start_host(plane, plane.provider_tenant, A100)
+    try:
+        job = await run_measured(plane, host, [90, 70], HOUR_MS, stored_while_running=False)
+    finally:
+        await host.close()
+    # No flush interval passed: the attempt's end (its GPU freed, its host no longer naming
+    # it) had its increments written.
+    assert job.usage.avg_gpu_utilization_basis_points == 8000
+    assert job.attempts[0].gpu_utilization_samples == 2
