@@ -116,6 +116,12 @@ async def test_efficiency_get_and_usage_by_every_grouping(
     )
     assert code == 0, err
     assert {r["job_id"] for r in json.loads(out)["rows"]} == {a.job_id, fleet.b.job_id}
+    # The operators' revenue: the 10 % fee of the 3 credits charged.
+    code, out, err = await gpuplane(
+        plane, capsys, "ledger", "balance", "--tenant", "platform", key=plane.admin_key
+    )
+    assert code == 0, err
+    assert "platform:revenue:   0.300000" in out
 
 
 async def test_efficiency_without_telemetry_says_unknown(
