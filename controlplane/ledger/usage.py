@@ -247,7 +247,8 @@ async def usage_report(repo: LedgerRepository, query: UsageQuery) -> UsageReport
     """GPU time (GPU count × run time of attempts that were not lost), utilisation and net
     cost (charges minus refunds) of the matching started jobs, grouped by job, by the UTC
     day/month the job started, or by the GPU model or provider of each attempt, newest
-    first (rows that are not periods: by their newest job's start)."""
+    first (rows that are not periods: by their newest job's start). A provider sees only
+    the attempts its hosts ran, with their part of each job's cost."""
     after = time_cursor(query.page.token)
     attempts = await repo.usage_attempts(
         query.tenant_id,
@@ -263,7 +264,11 @@ async def usage_report(repo: LedgerRepository, query: UsageQuery) -> UsageReport
         )
     names = await repo.gpu_names([a.gpu_uuids[0] for a in attempts if a.gpu_uuids])
     costs = await repo.net_charges(list({a.job_id: None for a in attempts}))
-    rows = group_usage(attempt_usages(attempts, names, costs), query.grouping)
+    counted = attempt_usages(attempts, names, costs)
+    if query.provider_tenant_id is not None:
+        # A provider's report: only what ran on its own hosts (its part of each job's cost).
+        counted = [a for a in counted if a.provider_tenant_id == query.provider_tenant_id]
+    rows = group_usage(counted, query.grouping)
     rows.sort(key=lambda r: r.key, reverse=True)
     total_ms = sum(r.gpu_time_ms for r in rows)
     total_cost = sum(r.cost for r in rows)

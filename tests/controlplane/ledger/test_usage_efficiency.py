@@ -14,7 +14,7 @@ from gpuplane.v1 import jobs_pb2, ledger_pb2, messaging_pb2, registry_pb2, types
 
 from controlplane.jobs.repository import JobRepository
 from controlplane.registry.utilization import GpuUtilization
-from devstack.factories import GIB, new_tenant, new_token
+from devstack.factories import GIB, new_key, new_tenant, new_token
 from tests.controlplane.registry.test_telemetry import TelemetryHost, eventually
 from tests.harness import CREDIT, JobPlane
 
@@ -318,3 +318,35 @@ async def test_an_attempt_is_written_when_it_ends_not_only_every_interval(plane:
     # it) had its increments written.
     assert job.usage.avg_gpu_utilization_basis_points == 8000
     assert job.attempts[0].gpu_utilization_samples == 2
+
+
+async def test_a_provider_sees_only_what_its_hosts_ran(plane: JobPlane) -> None:
+    second, second_key = await new_tenant(plane, "provider-b", S.ROLE_PROVIDER)
+    first_key = await new_key(plane, plane.provider_tenant, S.ROLE_PROVIDER)
+    lost_host = await start_host(plane, plane.provider_tenant, A100)
+    job = await new_job_as(plane, plane.consumer_key, max_retries=2)
+    await lost_host.next_dispatch()
+    other_host = await start_host(plane, second, A100)
+    try:
+        await lost_host.stop_heartbeats()  # lost: the job is retried on the other host
+        retry = await other_host.next_dispatch(timeout=20)
+        assert (retry.job_id, retry.attempt) == (job.job_id, 2)
+        await other_host.report(retry, K.JOB_REPORT_KIND_RUNNING)
+        await other_host.report(
+            retry, K.JOB_REPORT_KIND_FINISHED, exit_code=0, run_time_ms=HOUR_MS // 2
+        )
+        done = await wait_done(plane, job.job_id, plane.consumer_key)
+    finally:
+        await lost_host.close()
+        await other_host.close()
+    assert done.charged_micro_credits == CREDIT
+    (theirs,) = (await usage(plane, first_key)).rows
+    assert (theirs.job_id, theirs.gpu_time_ms, theirs.cost_micro_credits) == (job.job_id, 0, 0)
+    assert list((await usage(plane, first_key, group_by=L.USAGE_GROUPING_PROVIDER)).rows) == []
+    (ours,) = (await usage(plane, second_key)).rows
+    assert (ours.gpu_time_ms, ours.cost_micro_credits) == (HOUR_MS // 2, CREDIT)
+    (own,) = (await usage(plane, second_key, group_by=L.USAGE_GROUPING_PROVIDER)).rows
+    assert (own.provider_tenant_id, own.cost_micro_credits) == (second, CREDIT)
+    # The consumer sees the whole job, the lost attempt naming nothing.
+    (whole,) = (await usage(plane, plane.consumer_key)).rows
+    assert (whole.gpu_time_ms, whole.provider_tenant_id) == (HOUR_MS // 2, second)
