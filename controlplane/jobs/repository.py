@@ -13,7 +13,7 @@ from controlplane.auth.principal import Principal
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.paging import Page, PageRequest, page_newest_first
 from controlplane.registry.models import Host
-from controlplane.registry.utilization import GpuUtilization
+from controlplane.registry.utilization import GpuUtilization, MeasuredKey
 
 
 class JobRepository:
@@ -98,14 +98,19 @@ class JobRepository:
             )
         ).all()
 
-    async def add_utilization(self, measured: Mapping[tuple[str, int], GpuUtilization]) -> None:
-        """Adds measured GPU utilisation to attempts (sums and counts add, the peak is the
-        larger): one statement for the batch, whatever the attempts' state."""
+    async def add_utilization(self, measured: Mapping[MeasuredKey, GpuUtilization]) -> None:
+        """Adds GPU utilisation measured from a host's telemetry to attempts placed on that
+        host (sums and counts add, the peak is the larger; another host's claim is dropped):
+        one statement for the batch, whatever the attempts' state."""
         table = cast(Table, JobAttempt.__table__)
         peak: Any = bindparam("p_peak", type_=BigInteger())
         statement = (
             update(table)
-            .where(table.c.job_id == bindparam("p_job"), table.c.attempt == bindparam("p_attempt"))
+            .where(
+                table.c.job_id == bindparam("p_job"),
+                table.c.attempt == bindparam("p_attempt"),
+                table.c.host_id == bindparam("p_host"),
+            )
             .values(
                 gpu_utilization_sum=table.c.gpu_utilization_sum + bindparam("p_sum"),
                 gpu_utilization_samples=table.c.gpu_utilization_samples + bindparam("p_samples"),
@@ -119,11 +124,12 @@ class JobRepository:
             {
                 "p_job": job_id,
                 "p_attempt": attempt,
+                "p_host": host_id,
                 "p_sum": m.utilization_sum,
                 "p_samples": m.samples,
                 "p_peak": m.peak_memory_bytes,
             }
-            for (job_id, attempt), m in sorted(measured.items())  # one lock order
+            for (job_id, attempt, host_id), m in sorted(measured.items())  # one lock order
         ]
         if rows:
             connection = await self.session.connection()

@@ -144,7 +144,7 @@ class GpuMonitor:
         for host in self.buffer.hosts.values():
             current.update(host.assignments.values())
             current.update(host.running.items())
-        return any(key not in current for key in self.utilization.keys())
+        return any(key not in current for key in self.utilization.attempts())
 
     async def _write_health(self, changes: list[HealthChange]) -> None:
         """Writes health changes; on failure they stay pending and maintain() retries them."""

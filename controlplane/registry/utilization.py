@@ -7,7 +7,7 @@ several processes or from before a restart combine; what any replica reads is th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, KeysView
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 BASIS_POINTS = 10_000  # 100 % utilisation
@@ -75,37 +75,55 @@ def combined_basis_points(parts: Iterable[Measured]) -> int:
     )
 
 
+# (job id, attempt, the host whose telemetry measured it).
+MeasuredKey = tuple[str, int, str]
+
+
 class AttemptUtilizationBook:
-    """Unwritten GpuUtilization increments by (job id, attempt); past `max_attempts` entries
-    the oldest is dropped (only between two flushes can it fill)."""
+    """Unwritten GpuUtilization increments by (job id, attempt, host): kept per host, so a
+    host that names another host's job in its heartbeats measures only under its own name,
+    which the flush writes only to an attempt placed on that host. Past `max_attempts`
+    entries the oldest is dropped (only between two flushes can it fill)."""
 
     def __init__(self, max_attempts: int) -> None:
         self.max_attempts = max(1, max_attempts)
-        self._book: dict[tuple[str, int], GpuUtilization] = {}
+        self._book: dict[MeasuredKey, GpuUtilization] = {}
 
-    def record(self, key: tuple[str, int], utilization: int, memory_bytes: int) -> None:
-        measured = self._book.get(key)
+    def record(
+        self, key: tuple[str, int], utilization: int, memory_bytes: int, host_id: str = ""
+    ) -> None:
+        entry = (key[0], key[1], host_id)
+        measured = self._book.get(entry)
         if measured is None:
             if len(self._book) >= self.max_attempts:
                 del self._book[next(iter(self._book))]
-            measured = self._book[key] = GpuUtilization()
+            measured = self._book[entry] = GpuUtilization()
         measured.utilization_sum += utilization
         measured.samples += 1
         if memory_bytes > measured.peak_memory_bytes:
             measured.peak_memory_bytes = memory_bytes
 
     def get(self, job_id: str, attempt: int) -> GpuUtilization | None:
-        return self._book.get((job_id, attempt))
+        """What this process has not written yet for the attempt, from any host (a scan:
+        for tests and debugging, not the ingest path)."""
+        found = [m for (j, a, _), m in self._book.items() if (j, a) == (job_id, attempt)]
+        if not found:
+            return None
+        merged = GpuUtilization()
+        for measured in found:
+            merged.add(measured)
+        return merged
 
-    def keys(self) -> KeysView[tuple[str, int]]:
-        return self._book.keys()
+    def attempts(self) -> set[tuple[str, int]]:
+        """The attempts with unwritten increments."""
+        return {(job_id, attempt) for job_id, attempt, _ in self._book}
 
-    def take(self) -> dict[tuple[str, int], GpuUtilization]:
+    def take(self) -> dict[MeasuredKey, GpuUtilization]:
         """Every unwritten increment, leaving the book empty (for one flush)."""
         taken, self._book = self._book, {}
         return taken
 
-    def give_back(self, taken: dict[tuple[str, int], GpuUtilization]) -> None:
+    def give_back(self, taken: dict[MeasuredKey, GpuUtilization]) -> None:
         """Increments a failed flush could not write: merged with what arrived meanwhile."""
         for key, measured in taken.items():
             current = self._book.get(key)

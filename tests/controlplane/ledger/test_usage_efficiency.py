@@ -284,7 +284,7 @@ async def test_flushes_from_several_processes_add_up_and_keep_the_peak(plane: Jo
         job = await run_measured(plane, host, [40], HOUR_MS)
     finally:
         await host.close()
-    key = (job.job_id, 1)
+    key = (job.job_id, 1, host.host_id)
     db = plane.plane.db
     assert db is not None
     # What two other replicas measured (and one before a restart) for the same attempt.
@@ -300,11 +300,50 @@ async def test_flushes_from_several_processes_add_up_and_keep_the_peak(plane: Jo
     assert attempt.avg_gpu_utilization_basis_points == 7500  # (40 + 100 + 160) / 4
     assert attempt.peak_gpu_memory_bytes == 7 * GIB
     assert got.usage.avg_gpu_utilization_basis_points == 7500
-    # An attempt nobody placed is not created by a flush.
+    # An attempt nobody placed is not created by a flush, and another host's claim on this
+    # one is dropped.
     async with db.transaction() as session:
-        await JobRepository(session).add_utilization({("job_ghost", 1): GpuUtilization(5, 1, 1)})
+        await JobRepository(session).add_utilization(
+            {
+                ("job_ghost", 1, host.host_id): GpuUtilization(5, 1, 1),
+                (job.job_id, 1, "host_elsewhere"): GpuUtilization(0, 50, 80 * GIB),
+            }
+        )
     (row,) = (await usage(plane, plane.consumer_key)).rows
     assert row.avg_gpu_utilization_basis_points == 7500
+    assert (await plane.get(job.job_id)).usage.peak_gpu_memory_bytes == 7 * GIB
+
+
+async def test_a_host_naming_another_hosts_job_measures_nothing_for_it(plane: JobPlane) -> None:
+    honest = await start_host(plane, plane.provider_tenant, A100)
+    liar = await start_host(plane, plane.provider_tenant, H100)
+    try:
+        job = await new_job_as(plane, plane.consumer_key, gpu_models=[A100])
+        dispatch = await honest.next_dispatch()
+        await honest.report(dispatch, K.JOB_REPORT_KIND_RUNNING)
+        # The other host claims the job in its heartbeats and its GPU's processes, at 0 %.
+        liar.running = [registry_pb2.RunningJob(job_id=job.job_id, attempt=1)]
+        process = S.GpuProcess(pid=9, used_memory_bytes=GIB, job_id=job.job_id)
+        monitor = plane.plane.monitor
+        assert monitor is not None
+
+        async def claimed() -> bool:
+            seen = monitor.buffer.hosts.get(liar.host_id)
+            return seen is not None and job.job_id in seen.running
+
+        await eventually(claimed)
+        for _ in range(3):
+            await liar.send(liar.sample(0, utilization_gpu_percent=0, processes=[process]))
+        await honest.report(dispatch, K.JOB_REPORT_KIND_FINISHED, exit_code=0, run_time_ms=1000)
+        liar.running = []
+        await wait_done(plane, job.job_id, plane.consumer_key)
+        await monitor.flush()
+    finally:
+        await honest.close()
+        await liar.close()
+    (attempt,) = (await plane.get(job.job_id)).attempts
+    assert attempt.gpu_utilization_samples == 0  # nothing of the liar's was written
+    assert attempt.peak_gpu_memory_bytes == 0
 
 
 @pytest.mark.plane(job_usage_flush_seconds=3600)

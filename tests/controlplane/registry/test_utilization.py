@@ -102,7 +102,7 @@ def test_a_failed_flush_gives_its_increments_back_merged_with_new_ones() -> None
     book.record(("job_a", 1), 70, 9)
     taken = book.take()
     assert len(book) == 0
-    assert taken[("job_a", 1)] == GpuUtilization(120, 2, 9)
+    assert taken[("job_a", 1, "")] == GpuUtilization(120, 2, 9)
     book.record(("job_a", 1), 10, 4)  # arrived while the flush failed
     book.record(("job_b", 1), 20, 1)
     book.give_back(taken)
@@ -116,3 +116,10 @@ def test_the_book_is_bounded_between_flushes() -> None:
         book.record((f"job_{n}", 1), 10, 1)
     assert len(book) == 2
     assert book.get("job_0", 1) is None
+
+
+def test_increments_are_kept_per_host() -> None:
+    book = AttemptUtilizationBook(max_attempts=10)
+    book.record(("job_a", 1), 80, 5, "host_1")
+    book.record(("job_a", 1), 0, 9, "host_2")  # another host claiming the same attempt
+    assert set(book.take()) == {("job_a", 1, "host_1"), ("job_a", 1, "host_2")}
