@@ -249,7 +249,6 @@ async def usage_cmd(args: argparse.Namespace, ctx: Context) -> int:
     grouping = GROUPINGS[args.by] if args.by else args.group_by
     rows: list[ledger_pb2.UsageRow] = []
     token = ""
-    total_ms = total_cost = 0
     while True:
         request = ledger_pb2.GetUsageRequest(
             tenant_id=args.tenant,
@@ -263,25 +262,29 @@ async def usage_cmd(args: argparse.Namespace, ctx: Context) -> int:
         )
         response = await client.call(client.ledger.GetUsage, request)
         rows.extend(response.rows)
-        total_ms, total_cost = response.total_gpu_time_ms, response.total_cost_micro_credits
         token = response.next_page_token
         if not token:
             break
+    del response.rows[:]  # the last page's totals cover every page
+    response.rows.extend(rows)
     if ctx.json:
-        print_json(
-            ledger_pb2.GetUsageResponse(
-                rows=rows, total_gpu_time_ms=total_ms, total_cost_micro_credits=total_cost
-            )
-        )
+        print_json(response)
         return EXIT_OK
-    print(usage_table(rows, grouping))
-    used = sum(r.utilized_gpu_time_ms for r in rows)
-    share = f" ({format_utilization(used * 10_000 // total_ms)} used)" if used and total_ms else ""
-    print(
-        f"total: {format_duration_ms(total_ms)} GPU time{share}, "
-        f"{format_credits(total_cost)} credits"
-    )
+    print(usage_table(rows, grouping, revenue=args.platform))
+    print(usage_total(response, revenue=args.platform))
     return EXIT_OK
+
+
+def usage_total(report: ledger_pb2.GetUsageResponse, *, revenue: bool) -> str:
+    total_ms, used = report.total_gpu_time_ms, report.total_utilized_gpu_time_ms
+    share = f" ({format_utilization(used * 10_000 // total_ms)} used)" if used and total_ms else ""
+    line = (
+        f"total: {format_duration_ms(total_ms)} GPU time{share}, "
+        f"{format_credits(report.total_cost_micro_credits)} credits"
+    )
+    if revenue:
+        line += f", {format_credits(report.total_fee_micro_credits)} platform revenue"
+    return line
 
 
 USAGE_HEADERS: dict[int, str] = {
@@ -292,7 +295,7 @@ USAGE_HEADERS: dict[int, str] = {
 }
 
 
-def usage_table(rows: Sequence[ledger_pb2.UsageRow], grouping: int) -> str:
+def usage_table(rows: Sequence[ledger_pb2.UsageRow], grouping: int, *, revenue: bool) -> str:
     first = USAGE_HEADERS.get(grouping, "JOB")
 
     def key(r: ledger_pb2.UsageRow) -> str:
@@ -302,8 +305,9 @@ def usage_table(rows: Sequence[ledger_pb2.UsageRow], grouping: int) -> str:
             return r.provider_tenant_id or "-"
         return r.job_id or when(r.period_start)
 
+    header = [first, "JOBS", "GPU", "GPU TIME", "USED", "UTIL", "COST"]
     return table(
-        [first, "JOBS", "GPU", "GPU TIME", "USED", "UTIL", "COST"],
+        header + ["REVENUE"] if revenue else header,
         [
             (
                 key(r),
@@ -313,6 +317,7 @@ def usage_table(rows: Sequence[ledger_pb2.UsageRow], grouping: int) -> str:
                 format_duration_ms(r.utilized_gpu_time_ms),
                 format_utilization(r.avg_gpu_utilization_basis_points),
                 format_credits(r.cost_micro_credits),
+                *([format_credits(r.fee_micro_credits)] if revenue else []),
             )
             for r in rows
         ],

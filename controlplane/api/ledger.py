@@ -60,6 +60,7 @@ def usage_row_pb(row: UsageRow) -> ledger_pb2.UsageRow:
         avg_gpu_utilization_basis_points=row.avg_gpu_utilization_basis_points,
         provider_tenant_id=row.provider_tenant_id,
         utilized_gpu_time_ms=row.utilized_gpu_time_ms,
+        fee_micro_credits=row.fee,
     )
 
 
@@ -296,6 +297,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             total_gpu_time_ms=report.total_gpu_time_ms,
             total_cost_micro_credits=report.total_cost,
             next_page_token=report.next_cursor,
+            total_utilized_gpu_time_ms=report.total_utilized_gpu_time_ms,
+            total_fee_micro_credits=report.total_fee,
         )
 
 

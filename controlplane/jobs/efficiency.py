@@ -11,7 +11,7 @@ from controlplane.db.engine import Database
 from controlplane.errors import NotFound
 from controlplane.jobs.models import JobAttempt
 from controlplane.jobs.repository import JobRepository
-from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.repository_usage import UsageRepository
 from controlplane.registry.utilization import (
     BASIS_POINTS,
     Measured,
@@ -127,5 +127,5 @@ class Efficiency:
                 raise NotFound(f"job_id: no job {job_id!r}")
             attempts = await repo.attempts(job_id)
             uuids = [a.gpu_uuids[0] for a in attempts if a.gpu_uuids]
-            names = await LedgerRepository(session).gpu_names(uuids)
+            names = await UsageRepository(session).gpu_names(uuids)
         return efficiency_of(job_id, attempts, names)

@@ -11,7 +11,8 @@ from typing import Any
 
 from controlplane.auth.principal import Principal, Role
 from controlplane.errors import InvalidArgument, PermissionDenied
-from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.repository_usage import UsageRepository
+from controlplane.ledger.transfers import REVENUE
 from controlplane.paging import PageRequest, page_of, time_cursor, time_token
 from controlplane.registry.utilization import Measured, combined_basis_points, percent_of
 
@@ -77,6 +78,8 @@ class UsageRow:
     period_start: datetime | None
     gpu_time_ms: int = 0
     cost: int = 0
+    # The platform's part of `cost`: fees less what refunds took back from revenue.
+    fee: int = 0
     host_id: str = ""
     gpu_model: str = ""
     provider_tenant_id: str = ""
@@ -114,6 +117,7 @@ class UsageReport:
     # The token of the next page, "" on the last.
     next_cursor: str
     total_utilized_gpu_time_ms: int = 0
+    total_fee: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,7 @@ class AttemptUsage:
     gpu_model: str
     gpu_time_ms: int  # 0 when lost
     cost: int  # its part of the job's net cost
+    fee: int  # its part of the job's net fee
     measured: Measured
     lost_to_provider: bool  # a lost attempt: never charged
 
@@ -156,7 +161,7 @@ def split_cost(net: int, charged: Sequence[int]) -> list[int]:
 
 
 def attempt_usages(
-    attempts: Sequence[Any], names: dict[str, str], costs: dict[str, int]
+    attempts: Sequence[Any], names: dict[str, str], costs: dict[str, tuple[int, int]]
 ) -> list[AttemptUsage]:
     """The attempts (ordered by job, then attempt) with GPU model, paid GPU time, their part
     of the job's net cost and their stored utilisation."""
@@ -165,8 +170,10 @@ def attempt_usages(
         by_job.setdefault(a.job_id, []).append(a)
     out: list[AttemptUsage] = []
     for job_id, rows in by_job.items():
-        parts = split_cost(costs.get(job_id, 0), [0 if a.lost else a.charged for a in rows])
-        for a, cost in zip(rows, parts, strict=True):
+        net, fee = costs.get(job_id, (0, 0))
+        charged = [0 if a.lost else a.charged for a in rows]
+        parts = zip(split_cost(net, charged), split_cost(fee, charged), strict=True)
+        for a, (cost, fee_part) in zip(rows, parts, strict=True):
             paid = 0 if a.lost else a.run_time_ms * len(a.gpu_uuids)
             out.append(
                 AttemptUsage(
@@ -177,6 +184,7 @@ def attempt_usages(
                     gpu_model=names.get(a.gpu_uuids[0], "") if a.gpu_uuids else "",
                     gpu_time_ms=paid,
                     cost=cost,
+                    fee=fee_part,
                     measured=Measured(
                         paid,
                         a.gpu_utilization_sum,
@@ -216,6 +224,7 @@ def group_usage(attempts: Sequence[AttemptUsage], grouping: UsageGrouping) -> li
         if row.started_at is None or a.started_at > row.started_at:
             row.started_at = a.started_at
         row.cost += a.cost
+        row.fee += a.fee
         if a.lost_to_provider:
             continue
         row.gpu_time_ms += a.gpu_time_ms
@@ -243,7 +252,7 @@ def _only(values: set[str]) -> str:
     return next(iter(values)) if len(values) == 1 else ""
 
 
-async def usage_report(repo: LedgerRepository, query: UsageQuery) -> UsageReport:
+async def usage_report(repo: UsageRepository, query: UsageQuery) -> UsageReport:
     """GPU time (GPU count × run time of attempts that were not lost), utilisation and net
     cost (charges minus refunds) of the matching started jobs, grouped by job, by the UTC
     day/month the job started, or by the GPU model or provider of each attempt, newest
@@ -263,7 +272,7 @@ async def usage_report(repo: LedgerRepository, query: UsageQuery) -> UsageReport
             "start_time", f"more than {MAX_REPORT_ATTEMPTS} attempts match: narrow the time range"
         )
     names = await repo.gpu_names([a.gpu_uuids[0] for a in attempts if a.gpu_uuids])
-    costs = await repo.net_charges(list({a.job_id: None for a in attempts}))
+    costs = await repo.net_charges(list({a.job_id: None for a in attempts}), REVENUE)
     counted = attempt_usages(attempts, names, costs)
     if query.provider_tenant_id is not None:
         # A provider's report: only what ran on its own hosts (its part of each job's cost).
@@ -273,7 +282,8 @@ async def usage_report(repo: LedgerRepository, query: UsageQuery) -> UsageReport
     total_ms = sum(r.gpu_time_ms for r in rows)
     total_cost = sum(r.cost for r in rows)
     total_used = sum(r.utilized_gpu_time_ms for r in rows)
+    total_fee = sum(r.fee for r in rows)
     if after is not None:
         rows = [r for r in rows if r.key < after]
     page = page_of(rows, query.page.limit, lambda r: time_token(*r.key))
-    return UsageReport(page.items, total_ms, total_cost, page.next_cursor, total_used)
+    return UsageReport(page.items, total_ms, total_cost, page.next_cursor, total_used, total_fee)

@@ -115,7 +115,19 @@ async def test_efficiency_get_and_usage_by_every_grouping(
         plane, capsys, "--json", "ledger", "usage", "--platform", key=plane.admin_key
     )
     assert code == 0, err
-    assert {r["job_id"] for r in json.loads(out)["rows"]} == {a.job_id, fleet.b.job_id}
+    report = json.loads(out)
+    assert {r["job_id"] for r in report["rows"]} == {a.job_id, fleet.b.job_id}
+    assert (report["total_fee_micro_credits"], report["total_cost_micro_credits"]) == (
+        "300000",
+        "3000000",
+    )
+    code, out, err = await gpuplane(
+        plane, capsys, "ledger", "usage", "--platform", "--by", "provider", key=plane.admin_key
+    )
+    assert code == 0, err
+    assert out.split("\n")[0].split()[-2:] == ["COST", "REVENUE"]
+    assert line_of(out, fleet.second_provider)[-2:] == ["1.000000", "0.100000"]
+    assert "3.000000 credits, 0.300000 platform revenue" in out
     # The operators' revenue: the 10 % fee of the 3 credits charged.
     code, out, err = await gpuplane(
         plane, capsys, "ledger", "balance", "--tenant", "platform", key=plane.admin_key

@@ -604,6 +604,7 @@ class UsageRow(_message.Message):
     AVG_GPU_UTILIZATION_BASIS_POINTS_FIELD_NUMBER: _builtins.int
     PROVIDER_TENANT_ID_FIELD_NUMBER: _builtins.int
     UTILIZED_GPU_TIME_MS_FIELD_NUMBER: _builtins.int
+    FEE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Set when grouped by job."""
     gpu_time_ms: _builtins.int
@@ -621,6 +622,8 @@ class UsageRow(_message.Message):
     """Set when grouped by provider."""
     utilized_gpu_time_ms: _builtins.int
     """GPU time × utilisation, summed over attempts."""
+    fee_micro_credits: _builtins.int
+    """The platform's revenue in cost_micro_credits: fees less what refunds took back."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """Set when grouped by period."""
@@ -639,10 +642,11 @@ class UsageRow(_message.Message):
         avg_gpu_utilization_basis_points: _builtins.int = ...,
         provider_tenant_id: _builtins.str = ...,
         utilized_gpu_time_ms: _builtins.int = ...,
+        fee_micro_credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_gpu_utilization_basis_points", b"avg_gpu_utilization_basis_points", "avg_gpu_utilization_percent", b"avg_gpu_utilization_percent", "cost_micro_credits", b"cost_micro_credits", "gpu_model", b"gpu_model", "gpu_time_ms", b"gpu_time_ms", "host_id", b"host_id", "job_count", b"job_count", "job_id", b"job_id", "period_start", b"period_start", "provider_tenant_id", b"provider_tenant_id", "utilized_gpu_time_ms", b"utilized_gpu_time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_gpu_utilization_basis_points", b"avg_gpu_utilization_basis_points", "avg_gpu_utilization_percent", b"avg_gpu_utilization_percent", "cost_micro_credits", b"cost_micro_credits", "fee_micro_credits", b"fee_micro_credits", "gpu_model", b"gpu_model", "gpu_time_ms", b"gpu_time_ms", "host_id", b"host_id", "job_count", b"job_count", "job_id", b"job_id", "period_start", b"period_start", "provider_tenant_id", b"provider_tenant_id", "utilized_gpu_time_ms", b"utilized_gpu_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -656,9 +660,14 @@ class GetUsageResponse(_message.Message):
     TOTAL_GPU_TIME_MS_FIELD_NUMBER: _builtins.int
     TOTAL_COST_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_UTILIZED_GPU_TIME_MS_FIELD_NUMBER: _builtins.int
+    TOTAL_FEE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     total_gpu_time_ms: _builtins.int
     total_cost_micro_credits: _builtins.int
     next_page_token: _builtins.str
+    total_utilized_gpu_time_ms: _builtins.int
+    """Over every row of the report (all pages), as the two totals above."""
+    total_fee_micro_credits: _builtins.int
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
     def __init__(
@@ -668,10 +677,12 @@ class GetUsageResponse(_message.Message):
         total_gpu_time_ms: _builtins.int = ...,
         total_cost_micro_credits: _builtins.int = ...,
         next_page_token: _builtins.str = ...,
+        total_utilized_gpu_time_ms: _builtins.int = ...,
+        total_fee_micro_credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows", "total_cost_micro_credits", b"total_cost_micro_credits", "total_gpu_time_ms", b"total_gpu_time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows", "total_cost_micro_credits", b"total_cost_micro_credits", "total_fee_micro_credits", b"total_fee_micro_credits", "total_gpu_time_ms", b"total_gpu_time_ms", "total_utilized_gpu_time_ms", b"total_utilized_gpu_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -120,6 +120,12 @@ async def usage(plane: JobPlane, key: str, **request: object) -> L.GetUsageRespo
     return reply
 
 
+async def revenue(plane: JobPlane) -> int:
+    platform = await plane.balance("platform")
+    kinds = {a.kind: a.balance_micro_credits for a in platform.accounts}
+    return kinds[S.ACCOUNT_KIND_REVENUE]
+
+
 @dataclass
 class Fleet:
     """Two measured jobs of the consumer: A on an A100 of the plane's provider (70 % for an
@@ -259,10 +265,26 @@ async def test_platform_report_is_for_admins_and_covers_every_tenant(plane: JobP
         await usage(plane, admin, all_tenants=True, tenant_id=other)
     assert both.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "all_tenants" in (both.value.details() or "")
-    # Revenue: the platform's fee on both jobs, in its balance.
-    platform = await plane.balance("platform")
-    revenue = {a.kind: a.balance_micro_credits for a in platform.accounts}[S.ACCOUNT_KIND_REVENUE]
-    assert revenue == (mine.charged_micro_credits + theirs.charged_micro_credits) // 10
+    # Revenue: the platform's fee on both jobs, in its balance and in the report.
+    charged = mine.charged_micro_credits + theirs.charged_micro_credits
+    assert await revenue(plane) == charged // 10 == month.fee_micro_credits
+    assert everyone.total_fee_micro_credits == charged // 10
+    assert {r.job_id: r.fee_micro_credits for r in everyone.rows} == {
+        mine.job_id: mine.charged_micro_credits // 10,
+        theirs.job_id: theirs.charged_micro_credits // 10,
+    }
+    # A full refund takes the fee back from revenue: the report follows the ledger.
+    await plane.ledger.RefundJob(
+        L.RefundJobRequest(job_id=mine.job_id, reason="slow", idempotency_key="usage-refund"),
+        metadata=plane.auth(admin),
+    )
+    refunded = await usage(plane, admin, all_tenants=True, group_by=L.USAGE_GROUPING_PROVIDER)
+    (provider_row,) = refunded.rows
+    assert (provider_row.cost_micro_credits, provider_row.fee_micro_credits) == (
+        theirs.charged_micro_credits,
+        theirs.charged_micro_credits // 10,
+    )
+    assert refunded.total_fee_micro_credits == await revenue(plane)
     # Another consumer's job is not found, as a missing one.
     for job_id in (theirs.job_id, "job_missing"):
         with pytest.raises(grpc.aio.AioRpcError) as missing:
