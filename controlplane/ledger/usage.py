@@ -146,14 +146,17 @@ def period_of(when: datetime, grouping: UsageGrouping) -> datetime:
     return day.replace(day=1) if grouping == UsageGrouping.MONTH else day
 
 
-def split_cost(net: int, charged: Sequence[int]) -> list[int]:
+def split_cost(net: int, charged: Sequence[int], fallback: int = -1) -> list[int]:
     """A job's net cost over its attempts in proportion to what each was charged, rounding
-    down, the rest on the last charged attempt (on the last one when none was)."""
+    down, the rest on the last charged attempt (all of it on attempt index `fallback`, the
+    last by default, when none was charged)."""
     gross = sum(charged)
     if not charged:
         return []
     if gross <= 0:
-        return [0] * (len(charged) - 1) + [net]
+        parts = [0] * len(charged)
+        parts[fallback] = net
+        return parts
     parts = [net * c // gross for c in charged]
     last = max(i for i, c in enumerate(charged) if c)
     parts[last] += net - sum(parts)
@@ -172,7 +175,9 @@ def attempt_usages(
     for job_id, rows in by_job.items():
         net, fee = costs.get(job_id, (0, 0))
         charged = [0 if a.lost else a.charged for a in rows]
-        parts = zip(split_cost(net, charged), split_cost(fee, charged), strict=True)
+        # Nothing charged (a net of 0, in practice): on the last attempt that was not lost.
+        kept = max((i for i, a in enumerate(rows) if not a.lost), default=-1)
+        parts = zip(split_cost(net, charged, kept), split_cost(fee, charged, kept), strict=True)
         for a, (cost, fee_part) in zip(rows, parts, strict=True):
             paid = 0 if a.lost else a.run_time_ms * len(a.gpu_uuids)
             out.append(

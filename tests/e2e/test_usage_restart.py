@@ -2,7 +2,7 @@
 process over the fake libnvidia-ml.so.1 reporting 73 % utilisation; while it runs the control
 plane stops (writing what it measured) and starts again on the same database, the job
 finishes there, and `jobs get`, `ledger usage` and `jobs efficiency` (gRPC and the CLI) all
-show 73.0 %."""
+show 73.0 %. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ from gpuplane_cli.main import main
 from tests.e2e.test_nvml_host import write_state
 from tests.harness import JobPlane, job_plane, open_plane
 
-pytestmark = [pytest.mark.timeout(150), pytest.mark.docker]
+pytestmark = [
+    pytest.mark.timeout(150),
+    pytest.mark.docker,
+    pytest.mark.databases("sqlite", "postgresql"),
+]
 S = types_pb2
 
 
@@ -84,6 +88,7 @@ async def test_utilisation_is_the_same_in_jobs_get_and_usage_after_a_restart(
     test_image: str,
     fake_nvml: Path,
     capsys: pytest.CaptureFixture[str],
+    database_url: str,
 ) -> None:
     state = tmp_path / "nvml.state"
     write_state(state, **{"0.util_gpu": 73, "1.util_gpu": 73, "0.temp": 50, "1.temp": 50})
@@ -93,6 +98,9 @@ async def test_utilisation_is_the_same_in_jobs_get_and_usage_after_a_restart(
         given.update(
             listen_addr=f"127.0.0.1:{free_port()}",  # the daemon finds the restarted one
             telemetry_interval_ms=300,
+            # The restart must not outlast the liveness timeout (the host would be lost and
+            # the job retried as a second attempt).
+            heartbeat_timeout_ms=15_000,
             # Nothing is written on the interval: what the restart shows, the stop wrote.
             job_usage_flush_seconds=3600,
         )
@@ -101,7 +109,7 @@ async def test_utilisation_is_the_same_in_jobs_get_and_usage_after_a_restart(
     daemon: subprocess.Popen[bytes] | None = None
     try:
         async with job_plane(
-            tmp_path / "cp", nats_server.url, s3_server, configure=configure
+            tmp_path / "cp", nats_server.url, s3_server, database_url, configure=configure
         ) as first:
             consumer = first.consumer_key
             options["bootstrap_admin_key"] = SecretStr(first.admin_key)  # the restart's key
@@ -144,6 +152,7 @@ async def compare_after_restart(
     assert early.usage.avg_gpu_utilization_basis_points == 7300
     await again.wait_for(job_id, [S.JOB_STATE_SUCCEEDED], timeout=60)
     got = (await again.jobs.GetJob(request, metadata=auth)).job
+    assert [a.attempt for a in got.attempts] == [1]  # the same attempt, across the restart
     assert got.usage.avg_gpu_utilization_basis_points == 7300
     assert got.usage.avg_gpu_utilization_percent == 73
     (row,) = (await again.ledger.GetUsage(ledger_pb2.GetUsageRequest(), metadata=auth)).rows

@@ -94,6 +94,8 @@ def test_a_jobs_cost_splits_over_its_attempts_exactly(net: int, charged: list[in
     assert sum(parts) == net
     assert all(p >= 0 for p in parts)
     assert all(p == 0 for p, c in zip(parts, charged, strict=True) if c == 0 and any(charged))
+    if not any(charged):
+        assert split_cost(net, charged, 0)[0] == net
 
 
 def test_a_failed_flush_gives_its_increments_back_merged_with_new_ones() -> None:
