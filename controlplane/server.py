@@ -115,6 +115,7 @@ class ControlPlane:
         self.jobs: JobService | None = None
         self.market: Market | None = None
         self.registry: RegistryService | None = None
+        self.monitor: GpuMonitor | None = None
         self.leader: SoleLeader | PostgresLeader | None = None
         self.store = object_store(settings.storage)
         self._stopped = asyncio.Event()
@@ -130,6 +131,7 @@ class ControlPlane:
         if self.nats_keys is not None:
             self.nats_auth = NatsAuth(self.nats_keys, self.bus.servers, db, tls=self.bus.tls)
         domains = self._build_domains(db)
+        self.monitor = domains.monitor
         auth = settings.auth
         key_file = await domains.auth.ensure_bootstrap_admin(
             auth.bootstrap_admin_key, auth.data_dir
@@ -240,7 +242,6 @@ class ControlPlane:
                 JobResults(jobs, self.store),
                 self.notifier,
                 logs,
-                utilization=domains.monitor.utilization_of,
             ),
             server,
         )
@@ -309,6 +310,8 @@ class ControlPlane:
         if self.background is not None:
             await self.background.stop()
             self.background = None
+        if self.monitor is not None and self.db is not None:
+            await self.monitor.flush()  # what was measured since the last flush is kept
         if self._bucket_task is not None:
             self._bucket_task.cancel()
             self._bucket_task = None

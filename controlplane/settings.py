@@ -279,7 +279,16 @@ class Settings(BaseSettings):
         "on it (as NVIDIA's device plugin ignores them).",
     )
     job_usage_max_attempts: int = Field(
-        default=100_000, ge=1, description="Attempts whose GPU usage is kept in memory."
+        default=100_000,
+        ge=1,
+        description="Attempts whose GPU usage is kept in memory between two flushes.",
+    )
+    job_usage_flush_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often each control plane adds the GPU utilisation it measured to "
+        "the attempts' rows (one batched write; also when it stops).",
     )
 
     # ---- Scheduling and its leadership (scheduler).
@@ -483,6 +492,7 @@ class Settings(BaseSettings):
             clean_period_seconds=self.gpu_clean_period_seconds,
             ignored_xids=tuple(self.gpu_ignored_xids),
             usage_max_attempts=self.job_usage_max_attempts,
+            usage_flush_seconds=self.job_usage_flush_seconds,
             forget_after_seconds=self.heartbeat_timeout_ms / 1000,
         )
 

@@ -115,6 +115,7 @@ class TelemetrySettings:
     clean_period_seconds: float
     ignored_xids: tuple[int, ...]
     usage_max_attempts: int
+    usage_flush_seconds: float  # measured utilisation is written this often
     # A host whose Connect stream closed is forgotten after this long (its liveness timeout).
     forget_after_seconds: float
 

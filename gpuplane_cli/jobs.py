@@ -10,10 +10,16 @@ import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli import budget, credit, data, follow
+from gpuplane_cli import budget, credit, data, efficiency, follow
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag, exit_code_for
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
-from gpuplane_cli.units import format_credits, format_duration_ms, parse_duration
+from gpuplane_cli.units import (
+    format_bytes,
+    format_credits,
+    format_duration_ms,
+    format_utilization,
+    parse_duration,
+)
 
 DEFAULT_MAX_DURATION = "1h"
 
@@ -48,6 +54,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     cancel.add_argument("job_id")
     cancel.add_argument("--reason", default="")
     follow.register(jobs, common)
+    efficiency.register(jobs, common)
 
 
 def _submit_options(p: argparse.ArgumentParser) -> None:
@@ -333,6 +340,7 @@ def show_job(job: types_pb2.Job) -> str:
                 ("Charged", format_credits(job.charged_micro_credits)),
                 ("Run time", format_duration_ms(job.usage.run_time_ms)),
                 ("GPU time", format_duration_ms(job.usage.gpu_time_ms)),
+                ("GPU utilisation", _utilization(job.usage)),
                 (
                     "Labels",
                     ", ".join(f"{k}={v}" for k, v in sorted(job.spec.labels.items())) or None,
@@ -343,6 +351,16 @@ def show_job(job: types_pb2.Job) -> str:
     if job.attempts:
         lines += ["", attempts_table(job)]
     return "\n".join(lines)
+
+
+def _utilization(usage: types_pb2.JobUsage) -> str | None:
+    """The job's mean GPU utilisation and peak memory; None (not shown) without telemetry."""
+    if not usage.avg_gpu_utilization_basis_points and not usage.peak_gpu_memory_bytes:
+        return None
+    return (
+        f"{format_utilization(usage.avg_gpu_utilization_basis_points)} "
+        f"(peak memory {format_bytes(usage.peak_gpu_memory_bytes)})"
+    )
 
 
 def attempts_table(job: types_pb2.Job) -> str:

@@ -15,7 +15,7 @@ from gpuplane_cli import args as a
 from gpuplane_cli import budget, payouts
 from gpuplane_cli.client import EXIT_CONFLICT, EXIT_OK, Context, all_pages
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
-from gpuplane_cli.units import format_credits, format_duration_ms
+from gpuplane_cli.units import format_credits, format_duration_ms, format_utilization
 
 
 def _time(text: str) -> datetime:
@@ -70,11 +70,22 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     refund.add_argument("amount", nargs="?", type=a.credits, help="default: everything charged")
     refund.add_argument("--reason", required=True)
     refund.add_argument("--idempotency-key", default="", help=IDEMPOTENCY_HELP)
-    usage = a.add_leaf(ledger, "usage", usage_cmd, "cost report per job or period", common)
+    usage = a.add_leaf(
+        ledger, "usage", usage_cmd, "GPU time, utilisation and cost per job or group", common
+    )
     usage.add_argument("--tenant", default="")
     usage.add_argument("--job", default="")
     usage.add_argument(
+        "--by",
+        choices=list(GROUPINGS),
+        default=None,
+        help="one row per job (default), day, month, gpu-model or provider",
+    )
+    usage.add_argument(  # the earlier spelling, kept: --group-by day
         "--group-by", type=a.enum_arg(ledger_pb2.UsageGrouping, "grouping"), default=0
+    )
+    usage.add_argument(
+        "--platform", action="store_true", help="admins: every tenant's usage (platform-wide)"
     )
     usage.add_argument("--since", type=_time)
     usage.add_argument("--until", type=_time)
@@ -83,6 +94,13 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     budget.register(ledger, common)
 
 
+GROUPINGS = {
+    "job": ledger_pb2.USAGE_GROUPING_JOB,
+    "day": ledger_pb2.USAGE_GROUPING_DAY,
+    "month": ledger_pb2.USAGE_GROUPING_MONTH,
+    "gpu-model": ledger_pb2.USAGE_GROUPING_GPU_MODEL,
+    "provider": ledger_pb2.USAGE_GROUPING_PROVIDER,
+}
 IDEMPOTENCY_HELP = "retry-safe key; default: a new one (printed, to retry with)"
 
 
@@ -229,50 +247,82 @@ async def refund_cmd(args: argparse.Namespace, ctx: Context) -> int:
 
 async def usage_cmd(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
+    grouping = GROUPINGS[args.by] if args.by else args.group_by
     rows: list[ledger_pb2.UsageRow] = []
     token = ""
-    total_ms = total_cost = 0
     while True:
         request = ledger_pb2.GetUsageRequest(
             tenant_id=args.tenant,
             job_id=args.job,
             start_time=_ts(args.since),
             end_time=_ts(args.until),
-            group_by=args.group_by,
+            group_by=grouping,
             page_size=500,
             page_token=token,
+            all_tenants=args.platform,
         )
         response = await client.call(client.ledger.GetUsage, request)
         rows.extend(response.rows)
-        total_ms, total_cost = response.total_gpu_time_ms, response.total_cost_micro_credits
         token = response.next_page_token
         if not token:
             break
+    del response.rows[:]  # the last page's totals cover every page
+    response.rows.extend(rows)
     if ctx.json:
-        print_json(
-            ledger_pb2.GetUsageResponse(
-                rows=rows, total_gpu_time_ms=total_ms, total_cost_micro_credits=total_cost
-            )
-        )
+        print_json(response)
         return EXIT_OK
-    print(
-        table(
-            ["JOB/PERIOD", "JOBS", "GPU", "GPU TIME", "UTIL", "COST"],
-            [
-                (
-                    r.job_id or when(r.period_start),
-                    r.job_count,
-                    r.gpu_model or "-",
-                    format_duration_ms(r.gpu_time_ms),
-                    f"{r.avg_gpu_utilization_percent}%",
-                    format_credits(r.cost_micro_credits),
-                )
-                for r in rows
-            ],
-        )
-    )
-    print(f"total: {format_duration_ms(total_ms)} GPU time, {format_credits(total_cost)} credits")
+    print(usage_table(rows, grouping, revenue=args.platform))
+    print(usage_total(response, revenue=args.platform))
     return EXIT_OK
+
+
+def usage_total(report: ledger_pb2.GetUsageResponse, *, revenue: bool) -> str:
+    total_ms, used = report.total_gpu_time_ms, report.total_utilized_gpu_time_ms
+    share = f" ({format_utilization(used * 10_000 // total_ms)} used)" if used and total_ms else ""
+    line = (
+        f"total: {format_duration_ms(total_ms)} GPU time{share}, "
+        f"{format_credits(report.total_cost_micro_credits)} credits"
+    )
+    if revenue:
+        line += f", {format_credits(report.total_fee_micro_credits)} platform revenue"
+    return line
+
+
+USAGE_HEADERS: dict[int, str] = {
+    ledger_pb2.USAGE_GROUPING_GPU_MODEL: "GPU MODEL",
+    ledger_pb2.USAGE_GROUPING_PROVIDER: "PROVIDER",
+    ledger_pb2.USAGE_GROUPING_DAY: "DAY",
+    ledger_pb2.USAGE_GROUPING_MONTH: "MONTH",
+}
+
+
+def usage_table(rows: Sequence[ledger_pb2.UsageRow], grouping: int, *, revenue: bool) -> str:
+    first = USAGE_HEADERS.get(grouping, "JOB")
+
+    def key(r: ledger_pb2.UsageRow) -> str:
+        if grouping == ledger_pb2.USAGE_GROUPING_GPU_MODEL:
+            return r.gpu_model or "-"
+        if grouping == ledger_pb2.USAGE_GROUPING_PROVIDER:
+            return r.provider_tenant_id or "-"
+        return r.job_id or when(r.period_start)
+
+    header = [first, "JOBS", "GPU", "GPU TIME", "USED", "UTIL", "COST"]
+    return table(
+        header + ["REVENUE"] if revenue else header,
+        [
+            (
+                key(r),
+                r.job_count,
+                r.gpu_model or "-",
+                format_duration_ms(r.gpu_time_ms),
+                format_duration_ms(r.utilized_gpu_time_ms),
+                format_utilization(r.avg_gpu_utilization_basis_points),
+                format_credits(r.cost_micro_credits),
+                *([format_credits(r.fee_micro_credits)] if revenue else []),
+            )
+            for r in rows
+        ],
+    )
 
 
 async def check_cmd(args: argparse.Namespace, ctx: Context) -> int:

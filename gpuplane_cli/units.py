@@ -123,3 +123,9 @@ def parse_key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise ValueError(f"{text!r} is not KEY=VALUE")
     return key, value
+
+
+def format_utilization(basis_points: int) -> str:
+    """Basis points (10000 = 100 %) as a percentage with one decimal: 8925 → "89.3%"."""
+    tenths = (basis_points + 5) // 10
+    return f"{tenths // 10}.{tenths % 10}%"

@@ -150,6 +150,7 @@ async def job_plane(
         "scheduler_interval_ms": 100,
         "metrics_refresh_seconds": 0.2,
         "retry_backoff_ms": 50,
+        "job_usage_flush_seconds": 0.2,
         "allow_simulated_by_default": True,
         "allow_plaintext": tls is None,
     }

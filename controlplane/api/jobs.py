@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from gpuplane.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
@@ -12,6 +12,7 @@ from controlplane.auth.principal import current_principal
 from controlplane.errors import InvalidArgument, NotFound
 from controlplane.idempotency import check_key, fingerprint
 from controlplane.jobs.dryrun import DryRun
+from controlplane.jobs.efficiency import AttemptEfficiency, Efficiency, job_basis_points
 from controlplane.jobs.logs import LogReader
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.notify import Notifier
@@ -19,7 +20,7 @@ from controlplane.jobs.results import JobResults, url_ttl
 from controlplane.jobs.service import JobService
 from controlplane.jobs.states import JobState
 from controlplane.paging import PageRequest
-from controlplane.registry.utilization import GpuUtilization
+from controlplane.registry.utilization import mean_basis_points, percent_of
 
 Context = Any
 MAX_SEQ = 2**63 - 1  # event sequences are stored as signed 64-bit integers
@@ -50,20 +51,24 @@ def attempt_pb(row: JobAttempt) -> types_pb2.JobAttempt:
         started_at=timestamp(row.started_at),
         finished_at=timestamp(row.finished_at),
         charged_micro_credits=row.charged,
+        avg_gpu_utilization_basis_points=mean_basis_points(
+            row.gpu_utilization_sum, row.gpu_utilization_samples
+        ),
+        gpu_utilization_samples=row.gpu_utilization_samples,
+        peak_gpu_memory_bytes=row.peak_gpu_memory_bytes,
     )
     if row.exit_code is not None:
         message.exit_code = row.exit_code
     return message
 
 
-def job_pb(
-    row: Job, attempts: Sequence[JobAttempt] = (), measured: GpuUtilization | None = None
-) -> types_pb2.Job:
-    """`measured`: the current attempt's GPU utilisation from telemetry, where this process
-    has it."""
+def job_pb(row: Job, attempts: Sequence[JobAttempt] = ()) -> types_pb2.Job:
+    """The job; its usage (GPU time, utilisation, peak memory) from the attempts' rows."""
     current = next((a for a in attempts if a.attempt == row.attempt), None)
     run_time = current.run_time_ms if current else 0
     gpu_time = sum(a.run_time_ms * max(len(a.gpu_uuids), 0) for a in attempts if not a.lost)
+    utilization = job_basis_points(attempts)
+    peak = max((a.peak_gpu_memory_bytes for a in attempts if not a.lost), default=0)
     message = types_pb2.Job(
         job_id=row.id,
         tenant_id=row.tenant_id,
@@ -83,8 +88,9 @@ def job_pb(
         usage=types_pb2.JobUsage(
             run_time_ms=run_time,
             gpu_time_ms=gpu_time,
-            avg_gpu_utilization_percent=measured.mean_utilization_percent if measured else 0,
-            peak_gpu_memory_bytes=measured.peak_memory_bytes if measured else 0,
+            avg_gpu_utilization_percent=percent_of(utilization),
+            peak_gpu_memory_bytes=peak,
+            avg_gpu_utilization_basis_points=utilization,
         ),
         attempts=[attempt_pb(a) for a in attempts],
         idempotency_key=row.idempotency_key or "",
@@ -108,6 +114,27 @@ def event_pb(row: JobEvent, job_id: str) -> types_pb2.JobEvent:
     return message
 
 
+def efficiency_pb(row: AttemptEfficiency) -> jobs_pb2.AttemptEfficiency:
+    return jobs_pb2.AttemptEfficiency(
+        attempt=row.attempt,
+        host_id=row.host_id,
+        gpu_model=row.gpu_model,
+        gpu_count=row.gpu_count,
+        attempt_state=(
+            _attempt_state_pb(row.attempt_state)
+            if row.attempt_state
+            else types_pb2.ATTEMPT_STATE_UNSPECIFIED
+        ),
+        paid_gpu_time_ms=row.paid_gpu_time_ms,
+        utilized_gpu_time_ms=row.utilized_gpu_time_ms,
+        avg_gpu_utilization_basis_points=row.basis_points,
+        peak_gpu_memory_bytes=row.peak_memory_bytes,
+        samples=row.samples,
+        charged_micro_credits=row.charged,
+        idle_micro_credits=row.idle,
+    )
+
+
 def _require_job_id(job_id: str) -> str:
     if not job_id:
         raise InvalidArgument("job_id", "is required")
@@ -124,10 +151,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         results: JobResults,
         notifier: Notifier,
         logs: LogReader,
-        utilization: Callable[[str, int], GpuUtilization | None] | None = None,
+        efficiency: Efficiency | None = None,
     ) -> None:
         self.jobs = jobs
-        self.utilization = utilization
+        self.efficiency = efficiency or Efficiency(jobs.db)
         self.dry_run = dry_run
         self.results = results
         self.notifier = notifier
@@ -150,8 +177,17 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.GetJobRequest, context: Context
     ) -> jobs_pb2.GetJobResponse:
         view = await self.jobs.get(current_principal(), _require_job_id(request.job_id))
-        measured = self.utilization(view.job.id, view.job.attempt) if self.utilization else None
-        return jobs_pb2.GetJobResponse(job=job_pb(view.job, view.attempts, measured))
+        return jobs_pb2.GetJobResponse(job=job_pb(view.job, view.attempts))
+
+    async def GetJobEfficiency(
+        self, request: jobs_pb2.GetJobEfficiencyRequest, context: Context
+    ) -> jobs_pb2.GetJobEfficiencyResponse:
+        found = await self.efficiency.of_job(current_principal(), _require_job_id(request.job_id))
+        return jobs_pb2.GetJobEfficiencyResponse(
+            job_id=found.job_id,
+            attempts=[efficiency_pb(a) for a in found.attempts],
+            total=efficiency_pb(found.total),
+        )
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: Context

@@ -36,6 +36,8 @@ PB_GROUPING = {
     ledger_pb2.USAGE_GROUPING_JOB: UsageGrouping.JOB,
     ledger_pb2.USAGE_GROUPING_DAY: UsageGrouping.DAY,
     ledger_pb2.USAGE_GROUPING_MONTH: UsageGrouping.MONTH,
+    ledger_pb2.USAGE_GROUPING_GPU_MODEL: UsageGrouping.GPU_MODEL,
+    ledger_pb2.USAGE_GROUPING_PROVIDER: UsageGrouping.PROVIDER,
 }
 
 
@@ -56,6 +58,10 @@ def usage_row_pb(row: UsageRow) -> ledger_pb2.UsageRow:
         gpu_model=row.gpu_model,
         avg_gpu_utilization_percent=row.avg_gpu_utilization_percent,
         job_count=row.job_count,
+        avg_gpu_utilization_basis_points=row.avg_gpu_utilization_basis_points,
+        provider_tenant_id=row.provider_tenant_id,
+        utilized_gpu_time_ms=row.utilized_gpu_time_ms,
+        fee_micro_credits=row.fee,
     )
 
 
@@ -293,7 +299,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetUsage(
         self, request: ledger_pb2.GetUsageRequest, context: Context
     ) -> ledger_pb2.GetUsageResponse:
-        scope = readable_usage(current_principal(), request.tenant_id)
+        scope = readable_usage(current_principal(), request.tenant_id, request.all_tenants)
         grouping = PB_GROUPING.get(request.group_by)
         if grouping is None:
             raise InvalidArgument("group_by", "unknown grouping")
@@ -313,6 +319,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             total_gpu_time_ms=report.total_gpu_time_ms,
             total_cost_micro_credits=report.total_cost,
             next_page_token=report.next_cursor,
+            total_utilized_gpu_time_ms=report.total_utilized_gpu_time_ms,
+            total_fee_micro_credits=report.total_fee,
         )
 
     async def SetSpendingLimit(

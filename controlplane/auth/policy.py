@@ -27,6 +27,7 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.JobService/WatchJob": frozenset({A, C}),
     "/gpuplane.v1.JobService/StreamLogs": frozenset({A, C}),
     "/gpuplane.v1.JobService/GetResults": frozenset({A, C}),
+    "/gpuplane.v1.JobService/GetJobEfficiency": frozenset({A, C}),
     # DataService: a caller's own input area (inputs/<tenant>/), scoped in the service.
     "/gpuplane.v1.DataService/CreateUpload": frozenset({A, C}),
     "/gpuplane.v1.DataService/CompleteUpload": frozenset({A, C}),

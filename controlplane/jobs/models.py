@@ -92,6 +92,12 @@ class JobAttempt(Base):
     # While it runs (set and cleared by set_attempt_state): when the control plane saw it
     # start + budget_ms, the deadline of the control plane's own budget stop.
     budget_stop_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # GPU utilisation measured from telemetry (registry/utilization.py): the sum of the
+    # samples' utilization_gpu_percent over its GPUs, their count, and the peak memory its
+    # processes held on one GPU. Only ever increased, by each control plane's flush.
+    gpu_utilization_sum: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    gpu_utilization_samples: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    peak_gpu_memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class JobEvent(Base):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Select, select
+from sqlalchemy import BigInteger, Select, Table, bindparam, case, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal
@@ -13,6 +14,7 @@ from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.states import ON_HOST
 from controlplane.paging import Page, PageRequest, page_newest_first
 from controlplane.registry.models import Host
+from controlplane.registry.utilization import GpuUtilization, MeasuredKey
 
 
 class JobRepository:
@@ -119,6 +121,43 @@ class JobRepository:
             .order_by(Job.id)
         )
         return [(job, attempt) for job, attempt in (await self.session.execute(query)).all()]
+
+    async def add_utilization(self, measured: Mapping[MeasuredKey, GpuUtilization]) -> None:
+        """Adds GPU utilisation measured from a host's telemetry to attempts placed on that
+        host (sums and counts add, the peak is the larger; another host's claim is dropped):
+        one statement for the batch, whatever the attempts' state."""
+        table = cast(Table, JobAttempt.__table__)
+        peak: Any = bindparam("p_peak", type_=BigInteger())
+        statement = (
+            update(table)
+            .where(
+                table.c.job_id == bindparam("p_job"),
+                table.c.attempt == bindparam("p_attempt"),
+                table.c.host_id == bindparam("p_host"),
+            )
+            .values(
+                gpu_utilization_sum=table.c.gpu_utilization_sum + bindparam("p_sum"),
+                gpu_utilization_samples=table.c.gpu_utilization_samples + bindparam("p_samples"),
+                peak_gpu_memory_bytes=case(
+                    (table.c.peak_gpu_memory_bytes < peak, peak),
+                    else_=table.c.peak_gpu_memory_bytes,
+                ),
+            )
+        )
+        rows = [
+            {
+                "p_job": job_id,
+                "p_attempt": attempt,
+                "p_host": host_id,
+                "p_sum": m.utilization_sum,
+                "p_samples": m.samples,
+                "p_peak": m.peak_memory_bytes,
+            }
+            for (job_id, attempt, host_id), m in sorted(measured.items())  # one lock order
+        ]
+        if rows:
+            connection = await self.session.connection()
+            await connection.execute(statement, rows)
 
     async def live_attempts_on(self, host_id: str) -> Sequence[JobAttempt]:
         return (

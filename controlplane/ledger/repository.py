@@ -1,4 +1,4 @@
-"""All SQL for ledger accounts, transfers, holds, payouts and usage reports."""
+"""All SQL for ledger accounts, transfers, holds and payouts (usage reports: repository_usage)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from controlplane.jobs.models import Job, JobAttempt
 from controlplane.ledger import repository_pg
 from controlplane.ledger.models import (
     PENDING_STATE,
@@ -40,7 +39,6 @@ from controlplane.ledger.repository_pg import (
 )
 from controlplane.ledger.states import HoldState, PayoutState
 from controlplane.paging import Page, PageRequest, page_newest_first
-from controlplane.registry.models import Gpu, Host
 
 ACCOUNTS = cast(Table, Account.__table__)
 TRANSFERS = cast(Table, Transfer.__table__)
@@ -412,73 +410,3 @@ class LedgerRepository:
             .values(id=1, **values)
             .on_conflict_do_update(index_elements=["id"], set_=values)
         )
-
-    # Usage ---------------------------------------------------------------------------------
-
-    async def usage_attempts(
-        self,
-        tenant_id: str | None,
-        provider_tenant_id: str | None,
-        job_id: str | None,
-        start: datetime | None,
-        end: datetime | None,
-        limit: int,
-    ) -> Sequence[Any]:
-        """Per attempt of the matching started jobs: job id, started_at, attempt, host,
-        GPU uuids, run time and whether it was lost; newest job first."""
-        query = (
-            select(
-                Job.id.label("job_id"),
-                Job.started_at,
-                JobAttempt.attempt,
-                JobAttempt.host_id,
-                JobAttempt.gpu_uuids,
-                JobAttempt.run_time_ms,
-                JobAttempt.lost,
-            )
-            .join(JobAttempt, JobAttempt.job_id == Job.id)
-            .where(Job.started_at.is_not(None))
-        )
-        if tenant_id is not None:
-            query = query.where(Job.tenant_id == tenant_id)
-        if provider_tenant_id is not None:
-            ran_there = (
-                select(JobAttempt.job_id)
-                .join(Host, Host.id == JobAttempt.host_id)
-                .where(Host.provider_tenant_id == provider_tenant_id)
-            )
-            query = query.where(Job.id.in_(ran_there))
-        if job_id:
-            query = query.where(Job.id == job_id)
-        if start:
-            query = query.where(Job.started_at >= start)
-        if end:
-            query = query.where(Job.started_at < end)
-        query = query.order_by(Job.started_at.desc(), Job.id.desc(), JobAttempt.attempt).limit(
-            limit
-        )
-        return (await self.session.execute(query)).all()
-
-    async def net_charges(self, job_ids: Sequence[str]) -> dict[str, int]:
-        """Per job: charges and fees minus refunds (what the consumer paid, net)."""
-        signed = case(
-            (Transfer.kind.in_(("charge", "fee")), Transfer.amount),
-            (Transfer.kind == "refund", -Transfer.amount),
-            else_=0,
-        )
-        totals: dict[str, int] = {}
-        ids = list(job_ids)
-        for i in range(0, len(ids), 500):
-            query = (
-                select(Transfer.job_id, func.sum(signed))
-                .where(Transfer.job_id.in_(ids[i : i + 500]))
-                .group_by(Transfer.job_id)
-            )
-            totals.update({j: int(s or 0) for j, s in await self.session.execute(query)})
-        return totals
-
-    async def gpu_names(self, uuids: Sequence[str]) -> dict[str, str]:
-        if not uuids:
-            return {}
-        query = select(Gpu.uuid, Gpu.name).where(Gpu.uuid.in_(sorted(set(uuids))))
-        return {u: n for u, n in await self.session.execute(query)}

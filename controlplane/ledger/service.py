@@ -24,6 +24,7 @@ from controlplane.ledger.limits_repository import SpendingRepository
 from controlplane.ledger.models import Account, Hold, Payout, Transfer
 from controlplane.ledger.refunds import Refund
 from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.repository_usage import UsageRepository
 from controlplane.ledger.statements import Entry, legs, statement_accounts
 from controlplane.ledger.states import HoldState, PayoutState
 from controlplane.ledger.transfers import (
@@ -434,4 +435,4 @@ class LedgerService:
 
     async def usage(self, query: UsageQuery) -> UsageReport:
         async with self.db.read() as session:
-            return await usage_report(LedgerRepository(session), query)
+            return await usage_report(UsageRepository(session), query)

@@ -14,6 +14,7 @@ def monitor_policy(group: TelemetrySettings) -> MonitorPolicy:
         max_clock_skew_seconds=group.max_clock_skew_seconds,
         ignored_xids=group.ignored_xids,
         usage_max_attempts=group.usage_max_attempts,
+        usage_flush_seconds=group.usage_flush_seconds,
         forget_after_seconds=group.forget_after_seconds,
     )
 

@@ -1,5 +1,6 @@
 """GPU monitoring from the Connect stream: telemetry received, GPU health kept in the database
-(written only when it changes), recovery after a clean period, and per-attempt GPU utilisation."""
+(written only when it changes), recovery after a clean period, and per-attempt GPU utilisation
+(written in batches, every flush interval and when the process stops)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from gpuplane.v1 import registry_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.db.engine import Database
+from controlplane.jobs.repository import JobRepository
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.telemetry import HealthChange, TelemetryBuffer
-from controlplane.registry.utilization import AttemptUtilizationBook, GpuUtilization
+from controlplane.registry.utilization import AttemptUtilizationBook
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ class MonitorPolicy:
     usage_max_attempts: int = 100_000
     # A host whose Connect stream closed is forgotten here after this long (unless it is back).
     forget_after_seconds: float = 15.0
+    # Measured GPU utilisation is added to the attempts' rows this often (one batch).
+    usage_flush_seconds: float = 5.0
 
 
 class GpuMonitor:
@@ -50,6 +54,7 @@ class GpuMonitor:
             max_clock_skew=policy.max_clock_skew_seconds,
             ignored_xids=policy.ignored_xids,
         )
+        self._flushed_at = time.monotonic()
         # Totals since start, read by the metrics collector.
         self.accepted_samples = 0
         self.rejected_samples: Counter[str] = Counter()
@@ -84,12 +89,29 @@ class GpuMonitor:
         if outcome.changes:
             await self._write_health(outcome.changes)
 
-    def utilization_of(self, job_id: str, attempt: int) -> GpuUtilization | None:
-        return self.utilization.get(job_id, attempt)
+    async def flush(self) -> int:
+        """Adds the GPU utilisation measured since the last flush to the attempts' rows, in
+        one statement; on a database error the increments stay here for the next flush.
+        Returns the count of attempts written."""
+        self._flushed_at = time.monotonic()
+        taken = self.utilization.take()
+        if not taken:
+            return 0
+        try:
+            async with self.db.transaction() as session:
+                await JobRepository(session).add_utilization(taken)
+        except SQLAlchemyError:
+            log.exception(
+                "storing GPU utilisation of %d attempts failed; retrying later", len(taken)
+            )
+            self.utilization.give_back(taken)
+            return 0
+        return len(taken)
 
     async def maintain(self) -> None:
         """Periodic: GPUs clean for the clean period recover, unwritten health changes are
-        retried, GPU → job assignments are refreshed and long-detached hosts forgotten."""
+        retried, measured utilisation is written every flush interval and as soon as an
+        attempt ends, GPU → job assignments are refreshed and long-detached hosts forgotten."""
         now = time.time()
         changes: list[HealthChange] = []
         for host_id, series in self.buffer.unsettled():
@@ -98,6 +120,8 @@ class GpuMonitor:
                 changes.append(HealthChange(host_id, series.uuid, series.healthy, series.reason))
         if changes:
             await self._write_health(changes)
+        if time.monotonic() - self._flushed_at >= self.policy.usage_flush_seconds:
+            await self.flush()
         stale = [
             h.host_id
             for h in self.buffer.hosts.values()
@@ -108,6 +132,19 @@ class GpuMonitor:
             async with self.db.read() as session:
                 allocated = await RegistryRepository(session).allocated_gpus()
             self.buffer.set_assignments({uuid: (job, attempt) for uuid, job, attempt in allocated})
+        if self._ended_measured():
+            await self.flush()  # an attempt's last increments are written once it has ended
+
+    def _ended_measured(self) -> bool:
+        """Whether an attempt with unwritten increments is no longer placed on a GPU here nor
+        named by its host's heartbeats (it ended, or its host left this process)."""
+        if not len(self.utilization):
+            return False
+        current: set[tuple[str, int]] = set()
+        for host in self.buffer.hosts.values():
+            current.update(host.assignments.values())
+            current.update(host.running.items())
+        return any(key not in current for key in self.utilization.attempts())
 
     async def _write_health(self, changes: list[HealthChange]) -> None:
         """Writes health changes; on failure they stay pending and maintain() retries them."""

@@ -328,4 +328,4 @@ class TelemetryBuffer:
         if processes and any(p.job_id for p in processes):
             job_id = key[0]
             memory = sum(p.used_memory_bytes for p in processes if p.job_id == job_id)
-        self.utilization.record(key, sample.utilization_gpu_percent, memory)
+        self.utilization.record(key, sample.utilization_gpu_percent, memory, host.host_id)

@@ -41,6 +41,7 @@ BASELINES: dict[str, Callable[[ServedPlane], Any]] = {
     "CancelJob": lambda s: jobs_pb2.CancelJobRequest(job_id=s.job_id),
     "GetJob": lambda s: jobs_pb2.GetJobRequest(job_id=s.job_id),
     "GetResults": lambda s: jobs_pb2.GetResultsRequest(job_id=s.job_id),
+    "GetJobEfficiency": lambda s: jobs_pb2.GetJobEfficiencyRequest(job_id=s.job_id),
     "StreamLogs": lambda s: jobs_pb2.StreamLogsRequest(job_id=s.job_id),
     "WatchJob": lambda s: jobs_pb2.WatchJobRequest(job_id=s.job_id),
     "Deposit": lambda s: ledger_pb2.DepositRequest(

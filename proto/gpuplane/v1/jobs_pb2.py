@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from gpuplane.v1 import types_pb2 as gpuplane_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpuplane/v1/jobs.proto\x12\x0bgpuplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gpuplane/v1/types.proto\"`\n\x10SubmitJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.gpuplane.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\xec\x03\n\x05Quote\x12\"\n\x06offers\x18\x01 \x03(\x0b\x32\x12.gpuplane.v1.Offer\x12\x1b\n\x13matching_host_count\x18\x02 \x01(\r\x12,\n$min_price_per_gpu_hour_micro_credits\x18\x03 \x01(\x03\x12,\n$max_price_per_gpu_hour_micro_credits\x18\x04 \x01(\x03\x12\x1a\n\x12hold_micro_credits\x18\x05 \x01(\x03\x12\x33\n\x0f\x65stimated_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xplanation\x18\x07 \x01(\t\x12-\n%hold_price_per_gpu_hour_micro_credits\x18\x08 \x01(\x03\x12\x1f\n\x17\x61vailable_micro_credits\x18\t \x01(\x03\x12\x18\n\x10\x63redit_shortfall\x18\n \x01(\t\x12$\n\x1cspending_limit_micro_credits\x18\x46 \x01(\x03\x12.\n&spending_limit_remaining_micro_credits\x18G \x01(\x03\x12 \n\x18spending_limit_shortfall\x18H \x01(\t\"U\n\x11SubmitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.gpuplane.v1.Job\x12!\n\x05quote\x18\x02 \x01(\x0b\x32\x12.gpuplane.v1.Quote\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.gpuplane.v1.Job\"\xc2\x02\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.gpuplane.v1.JobState\x12\x38\n\x06labels\x18\x02 \x03(\x0b\x32(.gpuplane.v1.ListJobsRequest.LabelsEntry\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.gpuplane.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.gpuplane.v1.Job\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\x80\x01\n\x11StreamLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12&\n\x06stream\x18\x03 \x01(\x0e\x32\x16.gpuplane.v1.LogStream\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x12\n\ntail_lines\x18\x05 \x01(\r\"{\n\x08LogChunk\x12&\n\x06stream\x18\x01 \x01(\x0e\x32\x16.gpuplane.v1.LogStream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"M\n\x11GetResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x17\n\x0furl_ttl_seconds\x18\x03 \x01(\r\"\x95\x01\n\x12GetResultsResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12*\n\x07objects\x18\x03 \x03(\x0b\x32\x19.gpuplane.v1.ResultObject\x12\x32\n\x0eurls_expire_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x89\x04\n\nJobService\x12J\n\tSubmitJob\x12\x1d.gpuplane.v1.SubmitJobRequest\x1a\x1e.gpuplane.v1.SubmitJobResponse\x12\x41\n\x06GetJob\x12\x1a.gpuplane.v1.GetJobRequest\x1a\x1b.gpuplane.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.gpuplane.v1.ListJobsRequest\x1a\x1d.gpuplane.v1.ListJobsResponse\x12J\n\tCancelJob\x12\x1d.gpuplane.v1.CancelJobRequest\x1a\x1e.gpuplane.v1.CancelJobResponse\x12\x41\n\x08WatchJob\x12\x1c.gpuplane.v1.WatchJobRequest\x1a\x15.gpuplane.v1.JobEvent0\x01\x12\x45\n\nStreamLogs\x12\x1e.gpuplane.v1.StreamLogsRequest\x1a\x15.gpuplane.v1.LogChunk0\x01\x12M\n\nGetResults\x12\x1e.gpuplane.v1.GetResultsRequest\x1a\x1f.gpuplane.v1.GetResultsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16gpuplane/v1/jobs.proto\x12\x0bgpuplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gpuplane/v1/types.proto\"`\n\x10SubmitJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.gpuplane.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\xec\x03\n\x05Quote\x12\"\n\x06offers\x18\x01 \x03(\x0b\x32\x12.gpuplane.v1.Offer\x12\x1b\n\x13matching_host_count\x18\x02 \x01(\r\x12,\n$min_price_per_gpu_hour_micro_credits\x18\x03 \x01(\x03\x12,\n$max_price_per_gpu_hour_micro_credits\x18\x04 \x01(\x03\x12\x1a\n\x12hold_micro_credits\x18\x05 \x01(\x03\x12\x33\n\x0f\x65stimated_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xplanation\x18\x07 \x01(\t\x12-\n%hold_price_per_gpu_hour_micro_credits\x18\x08 \x01(\x03\x12\x1f\n\x17\x61vailable_micro_credits\x18\t \x01(\x03\x12\x18\n\x10\x63redit_shortfall\x18\n \x01(\t\x12$\n\x1cspending_limit_micro_credits\x18\x46 \x01(\x03\x12.\n&spending_limit_remaining_micro_credits\x18G \x01(\x03\x12 \n\x18spending_limit_shortfall\x18H \x01(\t\"U\n\x11SubmitJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.gpuplane.v1.Job\x12!\n\x05quote\x18\x02 \x01(\x0b\x32\x12.gpuplane.v1.Quote\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.gpuplane.v1.Job\")\n\x17GetJobEfficiencyRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xda\x02\n\x11\x41ttemptEfficiency\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x11\n\tgpu_model\x18\x03 \x01(\t\x12\x11\n\tgpu_count\x18\x04 \x01(\r\x12\x30\n\rattempt_state\x18\x05 \x01(\x0e\x32\x19.gpuplane.v1.AttemptState\x12\x18\n\x10paid_gpu_time_ms\x18\x06 \x01(\x04\x12\x1c\n\x14utilized_gpu_time_ms\x18\x07 \x01(\x04\x12(\n avg_gpu_utilization_basis_points\x18\x08 \x01(\r\x12\x1d\n\x15peak_gpu_memory_bytes\x18\t \x01(\x04\x12\x0f\n\x07samples\x18\n \x01(\x04\x12\x1d\n\x15\x63harged_micro_credits\x18\x0b \x01(\x03\x12\x1a\n\x12idle_micro_credits\x18\x0c \x01(\x03\"\x8b\x01\n\x18GetJobEfficiencyResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x1e.gpuplane.v1.AttemptEfficiency\x12-\n\x05total\x18\x03 \x01(\x0b\x32\x1e.gpuplane.v1.AttemptEfficiency\"\xc2\x02\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.gpuplane.v1.JobState\x12\x38\n\x06labels\x18\x02 \x03(\x0b\x32(.gpuplane.v1.ListJobsRequest.LabelsEntry\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.gpuplane.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.gpuplane.v1.Job\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"\x80\x01\n\x11StreamLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12&\n\x06stream\x18\x03 \x01(\x0e\x32\x16.gpuplane.v1.LogStream\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\x12\x12\n\ntail_lines\x18\x05 \x01(\r\"{\n\x08LogChunk\x12&\n\x06stream\x18\x01 \x01(\x0e\x32\x16.gpuplane.v1.LogStream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"M\n\x11GetResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x17\n\x0furl_ttl_seconds\x18\x03 \x01(\r\"\x95\x01\n\x12GetResultsResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12*\n\x07objects\x18\x03 \x03(\x0b\x32\x19.gpuplane.v1.ResultObject\x12\x32\n\x0eurls_expire_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xea\x04\n\nJobService\x12J\n\tSubmitJob\x12\x1d.gpuplane.v1.SubmitJobRequest\x1a\x1e.gpuplane.v1.SubmitJobResponse\x12\x41\n\x06GetJob\x12\x1a.gpuplane.v1.GetJobRequest\x1a\x1b.gpuplane.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.gpuplane.v1.ListJobsRequest\x1a\x1d.gpuplane.v1.ListJobsResponse\x12J\n\tCancelJob\x12\x1d.gpuplane.v1.CancelJobRequest\x1a\x1e.gpuplane.v1.CancelJobResponse\x12\x41\n\x08WatchJob\x12\x1c.gpuplane.v1.WatchJobRequest\x1a\x15.gpuplane.v1.JobEvent0\x01\x12\x45\n\nStreamLogs\x12\x1e.gpuplane.v1.StreamLogsRequest\x1a\x15.gpuplane.v1.LogChunk0\x01\x12M\n\nGetResults\x12\x1e.gpuplane.v1.GetResultsRequest\x1a\x1f.gpuplane.v1.GetResultsResponse\x12_\n\x10GetJobEfficiency\x12$.gpuplane.v1.GetJobEfficiencyRequest\x1a%.gpuplane.v1.GetJobEfficiencyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,26 +45,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJOBREQUEST']._serialized_end=808
   _globals['_GETJOBRESPONSE']._serialized_start=810
   _globals['_GETJOBRESPONSE']._serialized_end=857
-  _globals['_LISTJOBSREQUEST']._serialized_start=860
-  _globals['_LISTJOBSREQUEST']._serialized_end=1182
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=1137
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=1182
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1184
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1259
-  _globals['_CANCELJOBREQUEST']._serialized_start=1261
-  _globals['_CANCELJOBREQUEST']._serialized_end=1311
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1313
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1363
-  _globals['_WATCHJOBREQUEST']._serialized_start=1365
-  _globals['_WATCHJOBREQUEST']._serialized_end=1417
-  _globals['_STREAMLOGSREQUEST']._serialized_start=1420
-  _globals['_STREAMLOGSREQUEST']._serialized_end=1548
-  _globals['_LOGCHUNK']._serialized_start=1550
-  _globals['_LOGCHUNK']._serialized_end=1673
-  _globals['_GETRESULTSREQUEST']._serialized_start=1675
-  _globals['_GETRESULTSREQUEST']._serialized_end=1752
-  _globals['_GETRESULTSRESPONSE']._serialized_start=1755
-  _globals['_GETRESULTSRESPONSE']._serialized_end=1904
-  _globals['_JOBSERVICE']._serialized_start=1907
-  _globals['_JOBSERVICE']._serialized_end=2428
+  _globals['_GETJOBEFFICIENCYREQUEST']._serialized_start=859
+  _globals['_GETJOBEFFICIENCYREQUEST']._serialized_end=900
+  _globals['_ATTEMPTEFFICIENCY']._serialized_start=903
+  _globals['_ATTEMPTEFFICIENCY']._serialized_end=1249
+  _globals['_GETJOBEFFICIENCYRESPONSE']._serialized_start=1252
+  _globals['_GETJOBEFFICIENCYRESPONSE']._serialized_end=1391
+  _globals['_LISTJOBSREQUEST']._serialized_start=1394
+  _globals['_LISTJOBSREQUEST']._serialized_end=1716
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=1671
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=1716
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1718
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1793
+  _globals['_CANCELJOBREQUEST']._serialized_start=1795
+  _globals['_CANCELJOBREQUEST']._serialized_end=1845
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1847
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1897
+  _globals['_WATCHJOBREQUEST']._serialized_start=1899
+  _globals['_WATCHJOBREQUEST']._serialized_end=1951
+  _globals['_STREAMLOGSREQUEST']._serialized_start=1954
+  _globals['_STREAMLOGSREQUEST']._serialized_end=2082
+  _globals['_LOGCHUNK']._serialized_start=2084
+  _globals['_LOGCHUNK']._serialized_end=2207
+  _globals['_GETRESULTSREQUEST']._serialized_start=2209
+  _globals['_GETRESULTSREQUEST']._serialized_end=2286
+  _globals['_GETRESULTSRESPONSE']._serialized_start=2289
+  _globals['_GETRESULTSRESPONSE']._serialized_end=2438
+  _globals['_JOBSERVICE']._serialized_start=2441
+  _globals['_JOBSERVICE']._serialized_end=3059
 # @@protoc_insertion_point(module_scope)

@@ -197,6 +197,115 @@ class GetJobResponse(_message.Message):
 Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015
 
 @_typing.final
+class GetJobEfficiencyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobEfficiencyRequest: _TypeAlias = GetJobEfficiencyRequest  # noqa: Y015
+
+@_typing.final
+class AttemptEfficiency(_message.Message):
+    """One attempt's efficiency, or (attempt 0) the job's total. An attempt without telemetry
+    counts neither as busy nor as idle (samples 0).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    GPU_MODEL_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_STATE_FIELD_NUMBER: _builtins.int
+    PAID_GPU_TIME_MS_FIELD_NUMBER: _builtins.int
+    UTILIZED_GPU_TIME_MS_FIELD_NUMBER: _builtins.int
+    AVG_GPU_UTILIZATION_BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    PEAK_GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    CHARGED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    IDLE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    host_id: _builtins.str
+    gpu_model: _builtins.str
+    gpu_count: _builtins.int
+    attempt_state: _types_pb2.AttemptState.ValueType
+    paid_gpu_time_ms: _builtins.int
+    """GPU count × run time as charged; 0 for a lost attempt (never charged)."""
+    utilized_gpu_time_ms: _builtins.int
+    """Paid GPU time × mean utilisation."""
+    avg_gpu_utilization_basis_points: _builtins.int
+    """Mean GPU utilisation in basis points (10000 = 100 %); the total weighs attempts by paid
+    GPU time, as GetJob's and GetUsage's figures do.
+    """
+    peak_gpu_memory_bytes: _builtins.int
+    samples: _builtins.int
+    """Telemetry samples (one per GPU per sampling round) behind the mean."""
+    charged_micro_credits: _builtins.int
+    idle_micro_credits: _builtins.int
+    """Charged × (1 − utilisation): what the GPUs' idle time cost."""
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        host_id: _builtins.str = ...,
+        gpu_model: _builtins.str = ...,
+        gpu_count: _builtins.int = ...,
+        attempt_state: _types_pb2.AttemptState.ValueType = ...,
+        paid_gpu_time_ms: _builtins.int = ...,
+        utilized_gpu_time_ms: _builtins.int = ...,
+        avg_gpu_utilization_basis_points: _builtins.int = ...,
+        peak_gpu_memory_bytes: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        charged_micro_credits: _builtins.int = ...,
+        idle_micro_credits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempt_state", b"attempt_state", "avg_gpu_utilization_basis_points", b"avg_gpu_utilization_basis_points", "charged_micro_credits", b"charged_micro_credits", "gpu_count", b"gpu_count", "gpu_model", b"gpu_model", "host_id", b"host_id", "idle_micro_credits", b"idle_micro_credits", "paid_gpu_time_ms", b"paid_gpu_time_ms", "peak_gpu_memory_bytes", b"peak_gpu_memory_bytes", "samples", b"samples", "utilized_gpu_time_ms", b"utilized_gpu_time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptEfficiency: _TypeAlias = AttemptEfficiency  # noqa: Y015
+
+@_typing.final
+class GetJobEfficiencyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptEfficiency]: ...
+    @_builtins.property
+    def total(self) -> Global___AttemptEfficiency: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempts: _abc.Iterable[Global___AttemptEfficiency] | None = ...,
+        total: Global___AttemptEfficiency | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "job_id", b"job_id", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobEfficiencyResponse: _TypeAlias = GetJobEfficiencyResponse  # noqa: Y015
+
+@_typing.final
 class ListJobsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -70,6 +70,11 @@ class JobServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_jobs__pb2.GetResultsRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_jobs__pb2.GetResultsResponse.FromString,
                 _registered_method=True)
+        self.GetJobEfficiency = channel.unary_unary(
+                '/gpuplane.v1.JobService/GetJobEfficiency',
+                request_serializer=gpuplane_dot_v1_dot_jobs__pb2.GetJobEfficiencyRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_jobs__pb2.GetJobEfficiencyResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -123,6 +128,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobEfficiency(self, request, context):
+        """What the job's GPU time was used for: per attempt and in total, the GPU time paid,
+        the part the GPUs were busy (paid × mean utilisation), and the credits paid for idle
+        GPUs. From the utilisation stored per attempt, so every replica answers the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +174,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetResults,
                     request_deserializer=gpuplane_dot_v1_dot_jobs__pb2.GetResultsRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_jobs__pb2.GetResultsResponse.SerializeToString,
+            ),
+            'GetJobEfficiency': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobEfficiency,
+                    request_deserializer=gpuplane_dot_v1_dot_jobs__pb2.GetJobEfficiencyRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_jobs__pb2.GetJobEfficiencyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +370,33 @@ class JobService:
             '/gpuplane.v1.JobService/GetResults',
             gpuplane_dot_v1_dot_jobs__pb2.GetResultsRequest.SerializeToString,
             gpuplane_dot_v1_dot_jobs__pb2.GetResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobEfficiency(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.JobService/GetJobEfficiency',
+            gpuplane_dot_v1_dot_jobs__pb2.GetJobEfficiencyRequest.SerializeToString,
+            gpuplane_dot_v1_dot_jobs__pb2.GetJobEfficiencyResponse.FromString,
             options,
             channel_credentials,
             insecure,

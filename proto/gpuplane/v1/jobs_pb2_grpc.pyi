@@ -46,6 +46,11 @@ class JobServiceStub:
     """Streams the job's logs; with `follow`, keeps streaming until the attempt ends."""
     GetResults: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetResultsRequest, _jobs_pb2.GetResultsResponse]
     """The result manifest of an attempt with presigned download URLs."""
+    GetJobEfficiency: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobEfficiencyRequest, _jobs_pb2.GetJobEfficiencyResponse]
+    """What the job's GPU time was used for: per attempt and in total, the GPU time paid,
+    the part the GPUs were busy (paid × mean utilisation), and the credits paid for idle
+    GPUs. From the utilisation stored per attempt, so every replica answers the same.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -64,6 +69,11 @@ class JobServiceAsyncStub(JobServiceStub):
     """Streams the job's logs; with `follow`, keeps streaming until the attempt ends."""
     GetResults: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetResultsRequest, _jobs_pb2.GetResultsResponse]  # type: ignore[assignment]
     """The result manifest of an attempt with presigned download URLs."""
+    GetJobEfficiency: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobEfficiencyRequest, _jobs_pb2.GetJobEfficiencyResponse]  # type: ignore[assignment]
+    """What the job's GPU time was used for: per attempt and in total, the GPU time paid,
+    the part the GPUs were busy (paid × mean utilisation), and the credits paid for idle
+    GPUs. From the utilisation stored per attempt, so every replica answers the same.
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -121,5 +131,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.GetResultsResponse, _abc.Awaitable[_jobs_pb2.GetResultsResponse]]:
         """The result manifest of an attempt with presigned download URLs."""
+
+    @_abc_1.abstractmethod
+    def GetJobEfficiency(
+        self,
+        request: _jobs_pb2.GetJobEfficiencyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.GetJobEfficiencyResponse, _abc.Awaitable[_jobs_pb2.GetJobEfficiencyResponse]]:
+        """What the job's GPU time was used for: per attempt and in total, the GPU time paid,
+        the part the GPUs were busy (paid × mean utilisation), and the credits paid for idle
+        GPUs. From the utilisation stored per attempt, so every replica answers the same.
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

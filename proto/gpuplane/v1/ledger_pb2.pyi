@@ -53,6 +53,11 @@ class _UsageGroupingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageGr
     USAGE_GROUPING_JOB: _UsageGrouping.ValueType  # 1
     USAGE_GROUPING_DAY: _UsageGrouping.ValueType  # 2
     USAGE_GROUPING_MONTH: _UsageGrouping.ValueType  # 3
+    USAGE_GROUPING_GPU_MODEL: _UsageGrouping.ValueType  # 4
+    """Per GPU model and per provider tenant: by attempt (a retried job may count in two rows),
+    a job's net cost split over its attempts in proportion to what each was charged.
+    """
+    USAGE_GROUPING_PROVIDER: _UsageGrouping.ValueType  # 5
 
 class UsageGrouping(_UsageGrouping, metaclass=_UsageGroupingEnumTypeWrapper): ...
 
@@ -61,6 +66,11 @@ USAGE_GROUPING_UNSPECIFIED: UsageGrouping.ValueType  # 0
 USAGE_GROUPING_JOB: UsageGrouping.ValueType  # 1
 USAGE_GROUPING_DAY: UsageGrouping.ValueType  # 2
 USAGE_GROUPING_MONTH: UsageGrouping.ValueType  # 3
+USAGE_GROUPING_GPU_MODEL: UsageGrouping.ValueType  # 4
+"""Per GPU model and per provider tenant: by attempt (a retried job may count in two rows),
+a job's net cost split over its attempts in proportion to what each was charged.
+"""
+USAGE_GROUPING_PROVIDER: UsageGrouping.ValueType  # 5
 Global___UsageGrouping: _TypeAlias = UsageGrouping  # noqa: Y015
 
 @_typing.final
@@ -722,11 +732,14 @@ class GetUsageRequest(_message.Message):
     GROUP_BY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     job_id: _builtins.str
     group_by: Global___UsageGrouping.ValueType
     page_size: _builtins.int
     page_token: _builtins.str
+    all_tenants: _builtins.bool
+    """Admin: every tenant's usage (the platform-wide report); tenant_id must be empty."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -741,10 +754,11 @@ class GetUsageRequest(_message.Message):
         group_by: Global___UsageGrouping.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        all_tenants: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "group_by", b"group_by", "job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "end_time", b"end_time", "group_by", b"group_by", "job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,6 +776,10 @@ class UsageRow(_message.Message):
     GPU_MODEL_FIELD_NUMBER: _builtins.int
     AVG_GPU_UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
     JOB_COUNT_FIELD_NUMBER: _builtins.int
+    AVG_GPU_UTILIZATION_BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    PROVIDER_TENANT_ID_FIELD_NUMBER: _builtins.int
+    UTILIZED_GPU_TIME_MS_FIELD_NUMBER: _builtins.int
+    FEE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Set when grouped by job."""
     gpu_time_ms: _builtins.int
@@ -771,6 +789,16 @@ class UsageRow(_message.Message):
     avg_gpu_utilization_percent: _builtins.int
     """0 where no telemetry covered the job."""
     job_count: _builtins.int
+    avg_gpu_utilization_basis_points: _builtins.int
+    """Mean GPU utilisation in basis points (10000 = 100 %), weighted by GPU time: the row's
+    utilised GPU time ÷ its GPU time, over the attempts telemetry covered.
+    """
+    provider_tenant_id: _builtins.str
+    """Set when grouped by provider."""
+    utilized_gpu_time_ms: _builtins.int
+    """GPU time × utilisation, summed over attempts."""
+    fee_micro_credits: _builtins.int
+    """The platform's revenue in cost_micro_credits: fees less what refunds took back."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """Set when grouped by period."""
@@ -786,10 +814,14 @@ class UsageRow(_message.Message):
         gpu_model: _builtins.str = ...,
         avg_gpu_utilization_percent: _builtins.int = ...,
         job_count: _builtins.int = ...,
+        avg_gpu_utilization_basis_points: _builtins.int = ...,
+        provider_tenant_id: _builtins.str = ...,
+        utilized_gpu_time_ms: _builtins.int = ...,
+        fee_micro_credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_gpu_utilization_percent", b"avg_gpu_utilization_percent", "cost_micro_credits", b"cost_micro_credits", "gpu_model", b"gpu_model", "gpu_time_ms", b"gpu_time_ms", "host_id", b"host_id", "job_count", b"job_count", "job_id", b"job_id", "period_start", b"period_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_gpu_utilization_basis_points", b"avg_gpu_utilization_basis_points", "avg_gpu_utilization_percent", b"avg_gpu_utilization_percent", "cost_micro_credits", b"cost_micro_credits", "fee_micro_credits", b"fee_micro_credits", "gpu_model", b"gpu_model", "gpu_time_ms", b"gpu_time_ms", "host_id", b"host_id", "job_count", b"job_count", "job_id", b"job_id", "period_start", b"period_start", "provider_tenant_id", b"provider_tenant_id", "utilized_gpu_time_ms", b"utilized_gpu_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -803,9 +835,14 @@ class GetUsageResponse(_message.Message):
     TOTAL_GPU_TIME_MS_FIELD_NUMBER: _builtins.int
     TOTAL_COST_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_UTILIZED_GPU_TIME_MS_FIELD_NUMBER: _builtins.int
+    TOTAL_FEE_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     total_gpu_time_ms: _builtins.int
     total_cost_micro_credits: _builtins.int
     next_page_token: _builtins.str
+    total_utilized_gpu_time_ms: _builtins.int
+    """Over every row of the report (all pages), as the two totals above."""
+    total_fee_micro_credits: _builtins.int
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
     def __init__(
@@ -815,10 +852,12 @@ class GetUsageResponse(_message.Message):
         total_gpu_time_ms: _builtins.int = ...,
         total_cost_micro_credits: _builtins.int = ...,
         next_page_token: _builtins.str = ...,
+        total_utilized_gpu_time_ms: _builtins.int = ...,
+        total_fee_micro_credits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows", "total_cost_micro_credits", b"total_cost_micro_credits", "total_gpu_time_ms", b"total_gpu_time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows", "total_cost_micro_credits", b"total_cost_micro_credits", "total_fee_micro_credits", b"total_fee_micro_credits", "total_gpu_time_ms", b"total_gpu_time_ms", "total_utilized_gpu_time_ms", b"total_utilized_gpu_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -138,7 +138,8 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Cost report per job or per period.
+        """Cost and utilisation report per job, day, month, GPU model or provider; admins may ask
+        for every tenant's (all_tenants).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

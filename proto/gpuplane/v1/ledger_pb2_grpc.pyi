@@ -46,7 +46,9 @@ class LedgerServiceStub:
     RefundJob: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RefundJobRequest, _ledger_pb2.RefundJobResponse]
     """Admin: returns a job's charges to the consumer, with a reason."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetUsageRequest, _ledger_pb2.GetUsageResponse]
-    """Cost report per job or per period."""
+    """Cost and utilisation report per job, day, month, GPU model or provider; admins may ask
+    for every tenant's (all_tenants).
+    """
     CheckLedger: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CheckLedgerRequest, _ledger_pb2.CheckLedgerResponse]
     """Admin: recomputes every balance from the transfers and reports any difference."""
     ListPayouts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListPayoutsRequest, _ledger_pb2.ListPayoutsResponse]
@@ -84,7 +86,9 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     RefundJob: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RefundJobRequest, _ledger_pb2.RefundJobResponse]  # type: ignore[assignment]
     """Admin: returns a job's charges to the consumer, with a reason."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetUsageRequest, _ledger_pb2.GetUsageResponse]  # type: ignore[assignment]
-    """Cost report per job or per period."""
+    """Cost and utilisation report per job, day, month, GPU model or provider; admins may ask
+    for every tenant's (all_tenants).
+    """
     CheckLedger: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CheckLedgerRequest, _ledger_pb2.CheckLedgerResponse]  # type: ignore[assignment]
     """Admin: recomputes every balance from the transfers and reports any difference."""
     ListPayouts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListPayoutsRequest, _ledger_pb2.ListPayoutsResponse]  # type: ignore[assignment]
@@ -155,7 +159,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetUsageResponse, _abc.Awaitable[_ledger_pb2.GetUsageResponse]]:
-        """Cost report per job or per period."""
+        """Cost and utilisation report per job, day, month, GPU model or provider; admins may ask
+        for every tenant's (all_tenants).
+        """
 
     @_abc_1.abstractmethod
     def CheckLedger(

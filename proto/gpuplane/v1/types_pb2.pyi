@@ -614,6 +614,7 @@ class JobUsage(_message.Message):
     GPU_TIME_MS_FIELD_NUMBER: _builtins.int
     AVG_GPU_UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
     PEAK_GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    AVG_GPU_UTILIZATION_BASIS_POINTS_FIELD_NUMBER: _builtins.int
     run_time_ms: _builtins.int
     """Wall-clock run time of the current attempt's container."""
     gpu_time_ms: _builtins.int
@@ -621,6 +622,11 @@ class JobUsage(_message.Message):
     avg_gpu_utilization_percent: _builtins.int
     """Mean GPU utilisation over telemetry samples of this job's GPUs; 0 without telemetry."""
     peak_gpu_memory_bytes: _builtins.int
+    avg_gpu_utilization_basis_points: _builtins.int
+    """The same mean in basis points (10000 = 100 %): over the charged attempts weighted by
+    their GPU time (the sample mean while none is charged yet), stored per attempt so every
+    replica and GetUsage show the same figure.
+    """
     def __init__(
         self,
         *,
@@ -628,10 +634,11 @@ class JobUsage(_message.Message):
         gpu_time_ms: _builtins.int = ...,
         avg_gpu_utilization_percent: _builtins.int = ...,
         peak_gpu_memory_bytes: _builtins.int = ...,
+        avg_gpu_utilization_basis_points: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_gpu_utilization_percent", b"avg_gpu_utilization_percent", "gpu_time_ms", b"gpu_time_ms", "peak_gpu_memory_bytes", b"peak_gpu_memory_bytes", "run_time_ms", b"run_time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_gpu_utilization_basis_points", b"avg_gpu_utilization_basis_points", "avg_gpu_utilization_percent", b"avg_gpu_utilization_percent", "gpu_time_ms", b"gpu_time_ms", "peak_gpu_memory_bytes", b"peak_gpu_memory_bytes", "run_time_ms", b"run_time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -653,6 +660,9 @@ class JobAttempt(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     CHARGED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     ATTEMPT_STATE_FIELD_NUMBER: _builtins.int
+    AVG_GPU_UTILIZATION_BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    GPU_UTILIZATION_SAMPLES_FIELD_NUMBER: _builtins.int
+    PEAK_GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     host_id: _builtins.str
     state: Global___JobState.ValueType
@@ -663,6 +673,12 @@ class JobAttempt(_message.Message):
     """The attempt's own state (`state` above is JOB_STATE_UNSPECIFIED for a LOST attempt, which
     is no job state; kept for clients of earlier releases).
     """
+    avg_gpu_utilization_basis_points: _builtins.int
+    """GPU utilisation measured from telemetry: the sample mean (basis points, 10000 = 100 %),
+    the sample count and the peak memory of its processes on one GPU.
+    """
+    gpu_utilization_samples: _builtins.int
+    peak_gpu_memory_bytes: _builtins.int
     @_builtins.property
     def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -682,10 +698,13 @@ class JobAttempt(_message.Message):
         exit_code: _builtins.int | None = ...,
         charged_micro_credits: _builtins.int = ...,
         attempt_state: Global___AttemptState.ValueType = ...,
+        avg_gpu_utilization_basis_points: _builtins.int = ...,
+        gpu_utilization_samples: _builtins.int = ...,
+        peak_gpu_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "attempt_state", b"attempt_state", "charged_micro_credits", b"charged_micro_credits", "exit_code", b"exit_code", "finished_at", b"finished_at", "gpu_uuids", b"gpu_uuids", "host_id", b"host_id", "reason", b"reason", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "attempt_state", b"attempt_state", "avg_gpu_utilization_basis_points", b"avg_gpu_utilization_basis_points", "charged_micro_credits", b"charged_micro_credits", "exit_code", b"exit_code", "finished_at", b"finished_at", "gpu_utilization_samples", b"gpu_utilization_samples", "gpu_uuids", b"gpu_uuids", "host_id", b"host_id", "peak_gpu_memory_bytes", b"peak_gpu_memory_bytes", "reason", b"reason", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
