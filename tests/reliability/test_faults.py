@@ -36,6 +36,10 @@ S = types_pb2
 pytestmark = [pytest.mark.timeout(90), pytest.mark.docker]
 
 
+# The `key` field of a presigned POST's form: which object the request stores.
+_FORM_KEY = re.compile(rb'name="key"\r\n\r\n([^\r]+)\r\n')
+
+
 class S3Proxy:
     """A TCP proxy on 127.0.0.1 in front of the S3 server, with three switches:
 
@@ -45,7 +49,8 @@ class S3Proxy:
       gets no more response bytes (the request still reaches S3); `held` is set then.
     - `rewrite_response(old, new)`: `old` is replaced by `new` (same length) once, in the
       bytes S3 sends back.
-    `requests` lists the request lines seen ("PUT /bucket/key").
+    `requests` lists the request lines seen ("PUT /bucket/key"), and for a POST of a form
+    the key it stores ("POST key").
     """
 
     def __init__(self, target_port: int) -> None:
@@ -119,6 +124,7 @@ class S3Proxy:
     ) -> None:
         while chunk := await reader.read(1 << 16):
             self.requests += [m.decode() for m in re.findall(rb"(?m)^[A-Z]+ /\S*", chunk)]
+            self.requests += [f"POST {m.decode()}" for m in _FORM_KEY.findall(chunk)]
             # Decided before the request goes on, so no byte of its response gets through.
             if self._hold is not None and self._hold.search(chunk):
                 self._hold = None
@@ -145,9 +151,17 @@ class S3Proxy:
 
 @pytest.fixture
 async def plane(
-    tmp_path: Path, nats_server: NatsServer, s3_server: S3Server
+    tmp_path: Path, nats_server: NatsServer, s3_server: S3Server, proxy: S3Proxy
 ) -> AsyncIterator[JobPlane]:
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server) as running:
+    """The control plane reaches S3 through the proxy, so the storage grants it signs name the
+    proxy: the daemons (which hold no S3 key) store through it too."""
+
+    def through_proxy(options: dict[str, object]) -> None:
+        options["s3_endpoint"] = proxy.endpoint
+
+    async with job_plane(
+        tmp_path / "cp", nats_server.url, s3_server, configure=through_proxy
+    ) as running:
         yield running
         # The books balance and the consumer paid exactly what its jobs were charged.
         await running.assert_ledger_consistent()
@@ -169,6 +183,10 @@ async def proxy(s3_server: S3Server) -> AsyncIterator[S3Proxy]:
         yield running
     finally:
         await running.stop()
+
+
+def md5(data: bytes) -> bytes:
+    return hashlib.md5(data).hexdigest().encode()
 
 
 def fetch(url: str) -> bytes:
@@ -256,9 +274,11 @@ async def test_daemon_killed_after_storing_results_before_reporting_settles_once
             max_retries=1,
         )
         # The window: manifest.json is the last object an attempt stores, and FINISHED is
-        # sent only once its PUT has been answered. The proxy lets that PUT reach S3 and
+        # sent only once its POST has been answered. The proxy lets that POST reach S3 and
         # swallows the answer, so the daemon is stuck between "stored" and "reported".
-        proxy.hold_response(rb"PUT /[^/ ]+/jobs/" + job.job_id.encode() + rb"/1/manifest\.json")
+        proxy.hold_response(
+            rb'name="key"\r\n\r\njobs/' + job.job_id.encode() + rb"/1/manifest\.json"
+        )
         async with asyncio.timeout(40):
             await proxy.held.wait()
             while not await plane.plane.store.exists(layout.manifest_key(job.job_id, 1)):
@@ -318,6 +338,10 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
     test_image: str,
 ) -> None:
     token = await plane.token()
+    # S3 itself, not through the proxy (the control plane's store is behind it).
+    direct = ObjectStore(
+        s3_server.endpoint, s3_server.access_key, s3_server.secret_key, bucket="gpuplane"
+    )
     agent = Agent(
         DaemonSettings(
             control_plane=plane.address,
@@ -351,18 +375,18 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
             while proxy.refused < 6:  # two tries at least (each with the SDK's own retries)
                 assert (await plane.get(job.job_id)).state == S.JOB_STATE_UPLOADING
                 await asyncio.sleep(0.05)
-        assert not await plane.plane.store.exists(layout.manifest_key(job.job_id, 1))
+        assert not await direct.exists(layout.manifest_key(job.job_id, 1))
         refused = proxy.refused
-        # Back up, but the first read-back of result.txt returns other bytes of the same
-        # length: the daemon's verification must reject that try and store it again.
-        proxy.rewrite_response(payload.encode(), payload.upper().encode())
+        # Back up, but S3's answer to the POST of result.txt names other bytes (the ETag, the
+        # MD5 of what it stored): the daemon's check must reject that try and store it again.
+        proxy.rewrite_response(md5(payload.encode()), md5(payload.upper().encode()))
         proxy.up()
         done = await plane.wait_for(
             job.job_id, [S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED], timeout=40
         )
         assert done.state == S.JOB_STATE_SUCCEEDED, done.state_reason
         assert proxy.rewritten == 1
-        puts = [r for r in proxy.requests if r.startswith("PUT") and "output/result.txt" in r]
+        puts = [r for r in proxy.requests if r.startswith("POST") and "output/result.txt" in r]
         assert len(puts) >= 2, proxy.requests  # stored again after the mismatch
         print(f"{refused} connections refused while down; PUTs of result.txt: {len(puts)}")
         checked = await assert_results_stored_once(plane, done)
@@ -372,14 +396,14 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
         await agent.stop()
 
     # At rest: bytes changed behind the manifest's back are caught by the same check.
-    store: ObjectStore = plane.plane.store
+    store = direct
     key = layout.output_key(job.job_id, 1, "result.txt")
     await store.put_bytes(key, payload.upper().encode())
     with pytest.raises(ManifestMismatch, match=re.escape(key)):
         await verify_attempt(store, job.job_id, 1)
     summary.record(
         "S3 down during upload; corrupted bytes",
-        f"{refused} refused connections, 1 corrupted read-back, 1 corrupted object at rest: "
+        f"{refused} refused connections, 1 corrupted store answer, 1 corrupted object at rest: "
         f"job stayed UPLOADING, then SUCCEEDED with {checked} verified objects",
         faults_injected=3,
         jobs_run=1,
