@@ -1,7 +1,8 @@
 """Faults injected into the whole system (control plane, real daemons, Docker, NATS, S3): a daemon
 killed between storing its results and reporting them, S3 unavailable while a job uploads, and
-stored bytes that differ from the manifest. The daemon reaches S3 through a TCP proxy in this
-test, so "S3 is down" and "this response never arrives" are switched on and off exactly."""
+stored bytes that differ from the manifest. The control plane and the daemons (through the
+grants it signs) reach S3 through a TCP proxy in this test, so "S3 is down" and "this response
+never arrives" are switched on and off exactly."""
 
 from __future__ import annotations
 
@@ -237,9 +238,10 @@ async def double_settlements(plane: JobPlane, job: types_pb2.Job) -> int:
 
 
 def start_daemon_process(
-    plane: JobPlane, token: str, data_dir: Path, s3: S3Server, endpoint: str, engine: DockerEngine
+    plane: JobPlane, token: str, data_dir: Path, engine: DockerEngine
 ) -> subprocess.Popen[bytes]:
-    """`gpuplane daemon run` with one simulated GPU, reaching S3 at `endpoint`."""
+    """`gpuplane daemon run` with one simulated GPU and no S3 key: it stores through the
+    grants of its dispatches, which name the control plane's S3 endpoint (the proxy)."""
     gpuplane = Path(sys.executable).parent / "gpuplane"
     env = dict(os.environ, GPUPLANE_DAEMON_HEARTBEAT_INTERVAL_MS="200")
     log = (data_dir.parent / f"{data_dir.name}.log").open("ab")
@@ -247,8 +249,7 @@ def start_daemon_process(
     argv += ["--token", token]
     argv += ["--data-dir", str(data_dir), "--simulate-gpus", "1xA100-80GB"]
     argv += ["--gpu-device-requests", "always", "--docker-host", engine.base_url]
-    argv += ["--s3-endpoint", endpoint, "--s3-access-key", s3.access_key]
-    argv += ["--s3-secret-key", s3.secret_key, "--price-per-gpu-hour", "2"]
+    argv += ["--price-per-gpu-hour", "2"]
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -263,7 +264,7 @@ async def test_daemon_killed_after_storing_results_before_reporting_settles_once
 ) -> None:
     token = await plane.token()
     data_dir = tmp_path / "daemon"
-    daemon = start_daemon_process(plane, token, data_dir, s3_server, proxy.endpoint, docker_engine)
+    daemon = start_daemon_process(plane, token, data_dir, docker_engine)
     restarted: subprocess.Popen[bytes] | None = None
     host_id = ""
     try:
@@ -293,9 +294,7 @@ async def test_daemon_killed_after_storing_results_before_reporting_settles_once
             f"killed the daemon with attempt 1 stored under {layout.attempt_prefix(job.job_id, 1)}"
         )
 
-        restarted = start_daemon_process(
-            plane, token, data_dir, s3_server, proxy.endpoint, docker_engine
-        )
+        restarted = start_daemon_process(plane, token, data_dir, docker_engine)
         done = await plane.wait_for(
             job.job_id, [S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED], timeout=40
         )
@@ -351,9 +350,6 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
             simulate_gpus="1xA100-80GB",
             gpu_device_requests="always",
             docker_host=docker_engine.base_url,
-            s3_endpoint=proxy.endpoint,
-            s3_access_key=s3_server.access_key,
-            s3_secret_key=SecretStr(s3_server.secret_key),
             heartbeat_interval_ms=200,
             reconnect_max_seconds=1.0,
             upload_attempts=12,
