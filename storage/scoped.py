@@ -128,6 +128,11 @@ class GrantedStore:
         return await asyncio.to_thread(self._post, key, io.BytesIO(data), len(data), content_type)
 
     def _post(self, key: str, handle: BinaryIO, length: int, content_type: str) -> StoredObject:
+        if not self.grant.upload_url:
+            raise StorageError(
+                f"'{key}': the dispatch carries no storage grant (a control plane older than "
+                "this daemon?), so nothing can be stored"
+            )
         boundary = uuid.uuid4().hex
         fields = {**self.grant.upload_fields, "key": key, "Content-Type": content_type}
         head = b"".join(
