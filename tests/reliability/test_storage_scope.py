@@ -42,11 +42,12 @@ class Hostile:
         self.tried = 0
 
     def refused(self, method: str, url: str, **kw: object) -> str:
-        """Sends one request; asserts the S3 server refused it (403) and returns its code."""
+        """Sends one request; asserts the S3 server refused it (403, or 400 for a key it will
+        not take) and returns its error code."""
         self.tried += 1
         response = self.http.request(method, url, **kw)  # type: ignore[arg-type]
         body = response.data.decode(errors="replace")
-        assert response.status == 403, f"{method} {url}: {response.status} {body[:300]}"
+        assert response.status in (400, 403), f"{method} {url}: {response.status} {body[:300]}"
         found = _CODE.search(body)
         return found.group(1) if found else ""
 
@@ -106,7 +107,7 @@ async def test_a_daemon_cannot_leave_its_attempt_in_the_bucket(
         hostile = Hostile(s3_server, grant)
         url = grant.input_urls[own_input]
         codes = await asyncio.to_thread(attacks, hostile, url, prefix, secret, earlier)
-        assert set(codes) <= {"AccessDenied", "SignatureDoesNotMatch"}, codes
+        assert set(codes) <= {"AccessDenied", "SignatureDoesNotMatch", "InvalidRequest"}, codes
         # Nothing it tried changed anything.
         assert admin.get_object(BUCKET, secret).read() == b"secret"
         assert admin.get_object(BUCKET, earlier).read() == b"result"
@@ -139,6 +140,8 @@ def attacks(hostile: Hostile, url: str, prefix: str, secret: str, earlier: str) 
         hostile.post(layout.input_key("t", "planted.bin"), b"forged"),
         hostile.post("planted.bin", b"forged"),
         hostile.post(prefix.rstrip("/") + "-other/output/x", b"forged"),
+        # Climb out from inside the prefix (the policy's condition is on the literal key).
+        hostile.post(f"{prefix}../../{earlier.split('/')[1]}/1/output/result.bin", b"forged"),
         hostile.refused("PUT", f"{base}/{prefix}output/unsigned", body=b"forged"),
         hostile.refused("PUT", url, body=b"forged"),
         hostile.refused("PUT", retarget(url, earlier), body=b"forged"),
