@@ -87,9 +87,6 @@ async def _daemon(
             simulate_gpus=DAEMON_GPUS,
             gpu_device_requests="always",
             docker_host=engine.base_url,
-            s3_endpoint=s3.endpoint,
-            s3_access_key=s3.access_key,
-            s3_secret_key=SecretStr(s3.secret_key),
             max_concurrent_jobs=8,
         )
     )

@@ -191,6 +191,7 @@ class ControlPlane:
             fence=leader.fence,
             policy=policy,
             reject=jobs.reject_unsatisfiable,
+            store=self.store,
         )
         scheduler.on_cycle = self._observe_cycle
         return Domains(db, monitor, registry, auth, jobs, ledger, scheduler, policy, market)

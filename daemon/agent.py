@@ -41,7 +41,7 @@ from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, Tel
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 from messaging.tasks import stop_tasks
 from messaging.tls import nats_tls_context
-from storage.objects import ObjectStore
+from storage.scoped import GrantedStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,7 +75,7 @@ class Agent:
         self._channel: grpc.aio.Channel | None = None
         self._bus: DaemonBus | None = None
         self._runtime: DockerRuntime | None = None
-        self._store: ObjectStore | None = None
+        self._http: urllib3.PoolManager | None = None
         self.connect: ConnectClient | None = None
 
     @property
@@ -98,7 +98,7 @@ class Agent:
         self._runtime = DockerRuntime(
             client, settings, host_id=identity.host_id, simulated_gpus=self.inventory.simulated
         )
-        self._store = self._object_store()
+        self._http = self._object_http()
         servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
         self._bus = await DaemonBus.connect(
             servers,
@@ -129,22 +129,14 @@ class Agent:
             "simulated " if self.inventory.simulated else "",
         )
 
-    def _object_store(self) -> ObjectStore:
-        settings = self.settings
-        return ObjectStore(
-            settings.s3_endpoint,
-            settings.s3_access_key,
-            settings.s3_secret_key.get_secret_value(),
-            bucket=settings.s3_bucket,
-            secure=settings.s3_secure,
-            region=settings.s3_region,
-            # Fail within seconds and let the executor's upload retries (with backoff) decide;
-            # the SDK's own retries would hold a worker thread for a long time per call.
-            http_client=urllib3.PoolManager(
-                maxsize=16,
-                timeout=urllib3.Timeout(connect=5.0, read=120.0),
-                retries=urllib3.Retry(total=2, backoff_factor=0.5),
-            ),
+    @staticmethod
+    def _object_http() -> urllib3.PoolManager:
+        """The HTTP pool of every attempt's storage grant (the daemon holds no S3 key). It
+        fails within seconds and lets the executor's upload retries (with backoff) decide."""
+        return urllib3.PoolManager(
+            maxsize=16,
+            timeout=urllib3.Timeout(connect=5.0, read=120.0),
+            retries=urllib3.Retry(total=2, backoff_factor=0.5),
         )
 
     def _connect_client(self, identity: HostIdentity) -> ConnectClient:
@@ -275,13 +267,13 @@ class Agent:
         journaled: JournalEntry | None = None,
     ) -> None:
         assert self._runtime is not None
-        assert self._store is not None
+        assert self._http is not None
         assert self._bus is not None
         executor = JobExecutor(
             dispatch,
             host_id=self.host_id,
             runtime=self._runtime,
-            store=self._store,
+            store=GrantedStore(dispatch.storage, self._http),
             settings=self.settings,
             report=self._bus.publish_report,
             publish_log=self._bus.publish_log,

@@ -61,9 +61,6 @@ _FIELDS = {
     "docker_host": "docker_host",
     "gpu_device_requests": "gpu_device_requests",
     "nats_url": "nats_url",
-    "s3_endpoint": "s3_endpoint",
-    "s3_access_key": "s3_access_key",
-    "s3_bucket": "s3_bucket",
     "log_level": "log_level",
 }
 
@@ -89,11 +86,6 @@ def add_daemon_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--docker-host", metavar="URL", help="Docker engine; default: the environment's")
     add("--gpu-device-requests", choices=["auto", "always", "never"])
     add("--nats-url", help="NATS server(s), comma-separated; default: from registration")
-    add("--s3-endpoint", metavar="HOST:PORT")
-    add("--s3-access-key")
-    add("--s3-secret-key")
-    add("--s3-secure", action=argparse.BooleanOptionalAction, default=None)
-    add("--s3-bucket")
     add("--log-level")
     return run  # type: ignore[no-any-return]
 
@@ -124,12 +116,8 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
             overrides[field] = value
     if getattr(args, "token", None):
         overrides["registration_token"] = SecretStr(args.token)
-    if getattr(args, "s3_secret_key", None):
-        overrides["s3_secret_key"] = SecretStr(args.s3_secret_key)
     if getattr(args, "plaintext", None):
         overrides["plaintext"] = True
-    if getattr(args, "s3_secure", None) is not None:
-        overrides["s3_secure"] = args.s3_secure
     if getattr(args, "label", None):
         overrides["labels"] = dict(args.label)
     return DaemonSettings(**overrides)

@@ -33,14 +33,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 from docker.errors import DockerException
 from docker.models.containers import Container
 from gpuplane.v1 import messaging_pb2
 
 from daemon.endings import START_FAILURES, RunLimit, finished_reason, run_limit, start_failure
-from daemon.inputs import fetch_inputs
+from daemon.inputs import ObjectReader, fetch_inputs
 from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
 from daemon.progress import Progress
@@ -48,7 +48,7 @@ from daemon.runtime import DockerRuntime, ExitInfo
 from daemon.settings import DaemonSettings
 from daemon.uploads import store_results
 from messaging.subjects import logs_subject
-from storage.objects import ObjectStore
+from storage.upload import ObjectWriter
 
 log = logging.getLogger(__name__)
 Kind = messaging_pb2.JobReportKind
@@ -74,6 +74,10 @@ def work_dir_for(settings: DaemonSettings, job_id: str, attempt: int) -> Path:
     return settings.work_dir / f"{job_id}-{attempt}".replace("/", "_")
 
 
+class AttemptStore(ObjectReader, ObjectWriter, Protocol):
+    """What an attempt reads its inputs from and stores its results in."""
+
+
 class _Cancelled(Exception):
     """cancel() was called while the attempt was preparing or uploading."""
 
@@ -87,7 +91,7 @@ class JobExecutor:
         *,
         host_id: str,
         runtime: DockerRuntime,
-        store: ObjectStore,
+        store: AttemptStore,
         settings: DaemonSettings,
         report: ReportFn,
         publish_log: PublishLog | None = None,
@@ -97,7 +101,8 @@ class JobExecutor:
         self.job_id, self.attempt = dispatch.job_id, dispatch.attempt
         self.host_id = host_id
         self.runtime = runtime
-        self.store = store.for_bucket(dispatch.bucket or settings.s3_bucket)
+        # The agent's is a GrantedStore of this dispatch's grant (no key of the daemon's own).
+        self.store = store
         self.settings = settings
         self._report = report
         self._publish_log = publish_log

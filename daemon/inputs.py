@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from gpuplane.v1 import types_pb2
 
 from storage.layout import input_key
-from storage.objects import ObjectNotFound, ObjectStore, StorageError
+from storage.objects import ObjectNotFound, StorageError, StoredObject
+
+
+class ObjectReader(Protocol):
+    """Where inputs come from: the attempt's grant (`GrantedStore`) or, in tests, the bucket."""
+
+    async def download_file(self, key: str, path: Path) -> StoredObject: ...
 
 
 class InputError(Exception):
@@ -37,7 +44,7 @@ def input_path(item: types_pb2.JobInput) -> PurePosixPath:
 
 
 async def fetch_inputs(
-    store: ObjectStore, tenant_id: str, inputs: list[types_pb2.JobInput], input_dir: Path
+    store: ObjectReader, tenant_id: str, inputs: list[types_pb2.JobInput], input_dir: Path
 ) -> int:
     """Downloads every input (validated first, so a bad path fails before any transfer),
     checking each against its `sha256` where the job carries one; returns the bytes fetched."""

@@ -21,7 +21,7 @@ from daemon import preflight
 
 SERVICE = "gpuplane-daemon"
 ENV_PREFIX = "GPUPLANE_DAEMON_"
-SECRET_KEYS = {"REGISTRATION_TOKEN", "S3_SECRET_KEY"}
+SECRET_KEYS = {"REGISTRATION_TOKEN"}
 # The checkout this module lives in, when it is one (installed from source by default).
 SOURCE_TREE = Path(__file__).resolve().parent.parent
 UNIT_TEMPLATE = """\
@@ -144,10 +144,6 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, str]:
         "simulate_gpus",
         "location",
         "nats_url",
-        "s3_endpoint",
-        "s3_access_key",
-        "s3_secret_key",
-        "s3_bucket",
         "docker_host",
     ):
         value = getattr(args, flag, None)
@@ -156,8 +152,6 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, str]:
             values[ENV_PREFIX + name] = value
     if args.price_per_gpu_hour is not None:
         values[ENV_PREFIX + "PRICE_PER_GPU_HOUR_MICRO_CREDITS"] = str(args.price_per_gpu_hour)
-    if args.s3_secure is not None:
-        values[ENV_PREFIX + "S3_SECURE"] = "true" if args.s3_secure else "false"
     if args.label:
         values[ENV_PREFIX + "LABELS"] = json.dumps(dict(args.label), sort_keys=True)
     for key, value in args.set or []:
@@ -204,11 +198,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--label", type=_key_value, action="append", metavar="KEY=VALUE", help="repeatable")
     add("--docker-host", metavar="URL", help="Docker engine (default: DOCKER_HOST or the socket)")
     add("--nats-url", help="NATS server(s), comma-separated (default: from registration)")
-    add("--s3-endpoint", metavar="HOST:PORT")
-    add("--s3-access-key")
-    add("--s3-secret-key")
-    add("--s3-secure", action=argparse.BooleanOptionalAction, default=None)
-    add("--s3-bucket")
     add("--set", type=_key_value, action="append", metavar="KEY=VALUE", help="any daemon setting")
 
 

@@ -107,12 +107,6 @@ class DaemonSettings(BaseSettings):
     nats_key_file: Path | None = Field(
         default=None, description="PEM private key of nats_cert_file."
     )
-    s3_endpoint: str = Field(default="127.0.0.1:8333", description="S3 API host:port.")
-    s3_access_key: str = Field(default="gpuplane")
-    s3_secret_key: SecretStr = Field(default=SecretStr("gpuplane-secret"))
-    s3_secure: bool = Field(default=False)
-    s3_region: str = Field(default="us-east-1")
-    s3_bucket: str = Field(default="gpuplane", description="Used when a dispatch names none.")
     usage_report_interval_seconds: float = Field(default=60.0, gt=0)
     default_pids_limit: int = Field(default=1024, gt=0)
     default_memory_bytes: int = Field(default=0, ge=0, description="0 = no memory limit.")

@@ -11,8 +11,8 @@ from pathlib import Path
 from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.settings import DaemonSettings
-from storage.objects import ObjectStore, StorageError
-from storage.upload import ManifestMismatch, OutputTooLarge, upload_attempt, verify_attempt
+from storage.objects import StorageError
+from storage.upload import ObjectWriter, OutputTooLarge, upload_attempt
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Stored:
 
 
 async def store_results(
-    store: ObjectStore,
+    store: ObjectWriter,
     dispatch: messaging_pb2.DispatchMessage,
     output_dir: Path,
     log_files: Mapping[str, Path],
@@ -39,8 +39,9 @@ async def store_results(
 ) -> Stored:
     """Uploads outputs, logs and the manifest; returns the manifest stored.
 
-    Every stored object is then read back and checked against the manifest (size, SHA-256)
-    before the manifest is returned; a mismatch is a failed try like any other.
+    The daemon cannot read its results back (its grant only writes): each object's ETag, the
+    MD5 of what the server stored, is checked against the bytes sent instead; a mismatch is a
+    failed try like any other.
     Transient failures are retried `settings.upload_attempts` times with exponential backoff
     from `upload_retry_base_seconds` (capped at 30 s). After the last one the failure is
     STOP_REASON_UPLOAD_FAILED and the manifest is empty. Outputs over `output_max_bytes` are
@@ -60,10 +61,8 @@ async def store_results(
                 outputs,
                 logs,
                 max_output_bytes=settings.output_max_bytes,
+                max_object_bytes=getattr(store, "max_object_bytes", 0),
             )
-            # What settles the job is what is stored, not what was sent: read it back.
-            if await verify_attempt(store, dispatch.job_id, dispatch.attempt) != manifest:
-                raise ManifestMismatch("the stored manifest.json differs from the one sent")
             if too_large:
                 return Stored(manifest, StopReason.STOP_REASON_OUTPUT_TOO_LARGE, too_large)
             return Stored(manifest)

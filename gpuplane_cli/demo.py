@@ -153,10 +153,6 @@ async def start_daemon(stack: Stack, token: str, daemon: LocalDaemon) -> None:
         data_dir=stack.data_dir / "daemon",
         simulate_gpus=await asyncio.to_thread(_simulate_gpus),
         docker_host=daemon.docker_url,
-        s3_endpoint=stack.s3.endpoint,
-        s3_access_key=stack.s3.access_key,
-        s3_secret_key=SecretStr(stack.s3.secret_key),
-        s3_bucket="gpuplane",
         labels={"demo": "true"},
     )
     agent: Agent = module.Agent(settings)

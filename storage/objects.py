@@ -13,7 +13,7 @@ from typing import BinaryIO, TypeVar
 
 import urllib3
 from minio import Minio
-from minio.datatypes import Part
+from minio.datatypes import Part, PostPolicy
 from minio.error import S3Error
 
 # S3 error codes that mean "no such object" (NoSuchKey on GET, NotFound on HEAD).
@@ -95,6 +95,7 @@ class ObjectStore:
         self.endpoint = endpoint
         self.bucket = bucket
         self.region = region
+        self.secure = secure
         self._client = Minio(
             endpoint,
             access_key=access_key,
@@ -108,6 +109,7 @@ class ObjectStore:
     def _sharing(cls, other: ObjectStore, bucket: str) -> ObjectStore:
         store = cls.__new__(cls)
         store.endpoint, store.bucket, store.region = other.endpoint, bucket, other.region
+        store.secure = other.secure
         store._client = other._client
         return store
 
@@ -222,6 +224,27 @@ class ObjectStore:
         except (OSError, urllib3.exceptions.HTTPError) as exc:
             # Presigning needs no round trip (the region is given) unless the SDK must ask.
             raise StorageError(str(exc)) from exc
+
+    def sign_get(self, key: str, ttl_seconds: int) -> str:
+        """`presign_get` without a thread: the SDK signs locally since the region is given
+        (for a caller that builds many URLs at once, as the scheduler does per dispatch)."""
+        return self._client.get_presigned_url(
+            "GET", self.bucket, key, expires=timedelta(seconds=ttl_seconds)
+        )
+
+    def sign_post(
+        self, prefix: str, expires_at: datetime, max_bytes: int
+    ) -> tuple[str, dict[str, str]]:
+        """A presigned POST policy: (bucket URL, form fields) that store any key starting
+        with `prefix`, of at most `max_bytes`, with any Content-Type, until `expires_at`.
+        The S3 server checks every condition; the holder can do nothing else with it."""
+        policy = PostPolicy(self.bucket, expires_at)
+        policy.add_starts_with_condition("key", prefix)
+        policy.add_starts_with_condition("Content-Type", "")
+        policy.add_content_length_range_condition(0, max_bytes)
+        fields = self._client.presigned_post_policy(policy)
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{self.endpoint}/{self.bucket}", dict(fields)
 
     async def start_multipart(self, key: str) -> str:
         """Starts a multipart upload of `key`; returns its upload id."""

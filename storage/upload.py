@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from gpuplane.v1 import types_pb2
 
@@ -29,6 +30,15 @@ class OutputTooLarge(Exception):
 class ManifestMismatch(StorageError):
     """A stored object's bytes differ from what the attempt's manifest says (size or
     SHA-256), or an object the manifest lists is missing."""
+
+
+class ObjectWriter(Protocol):
+    """Where an attempt's results go: the bucket itself (`ObjectStore`, with the control
+    plane's key) or one attempt's grant (`GrantedStore`, the daemon's)."""
+
+    async def put_file(self, key: str, path: Path) -> StoredObject: ...
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str = ...) -> StoredObject: ...
 
 
 @dataclass(frozen=True)
@@ -74,20 +84,22 @@ def _result(stored: StoredObject, path: str) -> types_pb2.ResultObject:
 
 
 async def upload_attempt(
-    store: ObjectStore,
+    store: ObjectWriter,
     job_id: str,
     attempt: int,
     output_dir: Path | None,
     logs: Mapping[str, bytes | Path],
     *,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+    max_object_bytes: int = 0,
 ) -> list[types_pb2.ResultObject]:
     """Stores every file under `output_dir` and the `logs` ("stdout"/"stderr" → bytes or a
     file), then manifest.json listing them; returns the manifest entries, outputs first.
 
     The manifest is written last, so its presence means the attempt's results are complete.
     Re-running for the same attempt overwrites the same keys. Raises `OutputTooLarge`
-    before uploading anything when the outputs exceed `max_output_bytes`.
+    before uploading anything when the outputs exceed `max_output_bytes`, or one file exceeds
+    `max_object_bytes` (when set: what one request of the attempt's grant may store).
     """
     files = await asyncio.to_thread(scan_outputs, output_dir) if output_dir is not None else []
     total = sum(f.size_bytes for f in files)
@@ -95,6 +107,12 @@ async def upload_attempt(
         raise OutputTooLarge(
             f"/output holds {total} bytes in {len(files)} files, over this host's limit of "
             f"{max_output_bytes} bytes"
+        )
+    largest = max(files, key=lambda f: f.size_bytes, default=None)
+    if max_object_bytes and largest is not None and largest.size_bytes > max_object_bytes:
+        raise OutputTooLarge(
+            f"/output/{largest.relative} holds {largest.size_bytes} bytes, over the "
+            f"{max_object_bytes} bytes one output file may have"
         )
     limit = asyncio.Semaphore(_PARALLEL_UPLOADS)
 

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import messaging_pb2, types_pb2
@@ -34,7 +34,9 @@ from controlplane.scheduler.feasibility import Feasibility
 from controlplane.scheduler.planner import Placed, Plan, PlannerConfig, plan_cycle
 from controlplane.scheduler.repository import SchedulerRepository
 from messaging.subjects import dispatch_msg_id, dispatch_subject
+from storage.grants import attempt_grant
 from storage.layout import attempt_prefix
+from storage.objects import ObjectStore
 
 __all__ = ["SCHEDULABLE_HOST_STATES", "Scheduler", "SchedulerPolicy", "capacity_snapshot"]
 
@@ -85,10 +87,14 @@ class Scheduler:
         fence: Fence | None = None,
         policy: SchedulerPolicy | None = None,
         reject: Reject | None = None,
+        store: ObjectStore | None = None,
     ) -> None:
         self.db = db
         self.notifier = notifier
         self.bucket = bucket
+        # Signs each dispatch's storage grant; without it (a scheduler alone, in benchmarks)
+        # dispatches carry none.
+        self.store = store
         self.fence = fence
         # Without it (a scheduler alone, in benchmarks) unsatisfiable jobs just wait.
         self.reject = reject
@@ -291,6 +297,18 @@ class Scheduler:
             budget_micro_credits=budget.amount if budget else 0,
             budget_run_time_ms=budget.run_ms if budget else 0,
         )
+        if self.store is not None:
+            message.storage.CopyFrom(
+                attempt_grant(
+                    self.store,
+                    tenant_id=job.tenant_id,
+                    job_id=job.id,
+                    attempt=job.attempt,
+                    inputs=spec.inputs,
+                    deadline=deadline.ToDatetime(UTC),
+                    now=now,
+                )
+            )
         return {
             "subject": dispatch_subject(placed.host_id),
             "msg_id": dispatch_msg_id(job.id, job.attempt),

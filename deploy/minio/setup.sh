@@ -1,8 +1,10 @@
 #!/bin/sh
 # One-shot MinIO setup for deploy/compose.yaml (run by the `minio-setup` service, in the
 # minio/mc image, which is minimal, so: mc and shell builtins only): the results bucket with
-# versioning, and one access key each for the control planes and the daemons, allowed only
-# that bucket (gpuplane-bucket.json names it). Idempotent: every `up` runs it.
+# versioning, and the control planes' access key, allowed only that bucket
+# (gpuplane-bucket.json names it). Daemons get no key: each dispatch carries presigned URLs and
+# a POST policy for its own attempt, signed with this key (docs/DESIGN.md, "Storage scoped to
+# one attempt"). Idempotent: every `up` runs it.
 set -eu
 
 mc alias set local "$S3_URL" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD"
@@ -11,7 +13,8 @@ mc mb --ignore-existing "local/$BUCKET"
 # (deploy/README.md, backups) requires it.
 mc version enable "local/$BUCKET"
 
-# The control planes' and daemons' policy: read and write the bucket's objects, nothing else.
+# The control planes' policy: read and write the bucket's objects, nothing else. What a grant
+# allows a daemon is at most this, narrowed by its signature to one attempt.
 mc admin policy create local gpuplane-bucket /gpuplane-bucket.json
 
 add_user() {
@@ -24,5 +27,4 @@ add_user() {
     esac
 }
 add_user "$CONTROLPLANE_S3_ACCESS_KEY" "$CONTROLPLANE_S3_SECRET_KEY"
-add_user "$DAEMON_S3_ACCESS_KEY" "$DAEMON_S3_SECRET_KEY"
 echo "minio-setup: bucket $BUCKET ready"

@@ -9,6 +9,7 @@ import json
 import os
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 from typing import cast
 
@@ -19,11 +20,13 @@ from gpuplane.v1 import jobs_pb2, messaging_pb2, registry_pb2, registry_pb2_grpc
 from nats.aio.msg import Msg
 from pydantic import SecretStr
 
+from controlplane.db.base import utcnow
 from daemon.agent import Agent
 from daemon.executor import JobExecutor
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
+from storage.grants import attempt_grant
 from tests.harness import JobPlane
 
 S = types_pb2
@@ -42,9 +45,6 @@ def daemon_settings(
         simulate_gpus="2xA100-80GB",
         gpu_device_requests="always",
         docker_host=engine.base_url,
-        s3_endpoint=s3.endpoint,
-        s3_access_key=s3.access_key,
-        s3_secret_key=SecretStr(s3.secret_key),
         usage_report_interval_seconds=0.5,
         heartbeat_interval_ms=200,
         reconnect_max_seconds=1.0,
@@ -206,6 +206,16 @@ async def test_dispatch_poison_foreign_gpus_and_duplicates(
             tenant_id="t",
             spec=S.JobSpec(image=test_image, args=["sleep", "1"], max_duration_seconds=30),
             gpu_uuids=[agent.inventory.gpus[0].uuid],
+            # Signed as the scheduler would: the daemon stores nothing without a grant.
+            storage=attempt_grant(
+                plane.plane.store,
+                tenant_id="t",
+                job_id="job-twice",
+                attempt=1,
+                inputs=[],
+                deadline=utcnow() + timedelta(minutes=5),
+                now=utcnow(),
+            ),
         )
         await js.publish(subject, twice.SerializeToString(), headers={"Nats-Msg-Id": "a"})
         await js.publish(subject, twice.SerializeToString(), headers={"Nats-Msg-Id": "b"})
@@ -221,6 +231,10 @@ async def test_dispatch_poison_foreign_gpus_and_duplicates(
         assert failed[0].reason == "this host has no GPU GPU-x"
         twice_kinds = [r.kind for r in reports if r.job_id == "job-twice"]
         assert twice_kinds.count(K.JOB_REPORT_KIND_STARTING) == 1
+        finished = [r for r in reports if r.kind == K.JOB_REPORT_KIND_FINISHED]
+        assert [r.stop_reason for r in finished] == [
+            messaging_pb2.STOP_REASON_COMPLETED
+        ]  # stored with it
         assert agent.journal.entries() == []
         info = await js.consumer_info(DISPATCH_STREAM, dispatch_durable(agent.host_id))
         assert info.num_ack_pending == 0

@@ -46,7 +46,6 @@ def test_flags_override_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "tier=gold",
         "--token",
         "grt_flag",
-        "--no-s3-secure",
     )
     settings = settings_from_args(args)
     assert settings.control_plane == "from-flag:2"
@@ -55,7 +54,6 @@ def test_flags_override_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert settings.labels == {"rack": "r1", "tier": "gold"}
     assert settings.registration_token is not None
     assert settings.registration_token.get_secret_value() == "grt_flag"
-    assert settings.s3_secure is False
 
 
 def test_unknown_simulated_model_exits_with_usage_code(

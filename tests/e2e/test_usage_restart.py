@@ -37,7 +37,6 @@ async def start_daemon(
     tmp_path: Path,
     fake_nvml: Path,
     state: Path,
-    s3: S3Server,
     engine: DockerEngine,
 ) -> subprocess.Popen[bytes]:
     token = await plane.token()
@@ -52,8 +51,7 @@ async def start_daemon(
     gpuplane = Path(sys.executable).parent / "gpuplane"
     argv = [str(gpuplane), "daemon", "run", "--plaintext", "--control-plane", plane.address]
     argv += ["--token", token, "--data-dir", str(tmp_path / "daemon")]
-    argv += ["--docker-host", engine.base_url, "--s3-endpoint", s3.endpoint]
-    argv += ["--s3-access-key", s3.access_key, "--s3-secret-key", s3.secret_key]
+    argv += ["--docker-host", engine.base_url]  # no S3 key: each dispatch carries a grant
     argv += ["--price-per-gpu-hour", "2"]
     with (tmp_path / "daemon.log").open("wb") as log:
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -113,7 +111,7 @@ async def test_utilisation_is_the_same_in_jobs_get_and_usage_after_a_restart(
         ) as first:
             consumer = first.consumer_key
             options["bootstrap_admin_key"] = SecretStr(first.admin_key)  # the restart's key
-            daemon = await start_daemon(first, tmp_path, fake_nvml, state, s3_server, docker_engine)
+            daemon = await start_daemon(first, tmp_path, fake_nvml, state, docker_engine)
             job = await first.submit(image=test_image, command=["sh", "-c", "sleep 8"], gpu_count=1)
             await first.wait_for(job.job_id, [S.JOB_STATE_RUNNING], timeout=60)
             measured = await measured_in_memory(first, job.job_id, at_least=3)

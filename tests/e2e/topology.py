@@ -131,8 +131,7 @@ def spawn_daemon(
     argv += ["--control-plane", planes, "--token", token, "--data-dir", str(directory / "data")]
     argv += ["--simulate-gpus", GPUS, "--gpu-device-requests", "always"]
     argv += ["--docker-host", engine.base_url, "--nats-url", cluster.urls]
-    argv += ["--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key]
-    argv += ["--s3-secret-key", s3.secret_key, "--price-per-gpu-hour", str(PRICE)]
+    argv += ["--price-per-gpu-hour", str(PRICE)]
     with (directory / "daemon.log").open("wb") as log:
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -395,8 +395,7 @@ def start_daemon(
     argv += ["--token", token]
     argv += ["--data-dir", str(data_dir), "--simulate-gpus", "1xA100-80GB"]
     argv += ["--gpu-device-requests", "always", "--docker-host", engine.base_url]
-    argv += ["--s3-endpoint", s3.endpoint, "--s3-access-key", s3.access_key]
-    argv += ["--s3-secret-key", s3.secret_key, "--price-per-gpu-hour", "2"]
+    argv += ["--price-per-gpu-hour", "2"]
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 

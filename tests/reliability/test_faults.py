@@ -1,7 +1,8 @@
 """Faults injected into the whole system (control plane, real daemons, Docker, NATS, S3): a daemon
 killed between storing its results and reporting them, S3 unavailable while a job uploads, and
-stored bytes that differ from the manifest. The daemon reaches S3 through a TCP proxy in this
-test, so "S3 is down" and "this response never arrives" are switched on and off exactly."""
+stored bytes that differ from the manifest. The control plane and the daemons (through the
+grants it signs) reach S3 through a TCP proxy in this test, so "S3 is down" and "this response
+never arrives" are switched on and off exactly."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ S = types_pb2
 pytestmark = [pytest.mark.timeout(90), pytest.mark.docker]
 
 
+# The `key` field of a presigned POST's form: which object the request stores.
+_FORM_KEY = re.compile(rb'name="key"\r\n\r\n([^\r]+)\r\n')
+
+
 class S3Proxy:
     """A TCP proxy on 127.0.0.1 in front of the S3 server, with three switches:
 
@@ -45,7 +50,8 @@ class S3Proxy:
       gets no more response bytes (the request still reaches S3); `held` is set then.
     - `rewrite_response(old, new)`: `old` is replaced by `new` (same length) once, in the
       bytes S3 sends back.
-    `requests` lists the request lines seen ("PUT /bucket/key").
+    `requests` lists the request lines seen ("PUT /bucket/key"), and for a POST of a form
+    the key it stores ("POST key").
     """
 
     def __init__(self, target_port: int) -> None:
@@ -119,6 +125,7 @@ class S3Proxy:
     ) -> None:
         while chunk := await reader.read(1 << 16):
             self.requests += [m.decode() for m in re.findall(rb"(?m)^[A-Z]+ /\S*", chunk)]
+            self.requests += [f"POST {m.decode()}" for m in _FORM_KEY.findall(chunk)]
             # Decided before the request goes on, so no byte of its response gets through.
             if self._hold is not None and self._hold.search(chunk):
                 self._hold = None
@@ -145,9 +152,17 @@ class S3Proxy:
 
 @pytest.fixture
 async def plane(
-    tmp_path: Path, nats_server: NatsServer, s3_server: S3Server
+    tmp_path: Path, nats_server: NatsServer, s3_server: S3Server, proxy: S3Proxy
 ) -> AsyncIterator[JobPlane]:
-    async with job_plane(tmp_path / "cp", nats_server.url, s3_server) as running:
+    """The control plane reaches S3 through the proxy, so the storage grants it signs name the
+    proxy: the daemons (which hold no S3 key) store through it too."""
+
+    def through_proxy(options: dict[str, object]) -> None:
+        options["s3_endpoint"] = proxy.endpoint
+
+    async with job_plane(
+        tmp_path / "cp", nats_server.url, s3_server, configure=through_proxy
+    ) as running:
         yield running
         # The books balance and the consumer paid exactly what its jobs were charged.
         await running.assert_ledger_consistent()
@@ -169,6 +184,10 @@ async def proxy(s3_server: S3Server) -> AsyncIterator[S3Proxy]:
         yield running
     finally:
         await running.stop()
+
+
+def md5(data: bytes) -> bytes:
+    return hashlib.md5(data).hexdigest().encode()
 
 
 def fetch(url: str) -> bytes:
@@ -219,9 +238,10 @@ async def double_settlements(plane: JobPlane, job: types_pb2.Job) -> int:
 
 
 def start_daemon_process(
-    plane: JobPlane, token: str, data_dir: Path, s3: S3Server, endpoint: str, engine: DockerEngine
+    plane: JobPlane, token: str, data_dir: Path, engine: DockerEngine
 ) -> subprocess.Popen[bytes]:
-    """`gpuplane daemon run` with one simulated GPU, reaching S3 at `endpoint`."""
+    """`gpuplane daemon run` with one simulated GPU and no S3 key: it stores through the
+    grants of its dispatches, which name the control plane's S3 endpoint (the proxy)."""
     gpuplane = Path(sys.executable).parent / "gpuplane"
     env = dict(os.environ, GPUPLANE_DAEMON_HEARTBEAT_INTERVAL_MS="200")
     log = (data_dir.parent / f"{data_dir.name}.log").open("ab")
@@ -229,8 +249,7 @@ def start_daemon_process(
     argv += ["--token", token]
     argv += ["--data-dir", str(data_dir), "--simulate-gpus", "1xA100-80GB"]
     argv += ["--gpu-device-requests", "always", "--docker-host", engine.base_url]
-    argv += ["--s3-endpoint", endpoint, "--s3-access-key", s3.access_key]
-    argv += ["--s3-secret-key", s3.secret_key, "--price-per-gpu-hour", "2"]
+    argv += ["--price-per-gpu-hour", "2"]
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -245,7 +264,7 @@ async def test_daemon_killed_after_storing_results_before_reporting_settles_once
 ) -> None:
     token = await plane.token()
     data_dir = tmp_path / "daemon"
-    daemon = start_daemon_process(plane, token, data_dir, s3_server, proxy.endpoint, docker_engine)
+    daemon = start_daemon_process(plane, token, data_dir, docker_engine)
     restarted: subprocess.Popen[bytes] | None = None
     host_id = ""
     try:
@@ -256,9 +275,11 @@ async def test_daemon_killed_after_storing_results_before_reporting_settles_once
             max_retries=1,
         )
         # The window: manifest.json is the last object an attempt stores, and FINISHED is
-        # sent only once its PUT has been answered. The proxy lets that PUT reach S3 and
+        # sent only once its POST has been answered. The proxy lets that POST reach S3 and
         # swallows the answer, so the daemon is stuck between "stored" and "reported".
-        proxy.hold_response(rb"PUT /[^/ ]+/jobs/" + job.job_id.encode() + rb"/1/manifest\.json")
+        proxy.hold_response(
+            rb'name="key"\r\n\r\njobs/' + job.job_id.encode() + rb"/1/manifest\.json"
+        )
         async with asyncio.timeout(40):
             await proxy.held.wait()
             while not await plane.plane.store.exists(layout.manifest_key(job.job_id, 1)):
@@ -273,9 +294,7 @@ async def test_daemon_killed_after_storing_results_before_reporting_settles_once
             f"killed the daemon with attempt 1 stored under {layout.attempt_prefix(job.job_id, 1)}"
         )
 
-        restarted = start_daemon_process(
-            plane, token, data_dir, s3_server, proxy.endpoint, docker_engine
-        )
+        restarted = start_daemon_process(plane, token, data_dir, docker_engine)
         done = await plane.wait_for(
             job.job_id, [S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED], timeout=40
         )
@@ -318,6 +337,10 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
     test_image: str,
 ) -> None:
     token = await plane.token()
+    # S3 itself, not through the proxy (the control plane's store is behind it).
+    direct = ObjectStore(
+        s3_server.endpoint, s3_server.access_key, s3_server.secret_key, bucket="gpuplane"
+    )
     agent = Agent(
         DaemonSettings(
             control_plane=plane.address,
@@ -327,9 +350,6 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
             simulate_gpus="1xA100-80GB",
             gpu_device_requests="always",
             docker_host=docker_engine.base_url,
-            s3_endpoint=proxy.endpoint,
-            s3_access_key=s3_server.access_key,
-            s3_secret_key=SecretStr(s3_server.secret_key),
             heartbeat_interval_ms=200,
             reconnect_max_seconds=1.0,
             upload_attempts=12,
@@ -351,18 +371,18 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
             while proxy.refused < 6:  # two tries at least (each with the SDK's own retries)
                 assert (await plane.get(job.job_id)).state == S.JOB_STATE_UPLOADING
                 await asyncio.sleep(0.05)
-        assert not await plane.plane.store.exists(layout.manifest_key(job.job_id, 1))
+        assert not await direct.exists(layout.manifest_key(job.job_id, 1))
         refused = proxy.refused
-        # Back up, but the first read-back of result.txt returns other bytes of the same
-        # length: the daemon's verification must reject that try and store it again.
-        proxy.rewrite_response(payload.encode(), payload.upper().encode())
+        # Back up, but S3's answer to the POST of result.txt names other bytes (the ETag, the
+        # MD5 of what it stored): the daemon's check must reject that try and store it again.
+        proxy.rewrite_response(md5(payload.encode()), md5(payload.upper().encode()))
         proxy.up()
         done = await plane.wait_for(
             job.job_id, [S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED], timeout=40
         )
         assert done.state == S.JOB_STATE_SUCCEEDED, done.state_reason
         assert proxy.rewritten == 1
-        puts = [r for r in proxy.requests if r.startswith("PUT") and "output/result.txt" in r]
+        puts = [r for r in proxy.requests if r.startswith("POST") and "output/result.txt" in r]
         assert len(puts) >= 2, proxy.requests  # stored again after the mismatch
         print(f"{refused} connections refused while down; PUTs of result.txt: {len(puts)}")
         checked = await assert_results_stored_once(plane, done)
@@ -372,14 +392,14 @@ async def test_s3_down_while_uploading_then_back_and_corruption_is_caught(
         await agent.stop()
 
     # At rest: bytes changed behind the manifest's back are caught by the same check.
-    store: ObjectStore = plane.plane.store
+    store = direct
     key = layout.output_key(job.job_id, 1, "result.txt")
     await store.put_bytes(key, payload.upper().encode())
     with pytest.raises(ManifestMismatch, match=re.escape(key)):
         await verify_attempt(store, job.job_id, 1)
     summary.record(
         "S3 down during upload; corrupted bytes",
-        f"{refused} refused connections, 1 corrupted read-back, 1 corrupted object at rest: "
+        f"{refused} refused connections, 1 corrupted store answer, 1 corrupted object at rest: "
         f"job stayed UPLOADING, then SUCCEEDED with {checked} verified objects",
         faults_injected=3,
         jobs_run=1,

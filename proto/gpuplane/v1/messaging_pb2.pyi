@@ -241,6 +241,7 @@ class DispatchMessage(_message.Message):
     PRICE_PER_GPU_HOUR_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     BUDGET_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     BUDGET_RUN_TIME_MS_FIELD_NUMBER: _builtins.int
+    STORAGE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     tenant_id: _builtins.str
@@ -269,6 +270,12 @@ class DispatchMessage(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """The attempt is void after this instant (dispatch deadline + max duration)."""
 
+    @_builtins.property
+    def storage(self) -> Global___StorageGrant:
+        """What this attempt may do in object storage, and nothing more: the daemon holds no key of
+        its own (DESIGN.md "Storage scoped to one attempt").
+        """
+
     def __init__(
         self,
         *,
@@ -283,14 +290,104 @@ class DispatchMessage(_message.Message):
         price_per_gpu_hour_micro_credits: _builtins.int = ...,
         budget_micro_credits: _builtins.int = ...,
         budget_run_time_ms: _builtins.int = ...,
+        storage: Global___StorageGrant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "spec", b"spec", "storage", b"storage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bucket", b"bucket", "budget_micro_credits", b"budget_micro_credits", "budget_run_time_ms", b"budget_run_time_ms", "deadline", b"deadline", "gpu_uuids", b"gpu_uuids", "job_id", b"job_id", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "results_prefix", b"results_prefix", "spec", b"spec", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bucket", b"bucket", "budget_micro_credits", b"budget_micro_credits", "budget_run_time_ms", b"budget_run_time_ms", "deadline", b"deadline", "gpu_uuids", b"gpu_uuids", "job_id", b"job_id", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "results_prefix", b"results_prefix", "spec", b"spec", "storage", b"storage", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DispatchMessage: _TypeAlias = DispatchMessage  # noqa: Y015
+
+@_typing.final
+class StorageGrant(_message.Message):
+    """One attempt's access to the bucket, signed by the control plane's key: presigned GETs of its
+    own inputs, and a presigned POST policy that writes any key under its `results_prefix` (the
+    S3 server checks the prefix and the size). Nothing in it lists, deletes or reads anything else.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputUrlsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class UploadFieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INPUT_URLS_FIELD_NUMBER: _builtins.int
+    UPLOAD_URL_FIELD_NUMBER: _builtins.int
+    UPLOAD_FIELDS_FIELD_NUMBER: _builtins.int
+    MAX_OBJECT_BYTES_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    upload_url: _builtins.str
+    """Where outputs, logs and the manifest are POSTed (the bucket's URL, path style)."""
+    max_object_bytes: _builtins.int
+    """The largest object one POST may store (the policy's content-length-range)."""
+    @_builtins.property
+    def input_urls(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Object key (inputs/<tenant>/<key>) → a URL that GETs it; one per input of the spec."""
+
+    @_builtins.property
+    def upload_fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The form fields of every POST (policy, signature, credential, date); the daemon adds `key`
+        (under results_prefix), `Content-Type` and the file.
+        """
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the URLs and the policy stop working: the attempt's deadline plus the upload window."""
+
+    def __init__(
+        self,
+        *,
+        input_urls: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        upload_url: _builtins.str = ...,
+        upload_fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        max_object_bytes: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "input_urls", b"input_urls", "max_object_bytes", b"max_object_bytes", "upload_fields", b"upload_fields", "upload_url", b"upload_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageGrant: _TypeAlias = StorageGrant  # noqa: Y015
 
 @_typing.final
 class JobReport(_message.Message):
