@@ -89,6 +89,8 @@ class JobSettings:
     retry_backoff_seconds: float
     hold_queue_timeout_seconds: float
     hold_expiry_interval_seconds: float
+    # Reports not signed by their host's key are refused (jobs/signatures.py).
+    require_signed_reports: bool = True
 
 
 @dataclass(frozen=True, slots=True)

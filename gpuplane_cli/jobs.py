@@ -10,7 +10,7 @@ import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli import credit, data, follow
+from gpuplane_cli import credit, data, follow, verify
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag, exit_code_for
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import format_credits, format_duration_ms, parse_duration
@@ -48,6 +48,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     cancel.add_argument("job_id")
     cancel.add_argument("--reason", default="")
     follow.register(jobs, common)
+    verify.register(jobs, common)
 
 
 def _submit_options(p: argparse.ArgumentParser) -> None:

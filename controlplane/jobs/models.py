@@ -14,6 +14,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -92,6 +93,12 @@ class JobAttempt(Base):
     # While it runs (set and cleared by set_attempt_state): when the control plane saw it
     # start + budget_ms, the deadline of the control plane's own budget stop.
     budget_stop_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The host's signed part of the attempt's provenance (canonical JSON) and its signature,
+    # from the terminal report; the countersigned document is built from them when the attempt
+    # is settled (jobs/provenance.py) and stored in `provenance`.
+    host_provenance: Mapped[bytes | None] = mapped_column(LargeBinary)
+    host_provenance_signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    provenance: Mapped[str | None] = mapped_column(Text)
 
 
 class JobEvent(Base):
