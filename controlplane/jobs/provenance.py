@@ -54,7 +54,7 @@ async def countersign_attempt(
         "clock_slack_ms": CLOCK_SLACK_MS,
         "billed_run_time_ms": 0 if attempt.lost else billable_ms(job, attempt),
         "charged_micro_credits": attempt.charged,
-        "state": attempt.state,
+        "attempt_state": attempt.state,
         "countersigned_at": now.isoformat(),
     }
     attempt.provenance = countersign(host_bytes, signature, control_plane, key)
