@@ -11,12 +11,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from gpuplane.v1 import jobs_pb2, messaging_pb2, types_pb2
 
 from controlplane.jobs.consumer import ReportConsumer
 from daemon.gpus import GpuInventory
 from daemon.provenance import HostFacts, sign_provenance
+from devstack.factories import new_host
 from gpuplane_cli.follow import download_all
 from gpuplane_cli.main import main as cli
 from gpuplane_cli.verify import EXIT_VERIFY_FAILED, save_provenance
@@ -218,4 +220,17 @@ async def test_a_tampered_result_or_provenance_fails_verify(
         "failed naming each",
         faults_injected=3,
         jobs_run=1,
+    )
+
+
+async def test_a_key_that_is_not_ed25519_is_refused_at_registration(plane: JobPlane) -> None:
+    for key in (b"short", b"x" * 33):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await new_host(plane.channel, await plane.token(), signing_public_key=key)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "signing_public_key" in str(caught.value.details())
+    summary.record(
+        "a signing key that is not a raw Ed25519 key",
+        "2 registrations (5 and 33 bytes): INVALID_ARGUMENT naming signing_public_key",
+        requests_tried=2,
     )
