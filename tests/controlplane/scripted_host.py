@@ -37,6 +37,7 @@ class ScriptedHost:
         price: int = 2_000_000,
         heartbeat_interval: float = 0.2,
         auto_ack: bool = True,
+        signed: bool = True,
     ) -> None:
         self.channel = channel
         self.nats_url = nats_url
@@ -58,7 +59,9 @@ class ScriptedHost:
         self._sub: Any = None
         self._seq: dict[tuple[str, int], int] = {}
         # The host's Ed25519 key, registered with it; every report carries its signature.
+        # `signed=False` plays a daemon of an earlier release: no key, unsigned reports.
         self.key = SigningKey.generate()
+        self.signed = signed
 
     def gpus(self) -> list[types_pb2.Gpu]:
         return new_gpus(
@@ -73,7 +76,7 @@ class ScriptedHost:
             hostname=f"scripted-{self.machine_id[:6]}",
             gpus=self.gpus(),
             price_per_gpu_hour_micro_credits=self.price,
-            signing_public_key=self.key.public_bytes,
+            signing_public_key=self.key.public_bytes if self.signed else b"",
         )
         self.host_id = reply.host_id
         self.credential = reply.host_credential
@@ -181,7 +184,8 @@ class ScriptedHost:
         )
         data = report.SerializeToString()
         headers = {"Nats-Msg-Id": report_msg_id(dispatch.job_id, dispatch.attempt, seq)}
-        headers[SIGNATURE_HEADER] = self.key.header(data)
+        if self.signed:
+            headers[SIGNATURE_HEADER] = self.key.header(data)
         await self.publish(events_subject(self.host_id, dispatch.job_id), data, headers)
         return report
 

@@ -234,3 +234,63 @@ async def test_a_key_that_is_not_ed25519_is_refused_at_registration(plane: JobPl
         "2 registrations (5 and 33 bytes): INVALID_ARGUMENT naming signing_public_key",
         requests_tried=2,
     )
+
+
+async def run_to_the_end(plane: JobPlane, host: ScriptedHost) -> types_pb2.Job:
+    job = await plane.submit(gpu_count=1)
+    dispatch = await host.next_dispatch()
+    await host.report(dispatch, K.JOB_REPORT_KIND_RUNNING)
+    await host.report(
+        dispatch,
+        K.JOB_REPORT_KIND_FINISHED,
+        exit_code=0,
+        run_time_ms=500,
+        stop_reason=K.STOP_REASON_COMPLETED,
+    )
+    return job
+
+
+async def test_a_host_without_a_key_is_refused_while_signatures_are_required(
+    plane: JobPlane,
+) -> None:
+    old = await scripted_host(plane, gpus=1, signed=False)
+    try:
+        before = consumer(plane).refused
+        job = await run_to_the_end(plane, old)
+        await refused_after(plane, before, 2)
+        assert (await plane.get(job.job_id)).state == S.JOB_STATE_SCHEDULED
+    finally:
+        await old.close()
+    summary.record(
+        "a host of an earlier release (no key), signatures required",
+        "2 unsigned reports: refused (no_host_key)",
+        faults_injected=2,
+    )
+
+
+@pytest.mark.plane(heartbeat_timeout_ms=60_000, require_signed_reports=False)
+async def test_signatures_not_required_admit_only_hosts_without_a_key(plane: JobPlane) -> None:
+    old = await scripted_host(plane, gpus=1, signed=False)
+    try:
+        job = await run_to_the_end(plane, old)
+        await plane.wait_for(job.job_id, [S.JOB_STATE_SUCCEEDED])
+    finally:
+        await old.close()
+    new = await scripted_host(plane, gpus=1)
+    try:
+        job = await plane.submit(gpu_count=1)
+        dispatch = await new.next_dispatch()
+        before = consumer(plane).refused
+        running: dict[str, Any] = {"seq": 1, "kind": K.JOB_REPORT_KIND_RUNNING}
+        await forge(new, dispatch, "unsigned", None, **running)
+        await refused_after(plane, before, 1)
+        assert (await plane.get(job.job_id)).state == S.JOB_STATE_SCHEDULED
+    finally:
+        await new.close()
+    await plane.assert_ledger_consistent()
+    summary.record(
+        "signatures not required (upgrade)",
+        "a keyless host's job ran; a keyed host's unsigned report still refused",
+        faults_injected=1,
+        jobs_run=2,
+    )
