@@ -21,6 +21,7 @@ from controlplane.jobs.consumer import ReportConsumer
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.service import JobService
 from controlplane.jobs.spending import TenantSpend
+from controlplane.jobs.signatures import ReportSignatures
 from controlplane.outbox.relay import OutboxRelay
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
@@ -159,7 +160,12 @@ class Background:
     async def _consume(self) -> None:
         await self.bus.ready.wait()
         assert self.bus.js is not None
-        consumer = ReportConsumer(self.bus.js, self.jobs, on_dropped=self.on_report_dropped)
+        signatures = ReportSignatures(
+            self.jobs.db, required=self.jobs.policy.require_signed_reports
+        )
+        consumer = ReportConsumer(
+            self.bus.js, self.jobs, on_dropped=self.on_report_dropped, signatures=signatures
+        )
         self.report_consumer = consumer
         while True:
             await consumer.run_once(timeout=1.0)

@@ -64,7 +64,8 @@ class Metrics:
         self.reports_dropped = Counter(
             "gpuplane_job_reports_dropped_total",
             "Daemon reports dropped unapplied, by reason (foreign_host: the subject's host "
-            "is not the host of the attempt).",
+            "is not the host of the attempt; unsigned, bad_signature, no_host_key: not signed by "
+            "the host's registered key).",
             ["reason"],
             registry=self.registry,
         )

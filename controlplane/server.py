@@ -63,6 +63,7 @@ from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
 from controlplane.tls import server_credentials
 from messaging.natsjwt import Permissions
+from messaging.signing import SigningKey
 from messaging.tls import nats_tls_context
 from storage.objects import ObjectStore
 
@@ -177,6 +178,9 @@ class ControlPlane:
         registry.on_host_connected = market.invalidate
         self.jobs = jobs = JobService(
             db, job_policy(settings.jobs), registry.streams, self.notifier, ledger, market
+        )
+        jobs.provenance_key = SigningKey.load_or_create(
+            settings.provenance_key_file or settings.data_dir / "provenance.key"
         )
         self.leader = leader = leadership_for(
             db,

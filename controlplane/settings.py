@@ -244,6 +244,18 @@ class Settings(BaseSettings):
         description="Whether a provider may mint registration tokens for its own hosts "
         "(self-service onboarding); otherwise only an admin mints them for a provider tenant.",
     )
+    require_signed_reports: bool = Field(
+        default=True,
+        description="Refuse job reports not signed by their host's registered Ed25519 key. "
+        "Off, hosts registered by an earlier release (no key) have their reports applied "
+        "unsigned; a host that registered a key must sign either way.",
+    )
+    provenance_key_file: Path | None = Field(
+        default=None,
+        description="The control plane's Ed25519 key (base64 seed) that countersigns each "
+        "attempt's provenance document; every replica must use the same file. Unset: "
+        "data_dir/provenance.key, generated once.",
+    )
     command_poll_interval_ms: int = Field(
         default=500,
         gt=0,
@@ -470,6 +482,7 @@ class Settings(BaseSettings):
             hold_queue_timeout_seconds=float(self.hold_queue_timeout_seconds),
             hold_expiry_interval_seconds=self.hold_expiry_interval_ms / 1000,
             spending_limit_interval_seconds=self.spending_limit_interval_ms / 1000,
+            require_signed_reports=self.require_signed_reports,
         )
 
     @property

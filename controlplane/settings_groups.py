@@ -90,6 +90,8 @@ class JobSettings:
     hold_queue_timeout_seconds: float
     hold_expiry_interval_seconds: float
     spending_limit_interval_seconds: float
+    # Reports not signed by their host's key are refused (jobs/signatures.py).
+    require_signed_reports: bool = True
 
 
 @dataclass(frozen=True, slots=True)

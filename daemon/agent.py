@@ -35,9 +35,11 @@ from daemon.identity import (
 from daemon.journal import Journal, JournalEntry
 from daemon.nvml import NvmlSampler
 from daemon.progress import Progress
+from daemon.provenance import HostFacts
 from daemon.runtime import DockerRuntime
 from daemon.settings import DaemonSettings
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
+from messaging.signing import SigningKey
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 from messaging.tasks import stop_tasks
 from messaging.tls import nats_tls_context
@@ -89,6 +91,14 @@ class Agent:
         self.inventory = await asyncio.to_thread(discover, settings)
         self._channel = open_channel(settings.control_plane, settings.channel_security())
         self.identity = HostIdentity.load(settings.host_file)
+        if self.identity is not None and not settings.signing_key_file.exists():
+            self.identity = None  # registered by an earlier release: register again with a key
+            if settings.registration_token is None:
+                raise RegistrationError(
+                    f"this host registered without a signing key ({settings.signing_key_file} "
+                    "does not exist) and its reports would be refused: pass --token (or "
+                    "GPUPLANE_DAEMON_REGISTRATION_TOKEN) to register it again"
+                )
         if self.identity is None:
             self.identity = await self._with_retry(self._register)
         else:
@@ -108,6 +118,7 @@ class Agent:
                 settings.nats_ca_file, settings.nats_cert_file, settings.nats_key_file
             ),
         )
+        self._bus.signer = SigningKey.load_or_create(settings.signing_key_file)
         self.leftovers = {(e.job_id, e.attempt): e for e in self.journal.entries()}
         await self._settle_vanished(await self._runtime.find_by_label(host=identity.host_id))
         await self._bus.subscribe(
@@ -278,11 +289,17 @@ class Agent:
             report=self._bus.publish_report,
             publish_log=self._bus.publish_log,
             journal=self.journal,
+            facts=self._host_facts(),
         )
         key = (dispatch.job_id, dispatch.attempt)
         self.executors[key] = executor
         task = self._spawn(executor.run(adopt, journaled))
         task.add_done_callback(lambda _: self._ended_attempt(key))
+
+    def _host_facts(self) -> HostFacts | None:
+        if self._bus is None or self._bus.signer is None or self.inventory is None:
+            return None
+        return HostFacts(self._bus.signer, self.inventory)
 
     def _ended_attempt(self, key: Key) -> None:
         self.executors.pop(key, None)

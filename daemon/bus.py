@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from messaging.signing import SIGNATURE_HEADER, SigningKey
 from messaging.subjects import LOG_END_HEADER, events_subject, report_msg_id
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class DaemonBus:
     gpuplane.logs.<host>.*."""
 
     def __init__(self, client: Client, credentials: UserCredentials | None = None) -> None:
+        # The host's key: every report carries its signature (SIGNATURE_HEADER).
+        self.signer: SigningKey | None = None
         self.client = client
         self.js: JetStreamContext = client.jetstream()
         self.credentials = credentials
@@ -138,6 +141,8 @@ class DaemonBus:
         """Publishes until JetStream acks it; the msg id makes retries harmless."""
         headers = {"Nats-Msg-Id": report_msg_id(report.job_id, report.attempt, report.seq)}
         data = report.SerializeToString()
+        if self.signer is not None:
+            headers[SIGNATURE_HEADER] = self.signer.header(data)
         delay = 0.2
         while True:
             try:

@@ -31,7 +31,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
@@ -44,6 +44,7 @@ from daemon.inputs import ObjectReader, fetch_inputs
 from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
 from daemon.progress import Progress
+from daemon.provenance import HostFacts, sign_provenance
 from daemon.runtime import DockerRuntime, ExitInfo
 from daemon.settings import DaemonSettings
 from daemon.uploads import store_results
@@ -96,6 +97,7 @@ class JobExecutor:
         report: ReportFn,
         publish_log: PublishLog | None = None,
         journal: Journal | None = None,
+        facts: HostFacts | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.job_id, self.attempt = dispatch.job_id, dispatch.attempt
@@ -122,6 +124,8 @@ class JobExecutor:
         self._started_at = 0.0
         self.created_at = time.monotonic()
         self.adopted = False
+        # The host's key and GPUs: FINISHED reports carry signed provenance (None: they don't).
+        self.facts = facts
 
     # ---- control ---------------------------------------------------------------------------
 
@@ -355,6 +359,7 @@ class JobExecutor:
     async def _collect(
         self, info: ExitInfo, pump: LogPump, *, stopped: Reason | None
     ) -> messaging_pb2.JobReport:
+        ended = datetime.now(UTC)  # the host's clock when the container had exited
         await self._advance(
             Progress.UPLOADING, exit_code=info.exit_code, run_time_ms=info.run_time_ms
         )
@@ -372,14 +377,33 @@ class JobExecutor:
                 exit_code=info.exit_code,
                 run_time_ms=info.run_time_ms,
             )
+        finished: dict[str, Any] = {
+            "exit_code": info.exit_code,
+            "run_time_ms": info.run_time_ms,
+            "manifest": stored.manifest,
+        }
         return await self._emit(
             Kind.JOB_REPORT_KIND_FINISHED,
-            exit_code=info.exit_code,
-            run_time_ms=info.run_time_ms,
-            manifest=stored.manifest,
+            **finished,
+            **await self._provenance(finished, ended),
             oom_killed=info.oom_killed,
             stop_reason=finished_reason(info, stored, stopped=stopped),
             reason=stored.detail,
+        )
+
+    async def _provenance(self, finished: dict[str, Any], ended: datetime) -> dict[str, bytes]:
+        """The host's signed provenance of a FINISHED attempt (none without a key)."""
+        if self.facts is None:
+            return {}
+        image = await self._quietly(self.runtime.image_identity(self.dispatch.spec.image))
+        started = ended - timedelta(milliseconds=int(finished["run_time_ms"]))
+        return sign_provenance(
+            self.facts,
+            self.dispatch,
+            self.host_id,
+            image or {"reference": self.dispatch.spec.image, "digest": ""},
+            (started, ended),
+            finished,
         )
 
     async def _stopped(self, container: Container | None) -> messaging_pb2.JobReport:

@@ -14,6 +14,7 @@ from gpuplane.v1 import registry_pb2, registry_pb2_grpc
 
 from daemon.gpus import GpuInventory
 from daemon.settings import DaemonSettings
+from messaging.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,11 @@ class HostIdentity:
 def register_request(
     settings: DaemonSettings, inventory: GpuInventory, token: str
 ) -> registry_pb2.RegisterHostRequest:
+    """Registration with the host's public key (its key pair is created now, the first
+    time, and kept in data_dir/host.key)."""
+    key = SigningKey.load_or_create(settings.signing_key_file)
     return registry_pb2.RegisterHostRequest(
+        signing_public_key=key.public_bytes,
         registration_token=token,
         machine_id=settings.machine_id,
         hostname=settings.hostname,

@@ -140,6 +140,20 @@ class DockerRuntime:
 
         await asyncio.to_thread(ensure)
 
+    async def image_identity(self, image: str) -> dict[str, Any]:
+        """The local image's content digest (its config's sha256, Docker's image id) and the
+        registry digests it was pulled by: what provenance names instead of a mutable tag."""
+
+        def inspect() -> dict[str, Any]:
+            attrs = self.client.images.get(image).attrs
+            return {
+                "reference": image,
+                "digest": str(attrs.get("Id", "")),
+                "repo_digests": sorted(attrs.get("RepoDigests") or []),
+            }
+
+        return await asyncio.to_thread(inspect)
+
     def container_config(
         self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path
     ) -> dict[str, Any]:

@@ -161,6 +161,11 @@ class DaemonSettings(BaseSettings):
         return self.data_dir / "host.json"
 
     @property
+    def signing_key_file(self) -> Path:
+        """The host's Ed25519 key (mode 0600), created at registration."""
+        return self.data_dir / "host.key"
+
+    @property
     def journal_dir(self) -> Path:
         return self.data_dir / "journal"
 

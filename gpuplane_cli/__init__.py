@@ -7,7 +7,8 @@ builds one argparse tree from each command module's `register()`:
   on SQLite), with `--demo` a local daemon and one job run end to end.
 - `controlplane serve`, `daemon run|install` (serve.py): the long-running processes; the
   daemon's own parser is loaded only for `daemon` commands.
-- `jobs submit|list|get|cancel|watch|logs|results` (jobs.py, follow.py): consumers' jobs.
+- `jobs submit|list|get|cancel|watch|logs|results|verify` (jobs.py, follow.py, verify.py):
+  consumers' jobs.
 - `hosts list|get|drain|undrain`, `offers` (hosts.py): the supply side.
 - `ledger balance|statement|deposit|payout|refund|usage|check` (ledger.py): credits.
 - `admin tenants|keys|tokens`, `whoami` (admin.py): tenants, API keys, registration tokens.

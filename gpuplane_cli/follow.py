@@ -17,6 +17,7 @@ from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_ERROR, EXIT_JOB_FAILED, EXIT_OK, CliError, Context
 from gpuplane_cli.output import enum_name, print_json, print_json_line, table, when
 from gpuplane_cli.units import format_bytes, format_credits, format_duration_ms
+from gpuplane_cli.verify import save_provenance
 
 TERMINAL = frozenset(
     {
@@ -208,6 +209,7 @@ async def job_results(args: argparse.Namespace, ctx: Context) -> int:
     response = await _results(ctx, args.job_id, args.attempt)
     if args.download:
         await download_all(response, Path(args.download), quiet=ctx.json)
+        save_provenance(Path(args.download), response.provenance)
     if ctx.json:
         print_json(response)
     elif not args.download:

@@ -10,7 +10,7 @@ import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli import budget, credit, data, efficiency, follow
+from gpuplane_cli import budget, credit, data, efficiency, follow, verify
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag, exit_code_for
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import (
@@ -55,6 +55,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     cancel.add_argument("--reason", default="")
     follow.register(jobs, common)
     efficiency.register(jobs, common)
+    verify.register(jobs, common)
 
 
 def _submit_options(p: argparse.ArgumentParser) -> None:

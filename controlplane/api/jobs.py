@@ -267,4 +267,6 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 for o in found.objects
             ],
             urls_expire_at=timestamp(found.urls_expire_at),
+            provenance=found.provenance,
+            control_plane_public_key=found.control_plane_public_key,
         )

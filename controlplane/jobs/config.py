@@ -17,4 +17,5 @@ def job_policy(group: JobSettings) -> JobPolicy:
         retry_backoff=timedelta(seconds=group.retry_backoff_seconds),
         dispatch_ack_timeout=timedelta(seconds=group.dispatch_ack_timeout_seconds),
         hold_queue_timeout=timedelta(seconds=group.hold_queue_timeout_seconds),
+        require_signed_reports=group.require_signed_reports,
     )

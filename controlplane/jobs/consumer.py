@@ -8,12 +8,15 @@ from collections.abc import Callable
 import nats.errors
 from google.protobuf.message import DecodeError
 from gpuplane.v1 import messaging_pb2
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from controlplane.errors import Conflict
 from controlplane.jobs.reports import ForeignReport
 from controlplane.jobs.service import JobService
+from controlplane.jobs.signatures import NO_HOST_KEY, ReportSignatures
+from messaging.signing import SIGNATURE_HEADER
 from messaging.subjects import (
     EVENTS_DURABLE,
     EVENTS_STREAM,
@@ -26,7 +29,8 @@ log = logging.getLogger(__name__)
 
 class ReportConsumer:
     """Applies reports from gpuplane.events.<host>.<job>. A report whose subject's host is
-    not its attempt's host is dropped and counted (`foreign`, and `on_dropped`)."""
+    not its attempt's host is dropped and counted (`foreign`, and `on_dropped`); so is one not
+    signed by that host's key (`refused`, jobs/signatures.py)."""
 
     def __init__(
         self,
@@ -34,9 +38,12 @@ class ReportConsumer:
         jobs: JobService,
         batch: int = 64,
         on_dropped: Callable[[str], None] | None = None,
+        signatures: ReportSignatures | None = None,
     ) -> None:
         self.js = js
         self.jobs = jobs
+        self.signatures = signatures
+        self.refused = 0
         self.batch = batch
         self.on_dropped = on_dropped
         self.foreign = 0
@@ -68,6 +75,9 @@ class ReportConsumer:
             # nats-py raises either, depending on where in the fetch the time ran out.
             return 0
         for message in messages:
+            if await self._refused(message):
+                await message.term()
+                continue
             try:
                 report = messaging_pb2.JobReport.FromString(message.data)
             except DecodeError:
@@ -98,3 +108,21 @@ class ReportConsumer:
                 continue
             await message.ack()
         return len(messages)
+
+    async def _refused(self, message: Msg) -> bool:
+        """Whether the report is refused for its signature (counted and logged)."""
+        if self.signatures is None:
+            return False
+        host = host_of_events_subject(message.subject)
+        header = (message.headers or {}).get(SIGNATURE_HEADER)
+        if host is None:
+            reason = NO_HOST_KEY if self.signatures.required else None
+        else:
+            reason = await self.signatures.refusal(host, message.data, header)
+        if reason is None:
+            return False
+        self.refused += 1
+        log.warning("report on %s refused: %s", message.subject, reason)
+        if self.on_dropped is not None:
+            self.on_dropped(reason)
+        return True

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -98,6 +99,12 @@ class JobAttempt(Base):
     gpu_utilization_sum: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     gpu_utilization_samples: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     peak_gpu_memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The host's signed part of the attempt's provenance (canonical JSON) and its signature,
+    # from the terminal report; the countersigned document is built from them when the attempt
+    # is settled (jobs/provenance.py) and stored in `provenance`.
+    host_provenance: Mapped[bytes | None] = mapped_column(LargeBinary)
+    host_provenance_signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    provenance: Mapped[str | None] = mapped_column(Text)
 
 
 class JobEvent(Base):

@@ -28,6 +28,8 @@ class JobPolicy:
     # when it saw it start) if its daemon has not, and asks again every `budget_stop_resend`.
     budget_stop_grace: timedelta = timedelta(seconds=2)
     budget_stop_resend: timedelta = timedelta(seconds=5)
+    # Reports not signed by their host's key are refused (jobs/signatures.py).
+    require_signed_reports: bool = True
 
 
 def hold_expiry(spec: types_pb2.JobSpec, policy: JobPolicy, now: datetime) -> datetime:

@@ -14,6 +14,7 @@ from controlplane.jobs.billing import StopReason
 from controlplane.jobs.lost import LostAttempts
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.jobs.outcomes import Ending, ending_of
+from controlplane.jobs.provenance import countersign_attempt, keep_host_part
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.states import (
     ATTEMPT_ENDING,
@@ -23,6 +24,7 @@ from controlplane.jobs.states import (
     set_job_state,
 )
 from controlplane.strings import scrub_text
+from messaging.signing import SigningKey
 
 log = logging.getLogger(__name__)
 Kind = messaging_pb2.JobReportKind
@@ -56,6 +58,9 @@ class _Applied:
 class Reports(LostAttempts):
     """Part of JobService: daemon reports."""
 
+    # Countersigns each settled attempt's provenance (server.py sets it; None: none made).
+    provenance_key: SigningKey | None = None
+
     async def apply_report(
         self, report: messaging_pb2.JobReport, subject_host: str | None = None
     ) -> bool:
@@ -76,6 +81,7 @@ class Reports(LostAttempts):
                 return None
             if not _admitted(job, attempt, report, subject_host):
                 return None
+            keep_host_part(attempt, report)
             if report.run_time_ms:
                 attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
             resend: registry_pb2.ControlMessage | None = None
@@ -102,6 +108,8 @@ class Reports(LostAttempts):
             # requeued, or the job failed after its last retry: settled there).
             if JobState(job.state).terminal and not retried:
                 await self._finish_attempt(session, job, attempt, now)
+                if self.provenance_key is not None:
+                    await countersign_attempt(session, job, attempt, self.provenance_key, now)
             elif job.cancel_requested and report.kind in (
                 Kind.JOB_REPORT_KIND_STARTING,
                 Kind.JOB_REPORT_KIND_RUNNING,

@@ -36,6 +36,9 @@ class Results:
     attempt: int
     objects: list[ResultObject]
     urls_expire_at: datetime
+    # The attempt's countersigned provenance document (JSON), "" without one.
+    provenance: str = ""
+    control_plane_public_key: bytes = b""
 
 
 def url_ttl(requested_seconds: int) -> int:
@@ -93,4 +96,12 @@ class JobResults:
                 )
             )
         expires = utcnow() + timedelta(seconds=ttl_seconds)
-        return Results(job_id, chosen.attempt, objects, expires)
+        key = self.jobs.provenance_key
+        return Results(
+            job_id,
+            chosen.attempt,
+            objects,
+            expires,
+            provenance=chosen.provenance or "",
+            control_plane_public_key=b"" if key is None else key.public_bytes,
+        )

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     UniqueConstraint,
     false,
@@ -84,6 +85,10 @@ class Host(Base):
     reliability_good: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     reliability_bad: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     reliability_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The Ed25519 public key (32 raw bytes) the daemon gave at its last registration: its job
+    # reports and provenance must be signed by it (jobs/signatures.py). None: a host of an
+    # earlier release, whose reports are refused while signed reports are required.
+    signing_public_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Not stored: the host's score over its provider's (registry.reliability.ProviderBook),
     # set by the registry on the hosts it returns; None until then.
     reliability: int | None = None

@@ -45,6 +45,7 @@ from controlplane.registry.streams import HostStreams as HostStreams  # re-expor
 from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
 from controlplane.registry.tokens import RegistrationTokens
 from controlplane.scheduler.capacity import capacity_snapshot
+from messaging.signing import PUBLIC_KEY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ def _validate_registration(request: registry_pb2.RegisterHostRequest, max_price:
             raise InvalidArgument(f"gpus[{i}].name", "is required (at most 200 characters)")
         if gpu.memory_total_bytes == 0:
             raise InvalidArgument(f"gpus[{i}].memory_total_bytes", "must be positive")
+    if request.signing_public_key and len(request.signing_public_key) != PUBLIC_KEY_BYTES:
+        raise InvalidArgument(
+            "signing_public_key", f"must be a raw Ed25519 public key ({PUBLIC_KEY_BYTES} bytes)"
+        )
     _validate_offer(
         request.price_per_gpu_hour_micro_credits, request.location, request.labels, max_price
     )
@@ -191,6 +196,8 @@ class RegistryService(RegistrationTokens, Revocations):
             host.cuda_driver_version = request.cuda_driver_version[:64]
             host.cpu_count = request.cpu_count
             host.memory_bytes = request.memory_bytes
+            # Re-registration replaces the key: reports signed by the earlier one are refused.
+            host.signing_public_key = request.signing_public_key or None
             host.last_heartbeat_at = now
             await repo.flush()
             await self._sync_gpus(repo, host, request)

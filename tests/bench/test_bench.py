@@ -104,3 +104,20 @@ def test_cpu_steal_is_a_share_of_all_cpu_time() -> None:
     assert steal_percent((10, 1000), (60, 1200)) == 25.0
     assert steal_percent((10, 1000), (10, 1000)) is None  # no time passed
     assert steal_percent(None, ticks) is None
+
+
+@pytest.mark.timeout(90)
+def test_report_signing_figure_prints_beside_the_unsigned_path() -> None:
+    done = subprocess.run(
+        [str(SCRIPT), "--only", "report_signed_per_core", "--json", "--duration", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = {r["name"]: r for r in json.loads(done.stdout)}
+    unsigned, signed = results["report_unsigned_per_core"], results["report_signed_per_core"]
+    assert signed["floor"] == unsigned["figure"] > signed["figure"] > 0
+    assert signed["ratio"] == pytest.approx(signed["figure"] / unsigned["figure"], rel=1e-3)
+    assert signed["details"]["reports"] > 0

@@ -16,6 +16,7 @@ from gpuplane.v1 import messaging_pb2, registry_pb2, registry_pb2_grpc, types_pb
 from nats.js.api import ConsumerConfig
 
 from devstack.factories import new_gpus, new_host
+from messaging.signing import SIGNATURE_HEADER, SigningKey
 from messaging.subjects import events_subject, report_msg_id
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class ScriptedHost:
         price: int = 2_000_000,
         heartbeat_interval: float = 0.2,
         auto_ack: bool = True,
+        signed: bool = True,
     ) -> None:
         self.channel = channel
         self.nats_url = nats_url
@@ -56,6 +58,10 @@ class ScriptedHost:
         self._nc: Any = None
         self._sub: Any = None
         self._seq: dict[tuple[str, int], int] = {}
+        # The host's Ed25519 key, registered with it; every report carries its signature.
+        # `signed=False` plays a daemon of an earlier release: no key, unsigned reports.
+        self.key = SigningKey.generate()
+        self.signed = signed
 
     def gpus(self) -> list[types_pb2.Gpu]:
         return new_gpus(
@@ -70,6 +76,7 @@ class ScriptedHost:
             hostname=f"scripted-{self.machine_id[:6]}",
             gpus=self.gpus(),
             price_per_gpu_hour_micro_credits=self.price,
+            signing_public_key=self.key.public_bytes if self.signed else b"",
         )
         self.host_id = reply.host_id
         self.credential = reply.host_credential
@@ -175,13 +182,16 @@ class ScriptedHost:
             kind=kind,  # type: ignore[arg-type]
             **fields,
         )
-        js = self._nc.jetstream()
-        await js.publish(
-            events_subject(self.host_id, dispatch.job_id),
-            report.SerializeToString(),
-            headers={"Nats-Msg-Id": report_msg_id(dispatch.job_id, dispatch.attempt, seq)},
-        )
+        data = report.SerializeToString()
+        headers = {"Nats-Msg-Id": report_msg_id(dispatch.job_id, dispatch.attempt, seq)}
+        if self.signed:
+            headers[SIGNATURE_HEADER] = self.key.header(data)
+        await self.publish(events_subject(self.host_id, dispatch.job_id), data, headers)
         return report
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        """Publishes raw bytes on this host's own NATS connection, as its daemon could."""
+        await self._nc.jetstream().publish(subject, data, headers=headers)
 
     async def close(self) -> None:
         await self.stop_heartbeats()

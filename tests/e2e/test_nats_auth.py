@@ -34,6 +34,7 @@ from devstack.certs import TestCerts
 from devstack.factories import GIB, new_host, new_tenant, new_token
 from devstack.nats import NatsTls
 from messaging.natsjwt import NatsKeys, decode_claims
+from messaging.signing import SigningKey
 from messaging.subjects import (
     DISPATCH_STREAM,
     dispatch_durable,
@@ -342,10 +343,19 @@ async def test_job_runs_end_to_end_with_nats_auth(
         assert live == b"hello from auth\n"
 
         # Another host, on its own subject, writing about this host's job: dropped, counted.
-        intruder = await register(plane, "intruder")
+        # A host with a key of its own, signing its forgery: refused as foreign, not unsigned.
+        intruder_key = SigningKey.generate()
+        intruder = await new_host(
+            plane.channel,
+            await plane.token(),
+            hostname="intruder",
+            gpus=[S.Gpu(uuid=f"GPU-in-{time.monotonic_ns()}", name="A100", memory_total_bytes=GIB)],
+            signing_public_key=intruder_key.public_bytes,
+        )
         bus = await DaemonBus.connect(
             list(intruder.nats.servers), intruder.nats.credentials, intruder.nats.inbox_prefix
         )
+        bus.signer = intruder_key
         try:
             forged = messaging_pb2.JobReport(
                 job_id=job.job_id,

@@ -559,8 +559,17 @@ class GetResultsResponse(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     OBJECTS_FIELD_NUMBER: _builtins.int
     URLS_EXPIRE_AT_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    CONTROL_PLANE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
+    provenance: _builtins.str
+    """The attempt's provenance document (JSON: the host's signed part, countersigned by the
+    control plane; messaging/provenance.py), empty for an attempt without one. `gpuplane jobs
+    results --download` saves it as provenance.json; `gpuplane jobs verify` checks it offline.
+    """
+    control_plane_public_key: _builtins.bytes
+    """The control plane's Ed25519 public key (32 raw bytes) that countersigns provenance."""
     @_builtins.property
     def objects(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ResultObject]: ...
     @_builtins.property
@@ -572,10 +581,12 @@ class GetResultsResponse(_message.Message):
         attempt: _builtins.int = ...,
         objects: _abc.Iterable[_types_pb2.ResultObject] | None = ...,
         urls_expire_at: _timestamp_pb2.Timestamp | None = ...,
+        provenance: _builtins.str = ...,
+        control_plane_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["urls_expire_at", b"urls_expire_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "objects", b"objects", "urls_expire_at", b"urls_expire_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "control_plane_public_key", b"control_plane_public_key", "job_id", b"job_id", "objects", b"objects", "provenance", b"provenance", "urls_expire_at", b"urls_expire_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

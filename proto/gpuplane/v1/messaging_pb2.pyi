@@ -412,6 +412,8 @@ class JobReport(_message.Message):
     LEGACY_STOP_REASON_FIELD_NUMBER: _builtins.int
     LEGACY_PROVIDER_FAULT_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    PROVENANCE_SIGNATURE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     host_id: _builtins.str
@@ -434,6 +436,13 @@ class JobReport(_message.Message):
     """Why the attempt ended, on a terminal report; who is at fault follows from it (a fault of
     the provider is not charged and is retried like a lost attempt).
     """
+    provenance: _builtins.bytes
+    """On FINISHED (and other terminal reports that stored results): the host's part of the
+    attempt's provenance document, canonical JSON (messaging/provenance.py), and the host's
+    Ed25519 signature of exactly these bytes. The report itself is signed too: NATS header
+    Gpuplane-Signature holds the signature of the serialized report.
+    """
+    provenance_signature: _builtins.bytes
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -455,10 +464,12 @@ class JobReport(_message.Message):
         legacy_stop_reason: _builtins.str = ...,
         legacy_provider_fault: _builtins.bool = ...,
         stop_reason: Global___StopReason.ValueType = ...,
+        provenance: _builtins.bytes = ...,
+        provenance_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "exit_code", b"exit_code", "host_id", b"host_id", "job_id", b"job_id", "kind", b"kind", "legacy_provider_fault", b"legacy_provider_fault", "legacy_stop_reason", b"legacy_stop_reason", "manifest", b"manifest", "oom_killed", b"oom_killed", "reason", b"reason", "run_time_ms", b"run_time_ms", "seq", b"seq", "stop_reason", b"stop_reason", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "exit_code", b"exit_code", "host_id", b"host_id", "job_id", b"job_id", "kind", b"kind", "legacy_provider_fault", b"legacy_provider_fault", "legacy_stop_reason", b"legacy_stop_reason", "manifest", b"manifest", "oom_killed", b"oom_killed", "provenance", b"provenance", "provenance_signature", b"provenance_signature", "reason", b"reason", "run_time_ms", b"run_time_ms", "seq", b"seq", "stop_reason", b"stop_reason", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

@@ -89,6 +89,7 @@ class RegisterHostRequest(_message.Message):
     CUDA_DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     CPU_COUNT_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     registration_token: _builtins.str
     machine_id: _builtins.str
     """Stable identity of the machine (e.g. /etc/machine-id); makes registration idempotent."""
@@ -101,6 +102,11 @@ class RegisterHostRequest(_message.Message):
     cuda_driver_version: _builtins.str
     cpu_count: _builtins.int
     memory_bytes: _builtins.int
+    signing_public_key: _builtins.bytes
+    """The host's Ed25519 public key (32 raw bytes), whose private half the daemon created at
+    registration and keeps in its data dir: every job report and provenance document of this
+    host must carry its signature. A new key replaces the old one (re-registration).
+    """
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Gpu]: ...
     @_builtins.property
@@ -121,10 +127,11 @@ class RegisterHostRequest(_message.Message):
         cuda_driver_version: _builtins.str = ...,
         cpu_count: _builtins.int = ...,
         memory_bytes: _builtins.int = ...,
+        signing_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cuda_driver_version", b"cuda_driver_version", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "hostname", b"hostname", "labels", b"labels", "location", b"location", "machine_id", b"machine_id", "memory_bytes", b"memory_bytes", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "registration_token", b"registration_token", "simulated", b"simulated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cuda_driver_version", b"cuda_driver_version", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "hostname", b"hostname", "labels", b"labels", "location", b"location", "machine_id", b"machine_id", "memory_bytes", b"memory_bytes", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "registration_token", b"registration_token", "signing_public_key", b"signing_public_key", "simulated", b"simulated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
