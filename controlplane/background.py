@@ -20,8 +20,8 @@ from controlplane.errors import Conflict, NotLeader, Unavailable
 from controlplane.jobs.consumer import ReportConsumer
 from controlplane.jobs.notify import Notifier
 from controlplane.jobs.service import JobService
-from controlplane.jobs.spending import TenantSpend
 from controlplane.jobs.signatures import ReportSignatures
+from controlplane.jobs.spending import TenantSpend
 from controlplane.outbox.relay import OutboxRelay
 from controlplane.registry.natsauth import NatsAuth
 from controlplane.registry.service import RegistryService
