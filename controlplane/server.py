@@ -176,6 +176,8 @@ class ControlPlane:
         self.jobs = jobs = JobService(
             db, job_policy(settings.jobs), registry.streams, self.notifier, ledger, market
         )
+        jobs.on_report_capped = self.metrics.reports_capped.inc
+        jobs.on_resync = self.metrics.resyncs.inc
         self.leader = leader = leadership_for(
             db,
             check_interval=scheduling.leader_check_interval_seconds,

@@ -220,6 +220,19 @@ class Settings(BaseSettings):
     hold_expiry_interval_ms: int = Field(
         default=30_000, gt=0, description="How often expired holds are looked for and resolved."
     )
+    run_time_slack_ms: int = Field(
+        default=5000,
+        ge=0,
+        le=86_400_000,
+        description="Run time a daemon may report beyond what the control plane observed "
+        "(from accepting its RUNNING report to accepting the report); more is capped.",
+    )
+    reconcile_interval_ms: int = Field(
+        default=5000,
+        gt=0,
+        description="How often each control plane compares the running lists of the daemons "
+        "connected to it with their live attempts (a difference seen twice in a row: resync).",
+    )
 
     # ---- Hosts: liveness and the periods daemons are told (hosts).
     heartbeat_interval_ms: int = Field(
@@ -454,6 +467,8 @@ class Settings(BaseSettings):
             retry_backoff_seconds=self.retry_backoff_ms / 1000,
             hold_queue_timeout_seconds=float(self.hold_queue_timeout_seconds),
             hold_expiry_interval_seconds=self.hold_expiry_interval_ms / 1000,
+            run_time_slack_seconds=self.run_time_slack_ms / 1000,
+            reconcile_interval_seconds=self.reconcile_interval_ms / 1000,
         )
 
     @property

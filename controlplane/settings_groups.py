@@ -89,6 +89,10 @@ class JobSettings:
     retry_backoff_seconds: float
     hold_queue_timeout_seconds: float
     hold_expiry_interval_seconds: float
+    # Run time a report may claim beyond what the control plane observed (jobs/clock.py).
+    run_time_slack_seconds: float = 5.0
+    # How often running lists from heartbeats are compared with live attempts.
+    reconcile_interval_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,4 +17,6 @@ def job_policy(group: JobSettings) -> JobPolicy:
         retry_backoff=timedelta(seconds=group.retry_backoff_seconds),
         dispatch_ack_timeout=timedelta(seconds=group.dispatch_ack_timeout_seconds),
         hold_queue_timeout=timedelta(seconds=group.hold_queue_timeout_seconds),
+        run_time_slack=timedelta(seconds=group.run_time_slack_seconds),
+        reconcile_interval=timedelta(seconds=group.reconcile_interval_seconds),
     )

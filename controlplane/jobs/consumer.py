@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 import nats.errors
@@ -12,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from controlplane.errors import Conflict
-from controlplane.jobs.reports import ForeignReport
+from controlplane.jobs.clock import ForeignReport, RefusedReport
 from controlplane.jobs.service import JobService
 from messaging.subjects import (
     EVENTS_DURABLE,
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class ReportConsumer:
-    """Applies reports from gpuplane.events.<host>.<job>. A report whose subject's host is
-    not its attempt's host is dropped and counted (`foreign`, and `on_dropped`)."""
+    """Applies reports from gpuplane.events.<host>.<job>. A refused report (its subject's
+    host is not its attempt's host, or its seq jumps implausibly far) is dropped and counted
+    (`refused` by reason, `foreign`, and `on_dropped`)."""
 
     def __init__(
         self,
@@ -40,6 +42,8 @@ class ReportConsumer:
         self.batch = batch
         self.on_dropped = on_dropped
         self.foreign = 0
+        # Refused reports by reason (clock.RefusedReport.reason), foreign ones included.
+        self.refused: Counter[str] = Counter()
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def subscribe(self) -> None:
@@ -76,8 +80,10 @@ class ReportConsumer:
                 continue
             try:
                 await self.jobs.apply_report(report, host_of_events_subject(message.subject))
-            except ForeignReport as error:
-                self.foreign += 1
+            except RefusedReport as error:
+                if isinstance(error, ForeignReport):
+                    self.foreign += 1
+                self.refused[error.reason] += 1
                 log.warning(
                     "report for %s/%s on %s dropped: %s",
                     report.job_id,
@@ -86,7 +92,7 @@ class ReportConsumer:
                     error,
                 )
                 if self.on_dropped is not None:
-                    self.on_dropped("foreign_host")
+                    self.on_dropped(error.reason)
                 await message.term()
                 continue
             except Conflict:

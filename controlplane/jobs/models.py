@@ -92,6 +92,9 @@ class JobAttempt(Base):
     # While it runs (set and cleared by set_attempt_state): when the control plane saw it
     # start + budget_ms, the deadline of the control plane's own budget stop.
     budget_stop_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Reports whose run time exceeded what the control plane observed, and were capped
+    # (jobs/clock.py); the first one costs the host reliability, once per attempt.
+    capped_reports: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEvent(Base):

@@ -28,6 +28,11 @@ class JobPolicy:
     # when it saw it start) if its daemon has not, and asks again every `budget_stop_resend`.
     budget_stop_grace: timedelta = timedelta(seconds=2)
     budget_stop_resend: timedelta = timedelta(seconds=5)
+    # What a report's run time may exceed the control plane's own observation by (the
+    # RUNNING report's delivery latency; jobs/clock.py).
+    run_time_slack: timedelta = timedelta(seconds=5)
+    # How often heartbeats' running lists are compared with live attempts (jobs/reconcile.py).
+    reconcile_interval: timedelta = timedelta(seconds=5)
 
 
 def hold_expiry(spec: types_pb2.JobSpec, policy: JobPolicy, now: datetime) -> datetime:
