@@ -511,7 +511,7 @@ class ControlMessage(_message.Message):
     RESYNC_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
-    """Set on a command stored in the control plane's database (cancel, drain): the daemon
+    """Set on a command stored in the control plane's database (cancel, drain, resync): the daemon
     answers it with a CommandAck, and it is re-sent, from whichever replica holds the
     host's Connect stream, until then. 0: nothing to acknowledge.
     """
