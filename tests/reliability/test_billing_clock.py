@@ -229,6 +229,8 @@ async def test_a_poisoned_seq_neither_fences_out_nor_stalls_the_job(
         charges, releases = await settlement(plane, done)
         assert releases == 1, "settled once"
         assert set(charges) <= {1}
+        # The daemon's own reports, all within the control plane's window + 5 s: none capped.
+        assert metric(plane, "gpuplane_job_reports_capped_total") == 0
     finally:
         await bus.close()
         await agent.stop()
