@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Set
+from collections.abc import Callable, Mapping, Set
 
 from gpuplane.v1 import registry_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,12 +33,14 @@ class Reconciliation(JobBilling):
     host. The daemon stops containers the control plane does not know and answers a missing
     attempt it never ran NOT_RUNNING_HERE, which loses it at once (jobs/acks.py)."""
 
-    async def reconcile_running(self, running: Mapping[str, Set[Key]]) -> int:
-        """One check, if one is due; returns how many resyncs were stored."""
+    async def reconcile_running(self, running_lists: Callable[[], Mapping[str, Set[Key]]]) -> int:
+        """One check, if one is due, of the running lists `running_lists()` gives (host →
+        its daemon's last list); returns how many resyncs were stored."""
         clock = time.monotonic()
         if clock < self._next_reconcile:
             return 0
         self._next_reconcile = clock + self.policy.reconcile_interval.total_seconds()
+        running = running_lists()
         async with self.db.read() as session:
             rows = await JobRepository(session).live_on_hosts(sorted(running))
         live: dict[str, dict[Key, AttemptState]] = defaultdict(dict)

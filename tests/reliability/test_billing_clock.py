@@ -224,7 +224,7 @@ async def test_a_poisoned_seq_neither_fences_out_nor_stalls_the_job(
             job.job_id, [S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED], timeout=40
         )
         assert done.state == S.JOB_STATE_SUCCEEDED, done.state_reason
-        assert done.usage.run_time_ms >= 4000
+        assert done.usage.run_time_ms >= 3500  # Docker's run time of `sleep 4`
         assert done.charged_micro_credits == charge_for(PRICE, 1, done.usage.run_time_ms)
         charges, releases = await settlement(plane, done)
         assert releases == 1, "settled once"
