@@ -211,6 +211,7 @@ class Background:
                 log.warning("hosts lost: %s", ", ".join(lost))
             await self.jobs.sweep_lost_attempts()
             await self.jobs.sweep_over_budget()
+            await self.jobs.reconcile_running(self.registry.running_lists)
             await self.registry.maintain()
 
     async def _expire_holds(self) -> None:

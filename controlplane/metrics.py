@@ -22,6 +22,8 @@ class Metrics:
     rpc_seconds: Histogram
     up: Gauge
     reports_dropped: Counter
+    reports_capped: Counter
+    resyncs: Counter
     # Scheduling on this replica.
     scheduler_leader: Gauge
     scheduler_cycle_seconds: Histogram
@@ -65,8 +67,20 @@ class Metrics:
             "gpuplane_job_reports_dropped_total",
             "Daemon reports dropped unapplied, by reason (foreign_host: the subject's host "
             "is not the host of the attempt; unsigned, bad_signature, no_host_key: not signed by "
-            "the host's registered key).",
+            "the host's registered key; seq_jump: its seq is implausibly far ahead).",
             ["reason"],
+            registry=self.registry,
+        )
+        self.reports_capped = Counter(
+            "gpuplane_job_reports_capped_total",
+            "Daemon reports whose run time exceeded what this control plane observed (plus "
+            "the slack) and was capped.",
+            registry=self.registry,
+        )
+        self.resyncs = Counter(
+            "gpuplane_host_resyncs_total",
+            "Resyncs stored for hosts whose heartbeats' running list disagreed with their "
+            "live attempts.",
             registry=self.registry,
         )
 

@@ -182,6 +182,8 @@ class ControlPlane:
         jobs.provenance_key = SigningKey.load_or_create(
             settings.provenance_key_file or settings.data_dir / "provenance.key"
         )
+        jobs.on_report_capped = self.metrics.reports_capped.inc
+        jobs.on_resync = self.metrics.resyncs.inc
         self.leader = leader = leadership_for(
             db,
             check_interval=scheduling.leader_check_interval_seconds,

@@ -226,6 +226,19 @@ class Settings(BaseSettings):
         description="How often each tenant with a monthly spending limit is checked: "
         "thresholds reached are recorded, and its running jobs stopped at the limit.",
     )
+    run_time_slack_ms: int = Field(
+        default=5000,
+        ge=0,
+        le=86_400_000,
+        description="Run time a daemon may report beyond what the control plane observed "
+        "(from accepting its RUNNING report to accepting the report); more is capped.",
+    )
+    reconcile_interval_ms: int = Field(
+        default=5000,
+        gt=0,
+        description="How often each control plane compares the running lists of the daemons "
+        "connected to it with their live attempts (a difference seen twice in a row: resync).",
+    )
 
     # ---- Hosts: liveness and the periods daemons are told (hosts).
     heartbeat_interval_ms: int = Field(
@@ -483,6 +496,8 @@ class Settings(BaseSettings):
             hold_expiry_interval_seconds=self.hold_expiry_interval_ms / 1000,
             spending_limit_interval_seconds=self.spending_limit_interval_ms / 1000,
             require_signed_reports=self.require_signed_reports,
+            run_time_slack_seconds=self.run_time_slack_ms / 1000,
+            reconcile_interval_seconds=self.reconcile_interval_ms / 1000,
         )
 
     @property

@@ -92,6 +92,10 @@ class JobSettings:
     spending_limit_interval_seconds: float
     # Reports not signed by their host's key are refused (jobs/signatures.py).
     require_signed_reports: bool = True
+    # Run time a report may claim beyond what the control plane observed (jobs/clock.py).
+    run_time_slack_seconds: float = 5.0
+    # How often running lists from heartbeats are compared with live attempts.
+    reconcile_interval_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,9 @@ async def answer(
     elif kind == "resync":
         known = {(j.job_id, j.attempt) for j in message.resync.known_jobs}
         await agent.reconcile(known, listed_after=time.monotonic() - RESYNC_GRACE_SECONDS)
+        if message.resync.HasField("missing"):
+            missing = message.resync.missing
+            return _here(agent, (missing.job_id, missing.attempt))
         return Answer.COMMAND_ANSWER_APPLIED
     return None
 
@@ -58,11 +61,19 @@ def _cancel(
     for executor in targets:
         why = command.stop_reason or StopReason.STOP_REASON_CANCELLED
         agent._spawn(executor.cancel(why, command.reason))
-    key = (command.job_id, command.attempt)
-    if targets or not command.attempt or key in agent._ended:
+    if targets or not command.attempt:
+        return Answer.COMMAND_ANSWER_APPLIED
+    return _here(agent, (command.job_id, command.attempt))
+
+
+def _here(agent: Agent, key: tuple[str, int]) -> registry_pb2.CommandAnswer.ValueType | None:
+    """Whether this daemon runs or ran the attempt (APPLIED), took it without starting it yet
+    (None: the command comes again), or never took it: "not running here", and remembered as
+    ended so that its dispatch, should it arrive later, is not run."""
+    if key in agent.executors or key in agent._ended:
         return Answer.COMMAND_ANSWER_APPLIED
     if key in agent.leftovers or agent.journal.get(*key) is not None:
-        return None  # taken, its executor not started yet: the cancel comes again
-    log.info("cancel for %s/%s: not running here", *key)
+        return None
+    log.info("attempt %s/%s: not running here", *key)
     agent._ended_attempt(key)
     return Answer.COMMAND_ANSWER_NOT_RUNNING_HERE

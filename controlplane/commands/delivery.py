@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.commands.models import HostCommand
-from controlplane.commands.repository import MOOT, CommandRepository
+from controlplane.commands.repository import ABOUT_ATTEMPTS, MOOT, CommandRepository
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.registry.streams import HostStreams
@@ -148,15 +148,15 @@ class CommandDelivery:
             )
 
     async def _take(self, repo: CommandRepository, rows: Sequence[HostCommand]) -> Outgoing:
-        """The rows to send now, marked delivered once more; a cancel whose attempt already
-        ended is closed as moot instead (its daemon has nothing to stop)."""
+        """The rows to send now, marked delivered once more; a cancel (or a resync about one
+        attempt) whose attempt already ended is closed as moot instead."""
         now = utcnow()
-        cancels = [(r.job_id, r.attempt or 0) for r in rows if r.kind == "cancel" and r.job_id]
-        live = await repo.live_among(cancels)
+        about = [(r.job_id, r.attempt or 0) for r in rows if r.kind in ABOUT_ATTEMPTS and r.job_id]
+        live = await repo.live_among(about)
         outgoing: Outgoing = []
         gone: set[str] = set()
         for row in rows:
-            if row.kind == "cancel" and row.job_id and (row.job_id, row.attempt) not in live:
+            if row.kind in ABOUT_ATTEMPTS and row.job_id and (row.job_id, row.attempt) not in live:
                 row.acked_at, row.answer = now, MOOT
                 continue
             if not self.streams.connected(row.host_id):

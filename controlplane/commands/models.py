@@ -30,9 +30,9 @@ class HostCommand(Base):
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
     )
     host_id: Mapped[str] = mapped_column(ForeignKey("hosts.id"))
-    # "cancel" | "drain": the ControlMessage's field.
+    # "cancel" | "drain" | "resync": the ControlMessage's field.
     kind: Mapped[str] = mapped_column(String(16))
-    # The attempt a cancel is about (None for a drain).
+    # The attempt a cancel or a resync is about (None for a drain or a resync of the host).
     job_id: Mapped[str | None] = mapped_column(String(40))
     attempt: Mapped[int | None] = mapped_column(Integer)
     # The ControlMessage without its command_id (set at each delivery).

@@ -15,6 +15,8 @@ from controlplane.jobs.models import JobAttempt
 # A command's answers besides the daemon's own (applied, not_running).
 SUPERSEDED = "superseded"
 MOOT = "moot"
+# Kinds of command that may be about one attempt (job_id, attempt): moot once it ended.
+ABOUT_ATTEMPTS = ("cancel", "resync")
 
 
 class CommandRepository:
@@ -30,15 +32,16 @@ class CommandRepository:
         job_id: str | None = None,
         attempt: int | None = None,
     ) -> None:
-        """Stores a command for the host, due at once, in the caller's transaction. A drain
-        closes the host's unacknowledged earlier ones (only the latest matters); a cancel
-        already waiting for the same attempt is not stored twice."""
+        """Stores a command for the host, due at once, in the caller's transaction. A drain, or
+        a resync about no attempt, closes the host's unacknowledged earlier ones of its kind
+        (only the latest matters); a cancel or resync already waiting for the same attempt is
+        not stored twice."""
         kind = message.WhichOneof("msg") or ""
         unacked = (HostCommand.host_id == host_id, HostCommand.acked_at.is_(None))
-        if kind == "drain":
+        if kind == "drain" or (kind == "resync" and job_id is None):
             await self.session.execute(
                 update(HostCommand)
-                .where(*unacked, HostCommand.kind == kind)
+                .where(*unacked, HostCommand.kind == kind, HostCommand.job_id.is_(None))
                 .values(acked_at=now, answer=SUPERSEDED)
                 .execution_options(synchronize_session=False)
             )
@@ -132,7 +135,8 @@ class CommandRepository:
         return {(job_id, attempt) for job_id, attempt in rows}
 
     async def close_moot(self, now: datetime) -> int:
-        """Closes the unacknowledged cancels whose attempt is no longer live (ended, or lost
+        """Closes the unacknowledged cancels (and resyncs about one attempt) whose attempt is
+        no longer live (ended, or lost
         with its host, which may never connect again to have them closed on delivery);
         returns how many."""
         live = exists().where(
@@ -142,7 +146,12 @@ class CommandRepository:
         )
         result = await self.session.execute(
             update(HostCommand)
-            .where(HostCommand.acked_at.is_(None), HostCommand.kind == "cancel", ~live)
+            .where(
+                HostCommand.acked_at.is_(None),
+                HostCommand.kind.in_(ABOUT_ATTEMPTS),
+                HostCommand.job_id.is_not(None),
+                ~live,
+            )
             .values(acked_at=now, answer=MOOT)
             .execution_options(synchronize_session=False)
         )

@@ -16,7 +16,12 @@ log = logging.getLogger(__name__)
 
 APPLIED = "applied"
 NOT_RUNNING = "not_running"
-NOT_RUNNING_HERE = "its host does not run it (answered a cancel: not running here)"
+# Why the attempt was lost, by the kind of command the daemon answered "not running here".
+NOT_RUNNING_HERE = {
+    "cancel": "its host does not run it (answered a cancel: not running here)",
+    "resync": "its host does not run it (its heartbeats did not list it; answered a resync: "
+    "not running here)",
+}
 
 
 class CommandAcks(LostAttempts):
@@ -24,8 +29,9 @@ class CommandAcks(LostAttempts):
 
     async def acknowledge_command(self, host_id: str, ack: registry_pb2.CommandAck) -> bool:
         """Records a daemon's answer to one of its own host's commands (the first answer
-        stands; a foreign or unknown id changes nothing). A cancel answered "not running
-        here" loses its attempt at once if it is still live on that host: never charged,
+        stands; a foreign or unknown id changes nothing). A cancel, or a resync asking about
+        one attempt (`missing`), answered "not running here" loses its attempt at once if it
+        is still live on that host: never charged,
         retried by the usual rules (a job whose cancel was asked ends CANCELLED). True when
         an attempt was lost."""
         not_running = ack.answer == registry_pb2.COMMAND_ANSWER_NOT_RUNNING_HERE
@@ -36,7 +42,7 @@ class CommandAcks(LostAttempts):
             command = await CommandRepository(session).acknowledge(
                 host_id, ack.command_id, answer, now
             )
-            if command is None or not not_running or command.kind != "cancel":
+            if command is None or not not_running or command.kind not in NOT_RUNNING_HERE:
                 return None
             if command.job_id is None or command.attempt is None:
                 return None
@@ -45,7 +51,8 @@ class CommandAcks(LostAttempts):
             attempt = await repo.attempt(command.job_id, command.attempt, lock=True)
             if job is None or attempt is None or not attempt.live or attempt.host_id != host_id:
                 return None
-            await self._lose_attempt(session, repo, job, attempt, NOT_RUNNING_HERE, now)
+            why = NOT_RUNNING_HERE[command.kind]
+            await self._lose_attempt(session, repo, job, attempt, why, now)
             return job.id
 
         job_id = await self.db.run(work)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
@@ -46,6 +47,14 @@ class JobBilling:
         self.ledger = ledger or LedgerService(db)
         # Holds are priced on it; without one a hold assumes the max price or the ceiling.
         self.prices = prices
+        # Counts a report whose run time was capped at what this control plane observed,
+        # and a resync sent to a host whose running list disagreed (the metrics).
+        self.on_report_capped: Callable[[], None] | None = None
+        self.on_resync: Callable[[], None] | None = None
+        # jobs/reconcile.py: when the next check is due (monotonic), and the differences the
+        # last one saw per host (acted on only when the next one sees them again).
+        self._next_reconcile = 0.0
+        self._reconcile_suspects: dict[str, set[tuple[str, int]]] = {}
 
     @staticmethod
     def _cancel_command(

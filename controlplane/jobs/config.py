@@ -18,4 +18,6 @@ def job_policy(group: JobSettings) -> JobPolicy:
         dispatch_ack_timeout=timedelta(seconds=group.dispatch_ack_timeout_seconds),
         hold_queue_timeout=timedelta(seconds=group.hold_queue_timeout_seconds),
         require_signed_reports=group.require_signed_reports,
+        run_time_slack=timedelta(seconds=group.run_time_slack_seconds),
+        reconcile_interval=timedelta(seconds=group.reconcile_interval_seconds),
     )

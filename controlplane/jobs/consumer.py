@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 import nats.errors
@@ -13,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from controlplane.errors import Conflict
-from controlplane.jobs.reports import ForeignReport
+from controlplane.jobs.clock import ForeignReport, RefusedReport
 from controlplane.jobs.service import JobService
 from controlplane.jobs.signatures import NO_HOST_KEY, ReportSignatures
 from messaging.signing import SIGNATURE_HEADER
@@ -28,9 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class ReportConsumer:
-    """Applies reports from gpuplane.events.<host>.<job>. A report whose subject's host is
-    not its attempt's host is dropped and counted (`foreign`, and `on_dropped`); so is one not
-    signed by that host's key (`refused`, jobs/signatures.py)."""
+    """Applies reports from gpuplane.events.<host>.<job>. A refused report (its subject's
+    host is not its attempt's host, it is not signed by that host's key (jobs/signatures.py),
+    or its seq jumps implausibly far) is dropped and counted (`refused` by reason, `foreign`,
+    and `on_dropped`)."""
 
     def __init__(
         self,
@@ -43,10 +45,12 @@ class ReportConsumer:
         self.js = js
         self.jobs = jobs
         self.signatures = signatures
-        self.refused = 0
         self.batch = batch
         self.on_dropped = on_dropped
         self.foreign = 0
+        # Refused reports by reason (clock.RefusedReport.reason, foreign ones included, and
+        # jobs/signatures.py's refusals).
+        self.refused: Counter[str] = Counter()
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def subscribe(self) -> None:
@@ -86,8 +90,10 @@ class ReportConsumer:
                 continue
             try:
                 await self.jobs.apply_report(report, host_of_events_subject(message.subject))
-            except ForeignReport as error:
-                self.foreign += 1
+            except RefusedReport as error:
+                if isinstance(error, ForeignReport):
+                    self.foreign += 1
+                self.refused[error.reason] += 1
                 log.warning(
                     "report for %s/%s on %s dropped: %s",
                     report.job_id,
@@ -96,7 +102,7 @@ class ReportConsumer:
                     error,
                 )
                 if self.on_dropped is not None:
-                    self.on_dropped("foreign_host")
+                    self.on_dropped(error.reason)
                 await message.term()
                 continue
             except Conflict:
@@ -108,6 +114,11 @@ class ReportConsumer:
                 continue
             await message.ack()
         return len(messages)
+
+    @property
+    def refused_total(self) -> int:
+        """How many reports were refused, for any reason."""
+        return sum(self.refused.values())
 
     async def _refused(self, message: Msg) -> bool:
         """Whether the report is refused for its signature (counted and logged)."""
@@ -121,7 +132,7 @@ class ReportConsumer:
             reason = await self.signatures.refusal(host, message.data, header)
         if reason is None:
             return False
-        self.refused += 1
+        self.refused[reason] += 1
         log.warning("report on %s refused: %s", message.subject, reason)
         if self.on_dropped is not None:
             self.on_dropped(reason)

@@ -105,6 +105,9 @@ class JobAttempt(Base):
     host_provenance: Mapped[bytes | None] = mapped_column(LargeBinary)
     host_provenance_signature: Mapped[bytes | None] = mapped_column(LargeBinary)
     provenance: Mapped[str | None] = mapped_column(Text)
+    # Reports whose run time exceeded what the control plane observed, and were capped
+    # (jobs/clock.py); the first one costs the host reliability, once per attempt.
+    capped_reports: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEvent(Base):

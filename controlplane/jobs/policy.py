@@ -30,6 +30,11 @@ class JobPolicy:
     budget_stop_resend: timedelta = timedelta(seconds=5)
     # Reports not signed by their host's key are refused (jobs/signatures.py).
     require_signed_reports: bool = True
+    # What a report's run time may exceed the control plane's own observation by (the
+    # RUNNING report's delivery latency; jobs/clock.py).
+    run_time_slack: timedelta = timedelta(seconds=5)
+    # How often heartbeats' running lists are compared with live attempts (jobs/reconcile.py).
+    reconcile_interval: timedelta = timedelta(seconds=5)
 
 
 def hold_expiry(spec: types_pb2.JobSpec, policy: JobPolicy, now: datetime) -> datetime:

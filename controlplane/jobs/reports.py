@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import utcnow
 from controlplane.jobs.billing import StopReason
+from controlplane.jobs.clock import ForeignReport, RefusedReport, check_seq, observed_run_time
 from controlplane.jobs.lost import LostAttempts
 from controlplane.jobs.models import Job, JobAttempt
 from controlplane.jobs.outcomes import Ending, ending_of
@@ -20,13 +21,17 @@ from controlplane.jobs.states import (
     ATTEMPT_ENDING,
     AttemptState,
     JobState,
+    note_job_event,
     set_attempt_state,
     set_job_state,
 )
+from controlplane.registry.reliability import note_outcome
+from controlplane.registry.repository import RegistryRepository
 from controlplane.strings import scrub_text
 from messaging.signing import SigningKey
 
 log = logging.getLogger(__name__)
+__all__ = ["ForeignReport", "RefusedReport", "Reports"]
 Kind = messaging_pb2.JobReportKind
 TERMINAL_REPORTS = frozenset(
     {
@@ -37,12 +42,6 @@ TERMINAL_REPORTS = frozenset(
 )
 # States in which a job still runs up cost on its host.
 RUNS_UP_COST = frozenset({JobState.SCHEDULED, JobState.STARTING, JobState.RUNNING})
-
-
-class ForeignReport(Exception):
-    """A report on a subject of a host that is not the host of the attempt it is about: a
-    host writing about another host's job (its NATS user may publish only under its own
-    subject prefix, so this is a bug or a forgery)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +81,9 @@ class Reports(LostAttempts):
             if not _admitted(job, attempt, report, subject_host):
                 return None
             keep_host_part(attempt, report)
+            noted = False
             if report.run_time_ms:
-                attempt.run_time_ms = max(attempt.run_time_ms, report.run_time_ms)
+                noted = await self._take_run_time(session, repo, job, attempt, report, now)
             resend: registry_pb2.ControlMessage | None = None
             ending = ending_of(report, job) if report.kind in TERMINAL_REPORTS else None
             if ending is not None and ending.reason == StopReason.STOP_REASON_BUDGET_EXHAUSTED:
@@ -117,9 +117,50 @@ class Reports(LostAttempts):
                 resend = self._cancel_command(job, text=job.state_reason)
             if resend is not None:
                 await self._command(session, job, resend, now)
-            return _Applied(job.id, changed, attempt.live, resend)
+            return _Applied(job.id, changed or noted, attempt.live, resend)
 
         return self._announce(report.host_id, await self.db.run(work))
+
+    async def _take_run_time(
+        self,
+        session: AsyncSession,
+        repo: JobRepository,
+        job: Job,
+        attempt: JobAttempt,
+        report: messaging_pb2.JobReport,
+        now: datetime,
+    ) -> bool:
+        """Takes the report's run time, capped at what the control plane observed (+ slack).
+        A capped report is counted (`on_report_capped`); an attempt's first one is recorded
+        as an event on the job and costs its host reliability. True when an event was
+        recorded."""
+        run = observed_run_time(attempt, report.run_time_ms, now, self.policy.run_time_slack)
+        attempt.run_time_ms = max(attempt.run_time_ms, run.taken_ms)
+        if not run.capped:
+            return False
+        if self.on_report_capped is not None:
+            self.on_report_capped()
+        attempt.capped_reports += 1
+        log.warning(
+            "%s/%s: host %s reported %d ms of run time, %d ms observed: capped",
+            job.id,
+            attempt.attempt,
+            attempt.host_id,
+            run.claimed_ms,
+            run.observed_ms,
+        )
+        if attempt.capped_reports > 1:
+            return False
+        host = await RegistryRepository(session).get_host(attempt.host_id)
+        if host is not None:
+            note_outcome(host, False, now)
+        text = (
+            f"attempt {attempt.attempt}: its host reported {run.claimed_ms} ms of run time; "
+            f"the control plane observed {run.observed_ms} ms (+{run.slack_ms} ms slack): "
+            f"capped at {run.taken_ms} ms"
+        )
+        note_job_event(repo, job, text, now=now)
+        return True
 
     def _announce(self, host_id: str, applied: _Applied | None) -> bool:
         """After the report's transaction committed: the command it calls for is sent, and
@@ -209,13 +250,11 @@ def _admitted(
     job: Job, attempt: JobAttempt, report: messaging_pb2.JobReport, subject_host: str | None
 ) -> bool:
     """Fencing: only the live attempt on its own host may change the job, and only with a
-    report newer than the last one applied (whose seq it then records)."""
+    report whose seq passes clock.check_seq (newer, not implausibly far ahead; a terminal
+    report whatever its seq)."""
     if subject_host is not None and attempt.host_id != subject_host:
         raise ForeignReport(f"the attempt ran on host {attempt.host_id!r}")
     if not attempt.live or attempt.host_id != report.host_id or job.attempt != attempt.attempt:
         log.info("stale report for %s/%s ignored", job.id, attempt.attempt)
         return False
-    if report.seq <= attempt.report_seq:
-        return False
-    attempt.report_seq = report.seq
-    return True
+    return check_seq(attempt, report.seq, report.kind in TERMINAL_REPORTS)

@@ -166,6 +166,15 @@ class JobRepository:
             )
         ).all()
 
+    async def live_on_hosts(self, host_ids: Sequence[str]) -> Sequence[tuple[str, str, int, str]]:
+        """(host id, job id, attempt, attempt state) of every live attempt on these hosts."""
+        if not host_ids:
+            return []
+        query = select(
+            JobAttempt.host_id, JobAttempt.job_id, JobAttempt.attempt, JobAttempt.state
+        ).where(JobAttempt.host_id.in_(host_ids), JobAttempt.live.is_(True))
+        return [(h, j, a, st) for h, j, a, st in await self.session.execute(query)]
+
     async def over_budget(self, before: datetime, limit: int) -> Sequence[tuple[str, int, str]]:
         """(job id, attempt, host id) of running attempts whose budget deadline is before
         `before`, earliest first; the sweep locks each (job first, as reports do) and checks

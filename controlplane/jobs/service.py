@@ -26,6 +26,7 @@ from controlplane.jobs.expiry import HoldExpiry
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.policy import JobPolicy as JobPolicy  # re-exported
 from controlplane.jobs.policy import hold_expiry, hold_for, priced
+from controlplane.jobs.reconcile import Reconciliation
 from controlplane.jobs.rejection import Rejections
 from controlplane.jobs.reports import Reports
 from controlplane.jobs.repository import JobRepository
@@ -44,11 +45,13 @@ class JobView:
     attempts: Sequence[JobAttempt]
 
 
-class JobService(Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks, SpendingLimits):
+class JobService(
+    Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks, SpendingLimits, Reconciliation
+):
     """The jobs domain's entry point: servicers, the report consumer and the background
     loops call it. Its parts live beside it: billing.py (metering, settlement), reports.py,
-    lost.py, expiry.py, rejection.py, budget.py, spending.py and acks.py (daemons' answers to
-    commands)."""
+    lost.py, expiry.py, rejection.py, budget.py, spending.py, acks.py (daemons' answers to
+    commands) and reconcile.py (heartbeats against live attempts)."""
 
     # Submit, read, cancel -----------------------------------------------------------------
 

@@ -230,6 +230,24 @@ def set_job_state(
     return True
 
 
+def note_job_event(events: Adder, job: Job, reason: str, *, now: datetime) -> None:
+    """Records something the control plane did about the job without changing its state (a
+    capped run-time report): an event in the job's history, in its current state."""
+    job.event_seq += 1
+    job.updated_at = now
+    events.add(
+        JobEvent(
+            job_id=job.id,
+            seq=job.event_seq,
+            attempt=job.attempt,
+            state=job.state,
+            reason=reason[:1000],
+            exit_code=None,
+            time=now,
+        )
+    )
+
+
 def _enter(
     events: Adder,
     job: Job,

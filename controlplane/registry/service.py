@@ -146,6 +146,9 @@ class RegistryService(RegistrationTokens, Revocations):
         # heard from since the last flush.
         self._up: set[str] = set()
         self._heard: set[str] = set()
+        # The attempts each daemon connected here said it runs in its last heartbeat (or
+        # hello), reconciled with the live attempts (jobs/reconcile.py).
+        self._running: dict[str, frozenset[tuple[str, int]]] = {}
         # Called when a host connects (and so offers its GPUs): the market view holds are
         # priced on is then reread at once instead of within a few seconds.
         self.on_host_connected: Callable[[], None] | None = None
@@ -255,6 +258,8 @@ class RegistryService(RegistrationTokens, Revocations):
         """A daemon's hello: records a heartbeat (a REGISTERED host goes online), starts
         keeping its telemetry."""
         host = await self._record_heartbeat(host_id, hello=True)
+        running = list(running)
+        self._running[host_id] = _keys(running)
         if self.monitor is not None:
             await self.monitor.attach(host_id)
             self.monitor.running(host_id, running)
@@ -267,6 +272,7 @@ class RegistryService(RegistrationTokens, Revocations):
         telemetry and commands are no longer this replica's."""
         if not self.streams.close(stream):
             return
+        self._running.pop(stream.host_id, None)
         if self.monitor is not None:
             self.monitor.detach(stream.host_id)
         try:
@@ -281,9 +287,16 @@ class RegistryService(RegistrationTokens, Revocations):
     ) -> None:
         """Records a heartbeat (written at the next flush); a lost host that reports again is
         back at once."""
+        running = list(running)
+        if self.streams.connected(host_id):
+            self._running[host_id] = _keys(running)
         if self.monitor is not None:
             self.monitor.running(host_id, running)
         await self._heard_from(host_id)
+
+    def running_lists(self) -> dict[str, frozenset[tuple[str, int]]]:
+        """(job id, attempt) of what each daemon connected here said it runs, last time."""
+        return {h: keys for h, keys in self._running.items() if self.streams.connected(h)}
 
     async def receive_telemetry(self, host_id: str, batch: registry_pb2.TelemetryBatch) -> None:
         """One telemetry batch; it is a sign of life too."""
@@ -467,3 +480,7 @@ class RegistryService(RegistrationTokens, Revocations):
         async with self.db.read() as session:
             hosts = await capacity_snapshot(session)
         return page_by_offset(build_offers(hosts, wanted), offset, page.limit)
+
+
+def _keys(running: Iterable[registry_pb2.RunningJob]) -> frozenset[tuple[str, int]]:
+    return frozenset((job.job_id, job.attempt) for job in running)

@@ -1,7 +1,8 @@
 """A host whose daemon side is played by the test: registers, heartbeats over Connect, pulls
 its dispatch messages from JetStream and publishes the reports the test chooses. Like a
 daemon, it acknowledges each stored command (APPLIED) and queues it once; with
-`auto_ack=False` the test answers (`ack`) and sees every delivery, re-sends included."""
+`auto_ack=False` the test answers (`ack`) and sees every delivery, re-sends included. Its
+heartbeats list the attempts it took and has not ended, as a daemon's do."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ if TYPE_CHECKING:
     from tests.harness import JobPlane
 
 Host = TypeVar("Host", bound="ScriptedHost")
+TERMINAL = frozenset(
+    {
+        messaging_pb2.JOB_REPORT_KIND_FINISHED,
+        messaging_pb2.JOB_REPORT_KIND_STOPPED,
+        messaging_pb2.JOB_REPORT_KIND_FAILED_TO_START,
+    }
+)
 
 
 class ScriptedHost:
@@ -62,6 +70,10 @@ class ScriptedHost:
         # `signed=False` plays a daemon of an earlier release: no key, unsigned reports.
         self.key = SigningKey.generate()
         self.signed = signed
+        # What its heartbeats list, as a daemon's do: attempts taken and not ended by a
+        # terminal report. Resyncs (acknowledged APPLIED with auto_ack) go to `resyncs`.
+        self.taken: set[tuple[str, int]] = set()
+        self.resyncs: asyncio.Queue[registry_pb2.ControlMessage] = asyncio.Queue()
 
     def gpus(self) -> list[types_pb2.Gpu]:
         return new_gpus(
@@ -112,7 +124,12 @@ class ScriptedHost:
 
     async def _heartbeats(self) -> None:
         while True:
-            await self._write(registry_pb2.DaemonMessage(heartbeat=registry_pb2.Heartbeat()))
+            running = [
+                registry_pb2.RunningJob(job_id=job_id, attempt=attempt)
+                for job_id, attempt in sorted(self.taken)
+            ]
+            beat = registry_pb2.Heartbeat(running_jobs=running)
+            await self._write(registry_pb2.DaemonMessage(heartbeat=beat))
             await asyncio.sleep(self.heartbeat_interval)
 
     async def _read_commands(self) -> None:
@@ -121,6 +138,11 @@ class ScriptedHost:
             if message is grpc.aio.EOF:  # type: ignore[attr-defined]
                 return
             command_id = message.command_id
+            if message.WhichOneof("msg") == "resync":
+                await self.resyncs.put(message)
+                if command_id and self.auto_ack:
+                    await self.ack(command_id)
+                continue
             if command_id and self.auto_ack:
                 if command_id not in self.answered:
                     await self.commands.put(message)
@@ -158,6 +180,7 @@ class ScriptedHost:
         message = messages[0]
         await message.ack()
         dispatch = messaging_pb2.DispatchMessage.FromString(message.data)
+        self.taken.add((dispatch.job_id, dispatch.attempt))
         assert message.headers is not None
         assert message.headers.get("Nats-Msg-Id") == f"{dispatch.job_id}.{dispatch.attempt}"
         return dispatch
@@ -174,6 +197,8 @@ class ScriptedHost:
         if seq is None:
             seq = self._seq.get(key, 0) + 1
         self._seq[key] = max(self._seq.get(key, 0), seq)
+        if kind in TERMINAL:
+            self.taken.discard(key)
         report = messaging_pb2.JobReport(
             job_id=dispatch.job_id,
             attempt=dispatch.attempt,

@@ -1,6 +1,7 @@
 """Re-attach after a daemon restart, against the real control plane (in process), NATS, S3 and
 Docker: the job finishes on the same container and is charged once; orphans are removed;
-attempts whose container vanished are reported; a resync reconciles the same way."""
+attempts whose container vanished are reported; a resync reconciles the same way, and answers
+for the one attempt it asks about."""
 
 from __future__ import annotations
 
@@ -196,6 +197,19 @@ async def test_orphans_go_and_vanished_attempts_are_reported(
         assert labelled(docker_client, "job-orphan-2") == []
         assert second.orphans_removed == 2
         assert late.id not in {c.id for c in docker_client.containers.list(all=True)}
+
+        # A resync asking about one attempt: one this daemon never took is "not running
+        # here" (and never run later); one that ended here was run.
+        def missing(job_id: str, attempt: int) -> registry_pb2.ControlMessage:
+            gone = registry_pb2.RunningJob(job_id=job_id, attempt=attempt)
+            resync = registry_pb2.ResyncCommand(known_jobs=[gone], missing=gone)
+            return registry_pb2.ControlMessage(resync=resync, command_id=9)
+
+        answer = await second.on_command(missing("job-never", 1))
+        assert answer == registry_pb2.COMMAND_ANSWER_NOT_RUNNING_HERE
+        assert ("job-never", 1) in second._ended
+        answer = await second.on_command(missing("job-vanished", 2))
+        assert answer == registry_pb2.COMMAND_ANSWER_APPLIED
     finally:
         await client.close()
         await second.stop()

@@ -45,7 +45,7 @@ def consumer(plane: JobPlane) -> ReportConsumer:
 async def refused_after(plane: JobPlane, before: int, count: int) -> None:
     """Waits until the report consumer has refused `count` more reports."""
     async with asyncio.timeout(10):
-        while consumer(plane).refused < before + count:
+        while consumer(plane).refused_total < before + count:
             await asyncio.sleep(0.02)
 
 
@@ -73,7 +73,7 @@ async def test_unsigned_and_mis_signed_reports_are_refused(plane: JobPlane) -> N
     try:
         job = await plane.submit(gpu_count=1)
         dispatch = await host.next_dispatch()
-        before = consumer(plane).refused
+        before = consumer(plane).refused_total
         usage: dict[str, Any] = {"seq": 5, "kind": K.JOB_REPORT_KIND_USAGE, "run_time_ms": 180_000}
         running: dict[str, Any] = {"seq": 1, "kind": K.JOB_REPORT_KIND_RUNNING}
         data = K.JobReport(job_id=job.job_id).SerializeToString()
@@ -99,7 +99,7 @@ async def test_unsigned_and_mis_signed_reports_are_refused(plane: JobPlane) -> N
         )
         done = await plane.wait_for(job.job_id, [S.JOB_STATE_SUCCEEDED])
         assert done.charged_micro_credits < 180_000 * 2_000_000 // 3_600_000
-        assert consumer(plane).refused == before + 5
+        assert consumer(plane).refused_total == before + 5
     finally:
         await host.close()
     await plane.assert_ledger_consistent()
@@ -255,7 +255,7 @@ async def test_a_host_without_a_key_is_refused_while_signatures_are_required(
 ) -> None:
     old = await scripted_host(plane, gpus=1, signed=False)
     try:
-        before = consumer(plane).refused
+        before = consumer(plane).refused_total
         job = await run_to_the_end(plane, old)
         await refused_after(plane, before, 2)
         assert (await plane.get(job.job_id)).state == S.JOB_STATE_SCHEDULED
@@ -280,7 +280,7 @@ async def test_signatures_not_required_admit_only_hosts_without_a_key(plane: Job
     try:
         job = await plane.submit(gpu_count=1)
         dispatch = await new.next_dispatch()
-        before = consumer(plane).refused
+        before = consumer(plane).refused_total
         running: dict[str, Any] = {"seq": 1, "kind": K.JOB_REPORT_KIND_RUNNING}
         await forge(new, dispatch, "unsigned", None, **running)
         await refused_after(plane, before, 1)

@@ -34,8 +34,9 @@ class _CommandAnswerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Command
     report says how).
     """
     COMMAND_ANSWER_NOT_RUNNING_HERE: _CommandAnswer.ValueType  # 2
-    """A cancel of an attempt this daemon does not run and never ran: the control plane marks
-    the attempt lost at once (the daemon will not run it if its dispatch arrives later).
+    """A cancel of an attempt this daemon does not run and never ran, or a resync whose
+    `missing` attempt is one: the control plane marks the attempt lost at once (the daemon
+    will not run it if its dispatch arrives later).
     """
 
 class CommandAnswer(_CommandAnswer, metaclass=_CommandAnswerEnumTypeWrapper):
@@ -47,8 +48,9 @@ COMMAND_ANSWER_APPLIED: CommandAnswer.ValueType  # 1
 report says how).
 """
 COMMAND_ANSWER_NOT_RUNNING_HERE: CommandAnswer.ValueType  # 2
-"""A cancel of an attempt this daemon does not run and never ran: the control plane marks
-the attempt lost at once (the daemon will not run it if its dispatch arrives later).
+"""A cancel of an attempt this daemon does not run and never ran, or a resync whose
+`missing` attempt is one: the control plane marks the attempt lost at once (the daemon
+will not run it if its dispatch arrives later).
 """
 Global___CommandAnswer: _TypeAlias = CommandAnswer  # noqa: Y015
 
@@ -474,21 +476,33 @@ Global___DrainCommand: _TypeAlias = DrainCommand  # noqa: Y015
 
 @_typing.final
 class ResyncCommand(_message.Message):
-    """Asks the daemon to reconcile its containers against `known_jobs`."""
+    """Asks the daemon to reconcile its containers against `known_jobs`.
+    The attempts the control plane believes run on the host (any other gpuplane container
+    there is an orphan), sent when the host's heartbeats disagreed with them.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     KNOWN_JOBS_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def known_jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunningJob]: ...
+    @_builtins.property
+    def missing(self) -> Global___RunningJob:
+        """Set when the resync asks about one attempt (also in known_jobs) that the control plane
+        has heard run but the heartbeats no longer list: the daemon answers NOT_RUNNING_HERE if
+        it does not run it and never ran it, and the control plane loses the attempt at once.
+        """
+
     def __init__(
         self,
         *,
         known_jobs: _abc.Iterable[Global___RunningJob] | None = ...,
+        missing: Global___RunningJob | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["missing", b"missing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["known_jobs", b"known_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["known_jobs", b"known_jobs", "missing", b"missing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -504,7 +518,7 @@ class ControlMessage(_message.Message):
     RESYNC_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
-    """Set on a command stored in the control plane's database (cancel, drain): the daemon
+    """Set on a command stored in the control plane's database (cancel, drain, resync): the daemon
     answers it with a CommandAck, and it is re-sent, from whichever replica holds the
     host's Connect stream, until then. 0: nothing to acknowledge.
     """

@@ -1,0 +1,104 @@
+"""Heartbeats reconciled with live attempts: a difference seen twice in a row sends a resync."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Set
+
+from gpuplane.v1 import registry_pb2
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.commands.repository import CommandRepository
+from controlplane.db.base import utcnow
+from controlplane.jobs.billing import JobBilling
+from controlplane.jobs.repository import JobRepository
+from controlplane.jobs.states import AttemptState, JobState
+
+log = logging.getLogger(__name__)
+Key = tuple[str, int]
+# Attempt states the control plane entered on its daemon's own report: the daemon took the
+# dispatch, so its heartbeats must list the attempt. (A SCHEDULED one may still be in flight;
+# the dispatch-ack timeout covers it.)
+HEARD = frozenset({AttemptState.STARTING, AttemptState.RUNNING, AttemptState.UPLOADING})
+
+
+class Reconciliation(JobBilling):
+    """Part of JobService: each replica compares the running lists its connected daemons
+    last sent (`RegistryService.running_lists`) with their live attempts, every
+    `policy.reconcile_interval`. A host whose list misses an attempt the control plane heard
+    run, or lists one that is not live, in two checks in a row gets a ResyncCommand (stored,
+    delivered until acknowledged): one per missing attempt, naming it, else one for the
+    host. The daemon stops containers the control plane does not know and answers a missing
+    attempt it never ran NOT_RUNNING_HERE, which loses it at once (jobs/acks.py)."""
+
+    async def reconcile_running(self, running_lists: Callable[[], Mapping[str, Set[Key]]]) -> int:
+        """One check, if one is due, of the running lists `running_lists()` gives (host →
+        its daemon's last list); returns how many resyncs were stored."""
+        clock = time.monotonic()
+        if clock < self._next_reconcile:
+            return 0
+        self._next_reconcile = clock + self.policy.reconcile_interval.total_seconds()
+        running = running_lists()
+        async with self.db.read() as session:
+            rows = await JobRepository(session).live_on_hosts(sorted(running))
+        live: dict[str, dict[Key, AttemptState]] = defaultdict(dict)
+        for host_id, job_id, attempt, state in rows:
+            live[host_id][(job_id, attempt)] = AttemptState(state)
+        suspects: dict[str, set[Key]] = {}
+        for host_id, listed in running.items():
+            ours = live.get(host_id, {})
+            missing = {k for k, state in ours.items() if state in HEARD and k not in listed}
+            differ = missing | {k for k in listed if k not in ours}
+            if differ:
+                suspects[host_id] = differ
+        previous, self._reconcile_suspects = self._reconcile_suspects, suspects
+        confirmed = {
+            host_id: keys & previous[host_id]
+            for host_id, keys in suspects.items()
+            if keys & previous.get(host_id, set())
+        }
+        if not confirmed:
+            return 0
+        return await self._resync(confirmed, live)
+
+    async def _resync(
+        self, confirmed: Mapping[str, set[Key]], live: Mapping[str, Mapping[Key, AttemptState]]
+    ) -> int:
+        now = utcnow()
+
+        async def work(session: AsyncSession) -> int:
+            commands = CommandRepository(session)
+            stored = 0
+            for host_id, keys in confirmed.items():
+                ours = live.get(host_id, {})
+                known = [_running_job(k, state) for k, state in sorted(ours.items())]
+                missing = sorted(k for k in keys if k in ours)
+                for key in missing:
+                    resync = registry_pb2.ResyncCommand(
+                        known_jobs=known, missing=_running_job(key, ours[key])
+                    )
+                    message = registry_pb2.ControlMessage(resync=resync)
+                    await commands.issue(host_id, message, now, job_id=key[0], attempt=key[1])
+                if not missing:
+                    resync = registry_pb2.ResyncCommand(known_jobs=known)
+                    await commands.issue(host_id, registry_pb2.ControlMessage(resync=resync), now)
+                stored += len(missing) or 1
+            return stored
+
+        stored = await self.db.run(work)
+        for host_id, keys in confirmed.items():
+            log.warning(
+                "host %s: heartbeats disagree with live attempts on %s: resync",
+                host_id,
+                sorted(keys),
+            )
+            self.streams.wake(host_id)
+            if self.on_resync is not None:
+                self.on_resync()
+        return stored
+
+
+def _running_job(key: Key, state: AttemptState) -> registry_pb2.RunningJob:
+    return registry_pb2.RunningJob(job_id=key[0], attempt=key[1], state=JobState(state.value).pb)
