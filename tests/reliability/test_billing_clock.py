@@ -23,6 +23,7 @@ from daemon.bus import DaemonBus
 from daemon.identity import HostIdentity
 from devstack import DockerEngine, NatsServer, S3Server
 from messaging.natsjwt import NatsKeys
+from messaging.signing import SigningKey
 from tests.e2e.test_job_path import PRICE
 from tests.e2e.test_job_path import settings as daemon_settings
 from tests.e2e.test_nats_auth import auth_nats, nats_keys
@@ -67,13 +68,17 @@ async def start_agent(
 
 
 async def forger(agent: Agent) -> DaemonBus:
-    """The provider's own NATS connection, with the credentials its daemon keeps."""
+    """The provider's own NATS connection, with the credentials its daemon keeps, signing with
+    its host's own key (the provider holds it: what it forges is signed as its daemon's
+    reports are, so the control plane's clock is what must catch it)."""
     identity = HostIdentity.load(agent.settings.host_file)
     assert identity is not None
     assert identity.nats_credentials
-    return await DaemonBus.connect(
+    bus = await DaemonBus.connect(
         identity.nats_servers, identity.nats_credentials, identity.nats_inbox_prefix
     )
+    bus.signer = SigningKey.load_or_create(agent.settings.signing_key_file)
+    return bus
 
 
 def forged(agent: Agent, job: S.Job, kind: int, seq: int, **fields: Any) -> K.JobReport:
