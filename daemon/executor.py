@@ -39,12 +39,20 @@ from docker.errors import DockerException
 from docker.models.containers import Container
 from gpuplane.v1 import messaging_pb2
 
-from daemon.endings import START_FAILURES, RunLimit, finished_reason, run_limit, start_failure
+from daemon.endings import (
+    START_FAILURES,
+    RunLimit,
+    finished_detail,
+    finished_reason,
+    run_limit,
+    start_failure,
+)
 from daemon.inputs import fetch_inputs
 from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
 from daemon.progress import Progress
 from daemon.runtime import DockerRuntime, ExitInfo
+from daemon.scrub import Scrubber
 from daemon.settings import DaemonSettings
 from daemon.uploads import store_results
 from messaging.subjects import logs_subject
@@ -92,6 +100,7 @@ class JobExecutor:
         report: ReportFn,
         publish_log: PublishLog | None = None,
         journal: Journal | None = None,
+        scrubber: Scrubber | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.job_id, self.attempt = dispatch.job_id, dispatch.attempt
@@ -102,6 +111,7 @@ class JobExecutor:
         self._report = report
         self._publish_log = publish_log
         self.journal = journal
+        self.scrubber = scrubber
         self.progress = Progress.ACCEPTED
         self.terminal: messaging_pb2.JobReport | None = None
         self.work_dir = work_dir_for(settings, self.job_id, self.attempt)
@@ -374,7 +384,7 @@ class JobExecutor:
             manifest=stored.manifest,
             oom_killed=info.oom_killed,
             stop_reason=finished_reason(info, stored, stopped=stopped),
-            reason=stored.detail,
+            reason=finished_detail(info, stored),
         )
 
     async def _stopped(self, container: Container | None) -> messaging_pb2.JobReport:
@@ -393,6 +403,8 @@ class JobExecutor:
         if self.terminal is not None:
             return self.terminal
         reason = f"host error: {exc}"
+        if self._container is not None:  # gone before the scrub reads its GPUs
+            await self._quietly(self.runtime.stop(self._container))
         if self._started_at:
             return await self._emit(
                 Kind.JOB_REPORT_KIND_STOPPED,
@@ -420,6 +432,9 @@ class JobExecutor:
         async with self._lock:
             if self.terminal is not None:
                 return self.terminal
+            if kind in TERMINAL and self.scrubber is not None:
+                # The container is removed by now: its GPUs should be empty again.
+                fields["scrub"] = await self.scrubber.check(self.dispatch.gpu_uuids)
             self._seq += 1
             report = messaging_pb2.JobReport(
                 job_id=self.job_id,
