@@ -129,6 +129,7 @@ class DockerRuntime:
         host_id: str = "",
         simulated_gpus: bool = False,
         gpu_count: int = 1,
+        facts: EngineFacts | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -139,7 +140,8 @@ class DockerRuntime:
             max_workers=3 * settings.max_concurrent_jobs + 2, thread_name_prefix="gpuplane-docker"
         )
         self.gpu_count = max(gpu_count, 1)
-        self._facts: EngineFacts | None = None
+        # The engine's facts; None: asked of the engine on first use.
+        self._facts = facts
 
     def facts(self) -> EngineFacts:
         """The engine's CPUs, memory and user remapping, asked once (blocking)."""
