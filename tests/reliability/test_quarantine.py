@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
+from pydantic import SecretStr
 
+from daemon.agent import Agent
+from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from tests.e2e.test_nvml_host import H100, online_host, write_state
 from tests.harness import JobPlane, job_plane
@@ -155,4 +158,53 @@ async def test_a_gpu_left_dirty_is_quarantined_until_clean(
         f"{released:.1f}s (clean period {CLEAN_PERIOD_SECONDS:.0f}s) and the job ran",
         faults_injected=1,
         jobs_run=2,
+    )
+
+
+async def test_a_dispatch_onto_a_quarantined_gpu_is_refused_and_not_charged(
+    plane: JobPlane,
+    tmp_path: Path,
+    s3_server: S3Server,
+    docker_engine: DockerEngine,
+    test_image: str,
+) -> None:
+    """Between the scrub and the control plane hearing of it (the next telemetry round) a job
+    can still be placed on the GPU: the daemon refuses it (GPU_QUARANTINED, the host's fault:
+    not charged; retried elsewhere, here failed as it has no retries left)."""
+    agent = Agent(
+        DaemonSettings(
+            control_plane=plane.address,
+            plaintext=True,
+            registration_token=SecretStr(await plane.token()),
+            data_dir=tmp_path / "refusing-daemon",
+            simulate_gpus="1xL4",
+            gpu_device_requests="always",
+            docker_host=docker_engine.base_url,
+            s3_endpoint=s3_server.endpoint,
+            s3_access_key=s3_server.access_key,
+            s3_secret_key=SecretStr(s3_server.secret_key),
+            heartbeat_interval_ms=200,
+            telemetry_interval_ms=600_000,  # the control plane does not hear of it in time
+        )
+    )
+    await agent.start()
+    try:
+        assert agent.scrubber is not None
+        assert agent.inventory is not None
+        gpu = agent.inventory.gpus[0].uuid
+        agent.scrubber.quarantined[gpu] = "1 process(es) left on it (pid 99)"
+        job = await plane.submit(command=["true"], gpu_count=1, allow_simulated=True, max_retries=0)
+        done = await plane.wait_for(job.job_id, TERMINAL, timeout=30)
+    finally:
+        await agent.stop()
+    print(f"placed on a quarantined GPU: {S.JobState.Name(done.state)} {done.state_reason!r}")
+    assert done.state == S.JOB_STATE_FAILED
+    why = f"host fault: GPU {gpu} is quarantined: 1 process(es) left on it (pid 99)"
+    assert done.state_reason.startswith(f"attempt 1 lost: {why}; no retries left")
+    assert done.charged_micro_credits == 0
+    summary.record(
+        "isolation: dispatch onto a quarantined GPU",
+        f"refused by the daemon (GPU_QUARANTINED): {done.state_reason!r}, charged 0",
+        faults_injected=1,
+        jobs_run=1,
     )
