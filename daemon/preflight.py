@@ -172,10 +172,15 @@ def check_docker(docker_host: str, needs_gpus: bool, hook_found: bool) -> list[C
 USERNS = "Docker user namespaces"
 
 
+def userns_remapped(info: Mapping[str, Any]) -> bool:
+    """Whether `docker info` says the engine remaps users (its security options name userns)."""
+    options = [str(o) for o in info.get("SecurityOptions") or []]
+    return any(o == "userns" or o.startswith("name=userns") for o in options)
+
+
 def check_userns(info: Mapping[str, Any]) -> Check:
     """userns-remap on the engine: root in a job's container is not root on the host."""
-    options = [str(o) for o in info.get("SecurityOptions") or []]
-    remapped = any(o == "userns" or o.startswith("name=userns") for o in options)
+    remapped = userns_remapped(info)
     return Check(
         USERNS,
         remapped,

@@ -19,6 +19,7 @@ from docker.types import DeviceRequest
 from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.logstream import LogFollower
+from daemon.preflight import userns_remapped
 from daemon.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,10 @@ class EngineFacts:
 
 
 def engine_facts(info: dict[str, Any]) -> EngineFacts:
-    options = [str(o) for o in info.get("SecurityOptions") or []]
     return EngineFacts(
         cpus=int(info.get("NCPU") or os.cpu_count() or 1),
         memory_bytes=int(info.get("MemTotal") or 0),
-        userns=any(o == "userns" or o.startswith("name=userns") for o in options),
+        userns=userns_remapped(info),
     )
 
 
