@@ -21,6 +21,8 @@ Uploads are retried `upload_attempts` times with exponential backoff while the a
 UPLOADING; then FINISHED carries UPLOAD_FAILED with whatever manifest was stored (outputs
 over `output_max_bytes` are not stored at all: logs only, OUTPUT_TOO_LARGE, `reason` why).
 Each step is a Progress (daemon/progress.py): the executor's, the journal's and the report's.
+The terminal report carries the scrub attestation of the attempt's GPUs (daemon/scrub.py),
+read once the container is removed.
 """
 
 from __future__ import annotations
