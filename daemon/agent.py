@@ -37,6 +37,7 @@ from daemon.nvml import NvmlSampler
 from daemon.progress import Progress
 from daemon.provenance import HostFacts
 from daemon.runtime import DockerRuntime
+from daemon.scrub import Scrubber, mark_quarantined, recheck_forever, scrubber_for
 from daemon.settings import DaemonSettings
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
 from messaging.signing import SigningKey
@@ -79,6 +80,7 @@ class Agent:
         self._runtime: DockerRuntime | None = None
         self._http: urllib3.PoolManager | None = None
         self.connect: ConnectClient | None = None
+        self.scrubber: Scrubber | None = None
 
     @property
     def host_id(self) -> str:
@@ -106,7 +108,11 @@ class Agent:
         identity = self.identity
         client = await asyncio.to_thread(self._docker_client)
         self._runtime = DockerRuntime(
-            client, settings, host_id=identity.host_id, simulated_gpus=self.inventory.simulated
+            client,
+            settings,
+            host_id=identity.host_id,
+            simulated_gpus=self.inventory.simulated,
+            gpu_count=len(self.inventory.gpus),
         )
         self._http = self._object_http()
         servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
@@ -120,6 +126,9 @@ class Agent:
         )
         self._bus.signer = SigningKey.load_or_create(settings.signing_key_file)
         self.leftovers = {(e.job_id, e.attempt): e for e in self.journal.entries()}
+        journaled = (e.dispatch_b64 for e in self.leftovers.values())
+        self.scrubber = await scrubber_for(settings, self.inventory, journaled)
+        self._spawn(recheck_forever(self.scrubber, settings.scrub_recheck_seconds))
         await self._settle_vanished(await self._runtime.find_by_label(host=identity.host_id))
         await self._bus.subscribe(
             identity.dispatch_subject or dispatch_subject(identity.host_id),
@@ -128,7 +137,7 @@ class Agent:
         )
         self.connect = self._connect_client(identity)
         self.telemetry = TelemetryLoop(
-            self._sampler(), self.connect.send_telemetry, self._telemetry_interval, self._busy
+            self._sampler(), self._send_telemetry, self._telemetry_interval, self._busy
         )
         self._spawn(self.connect.run())
         self._spawn(self.telemetry.run())
@@ -221,6 +230,11 @@ class Agent:
         attribution = JobAttribution(self._runtime.job_containers)
         return NvmlSampler([g.uuid for g in self.inventory.gpus], attribution.job_of)
 
+    def _send_telemetry(self, batch: registry_pb2.TelemetryBatch) -> bool:
+        assert self.connect is not None
+        quarantined = self.scrubber.quarantined if self.scrubber else {}
+        return self.connect.send_telemetry(mark_quarantined(batch, quarantined))
+
     def _telemetry_interval(self) -> int:
         if self.settings.telemetry_interval_ms:
             return self.settings.telemetry_interval_ms
@@ -269,6 +283,16 @@ class Agent:
                 f"this host has no GPU {', '.join(missing)}",
             )
             return
+        blocked = self.scrubber.blocked(dispatch.gpu_uuids) if self.scrubber else {}
+        if blocked:
+            why = "; ".join(f"GPU {uuid} is quarantined: {text}" for uuid, text in blocked.items())
+            await self._report_once(
+                dispatch,
+                Kind.JOB_REPORT_KIND_FAILED_TO_START,
+                StopReason.STOP_REASON_GPU_QUARANTINED,
+                why,
+            )
+            return
         self._start_executor(dispatch)
 
     def _start_executor(
@@ -290,6 +314,7 @@ class Agent:
             publish_log=self._bus.publish_log,
             journal=self.journal,
             facts=self._host_facts(),
+            scrubber=self.scrubber,
         )
         key = (dispatch.job_id, dispatch.attempt)
         self.executors[key] = executor

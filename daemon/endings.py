@@ -66,5 +66,20 @@ def finished_reason(info: ExitInfo, stored: Stored, *, stopped: Reason | None) -
     return StopReason.STOP_REASON_EXITED_WITH_ERROR
 
 
+def finished_detail(info: ExitInfo, stored: Stored) -> str:
+    """The `reason` of a FINISHED report: what went wrong storing results, or which limit the
+    container ran into, in words a user can act on."""
+    if stored.detail:
+        return stored.detail
+    if info.oom_killed:
+        limit = info.memory_limit_bytes
+        what = f"its memory limit of {limit >> 20} MiB" if limit else "the memory it was given"
+        return (
+            f"the job used more than {what} (its processes, /tmp and /dev/shm together) and "
+            "was killed; ask for more with --memory (spec.memory_bytes)"
+        )
+    return ""
+
+
 def start_failure(exc: Exception) -> Reason:
     return next(r for kind, r in START_FAILURES.items() if isinstance(exc, kind))

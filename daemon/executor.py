@@ -21,6 +21,8 @@ Uploads are retried `upload_attempts` times with exponential backoff while the a
 UPLOADING; then FINISHED carries UPLOAD_FAILED with whatever manifest was stored (outputs
 over `output_max_bytes` are not stored at all: logs only, OUTPUT_TOO_LARGE, `reason` why).
 Each step is a Progress (daemon/progress.py): the executor's, the journal's and the report's.
+The terminal report carries the scrub attestation of the attempt's GPUs (daemon/scrub.py),
+read once the container is removed.
 """
 
 from __future__ import annotations
@@ -37,15 +39,23 @@ from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 from docker.errors import DockerException
 from docker.models.containers import Container
-from gpuplane.v1 import messaging_pb2
+from gpuplane.v1 import messaging_pb2, types_pb2
 
-from daemon.endings import START_FAILURES, RunLimit, finished_reason, run_limit, start_failure
+from daemon.endings import (
+    START_FAILURES,
+    RunLimit,
+    finished_detail,
+    finished_reason,
+    run_limit,
+    start_failure,
+)
 from daemon.inputs import ObjectReader, fetch_inputs
 from daemon.journal import Journal, JournalEntry
 from daemon.logstream import LogFollower, LogPump, PublishLog
 from daemon.progress import Progress
 from daemon.provenance import HostFacts, sign_provenance
 from daemon.runtime import DockerRuntime, ExitInfo
+from daemon.scrub import Scrubber
 from daemon.settings import DaemonSettings
 from daemon.uploads import store_results
 from messaging.subjects import logs_subject
@@ -98,6 +108,7 @@ class JobExecutor:
         publish_log: PublishLog | None = None,
         journal: Journal | None = None,
         facts: HostFacts | None = None,
+        scrubber: Scrubber | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.job_id, self.attempt = dispatch.job_id, dispatch.attempt
@@ -109,6 +120,7 @@ class JobExecutor:
         self._report = report
         self._publish_log = publish_log
         self.journal = journal
+        self.scrubber = scrubber
         self.progress = Progress.ACCEPTED
         self.terminal: messaging_pb2.JobReport | None = None
         self.work_dir = work_dir_for(settings, self.job_id, self.attempt)
@@ -382,17 +394,28 @@ class JobExecutor:
             "run_time_ms": info.run_time_ms,
             "manifest": stored.manifest,
         }
+        scrub = await self._scrub()
         return await self._emit(
             Kind.JOB_REPORT_KIND_FINISHED,
             **finished,
-            **await self._provenance(finished, ended),
+            **await self._provenance(finished, ended, scrub),
+            **({} if scrub is None else {"scrub": scrub}),
             oom_killed=info.oom_killed,
             stop_reason=finished_reason(info, stored, stopped=stopped),
-            reason=stored.detail,
+            reason=finished_detail(info, stored),
         )
 
-    async def _provenance(self, finished: dict[str, Any], ended: datetime) -> dict[str, bytes]:
-        """The host's signed provenance of a FINISHED attempt (none without a key)."""
+    async def _scrub(self) -> types_pb2.ScrubAttestation | None:
+        """The scrub attestation of the attempt's GPUs (its container removed by now)."""
+        if self.scrubber is None:
+            return None
+        return await self.scrubber.check(self.dispatch.gpu_uuids)
+
+    async def _provenance(
+        self, finished: dict[str, Any], ended: datetime, scrub: types_pb2.ScrubAttestation | None
+    ) -> dict[str, bytes]:
+        """The host's signed provenance of a FINISHED attempt (none without a key), with the
+        scrub attestation its report carries."""
         if self.facts is None:
             return {}
         image = await self._quietly(self.runtime.image_identity(self.dispatch.spec.image))
@@ -404,6 +427,7 @@ class JobExecutor:
             image or {"reference": self.dispatch.spec.image, "digest": ""},
             (started, ended),
             finished,
+            scrub,
         )
 
     async def _stopped(self, container: Container | None) -> messaging_pb2.JobReport:
@@ -422,6 +446,8 @@ class JobExecutor:
         if self.terminal is not None:
             return self.terminal
         reason = f"host error: {exc}"
+        if self._container is not None:  # gone before the scrub reads its GPUs
+            await self._quietly(self.runtime.stop(self._container))
         if self._started_at:
             return await self._emit(
                 Kind.JOB_REPORT_KIND_STOPPED,
@@ -449,6 +475,9 @@ class JobExecutor:
         async with self._lock:
             if self.terminal is not None:
                 return self.terminal
+            if kind in TERMINAL and self.scrubber is not None and "scrub" not in fields:
+                # The container is removed by now: its GPUs should be empty again.
+                fields["scrub"] = await self.scrubber.check(self.dispatch.gpu_uuids)
             self._seq += 1
             report = messaging_pb2.JobReport(
                 job_id=self.job_id,

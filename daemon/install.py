@@ -20,6 +20,7 @@ from typing import TextIO
 from daemon import preflight
 
 SERVICE = "gpuplane-daemon"
+DOCKER_CONFIG = Path("/etc/docker/daemon.json")
 ENV_PREFIX = "GPUPLANE_DAEMON_"
 SECRET_KEYS = {"REGISTRATION_TOKEN"}
 # The checkout this module lives in, when it is one (installed from source by default).
@@ -188,6 +189,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pip-arg", action="append", default=[], help="extra pip argument (repeatable)")
     add("--no-start", action="store_true", help="enable the service but do not start it")
     add("--skip-checks", action="store_true", help="install even when a required check fails")
+    add(
+        "--userns-remap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="turn on Docker's userns-remap if the (local) engine lacks it (default: yes)",
+    )
+    add("--docker-config", type=Path, default=DOCKER_CONFIG, help="the engine's daemon.json")
     settings = parser.add_argument_group("daemon settings (written to the env file)")
     add = settings.add_argument
     add("--control-plane", metavar="HOST:PORT", help="control plane gRPC address")
@@ -230,15 +238,36 @@ def _write(path: Path, text: str, mode: int, shown: str) -> Action:
     return Action(f"write {path} (mode {mode:o}):{body}", write)
 
 
+def _remap_users(path: Path) -> Action:
+    """Adds userns-remap to the engine's daemon.json, keeping what else it says."""
+
+    def write() -> None:
+        config = json.loads(path.read_text() or "{}") if path.exists() else {}
+        config["userns-remap"] = "default"
+        _write(path, json.dumps(config, indent=2, sort_keys=True) + "\n", 0o644, "").run()
+
+    return Action(f'set "userns-remap": "default" in {path} (other settings kept)', write)
+
+
 def plan(
-    args: argparse.Namespace, paths: Paths, values: dict[str, str], env: Mapping[str, str]
+    args: argparse.Namespace,
+    paths: Paths,
+    values: dict[str, str],
+    env: Mapping[str, str],
+    *,
+    remap_users: bool = False,
 ) -> list[Action]:
-    """Every step, in order; nothing is done here. Commands run with `env` (its PATH)."""
+    """Every step, in order; nothing is done here. Commands run with `env` (its PATH).
+    `remap_users`: turn on the local engine's userns-remap (and restart it) first."""
+    actions = []
+    if remap_users:
+        actions.append(_remap_users(args.docker_config))
+        actions.append(_command(["systemctl", "restart", "docker"], env))
     source = args.source or (
         str(SOURCE_TREE) if (SOURCE_TREE / "pyproject.toml").exists() else "gpuplane"
     )
     python = str(paths.venv / "bin" / "python")
-    actions = [_mkdir(paths.prefix, 0o755)]
+    actions.append(_mkdir(paths.prefix, 0o755))
     if not (paths.venv / "bin" / "python").exists():
         actions.append(_command([args.python, "-m", "venv", str(paths.venv)], env))
     pip = [python, "-m", "pip", "install", "--upgrade", *args.pip_arg, source]
@@ -299,7 +328,10 @@ def install(
         print(f"not installing: {len(problems)} problem(s) above.", file=out)
         return 1
     print("dry run: would do, in order:" if args.dry_run else "installing:", file=out)
-    for number, action in enumerate(plan(args, paths, values, env), 1):
+    remap = args.userns_remap and any(c.name == preflight.USERNS and not c.ok for c in results)
+    local = values.get(ENV_PREFIX + "DOCKER_HOST") or preflight.default_docker_host(env)
+    remap = remap and local.startswith("unix://")  # another machine's engine is not ours
+    for number, action in enumerate(plan(args, paths, values, env, remap_users=remap), 1):
         print(f"  {number}. {action.describe}", file=out, flush=True)
         if not args.dry_run:
             action.run()

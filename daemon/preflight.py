@@ -154,6 +154,7 @@ def check_docker(docker_host: str, needs_gpus: bool, hook_found: bool) -> list[C
         f"{info.get('ServerVersion', '?')} at {docker_host}; runtimes: {', '.join(runtimes)}",
     )
     registered = "nvidia" in runtimes
+    userns = check_userns(info)
     gpu = Check(
         "Docker GPU support",
         registered or hook_found,
@@ -165,7 +166,33 @@ def check_docker(docker_host: str, needs_gpus: bool, hook_found: bool) -> list[C
         "`sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker`",
         needs_gpus,
     )
-    return [engine, gpu]
+    return [engine, gpu, userns]
+
+
+USERNS = "Docker user namespaces"
+
+
+def userns_remapped(info: Mapping[str, Any]) -> bool:
+    """Whether `docker info` says the engine remaps users (its security options name userns)."""
+    options = [str(o) for o in info.get("SecurityOptions") or []]
+    return any(o == "userns" or o.startswith("name=userns") for o in options)
+
+
+def check_userns(info: Mapping[str, Any]) -> Check:
+    """userns-remap on the engine: root in a job's container is not root on the host."""
+    remapped = userns_remapped(info)
+    return Check(
+        USERNS,
+        remapped,
+        "userns-remap is on: root in a job is an unprivileged user on this host"
+        if remapped
+        else "userns-remap is off: jobs whose image runs as root will run as "
+        "GPUPLANE_DAEMON_JOB_USER (65534), which some images do not expect",
+        'the installer adds "userns-remap": "default" to /etc/docker/daemon.json and restarts '
+        "Docker (--no-userns-remap leaves it); images and containers made before are not "
+        "visible to the remapped engine",
+        required=False,
+    )
 
 
 def check_python(python: str) -> Check:

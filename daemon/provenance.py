@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from google.protobuf import json_format
 from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.gpus import GpuInventory
@@ -28,9 +29,11 @@ def sign_provenance(
     image: dict[str, Any],
     clock: tuple[datetime | None, datetime | None],
     finished: dict[str, Any],
+    scrub: types_pb2.ScrubAttestation | None = None,
 ) -> dict[str, bytes]:
     """The FINISHED report's `provenance` and `provenance_signature` fields; `finished` holds
-    the report's exit_code, run_time_ms and manifest."""
+    the report's exit_code, run_time_ms and manifest; `scrub` the GPU scrub attestation the
+    same report carries (daemon/scrub.py)."""
     gpus = [
         {"uuid": uuid, "name": facts.inventory.by_uuid.get(uuid, types_pb2.Gpu()).name}
         for uuid in dispatch.gpu_uuids
@@ -51,6 +54,9 @@ def sign_provenance(
             {"key": o.key, "path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256}
             for o in manifest
         ],
+        scrub=None
+        if scrub is None
+        else json_format.MessageToDict(scrub, preserving_proto_field_name=True),
     )
     data = canonical(part)
     return {"provenance": data, "provenance_signature": facts.key.sign(data)}

@@ -19,6 +19,7 @@ from docker.types import DeviceRequest
 from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.logstream import LogFollower
+from daemon.preflight import userns_remapped
 from daemon.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 LABEL_JOB = "gpuplane.job"
 LABEL_ATTEMPT = "gpuplane.attempt"
 LABEL_HOST = "gpuplane.host"
+# Users that are root inside a container (an image's empty USER is root too).
+_ROOT_USERS = frozenset({"", "0", "root"})
+# Where a job may write besides /output and /dev/shm: a tmpfs of settings.scratch_bytes.
+SCRATCH = "/tmp"
 # Env names a job may not set: they decide which GPUs the NVIDIA hook exposes.
 _RESERVED_ENV = re.compile(r"^(NVIDIA_VISIBLE_DEVICES|NVIDIA_MIG_\w+|GPUPLANE_\w+)$")
 _DOCKER_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
@@ -64,6 +69,26 @@ class ExitInfo:
     status: str = ""
     # Whether the container ever started (State.StartedAt is set).
     started: bool = True
+    # The memory limit it ran under (HostConfig.Memory; 0: none).
+    memory_limit_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the Docker engine says of the machine jobs run on (`docker info`)."""
+
+    cpus: int
+    memory_bytes: int
+    # Whether the engine remaps users (userns-remap): root inside is not root on the host.
+    userns: bool
+
+
+def engine_facts(info: dict[str, Any]) -> EngineFacts:
+    return EngineFacts(
+        cpus=int(info.get("NCPU") or os.cpu_count() or 1),
+        memory_bytes=int(info.get("MemTotal") or 0),
+        userns=userns_remapped(info),
+    )
 
 
 def parse_docker_time(value: str) -> datetime | None:
@@ -103,6 +128,8 @@ class DockerRuntime:
         *,
         host_id: str = "",
         simulated_gpus: bool = False,
+        gpu_count: int = 1,
+        facts: EngineFacts | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -112,7 +139,15 @@ class DockerRuntime:
         self._long = ThreadPoolExecutor(
             max_workers=3 * settings.max_concurrent_jobs + 2, thread_name_prefix="gpuplane-docker"
         )
-        self._cpus = os.cpu_count() or 1
+        self.gpu_count = max(gpu_count, 1)
+        # The engine's facts; None: asked of the engine on first use.
+        self._facts = facts
+
+    def facts(self) -> EngineFacts:
+        """The engine's CPUs, memory and user remapping, asked once (blocking)."""
+        if self._facts is None:
+            self._facts = engine_facts(self.client.info())
+        return self._facts
 
     def close(self) -> None:
         self._long.shutdown(wait=False, cancel_futures=True)
@@ -155,12 +190,16 @@ class DockerRuntime:
         return await asyncio.to_thread(inspect)
 
     def container_config(
-        self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path
+        self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path, image_user: str = ""
     ) -> dict[str, Any]:
-        """The keyword arguments of `containers.create` for one attempt."""
+        """The keyword arguments of `containers.create` for one attempt (blocking: asks the
+        engine for its facts once); `image_user` is the image's USER."""
         spec = dispatch.spec
         uuids = list(dispatch.gpu_uuids)
+        facts = self.facts()
         env = {k: v for k, v in spec.env.items() if not _RESERVED_ENV.match(k)}
+        # Caches (pip, torch, Hugging Face) go to the scratch: the root filesystem is read-only.
+        env.setdefault("XDG_CACHE_HOME", f"{SCRATCH}/.cache")
         env["NVIDIA_VISIBLE_DEVICES"] = ",".join(uuids) if uuids else "void"
         env["GPUPLANE_JOB_ID"] = dispatch.job_id
         env["GPUPLANE_ATTEMPT"] = str(dispatch.attempt)
@@ -178,19 +217,27 @@ class DockerRuntime:
             "security_opt": ["no-new-privileges"],
             "pids_limit": self.settings.default_pids_limit,
             "shm_size": spec.shm_bytes or self.settings.default_shm_bytes,
+            "read_only": True,
+            "tmpfs": {SCRATCH: f"rw,nosuid,nodev,size={self.settings.scratch_bytes}"},
             "network_mode": "bridge" if spec.network == types_pb2.NETWORK_MODE_BRIDGE else "none",
             "volumes": {
                 str(work_dir / "output"): {"bind": "/output", "mode": "rw"},
                 str(work_dir / "input"): {"bind": "/input", "mode": "ro"},
             },
         }
+        share = max(spec.gpu_count, 1) / self.gpu_count  # of the machine, by GPUs
         memory = spec.memory_bytes or self.settings.default_memory_bytes
+        memory = memory or int(facts.memory_bytes * min(share, 1.0))
         if memory:
             config["mem_limit"] = memory
             config["memswap_limit"] = memory  # no swap beyond the limit
-        if spec.cpu_millicores:
-            # Docker refuses more CPUs than the machine has; the scheduler's view may differ.
-            config["nano_cpus"] = min(spec.cpu_millicores * 1_000_000, self._cpus * 10**9)
+        millicores = spec.cpu_millicores or self.settings.default_cpu_millicores
+        millicores = millicores or int(facts.cpus * 1000 * share)
+        # Docker refuses more CPUs than the machine has; the scheduler's view may differ.
+        config["nano_cpus"] = max(min(millicores * 1_000_000, facts.cpus * 10**9), 10**7)
+        if not facts.userns and image_user.partition(":")[0] in _ROOT_USERS:
+            # No remapping: root in the container would be the host's root.
+            config["user"] = self.settings.job_user
         if uuids and self.device_requests:
             config["device_requests"] = [
                 DeviceRequest(driver="nvidia", device_ids=uuids, capabilities=[["gpu"]])
@@ -200,9 +247,11 @@ class DockerRuntime:
     async def create(self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path) -> Container:
         """Creates (does not start) the attempt's container; a leftover of the same name from
         an earlier run of this attempt is removed first. Raises ContainerError."""
-        config = self.container_config(dispatch, work_dir)
 
         def create() -> Container:
+            image = self.client.images.get(dispatch.spec.image)
+            user = str((image.attrs.get("Config") or {}).get("User") or "")
+            config = self.container_config(dispatch, work_dir, user)
             try:
                 return self.client.containers.create(dispatch.spec.image, **config)
             except APIError as exc:
@@ -271,6 +320,7 @@ class DockerRuntime:
         """Exit code, OOM kill and run time (StartedAt → FinishedAt, or → now if running)."""
         info = await asyncio.to_thread(self.client.api.inspect_container, container.id)
         state = info.get("State", {})
+        memory_limit = int((info.get("HostConfig") or {}).get("Memory") or 0)
         started = parse_docker_time(state.get("StartedAt", ""))
         finished = parse_docker_time(state.get("FinishedAt", "")) or datetime.now(UTC)
         run_time_ms = 0
@@ -283,6 +333,7 @@ class DockerRuntime:
             error=str(state.get("Error", "")),
             status=str(state.get("Status", "")),
             started=started is not None,
+            memory_limit_bytes=memory_limit,
         )
 
     async def logs(self, container: Container) -> tuple[bytes, bytes]:

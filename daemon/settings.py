@@ -109,8 +109,43 @@ class DaemonSettings(BaseSettings):
     )
     usage_report_interval_seconds: float = Field(default=60.0, gt=0)
     default_pids_limit: int = Field(default=1024, gt=0)
-    default_memory_bytes: int = Field(default=0, ge=0, description="0 = no memory limit.")
+    default_memory_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Memory limit of a job whose spec sets none; 0 = the engine's memory "
+        "divided by this host's GPUs, times the job's GPUs (at least one).",
+    )
+    default_cpu_millicores: int = Field(
+        default=0,
+        ge=0,
+        description="CPU limit of a job whose spec sets none; 0 = the engine's CPUs divided "
+        "by this host's GPUs, times the job's GPUs (at least one).",
+    )
     default_shm_bytes: int = Field(default=64 << 20, gt=0)
+    scratch_bytes: int = Field(
+        default=1 << 30,
+        gt=0,
+        description="Size of /tmp, a job's writable scratch (tmpfs: it counts toward the "
+        "job's memory limit); the rest of the container's root filesystem is read-only.",
+    )
+    job_user: str = Field(
+        default="65534:65534",
+        description="USER[:GROUP] a job whose image runs as root is run as when the Docker "
+        "engine has no user-namespace remapping (userns-remap); with it, root in the "
+        "container is an unprivileged user on the host and the image's user is kept.",
+    )
+    scrub_timeout_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="After an attempt, how long its GPUs get to show no process and their "
+        "memory back to baseline before they are quarantined.",
+    )
+    scrub_memory_slack_bytes: int = Field(
+        default=64 << 20, ge=0, description="GPU memory above the baseline still called clean."
+    )
+    scrub_recheck_seconds: float = Field(
+        default=30.0, gt=0, description="How often a quarantined GPU is read again."
+    )
     output_max_bytes: int = Field(default=10 << 30, gt=0)
     upload_attempts: int = Field(
         default=5, ge=1, description="Tries to store an attempt's results before upload_failed."

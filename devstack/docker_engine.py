@@ -74,7 +74,10 @@ class DockerEngine(LocalServer):
     itself, so it never touches the host's interfaces, firewall or sysctls and runs beside
     a system dockerd or other private ones. Containers get working container networking
     but no route to the host or the internet; network mode "host" means the engine's
-    namespace. A stand-in NVIDIA hook is on its PATH; its calls land in `hook_log`.
+    namespace. A stand-in NVIDIA hook is on its PATH; its calls land in `hook_log`. It
+    remaps users (`--userns-remap=default`, as deploy/ sets up providers' engines: root in a
+    container is the unprivileged `dockremap` range on the host) when `userns` is True, or
+    None and the host can create that user (`useradd`, or an existing subuid entry).
 
     Otherwise (`private=False`, or not root): the engine at DOCKER_HOST (with the usual
     DOCKER_TLS_VERIFY / DOCKER_CERT_PATH) or the default socket, left running at stop();
@@ -84,9 +87,15 @@ class DockerEngine(LocalServer):
     name = "dockerd"
 
     def __init__(
-        self, directory: Path, *, private: bool | None = None, timeout: float = 60.0
+        self,
+        directory: Path,
+        *,
+        private: bool | None = None,
+        timeout: float = 60.0,
+        userns: bool | None = None,
     ) -> None:
         super().__init__()
+        self.userns = userns
         self.directory = Path(directory).absolute()
         self.private = private
         self.timeout = timeout
@@ -160,6 +169,13 @@ class DockerEngine(LocalServer):
         unshare = find_binary("unshare", _SYSTEM_BIN)
         if unshare is None:
             raise DevstackError("could not start dockerd: no `unshare` (util-linux) on PATH")
+        if self.userns is None:
+            self.userns = _can_remap_users()
+        if self.userns:
+            # The remapped root must traverse every directory above its data root (o+x);
+            # pytest's temp dirs are 0700, so it lives beside the sockets instead.
+            self._runtime.chmod(0o711)
+            self.data_root = self._runtime / "data-root"
         argv = [
             unshare,
             "--net",  # then execs dockerd: same pid, own network namespace
@@ -173,6 +189,8 @@ class DockerEngine(LocalServer):
             "--userland-proxy=false",
             "--shutdown-timeout=5",
         ]
+        if self.userns:
+            argv.append("--userns-remap=default")
         self.base_url = f"unix://{sock}"
         self._process = ManagedProcess(
             self.name,
@@ -209,6 +227,17 @@ class DockerEngine(LocalServer):
                 with contextlib.suppress(ValueError):
                     calls[-1].state = json.loads(line[6:])
         return calls
+
+
+def _can_remap_users() -> bool:
+    """dockerd's `--userns-remap=default` creates the `dockremap` user (useradd) and its
+    subordinate ids, or uses them when they exist."""
+    try:
+        if "dockremap:" in Path("/etc/subuid").read_text():
+            return True
+    except OSError:
+        pass
+    return find_binary("useradd", _SYSTEM_BIN) is not None
 
 
 def _unmount_under(root: Path) -> None:

@@ -87,7 +87,9 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     StopReason.STOP_REASON_EXITED_WITH_ERROR: Outcome(
         _FAILED, Fault.USER, lambda f: f"exit code {f.exit_code}"
     ),
-    StopReason.STOP_REASON_OOM_KILLED: Outcome(_FAILED, Fault.USER, lambda f: "oom"),
+    StopReason.STOP_REASON_OOM_KILLED: Outcome(
+        _FAILED, Fault.USER, lambda f: f"oom: {f.detail}" if f.detail else "oom"
+    ),
     StopReason.STOP_REASON_IMAGE_UNAVAILABLE: Outcome(_FAILED, Fault.USER, _not_started),
     StopReason.STOP_REASON_INPUT_UNAVAILABLE: Outcome(_FAILED, Fault.USER, _not_started),
     # The bytes no longer hash as when CompleteUpload recorded them: the platform's object
@@ -120,6 +122,8 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     StopReason.STOP_REASON_HOST_ERROR: Outcome(None, Fault.PROVIDER, _host_fault),
     StopReason.STOP_REASON_DAEMON_RESTARTED: Outcome(None, Fault.PROVIDER, _host_fault),
     StopReason.STOP_REASON_GPUS_MISSING: Outcome(None, Fault.PROVIDER, _host_fault),
+    # A GPU it was placed on is quarantined there (left dirty by an earlier attempt).
+    StopReason.STOP_REASON_GPU_QUARANTINED: Outcome(None, Fault.PROVIDER, _host_fault),
     # The registry unreachable from the host (its network, DNS) or failing: the host's fault,
     # retried on another host. An image the registry does not know is IMAGE_UNAVAILABLE.
     StopReason.STOP_REASON_IMAGE_PULL_FAILED: Outcome(None, Fault.PROVIDER, _pull_failed),

@@ -26,6 +26,8 @@ MAX_POWER_MILLIWATTS = 2_000_000
 MAX_SM_CLOCK_MHZ = 10_000
 MAX_EPOCH_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the Timestamp range
 VANISHED = "GPU vanished from telemetry"
+QUARANTINED = "quarantined by its host (not clean after an attempt)"
+MAX_QUARANTINE_REASON = 200
 
 JobKey = tuple[str, int]
 
@@ -276,7 +278,7 @@ class TelemetryBuffer:
                 continue
             # Cheap tests first: most samples carry no XID and no uncorrected ECC error.
             ecc = sample.ecc_uncorrected_errors
-            if sample.xid_events or ecc:
+            if sample.xid_events or ecc or sample.quarantine_reason:
                 self._faults(host_id, series, sample, when, now, outcome)
             series.last_ecc_uncorrected = ecc
             series.recent.append(sample.SerializeToString())
@@ -300,9 +302,15 @@ class TelemetryBuffer:
         now: float,
         outcome: BatchOutcome,
     ) -> None:
-        """An XID event or growing uncorrectable ECC errors make the GPU unhealthy."""
+        """The host's quarantine, an XID event or growing uncorrectable ECC errors make the
+        GPU unhealthy (not offered until it recovers)."""
         reason = ""
-        for xid in sample.xid_events:
+        if sample.quarantine_reason:
+            # The host's own word that the GPU is not clean: shown, never trusted as text.
+            said = sample.quarantine_reason[:MAX_QUARANTINE_REASON]
+            said = "".join(c if c.isprintable() else "\ufffd" for c in said)
+            reason = f"{QUARANTINED}: {said}"
+        for xid in () if reason else sample.xid_events:
             if xid.xid not in self.ignored_xids:
                 at = _seconds(xid.time) if xid.HasField("time") else when
                 reason = f"XID {xid.xid} at {iso(at if at > 0 else when)}"

@@ -157,11 +157,13 @@ async def test_over_the_memory_limit_is_failed_oom(plane: JobPlane, agent: Agent
     done = await run_job(plane, script, memory_bytes=32 << 20)
     print(f"200 MB into a 32 MiB job: {S.JobState.Name(done.state)} {done.state_reason!r}")
     assert done.state == S.JOB_STATE_FAILED
-    assert done.state_reason == "oom"
+    # A reason a user can act on: which limit, and how to ask for more.
+    assert done.state_reason.startswith("oom: the job used more than its memory limit of 32 MiB")
+    assert "--memory" in done.state_reason
     assert "survived" not in await stored_log(plane, done.job_id, S.LOG_STREAM_STDOUT)
     summary.record(
         "hardening: memory limit",
-        "200 MB into 32 MiB: FAILED, reason oom",
+        f"200 MB into 32 MiB: FAILED, reason {done.state_reason!r}",
         faults_injected=1,
         jobs_run=1,
     )

@@ -149,6 +149,10 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     network, DNS or the registry unreachable from it, a registry error, its disk); `reason`
     says why. An image the registry says does not exist is IMAGE_UNAVAILABLE instead.
     """
+    STOP_REASON_GPU_QUARANTINED: _StopReason.ValueType  # 36
+    """A GPU the dispatch names is quarantined on the host: the scrub after an earlier attempt
+    found processes or memory left on it (see ScrubAttestation); `reason` says which.
+    """
 
 class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
     """Why an attempt ended: set by the daemon on every terminal report (FINISHED, STOPPED,
@@ -221,6 +225,10 @@ STOP_REASON_IMAGE_PULL_FAILED: StopReason.ValueType  # 25
 """The job's image is not on the host and pulling it failed for the host's reasons (its
 network, DNS or the registry unreachable from it, a registry error, its disk); `reason`
 says why. An image the registry says does not exist is IMAGE_UNAVAILABLE instead.
+"""
+STOP_REASON_GPU_QUARANTINED: StopReason.ValueType  # 36
+"""A GPU the dispatch names is quarantined on the host: the scrub after an earlier attempt
+found processes or memory left on it (see ScrubAttestation); `reason` says which.
 """
 Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 
@@ -414,6 +422,7 @@ class JobReport(_message.Message):
     STOP_REASON_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
     PROVENANCE_SIGNATURE_FIELD_NUMBER: _builtins.int
+    SCRUB_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     host_id: _builtins.str
@@ -447,6 +456,13 @@ class JobReport(_message.Message):
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def manifest(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ResultObject]: ...
+    @_builtins.property
+    def scrub(self) -> _types_pb2.ScrubAttestation:
+        """On a terminal report: the daemon's check, after the container was removed, that the
+        attempt's GPUs hold no process and their memory is back to its baseline. Part of the
+        attempt's provenance.
+        """
+
     def __init__(
         self,
         *,
@@ -466,10 +482,11 @@ class JobReport(_message.Message):
         stop_reason: Global___StopReason.ValueType = ...,
         provenance: _builtins.bytes = ...,
         provenance_signature: _builtins.bytes = ...,
+        scrub: _types_pb2.ScrubAttestation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "scrub", b"scrub", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "exit_code", b"exit_code", "host_id", b"host_id", "job_id", b"job_id", "kind", b"kind", "legacy_provider_fault", b"legacy_provider_fault", "legacy_stop_reason", b"legacy_stop_reason", "manifest", b"manifest", "oom_killed", b"oom_killed", "provenance", b"provenance", "provenance_signature", b"provenance_signature", "reason", b"reason", "run_time_ms", b"run_time_ms", "seq", b"seq", "stop_reason", b"stop_reason", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "attempt", b"attempt", "exit_code", b"exit_code", "host_id", b"host_id", "job_id", b"job_id", "kind", b"kind", "legacy_provider_fault", b"legacy_provider_fault", "legacy_stop_reason", b"legacy_stop_reason", "manifest", b"manifest", "oom_killed", b"oom_killed", "provenance", b"provenance", "provenance_signature", b"provenance_signature", "reason", b"reason", "run_time_ms", b"run_time_ms", "scrub", b"scrub", "seq", b"seq", "stop_reason", b"stop_reason", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

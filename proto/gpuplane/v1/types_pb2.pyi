@@ -976,6 +976,7 @@ class GpuTelemetry(_message.Message):
     THROTTLE_REASONS_FIELD_NUMBER: _builtins.int
     XID_EVENTS_FIELD_NUMBER: _builtins.int
     PROCESSES_FIELD_NUMBER: _builtins.int
+    QUARANTINE_REASON_FIELD_NUMBER: _builtins.int
     gpu_uuid: _builtins.str
     utilization_gpu_percent: _builtins.int
     utilization_memory_percent: _builtins.int
@@ -987,6 +988,10 @@ class GpuTelemetry(_message.Message):
     ecc_uncorrected_errors: _builtins.int
     throttle_reasons: _builtins.int
     """NVML clocks-event (throttle) reason bitmask."""
+    quarantine_reason: _builtins.str
+    """Set while the host holds this GPU in quarantine (a scrub found it not clean): the
+    control plane keeps it unhealthy, so it is not offered. Empty: not quarantined.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1009,10 +1014,11 @@ class GpuTelemetry(_message.Message):
         throttle_reasons: _builtins.int = ...,
         xid_events: _abc.Iterable[Global___XidEvent] | None = ...,
         processes: _abc.Iterable[Global___GpuProcess] | None = ...,
+        quarantine_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ecc_corrected_errors", b"ecc_corrected_errors", "ecc_uncorrected_errors", b"ecc_uncorrected_errors", "gpu_uuid", b"gpu_uuid", "memory_used_bytes", b"memory_used_bytes", "power_draw_milliwatts", b"power_draw_milliwatts", "processes", b"processes", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "throttle_reasons", b"throttle_reasons", "time", b"time", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent", "xid_events", b"xid_events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ecc_corrected_errors", b"ecc_corrected_errors", "ecc_uncorrected_errors", b"ecc_uncorrected_errors", "gpu_uuid", b"gpu_uuid", "memory_used_bytes", b"memory_used_bytes", "power_draw_milliwatts", b"power_draw_milliwatts", "processes", b"processes", "quarantine_reason", b"quarantine_reason", "sm_clock_mhz", b"sm_clock_mhz", "temperature_celsius", b"temperature_celsius", "throttle_reasons", b"throttle_reasons", "time", b"time", "utilization_gpu_percent", b"utilization_gpu_percent", "utilization_memory_percent", b"utilization_memory_percent", "xid_events", b"xid_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1478,3 +1484,81 @@ class PricingPolicy(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PricingPolicy: _TypeAlias = PricingPolicy  # noqa: Y015
+
+@_typing.final
+class GpuScrub(_message.Message):
+    """One GPU's state after an attempt, read through NVML once its container was removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_UUID_FIELD_NUMBER: _builtins.int
+    CLEAN_FIELD_NUMBER: _builtins.int
+    LEFTOVER_PIDS_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    BASELINE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    gpu_uuid: _builtins.str
+    clean: _builtins.bool
+    memory_used_bytes: _builtins.int
+    baseline_memory_bytes: _builtins.int
+    """Memory used on the idle GPU when the daemon started (what "back to baseline" means)."""
+    reason: _builtins.str
+    """Why it is not clean; empty when clean."""
+    @_builtins.property
+    def leftover_pids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Compute processes still on the GPU (host PIDs)."""
+
+    def __init__(
+        self,
+        *,
+        gpu_uuid: _builtins.str = ...,
+        clean: _builtins.bool = ...,
+        leftover_pids: _abc.Iterable[_builtins.int] | None = ...,
+        memory_used_bytes: _builtins.int = ...,
+        baseline_memory_bytes: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_memory_bytes", b"baseline_memory_bytes", "clean", b"clean", "gpu_uuid", b"gpu_uuid", "leftover_pids", b"leftover_pids", "memory_used_bytes", b"memory_used_bytes", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuScrub: _TypeAlias = GpuScrub  # noqa: Y015
+
+@_typing.final
+class ScrubAttestation(_message.Message):
+    """The daemon's scrub attestation for one attempt: each of its GPUs checked after the
+    container was removed (waiting up to the daemon's scrub timeout for memory to return).
+    A GPU that is not clean is quarantined on the host and not offered until it is.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPUS_FIELD_NUMBER: _builtins.int
+    CLEAN_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_FIELD_NUMBER: _builtins.int
+    MEASURED_FIELD_NUMBER: _builtins.int
+    clean: _builtins.bool
+    """Every GPU clean (true for an attempt without GPUs)."""
+    measured: _builtins.bool
+    """False on simulated hosts: nothing was read from a driver."""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuScrub]: ...
+    @_builtins.property
+    def checked_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        gpus: _abc.Iterable[Global___GpuScrub] | None = ...,
+        clean: _builtins.bool = ...,
+        checked_at: _timestamp_pb2.Timestamp | None = ...,
+        measured: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "clean", b"clean", "gpus", b"gpus", "measured", b"measured"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScrubAttestation: _TypeAlias = ScrubAttestation  # noqa: Y015
