@@ -60,7 +60,9 @@ async def test_a_daemons_results_verify_offline(
     assert [g["uuid"] for g in host["gpus"]] == list(done.gpu_uuids)
     assert all(g["name"] for g in host["gpus"])
     assert host["exit_code"] == 0
-    assert host["scrub"] is None
+    # The GPUs' scrub attestation is part of what the host signed (daemon/scrub.py).
+    assert host["scrub"]["clean"] is True
+    assert [g["gpu_uuid"] for g in host["scrub"]["gpus"]] == list(done.gpu_uuids)
     assert {o["path"] for o in host["outputs"]} >= {"output/answer.txt", "logs/stdout"}
     root = tmp_path / job.job_id
     await download_all(results, root, quiet=True)

@@ -70,8 +70,7 @@ async def daemon(
     argv = [str(Path(sys.executable).parent / "gpuplane"), "daemon", "run", "--plaintext"]
     argv += ["--control-plane", plane.address, "--token", await plane.token()]
     argv += ["--data-dir", str(tmp_path / "daemon"), "--docker-host", docker_engine.base_url]
-    argv += ["--s3-endpoint", s3_server.endpoint, "--s3-access-key", s3_server.access_key]
-    argv += ["--s3-secret-key", s3_server.secret_key, "--price-per-gpu-hour", "1.5"]
+    argv += ["--price-per-gpu-hour", "1.5"]  # no S3 key: each dispatch carries its grant
     log_path = tmp_path / "daemon.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -180,9 +179,6 @@ async def test_a_dispatch_onto_a_quarantined_gpu_is_refused_and_not_charged(
             simulate_gpus="1xL4",
             gpu_device_requests="always",
             docker_host=docker_engine.base_url,
-            s3_endpoint=s3_server.endpoint,
-            s3_access_key=s3_server.access_key,
-            s3_secret_key=SecretStr(s3_server.secret_key),
             heartbeat_interval_ms=200,
             telemetry_interval_ms=600_000,  # the control plane does not hear of it in time
         )
