@@ -151,6 +151,12 @@ async def job_plane(
         "metrics_refresh_seconds": 0.2,
         "retry_backoff_ms": 50,
         "allow_simulated_by_default": True,
+        # Tests not about hardware verification run on simulated (never verified) hosts;
+        # tests/reliability/test_verification.py turns this off.
+        "allow_unverified_by_default": True,
+        "probe_allowance_ms": 10_000,
+        "probe_n": 16,
+        "probe_rounds": 2,
         "allow_plaintext": tls is None,
     }
     security = PLAINTEXT

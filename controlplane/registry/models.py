@@ -84,6 +84,14 @@ class Host(Base):
     reliability_good: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     reliability_bad: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     reliability_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Hardware verification (controlplane/verification), a flag beside the state: when the
+    # latest probe passed for the GPUs and driver hashed in verified_fingerprint (None: not
+    # verified), and why not. Written only by registry.states.set_verification.
+    verified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    verification_reason: Mapped[str] = mapped_column(
+        String(500), default="not probed yet", server_default="not probed yet"
+    )
+    verified_fingerprint: Mapped[str] = mapped_column(String(64), default="", server_default="")
     # Not stored: the host's score over its provider's (registry.reliability.ProviderBook),
     # set by the registry on the hosts it returns; None until then.
     reliability: int | None = None

@@ -45,6 +45,7 @@ from controlplane.registry.streams import HostStreams as HostStreams  # re-expor
 from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
 from controlplane.registry.tokens import RegistrationTokens
 from controlplane.scheduler.capacity import capacity_snapshot
+from controlplane.verification.service import VerificationService
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class RegistryService(RegistrationTokens, Revocations):
         # Called when a host connects (and so offers its GPUs): the market view holds are
         # priced on is then reread at once instead of within a few seconds.
         self.on_host_connected: Callable[[], None] | None = None
+        # Probes hosts' hardware (controlplane/verification); None: no probes are sent.
+        self.verification: VerificationService | None = None
 
     # Hosts ---------------------------------------------------------------------------------
 
@@ -248,6 +251,8 @@ class RegistryService(RegistrationTokens, Revocations):
         """A daemon's hello: records a heartbeat (a REGISTERED host goes online), starts
         keeping its telemetry."""
         host = await self._record_heartbeat(host_id, hello=True)
+        if self.verification is not None:
+            await self.verification.hello(host_id)
         if self.monitor is not None:
             await self.monitor.attach(host_id)
             self.monitor.running(host_id, running)
@@ -450,6 +455,13 @@ class RegistryService(RegistrationTokens, Revocations):
                     set_host_state(repo, host, HostState.DRAINED, "no live attempt left", utcnow())
         if self.monitor is not None:
             await self.monitor.maintain()
+        if self.verification is not None:
+            await self.verification.sweep()
+
+    async def probe_answer(self, host_id: str, answer: registry_pb2.ProbeAnswer) -> None:
+        """A host's answer to a verification probe (verification.service)."""
+        if self.verification is not None:
+            await self.verification.answer(host_id, answer)
 
     # Offers --------------------------------------------------------------------------------
 

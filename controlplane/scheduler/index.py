@@ -39,6 +39,8 @@ class HostEntry:
     labels: dict[str, str]
     simulated: bool
     reliability_permille: int = 1000
+    # Passed its hardware verification probe (controlplane/verification).
+    verified: bool = False
     # Free GPU uuids by class id, in GPU index order.
     free: dict[int, list[str]] = field(default_factory=dict)
     # Expected end (seconds since the epoch) of each busy healthy GPU, by class id.
@@ -60,6 +62,8 @@ def host_rejection(demand: Demand, host: HostEntry) -> str | None:
     """Why the host can never take this job whatever its load (GPU fit aside), or None."""
     if host.simulated and not demand.allow_simulated:
         return "simulated"
+    if not host.verified and not demand.allow_unverified:
+        return "unverified"
     if host.host_id in demand.exclude:
         return "excluded"
     if demand.locations and host.location not in demand.locations:
