@@ -39,13 +39,14 @@ from controlplane.registry.states import (
     new_host,
     returning_state,
     set_host_state,
+    set_verification,
 )
 from controlplane.registry.streams import HostStream
 from controlplane.registry.streams import HostStreams as HostStreams  # re-exported
 from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
 from controlplane.registry.tokens import RegistrationTokens
 from controlplane.scheduler.capacity import capacity_snapshot
-from controlplane.verification.service import VerificationService
+from controlplane.verification.service import VerificationService, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,11 @@ class RegistryService(RegistrationTokens, Revocations):
             host.last_heartbeat_at = now
             await repo.flush()
             await self._sync_gpus(repo, host, request)
+            await repo.flush()
+            if host.verified_at is not None:
+                # Verified for what it was: a new driver or GPU set waits for a new probe.
+                if fingerprint(host, await repo.gpus_of([host.id])) != host.verified_fingerprint:
+                    set_verification(repo, host, None, "its GPUs or driver changed", now)
             registration = HostRegistration(host, credential)
             if self.nats_auth is not None:
                 user = self.nats_auth.host_user(host.id)
