@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import figures, floors, jobpath, ledger, scheduler, telemetry  # noqa: F401 - registers them
+from bench import figures, floors, jobpath, ledger, probe, scheduler, telemetry  # noqa: F401 - registers them
 from bench.registry import REGISTRY, Benchmark, Result, RunContext, plan, ratio_of
 from bench.resources import Resources
 

@@ -33,7 +33,7 @@ class VerificationFields(BaseSettings):
         default=512, ge=1, le=4096, description="Side of the probe's matrices (n×n)."
     )
     probe_rounds: int = Field(
-        default=16, ge=1, description="Matrix products each GPU sums (work grows with it)."
+        default=4, ge=1, description="Matrix products each GPU sums (work grows with it)."
     )
     probe_allowance_ms: int = Field(
         default=60_000,

@@ -104,3 +104,23 @@ def test_cpu_steal_is_a_share_of_all_cpu_time() -> None:
     assert steal_percent((10, 1000), (60, 1200)) == 25.0
     assert steal_percent((10, 1000), (10, 1000)) is None  # no time passed
     assert steal_percent(None, ticks) is None
+
+
+@pytest.mark.timeout(120)
+def test_probe_check_reports_the_control_planes_time_per_gpu() -> None:
+    done = subprocess.run(
+        [str(SCRIPT), "--only", "probe_check", "--json", "--duration", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)
+    assert FIELDS <= result.keys()
+    assert result["unit"] == "ms/GPU"
+    assert result["figure"] > 0
+    details = result["details"]
+    assert (details["n"], details["rounds"]) == (512, 4)
+    assert details["checks"] >= 3
+    assert details["answer_bytes"] > 0
