@@ -50,6 +50,7 @@ def plane_options(database_url: str, nats: Any, s3: Any, **overrides: Any) -> di
         "scheduler_leader_check_interval_ms": 200,
         "scheduler_lease_ttl_ms": 3000,
         "allow_simulated_by_default": True,
+        "allow_unverified_by_default": True,  # simulated hosts are never verified
         "allow_plaintext": True,
     }
     options.update(overrides)
