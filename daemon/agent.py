@@ -34,6 +34,7 @@ from daemon.identity import (
 )
 from daemon.journal import Journal, JournalEntry
 from daemon.nvml import NvmlSampler
+from daemon.probe import run_probe
 from daemon.progress import Progress
 from daemon.runtime import DockerRuntime
 from daemon.settings import DaemonSettings
@@ -330,6 +331,12 @@ class Agent:
         """One command from the control plane (the Connect stream awaits it before reading
         on); returns the answer its CommandAck carries (daemon/commands.py)."""
         return await commands.answer(self, message)
+
+    def start_probe(self, command: registry_pb2.ProbeCommand) -> None:
+        """Runs a hardware verification probe (daemon/probe.py) in the background."""
+        assert self._runtime is not None
+        assert self.connect is not None
+        self._spawn(run_probe(self._runtime, self.settings.work_dir, command, self.connect.send))
 
     # ---- identity and restarts ---------------------------------------------------------
 

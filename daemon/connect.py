@@ -104,6 +104,8 @@ class ConnectClient:
         self.commands_repeated = 0
         self._answered: OrderedDict[int, Answer] = OrderedDict()
         self._acks: list[registry_pb2.CommandAck] = []
+        # Other messages for the writer (probe answers), in order.
+        self._outgoing: list[registry_pb2.DaemonMessage] = []
         self._pending: registry_pb2.TelemetryBatch | None = None
         self._wake = asyncio.Event()
         # When this stream's hello went out (monotonic): the HelloAck's known_jobs were
@@ -203,6 +205,14 @@ class ConnectClient:
                     self._answered.popitem(last=False)
                 self._acknowledge(command_id, answer)
 
+    def send(self, message: registry_pb2.DaemonMessage) -> bool:
+        """Queues `message` for the stream's writer; False (not sent) while not connected."""
+        if not self.connected.is_set():
+            return False
+        self._outgoing.append(message)
+        self._wake.set()
+        return True
+
     def _acknowledge(self, command_id: int, answer: Answer) -> None:
         self._acks.append(registry_pb2.CommandAck(command_id=command_id, answer=answer))
         self._wake.set()
@@ -220,6 +230,9 @@ class ConnectClient:
             acks, self._acks = self._acks, []
             for ack in acks:
                 await call.write(registry_pb2.DaemonMessage(command_ack=ack))
+            outgoing, self._outgoing = self._outgoing, []
+            for message in outgoing:
+                await call.write(message)
             batch, self._pending = self._pending, None
             if batch is not None:
                 await call.write(registry_pb2.DaemonMessage(telemetry=batch))

@@ -103,6 +103,7 @@ class VerificationService:
             rounds=probe.rounds,
             seeds=_split(probe.seeds),
             deadline_ms=int((probe.deadline_at - now).total_seconds() * 1000),
+            gpu_uuids=probe.gpu_uuids,
         )
         message = registry_pb2.ControlMessage(probe=command)
         await CommandRepository(session).issue(host.id, message, now)

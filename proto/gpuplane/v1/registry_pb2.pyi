@@ -511,6 +511,7 @@ class ProbeCommand(_message.Message):
     ROUNDS_FIELD_NUMBER: _builtins.int
     SEEDS_FIELD_NUMBER: _builtins.int
     DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    GPU_UUIDS_FIELD_NUMBER: _builtins.int
     probe_id: _builtins.int
     image: _builtins.str
     n: _builtins.int
@@ -518,6 +519,10 @@ class ProbeCommand(_message.Message):
     deadline_ms: _builtins.int
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The GPU each seed is for (seeds[i] on gpu_uuids[i]), passed to the probe's container."""
+
     def __init__(
         self,
         *,
@@ -527,10 +532,11 @@ class ProbeCommand(_message.Message):
         rounds: _builtins.int = ...,
         seeds: _abc.Iterable[_builtins.bytes] | None = ...,
         deadline_ms: _builtins.int = ...,
+        gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "image", b"image", "n", b"n", "probe_id", b"probe_id", "rounds", b"rounds", "seeds", b"seeds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "gpu_uuids", b"gpu_uuids", "image", b"image", "n", b"n", "probe_id", b"probe_id", "rounds", b"rounds", "seeds", b"seeds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
