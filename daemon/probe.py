@@ -4,13 +4,14 @@ challenged GPUs, as jobs run, and each GPU's product sent back on the Connect st
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from gpuplane.v1 import registry_pb2
+from gpuplane.v1 import registry_pb2, types_pb2
 
 from daemon.runtime import ContainerError, DockerRuntime, ImagePullFailed, ImageUnavailable
 
@@ -58,10 +59,23 @@ async def _answers(
             return failed(f"the probe wrote no product for GPU {index}")
         data = await asyncio.to_thread(path.read_bytes)
         product = await asyncio.to_thread(zlib.compress, data, 1)
-        answers.append(
-            registry_pb2.ProbeAnswer(probe_id=command.probe_id, index=index, product=product)
-        )
+        answer = registry_pb2.ProbeAnswer(probe_id=command.probe_id, index=index, product=product)
+        seen = _seen(output / f"gpu-{index}.json")
+        if seen is not None:
+            answer.gpu.CopyFrom(seen)
+        answers.append(answer)
     return answers
+
+
+def _seen(path: Path) -> types_pb2.Gpu | None:
+    """What the probe container saw of its GPU (gpu-<i>.json), if it said."""
+    try:
+        facts = json.loads(path.read_text())
+        return types_pb2.Gpu(
+            name=str(facts["name"])[:200], memory_total_bytes=int(facts["memory_total_bytes"])
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _prepare(work: Path) -> None:
