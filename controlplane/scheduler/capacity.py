@@ -96,6 +96,7 @@ async def load_capacity(session: AsyncSession, durations: Durations) -> Capacity
             h.simulated,
             book.host_permille(h),
             verified=h.verified_at is not None,
+            self_service=h.self_service,
         )
     live = await repo.live_attempts()
     await durations.fill(repo, {row.job_id for row in live})

@@ -268,3 +268,47 @@ async def test_a_late_or_missing_answer_keeps_a_host_unverified(plane: JobPlane)
         faults_injected=2,
         requests_tried=1,
     )
+
+
+@pytest.mark.plane(
+    allow_unverified_by_default=False,
+    self_service_providers=True,
+    heartbeat_timeout_ms=2_000,
+    probe_reverify_seconds=1,
+    probe_retry_seconds=1,
+)
+async def test_hosts_are_probed_again_periodically_and_a_failed_re_probe_unverifies(
+    plane: JobPlane,
+) -> None:
+    host = await claiming(plane, await self_minted(plane))
+    try:
+        first = await host.probe()
+        await host.answer(first, honest(first))
+        await until_host(plane, host.host_id, lambda h: h.verified)
+        # Probed again while connected (GPUPLANE_PROBE_REVERIFY_SECONDS); verified meanwhile.
+        second = await host.probe()
+        assert second.probe_id > first.probe_id
+        assert (await host_of(plane, host.host_id)).verified
+        # The same hardware now answers wrong: unverified; still ONLINE, offered as such.
+        await host.answer(second, forged(second))
+        shown = await until_host(plane, host.host_id, lambda h: not h.verified)
+        assert f"probe {second.probe_id}: GPU 0: row" in shown.verification_reason
+        assert shown.state == S.HOST_STATE_ONLINE
+        assert (await offered(plane)).get(host.host_id) is False
+        # Self-service: unverified, it takes no job even from a job that allows unverified.
+        await plane.submit(gpu_count=1, allow_unverified=True)
+        await gets_no_job(host, 1.0)
+        # And asked again after GPUPLANE_PROBE_RETRY_SECONDS: a right answer restores it.
+        third = await host.probe()
+        await host.answer(third, honest(third))
+        await until_host(plane, host.host_id, lambda h: h.verified)
+        await host.next_dispatch()  # verified again: the waiting job comes
+    finally:
+        await host.close()
+    summary.record(
+        "periodic re-verification",
+        "re-probed while verified; a wrong re-probe unverified it (no job, even one allowing "
+        "unverified: self-service), the retry restored it and the job came",
+        faults_injected=1,
+        jobs_run=1,
+    )
