@@ -165,6 +165,7 @@ class Agent:
             telemetry_interval_ms=identity.telemetry_interval_ms or DEFAULT_INTERVAL_MS,
             backoff_base_seconds=settings.reconnect_base_seconds,
             backoff_max_seconds=settings.reconnect_max_seconds,
+            driver_versions=(self.inventory.driver_version, self.inventory.cuda_driver_version),
         )
 
     async def run_forever(self) -> None:

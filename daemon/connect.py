@@ -84,12 +84,15 @@ class ConnectClient:
         telemetry_interval_ms: int = 5000,
         backoff_base_seconds: float = 1.0,
         backoff_max_seconds: float = 30.0,
+        driver_versions: tuple[str, str] = ("", ""),
     ) -> None:
         self.stub = registry_pb2_grpc.RegistryServiceStub(channel)
         self.host_id = host_id
         self.credential = credential
         self.daemon_version = daemon_version
         self.gpus = gpus
+        # (driver, CUDA driver) versions, said in each hello.
+        self.driver_versions = driver_versions
         self.running_jobs = running_jobs
         self.on_command = on_command
         self.on_unauthenticated = on_unauthenticated
@@ -154,6 +157,8 @@ class ConnectClient:
                 daemon_version=self.daemon_version,
                 gpus=self.gpus,
                 running_jobs=self.running_jobs(),
+                driver_version=self.driver_versions[0],
+                cuda_driver_version=self.driver_versions[1],
             )
         )
 

@@ -136,7 +136,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise InvalidArgument("hello", "the first message on Connect must be a hello")
         if first.hello.host_id and first.hello.host_id != host_id:
             raise PermissionDenied("hello.host_id: a host credential acts only as its own host")
-        host = await self.registry.connect(host_id, first.hello.running_jobs)
+        host = await self.registry.connect(host_id, first.hello.running_jobs, first.hello)
         stream = self.registry.streams.open(host_id)
         known = await self.jobs.live_attempts(host_id)
         yield registry_pb2.ControlMessage(

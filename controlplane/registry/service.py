@@ -253,12 +253,17 @@ class RegistryService(RegistrationTokens, Revocations):
 
     # Connect stream: heartbeats, telemetry ------------------------------------------------
 
-    async def connect(self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()) -> Host:
+    async def connect(
+        self,
+        host_id: str,
+        running: Iterable[registry_pb2.RunningJob] = (),
+        hello: registry_pb2.DaemonHello | None = None,
+    ) -> Host:
         """A daemon's hello: records a heartbeat (a REGISTERED host goes online), starts
         keeping its telemetry."""
         host = await self._record_heartbeat(host_id, hello=True)
         if self.verification is not None:
-            await self.verification.hello(host_id)
+            await self.verification.hello(host_id, hello)
         if self.monitor is not None:
             await self.monitor.attach(host_id)
             self.monitor.running(host_id, running)

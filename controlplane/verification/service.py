@@ -59,11 +59,20 @@ class VerificationService:
         self.check_seconds: list[float] = []
         self._next_look = 0.0
 
-    async def hello(self, host_id: str) -> None:
-        """The host's daemon said hello: probe it unless it is verified as it is now."""
+    async def hello(self, host_id: str, hello: registry_pb2.DaemonHello | None = None) -> None:
+        """The host's daemon said hello: probe it unless it is verified as it is now (the
+        driver and GPUs its hello reports, when it reports them, are what it registered)."""
         async with self.db.transaction() as session:
-            host = await RegistryRepository(session).get_host(host_id, lock=True)
+            registry = RegistryRepository(session)
+            host = await registry.get_host(host_id, lock=True)
             if host is None:
+                return
+            if hello is not None and hello.driver_version:
+                host.driver_version = hello.driver_version[:64]
+                host.cuda_driver_version = hello.cuda_driver_version[:64]
+            changed = await _gpus_changed(registry, host, hello)
+            if changed and not host.simulated:
+                set_verification(registry, host, None, changed, utcnow())
                 return
             issued = await self._probe(session, host, due=host.verified_at is None)
         if issued:
@@ -250,6 +259,22 @@ class VerificationService:
                     issued_now = host is not None and await self._probe(session, host, due=True)
                 if issued_now:
                     self.streams.wake(host_id)
+
+
+async def _gpus_changed(
+    registry: RegistryRepository, host: Host, hello: registry_pb2.DaemonHello | None
+) -> str:
+    """Why the GPUs the hello reports are not those registered ("" when they are, or when
+    it reports none)."""
+    if hello is None or not hello.gpus:
+        return ""
+    said = {(g.uuid, g.name, g.memory_total_bytes, g.compute_capability) for g in hello.gpus}
+    rows = await registry.gpus_of([host.id])
+    known = {(g.uuid, g.name, g.memory_total_bytes, g.compute_capability) for g in rows}
+    if said <= known:
+        return ""
+    new = sorted(uuid for uuid, *_ in said - known)
+    return f"its daemon reports GPUs it did not register ({', '.join(new)[:200]}): register again"
 
 
 def _index(gpu: Gpu) -> int:

@@ -312,3 +312,46 @@ async def test_hosts_are_probed_again_periodically_and_a_failed_re_probe_unverif
         faults_injected=1,
         jobs_run=1,
     )
+
+
+async def hello_again(host: ClaimingHost, **fields: Any) -> None:
+    """The daemon's stream breaks and it connects again, saying `fields` in its hello."""
+    await host.stop_heartbeats()
+    stub = registry_pb2_grpc.RegistryServiceStub(host.channel)
+    call = stub.Connect(metadata=bearer(host.credential))  # type: ignore[call-arg]
+    hello = registry_pb2.DaemonHello(host_id=host.host_id, **fields)
+    await call.write(registry_pb2.DaemonMessage(hello=hello))
+    assert (await call.read()).WhichOneof("msg") == "hello_ack"
+    host._call = call
+    host._tasks = [asyncio.create_task(host._read_commands())]
+
+
+async def test_a_driver_or_gpu_change_said_in_hello_unverifies_the_host(plane: JobPlane) -> None:
+    host = await claiming(plane, await plane.token())
+    try:
+        probe = await host.probe()
+        await host.answer(probe, honest(probe))
+        await until_host(plane, host.host_id, lambda h: h.verified)
+        # Restarted under another driver, not registered again: unverified, probed again.
+        await hello_again(host, gpus=host.gpus(), driver_version="560.35.03")
+        shown = await until_host(plane, host.host_id, lambda h: not h.verified)
+        assert shown.verification_reason == "its GPUs or driver changed"
+        assert shown.driver_version == "560.35.03"
+        again = await host.probe()
+        await host.answer(again, honest(again))
+        await until_host(plane, host.host_id, lambda h: h.verified)
+        # A GPU it never registered: unverified until it registers again, and not probed.
+        swapped = host.gpus()
+        swapped[1].uuid = "GPU-swapped-1"
+        await hello_again(host, gpus=swapped, driver_version="560.35.03")
+        shown = await until_host(plane, host.host_id, lambda h: not h.verified)
+        assert "GPU-swapped-1" in shown.verification_reason
+        with pytest.raises(TimeoutError):
+            await host.probe(timeout=0.5)
+    finally:
+        await host.close()
+    summary.record(
+        "a driver or GPU change at restart",
+        "new driver in hello: unverified and re-probed; an unregistered GPU: unverified",
+        faults_injected=2,
+    )

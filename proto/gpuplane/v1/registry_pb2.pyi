@@ -246,8 +246,13 @@ class DaemonHello(_message.Message):
     DAEMON_VERSION_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     RUNNING_JOBS_FIELD_NUMBER: _builtins.int
+    DRIVER_VERSION_FIELD_NUMBER: _builtins.int
+    CUDA_DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     daemon_version: _builtins.str
+    driver_version: _builtins.str
+    """The driver the GPUs run under now: a change unverifies the host until a new probe passes."""
+    cuda_driver_version: _builtins.str
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Gpu]: ...
     @_builtins.property
@@ -259,10 +264,12 @@ class DaemonHello(_message.Message):
         daemon_version: _builtins.str = ...,
         gpus: _abc.Iterable[_types_pb2.Gpu] | None = ...,
         running_jobs: _abc.Iterable[Global___RunningJob] | None = ...,
+        driver_version: _builtins.str = ...,
+        cuda_driver_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["daemon_version", b"daemon_version", "gpus", b"gpus", "host_id", b"host_id", "running_jobs", b"running_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "host_id", b"host_id", "running_jobs", b"running_jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
