@@ -321,7 +321,9 @@ async def hello_again(host: ClaimingHost, **fields: Any) -> None:
     call = stub.Connect(metadata=bearer(host.credential))  # type: ignore[call-arg]
     hello = registry_pb2.DaemonHello(host_id=host.host_id, **fields)
     await call.write(registry_pb2.DaemonMessage(hello=hello))
-    assert (await call.read()).WhichOneof("msg") == "hello_ack"
+    first = await call.read()
+    assert isinstance(first, registry_pb2.ControlMessage)
+    assert first.WhichOneof("msg") == "hello_ack"
     host._call = call
     host._tasks = [asyncio.create_task(host._read_commands())]
 
