@@ -106,6 +106,15 @@ def _validate_offer(
         raise InvalidArgument("labels", "at most 64 labels")
 
 
+async def _unverify_if_changed(repo: RegistryRepository, host: Host, now: datetime) -> None:
+    """A verified host was verified for what it was: a new driver or GPU set waits for a
+    new probe (its next hello)."""
+    await repo.flush()
+    if host.verified_at is not None:
+        if fingerprint(host, await repo.gpus_of([host.id])) != host.verified_fingerprint:
+            set_verification(repo, host, None, "its GPUs or driver changed", now)
+
+
 class RegistryService(RegistrationTokens, Revocations):
     """Hosts and their liveness. Heartbeats of hosts known to be up are written together, one
     statement for all of them, by flush_heartbeats() (the liveness loop, every
@@ -198,11 +207,7 @@ class RegistryService(RegistrationTokens, Revocations):
             host.last_heartbeat_at = now
             await repo.flush()
             await self._sync_gpus(repo, host, request)
-            await repo.flush()
-            if host.verified_at is not None:
-                # Verified for what it was: a new driver or GPU set waits for a new probe.
-                if fingerprint(host, await repo.gpus_of([host.id])) != host.verified_fingerprint:
-                    set_verification(repo, host, None, "its GPUs or driver changed", now)
+            await _unverify_if_changed(repo, host, now)
             registration = HostRegistration(host, credential)
             if self.nats_auth is not None:
                 user = self.nats_auth.host_user(host.id)
