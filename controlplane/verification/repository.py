@@ -30,6 +30,16 @@ class ProbeRepository:
             query = query.with_for_update()
         return (await self.session.scalars(query)).first()
 
+    async def latest_of(self, host_id: str) -> HostProbe | None:
+        """The host's latest probe, if any."""
+        query = (
+            select(HostProbe)
+            .where(HostProbe.host_id == host_id)
+            .order_by(HostProbe.id.desc())
+            .limit(1)
+        )
+        return (await self.session.scalars(query)).first()
+
     async def pending_of(self, host_id: str) -> Sequence[HostProbe]:
         """The host's unanswered probes, locked."""
         query = (

@@ -74,7 +74,16 @@ class VerificationService:
             if changed and not host.simulated:
                 set_verification(registry, host, None, changed, utcnow())
                 return
-            issued = await self._probe(session, host, due=host.verified_at is None)
+            # Reconnecting does not buy a fresh probe sooner than the retry interval: each
+            # answer costs the control plane a check.
+            latest = await ProbeRepository(session).latest_of(host_id)
+            retry = timedelta(seconds=self.settings.retry_seconds)
+            waiting = (
+                latest is not None
+                and latest.outcome == FAILED
+                and (latest.answered_at is None or utcnow() - latest.answered_at < retry)
+            )
+            issued = await self._probe(session, host, due=host.verified_at is None and not waiting)
         if issued:
             self.streams.wake(host_id)
 
@@ -148,9 +157,9 @@ class VerificationService:
         async with self.db.read() as session:
             probe = await ProbeRepository(session).get(answer.probe_id, host_id)
             gpus = {g.uuid: g for g in await RegistryRepository(session).gpus_of([host_id])}
-        if probe is None or probe.outcome is not None:
-            log.info("host %s: answer to probe %d ignored (unknown or finished)", host_id,
-                     answer.probe_id)  # fmt: skip
+        if probe is None or probe.outcome is not None or answer.index in probe.passed:
+            log.info("host %s: answer to probe %d ignored (unknown, finished or repeated)",
+                     host_id, answer.probe_id)  # fmt: skip
             return
         verdict, spent = await self._judge(probe, answer, received, gpus)
         async with self.db.transaction() as session:

@@ -162,6 +162,10 @@ async def test_a_fake_gpu_host_stays_unverified_and_gets_no_job(plane: JobPlane)
         await fake.answer(probe, honest(probe))
         await asyncio.sleep(0.3)
         assert not (await host_of(plane, fake.host_id)).verified
+        # Reconnecting buys no fresh try before GPUPLANE_PROBE_RETRY_SECONDS (checks cost).
+        await hello_again(fake)
+        with pytest.raises(TimeoutError):
+            await fake.probe(timeout=0.5)
     finally:
         await fake.close()
     summary.record(
