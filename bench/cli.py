@@ -17,6 +17,7 @@ from bench import (  # noqa: F401 - registers them
     floors,
     jobpath,
     ledger,
+    probe,
     scheduler,
     signing,
     telemetry,

@@ -58,6 +58,7 @@ def market(seed: int = 1) -> tuple[CapacityIndex, list[Demand]]:
             {"tier": rng.choice(["a", "b"])},
             False,
             rng.randrange(900, 1001),
+            verified=True,
         )
         host.free = {gpu_class.id: [f"host-{n:05d}-gpu{i}" for i in range(GPUS_PER_HOST)]}
         index.add_host(host)
@@ -127,6 +128,7 @@ async def _queued_market(db: Database, hosts: int, tenants: int) -> int:
         gpu_count=1,
         max_duration_seconds=60,
         allow_simulated=True,
+        allow_unverified=True,
     ).SerializeToString()
     count = hosts * GPUS_PER_HOST
     async with db.transaction() as session:

@@ -62,6 +62,7 @@ from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolic
 from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
 from controlplane.tls import server_credentials
+from controlplane.verification.service import VerificationService
 from messaging.natsjwt import Permissions
 from messaging.signing import SigningKey
 from messaging.tls import nats_tls_context
@@ -176,8 +177,14 @@ class ControlPlane:
         policy = scheduler_policy(scheduling)
         self.market = market = Market(db, policy.default_policy)
         registry.on_host_connected = market.invalidate
+        registry.verification = VerificationService(db, settings.verification, registry.streams)
         self.jobs = jobs = JobService(
-            db, job_policy(settings.jobs), registry.streams, self.notifier, ledger, market
+            db,
+            job_policy(settings.jobs, settings.verification.allow_unverified_by_default),
+            registry.streams,
+            self.notifier,
+            ledger,
+            market,
         )
         jobs.provenance_key = SigningKey.load_or_create(
             settings.provenance_key_file or settings.data_dir / "provenance.key"

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from controlplane.settings_groups import (
     AuthSettings,
@@ -21,6 +21,7 @@ from controlplane.settings_groups import (
     StorageSettings,
     TelemetrySettings,
 )
+from controlplane.verification.settings import VerificationFields
 from messaging.natsjwt import NatsKeys, public_key
 
 # No "optional": grpcio's Python API either requires a verified client certificate or asks
@@ -28,7 +29,7 @@ from messaging.natsjwt import NatsKeys, public_key
 ClientAuth = Literal["off", "require"]
 
 
-class Settings(BaseSettings):
+class Settings(VerificationFields):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
     The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;

@@ -34,6 +34,7 @@ from daemon.identity import (
 )
 from daemon.journal import Journal, JournalEntry
 from daemon.nvml import NvmlSampler
+from daemon.probe import run_probe
 from daemon.progress import Progress
 from daemon.provenance import HostFacts
 from daemon.runtime import DockerRuntime
@@ -176,6 +177,7 @@ class Agent:
             telemetry_interval_ms=identity.telemetry_interval_ms or DEFAULT_INTERVAL_MS,
             backoff_base_seconds=settings.reconnect_base_seconds,
             backoff_max_seconds=settings.reconnect_max_seconds,
+            driver_versions=(self.inventory.driver_version, self.inventory.cuda_driver_version),
         )
 
     async def run_forever(self) -> None:
@@ -364,6 +366,12 @@ class Agent:
         """One command from the control plane (the Connect stream awaits it before reading
         on); returns the answer its CommandAck carries (daemon/commands.py)."""
         return await commands.answer(self, message)
+
+    def start_probe(self, command: registry_pb2.ProbeCommand) -> None:
+        """Runs a hardware verification probe (daemon/probe.py) in the background."""
+        assert self._runtime is not None
+        assert self.connect is not None
+        self._spawn(run_probe(self._runtime, self.settings.work_dir, command, self.connect.send))
 
     # ---- identity and restarts ---------------------------------------------------------
 

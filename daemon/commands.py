@@ -37,6 +37,10 @@ async def answer(
         assert agent.connect is not None
         known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
         await agent.reconcile(known, listed_after=agent.connect.hello_sent_at)
+    elif kind == "probe":
+        # Run in the background: the stream reads on; the answers follow on the stream.
+        agent.start_probe(message.probe)
+        return Answer.COMMAND_ANSWER_APPLIED
     elif kind == "resync":
         known = {(j.job_id, j.attempt) for j in message.resync.known_jobs}
         await agent.reconcile(known, listed_after=time.monotonic() - RESYNC_GRACE_SECONDS)

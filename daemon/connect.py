@@ -84,12 +84,15 @@ class ConnectClient:
         telemetry_interval_ms: int = 5000,
         backoff_base_seconds: float = 1.0,
         backoff_max_seconds: float = 30.0,
+        driver_versions: tuple[str, str] = ("", ""),
     ) -> None:
         self.stub = registry_pb2_grpc.RegistryServiceStub(channel)
         self.host_id = host_id
         self.credential = credential
         self.daemon_version = daemon_version
         self.gpus = gpus
+        # (driver, CUDA driver) versions, said in each hello.
+        self.driver_versions = driver_versions
         self.running_jobs = running_jobs
         self.on_command = on_command
         self.on_unauthenticated = on_unauthenticated
@@ -104,6 +107,8 @@ class ConnectClient:
         self.commands_repeated = 0
         self._answered: OrderedDict[int, Answer] = OrderedDict()
         self._acks: list[registry_pb2.CommandAck] = []
+        # Other messages for the writer (probe answers), in order.
+        self._outgoing: list[registry_pb2.DaemonMessage] = []
         self._pending: registry_pb2.TelemetryBatch | None = None
         self._wake = asyncio.Event()
         # When this stream's hello went out (monotonic): the HelloAck's known_jobs were
@@ -152,6 +157,8 @@ class ConnectClient:
                 daemon_version=self.daemon_version,
                 gpus=self.gpus,
                 running_jobs=self.running_jobs(),
+                driver_version=self.driver_versions[0],
+                cuda_driver_version=self.driver_versions[1],
             )
         )
 
@@ -203,6 +210,14 @@ class ConnectClient:
                     self._answered.popitem(last=False)
                 self._acknowledge(command_id, answer)
 
+    def send(self, message: registry_pb2.DaemonMessage) -> bool:
+        """Queues `message` for the stream's writer; False (not sent) while not connected."""
+        if not self.connected.is_set():
+            return False
+        self._outgoing.append(message)
+        self._wake.set()
+        return True
+
     def _acknowledge(self, command_id: int, answer: Answer) -> None:
         self._acks.append(registry_pb2.CommandAck(command_id=command_id, answer=answer))
         self._wake.set()
@@ -220,6 +235,9 @@ class ConnectClient:
             acks, self._acks = self._acks, []
             for ack in acks:
                 await call.write(registry_pb2.DaemonMessage(command_ack=ack))
+            outgoing, self._outgoing = self._outgoing, []
+            for message in outgoing:
+                await call.write(message)
             batch, self._pending = self._pending, None
             if batch is not None:
                 await call.write(registry_pb2.DaemonMessage(telemetry=batch))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import DeviceRequest
-from gpuplane.v1 import messaging_pb2, types_pb2
+from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 
 from daemon.logstream import LogFollower
 from daemon.preflight import userns_remapped
@@ -31,6 +32,8 @@ LABEL_HOST = "gpuplane.host"
 _ROOT_USERS = frozenset({"", "0", "root"})
 # Where a job may write besides /output and /dev/shm: a tmpfs of settings.scratch_bytes.
 SCRATCH = "/tmp"
+# A verification probe's container (never a job's: orphan sweeps leave it alone).
+LABEL_PROBE = "gpuplane.probe"
 # Env names a job may not set: they decide which GPUs the NVIDIA hook exposes.
 _RESERVED_ENV = re.compile(r"^(NVIDIA_VISIBLE_DEVICES|NVIDIA_MIG_\w+|GPUPLANE_\w+)$")
 _DOCKER_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
@@ -283,6 +286,45 @@ class DockerRuntime:
             await self.stop(container)
             raise
         return container
+
+    async def run_probe(
+        self, command: registry_pb2.ProbeCommand, work_dir: Path
+    ) -> tuple[int | None, bytes]:
+        """Runs a verification probe as jobs run (same limits, GPU passthrough of the
+        challenged GPUs, no network), its products written under work_dir/output; returns its
+        exit code (None: still running at the deadline, then killed) and its log's tail. The
+        container is removed either way. Raises what `run` raises."""
+        dispatch = messaging_pb2.DispatchMessage(
+            job_id=f"probe-{command.probe_id}",
+            gpu_uuids=command.gpu_uuids,
+            spec=types_pb2.JobSpec(image=command.image),
+        )
+        await self.ensure_image(command.image)
+        config = self.container_config(dispatch, work_dir)
+        config["name"] = f"gpuplane-probe-{command.probe_id}"
+        config["labels"] = {LABEL_PROBE: str(command.probe_id)}
+        config["environment"].update(
+            GPUPLANE_PROBE_N=str(command.n),
+            GPUPLANE_PROBE_ROUNDS=str(command.rounds),
+            GPUPLANE_PROBE_SEEDS=",".join(seed.hex() for seed in command.seeds),
+        )
+
+        def create() -> Container:
+            with contextlib.suppress(NotFound):
+                self.client.api.remove_container(config["name"], force=True)
+            return self.client.containers.create(command.image, **config)
+
+        try:
+            container = await asyncio.to_thread(create)
+        except (DockerException, OSError) as exc:
+            raise ContainerError(f"the probe could not be created: {short_reason(exc)}") from exc
+        try:
+            await self.start(container)
+            code = await self.wait(container, command.deadline_ms / 1000)
+            _, stderr = await self.logs(container)
+            return code, stderr[-500:]
+        finally:
+            await self.stop(container)
 
     async def wait(self, container: Container, timeout: float | None = None) -> int | None:
         """The exit code once the container has exited; None if `timeout` passed first."""

@@ -7,6 +7,7 @@ import shutil
 import struct
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,8 +63,9 @@ def _applets(busybox: Path) -> list[str]:
     return sorted({*_BASIC_APPLETS, *listed} - {"busybox"})
 
 
-def rootfs_tar(busybox: Path) -> bytes:
-    """A tar of a minimal root filesystem around `busybox`."""
+def rootfs_tar(busybox: Path, extra: dict[str, bytes] | None = None) -> bytes:
+    """A tar of a minimal root filesystem around `busybox`, with `extra` executables (path
+    in the image: content)."""
     now = int(time.time())
     buffer = io.BytesIO()
 
@@ -86,6 +88,8 @@ def rootfs_tar(busybox: Path) -> bytes:
         passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
         add("etc/passwd", tarfile.REGTYPE, 0o644, passwd)
         add("etc/group", tarfile.REGTYPE, 0o644, b"root:x:0:\nnogroup:x:65534:\n")
+        for name, data in (extra or {}).items():
+            add(name, tarfile.REGTYPE, 0o755, data)
     return buffer.getvalue()
 
 
@@ -113,5 +117,39 @@ def build_test_image(client: docker.DockerClient, tag: str = TEST_IMAGE) -> str:
             'CMD ["sh"]',
             "LABEL gpuplane.test-image=busybox",
         ],
+    )
+    return str(client.images.get(tag).id)
+
+
+PROBE_TEST_IMAGE = "gpuplane-test/probe:1"
+PROBE_SOURCE = Path(__file__).resolve().parents[1] / "deploy" / "probe" / "probe.c"
+
+
+def build_probe_image(client: docker.DockerClient, tag: str = PROBE_TEST_IMAGE) -> str:
+    """Imports the verification probe's test image as `tag` unless it exists: the busybox
+    image plus /probe, deploy/probe/probe.c compiled statically (the CPU reference of the
+    probe; production runs deploy/probe/probe.py on the GPUs). Returns its image id."""
+    try:
+        return str(client.images.get(tag).id)
+    except ImageNotFound:
+        pass
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("could not build the probe image: no C compiler (apt-get install gcc)")
+    with tempfile.TemporaryDirectory() as temporary:
+        binary = Path(temporary) / "probe"
+        subprocess.run(
+            [compiler, "-O2", "-static", "-o", str(binary), str(PROBE_SOURCE)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        data = rootfs_tar(find_static_busybox(), {"probe": binary.read_bytes()})
+    repository, _, version = tag.rpartition(":")
+    client.api.import_image_from_data(
+        data,
+        repository=repository,
+        tag=version,
+        changes=["ENV PATH=/bin", "WORKDIR /", 'CMD ["/probe"]', "LABEL gpuplane.test-image=probe"],
     )
     return str(client.images.get(tag).id)

@@ -215,6 +215,7 @@ async def run_demo(stack: Stack, keys: DemoKeys) -> None:
         gpu_count=1,
         max_duration_seconds=300,
         allow_simulated=True,
+        allow_unverified=True,
         labels={"demo": "true"},
     )
     try:

@@ -57,6 +57,9 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     offers.add_argument("--location", default="")
     offers.add_argument("--label", action="append", type=a.key_value, default=[], metavar="K=V")
     offers.add_argument("--exclude-simulated", action="store_true")
+    offers.add_argument(
+        "--verified-only", action="store_true", help="only hosts that passed hardware verification"
+    )
 
 
 async def list_hosts(args: argparse.Namespace, ctx: Context) -> int:
@@ -119,6 +122,12 @@ def show_host(h: types_pb2.Host) -> str:
                 f"{when(h.revoked_at)} ({h.revoked_reason})" if h.HasField("revoked_at") else None,
             ),
             ("Simulated GPUs", "yes" if h.simulated else None),
+            (
+                "Verified",
+                f"yes, {when(h.verified_at)}"
+                if h.verified
+                else f"no ({h.verification_reason or 'not probed yet'})",
+            ),
             ("Location", h.location or None),
             ("Labels", ", ".join(f"{k}={v}" for k, v in sorted(h.labels.items())) or None),
             ("Price/GPU-hour", format_credits(h.price_per_gpu_hour_micro_credits)),
@@ -224,6 +233,7 @@ async def list_offers(args: argparse.Namespace, ctx: Context) -> int:
             location=args.location,
             labels=dict(args.label),
             exclude_simulated=args.exclude_simulated,
+            verified_only=args.verified_only,
             page_size=size,
             page_token=token,
         )
@@ -240,7 +250,7 @@ async def list_offers(args: argparse.Namespace, ctx: Context) -> int:
 
 def offers_table(offers: Sequence[types_pb2.Offer]) -> str:
     return table(
-        ["HOST", "GPU", "VRAM", "FREE", "PRICE/GPU-H", "LOCATION", "RELIABILITY"],
+        ["HOST", "GPU", "VRAM", "FREE", "PRICE/GPU-H", "LOCATION", "RELIABILITY", "VERIFIED"],
         [
             (
                 o.host_id,
@@ -250,6 +260,7 @@ def offers_table(offers: Sequence[types_pb2.Offer]) -> str:
                 format_credits(o.price_per_gpu_hour_micro_credits),
                 o.location or "-",
                 f"{o.reliability_permille / 10:.1f}%",
+                "yes" if o.verified else "no",
             )
             for o in offers
         ],

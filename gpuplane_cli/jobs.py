@@ -129,6 +129,11 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="allow hosts with simulated GPUs (default: env GPUPLANE_ALLOW_SIMULATED=1)",
     )
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="allow hosts that have not passed hardware verification (default: verified only)",
+    )
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
 
 
@@ -160,6 +165,7 @@ def build_spec(args: argparse.Namespace, ctx: Context) -> types_pb2.JobSpec:
         locations=args.location,
         host_labels=dict(args.host_label),
         allow_simulated=allow_simulated,
+        allow_unverified=args.allow_unverified,
         min_reliability_permille=args.min_reliability,
     )
     if args.entrypoint:

@@ -153,6 +153,8 @@ class Stack:
                 s3_secret_key=SecretStr(self.s3.secret_key),
                 s3_bucket="gpuplane",
                 allow_simulated_by_default=True,
+                # A dev stack's hosts are simulated, or real and not yet verified.
+                allow_unverified_by_default=True,
                 allow_plaintext=True,  # a dev stack on loopback
                 bootstrap_admin_key=SecretStr(admin_key) if admin_key else None,
                 shutdown_grace_seconds=2.0,

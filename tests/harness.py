@@ -155,6 +155,12 @@ async def job_plane(
         # plane's clock bound (jobs/clock.py) is off here; its own tests set the default back.
         "run_time_slack_ms": 86_400_000,
         "allow_simulated_by_default": True,
+        # Tests not about hardware verification run on simulated (never verified) hosts;
+        # tests/reliability/test_verification.py turns this off.
+        "allow_unverified_by_default": True,
+        "probe_allowance_ms": 10_000,
+        "probe_n": 16,
+        "probe_rounds": 2,
         "allow_plaintext": tls is None,
     }
     security = PLAINTEXT

@@ -81,6 +81,9 @@ def host_pb(
         job_ids=sorted({g.job_id for g in gpus if g.job_id}),
         revoked_at=timestamp(row.revoked_at),
         revoked_reason=row.revoked_reason or "",
+        verified=row.verified_at is not None,
+        verification_reason=row.verification_reason,
+        verified_at=timestamp(row.verified_at),
     )
 
 
@@ -133,7 +136,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise InvalidArgument("hello", "the first message on Connect must be a hello")
         if first.hello.host_id and first.hello.host_id != host_id:
             raise PermissionDenied("hello.host_id: a host credential acts only as its own host")
-        host = await self.registry.connect(host_id, first.hello.running_jobs)
+        host = await self.registry.connect(host_id, first.hello.running_jobs, first.hello)
         stream = self.registry.streams.open(host_id)
         known = await self.jobs.live_attempts(host_id)
         yield registry_pb2.ControlMessage(
@@ -186,6 +189,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 await self.registry.heartbeat(host_id, message.hello.running_jobs)
             elif kind == "command_ack":
                 await self.jobs.acknowledge_command(host_id, message.command_ack)
+            elif kind == "probe_answer":
+                await self.registry.probe_answer(host_id, message.probe_answer)
 
     async def ListHosts(
         self, request: registry_pb2.ListHostsRequest, context: Context
@@ -281,6 +286,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             location=request.location,
             labels=dict(request.labels),
             exclude_simulated=request.exclude_simulated,
+            verified_only=request.verified_only,
         )
         page = await self.registry.list_offers(
             wanted, PageRequest(request.page_token, request.page_size)
@@ -303,4 +309,5 @@ def offer_pb(offer: Offer) -> types_pb2.Offer:
         reliability_permille=offer.reliability_permille,
         simulated=offer.simulated,
         compute_capability=offer.compute_capability,
+        verified=offer.verified,
     )

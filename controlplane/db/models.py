@@ -16,6 +16,7 @@ from controlplane.ledger.models import (
 from controlplane.outbox.models import OutboxMessage
 from controlplane.registry.models import Gpu, Host, HostEvent, RegistrationToken
 from controlplane.scheduler.models import SchedulerLease
+from controlplane.verification.models import HostProbe
 
 __all__ = [
     "Account",
@@ -26,6 +27,7 @@ __all__ = [
     "Host",
     "HostCommand",
     "HostEvent",
+    "HostProbe",
     "HostStreamHolder",
     "InputRecord",
     "Job",

@@ -8,9 +8,10 @@ from controlplane.jobs.service import JobPolicy
 from controlplane.settings_groups import JobSettings
 
 
-def job_policy(group: JobSettings) -> JobPolicy:
+def job_policy(group: JobSettings, allow_unverified_by_default: bool = False) -> JobPolicy:
     """Holds, dispatch and retries as `group` (GPUPLANE_* job settings) sets them."""
     return JobPolicy(
+        allow_unverified_by_default=allow_unverified_by_default,
         fee_basis_points=group.fee_basis_points,
         default_max_price=group.default_max_price,
         allow_simulated_by_default=group.allow_simulated_by_default,

@@ -18,6 +18,8 @@ class JobPolicy:
     # policy's ceiling on host prices).
     default_max_price: int
     allow_simulated_by_default: bool
+    # Dev and test stacks: jobs may run on hosts not verified (GPUPLANE_ALLOW_UNVERIFIED_...).
+    allow_unverified_by_default: bool = False
     retry_backoff: timedelta = timedelta(seconds=1)
     # A placed attempt whose daemon has not reported within this is lost.
     dispatch_ack_timeout: timedelta = timedelta(minutes=2)

@@ -64,6 +64,8 @@ class JobService(
             normalised.network = types_pb2.NETWORK_MODE_NONE
         if self.policy.allow_simulated_by_default:
             normalised.allow_simulated = True
+        if self.policy.allow_unverified_by_default:
+            normalised.allow_unverified = True
         if not normalised.HasField("max_retries"):
             normalised.max_retries = DEFAULT_MAX_RETRIES
         return normalised

@@ -89,6 +89,14 @@ class Host(Base):
     # reports and provenance must be signed by it (jobs/signatures.py). None: a host of an
     # earlier release, whose reports are refused while signed reports are required.
     signing_public_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Hardware verification (controlplane/verification), a flag beside the state: when the
+    # latest probe passed for the GPUs and driver hashed in verified_fingerprint (None: not
+    # verified), and why not. Written only by registry.states.set_verification.
+    verified_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    verification_reason: Mapped[str] = mapped_column(
+        String(500), default="not probed yet", server_default="not probed yet"
+    )
+    verified_fingerprint: Mapped[str] = mapped_column(String(64), default="", server_default="")
     # Not stored: the host's score over its provider's (registry.reliability.ProviderBook),
     # set by the registry on the hosts it returns; None until then.
     reliability: int | None = None

@@ -23,6 +23,7 @@ class OfferFilter:
     location: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     exclude_simulated: bool = False
+    verified_only: bool = False
 
     def validate(self) -> None:
         if self.max_price_per_gpu_hour < 0:
@@ -36,6 +37,8 @@ class OfferFilter:
 
     def admits_host(self, host: HostCapacity) -> bool:
         if self.exclude_simulated and host.simulated:
+            return False
+        if self.verified_only and not host.verified:
             return False
         if self.location and host.location.lower() != self.location.lower():
             return False
@@ -57,6 +60,7 @@ class Offer:
     reliability_permille: int
     simulated: bool
     compute_capability: str
+    verified: bool = False
 
 
 def _groups(free: Sequence[FreeGpu]) -> dict[tuple[str, int, str], list[FreeGpu]]:
@@ -94,6 +98,7 @@ def build_offers(hosts: Sequence[HostCapacity], wanted: OfferFilter) -> list[Off
                     reliability_permille=host.reliability_permille,
                     simulated=host.simulated,
                     compute_capability=capability,
+                    verified=host.verified,
                 )
             )
     offers.sort(

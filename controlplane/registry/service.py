@@ -39,12 +39,14 @@ from controlplane.registry.states import (
     new_host,
     returning_state,
     set_host_state,
+    set_verification,
 )
 from controlplane.registry.streams import HostStream
 from controlplane.registry.streams import HostStreams as HostStreams  # re-exported
 from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
 from controlplane.registry.tokens import RegistrationTokens
 from controlplane.scheduler.capacity import capacity_snapshot
+from controlplane.verification.service import VerificationService, fingerprint
 from messaging.signing import PUBLIC_KEY_BYTES
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,15 @@ def _validate_offer(
         raise InvalidArgument("labels", "at most 64 labels")
 
 
+async def _unverify_if_changed(repo: RegistryRepository, host: Host, now: datetime) -> None:
+    """A verified host was verified for what it was: a new driver or GPU set waits for a
+    new probe (its next hello)."""
+    await repo.flush()
+    if host.verified_at is not None:
+        if fingerprint(host, await repo.gpus_of([host.id])) != host.verified_fingerprint:
+            set_verification(repo, host, None, "its GPUs or driver changed", now)
+
+
 class RegistryService(RegistrationTokens, Revocations):
     """Hosts and their liveness. Heartbeats of hosts known to be up are written together, one
     statement for all of them, by flush_heartbeats() (the liveness loop, every
@@ -152,6 +163,8 @@ class RegistryService(RegistrationTokens, Revocations):
         # Called when a host connects (and so offers its GPUs): the market view holds are
         # priced on is then reread at once instead of within a few seconds.
         self.on_host_connected: Callable[[], None] | None = None
+        # Probes hosts' hardware (controlplane/verification); None: no probes are sent.
+        self.verification: VerificationService | None = None
 
     # Hosts ---------------------------------------------------------------------------------
 
@@ -204,6 +217,7 @@ class RegistryService(RegistrationTokens, Revocations):
             host.last_heartbeat_at = now
             await repo.flush()
             await self._sync_gpus(repo, host, request)
+            await _unverify_if_changed(repo, host, now)
             registration = HostRegistration(host, credential)
             if self.nats_auth is not None:
                 user = self.nats_auth.host_user(host.id)
@@ -254,12 +268,19 @@ class RegistryService(RegistrationTokens, Revocations):
 
     # Connect stream: heartbeats, telemetry ------------------------------------------------
 
-    async def connect(self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()) -> Host:
+    async def connect(
+        self,
+        host_id: str,
+        running: Iterable[registry_pb2.RunningJob] = (),
+        hello: registry_pb2.DaemonHello | None = None,
+    ) -> Host:
         """A daemon's hello: records a heartbeat (a REGISTERED host goes online), starts
         keeping its telemetry."""
         host = await self._record_heartbeat(host_id, hello=True)
         running = list(running)
         self._running[host_id] = _keys(running)
+        if self.verification is not None:
+            await self.verification.hello(host_id, hello)
         if self.monitor is not None:
             await self.monitor.attach(host_id)
             self.monitor.running(host_id, running)
@@ -470,6 +491,13 @@ class RegistryService(RegistrationTokens, Revocations):
                     set_host_state(repo, host, HostState.DRAINED, "no live attempt left", utcnow())
         if self.monitor is not None:
             await self.monitor.maintain()
+        if self.verification is not None:
+            await self.verification.sweep()
+
+    async def probe_answer(self, host_id: str, answer: registry_pb2.ProbeAnswer) -> None:
+        """A host's answer to a verification probe (verification.service)."""
+        if self.verification is not None:
+            await self.verification.answer(host_id, answer)
 
     # Offers --------------------------------------------------------------------------------
 

@@ -44,8 +44,10 @@ HOST = register(
         H.REGISTERED,
         {
             H.REGISTERED: {
-                H.ONLINE: "its daemon connected and said hello",
-                H.DRAINING: "its daemon said hello with a drain requested before",
+                H.ONLINE: "its daemon connected and said hello (self-service: and it passed "
+                "its verification probe)",
+                H.DRAINING: "its daemon said hello with a drain requested before (self-service: "
+                "and it passed its verification probe)",
                 H.LOST: "RevokeHost before its daemon ever connected",
             },
             H.ONLINE: {
@@ -125,5 +127,30 @@ def hello_state(host: Host) -> HostState | None:
     it is sold") adds its check here, so that a host whose probe has not passed stays
     REGISTERED and is never offered. A host registered with a token its provider minted
     itself (`host.self_service`, GPUPLANE_SELF_SERVICE_PROVIDERS) must pass it whatever else
-    the operator allows."""
+    the operator allows: it stays REGISTERED until its probe passes (verification.service
+    admits it then). Other hosts go online unverified, for jobs that allow it."""
+    if host.self_service and host.verified_at is None:
+        return None
     return returning_state(host)
+
+
+def set_verification(
+    events: Adder, host: Host, fingerprint: str | None, why: str, now: datetime
+) -> bool:
+    """The verification flag's only setter: verified for the GPUs and driver hashed in
+    `fingerprint` (a probe passed), or not (None) because of `why`; the change is recorded in
+    host_events beside the host's state. False when nothing changed."""
+    verified = fingerprint is not None
+    if verified == (host.verified_at is not None) and (
+        host.verified_fingerprint == fingerprint if verified else host.verification_reason == why
+    ):
+        return False
+    host.verified_at = now if verified else None
+    host.verified_fingerprint = fingerprint or ""
+    host.verification_reason = "" if verified else why[:500]
+    label = "verified" if verified else "unverified"
+    events.add(
+        HostEvent(host_id=host.id, state=host.state, reason=f"{label}: {why}"[:1000], time=now)
+    )
+    log.info("host %s: %s (%s)", host.id, label, why)
+    return True

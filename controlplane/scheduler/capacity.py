@@ -31,6 +31,7 @@ async def capacity_snapshot(session: AsyncSession) -> list[HostCapacity]:
             location=h.location,
             labels={str(k): str(v) for k, v in h.labels.items()},
             simulated=h.simulated,
+            verified=h.verified_at is not None,
             reliability_permille=h.reliability_permille,
         )
         for h in hosts
@@ -94,6 +95,8 @@ async def load_capacity(session: AsyncSession, durations: Durations) -> Capacity
             {str(k): str(v) for k, v in (h.labels or {}).items()},
             h.simulated,
             book.host_permille(h),
+            verified=h.verified_at is not None,
+            self_service=h.self_service,
         )
     live = await repo.live_attempts()
     await durations.fill(repo, {row.job_id for row in live})
@@ -130,6 +133,8 @@ async def load_registered(session: AsyncSession) -> CapacityIndex:
             h.location,
             {str(k): str(v) for k, v in (h.labels or {}).items()},
             h.simulated,
+            # Could ever: a host not verified yet may pass its probe; a simulated one never.
+            verified=not h.simulated,
         )
         for h in await repo.registered_hosts()
     }

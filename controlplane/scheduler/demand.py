@@ -41,6 +41,8 @@ class Demand:
     queued_since: float
     # Hosts scoring below this (per mille) cannot take the job; 0 = any.
     min_reliability: int = 0
+    # Hosts that have not passed hardware verification may take the job.
+    allow_unverified: bool = False
 
     @property
     def gpu_key(self) -> tuple[tuple[str, ...], int, tuple[int, int]]:
@@ -60,6 +62,7 @@ class Demand:
             self.exclude,
             self.allow_simulated,
             self.min_reliability,
+            self.allow_unverified,
         )
 
 
@@ -88,6 +91,7 @@ def demand_of(
         exclude=frozenset(spec.exclude_host_ids),
         allow_simulated=spec.allow_simulated or allow_simulated_default,
         min_reliability=spec.min_reliability_permille,
+        allow_unverified=spec.allow_unverified,
         policy=policy,
         max_duration_s=float(spec.max_duration_seconds),
         queued_since=queued_since,

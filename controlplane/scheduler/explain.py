@@ -16,6 +16,10 @@ REASON_TEXT: Mapping[str, tuple[str, str]] = {
         "has simulated GPUs (set allow_simulated)",
         "have simulated GPUs (set allow_simulated)",
     ),
+    "unverified": (
+        "has not passed hardware verification (set allow_unverified)",
+        "have not passed hardware verification (set allow_unverified)",
+    ),
     "excluded": ("is excluded", "are excluded"),
     "location": ("is in another location", "are in other locations"),
     "labels": ("lacks the required host labels", "lack the required host labels"),

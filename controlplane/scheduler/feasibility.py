@@ -99,4 +99,5 @@ def _shape(demand: Demand) -> tuple[object, ...]:
         demand.host_labels,
         demand.exclude,
         demand.allow_simulated,
+        demand.allow_unverified,
     )

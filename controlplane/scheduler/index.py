@@ -39,6 +39,10 @@ class HostEntry:
     labels: dict[str, str]
     simulated: bool
     reliability_permille: int = 1000
+    # Passed its hardware verification probe (controlplane/verification).
+    verified: bool = False
+    # Registered with a self-minted token: unverified, it takes no job, whatever the job allows.
+    self_service: bool = False
     # Free GPU uuids by class id, in GPU index order.
     free: dict[int, list[str]] = field(default_factory=dict)
     # Expected end (seconds since the epoch) of each busy healthy GPU, by class id.
@@ -60,6 +64,8 @@ def host_rejection(demand: Demand, host: HostEntry) -> str | None:
     """Why the host can never take this job whatever its load (GPU fit aside), or None."""
     if host.simulated and not demand.allow_simulated:
         return "simulated"
+    if not host.verified and (host.self_service or not demand.allow_unverified):
+        return "unverified"
     if host.host_id in demand.exclude:
         return "excluded"
     if demand.locations and host.location not in demand.locations:

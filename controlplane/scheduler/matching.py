@@ -23,6 +23,8 @@ class HostCapacity:
     location: str
     labels: dict[str, str]
     simulated: bool
+    # Passed its hardware verification probe (controlplane/verification).
+    verified: bool = False
     free: list[FreeGpu] = field(default_factory=list)
     # Healthy GPUs of the host, free or not.
     total_gpus: int = 0

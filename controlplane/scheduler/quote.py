@@ -92,6 +92,7 @@ def _offers(index: CapacityIndex, demand: Demand) -> tuple[list[types_pb2.Offer]
                         location=host.location,
                         labels=host.labels,
                         simulated=host.simulated,
+                        verified=host.verified,
                         compute_capability=gpu_class.compute_capability,
                         reliability_permille=host.reliability_permille,
                     )

@@ -88,6 +88,8 @@ class SchedulerRepository:
             Host.reliability_good,
             Host.reliability_bad,
             Host.reliability_at,
+            Host.verified_at,
+            Host.self_service,
         ).where(Host.state.in_(states))
         return (await self.session.execute(query)).all()
 

@@ -121,3 +121,23 @@ def test_report_signing_figure_prints_beside_the_unsigned_path() -> None:
     assert signed["floor"] == unsigned["figure"] > signed["figure"] > 0
     assert signed["ratio"] == pytest.approx(signed["figure"] / unsigned["figure"], rel=1e-3)
     assert signed["details"]["reports"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_probe_check_reports_the_control_planes_time_per_gpu() -> None:
+    done = subprocess.run(
+        [str(SCRIPT), "--only", "probe_check", "--json", "--duration", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)
+    assert FIELDS <= result.keys()
+    assert result["unit"] == "ms/GPU"
+    assert result["figure"] > 0
+    details = result["details"]
+    assert (details["n"], details["rounds"]) == (512, 4)
+    assert details["checks"] >= 3
+    assert details["answer_bytes"] > 0

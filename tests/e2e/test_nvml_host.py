@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -59,13 +60,31 @@ async def daemon(
     s3_server: S3Server,
     docker_engine: DockerEngine,
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
+    async with nvml_daemon(
+        plane, tmp_path, fake_nvml, nvml_state, s3_server, docker_engine
+    ) as process:
+        yield process
+
+
+@asynccontextmanager
+async def nvml_daemon(
+    plane: JobPlane,
+    tmp_path: Path,
+    fake_nvml: Path,
+    nvml_state: Path,
+    s3_server: S3Server,
+    docker_engine: DockerEngine,
+    gpus: int = 2,
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A `gpuplane daemon run` process on the fake NVML library with `gpus` GPUs (the first
+    an H100, the second an RTX 4090)."""
     token = await plane.token()
     write_state(nvml_state, **{"0.temp": 40, "1.temp": 35})
     env = {
         **os.environ,
         "LD_LIBRARY_PATH": str(fake_nvml),
         "FAKE_NVML_STATE": str(nvml_state),
-        "FAKE_NVML_GPUS": "2",
+        "FAKE_NVML_GPUS": str(gpus),
         "GPUPLANE_DAEMON_HEARTBEAT_INTERVAL_MS": "200",
     }
     log_path = tmp_path / "daemon.log"

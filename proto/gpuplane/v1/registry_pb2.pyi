@@ -255,8 +255,13 @@ class DaemonHello(_message.Message):
     DAEMON_VERSION_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     RUNNING_JOBS_FIELD_NUMBER: _builtins.int
+    DRIVER_VERSION_FIELD_NUMBER: _builtins.int
+    CUDA_DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     daemon_version: _builtins.str
+    driver_version: _builtins.str
+    """The driver the GPUs run under now: a change unverifies the host until a new probe passes."""
+    cuda_driver_version: _builtins.str
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Gpu]: ...
     @_builtins.property
@@ -268,10 +273,12 @@ class DaemonHello(_message.Message):
         daemon_version: _builtins.str = ...,
         gpus: _abc.Iterable[_types_pb2.Gpu] | None = ...,
         running_jobs: _abc.Iterable[Global___RunningJob] | None = ...,
+        driver_version: _builtins.str = ...,
+        cuda_driver_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["daemon_version", b"daemon_version", "gpus", b"gpus", "host_id", b"host_id", "running_jobs", b"running_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_driver_version", b"cuda_driver_version", "daemon_version", b"daemon_version", "driver_version", b"driver_version", "gpus", b"gpus", "host_id", b"host_id", "running_jobs", b"running_jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -335,6 +342,7 @@ class DaemonMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     TELEMETRY_FIELD_NUMBER: _builtins.int
     COMMAND_ACK_FIELD_NUMBER: _builtins.int
+    PROBE_ANSWER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___DaemonHello: ...
     @_builtins.property
@@ -345,6 +353,10 @@ class DaemonMessage(_message.Message):
     def command_ack(self) -> Global___CommandAck:
         """The daemon's answer to a command that carried a command_id."""
 
+    @_builtins.property
+    def probe_answer(self) -> Global___ProbeAnswer:
+        """The result of a ProbeCommand."""
+
     def __init__(
         self,
         *,
@@ -352,12 +364,13 @@ class DaemonMessage(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         telemetry: Global___TelemetryBatch | None = ...,
         command_ack: Global___CommandAck | None = ...,
+        probe_answer: Global___ProbeAnswer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "telemetry", b"telemetry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "probe_answer", b"probe_answer", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "probe_answer", b"probe_answer", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "heartbeat", "telemetry", "command_ack"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "heartbeat", "telemetry", "command_ack", "probe_answer"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
@@ -509,6 +522,95 @@ class ResyncCommand(_message.Message):
 Global___ResyncCommand: _TypeAlias = ResyncCommand  # noqa: Y015
 
 @_typing.final
+class ProbeCommand(_message.Message):
+    """A hardware verification challenge: the daemon runs `image` as a container with all the
+    host's GPUs, as it runs jobs, and sends the ProbeAnswer within `deadline_ms` of receiving
+    it. For each claimed GPU i (by index) the probe computes S_i = sum over j < rounds of
+    A_ij · B_ij, where A_ij and B_ij are n×n matrices of integers 0..7 drawn from seeds[i]
+    (SHA-256 in counter mode: see controlplane/verification/challenge.py), exactly (fp16
+    inputs, fp32 accumulation: every value stays below 2^24).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBE_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    GPU_UUIDS_FIELD_NUMBER: _builtins.int
+    probe_id: _builtins.int
+    image: _builtins.str
+    n: _builtins.int
+    rounds: _builtins.int
+    deadline_ms: _builtins.int
+    @_builtins.property
+    def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The GPU each seed is for (seeds[i] on gpu_uuids[i]), passed to the probe's container."""
+
+    def __init__(
+        self,
+        *,
+        probe_id: _builtins.int = ...,
+        image: _builtins.str = ...,
+        n: _builtins.int = ...,
+        rounds: _builtins.int = ...,
+        seeds: _abc.Iterable[_builtins.bytes] | None = ...,
+        deadline_ms: _builtins.int = ...,
+        gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ms", b"deadline_ms", "gpu_uuids", b"gpu_uuids", "image", b"image", "n", b"n", "probe_id", b"probe_id", "rounds", b"rounds", "seeds", b"seeds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeCommand: _TypeAlias = ProbeCommand  # noqa: Y015
+
+@_typing.final
+class ProbeAnswer(_message.Message):
+    """The probe's result for one GPU (one message per seed, so each stays far below the gRPC
+    message limit): its product, n×n little-endian uint32, row-major, zlib-compressed; or
+    `error` when the probe could not run (then `index` is ignored and the probe fails).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBE_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    GPU_FIELD_NUMBER: _builtins.int
+    probe_id: _builtins.int
+    index: _builtins.int
+    """Which seed (and GPU, by index) this answers."""
+    product: _builtins.bytes
+    error: _builtins.str
+    @_builtins.property
+    def gpu(self) -> _types_pb2.Gpu:
+        """What the probe container itself saw of that GPU (CUDA/NVML): name and memory."""
+
+    def __init__(
+        self,
+        *,
+        probe_id: _builtins.int = ...,
+        index: _builtins.int = ...,
+        product: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+        gpu: _types_pb2.Gpu | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gpu", b"gpu"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "gpu", b"gpu", "index", b"index", "probe_id", b"probe_id", "product", b"product"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeAnswer: _TypeAlias = ProbeAnswer  # noqa: Y015
+
+@_typing.final
 class ControlMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -516,6 +618,7 @@ class ControlMessage(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
     """Set on a command stored in the control plane's database (cancel, drain, resync): the daemon
@@ -530,6 +633,8 @@ class ControlMessage(_message.Message):
     def drain(self) -> Global___DrainCommand: ...
     @_builtins.property
     def resync(self) -> Global___ResyncCommand: ...
+    @_builtins.property
+    def probe(self) -> Global___ProbeCommand: ...
     def __init__(
         self,
         *,
@@ -537,13 +642,14 @@ class ControlMessage(_message.Message):
         cancel: Global___CancelCommand | None = ...,
         drain: Global___DrainCommand | None = ...,
         resync: Global___ResyncCommand | None = ...,
+        probe: Global___ProbeCommand | None = ...,
         command_id: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "command_id", b"command_id", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "resync", b"resync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "command_id", b"command_id", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello_ack", "cancel", "drain", "resync"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello_ack", "cancel", "drain", "resync", "probe"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
@@ -926,6 +1032,7 @@ class ListOffersRequest(_message.Message):
     LOCATION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     EXCLUDE_SIMULATED_FIELD_NUMBER: _builtins.int
+    VERIFIED_ONLY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     gpu_type: _builtins.str
@@ -937,6 +1044,8 @@ class ListOffersRequest(_message.Message):
     location: _builtins.str
     exclude_simulated: _builtins.bool
     """Leave out hosts with simulated GPUs (shown, and marked, by default)."""
+    verified_only: _builtins.bool
+    """Only hosts that passed their hardware verification probe."""
     page_size: _builtins.int
     page_token: _builtins.str
     @_builtins.property
@@ -953,12 +1062,13 @@ class ListOffersRequest(_message.Message):
         location: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         exclude_simulated: _builtins.bool = ...,
+        verified_only: _builtins.bool = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude_simulated", b"exclude_simulated", "gpu_type", b"gpu_type", "labels", b"labels", "location", b"location", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "min_gpu_count", b"min_gpu_count", "min_vram_gib", b"min_vram_gib", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclude_simulated", b"exclude_simulated", "gpu_type", b"gpu_type", "labels", b"labels", "location", b"location", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "min_gpu_count", b"min_gpu_count", "min_vram_gib", b"min_vram_gib", "page_size", b"page_size", "page_token", b"page_token", "verified_only", b"verified_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

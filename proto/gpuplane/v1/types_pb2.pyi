@@ -489,6 +489,7 @@ class JobSpec(_message.Message):
     HOST_LABELS_FIELD_NUMBER: _builtins.int
     EXCLUDE_HOST_IDS_FIELD_NUMBER: _builtins.int
     ALLOW_SIMULATED_FIELD_NUMBER: _builtins.int
+    ALLOW_UNVERIFIED_FIELD_NUMBER: _builtins.int
     RETRY_ON_EXIT_CODES_FIELD_NUMBER: _builtins.int
     MIN_RELIABILITY_PERMILLE_FIELD_NUMBER: _builtins.int
     image: _builtins.str
@@ -525,6 +526,10 @@ class JobSpec(_message.Message):
     placement_policy: Global___PlacementPolicy.ValueType
     allow_simulated: _builtins.bool
     """Allow hosts whose GPUs are simulated (dev and test stacks only)."""
+    allow_unverified: _builtins.bool
+    """Allow hosts that have not passed (or no longer pass) their hardware verification probe
+    (Host.verified); by default jobs go only to verified hosts.
+    """
     min_reliability_permille: _builtins.int
     """Only hosts whose reliability (completed attempts per thousand, scored over the host's
     provider from a prior, recent outcomes weighing most) is at least this; 0 = any. 0..1000.
@@ -591,12 +596,13 @@ class JobSpec(_message.Message):
         host_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         exclude_host_ids: _abc.Iterable[_builtins.str] | None = ...,
         allow_simulated: _builtins.bool = ...,
+        allow_unverified: _builtins.bool = ...,
         retry_on_exit_codes: _abc.Iterable[_builtins.int] | None = ...,
         min_reliability_permille: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_reliability_permille", b"min_reliability_permille", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "shm_bytes", b"shm_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "allow_unverified", b"allow_unverified", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_reliability_permille", b"min_reliability_permille", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "shm_bytes", b"shm_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
@@ -1069,6 +1075,9 @@ class Host(_message.Message):
     JOB_IDS_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     REVOKED_REASON_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    VERIFICATION_REASON_FIELD_NUMBER: _builtins.int
+    VERIFIED_AT_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     hostname: _builtins.str
     provider_tenant_id: _builtins.str
@@ -1087,6 +1096,12 @@ class Host(_message.Message):
     memory_bytes: _builtins.int
     drain_reason: _builtins.str
     revoked_reason: _builtins.str
+    verified: _builtins.bool
+    """Passed its latest hardware verification probe for its current GPUs and driver.
+    Simulated hosts are never verified.
+    """
+    verification_reason: _builtins.str
+    """Why the host is not verified (or, once verified, empty)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -1102,6 +1117,10 @@ class Host(_message.Message):
     @_builtins.property
     def revoked_at(self) -> _timestamp_pb2.Timestamp:
         """Set once RevokeHost revoked the host (it never comes back)."""
+
+    @_builtins.property
+    def verified_at(self) -> _timestamp_pb2.Timestamp:
+        """When its latest probe passed (unset: never, or not since its GPUs or driver changed)."""
 
     def __init__(
         self,
@@ -1127,10 +1146,13 @@ class Host(_message.Message):
         job_ids: _abc.Iterable[_builtins.str] | None = ...,
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
         revoked_reason: _builtins.str = ...,
+        verified: _builtins.bool = ...,
+        verification_reason: _builtins.str = ...,
+        verified_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "registered_at", b"registered_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_at", b"last_heartbeat_at", "registered_at", b"registered_at", "revoked_at", b"revoked_at", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cuda_driver_version", b"cuda_driver_version", "daemon_version", b"daemon_version", "drain_reason", b"drain_reason", "driver_version", b"driver_version", "gpus", b"gpus", "host_id", b"host_id", "hostname", b"hostname", "job_ids", b"job_ids", "labels", b"labels", "last_heartbeat_at", b"last_heartbeat_at", "location", b"location", "memory_bytes", b"memory_bytes", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "provider_tenant_id", b"provider_tenant_id", "registered_at", b"registered_at", "reliability_permille", b"reliability_permille", "revoked_at", b"revoked_at", "revoked_reason", b"revoked_reason", "simulated", b"simulated", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_count", b"cpu_count", "cuda_driver_version", b"cuda_driver_version", "daemon_version", b"daemon_version", "drain_reason", b"drain_reason", "driver_version", b"driver_version", "gpus", b"gpus", "host_id", b"host_id", "hostname", b"hostname", "job_ids", b"job_ids", "labels", b"labels", "last_heartbeat_at", b"last_heartbeat_at", "location", b"location", "memory_bytes", b"memory_bytes", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "provider_tenant_id", b"provider_tenant_id", "registered_at", b"registered_at", "reliability_permille", b"reliability_permille", "revoked_at", b"revoked_at", "revoked_reason", b"revoked_reason", "simulated", b"simulated", "state", b"state", "verification_reason", b"verification_reason", "verified", b"verified", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1173,6 +1195,7 @@ class Offer(_message.Message):
     RELIABILITY_PERMILLE_FIELD_NUMBER: _builtins.int
     SIMULATED_FIELD_NUMBER: _builtins.int
     COMPUTE_CAPABILITY_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     gpu_model: _builtins.str
     vram_gib: _builtins.int
@@ -1184,6 +1207,8 @@ class Offer(_message.Message):
     reliability_permille: _builtins.int
     simulated: _builtins.bool
     compute_capability: _builtins.str
+    verified: _builtins.bool
+    """The host passed its hardware verification probe (Host.verified)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -1200,10 +1225,11 @@ class Offer(_message.Message):
         reliability_permille: _builtins.int = ...,
         simulated: _builtins.bool = ...,
         compute_capability: _builtins.str = ...,
+        verified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_capability", b"compute_capability", "free_gpu_count", b"free_gpu_count", "gpu_model", b"gpu_model", "host_id", b"host_id", "labels", b"labels", "location", b"location", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "reliability_permille", b"reliability_permille", "simulated", b"simulated", "total_gpu_count", b"total_gpu_count", "vram_gib", b"vram_gib"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_capability", b"compute_capability", "free_gpu_count", b"free_gpu_count", "gpu_model", b"gpu_model", "host_id", b"host_id", "labels", b"labels", "location", b"location", "price_per_gpu_hour_micro_credits", b"price_per_gpu_hour_micro_credits", "reliability_permille", b"reliability_permille", "simulated", b"simulated", "total_gpu_count", b"total_gpu_count", "verified", b"verified", "vram_gib", b"vram_gib"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,7 +50,10 @@ class Ledger:
 
     def jobs(self) -> JobService:
         policy = JobPolicy(
-            fee_basis_points=FEE_BP, default_max_price=CREDIT, allow_simulated_by_default=True
+            fee_basis_points=FEE_BP,
+            default_max_price=CREDIT,
+            allow_simulated_by_default=True,
+            allow_unverified_by_default=True,
         )
         return JobService(self.db, policy, HostStreams(), Notifier())
 

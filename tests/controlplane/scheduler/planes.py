@@ -53,6 +53,7 @@ def plane_options(database_url: str, nats: Any, s3: Any, **overrides: Any) -> di
         # plane's clock bound (jobs/clock.py) is off here; its own tests set the default back.
         "run_time_slack_ms": 86_400_000,
         "allow_simulated_by_default": True,
+        "allow_unverified_by_default": True,  # simulated hosts are never verified
         "allow_plaintext": True,
     }
     options.update(overrides)

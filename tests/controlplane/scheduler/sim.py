@@ -117,7 +117,7 @@ class Market:
         for host in self.hosts.values():
             entry = HostEntry(
                 host.host_id, host.price, host.location, dict(host.labels), host.simulated,
-                host.reliability,
+                host.reliability, verified=not host.simulated,
             )  # fmt: skip
             for gpu in host.gpus:
                 if not gpu.healthy:

@@ -28,9 +28,9 @@ def market() -> CapacityIndex:
     index = CapacityIndex()
     a100 = index.gpu_class("NVIDIA A100-SXM4-80GB", 80 * GIB, "8.0")
     h100 = index.gpu_class("NVIDIA H100 80GB HBM3", 80 * GIB, "9.0")
-    cheap = HostEntry("cheap", 1_000_000, "eu", {"tier": "a"}, False)
+    cheap = HostEntry("cheap", 1_000_000, "eu", {"tier": "a"}, False, verified=True)
     cheap.free[a100.id] = ["a-0", "a-1"]
-    dear = HostEntry("dear", 5_000_000, "us", {}, False)
+    dear = HostEntry("dear", 5_000_000, "us", {}, False, verified=True)
     dear.free[h100.id] = ["h-0"]
     dear.busy_until[h100.id] = [1e12]  # busy GPUs count: the host is not busy forever
     index.add_host(cheap)
@@ -88,5 +88,8 @@ async def test_registered_capacity_counts_lost_hosts_and_unhealthy_gpus_not_revo
     assert set(index.hosts) == {kept.host_id}
     # Scripted hosts' GPUs are simulated.
     assert not could_run(index, demand(gpu_count=2, gpu_models=["h100"]))
-    assert could_run(index, demand(gpu_count=2, gpu_models=["h100"], allow_simulated=True))
-    assert not could_run(index, demand(gpu_count=1, gpu_models=["b200"], allow_simulated=True))
+    # Simulated hosts are never verified: only a job allowing both could ever run there.
+    sim = {"allow_simulated": True, "allow_unverified": True}
+    assert not could_run(index, demand(gpu_count=2, gpu_models=["h100"], allow_simulated=True))
+    assert could_run(index, demand(gpu_count=2, gpu_models=["h100"], **sim))
+    assert not could_run(index, demand(gpu_count=1, gpu_models=["b200"], **sim))

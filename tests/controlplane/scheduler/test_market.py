@@ -29,7 +29,7 @@ def hand_built() -> MarketView:
         ("sim-a100", 20, a100, 8, 0, "eu", True),
     ]
     for host_id, price, gpu_class, free, busy, location, simulated in hosts:
-        entry = HostEntry(host_id, price, location, {}, simulated)
+        entry = HostEntry(host_id, price, location, {}, simulated, verified=not simulated)
         entry.free[gpu_class.id] = [f"{host_id}-{i}" for i in range(free)]
         entry.busy_until[gpu_class.id] = [0.0] * busy
         index.add_host(entry)
@@ -40,7 +40,9 @@ def hand_built() -> MarketView:
     ("fields", "expected"),
     [
         ({"gpu_count": 1}, 9),  # any model: the L4 host is dearest (simulated ones excluded)
-        ({"gpu_count": 1, "allow_simulated": True}, 20),
+        ({"gpu_count": 1, "allow_simulated": True, "allow_unverified": True}, 20),
+        ({"gpu_count": 1, "allow_simulated": True}, 9),  # simulated hosts are never verified
+        ({"gpu_count": 1, "allow_unverified": True}, 9),
         ({"gpu_count": 1, "gpu_models": ["a100"]}, 5),  # busy GPUs match too
         ({"gpu_count": 8, "gpu_models": ["a100"]}, 5),
         ({"gpu_count": 9}, None),  # no host has 9 GPUs of one class
@@ -64,7 +66,7 @@ async def test_submits_use_a_recent_view_and_reload_a_stale_one(plane: JobPlane)
     assert plane.plane.db is not None
     now = [1000.0]
     market = Market(plane.plane.db, fresh_seconds=1.0, stale_seconds=5.0, clock=lambda: now[0])
-    spec = types_pb2.JobSpec(gpu_count=1, allow_simulated=True)
+    spec = types_pb2.JobSpec(gpu_count=1, allow_simulated=True, allow_unverified=True)
     try:
         empty = await market.view()
         assert await market.dearest_match(spec) is None
