@@ -12,7 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import figures, floors, jobpath, ledger, scheduler, telemetry  # noqa: F401 - registers them
+from bench import (  # noqa: F401 - registers them
+    figures,
+    floors,
+    jobpath,
+    jobsettle,
+    ledger,
+    scheduler,
+    telemetry,
+)
 from bench.registry import REGISTRY, Benchmark, Result, RunContext, plan, ratio_of
 from bench.resources import Resources
 
