@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.jobsettle import MIN_JOBS, jobs_for
+from bench.jobsettle import MIN_JOBS, ROUND, round_size
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 
-def test_the_job_count_follows_the_duration() -> None:
-    assert jobs_for(0.01) == MIN_JOBS
-    assert jobs_for(3) == 6000
+def test_a_short_run_makes_small_rounds() -> None:
+    assert round_size(0.01) == MIN_JOBS
+    assert round_size(0.1) == 200
+    assert round_size(3) == ROUND
 
 
 @pytest.mark.timeout(300)
@@ -41,6 +42,7 @@ def test_job_settlements_run_small_and_charge_each_job_once() -> None:
     assert result["ratio"] == pytest.approx(result["figure"] / results["pg_tx"]["figure"])
     assert result["minimum"] == 3000
     details = result["details"]
-    assert details["jobs"] == MIN_JOBS
+    assert details["jobs"] == MIN_JOBS  # one round: a short run settles its first round
+    assert details["rounds"] == 1
     assert details["clients"] == 32
     assert details["deadlocks"] == 0
