@@ -360,10 +360,11 @@ class LedgerRepository:
             query = query.with_for_update()
         return await self.session.scalar(query)
 
-    async def payout_by_key(self, tenant_id: str, key: str) -> Payout | None:
+    async def payout_by_key(self, caller_tenant: str, key: str) -> Payout | None:
+        """The payout asked for with `key` by a caller of `caller_tenant`."""
         query = (
             select(Payout)
-            .where(Payout.tenant_id == tenant_id, Payout.idempotency_key == key)
+            .where(Payout.idempotency_tenant_id == caller_tenant, Payout.idempotency_key == key)
             .execution_options(populate_existing=True)
         )
         return await self.session.scalar(query)

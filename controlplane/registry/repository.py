@@ -29,9 +29,15 @@ class RegistryRepository:
             select(RegistrationToken).where(RegistrationToken.secret_hash == secret_hash)
         )
 
-    async def token_by_idempotency_key(self, key: str) -> RegistrationToken | None:
+    async def token_by_idempotency_key(
+        self, caller_tenant: str, key: str
+    ) -> RegistrationToken | None:
+        """The token minted with `key` by a caller of `caller_tenant`."""
         return await self.session.scalar(
-            select(RegistrationToken).where(RegistrationToken.idempotency_key == key)
+            select(RegistrationToken).where(
+                RegistrationToken.idempotency_tenant_id == caller_tenant,
+                RegistrationToken.idempotency_key == key,
+            )
         )
 
     async def get_token(self, token_id: str) -> RegistrationToken | None:

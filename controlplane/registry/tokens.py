@@ -49,7 +49,7 @@ class RegistrationTokens:
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
             if idempotency_key:
-                existing = await repo.token_by_idempotency_key(idempotency_key)
+                existing = await repo.token_by_idempotency_key(caller.tenant_id, idempotency_key)
                 if existing is not None:
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
                     return existing, ""
@@ -67,6 +67,7 @@ class RegistrationTokens:
                 max_uses=max_uses,
                 uses=0,
                 idempotency_key=idempotency_key,
+                idempotency_tenant_id=caller.tenant_id if idempotency_key else None,
                 request_hash=request_hash,
             )
             repo.add(token)
