@@ -231,7 +231,8 @@ async def settle_jobs(
 
 async def check_charged_once(db: Database, attempts: Sequence[Attempt]) -> None:
     """Every job SUCCEEDED and charged exactly its cost once (one CHARGE and one FEE
-    transfer, the hold posted with the rest released), and the ledger balances."""
+    transfer, the hold posted with the rest released), each attempt counted once by its
+    host, and the ledger balances (the bench's plane ran these jobs alone)."""
     ids = {a.job_id for a in attempts}
     async with db.read() as session:
         jobs = (await session.execute(text("SELECT id, state, charged FROM jobs"))).all()
@@ -244,6 +245,7 @@ async def check_charged_once(db: Database, attempts: Sequence[Attempt]) -> None:
             )
         ).all()
         holds = (await session.execute(text("SELECT job_id, state FROM holds"))).all()
+        completed = await session.scalar(text("SELECT sum(completed_attempts) FROM hosts"))
     ours = [j for j in jobs if j.id in ids]
     wrong = [j for j in ours if j.state != "succeeded" or j.charged != RUN_TIME_MS]
     if wrong or len(ours) != len(ids):
@@ -259,6 +261,8 @@ async def check_charged_once(db: Database, attempts: Sequence[Attempt]) -> None:
             raise RuntimeError(f"job {job_id} charged {moves}, not once {RUN_TIME_MS}")
     if any(state != "posted" for job_id, state in holds if job_id in ids):
         raise RuntimeError("a settled job's hold is not posted")
+    if completed != len(ids):  # the hosts' reliability counts every attempt once
+        raise RuntimeError(f"hosts count {completed} completed attempts, not {len(ids)}")
     report = await LedgerService(db).check()
     if not report.consistent:
         raise RuntimeError(f"ledger inconsistent after the run: {report}")

@@ -64,16 +64,16 @@ class JobBilling:
         self, session: AsyncSession, job: Job, attempt: JobAttempt, now: datetime
     ) -> None:
         """Charges an attempt that just ended (what metering has not), frees its GPUs and
-        resolves the job's hold: the rest goes back to available."""
+        resolves the job's hold: the rest goes back to available. The job's and attempt's
+        changes are written once, at commit (none of the statements here reads them)."""
         registry = RegistryRepository(session)
-        await registry.release_gpus(job.id, attempt.attempt)
-        host = await registry.get_host(attempt.host_id)
-        cost = None
-        if host is not None:
-            host.completed_attempts += 1
-            if not attempt.lost:
-                cost = await self._cost(session, job, attempt, host.provider_tenant_id)
-        await self._settle(session, job, attempt, cost)
+        with session.no_autoflush:
+            await registry.release_gpus(job.id, attempt.attempt)
+            provider = await registry.count_completed_attempt(attempt.host_id)
+            cost = None
+            if provider is not None and not attempt.lost:
+                cost = await self._cost(session, job, attempt, provider)
+            await self._settle(session, job, attempt, cost)
 
     async def _cost(
         self, session: AsyncSession, job: Job, attempt: JobAttempt, provider: str

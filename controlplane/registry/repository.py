@@ -242,6 +242,19 @@ class RegistryRepository:
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
+    async def count_completed_attempt(self, host_id: str) -> str | None:
+        """One more attempt completed on the host, counted in the database (concurrent
+        reports on one host each add theirs); its provider, None when there is no such
+        host. A Host already loaded in this session keeps its earlier count."""
+        query = (
+            update(Host)
+            .where(Host.id == host_id)
+            .values(completed_attempts=Host.completed_attempts + 1)
+            .returning(Host.provider_tenant_id)
+            .execution_options(synchronize_session=False)
+        )
+        return await self.session.scalar(query)
+
     async def release_gpus(self, job_id: str, attempt: int) -> None:
         await self.session.execute(
             update(Gpu)
