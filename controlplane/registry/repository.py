@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import Select, exists, select, update
+from sqlalchemy import Select, exists, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal, Role
@@ -242,18 +242,36 @@ class RegistryRepository:
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 
+    async def count_completed_attempts(self, counts: Mapping[str, int]) -> dict[str, str]:
+        """Adds `counts` (host id → attempts completed) to the hosts' counts in the database,
+        one statement per host in id order (concurrent reports each add theirs); the
+        providers of the hosts that exist. A Host loaded in this session keeps its count."""
+        providers = {}
+        for host_id in sorted(counts):
+            query = (
+                update(Host)
+                .where(Host.id == host_id)
+                .values(completed_attempts=Host.completed_attempts + counts[host_id])
+                .returning(Host.provider_tenant_id)
+                .execution_options(synchronize_session=False)
+            )
+            provider = await self.session.scalar(query)
+            if provider is not None:
+                providers[host_id] = provider
+        return providers
+
     async def count_completed_attempt(self, host_id: str) -> str | None:
-        """One more attempt completed on the host, counted in the database (concurrent
-        reports on one host each add theirs); its provider, None when there is no such
-        host. A Host already loaded in this session keeps its earlier count."""
-        query = (
-            update(Host)
-            .where(Host.id == host_id)
-            .values(completed_attempts=Host.completed_attempts + 1)
-            .returning(Host.provider_tenant_id)
+        """One more attempt completed on the host (count_completed_attempts); its provider."""
+        return (await self.count_completed_attempts({host_id: 1})).get(host_id)
+
+    async def release_gpus_of(self, attempts: Collection[tuple[str, int]]) -> None:
+        """Frees the GPUs of the attempts named (job id, attempt), in one statement."""
+        await self.session.execute(
+            update(Gpu)
+            .where(tuple_(Gpu.job_id, Gpu.attempt).in_(attempts))
+            .values(job_id=None, attempt=None)
             .execution_options(synchronize_session=False)
         )
-        return await self.session.scalar(query)
 
     async def release_gpus(self, job_id: str, attempt: int) -> None:
         await self.session.execute(
