@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
 import nats.errors
 from google.protobuf.message import DecodeError
 from gpuplane.v1 import messaging_pb2
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -58,7 +60,9 @@ class ReportConsumer:
         self._sub = await self.js.pull_subscribe_bind(EVENTS_DURABLE, stream=EVENTS_STREAM)
 
     async def run_once(self, timeout: float = 1.0) -> int:
-        """Fetches and applies one batch; returns how many messages were handled."""
+        """Fetches and applies one batch; returns how many messages were handled. Each job's
+        reports are applied in the order they came, different jobs' at once (so terminal
+        reports of many jobs share transactions, JobService.terminal_reports)."""
         if self._sub is None:
             await self.subscribe()
         assert self._sub is not None
@@ -67,6 +71,7 @@ class ReportConsumer:
         except (nats.errors.TimeoutError, TimeoutError):
             # nats-py raises either, depending on where in the fetch the time ran out.
             return 0
+        by_job: dict[str, list[tuple[Msg, messaging_pb2.JobReport]]] = {}
         for message in messages:
             try:
                 report = messaging_pb2.JobReport.FromString(message.data)
@@ -74,27 +79,37 @@ class ReportConsumer:
                 log.error("undecodable job report on %s dropped", message.subject)
                 await message.term()
                 continue
-            try:
-                await self.jobs.apply_report(report, host_of_events_subject(message.subject))
-            except ForeignReport as error:
-                self.foreign += 1
-                log.warning(
-                    "report for %s/%s on %s dropped: %s",
-                    report.job_id,
-                    report.attempt,
-                    message.subject,
-                    error,
-                )
-                if self.on_dropped is not None:
-                    self.on_dropped("foreign_host")
-                await message.term()
-                continue
-            except Conflict:
-                await message.nak(delay=0.2)
-                continue
-            except Exception:  # noqa: BLE001 - keep consuming; the message is redelivered
-                log.exception("applying report %s/%s failed", report.job_id, report.attempt)
-                await message.nak(delay=1.0)
-                continue
-            await message.ack()
+            by_job.setdefault(report.job_id, []).append((message, report))
+        await asyncio.gather(*(self._apply_in_order(reports) for reports in by_job.values()))
         return len(messages)
+
+    async def _apply_in_order(self, reports: list[tuple[Msg, messaging_pb2.JobReport]]) -> None:
+        for message, report in reports:
+            await self._apply(message, report)
+
+    async def _apply(self, message: Msg, report: messaging_pb2.JobReport) -> None:
+        """Applies one report and acks it; a foreign one is terminated, a failed one
+        redelivered later."""
+        try:
+            await self.jobs.apply_report(report, host_of_events_subject(message.subject))
+        except ForeignReport as error:
+            self.foreign += 1
+            log.warning(
+                "report for %s/%s on %s dropped: %s",
+                report.job_id,
+                report.attempt,
+                message.subject,
+                error,
+            )
+            if self.on_dropped is not None:
+                self.on_dropped("foreign_host")
+            await message.term()
+            return
+        except Conflict:
+            await message.nak(delay=0.2)
+            return
+        except Exception:  # noqa: BLE001 - keep consuming; the message is redelivered
+            log.exception("applying report %s/%s failed", report.job_id, report.attempt)
+            await message.nak(delay=1.0)
+            return
+        await message.ack()
