@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import Select, exists, select, tuple_, update
+from sqlalchemy import Select, case, exists, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal, Role
@@ -243,22 +243,25 @@ class RegistryRepository:
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def count_completed_attempts(self, counts: Mapping[str, int]) -> dict[str, str]:
-        """Adds `counts` (host id → attempts completed) to the hosts' counts in the database,
-        one statement per host in id order (concurrent reports each add theirs); the
-        providers of the hosts that exist. A Host loaded in this session keeps its count."""
-        providers = {}
-        for host_id in sorted(counts):
-            query = (
-                update(Host)
-                .where(Host.id == host_id)
-                .values(completed_attempts=Host.completed_attempts + counts[host_id])
-                .returning(Host.provider_tenant_id)
-                .execution_options(synchronize_session=False)
-            )
-            provider = await self.session.scalar(query)
-            if provider is not None:
-                providers[host_id] = provider
-        return providers
+        """Adds `counts` (host id → attempts completed) to the hosts' counts in the database
+        (concurrent reports each add theirs): one UPDATE for all of them, after locking them
+        in id order when there are several; the providers of the hosts that exist. A Host
+        loaded in this session keeps its earlier count."""
+        ids = sorted(counts)
+        if not ids:
+            return {}
+        if len(ids) > 1:
+            locked = select(Host.id).where(Host.id.in_(ids)).order_by(Host.id).with_for_update()
+            await self.session.execute(locked)
+        added = case(dict(counts), value=Host.id, else_=0)
+        query = (
+            update(Host)
+            .where(Host.id.in_(ids))
+            .values(completed_attempts=Host.completed_attempts + added)
+            .returning(Host.id, Host.provider_tenant_id)
+            .execution_options(synchronize_session=False)
+        )
+        return {host_id: provider for host_id, provider in await self.session.execute(query)}
 
     async def count_completed_attempt(self, host_id: str) -> str | None:
         """One more attempt completed on the host (count_completed_attempts); its provider."""

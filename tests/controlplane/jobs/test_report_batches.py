@@ -32,12 +32,17 @@ def _jobs(plane: JobPlane) -> JobService:
     return plane.plane.jobs
 
 
-async def _running(plane: JobPlane, host_id: str, count: int) -> list[str]:
+async def _running(
+    plane: JobPlane, host_id: str, count: int, location: str = "test-lab"
+) -> list[str]:
     """`count` 1-GPU jobs placed on `host_id` (the only host they fit) and reported RUNNING."""
     jobs = []
     for _ in range(count):
         job = await plane.submit(
-            gpu_count=1, max_price_per_gpu_hour_micro_credits=PRICE, max_duration_seconds=60
+            gpu_count=1,
+            max_price_per_gpu_hour_micro_credits=PRICE,
+            max_duration_seconds=60,
+            locations=[location],
         )
         await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_SCHEDULED])
         report = K.JobReport(
@@ -123,4 +128,35 @@ async def test_a_report_that_fails_in_a_batch_fails_alone(plane: JobPlane) -> No
         done = await plane.wait_for(job_id, [types_pb2.JOB_STATE_SUCCEEDED])
         assert done.charged_micro_credits == 2000
     assert await _completed_attempts(plane, host.host_id) == 2
+    await plane.assert_ledger_consistent()
+
+
+async def test_a_batch_counts_each_hosts_attempts_once(plane: JobPlane) -> None:
+    token = await plane.token(max_uses=2)
+    hosts = [
+        await new_host(
+            plane.channel,
+            token,
+            gpus=new_gpus(4),
+            price_per_gpu_hour_micro_credits=PRICE,
+            location=f"lab-{n}",
+        )
+        for n in range(2)
+    ]
+    placed = [
+        (host.host_id, job_id)
+        for n, (host, count) in enumerate(zip(hosts, (3, 2), strict=True))
+        for job_id in await _running(plane, host.host_id, count, f"lab-{n}")
+    ]
+    applied = await asyncio.gather(
+        *(
+            _jobs(plane).apply_report(_finished(job_id, host_id, 500), host_id)
+            for host_id, job_id in placed
+        )
+    )
+    assert applied == [True] * 5
+    assert [await _completed_attempts(plane, h.host_id) for h in hosts] == [3, 2]
+    for _, job_id in placed:
+        done = await plane.wait_for(job_id, [types_pb2.JOB_STATE_SUCCEEDED])
+        assert done.charged_micro_credits == 500
     await plane.assert_ledger_consistent()
