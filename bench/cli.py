@@ -16,6 +16,7 @@ from bench import (  # noqa: F401 - registers them
     figures,
     floors,
     jobpath,
+    jobsettle,
     ledger,
     probe,
     scheduler,

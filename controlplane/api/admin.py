@@ -84,6 +84,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreateTenantRequest, context: Context
     ) -> admin_pb2.CreateTenantResponse:
         tenant = await self.auth.create_tenant(
+            current_principal(),
             request.name,
             request.fair_share_weight,
             check_key(request.idempotency_key),
@@ -103,6 +104,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreateApiKeyRequest, context: Context
     ) -> admin_pb2.CreateApiKeyResponse:
         created = await self.auth.create_api_key(
+            current_principal(),
             request.tenant_id,
             role_from_pb(request.role),
             request.description,

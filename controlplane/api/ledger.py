@@ -171,7 +171,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def Deposit(
         self, request: ledger_pb2.DepositRequest, context: Context
     ) -> ledger_pb2.DepositResponse:
-        current_principal()
+        caller = current_principal().tenant_id
         if not request.tenant_id:
             raise InvalidArgument("tenant_id", "is required")
         if request.amount_micro_credits <= 0:
@@ -186,7 +186,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if len(request.reference) > 500:
             raise InvalidArgument("reference", "at most 500 characters")
         row, balance = await self.ledger.deposit(
-            request.tenant_id, request.amount_micro_credits, request.reference, key
+            request.tenant_id, request.amount_micro_credits, request.reference, key, caller=caller
         )
         return ledger_pb2.DepositResponse(transfer_id=row.id, balance=balance_pb(balance))
 
@@ -214,7 +214,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def Payout(
         self, request: ledger_pb2.PayoutRequest, context: Context
     ) -> ledger_pb2.PayoutResponse:
-        tenant = current_principal().require_tenant(request.tenant_id)
+        principal = current_principal()
+        tenant = principal.require_tenant(request.tenant_id)
         if request.amount_micro_credits <= 0:
             raise InvalidArgument("amount_micro_credits", "must be positive")
         if not request.destination:
@@ -223,7 +224,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument("destination", "at most 500 characters")
         key = required_key(request.idempotency_key, "payouts")
         payout, balance = await self.ledger.payout(
-            tenant, request.amount_micro_credits, request.destination, key
+            tenant,
+            request.amount_micro_credits,
+            request.destination,
+            key,
+            caller=principal.tenant_id,
         )
         return ledger_pb2.PayoutResponse(
             payout_id=payout.id,
@@ -277,7 +282,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def RefundJob(
         self, request: ledger_pb2.RefundJobRequest, context: Context
     ) -> ledger_pb2.RefundJobResponse:
-        current_principal()
+        caller = current_principal().tenant_id
         if not request.job_id:
             raise InvalidArgument("job_id", "is required")
         if request.amount_micro_credits < 0:
@@ -288,7 +293,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument("reason", "at most 500 characters")
         key = required_key(request.idempotency_key, "refunds")
         refund = await self.ledger.refund_job(
-            request.job_id, request.amount_micro_credits, request.reason, key
+            request.job_id, request.amount_micro_credits, request.reason, key, caller=caller
         )
         return ledger_pb2.RefundJobResponse(
             transfer_id=refund.transfer_id,

@@ -21,8 +21,13 @@ class AuthRepository:
     async def tenant_by_name(self, name: str) -> Tenant | None:
         return await self.session.scalar(select(Tenant).where(Tenant.name == name))
 
-    async def tenant_by_idempotency_key(self, key: str) -> Tenant | None:
-        return await self.session.scalar(select(Tenant).where(Tenant.idempotency_key == key))
+    async def tenant_by_idempotency_key(self, caller_tenant: str, key: str) -> Tenant | None:
+        """The tenant created with `key` by a caller of `caller_tenant`."""
+        return await self.session.scalar(
+            select(Tenant).where(
+                Tenant.idempotency_tenant_id == caller_tenant, Tenant.idempotency_key == key
+            )
+        )
 
     async def list_tenants(self, page: PageRequest) -> Page[Tenant]:
         return await page_by_id(self.session, select(Tenant), Tenant.id, page, lambda t: t.id)
@@ -36,8 +41,13 @@ class AuthRepository:
     async def key_by_hash(self, secret_hash: str) -> ApiKey | None:
         return await self.session.scalar(select(ApiKey).where(ApiKey.secret_hash == secret_hash))
 
-    async def key_by_idempotency_key(self, key: str) -> ApiKey | None:
-        return await self.session.scalar(select(ApiKey).where(ApiKey.idempotency_key == key))
+    async def key_by_idempotency_key(self, caller_tenant: str, key: str) -> ApiKey | None:
+        """The API key created with `key` by a caller of `caller_tenant`."""
+        return await self.session.scalar(
+            select(ApiKey).where(
+                ApiKey.idempotency_tenant_id == caller_tenant, ApiKey.idempotency_key == key
+            )
+        )
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         return await self.session.get(ApiKey, key_id)

@@ -107,8 +107,14 @@ class AuthService:
                 del self._cache[digest]
 
     async def create_tenant(
-        self, name: str, weight: int, idempotency_key: str | None, request_hash: str
+        self,
+        caller: Principal,
+        name: str,
+        weight: int,
+        idempotency_key: str | None,
+        request_hash: str,
     ) -> Tenant:
+        """A new tenant; `idempotency_key` is the caller's, scoped to its tenant."""
         name = name.strip()
         if not name:
             raise InvalidArgument("name", "must not be empty")
@@ -118,7 +124,9 @@ class AuthService:
             async with self.db.transaction() as session:
                 repo = AuthRepository(session)
                 if idempotency_key:
-                    existing = await repo.tenant_by_idempotency_key(idempotency_key)
+                    existing = await repo.tenant_by_idempotency_key(
+                        caller.tenant_id, idempotency_key
+                    )
                     if existing is not None:
                         ensure_same(existing.request_hash, request_hash, idempotency_key)
                         return existing
@@ -130,6 +138,7 @@ class AuthService:
                     fair_share_weight=max(weight, 1),
                     created_at=utcnow(),
                     idempotency_key=idempotency_key,
+                    idempotency_tenant_id=caller.tenant_id if idempotency_key else None,
                     request_hash=request_hash,
                 )
                 repo.add(tenant)
@@ -139,7 +148,7 @@ class AuthService:
             if idempotency_key:
                 async with self.db.read() as session:
                     existing = await AuthRepository(session).tenant_by_idempotency_key(
-                        idempotency_key
+                        caller.tenant_id, idempotency_key
                     )
                 if existing is not None:
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
@@ -152,6 +161,7 @@ class AuthService:
 
     async def create_api_key(
         self,
+        caller: Principal,
         tenant_id: str,
         role: Role,
         description: str,
@@ -168,7 +178,7 @@ class AuthService:
         async with self.db.transaction() as session:
             repo = AuthRepository(session)
             if idempotency_key:
-                existing = await repo.key_by_idempotency_key(idempotency_key)
+                existing = await repo.key_by_idempotency_key(caller.tenant_id, idempotency_key)
                 if existing is not None:
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
                     return CreatedKey(existing, "")
@@ -185,6 +195,7 @@ class AuthService:
                 created_at=utcnow(),
                 expires_at=expires_at,
                 idempotency_key=idempotency_key,
+                idempotency_tenant_id=caller.tenant_id if idempotency_key else None,
                 request_hash=request_hash,
             )
             repo.add(key)

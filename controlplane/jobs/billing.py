@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
@@ -15,15 +17,24 @@ from controlplane.jobs.notify import Notifier
 from controlplane.jobs.outcomes import CANCEL_TEXTS
 from controlplane.jobs.policy import JobPolicy, MarketPrices
 from controlplane.ledger import service as ledger
-from controlplane.ledger.holds import NOTHING, AttemptCost, Charged
+from controlplane.ledger.holds import NOTHING, AttemptCost, Charged, Settle
 from controlplane.ledger.models import HoldState
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.service import LedgerService
-from controlplane.registry.reliability import note_outcome
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.streams import HostStreams
 
 StopReason = messaging_pb2.StopReason
+
+
+@dataclass(frozen=True, slots=True)
+class Settling:
+    """A job's hold to resolve: the final cost of `attempt` (None: nothing ran to charge)."""
+
+    job: Job
+    attempt: JobAttempt | None
+    cost: AttemptCost | None
+    outcome: HoldState | None = None
 
 
 class JobBilling:
@@ -84,21 +95,33 @@ class JobBilling:
                 job.host_id, message, now, job_id=job.id, attempt=job.attempt
             )
 
-    async def _finish_attempt(
-        self, session: AsyncSession, job: Job, attempt: JobAttempt, now: datetime
+    async def _finish_attempts(
+        self, session: AsyncSession, ended: Sequence[tuple[Job, JobAttempt]], now: datetime
     ) -> None:
-        """Charges an attempt that just ended (what metering has not), frees its GPUs and
-        resolves the job's hold: the rest goes back to available."""
+        """Charges attempts that just ended (what metering has not), frees their GPUs and
+        resolves their jobs' holds, the rest back to available: a few statements however
+        many attempts (GPUs, one per host, holds). The jobs' and attempts' changes are
+        written once, at commit (none of the statements here reads them)."""
+        if not ended:
+            return
         registry = RegistryRepository(session)
-        await registry.release_gpus(job.id, attempt.attempt)
-        host = await registry.get_host(attempt.host_id)
-        cost = None
-        if host is not None:
-            host.completed_attempts += 1
-            note_outcome(host, not attempt.lost, now)
-            if not attempt.lost:
-                cost = await self._cost(session, job, attempt, host.provider_tenant_id)
-        await self._settle(session, job, attempt, cost)
+        with session.no_autoflush:
+            await registry.release_gpus_of([(job.id, attempt.attempt) for job, attempt in ended])
+            providers = await registry.count_completed_attempts(
+                Counter(attempt.host_id for _, attempt in ended)
+            )
+            # Each host's reliability: a completed attempt counts for it, a lost one against.
+            await registry.note_outcomes(
+                [(attempt.host_id, not attempt.lost) for _, attempt in ended], now
+            )
+            settling: list[Settling] = []
+            for job, attempt in ended:
+                provider = providers.get(attempt.host_id)
+                cost = None
+                if provider is not None and not attempt.lost:
+                    cost = await self._cost(session, job, attempt, provider)
+                settling.append(Settling(job, attempt, cost))
+            await self._settle_many(session, settling)
 
     async def _cost(
         self, session: AsyncSession, job: Job, attempt: JobAttempt, provider: str
@@ -142,22 +165,28 @@ class JobBilling:
     ) -> None:
         """Resolves the job's hold once: the final charge of `cost` (if any), the rest
         released. A replay (the hold already resolved) moves nothing."""
-        hold = await LedgerRepository(session).hold_of_job(job.id)
-        if hold is None:
+        await self._settle_many(session, [Settling(job, attempt, cost, outcome)])
+
+    async def _settle_many(self, session: AsyncSession, settling: Sequence[Settling]) -> None:
+        """Resolves each job's hold once (see _settle), all in one `settle_many`."""
+        holds = await LedgerRepository(session).hold_ids_of_jobs([s.job.id for s in settling])
+        requests, owners = [], []
+        for s in settling:
+            if (hold_id := holds.get(s.job.id)) is None:
+                continue
+            number = s.attempt.attempt if s.attempt is not None else s.job.attempt
+            key, release_key = f"job/{s.job.id}/{number}/final", f"job/{s.job.id}/release"
+            requests.append(Settle(hold_id, s.cost, key, release_key, s.outcome))
+            owners.append(s)
+        if not requests:
             return
-        number = attempt.attempt if attempt is not None else job.attempt
-        resolution = await self.ledger.settle(
-            session,
-            hold.id,
-            cost=cost,
-            key=f"job/{job.id}/{number}/final",
-            release_key=f"job/{job.id}/release",
-            outcome=outcome,
-        )
-        if attempt is not None:
-            attempt.charged += resolution.charged.amount
-        if not resolution.replay:
-            job.charged = resolution.posted
+        resolutions = await self.ledger.settle_many(session, requests)
+        for s, resolution in zip(owners, resolutions, strict=True):
+            assert resolution is not None  # its hold was just read in this transaction
+            if s.attempt is not None:
+                s.attempt.charged += resolution.charged.amount
+            if not resolution.replay:
+                s.job.charged = resolution.posted
 
 
 def billable_ms(job: Job, attempt: JobAttempt) -> int:

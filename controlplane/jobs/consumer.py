@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -69,7 +70,9 @@ class ReportConsumer:
         self._sub = await self.js.pull_subscribe_bind(EVENTS_DURABLE, stream=EVENTS_STREAM)
 
     async def run_once(self, timeout: float = 1.0) -> int:
-        """Fetches and applies one batch; returns how many messages were handled."""
+        """Fetches and applies one batch; returns how many messages were handled. Each job's
+        reports are applied in the order they came, different jobs' at once (so terminal
+        reports of many jobs share transactions, JobService.terminal_reports)."""
         if self._sub is None:
             await self.subscribe()
         assert self._sub is not None
@@ -78,6 +81,7 @@ class ReportConsumer:
         except (nats.errors.TimeoutError, TimeoutError):
             # nats-py raises either, depending on where in the fetch the time ran out.
             return 0
+        by_job: dict[str, list[tuple[Msg, messaging_pb2.JobReport]]] = {}
         for message in messages:
             if await self._refused(message):
                 await message.term()
@@ -88,32 +92,42 @@ class ReportConsumer:
                 log.error("undecodable job report on %s dropped", message.subject)
                 await message.term()
                 continue
-            try:
-                await self.jobs.apply_report(report, host_of_events_subject(message.subject))
-            except RefusedReport as error:
-                if isinstance(error, ForeignReport):
-                    self.foreign += 1
-                self.refused[error.reason] += 1
-                log.warning(
-                    "report for %s/%s on %s dropped: %s",
-                    report.job_id,
-                    report.attempt,
-                    message.subject,
-                    error,
-                )
-                if self.on_dropped is not None:
-                    self.on_dropped(error.reason)
-                await message.term()
-                continue
-            except Conflict:
-                await message.nak(delay=0.2)
-                continue
-            except Exception:  # noqa: BLE001 - keep consuming; the message is redelivered
-                log.exception("applying report %s/%s failed", report.job_id, report.attempt)
-                await message.nak(delay=1.0)
-                continue
-            await message.ack()
+            by_job.setdefault(report.job_id, []).append((message, report))
+        await asyncio.gather(*(self._apply_in_order(reports) for reports in by_job.values()))
         return len(messages)
+
+    async def _apply_in_order(self, reports: list[tuple[Msg, messaging_pb2.JobReport]]) -> None:
+        for message, report in reports:
+            await self._apply(message, report)
+
+    async def _apply(self, message: Msg, report: messaging_pb2.JobReport) -> None:
+        """Applies one report and acks it; a refused one (foreign, seq jump) is terminated, a
+        failed one redelivered later."""
+        try:
+            await self.jobs.apply_report(report, host_of_events_subject(message.subject))
+        except RefusedReport as error:
+            if isinstance(error, ForeignReport):
+                self.foreign += 1
+            self.refused[error.reason] += 1
+            log.warning(
+                "report for %s/%s on %s dropped: %s",
+                report.job_id,
+                report.attempt,
+                message.subject,
+                error,
+            )
+            if self.on_dropped is not None:
+                self.on_dropped(error.reason)
+            await message.term()
+            return
+        except Conflict:
+            await message.nak(delay=0.2)
+            return
+        except Exception:  # noqa: BLE001 - keep consuming; the message is redelivered
+            log.exception("applying report %s/%s failed", report.job_id, report.attempt)
+            await message.nak(delay=1.0)
+            return
+        await message.ack()
 
     @property
     def refused_total(self) -> int:

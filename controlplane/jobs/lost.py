@@ -87,13 +87,12 @@ class LostAttempts(JobBilling):
         set_attempt_state(attempt, AttemptState.FAILED, reason=text, now=now)
         registry = RegistryRepository(session)
         await registry.release_gpus(job.id, attempt.attempt)
-        host = await registry.get_host(attempt.host_id)
+        provider = await registry.count_completed_attempt(attempt.host_id)
         hold = await LedgerRepository(session).hold_of_job(job.id)
-        if host is not None:
-            host.completed_attempts += 1
-            note_outcome(host, True, now)
+        if provider is not None:
+            await registry.note_outcomes([(attempt.host_id, True)], now)
             if hold is not None:
-                cost = await self._cost(session, job, attempt, host.provider_tenant_id)
+                cost = await self._cost(session, job, attempt, provider)
                 key = f"job/{job.id}/{attempt.attempt}/final"
                 charged = await self.ledger.charge(session, hold.id, cost, key)
                 attempt.charged += charged.amount

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,6 +27,7 @@ from controlplane.jobs.states import (
     set_attempt_state,
     set_job_state,
 )
+from controlplane.ledger.batch import GroupCommit
 from controlplane.registry.reliability import note_outcome
 from controlplane.registry.repository import RegistryRepository
 from controlplane.strings import scrub_text
@@ -54,72 +57,138 @@ class _Applied:
     command: registry_pb2.ControlMessage | None
 
 
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A report to apply, with the host its subject names (None: a host-less subject)."""
+
+    report: messaging_pb2.JobReport
+    subject_host: str | None
+
+
 class Reports(LostAttempts):
     """Part of JobService: daemon reports."""
 
     # Countersigns each settled attempt's provenance (server.py sets it; None: none made).
     provenance_key: SigningKey | None = None
 
+    @cached_property
+    def terminal_reports(self) -> GroupCommit[Incoming, _Applied | None]:
+        """Concurrent terminal reports, applied in batches of one transaction each."""
+        return GroupCommit(self._apply_batch, max_batch=64)
+
     async def apply_report(
         self, report: messaging_pb2.JobReport, subject_host: str | None = None
     ) -> bool:
         """Applies one daemon report idempotently; False when it was stale or a duplicate.
         `subject_host` is the host its subject names (None: the host-less subject of earlier
-        releases); ForeignReport when it, or the report's own host_id, is not the attempt's."""
+        releases); ForeignReport when it, or the report's own host_id, is not the attempt's.
+        Concurrent terminal reports share a transaction (`terminal_reports`, group commit),
+        whose holds settle in one `settle_many`; the others run alone."""
         if subject_host is not None and report.host_id != subject_host:
             raise ForeignReport(f"report names host {report.host_id!r}")
         scrub_text(report)  # its reason and manifest are stored; PostgreSQL refuses NUL
-        now = utcnow()
+        incoming = Incoming(report, subject_host)
+        if report.kind in TERMINAL_REPORTS:
+            applied = await self.terminal_reports(incoming)
+        else:
+            (applied,) = await self.db.run(lambda s: self._apply_reports(s, [incoming]))
+        return self._announce(report.host_id, applied)
 
-        async def work(session: AsyncSession) -> _Applied | None:
-            repo = JobRepository(session)
-            job = await repo.get(report.job_id, lock=True)
-            attempt = await repo.attempt(report.job_id, report.attempt, lock=True)
+    async def _apply_batch(self, batch: Sequence[Incoming]) -> list[_Applied | None | Exception]:
+        """One transaction for the batch; should it fail as a whole (one report's error, a
+        conflict), each report runs alone so only that one fails."""
+        try:
+            return list(await self.db.run(lambda s: self._apply_reports(s, batch)))
+        except Exception:
+            if len(batch) == 1:
+                raise
+        return [await self._apply_alone(incoming) for incoming in batch]
+
+    async def _apply_alone(self, incoming: Incoming) -> _Applied | None | Exception:
+        try:
+            (applied,) = await self.db.run(lambda s: self._apply_reports(s, [incoming]))
+        except Exception as error:  # noqa: BLE001 - handed to that report's caller
+            return error
+        return applied
+
+    async def _apply_reports(
+        self, session: AsyncSession, batch: Sequence[Incoming]
+    ) -> list[_Applied | None]:
+        """Applies reports in one transaction: their jobs and attempts locked in one statement
+        each (id order), each report applied in turn, then the attempts they ended finished
+        together (GPUs, hosts, holds: a few statements for the whole batch)."""
+        now = utcnow()
+        repo = JobRepository(session)
+        jobs = await repo.lock_jobs({i.report.job_id for i in batch})
+        attempts = await repo.lock_attempts({(i.report.job_id, i.report.attempt) for i in batch})
+        ended: list[tuple[Job, JobAttempt]] = []
+        applied: list[_Applied | None] = []
+        for incoming in batch:
+            report = incoming.report
+            job = jobs.get(report.job_id)
+            attempt = attempts.get((report.job_id, report.attempt))
             if job is None or attempt is None:
                 log.warning("report for unknown attempt %s/%s", report.job_id, report.attempt)
-                return None
-            if not _admitted(job, attempt, report, subject_host):
-                return None
-            keep_host_part(attempt, report)
-            noted = False
-            if report.run_time_ms:
-                noted = await self._take_run_time(session, repo, job, attempt, report, now)
-            resend: registry_pb2.ControlMessage | None = None
-            ending = ending_of(report, job) if report.kind in TERMINAL_REPORTS else None
-            if ending is not None and ending.reason == StopReason.STOP_REASON_BUDGET_EXHAUSTED:
-                _ran_its_budget(attempt, now)
-            retried = ending is not None and (ending.void or _retried_exit(job, report, ending))
-            if ending is not None and ending.void:
-                await self._lose_attempt(session, repo, job, attempt, ending.text, now)
-                changed = True
-            elif ending is not None and retried:
-                attempt.manifest = _manifest(report)  # what the failed attempt stored
-                await self._retry_failed_attempt(
-                    session, repo, job, attempt, ending.text, report.exit_code, now
-                )
-                changed = True
-            else:
-                changed = self._apply(repo, job, attempt, report, ending, now)
-                if report.kind not in TERMINAL_REPORTS and attempt.run_time_ms:
-                    charged = await self._meter(session, job, attempt)
-                    if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
-                        resend = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
-            # The attempt ended with this report and was not retried (lost or failed and
-            # requeued, or the job failed after its last retry: settled there).
-            if JobState(job.state).terminal and not retried:
-                await self._finish_attempt(session, job, attempt, now)
-                if self.provenance_key is not None:
-                    await countersign_attempt(session, job, attempt, self.provenance_key, now)
-            elif job.cancel_requested and report.kind in (
-                Kind.JOB_REPORT_KIND_STARTING,
-                Kind.JOB_REPORT_KIND_RUNNING,
-            ):
-                resend = self._cancel_command(job, text=job.state_reason)
-            if resend is not None:
-                await self._command(session, job, resend, now)
-            return _Applied(job.id, changed or noted, attempt.live, resend)
+                applied.append(None)
+                continue
+            applied.append(await self._apply_one(session, repo, job, attempt, incoming, now, ended))
+        await self._finish_attempts(session, ended, now)
+        if self.provenance_key is not None:  # settled: its charge is known
+            for job, attempt in ended:
+                await countersign_attempt(session, job, attempt, self.provenance_key, now)
+        return applied
 
-        return self._announce(report.host_id, await self.db.run(work))
+    async def _apply_one(
+        self,
+        session: AsyncSession,
+        repo: JobRepository,
+        job: Job,
+        attempt: JobAttempt,
+        incoming: Incoming,
+        now: datetime,
+        ended: list[tuple[Job, JobAttempt]],
+    ) -> _Applied | None:
+        """One report on its locked job and attempt; an attempt it ends (and does not retry)
+        is added to `ended`, to be finished with the batch."""
+        report = incoming.report
+        if not _admitted(job, attempt, report, incoming.subject_host):
+            return None
+        keep_host_part(attempt, report)
+        noted = False
+        if report.run_time_ms:
+            noted = await self._take_run_time(session, repo, job, attempt, report, now)
+        resend: registry_pb2.ControlMessage | None = None
+        ending = ending_of(report, job) if report.kind in TERMINAL_REPORTS else None
+        if ending is not None and ending.reason == StopReason.STOP_REASON_BUDGET_EXHAUSTED:
+            _ran_its_budget(attempt, now)
+        retried = ending is not None and (ending.void or _retried_exit(job, report, ending))
+        if ending is not None and ending.void:
+            await self._lose_attempt(session, repo, job, attempt, ending.text, now)
+            changed = True
+        elif ending is not None and retried:
+            attempt.manifest = _manifest(report)  # what the failed attempt stored
+            await self._retry_failed_attempt(
+                session, repo, job, attempt, ending.text, report.exit_code, now
+            )
+            changed = True
+        else:
+            changed = self._apply(repo, job, attempt, report, ending, now)
+            if report.kind not in TERMINAL_REPORTS and attempt.run_time_ms:
+                charged = await self._meter(session, job, attempt)
+                if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
+                    resend = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)
+        # The attempt ended with this report and was not retried (lost or failed and
+        # requeued, or the job failed after its last retry: settled there).
+        if JobState(job.state).terminal and not retried:
+            ended.append((job, attempt))
+        elif job.cancel_requested and report.kind in (
+            Kind.JOB_REPORT_KIND_STARTING,
+            Kind.JOB_REPORT_KIND_RUNNING,
+        ):
+            resend = self._cancel_command(job, text=job.state_reason)
+        if resend is not None:
+            await self._command(session, job, resend, now)
+        return _Applied(job.id, changed or noted, attempt.live, resend)
 
     async def _take_run_time(
         self,

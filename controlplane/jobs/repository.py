@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Select, Table, bindparam, case, select, update
+from sqlalchemy import BigInteger, Select, Table, bindparam, case, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal
@@ -88,6 +88,30 @@ class JobRepository:
             .with_for_update(skip_locked=True)
         )
         return (await self.session.scalars(query)).all()
+
+    async def lock_jobs(self, job_ids: Collection[str]) -> dict[str, Job]:
+        """Locks the jobs (one statement, id order); the ones that exist, by id."""
+        query = (
+            select(Job)
+            .where(Job.id.in_(job_ids))
+            .order_by(Job.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        return {job.id: job for job in await self.session.scalars(query)}
+
+    async def lock_attempts(
+        self, keys: Collection[tuple[str, int]]
+    ) -> dict[tuple[str, int], JobAttempt]:
+        """Locks the attempts named (job id, attempt) (one statement, key order)."""
+        query = (
+            select(JobAttempt)
+            .where(tuple_(JobAttempt.job_id, JobAttempt.attempt).in_(keys))
+            .order_by(JobAttempt.job_id, JobAttempt.attempt)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        return {(a.job_id, a.attempt): a for a in await self.session.scalars(query)}
 
     async def attempt(self, job_id: str, attempt: int, *, lock: bool = False) -> JobAttempt | None:
         return await self.session.get(JobAttempt, (job_id, attempt), with_for_update=lock)

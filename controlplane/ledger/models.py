@@ -122,7 +122,8 @@ class Payout(Base):
 
     __tablename__ = "payouts"
     __table_args__ = (
-        UniqueConstraint("tenant_id", "idempotency_key"),
+        # Keys are scoped to the caller's tenant (an admin paying out for a tenant has its own).
+        UniqueConstraint("idempotency_tenant_id", "idempotency_key"),
         CheckConstraint("amount > 0", name="positive_amount"),
     )
 
@@ -132,6 +133,8 @@ class Payout(Base):
     destination: Mapped[str] = mapped_column(String(500))
     state: Mapped[str] = mapped_column(String(16), default=PayoutState.PENDING.value)
     idempotency_key: Mapped[str] = mapped_column(String(200))
+    # The tenant of the caller whose idempotency key it is.
+    idempotency_tenant_id: Mapped[str] = mapped_column(String(40))
     transfer_id: Mapped[str] = mapped_column(String(40))
     reversal_transfer_id: Mapped[str | None] = mapped_column(String(40))
     reason: Mapped[str] = mapped_column(String(500), default="")

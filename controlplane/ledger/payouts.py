@@ -39,14 +39,19 @@ def validate_payout(amount: int, destination: str, min_payout: int) -> None:
 
 
 async def pay_out(
-    session: AsyncSession, tenant_id: str, amount: int, destination: str, key: str
+    session: AsyncSession, tenant_id: str, amount: int, destination: str, key: str, caller: str
 ) -> tuple[Payout, Balance]:
     """Moves earnings out, recorded as a PENDING payout; only earnings that no pending hold
-    could still take back are payable. A replay of `key` returns the payout as it is now."""
+    could still take back are payable. A replay of `key` (the `caller` tenant's) returns the
+    payout as it is now."""
     repo = LedgerRepository(session)
-    existing = await repo.payout_by_key(tenant_id, key)
+    existing = await repo.payout_by_key(caller, key)
     if existing is not None:
-        if (existing.amount, existing.destination) != (amount, destination):
+        if (existing.tenant_id, existing.amount, existing.destination) != (
+            tenant_id,
+            amount,
+            destination,
+        ):
             raise AlreadyExists(f"idempotency_key {key!r} was already used for another payout")
         return existing, await balance_in(session, tenant_id)
     await ensure_tenant_accounts(session, tenant_id)
@@ -68,6 +73,7 @@ async def pay_out(
         amount=amount,
         destination=destination,
         idempotency_key=key,
+        idempotency_tenant_id=caller,
         transfer_id=new_transfer_id(),
         reversal_transfer_id=None,
         reason="",

@@ -52,11 +52,12 @@ def validate_refund(amount: int) -> None:
 
 
 async def refund_job(
-    session: AsyncSession, job_id: str, amount: int, reason: str, key: str
+    session: AsyncSession, job_id: str, amount: int, reason: str, key: str, caller: str
 ) -> Refund:
     """Returns up to everything charged for a settled job, minus what was refunded
-    already, to the consumer's available account (see LedgerService.refund_job)."""
-    prefix = scoped_key("refund", key) + "/"
+    already, to the consumer's available account (see LedgerService.refund_job); `key` is
+    the `caller` tenant's."""
+    prefix = scoped_key("refund", caller, key) + "/"
     repo = LedgerRepository(session)
     hold = await repo.hold_of_job(job_id, lock=True)  # serialises refunds of a job
     if hold is None:

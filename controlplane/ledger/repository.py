@@ -298,6 +298,13 @@ class LedgerRepository:
     async def hold_of_job(self, job_id: str, *, lock: bool = False) -> Hold | None:
         return await self._one_hold(Hold.job_id == job_id, lock)
 
+    async def hold_ids_of_jobs(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The ids of the jobs' holds, by job id (jobs without one are left out)."""
+        rows = await self.session.execute(
+            select(Hold.job_id, Hold.id).where(Hold.job_id.in_(job_ids))
+        )
+        return {job_id: hold_id for job_id, hold_id in rows if job_id is not None}
+
     async def _one_hold(self, where: Any, lock: bool) -> Hold | None:
         query = select(Hold).where(where).execution_options(populate_existing=True)
         if lock:
@@ -358,10 +365,11 @@ class LedgerRepository:
             query = query.with_for_update()
         return await self.session.scalar(query)
 
-    async def payout_by_key(self, tenant_id: str, key: str) -> Payout | None:
+    async def payout_by_key(self, caller_tenant: str, key: str) -> Payout | None:
+        """The payout asked for with `key` by a caller of `caller_tenant`."""
         query = (
             select(Payout)
-            .where(Payout.tenant_id == tenant_id, Payout.idempotency_key == key)
+            .where(Payout.idempotency_tenant_id == caller_tenant, Payout.idempotency_key == key)
             .execution_options(populate_existing=True)
         )
         return await self.session.scalar(query)

@@ -106,16 +106,17 @@ class LedgerService:
     # Deposits, balances, statements, check ------------------------------------------------
 
     async def deposit(
-        self, tenant_id: str, amount: int, reference: str, key: str
+        self, tenant_id: str, amount: int, reference: str, key: str, *, caller: str = PLATFORM
     ) -> tuple[Transfer, Balance]:
-        """Credits `amount` from outside (external → available); idempotent by `key`. A
-        deposit that would take the balance past what it can hold is FailedPrecondition."""
+        """Credits `amount` from outside (external → available); idempotent by `key`, which
+        is the `caller` tenant's (an admin's; tools act as the platform). A deposit that would
+        take the balance past what it can hold is FailedPrecondition."""
         if amount <= 0 or amount > MAX_AMOUNT:
             raise InvalidArgument("amount_micro_credits", f"must be between 1 and {MAX_AMOUNT}")
 
         async def work(session: AsyncSession) -> tuple[Transfer, Balance]:
             await ensure_tenant_accounts(session, tenant_id)
-            repo, scoped = LedgerRepository(session), scoped_key("deposit", key)
+            repo, scoped = LedgerRepository(session), scoped_key("deposit", caller, key)
             credit = account_id(tenant_id, AccountKind.AVAILABLE)
             replay = await repo.transfer_by_key(scoped)
             debit = replay.debit_account_id if replay else await external.shard_to_debit(
@@ -179,25 +180,35 @@ class LedgerService:
 
     # Refunds and payouts (ledger/refunds.py, ledger/payouts.py) ---------------------------
 
-    async def refund_job(self, job_id: str, amount: int, reason: str, key: str) -> Refund:
+    async def refund_job(
+        self, job_id: str, amount: int, reason: str, key: str, *, caller: str = PLATFORM
+    ) -> Refund:
         """Returns up to everything charged for a settled job, minus what was refunded
         already, to the consumer's available account: REFUND transfers from the provider's
         earnings and from platform revenue (the fee part), in proportion. `amount` 0 =
-        everything left. Idempotent by `key`."""
+        everything left. Idempotent by `key`, the `caller` tenant's (an admin's)."""
         refunds.validate_refund(amount)
         return await self.db.run(
-            lambda session: refunds.refund_job(session, job_id, amount, reason, key)
+            lambda session: refunds.refund_job(session, job_id, amount, reason, key, caller)
         )
 
     async def payout(
-        self, tenant_id: str, amount: int, destination: str, key: str
+        self,
+        tenant_id: str,
+        amount: int,
+        destination: str,
+        key: str,
+        *,
+        caller: str | None = None,
     ) -> tuple[Payout, Balance]:
         """Moves earnings out (earnings → external), recorded as a PENDING payout. Only
-        earnings that no pending hold could still take back are payable. Idempotent per
-        tenant by `key`: a replay returns the payout as it is now."""
+        earnings that no pending hold could still take back are payable. Idempotent by
+        `key`, the `caller` tenant's (None: the tenant's own): a replay returns the payout as
+        it is now."""
         payouts.validate_payout(amount, destination, self.min_payout)
+        owner = caller or tenant_id
         return await self.db.run(
-            lambda session: payouts.pay_out(session, tenant_id, amount, destination, key)
+            lambda session: payouts.pay_out(session, tenant_id, amount, destination, key, owner)
         )
 
     async def list_payouts(

@@ -26,6 +26,7 @@ from controlplane.registry.reliability import ProviderBook
 
 class RegistrationToken(Base):
     __tablename__ = "registration_tokens"
+    __table_args__ = (UniqueConstraint("idempotency_tenant_id", "idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     provider_tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -36,7 +37,9 @@ class RegistrationToken(Base):
     max_uses: Mapped[int] = mapped_column(Integer, default=0)
     uses: Mapped[int] = mapped_column(Integer, default=0)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # The tenant of the caller whose idempotency key it is (keys are scoped per tenant).
+    idempotency_tenant_id: Mapped[str | None] = mapped_column(String(40))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # Minted by the provider itself (self-service onboarding), not by an admin.
     self_service: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

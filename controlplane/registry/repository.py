@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import Select, exists, select, update
+from sqlalchemy import Select, case, exists, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal, Role
@@ -31,9 +31,15 @@ class RegistryRepository:
             select(RegistrationToken).where(RegistrationToken.secret_hash == secret_hash)
         )
 
-    async def token_by_idempotency_key(self, key: str) -> RegistrationToken | None:
+    async def token_by_idempotency_key(
+        self, caller_tenant: str, key: str
+    ) -> RegistrationToken | None:
+        """The token minted with `key` by a caller of `caller_tenant`."""
         return await self.session.scalar(
-            select(RegistrationToken).where(RegistrationToken.idempotency_key == key)
+            select(RegistrationToken).where(
+                RegistrationToken.idempotency_tenant_id == caller_tenant,
+                RegistrationToken.idempotency_key == key,
+            )
         )
 
     async def get_token(self, token_id: str) -> RegistrationToken | None:
@@ -280,6 +286,54 @@ class RegistryRepository:
             .values(job_id=job_id, attempt=attempt)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def count_completed_attempts(self, counts: Mapping[str, int]) -> dict[str, str]:
+        """Adds `counts` (host id → attempts completed) to the hosts' counts in the database
+        (concurrent reports each add theirs): one UPDATE for all of them, after locking them
+        in id order when there are several; the providers of the hosts that exist. A Host
+        loaded in this session keeps its earlier count."""
+        ids = sorted(counts)
+        if not ids:
+            return {}
+        if len(ids) > 1:
+            locked = select(Host.id).where(Host.id.in_(ids)).order_by(Host.id).with_for_update()
+            await self.session.execute(locked)
+        added = case(dict(counts), value=Host.id, else_=0)
+        query = (
+            update(Host)
+            .where(Host.id.in_(ids))
+            .values(completed_attempts=Host.completed_attempts + added)
+            .returning(Host.id, Host.provider_tenant_id)
+            .execution_options(synchronize_session=False)
+        )
+        return {host_id: provider for host_id, provider in await self.session.execute(query)}
+
+    async def note_outcomes(self, outcomes: Sequence[tuple[str, bool]], now: datetime) -> None:
+        """Counts each (host id, completed?) in its host's reliability record
+        (registry/reliability.note_outcome), the hosts locked in id order first: the decayed
+        counts are read and written back, so concurrent reports must not interleave."""
+        ids = sorted({host_id for host_id, _ in outcomes})
+        if not ids:
+            return
+        query = select(Host).where(Host.id.in_(ids)).order_by(Host.id).with_for_update()
+        hosts = {host.id: host for host in await self.session.scalars(query)}
+        for host_id, ok in outcomes:
+            host = hosts.get(host_id)
+            if host is not None:
+                note_outcome(host, ok, now)
+
+    async def count_completed_attempt(self, host_id: str) -> str | None:
+        """One more attempt completed on the host (count_completed_attempts); its provider."""
+        return (await self.count_completed_attempts({host_id: 1})).get(host_id)
+
+    async def release_gpus_of(self, attempts: Collection[tuple[str, int]]) -> None:
+        """Frees the GPUs of the attempts named (job id, attempt), in one statement."""
+        await self.session.execute(
+            update(Gpu)
+            .where(tuple_(Gpu.job_id, Gpu.attempt).in_(attempts))
+            .values(job_id=None, attempt=None)
+            .execution_options(synchronize_session=False)
+        )
 
     async def release_gpus(self, job_id: str, attempt: int) -> None:
         await self.session.execute(

@@ -55,7 +55,7 @@ class RegistrationTokens:
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
             if idempotency_key:
-                existing = await repo.token_by_idempotency_key(idempotency_key)
+                existing = await repo.token_by_idempotency_key(caller.tenant_id, idempotency_key)
                 if existing is not None:
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
                     return existing, ""
@@ -79,6 +79,7 @@ class RegistrationTokens:
                 max_uses=max_uses,
                 uses=0,
                 idempotency_key=idempotency_key,
+                idempotency_tenant_id=caller.tenant_id if idempotency_key else None,
                 request_hash=request_hash,
                 self_service=not caller.is_admin,
             )

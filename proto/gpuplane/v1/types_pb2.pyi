@@ -9,8 +9,9 @@ Conventions used throughout:
   * Every enum has an UNSPECIFIED zero value that servers reject or replace by a default.
   * List methods page with `page_size` (0 = server default, capped) and an opaque
     `page_token`; responses carry `next_page_token`, empty on the last page.
-  * Mutations accept an `idempotency_key`: the same key with the same request returns
-    the original result; the same key with a different request is ALREADY_EXISTS.
+  * Mutations accept an `idempotency_key`, scoped to the caller's tenant and the RPC: the
+    same key with the same request returns the original result; the same key with a
+    different request is ALREADY_EXISTS; another tenant's same key is another request.
 """
 
 from collections import abc as _abc
