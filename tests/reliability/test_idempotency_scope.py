@@ -26,14 +26,23 @@ from gpuplane.v1 import (
 
 from controlplane.auth.policy import allowed_roles
 from controlplane.auth.principal import Role
-from devstack.factories import CREDIT, bearer, job_spec, new_host, new_job, new_tenant, new_token
+from devstack.factories import (
+    CREDIT,
+    bearer,
+    job_spec,
+    new_job,
+    new_online_host,
+    new_tenant,
+    new_token,
+)
 from tests.harness import JobPlane
 from tests.reliability import summary
 
 pytestmark = [
     pytest.mark.databases("sqlite", "postgresql"),
     # The hosts made here never heartbeat: they must not be lost while their job runs.
-    pytest.mark.plane(heartbeat_timeout_ms=600_000),
+    # Self-service on: two providers each mint their own registration tokens with one key.
+    pytest.mark.plane(heartbeat_timeout_ms=600_000, self_service_providers=True),
     pytest.mark.timeout(180),
 ]
 KEY = "same-key-from-two-tenants"
@@ -139,7 +148,7 @@ async def charged_job(plane: JobPlane, provider: str, location: str) -> str:
     """A job of the plane's consumer run on a host of `provider` and charged 2 credits (an
     hour at 2 credits per GPU-hour): the provider earns, and the job can be refunded."""
     token = await new_token(plane, provider)
-    host = await new_host(plane.channel, token.secret, location=location)
+    host = await new_online_host(plane.channel, token.secret, location=location)
     job = await new_job(
         plane, plane.consumer_key, gpu_count=1, locations=[location], max_duration_seconds=7200
     )

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from controlplane.jobs.reports import ForeignReport
 from controlplane.jobs.service import JobService
 from controlplane.registry.models import Host
-from devstack.factories import new_gpus, new_host
+from devstack.factories import new_gpus, new_online_host
 from tests.harness import JobPlane
 
 K = messaging_pb2
@@ -77,7 +77,7 @@ async def test_concurrent_finished_reports_settle_in_shared_transactions(
     plane: JobPlane,
 ) -> None:
     token = await plane.token()
-    host = await new_host(
+    host = await new_online_host(
         plane.channel, token, gpus=new_gpus(JOBS), price_per_gpu_hour_micro_credits=PRICE
     )
     jobs = await _running(plane, host.host_id, JOBS)
@@ -107,11 +107,11 @@ async def test_concurrent_finished_reports_settle_in_shared_transactions(
 
 async def test_a_report_that_fails_in_a_batch_fails_alone(plane: JobPlane) -> None:
     token = await plane.token(max_uses=2)
-    host = await new_host(
+    host = await new_online_host(
         plane.channel, token, gpus=new_gpus(4), price_per_gpu_hour_micro_credits=PRICE
     )
     # Dearer than the jobs' max price: none is placed there.
-    other = await new_host(plane.channel, token, price_per_gpu_hour_micro_credits=2 * PRICE)
+    other = await new_online_host(plane.channel, token, price_per_gpu_hour_micro_credits=2 * PRICE)
     jobs = await _running(plane, host.host_id, 3)
     # A report about the first job from the other host (its own subject): a forgery.
     forged = _finished(jobs[0], other.host_id, 5000)
@@ -134,7 +134,7 @@ async def test_a_report_that_fails_in_a_batch_fails_alone(plane: JobPlane) -> No
 async def test_a_batch_counts_each_hosts_attempts_once(plane: JobPlane) -> None:
     token = await plane.token(max_uses=2)
     hosts = [
-        await new_host(
+        await new_online_host(
             plane.channel,
             token,
             gpus=new_gpus(4),
