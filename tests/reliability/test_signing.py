@@ -276,9 +276,11 @@ async def test_signatures_not_required_admit_only_hosts_without_a_key(plane: Job
         await plane.wait_for(job.job_id, [S.JOB_STATE_SUCCEEDED])
     finally:
         await old.close()
-    new = await scripted_host(plane, gpus=1)
+    # Another model, asked for by name: the old host stays online (heartbeat timeout 60 s)
+    # with its GPU free again, and must not take this job.
+    new = await scripted_host(plane, gpus=1, model="NVIDIA H100 80GB HBM3")
     try:
-        job = await plane.submit(gpu_count=1)
+        job = await plane.submit(gpu_count=1, gpu_models=["H100"])
         dispatch = await new.next_dispatch()
         before = consumer(plane).refused_total
         running: dict[str, Any] = {"seq": 1, "kind": K.JOB_REPORT_KIND_RUNNING}
