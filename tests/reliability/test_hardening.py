@@ -10,12 +10,11 @@ from urllib.parse import urlsplit
 import docker
 import pytest
 from gpuplane.v1 import jobs_pb2, types_pb2
-from pydantic import SecretStr
 
 from daemon.agent import Agent
-from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from storage import layout
+from tests.e2e.test_job_path import settings as daemon_settings
 from tests.harness import JobPlane, job_plane
 from tests.reliability import summary
 
@@ -46,19 +45,11 @@ async def agent(
 ) -> AsyncIterator[Agent]:
     """One daemon with small pids and /output limits (memory comes from each job's spec)."""
     token = await plane.token()
+    data_dir = tmp_path_factory.mktemp("hardening-daemon")
+    base = daemon_settings(plane, token, data_dir, s3_server, docker_engine, "2xA100-80GB")
     running = Agent(
-        DaemonSettings(
-            control_plane=plane.address,
-            plaintext=True,
-            registration_token=SecretStr(token),
-            data_dir=tmp_path_factory.mktemp("hardening-daemon"),
-            simulate_gpus="2xA100-80GB",
-            gpu_device_requests="always",
-            docker_host=docker_engine.base_url,
-            heartbeat_interval_ms=200,
-            reconnect_max_seconds=1.0,
-            default_pids_limit=PIDS_LIMIT,
-            output_max_bytes=OUTPUT_MAX_BYTES,
+        base.model_copy(
+            update={"default_pids_limit": PIDS_LIMIT, "output_max_bytes": OUTPUT_MAX_BYTES}
         )
     )
     await running.start()
@@ -70,7 +61,7 @@ async def agent(
 
 async def run_job(plane: JobPlane, script: str, **spec: object) -> types_pb2.Job:
     job = await plane.submit(command=["sh", "-c", script], gpu_count=1, **spec)
-    return await plane.wait_for(job.job_id, TERMINAL, timeout=40)
+    return await plane.wait_for(job.job_id, TERMINAL, timeout=60)
 
 
 async def stored_log(plane: JobPlane, job_id: str, stream: types_pb2.LogStream.ValueType) -> str:

@@ -12,22 +12,22 @@ from pathlib import Path
 
 import docker
 import pytest
-from gpuplane.v1 import jobs_pb2, types_pb2
-from pydantic import SecretStr
+from gpuplane.v1 import types_pb2
 
 from daemon.agent import Agent
 from daemon.runtime import DockerRuntime, EngineFacts
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
 from tests.daemon.conftest import make_dispatch
+from tests.e2e.test_job_path import settings as daemon_settings
 from tests.harness import JobPlane, job_plane
 from tests.reliability import summary
+from tests.reliability.test_hardening import run_job, stored_log
 
 S = types_pb2
 pytestmark = [pytest.mark.timeout(90), pytest.mark.docker]
 SCRATCH_BYTES = 8 << 20
 HOST_GPUS = 2
-TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_TIMED_OUT)
 # The cgroup files a job reads its limits and CPU use from, on cgroup v2 or v1.
 CGROUP = (
     "cg=/sys/fs/cgroup; "
@@ -49,10 +49,9 @@ USAGE = (
 async def plane(
     tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer, s3_server: S3Server
 ) -> AsyncIterator[JobPlane]:
-    data_dir = tmp_path_factory.mktemp("isolation-cp")
-    async with job_plane(data_dir, nats_server.url, s3_server) as running:
-        yield running
-        await running.assert_ledger_consistent()
+    async with job_plane(tmp_path_factory.mktemp("isolation-cp"), nats_server.url, s3_server) as p:
+        yield p
+        await p.assert_ledger_consistent()
 
 
 @pytest.fixture(scope="module")
@@ -65,41 +64,16 @@ async def agent(
 ) -> AsyncIterator[Agent]:
     """One daemon on 2 simulated GPUs with an 8 MiB scratch; limits left to their defaults."""
     token = await plane.token()
-    running = Agent(
-        DaemonSettings(
-            control_plane=plane.address,
-            plaintext=True,
-            registration_token=SecretStr(token),
-            data_dir=tmp_path_factory.mktemp("isolation-daemon"),
-            simulate_gpus=f"{HOST_GPUS}xA100-80GB",
-            gpu_device_requests="always",
-            docker_host=docker_engine.base_url,
-            s3_endpoint=s3_server.endpoint,
-            s3_access_key=s3_server.access_key,
-            s3_secret_key=SecretStr(s3_server.secret_key),
-            heartbeat_interval_ms=200,
-            reconnect_max_seconds=1.0,
-            scratch_bytes=SCRATCH_BYTES,
-        )
+    data_dir = tmp_path_factory.mktemp("isolation-daemon")
+    base = daemon_settings(
+        plane, token, data_dir, s3_server, docker_engine, f"{HOST_GPUS}xA100-80GB"
     )
+    running = Agent(base.model_copy(update={"scratch_bytes": SCRATCH_BYTES}))
     await running.start()
     try:
         yield running
     finally:
         await running.stop()
-
-
-async def run_job(plane: JobPlane, script: str, **spec: object) -> types_pb2.Job:
-    job = await plane.submit(command=["sh", "-c", script], gpu_count=1, **spec)
-    return await plane.wait_for(job.job_id, TERMINAL, timeout=60)
-
-
-async def stored_log(plane: JobPlane, job_id: str, stream: types_pb2.LogStream.ValueType) -> str:
-    reply = plane.jobs.StreamLogs(
-        jobs_pb2.StreamLogsRequest(job_id=job_id, stream=stream),
-        metadata=plane.auth(plane.consumer_key),
-    )
-    return b"".join([chunk.data async for chunk in reply]).decode(errors="replace")
 
 
 def fields(out: str) -> dict[str, list[str]]:
