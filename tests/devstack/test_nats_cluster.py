@@ -34,7 +34,13 @@ async def test_a_replicated_stream_outlives_its_leader_node(tmp_path: Path) -> N
                 except (nats.errors.Error, TimeoutError):
                     assert time.monotonic() < deadline, "the R3 stream was never created"
                     await asyncio.sleep(0.2)
-            await js.publish("r3.a", b"before")
+            while True:  # ... and its first publish, until the stream's own leader is elected
+                try:
+                    await js.publish("r3.a", b"before", timeout=1, headers={"Nats-Msg-Id": "b"})
+                    break
+                except (nats.errors.Error, TimeoutError):
+                    assert time.monotonic() < deadline, "the R3 stream never took a message"
+                    await asyncio.sleep(0.2)
             info = await js.stream_info("R3")
             assert info.cluster is not None
             leader = info.cluster.leader

@@ -6,6 +6,7 @@ counted and never kept, and the control plane's memory stays bounded."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import re
 import sys
@@ -569,7 +570,8 @@ async def test_thousand_daemons_reconnect_at_once(
     )
     assert not internal, internal
     assert all(r["errors"] == 0 for r in sims.reports), sims.reports
-    assert online == STORM_HOSTS
+    states = collections.Counter(types_pb2.HostState.Name(h.state) for h in hosts)
+    assert online == STORM_HOSTS, f"{online} online of the last {STORM_HOSTS}; all: {states}"
     assert rss[1] < 2 * rss[0] + 100 * MIB, rss
     # No growth across storms beyond noise (each storm adds 1,000 rows of lost hosts).
     assert rss[2] < rss[1] + 64 * MIB, rss
