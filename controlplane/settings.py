@@ -21,6 +21,7 @@ from controlplane.settings_groups import (
     StorageSettings,
     TelemetrySettings,
 )
+from controlplane.settings_trust import TrustFields
 from controlplane.verification.settings import VerificationFields
 from messaging.natsjwt import NatsKeys, public_key
 
@@ -29,7 +30,7 @@ from messaging.natsjwt import NatsKeys, public_key
 ClientAuth = Literal["off", "require"]
 
 
-class Settings(VerificationFields):
+class Settings(VerificationFields, TrustFields):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
     The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;
@@ -227,19 +228,6 @@ class Settings(VerificationFields):
         description="How often each tenant with a monthly spending limit is checked: "
         "thresholds reached are recorded, and its running jobs stopped at the limit.",
     )
-    run_time_slack_ms: int = Field(
-        default=5000,
-        ge=0,
-        le=86_400_000,
-        description="Run time a daemon may report beyond what the control plane observed "
-        "(from accepting its RUNNING report to accepting the report); more is capped.",
-    )
-    reconcile_interval_ms: int = Field(
-        default=5000,
-        gt=0,
-        description="How often each control plane compares the running lists of the daemons "
-        "connected to it with their live attempts (a difference seen twice in a row: resync).",
-    )
 
     # ---- Hosts: liveness and the periods daemons are told (hosts).
     heartbeat_interval_ms: int = Field(
@@ -252,36 +240,6 @@ class Settings(VerificationFields):
         default=5000,
         gt=0,
         description="GPU telemetry period daemons are told to use, unless they set their own.",
-    )
-    self_service_providers: bool = Field(
-        default=False,
-        description="Whether a provider may mint registration tokens for its own hosts "
-        "(self-service onboarding); otherwise only an admin mints them for a provider tenant.",
-    )
-    require_signed_reports: bool = Field(
-        default=True,
-        description="Refuse job reports not signed by their host's registered Ed25519 key. "
-        "Off, hosts registered by an earlier release (no key) have their reports applied "
-        "unsigned; a host that registered a key must sign either way.",
-    )
-    provenance_key_file: Path | None = Field(
-        default=None,
-        description="The control plane's Ed25519 key (base64 seed) that countersigns each "
-        "attempt's provenance document; every replica must use the same file. Unset: "
-        "data_dir/provenance.key, generated once.",
-    )
-    command_poll_interval_ms: int = Field(
-        default=500,
-        gt=0,
-        description="How often each replica looks for stored commands (cancel, drain) due to "
-        "the daemons whose Connect stream it holds (a command stored on the same replica "
-        "goes at once).",
-    )
-    command_resend_ms: int = Field(
-        default=2000,
-        gt=0,
-        description="A command the daemon has not acknowledged is sent again after this, "
-        "doubling per delivery up to a minute.",
     )
 
     # ---- GPU telemetry, health and usage (telemetry).

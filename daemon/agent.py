@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 
 from daemon import commands, reattach
 from daemon.attribution import JobAttribution
-from daemon.bus import DaemonBus
+from daemon.bus import DaemonBus, connect_bus
 from daemon.channel import open_channel
 from daemon.connect import Backoff, ConnectClient
 from daemon.executor import JobExecutor, work_dir_for
@@ -30,6 +30,7 @@ from daemon.identity import (
     RegistrationError,
     apply_offer,
     daemon_version,
+    load_identity,
     register,
 )
 from daemon.journal import Journal, JournalEntry
@@ -41,11 +42,9 @@ from daemon.runtime import DockerRuntime
 from daemon.scrub import Scrubber, mark_quarantined, recheck_forever, scrubber_for
 from daemon.settings import DaemonSettings
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
-from messaging.signing import SigningKey
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 from messaging.tasks import stop_tasks
-from messaging.tls import nats_tls_context
-from storage.scoped import GrantedStore
+from storage.scoped import GrantedStore, grant_http_pool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,15 +92,7 @@ class Agent:
         settings = self.settings
         self.inventory = await asyncio.to_thread(discover, settings)
         self._channel = open_channel(settings.control_plane, settings.channel_security())
-        self.identity = HostIdentity.load(settings.host_file)
-        if self.identity is not None and not settings.signing_key_file.exists():
-            self.identity = None  # registered by an earlier release: register again with a key
-            if settings.registration_token is None:
-                raise RegistrationError(
-                    f"this host registered without a signing key ({settings.signing_key_file} "
-                    "does not exist) and its reports would be refused: pass --token (or "
-                    "GPUPLANE_DAEMON_REGISTRATION_TOKEN) to register it again"
-                )
+        self.identity = load_identity(settings)
         if self.identity is None:
             self.identity = await self._with_retry(self._register)
         else:
@@ -115,17 +106,8 @@ class Agent:
             simulated_gpus=self.inventory.simulated,
             gpu_count=len(self.inventory.gpus),
         )
-        self._http = self._object_http()
-        servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
-        self._bus = await DaemonBus.connect(
-            servers,
-            identity.nats_credentials,
-            identity.nats_inbox_prefix,
-            tls=nats_tls_context(
-                settings.nats_ca_file, settings.nats_cert_file, settings.nats_key_file
-            ),
-        )
-        self._bus.signer = SigningKey.load_or_create(settings.signing_key_file)
+        self._http = grant_http_pool()
+        self._bus = await connect_bus(settings, identity)
         self.leftovers = {(e.job_id, e.attempt): e for e in self.journal.entries()}
         journaled = (e.dispatch_b64 for e in self.leftovers.values())
         self.scrubber = await scrubber_for(settings, self.inventory, journaled)
@@ -148,16 +130,6 @@ class Agent:
             identity.host_id,
             len(self.inventory.gpus),
             "simulated " if self.inventory.simulated else "",
-        )
-
-    @staticmethod
-    def _object_http() -> urllib3.PoolManager:
-        """The HTTP pool of every attempt's storage grant (the daemon holds no S3 key). It
-        fails within seconds and lets the executor's upload retries (with backoff) decide."""
-        return urllib3.PoolManager(
-            maxsize=16,
-            timeout=urllib3.Timeout(connect=5.0, read=120.0),
-            retries=urllib3.Retry(total=2, backoff_factor=0.5),
         )
 
     def _connect_client(self, identity: HostIdentity) -> ConnectClient:

@@ -9,6 +9,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nats
 import nats.errors
@@ -21,6 +22,11 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from messaging.signing import SIGNATURE_HEADER, SigningKey
 from messaging.subjects import LOG_END_HEADER, events_subject, report_msg_id
+from messaging.tls import nats_tls_context
+
+if TYPE_CHECKING:
+    from daemon.identity import HostIdentity
+    from daemon.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
 _CREDS_JWT = re.compile(r"-----BEGIN NATS USER JWT-----\s*(\S+)\s*------END NATS USER JWT------")
@@ -179,3 +185,19 @@ class DaemonBus:
             await self.client.drain()
         else:
             await self.client.close()
+
+
+async def connect_bus(settings: DaemonSettings, identity: HostIdentity) -> DaemonBus:
+    """The daemon's bus, with the NATS user its registration gave it (servers from the
+    settings when set), signing its reports with the host's key."""
+    servers = settings.nats_url.split(",") if settings.nats_url else identity.nats_servers
+    bus = await DaemonBus.connect(
+        servers,
+        identity.nats_credentials,
+        identity.nats_inbox_prefix,
+        tls=nats_tls_context(
+            settings.nats_ca_file, settings.nats_cert_file, settings.nats_key_file
+        ),
+    )
+    bus.signer = SigningKey.load_or_create(settings.signing_key_file)
+    return bus

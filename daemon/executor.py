@@ -33,13 +33,13 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 from docker.errors import DockerException
 from docker.models.containers import Container
-from gpuplane.v1 import messaging_pb2, types_pb2
+from gpuplane.v1 import messaging_pb2
 
 from daemon.endings import (
     START_FAILURES,
@@ -51,9 +51,9 @@ from daemon.endings import (
 )
 from daemon.inputs import ObjectReader, fetch_inputs
 from daemon.journal import Journal, JournalEntry
-from daemon.logstream import LogFollower, LogPump, PublishLog
+from daemon.logstream import LogPump, PublishLog, drain_logs
 from daemon.progress import Progress
-from daemon.provenance import HostFacts, sign_provenance
+from daemon.provenance import HostFacts, finished_attestations
 from daemon.runtime import DockerRuntime, ExitInfo
 from daemon.scrub import Scrubber
 from daemon.settings import DaemonSettings
@@ -76,8 +76,6 @@ TERMINAL = frozenset(
         Kind.JOB_REPORT_KIND_FAILED_TO_START,
     }
 )
-# How long the log followers get to drain after the container has exited.
-LOG_DRAIN_SECONDS = 10.0
 
 
 def work_dir_for(settings: DaemonSettings, job_id: str, attempt: int) -> Path:
@@ -275,7 +273,8 @@ class JobExecutor:
             # container's start was not watched: Docker's times are all there is.
             if not info.run_time_ms and not self.adopted:
                 info = replace(info, run_time_ms=watched_ms)
-            await self._drain_logs(container, pump_task, follower, pump)
+            name = f"{self.job_id}/{self.attempt}"
+            await drain_logs(self.runtime, container, pump_task, follower, pump, self.adopted, name)
             await pump.end()
         finally:
             follower.close()
@@ -342,32 +341,6 @@ class JobExecutor:
             except TimeoutError:
                 await self._emit(Kind.JOB_REPORT_KIND_USAGE, run_time_ms=self._run_time_ms())
 
-    async def _drain_logs(
-        self,
-        container: Container,
-        pump_task: asyncio.Task[None],
-        follower: LogFollower,
-        pump: LogPump,
-    ) -> None:
-        """Lets the followers reach the end; if they failed, or the attempt was adopted (the
-        followers saw only the end), the files come from `docker logs`."""
-        done, _ = await asyncio.wait({pump_task}, timeout=LOG_DRAIN_SECONDS)
-        if done and pump_task.exception() is None and not follower.errors and not self.adopted:
-            return
-        if not self.adopted:
-            log.warning(
-                "following the logs of %s/%s failed (%s): reading them from docker",
-                self.job_id,
-                self.attempt,
-                follower.errors or pump_task.exception() if done else "timed out",
-            )
-        follower.close()
-        pump_task.cancel()
-        await asyncio.wait({pump_task})
-        stdout, stderr = await self.runtime.logs(container)
-        await asyncio.to_thread(pump.paths["stdout"].write_bytes, stdout)
-        await asyncio.to_thread(pump.paths["stderr"].write_bytes, stderr)
-
     async def _collect(
         self, info: ExitInfo, pump: LogPump, *, stopped: Reason | None
     ) -> messaging_pb2.JobReport:
@@ -394,40 +367,16 @@ class JobExecutor:
             "run_time_ms": info.run_time_ms,
             "manifest": stored.manifest,
         }
-        scrub = await self._scrub()
+        attested = await finished_attestations(
+            self.runtime, self.facts, self.scrubber, self.dispatch, self.host_id, finished, ended
+        )
         return await self._emit(
             Kind.JOB_REPORT_KIND_FINISHED,
             **finished,
-            **await self._provenance(finished, ended, scrub),
-            **({} if scrub is None else {"scrub": scrub}),
+            **attested,
             oom_killed=info.oom_killed,
             stop_reason=finished_reason(info, stored, stopped=stopped),
             reason=finished_detail(info, stored),
-        )
-
-    async def _scrub(self) -> types_pb2.ScrubAttestation | None:
-        """The scrub attestation of the attempt's GPUs (its container removed by now)."""
-        if self.scrubber is None:
-            return None
-        return await self.scrubber.check(self.dispatch.gpu_uuids)
-
-    async def _provenance(
-        self, finished: dict[str, Any], ended: datetime, scrub: types_pb2.ScrubAttestation | None
-    ) -> dict[str, bytes]:
-        """The host's signed provenance of a FINISHED attempt (none without a key), with the
-        scrub attestation its report carries."""
-        if self.facts is None:
-            return {}
-        image = await self._quietly(self.runtime.image_identity(self.dispatch.spec.image))
-        started = ended - timedelta(milliseconds=int(finished["run_time_ms"]))
-        return sign_provenance(
-            self.facts,
-            self.dispatch,
-            self.host_id,
-            image or {"reference": self.dispatch.spec.image, "digest": ""},
-            (started, ended),
-            finished,
-            scrub,
         )
 
     async def _stopped(self, container: Container | None) -> messaging_pb2.JobReport:

@@ -108,6 +108,22 @@ class HostIdentity:
             ) from exc
 
 
+def load_identity(settings: DaemonSettings) -> HostIdentity | None:
+    """The identity in host.json, or None when the host must register. One registered by an
+    earlier release has no signing key: it registers again (its reports would be refused),
+    which needs a registration token."""
+    identity = HostIdentity.load(settings.host_file)
+    if identity is None or settings.signing_key_file.exists():
+        return identity
+    if settings.registration_token is None:
+        raise RegistrationError(
+            f"this host registered without a signing key ({settings.signing_key_file} "
+            "does not exist) and its reports would be refused: pass --token (or "
+            "GPUPLANE_DAEMON_REGISTRATION_TOKEN) to register it again"
+        )
+    return None
+
+
 def register_request(
     settings: DaemonSettings, inventory: GpuInventory, token: str
 ) -> registry_pb2.RegisterHostRequest:

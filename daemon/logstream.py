@@ -9,11 +9,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from messaging.subjects import LOG_END_HEADER, LOG_STREAM_HEADER
 
+if TYPE_CHECKING:
+    from docker.models.containers import Container
+
+    from daemon.runtime import DockerRuntime
+
 log = logging.getLogger(__name__)
+# How long the log followers get to drain after the container has exited.
+LOG_DRAIN_SECONDS = 10.0
 
 PublishLog = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
 
@@ -152,3 +159,31 @@ class LogPump:
             self.publish_failures += 1
             if self.publish_failures == 1:
                 log.exception("publishing logs to %s failed", self.subject)
+
+
+async def drain_logs(
+    runtime: DockerRuntime,
+    container: Container,
+    pump_task: asyncio.Task[None],
+    follower: LogFollower,
+    pump: LogPump,
+    adopted: bool,
+    name: str,
+) -> None:
+    """Lets the followers of the attempt `name` reach the end; if they failed, or the attempt
+    was adopted (the followers saw only the end), the files come from `docker logs`."""
+    done, _ = await asyncio.wait({pump_task}, timeout=LOG_DRAIN_SECONDS)
+    if done and pump_task.exception() is None and not follower.errors and not adopted:
+        return
+    if not adopted:
+        log.warning(
+            "following the logs of %s failed (%s): reading them from docker",
+            name,
+            follower.errors or pump_task.exception() if done else "timed out",
+        )
+    follower.close()
+    pump_task.cancel()
+    await asyncio.wait({pump_task})
+    stdout, stderr = await runtime.logs(container)
+    await asyncio.to_thread(pump.paths["stdout"].write_bytes, stdout)
+    await asyncio.to_thread(pump.paths["stderr"].write_bytes, stderr)

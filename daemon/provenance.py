@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
+from docker.errors import DockerException
 from google.protobuf import json_format
 from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.gpus import GpuInventory
 from messaging.provenance import host_part
 from messaging.signing import SigningKey, canonical
+
+if TYPE_CHECKING:
+    from daemon.runtime import DockerRuntime
+    from daemon.scrub import Scrubber
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,3 +68,30 @@ def sign_provenance(
     )
     data = canonical(part)
     return {"provenance": data, "provenance_signature": facts.key.sign(data)}
+
+
+async def finished_attestations(
+    runtime: DockerRuntime,
+    facts: HostFacts | None,
+    scrubber: Scrubber | None,
+    dispatch: messaging_pb2.DispatchMessage,
+    host_id: str,
+    finished: dict[str, Any],
+    ended: datetime,
+) -> dict[str, Any]:
+    """What a FINISHED report adds to `finished` (its exit_code, run_time_ms and manifest):
+    the scrub attestation of the attempt's GPUs (their container removed by now) and the
+    host's signed provenance part, which includes it (none without a key)."""
+    scrub = None if scrubber is None else await scrubber.check(dispatch.gpu_uuids)
+    fields: dict[str, Any] = {} if scrub is None else {"scrub": scrub}
+    if facts is None:
+        return fields
+    try:
+        image = await runtime.image_identity(dispatch.spec.image)
+    except (DockerException, OSError, TimeoutError) as exc:
+        log.warning("image identity of %s not read: %s", dispatch.spec.image, exc)
+        image = None
+    started = ended - timedelta(milliseconds=int(finished["run_time_ms"]))
+    image = image or {"reference": dispatch.spec.image, "digest": ""}
+    clock = (started, ended)
+    return fields | sign_provenance(facts, dispatch, host_id, image, clock, finished, scrub)

@@ -59,6 +59,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _submit_options(p: argparse.ArgumentParser) -> None:
+    """What a job runs and what it may spend; then where (_placement_options)."""
     p.add_argument("--image", required=True, help="container image reference")
     p.add_argument("--entrypoint", help="replace the image's entrypoint")
     p.add_argument("--gpus", type=a.non_negative, default=1, help="GPUs on one host (default 1)")
@@ -83,6 +84,23 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--env", action="append", type=a.key_value, default=[], metavar="K=V")
     p.add_argument("--label", action="append", type=a.key_value, default=[], metavar="K=V")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY[:PATH]",
+        help="an input under /input (repeatable): a key of your input area, or a local file "
+        "(starting with ./, ../, / or ~) to upload first",
+    )
+    p.add_argument("--network", action="store_true", help="outbound network (default: none)")
+    p.add_argument("--idempotency-key", default="")
+    p.add_argument("--dry-run", action="store_true", help="quote only: create nothing")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    _placement_options(p)
+
+
+def _placement_options(p: argparse.ArgumentParser) -> None:
+    """Where and how often a job may run: host constraints, placement, retries."""
     p.add_argument("--host-label", action="append", type=a.key_value, default=[], metavar="K=V")
     p.add_argument("--location", action="append", default=[], help="allowed location")
     p.add_argument(
@@ -93,15 +111,6 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         help="only hosts at least this reliable (completed attempts, recent ones weighing "
         "most; see `gpuplane offers`), e.g. 95",
     )
-    p.add_argument(
-        "--input",
-        action="append",
-        default=[],
-        metavar="KEY[:PATH]",
-        help="an input under /input (repeatable): a key of your input area, or a local file "
-        "(starting with ./, ../, / or ~) to upload first",
-    )
-    p.add_argument("--network", action="store_true", help="outbound network (default: none)")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument(
         "--placement", type=a.enum_arg(types_pb2.PlacementPolicy, "placement"), default=0
@@ -121,8 +130,6 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         metavar="CODE",
         help="retry (charged) an attempt that exits with CODE; repeatable",
     )
-    p.add_argument("--idempotency-key", default="")
-    p.add_argument("--dry-run", action="store_true", help="quote only: create nothing")
     p.add_argument(
         "--allow-simulated",
         action=argparse.BooleanOptionalAction,
@@ -134,7 +141,6 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow hosts that have not passed hardware verification (default: verified only)",
     )
-    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
 
 
 def build_spec(args: argparse.Namespace, ctx: Context) -> types_pb2.JobSpec:

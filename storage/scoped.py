@@ -163,3 +163,13 @@ class GrantedStore:
                 f"sent MD5 {body.md5.hexdigest()})"
             )
         return StoredObject(key, body.size, body.sha256.hexdigest())
+
+
+def grant_http_pool() -> urllib3.PoolManager:
+    """The HTTP pool of every attempt's storage grant (a daemon holds no S3 key). It fails
+    within seconds and lets the executor's upload retries (with backoff) decide."""
+    return urllib3.PoolManager(
+        maxsize=16,
+        timeout=urllib3.Timeout(connect=5.0, read=120.0),
+        retries=urllib3.Retry(total=2, backoff_factor=0.5),
+    )

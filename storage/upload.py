@@ -83,6 +83,23 @@ def _result(stored: StoredObject, path: str) -> types_pb2.ResultObject:
     )
 
 
+def _check_sizes(files: list[OutputFile], max_output_bytes: int, max_object_bytes: int) -> None:
+    """OutputTooLarge when the outputs exceed `max_output_bytes` together, or one file
+    `max_object_bytes` (when set)."""
+    total = sum(f.size_bytes for f in files)
+    if total > max_output_bytes:
+        raise OutputTooLarge(
+            f"/output holds {total} bytes in {len(files)} files, over this host's limit of "
+            f"{max_output_bytes} bytes"
+        )
+    largest = max(files, key=lambda f: f.size_bytes, default=None)
+    if max_object_bytes and largest is not None and largest.size_bytes > max_object_bytes:
+        raise OutputTooLarge(
+            f"/output/{largest.relative} holds {largest.size_bytes} bytes, over the "
+            f"{max_object_bytes} bytes one output file may have"
+        )
+
+
 async def upload_attempt(
     store: ObjectWriter,
     job_id: str,
@@ -102,18 +119,7 @@ async def upload_attempt(
     `max_object_bytes` (when set: what one request of the attempt's grant may store).
     """
     files = await asyncio.to_thread(scan_outputs, output_dir) if output_dir is not None else []
-    total = sum(f.size_bytes for f in files)
-    if total > max_output_bytes:
-        raise OutputTooLarge(
-            f"/output holds {total} bytes in {len(files)} files, over this host's limit of "
-            f"{max_output_bytes} bytes"
-        )
-    largest = max(files, key=lambda f: f.size_bytes, default=None)
-    if max_object_bytes and largest is not None and largest.size_bytes > max_object_bytes:
-        raise OutputTooLarge(
-            f"/output/{largest.relative} holds {largest.size_bytes} bytes, over the "
-            f"{max_object_bytes} bytes one output file may have"
-        )
+    _check_sizes(files, max_output_bytes, max_object_bytes)
     limit = asyncio.Semaphore(_PARALLEL_UPLOADS)
 
     async def put_output(item: OutputFile) -> types_pb2.ResultObject:

@@ -43,11 +43,11 @@ from controlplane.registry.states import (
 )
 from controlplane.registry.streams import HostStream
 from controlplane.registry.streams import HostStreams as HostStreams  # re-exported
-from controlplane.registry.telemetry import MAX_GPUS_PER_HOST, GpuSeries
+from controlplane.registry.telemetry import GpuSeries
 from controlplane.registry.tokens import RegistrationTokens
+from controlplane.registry.validation import validate_offer, validate_registration
 from controlplane.scheduler.capacity import capacity_snapshot
 from controlplane.verification.service import VerificationService, fingerprint
-from messaging.signing import PUBLIC_KEY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -66,49 +66,6 @@ class HostRegistration:
     nats_credentials: str = ""
     # Re-registration revoked the host's earlier NATS user: the account JWT must be pushed.
     revoked_nats_user: bool = False
-
-
-def _validate_registration(request: registry_pb2.RegisterHostRequest, max_price: int) -> None:
-    if not request.machine_id or len(request.machine_id) > 200:
-        raise InvalidArgument("machine_id", "is required (at most 200 characters)")
-    if not request.hostname or len(request.hostname) > 255:
-        raise InvalidArgument("hostname", "is required (at most 255 characters)")
-    if not request.gpus:
-        raise InvalidArgument("gpus", "a host must offer at least one GPU")
-    if len(request.gpus) > MAX_GPUS_PER_HOST:
-        raise InvalidArgument("gpus", f"at most {MAX_GPUS_PER_HOST} GPUs per host")
-    seen: set[str] = set()
-    for i, gpu in enumerate(request.gpus):
-        if not gpu.uuid or len(gpu.uuid) > 100:
-            raise InvalidArgument(f"gpus[{i}].uuid", "is required (at most 100 characters)")
-        if gpu.uuid in seen:
-            raise InvalidArgument(f"gpus[{i}].uuid", f"{gpu.uuid} appears twice")
-        seen.add(gpu.uuid)
-        if not gpu.name or len(gpu.name) > 200:
-            raise InvalidArgument(f"gpus[{i}].name", "is required (at most 200 characters)")
-        if gpu.memory_total_bytes == 0:
-            raise InvalidArgument(f"gpus[{i}].memory_total_bytes", "must be positive")
-    if request.signing_public_key and len(request.signing_public_key) != PUBLIC_KEY_BYTES:
-        raise InvalidArgument(
-            "signing_public_key", f"must be a raw Ed25519 public key ({PUBLIC_KEY_BYTES} bytes)"
-        )
-    _validate_offer(
-        request.price_per_gpu_hour_micro_credits, request.location, request.labels, max_price
-    )
-
-
-def _validate_offer(
-    price: int | None, location: str | None, labels: Mapping[str, str] | None, max_price: int
-) -> None:
-    """What RegisterHost and UpdateHost check of a host's price, location and labels."""
-    if price is not None and (price <= 0 or price > max_price):
-        raise InvalidArgument(
-            "price_per_gpu_hour_micro_credits", f"must be between 1 and {max_price}"
-        )
-    if location is not None and len(location) > 100:
-        raise InvalidArgument("location", "at most 100 characters")
-    if labels is not None and len(labels) > 64:
-        raise InvalidArgument("labels", "at most 64 labels")
 
 
 async def _unverify_if_changed(repo: RegistryRepository, host: Host, now: datetime) -> None:
@@ -172,7 +129,7 @@ class RegistryService(RegistrationTokens, Revocations):
         """Exchanges a registration token for a host and a fresh host credential."""
         if not request.registration_token:
             raise Unauthenticated("registration_token: is required")
-        _validate_registration(request, self.max_price)
+        validate_registration(request, self.max_price)
         credential = generate_secret(HOST_CREDENTIAL_PREFIX)
         now = utcnow()
         async with self.db.transaction() as session:
@@ -444,7 +401,7 @@ class RegistryService(RegistrationTokens, Revocations):
         """UpdateHost: the host's price, location and labels (None keeps one). Placements copy
         the price into the attempt, so running attempts keep theirs; the market view holds are
         priced on is reread at once."""
-        _validate_offer(price, location, labels, self.max_price)
+        validate_offer(price, location, labels, self.max_price)
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
             host = await repo.get_readable_host(caller, host_id, lock=True)
