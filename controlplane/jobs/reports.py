@@ -28,7 +28,6 @@ from controlplane.jobs.states import (
     set_job_state,
 )
 from controlplane.ledger.batch import GroupCommit
-from controlplane.registry.reliability import note_outcome
 from controlplane.registry.repository import RegistryRepository
 from controlplane.strings import scrub_text
 from messaging.signing import SigningKey
@@ -220,9 +219,8 @@ class Reports(LostAttempts):
         )
         if attempt.capped_reports > 1:
             return False
-        host = await RegistryRepository(session).get_host(attempt.host_id)
-        if host is not None:
-            note_outcome(host, False, now)
+        # One bad outcome, through the writer that locks the host row (as batches do).
+        await RegistryRepository(session).note_outcomes([(attempt.host_id, False)], now)
         text = (
             f"attempt {attempt.attempt}: its host reported {run.claimed_ms} ms of run time; "
             f"the control plane observed {run.observed_ms} ms (+{run.slack_ms} ms slack): "
