@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import sys
@@ -30,6 +31,8 @@ CONNECT = "/gpuplane.v1.RegistryService/Connect"
 # Answers after which a daemon tries again (the control plane is busy or restarting).
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 GIB = 1 << 30
+# A write to a Connect stream that the control plane ended (or is ending).
+ENDED = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
 
 @dataclass
@@ -65,6 +68,8 @@ class HostReport:
     seconds: float
     errors: int
     first_error: str = ""
+    # Connect streams the control plane ended that the hosts opened again.
+    reconnects: int = 0
 
 
 def _varint(value: int) -> bytes:
@@ -127,6 +132,9 @@ class SimulatedHost:
         self.gpus = _gpus(self.machine, spec.gpus)
         self.sent = 0
         self.call: Any = None
+        self.host_id = ""
+        self.credential: tuple[tuple[str, str], ...] = ()
+        self.reconnects = 0
         self.lock = asyncio.Lock()
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -154,16 +162,24 @@ class SimulatedHost:
                 location="bench",
             )
         )
-        connect = self.channel.stream_stream(CONNECT, None, None)  # raw bytes both ways
-        credential = (("authorization", f"Bearer {reply.host_credential}"),)
-        self.call = connect(metadata=credential)  # type: ignore[call-arg]
-        hello = registry_pb2.DaemonHello(host_id=reply.host_id, gpus=self.gpus)
-        await self.call.write(registry_pb2.DaemonMessage(hello=hello).SerializeToString())
-        await self.call.read()  # the HelloAck
+        self.host_id = reply.host_id
+        self.credential = (("authorization", f"Bearer {reply.host_credential}"),)
+        await self._open()
         self.tasks = [
             asyncio.create_task(self._drain()),
             asyncio.create_task(self._heartbeats()),
         ]
+
+    async def _open(self) -> None:
+        """Opens the Connect stream: hello, then the HelloAck."""
+        connect = self.channel.stream_stream(CONNECT, None, None)  # raw bytes both ways
+        call = connect(metadata=self.credential)  # type: ignore[call-arg]
+        hello = registry_pb2.DaemonHello(host_id=self.host_id, gpus=self.gpus)
+        await call.write(registry_pb2.DaemonMessage(hello=hello).SerializeToString())
+        reply = await call.read()  # the HelloAck
+        if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
+            raise ConnectionError("the control plane ended Connect before its HelloAck")
+        self.call = call
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -173,15 +189,27 @@ class SimulatedHost:
             self.call.cancel()
 
     async def _drain(self) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            while await self.call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
-                pass
+        """Reads what the control plane sends; when it ends the stream (a restart, or an
+        answer like UNAVAILABLE), connects again with jittered backoff, as the daemon does."""
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                while await self.call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    pass
+            self.reconnects += 1
+            async with self.lock:
+                self.call.cancel()
+                for attempt in itertools.count():
+                    await asyncio.sleep(random.uniform(0, min(8.0, 0.25 * 2**attempt)))
+                    with contextlib.suppress(grpc.aio.AioRpcError, ConnectionError):
+                        await self._open()
+                        break
 
     async def _heartbeats(self) -> None:
         beat = registry_pb2.DaemonMessage(heartbeat=registry_pb2.Heartbeat()).SerializeToString()
         while True:
             async with self.lock:
-                await self.call.write(beat)
+                with contextlib.suppress(*ENDED):  # _drain connects again
+                    await self.call.write(beat)
             await asyncio.sleep(self.spec.heartbeat_interval)
 
     async def telemetry(self) -> None:
@@ -196,7 +224,11 @@ class SimulatedHost:
                 due += period
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
             async with self.lock:
-                await self.call.write(telemetry_message(samples))
+                try:
+                    await self.call.write(telemetry_message(samples))
+                except ENDED:  # _drain connects again; this round is not sent
+                    await asyncio.sleep(0.05)
+                    continue
             self.sent += self.spec.gpus
 
 
@@ -229,6 +261,7 @@ async def drive(spec: HostSpec) -> HostReport:
         seconds=round(elapsed, 3),
         errors=len(failed),
         first_error=repr(failed[0].exception()) if failed else "",
+        reconnects=sum(h.reconnects for h in hosts),
     )
 
 

@@ -147,6 +147,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 known_jobs=known,
             )
         )
+        # Heard again as the ack leaves: the daemon's first heartbeat comes an interval after
+        # it, which the hello's own timestamp (written before reads that may have queued
+        # behind a reconnect storm) must not have to cover too.
+        self.registry.acknowledged(host_id)
         if host.drain_reason:
             yield registry_pb2.ControlMessage(
                 drain=registry_pb2.DrainCommand(draining=True, reason=host.drain_reason)

@@ -65,23 +65,44 @@ class CommandDelivery:
         self.batch = batch
         self.delivered = 0
         self._publishing: set[asyncio.Task[None]] = set()
+        # Streams closed here whose holder rows are not yet deleted: one statement for all
+        # of them (release_closed), so a thousand daemons dropping at once cost one write.
+        self._closed: set[str] = set()
+        self._holders = asyncio.Lock()  # a release never deletes a claim made meanwhile
 
     async def opened(self, host_id: str) -> None:
         """The host's Connect stream opened here: this replica delivers its commands from
         now on, starting with every unacknowledged one."""
-        now = utcnow()
 
         async def work(session: AsyncSession) -> Outgoing:
             repo = CommandRepository(session)
-            await repo.hold_stream(host_id, self.replica, now)
+            await repo.hold_stream(host_id, self.replica, utcnow())
             return await self._take(repo, await repo.unacked_of(host_id))
 
-        self._send(await self.db.run(work))
+        async with self._holders:
+            self._closed.discard(host_id)
+            outgoing = await self.db.run(work)
+        self._send(outgoing)
 
-    async def closed(self, host_id: str) -> None:
-        """The host's stream here ended (and no newer one of it is open here)."""
-        async with self.db.transaction() as session:
-            await CommandRepository(session).release_stream(host_id, self.replica)
+    def closed(self, host_id: str) -> None:
+        """The host's stream here ended (and no newer one of it is open here): its holder row
+        goes at the delivery loop's next turn (release_closed)."""
+        self._closed.add(host_id)
+        self.streams.pending.set()
+
+    async def release_closed(self) -> None:
+        """Deletes the holder rows of the streams closed since the last call, in one
+        statement; on a database error they are kept for the next call."""
+        if not self._closed:
+            return
+        async with self._holders:
+            closed, self._closed = self._closed, set()
+            try:
+                async with self.db.transaction() as session:
+                    await CommandRepository(session).release_streams(closed, self.replica)
+            except BaseException:
+                self._closed |= closed
+                raise
 
     async def deliver_due(self) -> int:
         """Sends the due commands of the hosts whose streams this replica holds; returns how
@@ -108,6 +129,7 @@ class CommandDelivery:
         next_sweep = loop.time()
         while True:
             self.streams.pending.clear()  # before looking: a wake-up meanwhile is kept
+            await self.release_closed()
             if loop.time() >= next_sweep:
                 await self.close_moot()
                 next_sweep = loop.time() + MOOT_SWEEP_SECONDS
@@ -160,7 +182,7 @@ class CommandDelivery:
                 row.acked_at, row.answer = now, MOOT
                 continue
             if not self.streams.connected(row.host_id):
-                gone.add(row.host_id)  # its close here could not release it (database down)
+                gone.add(row.host_id)  # closed here, its release not yet written
                 continue
             message = registry_pb2.ControlMessage.FromString(row.payload)
             message.command_id = row.id
@@ -168,8 +190,8 @@ class CommandDelivery:
             backoff = self.resend_after * 2 ** min(row.deliveries - 1, 16)
             row.due_at = now + timedelta(seconds=min(self.resend_cap, backoff))
             outgoing.append((row.host_id, message))
-        for host_id in gone:
-            await repo.release_stream(host_id, self.replica)
+        if gone:
+            await repo.release_streams(gone, self.replica)
         return outgoing
 
     def _send(self, outgoing: Outgoing) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from gpuplane.v1 import registry_pb2
@@ -80,11 +80,11 @@ class CommandRepository:
             holder.replica = replica
             holder.opened_at = now
 
-    async def release_stream(self, host_id: str, replica: str) -> None:
-        """Forgets the holder, unless another replica holds a newer stream of the host."""
+    async def release_streams(self, host_ids: Iterable[str], replica: str) -> None:
+        """Forgets the holders, except where another replica holds a newer stream of a host."""
         await self.session.execute(
             delete(HostStreamHolder).where(
-                HostStreamHolder.host_id == host_id, HostStreamHolder.replica == replica
+                HostStreamHolder.host_id.in_(list(host_ids)), HostStreamHolder.replica == replica
             )
         )
 

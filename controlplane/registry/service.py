@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from gpuplane.v1 import registry_pb2
-from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.auth.principal import Principal, Role
 from controlplane.auth.service import generate_secret, hash_secret
@@ -253,12 +252,7 @@ class RegistryService(RegistrationTokens, Revocations):
         self._running.pop(stream.host_id, None)
         if self.monitor is not None:
             self.monitor.detach(stream.host_id)
-        try:
-            await self.commands.closed(stream.host_id)
-        except (OSError, SQLAlchemyError) as error:
-            # Its holder row stays until the host connects again or delivery finds the
-            # stream gone (CommandDelivery._take).
-            log.warning("host %s: stream holder not released: %s", stream.host_id, error)
+        self.commands.closed(stream.host_id)
 
     async def heartbeat(
         self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()
@@ -282,6 +276,12 @@ class RegistryService(RegistrationTokens, Revocations):
             await self.monitor.record_batch(host_id, batch)
         await self._heard_from(host_id)
 
+    def acknowledged(self, host_id: str) -> None:
+        """The daemon's hello was answered: a sign of life as of now (written at the next
+        flush), when the hello's heartbeat went through (the host is up here)."""
+        if host_id in self._up:
+            self._heard.add(host_id)
+
     async def _heard_from(self, host_id: str) -> None:
         if host_id in self._up:
             self._heard.add(host_id)
@@ -293,22 +293,28 @@ class RegistryService(RegistrationTokens, Revocations):
         if not self._heard:
             return
         heard, self._heard = self._heard, set()
-        async with self.db.transaction() as session:
-            repo = RegistryRepository(session)
-            if await repo.record_heartbeats(heard, utcnow()) < len(heard):
-                # Lost meanwhile (another replica, or a slow flush): their next heartbeat
-                # takes the full path, which brings them back.
-                self._up.difference_update(await repo.not_up_among(heard))
+        try:
+            async with self.db.transaction() as session:
+                repo = RegistryRepository(session)
+                if await repo.record_heartbeats(heard, utcnow()) < len(heard):
+                    # Lost meanwhile (another replica, or a slow flush): their next heartbeat
+                    # takes the full path, which brings them back.
+                    self._up.difference_update(await repo.not_up_among(heard))
+        except BaseException:
+            self._heard |= heard  # not written: kept for the next flush, not forgotten
+            raise
 
     async def _record_heartbeat(self, host_id: str, *, hello: bool = False) -> Host:
         """Records a sign of life; a lost host is back, and a REGISTERED one is admitted on its
         daemon's hello (states.hello_state: the verification gate), never on anything else."""
-        now = utcnow()
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
             host = await repo.get_host(host_id)
             if host is None:
                 raise NotFound(f"host_id: no host {host_id!r}")
+            # Once the database answered: a writer that waited its turn behind a reconnect
+            # storm must not record the time it started waiting, already near the cutoff.
+            now = utcnow()
             if host.revoked_at is not None:
                 # Another replica revoked it while its stream here was open.
                 raise Unauthenticated("host credential: the host has been revoked")

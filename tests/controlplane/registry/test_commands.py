@@ -16,10 +16,13 @@ import pytest
 from gpuplane.v1 import jobs_pb2, messaging_pb2, registry_pb2, registry_pb2_grpc, types_pb2
 from sqlalchemy import select
 
+from controlplane.commands.delivery import CommandDelivery
 from controlplane.commands.models import HostCommand, HostStreamHolder
 from controlplane.db.engine import Database
 from controlplane.ledger.service import charge_for
+from controlplane.registry.streams import HostStreams
 from devstack import NatsServer, S3Server
+from devstack.factories import new_online_host
 from tests.controlplane.scheduler.planes import (
     PRICE,
     Fleet,
@@ -434,3 +437,27 @@ async def test_commands_of_hosts_that_stay_away_are_closed(plane: JobPlane) -> N
         assert [(r.kind, r.answer) for r in rows] == [("cancel", "moot"), ("drain", "moot")]
     finally:
         await host.close()
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+async def test_closed_streams_release_their_holders_together_but_never_a_new_claim(
+    plane: JobPlane,
+) -> None:
+    """A thousand daemons dropping at once cost one write, not a thousand; a host that
+    connected again before that write keeps its claim."""
+    db = plane.plane.db
+    assert db is not None
+    hosts = [(await new_online_host(plane.channel, await plane.token())).host_id for _ in range(3)]
+    streams = HostStreams()
+    delivery = CommandDelivery(db, streams, replica="test-replica")
+    for host_id in hosts:
+        streams.open(host_id)
+        await delivery.opened(host_id)
+    assert [await holder_of(db, h) for h in hosts] == ["test-replica"] * 3
+    for host_id in hosts:
+        delivery.closed(host_id)
+    back = streams.open(hosts[0])  # the first one is back before the release is written
+    await delivery.opened(back.host_id)
+    assert [await holder_of(db, h) for h in hosts] == ["test-replica"] * 3  # not yet written
+    await delivery.release_closed()
+    assert [await holder_of(db, h) for h in hosts] == ["test-replica", None, None]
