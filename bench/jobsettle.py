@@ -17,7 +17,7 @@ from gpuplane.v1 import messaging_pb2, types_pb2
 from sqlalchemy import text
 
 from bench.ledger import _deadlocks, _ms
-from bench.machine import cpu_ticks, steal_percent
+from bench.machine import busy_seconds, cpu_ticks, per_item_us, steal_percent
 from bench.registry import Measurement, RunContext, benchmark
 from controlplane.db.engine import Database
 from controlplane.jobs.service import JobService
@@ -284,7 +284,7 @@ async def check_charged_once(db: Database, attempts: Sequence[Attempt]) -> None:
     f"host, the hold settled) from {CLIENTS} concurrent clients, in-process control plane on "
     "PostgreSQL, until the settlements took --duration; afterwards every job is checked "
     "SUCCEEDED and charged exactly once and the ledger balanced; details: p50/p99, process "
-    "CPU per settlement, deadlocks (any fails it)",
+    "CPU and machine CPU (PostgreSQL included) per settlement, deadlocks (any fails it)",
 )
 async def job_settlements_per_s(ctx: RunContext) -> Measurement:
     async with _plane(ctx, "bench_job_settle") as plane:
@@ -295,13 +295,17 @@ async def job_settlements_per_s(ctx: RunContext) -> Measurement:
         give_up = time.monotonic() + ctx.duration * 2 + 60
         settled: list[Attempt] = []
         seconds, latencies, cpu = 0.0, [], 0.0
+        busy: float | None = 0.0 if busy_seconds() is not None else None
         deadlocks_before = await _deadlocks(plane.db)
         ticks = cpu_ticks()
         while not settled or (seconds < ctx.duration and time.monotonic() < give_up):
             attempts = await running_jobs(plane, consumer_key, size)
-            started_cpu = time.process_time()
+            started_cpu, started_busy = time.process_time(), busy_seconds()
             took, round_latencies = await settle_jobs(plane, attempts, CLIENTS)
             cpu += time.process_time() - started_cpu
+            ended_busy = busy_seconds()
+            if busy is not None and started_busy is not None and ended_busy is not None:
+                busy += ended_busy - started_busy
             seconds += took
             latencies += round_latencies
             settled += attempts
@@ -320,6 +324,8 @@ async def job_settlements_per_s(ctx: RunContext) -> Measurement:
                 "p99_ms": _ms(latencies, 0.99),
                 # CPU of this process (control plane and clients) per settlement
                 "process_cpu_us": round(cpu / len(settled) * 1e6),
+                # CPU of every process (PostgreSQL's backends too) per settlement (-1: unknown)
+                "machine_cpu_us": per_item_us(0.0, busy, len(settled)),
                 "cpu_steal_pct": -1 if steal is None else steal,
                 "deadlocks": deadlocks,
                 "retries": sum(plane.db.retries.values()),

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from sqlalchemy import text
 
-from bench.machine import cpu_ticks, steal_percent
+from bench.machine import busy_seconds, cpu_ticks, per_item_us, steal_percent
 from bench.registry import Measurement, RunContext, benchmark
 from controlplane.db import migrate
 from controlplane.db.base import utcnow
@@ -119,8 +119,8 @@ async def _check(service: LedgerService) -> None:
     "one LedgerService.settle_many (the method a job's settle runs: lock holds, post charge + "
     "fee + release, resolve) committed by its post, on "
     "PostgreSQL from 32 concurrent asyncio clients in the bench process, all crediting one "
-    "platform fee account; details: 1 client, p50/p99, bench process CPU per settlement, "
-    "CPU steal, deadlocks (any fails it)",
+    "platform fee account; details: 1 client, p50/p99, bench process CPU and machine CPU "
+    "(PostgreSQL included) per settlement, CPU steal, deadlocks (any fails it)",
 )
 async def settlements_per_s(ctx: RunContext) -> Measurement:
     db, service = await _stack(ctx, "bench_ledger_settle")
@@ -128,12 +128,12 @@ async def settlements_per_s(ctx: RunContext) -> Measurement:
         consumers = await _fund(service, "s")
         providers = [f"bench-p{n}" for n in range(PROVIDERS)]
         deadlocks_before = await _deadlocks(db)
-        figures: dict[int, tuple[float, list[float], float, float | None]] = {}
+        figures: dict[int, tuple[float, list[float], float, float | None, int]] = {}
         # Holds enough that each run lasts its whole duration.
         for clients, per_second in ((1, 900), (32, 5000)):
             holds = await _place(service, consumers, int(per_second * ctx.duration), f"h{clients}")
             until = time.perf_counter() + ctx.duration
-            cpu, ticks = time.process_time(), cpu_ticks()
+            cpu, ticks, busy = time.process_time(), cpu_ticks(), busy_seconds()
             count, seconds, latencies = await _settle_all(service, holds, providers, clients, until)
             cpu_us = (time.process_time() - cpu) / max(count, 1) * 1e6
             figures[clients] = (
@@ -141,13 +141,14 @@ async def settlements_per_s(ctx: RunContext) -> Measurement:
                 latencies,
                 cpu_us,
                 steal_percent(ticks, cpu_ticks()),
+                per_item_us(busy, busy_seconds(), count),
             )
         await _check(service)
         deadlocks = await _deadlocks(db) - deadlocks_before
         if deadlocks:
             raise RuntimeError(f"{deadlocks} deadlocks")
-        rate, latencies, cpu_us, steal = figures[32]
-        one, one_latencies, _, _ = figures[1]
+        rate, latencies, cpu_us, steal, machine_us = figures[32]
+        one, one_latencies, _, _, _ = figures[1]
         return Measurement(
             rate,
             {
@@ -157,6 +158,8 @@ async def settlements_per_s(ctx: RunContext) -> Measurement:
                 "p99_ms": _ms(latencies, 0.99),
                 # CPU of this process (the clients and the ledger) per settlement
                 "process_cpu_us": round(cpu_us),
+                # CPU of every process (PostgreSQL's backends too) per settlement (-1: unknown)
+                "machine_cpu_us": machine_us,
                 # CPU the hypervisor gave to other guests meanwhile (-1: not known here)
                 "cpu_steal_pct": -1 if steal is None else steal,
                 "one_client_per_s": round(one, 1),

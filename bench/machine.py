@@ -1,8 +1,10 @@
 """What the machine took from a measurement: the share of CPU time the hypervisor gave to
-other guests (steal), which on a shared 2-core VM moves figures by a third or more."""
+other guests (steal), which on a shared 2-core VM moves figures by a third or more, and the
+CPU all processes used (the bench process and its servers: PostgreSQL, NATS...)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PROC_STAT = Path("/proc/stat")
@@ -26,3 +28,24 @@ def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None)
     if before is None or after is None or after[1] <= before[1]:
         return None
     return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds all processes used since boot, all CPUs (neither idle, iowait nor steal);
+    None where /proc/stat cannot be read."""
+    try:
+        first = PROC_STAT.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if first[0] != "cpu" or len(first) < 9:
+        return None
+    ticks = [int(v) for v in first[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4] - ticks[7]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def per_item_us(before: float | None, after: float | None, items: int) -> int:
+    """Microseconds of machine CPU per item between two busy_seconds() readings (-1: unknown)."""
+    if before is None or after is None or items <= 0:
+        return -1
+    return round((after - before) / items * 1e6)
