@@ -56,7 +56,7 @@ class LostAttempts(JobBilling):
         set_attempt_state(attempt, AttemptState.LOST, reason=why, now=now)
         registry = RegistryRepository(session)
         await registry.release_gpus(job.id, attempt.attempt)
-        host = await registry.get_host(attempt.host_id)
+        host = await registry.get_host(attempt.host_id, lock=True)  # concurrent reports count too
         if host is not None:
             host.lost_attempts += 1
             note_outcome(host, False, now)

@@ -114,7 +114,9 @@ class RegistryRepository:
         )
 
     async def get_host(self, host_id: str, *, lock: bool = False) -> Host | None:
-        return await self.session.get(Host, host_id, with_for_update=lock)
+        """The host; `lock`: locked, and reread even if this session holds it already (its
+        counters are read-modify-written by concurrent reports)."""
+        return await self.session.get(Host, host_id, with_for_update=lock, populate_existing=lock)
 
     async def hosts_in_states(self, states: Sequence[str]) -> Sequence[Host]:
         """Hosts in `states`, cheapest first, then by id."""

@@ -160,3 +160,38 @@ async def test_a_batch_counts_each_hosts_attempts_once(plane: JobPlane) -> None:
         done = await plane.wait_for(job_id, [types_pb2.JOB_STATE_SUCCEEDED])
         assert done.charged_micro_credits == 500
     await plane.assert_ledger_consistent()
+
+
+async def test_concurrent_provider_faults_each_count_against_the_host(plane: JobPlane) -> None:
+    """Attempts lost to their host's fault in concurrent batches each count once in its
+    lost_attempts (the host row is locked, not read and written back unlocked): 40 reports
+    at once make two batches of 20 in flight together."""
+    count = 40
+    token = await plane.token()
+    host = await new_online_host(
+        plane.channel, token, gpus=new_gpus(count), price_per_gpu_hour_micro_credits=PRICE
+    )
+    jobs = await _running(plane, host.host_id, count)
+    faults = [
+        K.JobReport(
+            job_id=job_id,
+            attempt=1,
+            host_id=host.host_id,
+            seq=2,
+            kind=K.JOB_REPORT_KIND_STOPPED,
+            run_time_ms=100,
+            stop_reason=K.STOP_REASON_HOST_ERROR,
+            reason="the host's disk failed",
+        )
+        for job_id in jobs
+    ]
+    applied = await asyncio.gather(*(_jobs(plane).apply_report(r, host.host_id) for r in faults))
+    assert applied == [True] * count
+    assert plane.plane.db is not None
+    async with plane.plane.db.read() as session:
+        lost = await session.scalar(select(Host.lost_attempts).where(Host.id == host.host_id))
+    assert lost == count
+    for job_id in jobs:  # each requeued for another host, never charged
+        job = await plane.get(job_id)
+        assert job.charged_micro_credits == 0
+    await plane.assert_ledger_consistent()
