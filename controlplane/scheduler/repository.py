@@ -9,6 +9,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, case, func, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from controlplane.auth.models import Tenant
 from controlplane.errors import Conflict
@@ -154,13 +155,16 @@ class SchedulerRepository:
         rows = await self.session.execute(select(Job.id, Job.spec).where(Job.id.in_(job_ids)))
         return {job_id: spec for job_id, spec in rows}
 
+    async def any_queued(self, now: datetime) -> bool:
+        """Whether a queued job's backoff has passed (a plain read, nothing locked)."""
+        query = select(Job.id).where(_placeable(now)).limit(1)
+        return await self.session.scalar(query) is not None
+
     async def queued(self, now: datetime, per_tenant: int, limit: int) -> Sequence[Job]:
         """Queued jobs whose backoff has passed, locked for this cycle (others skip them):
         at most `per_tenant` of each tenant and priority (its oldest), so one tenant's deep
         backlog never hides another tenant's jobs; highest priority first, then oldest."""
-        placeable = and_(
-            Job.state == "queued", (Job.not_before.is_(None)) | (Job.not_before <= now)
-        )
+        placeable = _placeable(now)
         ranked = (
             select(
                 Job.id,
@@ -276,3 +280,8 @@ class SchedulerRepository:
             )
         )
         return (await self.session.execute(query)).all()
+
+
+def _placeable(now: datetime) -> ColumnElement[bool]:
+    """A queued job whose backoff (not_before) has passed."""
+    return and_(Job.state == "queued", (Job.not_before.is_(None)) | (Job.not_before <= now))

@@ -54,6 +54,12 @@ Fence = Callable[[AsyncSession], Awaitable[None]]
 Reject = Callable[[AsyncSession, list[tuple[Job, str]], datetime], Awaitable[None]]
 
 
+# An idle cycle (nothing queued) is one plain read; it checks the scheduling term (fence) at
+# most this often, so a leader cut off from its lock still learns it within a second while
+# idle, and cycles woken by every batch of finished jobs cost no lock.
+IDLE_FENCE_SECONDS = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerPolicy:
     default_policy: int = Policy.PLACEMENT_POLICY_CHEAPEST
@@ -105,6 +111,7 @@ class Scheduler:
         # Called with each cycle's stats (metrics), when set.
         self.on_cycle: Callable[[CycleStats], None] | None = None
         self._seeded = False
+        self._fenced_at = -IDLE_FENCE_SECONDS  # monotonic time of the last fenced cycle
 
     def reset(self) -> None:
         """Forgets in-memory state (fair share); the next cycle seeds it from history."""
@@ -116,9 +123,15 @@ class Scheduler:
         started = time.perf_counter()
         now = utcnow()
         async with self.db.transaction() as session:
+            repo = SchedulerRepository(session)
+            idle = not await repo.any_queued(now)
+            if idle and time.monotonic() - self._fenced_at < IDLE_FENCE_SECONDS:
+                return 0  # nothing to place, and the term was checked a moment ago
             if self.fence is not None:
                 await self.fence(session)
-            repo = SchedulerRepository(session)
+            self._fenced_at = time.monotonic()
+            if idle:
+                return 0
             jobs = await repo.queued(now, self.policy.per_tenant, self.policy.batch)
             if not jobs:
                 return 0
