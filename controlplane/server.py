@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
 from controlplane.tls import server_credentials
 from controlplane.verification.service import VerificationService
+from messaging.envcheck import OTHER_GPUPLANE_VARIABLES, warn_unknown_settings
 from messaging.natsjwt import Permissions
 from messaging.signing import SigningKey
 from messaging.tls import nats_tls_context
@@ -127,6 +129,8 @@ class ControlPlane:
         """Opens the database, builds each domain from its settings group, serves gRPC, then
         starts the background loops."""
         settings = self.settings
+        # A misspelt GPUPLANE_* variable is named, not silently left at its default.
+        warn_unknown_settings(os.environ, type(settings), "control plane", OTHER_GPUPLANE_VARIABLES)
         # Read before anything starts: a missing or broken PEM file fails start-up, naming it.
         credentials = server_credentials(settings)
         self.db = db = await open_database(settings)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from docker.errors import DockerException
 from pydantic import SecretStr, ValidationError
@@ -20,10 +21,13 @@ from daemon.channel import ChannelConfigError
 from daemon.gpus import NoGpuError, UnknownGpuModel
 from daemon.identity import RegistrationError
 from daemon.settings import DaemonSettings
+from messaging.dirlock import DirLocked, lock_dir
+from messaging.envcheck import warn_unknown_settings
 from messaging.tls import TlsConfigError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 MICRO = Decimal(1_000_000)
+LOCK_FILE = "daemon.lock"
 log = logging.getLogger(__name__)
 
 
@@ -135,6 +139,10 @@ def run_daemon(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    warn_unknown_settings(os.environ, DaemonSettings, "daemon")
+    lock = lock_data_dir(settings.data_dir)
+    if lock is None:
+        return EXIT_USAGE
     try:
         asyncio.run(_serve(settings))
     except (
@@ -149,7 +157,26 @@ def run_daemon(args: argparse.Namespace) -> int:
     except DockerException as exc:
         print(f"error: the Docker engine is not reachable: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        lock.close()
     return EXIT_OK
+
+
+def lock_data_dir(data_dir: Path) -> IO[str] | None:
+    """Holds DATA_DIR/daemon.lock for the life of this process, before anything reads the data
+    dir or spends a registration token: two daemons must never serve one host. None, after
+    saying why on stderr, when another process holds it or it cannot be made."""
+    try:
+        return lock_dir(data_dir, LOCK_FILE, mode=0o700)
+    except DirLocked as locked:
+        print(
+            f"error: another daemon (pid {locked.holder_pid}) is running on the data dir "
+            f"{data_dir.absolute()}; stop it or give this one another --data-dir",
+            file=sys.stderr,
+        )
+    except OSError as exc:
+        print(f"error: cannot lock the data dir {data_dir.absolute()}: {exc}", file=sys.stderr)
+    return None
 
 
 async def _serve(settings: DaemonSettings) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ from typing import IO, TYPE_CHECKING
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_OK, EXIT_USAGE, CliError, Context, load_env_file
 from gpuplane_cli.serve import configure_logging
+from messaging.dirlock import DirLocked, lock_dir
 
 if TYPE_CHECKING:
     from controlplane.server import ControlPlane
@@ -67,23 +67,14 @@ def port_or_free(preferred: int) -> int:
 
 def lock_data_dir(data_dir: Path) -> IO[str]:
     """Holds DATA_DIR/up.lock for the life of this process: one stack per data dir."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = (data_dir / "up.lock").open("a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        pid = handle.read().strip() or "?"
-        handle.close()
+        return lock_dir(data_dir, "up.lock")
+    except DirLocked as locked:
         raise CliError(
-            f"a stack is already running in {data_dir} (pid {pid}); stop it or use --data-dir",
+            f"a stack is already running in {data_dir} (pid {locked.holder_pid}); "
+            "stop it or use --data-dir",
             EXIT_USAGE,
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def write_env_file(path: Path, values: dict[str, str]) -> None:

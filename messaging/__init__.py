@@ -1,1 +1,1 @@
-"""JetStream contract shared by the control plane and daemons: streams, subjects, ids."""
+"""What the control plane and daemons share: JetStream names, TLS, signing, data-dir lock."""
