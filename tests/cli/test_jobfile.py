@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from gpuplane.v1 import types_pb2
 
-from gpuplane_cli.apply import server_error, submit_args
+from gpuplane_cli.apply import EPILOG, server_error, submit_args
 from gpuplane_cli.client import Context
 from gpuplane_cli.jobfile import JobFile, JobFileError, load
 from gpuplane_cli.jobs import build_spec
@@ -284,3 +284,18 @@ def test_job_file_keeps_where_each_field_is(tmp_path: Path) -> None:
     job: JobFile = load(write(tmp_path, "\n\nimage: busybox\ngpus: 1\n"))
     assert job.error("gpus", "x").line == 4
     assert job.error("memory", "x").line is None
+
+
+@pytest.mark.parametrize("source", ["README.md", "help"])
+def test_the_documented_examples_are_valid_job_files(tmp_path: Path, source: str) -> None:
+    if source == "README.md":
+        readme = (Path(__file__).parents[2] / "README.md").read_text()
+        example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    else:
+        example = textwrap.dedent(EPILOG.split("\n\n")[1])
+    for name in ("config.json", "local.bin"):
+        (tmp_path / name).write_text("{}")
+    spec = spec_from_file(write(tmp_path, example))
+    assert spec.gpu_count == 2
+    assert spec.max_price_per_gpu_hour_micro_credits == 2_500_000
+    assert list(spec.retry_on_exit_codes) == [75]
