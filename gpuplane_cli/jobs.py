@@ -99,6 +99,13 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     _placement_options(p)
 
 
+def submit_defaults() -> argparse.Namespace:
+    """What `jobs submit` options are when no flag is given (`gpuplane apply` starts here)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _submit_options(parser)
+    return parser.parse_args(["--image", ""])
+
+
 def _placement_options(p: argparse.ArgumentParser) -> None:
     """Where and how often a job may run: host constraints, placement, retries."""
     p.add_argument("--host-label", action="append", type=a.key_value, default=[], metavar="K=V")

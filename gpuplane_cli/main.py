@@ -11,7 +11,7 @@ from collections.abc import MutableMapping, Sequence
 
 import grpc
 
-from gpuplane_cli import admin, data, hosts, jobs, ledger, natskeys, serve, up
+from gpuplane_cli import admin, apply, data, hosts, jobs, ledger, natskeys, serve, up
 from gpuplane_cli.args import Handler, common_options
 from gpuplane_cli.client import (
     EXIT_INTERRUPTED,
@@ -51,6 +51,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     up.register(subparsers)
     serve.register(subparsers, want_daemon=_first_command(argv) == "daemon")
     jobs.register(subparsers, leaf_common)
+    apply.register(subparsers, leaf_common)
     data.register(subparsers, leaf_common)
     hosts.register(subparsers, leaf_common)
     ledger.register(subparsers, leaf_common)
