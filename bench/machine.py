@@ -10,17 +10,22 @@ from pathlib import Path
 PROC_STAT = Path("/proc/stat")
 
 
-def cpu_ticks() -> tuple[int, int] | None:
-    """(steal, total) CPU ticks since boot, all CPUs; None where /proc/stat has no steal."""
+def _all_cpus() -> list[int] | None:
+    """user nice system idle iowait irq softirq steal ticks since boot, all CPUs (guest time
+    is already in user/nice); None where /proc/stat cannot be read or has no steal."""
     try:
         first = PROC_STAT.read_text().split("\n", 1)[0].split()
     except OSError:
         return None
     if first[0] != "cpu" or len(first) < 9:
         return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
-    ticks = [int(v) for v in first[1:9]]
-    return ticks[7], sum(ticks)
+    return [int(v) for v in first[1:9]]
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks since boot, all CPUs; None where /proc/stat has no steal."""
+    ticks = _all_cpus()
+    return None if ticks is None else (ticks[7], sum(ticks))
 
 
 def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
@@ -33,13 +38,9 @@ def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None)
 def busy_seconds() -> float | None:
     """CPU seconds all processes used since boot, all CPUs (neither idle, iowait nor steal);
     None where /proc/stat cannot be read."""
-    try:
-        first = PROC_STAT.read_text().split("\n", 1)[0].split()
-    except OSError:
+    ticks = _all_cpus()
+    if ticks is None:
         return None
-    if first[0] != "cpu" or len(first) < 9:
-        return None
-    ticks = [int(v) for v in first[1:9]]
     busy = sum(ticks) - ticks[3] - ticks[4] - ticks[7]
     return busy / os.sysconf("SC_CLK_TCK")
 
