@@ -1,0 +1,175 @@
+"""`gpuplane completion`: the bash script, loaded in a real bash, completes job and host ids from
+a real control plane (only the caller's, only those matching the prefix) and offers nothing,
+without a traceback, when the lookup fails. zsh and fish are not installed here (bootstrap
+does not bring them): their scripts are checked for what registers them, not run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devstack import free_port
+from devstack.factories import new_host, new_job, new_tenant, new_token
+from tests.harness import CREDIT, JobPlane
+
+pytestmark = pytest.mark.databases("sqlite")
+
+BIN = Path(sys.executable).parent
+# Loads the completion script as a user's shell does, then asks it to complete each line
+# given (the cursor at its end) and prints one line of candidates per request.
+DRIVER = r"""
+source <(gpuplane completion bash) || exit 3
+complete -p gpuplane >/dev/null || exit 4
+for line in "$@"; do
+    COMP_LINE="$line"
+    COMP_POINT=${#line}
+    COMPREPLY=()
+    _python_argcomplete gpuplane
+    echo "${COMPREPLY[*]}"
+done
+"""
+
+
+def environment(plane_addr: str, key: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPLANE_")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+        GPUPLANE_ADDR=plane_addr,
+        GPUPLANE_API_KEY=key,
+        GPUPLANE_PLAINTEXT="1",
+    )
+    return env
+
+
+async def complete_in_bash(env: dict[str, str], *lines: str) -> list[list[str]]:
+    """The candidates bash's completion function offers for each line."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", DRIVER, "driver", *lines],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    replies = done.stdout.splitlines()
+    assert len(replies) == len(lines), done.stdout
+    return [reply.split() for reply in replies]
+
+
+def distinguishing_prefix(one: str, other: str) -> str:
+    """The shortest prefix of `one` that `other` does not start with."""
+    at = next(i for i, (x, y) in enumerate(zip(one, other, strict=False)) if x != y)
+    return one[: at + 1]
+
+
+async def test_bash_completes_job_ids_from_the_api(plane: JobPlane) -> None:
+    first = (await new_job(plane, plane.consumer_key)).job_id
+    second = (await new_job(plane, plane.consumer_key)).job_id
+    common = os.path.commonprefix([first, second])
+    env = environment(plane.address, plane.consumer_key)
+
+    lines = [
+        f"gpuplane jobs get {distinguishing_prefix(first, second)}",
+        f"gpuplane jobs cancel {distinguishing_prefix(second, first)}",
+        f"gpuplane jobs logs --follow {common}",
+        f"gpuplane ledger usage --job {distinguishing_prefix(first, second)}",
+        "gpuplane jobs get job_no_such_prefix",
+        "gpuplane jo",
+        "gpuplane jobs l",
+    ]
+    replies = await complete_in_bash(env, *lines)
+    assert replies[0] == [first]
+    assert replies[1] == [second]
+    assert sorted(replies[2]) == sorted([first, second])
+    assert replies[3] == [first]
+    assert replies[4] == []
+    assert replies[5] == ["jobs"]
+    assert sorted(replies[6]) == ["list", "logs"]
+
+    # Another tenant's key lists its own jobs: none of these.
+    other = await new_tenant(plane, "completion-other", micro_credits=10 * CREDIT)
+    others = await complete_in_bash(
+        environment(plane.address, other.key), f"gpuplane jobs get {common}"
+    )
+    assert others == [[]]
+
+
+async def test_bash_completes_host_ids_from_the_api(plane: JobPlane) -> None:
+    token = (await new_token(plane, plane.provider_tenant)).secret
+    first = (await new_host(plane.channel, token)).host_id
+    second = (await new_host(plane.channel, token)).host_id
+    env = environment(plane.address, plane.admin_key)
+    replies = await complete_in_bash(
+        env,
+        f"gpuplane hosts get {distinguishing_prefix(first, second)}",
+        f"gpuplane hosts drain {distinguishing_prefix(second, first)}",
+        f"gpuplane hosts undrain {os.path.commonprefix([first, second])}",
+    )
+    assert replies[0] == [first]
+    assert replies[1] == [second]
+    assert sorted(replies[2]) == sorted([first, second])
+
+
+async def direct_completion(env: dict[str, str], line: str, out: Path) -> str:
+    """Runs `gpuplane` as the completion script does, the candidates going to `out`;
+    returns what it printed on stderr."""
+    env = dict(env, _ARGCOMPLETE="1", COMP_LINE=line, COMP_POINT=str(len(line)))
+    env["_ARGCOMPLETE_STDOUT_FILENAME"] = str(out)
+    done = await asyncio.to_thread(
+        subprocess.run, [str(BIN / "gpuplane")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+async def test_a_failed_lookup_offers_nothing_and_no_traceback(
+    plane: JobPlane, tmp_path: Path
+) -> None:
+    job = await new_job(plane, plane.consumer_key)
+    out = tmp_path / "candidates"
+    line = f"gpuplane jobs get {job.job_id[:-1]}"
+
+    # The same request with the right key finds the job: the failures below are the lookups'.
+    assert await direct_completion(environment(plane.address, plane.consumer_key), line, out) == ""
+    assert out.read_text().split() == [job.job_id]
+
+    failures = [
+        environment(plane.address, "gpk_not_a_key"),  # UNAUTHENTICATED
+        environment(f"127.0.0.1:{free_port()}", plane.consumer_key),  # nothing listening
+        dict(environment(plane.address, plane.consumer_key), GPUPLANE_ENV_FILE="/nonexistent"),
+        {  # TLS with a CA file that is not there
+            **environment(plane.address, plane.consumer_key),
+            "GPUPLANE_PLAINTEXT": "",
+            "GPUPLANE_CA_FILE": "/nonexistent",
+        },
+    ]
+    for env in failures:
+        out.unlink()
+        err = await direct_completion(env, line, out)
+        assert "Traceback" not in err
+        assert out.read_text() == "", env
+
+
+def test_scripts_for_each_shell(capsys: pytest.CaptureFixture[str]) -> None:
+    from gpuplane_cli.main import main
+
+    assert main(["completion", "bash"], environ={}) == 0
+    bash = capsys.readouterr().out
+    assert "complete -o nospace -o default -o bashdefault -F _python_argcomplete gpuplane" in bash
+    assert main(["completion", "zsh"], environ={}) == 0
+    zsh = capsys.readouterr().out
+    assert zsh.startswith("#compdef gpuplane\n")
+    assert "compdef _python_argcomplete gpuplane" in zsh
+    assert main(["completion", "fish"], environ={}) == 0
+    fish = capsys.readouterr().out
+    assert "complete --command gpuplane -f -a '(__fish_gpuplane_complete)'" in fish
+    with pytest.raises(SystemExit) as exit_info:
+        main(["completion", "tcsh"], environ={})
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'tcsh'" in capsys.readouterr().err
