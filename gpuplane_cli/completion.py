@@ -9,9 +9,6 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import argcomplete
-from argcomplete.shell_integration import shellcode
-
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_OK, Client, Context, Target
 from gpuplane_cli.hints import leaves
@@ -37,6 +34,8 @@ def register(subparsers: a.Subparsers) -> None:
 
 
 def print_script(args: argparse.Namespace, ctx: Context) -> int:
+    from argcomplete.shell_integration import shellcode
+
     print(shellcode(["gpuplane"], shell=args.shell), end="")
     return EXIT_OK
 
@@ -46,6 +45,8 @@ def autocomplete(parser: argparse.ArgumentParser) -> None:
     shell's script ran us (`_ARGCOMPLETE` set); otherwise returns at once."""
     if "_ARGCOMPLETE" not in os.environ:
         return
+    import argcomplete  # only here: other commands never load it
+
     for leaf in leaves(parser):
         for action in leaf._actions:
             completer = _completer_for(action)

@@ -92,12 +92,19 @@ async def test_bash_completes_job_ids_from_the_api(plane: JobPlane) -> None:
     assert replies[5] == ["jobs"]
     assert sorted(replies[6]) == ["list", "logs"]
 
+    # Every other command that takes a job id completes it too.
+    others = ["jobs watch", "jobs results", "jobs efficiency", "jobs verify", "ledger refund",
+              "ledger statement --job"]  # fmt: skip
+    prefix = distinguishing_prefix(second, first)
+    replies = await complete_in_bash(env, *(f"gpuplane {words} {prefix}" for words in others))
+    assert replies == [[second]] * len(others)
+
     # Another tenant's key lists its own jobs: none of these.
     other = await new_tenant(plane, "completion-other", micro_credits=10 * CREDIT)
-    others = await complete_in_bash(
+    theirs = await complete_in_bash(
         environment(plane.address, other.key), f"gpuplane jobs get {common}"
     )
-    assert others == [[]]
+    assert theirs == [[]]
 
 
 async def test_bash_completes_host_ids_from_the_api(plane: JobPlane) -> None:
