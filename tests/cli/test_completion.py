@@ -180,3 +180,16 @@ def test_scripts_for_each_shell(capsys: pytest.CaptureFixture[str]) -> None:
         main(["completion", "tcsh"], environ={})
     assert exit_info.value.code == 2
     assert "invalid choice: 'tcsh'" in capsys.readouterr().err
+
+
+def test_the_cli_starts_without_the_heavy_modules() -> None:
+    """Every Tab runs the CLI: its start must not load what only some commands use."""
+    probe = (
+        "import sys, gpuplane_cli.main; "
+        "print(sorted(m for m in ('argcomplete', 'nats', 'pydantic', 'sqlalchemy', 'docker', "
+        "'minio', 'controlplane', 'daemon.agent') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
