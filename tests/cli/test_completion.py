@@ -1,7 +1,7 @@
-"""`gpuplane completion`: the bash script, loaded in a real bash, completes job and host ids from
-a real control plane (only the caller's, only those matching the prefix) and offers nothing,
-without a traceback, when the lookup fails. zsh and fish are not installed here (bootstrap
-does not bring them): their scripts are checked for what registers them, not run."""
+"""`gpuplane completion`: each shell's script, loaded in a real bash, zsh and fish (bootstrap
+installs them), completes job and host ids from a real control plane (only the caller's,
+only those matching the prefix) and offers nothing, without a traceback, when the lookup
+fails."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from tests.harness import CREDIT, JobPlane
 pytestmark = pytest.mark.databases("sqlite")
 
 BIN = Path(sys.executable).parent
-# Loads the completion script as a user's shell does, then asks it to complete each line
-# given (the cursor at its end) and prints one line of candidates per request.
-DRIVER = r"""
+SHELLS = ("bash", "zsh", "fish")
+# Each loads the completion script as a user's shell does, then asks it to complete each
+# line given (the cursor at its end), printing the candidates one a line and `@@` after each.
+DRIVERS = {
+    "bash": r"""
 source <(gpuplane completion bash) || exit 3
 complete -p gpuplane >/dev/null || exit 4
 for line in "$@"; do
@@ -30,9 +32,39 @@ for line in "$@"; do
     COMP_POINT=${#line}
     COMPREPLY=()
     _python_argcomplete gpuplane
-    echo "${COMPREPLY[*]}"
+    printf '%s\n' "${COMPREPLY[@]}" @@
 done
-"""
+""",
+    # The script's own zsh branch runs, as compinit calls it; only _describe (zsh's widget
+    # that shows candidates) is replaced by one that prints them.
+    "zsh": r"""
+autoload -U compinit && compinit -u -D
+source <(gpuplane completion zsh) || exit 3
+(( $+_comps[gpuplane] )) || exit 4
+_describe() { print -rl -- "${(@P)2}" }
+for line in "$@"; do
+    BUFFER=$line
+    CURSOR=${#line}
+    words=(${=line})
+    _python_argcomplete
+    print -- @@
+done
+""",
+    # fish's own `complete -C` completes a command line with the loaded completions.
+    "fish": r"""
+gpuplane completion fish | source; or exit 3
+for line in $argv
+    complete -C "$line"
+    echo @@
+end
+""",
+}
+# How each runs a script with arguments (bash and zsh take $0 first, fish does not).
+SHELL_ARGV = {
+    "bash": ["bash", "-c", DRIVERS["bash"], "driver"],
+    "zsh": ["zsh", "-f", "-c", DRIVERS["zsh"], "driver"],
+    "fish": ["fish", "--no-config", "-c", DRIVERS["fish"]],
+}
 
 
 def environment(plane_addr: str, key: str) -> dict[str, str]:
@@ -46,20 +78,27 @@ def environment(plane_addr: str, key: str) -> dict[str, str]:
     return env
 
 
-async def complete_in_bash(env: dict[str, str], *lines: str) -> list[list[str]]:
-    """The candidates bash's completion function offers for each line."""
+async def complete_in(shell: str, env: dict[str, str], *lines: str) -> list[list[str]]:
+    """The candidates the shell's completion offers for each line (without zsh's and fish's
+    descriptions)."""
     done = await asyncio.to_thread(
         subprocess.run,
-        ["bash", "-c", DRIVER, "driver", *lines],
+        [*SHELL_ARGV[shell], *lines],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 0, done.stderr
-    replies = done.stdout.splitlines()
+    assert done.returncode == 0, f"{shell}: {done.stderr}"
+    replies: list[list[str]] = [[]]
+    for candidate in done.stdout.splitlines():
+        if candidate == "@@":
+            replies.append([])
+        elif candidate.strip():
+            replies[-1].append(candidate.split("\t")[0].split(":")[0].strip())
+    assert replies.pop() == [], done.stdout
     assert len(replies) == len(lines), done.stdout
-    return [reply.split() for reply in replies]
+    return replies
 
 
 def distinguishing_prefix(one: str, other: str) -> str:
@@ -68,7 +107,7 @@ def distinguishing_prefix(one: str, other: str) -> str:
     return one[: at + 1]
 
 
-async def test_bash_completes_job_ids_from_the_api(plane: JobPlane) -> None:
+async def test_each_shell_completes_job_ids_from_the_api(plane: JobPlane) -> None:
     first = (await new_job(plane, plane.consumer_key)).job_id
     second = (await new_job(plane, plane.consumer_key)).job_id
     common = os.path.commonprefix([first, second])
@@ -83,44 +122,47 @@ async def test_bash_completes_job_ids_from_the_api(plane: JobPlane) -> None:
         "gpuplane jo",
         "gpuplane jobs l",
     ]
-    replies = await complete_in_bash(env, *lines)
-    assert replies[0] == [first]
-    assert replies[1] == [second]
-    assert sorted(replies[2]) == sorted([first, second])
-    assert replies[3] == [first]
-    assert replies[4] == []
-    assert replies[5] == ["jobs"]
-    assert sorted(replies[6]) == ["list", "logs"]
+    for shell in SHELLS:
+        replies = await complete_in(shell, env, *lines)
+        assert replies[0] == [first], shell
+        assert replies[1] == [second], shell
+        assert sorted(replies[2]) == sorted([first, second]), shell
+        assert replies[3] == [first], shell
+        assert replies[4] == [], shell
+        assert replies[5] == ["jobs"], shell
+        assert sorted(replies[6]) == ["list", "logs"], shell
 
     # Every other command that takes a job id completes it too.
     others = ["jobs watch", "jobs results", "jobs efficiency", "jobs verify", "ledger refund",
               "ledger statement --job"]  # fmt: skip
     prefix = distinguishing_prefix(second, first)
-    replies = await complete_in_bash(env, *(f"gpuplane {words} {prefix}" for words in others))
+    replies = await complete_in("bash", env, *(f"gpuplane {words} {prefix}" for words in others))
     assert replies == [[second]] * len(others)
 
     # Another tenant's key lists its own jobs: none of these.
     other = await new_tenant(plane, "completion-other", micro_credits=10 * CREDIT)
-    theirs = await complete_in_bash(
-        environment(plane.address, other.key), f"gpuplane jobs get {common}"
+    theirs = await complete_in(
+        "bash", environment(plane.address, other.key), f"gpuplane jobs get {common}"
     )
     assert theirs == [[]]
 
 
-async def test_bash_completes_host_ids_from_the_api(plane: JobPlane) -> None:
+async def test_each_shell_completes_host_ids_from_the_api(plane: JobPlane) -> None:
     token = (await new_token(plane, plane.provider_tenant)).secret
     first = (await new_host(plane.channel, token)).host_id
     second = (await new_host(plane.channel, token)).host_id
     env = environment(plane.address, plane.admin_key)
-    replies = await complete_in_bash(
-        env,
-        f"gpuplane hosts get {distinguishing_prefix(first, second)}",
-        f"gpuplane hosts drain {distinguishing_prefix(second, first)}",
-        f"gpuplane hosts undrain {os.path.commonprefix([first, second])}",
-    )
-    assert replies[0] == [first]
-    assert replies[1] == [second]
-    assert sorted(replies[2]) == sorted([first, second])
+    for shell in SHELLS:
+        replies = await complete_in(
+            shell,
+            env,
+            f"gpuplane hosts get {distinguishing_prefix(first, second)}",
+            f"gpuplane hosts drain {distinguishing_prefix(second, first)}",
+            f"gpuplane hosts undrain {os.path.commonprefix([first, second])}",
+        )
+        assert replies[0] == [first], shell
+        assert replies[1] == [second], shell
+        assert sorted(replies[2]) == sorted([first, second]), shell
 
 
 async def direct_completion(env: dict[str, str], line: str, out: Path) -> str:
