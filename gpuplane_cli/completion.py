@@ -11,7 +11,8 @@ from typing import Any
 
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_OK, Client, Context, Target
-from gpuplane_cli.hints import leaves
+from gpuplane_cli.hints import all_parsers
+from gpuplane_cli.output import enum_name
 
 SHELLS = ("bash", "zsh", "fish")
 # An id lookup gives up after this long: a shell waits for it on every Tab.
@@ -47,7 +48,7 @@ def autocomplete(parser: argparse.ArgumentParser) -> None:
         return
     import argcomplete  # only here: other commands never load it
 
-    for leaf in leaves(parser):
+    for leaf in all_parsers(parser):
         for action in leaf._actions:
             completer = _completer_for(action)
             if completer is not None:
@@ -63,7 +64,8 @@ def _completer_for(action: argparse.Action) -> IdCompleter | None:
     return None
 
 
-Lookup = Callable[[Client], Awaitable[list[str]]]
+# Lists ids with a one-line description each (zsh and fish show it beside the id).
+Lookup = Callable[[Client], Awaitable[dict[str, str]]]
 
 
 class IdCompleter:
@@ -73,14 +75,14 @@ class IdCompleter:
     def __init__(self, lookup: Lookup) -> None:
         self.lookup = lookup
 
-    def __call__(self, *, prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    def __call__(self, *, prefix: str, parsed_args: argparse.Namespace, **_: Any) -> dict[str, str]:
         try:
-            ids = asyncio.run(self._fetch(parsed_args))
+            found = asyncio.run(self._fetch(parsed_args))
         except Exception:  # noqa: BLE001 - a failed lookup offers nothing, never a traceback
-            return []
-        return [i for i in ids if i.startswith(prefix)]
+            return {}
+        return {i: about for i, about in found.items() if i.startswith(prefix)}
 
-    async def _fetch(self, parsed_args: argparse.Namespace) -> list[str]:
+    async def _fetch(self, parsed_args: argparse.Namespace) -> dict[str, str]:
         from gpuplane_cli.main import apply_env_files
 
         environ = dict(os.environ)
@@ -90,15 +92,17 @@ class IdCompleter:
             return await self.lookup(client)
 
 
-async def _job_ids(client: Client) -> list[str]:
-    from gpuplane.v1 import jobs_pb2
+async def _job_ids(client: Client) -> dict[str, str]:
+    from gpuplane.v1 import jobs_pb2, types_pb2
 
     request = jobs_pb2.ListJobsRequest(page_size=LOOKUP_PAGE)
-    return [job.job_id for job in (await client.call(client.jobs.ListJobs, request)).jobs]
+    jobs = (await client.call(client.jobs.ListJobs, request)).jobs
+    return {j.job_id: f"{enum_name(types_pb2.JobState, j.state)} {j.spec.image}" for j in jobs}
 
 
-async def _host_ids(client: Client) -> list[str]:
-    from gpuplane.v1 import registry_pb2
+async def _host_ids(client: Client) -> dict[str, str]:
+    from gpuplane.v1 import registry_pb2, types_pb2
 
     request = registry_pb2.ListHostsRequest(page_size=LOOKUP_PAGE)
-    return [h.host_id for h in (await client.call(client.registry.ListHosts, request)).hosts]
+    hosts = (await client.call(client.registry.ListHosts, request)).hosts
+    return {h.host_id: f"{enum_name(types_pb2.HostState, h.state)} {h.hostname}" for h in hosts}

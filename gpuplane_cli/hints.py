@@ -53,13 +53,13 @@ def unknown_command(prog: str, word: str, commands: Sequence[str]) -> str:
     return f"{root}: unknown command '{typed}' (choose from {', '.join(commands)})"
 
 
-def leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+def all_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
     """Every parser in the tree, the root first."""
     yield parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
-                yield from leaves(child)
+                yield from all_parsers(child)
 
 
 def parse(
@@ -74,7 +74,7 @@ def parse(
         args, extras = parser.parse_known_args(words)
         if extras:
             failed = next(
-                (p for p in leaves(parser) if p.get_default("handler") is args.handler), parser
+                (p for p in all_parsers(parser) if p.get_default("handler") is args.handler), parser
             )
             _unrecognized(failed, extras)
         return args

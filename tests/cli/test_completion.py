@@ -78,9 +78,9 @@ def environment(plane_addr: str, key: str) -> dict[str, str]:
     return env
 
 
-async def complete_in(shell: str, env: dict[str, str], *lines: str) -> list[list[str]]:
-    """The candidates the shell's completion offers for each line (without zsh's and fish's
-    descriptions)."""
+async def drive(shell: str, env: dict[str, str], *lines: str) -> str:
+    """What the shell's driver prints for the lines: candidates one a line, `@@` after each
+    line's (zsh and fish add each candidate's description after `:` or a tab)."""
     done = await asyncio.to_thread(
         subprocess.run,
         [*SHELL_ARGV[shell], *lines],
@@ -90,14 +90,20 @@ async def complete_in(shell: str, env: dict[str, str], *lines: str) -> list[list
         timeout=60,
     )
     assert done.returncode == 0, f"{shell}: {done.stderr}"
+    return done.stdout
+
+
+async def complete_in(shell: str, env: dict[str, str], *lines: str) -> list[list[str]]:
+    """The candidates the shell's completion offers for each line, without descriptions."""
+    out = await drive(shell, env, *lines)
     replies: list[list[str]] = [[]]
-    for candidate in done.stdout.splitlines():
+    for candidate in out.splitlines():
         if candidate == "@@":
             replies.append([])
         elif candidate.strip():
             replies[-1].append(candidate.split("\t")[0].split(":")[0].strip())
-    assert replies.pop() == [], done.stdout
-    assert len(replies) == len(lines), done.stdout
+    assert replies.pop() == [], out
+    assert len(replies) == len(lines), out
     return replies
 
 
@@ -108,8 +114,8 @@ def distinguishing_prefix(one: str, other: str) -> str:
 
 
 async def test_each_shell_completes_job_ids_from_the_api(plane: JobPlane) -> None:
-    first = (await new_job(plane, plane.consumer_key)).job_id
-    second = (await new_job(plane, plane.consumer_key)).job_id
+    job = await new_job(plane, plane.consumer_key)
+    first, second = job.job_id, (await new_job(plane, plane.consumer_key)).job_id
     common = os.path.commonprefix([first, second])
     env = environment(plane.address, plane.consumer_key)
 
@@ -131,6 +137,10 @@ async def test_each_shell_completes_job_ids_from_the_api(plane: JobPlane) -> Non
         assert replies[4] == [], shell
         assert replies[5] == ["jobs"], shell
         assert sorted(replies[6]) == ["list", "logs"], shell
+    # fish and zsh show each id's state and image beside it.
+    described = f"QUEUED {job.spec.image}"
+    assert await drive("fish", env, lines[0]) == f"{first}\t{described}\n@@\n"
+    assert await drive("zsh", env, lines[0]) == f"{first}:{described}\n@@\n"
 
     # Every other command that takes a job id completes it too.
     others = ["jobs watch", "jobs results", "jobs efficiency", "jobs verify", "ledger refund",
@@ -149,7 +159,7 @@ async def test_each_shell_completes_job_ids_from_the_api(plane: JobPlane) -> Non
 
 async def test_each_shell_completes_host_ids_from_the_api(plane: JobPlane) -> None:
     token = (await new_token(plane, plane.provider_tenant)).secret
-    first = (await new_host(plane.channel, token)).host_id
+    first = (await new_host(plane.channel, token, hostname="gpu-box-1")).host_id
     second = (await new_host(plane.channel, token)).host_id
     env = environment(plane.address, plane.admin_key)
     for shell in SHELLS:
@@ -163,6 +173,9 @@ async def test_each_shell_completes_host_ids_from_the_api(plane: JobPlane) -> No
         assert replies[0] == [first], shell
         assert replies[1] == [second], shell
         assert sorted(replies[2]) == sorted([first, second]), shell
+    # fish and zsh show each id's state and hostname beside it.
+    line = f"gpuplane hosts get {distinguishing_prefix(first, second)}"
+    assert await drive("fish", env, line) == f"{first}\tREGISTERED gpu-box-1\n@@\n"
 
 
 async def direct_completion(env: dict[str, str], line: str, out: Path) -> str:
