@@ -13,9 +13,12 @@ builds one argparse tree from each command module's `register()`:
 - `ledger balance|statement|deposit|payout|refund|usage|check` (ledger.py): credits.
 - `admin tenants|keys|tokens`, `whoami` (admin.py): tenants, API keys, registration tokens.
 - `nats init` (natskeys.py): the NATS operator and account seeds and server config.
+- `completion bash|zsh|fish` (completion.py): the shell completion script; job and host ids
+  complete from the API.
 
 Client commands reach the control plane over gRPC as client.py says (GPUPLANE_ADDR,
 GPUPLANE_API_KEY, TLS files, env files) and map its status codes to exit codes; args.py
-holds the shared argparse helpers, output.py the table/JSON rendering, units.py the exact
-parsing of credits, durations and sizes.
+holds the shared argparse helpers, hints.py the usage errors' hints ("did you mean", a job
+command without `--`), output.py the table/JSON rendering, units.py the exact parsing of
+credits, durations and sizes.
 """

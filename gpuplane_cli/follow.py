@@ -28,6 +28,10 @@ TERMINAL = frozenset(
         types_pb2.JOB_STATE_REJECTED,
     }
 )
+# Before these end, a job has no logs: `jobs logs` says so instead of printing nothing.
+_UNSTARTED = frozenset(
+    {types_pb2.JOB_STATE_QUEUED, types_pb2.JOB_STATE_SCHEDULED, types_pb2.JOB_STATE_STARTING}
+)
 _DOWNLOAD_CHUNK = 1 << 20
 # Lines of stderr `submit --wait` prints when a job did not succeed.
 STDERR_TAIL_LINES = 20
@@ -178,9 +182,13 @@ async def job_logs(args: argparse.Namespace, ctx: Context) -> int:
         follow=args.follow,
         tail_lines=args.tail,
     )
+    if args.follow:
+        await _say_if_unstarted(ctx, args.job_id, "waiting for it to start")
     call = client.jobs.StreamLogs(request, metadata=client.metadata)
+    chunks = 0
     try:
         async for chunk in call:
+            chunks += 1
             if ctx.json:
                 print_json_line(chunk)
                 continue
@@ -189,7 +197,19 @@ async def job_logs(args: argparse.Namespace, ctx: Context) -> int:
             out.flush()
     finally:
         call.cancel()
+    if not chunks and not args.follow:
+        await _say_if_unstarted(ctx, args.job_id, "no logs yet")
     return EXIT_OK
+
+
+async def _say_if_unstarted(ctx: Context, job_id: str, what: str) -> None:
+    """`job X is queued: no logs yet` on stderr for a job that has not started (empty logs
+    would otherwise look like a job that printed nothing)."""
+    client = ctx.client()
+    job = (await client.call(client.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id))).job
+    if job.state in _UNSTARTED:
+        state = enum_name(types_pb2.JobState, job.state).lower()
+        print(f"job {job_id} is {state}: {what}", file=sys.stderr)
 
 
 async def _results(ctx: Context, job_id: str, attempt: int) -> jobs_pb2.GetResultsResponse:

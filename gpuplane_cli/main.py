@@ -11,7 +11,19 @@ from collections.abc import MutableMapping, Sequence
 
 import grpc
 
-from gpuplane_cli import admin, apply, data, hosts, jobs, ledger, natskeys, serve, up
+from gpuplane_cli import (
+    admin,
+    apply,
+    completion,
+    data,
+    hints,
+    hosts,
+    jobs,
+    ledger,
+    natskeys,
+    serve,
+    up,
+)
 from gpuplane_cli.args import Handler, common_options
 from gpuplane_cli.client import (
     EXIT_INTERRUPTED,
@@ -39,7 +51,7 @@ unavailable, 8 not implemented, 9 the job did not succeed, 130 interrupted"""
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The whole command tree. The daemon's own parser is loaded only for `daemon` commands."""
-    parser = argparse.ArgumentParser(
+    parser = hints.Parser(
         prog="gpuplane",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -57,6 +69,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ledger.register(subparsers, leaf_common)
     admin.register(subparsers, leaf_common)
     natskeys.register(subparsers, leaf_common)
+    completion.register(subparsers)
     return parser
 
 
@@ -97,7 +110,8 @@ def main(argv: Sequence[str] | None = None, environ: MutableMapping[str, str] | 
     are loaded into it, so that settings read from the environment see them too)."""
     words, command = split_command(sys.argv[1:] if argv is None else argv)
     parser = build_parser(words)
-    args = parser.parse_args(words)
+    completion.autocomplete(parser)  # under a shell's completion script: answers and exits
+    args = hints.parse(parser, words, command, takes_command=jobs.submit_job)
     if command:
         if not hasattr(args, "image"):
             parser.error("`-- COMMAND` is only accepted by `gpuplane jobs submit`")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_OK, EXIT_USAGE, Context
-from messaging.natsjwt import NatsKeys
 
 CONFIG_NAME = "nats-auth.conf"
 ENV_NAME = "controlplane-nats.env"
@@ -51,6 +50,8 @@ def init_keys(args: argparse.Namespace, ctx: Context) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from messaging.natsjwt import NatsKeys  # here: it loads nats-py, which other commands skip
+
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys = NatsKeys.generate()
     resolver_dir = args.resolver_dir or str((directory / "jwt").absolute())

@@ -10,8 +10,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pydantic import ValidationError
-
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_OK, EXIT_UNIMPLEMENTED, EXIT_USAGE, CliError, Context
 
@@ -64,6 +62,8 @@ def daemon_cli() -> ModuleType | None:
 
 
 async def serve_control_plane(args: argparse.Namespace, ctx: Context) -> int:
+    from pydantic import ValidationError
+
     from controlplane.server import serve
     from controlplane.settings import Settings
     from controlplane.tls import TlsConfigError
