@@ -66,6 +66,7 @@ _FIELDS = {
     "gpu_device_requests": "gpu_device_requests",
     "nats_url": "nats_url",
     "log_level": "log_level",
+    "metrics_addr": "metrics_addr",
 }
 
 
@@ -91,6 +92,7 @@ def add_daemon_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--gpu-device-requests", choices=["auto", "always", "never"])
     add("--nats-url", help="NATS server(s), comma-separated; default: from registration")
     add("--log-level")
+    add("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics there (off)")
     return run  # type: ignore[no-any-return]
 
 
@@ -181,8 +183,14 @@ def lock_data_dir(data_dir: Path) -> IO[str] | None:
 
 async def _serve(settings: DaemonSettings) -> None:
     from daemon.agent import Agent
+    from daemon.metrics import DaemonMetrics
 
     agent = Agent(settings)
+    if settings.metrics_addr:
+        agent.metrics = DaemonMetrics()
+        agent.metrics.watch(agent)
+        port = agent.metrics.serve(settings.metrics_addr)
+        log.info("metrics on %s (port %d)", settings.metrics_addr, port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -200,3 +208,5 @@ async def _serve(settings: DaemonSettings) -> None:
             task.cancel()
         await asyncio.gather(starting, stopping, return_exceptions=True)
         await agent.stop()
+        if agent.metrics is not None:
+            agent.metrics.stop()

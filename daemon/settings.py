@@ -167,6 +167,11 @@ class DaemonSettings(BaseSettings):
     )
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
     log_level: str = Field(default="INFO")
+    metrics_addr: str = Field(
+        default="",
+        description="Serve Prometheus /metrics on HOST:PORT (e.g. 127.0.0.1:9466; port 0 picks "
+        "one; a bare :PORT binds 127.0.0.1 only); empty (the default) serves none.",
+    )
 
     @model_validator(mode="after")
     def _tls_is_consistent(self) -> DaemonSettings:

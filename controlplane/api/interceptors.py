@@ -56,6 +56,27 @@ def _rewrap(handler: Handler, wrap: Wrap) -> Handler:
     )
 
 
+def rpc_type(handler: Handler) -> str:
+    """go-grpc-prometheus's grpc_type of a handler."""
+    if handler.unary_unary:
+        return "unary"
+    if handler.unary_stream:
+        return "server_stream"
+    return "client_stream" if handler.stream_unary else "bidi_stream"
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """ "/gpuplane.v1.AdminService/WhoAmI" → ("gpuplane.v1.AdminService", "WhoAmI")."""
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+def aborted_code(context: aio.ServicerContext[Any, Any]) -> str:
+    """The status a handler aborted with itself (context.abort)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
 class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     """The one place domain errors become status codes. Anything else is logged with its
     traceback and answered INTERNAL with a generic message and a reference to the log line."""
@@ -70,23 +91,32 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
+        kind = rpc_type(handler)
+        labels = (kind, *split_method(method))
         metrics = self.metrics
+        # Streams stay open for hours: their durations go to a histogram of their own.
+        durations = metrics.rpc_seconds if kind == "unary" else metrics.stream_seconds
+
+        def done(code: str, started: float | None = None) -> None:
+            metrics.rpcs.labels(*labels, code).inc()
+            if started is not None:
+                durations.labels(*labels).observe(time.perf_counter() - started)
 
         async def fail(context: aio.ServicerContext[Any, Any], error: BaseException) -> None:
             if isinstance(error, DomainError):
                 code = status_code_for(error)
-                metrics.rpcs.labels(method, code.name).inc()
+                done(code.name)
                 await context.abort(code, error.message)
             down = dependency_down(error)
             if down is not None:
                 log.warning(
                     "%s: the %s is unavailable: %s", method, down.dependency, type(error).__name__
                 )
-                metrics.rpcs.labels(method, "UNAVAILABLE").inc()
+                done("UNAVAILABLE")
                 await context.abort(grpc.StatusCode.UNAVAILABLE, down.message)
             ref = secrets.token_hex(4)
             log.error("unhandled error in %s (ref %s)", method, ref, exc_info=error)
-            metrics.rpcs.labels(method, "INTERNAL").inc()
+            done("INTERNAL")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
 
         def wrap(behaviour: Any, streams_out: bool) -> Any:
@@ -94,28 +124,30 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
 
                 async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                     started = time.perf_counter()
+                    metrics.rpcs_started.labels(*labels).inc()
                     try:
                         async for item in behaviour(request, context):
                             yield item
                     except aio.AbortError:
+                        done(aborted_code(context))
                         raise
                     except Exception as error:  # noqa: BLE001 - the one catch-all
                         await fail(context, error)
-                    metrics.rpcs.labels(method, "OK").inc()
-                    metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+                    done("OK", started)
 
                 return stream
 
             async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 started = time.perf_counter()
+                metrics.rpcs_started.labels(*labels).inc()
                 try:
                     response = await behaviour(request, context)
                 except aio.AbortError:
+                    done(aborted_code(context))
                     raise
                 except Exception as error:  # noqa: BLE001 - the one catch-all
                     await fail(context, error)
-                metrics.rpcs.labels(method, "OK").inc()
-                metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+                done("OK", started)
                 return response
 
             return unary
