@@ -20,6 +20,7 @@ from daemon import install
 from daemon.channel import ChannelConfigError
 from daemon.gpus import NoGpuError, UnknownGpuModel
 from daemon.identity import RegistrationError
+from daemon.metrics import DaemonMetrics, MetricsAddrError
 from daemon.settings import DaemonSettings
 from messaging.dirlock import DirLocked, lock_dir
 from messaging.envcheck import warn_unknown_settings
@@ -153,6 +154,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         RegistrationError,
         ChannelConfigError,
         TlsConfigError,
+        MetricsAddrError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -183,7 +185,6 @@ def lock_data_dir(data_dir: Path) -> IO[str] | None:
 
 async def _serve(settings: DaemonSettings) -> None:
     from daemon.agent import Agent
-    from daemon.metrics import DaemonMetrics
 
     agent = Agent(settings)
     if settings.metrics_addr:

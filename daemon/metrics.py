@@ -43,6 +43,10 @@ GPU_LABELS = ["host", "gpu", "model", "job_id"]
 _Kind = messaging_pb2.JobReportKind
 
 
+class MetricsAddrError(Exception):
+    """The metrics address cannot be listened on (taken, or not this machine's)."""
+
+
 class DaemonMetrics:
     """One registry per daemon: latencies observed as they happen, the rest read from the
     agent at scrape time (AgentCollector)."""
@@ -80,7 +84,10 @@ class DaemonMetrics:
 
     def serve(self, addr: str) -> int:
         """Starts /metrics on `addr` ("host:port"); returns the port."""
-        return self._server.serve(addr)
+        try:
+            return self._server.serve(addr)
+        except OSError as exc:
+            raise MetricsAddrError(f"cannot serve metrics on {addr}: {exc.strerror}") from exc
 
     def stop(self) -> None:
         self._server.stop()

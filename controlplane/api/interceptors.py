@@ -97,26 +97,28 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         # Streams stay open for hours: their durations go to a histogram of their own.
         durations = metrics.rpc_seconds if kind == "unary" else metrics.stream_seconds
 
-        def done(code: str, started: float | None = None) -> None:
+        def done(code: str, started: float) -> None:
+            """One RPC ended with `code`, whichever: counted and timed."""
             metrics.rpcs.labels(*labels, code).inc()
-            if started is not None:
-                durations.labels(*labels).observe(time.perf_counter() - started)
+            durations.labels(*labels).observe(time.perf_counter() - started)
 
-        async def fail(context: aio.ServicerContext[Any, Any], error: BaseException) -> None:
+        async def fail(
+            context: aio.ServicerContext[Any, Any], error: BaseException, started: float
+        ) -> None:
             if isinstance(error, DomainError):
                 code = status_code_for(error)
-                done(code.name)
+                done(code.name, started)
                 await context.abort(code, error.message)
             down = dependency_down(error)
             if down is not None:
                 log.warning(
                     "%s: the %s is unavailable: %s", method, down.dependency, type(error).__name__
                 )
-                done("UNAVAILABLE")
+                done("UNAVAILABLE", started)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, down.message)
             ref = secrets.token_hex(4)
             log.error("unhandled error in %s (ref %s)", method, ref, exc_info=error)
-            done("INTERNAL")
+            done("INTERNAL", started)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
 
         def wrap(behaviour: Any, streams_out: bool) -> Any:
@@ -129,10 +131,10 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
                         async for item in behaviour(request, context):
                             yield item
                     except aio.AbortError:
-                        done(aborted_code(context))
+                        done(aborted_code(context), started)
                         raise
                     except Exception as error:  # noqa: BLE001 - the one catch-all
-                        await fail(context, error)
+                        await fail(context, error, started)
                     done("OK", started)
 
                 return stream
@@ -143,10 +145,10 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
                 try:
                     response = await behaviour(request, context)
                 except aio.AbortError:
-                    done(aborted_code(context))
+                    done(aborted_code(context), started)
                     raise
                 except Exception as error:  # noqa: BLE001 - the one catch-all
-                    await fail(context, error)
+                    await fail(context, error, started)
                 done("OK", started)
                 return response
 

@@ -208,5 +208,5 @@ async def test_metrics_count_rpcs_by_code(control_plane: JobPlane) -> None:
     assert f'grpc_server_handled_total{{grpc_code="OK",{who}}} 1.0' in body
     assert f'grpc_server_handled_total{{grpc_code="UNAUTHENTICATED",{who}}} 1.0' in body
     assert f"grpc_server_started_total{{{who}}} 2.0" in body
-    assert f"grpc_server_handling_seconds_count{{{who}}} 1.0" in body
+    assert f"grpc_server_handling_seconds_count{{{who}}} 2.0" in body
     assert "gpuplane_up 1.0" in body
