@@ -11,7 +11,6 @@ from gpuplane.v1 import messaging_pb2
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from requests.exceptions import RequestException
 
 from daemon.progress import Progress
 from messaging.exposition import MetricsServer, add_standard_collectors
@@ -156,7 +155,7 @@ class AgentCollector(Collector):
         if runtime is not None:
             try:
                 containers.add_metric([], len(runtime.job_containers()))
-            except (DockerException, RequestException) as exc:
+            except (DockerException, OSError) as exc:  # requests' errors are OSErrors
                 log.warning("metrics: listing containers failed: %s", exc)
         yield containers
         draining = GaugeMetricFamily(

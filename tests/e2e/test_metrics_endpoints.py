@@ -21,6 +21,7 @@ from gpuplane.v1 import types_pb2
 
 from devstack import DockerEngine, NatsServer, S3Server
 from devstack.ports import free_port
+from tests.deploy.formats import DEPLOY
 from tests.deploy.promql import (
     dashboard_exprs,
     exported_names,
@@ -213,6 +214,12 @@ async def test_both_metrics_endpoints_pass_promtool_and_serve_what_deploy_reads(
 
     assert_promtool_accepts(daemon_text, "the daemon's /metrics")
     assert_promtool_accepts(cp_text, "the control plane's /metrics")
+
+    # deploy/README.md's "What to monitor" names every metric the daemon exports.
+    readme = (DEPLOY / "README.md").read_text()
+    families = {line.split()[2] for line in daemon_text.splitlines() if line.startswith("# TYPE ")}
+    undocumented = {n for n in families if not n.endswith("_created") and f"`{n}`" not in readme}
+    assert undocumented == set()
 
     exported = exported_names(daemon_text) | exported_names(cp_text)
     used = [(where, name) for where, expr in [*dashboard_exprs(), *rule_exprs()]
