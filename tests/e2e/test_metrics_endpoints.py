@@ -143,33 +143,8 @@ async def test_both_metrics_endpoints_pass_promtool_and_serve_what_deploy_reads(
 ) -> None:
     daemon_url, process = daemon_metrics
     host = await online_host(plane, process)
-    labels = {"host": host.host_id, "model": MODELS[H100], "gpu": H100}
-    idle = await until(
-        daemon_url,
-        lambda t: value(t, "gpuplane_daemon_gpu_temperature_celsius", **labels, job_id="") == 40,
-        "the H100's temperature",
-    )
-    assert value(idle, "gpuplane_daemon_control_plane_connected") == 1
-    assert value(idle, "gpuplane_daemon_nats_connected") == 1
-    assert value(idle, "gpuplane_daemon_gpu_quarantined", **labels) == 0
-    assert value(idle, "gpuplane_daemon_attempts", step="running") == 0
-    assert value(idle, "gpuplane_daemon_build_info") == 1
-
-    # A job runs: its GPU's series carry its id, and the daemon counts its container.
-    script = "sleep 2; echo done > /output/result.txt"
-    job = await plane.submit(image=test_image, command=["sh", "-c", script], gpu_count=1)
-    await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_RUNNING])
-    running = await until(
-        daemon_url,
-        lambda t: any(
-            value(t, "gpuplane_daemon_gpu_utilization_percent", gpu=gpu, job_id=job.job_id)
-            is not None
-            for gpu in MODELS
-        ),
-        "the job's GPU series",
-    )
-    assert value(running, "gpuplane_daemon_attempts", step="running") == 1
-    assert value(running, "gpuplane_daemon_containers") == 1
+    await check_idle_daemon(daemon_url, host.host_id)
+    job = await check_a_running_job(plane, daemon_url, test_image)
 
     # It finishes: the upload and the reports are timed, the container is gone.
     done = await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_SUCCEEDED], timeout=30)
@@ -184,8 +159,47 @@ async def test_both_metrics_endpoints_pass_promtool_and_serve_what_deploy_reads(
     assert value(daemon_text, "gpuplane_daemon_report_publish_seconds_count", kind="running")
     assert value(daemon_text, "gpuplane_daemon_attempts", step="running") == 0
 
-    # The control plane: the ledger's totals once the refresher has read the settled job.
-    charged = done.charged_micro_credits
+    cp_text = await check_control_plane(plane, done.charged_micro_credits)
+    assert_promtool_accepts(daemon_text, "the daemon's /metrics")
+    assert_promtool_accepts(cp_text, "the control plane's /metrics")
+    check_deploy_reads_exported_names(daemon_text, cp_text)
+
+
+async def check_idle_daemon(daemon_url: str, host_id: str) -> None:
+    labels = {"host": host_id, "model": MODELS[H100], "gpu": H100}
+    idle = await until(
+        daemon_url,
+        lambda t: value(t, "gpuplane_daemon_gpu_temperature_celsius", **labels, job_id="") == 40,
+        "the H100's temperature",
+    )
+    assert value(idle, "gpuplane_daemon_control_plane_connected") == 1
+    assert value(idle, "gpuplane_daemon_nats_connected") == 1
+    assert value(idle, "gpuplane_daemon_gpu_quarantined", **labels) == 0
+    assert value(idle, "gpuplane_daemon_attempts", step="running") == 0
+    assert value(idle, "gpuplane_daemon_build_info") == 1
+
+
+async def check_a_running_job(plane: JobPlane, daemon_url: str, image: str) -> types_pb2.Job:
+    """A job runs: its GPU's series carry its id, and the daemon counts its container."""
+    script = "sleep 2; echo done > /output/result.txt"
+    job = await plane.submit(image=image, command=["sh", "-c", script], gpu_count=1)
+    await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_RUNNING])
+    running = await until(
+        daemon_url,
+        lambda t: any(
+            value(t, "gpuplane_daemon_gpu_utilization_percent", gpu=gpu, job_id=job.job_id)
+            is not None
+            for gpu in MODELS
+        ),
+        "the job's GPU series",
+    )
+    assert value(running, "gpuplane_daemon_attempts", step="running") == 1
+    assert value(running, "gpuplane_daemon_containers") == 1
+    return job
+
+
+async def check_control_plane(plane: JobPlane, charged: int) -> str:
+    """The ledger's totals once the refresher has read the settled job; the RPC metrics."""
     assert charged > 0
     cp_url = f"http://127.0.0.1:{plane.plane.metrics_port}/metrics"
     total = "gpuplane_ledger_transferred_micro_credits_total"
@@ -201,26 +215,24 @@ async def test_both_metrics_endpoints_pass_promtool_and_serve_what_deploy_reads(
     assert value(cp_text, total, kind="deposit") == 100 * CREDIT
     assert value(cp_text, total, kind="payout") == 0
     assert value(cp_text, "gpuplane_ledger_imbalance_micro_credits") == 0
-    assert value(cp_text, "gpuplane_ledger_holds_outstanding") == 0
-    assert value(cp_text, "gpuplane_ledger_balance_micro_credits", kind="external") == -(
-        100 * CREDIT
-    )
+    balance = "gpuplane_ledger_balance_micro_credits"
+    assert value(cp_text, balance, kind="external") == -100 * CREDIT
     assert value(cp_text, "gpuplane_build_info") == 1
     assert value(cp_text, "process_resident_memory_bytes")
     # Connect is a stream: in its own histogram once it ends, never in the unary one.
     connect = {"grpc_service": "gpuplane.v1.RegistryService", "grpc_method": "Connect"}
     assert value(cp_text, "grpc_server_started_total", **connect, grpc_type="bidi_stream")
     assert value(cp_text, "grpc_server_handling_seconds_count", **connect) is None
+    return cp_text
 
-    assert_promtool_accepts(daemon_text, "the daemon's /metrics")
-    assert_promtool_accepts(cp_text, "the control plane's /metrics")
 
+def check_deploy_reads_exported_names(daemon_text: str, cp_text: str) -> None:
     # deploy/README.md's "What to monitor" names every metric the daemon exports.
     readme = (DEPLOY / "README.md").read_text()
     families = {line.split()[2] for line in daemon_text.splitlines() if line.startswith("# TYPE ")}
     undocumented = {n for n in families if not n.endswith("_created") and f"`{n}`" not in readme}
     assert undocumented == set()
-
+    # Every metric the dashboards and the alert rules read is exported by one of the two.
     exported = exported_names(daemon_text) | exported_names(cp_text)
     used = [(where, name) for where, expr in [*dashboard_exprs(), *rule_exprs()]
             for name in metric_names(expr)]  # fmt: skip
