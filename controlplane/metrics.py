@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
-from wsgiref.simple_server import WSGIServer
+from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controlplane.jobs.spending import TenantSpend
 from controlplane.registry.monitor import GpuMonitor
+from messaging.exposition import MetricsServer, add_standard_collectors
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerTotals:
+    """One read of the ledger, integer micro-credits."""
+
+    # Account balances summed by account kind.
+    balances: dict[str, int] = field(default_factory=dict)
+    # Micro-credits moved by each transfer kind since the ledger began.
+    transferred: dict[str, int] = field(default_factory=dict)
+    holds: int = 0
+    held: int = 0
 
 
 class Metrics:
     """One registry per control plane, so several can live in one process (tests)."""
 
-    # This process: RPCs, whether it serves, dropped daemon reports.
+    # This process: RPCs (named as go-grpc-prometheus names them), whether it serves, dropped
+    # daemon reports.
+    rpcs_started: Counter
     rpcs: Counter
     rpc_seconds: Histogram
+    stream_seconds: Histogram
     up: Gauge
     reports_dropped: Counter
     reports_capped: Counter
@@ -40,28 +55,48 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        add_standard_collectors(self.registry, "gpuplane_build")
+        self._add_rpc_metrics()
         self._add_process_metrics()
         self._add_scheduler_metrics()
         self._add_fleet_gauges()
         self._add_spending_metrics()
+        self._ledger = LedgerCollector()
+        self.registry.register(self._ledger)
         self._telemetry: TelemetryCollector | None = None
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = MetricsServer(self.registry)
 
-    def _add_process_metrics(self) -> None:
+    def _add_rpc_metrics(self) -> None:
+        # The names and labels of go-grpc-prometheus (the grpc-ecosystem dashboards' queries).
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.rpcs_started = Counter(
+            "grpc_server_started_total",
+            "RPCs started on the server.",
+            labels,
+            registry=self.registry,
+        )
         self.rpcs = Counter(
-            "gpuplane_rpc_total",
-            "RPCs handled, by method and status code.",
-            ["method", "code"],
+            "grpc_server_handled_total",
+            "RPCs completed on the server, whatever their status code.",
+            [*labels, "grpc_code"],
             registry=self.registry,
         )
         self.rpc_seconds = Histogram(
-            "gpuplane_rpc_duration_seconds",
-            "RPC handling time, by method.",
-            ["method"],
+            "grpc_server_handling_seconds",
+            "Handling time of unary RPCs (streaming ones: gpuplane_rpc_stream_duration_seconds).",
+            labels,
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
         )
+        self.stream_seconds = Histogram(
+            "gpuplane_rpc_stream_duration_seconds",
+            "How long streaming RPCs stayed open (a daemon's Connect stream, log follows).",
+            labels,
+            registry=self.registry,
+            buckets=(0.1, 1, 10, 60, 300, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600),
+        )
+
+    def _add_process_metrics(self) -> None:
         self.up = Gauge("gpuplane_up", "1 while this control plane serves.", registry=self.registry)
         self.reports_dropped = Counter(
             "gpuplane_job_reports_dropped_total",
@@ -131,6 +166,30 @@ class Metrics:
             "Age of the oldest unacknowledged command to a daemon (0 when none).",
             registry=self.registry,
         )
+        # The ledger, in integer micro-credits (controlplane.gauges reads them).
+        self.ledger_balances = Gauge(
+            "gpuplane_ledger_balance_micro_credits",
+            "Sum of the ledger's account balances, by account kind (available, held, earnings, "
+            "revenue, external).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.ledger_unbalanced = Gauge(
+            "gpuplane_ledger_imbalance_micro_credits",
+            "Sum of all account balances; double entry keeps it 0, anything else is a ledger "
+            "fault (run `gpuplane ledger check`).",
+            registry=self.registry,
+        )
+        self.holds_outstanding = Gauge(
+            "gpuplane_ledger_holds_outstanding",
+            "Holds not yet posted, voided or expired.",
+            registry=self.registry,
+        )
+        self.holds_outstanding_amount = Gauge(
+            "gpuplane_ledger_holds_outstanding_micro_credits",
+            "What the outstanding holds hold.",
+            registry=self.registry,
+        )
 
     def _add_spending_metrics(self) -> None:
         self.tenant_spend_ratio = Gauge(
@@ -164,6 +223,15 @@ class Metrics:
                 self.spending_alerts.labels(str(percent)).inc()
             self.spending_limit_stops.inc(len(spend.stopped))
 
+    def record_ledger(self, totals: LedgerTotals) -> None:
+        """One read of the ledger (controlplane.gauges): balances, transfer totals, holds."""
+        for kind, balance in totals.balances.items():
+            self.ledger_balances.labels(kind).set(balance)
+        self.ledger_unbalanced.set(sum(totals.balances.values()))
+        self.holds_outstanding.set(totals.holds)
+        self.holds_outstanding_amount.set(totals.held)
+        self._ledger.totals = dict(totals.transferred)
+
     def watch_telemetry(self, monitor: GpuMonitor) -> None:
         """Exports the GPU telemetry `monitor` keeps (once per process)."""
         if self._telemetry is None:
@@ -172,18 +240,28 @@ class Metrics:
 
     def serve(self, addr: str) -> int:
         """Starts /metrics on `addr` ("host:port", port 0 picks one); returns the port."""
-        host, _, port = addr.rpartition(":")
-        server, thread = start_http_server(
-            int(port), addr=host or "127.0.0.1", registry=self.registry
-        )
-        self._server, self._thread = server, thread
-        return int(server.server_port)
+        return self._server.serve(addr)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._server.stop()
+
+
+class LedgerCollector(Collector):
+    """What each transfer kind (deposit, charge, fee, payout, ...) has moved, as the last
+    refresh read it: counters, since transfers are only ever appended."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "gpuplane_ledger_transferred_micro_credits",
+            "Micro-credits moved by the ledger's transfers since it began, by transfer kind.",
+            labels=["kind"],
+        )
+        for kind, amount in sorted(self.totals.items()):
+            family.add_metric([kind], amount)
+        yield family
 
 
 # (metric name, help, sample field, scale to the metric's unit)
@@ -193,17 +271,18 @@ GPU_GAUGES = (
     ("gpuplane_gpu_temperature_celsius", "GPU temperature.", "temperature_celsius", 1.0),
     ("gpuplane_gpu_power_watts", "GPU power draw.", "power_draw_milliwatts", 1e-3),
     ("gpuplane_gpu_sm_clock_hertz", "GPU SM clock.", "sm_clock_mhz", 1e6),
+)
+# NVML's ECC error counts only grow (until the driver reloads): counters (`_total`).
+GPU_COUNTERS = (
     (
         "gpuplane_gpu_ecc_corrected_errors",
         "Corrected ECC errors NVML reports.",
         "ecc_corrected_errors",
-        1.0,
     ),
     (
         "gpuplane_gpu_ecc_uncorrected_errors",
         "Uncorrected ECC errors NVML reports.",
         "ecc_uncorrected_errors",
-        1.0,
     ),
 )
 
@@ -219,6 +298,7 @@ class TelemetryCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["host", "gpu"]
         gauges = [GaugeMetricFamily(name, text, labels=labels) for name, text, _, _ in GPU_GAUGES]
+        counters = [CounterMetricFamily(n, text, labels=labels) for n, text, _ in GPU_COUNTERS]
         healthy = GaugeMetricFamily(
             "gpuplane_gpu_healthy", "1 while the GPU is healthy, else 0.", labels=labels
         )
@@ -230,9 +310,12 @@ class TelemetryCollector(Collector):
                 latest = series.latest
                 if latest is None:
                     continue
-                for family, (_, _, field, scale) in zip(gauges, GPU_GAUGES, strict=True):
-                    family.add_metric(key, getattr(latest, field) * scale)
+                for family, (_, _, name, scale) in zip(gauges, GPU_GAUGES, strict=True):
+                    family.add_metric(key, getattr(latest, name) * scale)
+                for counter, (_, _, name) in zip(counters, GPU_COUNTERS, strict=True):
+                    counter.add_metric(key, getattr(latest, name))
         yield from gauges
+        yield from counters
         yield healthy
         accepted = CounterMetricFamily(
             "gpuplane_telemetry_samples", "GPU telemetry samples accepted."

@@ -34,6 +34,7 @@ from daemon.identity import (
     register,
 )
 from daemon.journal import Journal, JournalEntry
+from daemon.metrics import DaemonMetrics
 from daemon.nvml import NvmlSampler
 from daemon.probe import run_probe
 from daemon.progress import Progress
@@ -81,6 +82,8 @@ class Agent:
         self._http: urllib3.PoolManager | None = None
         self.connect: ConnectClient | None = None
         self.scrubber: Scrubber | None = None
+        # Set before start() when the daemon serves /metrics (daemon/metrics.py).
+        self.metrics: DaemonMetrics | None = None
 
     @property
     def host_id(self) -> str:
@@ -108,6 +111,7 @@ class Agent:
         )
         self._http = grant_http_pool()
         self._bus = await connect_bus(settings, identity)
+        self._bus.on_report_published = self.metrics.observe_report if self.metrics else None
         self.leftovers = {(e.job_id, e.attempt): e for e in self.journal.entries()}
         journaled = (e.dispatch_b64 for e in self.leftovers.values())
         self.scrubber = await scrubber_for(settings, self.inventory, journaled)
@@ -289,6 +293,7 @@ class Agent:
             journal=self.journal,
             facts=self._host_facts(),
             scrubber=self.scrubber,
+            on_uploaded=self.metrics.observe_upload if self.metrics else None,
         )
         key = (dispatch.job_id, dispatch.attempt)
         self.executors[key] = executor

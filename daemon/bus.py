@@ -7,6 +7,7 @@ import base64
 import logging
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ _CREDS_JWT = re.compile(r"-----BEGIN NATS USER JWT-----\s*(\S+)\s*------END NATS
 _CREDS_SEED = re.compile(r"-----BEGIN USER NKEY SEED-----\s*(\S+)\s*------END USER NKEY SEED------")
 
 OnDispatch = Callable[[Msg], Awaitable[None]]
+ReportPublished = Callable[["messaging_pb2.JobReportKind.ValueType", float], None]
 # How long a dispatch may stay un-acked before JetStream delivers it again, and how often.
 DISPATCH_ACK_WAIT_SECONDS = 30.0
 DISPATCH_MAX_DELIVER = 5
@@ -77,6 +79,8 @@ class DaemonBus:
         self.client = client
         self.js: JetStreamContext = client.jetstream()
         self.credentials = credentials
+        # Told each report's kind and seconds from publish to JetStream's ack (metrics).
+        self.on_report_published: ReportPublished | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
 
     @classmethod
@@ -150,6 +154,7 @@ class DaemonBus:
         if self.signer is not None:
             headers[SIGNATURE_HEADER] = self.signer.header(data)
         delay = 0.2
+        started = time.perf_counter()
         while True:
             try:
                 await self.js.publish(
@@ -158,6 +163,8 @@ class DaemonBus:
                     timeout=5,
                     headers=headers,
                 )
+                if self.on_report_published is not None:
+                    self.on_report_published(report.kind, time.perf_counter() - started)
                 return
             except (nats.errors.Error, OSError) as exc:
                 log.warning(

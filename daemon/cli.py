@@ -20,6 +20,7 @@ from daemon import install
 from daemon.channel import ChannelConfigError
 from daemon.gpus import NoGpuError, UnknownGpuModel
 from daemon.identity import RegistrationError
+from daemon.metrics import DaemonMetrics, MetricsAddrError
 from daemon.settings import DaemonSettings
 from messaging.dirlock import DirLocked, lock_dir
 from messaging.envcheck import warn_unknown_settings
@@ -66,6 +67,7 @@ _FIELDS = {
     "gpu_device_requests": "gpu_device_requests",
     "nats_url": "nats_url",
     "log_level": "log_level",
+    "metrics_addr": "metrics_addr",
 }
 
 
@@ -91,6 +93,7 @@ def add_daemon_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--gpu-device-requests", choices=["auto", "always", "never"])
     add("--nats-url", help="NATS server(s), comma-separated; default: from registration")
     add("--log-level")
+    add("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics there (off)")
     return run  # type: ignore[no-any-return]
 
 
@@ -151,6 +154,7 @@ def run_daemon(args: argparse.Namespace) -> int:
         RegistrationError,
         ChannelConfigError,
         TlsConfigError,
+        MetricsAddrError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -183,6 +187,11 @@ async def _serve(settings: DaemonSettings) -> None:
     from daemon.agent import Agent
 
     agent = Agent(settings)
+    if settings.metrics_addr:
+        agent.metrics = DaemonMetrics()
+        agent.metrics.watch(agent)
+        port = agent.metrics.serve(settings.metrics_addr)
+        log.info("metrics on %s (port %d)", settings.metrics_addr, port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -200,3 +209,5 @@ async def _serve(settings: DaemonSettings) -> None:
             task.cancel()
         await asyncio.gather(starting, stopping, return_exceptions=True)
         await agent.stop()
+        if agent.metrics is not None:
+            agent.metrics.stop()

@@ -107,6 +107,7 @@ class JobExecutor:
         journal: Journal | None = None,
         facts: HostFacts | None = None,
         scrubber: Scrubber | None = None,
+        on_uploaded: Callable[[messaging_pb2.StopReason.ValueType, float], None] | None = None,
     ) -> None:
         self.dispatch = dispatch
         self.job_id, self.attempt = dispatch.job_id, dispatch.attempt
@@ -119,6 +120,8 @@ class JobExecutor:
         self._publish_log = publish_log
         self.journal = journal
         self.scrubber = scrubber
+        # Told how storing the results ended (a StopReason) and how long it took (metrics).
+        self._on_uploaded = on_uploaded
         self.progress = Progress.ACCEPTED
         self.terminal: messaging_pb2.JobReport | None = None
         self.work_dir = work_dir_for(settings, self.job_id, self.attempt)
@@ -348,6 +351,7 @@ class JobExecutor:
         await self._advance(
             Progress.UPLOADING, exit_code=info.exit_code, run_time_ms=info.run_time_ms
         )
+        started = time.perf_counter()
         try:
             stored = await self._unless_cancelled(
                 store_results(
@@ -362,6 +366,8 @@ class JobExecutor:
                 exit_code=info.exit_code,
                 run_time_ms=info.run_time_ms,
             )
+        if self._on_uploaded is not None:
+            self._on_uploaded(stored.failure, time.perf_counter() - started)
         finished: dict[str, Any] = {
             "exit_code": info.exit_code,
             "run_time_ms": info.run_time_ms,

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.channel import ChannelSecurity
@@ -167,6 +167,11 @@ class DaemonSettings(BaseSettings):
     )
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
     log_level: str = Field(default="INFO")
+    metrics_addr: str = Field(
+        default="",
+        description="Serve Prometheus /metrics on HOST:PORT (e.g. 127.0.0.1:9466; port 0 picks "
+        "one; a bare :PORT binds 127.0.0.1 only); empty (the default) serves none.",
+    )
 
     @model_validator(mode="after")
     def _tls_is_consistent(self) -> DaemonSettings:
@@ -184,6 +189,14 @@ class DaemonSettings(BaseSettings):
             key_file=self.tls_key_file,
             server_name=self.tls_server_name,
         )
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _metrics_addr_is_host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if value and not (sep and port.isdigit() and int(port) <= 65535):
+            raise ValueError(f"want HOST:PORT (e.g. 127.0.0.1:9466), not {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _derive_machine_id(self) -> DaemonSettings:

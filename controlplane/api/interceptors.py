@@ -56,6 +56,69 @@ def _rewrap(handler: Handler, wrap: Wrap) -> Handler:
     )
 
 
+def rpc_type(handler: Handler) -> str:
+    """go-grpc-prometheus's grpc_type of a handler."""
+    if handler.unary_unary:
+        return "unary"
+    if handler.unary_stream:
+        return "server_stream"
+    return "client_stream" if handler.stream_unary else "bidi_stream"
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """ "/gpuplane.v1.AdminService/WhoAmI" → ("gpuplane.v1.AdminService", "WhoAmI")."""
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+def aborted_code(context: aio.ServicerContext[Any, Any]) -> str:
+    """The status a handler aborted with itself (context.abort)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+class _RpcCall:
+    """One method's metrics (go-grpc-prometheus's labels) and its error answers."""
+
+    def __init__(self, metrics: Metrics, method: str, kind: str) -> None:
+        self.method = method
+        self.labels = (kind, *split_method(method))
+        self.rpcs_started = metrics.rpcs_started
+        self.rpcs = metrics.rpcs
+        # Streams stay open for hours: their durations go to a histogram of their own.
+        self.durations = metrics.rpc_seconds if kind == "unary" else metrics.stream_seconds
+
+    def start(self) -> float:
+        """One RPC started: counted; returns when (perf_counter)."""
+        self.rpcs_started.labels(*self.labels).inc()
+        return time.perf_counter()
+
+    def done(self, code: str, started: float) -> None:
+        """One RPC ended with `code`, whichever: counted and timed."""
+        self.rpcs.labels(*self.labels, code).inc()
+        self.durations.labels(*self.labels).observe(time.perf_counter() - started)
+
+    async def fail(
+        self, context: aio.ServicerContext[Any, Any], error: BaseException, started: float
+    ) -> None:
+        method = self.method
+        if isinstance(error, DomainError):
+            code = status_code_for(error)
+            self.done(code.name, started)
+            await context.abort(code, error.message)
+        down = dependency_down(error)
+        if down is not None:
+            log.warning(
+                "%s: the %s is unavailable: %s", method, down.dependency, type(error).__name__
+            )
+            self.done("UNAVAILABLE", started)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, down.message)
+        ref = secrets.token_hex(4)
+        log.error("unhandled error in %s (ref %s)", method, ref, exc_info=error)
+        self.done("INTERNAL", started)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+
+
 class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     """The one place domain errors become status codes. Anything else is logged with its
     traceback and answered INTERNAL with a generic message and a reference to the log line."""
@@ -69,53 +132,36 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler  # unknown method: grpc answers UNIMPLEMENTED
-        method = handler_call_details.method
-        metrics = self.metrics
-
-        async def fail(context: aio.ServicerContext[Any, Any], error: BaseException) -> None:
-            if isinstance(error, DomainError):
-                code = status_code_for(error)
-                metrics.rpcs.labels(method, code.name).inc()
-                await context.abort(code, error.message)
-            down = dependency_down(error)
-            if down is not None:
-                log.warning(
-                    "%s: the %s is unavailable: %s", method, down.dependency, type(error).__name__
-                )
-                metrics.rpcs.labels(method, "UNAVAILABLE").inc()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, down.message)
-            ref = secrets.token_hex(4)
-            log.error("unhandled error in %s (ref %s)", method, ref, exc_info=error)
-            metrics.rpcs.labels(method, "INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+        call = _RpcCall(self.metrics, handler_call_details.method, rpc_type(handler))
+        start, done, fail = call.start, call.done, call.fail
 
         def wrap(behaviour: Any, streams_out: bool) -> Any:
             if streams_out:
 
                 async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                    started = time.perf_counter()
+                    started = start()
                     try:
                         async for item in behaviour(request, context):
                             yield item
                     except aio.AbortError:
+                        done(aborted_code(context), started)
                         raise
                     except Exception as error:  # noqa: BLE001 - the one catch-all
-                        await fail(context, error)
-                    metrics.rpcs.labels(method, "OK").inc()
-                    metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+                        await fail(context, error, started)
+                    done("OK", started)
 
                 return stream
 
             async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
+                started = start()
                 try:
                     response = await behaviour(request, context)
                 except aio.AbortError:
+                    done(aborted_code(context), started)
                     raise
                 except Exception as error:  # noqa: BLE001 - the one catch-all
-                    await fail(context, error)
-                metrics.rpcs.labels(method, "OK").inc()
-                metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+                    await fail(context, error, started)
+                done("OK", started)
                 return response
 
             return unary

@@ -204,9 +204,9 @@ async def test_metrics_count_rpcs_by_code(control_plane: JobPlane) -> None:
     body = (
         await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
     ).decode()
-    assert 'gpuplane_rpc_total{code="OK",method="/gpuplane.v1.AdminService/WhoAmI"} 1.0' in body
-    assert (
-        'gpuplane_rpc_total{code="UNAUTHENTICATED",method="/gpuplane.v1.AdminService/WhoAmI"} 1.0'
-        in body
-    )
+    who = 'grpc_method="WhoAmI",grpc_service="gpuplane.v1.AdminService",grpc_type="unary"'
+    assert f'grpc_server_handled_total{{grpc_code="OK",{who}}} 1.0' in body
+    assert f'grpc_server_handled_total{{grpc_code="UNAUTHENTICATED",{who}}} 1.0' in body
+    assert f"grpc_server_started_total{{{who}}} 2.0" in body
+    assert f"grpc_server_handling_seconds_count{{{who}}} 2.0" in body
     assert "gpuplane_up 1.0" in body

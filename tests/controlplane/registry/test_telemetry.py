@@ -171,7 +171,7 @@ async def test_get_host_and_metrics_show_telemetry_invalid_samples_are_counted(
             ("sm_clock_hertz", 1.41e9),
             ("memory_used_bytes", 2 * GIB),
             ("utilization_percent", 31),
-            ("ecc_uncorrected_errors", 0),
+            ("ecc_uncorrected_errors_total", 0),
             ("healthy", 1),
         ]:
             shown = floatToGoString(value)  # type: ignore[no-untyped-call]
