@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
@@ -87,6 +88,8 @@ async def stream_events(ctx: Context, job_id: str, after_seq: int, *, show: bool
                         print(event_line(event), flush=True)
                     if event.state in TERMINAL:
                         return int(event.state)
+                    if ticker:
+                        ticker.resume()
             except grpc.RpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE or resumes >= MAX_RESUMES:
                     raise
@@ -285,25 +288,39 @@ def download_one(obj: types_pb2.ResultObject, destination: Path) -> None:
 
 
 class _Ticker:
-    """A one-line "STATE for 12s" status on stderr, redrawn every second while waiting."""
+    """A spinner and "STATE for 12s" on stderr (rich's Live, transient), while waiting. It
+    is taken down while an event line is printed (`clear`, then `resume`): stdout and stderr
+    share the terminal, and a line printed under a live display would be overdrawn."""
 
     def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.spinner import Spinner
+
         self.state = "waiting"
         self.since = time.monotonic()
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        self.spinner = Spinner("dots")
+        self.live = Live(
+            self,
+            console=Console(stderr=True),
+            transient=True,
+            refresh_per_second=4,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.live.start()
+
+    def __rich__(self) -> Any:
+        elapsed = int(time.monotonic() - self.since)
+        self.spinner.update(text=f"{self.state} for {elapsed}s")
+        return self.spinner
 
     def clear(self, state: str) -> None:
-        sys.stderr.write("\r\033[K")
+        self.live.stop()
         self.state, self.since = state, time.monotonic()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(1)
-            elapsed = int(time.monotonic() - self.since)
-            sys.stderr.write(f"\r\033[K{self.state} for {elapsed}s …")
-            sys.stderr.flush()
+    def resume(self) -> None:
+        self.live.start()
 
     def stop(self) -> None:
-        self.task.cancel()
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+        self.live.stop()

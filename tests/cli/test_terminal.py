@@ -7,6 +7,7 @@ import fcntl
 import os
 import pty
 import re
+import select
 import struct
 import subprocess
 import termios
@@ -47,6 +48,43 @@ def run_in_pty(argv: list[str], env: dict[str, str], columns: int = 80) -> tuple
     os.close(master)
     code = process.wait(30)
     return code, b"".join(chunks).decode()
+
+
+def read_until(master: int, pattern: str, timeout: float = 20) -> str:
+    """What the pty shows until `pattern` (a regex) appears in it."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, seen.decode(errors="replace")):
+        left = deadline - time.monotonic()
+        assert left > 0, f"{pattern!r} not seen in {seen!r}"
+        if select.select([master], [], [], left)[0]:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            seen += data
+    return seen.decode(errors="replace")
+
+
+def test_waiting_shows_a_spinner_with_the_time_in_the_state(cli: Cli, served: Served) -> None:
+    _, key = funded_consumer(cli, served)
+    job_id = submit(cli, key)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    argv = [*CLI, "jobs", "watch", job_id[4:12]]
+    process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=_env(served, key))
+    os.close(slave)
+    try:
+        # The event line, then a spinner frame (braille "dots") with the time in QUEUED.
+        shown = read_until(master, r"QUEUED for [1-9]s")
+        assert re.search(r"attempt \d+\s+QUEUED", shown), shown
+        assert re.search(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] QUEUED for [1-9]s", shown), shown
+        assert cli("jobs", "cancel", job_id, key=key).code == 0
+        shown = read_until(master, r"CANCELLED")
+        assert process.wait(20) == 9  # watched to its end, which is not SUCCEEDED
+    finally:
+        process.kill()
+        os.close(master)
 
 
 def test_jobs_list_fits_an_80_column_terminal(cli: Cli, served: Served) -> None:
