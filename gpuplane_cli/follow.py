@@ -9,13 +9,14 @@ import sys
 import time
 import urllib.request
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_ERROR, EXIT_JOB_FAILED, EXIT_OK, CliError, Context
+from gpuplane_cli.data import Progress
 from gpuplane_cli.output import enum_name, print_json, print_json_line, table, when
 from gpuplane_cli.units import format_bytes, format_credits, format_duration_ms
 from gpuplane_cli.verify import save_provenance
@@ -231,7 +232,8 @@ def results_table(response: jobs_pb2.GetResultsResponse) -> str:
 async def job_results(args: argparse.Namespace, ctx: Context) -> int:
     response = await _results(ctx, args.job_id, args.attempt)
     if args.download:
-        await download_all(response, Path(args.download), quiet=ctx.json)
+        bar_to = sys.stderr if sys.stderr.isatty() and not ctx.json else None
+        await download_all(response, Path(args.download), quiet=ctx.json, progress_to=bar_to)
         save_provenance(Path(args.download), response.provenance)
     if ctx.json:
         print_json(response)
@@ -249,22 +251,35 @@ def safe_destination(root: Path, relative: str) -> Path:
     return root.joinpath(*path.parts)
 
 
-async def download_all(response: jobs_pb2.GetResultsResponse, root: Path, *, quiet: bool) -> None:
-    """Downloads every object to root/<path>, verifying size and sha256 of each."""
+async def download_all(
+    response: jobs_pb2.GetResultsResponse,
+    root: Path,
+    *,
+    quiet: bool,
+    progress_to: TextIO | None = None,
+) -> None:
+    """Downloads every object to root/<path>, verifying size and sha256 of each; with a bar
+    per object on `progress_to` (a terminal), as `data put` shows one."""
     root.mkdir(parents=True, exist_ok=True)
     for obj in response.objects:
         if not obj.url:
             raise CliError(f"no download URL for {obj.path}")
         destination = safe_destination(root, obj.path)
         started = time.monotonic()
-        await asyncio.to_thread(download_one, obj, destination)
+        progress = Progress(obj.path, obj.size_bytes, progress_to)
+        try:
+            await asyncio.to_thread(download_one, obj, destination, progress)
+        finally:
+            progress.finish()
         if not quiet:
             took = time.monotonic() - started
             size = format_bytes(obj.size_bytes)
             print(f"{destination}  {size}  sha256 ok  ({took:.1f}s)", flush=True)
 
 
-def download_one(obj: types_pb2.ResultObject, destination: Path) -> None:
+def download_one(
+    obj: types_pb2.ResultObject, destination: Path, progress: Progress | None = None
+) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     digest = hashlib.sha256()
@@ -275,6 +290,8 @@ def download_one(obj: types_pb2.ResultObject, destination: Path) -> None:
                 digest.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
+                if progress is not None:
+                    progress.advance(len(chunk))
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise CliError(f"download of {obj.path} failed: {exc}") from None
