@@ -29,7 +29,7 @@ class Kind:
         return text.startswith(self.prefix) and bool(_HEX.fullmatch(text[len(self.prefix) :]))
 
 
-JOB = Kind("job", "job_", ("job_id", "job_ids"))
+JOB = Kind("job", "job_", ("job_id", "job_ids", "job"))  # `job`: ledger --job
 HOST = Kind("host", "host_", ("host_id", "host_ids"))
 
 

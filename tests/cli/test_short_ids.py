@@ -37,6 +37,12 @@ def test_a_unique_prefix_stands_for_the_job_everywhere(cli: Cli, served: Served)
         got = cli("--json", "jobs", "get", given, key=key)
         assert got.code == 0, (given, got.err)
         assert got.json()["job_id"] == target  # type: ignore[index]
+    statement = cli("--json", "ledger", "statement", "--job", target[4:12], key=key)
+    assert statement.code == 0, statement.err
+    entries = statement.json()
+    assert isinstance(entries, list)
+    assert entries
+    assert {e["job_id"] for e in entries} == {target}
     cancelled = cli("jobs", "cancel", target[4:14], key=key)
     assert cancelled.code == 0, cancelled.err
     assert cancelled.out == f"job {target} CANCELLED\n"
