@@ -56,3 +56,13 @@ def test_a_refused_submit_names_the_flag(cli: Cli, served: Served) -> None:
     reason = cli("jobs", "cancel", "job_" + "0" * 32, "--reason", "x" * 501, key=key)
     assert reason.code == 2
     assert reason.err == "error: INVALID_ARGUMENT: --reason: at most 500 characters\n"
+
+
+def test_ledger_errors_name_flags(cli: Cli, served: Served) -> None:
+    tenant, _ = funded_consumer(cli, served)
+    admin = served.admin_key
+    blank = cli("ledger", "payout", "1", "--destination", "", "--tenant", tenant, key=admin)
+    assert blank.code == 2, blank.err
+    assert blank.err == "error: INVALID_ARGUMENT: --destination: is required\n"
+    in_flags_too = in_flags("amount_micro_credits: must be positive", argparse.Namespace(amount=1))
+    assert in_flags_too == "AMOUNT: must be positive"
