@@ -20,6 +20,7 @@ from gpuplane.v1 import (
 from grpc import aio
 
 from daemon.channel import ChannelConfigError, ChannelSecurity, open_channel
+from gpuplane_cli.flags import in_flags
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 # Unary calls give up after this long unless --timeout says otherwise; streams never do.
@@ -86,10 +87,26 @@ def exit_code_for(code: grpc.StatusCode) -> int:
     return _EXIT_OF.get(code, EXIT_ERROR)
 
 
-def describe_rpc_error(error: grpc.RpcError, addr: str) -> str:
-    """`<CODE>: <details>`, with a hint for the failures a user can fix."""
+# A request's bad argument, named by its field: what `in_flags` may rename.
+_NAMES_A_FIELD = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
+
+
+def describe_rpc_error(
+    error: grpc.RpcError,
+    addr: str,
+    args: argparse.Namespace | None = None,
+) -> str:
+    """`<CODE>: <details>`, with a hint for the failures a user can fix; given the command's
+    `args`, a field the details start with is named by its flag (`--memory`, not
+    `spec.memory_bytes`)."""
     code: grpc.StatusCode = error.code()
     details = error.details() or ""
+    if args is not None and code in _NAMES_A_FIELD:
+        details = in_flags(details, args)
     text = f"{code.name}: {details}"
     if code is grpc.StatusCode.UNAVAILABLE:
         text += f"\nhint: is a control plane listening on {addr}? (set GPUPLANE_ADDR or --addr)"

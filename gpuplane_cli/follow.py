@@ -9,12 +9,14 @@ import sys
 import time
 import urllib.request
 from pathlib import Path, PurePosixPath
+from typing import Any, TextIO
 
 import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_ERROR, EXIT_JOB_FAILED, EXIT_OK, CliError, Context
+from gpuplane_cli.data import Progress
 from gpuplane_cli.output import enum_name, print_json, print_json_line, table, when
 from gpuplane_cli.units import format_bytes, format_credits, format_duration_ms
 from gpuplane_cli.verify import save_provenance
@@ -87,6 +89,8 @@ async def stream_events(ctx: Context, job_id: str, after_seq: int, *, show: bool
                         print(event_line(event), flush=True)
                     if event.state in TERMINAL:
                         return int(event.state)
+                    if ticker:
+                        ticker.resume()
             except grpc.RpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE or resumes >= MAX_RESUMES:
                     raise
@@ -228,7 +232,8 @@ def results_table(response: jobs_pb2.GetResultsResponse) -> str:
 async def job_results(args: argparse.Namespace, ctx: Context) -> int:
     response = await _results(ctx, args.job_id, args.attempt)
     if args.download:
-        await download_all(response, Path(args.download), quiet=ctx.json)
+        bar_to = sys.stderr if sys.stderr.isatty() and not ctx.json else None
+        await download_all(response, Path(args.download), quiet=ctx.json, progress_to=bar_to)
         save_provenance(Path(args.download), response.provenance)
     if ctx.json:
         print_json(response)
@@ -246,22 +251,35 @@ def safe_destination(root: Path, relative: str) -> Path:
     return root.joinpath(*path.parts)
 
 
-async def download_all(response: jobs_pb2.GetResultsResponse, root: Path, *, quiet: bool) -> None:
-    """Downloads every object to root/<path>, verifying size and sha256 of each."""
+async def download_all(
+    response: jobs_pb2.GetResultsResponse,
+    root: Path,
+    *,
+    quiet: bool,
+    progress_to: TextIO | None = None,
+) -> None:
+    """Downloads every object to root/<path>, verifying size and sha256 of each; with a bar
+    per object on `progress_to` (a terminal), as `data put` shows one."""
     root.mkdir(parents=True, exist_ok=True)
     for obj in response.objects:
         if not obj.url:
             raise CliError(f"no download URL for {obj.path}")
         destination = safe_destination(root, obj.path)
         started = time.monotonic()
-        await asyncio.to_thread(download_one, obj, destination)
+        progress = Progress(obj.path, obj.size_bytes, progress_to)
+        try:
+            await asyncio.to_thread(download_one, obj, destination, progress)
+        finally:
+            progress.finish()
         if not quiet:
             took = time.monotonic() - started
             size = format_bytes(obj.size_bytes)
             print(f"{destination}  {size}  sha256 ok  ({took:.1f}s)", flush=True)
 
 
-def download_one(obj: types_pb2.ResultObject, destination: Path) -> None:
+def download_one(
+    obj: types_pb2.ResultObject, destination: Path, progress: Progress | None = None
+) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     digest = hashlib.sha256()
@@ -272,6 +290,8 @@ def download_one(obj: types_pb2.ResultObject, destination: Path) -> None:
                 digest.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
+                if progress is not None:
+                    progress.advance(len(chunk))
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise CliError(f"download of {obj.path} failed: {exc}") from None
@@ -285,25 +305,39 @@ def download_one(obj: types_pb2.ResultObject, destination: Path) -> None:
 
 
 class _Ticker:
-    """A one-line "STATE for 12s" status on stderr, redrawn every second while waiting."""
+    """A spinner and "STATE for 12s" on stderr (rich's Live, transient), while waiting. It
+    is taken down while an event line is printed (`clear`, then `resume`): stdout and stderr
+    share the terminal, and a line printed under a live display would be overdrawn."""
 
     def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.spinner import Spinner
+
         self.state = "waiting"
         self.since = time.monotonic()
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        self.spinner = Spinner("dots")
+        self.live = Live(
+            self,
+            console=Console(stderr=True),
+            transient=True,
+            refresh_per_second=4,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.live.start()
+
+    def __rich__(self) -> Any:
+        elapsed = int(time.monotonic() - self.since)
+        self.spinner.update(text=f"{self.state} for {elapsed}s")
+        return self.spinner
 
     def clear(self, state: str) -> None:
-        sys.stderr.write("\r\033[K")
+        self.live.stop()
         self.state, self.since = state, time.monotonic()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(1)
-            elapsed = int(time.monotonic() - self.since)
-            sys.stderr.write(f"\r\033[K{self.state} for {elapsed}s …")
-            sys.stderr.flush()
+    def resume(self) -> None:
+        self.live.start()
 
     def stop(self) -> None:
-        self.task.cancel()
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+        self.live.stop()

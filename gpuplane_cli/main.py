@@ -18,6 +18,7 @@ from gpuplane_cli import (
     data,
     hints,
     hosts,
+    ids,
     jobs,
     ledger,
     natskeys,
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None, environ: MutableMapping[str, str] | 
         return exc.code
     except grpc.RpcError as exc:
         addr = Target.from_args(args, ctx.environ).addr
-        print(f"error: {describe_rpc_error(exc, addr)}", file=sys.stderr)
+        print(f"error: {describe_rpc_error(exc, addr, args)}", file=sys.stderr)
         return exit_code_for(exc.code())
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -141,6 +142,7 @@ def main(argv: Sequence[str] | None = None, environ: MutableMapping[str, str] | 
 
 async def _run_async(handler: Handler, args: argparse.Namespace, ctx: Context) -> int:
     try:
+        await ids.resolve_args(args, ctx)
         return await handler(args, ctx)
     finally:
         await ctx.close()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC
@@ -15,8 +19,40 @@ from gpuplane.v1 import types_pb2
 
 Cell = str | int | None
 
+# Job and host ids: shown as their shortest unique prefix on a terminal (ids.resolve takes it).
+FULL_ID = re.compile(r"(?:job|host)_[0-9a-f]{32}")
+# Ids keep at least this many characters after `job_`/`host_` (Nomad shows 8).
+SHORT_LEN = 8
+# The colour of a state (the first word of a STATE cell) on a terminal.
+STATE_STYLES = {
+    **dict.fromkeys(("QUEUED", "SCHEDULED", "STARTING", "REGISTERED"), "cyan"),
+    **dict.fromkeys(("RUNNING", "UPLOADING", "ONLINE"), "green"),
+    "SUCCEEDED": "bold green",
+    **dict.fromkeys(("FAILED", "LOST", "REJECTED", "TIMED_OUT"), "red"),
+    **dict.fromkeys(("DRAINING", "DRAINED", "PENDING"), "yellow"),
+    "CANCELLED": "magenta",
+}
+_GAP = 2  # spaces between columns
+_MIN_COLUMN = 6  # a column is not squeezed below this (or its header, or its widest cell)
+
+
+def is_terminal(stream: TextIO | None = None) -> bool:
+    """Whether output goes to a person: a terminal, and neither TERM=dumb nor a pipe."""
+    out = stream or sys.stdout
+    return out.isatty() and os.environ.get("TERM", "") != "dumb"
+
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Cell]]) -> str:
+    """A table. On a terminal (rich): as wide as the terminal at most, the widest columns cut
+    with "…" rather than wrapped, job and host ids shortened to unique prefixes, states in
+    colour. Elsewhere (pipes, tests): plain text with full ids, as `plain_table`."""
+    grid = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    if not is_terminal():
+        return plain_table(headers, grid)
+    return _rich_table([str(h) for h in headers], grid, shutil.get_terminal_size().columns)
+
+
+def plain_table(headers: Sequence[str], rows: Iterable[Sequence[Cell]]) -> str:
     """Columns padded to their widest cell, two spaces apart; the last column is not padded."""
     grid = [[str(h) for h in headers]] + [
         ["" if cell is None else str(cell) for cell in row] for row in rows
@@ -27,6 +63,70 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Cell]]) -> str:
         cells = [cell.ljust(widths[i]) for i, cell in enumerate(line[:-1])] + [line[-1]]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _rich_table(headers: list[str], grid: list[list[str]], width: int) -> str:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    shown = short_ids(cell for row in grid for cell in row if FULL_ID.fullmatch(cell))
+    states = [i for i, h in enumerate(headers) if h == "STATE"]
+    # Ids and states are what a row is read by: they are never cut.
+    whole = {i for row in grid for i, cell in enumerate(row) if cell in shown} | set(states)
+    grid = [[shown.get(cell, cell) for cell in row] for row in grid]
+    natural = [max([len(h)] + [len(row[i]) for row in grid]) for i, h in enumerate(headers)]
+    floors = [
+        n if i in whole else min(n, max(len(h), _MIN_COLUMN))
+        for i, (n, h) in enumerate(zip(natural, headers, strict=True))
+    ]
+    widths = fit_widths(natural, floors, width - _GAP * (len(headers) - 1))
+    out = Table(box=None, pad_edge=False, padding=(0, _GAP // 2), header_style="bold")
+    for header, column_width in zip(headers, widths, strict=True):
+        out.add_column(header, width=column_width, no_wrap=True, overflow="ellipsis")
+    for row in grid:
+        cells = [Text(cell) for cell in row]
+        for i in states:
+            cells[i].stylize(STATE_STYLES.get(row[i].split(" ")[0], ""))
+        out.add_row(*cells)
+    buffer = io.StringIO()
+    Console(file=buffer, force_terminal=True, width=width, soft_wrap=False).print(out)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
+
+
+def fit_widths(natural: Sequence[int], floors: Sequence[int], room: int) -> list[int]:
+    """Column widths that fit in `room`: the widest column gives up a character at a time
+    (none below its floor) until the row fits or none can."""
+    widths = list(natural)
+    while sum(widths) > room:
+        shrinkable = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+    return widths
+
+
+def short_ids(ids: Iterable[str]) -> dict[str, str]:
+    """Each id → its shortest prefix (at least `SHORT_LEN` characters past its `kind_`) that
+    no other of `ids` shares, as Nomad shows them."""
+    unique = sorted(set(ids))
+    shown: dict[str, str] = {}
+    for i, full in enumerate(unique):
+        kind = full.partition("_")[0]
+        neighbours = unique[max(i - 1, 0) : i] + unique[i + 1 : i + 2]
+        common = max((_common_length(full, other) for other in neighbours), default=0)
+        shown[full] = full[: max(len(kind) + 1 + SHORT_LEN, common + 1)]
+    return shown
+
+
+def _common_length(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def fields(pairs: Sequence[tuple[str, Cell]]) -> str:

@@ -205,6 +205,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             from_timestamp(request, "created_after"),
             from_timestamp(request, "created_before"),
             PageRequest(request.page_token, request.page_size),
+            request.id_prefix,
         )
         return jobs_pb2.ListJobsResponse(
             jobs=[job_pb(r) for r in page.items], next_page_token=page.next_cursor

@@ -209,6 +209,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             states,
             request.provider_tenant_id,
             PageRequest(request.page_token, request.page_size),
+            request.id_prefix,
         )
         telemetry = self.registry.telemetry_of
         return registry_pb2.ListHostsResponse(

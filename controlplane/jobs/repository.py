@@ -10,6 +10,7 @@ from sqlalchemy import BigInteger, Select, Table, bindparam, case, select, tuple
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal
+from controlplane.db.prefix import starts_with
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.states import ON_HOST
 from controlplane.paging import Page, PageRequest, page_newest_first
@@ -59,10 +60,13 @@ class JobRepository:
         created_before: datetime | None,
         labels: Mapping[str, str],
         page: PageRequest,
+        id_prefix: str = "",
     ) -> Page[Job]:
-        """One page of the jobs `caller` may see (of `tenant_id` only, when given), newest
-        first."""
+        """One page of the jobs `caller` may see (of `tenant_id` only, when given; with ids
+        starting with `id_prefix`, when given), newest first."""
         query = self.readable(caller)
+        if id_prefix:
+            query = query.where(starts_with(Job.id, id_prefix))
         if tenant_id:
             query = query.where(Job.tenant_id == tenant_id)
         if states:

@@ -18,6 +18,7 @@ from controlplane.auth.principal import Principal
 from controlplane.data.service import stamp_input_hashes
 from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
+from controlplane.db.prefix import validate_id_prefix
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.idempotency import ensure_same
 from controlplane.jobs.acks import CommandAcks
@@ -182,9 +183,12 @@ class JobService(
         created_after: datetime | None,
         created_before: datetime | None,
         page: PageRequest,
+        id_prefix: str = "",
     ) -> Page[Job]:
         owner = None if caller.is_admin and not tenant_id else caller.require_tenant(tenant_id)
         validate_labels("labels", labels)
+        if id_prefix:
+            validate_id_prefix("id_prefix", id_prefix)
         async with self.db.read() as session:
             return await JobRepository(session).list(
                 caller,
@@ -194,6 +198,7 @@ class JobService(
                 created_before,
                 labels,
                 page,
+                id_prefix,
             )
 
     async def cancel(self, caller: Principal, job_id: str, reason: str) -> Job:

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal, Role
 from controlplane.db.base import utcnow
+from controlplane.db.prefix import starts_with
 from controlplane.jobs.models import JobAttempt
 from controlplane.paging import Page, PageRequest, page_by_id
 from controlplane.registry.models import Gpu, Host, HostEvent, NatsRevocation, RegistrationToken
@@ -148,9 +149,16 @@ class RegistryRepository:
         return await self.session.scalar(query)
 
     async def list_hosts(
-        self, caller: Principal, states: Sequence[str], provider: str | None, page: PageRequest
+        self,
+        caller: Principal,
+        states: Sequence[str],
+        provider: str | None,
+        page: PageRequest,
+        id_prefix: str = "",
     ) -> Page[Host]:
         query = self.readable_hosts(caller)
+        if id_prefix:
+            query = query.where(starts_with(Host.id, id_prefix))
         if states:
             query = query.where(Host.state.in_(states))
         if provider:

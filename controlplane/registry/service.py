@@ -16,6 +16,7 @@ from controlplane.commands.delivery import CommandDelivery
 from controlplane.commands.repository import CommandRepository
 from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
+from controlplane.db.prefix import validate_id_prefix
 from controlplane.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -347,13 +348,21 @@ class RegistryService(RegistrationTokens, Revocations):
             return host, await repo.gpus_of([host.id])
 
     async def list_hosts(
-        self, caller: Principal, states: Sequence[str], provider: str, page: PageRequest
+        self,
+        caller: Principal,
+        states: Sequence[str],
+        provider: str,
+        page: PageRequest,
+        id_prefix: str = "",
     ) -> tuple[Page[Host], dict[str, list[Gpu]]]:
-        """One page of the hosts `caller` may see, with their GPUs by host id."""
+        """One page of the hosts `caller` may see (with ids starting with `id_prefix`, when
+        given), with their GPUs by host id."""
         owner = None if caller.is_admin and not provider else caller.require_tenant(provider)
+        if id_prefix:
+            validate_id_prefix("id_prefix", id_prefix)
         async with self.db.read() as session:
             repo = RegistryRepository(session)
-            hosts = await repo.list_hosts(caller, states, owner, page)
+            hosts = await repo.list_hosts(caller, states, owner, page, id_prefix)
             await repo.score(hosts.items, utcnow())
             gpus: dict[str, list[Gpu]] = {}
             for gpu in await repo.gpus_of([h.id for h in hosts.items]):

@@ -90,7 +90,7 @@ def test_submit_quote_and_refusal(cli: Cli, served: Served) -> None:
     assert broke.err.startswith("error: FAILED_PRECONDITION: ")
     invalid = cli("jobs", "submit", "--image", "Not An Image", key=secret)
     assert invalid.code == 2
-    assert invalid.err.startswith("error: INVALID_ARGUMENT: spec.image")
+    assert invalid.err.startswith("error: INVALID_ARGUMENT: --image: ")  # the flag, not spec.image
 
 
 def test_not_found_and_permission_denied(cli: Cli, served: Served) -> None:

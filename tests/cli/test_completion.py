@@ -242,7 +242,7 @@ def test_the_cli_starts_without_the_heavy_modules() -> None:
     probe = (
         "import sys, gpuplane_cli.main; "
         "print(sorted(m for m in ('argcomplete', 'nats', 'pydantic', 'sqlalchemy', 'docker', "
-        "'minio', 'controlplane', 'daemon.agent') if m in sys.modules))"
+        "'minio', 'controlplane', 'daemon.agent', 'rich') if m in sys.modules))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True

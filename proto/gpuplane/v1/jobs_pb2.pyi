@@ -336,10 +336,15 @@ class ListJobsRequest(_message.Message):
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ID_PREFIX_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Admin only: another tenant's jobs. Others always see their own."""
     page_size: _builtins.int
     page_token: _builtins.str
+    id_prefix: _builtins.str
+    """Only jobs whose id starts with this (how the CLI resolves a short id such as
+    `job_3f9a`): letters, digits, `_` and `-`, at most 40 characters; matched literally.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.JobState.ValueType]:
         """Empty = all states."""
@@ -362,10 +367,11 @@ class ListJobsRequest(_message.Message):
         created_before: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        id_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "id_prefix", b"id_prefix", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

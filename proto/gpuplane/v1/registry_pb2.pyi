@@ -663,10 +663,15 @@ class ListHostsRequest(_message.Message):
     PROVIDER_TENANT_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ID_PREFIX_FIELD_NUMBER: _builtins.int
     provider_tenant_id: _builtins.str
     """Admin only: another provider's hosts. Providers see their own."""
     page_size: _builtins.int
     page_token: _builtins.str
+    id_prefix: _builtins.str
+    """Only hosts whose id starts with this (how the CLI resolves a short id): letters,
+    digits, `_` and `-`, at most 40 characters; matched literally.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.HostState.ValueType]:
         """Empty = all states."""
@@ -678,10 +683,11 @@ class ListHostsRequest(_message.Message):
         provider_tenant_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        id_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "provider_tenant_id", b"provider_tenant_id", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id_prefix", b"id_prefix", "page_size", b"page_size", "page_token", b"page_token", "provider_tenant_id", b"provider_tenant_id", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
