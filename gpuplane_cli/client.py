@@ -150,6 +150,10 @@ class Target:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
+        """Flags, else the environment (env files applied), else the context, else defaults."""
+        from gpuplane_cli.contexts import layered  # it imports this module
+
+        environ = layered(args, environ)
         addr = getattr(args, "addr", None) or environ.get("GPUPLANE_ADDR") or DEFAULT_ADDR
         key = getattr(args, "api_key", None) or environ.get("GPUPLANE_API_KEY", "")
         timeout = getattr(args, "timeout", None)
