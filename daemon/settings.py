@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.channel import ChannelSecurity
+from messaging.jsonlog import LogFormat
 
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
@@ -167,6 +168,10 @@ class DaemonSettings(BaseSettings):
     )
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
     log_level: str = Field(default="INFO")
+    log_format: LogFormat = Field(
+        default="text",
+        description="text, or json: one JSON object per line with job_id/attempt/host_id.",
+    )
 
     @model_validator(mode="after")
     def _tls_is_consistent(self) -> DaemonSettings:
