@@ -92,14 +92,20 @@ def describe_rpc_error(error: grpc.RpcError, addr: str) -> str:
     details = error.details() or ""
     text = f"{code.name}: {details}"
     if code is grpc.StatusCode.UNAVAILABLE:
-        text += f"\nhint: is a control plane listening on {addr}? (set GPUPLANE_ADDR or --addr)"
+        text += (
+            f"\nhint: is a control plane listening on {addr}? "
+            "(set GPUPLANE_ADDR or --addr, or see `gpuplane context list`)"
+        )
         if "handshake" in details.lower() or "ssl" in details.lower():
             text += (
                 "\nhint: TLS failed: give the CA that signed its certificate (GPUPLANE_CA_FILE "
                 "or --cacert), or --plaintext for a dev stack"
             )
     elif code is grpc.StatusCode.UNAUTHENTICATED:
-        text += "\nhint: set GPUPLANE_API_KEY or pass --api-key (or --env-file FILE)"
+        text += (
+            "\nhint: set GPUPLANE_API_KEY or pass --api-key (or --env-file FILE, or a "
+            "context's --api-key-file)"
+        )
     return text
 
 
