@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import stat
 from pathlib import Path
 
 import pytest
 
 from devstack import free_port
+from gpuplane_cli.client import CliError
+from gpuplane_cli.contexts import layered
 from tests.cli.conftest import Cli, Served
 from tests.cli.test_commands import new_consumer
 
@@ -123,3 +126,22 @@ def test_a_garbled_file_is_named_with_its_line(
     dangling = cli("whoami")
     assert dangling.code == 3
     assert "context 'gone': no such context; known: none" in dangling.err
+
+
+def test_the_environment_takes_tls_as_a_group_and_its_key_spares_the_key_file(
+    tmp_path: Path,
+) -> None:
+    environ = {"XDG_CONFIG_HOME": str(tmp_path)}
+    path = tmp_path / "gpuplane" / "config.toml"
+    path.parent.mkdir()
+    path.write_text(
+        'current-context = "dev"\n[contexts.dev]\naddr = "h:1"\nplaintext = true\n'
+        'api-key-file = "/nonexistent/key"\n'
+    )
+    args = argparse.Namespace()
+    with_ca = layered(args, {**environ, "GPUPLANE_CA_FILE": "/ca.pem", "GPUPLANE_API_KEY": "k"})
+    assert with_ca["GPUPLANE_ADDR"] == "h:1"
+    assert "GPUPLANE_PLAINTEXT" not in with_ca, "the environment's CA is not mixed with plaintext"
+    assert with_ca["GPUPLANE_API_KEY"] == "k"
+    with pytest.raises(CliError, match="context 'dev': cannot read its api-key-file /nonexistent"):
+        layered(args, environ)
