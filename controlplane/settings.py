@@ -21,6 +21,7 @@ from controlplane.settings_groups import (
     StorageSettings,
     TelemetrySettings,
 )
+from controlplane.settings_logging import LoggingFields
 from controlplane.settings_trust import TrustFields
 from controlplane.verification.settings import VerificationFields
 from messaging.natsjwt import NatsKeys, public_key
@@ -30,7 +31,7 @@ from messaging.natsjwt import NatsKeys, public_key
 ClientAuth = Literal["off", "require"]
 
 
-class Settings(VerificationFields, TrustFields):
+class Settings(VerificationFields, TrustFields, LoggingFields):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
     The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;

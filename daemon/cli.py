@@ -24,6 +24,7 @@ from daemon.metrics import DaemonMetrics, MetricsAddrError
 from daemon.settings import DaemonSettings
 from messaging.dirlock import DirLocked, lock_dir
 from messaging.envcheck import warn_unknown_settings
+from messaging.jsonlog import formatter
 from messaging.tls import TlsConfigError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -68,6 +69,7 @@ _FIELDS = {
     "nats_url": "nats_url",
     "log_level": "log_level",
     "metrics_addr": "metrics_addr",
+    "log_format": "log_format",
 }
 
 
@@ -94,6 +96,7 @@ def add_daemon_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--nats-url", help="NATS server(s), comma-separated; default: from registration")
     add("--log-level")
     add("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics there (off)")
+    add("--log-format", choices=["text", "json"], help="json: one object per line")
     return run  # type: ignore[no-any-return]
 
 
@@ -138,10 +141,9 @@ def run_daemon(args: argparse.Namespace) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"error: invalid daemon settings: {problems}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    console = logging.StreamHandler()
+    console.setFormatter(formatter(settings.log_format))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[console])
     warn_unknown_settings(os.environ, DaemonSettings, "daemon")
     lock = lock_data_dir(settings.data_dir)
     if lock is None:

@@ -58,6 +58,7 @@ from daemon.runtime import DockerRuntime, ExitInfo
 from daemon.scrub import Scrubber
 from daemon.settings import DaemonSettings
 from daemon.uploads import store_results
+from messaging.jsonlog import log_fields
 from messaging.subjects import logs_subject
 from storage.upload import ObjectWriter
 
@@ -162,6 +163,17 @@ class JobExecutor:
 
     async def run(
         self, adopt: Container | None = None, journaled: JournalEntry | None = None
+    ) -> messaging_pb2.JobReport:
+        """Runs the attempt (see _attempt); each line logged meanwhile carries its ids."""
+        with log_fields(job_id=self.job_id, attempt=self.attempt, host_id=self.host_id):
+            log.info("attempt %s/%s: %s", self.job_id, self.attempt, self.dispatch.spec.image)
+            report = await self._attempt(adopt, journaled)
+            kind = messaging_pb2.JobReportKind.Name(report.kind)
+            log.info("attempt %s/%s ended: %s", self.job_id, self.attempt, kind)
+            return report
+
+    async def _attempt(
+        self, adopt: Container | None, journaled: JournalEntry | None
     ) -> messaging_pb2.JobReport:
         """Runs the attempt to its terminal report and returns that report. With `adopt`, the
         attempt's container exists already (left by an earlier run of the daemon, whose

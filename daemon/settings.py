@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.channel import ChannelSecurity
+from messaging.jsonlog import LogFormat
 
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
@@ -171,6 +172,10 @@ class DaemonSettings(BaseSettings):
         default="",
         description="Serve Prometheus /metrics on HOST:PORT (e.g. 127.0.0.1:9466; port 0 picks "
         "one; a bare :PORT binds 127.0.0.1 only); empty (the default) serves none.",
+    )
+    log_format: LogFormat = Field(
+        default="text",
+        description="text, or json: one JSON object per line with job_id/attempt/host_id.",
     )
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ duration = typed(units.parse_duration, "duration")
 size = typed(units.parse_size, "size")
 cpus = typed(units.parse_cpus, "cpus")
 key_value = typed(units.parse_key_value, "KEY=VALUE")
+moment = typed(units.parse_time, "time")
 
 
 def non_negative(text: str) -> int:
@@ -98,6 +99,13 @@ def common_options(*, suppress: bool) -> argparse.ArgumentParser:
         default=default,
         help="read KEY=VALUE settings from this file; its values override the environment "
         "(env GPUPLANE_ENV_FILE: a file whose values only fill in what is unset)",
+    )
+    group.add_argument(
+        "--context",
+        default=default,
+        metavar="NAME",
+        help="use this context of ~/.config/gpuplane/config.toml for this command "
+        "(default: its current one; see `gpuplane context`)",
     )
     group.add_argument(
         "--json",

@@ -109,14 +109,20 @@ def describe_rpc_error(
         details = in_flags(details, args)
     text = f"{code.name}: {details}"
     if code is grpc.StatusCode.UNAVAILABLE:
-        text += f"\nhint: is a control plane listening on {addr}? (set GPUPLANE_ADDR or --addr)"
+        text += (
+            f"\nhint: is a control plane listening on {addr}? "
+            "(set GPUPLANE_ADDR or --addr, or see `gpuplane context list`)"
+        )
         if "handshake" in details.lower() or "ssl" in details.lower():
             text += (
                 "\nhint: TLS failed: give the CA that signed its certificate (GPUPLANE_CA_FILE "
                 "or --cacert), or --plaintext for a dev stack"
             )
     elif code is grpc.StatusCode.UNAUTHENTICATED:
-        text += "\nhint: set GPUPLANE_API_KEY or pass --api-key (or --env-file FILE)"
+        text += (
+            "\nhint: set GPUPLANE_API_KEY or pass --api-key (or --env-file FILE, or a "
+            "context's --api-key-file)"
+        )
     return text
 
 
@@ -167,6 +173,10 @@ class Target:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
+        """Flags, else the environment (env files applied), else the context, else defaults."""
+        from gpuplane_cli.contexts import layered  # it imports this module
+
+        environ = layered(args, environ)
         addr = getattr(args, "addr", None) or environ.get("GPUPLANE_ADDR") or DEFAULT_ADDR
         key = getattr(args, "api_key", None) or environ.get("GPUPLANE_API_KEY", "")
         timeout = getattr(args, "timeout", None)

@@ -10,7 +10,7 @@ import grpc
 from gpuplane.v1 import jobs_pb2, types_pb2
 
 from gpuplane_cli import args as a
-from gpuplane_cli import budget, credit, data, efficiency, follow, verify
+from gpuplane_cli import budget, bulk, credit, data, efficiency, follow, verify
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag, exit_code_for
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import (
@@ -48,11 +48,15 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     listing.add_argument("--label", action="append", type=a.key_value, default=[])
     listing.add_argument("--tenant", default="", help="admins: another tenant's jobs")
     listing.add_argument("--limit", type=a.non_negative, default=50, help="0 = all (default 50)")
+    for flag, edge in (("--since", "at or after"), ("--until", "before")):
+        listing.add_argument(
+            flag, type=a.moment, metavar="WHEN",
+            help=f"only jobs created {edge} WHEN: a duration ago (2h, 1d) or a time "
+            "(2026-11-23T10:00:00Z; without an offset, UTC)",
+        )  # fmt: skip
     get = a.add_leaf(jobs, "get", get_job, "show one job with its attempts", common)
     get.add_argument("job_id")
-    cancel = a.add_leaf(jobs, "cancel", cancel_job, "cancel a job (idempotent)", common)
-    cancel.add_argument("job_id")
-    cancel.add_argument("--reason", default="")
+    bulk.add_cancel(jobs, common)
     follow.register(jobs, common)
     efficiency.register(jobs, common)
     verify.register(jobs, common)
@@ -288,6 +292,8 @@ async def list_jobs(args: argparse.Namespace, ctx: Context) -> int:
             states=args.state,
             labels=dict(args.label),
             tenant_id=args.tenant,
+            created_after=bulk.timestamp(args.since),
+            created_before=bulk.timestamp(args.until),
             page_size=size,
             page_token=token,
         )
@@ -407,19 +413,3 @@ def attempt_state(attempt: types_pb2.JobAttempt) -> str:
     if attempt.attempt_state:
         return enum_name(types_pb2.AttemptState, attempt.attempt_state)
     return enum_name(types_pb2.JobState, attempt.state)
-
-
-async def cancel_job(args: argparse.Namespace, ctx: Context) -> int:
-    client = ctx.client()
-    request = jobs_pb2.CancelJobRequest(job_id=args.job_id, reason=args.reason)
-    response = await client.call(client.jobs.CancelJob, request)
-    job = response.job
-    if ctx.json:
-        print_json(job)
-    elif job.state in follow.TERMINAL:
-        print(f"job {job.job_id} {enum_name(types_pb2.JobState, job.state)}")
-    else:
-        # On a host it runs until its daemon stops it: the cancel is asked for, not done.
-        state = enum_name(types_pb2.JobState, job.state)
-        print(f"job {job.job_id} cancel requested (still {state} until its host stops it)")
-    return EXIT_OK

@@ -15,6 +15,7 @@ from gpuplane_cli import (
     admin,
     apply,
     completion,
+    contexts,
     data,
     hints,
     hosts,
@@ -45,6 +46,8 @@ They speak TLS and verify the server (GPUPLANE_CA_FILE/--cacert, default the sys
 a client certificate from GPUPLANE_CERT_FILE/--cert and GPUPLANE_KEY_FILE/--key); plaintext
 only with GPUPLANE_PLAINTEXT=1 or --plaintext.
 
+{contexts}
+
 exit codes: 0 ok, 1 error, 2 usage or invalid argument, 3 not found, 4 unauthenticated or
 permission denied, 5 failed precondition or conflict, 6 resource exhausted, 7 control plane
 unavailable, 8 not implemented, 9 the job did not succeed, 130 interrupted"""
@@ -55,7 +58,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = hints.Parser(
         prog="gpuplane",
         description=DESCRIPTION,
-        epilog=EPILOG,
+        epilog=EPILOG.format(contexts=contexts.PRECEDENCE),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common_options(suppress=False)],
     )
@@ -70,13 +73,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ledger.register(subparsers, leaf_common)
     admin.register(subparsers, leaf_common)
     natskeys.register(subparsers, leaf_common)
+    contexts.register(subparsers)
     completion.register(subparsers)
     return parser
 
 
 def _first_command(argv: Sequence[str]) -> str | None:
     """The first word that is not an option or an option's value (good enough for routing)."""
-    takes_value = {"--addr", "--api-key", "--env-file", "--timeout", "--cacert", "--cert", "--key"}
+    takes_value = {"--addr", "--api-key", "--context", "--env-file", "--timeout"}
+    takes_value |= {"--cacert", "--cert", "--key"}
     skip = False
     for word in argv:
         if skip:

@@ -8,10 +8,13 @@ import logging
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_OK, EXIT_UNIMPLEMENTED, EXIT_USAGE, CliError, Context
+
+if TYPE_CHECKING:
+    from messaging.jsonlog import LogFormat
 
 DAEMON_CLI = "daemon.cli"
 
@@ -34,6 +37,11 @@ def register(subparsers: a.Subparsers, want_daemon: bool) -> None:
     serve.add_argument("--data-dir", type=Path, help="GPUPLANE_DATA_DIR")
     serve.add_argument("--database-url", help="GPUPLANE_DATABASE_URL; empty = SQLite in data dir")
     serve.add_argument("--log-level", help="GPUPLANE_LOG_LEVEL")
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="json: one object per line (GPUPLANE_LOG_FORMAT)",
+    )
 
     daemon = a.add_group(subparsers, "daemon", "the provider daemon on a GPU machine")
     module = daemon_cli() if want_daemon else None
@@ -75,6 +83,7 @@ async def serve_control_plane(args: argparse.Namespace, ctx: Context) -> int:
         ("data_dir", "data_dir"),
         ("database_url", "database_url"),
         ("log_level", "log_level"),
+        ("log_format", "log_format"),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -86,7 +95,7 @@ async def serve_control_plane(args: argparse.Namespace, ctx: Context) -> int:
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         raise CliError(f"invalid settings: {problems}", EXIT_USAGE) from None
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, log_format=settings.log_format)
     try:
         await serve(settings)
     except TlsConfigError as exc:
@@ -94,17 +103,20 @@ async def serve_control_plane(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
-def configure_logging(level: str, log_file: Path | None = None) -> None:
-    """Logs to stderr (or to `log_file`, with only warnings on stderr)."""
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+def configure_logging(
+    level: str, log_file: Path | None = None, log_format: LogFormat = "text"
+) -> None:
+    """Logs to stderr (or to `log_file`, with only warnings on stderr), as text or JSON."""
+    from messaging.jsonlog import formatter
+
     root = logging.getLogger()
     root.setLevel(level.upper())
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter(fmt))
+    console.setFormatter(formatter(log_format))
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         to_file = logging.FileHandler(log_file)
-        to_file.setFormatter(logging.Formatter(fmt))
+        to_file.setFormatter(formatter(log_format))
         root.addHandler(to_file)
         console.setLevel(logging.WARNING)
     root.addHandler(console)

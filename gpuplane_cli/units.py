@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
 MICRO = 1_000_000
@@ -129,3 +130,19 @@ def format_utilization(basis_points: int) -> str:
     """Basis points (10000 = 100 %) as a percentage with one decimal: 8925 → "89.3%"."""
     tenths = (basis_points + 5) // 10
     return f"{tenths // 10}.{tenths % 10}%"
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """A moment: a duration ago ("2h", "1d", as parse_duration reads them) or an RFC 3339 /
+    ISO 8601 date or date-time ("2026-11-23", "2026-11-23T10:00:00Z"); naive values are UTC."""
+    try:
+        return (now or datetime.now(UTC)) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration ago (2h, 1d) nor a time (2026-11-23T10:00:00Z)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

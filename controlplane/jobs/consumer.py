@@ -18,6 +18,7 @@ from controlplane.errors import Conflict
 from controlplane.jobs.clock import ForeignReport, RefusedReport
 from controlplane.jobs.service import JobService
 from controlplane.jobs.signatures import NO_HOST_KEY, ReportSignatures
+from messaging.jsonlog import log_fields
 from messaging.signing import SIGNATURE_HEADER
 from messaging.subjects import (
     EVENTS_DURABLE,
@@ -102,9 +103,16 @@ class ReportConsumer:
 
     async def _apply(self, message: Msg, report: messaging_pb2.JobReport) -> None:
         """Applies one report and acks it; a refused one (foreign, seq jump) is terminated, a
-        failed one redelivered later."""
+        failed one redelivered later. Each line logged meanwhile carries the report's ids."""
+        host_id = host_of_events_subject(message.subject)
+        with log_fields(job_id=report.job_id, attempt=report.attempt, host_id=host_id or ""):
+            await self._apply_logged(message, report, host_id)
+
+    async def _apply_logged(
+        self, message: Msg, report: messaging_pb2.JobReport, host_id: str | None
+    ) -> None:
         try:
-            await self.jobs.apply_report(report, host_of_events_subject(message.subject))
+            await self.jobs.apply_report(report, host_id)
         except RefusedReport as error:
             if isinstance(error, ForeignReport):
                 self.foreign += 1
@@ -128,6 +136,12 @@ class ReportConsumer:
             await message.nak(delay=1.0)
             return
         await message.ack()
+        kind = messaging_pb2.JobReportKind.Name(report.kind)
+        # Usage reports come every few seconds: only the ones that move the attempt at INFO.
+        level = (
+            logging.DEBUG if report.kind == messaging_pb2.JOB_REPORT_KIND_USAGE else logging.INFO
+        )
+        log.log(level, "report %s for %s/%s applied", kind, report.job_id, report.attempt)
 
     @property
     def refused_total(self) -> int:

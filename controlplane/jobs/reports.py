@@ -127,7 +127,8 @@ class Reports(LostAttempts):
             job = jobs.get(report.job_id)
             attempt = attempts.get((report.job_id, report.attempt))
             if job is None or attempt is None:
-                log.warning("report for unknown attempt %s/%s", report.job_id, report.attempt)
+                ids = {"job_id": report.job_id, "attempt": report.attempt}
+                log.warning("report for unknown attempt %s/%s", *ids.values(), extra=ids)
                 applied.append(None)
                 continue
             applied.append(await self._apply_one(session, repo, job, attempt, incoming, now, ended))

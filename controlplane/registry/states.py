@@ -106,7 +106,14 @@ def set_host_state(events: Adder, host: Host, target: HostState, why: str, now: 
     if not HOST.check(current, target):
         return False
     _enter(events, host, target, why, now)
-    log.info("host %s: %s → %s (%s)", host.id, current.value, target.value, why)
+    log.info(
+        "host %s: %s → %s (%s)",
+        host.id,
+        current.value,
+        target.value,
+        why,
+        extra={"host_id": host.id},
+    )
     return True
 
 
@@ -152,5 +159,5 @@ def set_verification(
     events.add(
         HostEvent(host_id=host.id, state=host.state, reason=f"{label}: {why}"[:1000], time=now)
     )
-    log.info("host %s: %s (%s)", host.id, label, why)
+    log.info("host %s: %s (%s)", host.id, label, why, extra={"host_id": host.id})
     return True

@@ -65,8 +65,12 @@ class Cli:
 
 @pytest.fixture(scope="module")
 def served(
-    tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer, s3_server: S3Server
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    nats_server: NatsServer,
+    s3_server: S3Server,
 ) -> Iterator[Served]:
+    """The control plane of a test module; a module's SERVE_ARGS are added to its flags."""
     data_dir = tmp_path_factory.mktemp("served")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPLANE_")}
@@ -80,6 +84,7 @@ def served(
     )
     argv = [*CLI, "controlplane", "serve", "--listen", f"127.0.0.1:{port}"]
     argv += ["--data-dir", str(data_dir), "--log-level", "WARNING"]
+    argv += getattr(request.module, "SERVE_ARGS", [])
     with (data_dir / "serve.log").open("wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     key_file = data_dir / "admin.key"
