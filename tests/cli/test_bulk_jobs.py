@@ -68,12 +68,12 @@ async def test_cancel_of_several_ids_reports_each_and_names_the_failures(
 ) -> None:
     first, second = [(await plane.submit()).job_id for _ in range(2)]
     capsys.readouterr()
-    code = await cli(plane, "jobs", "cancel", first, "job-nosuch", second)
+    code = await cli(plane, "jobs", "cancel", first, "job_00000000000000000000000000000000", second)
     out, err = capsys.readouterr()
     assert code == 3, err
     assert out.splitlines() == [f"job {first} CANCELLED", f"job {second} CANCELLED"]
-    assert "job job-nosuch: NOT_FOUND: " in err
-    assert err.endswith("error: 1 of 3 cancels failed: job-nosuch\n")
+    assert "job job_00000000000000000000000000000000: NOT_FOUND: " in err
+    assert err.endswith("error: 1 of 3 cancels failed: job_00000000000000000000000000000000\n")
     assert (await plane.get(second)).state == S.JOB_STATE_CANCELLED, "a failure stops nothing"
 
     assert await cli(plane, "jobs", "cancel", first, "--label", "a=b") == 2
