@@ -193,10 +193,15 @@ async def _serve(settings: DaemonSettings) -> None:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a start that failed raises here
-            await stopping
+            # Until a signal, or the agent gives up (its host revoked).
+            ending = asyncio.create_task(agent.run_forever())
+            await asyncio.wait({stopping, ending}, return_when=asyncio.FIRST_COMPLETED)
+            ending.cancel()
         log.info("stopping: running containers are left to a restarted daemon")
     finally:
         for task in (starting, stopping):
             task.cancel()
         await asyncio.gather(starting, stopping, return_exceptions=True)
         await agent.stop()
+    if agent.fatal:
+        raise RegistrationError(agent.fatal)

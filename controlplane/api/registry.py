@@ -10,7 +10,7 @@ from typing import Any
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from controlplane.api.convert import timestamp
-from controlplane.auth.principal import current_principal
+from controlplane.auth.principal import Role, current_principal
 from controlplane.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from controlplane.jobs.service import JobService
 from controlplane.paging import PageRequest
@@ -259,7 +259,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             labels=dict(request.labels) if request.replace_labels else None,
         )
         _, gpus = await self.registry.get_host(caller, host.id)
-        return registry_pb2.UpdateHostResponse(host=host_pb(host, gpus))
+        servers = self.nats_servers if caller.role is Role.HOST else []
+        return registry_pb2.UpdateHostResponse(host=host_pb(host, gpus), nats_servers=servers)
 
     async def RevokeHost(
         self, request: registry_pb2.RevokeHostRequest, context: Context
