@@ -324,6 +324,8 @@ class ControlPlane:
             await self.leader.release()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
+            if self.registry is not None:
+                self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )
