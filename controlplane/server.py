@@ -238,10 +238,13 @@ class ControlPlane:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        if credentials is None:
-            self.port = server.add_insecure_port(serving.listen_addr)
-        else:
-            self.port = server.add_secure_port(serving.listen_addr, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(serving.listen_addr)
+            else:
+                self.port = server.add_secure_port(serving.listen_addr, credentials)
+        except RuntimeError:  # grpcio's "Failed to bind" (older releases returned port 0)
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {serving.listen_addr}")
         await server.start()
@@ -321,6 +324,8 @@ class ControlPlane:
             await self.leader.release()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
+            if self.registry is not None:
+                self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )

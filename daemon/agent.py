@@ -76,6 +76,8 @@ class Agent:
         self._ended: OrderedDict[Key, None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
+        # Why this daemon gave up (its host revoked): run_forever() returns; the CLI says it.
+        self.fatal = ""
         self._channel: grpc.aio.Channel | None = None
         self._bus: DaemonBus | None = None
         self._runtime: DockerRuntime | None = None
@@ -384,20 +386,32 @@ class Agent:
             await asyncio.sleep(delay)
 
     async def _reregister(self) -> str | None:
-        """The credential was refused: register again when a token is at hand."""
+        """The credential was refused: register again when a token is at hand. Without one,
+        or refused again (the host was revoked), the daemon gives up and stops."""
         if self.settings.registration_token is None or self.inventory is None:
-            log.error("the control plane refused this host's credential and no token is set")
+            self._give_up(
+                "the control plane refused this host's credential (revoked?) and no "
+                "registration token is set: pass --token to register this host again"
+            )
             return None
         assert self._channel is not None
         try:
             self.identity = await register(self.settings, self.inventory, self._channel)
-        except (RegistrationError, grpc.aio.AioRpcError) as exc:
-            log.error("re-registration failed: %s", exc)
+        except RegistrationError as exc:
+            self._give_up(str(exc))
+            return None
+        except grpc.aio.AioRpcError as exc:  # unreachable: the next reconnect tries again
+            log.warning("re-registration failed: %s %s", exc.code().name, exc.details())
             return None
         if self._bus is not None:
             # Re-registration revokes the earlier NATS user; reconnects present the new one.
             self._bus.set_credentials(self.identity.nats_credentials)
         return self.identity.host_credential
+
+    def _give_up(self, why: str) -> None:
+        log.error("giving up: %s", why)
+        self.fatal = why
+        self._stopped.set()
 
     # ---- re-attach -----------------------------------------------------------------------
 

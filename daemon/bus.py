@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import ssl
@@ -188,10 +189,13 @@ class DaemonBus:
             await self.client.publish(subject, data, headers=headers)
 
     async def close(self) -> None:
+        """Sends what is still buffered (log lines are published without an ack) and closes.
+        Not drain(): with the dispatch pull subscription it waits out its whole timeout
+        (30 s) and then logs a DrainTimeoutError."""
         if self.client.is_connected:
-            await self.client.drain()
-        else:
-            await self.client.close()
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self.client.flush(timeout=2)
+        await self.client.close()
 
 
 async def connect_bus(settings: DaemonSettings, identity: HostIdentity) -> DaemonBus:

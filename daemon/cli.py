@@ -204,7 +204,10 @@ async def _serve(settings: DaemonSettings) -> None:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a start that failed raises here
-            await stopping
+            # Until a signal, or the agent gives up (its host revoked).
+            ending = asyncio.create_task(agent.run_forever())
+            await asyncio.wait({stopping, ending}, return_when=asyncio.FIRST_COMPLETED)
+            ending.cancel()
         log.info("stopping: running containers are left to a restarted daemon")
     finally:
         for task in (starting, stopping):
@@ -213,3 +216,5 @@ async def _serve(settings: DaemonSettings) -> None:
         await agent.stop()
         if agent.metrics is not None:
             agent.metrics.stop()
+    if agent.fatal:
+        raise RegistrationError(agent.fatal)

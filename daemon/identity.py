@@ -178,7 +178,9 @@ async def apply_offer(
     settings: DaemonSettings, identity: HostIdentity, channel: grpc.aio.Channel
 ) -> None:
     """A registered host's restart: its price, location and labels flags become the host's
-    (UpdateHost with its own credential); jobs placed from now on use the new price."""
+    (UpdateHost with its own credential); jobs placed from now on use the new price. The
+    answer names the NATS servers to use now: when they moved since registration, they
+    replace the ones in host.json."""
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
     request = registry_pb2.UpdateHostRequest(
         host_id=identity.host_id,
@@ -189,7 +191,7 @@ async def apply_offer(
     )
     metadata = (("authorization", f"Bearer {identity.host_credential}"),)
     try:
-        await stub.UpdateHost(request, timeout=30, metadata=metadata)
+        response = await stub.UpdateHost(request, timeout=30, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -203,3 +205,14 @@ async def apply_offer(
             f"the control plane at {settings.control_plane} refused this host's price, "
             f"location or labels: {code.name}: {exc.details()}"
         ) from exc
+    take_nats_servers(identity, list(response.nats_servers), settings.host_file)
+
+
+def take_nats_servers(identity: HostIdentity, servers: list[str], host_file: Path) -> None:
+    """The control plane's NATS servers of now replace those kept since registration
+    (an older control plane sends none: the kept ones stay)."""
+    if not servers or servers == identity.nats_servers:
+        return
+    log.info("NATS servers moved: %s (was %s)", ",".join(servers), ",".join(identity.nats_servers))
+    identity.nats_servers = servers
+    identity.save(host_file)

@@ -2,6 +2,7 @@
 
 from devstack.docker_engine import DockerEngine, HookCall
 from devstack.images import TEST_IMAGE, build_test_image
+from devstack.leftovers import Leftover, find_leftovers, stop_leftovers
 from devstack.nats import NatsServer, NatsTls
 from devstack.nats_cluster import NatsCluster
 from devstack.ports import free_port, free_ports
@@ -14,6 +15,7 @@ __all__ = [
     "DevstackError",
     "DockerEngine",
     "HookCall",
+    "Leftover",
     "LocalServer",
     "ManagedProcess",
     "NatsCluster",
@@ -22,6 +24,8 @@ __all__ = [
     "PostgresCluster",
     "S3Server",
     "build_test_image",
+    "find_leftovers",
     "free_port",
     "free_ports",
+    "stop_leftovers",
 ]

@@ -199,6 +199,7 @@ class DockerEngine(LocalServer):
             env=env,
             cwd=self.directory,
             stop_timeout=30.0,
+            leftover_dirs=[self._runtime],
         )
         self._process.start()
         self._process.wait_ready(lambda: _ping_unix(str(sock)), self.timeout, "GET /_ping")
@@ -209,9 +210,9 @@ class DockerEngine(LocalServer):
             self._process = None
         if self._runtime is not None:
             # A dockerd that died hard leaves its shims and their containers running.
-            _kill_processes_mentioning(str(self._runtime))
-            _unmount_under(self._runtime)
-            _unmount_under(self.data_root)
+            kill_processes_mentioning(str(self._runtime))
+            unmount_under(self._runtime)
+            unmount_under(self.data_root)
             shutil.rmtree(self._runtime, ignore_errors=True)
             self._runtime = None
 
@@ -240,7 +241,7 @@ def _can_remap_users() -> bool:
     return find_binary("useradd", _SYSTEM_BIN) is not None
 
 
-def _unmount_under(root: Path) -> None:
+def unmount_under(root: Path) -> None:
     """Lazily unmounts what a killed dockerd left mounted at or below `root` (its data
     root bind mount, overlays, netns files)."""
     top = str(root.resolve())
@@ -255,7 +256,7 @@ def _unmount_under(root: Path) -> None:
             subprocess.run(["umount", "-l", point], capture_output=True, timeout=10, check=False)
 
 
-def _kill_processes_mentioning(marker: str) -> None:
+def kill_processes_mentioning(marker: str) -> None:
     """SIGKILLs every process whose command line contains `marker`, and its descendants."""
     parents: dict[int, int] = {}
     marked: list[int] = []

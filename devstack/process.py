@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -76,6 +77,7 @@ class ManagedProcess:
         user: str | None = None,
         stop_signal: int = signal.SIGTERM,
         stop_timeout: float = 10.0,
+        leftover_dirs: Sequence[Path] = (),
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -86,6 +88,10 @@ class ManagedProcess:
         self.stop_signal = stop_signal
         self.stop_timeout = stop_timeout
         self._popen: subprocess.Popen[bytes] | None = None
+        # While it runs: who it is, so that a later run finds it if this process dies
+        # without stopping it (devstack.leftovers); `leftover_dirs` are tidied after it.
+        self.pid_file = log_path.with_suffix(".pid")
+        self.leftover_dirs = [str(d) for d in leftover_dirs]
 
     @property
     def pid(self) -> int | None:
@@ -113,6 +119,7 @@ class ManagedProcess:
                 )
             except OSError as exc:
                 raise self.error(f"cannot execute {self.argv[0]}: {exc}") from exc
+        write_pid_file(self.pid_file, self.name, self._popen.pid, self.argv[0], self.leftover_dirs)
 
     def error(self, reason: str) -> DevstackError:
         """A DevstackError naming this server, the reason and the tail of its log."""
@@ -153,6 +160,7 @@ class ManagedProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
+        self.pid_file.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Signals the child, waits up to stop_timeout, then kills its process group."""
@@ -171,6 +179,35 @@ class ManagedProcess:
         # Helpers the child started in its session and left behind (it was the leader).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(popen.pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+
+def write_pid_file(
+    path: Path, name: str, pid: int, executable: str, leftover_dirs: Sequence[str]
+) -> None:
+    """A server's PID file (JSON): its name, pid, start time (to tell a reused pid apart),
+    executable and the directories to tidy once it is gone."""
+    record = {
+        "name": name,
+        "pid": pid,
+        "started": process_start_ticks(pid),
+        "executable": executable,
+        "dirs": list(leftover_dirs),
+    }
+    with contextlib.suppress(OSError):
+        path.write_text(json.dumps(record) + "\n")
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot, /proc/PID/stat): with the pid, it names
+    one process, never a later one that reuses the number. None when it is gone or a
+    zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is field 3 (state); starttime is field 22.
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 _live: dict[int, LocalServer] = {}

@@ -157,7 +157,14 @@ async def start_daemon(stack: Stack, token: str, daemon: LocalDaemon) -> None:
     )
     agent: Agent = module.Agent(settings)
     daemon.agent = agent
-    await asyncio.wait_for(agent.start(), DAEMON_START_TIMEOUT)
+    try:
+        await asyncio.wait_for(agent.start(), DAEMON_START_TIMEOUT)
+    except TimeoutError:
+        log_file = stack.data_dir / "logs" / "gpuplane.log"
+        raise CliError(
+            f"the demo daemon did not start within {DAEMON_START_TIMEOUT:.0f}s; {log_file} "
+            "says what it waited for"
+        ) from None
 
 
 async def wait_for_host(stack: Stack, timeout: float = 30.0) -> None:

@@ -112,8 +112,15 @@ class Stack:
         return f"127.0.0.1:{self.plane.port}"
 
     async def start(self, known: dict[str, str]) -> None:
-        from devstack import DevstackError, NatsServer, S3Server
+        from devstack import DevstackError, NatsServer, S3Server, stop_leftovers
 
+        try:
+            leftovers = await asyncio.to_thread(stop_leftovers, self.data_dir)
+        except DevstackError as exc:
+            raise CliError(str(exc)) from None
+        if leftovers:
+            names = ", ".join(str(leftover) for leftover in leftovers)
+            print(f"stopped servers an earlier run left running: {names}", flush=True)
         self.nats = NatsServer(self.data_dir / "nats")
         self.s3 = S3Server(self.data_dir / "s3", buckets=["gpuplane"])
         try:

@@ -10,7 +10,7 @@ from typing import Any
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from controlplane.api.convert import timestamp
-from controlplane.auth.principal import current_principal
+from controlplane.auth.principal import Role, current_principal
 from controlplane.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from controlplane.jobs.service import JobService
 from controlplane.paging import PageRequest
@@ -157,23 +157,25 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             )
         reader = asyncio.create_task(self._read(host_id, request_iterator))
         revoked = asyncio.create_task(stream.revoked.wait())
+        closing = asyncio.create_task(self.registry.streams.closing.wait())
         getter: asyncio.Task[registry_pb2.ControlMessage] | None = None
         try:
             # Commands stored for the host (on any replica) come through this stream now.
             await self.registry.commands.opened(host_id)
-            while not reader.done():
+            while not reader.done() and not closing.done():
                 getter = asyncio.create_task(stream.commands.get())
                 done, _ = await asyncio.wait(
-                    {getter, reader, revoked}, return_when=asyncio.FIRST_COMPLETED
+                    {getter, reader, revoked, closing}, return_when=asyncio.FIRST_COMPLETED
                 )
                 if getter in done:
                     yield getter.result()
                 getter.cancel()
                 if revoked in done:
                     raise Unauthenticated("host credential: the host has been revoked")
-            reader.result()
+            if reader.done():
+                reader.result()
         finally:
-            for task in (reader, getter, revoked):
+            for task in (reader, getter, revoked, closing):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -260,7 +262,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             labels=dict(request.labels) if request.replace_labels else None,
         )
         _, gpus = await self.registry.get_host(caller, host.id)
-        return registry_pb2.UpdateHostResponse(host=host_pb(host, gpus))
+        servers = self.nats_servers if caller.role is Role.HOST else []
+        return registry_pb2.UpdateHostResponse(host=host_pb(host, gpus), nats_servers=servers)
 
     async def RevokeHost(
         self, request: registry_pb2.RevokeHostRequest, context: Context

@@ -30,6 +30,9 @@ class HostStreams:
         self.pending = asyncio.Event()
         # Tells the other replicas a command was stored (set while NATS is connected).
         self.announce: Callable[[str], None] | None = None
+        # Set as this process stops: every Connect stream ends (its daemon reconnects, to
+        # another replica if there is one) instead of holding the server's grace period.
+        self.closing = asyncio.Event()
 
     def wake(self, host_id: str) -> None:
         """A command for `host_id` was stored (and committed) by this process: its delivery

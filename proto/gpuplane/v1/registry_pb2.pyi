@@ -902,16 +902,25 @@ class UpdateHostResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOST_FIELD_NUMBER: _builtins.int
+    NATS_SERVERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def host(self) -> _types_pb2.Host: ...
+    @_builtins.property
+    def nats_servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """To the host itself (its own credential): the NATS servers it must use now. A daemon
+        takes them over the ones its registration gave (kept in host.json), so a NATS address
+        that moved reaches every daemon at its next start. Empty for other callers.
+        """
+
     def __init__(
         self,
         *,
         host: _types_pb2.Host | None = ...,
+        nats_servers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "nats_servers", b"nats_servers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
