@@ -23,7 +23,7 @@ from daemon.attribution import JobAttribution
 from daemon.bus import DaemonBus, connect_bus
 from daemon.channel import open_channel
 from daemon.connect import Backoff, ConnectClient
-from daemon.executor import JobExecutor, work_dir_for
+from daemon.executor import JobExecutor
 from daemon.gpus import GpuInventory, discover
 from daemon.identity import (
     HostIdentity,
@@ -464,7 +464,7 @@ class Agent:
             return
         self.leftovers.pop(key, None)
         await asyncio.to_thread(self.journal.remove, *key)
-        workdir = work_dir_for(self.settings, *key)
+        workdir = self.settings.attempt_dir(*key)
         await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
 
     async def _settle_vanished(self, containers: list[Container]) -> None:
@@ -477,7 +477,7 @@ class Agent:
     async def _report_restarted(self, key: Key, seq: int) -> None:
         """The attempt cannot go on after the restart: STOPPED, provider fault, forgotten."""
         self.leftovers.pop(key, None)
-        workdir = work_dir_for(self.settings, *key)
+        workdir = self.settings.attempt_dir(*key)
         await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
         await self._report_once(
             messaging_pb2.DispatchMessage(job_id=key[0], attempt=key[1]),

@@ -34,7 +34,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 from docker.errors import DockerException
@@ -79,11 +78,6 @@ TERMINAL = frozenset(
 )
 
 
-def work_dir_for(settings: DaemonSettings, job_id: str, attempt: int) -> Path:
-    """The attempt's private directory: input/, output/ and the log files."""
-    return settings.work_dir / f"{job_id}-{attempt}".replace("/", "_")
-
-
 class AttemptStore(ObjectReader, ObjectWriter, Protocol):
     """What an attempt reads its inputs from and stores its results in."""
 
@@ -125,7 +119,7 @@ class JobExecutor:
         self._on_uploaded = on_uploaded
         self.progress = Progress.ACCEPTED
         self.terminal: messaging_pb2.JobReport | None = None
-        self.work_dir = work_dir_for(settings, self.job_id, self.attempt)
+        self.work_dir = settings.attempt_dir(self.job_id, self.attempt)
         self._seq = 0
         self._lock = asyncio.Lock()
         self._cancel = asyncio.Event()

@@ -185,6 +185,10 @@ class DaemonSettings(BaseSettings):
             raise ValueError("nats_cert_file and nats_key_file go together: set both or neither")
         return self
 
+    def attempt_dir(self, job_id: str, attempt: int) -> Path:
+        """An attempt's private directory: input/, output/ and the log files."""
+        return self.work_dir / f"{job_id}-{attempt}".replace("/", "_")
+
     def channel_security(self) -> ChannelSecurity:
         """How to reach the control plane (TLS unless plaintext)."""
         return ChannelSecurity(

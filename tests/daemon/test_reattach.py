@@ -19,7 +19,6 @@ from nats.aio.msg import Msg
 
 from daemon import reattach
 from daemon.agent import Agent
-from daemon.executor import work_dir_for
 from daemon.journal import JournalEntry
 from daemon.progress import Progress
 from daemon.runtime import LABEL_ATTEMPT, LABEL_HOST, LABEL_JOB
@@ -98,7 +97,7 @@ async def test_a_restarted_daemon_reattaches_and_the_job_is_charged_once(
         assert second.connect is not None
         assert second.connect.telemetry_sent > 0
 
-        work = work_dir_for(second.settings, job.job_id, 1)
+        work = second.settings.attempt_dir(job.job_id, 1)
         (work / "output" / "go").write_text("")
         done = await plane.wait_for(job.job_id, [S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED])
     finally:
@@ -140,7 +139,7 @@ def leave_orphan(
             dispatch_b64=base64.b64encode(dispatch.SerializeToString()).decode(),
         )
     )
-    work_dir_for(agent.settings, job_id, 1).mkdir(parents=True)
+    agent.settings.attempt_dir(job_id, 1).mkdir(parents=True)
     labels = {LABEL_JOB: job_id, LABEL_ATTEMPT: "1", LABEL_HOST: host_id}
     return client.containers.run(image, ["sleep", "60"], labels=labels, detach=True)
 
@@ -162,7 +161,7 @@ async def test_orphans_go_and_vanished_attempts_are_reported(
     host_id = first.host_id
     leave_orphan(first, docker_client, test_image, "job-orphan", host_id)
     first.journal.write(JournalEntry("job-vanished", 2, last_seq=3, state=Progress.RUNNING))
-    work_dir_for(settings, "job-vanished", 2).mkdir(parents=True)
+    settings.attempt_dir("job-vanished", 2).mkdir(parents=True)
 
     client = await nats.connect(nats_server.url)
     reports: list[messaging_pb2.JobReport] = []
@@ -181,8 +180,8 @@ async def test_orphans_go_and_vanished_attempts_are_reported(
         assert second.reattached == []
         assert second.journal.entries() == []
         assert second.leftovers == {}
-        assert not work_dir_for(settings, "job-orphan", 1).exists()
-        assert not work_dir_for(settings, "job-vanished", 2).exists()
+        assert not settings.attempt_dir("job-orphan", 1).exists()
+        assert not settings.attempt_dir("job-vanished", 2).exists()
         [stopped] = reports
         assert (stopped.job_id, stopped.attempt, stopped.seq) == ("job-vanished", 2, 4)
         assert stopped.kind == K.JOB_REPORT_KIND_STOPPED
