@@ -35,6 +35,7 @@ def finish(run: UpProcess, timeout: float = 120) -> None:
 
 
 @pytest.mark.docker
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ctrl_c_stops_within_5s_and_a_second_demo_runs_a_job(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -69,6 +70,7 @@ def test_ctrl_c_stops_within_5s_and_a_second_demo_runs_a_job(
 
 
 @pytest.mark.docker
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_up_after_a_sigkill_of_the_first_stops_its_leftovers(tmp_path: Path) -> None:
     data_dir = tmp_path / "stack"

@@ -363,6 +363,7 @@ async def _watch_liveness(stack: Stack, stop: asyncio.Event, seen: Counter[str])
         await asyncio.sleep(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_flood_and_garbage_telemetry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started = time.monotonic()
@@ -524,6 +525,7 @@ async def _wait_forgotten(stack: Stack, ids: set[str], deadline: float) -> None:
     raise AssertionError("disconnected hosts were never marked lost")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 async def test_thousand_daemons_reconnect_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
