@@ -130,8 +130,12 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[field] = value
+    # A flag wins over the environment, whichever way each gives the token.
     if getattr(args, "token", None):
         overrides["registration_token"] = SecretStr(args.token)
+        overrides["registration_token_file"] = None
+    elif getattr(args, "token_file", None):
+        overrides["registration_token"] = None
     if getattr(args, "plaintext", None):
         overrides["plaintext"] = True
     if getattr(args, "label", None):

@@ -2,9 +2,10 @@
 
 Each secret setting X has a sibling setting X_file: a path whose content is the secret, with
 one trailing newline stripped (what `echo secret > file` leaves). A file readable by every
-user is read, with a warning naming it. Setting both X and X_file is refused: which one wins
-would be a guess. A missing, unreadable or empty file is a ValueError naming the setting's
-variable and the path, so the process refuses to start instead of running without it.
+user is read, with a warning naming it. Setting both X (not empty) and X_file is refused:
+which one wins would be a guess. A missing, unreadable or empty file is a ValueError naming
+the setting's variable and the path, so the process refuses to start instead of running
+without it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def apply_secret_files(settings: BaseSettings, secrets: Iterable[str]) -> None:
         if path is None:
             continue
         variable = f"{prefix}{name.upper()}_FILE"
-        if name in settings.model_fields_set:
+        given = getattr(settings, name)
+        if name in settings.model_fields_set and given is not None and given.get_secret_value():
             raise SecretFileError(
                 f"{prefix}{name.upper()} and {variable} exclude each other: set one (the file)"
             )

@@ -3,6 +3,7 @@ warned about, an empty one refused, and a secret set both ways refused naming bo
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from controlplane.settings import Settings
+from daemon.cli import add_daemon_parser, settings_from_args
 from daemon.settings import DaemonSettings
 from messaging.secretfiles import SecretFileError, read_secret_file
 
@@ -69,3 +71,26 @@ def test_settings_read_their_files_and_refuse_both_ways(
     monkeypatch.setenv("GPUPLANE_NATS_OPERATOR_SEED_FILE", str(tmp_path / "seed"))
     with pytest.raises(ValidationError, match="nats_operator_seed"):
         Settings()  # the three seeds go together, from files as from values
+
+
+def test_a_daemon_flag_wins_over_the_environment_either_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`daemon run --token-file F` over GPUPLANE_DAEMON_REGISTRATION_TOKEN, and `--token T`
+    over GPUPLANE_DAEMON_REGISTRATION_TOKEN_FILE: the flag's token, no conflict."""
+    parser = argparse.ArgumentParser()
+    add_daemon_parser(parser.add_subparsers())
+    token_file = tmp_path / "token"
+    token_file.write_text("grt_from_file\n")
+    token_file.chmod(0o600)
+    monkeypatch.setenv("GPUPLANE_DAEMON_REGISTRATION_TOKEN", "grt_from_env")
+    args = parser.parse_args(["run", "--data-dir", str(tmp_path), "--token-file", str(token_file)])
+    token = settings_from_args(args).registration_token
+    assert token is not None
+    assert token.get_secret_value() == "grt_from_file"
+    monkeypatch.delenv("GPUPLANE_DAEMON_REGISTRATION_TOKEN")
+    monkeypatch.setenv("GPUPLANE_DAEMON_REGISTRATION_TOKEN_FILE", str(tmp_path / "missing"))
+    args = parser.parse_args(["run", "--data-dir", str(tmp_path), "--token", "grt_flag"])
+    token = settings_from_args(args).registration_token
+    assert token is not None
+    assert token.get_secret_value() == "grt_flag"
