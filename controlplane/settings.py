@@ -22,6 +22,7 @@ from controlplane.settings_groups import (
     TelemetrySettings,
 )
 from controlplane.settings_logging import LoggingFields
+from controlplane.settings_secrets import SecretFileFields
 from controlplane.settings_trust import TrustFields
 from controlplane.verification.settings import VerificationFields
 from messaging.natsjwt import NatsKeys, public_key
@@ -31,7 +32,7 @@ from messaging.natsjwt import NatsKeys, public_key
 ClientAuth = Literal["off", "require"]
 
 
-class Settings(VerificationFields, TrustFields, LoggingFields):
+class Settings(VerificationFields, TrustFields, LoggingFields, SecretFileFields):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
     The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;
@@ -143,9 +144,7 @@ class Settings(VerificationFields, TrustFields, LoggingFields):
     nats_cert_file: Path | None = Field(
         default=None, description="PEM client certificate for NATS servers that verify clients."
     )
-    nats_key_file: Path | None = Field(
-        default=None, description="PEM private key of nats_cert_file."
-    )
+    nats_key_file: Path | None = Field(default=None, description="PEM key of nats_cert_file.")
     nats_operator_seed: SecretStr | None = Field(
         default=None,
         description="NATS auth (operator mode): the operator's nkey seed (SO…), which signs "

@@ -32,6 +32,7 @@ from daemon.identity import (
     daemon_version,
     load_identity,
     register,
+    required_token,
 )
 from daemon.journal import Journal, JournalEntry
 from daemon.metrics import DaemonMetrics
@@ -99,11 +100,15 @@ class Agent:
         self._channel = open_channel(settings.control_plane, settings.channel_security())
         self.identity = load_identity(settings)
         if self.identity is None:
+            required_token(settings)  # no token: say so before anything else
+        # The engine must answer before a registration token is spent (DockerException).
+        client = await asyncio.to_thread(self._docker_client)
+        await asyncio.to_thread(client.ping)
+        if self.identity is None:
             self.identity = await self._with_retry(self._register)
         else:
             await self._with_retry(self._apply_offer)
         identity = self.identity
-        client = await asyncio.to_thread(self._docker_client)
         self._runtime = DockerRuntime(
             client,
             settings,

@@ -65,6 +65,7 @@ _FIELDS = {
     "price_per_gpu_hour": "price_per_gpu_hour_micro_credits",
     "location": "location",
     "docker_host": "docker_host",
+    "token_file": "registration_token_file",
     "gpu_device_requests": "gpu_device_requests",
     "nats_url": "nats_url",
     "log_level": "log_level",
@@ -85,7 +86,12 @@ def add_daemon_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--tls-ca-file", type=Path, metavar="PEM", help="CA verifying the control plane")
     add("--tls-cert-file", type=Path, metavar="PEM", help="client certificate (client auth)")
     add("--tls-key-file", type=Path, metavar="PEM", help="key of --tls-cert-file")
-    add("--token", help="host registration token (needed until DATA_DIR/host.json exists)")
+    add(
+        "--token",
+        help="host registration token (needed until DATA_DIR/host.json exists); prefer "
+        "--token-file or the environment: a flag's value is visible to every user in ps",
+    )
+    add("--token-file", type=Path, metavar="FILE", help="file holding the registration token")
     add("--data-dir", type=Path, help="identity, journal and job work dirs")
     add("--simulate-gpus", metavar="SPEC", help="e.g. 4xA100-80GB (hosts without NVIDIA GPUs)")
     add("--price-per-gpu-hour", type=price_micro_credits, metavar="CREDITS", help="e.g. 2.5")
@@ -124,8 +130,12 @@ def settings_from_args(args: argparse.Namespace) -> DaemonSettings:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[field] = value
+    # A flag wins over the environment, whichever way each gives the token.
     if getattr(args, "token", None):
         overrides["registration_token"] = SecretStr(args.token)
+        overrides["registration_token_file"] = None
+    elif getattr(args, "token_file", None):
+        overrides["registration_token"] = None
     if getattr(args, "plaintext", None):
         overrides["plaintext"] = True
     if getattr(args, "label", None):
@@ -138,7 +148,9 @@ def run_daemon(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
         print(f"error: invalid daemon settings: {problems}", file=sys.stderr)
         return EXIT_USAGE
     console = logging.StreamHandler()

@@ -148,17 +148,23 @@ def register_request(
     )
 
 
+def required_token(settings: DaemonSettings) -> str:
+    """The registration token of a host not registered yet; RegistrationError without one."""
+    if settings.registration_token is None:
+        raise RegistrationError(
+            f"this host is not registered ({settings.host_file} does not exist) and no "
+            "registration token was given: pass --token-file (or set "
+            "GPUPLANE_DAEMON_REGISTRATION_TOKEN_FILE or GPUPLANE_DAEMON_REGISTRATION_TOKEN)"
+        )
+    return settings.registration_token.get_secret_value()
+
+
 async def register(
     settings: DaemonSettings, inventory: GpuInventory, channel: grpc.aio.Channel
 ) -> HostIdentity:
     """Exchanges the registration token for an identity and saves it to host.json."""
-    if settings.registration_token is None:
-        raise RegistrationError(
-            f"this host is not registered ({settings.host_file} does not exist) and no "
-            "registration token was given: pass --token (or GPUPLANE_DAEMON_REGISTRATION_TOKEN)"
-        )
     stub = registry_pb2_grpc.RegistryServiceStub(channel)
-    request = register_request(settings, inventory, settings.registration_token.get_secret_value())
+    request = register_request(settings, inventory, required_token(settings))
     try:
         response = await stub.RegisterHost(request, timeout=30)
     except grpc.aio.AioRpcError as exc:

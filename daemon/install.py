@@ -7,6 +7,7 @@ daemon.install`) before the virtualenv exists. `--dry-run` prints every action, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -187,7 +188,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--python", default=preflight.default_python(), help="interpreter for the virtualenv")
     add("--source", help="what pip installs (default: this checkout, else gpuplane==VERSION)")
     add("--pip-arg", action="append", default=[], help="extra pip argument (repeatable)")
-    add("--no-start", action="store_true", help="enable the service but do not start it")
+    add(
+        "--no-start",
+        action="store_true",
+        help="enable the service but do not start it (nor restart it when it runs)",
+    )
     add("--skip-checks", action="store_true", help="install even when a required check fails")
     add(
         "--userns-remap",
@@ -238,6 +243,47 @@ def _write(path: Path, text: str, mode: int, shown: str) -> Action:
     return Action(f"write {path} (mode {mode:o}):{body}", write)
 
 
+def installed_fingerprint(paths: Paths) -> str:
+    """A digest of what the service runs: its unit, its env file, and the RECORD of the
+    installed gpuplane (every file of the package with its hash: a new release changes it)."""
+    digest = hashlib.sha256()
+    records = sorted(paths.venv.glob("lib/python*/site-packages/gpuplane-*.dist-info/RECORD"))
+    for path in (paths.unit, paths.config, *records):
+        digest.update(f"{path}\0".encode())
+        try:
+            digest.update(path.read_bytes())
+        except FileNotFoundError:
+            digest.update(b"\0missing")
+    return digest.hexdigest()
+
+
+@dataclass
+class Upgrade:
+    """A running service is restarted when this install changed what it runs: `enable --now`
+    leaves a running service alone, so an upgrade would otherwise keep the old code."""
+
+    paths: Paths
+    env: Mapping[str, str]
+    was_running: bool = False
+    before: str = ""
+
+    def note(self) -> Action:
+        def note() -> None:
+            argv = ["systemctl", "is-active", "--quiet", f"{SERVICE}.service"]
+            self.was_running = subprocess.run(argv, env=dict(self.env)).returncode == 0
+            self.before = installed_fingerprint(self.paths)
+
+        return Action(f"note whether {SERVICE}.service runs, and what it runs", note)
+
+    def restart(self) -> Action:
+        def restart() -> None:
+            if self.was_running and installed_fingerprint(self.paths) != self.before:
+                _run(["systemctl", "restart", f"{SERVICE}.service"], self.env)
+
+        describe = f"systemctl restart {SERVICE}.service if it was running and what it runs changed"
+        return Action(describe, restart)
+
+
 def _remap_users(path: Path) -> Action:
     """Adds userns-remap to the engine's daemon.json, keeping what else it says."""
 
@@ -259,7 +305,8 @@ def plan(
 ) -> list[Action]:
     """Every step, in order; nothing is done here. Commands run with `env` (its PATH).
     `remap_users`: turn on the local engine's userns-remap (and restart it) first."""
-    actions = []
+    upgrade = Upgrade(paths, env)
+    actions = [] if args.no_start else [upgrade.note()]
     if remap_users:
         actions.append(_remap_users(args.docker_config))
         actions.append(_command(["systemctl", "restart", "docker"], env))
@@ -279,7 +326,11 @@ def plan(
     actions.append(_write(paths.unit, unit, 0o644, unit))
     actions.append(_command(["systemctl", "daemon-reload"], env))
     enable = ["systemctl", "enable", f"{SERVICE}.service"]
-    actions.append(_command(enable if args.no_start else [*enable[:2], "--now", *enable[2:]], env))
+    if args.no_start:
+        actions.append(_command(enable, env))
+        return actions
+    actions.append(_command([*enable[:2], "--now", *enable[2:]], env))
+    actions.append(upgrade.restart())
     return actions
 
 

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.channel import ChannelSecurity
 from messaging.jsonlog import LogFormat
+from messaging.secretfiles import apply_secret_files
 
 MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
@@ -71,7 +72,14 @@ class DaemonSettings(BaseSettings):
         "of the (first) control-plane address.",
     )
     registration_token: SecretStr | None = Field(
-        default=None, description="Host registration token; needed until data_dir/host.json exists."
+        default=None,
+        description="Host registration token; needed until data_dir/host.json exists. Prefer "
+        "registration_token_file: a value here is in the process's environment.",
+    )
+    registration_token_file: Path | None = Field(
+        default=None,
+        description="File holding the registration token (one trailing newline stripped), e.g. "
+        "a systemd credential: $CREDENTIALS_DIRECTORY/registration-token.",
     )
     data_dir: Path = Field(
         default_factory=default_data_dir,
@@ -206,6 +214,11 @@ class DaemonSettings(BaseSettings):
         if value and not (sep and port.isdigit() and int(port) <= 65535):
             raise ValueError(f"want HOST:PORT (e.g. 127.0.0.1:9466), not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> DaemonSettings:
+        apply_secret_files(self, ("registration_token",))
+        return self
 
     @model_validator(mode="after")
     def _derive_machine_id(self) -> DaemonSettings:

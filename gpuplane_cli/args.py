@@ -75,7 +75,12 @@ def common_options(*, suppress: bool) -> argparse.ArgumentParser:
     group.add_argument(
         "--addr", default=default, help="control plane host:port (env GPUPLANE_ADDR)"
     )
-    group.add_argument("--api-key", default=default, help="bearer API key (env GPUPLANE_API_KEY)")
+    group.add_argument(
+        "--api-key",
+        default=default,
+        help="bearer API key (env GPUPLANE_API_KEY, or GPUPLANE_API_KEY_FILE naming a file "
+        "that holds it: prefer either, a flag's value is visible to every user in ps)",
+    )
     group.add_argument(
         "--plaintext",
         action="store_true",

@@ -21,6 +21,7 @@ from grpc import aio
 
 from daemon.channel import ChannelConfigError, ChannelSecurity, open_channel
 from gpuplane_cli.flags import in_flags
+from messaging.secretfiles import SecretFileError, read_secret_file
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 # Unary calls give up after this long unless --timeout says otherwise; streams never do.
@@ -179,6 +180,12 @@ class Target:
         environ = layered(args, environ)
         addr = getattr(args, "addr", None) or environ.get("GPUPLANE_ADDR") or DEFAULT_ADDR
         key = getattr(args, "api_key", None) or environ.get("GPUPLANE_API_KEY", "")
+        key_file = environ.get("GPUPLANE_API_KEY_FILE", "").strip()
+        if not key and key_file:
+            try:
+                key = read_secret_file(Path(key_file).expanduser(), "GPUPLANE_API_KEY_FILE")
+            except SecretFileError as exc:
+                raise CliError(str(exc), EXIT_USAGE) from None
         timeout = getattr(args, "timeout", None)
         return cls(
             addr=addr, api_key=key.strip(), timeout=timeout, security=security_of(args, environ)

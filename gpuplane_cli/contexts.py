@@ -179,7 +179,9 @@ def layered(args: argparse.Namespace, environ: Mapping[str, str]) -> Mapping[str
     profile = config.get(name)
     values = {"GPUPLANE_ADDR": profile.addr}
     if profile.api_key_file and not (
-        getattr(args, "api_key", None) or environ.get("GPUPLANE_API_KEY", "").strip()
+        getattr(args, "api_key", None)
+        or environ.get("GPUPLANE_API_KEY", "").strip()
+        or environ.get("GPUPLANE_API_KEY_FILE", "").strip()
     ):
         try:
             values["GPUPLANE_API_KEY"] = Path(profile.api_key_file).expanduser().read_text()

@@ -26,6 +26,7 @@ OTHER_GPUPLANE_VARIABLES: tuple[str, ...] = (
     # The CLI (gpuplane_cli/client.py, jobs.py, main.py): whom to call and how.
     "GPUPLANE_ADDR",
     "GPUPLANE_API_KEY",
+    "GPUPLANE_API_KEY_FILE",
     "GPUPLANE_ENV_FILE",
     "GPUPLANE_CA_FILE",
     "GPUPLANE_CERT_FILE",

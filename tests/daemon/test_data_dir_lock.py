@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import EXIT_USAGE, LOCK_FILE
-from devstack import free_port
+from devstack import DockerEngine, free_port
 from messaging.dirlock import DirLocked, lock_dir
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.docker]
 
 GPUPLANE = Path(sys.executable).parent / "gpuplane"
 
@@ -35,12 +35,15 @@ def daemon_env() -> dict[str, str]:
 
 
 @contextmanager
-def running_daemon(data_dir: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A real daemon with a token, retrying its registration (the control plane is down): it
-    holds its data dir from the moment its pid is in the lock file."""
+def running_daemon(
+    data_dir: Path, log: Path, engine: DockerEngine
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real daemon with a token and a Docker engine (it checks one answers before it spends
+    the token), retrying its registration (the control plane is down): it holds its data dir
+    from the moment its pid is in the lock file."""
     with log.open("wb") as out:
         daemon = subprocess.Popen(
-            daemon_argv(data_dir, "--token", "grt_first"),
+            daemon_argv(data_dir, "--token", "grt_first", "--docker-host", engine.base_url),
             env=daemon_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -68,9 +71,11 @@ def run_second(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_second_daemon_on_a_held_data_dir_exits_naming_dir_and_holder(tmp_path: Path) -> None:
+def test_second_daemon_on_a_held_data_dir_exits_naming_dir_and_holder(
+    tmp_path: Path, docker_engine: DockerEngine
+) -> None:
     data_dir = tmp_path / "daemon"
-    with running_daemon(data_dir, tmp_path / "first.log") as first:
+    with running_daemon(data_dir, tmp_path / "first.log", docker_engine) as first:
         second = run_second(data_dir, "--token", "grt_second")
         assert second.returncode == EXIT_USAGE, second.stderr
         assert "Traceback" not in second.stderr
@@ -86,9 +91,9 @@ def test_second_daemon_on_a_held_data_dir_exits_naming_dir_and_holder(tmp_path: 
         assert locked.value.holder_pid == str(first.pid)
 
 
-def test_lock_goes_with_a_killed_holder(tmp_path: Path) -> None:
+def test_lock_goes_with_a_killed_holder(tmp_path: Path, docker_engine: DockerEngine) -> None:
     data_dir = tmp_path / "daemon"
-    with running_daemon(data_dir, tmp_path / "first.log") as first:
+    with running_daemon(data_dir, tmp_path / "first.log", docker_engine) as first:
         first.kill()
         first.wait()
     # Its lock file stays behind, naming the dead pid; it is no lock (flock ends with its holder).

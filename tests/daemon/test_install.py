@@ -32,6 +32,19 @@ if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then exit 0; fi
 exec "{python}" "$@"
 """
 RECORDER = '#!/bin/sh\nPATH=/usr/bin:/bin\necho "$(basename "$0") $*" >> "{log}"\n'
+# systemctl: records its arguments and keeps whether the service runs in the file {active}
+# (systemd itself cannot run in a test container): is-active answers from it.
+SYSTEMCTL = (
+    RECORDER
+    + """\
+case "$1 $2" in
+    "is-active --quiet") [ -e "{active}" ]; exit $? ;;
+    "enable --now" | "start "* | "restart "*) touch "{active}" ;;
+    "stop "*) rm -f "{active}" ;;
+esac
+exit 0
+"""
+)
 
 
 def executable(path: Path, text: str) -> Path:
@@ -56,7 +69,8 @@ class Host:
         booted = tmp / "run-systemd-system"
         booted.mkdir()
         monkeypatch.setattr(preflight, "SYSTEMD_RUNTIME_DIR", booted)
-        executable(self.bin / "systemctl", RECORDER.format(log=self.log))
+        self.active = tmp / "service-active"
+        executable(self.bin / "systemctl", SYSTEMCTL.format(log=self.log, active=self.active))
 
     def add_gpu_stack(self, nvml: Path) -> None:
         for name in ("nvidia-smi", "nvidia-ctk", "nvidia-container-runtime-hook"):
@@ -132,7 +146,7 @@ def test_dry_run_prints_every_action_and_changes_nothing(
     assert "[ok  ] Docker engine:" in out
     actions = [line.strip() for line in out.splitlines() if line[:5].strip().rstrip(".").isdigit()]
     assert [a.split(" ", 2)[1] for a in actions] == [
-        "create", "run:", "run:", "create", "write", "write", "run:", "run:",
+        "note", "create", "run:", "run:", "create", "write", "write", "run:", "run:", "systemctl",
     ]  # fmt: skip
     assert f"-m venv {host.tmp / 'opt' / 'venv'}" in out
     assert "-m pip install --upgrade gpuplane==0.1.0" in out
@@ -210,8 +224,9 @@ def test_install_into_a_tmp_prefix_then_upgrade_keeps_the_token(
     assert values["GPUPLANE_DAEMON_REGISTRATION_TOKEN"] == "grt_x y"
     assert values["GPUPLANE_DAEMON_LOCATION"] == "eu-west"
     calls = [c for c in host.calls() if " -c " not in c]
-    assert calls[0] == "python -m pip install --upgrade gpuplane==0.1.0"
-    assert calls[-1] == "systemctl enable --now gpuplane-daemon.service"
+    assert calls[0] == "systemctl is-active --quiet gpuplane-daemon.service"
+    assert calls[1] == "python -m pip install --upgrade gpuplane==0.1.0"
+    assert calls[-1] == "systemctl enable --now gpuplane-daemon.service"  # it was not running
 
 
 def test_the_shell_script_runs_the_installer_from_the_checkout(host: Host) -> None:
