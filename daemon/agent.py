@@ -7,8 +7,8 @@ import base64
 import logging
 import shutil
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine
+from typing import Any
 
 import docker
 import grpc
@@ -22,7 +22,7 @@ from daemon import commands, reattach
 from daemon.attribution import JobAttribution
 from daemon.bus import DaemonBus, connect_bus
 from daemon.channel import open_channel
-from daemon.connect import Backoff, ConnectClient
+from daemon.connect import ConnectClient
 from daemon.executor import JobExecutor
 from daemon.gpus import GpuInventory, discover
 from daemon.identity import (
@@ -33,6 +33,7 @@ from daemon.identity import (
     load_identity,
     register,
     required_token,
+    until_answered,
 )
 from daemon.journal import Journal, JournalEntry
 from daemon.metrics import DaemonMetrics
@@ -49,7 +50,6 @@ from messaging.tasks import stop_tasks
 from storage.scoped import GrantedStore, grant_http_pool
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Key = tuple[str, int]
 Kind = messaging_pb2.JobReportKind
 StopReason = messaging_pb2.StopReason
@@ -105,9 +105,9 @@ class Agent:
         client = await asyncio.to_thread(self._docker_client)
         await asyncio.to_thread(client.ping)
         if self.identity is None:
-            self.identity = await self._with_retry(self._register)
+            self.identity = await until_answered(self.settings, self._register)
         else:
-            await self._with_retry(self._apply_offer)
+            await until_answered(self.settings, self._apply_offer)
         identity = self.identity
         self._runtime = DockerRuntime(
             client,
@@ -373,22 +373,6 @@ class Agent:
         assert self.identity is not None
         assert self._channel is not None
         await apply_offer(self.settings, self.identity, self._channel)
-
-    async def _with_retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        """`call` until the control plane answers (UNAVAILABLE: retried with backoff)."""
-        backoff = Backoff(self.settings.reconnect_base_seconds, self.settings.reconnect_max_seconds)
-        while True:
-            try:
-                return await call()
-            except grpc.aio.AioRpcError as exc:
-                delay = backoff.next_delay()
-                log.warning(
-                    "control plane %s unreachable (%s); retrying in %.1fs",
-                    self.settings.control_plane,
-                    exc.code().name,
-                    delay,
-                )
-            await asyncio.sleep(delay)
 
     async def _reregister(self) -> str | None:
         """The credential was refused: register again when a token is at hand. Without one,

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc
 
+from daemon.connect import Backoff
 from daemon.gpus import GpuInventory
 from daemon.settings import DaemonSettings
 from messaging.signing import SigningKey
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RegistrationError(Exception):
@@ -222,3 +227,21 @@ def take_nats_servers(identity: HostIdentity, servers: list[str], host_file: Pat
     log.info("NATS servers moved: %s (was %s)", ",".join(servers), ",".join(identity.nats_servers))
     identity.nats_servers = servers
     identity.save(host_file)
+
+
+async def until_answered(settings: DaemonSettings, call: Callable[[], Awaitable[T]]) -> T:
+    """`call` until the control plane answers: an RPC error (UNAVAILABLE, DEADLINE_EXCEEDED:
+    the others raise RegistrationError) is retried with jittered backoff."""
+    backoff = Backoff(settings.reconnect_base_seconds, settings.reconnect_max_seconds)
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            delay = backoff.next_delay()
+            log.warning(
+                "control plane %s unreachable (%s); retrying in %.1fs",
+                settings.control_plane,
+                exc.code().name,
+                delay,
+            )
+        await asyncio.sleep(delay)
