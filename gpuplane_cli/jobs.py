@@ -24,6 +24,19 @@ from gpuplane_cli.units import (
 DEFAULT_MAX_DURATION = "1h"
 
 
+SUBMIT_EPILOG = """\
+Everything after `--` is the container's command and arguments, as with
+`docker run IMAGE COMMAND ...` (use --entrypoint to replace the entrypoint).
+
+examples:
+  gpuplane jobs submit --image busybox --max-duration 6m --wait -- echo hello
+  gpuplane jobs submit --image ghcr.io/me/train:1 --gpus 8 --min-vram 80 \\
+      --max-price 2.5 --budget 40 --input ./data.tar --env EPOCHS=3 \\
+      --label team=nlp -- python train.py
+  gpuplane jobs submit --image busybox --dry-run    # the quote: what it holds
+  gpuplane apply job.yaml                           # the options from a file"""
+
+
 def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     jobs = a.add_group(subparsers, "jobs", "submit, follow and collect GPU jobs")
     submit = a.add_leaf(
@@ -33,8 +46,8 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
         "submit a containerised job",
         common,
         usage="%(prog)s --image IMAGE [options] [-- COMMAND [ARG ...]]",
-        epilog="Everything after `--` is the container's command and arguments, as with "
-        "`docker run IMAGE COMMAND ...` (use --entrypoint to replace the entrypoint).",
+        epilog=SUBMIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _submit_options(submit)
     listing = a.add_leaf(jobs, "list", list_jobs, "list your jobs, newest first", common)
@@ -64,15 +77,11 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _submit_options(p: argparse.ArgumentParser) -> None:
     """What a job runs and what it may spend; then where (_placement_options)."""
-    p.add_argument("--image", required=True, help="container image reference")
-    p.add_argument("--entrypoint", help="replace the image's entrypoint")
-    p.add_argument("--gpus", type=a.non_negative, default=1, help="GPUs on one host (default 1)")
-    p.add_argument("--gpu-model", action="append", default=[], help="allowed model (repeatable)")
-    p.add_argument("--min-vram", type=a.non_negative, default=0, metavar="GIB")
-    p.add_argument("--min-compute-capability", default="", metavar="X.Y")
-    p.add_argument("--cpus", type=a.cpus, help="CPU limit: 2, 0.5 or 250m")
-    p.add_argument("--memory", type=a.size, help="memory limit: 512m, 16g")
-    p.add_argument("--shm-size", type=a.size, help="/dev/shm size: 1g")
+    p.add_argument(
+        "--image", required=True, help="container image reference, e.g. busybox or ghcr.io/o/r:1"
+    )
+    p.add_argument("--entrypoint", help="replace the image's entrypoint, e.g. /bin/sh")
+    _resource_options(p)
     p.add_argument(
         "--max-duration",
         type=a.duration,
@@ -84,10 +93,26 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         "--budget",
         type=a.credits,
         help="spend cap in credits: the job is stopped once it has run as long as this pays "
-        "for at its host's price (its outputs are kept; it is charged exactly the budget)",
+        "for at its host's price (its outputs are kept; it is charged exactly the budget), "
+        "e.g. 10",
     )
-    p.add_argument("--env", action="append", type=a.key_value, default=[], metavar="K=V")
-    p.add_argument("--label", action="append", type=a.key_value, default=[], metavar="K=V")
+    p.add_argument(
+        "--env",
+        action="append",
+        type=a.key_value,
+        default=[],
+        metavar="K=V",
+        help="an environment variable of the container (repeatable), e.g. --env SEED=42",
+    )
+    p.add_argument(
+        "--label",
+        action="append",
+        type=a.key_value,
+        default=[],
+        metavar="K=V",
+        help="a label of the job (repeatable; `jobs list --label` and `jobs cancel --label` "
+        "select by it), e.g. --label team=nlp",
+    )
     p.add_argument(
         "--input",
         action="append",
@@ -97,10 +122,45 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         "(starting with ./, ../, / or ~) to upload first",
     )
     p.add_argument("--network", action="store_true", help="outbound network (default: none)")
-    p.add_argument("--idempotency-key", default="")
+    p.add_argument(
+        "--idempotency-key",
+        default="",
+        help="a key of yours: submitting again with it answers the first job instead of "
+        "making a second (safe retries), e.g. train-2026-12-06",
+    )
     p.add_argument("--dry-run", action="store_true", help="quote only: create nothing")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     _placement_options(p)
+
+
+def _resource_options(p: argparse.ArgumentParser) -> None:
+    """What a job needs of a host: GPUs, their kind, CPU and memory."""
+    p.add_argument(
+        "--gpus", type=a.non_negative, default=1, help="GPUs on one host (default 1), e.g. 8"
+    )
+    p.add_argument(
+        "--gpu-model",
+        action="append",
+        default=[],
+        help="an allowed GPU model as `gpuplane offers` names it (repeatable), "
+        "e.g. 'NVIDIA H100 80GB HBM3'",
+    )
+    p.add_argument(
+        "--min-vram",
+        type=a.non_negative,
+        default=0,
+        metavar="GIB",
+        help="only GPUs with at least this much memory, e.g. 40",
+    )
+    p.add_argument(
+        "--min-compute-capability",
+        default="",
+        metavar="X.Y",
+        help="only GPUs of at least this CUDA compute capability, e.g. 8.0",
+    )
+    p.add_argument("--cpus", type=a.cpus, help="CPU limit: 2, 0.5 or 250m")
+    p.add_argument("--memory", type=a.size, help="memory limit: 512m, 16g")
+    p.add_argument("--shm-size", type=a.size, help="/dev/shm size: 1g")
 
 
 def submit_defaults() -> argparse.Namespace:
@@ -112,8 +172,17 @@ def submit_defaults() -> argparse.Namespace:
 
 def _placement_options(p: argparse.ArgumentParser) -> None:
     """Where and how often a job may run: host constraints, placement, retries."""
-    p.add_argument("--host-label", action="append", type=a.key_value, default=[], metavar="K=V")
-    p.add_argument("--location", action="append", default=[], help="allowed location")
+    p.add_argument(
+        "--host-label",
+        action="append",
+        type=a.key_value,
+        default=[],
+        metavar="K=V",
+        help="only hosts with this label (repeatable), e.g. --host-label tier=gold",
+    )
+    p.add_argument(
+        "--location", action="append", default=[], help="an allowed location, e.g. eu-west"
+    )
     p.add_argument(
         "--min-reliability",
         type=a.reliability,
@@ -122,9 +191,18 @@ def _placement_options(p: argparse.ArgumentParser) -> None:
         help="only hosts at least this reliable (completed attempts, recent ones weighing "
         "most; see `gpuplane offers`), e.g. 95",
     )
-    p.add_argument("--priority", type=int, default=0)
     p.add_argument(
-        "--placement", type=a.enum_arg(types_pb2.PlacementPolicy, "placement"), default=0
+        "--priority",
+        type=int,
+        default=0,
+        help="among your queued jobs, higher runs first (default 0), e.g. 10",
+    )
+    p.add_argument(
+        "--placement",
+        type=a.enum_arg(types_pb2.PlacementPolicy, "placement"),
+        default=0,
+        help="how a host is chosen: cheapest, balanced (price, reliability, load), pack "
+        "(fill used hosts first) or spread (default: the control plane's)",
     )
     p.add_argument(
         "--max-retries",
