@@ -14,9 +14,10 @@ import logging
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings
+if TYPE_CHECKING:  # the CLI reads key files here and must start without pydantic
+    from pydantic_settings import BaseSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def read_secret_file(path: Path, variable: str) -> str:
 def apply_secret_files(settings: BaseSettings, secrets: Iterable[str]) -> None:
     """For each secret field named in `secrets` whose `<name>_file` field is set: reads the
     file into the field (as a SecretStr). Call from a model validator (mode="after")."""
+    from pydantic import SecretStr  # only the settings' validators need it
+
     prefix = str(settings.model_config.get("env_prefix", "")).upper()
     for name in secrets:
         path = getattr(settings, f"{name}_file")
