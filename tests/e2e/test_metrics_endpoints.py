@@ -167,12 +167,16 @@ async def test_both_metrics_endpoints_pass_promtool_and_serve_what_deploy_reads(
 
 async def check_idle_daemon(daemon_url: str, host_id: str) -> None:
     labels = {"host": host_id, "model": MODELS[H100], "gpu": H100}
+    # The host is ONLINE once its hello is written, a moment before the daemon reads the
+    # HelloAck that makes it count as connected: wait for both.
     idle = await until(
         daemon_url,
-        lambda t: value(t, "gpuplane_daemon_gpu_temperature_celsius", **labels, job_id="") == 40,
-        "the H100's temperature",
+        lambda t: (
+            value(t, "gpuplane_daemon_gpu_temperature_celsius", **labels, job_id="") == 40
+            and value(t, "gpuplane_daemon_control_plane_connected") == 1
+        ),
+        "the H100's temperature, and the Connect stream acknowledged",
     )
-    assert value(idle, "gpuplane_daemon_control_plane_connected") == 1
     assert value(idle, "gpuplane_daemon_nats_connected") == 1
     assert value(idle, "gpuplane_daemon_gpu_quarantined", **labels) == 0
     assert value(idle, "gpuplane_daemon_attempts", step="running") == 0
