@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 
 from controlplane.jobs.spending import TenantSpend
 from controlplane.registry.monitor import GpuMonitor
-from messaging.exposition import MetricsServer, add_standard_collectors
+from messaging.exposition import GpuSampleFamilies, MetricsServer, add_standard_collectors
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,29 +264,6 @@ class LedgerCollector(Collector):
         yield family
 
 
-# (metric name, help, sample field, scale to the metric's unit)
-GPU_GAUGES = (
-    ("gpuplane_gpu_utilization_percent", "GPU utilisation.", "utilization_gpu_percent", 1.0),
-    ("gpuplane_gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes", 1.0),
-    ("gpuplane_gpu_temperature_celsius", "GPU temperature.", "temperature_celsius", 1.0),
-    ("gpuplane_gpu_power_watts", "GPU power draw.", "power_draw_milliwatts", 1e-3),
-    ("gpuplane_gpu_sm_clock_hertz", "GPU SM clock.", "sm_clock_mhz", 1e6),
-)
-# NVML's ECC error counts only grow (until the driver reloads): counters (`_total`).
-GPU_COUNTERS = (
-    (
-        "gpuplane_gpu_ecc_corrected_errors",
-        "Corrected ECC errors NVML reports.",
-        "ecc_corrected_errors",
-    ),
-    (
-        "gpuplane_gpu_ecc_uncorrected_errors",
-        "Uncorrected ECC errors NVML reports.",
-        "ecc_uncorrected_errors",
-    ),
-)
-
-
 class TelemetryCollector(Collector):
     """Per-GPU gauges from the latest sample of every GPU whose host is connected here, read
     at scrape time: receiving telemetry touches no metric, and a host's series vanish when it
@@ -297,8 +274,7 @@ class TelemetryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         labels = ["host", "gpu"]
-        gauges = [GaugeMetricFamily(name, text, labels=labels) for name, text, _, _ in GPU_GAUGES]
-        counters = [CounterMetricFamily(n, text, labels=labels) for n, text, _ in GPU_COUNTERS]
+        samples = GpuSampleFamilies("gpuplane_", labels)
         healthy = GaugeMetricFamily(
             "gpuplane_gpu_healthy", "1 while the GPU is healthy, else 0.", labels=labels
         )
@@ -310,12 +286,8 @@ class TelemetryCollector(Collector):
                 latest = series.latest
                 if latest is None:
                     continue
-                for family, (_, _, name, scale) in zip(gauges, GPU_GAUGES, strict=True):
-                    family.add_metric(key, getattr(latest, name) * scale)
-                for counter, (_, _, name) in zip(counters, GPU_COUNTERS, strict=True):
-                    counter.add_metric(key, getattr(latest, name))
-        yield from gauges
-        yield from counters
+                samples.add(key, latest)
+        yield from samples.families()
         yield healthy
         accepted = CounterMetricFamily(
             "gpuplane_telemetry_samples", "GPU telemetry samples accepted."

@@ -13,30 +13,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from daemon.progress import Progress
-from messaging.exposition import MetricsServer, add_standard_collectors
+from messaging.exposition import GpuSampleFamilies, MetricsServer, add_standard_collectors
 
 if TYPE_CHECKING:
     from daemon.agent import Agent
 
 log = logging.getLogger(__name__)
 
-# (metric name, help, GpuTelemetry field, scale to the metric's unit)
-GPU_GAUGES = (
-    ("gpuplane_daemon_gpu_utilization_percent", "GPU utilisation.", "utilization_gpu_percent", 1.0),
-    ("gpuplane_daemon_gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes", 1.0),
-    ("gpuplane_daemon_gpu_temperature_celsius", "GPU temperature.", "temperature_celsius", 1.0),
-    ("gpuplane_daemon_gpu_power_watts", "GPU power draw.", "power_draw_milliwatts", 1e-3),
-    ("gpuplane_daemon_gpu_sm_clock_hertz", "GPU SM clock.", "sm_clock_mhz", 1e6),
-)
-# NVML's ECC counts only grow (until the driver reloads): counters.
-GPU_COUNTERS = (
-    ("gpuplane_daemon_gpu_ecc_corrected_errors", "Corrected ECC errors.", "ecc_corrected_errors"),
-    (
-        "gpuplane_daemon_gpu_ecc_uncorrected_errors",
-        "Uncorrected ECC errors.",
-        "ecc_uncorrected_errors",
-    ),
-)
 # `job_id`, not `job`: Prometheus gives `job` to the scrape job (and would rename ours).
 GPU_LABELS = ["host", "gpu", "model", "job_id"]
 _Kind = messaging_pb2.JobReportKind
@@ -106,8 +89,7 @@ class AgentCollector(Collector):
 
     def _gpus(self) -> Iterator[Metric]:
         agent = self.agent
-        gauges = [GaugeMetricFamily(n, text, labels=GPU_LABELS) for n, text, _, _ in GPU_GAUGES]
-        counters = [CounterMetricFamily(n, text, labels=GPU_LABELS) for n, text, _ in GPU_COUNTERS]
+        samples = GpuSampleFamilies("gpuplane_daemon_", GPU_LABELS)
         quarantined = GaugeMetricFamily(
             "gpuplane_daemon_gpu_quarantined",
             "1 while the GPU is quarantined (not clean after an attempt), else 0.",
@@ -127,12 +109,8 @@ class AgentCollector(Collector):
         for sample in batch.samples if batch else []:
             model = gpus[sample.gpu_uuid].name if sample.gpu_uuid in gpus else ""
             key = [agent.host_id, sample.gpu_uuid, model, busy.get(sample.gpu_uuid, "")]
-            for family, (_, _, name, scale) in zip(gauges, GPU_GAUGES, strict=True):
-                family.add_metric(key, getattr(sample, name) * scale)
-            for counter, (_, _, name) in zip(counters, GPU_COUNTERS, strict=True):
-                counter.add_metric(key, getattr(sample, name))
-        yield from gauges
-        yield from counters
+            samples.add(key, sample)
+        yield from samples.families()
         yield quarantined
 
     def _attempts(self) -> Iterator[Metric]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import platform
 import threading
+from collections.abc import Iterator, Sequence
 from importlib import metadata
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -15,6 +17,51 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+# A GPU's telemetry sample (GpuTelemetry) as metrics, for the daemon and the control plane
+# alike: (name after the process's prefix, help, sample field, scale to the metric's unit).
+GPU_GAUGES = (
+    ("gpu_utilization_percent", "GPU utilisation.", "utilization_gpu_percent", 1.0),
+    ("gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes", 1.0),
+    ("gpu_temperature_celsius", "GPU temperature.", "temperature_celsius", 1.0),
+    ("gpu_power_watts", "GPU power draw.", "power_draw_milliwatts", 1e-3),
+    ("gpu_sm_clock_hertz", "GPU SM clock.", "sm_clock_mhz", 1e6),
+)
+# NVML's ECC error counts only grow (until the driver reloads): counters (`_total`).
+GPU_COUNTERS = (
+    ("gpu_ecc_corrected_errors", "Corrected ECC errors NVML reports.", "ecc_corrected_errors"),
+    (
+        "gpu_ecc_uncorrected_errors",
+        "Uncorrected ECC errors NVML reports.",
+        "ecc_uncorrected_errors",
+    ),
+)
+
+
+class GpuSampleFamilies:
+    """One scrape's per-GPU telemetry families, named `prefix` + GPU_GAUGES/GPU_COUNTERS'
+    names, with `labels`; `add` puts one sample in each, `families` yields them."""
+
+    def __init__(self, prefix: str, labels: Sequence[str]) -> None:
+        self.gauges = [
+            (GaugeMetricFamily(prefix + name, text, labels=labels), field, scale)
+            for name, text, field, scale in GPU_GAUGES
+        ]
+        self.counters = [
+            (CounterMetricFamily(prefix + name, text, labels=labels), field)
+            for name, text, field in GPU_COUNTERS
+        ]
+
+    def add(self, key: Sequence[str], sample: Any) -> None:
+        for gauge, field, scale in self.gauges:
+            gauge.add_metric(key, getattr(sample, field) * scale)
+        for counter, field in self.counters:
+            counter.add_metric(key, getattr(sample, field))
+
+    def families(self) -> Iterator[Metric]:
+        yield from (gauge for gauge, _, _ in self.gauges)
+        yield from (counter for counter, _ in self.counters)
 
 
 def package_version() -> str:
