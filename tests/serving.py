@@ -3,6 +3,7 @@ fails the test (loudly, with devstack's message, never skipped)."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -32,3 +33,14 @@ def serve(server: Server) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """A server process started by a test: SIGTERM, then SIGKILL if it has not ended within
+    `timeout` seconds; waited for either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

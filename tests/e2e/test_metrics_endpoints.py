@@ -31,6 +31,7 @@ from tests.deploy.promql import (
 )
 from tests.e2e.test_nvml_host import H100, RTX, online_host, write_state
 from tests.harness import CREDIT, JobPlane, job_plane
+from tests.serving import stop_process
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.docker]
 
@@ -90,12 +91,7 @@ async def daemon_metrics(
     try:
         yield f"http://127.0.0.1:{port}/metrics", process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         if process.returncode not in (0, -15):
             print(log_path.read_text(errors="replace"))
 

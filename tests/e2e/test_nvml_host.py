@@ -20,6 +20,7 @@ from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from devstack import DockerEngine, NatsServer, S3Server
 from tests.harness import JobPlane, job_plane
+from tests.serving import stop_process
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.docker]
 
@@ -118,12 +119,7 @@ async def nvml_daemon(
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         if process.returncode not in (0, -15):
             print(log_path.read_text(errors="replace"))
 

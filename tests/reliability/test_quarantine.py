@@ -25,6 +25,7 @@ from devstack import DockerEngine, NatsServer, S3Server
 from tests.e2e.test_nvml_host import H100, online_host, write_state
 from tests.harness import JobPlane, job_plane
 from tests.reliability import summary
+from tests.serving import stop_process
 
 S = types_pb2
 pytestmark = [pytest.mark.timeout(120), pytest.mark.docker]
@@ -77,12 +78,7 @@ async def daemon(
     try:
         yield process, state
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         print(log_path.read_text(errors="replace")[-3000:])
 
 
