@@ -37,6 +37,8 @@ async def answer(
         assert agent.connect is not None
         known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
         await agent.reconcile(known, listed_after=agent.connect.hello_sent_at)
+    elif kind == "extend":
+        return _extend(agent, message.extend)
     elif kind == "probe":
         # Run in the background: the stream reads on; the answers follow on the stream.
         agent.start_probe(message.probe)
@@ -66,6 +68,17 @@ def _cancel(
         why = command.stop_reason or StopReason.STOP_REASON_CANCELLED
         agent._spawn(executor.cancel(why, command.reason))
     if targets or not command.attempt:
+        return Answer.COMMAND_ANSWER_APPLIED
+    return _here(agent, (command.job_id, command.attempt))
+
+
+def _extend(
+    agent: Agent, command: registry_pb2.ExtendCommand
+) -> registry_pb2.CommandAnswer.ValueType | None:
+    """Moves a running session's deadline; an attempt not taken yet hears it again."""
+    deadline = agent.deadlines.get((command.job_id, command.attempt))
+    if deadline is not None:
+        deadline.extend(command.max_duration_seconds)
         return Answer.COMMAND_ANSWER_APPLIED
     return _here(agent, (command.job_id, command.attempt))
 

@@ -1,0 +1,98 @@
+"""Interactive sessions on the daemon: their SSH keys, and the deadline it enforces itself."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import tarfile
+import time
+from typing import TYPE_CHECKING
+
+from gpuplane.v1 import messaging_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from daemon.executor import JobExecutor
+
+log = logging.getLogger(__name__)
+StopReason = messaging_pb2.StopReason
+# The hard maximum of a session from its container's start, extensions included: whatever
+# the control plane says (or when it cannot say anything), a session is stopped there.
+MAX_SESSION_SECONDS = 12 * 3600
+AUTHORIZED_KEYS = "root/.ssh/authorized_keys"
+
+
+def is_session(spec: types_pb2.JobSpec) -> bool:
+    return spec.HasField("session")
+
+
+def authorized_keys_tar(keys: list[str]) -> bytes:
+    """A tar of /root/.ssh (mode 700) holding authorized_keys (mode 600) with `keys`, owned
+    by root, for Docker's put_archive at "/" on the created container."""
+    data = "".join(f"{key.strip()}\n" for key in keys).encode()
+    buffer = io.BytesIO()
+    now = time.time()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        folder = tarfile.TarInfo("root/.ssh")
+        folder.type, folder.mode, folder.mtime = tarfile.DIRTYPE, 0o700, now
+        tar.addfile(folder)
+        entry = tarfile.TarInfo(AUTHORIZED_KEYS)
+        entry.size, entry.mode, entry.mtime = len(data), 0o600, now
+        tar.addfile(entry, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+class SessionDeadline:
+    """Stops a session's attempt (STOPPED, STOP_REASON_TIMED_OUT) once its container has run
+    `seconds` (at most MAX_SESSION_SECONDS), counted from the container's start; an
+    ExtendCommand moves it (extend)."""
+
+    def __init__(self, executor: JobExecutor, seconds: float, tick: float = 0.1) -> None:
+        self.executor = executor
+        self.seconds = min(float(seconds), MAX_SESSION_SECONDS)
+        self.tick = tick
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self.run(), name=f"deadline-{self.executor.job_id}")
+        return self._task
+
+    def close(self) -> None:
+        """The attempt ended: nothing left to enforce."""
+        if self._task is not None:
+            self._task.cancel()
+
+    def extend(self, seconds: float) -> None:
+        """The session's duration is now `seconds` from its start (capped at the maximum)."""
+        self.seconds = min(float(seconds), MAX_SESSION_SECONDS)
+        self._changed.set()
+        log.info("session %s: duration now %.0f s", self.executor.job_id, self.seconds)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline; None while the container has not started."""
+        started = self.executor._started_at
+        if not started:
+            return None
+        return started + self.seconds - time.monotonic()
+
+    async def run(self) -> None:
+        """Waits for the container's start, then for the deadline (moved by extend), then
+        stops the attempt unless it ended meanwhile."""
+        while self.executor.terminal is None:
+            left = self.remaining()
+            if left is not None and left <= 0:
+                break
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(self.tick if left is None else left):
+                    await self._changed.wait()
+            except TimeoutError:
+                continue
+        if self.executor.terminal is not None:
+            return
+        log.info("session %s reached its deadline: destroying it", self.executor.job_id)
+        await self.executor.cancel(
+            StopReason.STOP_REASON_TIMED_OUT,
+            f"session expired: its {self.seconds:.0f} s are up",
+        )
