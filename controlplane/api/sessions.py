@@ -37,7 +37,7 @@ def session_pb(
         session_id=job.id,
         tenant_id=job.tenant_id,
         state=JobState(job.state).pb,
-        state_reason=job.state_reason,
+        state_reason=_reason(job, spec),
         host_id=job.host_id or "",
         gpu_uuids=job.gpu_uuids,
         image=spec.image,
@@ -56,6 +56,13 @@ def session_pb(
         warning=warning,
         ssh_public_keys=spec.session.ssh_public_keys,
     )
+
+
+def _reason(job: Job, spec: types_pb2.JobSpec) -> str:
+    """The job's state reason, in a session's words where they differ (its time limit)."""
+    if job.state == JobState.TIMED_OUT.value:
+        return f"session expired: its {spec.max_duration_seconds} s were up"
+    return job.state_reason
 
 
 def view_pb(view: SessionView) -> sessions_pb2.Session:
