@@ -20,6 +20,7 @@ from controlplane.jobs.service import JobService, limit_refusal
 from controlplane.jobs.states import ON_HOST, JobState, note_job_event
 from controlplane.ledger import service as ledger
 from controlplane.ledger.repository import LedgerRepository
+from controlplane.ledger.transfers import scoped_key
 from controlplane.paging import Page, PageRequest
 from controlplane.sessions.spec import session_spec, validate_duration
 
@@ -70,7 +71,9 @@ class SessionService:
         request_hash: str,
     ) -> Job:
         session = session_spec(spec, duration_seconds, keys)
-        return await self.jobs.submit(caller, session, idempotency_key, request_hash, kind=PREFIX)
+        # Stored with the jobs' keys, in a space of its own: SubmitJob's key is another one.
+        key = scoped_key("session", idempotency_key) if idempotency_key else None
+        return await self.jobs.submit(caller, session, key, request_hash, kind=PREFIX)
 
     async def get(self, caller: Principal, session_id: str) -> SessionView:
         if not session_id.startswith(ID_PREFIX):
