@@ -24,18 +24,30 @@ class Kind:
     noun: str
     prefix: str
     attrs: tuple[str, ...]
+    # Other prefixes of ids of this kind, taken as given: a session (`ses_…`) is a job too.
+    others: tuple[str, ...] = ()
 
     def full(self, text: str) -> bool:
-        return text.startswith(self.prefix) and bool(_HEX.fullmatch(text[len(self.prefix) :]))
+        return any(
+            text.startswith(prefix) and bool(_HEX.fullmatch(text[len(prefix) :]))
+            for prefix in (self.prefix, *self.others)
+        )
+
+    def with_prefix(self, text: str) -> str:
+        """`text` as the start of an id: with this kind's prefix unless it has one."""
+        if text.startswith((self.prefix, *self.others)):
+            return text
+        return self.prefix + text
 
 
-JOB = Kind("job", "job_", ("job_id", "job_ids", "job"))  # `job`: ledger --job
+JOB = Kind("job", "job_", ("job_id", "job_ids", "job"), ("ses_",))  # `job`: ledger --job
 HOST = Kind("host", "host_", ("host_id", "host_ids"))
+SESSION = Kind("session", "ses_", ("session_id",))
 
 
 async def resolve_args(args: argparse.Namespace, ctx: Context) -> None:
-    """Replaces every short job or host id among the arguments with the full one."""
-    for kind in (JOB, HOST):
+    """Replaces every short job, host or session id among the arguments with the full one."""
+    for kind in (JOB, HOST, SESSION):
         for attr in kind.attrs:
             value = getattr(args, attr, None)
             if isinstance(value, str) and value:
@@ -50,7 +62,7 @@ async def resolve(ctx: Context, kind: Kind, text: str) -> str:
     if kind.full(text):
         return text
     wanted = text.strip().lower()
-    prefix = wanted if wanted.startswith(kind.prefix) else kind.prefix + wanted
+    prefix = kind.with_prefix(wanted)
     if not _PREFIX.fullmatch(prefix):
         raise CliError(f"{text!r} is not a {kind.noun} id nor the start of one", EXIT_USAGE)
     matches = await _matching(ctx, kind, prefix)
@@ -71,7 +83,7 @@ async def resolve(ctx: Context, kind: Kind, text: str) -> str:
 async def _matching(ctx: Context, kind: Kind, prefix: str) -> Sequence[str]:
     """Up to a page of the ids starting with `prefix` (enough to say it is ambiguous)."""
     client = ctx.client()
-    if kind is JOB:
+    if kind in (JOB, SESSION):  # a session is a job: ListJobs finds it by its prefix
         jobs = await client.call(
             client.jobs.ListJobs, jobs_pb2.ListJobsRequest(id_prefix=prefix, page_size=50)
         )

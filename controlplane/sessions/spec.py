@@ -41,9 +41,9 @@ def validate_duration(field: str, seconds: int, already: int = 0) -> None:
     if seconds <= 0:
         raise InvalidArgument(field, "must be at least 1 second (the CLI's --hours: 0 < H <= 12)")
     if already + seconds > MAX_SESSION_SECONDS:
-        what = "the session's duration with it" if already else "longer than"
+        what = f"the session's {already} s and {seconds} s more" if already else "it"
         raise InvalidArgument(
-            field, f"{what} exceeds the 12-hour maximum ({MAX_SESSION_SECONDS} s)"
+            field, f"{what} would exceed the 12-hour maximum ({MAX_SESSION_SECONDS} s)"
         )
 
 

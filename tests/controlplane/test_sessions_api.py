@@ -4,6 +4,8 @@ past 12 hours or past the tenant's credit changes nothing; another tenant sees n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 import pytest
 from gpuplane.v1 import jobs_pb2, sessions_pb2, sessions_pb2_grpc, types_pb2
@@ -23,9 +25,16 @@ def stub(plane: JobPlane) -> sessions_pb2_grpc.SessionServiceAsyncStub:
     return sessions_pb2_grpc.SessionServiceStub(plane.channel)
 
 
-def request(seconds: int, **fields: object) -> sessions_pb2.CreateSessionRequest:
+def request(
+    seconds: int, ssh_public_keys: Sequence[str] = (), idempotency_key: str = ""
+) -> sessions_pb2.CreateSessionRequest:
     spec = S.JobSpec(image="busybox", gpu_count=1, max_price_per_gpu_hour_micro_credits=PRICE)
-    return sessions_pb2.CreateSessionRequest(spec=spec, duration_seconds=seconds, **fields)
+    return sessions_pb2.CreateSessionRequest(
+        spec=spec,
+        duration_seconds=seconds,
+        ssh_public_keys=ssh_public_keys,
+        idempotency_key=idempotency_key,
+    )
 
 
 async def refused(call: object, code: grpc.StatusCode) -> str:

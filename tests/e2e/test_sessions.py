@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import docker
@@ -42,11 +42,13 @@ def stub(plane: JobPlane) -> sessions_pb2_grpc.SessionServiceAsyncStub:
     return sessions_pb2_grpc.SessionServiceStub(plane.channel)
 
 
-async def create(plane: JobPlane, image: str, seconds: int, **fields: object) -> str:
+async def create(
+    plane: JobPlane, image: str, seconds: int, ssh_public_keys: Sequence[str] = ()
+) -> str:
     request = sessions_pb2.CreateSessionRequest(
         spec=S.JobSpec(image=image, gpu_count=1, max_price_per_gpu_hour_micro_credits=PRICE),
         duration_seconds=seconds,
-        **fields,
+        ssh_public_keys=ssh_public_keys,
     )
     reply = await stub(plane).CreateSession(request, metadata=plane.auth(plane.consumer_key))
     return str(reply.session.session_id)

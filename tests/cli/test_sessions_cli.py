@@ -1,0 +1,83 @@
+"""`gpuplane sessions …` and `gpuplane ssh-config` against a served control plane (no host:
+sessions stay queued): --hours out of range is named as --hours, a bad key file as --ssh-key,
+short session ids resolve (also where a job id is taken), and the ssh entry proxies through
+`gpuplane port-forward --stdio`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import Cli, Served
+from tests.cli.test_short_ids import funded_consumer
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEnyiHyW0lHc+ZtFDYeGfnWCTZh2Hp3ojQ0Q0aFxT4pW me@laptop"
+CREATE = ("sessions", "create", "--image", "busybox", "--max-price", "1")
+
+
+def test_sessions_end_to_end_through_the_cli(cli: Cli, served: Served, tmp_path: Path) -> None:
+    _, key = funded_consumer(cli, served)
+    for hours in ("0", "13"):
+        refused = cli(*CREATE, "--hours", hours, key=key)
+        assert refused.code == 2, refused.err
+        assert refused.err.startswith("error: INVALID_ARGUMENT: --hours: "), refused.err
+    with pytest.raises(SystemExit) as usage:  # argparse: not a number of hours
+        cli(*CREATE, "--hours", "-1", key=key)
+    assert usage.value.code == 2
+    bad = tmp_path / "bad.pub"
+    bad.write_text("ssh-dss AAAA\n")
+    refused = cli(*CREATE, "--hours", "1", "--ssh-key", str(bad), key=key)
+    assert refused.err.startswith("error: INVALID_ARGUMENT: --ssh-key (#1): "), refused.err
+
+    public = tmp_path / "id_ed25519.pub"
+    public.write_text(KEY + "\n")
+    made = cli("--json", *CREATE, "--hours", "0.5", "--ssh-key", str(public), key=key)
+    assert made.code == 0, made.err
+    session = made.json()
+    assert isinstance(session, dict)
+    session_id = session["session_id"]
+    assert session_id.startswith("ses_")
+    assert session["duration_seconds"] == "1800"  # uint64 in JSON: a string
+    assert session["ssh_public_keys"] == [KEY]
+
+    short = session_id[4:12]
+    got = cli("--json", "sessions", "get", short, key=key)
+    assert got.code == 0, got.err
+    assert got.json()["session_id"] == session_id  # type: ignore[index]
+    as_job = cli("--json", "jobs", "get", session_id[:12], key=key)  # a session is a job
+    assert as_job.code == 0, as_job.err
+    assert as_job.json()["job_id"] == session_id  # type: ignore[index]
+
+    listed = cli("sessions", "list", key=key)
+    assert listed.code == 0
+    assert listed.out.splitlines()[0].split() == [
+        "SESSION", "STATE", "IMAGE", "GPUS", "HOST", "EXPIRES", "CHARGED"
+    ]  # fmt: skip
+    assert session_id in listed.out
+
+    extended = cli("--json", "sessions", "extend", short, "--hours", "1", key=key)
+    assert extended.code == 0, extended.err
+    assert extended.json()["duration_seconds"] == "5400"  # type: ignore[index]
+    too_long = cli("sessions", "extend", short, "--hours", "11", key=key)
+    assert too_long.code == 2
+    assert too_long.err.startswith("error: INVALID_ARGUMENT: --hours: "), too_long.err
+
+    entry = cli("ssh-config", short, "--ssh-key", str(public), key=key)
+    assert entry.code == 0, entry.err
+    lines = [line.strip() for line in entry.out.splitlines()]
+    assert lines[0] == f"Host gpuplane-{short}"
+    assert f"ProxyCommand gpuplane port-forward --stdio {session_id} 22" in lines
+    assert "User root" in lines
+    assert "StrictHostKeyChecking accept-new" in lines
+    assert f"IdentityFile {tmp_path / 'id_ed25519'}" in lines
+
+    done = cli("sessions", "done", short, key=key)
+    assert done.code == 0, done.err
+    assert "CANCELLED" in done.out  # queued: it never ran
+    assert cli("sessions", "destroy", short, key=key).code == 0  # already over: no change
+
+    _, other = funded_consumer(cli, served)
+    hidden = cli("sessions", "get", session_id, key=other)
+    assert hidden.code == 3
+    assert "NOT_FOUND" in hidden.err
