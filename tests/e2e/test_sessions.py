@@ -126,6 +126,10 @@ async def test_a_session_runs_with_a_tty_and_its_key_then_is_extended_and_done(
     assert reply.session.hold_micro_credits == charge_for(PRICE, 1, 180_000)
     assert reply.session.expires_at.ToSeconds() - running.expires_at.ToSeconds() == 60
     assert (await plane.balance(plane.consumer_tenant)).held_micro_credits == held + more
+    deadline = agent.deadlines[(session_id, 1)]
+    async with asyncio.timeout(10):  # the ExtendCommand reaches the daemon's own deadline
+        while deadline.seconds != 180:
+            await asyncio.sleep(0.05)
 
     done = sessions_pb2.FinishSessionRequest(session_id=session_id)
     await stub(plane).FinishSession(done, metadata=plane.auth(plane.consumer_key))
