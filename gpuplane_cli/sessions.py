@@ -159,13 +159,13 @@ def build_request(args: argparse.Namespace, ctx: Context) -> sessions_pb2.Create
 async def create_session(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
     reply = await client.call(client.sessions.CreateSession, build_request(args, ctx))
-    session = reply.session
+    made = reply.session
     if ctx.json:
-        print_json(session)
+        print_json(made)
     else:
-        state = enum_name(types_pb2.JobState, session.state)
-        held = format_credits(session.hold_micro_credits)
-        print(f"session {session.session_id} {state}, holding {held} credits")
+        state = enum_name(types_pb2.JobState, made.state)
+        held = format_credits(made.hold_micro_credits)
+        print(f"session {made.session_id} {state}, holding {held} credits")
     return EXIT_OK
 
 
@@ -231,11 +231,11 @@ def show_session(s: sessions_pb2.Session) -> str:
     )
 
 
-def _print(ctx: Context, session: sessions_pb2.Session) -> int:
+def _print(ctx: Context, shown: sessions_pb2.Session) -> int:
     if ctx.json:
-        print_json(session)
+        print_json(shown)
     else:
-        print(show_session(session))
+        print(show_session(shown))
     return EXIT_OK
 
 
@@ -287,6 +287,6 @@ def ssh_entry(session_id: str, key_file: str = "", context: str = "") -> str:
 async def ssh_config(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
     request = sessions_pb2.GetSessionRequest(session_id=args.session_id)
-    session = (await client.call(client.sessions.GetSession, request)).session
-    print(ssh_entry(session.session_id, args.ssh_key, getattr(args, "context", "") or ""))
+    found = (await client.call(client.sessions.GetSession, request)).session
+    print(ssh_entry(found.session_id, args.ssh_key, getattr(args, "context", "") or ""))
     return EXIT_OK

@@ -70,10 +70,10 @@ class SessionService:
         idempotency_key: str | None,
         request_hash: str,
     ) -> Job:
-        session = session_spec(spec, duration_seconds, keys)
+        made = session_spec(spec, duration_seconds, keys)
         # Stored with the jobs' keys, in a space of its own: SubmitJob's key is another one.
         key = scoped_key("session", idempotency_key) if idempotency_key else None
-        return await self.jobs.submit(caller, session, key, request_hash, kind=PREFIX)
+        return await self.jobs.submit(caller, made, key, request_hash, kind=PREFIX)
 
     async def get(self, caller: Principal, session_id: str) -> SessionView:
         if not session_id.startswith(ID_PREFIX):

@@ -87,10 +87,10 @@ def session_spec(
     if len(keys) > MAX_KEYS:
         raise InvalidArgument("ssh_public_keys", f"more than {MAX_KEYS} keys")
     checked = [validate_ssh_key(f"ssh_public_keys[{i}]", key) for i, key in enumerate(keys)]
-    session = types_pb2.JobSpec()
-    session.CopyFrom(spec)
-    session.max_duration_seconds = duration_seconds
-    session.max_retries = 0  # its host lost, it is over: a new container is not the session
-    session.session.SetInParent()  # a session even without keys
-    session.session.ssh_public_keys.extend(checked)
-    return session
+    made = types_pb2.JobSpec()
+    made.CopyFrom(spec)
+    made.max_duration_seconds = duration_seconds
+    made.max_retries = 0  # its host lost, it is over: a new container is not the session
+    made.session.SetInParent()  # a session even without keys
+    made.session.ssh_public_keys.extend(checked)
+    return made

@@ -34,12 +34,12 @@ def test_sessions_end_to_end_through_the_cli(cli: Cli, served: Served, tmp_path:
     public.write_text(KEY + "\n")
     made = cli("--json", *CREATE, "--hours", "0.5", "--ssh-key", str(public), key=key)
     assert made.code == 0, made.err
-    session = made.json()
-    assert isinstance(session, dict)
-    session_id = session["session_id"]
+    shown = made.json()
+    assert isinstance(shown, dict)
+    session_id = shown["session_id"]
     assert session_id.startswith("ses_")
-    assert session["duration_seconds"] == "1800"  # uint64 in JSON: a string
-    assert session["ssh_public_keys"] == [KEY]
+    assert shown["duration_seconds"] == "1800"  # uint64 in JSON: a string
+    assert shown["ssh_public_keys"] == [KEY]
 
     short = session_id[4:12]
     got = cli("--json", "sessions", "get", short, key=key)

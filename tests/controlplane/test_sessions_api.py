@@ -84,17 +84,17 @@ async def test_twelve_hours_is_the_most_and_an_extension_is_paid_for_or_refused(
     created = await stub(plane).CreateSession(
         request(11 * HOUR, ssh_public_keys=[KEY + "  "], idempotency_key="s1"), metadata=auth
     )
-    session = created.session
-    assert session.session_id.startswith("ses_")
-    assert session.state == S.JOB_STATE_QUEUED
-    assert list(session.ssh_public_keys) == [KEY]
-    assert session.hold_micro_credits == charge_for(PRICE, 1, 11 * HOUR * 1000)
+    first = created.session
+    assert first.session_id.startswith("ses_")
+    assert first.state == S.JOB_STATE_QUEUED
+    assert list(first.ssh_public_keys) == [KEY]
+    assert first.hold_micro_credits == charge_for(PRICE, 1, 11 * HOUR * 1000)
     again = await stub(plane).CreateSession(
         request(11 * HOUR, ssh_public_keys=[KEY + "  "], idempotency_key="s1"), metadata=auth
     )
-    assert again.session.session_id == session.session_id
+    assert again.session.session_id == first.session_id
 
-    extend = sessions_pb2.ExtendSessionRequest(session_id=session.session_id)
+    extend = sessions_pb2.ExtendSessionRequest(session_id=first.session_id)
     extend.duration_seconds = HOUR + 1
     details = await refused(
         stub(plane).ExtendSession(extend, metadata=auth), grpc.StatusCode.INVALID_ARGUMENT

@@ -64,10 +64,10 @@ async def wait_for(
     plane: JobPlane, session_id: str, state: int, timeout: float = 20
 ) -> sessions_pb2.Session:
     deadline = time.monotonic() + timeout
-    while (session := await get(plane, session_id)).state != state:
-        assert time.monotonic() < deadline, f"{session_id}: {session}"
+    while (current := await get(plane, session_id)).state != state:
+        assert time.monotonic() < deadline, f"{session_id}: {current}"
         await asyncio.sleep(0.05)
-    return session
+    return current
 
 
 async def gone(client: docker.DockerClient, label: str, timeout: float = 15) -> None:
@@ -77,18 +77,18 @@ async def gone(client: docker.DockerClient, label: str, timeout: float = 15) -> 
         await asyncio.sleep(0.05)
 
 
-async def charged_exactly_its_run_time(plane: JobPlane, session: sessions_pb2.Session) -> None:
+async def charged_exactly_its_run_time(plane: JobPlane, ended: sessions_pb2.Session) -> None:
     """Charged price × GPUs × the run time the daemon reported (capped at its duration),
     and nothing held any more."""
-    job = await plane.get(session.session_id)
+    job = await plane.get(ended.session_id)
     assert len(job.attempts) == 1
-    assert job.usage.run_time_ms == session.run_time_ms
-    run_ms = min(session.run_time_ms, session.duration_seconds * 1000)
+    assert job.usage.run_time_ms == ended.run_time_ms
+    run_ms = min(ended.run_time_ms, ended.duration_seconds * 1000)
     assert run_ms > 0
-    assert session.charged_micro_credits == charge_for(PRICE, 1, run_ms)
+    assert ended.charged_micro_credits == charge_for(PRICE, 1, run_ms)
     balance = await plane.balance(plane.consumer_tenant)
     assert balance.held_micro_credits == 0
-    assert balance.available_micro_credits == 100 * CREDIT - session.charged_micro_credits
+    assert balance.available_micro_credits == 100 * CREDIT - ended.charged_micro_credits
     await plane.assert_ledger_consistent()
 
 
