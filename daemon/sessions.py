@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 import tarfile
@@ -10,6 +11,8 @@ import time
 from typing import TYPE_CHECKING
 
 from gpuplane.v1 import messaging_pb2, types_pb2
+
+from daemon.journal import Journal
 
 if TYPE_CHECKING:
     from daemon.executor import JobExecutor
@@ -40,6 +43,15 @@ def authorized_keys_tar(keys: list[str]) -> bytes:
         entry.size, entry.mode, entry.mtime = len(data), 0o600, now
         tar.addfile(entry, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def remember_dispatch(journal: Journal, dispatch: messaging_pb2.DispatchMessage) -> None:
+    """Rewrites the attempt's journaled dispatch (blocking), if it has an entry still: an
+    ended attempt's entry is gone and must not come back."""
+    if journal.get(dispatch.job_id, dispatch.attempt) is None:
+        return
+    encoded = base64.b64encode(dispatch.SerializeToString()).decode()
+    journal.update(dispatch.job_id, dispatch.attempt, dispatch_b64=encoded)
 
 
 class SessionDeadline:

@@ -1,23 +1,29 @@
 """A session's container on a real Docker engine, without a control plane: a TTY and open
 stdin keep `sh` up, the SSH keys are in it, and its daemon stops it at its own deadline
-(moved by an extension), STOPPED with STOP_REASON_TIMED_OUT."""
+(moved by an extension), STOPPED with STOP_REASON_TIMED_OUT; an ExtendCommand moves the
+deadline and the journaled dispatch, and never bars a dispatch not taken yet."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
+from pathlib import Path
 
 import docker
 import pytest
-from gpuplane.v1 import messaging_pb2, types_pb2
+from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 
+from daemon.agent import Agent
 from daemon.executor import JobExecutor
+from daemon.journal import JournalEntry
 from daemon.runtime import DockerRuntime
 from daemon.sessions import MAX_SESSION_SECONDS, SessionDeadline
 from daemon.settings import DaemonSettings
 from storage.objects import ObjectStore
 from tests.daemon.conftest import Reports, make_dispatch
 
+A = registry_pb2.CommandAnswer
 K = messaging_pb2.JobReportKind
 R = messaging_pb2.StopReason
 pytestmark = pytest.mark.timeout(40)
@@ -102,3 +108,44 @@ async def test_a_deadline_is_never_past_twelve_hours(
     deadline.extend(100 * 3600)
     assert deadline.seconds == MAX_SESSION_SECONDS
     assert deadline.remaining() is None  # not started: nothing counts yet
+
+
+async def test_extend_answers_and_the_journaled_dispatch(
+    tmp_path: Path, runtime: DockerRuntime, store: ObjectStore, test_image: str
+) -> None:
+    agent = Agent(DaemonSettings(data_dir=tmp_path / "agent"))
+    dispatch = session_dispatch(test_image, 60)
+    key = (dispatch.job_id, 1)
+    executor = JobExecutor(
+        dispatch,
+        host_id="h",
+        runtime=runtime,
+        store=store,
+        settings=agent.settings,
+        report=Reports(),
+    )
+    encoded = base64.b64encode(dispatch.SerializeToString()).decode()
+    agent.journal.write(JournalEntry(*key, dispatch_b64=encoded))
+    agent.executors[key] = executor
+    agent.deadlines[key] = SessionDeadline(executor, 60)
+
+    assert await agent.on_command(extend(dispatch.job_id, 1, 90)) == A.COMMAND_ANSWER_APPLIED
+    assert agent.deadlines[key].seconds == 90
+    entry = agent.journal.get(*key)
+    assert entry is not None
+    journaled = messaging_pb2.DispatchMessage.FromString(base64.b64decode(entry.dispatch_b64))
+    assert journaled.spec.max_duration_seconds == 90  # a restarted daemon adopts it so
+
+    # Not taken yet: asked again later, and its dispatch is still run when it comes.
+    assert await agent.on_command(extend("not-yet", 1, 90)) is None
+    assert ("not-yet", 1) not in agent._ended
+    agent._ended_attempt(("over", 1))
+    assert await agent.on_command(extend("over", 1, 90)) == A.COMMAND_ANSWER_APPLIED
+    assert agent.journal.get("over", 1) is None
+
+
+def extend(job_id: str, attempt: int, seconds: int) -> registry_pb2.ControlMessage:
+    command = registry_pb2.ExtendCommand(
+        job_id=job_id, attempt=attempt, max_duration_seconds=seconds
+    )
+    return registry_pb2.ControlMessage(extend=command, command_id=9)
