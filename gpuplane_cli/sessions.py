@@ -11,6 +11,7 @@ from pathlib import Path
 from gpuplane.v1 import sessions_pb2, types_pb2
 
 from gpuplane_cli import args as a
+from gpuplane_cli import jobs
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag
 from gpuplane_cli.output import enum_name, fields, print_json, table, when
 from gpuplane_cli.units import format_credits, format_duration_ms
@@ -92,11 +93,7 @@ def _create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--command", nargs="+", default=[], help="run this instead of the image's command"
     )
-    p.add_argument(
-        "--gpus", type=a.non_negative, default=1, help="GPUs on one host (default 1), e.g. 8"
-    )
-    p.add_argument("--gpu-model", action="append", default=[], help="an allowed GPU model")
-    p.add_argument("--min-vram", type=a.non_negative, default=0, metavar="GIB")
+    jobs.resource_options(p)  # --gpus, --gpu-model, --min-vram, --cpus, --memory, ...
     p.add_argument("--max-price", type=a.credits, help="max credits per GPU-hour, e.g. 2.5")
     p.add_argument(
         "--ssh-key",
@@ -111,10 +108,22 @@ def _create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--location", action="append", default=[], help="an allowed location")
     p.add_argument("--host-label", action="append", type=a.key_value, default=[], metavar="K=V")
     p.add_argument(
+        "--min-reliability",
+        type=a.reliability,
+        default=0,
+        metavar="PERCENT",
+        help="only hosts at least this reliable, e.g. 95",
+    )
+    p.add_argument(
         "--allow-simulated",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="allow hosts with simulated GPUs (default: env GPUPLANE_ALLOW_SIMULATED=1)",
+    )
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="allow hosts that have not passed hardware verification (default: verified only)",
     )
     p.add_argument("--idempotency-key", default="", help="a key of yours, for safe retries")
 
@@ -141,12 +150,18 @@ def build_request(args: argparse.Namespace, ctx: Context) -> sessions_pb2.Create
         gpu_count=args.gpus,
         gpu_models=args.gpu_model,
         min_vram_gib=args.min_vram,
+        min_compute_capability=args.min_compute_capability,
+        cpu_millicores=args.cpus or 0,
+        memory_bytes=args.memory or 0,
+        shm_bytes=args.shm_size or 0,
         network=types_pb2.NETWORK_MODE_BRIDGE if args.network else types_pb2.NETWORK_MODE_NONE,
         max_price_per_gpu_hour_micro_credits=args.max_price or 0,
         labels=dict(args.label),
         locations=args.location,
         host_labels=dict(args.host_label),
         allow_simulated=allow_simulated,
+        allow_unverified=args.allow_unverified,
+        min_reliability_permille=args.min_reliability,
     )
     return sessions_pb2.CreateSessionRequest(
         spec=spec,
