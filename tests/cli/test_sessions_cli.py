@@ -1,16 +1,19 @@
 """`gpuplane sessions …` and `gpuplane ssh-config` against a served control plane (no host:
 sessions stay queued): --hours out of range is named as --hours, a bad key file as --ssh-key,
-short session ids resolve (also where a job id is taken), and the ssh entry proxies through
-`gpuplane port-forward --stdio`."""
+short session ids resolve (also where a job id is taken), the ssh entry proxies through
+`gpuplane port-forward --stdio`, and a shell completes session ids."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from gpuplane.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 
 from tests.cli.conftest import Cli, Served
+from tests.cli.test_completion import complete_in, distinguishing_prefix, environment
 from tests.cli.test_short_ids import funded_consumer
+from tests.harness import JobPlane
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEnyiHyW0lHc+ZtFDYeGfnWCTZh2Hp3ojQ0Q0aFxT4pW me@laptop"
 CREATE = ("sessions", "create", "--image", "busybox", "--max-price", "1")
@@ -81,3 +84,23 @@ def test_sessions_end_to_end_through_the_cli(cli: Cli, served: Served, tmp_path:
     hidden = cli("sessions", "get", session_id, key=other)
     assert hidden.code == 3
     assert "NOT_FOUND" in hidden.err
+
+
+async def test_bash_completes_session_ids(plane: JobPlane) -> None:
+    stub = sessions_pb2_grpc.SessionServiceStub(plane.channel)
+    spec = types_pb2.JobSpec(image="busybox", gpu_count=1, max_price_per_gpu_hour_micro_credits=1)
+    made = [
+        await stub.CreateSession(
+            sessions_pb2.CreateSessionRequest(spec=spec, duration_seconds=600),
+            metadata=plane.auth(plane.consumer_key),
+        )
+        for _ in range(2)
+    ]
+    first, second = (m.session.session_id for m in made)
+    env = environment(plane.address, plane.consumer_key)
+    lines = [
+        f"gpuplane sessions get {distinguishing_prefix(first, second)}",
+        f"gpuplane sessions done {distinguishing_prefix(second, first)}",
+        f"gpuplane ssh-config {distinguishing_prefix(first, second)}",
+    ]
+    assert await complete_in("bash", env, *lines) == [[first], [second], [first]]
