@@ -1,8 +1,8 @@
 """The control plane's side of a session's life, against a scripted daemon that does only what
 it is told: the dispatch carries the session, an extension reaches the host as an
 ExtendCommand, the expiry is warned of, a session its daemon did not stop is stopped by the
-control plane (charged no more than its duration), and every connected host is resynced
-periodically with its live attempts."""
+control plane (charged no more than its duration), every connected host is resynced
+periodically with its live attempts, and a later extension supersedes an unacknowledged one."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import asyncio
 
 import pytest
 from gpuplane.v1 import messaging_pb2, registry_pb2, sessions_pb2, sessions_pb2_grpc, types_pb2
+from sqlalchemy import select
 
+from controlplane.commands.models import HostCommand
 from controlplane.ledger.transfers import charge_for
 from tests.controlplane.scripted_host import scripted_host
 from tests.harness import CREDIT, JobPlane
@@ -84,5 +86,43 @@ async def test_an_overdue_session_is_stopped_by_the_control_plane(plane: JobPlan
         assert balance.held_micro_credits == 0
         assert balance.available_micro_credits == 100 * CREDIT - ended.charged_micro_credits
         await plane.assert_ledger_consistent()
+    finally:
+        await host.close()
+
+
+async def test_a_later_extension_supersedes_an_unacknowledged_one(plane: JobPlane) -> None:
+    host = await scripted_host(plane, gpus=1, price=PRICE, auto_ack=False)
+    stub = sessions_pb2_grpc.SessionServiceStub(plane.channel)
+    auth = plane.auth(plane.consumer_key)
+    try:
+        spec = S.JobSpec(image="busybox", gpu_count=1, max_price_per_gpu_hour_micro_credits=PRICE)
+        created = await stub.CreateSession(
+            sessions_pb2.CreateSessionRequest(spec=spec, duration_seconds=600), metadata=auth
+        )
+        session_id = created.session.session_id
+        dispatch = await host.next_dispatch()
+        await host.report(dispatch, K.JOB_REPORT_KIND_RUNNING)
+        await plane.wait_for(session_id, [S.JOB_STATE_RUNNING])
+        for seconds in (60, 120):
+            extend = sessions_pb2.ExtendSessionRequest(
+                session_id=session_id, duration_seconds=seconds
+            )
+            await stub.ExtendSession(extend, metadata=auth)
+        assert plane.plane.jobs is not None
+        async with plane.plane.jobs.db.read() as db_session:
+            query = select(HostCommand).where(
+                HostCommand.host_id == host.host_id, HostCommand.kind == "extend"
+            )
+            rows = (await db_session.scalars(query.order_by(HostCommand.id))).all()
+        assert [(r.answer, r.acked_at is None) for r in rows] == [
+            ("superseded", False),
+            (None, True),
+        ]
+        latest = registry_pb2.ControlMessage.FromString(rows[-1].payload)
+        assert latest.extend.max_duration_seconds == 780
+        # The first may have gone out before it was superseded; the latest goes out too.
+        async with asyncio.timeout(10):
+            while (await next_command(host.commands, "extend")).extend.max_duration_seconds != 780:
+                pass
     finally:
         await host.close()
