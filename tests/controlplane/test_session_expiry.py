@@ -23,6 +23,7 @@ S = types_pb2
 PRICE = 2 * CREDIT
 pytestmark = [
     pytest.mark.timeout(60),
+    pytest.mark.databases("sqlite", "postgresql"),
     pytest.mark.plane(
         session_check_interval_ms=100, session_overdue_grace_ms=300, host_resync_interval_ms=200
     ),
