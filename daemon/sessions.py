@@ -23,6 +23,7 @@ StopReason = messaging_pb2.StopReason
 # the control plane says (or when it cannot say anything), a session is stopped there.
 MAX_SESSION_SECONDS = 12 * 3600
 AUTHORIZED_KEYS = "root/.ssh/authorized_keys"
+RECHECK_SECONDS = 1.0
 
 
 def is_session(spec: types_pb2.JobSpec) -> bool:
@@ -96,8 +97,11 @@ class SessionDeadline:
             if left is not None and left <= 0:
                 break
             self._changed.clear()
+            # Looked at again at least every RECHECK_SECONDS: an adopted container's start is
+            # corrected once Docker has said when it was (JobExecutor._resume).
+            wait = self.tick if left is None else min(left, RECHECK_SECONDS)
             try:
-                async with asyncio.timeout(self.tick if left is None else left):
+                async with asyncio.timeout(wait):
                     await self._changed.wait()
             except TimeoutError:
                 continue
