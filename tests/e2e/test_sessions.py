@@ -1,7 +1,8 @@
 """Interactive sessions on real servers and a real daemon with Docker and the busybox image:
 create → RUNNING with a TTY and the SSH key in the container; extend then done, charged
 exactly the time it ran; expiry (warned first) destroys the container; a lost daemon loses
-the session; a container no control plane knows is destroyed by the periodic resync."""
+the session; a container no control plane knows is destroyed by the periodic resync; a
+restarted daemon adopts a session with its extended deadline."""
 
 from __future__ import annotations
 
@@ -211,3 +212,38 @@ async def test_a_session_whose_daemon_dies_is_lost_and_not_charged(
             all=True, filters={"label": f"gpuplane.job={session_id}"}
         ):
             left.remove(force=True)
+
+
+@pytest.mark.plane(heartbeat_timeout_ms=6000)  # the host stays online across the restart
+async def test_a_restarted_daemon_adopts_a_session_with_its_extended_deadline(
+    plane: JobPlane,
+    tmp_path: Path,
+    s3_server: S3Server,
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    test_image: str,
+) -> None:
+    token = await plane.token()
+    data_dir = tmp_path / "d"
+    first = Agent(settings(plane, token, data_dir, s3_server, docker_engine, "1xA100-80GB"))
+    await first.start()
+    try:
+        session_id = await create(plane, test_image, 4)
+        await wait_for(plane, session_id, S.JOB_STATE_RUNNING)
+        extend = sessions_pb2.ExtendSessionRequest(session_id=session_id, duration_seconds=3)
+        await stub(plane).ExtendSession(extend, metadata=plane.auth(plane.consumer_key))
+        async with asyncio.timeout(10):
+            while first.deadlines[(session_id, 1)].seconds != 7:
+                await asyncio.sleep(0.02)
+    finally:
+        await first.stop()  # its container runs on, its journal says 7 s
+    second = Agent(settings(plane, token, data_dir, s3_server, docker_engine, "1xA100-80GB"))
+    await second.start()
+    try:
+        ended = await wait_for(plane, session_id, S.JOB_STATE_TIMED_OUT, timeout=25)
+        assert second.reattached == [(session_id, 1)]
+    finally:
+        await second.stop()
+    assert ended.run_time_ms >= 6_500, "stopped at its first 4 s, not the extended 7"
+    await gone(docker_client, f"gpuplane.job={session_id}")
+    await charged_exactly_its_run_time(plane, ended)
