@@ -33,11 +33,13 @@ class Kind:
             for prefix in (self.prefix, *self.others)
         )
 
-    def with_prefix(self, text: str) -> str:
-        """`text` as the start of an id: with this kind's prefix unless it has one."""
-        if text.startswith((self.prefix, *self.others)):
-            return text
-        return self.prefix + text
+    def starts(self, text: str) -> list[str]:
+        """`text` as the starts of ids: as given when it has one of this kind's prefixes,
+        else with each of them (`3f9a`: a job's `job_3f9a` or a session's `ses_3f9a`)."""
+        prefixes = (self.prefix, *self.others)
+        if text.startswith(prefixes):
+            return [text]
+        return [prefix + text for prefix in prefixes]
 
 
 JOB = Kind("job", "job_", ("job_id", "job_ids", "job"), ("ses_",))  # `job`: ledger --job
@@ -61,11 +63,10 @@ async def resolve(ctx: Context, kind: Kind, text: str) -> str:
     may read. A full id is returned as given, without a call."""
     if kind.full(text):
         return text
-    wanted = text.strip().lower()
-    prefix = kind.with_prefix(wanted)
-    if not _PREFIX.fullmatch(prefix):
+    starts = kind.starts(text.strip().lower())
+    if not all(_PREFIX.fullmatch(prefix) for prefix in starts):
         raise CliError(f"{text!r} is not a {kind.noun} id nor the start of one", EXIT_USAGE)
-    matches = await _matching(ctx, kind, prefix)
+    matches = [found for prefix in starts for found in await _matching(ctx, kind, prefix)]
     if not matches:
         # Worded as the server's NOT_FOUND for a full id, which scripts may match.
         raise CliError(f"NOT_FOUND: no {kind.noun} matches {text!r}", EXIT_NOT_FOUND)

@@ -48,9 +48,10 @@ def test_sessions_end_to_end_through_the_cli(cli: Cli, served: Served, tmp_path:
     got = cli("--json", "sessions", "get", short, key=key)
     assert got.code == 0, got.err
     assert got.json()["session_id"] == session_id  # type: ignore[index]
-    as_job = cli("--json", "jobs", "get", session_id[:12], key=key)  # a session is a job
-    assert as_job.code == 0, as_job.err
-    assert as_job.json()["job_id"] == session_id  # type: ignore[index]
+    for given in (session_id[:12], short):  # a session is a job: `jobs get` finds it too
+        as_job = cli("--json", "jobs", "get", given, key=key)
+        assert as_job.code == 0, as_job.err
+        assert as_job.json()["job_id"] == session_id  # type: ignore[index]
 
     listed = cli("sessions", "list", key=key)
     assert listed.code == 0
