@@ -60,6 +60,7 @@ class Background:
         spending_interval: float = 5.0,
         on_spending: Callable[[list[TenantSpend]], None] | None = None,
         sessions: Callable[[], Awaitable[None]] | None = None,
+        services: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.bus = bus
         self.notifier = notifier
@@ -80,6 +81,8 @@ class Background:
         self.report_consumer: ReportConsumer | None = None
         # Running sessions' expiry warnings and deadlines (controlplane/sessions/expiry.py).
         self.sessions = sessions
+        # The services' reconciler, leader-only (controlplane/services/reconciler.py).
+        self.services = services
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
@@ -101,6 +104,8 @@ class Background:
             loops.append(("gauges", self._gauges, False))
         if self.sessions is not None:
             loops.append(("sessions", self.sessions, False))
+        if self.services is not None:
+            loops.append(("services", self.services, False))
         self._tasks = {
             name: asyncio.create_task(self._supervise(name, loop, once=once), name=name)
             for name, loop, once in loops

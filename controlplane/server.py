@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -22,6 +23,8 @@ from gpuplane.v1 import (
     ledger_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    services_pb2,
+    services_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
     types_pb2,
@@ -37,6 +40,7 @@ from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, Rat
 from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
+from controlplane.api.services import ServiceServicer
 from controlplane.api.sessions import SessionServicer
 from controlplane.api.text import TextInterceptor
 from controlplane.auth.service import AuthService
@@ -63,6 +67,8 @@ from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership
 from controlplane.scheduler.market import Market
 from controlplane.scheduler.quote import Quoter
 from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolicy
+from controlplane.services.reconciler import Reconciler
+from controlplane.services.service import ServiceService
 from controlplane.sessions.expiry import SessionExpiry
 from controlplane.sessions.service import SessionService
 from controlplane.settings import Settings
@@ -84,6 +90,7 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    services_pb2.DESCRIPTOR.services_by_name["ServiceService"].full_name,
 )
 
 
@@ -123,6 +130,8 @@ class ControlPlane:
         self.background: Background | None = None
         self.scheduler: Scheduler | None = None
         self.jobs: JobService | None = None
+        # Long-running services: their API and the leader's reconciler share it.
+        self.services: ServiceService | None = None
         self.market: Market | None = None
         self.registry: RegistryService | None = None
         self.monitor: GpuMonitor | None = None
@@ -202,6 +211,8 @@ class ControlPlane:
         jobs.on_report_capped = self.metrics.reports_capped.inc
         jobs.on_resync = self.metrics.resyncs.inc
         jobs.resync_interval = settings.sessions.host_resync_interval_seconds
+        self.services = ServiceService(jobs, settings.services)
+        registry.on_replica_health = self.services.replica_health
         self.leader = leader = leadership_for(
             db,
             check_interval=scheduling.leader_check_interval_seconds,
@@ -301,6 +312,10 @@ class ControlPlane:
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(SessionService(jobs)), server
         )
+        assert self.services is not None
+        services_pb2_grpc.add_ServiceServiceServicer_to_server(
+            ServiceServicer(self.services), server
+        )
 
     def _build_background(self, domains: Domains) -> Background:
         """The background loops, with the periods their domains' settings groups set."""
@@ -324,7 +339,14 @@ class ControlPlane:
             spending_interval=settings.jobs.spending_limit_interval_seconds,
             on_spending=self.metrics.record_spending,
             sessions=SessionExpiry(domains.jobs, settings.sessions).run,
+            services=self._reconciler(),
         )
+
+    def _reconciler(self) -> Callable[[], Awaitable[None]] | None:
+        """The services' reconciler loop (leader-only)."""
+        if self.services is None or self.leader is None:
+            return None
+        return Reconciler(self.services, self.leader).run
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.

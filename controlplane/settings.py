@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from controlplane.services.settings import ServiceFields
 from controlplane.sessions.settings import SessionFields
 from controlplane.settings_groups import (
     AuthSettings,
@@ -33,7 +34,9 @@ from messaging.natsjwt import NatsKeys, public_key
 ClientAuth = Literal["off", "require"]
 
 
-class Settings(VerificationFields, TrustFields, LoggingFields, SecretFileFields, SessionFields):
+class Settings(
+    VerificationFields, TrustFields, LoggingFields, SecretFileFields, SessionFields, ServiceFields
+):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
     The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;

@@ -30,6 +30,18 @@ def is_session(spec: types_pb2.JobSpec) -> bool:
     return spec.HasField("session")
 
 
+def has_moving_deadline(spec: types_pb2.JobSpec) -> bool:
+    """A session (its duration extended) or a service's replica (its lease extended): the
+    control plane moves its deadline with ExtendCommand, and SessionDeadline enforces it."""
+    return spec.HasField("session") or spec.HasField("service_replica")
+
+
+def deadline_cap(spec: types_pb2.JobSpec) -> float:
+    """The most the container may run whatever the control plane says: 12 hours for a
+    session; a replica's lease is extended without such a cap (its service stops it)."""
+    return MAX_SESSION_SECONDS if is_session(spec) else float("inf")
+
+
 def authorized_keys_tar(keys: list[str]) -> bytes:
     """A tar of /root/.ssh (mode 700) holding authorized_keys (mode 600) with `keys`, owned
     by root, for Docker's put_archive at "/" on the created container."""
@@ -60,9 +72,16 @@ class SessionDeadline:
     `seconds` (at most MAX_SESSION_SECONDS), counted from the container's start; an
     ExtendCommand moves it (extend)."""
 
-    def __init__(self, executor: JobExecutor, seconds: float, tick: float = 0.1) -> None:
+    def __init__(
+        self,
+        executor: JobExecutor,
+        seconds: float,
+        tick: float = 0.1,
+        cap: float = MAX_SESSION_SECONDS,
+    ) -> None:
         self.executor = executor
-        self.seconds = min(float(seconds), MAX_SESSION_SECONDS)
+        self.cap = cap
+        self.seconds = min(float(seconds), cap)
         self.tick = tick
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -78,7 +97,7 @@ class SessionDeadline:
 
     def extend(self, seconds: float) -> None:
         """The session's duration is now `seconds` from its start (capped at the maximum)."""
-        self.seconds = min(float(seconds), MAX_SESSION_SECONDS)
+        self.seconds = min(float(seconds), self.cap)
         self._changed.set()
         log.info("session %s: duration now %.0f s", self.executor.job_id, self.seconds)
 
@@ -107,8 +126,9 @@ class SessionDeadline:
                 continue
         if self.executor.terminal is not None:
             return
-        log.info("session %s reached its deadline: destroying it", self.executor.job_id)
+        log.info("%s reached its deadline: destroying it", self.executor.job_id)
+        replica = self.executor.dispatch.spec.HasField("service_replica")
+        what = "replica's lease ended" if replica else "session expired"
         await self.executor.cancel(
-            StopReason.STOP_REASON_TIMED_OUT,
-            f"session expired: its {self.seconds:.0f} s are up",
+            StopReason.STOP_REASON_TIMED_OUT, f"{what}: its {self.seconds:.0f} s are up"
         )

@@ -60,6 +60,10 @@ FIELD_FLAGS: dict[str, str] = {
     "duration_seconds": "--hours",
     "ssh_public_keys": "--ssh-key",
     "session_id": "SESSION",
+    "port": "--port",
+    "replicas": "--replicas",
+    "health_path": "--health-path",
+    "service": "NAME",
 }
 # The flag's dest when it is not the flag's name: positional arguments and `-- COMMAND`.
 _DEST = {
@@ -74,6 +78,7 @@ _DEST = {
     "COMMAND (after --)": "image",
     "JOB/HOST (its start)": "",
     "SESSION": "session_id",
+    "NAME": "service",
 }
 # `spec.env['X']`, `spec.gpu_models[2]`, `spec.inputs[0].key`: the field, an index, the rest.
 _FIELD = re.compile(r"(?P<field>[a-z_][a-z_.]*?)(?:\[(?P<index>[^\]]*)\](?P<rest>\.[a-z_.]+)?)?: ")

@@ -24,6 +24,7 @@ from gpuplane_cli import (
     ledger,
     natskeys,
     serve,
+    services,
     sessions,
     up,
 )
@@ -69,6 +70,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     serve.register(subparsers, want_daemon=_first_command(argv) == "daemon")
     jobs.register(subparsers, leaf_common)
     sessions.register(subparsers, leaf_common)
+    services.register(subparsers, leaf_common)
     apply.register(subparsers, leaf_common)
     data.register(subparsers, leaf_common)
     hosts.register(subparsers, leaf_common)

@@ -197,6 +197,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 await self.jobs.acknowledge_command(host_id, message.command_ack)
             elif kind == "probe_answer":
                 await self.registry.probe_answer(host_id, message.probe_answer)
+            elif kind == "replica_health" and self.registry.on_replica_health is not None:
+                await self.registry.on_replica_health(host_id, message.replica_health)
 
     async def ListHosts(
         self, request: registry_pb2.ListHostsRequest, context: Context

@@ -35,6 +35,14 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.SessionService/ExtendSession": frozenset({A, C}),
     "/gpuplane.v1.SessionService/FinishSession": frozenset({A, C}),
     "/gpuplane.v1.SessionService/DestroySession": frozenset({A, C}),
+    # ServiceService: long-running services are consumers'; ownership in the service.
+    "/gpuplane.v1.ServiceService/DeployService": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/GetService": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/ListServices": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/ScaleService": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/StopService": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/StartService": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/DeleteService": frozenset({A, C}),
     # DataService: a caller's own input area (inputs/<tenant>/), scoped in the service.
     "/gpuplane.v1.DataService/CreateUpload": frozenset({A, C}),
     "/gpuplane.v1.DataService/CompleteUpload": frozenset({A, C}),

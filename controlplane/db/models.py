@@ -16,6 +16,7 @@ from controlplane.ledger.models import (
 from controlplane.outbox.models import OutboxMessage
 from controlplane.registry.models import Gpu, Host, HostEvent, RegistrationToken
 from controlplane.scheduler.models import SchedulerLease
+from controlplane.services.models import Service, ServiceEvent, ServiceReplica
 from controlplane.verification.models import HostProbe
 
 __all__ = [
@@ -37,6 +38,9 @@ __all__ = [
     "Payout",
     "RegistrationToken",
     "SchedulerLease",
+    "Service",
+    "ServiceEvent",
+    "ServiceReplica",
     "SpendingAlert",
     "SpendingLimit",
     "Tenant",

@@ -132,6 +132,14 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     StopReason.STOP_REASON_SESSION_DONE: Outcome(
         JobState.SUCCEEDED, Fault.NONE, lambda f: "done: ended by the user"
     ),
+    # A service's replica it no longer wanted (scaled down, stopped, deleted): charged the
+    # time it ran, no failure.
+    StopReason.STOP_REASON_SERVICE_SCALED_DOWN: Outcome(JobState.CANCELLED, Fault.USER, _cancelled),
+    # A replica its daemon stopped after failing its health probe: failed (its service
+    # replaces it), charged the time it ran.
+    StopReason.STOP_REASON_LIVENESS_FAILED: Outcome(
+        _FAILED, Fault.USER, lambda f: f.detail or "failed its health probe"
+    ),
 }
 
 # The strings daemons of earlier releases wrote (legacy_stop_reason, and "upload_failed" at
@@ -153,6 +161,7 @@ CANCEL_TEXTS: Mapping[Reason, str] = {
     StopReason.STOP_REASON_SPENDING_LIMIT: "spending limit reached",
     StopReason.STOP_REASON_SESSION_DONE: "session done",
     StopReason.STOP_REASON_TIMED_OUT: "session expired",
+    StopReason.STOP_REASON_SERVICE_SCALED_DOWN: "service scaled down",
 }
 
 

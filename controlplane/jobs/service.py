@@ -89,9 +89,12 @@ class JobService(
         kind: str = "job",
     ) -> Job:
         """Validates, holds credit and queues the job in one transaction; `kind` is its id's
-        prefix ("ses" for an interactive session, whose spec only SessionService makes)."""
+        prefix ("ses" for an interactive session, whose spec only SessionService makes; "rep"
+        for a service's replica, made only by the service reconciler)."""
         if kind == "job" and spec.HasField("session"):
             raise InvalidArgument("spec.session", "sessions are created by CreateSession")
+        if kind != "rep" and spec.HasField("service_replica"):
+            raise InvalidArgument("spec.service_replica", "replicas are made by DeployService")
         spec = await self.price_spec(self.prepare_spec(spec))
         hold = hold_for(spec, self.policy.default_max_price)
         now = utcnow()

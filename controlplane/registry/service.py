@@ -4,7 +4,7 @@ registration tokens of registry/tokens.py and the revocations of registry/revoca
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -120,6 +120,10 @@ class RegistryService(RegistrationTokens, Revocations):
         # Called when a host connects (and so offers its GPUs): the market view holds are
         # priced on is then reread at once instead of within a few seconds.
         self.on_host_connected: Callable[[], None] | None = None
+        # Takes a daemon's ReplicaHealth (services.service.ServiceService.replica_health).
+        self.on_replica_health: (
+            Callable[[str, registry_pb2.ReplicaHealth], Awaitable[None]] | None
+        ) = None
         # Probes hosts' hardware (controlplane/verification); None: no probes are sent.
         self.verification: VerificationService | None = None
 

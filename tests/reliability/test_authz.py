@@ -24,6 +24,8 @@ from gpuplane.v1 import (
     ledger_pb2,
     messaging_pb2,
     registry_pb2,
+    services_pb2,
+    services_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
     types_pb2,
@@ -74,7 +76,15 @@ OWN_INPUT_AREA = table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW)
 OWNED_INPUT = table(admin=HIDDEN, consumer=ALLOW, other_consumer=HIDDEN)
 INPUT_KEY = "authz/input.bin"
 # Every module with a service: the table must name each of their RPCs.
-SERVICE_MODULES = (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, sessions_pb2)
+SERVICE_MODULES = (
+    jobs_pb2,
+    registry_pb2,
+    ledger_pb2,
+    admin_pb2,
+    data_pb2,
+    sessions_pb2,
+    services_pb2,
+)
 EXPECTED: dict[str, dict[str, str]] = {
     "JobService/SubmitJob": table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW),
     "JobService/GetJob": OWNED_JOB,
@@ -90,6 +100,13 @@ EXPECTED: dict[str, dict[str, str]] = {
     "SessionService/ExtendSession": OWNED_JOB,
     "SessionService/FinishSession": OWNED_JOB,
     "SessionService/DestroySession": OWNED_JOB,
+    "ServiceService/DeployService": table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW),
+    "ServiceService/GetService": OWNED_JOB,
+    "ServiceService/ListServices": OWN_TENANT,
+    "ServiceService/ScaleService": OWNED_JOB,
+    "ServiceService/StopService": OWNED_JOB,
+    "ServiceService/StartService": OWNED_JOB,
+    "ServiceService/DeleteService": OWNED_JOB,
     "DataService/CreateUpload": OWN_INPUT_AREA,
     "DataService/CompleteUpload": OWNED_INPUT,
     "DataService/AbortUpload": OWN_INPUT_AREA,
@@ -146,6 +163,7 @@ class World:
     job: str = ""  # the consumer's job with stored results
     other_job: str = ""  # the other consumer's job, also with results
     session: str = ""  # the consumer's interactive session (on no host: no B200 here)
+    service: str = ""  # the consumer's service (no replica: it is deployed with 0)
     token_id: str = ""  # a registration token of the provider's
     spare_key_id: str = ""  # an API key of the other consumer's, for RevokeApiKey
     spare_host_id: str = ""  # a host of the provider's, for RevokeHost
@@ -277,6 +295,10 @@ async def world(
             session_request(), metadata=plane.auth(plane.consumer_key)
         )
         w.session = created.session.session_id
+        deployed = await services_pb2_grpc.ServiceServiceStub(plane.channel).DeployService(
+            service_request("authz"), metadata=plane.auth(plane.consumer_key)
+        )
+        w.service = deployed.service.service_id
         try:
             yield w
         finally:
@@ -299,6 +321,11 @@ async def upload_input(plane: JobPlane, key: str, input_key: str, data: bytes) -
 def session_request() -> sessions_pb2.CreateSessionRequest:
     spec = types_pb2.JobSpec(image="gpuplane-test/busybox:1", gpu_count=1, gpu_models=["B200"])
     return sessions_pb2.CreateSessionRequest(spec=spec, duration_seconds=60)
+
+
+def service_request(name: str) -> services_pb2.DeployServiceRequest:
+    spec = types_pb2.JobSpec(image="gpuplane-test/busybox:1", gpu_count=1, gpu_models=["B200"])
+    return services_pb2.DeployServiceRequest(name=name, spec=spec, port=8080, replicas=0)
 
 
 def request_for(world: World, method: str) -> Message:
@@ -325,6 +352,15 @@ def request_for(world: World, method: str) -> Message:
         "SessionService/DestroySession": sessions_pb2.DestroySessionRequest(
             session_id=world.session
         ),
+        "ServiceService/DeployService": service_request("authz-deploy"),
+        "ServiceService/GetService": services_pb2.GetServiceRequest(service=world.service),
+        "ServiceService/ListServices": services_pb2.ListServicesRequest(tenant_id=t["consumer"]),
+        "ServiceService/ScaleService": services_pb2.ScaleServiceRequest(
+            service=world.service, replicas=0
+        ),
+        "ServiceService/StopService": services_pb2.StopServiceRequest(service=world.service),
+        "ServiceService/StartService": services_pb2.StartServiceRequest(service=world.service),
+        "ServiceService/DeleteService": services_pb2.DeleteServiceRequest(service=world.service),
         "DataService/CreateUpload": data_pb2.CreateUploadRequest(key=INPUT_KEY, size_bytes=5),
         "DataService/CompleteUpload": data_pb2.CompleteUploadRequest(key=INPUT_KEY),
         "DataService/AbortUpload": data_pb2.AbortUploadRequest(key=INPUT_KEY, upload_id="gone"),
@@ -473,6 +509,7 @@ ORDER = sorted(
             "ExtendSession",
             "FinishSession",
             "DestroySession",
+            "DeleteService",
             "DeleteInput",
             "RevokeApiKey",
             "RevokeRegistrationToken",

@@ -26,6 +26,7 @@ from gpuplane.v1 import (
     jobs_pb2,
     ledger_pb2,
     registry_pb2,
+    services_pb2,
     sessions_pb2,
     types_pb2,
 )
@@ -44,7 +45,15 @@ T = TypeVar("T")
 FDT = FieldDescriptor
 METHODS: list[MethodDescriptor] = [
     method
-    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, sessions_pb2)
+    for module in (
+        jobs_pb2,
+        registry_pb2,
+        ledger_pb2,
+        admin_pb2,
+        data_pb2,
+        sessions_pb2,
+        services_pb2,
+    )
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 ]
@@ -57,6 +66,8 @@ MUTATING = {
     "CancelJob",
     "CreateSession",
     "ExtendSession",
+    "DeployService",
+    "ScaleService",
 }
 # Codes a hostile request may get; INTERNAL and UNKNOWN are bugs, DEADLINE_EXCEEDED only on
 # streams that legitimately wait for more.

@@ -21,6 +21,8 @@ from gpuplane.v1 import (
     ledger_pb2_grpc,
     messaging_pb2,
     registry_pb2,
+    services_pb2,
+    services_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
     types_pb2,
@@ -54,7 +56,15 @@ Kind = messaging_pb2.JobReportKind
 def keyed_methods() -> dict[str, str]:
     """Every RPC whose request carries an idempotency key: name → full method path."""
     found = {}
-    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, sessions_pb2):
+    for module in (
+        jobs_pb2,
+        registry_pb2,
+        ledger_pb2,
+        admin_pb2,
+        data_pb2,
+        sessions_pb2,
+        services_pb2,
+    ):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 if "idempotency_key" in method.input_type.fields_by_name:
@@ -101,6 +111,18 @@ CASES: dict[str, Case] = {
         lambda p: sessions_pb2_grpc.SessionServiceStub(p.channel).CreateSession,
         lambda r: r.session.session_id,
         lambda r, c: r.session.tenant_id == c.tenant_id,
+    ),
+    "DeployService": Case(
+        lambda c: services_pb2.DeployServiceRequest(
+            name="web",
+            spec=types_pb2.JobSpec(image="busybox", gpu_count=1),
+            port=8080,
+            replicas=0,
+            idempotency_key=KEY,
+        ),
+        lambda p: services_pb2_grpc.ServiceServiceStub(p.channel).DeployService,
+        lambda r: r.service.service_id,
+        lambda r, c: r.service.tenant_id == c.tenant_id,
     ),
     "CreateRegistrationToken": Case(
         # The issue's case: the same request (own provider, same label) from two providers.

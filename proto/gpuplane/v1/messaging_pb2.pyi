@@ -158,6 +158,15 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     The user said the session is done (FinishSession): it ends SUCCEEDED, charged the time
     it ran.
     """
+    STOP_REASON_SERVICE_SCALED_DOWN: _StopReason.ValueType  # 35
+    """A service's replica stopped by the control plane: the service was scaled down, stopped
+    or deleted (ServiceService). Ends CANCELLED, charged the time it ran; not a failure.
+    """
+    STOP_REASON_LIVENESS_FAILED: _StopReason.ValueType  # 37
+    """A service's replica failed its health probe `liveness_failures` times in a row after it
+    had passed once (or never passed within its start grace): stopped by its daemon, it
+    ends FAILED and its service replaces it.
+    """
 
 class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
     """Why an attempt ended: set by the daemon on every terminal report (FINISHED, STOPPED,
@@ -239,6 +248,15 @@ STOP_REASON_SESSION_DONE: StopReason.ValueType  # 30
 """Interactive sessions (SessionService).
 The user said the session is done (FinishSession): it ends SUCCEEDED, charged the time
 it ran.
+"""
+STOP_REASON_SERVICE_SCALED_DOWN: StopReason.ValueType  # 35
+"""A service's replica stopped by the control plane: the service was scaled down, stopped
+or deleted (ServiceService). Ends CANCELLED, charged the time it ran; not a failure.
+"""
+STOP_REASON_LIVENESS_FAILED: StopReason.ValueType  # 37
+"""A service's replica failed its health probe `liveness_failures` times in a row after it
+had passed once (or never passed within its start grace): stopped by its daemon, it
+ends FAILED and its service replaces it.
 """
 Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 

@@ -343,6 +343,7 @@ class DaemonMessage(_message.Message):
     TELEMETRY_FIELD_NUMBER: _builtins.int
     COMMAND_ACK_FIELD_NUMBER: _builtins.int
     PROBE_ANSWER_FIELD_NUMBER: _builtins.int
+    REPLICA_HEALTH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___DaemonHello: ...
     @_builtins.property
@@ -357,6 +358,10 @@ class DaemonMessage(_message.Message):
     def probe_answer(self) -> Global___ProbeAnswer:
         """The result of a ProbeCommand."""
 
+    @_builtins.property
+    def replica_health(self) -> Global___ReplicaHealth:
+        """A service replica's health changed (its daemon probes it every second)."""
+
     def __init__(
         self,
         *,
@@ -365,16 +370,52 @@ class DaemonMessage(_message.Message):
         telemetry: Global___TelemetryBatch | None = ...,
         command_ack: Global___CommandAck | None = ...,
         probe_answer: Global___ProbeAnswer | None = ...,
+        replica_health: Global___ReplicaHealth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "probe_answer", b"probe_answer", "telemetry", b"telemetry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "probe_answer", b"probe_answer", "replica_health", b"replica_health", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "probe_answer", b"probe_answer", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_ack", b"command_ack", "heartbeat", b"heartbeat", "hello", b"hello", "msg", b"msg", "probe_answer", b"probe_answer", "replica_health", b"replica_health", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "heartbeat", "telemetry", "command_ack", "probe_answer"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "heartbeat", "telemetry", "command_ack", "probe_answer", "replica_health"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___DaemonMessage: _TypeAlias = DaemonMessage  # noqa: Y015
+
+@_typing.final
+class ReplicaHealth(_message.Message):
+    """The health of a service's replica as its daemon probed it, inside the container's network
+    namespace: an HTTP GET of the health path (a 2xx or 3xx answer passes), or a TCP connect to
+    the port when it has none. Sent when readiness changes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    ready: _builtins.bool
+    """The latest probe passed."""
+    reason: _builtins.str
+    """Why it did not ("connection refused", "HTTP 503"); empty when ready."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        ready: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "ready", b"ready", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaHealth: _TypeAlias = ReplicaHealth  # noqa: Y015
 
 @_typing.final
 class CommandAck(_message.Message):

@@ -494,6 +494,7 @@ class JobSpec(_message.Message):
     RETRY_ON_EXIT_CODES_FIELD_NUMBER: _builtins.int
     MIN_RELIABILITY_PERMILLE_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
+    SERVICE_REPLICA_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """Container image reference, e.g. "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime"."""
     gpu_count: _builtins.int
@@ -578,6 +579,14 @@ class JobSpec(_message.Message):
         (extensions included, at most 12 hours), the deadline its daemon enforces itself.
         """
 
+    @_builtins.property
+    def service_replica(self) -> Global___ServiceReplicaSpec:
+        """Set on a replica of a long-running service (ServiceService; its id starts `rep_`): made
+        by the control plane, never by SubmitJob. max_duration_seconds is a lease the control
+        plane extends (ExtendCommand, its hold topped up) while the service runs and its owner's
+        credit lasts; the daemon enforces the moving deadline as it does a session's.
+        """
+
     def __init__(
         self,
         *,
@@ -609,16 +618,46 @@ class JobSpec(_message.Message):
         retry_on_exit_codes: _abc.Iterable[_builtins.int] | None = ...,
         min_reliability_permille: _builtins.int = ...,
         session: Global___SessionSpec | None = ...,
+        service_replica: Global___ServiceReplicaSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries", "session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries", "service_replica", b"service_replica", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "allow_unverified", b"allow_unverified", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_reliability_permille", b"min_reliability_permille", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "session", b"session", "shm_bytes", b"shm_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "allow_unverified", b"allow_unverified", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_reliability_permille", b"min_reliability_permille", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "service_replica", b"service_replica", "session", b"session", "shm_bytes", b"shm_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class ServiceReplicaSpec(_message.Message):
+    """What makes a job a replica of a service (JobSpec.service_replica)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_ID_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    HEALTH_PATH_FIELD_NUMBER: _builtins.int
+    service_id: _builtins.str
+    port: _builtins.int
+    """The port the replica's container serves on (1-65535)."""
+    health_path: _builtins.str
+    """The HTTP path probed for health ("/healthz"); empty: a TCP connect to `port`."""
+    def __init__(
+        self,
+        *,
+        service_id: _builtins.str = ...,
+        port: _builtins.int = ...,
+        health_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_path", b"health_path", "port", b"port", "service_id", b"service_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceReplicaSpec: _TypeAlias = ServiceReplicaSpec  # noqa: Y015
 
 @_typing.final
 class SessionSpec(_message.Message):
