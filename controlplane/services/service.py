@@ -17,7 +17,6 @@ from controlplane.idempotency import ensure_same
 from controlplane.jobs.models import Job
 from controlplane.jobs.repository import JobRepository
 from controlplane.jobs.service import JobService
-from controlplane.jobs.states import JobState
 from controlplane.services.models import Service, ServiceEvent, ServiceReplica
 from controlplane.services.repository import ServiceRepository
 from controlplane.services.settings import ServiceSettings
@@ -190,7 +189,9 @@ class ServiceService:
                 return False
             if job.attempt != health.attempt or replica.ready == health.ready:
                 return False
-            replica.ready = health.ready and job.state == JobState.RUNNING.value
+            # Kept as probed: its RUNNING report (through NATS) may come after this; a
+            # replica counts as ready only while RUNNING too (api.services.replica_pb).
+            replica.ready = health.ready
             service = await repo.get(replica.service_id, lock=True)
             if service is not None:
                 said = "ready" if replica.ready else f"not ready: {health.reason}"

@@ -1,0 +1,205 @@
+"""Services on real servers and two real daemons with Docker and the busybox image serving a
+page (`httpd`, probed inside each container's network namespace): 3 replicas spread over
+both hosts and ready; a killed container is replaced and the service is 3 ready again; each
+replica is charged exactly its run time; a crashed daemon's replicas are replaced on the
+other host within the heartbeat timeout + 10 s; stop, start, scale to 0 and back, delete; a
+replica that crashes on start is replaced with a growing backoff and the service says why."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from gpuplane.v1 import services_pb2, services_pb2_grpc, types_pb2
+
+from controlplane.ledger.transfers import charge_for
+from daemon.agent import Agent
+from devstack import DockerEngine, S3Server
+from tests.e2e.test_job_path import PRICE, settings
+from tests.harness import CREDIT, JobPlane
+
+S = types_pb2
+SV = services_pb2
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.docker,
+    pytest.mark.plane(service_backoff_base_ms=200, service_reconcile_interval_ms=100),
+]
+# Each replica writes a page naming its container, then serves it on 8080.
+SERVE = [
+    "sh",
+    "-c",
+    "mkdir -p /tmp/www && hostname > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+]
+
+
+@pytest.fixture
+async def agents(
+    plane: JobPlane, tmp_path: Path, s3_server: S3Server, docker_engine: DockerEngine
+) -> AsyncIterator[list[Agent]]:
+    running = []
+    try:
+        for name in ("a", "b"):
+            token = await plane.token()
+            agent = Agent(
+                settings(plane, token, tmp_path / name, s3_server, docker_engine, "3xA100-80GB")
+            )
+            await agent.start()
+            running.append(agent)
+        yield running
+    finally:
+        for agent in running:
+            await agent.stop()
+
+
+@pytest.fixture
+def cleanup(docker_client: docker.DockerClient) -> Iterator[None]:
+    """Removes the containers a crashed daemon left behind."""
+    yield
+    for left in docker_client.containers.list(all=True, filters={"label": "gpuplane.job"}):
+        if left.labels.get("gpuplane.job", "").startswith("rep_"):
+            left.remove(force=True)
+
+
+def stub(plane: JobPlane) -> services_pb2_grpc.ServiceServiceAsyncStub:
+    return services_pb2_grpc.ServiceServiceStub(plane.channel)
+
+
+async def deploy(plane: JobPlane, image: str, replicas: int, command: list[str]) -> SV.Service:
+    spec = S.JobSpec(
+        image=image, args=command, gpu_count=1, max_price_per_gpu_hour_micro_credits=PRICE
+    )
+    request = SV.DeployServiceRequest(
+        name="web", spec=spec, port=8080, replicas=replicas, health_path="/"
+    )
+    reply = await stub(plane).DeployService(request, metadata=plane.auth(plane.consumer_key))
+    return reply.service
+
+
+async def get(plane: JobPlane) -> SV.Service:
+    request = SV.GetServiceRequest(service="web")
+    reply = await stub(plane).GetService(request, metadata=plane.auth(plane.consumer_key))
+    return reply.service
+
+
+async def until(
+    plane: JobPlane, check: Callable[[SV.Service], bool], timeout: float = 20
+) -> SV.Service:
+    deadline = time.monotonic() + timeout
+    while not check(current := await get(plane)):
+        assert time.monotonic() < deadline, current
+        await asyncio.sleep(0.05)
+    return current
+
+
+def ready(n: int) -> Callable[[SV.Service], bool]:
+    return lambda s: s.ready_replicas == n and s.running_replicas == n
+
+
+def live(service: SV.Service) -> list[SV.ServiceReplica]:
+    on = (S.JOB_STATE_QUEUED, S.JOB_STATE_SCHEDULED, S.JOB_STATE_RUNNING)
+    return [r for r in service.replicas if r.state in on]
+
+
+async def scale(plane: JobPlane, replicas: int) -> None:
+    request = SV.ScaleServiceRequest(service="web", replicas=replicas)
+    await stub(plane).ScaleService(request, metadata=plane.auth(plane.consumer_key))
+
+
+async def test_replicas_spread_heal_and_are_charged_their_run_time(
+    plane: JobPlane, agents: list[Agent], docker_client: docker.DockerClient, test_image: str
+) -> None:
+    await deploy(plane, test_image, 3, SERVE)
+    up = await until(plane, ready(3))
+    hosts = {r.host_id for r in live(up)}
+    assert hosts == {a.host_id for a in agents}, "spread over both hosts"
+    assert up.restarts == 0
+
+    # A replica's container killed: it ends, is replaced, and the service is 3 ready again.
+    victim = live(up)[0].replica_id
+    container = docker_client.containers.list(filters={"label": f"gpuplane.job={victim}"})[0]
+    container.kill()
+    healed = await until(
+        plane, lambda s: ready(3)(s) and victim not in {r.replica_id for r in live(s)}
+    )
+    assert healed.restarts == 1
+    assert victim in healed.last_failure
+    assert {r.host_id for r in live(healed)} == hosts
+
+    # Scaled to 0: each replica is charged exactly the run time its daemon reported.
+    await scale(plane, 0)
+    down = await until(plane, lambda s: not live(s))
+    assert len(down.replicas) == 4
+    total = 0
+    for replica in down.replicas:
+        assert replica.run_time_ms > 0
+        assert replica.charged_micro_credits == charge_for(PRICE, 1, replica.run_time_ms)
+        total += replica.charged_micro_credits
+    assert down.charged_micro_credits == total
+    balance = await plane.balance(plane.consumer_tenant)
+    assert balance.held_micro_credits == 0
+    assert balance.available_micro_credits == 100 * CREDIT - total
+    await plane.assert_ledger_consistent()
+
+    # And back: 2 replicas, one on each host.
+    await scale(plane, 2)
+    again = await until(plane, ready(2))
+    assert {r.host_id for r in live(again)} == hosts
+
+
+@pytest.mark.plane(heartbeat_timeout_ms=1000)
+async def test_a_lost_hosts_replicas_are_replaced_then_stop_start_delete(
+    plane: JobPlane, agents: list[Agent], cleanup: None, test_image: str
+) -> None:
+    await deploy(plane, test_image, 2, SERVE)
+    up = await until(plane, ready(2))
+    crashed, survivor = agents
+    lost = {r.replica_id for r in live(up) if r.host_id == crashed.host_id}
+    assert len(lost) == 1
+    await crashed.stop()  # as a crash: its containers are left behind
+    started = time.monotonic()
+    moved = await until(
+        plane,
+        lambda s: ready(2)(s) and not lost & {r.replica_id for r in live(s)},
+        timeout=1 + 10,
+    )
+    assert time.monotonic() - started < 1 + 10
+    assert {r.host_id for r in live(moved)} == {survivor.host_id}
+    assert moved.restarts == 1
+
+    auth = plane.auth(plane.consumer_key)
+    stopped = await stub(plane).StopService(SV.StopServiceRequest(service="web"), metadata=auth)
+    assert stopped.service.state == SV.SERVICE_STATE_STOPPED
+    await until(plane, lambda s: not live(s))
+    await stub(plane).StartService(SV.StartServiceRequest(service="web"), metadata=auth)
+    await until(plane, ready(2))
+    await stub(plane).DeleteService(SV.DeleteServiceRequest(service="web"), metadata=auth)
+    request = SV.ListServicesRequest(include_deleted=True)
+    deleted = (await stub(plane).ListServices(request, metadata=auth)).services[0]
+    deadline = time.monotonic() + 15
+    while live(deleted):
+        assert time.monotonic() < deadline, deleted
+        await asyncio.sleep(0.05)
+        deleted = (await stub(plane).ListServices(request, metadata=auth)).services[0]
+    assert deleted.state == SV.SERVICE_STATE_DELETED
+    assert (await plane.balance(plane.consumer_tenant)).held_micro_credits == 0
+
+
+async def test_a_replica_crashing_on_start_is_replaced_with_backoff(
+    plane: JobPlane, agents: list[Agent], test_image: str
+) -> None:
+    await deploy(plane, test_image, 1, ["sh", "-c", "exit 3"])
+    failing = await until(plane, lambda s: s.restarts >= 3)
+    assert "exit code 3" in failing.last_failure, failing.last_failure
+    assert failing.HasField("backoff_until")
+    # Not a tight loop: each replacement waits twice as long as the one before.
+    created = sorted(r.created_at.ToNanoseconds() / 1e9 for r in failing.replicas)
+    gaps = [b - a for a, b in zip(created, created[1:], strict=False)]
+    assert gaps[-1] >= 0.4, gaps
+    await asyncio.sleep(1.0)
+    later = await get(plane)
+    assert later.restarts <= failing.restarts + 2, "backing off, not looping"
