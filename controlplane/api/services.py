@@ -59,6 +59,12 @@ def service_pb(view: ServiceView) -> services_pb2.Service:
         created_at=timestamp(service.created_at),
         updated_at=timestamp(service.updated_at),
         spec=spec,
+        events=[
+            services_pb2.ServiceEvent(
+                time=timestamp(e.time), state=ServiceState(e.state).pb, reason=e.reason
+            )
+            for e in view.events
+        ],
     )
 
 

@@ -155,7 +155,7 @@ class Reconciler:
             return
         what = describe_end(job)
         if self.leases.unpaid(job.id):
-            plan.stop_for_credit = f"{what} (its lease could not be extended)"
+            plan.stop_for_credit = f"{CREDIT}: {what} (its lease could not be extended)"
             return
         ran = (job.finished_at or now) - (job.started_at or now)
         if ran.total_seconds() >= self.settings.healthy_reset_seconds:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import docker
 import pytest
-from gpuplane.v1 import services_pb2, services_pb2_grpc, types_pb2
+from gpuplane.v1 import jobs_pb2, services_pb2, services_pb2_grpc, types_pb2
 
 from controlplane.ledger.transfers import charge_for
 from daemon.agent import Agent
 from devstack import DockerEngine, S3Server
+from devstack.factories import new_tenant
 from tests.e2e.test_job_path import PRICE, settings
 from tests.harness import CREDIT, JobPlane
 
@@ -203,3 +204,39 @@ async def test_a_replica_crashing_on_start_is_replaced_with_backoff(
     await asyncio.sleep(1.0)
     later = await get(plane)
     assert later.restarts <= failing.restarts + 2, "backing off, not looping"
+
+
+@pytest.mark.plane(service_lease_seconds=2, service_lease_renew_lead_seconds=1)
+async def test_leases_are_extended_while_the_credit_lasts_then_the_service_stops(
+    plane: JobPlane, agents: list[Agent], test_image: str
+) -> None:
+    # 2,500 micro-credits pay for a first lease (2 s: 1,112) and one extension (to 4 s:
+    # 2,223 held), not a second (3,334).
+    _, key = await new_tenant(plane, "thrifty", S.ROLE_CONSUMER, micro_credits=2_500)
+    auth = plane.auth(key)
+    spec = S.JobSpec(
+        image=test_image, args=SERVE, gpu_count=1, max_price_per_gpu_hour_micro_credits=PRICE
+    )
+    request = SV.DeployServiceRequest(name="web", spec=spec, port=8080, replicas=1)
+    await stub(plane).DeployService(request, metadata=auth)
+
+    async def current() -> SV.Service:
+        got = stub(plane).GetService(SV.GetServiceRequest(service="web"), metadata=auth)
+        return (await got).service
+
+    deadline = time.monotonic() + 20
+    while (service := await current()).state != SV.SERVICE_STATE_STOPPED:
+        assert time.monotonic() < deadline, service
+        await asyncio.sleep(0.1)
+    assert service.state_reason.startswith("credit exhausted"), service.state_reason
+    reasons = [e.reason for e in service.events]
+    assert any(r.startswith("credit warning: insufficient credit") for r in reasons), reasons
+    replica = service.replicas[0]
+    got = plane.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=replica.replica_id), metadata=auth)
+    job = (await got).job
+    assert job.state == S.JOB_STATE_TIMED_OUT
+    assert job.spec.max_duration_seconds == 4, "extended once, from 2 s to 4 s"
+    assert replica.run_time_ms >= 4000
+    assert replica.charged_micro_credits == charge_for(PRICE, 1, 4000)
+    assert len(service.replicas) == 1, "not replaced: the service stopped"
+    await plane.assert_ledger_consistent()

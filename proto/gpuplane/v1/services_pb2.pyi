@@ -446,6 +446,7 @@ class Service(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     service_id: _builtins.str
     tenant_id: _builtins.str
     name: _builtins.str
@@ -483,6 +484,12 @@ class Service(_message.Message):
     def spec(self) -> _types_pb2.JobSpec:
         """The spec each replica runs (gpu_count per replica; its lease fields set by the plane)."""
 
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceEvent]:
+        """Its latest events, newest first (GetService only: up to 50): state changes, replicas
+        launched, ended, stopped, ready or not, credit warnings.
+        """
+
     def __init__(
         self,
         *,
@@ -506,11 +513,41 @@ class Service(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         spec: _types_pb2.JobSpec | None = ...,
+        events: _abc.Iterable[Global___ServiceEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "created_at", b"created_at", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "charged_micro_credits", b"charged_micro_credits", "created_at", b"created_at", "desired_replicas", b"desired_replicas", "gpus_per_replica", b"gpus_per_replica", "health_path", b"health_path", "image", b"image", "last_failure", b"last_failure", "name", b"name", "port", b"port", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "restarts", b"restarts", "running_replicas", b"running_replicas", "service_id", b"service_id", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "tenant_id", b"tenant_id", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "charged_micro_credits", b"charged_micro_credits", "created_at", b"created_at", "desired_replicas", b"desired_replicas", "events", b"events", "gpus_per_replica", b"gpus_per_replica", "health_path", b"health_path", "image", b"image", "last_failure", b"last_failure", "name", b"name", "port", b"port", "ready_replicas", b"ready_replicas", "replicas", b"replicas", "restarts", b"restarts", "running_replicas", b"running_replicas", "service_id", b"service_id", "spec", b"spec", "state", b"state", "state_reason", b"state_reason", "tenant_id", b"tenant_id", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Service: _TypeAlias = Service  # noqa: Y015
+
+@_typing.final
+class ServiceEvent(_message.Message):
+    """Something that happened to a service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    state: Global___ServiceState.ValueType
+    """The service's state after it."""
+    reason: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___ServiceState.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "state", b"state", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceEvent: _TypeAlias = ServiceEvent  # noqa: Y015
