@@ -124,7 +124,9 @@ def main(argv: Sequence[str] | None = None, environ: MutableMapping[str, str] | 
     args = hints.parse(parser, words, command, takes_command=jobs.submit_job)
     if command:
         if not hasattr(args, "image"):
-            parser.error("`-- COMMAND` is only accepted by `gpuplane jobs submit`")
+            parser.error(
+                "`-- COMMAND` is only accepted by `gpuplane jobs submit` and `services deploy`"
+            )
         args.job_command = command
     ctx = Context(args=args, environ=os.environ if environ is None else environ)
     try:

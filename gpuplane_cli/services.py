@@ -33,6 +33,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
         deploy_service,
         "deploy a service of N replicas",
         common,
+        usage="%(prog)s NAME --image IMAGE --port PORT [options] [-- COMMAND [ARG ...]]",
         epilog=DEPLOY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -90,15 +91,12 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--allow-unverified", action="store_true", help="allow unverified hosts")
     p.add_argument("--idempotency-key", default="", help="a key of yours, for safe retries")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
 
 
 def build_request(args: argparse.Namespace, ctx: Context) -> services_pb2.DeployServiceRequest:
     if args.replicas < 0:
         raise CliError("--replicas: must be 0 to 32", 2)
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        command = command[1:]
+    command = list(getattr(args, "job_command", []) or [])  # after `--` (main.split_command)
     allow_simulated = args.allow_simulated
     if allow_simulated is None:
         allow_simulated = env_flag(ctx.environ, "GPUPLANE_ALLOW_SIMULATED")
