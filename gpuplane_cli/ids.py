@@ -42,7 +42,8 @@ class Kind:
         return [prefix + text for prefix in prefixes]
 
 
-JOB = Kind("job", "job_", ("job_id", "job_ids", "job"), ("ses_",))  # `job`: ledger --job
+# `job`: ledger --job; a service replica (`rep_…`) is a job too.
+JOB = Kind("job", "job_", ("job_id", "job_ids", "job"), ("ses_", "rep_"))
 HOST = Kind("host", "host_", ("host_id", "host_ids"))
 SESSION = Kind("session", "ses_", ("session_id",))
 

@@ -216,7 +216,8 @@ class Reconciler:
 
     async def _launch(self, service_id: str) -> bool:
         """Submits one replica as a job of the service's owner, spread away from the hosts
-        its other replicas run on when another host could take it; False when refused."""
+        its other replicas run on (and the host of the latest that failed) when another host
+        could take it; False when refused."""
         prepared = await self.jobs.db.run(lambda s: self._launch_spec(s, service_id))
         if prepared is None:
             return False
@@ -240,9 +241,13 @@ class Reconciler:
         spec = spec_of(service)
         rows = await repo.replicas([service_id])
         busy = {j.host_id for r, j in rows if j.host_id and not JobState(j.state).terminal}
+        # The host of the latest replica that failed (rows are newest first), avoided too.
+        failed = [j.host_id for r, j in rows if r.settled and not r.retired and j.host_id]
         could = await repo.hosts_with_free_gpus(spec.gpu_count) - set(spec.exclude_host_ids)
-        if busy and could - busy:
-            spec.exclude_host_ids.extend(sorted(busy - set(spec.exclude_host_ids)))
+        for avoid in (busy | set(failed[:1]), busy):
+            if avoid and could - avoid:
+                spec.exclude_host_ids.extend(sorted(avoid - set(spec.exclude_host_ids)))
+                break
         return service, spec, service.launched
 
     async def _record(self, session: AsyncSession, service_id: str, job: Job, number: int) -> None:

@@ -240,3 +240,23 @@ async def test_leases_are_extended_while_the_credit_lasts_then_the_service_stops
     assert replica.charged_micro_credits == charge_for(PRICE, 1, 4000)
     assert len(service.replicas) == 1, "not replaced: the service stopped"
     await plane.assert_ledger_consistent()
+
+
+async def test_a_replica_failing_liveness_is_stopped_by_its_daemon_and_replaced(
+    plane: JobPlane, agents: list[Agent], test_image: str
+) -> None:
+    # Serves for 2 s, then stops answering while its container keeps running.
+    script = (
+        "mkdir -p /tmp/www && hostname > /tmp/www/index.html && "
+        "httpd -f -p 8080 -h /tmp/www & sleep 2; kill $!; exec sleep 1000"
+    )
+    await deploy(plane, test_image, 1, ["sh", "-c", script])
+    first = (await until(plane, ready(1))).replicas[0]
+    failed = await until(plane, lambda s: s.restarts >= 1)
+    ended = next(r for r in failed.replicas if r.replica_id == first.replica_id)
+    assert ended.state == S.JOB_STATE_FAILED
+    assert ended.state_reason.startswith("failed its health probe 3 times in a row: "), ended
+    assert first.replica_id in failed.last_failure
+    reasons = [e.reason for e in failed.events]
+    assert f"replica {first.replica_id} ready" in reasons, reasons
+    assert any(r.startswith(f"replica {first.replica_id} not ready: ") for r in reasons), reasons
