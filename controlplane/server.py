@@ -22,6 +22,8 @@ from gpuplane.v1 import (
     ledger_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    tunnels_pb2,
+    tunnels_pb2_grpc,
     types_pb2,
 )
 from grpc import aio
@@ -36,6 +38,7 @@ from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
 from controlplane.api.text import TextInterceptor
+from controlplane.api.tunnels import TunnelRelayServicer, TunnelServicer
 from controlplane.auth.service import AuthService
 from controlplane.background import Background
 from controlplane.bus import Bus
@@ -63,6 +66,8 @@ from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolic
 from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
 from controlplane.tls import server_credentials
+from controlplane.tunnels.broker import TunnelBroker
+from controlplane.tunnels.service import TunnelService, advertised
 from controlplane.verification.service import VerificationService
 from messaging.envcheck import OTHER_GPUPLANE_VARIABLES, warn_unknown_settings
 from messaging.natsjwt import Permissions
@@ -78,6 +83,8 @@ SERVICE_NAMES = (
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
+    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelService"].full_name,
+    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelRelayService"].full_name,
 )
 
 
@@ -120,6 +127,7 @@ class ControlPlane:
         self.market: Market | None = None
         self.registry: RegistryService | None = None
         self.monitor: GpuMonitor | None = None
+        self.tunnels: TunnelService | None = None
         self.leader: SoleLeader | PostgresLeader | None = None
         self.store = object_store(settings.storage)
         self._stopped = asyncio.Event()
@@ -247,6 +255,8 @@ class ControlPlane:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {serving.listen_addr}")
+        if self.tunnels is not None:
+            self.tunnels.address = advertised(serving, self.port)
         await server.start()
         return server
 
@@ -291,6 +301,17 @@ class ControlPlane:
         data_pb2_grpc.add_DataServiceServicer_to_server(
             DataServicer(DataService(db, self.store)), server
         )
+        broker = TunnelBroker()
+        self.tunnels = TunnelService(
+            db,
+            domains.registry.streams,
+            broker,
+            open_timeout=settings.serving.tunnel_open_timeout_seconds,
+        )
+        tunnels_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(self.tunnels), server)
+        tunnels_pb2_grpc.add_TunnelRelayServiceServicer_to_server(
+            TunnelRelayServicer(broker), server
+        )
 
     def _build_background(self, domains: Domains) -> Background:
         """The background loops, with the periods their domains' settings groups set."""
@@ -326,6 +347,8 @@ class ControlPlane:
             await self.health.enter_graceful_shutdown()
             if self.registry is not None:
                 self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
+            if self.tunnels is not None:
+                self.tunnels.broker.closing.set()  # tunnels end: their clients reconnect
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )

@@ -24,6 +24,7 @@ from gpuplane.v1 import (
     ledger_pb2,
     messaging_pb2,
     registry_pb2,
+    tunnels_pb2,
     types_pb2,
 )
 
@@ -123,6 +124,12 @@ EXPECTED: dict[str, dict[str, str]] = {
     ),
     "AdminService/GetPricingPolicy": SIGNED_IN,
     "AdminService/SetPricingPolicy": ADMIN_ONLY,
+    # The world's job has finished: past authorisation its owner and admins get
+    # FAILED_PRECONDITION, another tenant NOT_FOUND.
+    "TunnelService/Exec": OWNED_JOB,
+    "TunnelService/PortForward": OWNED_JOB,
+    # Only a host calls back; no tunnel waits under the made-up id: NOT_FOUND past the policy.
+    "TunnelRelayService/Tunnel": table(host=HIDDEN),
 }
 PRICE = 2 * CREDIT
 
@@ -366,13 +373,20 @@ def request_for(world: World, method: str) -> Message:
         ),
         "AdminService/GetPricingPolicy": admin_pb2.GetPricingPolicyRequest(),
         "AdminService/SetPricingPolicy": admin_pb2.SetPricingPolicyRequest(),
+        "TunnelService/Exec": tunnels_pb2.ExecRequest(
+            start=tunnels_pb2.ExecStart(job_id=world.job, command=["true"])
+        ),
+        "TunnelService/PortForward": tunnels_pb2.PortForwardRequest(
+            start=tunnels_pb2.PortForwardStart(job_id=world.job, port=8080)
+        ),
+        "TunnelRelayService/Tunnel": tunnels_pb2.TunnelFrame(tunnel_id="no-such-tunnel"),
     }
     return requests[method]
 
 
 def method_descriptor(method: str) -> Any:
     service, name = method.split("/")
-    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2):
+    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, tunnels_pb2):
         if service in module.DESCRIPTOR.services_by_name:
             return module.DESCRIPTOR.services_by_name[service].methods_by_name[name]
     raise KeyError(method)
@@ -424,7 +438,7 @@ def test_table_covers_every_rpc_and_the_policy() -> None:
     """The intended table, the policy module and the proto agree on what exists."""
     rpcs = {
         f"{service.name}/{m.name}"
-        for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2)
+        for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, tunnels_pb2)
         for service in module.DESCRIPTOR.services_by_name.values()
         for m in service.methods
     }
