@@ -4,6 +4,8 @@ serving HTTP on 8080 and a TCP echo on 7000 inside a container with network none
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -111,3 +113,16 @@ async def wait_listening(stack: TunnelStack, port: int) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"nothing listens on {port} in the container")
+
+
+def cli_env(stack: TunnelStack) -> dict[str, str]:
+    """The environment a `gpuplane` process reaches the stack's control plane with."""
+    return {
+        **os.environ,
+        "GPUPLANE_ADDR": stack.plane.address,
+        "GPUPLANE_API_KEY": stack.plane.consumer_key,
+        "GPUPLANE_PLAINTEXT": "1",
+    }
+
+
+CLI = [sys.executable, "-m", "gpuplane_cli.main"]
