@@ -170,13 +170,18 @@ class TunnelRelayServicer(tunnels_pb2_grpc.TunnelRelayServiceServicer):
 
     @staticmethod
     async def _read(pipe: Pipe, request_iterator: AsyncIterator[Frame]) -> None:
-        """The daemon's frames, one at a time, to the client; None once it ends cleanly."""
+        """The daemon's frames, one at a time, to the client; None once it ended after its
+        last word."""
+        finished = False  # an exit code, a close_write or an error: the daemon's last word
         try:
             async for frame in request_iterator:
-                if frame.WhichOneof("msg") in ("data", "stderr"):
+                kind = frame.WhichOneof("msg")
+                if kind in ("data", "stderr"):
                     check_chunk("data", frame.data or frame.stderr)
+                finished = kind in ("exit_code", "close_write", "error")
                 if not await pipe.from_daemon.put(frame, pipe.client_done):
                     return
-            await pipe.from_daemon.put(None, pipe.client_done)
+            if finished:  # else its call was cut off (a cancelled call reads as ended)
+                await pipe.from_daemon.put(None, pipe.client_done)
         finally:
             pipe.daemon_done.set()

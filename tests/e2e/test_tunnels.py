@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import resource
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from gpuplane.v1 import tunnels_pb2, types_pb2
 
+from controlplane.tunnels.broker import Pipe
 from devstack import DockerEngine, NatsServer, S3Server
 from devstack.factories import new_tenant
+from tests.controlplane.scheduler.planes import until
 from tests.e2e.tunnelstack import (
     HTTP_PORT,
     INDEX,
@@ -87,3 +91,74 @@ async def test_finished_job_is_failed_precondition(stack: TunnelStack, test_imag
         await stack.exec(["true"], job_id=done.job_id)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "running" in (caught.value.details() or "")
+
+
+async def open_exec(
+    stack: TunnelStack, command: list[str], stop: asyncio.Event
+) -> grpc.aio.StreamStreamCall[T.ExecRequest, T.ExecResponse]:
+    start = T.ExecStart(job_id=stack.job.job_id, command=command, stdin=True)
+
+    async def requests() -> AsyncIterator[T.ExecRequest]:
+        yield T.ExecRequest(start=start)
+        await stop.wait()
+
+    return stack.tunnels.Exec(requests(), metadata=stack.plane.auth(stack.plane.consumer_key))
+
+
+def the_pipe(stack: TunnelStack) -> Pipe:
+    tunnels = stack.plane.plane.tunnels
+    assert tunnels is not None
+    pipes = list(tunnels.broker._pipes.values())
+    assert len(pipes) == 1
+    return pipes[0]
+
+
+async def test_a_reader_that_stops_stalls_the_daemon_not_memory(stack: TunnelStack) -> None:
+    """`cat /dev/zero` writes as fast as it can; the client reads a little, then nothing:
+    the control plane takes no more frames from the daemon (which stops reading the exec),
+    its memory stays flat, and the client going away closes the exec on the daemon."""
+    stop = asyncio.Event()
+    call = await open_exec(stack, ["cat", "/dev/zero"], stop)
+    for _ in range(20):
+        response = await call.read()
+        assert isinstance(response, T.ExecResponse)
+        assert response.stdout
+    pipe = the_pipe(stack)
+    await asyncio.sleep(1.0)  # windows and one-frame handoffs fill, then everything waits
+    relayed, rss = pipe.relayed, peak_rss()
+    await asyncio.sleep(2.0)
+    assert pipe.relayed == relayed  # stalled: the daemon's writes wait on flow control
+    assert peak_rss() - rss < 32 * 1024 * 1024
+    # Bounded: frames of ≤ 32 KiB, with gRPC's windows between.
+    assert relayed * 32 * 1024 < 64 * 1024 * 1024
+
+    call.cancel()
+    stop.set()
+
+    def serving() -> bool:
+        return any("Tunnels.serve" in repr(t.get_coro()) for t in stack.agent._tasks)
+
+    await until(lambda: not serving(), 20, "the client went away: the daemon closed the exec")
+    tunnels = stack.plane.plane.tunnels
+    assert tunnels is not None
+    assert tunnels.broker.open_count == 0
+
+
+async def test_the_daemons_call_breaking_is_unavailable(stack: TunnelStack) -> None:
+    stop = asyncio.Event()
+    call = await open_exec(stack, ["sh", "-c", "echo open; cat"], stop)
+    response = await call.read()
+    assert isinstance(response, T.ExecResponse)
+    assert response.stdout == b"open\n"
+    serving = [t for t in stack.agent._tasks if "Tunnels.serve" in repr(t.get_coro())]
+    assert len(serving) == 1
+    serving[0].cancel()  # as when the daemon dies: its call to the control plane breaks
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(call.read(), 10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "daemon" in (caught.value.details() or "")
+    stop.set()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
