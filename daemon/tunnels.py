@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 Frame = tunnels_pb2.TunnelFrame
 Call: TypeAlias = "grpc.aio.StreamStreamCall[tunnels_pb2.TunnelFrame, tunnels_pb2.TunnelFrame]"
 # Bytes read from the container per frame: bounded, like every hop's.
-CHUNK = 32 * 1024
+CHUNK = 64 * 1024
 # After the exit code: how long the control plane may take to end the call.
 _END_GRACE = 5.0
 
