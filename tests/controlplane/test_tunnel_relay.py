@@ -43,9 +43,9 @@ async def test_only_the_jobs_host_may_call_back_and_frames_are_relayed(plane: Jo
     host = ScriptedHost(plane.channel, plane.nats_url, await plane.token(), gpus=1)
     other = ScriptedHost(plane.channel, plane.nats_url, await plane.token(), gpus=1)
     await host.start()
-    await other.start()
     try:
         job, _ = await running_job(plane, host)
+        await other.start()  # after the placement: the job is on `host`
         stop = asyncio.Event()
         stub = tunnels_pb2_grpc.TunnelServiceStub(plane.channel)
         call = stub.Exec(exec_requests(job.job_id, stop), metadata=plane.auth(plane.consumer_key))
