@@ -17,10 +17,13 @@ import termios
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import docker
 import pytest
 
 from devstack import DockerEngine, NatsServer, S3Server
+from devstack.sshimage import SSHD_TEST_IMAGE, build_sshd_image, sshd_script
 from tests.e2e.tunnelstack import (
     CLI,
     ECHO_PORT,
@@ -35,17 +38,37 @@ from tests.e2e.tunnelstack import (
 pytestmark = [pytest.mark.timeout(120), pytest.mark.docker]
 
 
+SSH_PORT = 2222
+
+
+@pytest.fixture(scope="module")
+def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30
+    )
+    return key
+
+
 @pytest.fixture(scope="module")
 async def stack(
     tmp_path_factory: pytest.TempPathFactory,
     nats_server: NatsServer,
     s3_server: S3Server,
     docker_engine: DockerEngine,
-    test_image: str,
+    docker_client: docker.DockerClient,
+    ssh_key: Path,
 ) -> AsyncIterator[TunnelStack]:
+    """The job runs the busybox image with dropbear, serving SSH on 2222 to `ssh_key`."""
+    image = await asyncio.to_thread(build_sshd_image, docker_client, SSHD_TEST_IMAGE)
+    assert image
+    sshd = sshd_script(ssh_key.with_suffix(".pub").read_text(), SSH_PORT) + " && "
     data_dir = tmp_path_factory.mktemp("tunnel-cli")
-    async with tunnel_stack(data_dir, nats_server, s3_server, docker_engine, test_image) as s:
+    async with tunnel_stack(
+        data_dir, nats_server, s3_server, docker_engine, SSHD_TEST_IMAGE, sshd
+    ) as s:
         await wait_listening(s, ECHO_PORT)
+        await wait_listening(s, SSH_PORT)
         yield s
 
 
@@ -186,3 +209,31 @@ async def test_bad_ports_name_the_argument(stack: TunnelStack) -> None:
     code, _, err = await run_cli(stack, "port-forward", stack.job.job_id, "8080:70000")
     assert code == 2
     assert b"REMOTE" in err
+
+
+async def test_real_ssh_through_a_stdio_proxy_command(stack: TunnelStack, ssh_key: Path) -> None:
+    """OpenSSH's client against dropbear in the container, its bytes carried by
+    `gpuplane port-forward --stdio` as its ProxyCommand."""
+    proxy = " ".join([*CLI, "port-forward", "--stdio", stack.job.job_id, str(SSH_PORT)])
+    proc = await asyncio.create_subprocess_exec(
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-i",
+        str(ssh_key),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        f"ProxyCommand={proxy}",
+        f"nobody@{stack.job.job_id}",  # the image's user
+        "echo hello over ssh; exit 5",
+        env=cli_env(stack),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (proc.returncode, out) == (5, b"hello over ssh\n"), err

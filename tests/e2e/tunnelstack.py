@@ -26,7 +26,7 @@ INDEX = b"hello through the tunnel\n"
 SCRIPT = (
     "mkdir -p /tmp/www && printf 'hello through the tunnel\\n' > /tmp/www/index.html && "
     f"httpd -p 127.0.0.1:{HTTP_PORT} -h /tmp/www && "
-    f"(nc -ll -p {ECHO_PORT} -e cat &) && echo ready && sleep 3600"
+    f"(nc -ll -p {ECHO_PORT} -e cat &) && {{extra}}echo ready && sleep 3600"
 )
 
 
@@ -78,8 +78,14 @@ async def aiter_of(items: list[T.ExecRequest]) -> AsyncIterator[T.ExecRequest]:
 
 @asynccontextmanager
 async def tunnel_stack(
-    data_dir: Path, nats: NatsServer, s3: S3Server, engine: DockerEngine, image: str
+    data_dir: Path,
+    nats: NatsServer,
+    s3: S3Server,
+    engine: DockerEngine,
+    image: str,
+    extra: str = "",
 ) -> AsyncIterator[TunnelStack]:
+    """The stack; `extra`: more of the job's script (a command ending in `&&`)."""
     async with job_plane(data_dir / "cp", nats.url, s3) as plane:
         token = await plane.token()
         agent = Agent(
@@ -98,7 +104,8 @@ async def tunnel_stack(
         )
         await agent.start()
         try:
-            job = await plane.submit(image=image, command=["sh", "-c", SCRIPT], gpu_count=1)
+            script = SCRIPT.format(extra=extra)
+            job = await plane.submit(image=image, command=["sh", "-c", script], gpu_count=1)
             running = await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_RUNNING], 60)
             yield TunnelStack(plane, agent, running)
         finally:
