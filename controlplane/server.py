@@ -348,7 +348,7 @@ class ControlPlane:
             if self.registry is not None:
                 self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
             if self.tunnels is not None:
-                self.tunnels.broker.closing.set()  # tunnels end: their clients reconnect
+                self.tunnels.broker.close()  # tunnels end: their clients reconnect
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )

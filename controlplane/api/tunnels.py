@@ -100,7 +100,7 @@ class TunnelServicer(tunnels_pb2_grpc.TunnelServiceServicer):
         start = exec_start(await anext(aiter(request_iterator), None))
         frames = (exec_frame(r) async for r in request_iterator)
         async with self.tunnels.open(current_principal(), start.job_id, start) as pipe:
-            async for frame in relay(pipe, frames, self.tunnels.broker.closing):
+            async for frame in relay(pipe, frames):
                 kind = frame.WhichOneof("msg")
                 if kind == "data":
                     yield T.ExecResponse(stdout=frame.data)
@@ -116,7 +116,7 @@ class TunnelServicer(tunnels_pb2_grpc.TunnelServiceServicer):
         start = forward_start(await anext(aiter(request_iterator), None))
         frames = (forward_frame(r) async for r in request_iterator)
         async with self.tunnels.open(current_principal(), start.job_id, start.port) as pipe:
-            async for frame in relay(pipe, frames, self.tunnels.broker.closing):
+            async for frame in relay(pipe, frames):
                 kind = frame.WhichOneof("msg")
                 if kind == "data":
                     yield T.PortForwardResponse(data=frame.data)
@@ -124,14 +124,12 @@ class TunnelServicer(tunnels_pb2_grpc.TunnelServiceServicer):
                     yield T.PortForwardResponse(close_write=True)
 
 
-async def relay(
-    pipe: Pipe, frames: AsyncIterator[Frame | None], closing: asyncio.Event
-) -> AsyncIterator[Frame]:
+async def relay(pipe: Pipe, frames: AsyncIterator[Frame | None]) -> AsyncIterator[Frame]:
     """The daemon's frames while the client's go the other way; a client mistake (a bad
     request) ends the call with its INVALID_ARGUMENT."""
     pump = asyncio.create_task(pump_client(pipe, frames))
     try:
-        async for frame in pipe.from_host(closing):
+        async for frame in pipe.from_host():
             if pump.done() and not pump.cancelled() and pump.exception() is not None:
                 break
             yield frame
@@ -163,7 +161,7 @@ class TunnelRelayServicer(tunnels_pb2_grpc.TunnelRelayServiceServicer):
             async for frame in pipe.to_host():
                 yield frame  # awaited: the daemon's flow control holds the client back
         finally:
-            pipe.daemon_done.set()
+            pipe.end_daemon()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
@@ -184,4 +182,4 @@ class TunnelRelayServicer(tunnels_pb2_grpc.TunnelRelayServiceServicer):
             if finished:  # else its call was cut off (a cancelled call reads as ended)
                 await pipe.from_daemon.put(None, pipe.client_done)
         finally:
-            pipe.daemon_done.set()
+            pipe.end_daemon()

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from gpuplane.v1 import tunnels_pb2
 
@@ -18,19 +17,10 @@ Frame = tunnels_pb2.TunnelFrame
 MAX_CHUNK = 64 * 1024
 
 
-async def first_of(*waits: Coroutine[Any, Any, Any]) -> None:
-    """Returns once any of `waits` is done; the others are cancelled."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 class Handoff:
     """One frame at a time from a writer to a reader: a put waits until the reader took the
-    last one, so nothing queues up between the two calls (gRPC's flow control does the rest)."""
+    last one, so nothing queues up between the two calls (gRPC's flow control does the rest).
+    Either side ending wakes the other (`wake`), so each wait is one awaited event."""
 
     def __init__(self) -> None:
         self._slot: list[Frame | None] = []
@@ -41,11 +31,11 @@ class Handoff:
     async def put(self, item: Frame | None, gone: asyncio.Event) -> bool:
         """Awaits room; False (not put) once the reader is `gone`."""
         while self._slot and not gone.is_set():
-            await first_of(self.writable.wait(), gone.wait())
+            self.writable.clear()
+            await self.writable.wait()
         if gone.is_set():
             return False
         self._slot.append(item)
-        self.writable.clear()
         self.readable.set()
         return True
 
@@ -57,6 +47,11 @@ class Handoff:
         self.readable.clear()
         self.writable.set()
         return item
+
+    def wake(self) -> None:
+        """Wakes both sides to look again (the other side ended)."""
+        self.readable.set()
+        self.writable.set()
 
 
 @dataclass(eq=False)
@@ -74,20 +69,32 @@ class Pipe:
     client_done: asyncio.Event = field(default_factory=asyncio.Event)
     # The daemon's call ended or broke.
     daemon_done: asyncio.Event = field(default_factory=asyncio.Event)
+    # This replica is stopping: the client's call ends with UNAVAILABLE.
+    closing: bool = False
     # Frames relayed from the daemon (for tests).
     relayed: int = 0
 
-    async def from_host(self, closing: asyncio.Event) -> AsyncIterator[Frame]:
+    def end_client(self) -> None:
+        self.client_done.set()
+        self.to_daemon.wake()
+        self.from_daemon.wake()
+
+    def end_daemon(self) -> None:
+        self.daemon_done.set()
+        self.to_daemon.wake()
+        self.from_daemon.wake()
+
+    async def from_host(self) -> AsyncIterator[Frame]:
         """The daemon's frames, in order, until it ends; raises Unavailable when its call
         broke (or this replica is stopping) and FailedPrecondition when it refused."""
         while True:
-            if self.from_daemon.empty() and not (self.daemon_done.is_set() or closing.is_set()):
-                await first_of(
-                    self.from_daemon.readable.wait(), self.daemon_done.wait(), closing.wait()
-                )
+            while self.from_daemon.empty() and not (self.daemon_done.is_set() or self.closing):
+                await self.from_daemon.readable.wait()
+                if self.from_daemon.empty():
+                    self.from_daemon.readable.clear()
+            if self.closing:
+                raise Unavailable("the control plane is shutting down; connect again")
             if self.from_daemon.empty():  # nothing came: the daemon's call is gone
-                if closing.is_set():
-                    raise Unavailable("the control plane is shutting down; connect again")
                 raise Unavailable("the host's daemon went away (the tunnel broke); try again")
             frame = self.from_daemon.take()
             if frame is None:
@@ -100,8 +107,10 @@ class Pipe:
     async def to_host(self) -> AsyncIterator[Frame]:
         """The client's frames for the daemon's call, until the client is done."""
         while True:
-            if self.to_daemon.empty() and not self.client_done.is_set():
-                await first_of(self.to_daemon.readable.wait(), self.client_done.wait())
+            while self.to_daemon.empty() and not self.client_done.is_set():
+                await self.to_daemon.readable.wait()
+                if self.to_daemon.empty():
+                    self.to_daemon.readable.clear()
             if self.to_daemon.empty():
                 return
             frame = self.to_daemon.take()
@@ -115,18 +124,17 @@ class TunnelBroker:
 
     def __init__(self) -> None:
         self._pipes: dict[str, Pipe] = {}
-        # Set as this process stops: relays end with UNAVAILABLE.
-        self.closing = asyncio.Event()
+        self.closing = False
 
     def expect(self) -> Pipe:
         """A new tunnel with an unguessable id (192 random bits); its host is set once known
         (until then no daemon can claim it)."""
-        pipe = Pipe(secrets.token_urlsafe(24), host_id="")
+        pipe = Pipe(secrets.token_urlsafe(24), host_id="", closing=self.closing)
         self._pipes[pipe.tunnel_id] = pipe
         return pipe
 
     def forget(self, pipe: Pipe) -> None:
-        pipe.client_done.set()
+        pipe.end_client()
         self._pipes.pop(pipe.tunnel_id, None)
 
     def claim(self, tunnel_id: str, host_id: str) -> Pipe:
@@ -138,6 +146,14 @@ class TunnelBroker:
         pipe.arrived.set()
         return pipe
 
+    def close(self) -> None:
+        """This replica is stopping: every tunnel's client gets UNAVAILABLE."""
+        self.closing = True
+        for pipe in self._pipes.values():
+            pipe.closing = True
+            pipe.from_daemon.wake()
+            pipe.arrived.set()
+
     @property
     def open_count(self) -> int:
         return len(self._pipes)
@@ -148,8 +164,10 @@ async def wait_arrival(pipe: Pipe, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await pipe.arrived.wait()
-            return
-    raise Unavailable(
-        f"the host did not open the tunnel within {timeout:g}s (its daemon may be "
-        "disconnected or busy); try again"
-    )
+    if pipe.closing:
+        raise Unavailable("the control plane is shutting down; connect again")
+    if not pipe.arrived.is_set():
+        raise Unavailable(
+            f"the host did not open the tunnel within {timeout:g}s (its daemon may be "
+            "disconnected or busy); try again"
+        )

@@ -125,3 +125,31 @@ async def test_a_stored_tunnel_command_expires(plane: JobPlane) -> None:
         assert (row.kind, row.answer) == ("tunnel", "moot")
     finally:
         await host.close()
+
+
+async def test_a_stopping_replica_ends_its_tunnels_with_unavailable(plane: JobPlane) -> None:
+    host = ScriptedHost(plane.channel, plane.nats_url, await plane.token(), gpus=1)
+    await host.start()
+    try:
+        job, _ = await running_job(plane, host)
+        stop = asyncio.Event()
+        stub = tunnels_pb2_grpc.TunnelServiceStub(plane.channel)
+        call = stub.Exec(exec_requests(job.job_id, stop), metadata=plane.auth(plane.consumer_key))
+        command = (await next_command(host, "tunnel")).tunnel
+        relay = tunnels_pb2_grpc.TunnelRelayServiceStub(plane.channel)
+        metadata = (("authorization", f"Bearer {host.credential}"),)
+        daemon = relay.Tunnel(metadata=metadata)  # type: ignore[call-arg]
+        await daemon.write(T.TunnelFrame(tunnel_id=command.tunnel_id))
+        first = await daemon.read()
+        assert isinstance(first, T.TunnelFrame)
+        assert first.data == b"ping"  # paired and relaying
+        tunnels = plane.plane.tunnels
+        assert tunnels is not None
+        tunnels.broker.close()  # what ControlPlane.stop does as its shutdown begins
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (caught.value.details() or "")
+        stop.set()
+    finally:
+        await host.close()
