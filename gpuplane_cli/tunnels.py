@@ -72,8 +72,9 @@ def port_number(text: str, what: str, allow_zero: bool = False) -> int:
         port = int(text)
     except ValueError:
         raise CliError(f"{what}: {text!r} is not a port number", EXIT_USAGE) from None
-    if not (0 if allow_zero else 1) <= port <= 65535:
-        raise CliError(f"{what}: {port} is outside 1..65535", EXIT_USAGE)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise CliError(f"{what}: {port} is outside {low}..65535", EXIT_USAGE)
     return port
 
 
