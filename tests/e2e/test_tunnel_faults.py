@@ -1,11 +1,14 @@
 """Tunnels across replicas and through their faults (PostgreSQL, two control planes, a real
-daemon connected to B only): an exec taken by replica A reaches the daemon through B's command
-delivery and comes back to A; A killed with -9 ends the client's call with UNAVAILABLE at once,
-the daemon closes the exec, the job keeps running and an exec through B works."""
+`gpuplane daemon run` connected to B only): an exec taken by replica A reaches the daemon
+through B's command delivery and comes back to A; A killed with -9 ends the client's call with
+UNAVAILABLE at once, the daemon closes the exec, the job keeps running and an exec through B
+works; the daemon killed with -9 ends an exec's call with UNAVAILABLE at once."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,14 +17,12 @@ from typing import Any
 import grpc
 import pytest
 from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc, types_pb2
-from pydantic import SecretStr
 
-from daemon.agent import Agent
 from daemon.channel import PLAINTEXT, open_channel
-from daemon.settings import DaemonSettings
 from devstack import DockerEngine, S3Server
 from tests.controlplane.scheduler.planes import fleet, plane_options, until
-from tests.e2e.tunnelstack import TunnelStack
+from tests.e2e.tunnelstack import CLI, TunnelStack
+from tests.serving import stop_process
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.docker, pytest.mark.postgres, pytest.mark.slow]
 T = tunnels_pb2
@@ -46,26 +47,12 @@ async def test_exec_through_another_replica_survives_its_death(
     async with fleet(tmp_path, options, monkeypatch) as planes:
         b = await planes.start("b")
         a = planes.spawn("a")
-        agent = Agent(
-            DaemonSettings(
-                control_plane=b.api.address,
-                plaintext=True,
-                registration_token=SecretStr(await b.api.token()),
-                data_dir=tmp_path / "daemon",
-                simulate_gpus="1xA100-80GB",
-                gpu_device_requests="always",
-                docker_host=docker_engine.base_url,
-                heartbeat_interval_ms=200,
-                reconnect_base_seconds=0.2,
-                reconnect_max_seconds=1.0,
-            )
-        )
-        await agent.start()
+        daemon = daemon_process(tmp_path, b.api.address, await b.api.token(), docker_engine)
         channel_a = open_channel(f"127.0.0.1:{a.port}", PLAINTEXT)
         try:
             job = await b.api.submit(image=test_image, command=["sleep", "300"], gpu_count=1)
             running = await b.api.wait_for(job.job_id, [types_pb2.JOB_STATE_RUNNING], 60)
-            via_b = TunnelStack(b.api, agent, running)
+            via_b = TunnelStack(b.api, running)
             await until(lambda: a_serves(channel_a, b.api.consumer_key), 30, "A serves")
             via_a = tunnels_pb2_grpc.TunnelServiceStub(channel_a)
             auth = b.api.auth(b.api.consumer_key)
@@ -98,9 +85,39 @@ async def test_exec_through_another_replica_survives_its_death(
             still = await b.api.get(job.job_id)
             assert still.state == types_pb2.JOB_STATE_RUNNING
             stop.set()
+
+            # Through B; then the daemon dies.
+            stop = asyncio.Event()
+            start = T.ExecStart(
+                job_id=job.job_id, command=["sh", "-c", "echo open; cat"], stdin=True
+            )
+            via = tunnels_pb2_grpc.TunnelServiceStub(b.api.channel)
+            call = via.Exec(requests_until(T.ExecRequest(start=start), stop), metadata=auth)
+            first = await asyncio.wait_for(call.read(), 20)
+            assert isinstance(first, T.ExecResponse)
+            assert first.stdout == b"open\n"
+            daemon.kill()
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await asyncio.wait_for(call.read(), 10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "daemon went away" in (caught.value.details() or "")
+            assert time.monotonic() - began < 5
+            stop.set()
         finally:
             await channel_a.close(None)
-            await agent.stop()
+            stop_process(daemon)
+
+
+def daemon_process(
+    tmp_path: Path, address: str, token: str, engine: DockerEngine
+) -> subprocess.Popen[bytes]:
+    argv = [*CLI, "daemon", "run", "--plaintext", "--control-plane", address, "--token", token]
+    argv += ["--data-dir", str(tmp_path / "daemon"), "--docker-host", engine.base_url]
+    argv += ["--simulate-gpus", "1xA100-80GB", "--gpu-device-requests", "always"]
+    env = {**os.environ, "GPUPLANE_DAEMON_HEARTBEAT_INTERVAL_MS": "200"}
+    with (tmp_path / "daemon.log").open("wb") as log:
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 async def a_serves(channel: grpc.aio.Channel, key: str) -> bool:

@@ -45,7 +45,7 @@ async def test_exec_over_tls_through_a_channel_to_the_named_replica(
         try:
             job = await plane.submit(image=test_image, command=["sleep", "300"], gpu_count=1)
             running = await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_RUNNING], 60)
-            stack = TunnelStack(plane, agent, running)
+            stack = TunnelStack(plane, running, agent)
             out, err, code = await stack.exec(["sh", "-c", "echo over tls; exit 2"])
             assert (out, err, code) == (b"over tls\n", b"", 2)
             assert list(agent.tunnels._channels) == [plane.address]  # its own, kept

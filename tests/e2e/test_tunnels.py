@@ -135,8 +135,11 @@ async def test_a_reader_that_stops_stalls_the_daemon_not_memory(stack: TunnelSta
     call.cancel()
     stop.set()
 
+    agent = stack.agent
+    assert agent is not None
+
     def serving() -> bool:
-        return any("Tunnels.serve" in repr(t.get_coro()) for t in stack.agent._tasks)
+        return any("Tunnels.serve" in repr(t.get_coro()) for t in agent._tasks)
 
     await until(lambda: not serving(), 20, "the client went away: the daemon closed the exec")
     tunnels = stack.plane.plane.tunnels
@@ -150,6 +153,7 @@ async def test_the_daemons_call_breaking_is_unavailable(stack: TunnelStack) -> N
     response = await call.read()
     assert isinstance(response, T.ExecResponse)
     assert response.stdout == b"open\n"
+    assert stack.agent is not None
     serving = [t for t in stack.agent._tasks if "Tunnels.serve" in repr(t.get_coro())]
     assert len(serving) == 1
     serving[0].cancel()  # as when the daemon dies: its call to the control plane breaks

@@ -33,8 +33,9 @@ SCRIPT = (
 @dataclass
 class TunnelStack:
     plane: JobPlane
-    agent: Agent
     job: types_pb2.Job
+    # The daemon, when it runs in this process.
+    agent: Agent | None = None
 
     @property
     def tunnels(self) -> tunnels_pb2_grpc.TunnelServiceAsyncStub:
@@ -107,7 +108,7 @@ async def tunnel_stack(
             script = SCRIPT.format(extra=extra)
             job = await plane.submit(image=image, command=["sh", "-c", script], gpu_count=1)
             running = await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_RUNNING], 60)
-            yield TunnelStack(plane, agent, running)
+            yield TunnelStack(plane, running, agent)
         finally:
             await agent.stop()
 
