@@ -9,6 +9,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, TypeAlias
 
+import docker
 import grpc
 from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc
 
@@ -71,8 +72,10 @@ class Tunnels:
             await call.write(Frame(tunnel_id=command.tunnel_id))
             try:
                 endpoint = await self._endpoint(command)
-            except (Refused, OSError) as exc:
-                await call.write(Frame(error=str(exc) or type(exc).__name__))
+            except (Refused, OSError, docker.errors.DockerException) as exc:
+                # One line (the control plane refuses control characters), bounded.
+                said = " ".join(str(exc).split())[:500] or type(exc).__name__
+                await call.write(Frame(error=said))
                 await call.done_writing()
                 return
             try:

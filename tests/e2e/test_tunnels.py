@@ -47,6 +47,11 @@ async def test_exec_returns_output_and_exit_code(stack: TunnelStack) -> None:
     assert (out, err, code) == (b"out\n", b"err\n", 3)
     echoed, _, code = await stack.exec(["cat"], [b"abc", b"def\n"])
     assert (echoed, code) == (b"abcdef\n", 0)
+    lines, _, code = await stack.exec(["sh", "-c", "echo a\n\techo b"])  # a script's lines
+    assert (lines, code) == (b"a\nb\n", 0)
+    out, err, code = await stack.exec(["no-such-program"])
+    assert code not in (None, 0)
+    assert b"no-such-program" in out + err
 
 
 async def test_port_forward_fetches_from_httpd(stack: TunnelStack) -> None:
