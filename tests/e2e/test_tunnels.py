@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from gpuplane.v1 import tunnels_pb2, types_pb2
+from gpuplane.v1 import sessions_pb2, sessions_pb2_grpc, tunnels_pb2, types_pb2
 
 from controlplane.tunnels.broker import Pipe
 from devstack import DockerEngine, NatsServer, S3Server
@@ -171,3 +171,31 @@ async def test_the_daemons_call_breaking_is_unavailable(stack: TunnelStack) -> N
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def test_exec_into_a_session(stack: TunnelStack, test_image: str) -> None:
+    """A session is a job of its own kind: exec reaches it by its `ses_` id. (Last here: it
+    takes the daemon's second GPU.)"""
+    sessions = sessions_pb2_grpc.SessionServiceStub(stack.plane.channel)
+    auth = stack.plane.auth(stack.plane.consumer_key)
+    spec = types_pb2.JobSpec(
+        image=test_image,
+        command=["sleep", "600"],
+        gpu_count=1,
+        max_price_per_gpu_hour_micro_credits=2_000_000,
+        allow_simulated=True,
+        allow_unverified=True,
+    )
+    created = await sessions.CreateSession(
+        sessions_pb2.CreateSessionRequest(spec=spec, duration_seconds=600), metadata=auth
+    )
+    session_id = created.session.session_id
+    assert session_id.startswith("ses_")
+    try:
+        await stack.plane.wait_for(session_id, [types_pb2.JOB_STATE_RUNNING], 60)
+        out, _, code = await stack.exec(["sh", "-c", "echo in a session"], job_id=session_id)
+        assert (out, code) == (b"in a session\n", 0)
+    finally:
+        await sessions.DestroySession(
+            sessions_pb2.DestroySessionRequest(session_id=session_id), metadata=auth
+        )
