@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 
@@ -37,8 +38,10 @@ from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
 from controlplane.api.text import TextInterceptor
 from controlplane.auth.service import AuthService
+from controlplane.auth.sessions import BrowserSessions
 from controlplane.background import Background
 from controlplane.bus import Bus
+from controlplane.dashboard import app as dashboard_app
 from controlplane.data.service import DataService
 from controlplane.db import migrate
 from controlplane.db.engine import Database
@@ -108,6 +111,9 @@ class ControlPlane:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics_port = 0
+        self.dashboard: dashboard_app.Dashboard | None = None
+        self.dashboard_port = 0
+        self._web_dir: str | None = None  # the gRPC-Web proxy's private Unix socket's
         self.admin_key_file: str | None = None
         nats = settings.nats
         self.nats_keys = nats.keys
@@ -148,6 +154,8 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics.addr:
             self.metrics_port = self.metrics.serve(settings.metrics.addr)
+        if self.dashboard is not None:
+            self.dashboard_port = await self.dashboard.start()
         self.background = self._build_background(domains)
         self.background.start()
         self._bucket_task = asyncio.create_task(self._ensure_bucket())
@@ -218,12 +226,17 @@ class ControlPlane:
     ) -> aio.Server:
         """The gRPC server with every service on it, listening."""
         serving, limits = self.settings.serving, self.settings.auth
+        dashboard = self.settings.dashboard
+        sessions = BrowserSessions(
+            domains.db, dashboard.session_idle_seconds, dashboard.session_max_seconds
+        )
         server = aio.server(
             interceptors=[
                 ErrorInterceptor(self.metrics),
                 AuthInterceptor(
                     domains.auth.authenticate,
                     RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
+                    sessions.authenticate,
                 ),
                 TextInterceptor(),
             ],
@@ -247,6 +260,13 @@ class ControlPlane:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {serving.listen_addr}")
+        if dashboard.address:
+            target, web_dir = dashboard_app.loopback(server)
+            self._web_dir = str(web_dir)
+            files = [
+                m.DESCRIPTOR for m in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2)
+            ]
+            self.dashboard = dashboard_app.build(self.settings, sessions, target, files)
         await server.start()
         return server
 
@@ -318,6 +338,9 @@ class ControlPlane:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
         Scheduling stops first, so another replica takes leadership over during the grace."""
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard = None
         if self.background is not None:
             await self.background.stop_scheduling()
         elif self.leader is not None:
@@ -346,6 +369,8 @@ class ControlPlane:
         if self.db is not None:
             await self.db.close()
             self.db = None
+        if self._web_dir is not None:
+            shutil.rmtree(self._web_dir, ignore_errors=True)
         self._stopped.set()
 
     def _leadership_changed(self, leading: bool) -> None:

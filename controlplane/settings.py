@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from controlplane.dashboard.settings import DashboardFields
 from controlplane.settings_groups import (
     AuthSettings,
     HostSettings,
@@ -32,7 +33,7 @@ from messaging.natsjwt import NatsKeys, public_key
 ClientAuth = Literal["off", "require"]
 
 
-class Settings(VerificationFields, TrustFields, LoggingFields, SecretFileFields):
+class Settings(DashboardFields, VerificationFields, TrustFields, LoggingFields, SecretFileFields):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
     The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;
