@@ -42,9 +42,18 @@ export const TERMINAL_JOB_STATES: ReadonlySet<JobState> = new Set([
   JobState.REJECTED,
 ]);
 
+/** A local date and time as "2026-12-06 22:37:13". */
+export function localTime(date: Date): string {
+  const pad = (n: number) => String(n).padStart(2, "0");
+  return (
+    `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())} ` +
+    `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`
+  );
+}
+
 export function when(stamp: Timestamp | undefined): string {
   if (!stamp || (stamp.seconds === 0n && stamp.nanos === 0)) return "—";
-  return timestampDate(stamp).toLocaleString("en-GB", { hour12: false });
+  return localTime(timestampDate(stamp));
 }
 
 export function seconds(stamp: Timestamp | undefined): number {

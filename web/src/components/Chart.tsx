@@ -1,5 +1,6 @@
 // A small line chart drawn as SVG (no chart library, no fonts to fetch): one or more
 // series over time, each scaled to its own maximum or a fixed one.
+import { localTime } from "../format";
 export interface Series {
   label: string;
   unit: string;
@@ -40,6 +41,12 @@ export function Chart({ title, series, testId }: { title: string; series: Series
           );
         })}
       </svg>
+      {all.length > 0 && (
+        <p className="chart-span">
+          <span>{localTime(new Date(t0 * 1000)).slice(11)}</span>
+          <span>{localTime(new Date(t1 * 1000)).slice(11)}</span>
+        </p>
+      )}
       <ul className="legend">
         {series.map((s) => (
           <li key={s.label} data-series={s.label} data-latest={latest(s) ?? ""} data-count={s.points.length}>

@@ -11,6 +11,8 @@ import {
   credits,
   duration,
   jobStateName,
+  seconds,
+  shortId,
   TERMINAL_JOB_STATES,
   when,
 } from "../format";
@@ -25,6 +27,25 @@ interface Snapshot {
   t: number;
   utilisation: number;
   memoryGiB: number;
+}
+
+/** Each attempt's mean utilisation and peak memory over its run: the chart of a job that
+ * ran while the page was not open. */
+function attemptPoints(job: Job): Snapshot[] {
+  const now = Date.now() / 1000;
+  return job.attempts
+    .filter((a) => a.startedAt)
+    .flatMap((a) => {
+      const value = {
+        utilisation: a.avgGpuUtilizationBasisPoints / 100,
+        memoryGiB: Number(a.peakGpuMemoryBytes) / 2 ** 30,
+      };
+      const end = a.finishedAt ? seconds(a.finishedAt) : now;
+      return [
+        { t: seconds(a.startedAt), ...value },
+        { t: end, ...value },
+      ];
+    });
 }
 
 function Logs({ jobId }: { jobId: string }) {
@@ -123,8 +144,10 @@ export function JobPage({ jobId }: { jobId: string }) {
   }, [jobId]);
 
   const finished = job !== null && TERMINAL_JOB_STATES.has(job.state);
-  // Cost and usage are not events: refresh them every 5 s while the job is unfinished.
-  useRefresh(load, finished ? 0 : 5000, [jobId, finished]);
+  const running = job?.state === JobState.RUNNING;
+  // Cost and usage are not events: refresh them every 2 s while the job runs (the chart),
+  // every 5 s while it waits.
+  useRefresh(load, finished ? 0 : running ? 2000 : 5000, [jobId, finished, running]);
 
   const watch = useLiveStream(
     async (signal) => {
@@ -159,6 +182,7 @@ export function JobPage({ jobId }: { jobId: string }) {
     return <p role={error ? "alert" : undefined}>{error || "Loading…"}</p>;
   }
   const spec = job.spec;
+  const plotted = history.length >= 2 ? history : attemptPoints(job);
   return (
     <article className="job">
       <header className="page-head">
@@ -212,35 +236,6 @@ export function JobPage({ jobId }: { jobId: string }) {
               </li>
             ))}
           </ol>
-          <h3>Attempts</h3>
-          <div className="table-wrap">
-            <table>
-              <thead>
-                <tr>
-                  <th scope="col">#</th>
-                  <th scope="col">State</th>
-                  <th scope="col">Host</th>
-                  <th scope="col">Started</th>
-                  <th scope="col">Ended</th>
-                  <th scope="col">Charged</th>
-                  <th scope="col">GPU util.</th>
-                </tr>
-              </thead>
-              <tbody>
-                {job.attempts.map((a) => (
-                  <tr key={a.attempt}>
-                    <td>{a.attempt}</td>
-                    <td>{attemptStateName(a.attemptState)}</td>
-                    <td className="wrap">{a.hostId}</td>
-                    <td>{when(a.startedAt)}</td>
-                    <td>{when(a.finishedAt)}</td>
-                    <td>{credits(a.chargedMicroCredits)}</td>
-                    <td>{(a.avgGpuUtilizationBasisPoints / 100).toFixed(0)} %</td>
-                  </tr>
-                ))}
-              </tbody>
-            </table>
-          </div>
         </section>
         <section aria-labelledby="gpu-h">
           <h2 id="gpu-h">GPU use</h2>
@@ -253,13 +248,13 @@ export function JobPage({ jobId }: { jobId: string }) {
                 unit: "%",
                 color: "#2563eb",
                 max: 100,
-                points: history.map((p) => [p.t, p.utilisation]),
+                points: plotted.map((p) => [p.t, p.utilisation]),
               },
               {
                 label: "peak memory",
                 unit: "GiB",
                 color: "#c2410c",
-                points: history.map((p) => [p.t, p.memoryGiB]),
+                points: plotted.map((p) => [p.t, p.memoryGiB]),
               },
             ]}
           />
@@ -269,6 +264,37 @@ export function JobPage({ jobId }: { jobId: string }) {
           </p>
         </section>
       </div>
+      <section aria-labelledby="attempts-h">
+        <h2 id="attempts-h">Attempts</h2>
+        <div className="table-wrap">
+          <table>
+            <thead>
+              <tr>
+                <th scope="col">#</th>
+                <th scope="col">State</th>
+                <th scope="col">Host</th>
+                <th scope="col">Started</th>
+                <th scope="col">Ended</th>
+                <th scope="col">Charged</th>
+                <th scope="col">GPU util.</th>
+              </tr>
+            </thead>
+            <tbody>
+              {job.attempts.map((a) => (
+                <tr key={a.attempt}>
+                  <td>{a.attempt}</td>
+                  <td>{attemptStateName(a.attemptState)}</td>
+                  <td title={a.hostId}>{shortId(a.hostId)}</td>
+                  <td>{when(a.startedAt)}</td>
+                  <td>{when(a.finishedAt)}</td>
+                  <td>{credits(a.chargedMicroCredits)}</td>
+                  <td>{(a.avgGpuUtilizationBasisPoints / 100).toFixed(0)} %</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      </section>
       <Logs jobId={jobId} />
       {finished && <Results jobId={jobId} />}
     </article>

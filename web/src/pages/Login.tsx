@@ -37,6 +37,7 @@ export function Login({ notice, onLogin }: { notice: string; onLogin: (s: Sessio
           name="api-key"
           type="password"
           autoComplete="off"
+          autoFocus
           required
           value={key}
           onChange={(e) => setKey(e.target.value)}

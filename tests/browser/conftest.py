@@ -1,0 +1,134 @@
+"""One real stack for the dashboard's browser tests: a control plane serving the dashboard,
+NATS, S3, Docker and an in-process daemon with one simulated GPU; and headless Chromium
+(Debian's /usr/bin/chromium, driven by Playwright) opening a fresh context per test."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gpuplane.v1 import types_pb2
+from playwright.async_api import Browser, Page, async_playwright
+from pydantic import SecretStr
+
+from daemon.agent import Agent
+from daemon.settings import DaemonSettings
+from devstack import DockerEngine, NatsServer, S3Server
+from devstack.factories import new_key
+from tests.harness import JobPlane, job_plane
+
+CHROMIUM = Path("/usr/bin/chromium")
+WEB_APP = Path(__file__).resolve().parents[2] / "web" / "dist" / "index.html"
+PRICE = 1_800_000  # 1.8 credits per GPU-hour: 500 micro-credits per GPU-second
+TELEMETRY_MS = 300
+
+
+@dataclass
+class Stack:
+    """The running stack as the browser tests use it."""
+
+    plane: JobPlane
+    agent: Agent
+    url: str  # the dashboard, e.g. http://127.0.0.1:41234/
+    provider_key: str
+    test_image: str
+
+    @property
+    def host_id(self) -> str:
+        assert self.agent.host_id
+        return str(self.agent.host_id)
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    nats_server: NatsServer,
+    s3_server: S3Server,
+    docker_engine: DockerEngine,
+    test_image: str,
+) -> AsyncIterator[Stack]:
+    if not WEB_APP.is_file():
+        pytest.fail(f"{WEB_APP} is missing: run scripts/bootstrap (it builds web/)")
+    root = tmp_path_factory.mktemp("dashboard-stack")
+
+    def configure(options: dict[str, Any]) -> None:
+        options["dashboard_address"] = "127.0.0.1:0"
+        options["telemetry_interval_ms"] = TELEMETRY_MS
+
+    async with job_plane(root / "cp", nats_server.url, s3_server, configure=configure) as plane:
+        token = await plane.token()
+        agent = Agent(
+            DaemonSettings(
+                control_plane=plane.address,
+                plaintext=True,
+                registration_token=SecretStr(token),
+                data_dir=root / "daemon",
+                simulate_gpus="1xA100-80GB",
+                gpu_device_requests="always",
+                docker_host=docker_engine.base_url,
+                heartbeat_interval_ms=200,
+                reconnect_max_seconds=1.0,
+                price_per_gpu_hour_micro_credits=PRICE,
+            )
+        )
+        await agent.start()
+        try:
+            provider_key = await new_key(plane, plane.provider_tenant, types_pb2.ROLE_PROVIDER)
+            url = f"http://127.0.0.1:{plane.plane.dashboard_port}/"
+            yield Stack(plane, agent, url, provider_key, test_image)
+        finally:
+            await agent.stop()
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium from Debian's package: Playwright's own browser download is not
+    reachable here, and the system package is what the CI image has."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/bootstrap (it installs chromium)")
+    async with async_playwright() as driver:
+        launched = await driver.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, stack: Stack) -> AsyncIterator[Page]:
+    """A page in a fresh browser context (no cookies) at 1280 × 900; the test fails if the
+    page requested anything outside the dashboard's origin (fonts, CDNs, analytics)."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = await context.new_page()
+    outside: list[str] = []
+    allowed = (stack.url.rstrip("/"), "data:", "blob:", "about:")
+
+    def watch(request: Any) -> None:
+        url = str(request.url)
+        if not url.startswith(allowed):
+            outside.append(url)
+
+    opened.on("request", watch)
+    try:
+        yield opened
+    finally:
+        await context.close()
+    assert outside == [], f"the dashboard requested other origins: {outside}"
+
+
+def screenshot(directory: Path, name: str) -> Path:
+    """Where a test's screenshot goes (created): `directory`/screenshots/`name`.png."""
+    target = directory / "screenshots"
+    target.mkdir(parents=True, exist_ok=True)
+    return target / f"{name}.png"
+
+
+def publish(shot: Path, name: str) -> None:
+    """Copies a screenshot to docs/img/ for the README."""
+    docs = Path(__file__).resolve().parents[2] / "docs" / "img"
+    docs.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, docs / name)
