@@ -4,14 +4,16 @@ NATS, S3, Docker and an in-process daemon with one simulated GPU; and headless C
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuplane.v1 import types_pb2
+from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 from playwright.async_api import Browser, Page, async_playwright
 from pydantic import SecretStr
 
@@ -77,11 +79,24 @@ async def stack(
         )
         await agent.start()
         try:
+            await online(plane)
             provider_key = await new_key(plane, plane.provider_tenant, types_pb2.ROLE_PROVIDER)
             url = f"http://127.0.0.1:{plane.plane.dashboard_port}/"
             yield Stack(plane, agent, url, provider_key, test_image)
         finally:
             await agent.stop()
+
+
+async def online(plane: JobPlane, timeout: float = 30) -> None:
+    """Waits for the daemon's host to be ONLINE (its GPUs offered)."""
+    registry = registry_pb2_grpc.RegistryServiceStub(plane.channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = await registry.ListHosts(registry_pb2.ListHostsRequest(), metadata=plane.auth())
+        if any(h.state == types_pb2.HOST_STATE_ONLINE for h in listed.hosts):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the daemon's host never came online")
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,7 @@ export function FleetPage() {
       </dl>
       <Bars title="Hosts by state" unit="" rows={[...byState.entries()].sort()} />
       <p className="muted">
-        Scheduler cycle time and outbox lag: the control plane's Prometheus endpoint (gpuplane_scheduler_*, gpuplane_outbox_*).
+        Scheduler cycle time and outbox lag are on the control plane's Prometheus endpoint: gpuplane_scheduler_cycle_seconds, gpuplane_outbox_oldest_unpublished_seconds.
       </p>
       <p>
         <a href="#/hosts">All hosts →</a>

@@ -47,10 +47,10 @@ function JobRow({ job }: { job: Job }) {
       <td>
         <StateBadge state={state} />
       </td>
-      <td className="wrap">{job.spec?.image}</td>
+      <td className="wrap wide-only">{job.spec?.image}</td>
       <td>{job.spec?.gpuCount ?? 0}</td>
       <td>{credits(job.chargedMicroCredits)}</td>
-      <td>{when(job.createdAt)}</td>
+      <td className="wide-only">{when(job.createdAt)}</td>
     </tr>
   );
 }
@@ -134,10 +134,10 @@ export function JobsPage() {
             <tr>
               <th scope="col">Job</th>
               <th scope="col">State</th>
-              <th scope="col">Image</th>
+              <th scope="col" className="wide-only">Image</th>
               <th scope="col">GPUs</th>
               <th scope="col">Charged</th>
-              <th scope="col">Created</th>
+              <th scope="col" className="wide-only">Created</th>
             </tr>
           </thead>
           <tbody>

@@ -61,12 +61,12 @@ export function StatementPage({ session }: { session: Session }) {
             <tr>
               <th scope="col">When</th>
               <th scope="col">Kind</th>
-              <th scope="col">Account</th>
+              <th scope="col" className="wide-only">Account</th>
               <th scope="col">Job</th>
               <th scope="col" className="num">
                 Amount
               </th>
-              <th scope="col" className="num">
+              <th scope="col" className="num wide-only">
                 Balance after
               </th>
             </tr>
@@ -76,10 +76,10 @@ export function StatementPage({ session }: { session: Session }) {
               <tr key={`${e.transferId}-${e.accountId}-${i}`} data-kind={name(TransferKind[e.kind], "TRANSFER_KIND_")} data-job-id={e.jobId}>
                 <td>{when(e.createdAt)}</td>
                 <td>{name(TransferKind[e.kind], "TRANSFER_KIND_")}</td>
-                <td>{name(AccountKind[e.accountKind], "ACCOUNT_KIND_")}</td>
+                <td className="wide-only">{name(AccountKind[e.accountKind], "ACCOUNT_KIND_")}</td>
                 <td>{e.jobId ? <a href={`#/jobs/${encodeURIComponent(e.jobId)}`}>{shortId(e.jobId)}</a> : e.reference}</td>
                 <td className="num">{credits(e.amountMicroCredits)}</td>
-                <td className="num">{credits(e.balanceAfterMicroCredits)}</td>
+                <td className="num wide-only">{credits(e.balanceAfterMicroCredits)}</td>
               </tr>
             ))}
           </tbody>

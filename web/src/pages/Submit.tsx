@@ -149,9 +149,9 @@ export function SubmitPage() {
 
   useEffect(() => sessionStorage.setItem(STORAGE, JSON.stringify(form)), [form]);
 
-  // The live quote: half a second after the last change.
+  // The live quote: half a second after the last change, then every 10 s (the market moves).
   useEffect(() => {
-    const timer = setTimeout(async () => {
+    const quoteNow = async () => {
       if (!form.image.trim()) {
         setQuote(null);
         return;
@@ -164,8 +164,13 @@ export function SubmitPage() {
         setQuote(null);
         setProblem(failure instanceof Error && !("code" in failure) ? failure.message : describe(failure));
       }
-    }, 500);
-    return () => clearTimeout(timer);
+    };
+    const first = setTimeout(quoteNow, 500);
+    const again = setInterval(quoteNow, 10_000);
+    return () => {
+      clearTimeout(first);
+      clearInterval(again);
+    };
   }, [form]);
 
   async function submit(event: FormEvent) {
