@@ -1,6 +1,7 @@
 // One job: state and cost, its events and attempts, live logs (StreamLogs with follow), a
 // GPU chart, its results with download links, and cancel.
 import { useCallback, useRef, useState } from "react";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { jobs, describe } from "../api";
 import type { GetResultsResponse } from "../gen/gpuplane/v1/jobs_pb";
 import type { Job, JobEvent } from "../gen/gpuplane/v1/types_pb";
@@ -119,6 +120,7 @@ function Results({ jobId }: { jobId: string }) {
 export function JobPage({ jobId }: { jobId: string }) {
   const [job, setJob] = useState<Job | null>(null);
   const [events, setEvents] = useState<JobEvent[]>([]);
+  const lastSeq = useRef(0n);
   const [history, setHistory] = useState<Snapshot[]>([]);
   const [error, setError] = useState("");
   const [cancelling, setCancelling] = useState(false);
@@ -151,16 +153,19 @@ export function JobPage({ jobId }: { jobId: string }) {
 
   const watch = useLiveStream(
     async (signal) => {
-      let after = 0n;
-      setEvents((old) => {
-        after = old.length ? old[old.length - 1].seq : 0n;
-        return old;
-      });
+      const after = lastSeq.current; // resumes after what the page already shows
+      let last: JobState | undefined;
       for await (const event of jobs.watchJob({ jobId, afterSeq: after }, { signal })) {
         setEvents((old) => (old.some((e) => e.seq === event.seq) ? old : [...old, event]));
+        if (event.seq > lastSeq.current) lastSeq.current = event.seq;
+        last = event.state;
         void load();
       }
       await load();
+      if (last !== undefined && !TERMINAL_JOB_STATES.has(last)) {
+        // Ended before the job did (a control plane shutting down): open it again.
+        throw new ConnectError("the job's event stream ended early", Code.Unavailable);
+      }
     },
     [jobId],
   );

@@ -1,6 +1,7 @@
 // The caller's jobs, newest first, filtered by state, label and id; unfinished jobs'
 // states follow their WatchJob streams.
 import { useState, type FormEvent } from "react";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { jobs, describe } from "../api";
 import type { Job } from "../gen/gpuplane/v1/types_pb";
 import { JobState } from "../gen/gpuplane/v1/types_pb";
@@ -31,8 +32,13 @@ function JobRow({ job }: { job: Job }) {
   useLiveStream(
     async (signal) => {
       if (TERMINAL_JOB_STATES.has(job.state)) return;
+      let last = job.state;
       for await (const event of jobs.watchJob({ jobId: job.jobId }, { signal })) {
         setState(event.state);
+        last = event.state;
+      }
+      if (!TERMINAL_JOB_STATES.has(last)) {
+        throw new ConnectError("the job's event stream ended early", Code.Unavailable);
       }
     },
     [job.jobId],
