@@ -74,7 +74,9 @@ async def test_consumer_submits_from_the_form_follows_logs_downloads_and_is_char
     # The first line appears while the job still runs: the page follows the stream.
     await expect(logs).to_contain_text("hello from the browser", timeout=30_000)
     job = await plane.get(job_id)
-    assert job.state in (S.JOB_STATE_RUNNING, S.JOB_STATE_UPLOADING), S.JobState.Name(job.state)
+    # (Its RUNNING report may still be on its way: the container's output can come first.)
+    running = (S.JOB_STATE_STARTING, S.JOB_STATE_RUNNING, S.JOB_STATE_UPLOADING)
+    assert job.state in running, S.JobState.Name(job.state)
     assert "second line" not in (await logs.text_content() or "")
     await expect(logs).to_contain_text("second line", timeout=30_000)
     badge = page.locator(".page-head .badge")
@@ -143,6 +145,14 @@ async def test_provider_sees_the_gpu_chart_move_while_a_job_runs(
             jobs_pb2.CancelJobRequest(job_id=job.job_id), metadata=plane.auth(plane.consumer_key)
         )
         await plane.wait_for(job.job_id, [S.JOB_STATE_CANCELLED], timeout=30)
+    # The provider's earnings: what the host's jobs were charged, less the platform's fee.
+    balance = await plane.balance(plane.provider_tenant)
+    assert balance.earnings_micro_credits > 0
+    await page.get_by_role("link", name="Earnings").click()
+    await expect(page.get_by_test_id("earnings")).to_have_text(
+        f"{credits(balance.earnings_micro_credits)} earned, not yet paid out"
+    )
+    await page.screenshot(path=screenshot(tmp_path, "earnings"), full_page=True)
 
 
 async def test_operator_drains_and_undrains_a_host(
@@ -153,6 +163,14 @@ async def test_operator_drains_and_undrains_a_host(
     await log_in(page, stack, plane.admin_key)
     await expect(page.get_by_test_id("fleet")).to_contain_text("Hosts")
     await page.screenshot(path=screenshot(tmp_path, "fleet"), full_page=True)
+    await page.get_by_role("link", name="Tenants & keys").click()
+    tenant = page.get_by_role("cell", name=plane.consumer_tenant, exact=True)
+    await expect(tenant.first).to_be_visible()  # its row, and its key's
+    await page.get_by_role("link", name="Usage").click()
+    await expect(page.get_by_role("figure", name="GPU time by GPU model")).to_contain_text(
+        "NVIDIA A100-SXM4-80GB"
+    )
+    await page.screenshot(path=screenshot(tmp_path, "usage"), full_page=True)
     await page.goto(f"{stack.url}#/hosts/{stack.host_id}")
     await page.get_by_label("Drain reason").fill("disk swap")
     await page.get_by_role("button", name="Drain host").click()

@@ -70,6 +70,7 @@ export function bytes(value: bigint | number): string {
 }
 
 export function duration(ms: bigint | number): string {
+  if (Number(ms) > 0 && Number(ms) < 1000) return `${Number(ms)} ms`;
   let s = Math.round(Number(ms) / 1000);
   const h = Math.floor(s / 3600);
   s -= h * 3600;

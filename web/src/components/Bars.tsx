@@ -1,5 +1,13 @@
 // A labelled horizontal bar chart in plain HTML (one row per bar, widths in percent).
-export function Bars({ title, rows, unit }: { title: string; rows: Array<[string, number]>; unit: string }) {
+export function Bars({
+  title,
+  rows,
+  show = (value) => (Number.isInteger(value) ? String(value) : value.toFixed(2)),
+}: {
+  title: string;
+  rows: Array<[string, number]>;
+  show?: (value: number) => string;
+}) {
   const max = Math.max(1e-9, ...rows.map(([, v]) => v));
   return (
     <figure className="bars">
@@ -10,9 +18,7 @@ export function Bars({ title, rows, unit }: { title: string; rows: Array<[string
           <li key={`${label}-${i}`}>
             <span className="bar-label">{label}</span>
             <span className="bar" style={{ width: `${(100 * value) / max}%` }} aria-hidden="true" />
-            <span className="bar-value">
-              {Number.isInteger(value) ? value : value.toFixed(2)} {unit}
-            </span>
+            <span className="bar-value">{show(value)}</span>
           </li>
         ))}
       </ul>

@@ -83,7 +83,7 @@ export function FleetPage() {
           <dd>{view.ledgerOk === null ? "?" : view.ledgerOk ? "balanced" : "MISMATCH"}</dd>
         </div>
       </dl>
-      <Bars title="Hosts by state" unit="" rows={[...byState.entries()].sort()} />
+      <Bars title="Hosts by state" rows={[...byState.entries()].sort()} />
       <p className="muted">
         Scheduler cycle time and outbox lag are on the control plane's Prometheus endpoint: gpuplane_scheduler_cycle_seconds, gpuplane_outbox_oldest_unpublished_seconds.
       </p>

@@ -4,9 +4,8 @@ import { ledger, describe, type Session } from "../api";
 import type { UsageRow } from "../gen/gpuplane/v1/ledger_pb";
 import { UsageGrouping } from "../gen/gpuplane/v1/ledger_pb";
 import { Bars } from "../components/Bars";
+import { credits, duration } from "../format";
 import { useRefresh } from "../live";
-
-const HOUR_MS = 3_600_000;
 
 export function UsagePage({ session }: { session: Session }) {
   const [byDay, setByDay] = useState<UsageRow[]>([]);
@@ -40,17 +39,17 @@ export function UsagePage({ session }: { session: Session }) {
         </p>
       )}
       <div className="two">
-        <Bars title="GPU hours by day" unit="h" rows={byDay.map((r) => [day(r), Number(r.gpuTimeMs) / HOUR_MS])} />
-        <Bars title="Cost by day" unit="cr" rows={byDay.map((r) => [day(r), Number(r.costMicroCredits) / 1e6])} />
+        <Bars title="GPU time by day" show={duration} rows={byDay.map((r) => [day(r), Number(r.gpuTimeMs)])} />
+        <Bars title="Cost by day" show={credits} rows={byDay.map((r) => [day(r), Number(r.costMicroCredits)])} />
         <Bars
-          title="GPU hours by GPU model"
-          unit="h"
-          rows={byModel.map((r) => [r.gpuModel || "CPU only", Number(r.gpuTimeMs) / HOUR_MS])}
+          title="GPU time by GPU model"
+          show={duration}
+          rows={byModel.map((r) => [r.gpuModel || "CPU only", Number(r.gpuTimeMs)])}
         />
         <Bars
           title="Cost by GPU model"
-          unit="cr"
-          rows={byModel.map((r) => [r.gpuModel || "CPU only", Number(r.costMicroCredits) / 1e6])}
+          show={credits}
+          rows={byModel.map((r) => [r.gpuModel || "CPU only", Number(r.costMicroCredits)])}
         />
       </div>
     </section>
