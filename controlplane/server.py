@@ -263,10 +263,7 @@ class ControlPlane:
         if dashboard.address:
             target, web_dir = dashboard_app.loopback(server)
             self._web_dir = str(web_dir)
-            files = [
-                m.DESCRIPTOR for m in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2)
-            ]
-            self.dashboard = dashboard_app.build(self.settings, sessions, target, files)
+            self.dashboard = dashboard_app.build(self.settings, sessions, target, SERVICE_NAMES)
         await server.start()
         return server
 

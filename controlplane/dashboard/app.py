@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from aiohttp import web
-from google.protobuf.descriptor import FileDescriptor
 from grpc import aio
 
 from controlplane.api.interceptors import RateLimiter
@@ -119,13 +118,13 @@ class Dashboard:
         sessions: BrowserSessions,
         limiter: RateLimiter,
         grpc_target: str,
-        files: Iterable[FileDescriptor],
+        services: Iterable[str],
         max_message_bytes: int,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self.tls = tls
-        self.proxy = GrpcWebProxy(grpc_target, files, max_message_bytes)
+        self.proxy = GrpcWebProxy(grpc_target, services, max_message_bytes)
         self.login = LoginRoutes(
             sessions, limiter, secure=tls is not None, max_age=settings.session_max_seconds
         )
@@ -187,7 +186,7 @@ def loopback(server: aio.Server) -> tuple[str, Path]:
 
 
 def build(
-    settings: Settings, sessions: BrowserSessions, target: str, files: Iterable[FileDescriptor]
+    settings: Settings, sessions: BrowserSessions, target: str, services: Iterable[str]
 ) -> Dashboard:
     """The dashboard of a control plane, from its settings."""
     limits = settings.auth
@@ -196,7 +195,7 @@ def build(
         sessions,
         RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
         target,
-        files,
+        services,
         settings.serving.max_message_bytes,
         server_tls(settings),
     )
