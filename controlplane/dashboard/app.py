@@ -14,7 +14,7 @@ from aiohttp import web
 from grpc import aio
 
 from controlplane.api.interceptors import RateLimiter
-from controlplane.auth.sessions import BrowserSessions
+from controlplane.auth.browser_sessions import BrowserSessions
 from controlplane.dashboard.grpcweb import GrpcWebProxy
 from controlplane.dashboard.login import LoginRoutes, session_token
 from controlplane.dashboard.settings import DashboardSettings
@@ -115,7 +115,7 @@ class Dashboard:
     def __init__(
         self,
         settings: DashboardSettings,
-        sessions: BrowserSessions,
+        browser_sessions: BrowserSessions,
         limiter: RateLimiter,
         grpc_target: str,
         services: Iterable[str],
@@ -126,7 +126,7 @@ class Dashboard:
         self.tls = tls
         self.proxy = GrpcWebProxy(grpc_target, services, max_message_bytes)
         self.login = LoginRoutes(
-            sessions, limiter, secure=tls is not None, max_age=settings.session_max_seconds
+            browser_sessions, limiter, secure=tls is not None, max_age=settings.session_max_seconds
         )
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -186,13 +186,13 @@ def loopback(server: aio.Server) -> tuple[str, Path]:
 
 
 def build(
-    settings: Settings, sessions: BrowserSessions, target: str, services: Iterable[str]
+    settings: Settings, browser_sessions: BrowserSessions, target: str, services: Iterable[str]
 ) -> Dashboard:
     """The dashboard of a control plane, from its settings."""
     limits = settings.auth
     return Dashboard(
         settings.dashboard,
-        sessions,
+        browser_sessions,
         RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
         target,
         services,

@@ -13,7 +13,7 @@ from aiohttp import web
 from google.protobuf import descriptor_pool
 from grpc import aio
 
-from controlplane.api.interceptors import SESSION_SCHEME
+from controlplane.api.interceptors import BROWSER_SESSION_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class GrpcWebProxy:
             return trailers_only(content_type, code, message)
         metadata = aio.Metadata()
         if token:
-            metadata.add("authorization", f"{SESSION_SCHEME} {token}")
+            metadata.add("authorization", f"{BROWSER_SESSION_SCHEME} {token}")
         timeout = parse_timeout(request.headers.get("grpc-timeout"))
         call: aio.UnaryUnaryCall[bytes, bytes] | aio.UnaryStreamCall[bytes, bytes]
         if kind[1]:

@@ -7,8 +7,8 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.api.interceptors import RateLimiter
+from controlplane.auth.browser_sessions import INVALID_KEY, BrowserSessions
 from controlplane.auth.principal import Principal
-from controlplane.auth.sessions import INVALID_KEY, BrowserSessions
 from controlplane.errors import Unauthenticated
 
 COOKIE = "gpuplane_session"
@@ -40,12 +40,12 @@ class LoginRoutes:
 
     def __init__(
         self,
-        sessions: BrowserSessions,
+        browser_sessions: BrowserSessions,
         limiter: RateLimiter,
         secure: bool,
         max_age: float,
     ) -> None:
-        self.sessions = sessions
+        self.browser_sessions = browser_sessions
         self.limiter = limiter
         self.secure = secure
         self.max_age = max_age
@@ -66,7 +66,7 @@ class LoginRoutes:
         if not isinstance(api_key, str) or not api_key.strip():
             return error(400, 'api_key: required (send JSON {"api_key": "gpk_..."})')
         try:
-            login = await self.sessions.login(api_key.strip())
+            login = await self.browser_sessions.login(api_key.strip())
         except Unauthenticated:
             return error(401, INVALID_KEY)
         response = web.json_response(who(login.principal))
@@ -84,7 +84,7 @@ class LoginRoutes:
     async def logout(self, request: web.Request) -> web.Response:
         token = session_token(request)
         if token is not None:
-            await self.sessions.logout(token)
+            await self.browser_sessions.logout(token)
         response = web.Response(status=204)
         response.del_cookie(COOKIE, path="/", secure=self.secure, samesite="Strict")
         return response
@@ -94,7 +94,7 @@ class LoginRoutes:
         try:
             if token is None:
                 raise Unauthenticated("no session")
-            principal = await self.sessions.authenticate(token)
+            principal = await self.browser_sessions.authenticate(token)
         except Unauthenticated:
             return error(401, "not logged in")
         return web.json_response(who(principal))

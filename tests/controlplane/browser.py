@@ -65,11 +65,18 @@ def parse_trailers(payload: bytes) -> dict[str, str]:
 class Browser:
     """A logged-in (or not) browser on one dashboard; `async with Browser(url) as b`."""
 
-    def __init__(self, base_url: str, origin: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        origin: str | None = None,
+        connector: aiohttp.BaseConnector | None = None,
+    ) -> None:
         self.base_url = base_url
         self.origin = origin if origin is not None else base_url
         # unsafe: cookies for an IP address host (127.0.0.1), as browsers keep them.
-        self.http = aiohttp.ClientSession(base_url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self.http = aiohttp.ClientSession(
+            base_url, cookie_jar=aiohttp.CookieJar(unsafe=True), connector=connector
+        )
         self.logged_in = False
 
     async def __aenter__(self) -> Browser:
