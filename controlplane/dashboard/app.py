@@ -50,12 +50,20 @@ The API (login and gRPC-Web) works without it.</p></body></html>
 """
 
 
+def own_origins(request: web.Request) -> set[str]:
+    """This server's origin as the browser names it: its scheme, or the one a TLS-terminating
+    proxy says it served (X-Forwarded-Proto: a cross-site page cannot set that header), and
+    the Host the browser asked for."""
+    schemes = {request.scheme, request.headers.get("X-Forwarded-Proto", request.scheme)}
+    return {f"{scheme}://{request.host}" for scheme in schemes}
+
+
 def csrf_refusal(request: web.Request) -> str | None:
     """Why a state-changing request is refused as cross-site, if it is: a foreign Origin, or
     a missing custom header (a cross-site form cannot set one; a cross-site script cannot
     without a CORS preflight, which is never granted)."""
     origin = request.headers.get("Origin")
-    if origin is not None and origin != f"{request.scheme}://{request.host}":
+    if origin is not None and origin not in own_origins(request):
         return "cross-origin request refused"
     if request.headers.get("Sec-Fetch-Site") == "cross-site":
         return "cross-site request refused"

@@ -55,6 +55,10 @@ class LoginRoutes:
         app.router.add_post("/auth/logout", self.logout)
         app.router.add_get("/auth/session", self.session)
 
+    def is_tls(self, request: web.Request) -> bool:
+        """Served over TLS: by this server, or by a proxy in front that says so."""
+        return self.secure or request.headers.get("X-Forwarded-Proto") == "https"
+
     async def login(self, request: web.Request) -> web.Response:
         if not self.limiter.allow(f"login:{request.remote}"):
             return error(429, "too many login attempts from this address: retry later")
@@ -76,7 +80,7 @@ class LoginRoutes:
             httponly=True,
             samesite="Strict",
             path="/",
-            secure=self.secure,
+            secure=self.is_tls(request),
             max_age=int(self.max_age),
         )
         return response
@@ -86,7 +90,7 @@ class LoginRoutes:
         if token is not None:
             await self.browser_sessions.logout(token)
         response = web.Response(status=204)
-        response.del_cookie(COOKIE, path="/", secure=self.secure, samesite="Strict")
+        response.del_cookie(COOKIE, path="/", secure=self.is_tls(request), samesite="Strict")
         return response
 
     async def session(self, request: web.Request) -> web.Response:

@@ -176,6 +176,23 @@ async def test_cross_site_posts_are_refused(site: JobPlane) -> None:
         assert (status, cookie) == (403, "")
 
 
+async def test_behind_a_tls_proxy_the_forwarded_scheme_is_the_origin_s(site: JobPlane) -> None:
+    """A TLS-terminating proxy says X-Forwarded-Proto: https; the browser's Origin is then
+    https://, and the cookie Secure. Without the header that Origin is foreign."""
+    https = dashboard_url(site).replace("http://", "https://")
+    async with browser(site, origin=https) as b:
+        status, _, _ = await b.login(site.consumer_key)
+        assert status == 403
+        async with b.http.post(
+            "/auth/login",
+            json={"api_key": site.consumer_key},
+            headers={"Origin": https, "X-Forwarded-Proto": "https", "x-gpuplane-csrf": "1"},
+        ) as response:
+            assert response.status == 200
+            cookie = response.headers["Set-Cookie"].lower()
+        assert "secure" in [part.strip() for part in cookie.split(";")]
+
+
 async def test_errors_keep_their_grpc_code_and_message(site: JobPlane) -> None:
     async with browser(site) as b:
         anonymous = await b.call("JobService/ListJobs", jobs_pb2.ListJobsRequest())
