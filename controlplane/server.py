@@ -37,8 +37,8 @@ from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
 from controlplane.api.text import TextInterceptor
+from controlplane.auth.browser_sessions import BrowserSessions
 from controlplane.auth.service import AuthService
-from controlplane.auth.sessions import BrowserSessions
 from controlplane.background import Background
 from controlplane.bus import Bus
 from controlplane.dashboard import app as dashboard_app
@@ -227,7 +227,7 @@ class ControlPlane:
         """The gRPC server with every service on it, listening."""
         serving, limits = self.settings.serving, self.settings.auth
         dashboard = self.settings.dashboard
-        sessions = BrowserSessions(
+        browser_sessions = BrowserSessions(
             domains.db, dashboard.session_idle_seconds, dashboard.session_max_seconds
         )
         server = aio.server(
@@ -236,7 +236,7 @@ class ControlPlane:
                 AuthInterceptor(
                     domains.auth.authenticate,
                     RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
-                    sessions.authenticate,
+                    browser_sessions.authenticate,
                 ),
                 TextInterceptor(),
             ],
@@ -263,10 +263,9 @@ class ControlPlane:
         if dashboard.address:
             target, web_dir = dashboard_app.loopback(server)
             self._web_dir = str(web_dir)
-            files = [
-                m.DESCRIPTOR for m in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2)
-            ]
-            self.dashboard = dashboard_app.build(self.settings, sessions, target, files)
+            self.dashboard = dashboard_app.build(
+                self.settings, browser_sessions, target, SERVICE_NAMES
+            )
         await server.start()
         return server
 

@@ -173,7 +173,7 @@ Authenticator = Callable[[str], Awaitable[Principal]]
 
 
 # The scheme the dashboard's gRPC-Web proxy forwards a browser session's cookie token with.
-SESSION_SCHEME = "session"
+BROWSER_SESSION_SCHEME = "session"
 
 
 def credential(metadata: Any) -> tuple[str, str] | None:
@@ -184,7 +184,7 @@ def credential(metadata: Any) -> tuple[str, str] | None:
             text = value.decode() if isinstance(value, bytes) else str(value)
             scheme, _, secret = text.partition(" ")
             scheme = scheme.lower()
-            if scheme in ("bearer", SESSION_SCHEME) and secret.strip():
+            if scheme in ("bearer", BROWSER_SESSION_SCHEME) and secret.strip():
                 return scheme, secret.strip()
             return None
     return None
@@ -275,7 +275,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> None:
         self.authenticate = authenticate
         self.limiter = limiter
-        # A browser session's token (controlplane/auth/sessions.py) stands for its API key.
+        # A browser session's token (controlplane/auth/browser_sessions.py) stands for its API key.
         self.authenticate_session = authenticate_session
 
     async def intercept_service(
@@ -288,7 +288,7 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         roles = allowed_roles(method)
         found = credential(handler_call_details.invocation_metadata)
         authenticate = self.authenticate
-        if found is not None and found[0] == SESSION_SCHEME:
+        if found is not None and found[0] == BROWSER_SESSION_SCHEME:
             authenticate = self.authenticate_session or _no_sessions
         limiter = self.limiter
 

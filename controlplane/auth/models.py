@@ -52,7 +52,7 @@ class ApiKey(Base):
 class BrowserSession(Base):
     """A dashboard login: a browser's cookie token (stored only as its SHA-256) standing for
     the API key it was exchanged for. The key is checked on every call, so revoking it ends
-    its sessions' access at once."""
+    its browser sessions' access at once."""
 
     __tablename__ = "browser_sessions"
 

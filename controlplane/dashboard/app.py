@@ -11,11 +11,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from aiohttp import web
-from google.protobuf.descriptor import FileDescriptor
 from grpc import aio
 
 from controlplane.api.interceptors import RateLimiter
-from controlplane.auth.sessions import BrowserSessions
+from controlplane.auth.browser_sessions import BrowserSessions
 from controlplane.dashboard.grpcweb import GrpcWebProxy
 from controlplane.dashboard.login import LoginRoutes, session_token
 from controlplane.dashboard.settings import DashboardSettings
@@ -51,12 +50,20 @@ The API (login and gRPC-Web) works without it.</p></body></html>
 """
 
 
+def own_origins(request: web.Request) -> set[str]:
+    """This server's origin as the browser names it: its scheme, or the one a TLS-terminating
+    proxy says it served (X-Forwarded-Proto: a cross-site page cannot set that header), and
+    the Host the browser asked for."""
+    schemes = {request.scheme, request.headers.get("X-Forwarded-Proto", request.scheme)}
+    return {f"{scheme}://{request.host}" for scheme in schemes}
+
+
 def csrf_refusal(request: web.Request) -> str | None:
     """Why a state-changing request is refused as cross-site, if it is: a foreign Origin, or
     a missing custom header (a cross-site form cannot set one; a cross-site script cannot
     without a CORS preflight, which is never granted)."""
     origin = request.headers.get("Origin")
-    if origin is not None and origin != f"{request.scheme}://{request.host}":
+    if origin is not None and origin not in own_origins(request):
         return "cross-origin request refused"
     if request.headers.get("Sec-Fetch-Site") == "cross-site":
         return "cross-site request refused"
@@ -116,18 +123,18 @@ class Dashboard:
     def __init__(
         self,
         settings: DashboardSettings,
-        sessions: BrowserSessions,
+        browser_sessions: BrowserSessions,
         limiter: RateLimiter,
         grpc_target: str,
-        files: Iterable[FileDescriptor],
+        services: Iterable[str],
         max_message_bytes: int,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
         self.tls = tls
-        self.proxy = GrpcWebProxy(grpc_target, files, max_message_bytes)
+        self.proxy = GrpcWebProxy(grpc_target, services, max_message_bytes)
         self.login = LoginRoutes(
-            sessions, limiter, secure=tls is not None, max_age=settings.session_max_seconds
+            browser_sessions, limiter, secure=tls is not None, max_age=settings.session_max_seconds
         )
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -187,16 +194,16 @@ def loopback(server: aio.Server) -> tuple[str, Path]:
 
 
 def build(
-    settings: Settings, sessions: BrowserSessions, target: str, files: Iterable[FileDescriptor]
+    settings: Settings, browser_sessions: BrowserSessions, target: str, services: Iterable[str]
 ) -> Dashboard:
     """The dashboard of a control plane, from its settings."""
     limits = settings.auth
     return Dashboard(
         settings.dashboard,
-        sessions,
+        browser_sessions,
         RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
         target,
-        files,
+        services,
         settings.serving.max_message_bytes,
         server_tls(settings),
     )

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 
 import grpc
 from aiohttp import web
-from google.protobuf.descriptor import FileDescriptor
+from google.protobuf import descriptor_pool
 from grpc import aio
 
-from controlplane.api.interceptors import SESSION_SCHEME
+from controlplane.api.interceptors import BROWSER_SESSION_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,14 @@ class BadRequest(Exception):
     """A request body that is not one uncompressed gRPC-Web message."""
 
 
-def method_kinds(files: Iterable[FileDescriptor]) -> dict[str, tuple[bool, bool]]:
-    """ "/package.Service/Method" → (client streaming, server streaming), of every method."""
+def method_kinds(services: Iterable[str]) -> dict[str, tuple[bool, bool]]:
+    """ "/package.Service/Method" → (client streaming, server streaming), of every method of
+    the services named (those the gRPC server serves)."""
+    pool = descriptor_pool.Default()
     return {
-        f"/{service.full_name}/{method.name}": (method.client_streaming, method.server_streaming)
-        for file in files
-        for service in file.services_by_name.values()
-        for method in service.methods
+        f"/{name}/{method.name}": (method.client_streaming, method.server_streaming)
+        for name in services
+        for method in pool.FindServiceByName(name).methods
     }
 
 
@@ -103,10 +104,8 @@ class GrpcWebProxy:
     browser session's token as the call's credential. Client-streaming methods answer
     UNIMPLEMENTED: a browser cannot stream a request."""
 
-    def __init__(
-        self, target: str, files: Iterable[FileDescriptor], max_message_bytes: int
-    ) -> None:
-        self.kinds = method_kinds(files)
+    def __init__(self, target: str, services: Iterable[str], max_message_bytes: int) -> None:
+        self.kinds = method_kinds(services)
         self.max_message_bytes = max_message_bytes
         self.channel = aio.insecure_channel(
             target,
@@ -140,7 +139,7 @@ class GrpcWebProxy:
             return trailers_only(content_type, code, message)
         metadata = aio.Metadata()
         if token:
-            metadata.add("authorization", f"{SESSION_SCHEME} {token}")
+            metadata.add("authorization", f"{BROWSER_SESSION_SCHEME} {token}")
         timeout = parse_timeout(request.headers.get("grpc-timeout"))
         call: aio.UnaryUnaryCall[bytes, bytes] | aio.UnaryStreamCall[bytes, bytes]
         if kind[1]:

@@ -7,8 +7,8 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.api.interceptors import RateLimiter
+from controlplane.auth.browser_sessions import INVALID_KEY, BrowserSessions
 from controlplane.auth.principal import Principal
-from controlplane.auth.sessions import INVALID_KEY, BrowserSessions
 from controlplane.errors import Unauthenticated
 
 COOKIE = "gpuplane_session"
@@ -40,12 +40,12 @@ class LoginRoutes:
 
     def __init__(
         self,
-        sessions: BrowserSessions,
+        browser_sessions: BrowserSessions,
         limiter: RateLimiter,
         secure: bool,
         max_age: float,
     ) -> None:
-        self.sessions = sessions
+        self.browser_sessions = browser_sessions
         self.limiter = limiter
         self.secure = secure
         self.max_age = max_age
@@ -54,6 +54,10 @@ class LoginRoutes:
         app.router.add_post("/auth/login", self.login)
         app.router.add_post("/auth/logout", self.logout)
         app.router.add_get("/auth/session", self.session)
+
+    def is_tls(self, request: web.Request) -> bool:
+        """Served over TLS: by this server, or by a proxy in front that says so."""
+        return self.secure or request.headers.get("X-Forwarded-Proto") == "https"
 
     async def login(self, request: web.Request) -> web.Response:
         if not self.limiter.allow(f"login:{request.remote}"):
@@ -66,7 +70,7 @@ class LoginRoutes:
         if not isinstance(api_key, str) or not api_key.strip():
             return error(400, 'api_key: required (send JSON {"api_key": "gpk_..."})')
         try:
-            login = await self.sessions.login(api_key.strip())
+            login = await self.browser_sessions.login(api_key.strip())
         except Unauthenticated:
             return error(401, INVALID_KEY)
         response = web.json_response(who(login.principal))
@@ -76,7 +80,7 @@ class LoginRoutes:
             httponly=True,
             samesite="Strict",
             path="/",
-            secure=self.secure,
+            secure=self.is_tls(request),
             max_age=int(self.max_age),
         )
         return response
@@ -84,9 +88,9 @@ class LoginRoutes:
     async def logout(self, request: web.Request) -> web.Response:
         token = session_token(request)
         if token is not None:
-            await self.sessions.logout(token)
+            await self.browser_sessions.logout(token)
         response = web.Response(status=204)
-        response.del_cookie(COOKIE, path="/", secure=self.secure, samesite="Strict")
+        response.del_cookie(COOKIE, path="/", secure=self.is_tls(request), samesite="Strict")
         return response
 
     async def session(self, request: web.Request) -> web.Response:
@@ -94,7 +98,7 @@ class LoginRoutes:
         try:
             if token is None:
                 raise Unauthenticated("no session")
-            principal = await self.sessions.authenticate(token)
+            principal = await self.browser_sessions.authenticate(token)
         except Unauthenticated:
             return error(401, "not logged in")
         return web.json_response(who(principal))

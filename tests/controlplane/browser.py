@@ -4,11 +4,13 @@ keeps the session cookie and makes gRPC-Web calls, decoding frames and trailers.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import grpc
 from google.protobuf.message import Message
 
 from tests.harness import JobPlane
@@ -34,10 +36,14 @@ class Reply:
     headers: dict[str, str]
     messages: list[bytes] = field(default_factory=list)
     trailers: dict[str, str] = field(default_factory=dict)
+    # Read up to its first message only (call(first_only=True)): OK so far, no status yet.
+    cut: bool = False
 
     @property
     def code(self) -> int:
         status = self.trailers.get("grpc-status", self.headers.get("grpc-status"))
+        if status is None and self.cut:
+            return OK
         assert status is not None, f"no grpc-status (HTTP {self.http_status}, {self.headers})"
         return int(status)
 
@@ -59,11 +65,19 @@ def parse_trailers(payload: bytes) -> dict[str, str]:
 class Browser:
     """A logged-in (or not) browser on one dashboard; `async with Browser(url) as b`."""
 
-    def __init__(self, base_url: str, origin: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        origin: str | None = None,
+        connector: aiohttp.BaseConnector | None = None,
+    ) -> None:
         self.base_url = base_url
         self.origin = origin if origin is not None else base_url
         # unsafe: cookies for an IP address host (127.0.0.1), as browsers keep them.
-        self.http = aiohttp.ClientSession(base_url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+        self.http = aiohttp.ClientSession(
+            base_url, cookie_jar=aiohttp.CookieJar(unsafe=True), connector=connector
+        )
+        self.logged_in = False
 
     async def __aenter__(self) -> Browser:
         return self
@@ -81,6 +95,7 @@ class Browser:
             json={"api_key": api_key},
             headers=self.headers(**{"x-gpuplane-csrf": "1"}),
         ) as response:
+            self.logged_in = response.status == 200
             return (
                 response.status,
                 await response.json(),
@@ -127,5 +142,46 @@ class Browser:
                 if on_message is not None:
                     await on_message(payload)
                 if first_only:
+                    reply.cut = True
                     break
             return reply
+
+
+@asynccontextmanager
+async def logged_in(
+    base_url: str, keys: Mapping[str, str | None]
+) -> AsyncIterator[dict[str, Browser]]:
+    """A browser per name, logged in with its key (none: not logged in; a key the login
+    refuses leaves that browser without a session)."""
+    async with AsyncExitStack() as stack:
+        browsers = {}
+        for name, key in keys.items():
+            browsers[name] = await stack.enter_async_context(Browser(base_url))
+            if key is not None:
+                await browsers[name].login(key)
+        yield browsers
+
+
+# Answers that say the call was stopped by authorisation (or cannot be made at all).
+REFUSALS = {
+    code.value[0]: code.name
+    for code in (
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNIMPLEMENTED,
+    )
+}
+
+
+def browser_cell(reply: Reply, what: str) -> str:
+    """The authorisation matrix's cell of a gRPC-Web reply: the refusal's code name, or
+    "allowed" (with the code when not OK) for a call that got past authorisation."""
+    assert reply.http_status == 200, f"{what}: HTTP {reply.http_status}"
+    code = reply.code
+    if code in REFUSALS:
+        return REFUSALS[code]
+    assert code not in (grpc.StatusCode.INTERNAL.value[0], grpc.StatusCode.UNKNOWN.value[0]), (
+        f"{what}: {code} {reply.message}"
+    )
+    return "allowed" if code == OK else f"allowed ({code}: {reply.message})"

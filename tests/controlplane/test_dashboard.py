@@ -4,11 +4,13 @@ gRPC-Web (unary, server streaming, errors), static files with their security hea
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from gpuplane.v1 import admin_pb2, jobs_pb2, registry_pb2, types_pb2
@@ -17,6 +19,8 @@ from sqlalchemy import update
 
 from controlplane.auth.models import BrowserSession
 from controlplane.db.base import utcnow
+from daemon.channel import ChannelSecurity
+from devstack.certs import TestCerts
 from devstack.factories import job_spec, new_key, new_tenant
 from tests.controlplane.browser import GRPC_WEB, OK, Browser, dashboard_url, frame
 from tests.controlplane.conftest import sqlite_settings
@@ -170,6 +174,23 @@ async def test_cross_site_posts_are_refused(site: JobPlane) -> None:
     async with browser(site, origin=FOREIGN) as b:
         status, _, cookie = await b.login(site.consumer_key)
         assert (status, cookie) == (403, "")
+
+
+async def test_behind_a_tls_proxy_the_forwarded_scheme_is_the_origin_s(site: JobPlane) -> None:
+    """A TLS-terminating proxy says X-Forwarded-Proto: https; the browser's Origin is then
+    https://, and the cookie Secure. Without the header that Origin is foreign."""
+    https = dashboard_url(site).replace("http://", "https://")
+    async with browser(site, origin=https) as b:
+        status, _, _ = await b.login(site.consumer_key)
+        assert status == 403
+        async with b.http.post(
+            "/auth/login",
+            json={"api_key": site.consumer_key},
+            headers={"Origin": https, "X-Forwarded-Proto": "https", "x-gpuplane-csrf": "1"},
+        ) as response:
+            assert response.status == 200
+            cookie = response.headers["Set-Cookie"].lower()
+        assert "secure" in [part.strip() for part in cookie.split(";")]
 
 
 async def test_errors_keep_their_grpc_code_and_message(site: JobPlane) -> None:
@@ -336,3 +357,64 @@ async def test_login_is_json_and_answers_no_detail(site: JobPlane) -> None:
         for path in ("/auth/login", "/auth/nothing", "/gpuplane.v1.AdminService/WhoAmI"):
             async with b.http.get(path) as response:
                 assert response.status in (404, 405), path
+
+
+async def test_over_tls_the_cookie_is_secure_and_the_proxy_needs_no_client_certificate(
+    tmp_path: Path, test_certs: TestCerts
+) -> None:
+    """With TLS and client certificates required on gRPC, the dashboard serves HTTPS with the
+    same certificate, its cookie is Secure, and gRPC-Web still reaches the gRPC server (over
+    the private Unix socket: a browser has no client certificate)."""
+    settings = sqlite_settings(
+        tmp_path / "cp",
+        dashboard_address="127.0.0.1:0",
+        tls_cert_file=test_certs.server_cert,
+        tls_key_file=test_certs.server_key,
+        tls_client_ca_file=test_certs.ca_cert,
+        tls_client_auth="require",
+    )
+    security = ChannelSecurity(
+        ca_file=test_certs.ca_cert, cert_file=test_certs.client_cert, key_file=test_certs.client_key
+    )
+    trust = ssl.create_default_context(cafile=str(test_certs.ca_cert))
+    async with open_plane(settings, security) as plane:
+        url = f"https://127.0.0.1:{plane.plane.dashboard_port}"
+        async with Browser(url, connector=aiohttp.TCPConnector(ssl=trust)) as b:
+            status, _, cookie = await b.login(plane.admin_key)
+            assert status == 200
+            assert "secure" in [part.strip().lower() for part in cookie.split(";")]
+            reply = await b.call("AdminService/WhoAmI", admin_pb2.WhoAmIRequest())
+            assert reply.code == OK, reply.message
+
+
+async def test_a_stream_in_flight_ends_unavailable_when_the_control_plane_stops(
+    tmp_path: Path,
+) -> None:
+    """The page sees UNAVAILABLE in the trailers (and reconnects), not a cut connection."""
+    settings = sqlite_settings(tmp_path / "cp", dashboard_address="127.0.0.1:0")
+    async with open_plane(settings) as plane, browser(plane) as b:
+        tenant = await new_tenant(plane, "watcher", micro_credits=10**9)
+        await b.login(tenant.key)
+        submitted = await b.call(
+            "JobService/SubmitJob", jobs_pb2.SubmitJobRequest(spec=job_spec(gpu_count=1))
+        )
+        assert submitted.code == OK, submitted.message
+        (job,) = submitted.decoded(jobs_pb2.SubmitJobResponse)
+        first = asyncio.Event()
+
+        async def seen(message: bytes) -> None:
+            first.set()
+
+        watch = asyncio.create_task(
+            b.call(
+                "JobService/WatchJob",
+                jobs_pb2.WatchJobRequest(job_id=job.job.job_id),
+                on_message=seen,
+            )
+        )
+        await asyncio.wait_for(first.wait(), 10)
+        await plane.plane.stop(grace=0)
+        watched = await asyncio.wait_for(watch, 10)
+    assert watched.decoded(types_pb2.JobEvent)[0].state == types_pb2.JOB_STATE_QUEUED
+    assert watched.trailers["grpc-status"] == str(grpc.StatusCode.UNAVAILABLE.value[0])
+    assert "reconnect" in watched.message

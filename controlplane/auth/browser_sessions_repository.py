@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controlplane.auth.models import ApiKey, BrowserSession
 
 
-class SessionRepository:
+class BrowserSessionRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
@@ -39,7 +39,7 @@ class SessionRepository:
         )
 
     async def delete_ended(self, idle_before: datetime, now: datetime) -> int:
-        """Removes sessions idle since before `idle_before` or past their absolute expiry."""
+        """Removes the browser sessions idle since before `idle_before` or past their expiry."""
         result = await self.session.execute(
             delete(BrowserSession).where(
                 (BrowserSession.last_used_at < idle_before) | (BrowserSession.expires_at <= now)

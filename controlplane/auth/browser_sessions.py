@@ -7,11 +7,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from controlplane.auth.browser_sessions_repository import BrowserSessionRepository
 from controlplane.auth.models import ApiKey, BrowserSession
 from controlplane.auth.principal import Principal, Role
 from controlplane.auth.repository import AuthRepository
 from controlplane.auth.service import hash_secret
-from controlplane.auth.sessions_repository import SessionRepository
 from controlplane.db.base import new_id, utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import Unauthenticated
@@ -59,11 +59,13 @@ class BrowserSessions:
             key = await AuthRepository(session).key_by_hash(hash_secret(api_key))
             if key is None or not _key_usable(key, now):
                 raise Unauthenticated(INVALID_KEY)
+            # Sessions that ended by time go as new ones come: the table stays small.
+            await BrowserSessionRepository(session).delete_ended(now - self.idle, now)
             token = SESSION_TOKEN_PREFIX + secrets.token_urlsafe(32)
             expires = now + self.max_life
             if key.expires_at is not None:
                 expires = min(expires, key.expires_at)
-            SessionRepository(session).add(
+            BrowserSessionRepository(session).add(
                 BrowserSession(
                     id=new_id("ses"),
                     token_hash=hash_secret(token),
@@ -81,7 +83,7 @@ class BrowserSessions:
         digest = hash_secret(token)
         now = utcnow()
         async with self.db.read() as session:
-            found = await SessionRepository(session).with_key(digest)
+            found = await BrowserSessionRepository(session).with_key(digest)
         if found is None:
             raise Unauthenticated(ENDED)
         row, key = found
@@ -93,16 +95,10 @@ class BrowserSessions:
             raise Unauthenticated(ENDED)
         if now - row.last_used_at >= self.touch_every:
             async with self.db.transaction() as session:
-                await SessionRepository(session).touch(row.id, now)
+                await BrowserSessionRepository(session).touch(row.id, now)
         return Principal(key.tenant_id, Role(key.role), key.id)
 
     async def logout(self, token: str) -> None:
         """Ends the session of `token` (if any) for good."""
         async with self.db.transaction() as session:
-            await SessionRepository(session).delete(hash_secret(token))
-
-    async def sweep(self) -> int:
-        """Deletes the sessions that have ended by time; returns how many."""
-        now = utcnow()
-        async with self.db.transaction() as session:
-            return await SessionRepository(session).delete_ended(now - self.idle, now)
+            await BrowserSessionRepository(session).delete(hash_secret(token))
