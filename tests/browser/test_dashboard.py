@@ -108,6 +108,26 @@ async def test_consumer_submits_from_the_form_follows_logs_downloads_and_is_char
     await page.screenshot(path=screenshot(tmp_path, "statement"), full_page=True)
 
 
+async def test_jobs_list_filters_by_label_and_follows_states_live(
+    page: Page, stack: Stack, tmp_path: Path
+) -> None:
+    plane = stack.plane
+    await log_in(page, stack, plane.consumer_key)
+    other = await plane.submit(command=["true"], gpu_count=1, labels={"run": "other"})
+    await plane.wait_for(other.job_id, [S.JOB_STATE_SUCCEEDED], timeout=30)
+    job = await plane.submit(command=["sleep", "4"], gpu_count=1, labels={"run": "mine"})
+    await page.goto(f"{stack.url}#/jobs")
+    await page.get_by_label("Labels").fill("run=mine")
+    await page.get_by_role("button", name="Filter").click()
+    rows = page.locator("tbody tr[data-job-id]")
+    await expect(rows).to_have_count(1)
+    row = page.locator(f'tr[data-job-id="{job.job_id}"]')
+    await expect(row.locator(".badge")).not_to_have_text("SUCCEEDED")
+    # The list reloads every 15 s; its row's WatchJob stream shows the end well before.
+    await expect(row.locator(".badge")).to_have_text("SUCCEEDED", timeout=13_000)
+    await page.screenshot(path=screenshot(tmp_path, "jobs"), full_page=True)
+
+
 def credits(micro: int) -> str:
     """As the dashboard writes an amount (web/src/format.ts)."""
     whole, fraction = divmod(micro, 1_000_000)

@@ -1,6 +1,6 @@
 // The caller's jobs, newest first, filtered by state, label and id; unfinished jobs'
 // states follow their WatchJob streams.
-import { useState, type FormEvent } from "react";
+import { useEffect, useState, type FormEvent } from "react";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { jobs, describe } from "../api";
 import type { Job } from "../gen/gpuplane/v1/types_pb";
@@ -27,11 +27,16 @@ export function StateBadge({ state }: { state: JobState }) {
   return <span className={`badge state-${name.toLowerCase()}`}>{name}</span>;
 }
 
-function JobRow({ job }: { job: Job }) {
+// Browsers open at most 6 HTTP/1.1 connections to one origin, and each stream holds one:
+// the newest few unfinished jobs follow their streams, the rest the list's refresh.
+const LIVE_ROWS = 3;
+
+function JobRow({ job, live }: { job: Job; live: boolean }) {
   const [state, setState] = useState(job.state);
+  useEffect(() => setState(job.state), [job.state]);
   useLiveStream(
     async (signal) => {
-      if (TERMINAL_JOB_STATES.has(job.state)) return;
+      if (!live || TERMINAL_JOB_STATES.has(job.state)) return;
       let last = job.state;
       for await (const event of jobs.watchJob({ jobId: job.jobId }, { signal })) {
         setState(event.state);
@@ -41,7 +46,7 @@ function JobRow({ job }: { job: Job }) {
         throw new ConnectError("the job's event stream ended early", Code.Unavailable);
       }
     },
-    [job.jobId],
+    [job.jobId, live],
   );
   return (
     <tr data-job-id={job.jobId}>
@@ -87,8 +92,15 @@ export function JobsPage() {
         setError(describe(failure));
       }
     },
-    30_000,
+    15_000,
     [applied],
+  );
+
+  const liveIds = new Set(
+    list
+      .filter((j) => !TERMINAL_JOB_STATES.has(j.state))
+      .slice(0, LIVE_ROWS)
+      .map((j) => j.jobId),
   );
 
   function submit(event: FormEvent) {
@@ -148,7 +160,7 @@ export function JobsPage() {
           </thead>
           <tbody>
             {list.map((job) => (
-              <JobRow key={job.jobId} job={job} />
+              <JobRow key={job.jobId} job={job} live={liveIds.has(job.jobId)} />
             ))}
             {list.length === 0 && (
               <tr>
