@@ -128,6 +128,22 @@ async def test_jobs_list_filters_by_label_and_follows_states_live(
     await page.screenshot(path=screenshot(tmp_path, "jobs"), full_page=True)
 
 
+async def test_consumer_cancels_a_running_job_from_its_page(
+    page: Page, stack: Stack, tmp_path: Path
+) -> None:
+    plane = stack.plane
+    await log_in(page, stack, plane.consumer_key)
+    job = await plane.submit(command=["sleep", "60"], gpu_count=1)
+    await page.goto(f"{stack.url}#/jobs/{job.job_id}")
+    badge = page.locator(".page-head .badge")
+    await expect(badge).to_have_text("RUNNING", timeout=30_000)
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.get_by_role("button", name="Cancel job").click()
+    await expect(badge).to_have_text("CANCELLED", timeout=30_000)
+    await expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
+    assert (await plane.get(job.job_id)).state == S.JOB_STATE_CANCELLED
+
+
 def credits(micro: int) -> str:
     """As the dashboard writes an amount (web/src/format.ts)."""
     whole, fraction = divmod(micro, 1_000_000)

@@ -22,7 +22,6 @@ import { StateBadge } from "./Jobs";
 import { useLiveStream, useRefresh } from "../live";
 
 const MAX_LOG = 200_000;
-const decoder = new TextDecoder();
 
 interface Snapshot {
   t: number;
@@ -55,8 +54,12 @@ function Logs({ jobId }: { jobId: string }) {
   const status = useLiveStream(
     async (signal) => {
       setText(""); // a reconnect streams the attempt's logs from the start again
+      // One decoder per stream: a character split across two chunks is joined again.
+      const decoders = new Map<LogStream, TextDecoder>();
       for await (const chunk of jobs.streamLogs({ jobId, follow: true }, { signal })) {
-        const part = decoder.decode(chunk.data);
+        let decoder = decoders.get(chunk.stream);
+        if (!decoder) decoders.set(chunk.stream, (decoder = new TextDecoder()));
+        const part = decoder.decode(chunk.data, { stream: true });
         const marked = chunk.stream === LogStream.STDERR ? part.replace(/^(?=.)/gm, "! ") : part;
         setText((old) => (old + marked).slice(-MAX_LOG));
         const el = box.current;
