@@ -1,7 +1,7 @@
 """The dashboard in headless Chromium against a real stack: login (a wrong key, by keyboard), a
 consumer's job from the submit form to SUCCEEDED with live logs, its result downloaded and
 its charge in the statement; a provider's GPU chart moving while a job runs; an operator
-draining a host; an expired session keeping a half-filled form; the phone layout."""
+draining a host; an expired session keeping a half-filled form; the phone layout; logout."""
 
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ async def test_an_expired_session_returns_to_login_and_keeps_the_form(
     await expect(page.get_by_label("GPUs")).to_have_value("2")
 
 
-async def test_phone_width_has_no_sideways_scrolling(
+async def test_phone_width_has_no_sideways_scrolling_and_logout_ends_the_session(
     page: Page, stack: Stack, tmp_path: Path
 ) -> None:
     await page.set_viewport_size({"width": 390, "height": 844})
@@ -257,3 +257,7 @@ async def test_phone_width_has_no_sideways_scrolling(
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, f"{route} is {width} px wide at a 390 px viewport"
         await page.screenshot(path=screenshot(tmp_path, f"phone-{route.strip('#/')}"))
+    # Logging out ends the session on the server too.
+    await page.get_by_role("button", name="Log out").click()
+    await expect(page.get_by_role("status")).to_have_text("You are logged out.")
+    assert await page.evaluate("fetch('/auth/session').then(r => r.status)") == 401
