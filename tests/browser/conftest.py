@@ -128,11 +128,23 @@ async def page(browser: Browser, stack: Stack) -> AsyncIterator[Page]:
             outside.append(url)
 
     opened.on("request", watch)
+    # Errors the page logs (a CSP violation, an exception), but not the browser's note of an
+    # expected 401 (the session check before login, a wrong key).
+    errors: list[str] = []
+
+    def console(message: Any) -> None:
+        text = str(message.text)
+        if message.type == "error" and "status of 401" not in text:
+            errors.append(text)
+
+    opened.on("console", console)
+    opened.on("pageerror", lambda error: errors.append(str(error)))
     try:
         yield opened
     finally:
         await context.close()
     assert outside == [], f"the dashboard requested other origins: {outside}"
+    assert errors == [], f"the page logged errors: {errors}"
 
 
 def screenshot(directory: Path, name: str) -> Path:
