@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from gpuplane.v1 import jobs_pb2, registry_pb2, registry_pb2_grpc, types_pb2
+from gpuplane.v1 import admin_pb2, jobs_pb2, registry_pb2, registry_pb2_grpc, types_pb2
 from playwright.async_api import Page, expect
 
 from tests.browser.conftest import Stack, publish, screenshot
@@ -189,6 +189,12 @@ async def test_provider_sees_the_gpu_chart_move_while_a_job_runs(
         f"{credits(balance.earnings_micro_credits)} earned, not yet paid out"
     )
     await page.screenshot(path=screenshot(tmp_path, "earnings"), full_page=True)
+    # Tokens for new hosts come from an admin here (self-service onboarding is off): the
+    # server's reason is shown as it is.
+    await page.get_by_role("link", name="Hosts").click()
+    await page.get_by_label("Token label").fill("rack 9")
+    await page.get_by_role("button", name="New registration token").click()
+    await expect(page.get_by_role("alert")).to_contain_text("minted by an admin")
 
 
 async def test_operator_drains_and_undrains_a_host(
@@ -202,6 +208,29 @@ async def test_operator_drains_and_undrains_a_host(
     await page.get_by_role("link", name="Tenants & keys").click()
     tenant = page.get_by_role("cell", name=plane.consumer_tenant, exact=True)
     await expect(tenant.first).to_be_visible()  # its row, and its key's
+    # A new tenant and a consumer key for it, whose secret works at once.
+    await page.get_by_label("Tenant name").fill("made in the browser")
+    await page.get_by_role("button", name="Create tenant").click()
+    await expect(page.get_by_role("cell", name="made in the browser")).to_be_visible()
+    tenant_id = await page.get_by_label("Key for tenant").input_value()
+    assert tenant_id.startswith("ten_")
+    await page.get_by_role("button", name="Create API key").click()
+    secret = await page.get_by_test_id("secret").locator(".secret-value").text_content()
+    assert secret is not None
+    who = await plane.admin.WhoAmI(admin_pb2.WhoAmIRequest(), metadata=plane.auth(secret))
+    assert (who.tenant_id, who.role) == (tenant_id, S.ROLE_CONSUMER)
+    # A registration token for the provider's next host, shown once.
+    await page.get_by_role("link", name="Hosts").click()
+    await page.get_by_label("Provider tenant").fill(plane.provider_tenant)
+    await page.get_by_label("Token label").fill("rack 9")
+    await page.get_by_role("button", name="New registration token").click()
+    token = page.get_by_test_id("secret").locator(".secret-value")
+    await expect(token).to_have_text(re.compile(r"^gpr_"))
+    tokens = await plane.admin.ListRegistrationTokens(
+        admin_pb2.ListRegistrationTokensRequest(provider_tenant_id=plane.provider_tenant),
+        metadata=plane.auth(),
+    )
+    assert "rack 9" in [t.label for t in tokens.tokens]
     await page.get_by_role("link", name="Usage").click()
     await expect(page.get_by_role("figure", name="GPU time by GPU model")).to_contain_text(
         "NVIDIA A100-SXM4-80GB"

@@ -49,7 +49,7 @@ function Page({ path, session }: { path: string; session: Session }) {
     case "usage":
       return <UsagePage session={session} />;
     case "hosts":
-      return id ? <HostPage hostId={decodeURIComponent(id)} /> : <HostsPage />;
+      return id ? <HostPage hostId={decodeURIComponent(id)} /> : <HostsPage role={session.role} />;
     case "earnings":
       return <EarningsPage />;
     case "fleet":

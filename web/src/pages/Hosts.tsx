@@ -1,9 +1,10 @@
 // A provider's hosts (an admin's: every host), with state, GPUs and health.
 import { useState } from "react";
-import { registry, describe } from "../api";
+import { registry, describe, type Role } from "../api";
 import type { Host } from "../gen/gpuplane/v1/types_pb";
 import { credits, hostStateName, shortId, when } from "../format";
 import { useRefresh } from "../live";
+import { NewToken } from "../components/NewToken";
 
 export function HostBadge({ host }: { host: Host }) {
   const name = hostStateName(host.state);
@@ -15,7 +16,7 @@ export function healthOf(host: Host): string {
   return sick.length ? `${sick.length} GPU(s) unhealthy: ${sick.map((g) => g.unhealthyReason).join("; ")}` : "healthy";
 }
 
-export function HostsPage() {
+export function HostsPage({ role }: { role: Role }) {
   const [hosts, setHosts] = useState<Host[]>([]);
   const [error, setError] = useState("");
   useRefresh(
@@ -74,12 +75,13 @@ export function HostsPage() {
             ))}
             {hosts.length === 0 && (
               <tr>
-                <td colSpan={7}>No hosts yet: register one with a token (gpuplane daemon run --token …).</td>
+                <td colSpan={7}>No hosts yet: register one with a token (below).</td>
               </tr>
             )}
           </tbody>
         </table>
       </div>
+      <NewToken forProvider={role === "provider"} />
     </section>
   );
 }

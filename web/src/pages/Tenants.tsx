@@ -1,10 +1,11 @@
 // The operator's tenants, API keys (metadata only) and registration tokens, with revoke.
-import { useState } from "react";
+import { useState, type FormEvent } from "react";
 import { admin, describe } from "../api";
 import type { ApiKey, RegistrationToken, Tenant } from "../gen/gpuplane/v1/types_pb";
 import { Role } from "../gen/gpuplane/v1/types_pb";
 import { when } from "../format";
 import { useRefresh } from "../live";
+import { Secret } from "../components/Secret";
 
 export function TenantsPage() {
   const [tenants, setTenants] = useState<Tenant[]>([]);
@@ -36,9 +37,67 @@ export function TenantsPage() {
       setError(describe(failure));
     }
   }
+  const [tenantName, setTenantName] = useState("");
+  const [keyFor, setKeyFor] = useState({ tenant: "", role: String(Role.CONSUMER), description: "" });
+  const [secret, setSecret] = useState("");
+
+  async function createTenant(event: FormEvent) {
+    event.preventDefault();
+    try {
+      const reply = await admin.createTenant({ name: tenantName.trim() });
+      setTenantName("");
+      if (reply.tenant) setKeyFor({ ...keyFor, tenant: reply.tenant.tenantId });
+      await load();
+    } catch (failure) {
+      setError(describe(failure));
+    }
+  }
+
+  async function createKey(event: FormEvent) {
+    event.preventDefault();
+    try {
+      const reply = await admin.createApiKey({
+        tenantId: keyFor.tenant.trim(),
+        role: Number(keyFor.role) as Role,
+        description: keyFor.description.trim(),
+      });
+      setSecret(reply.secret);
+      await load();
+    } catch (failure) {
+      setError(describe(failure));
+    }
+  }
+
   return (
     <section>
       <h1>Tenants</h1>
+      <form className="inline-form" onSubmit={createTenant} aria-label="New tenant">
+        <label>
+          Tenant name
+          <input value={tenantName} onChange={(e) => setTenantName(e.target.value)} required />
+        </label>
+        <button type="submit">Create tenant</button>
+      </form>
+      <form className="inline-form" onSubmit={createKey} aria-label="New API key">
+        <label>
+          Key for tenant
+          <input value={keyFor.tenant} onChange={(e) => setKeyFor({ ...keyFor, tenant: e.target.value })} required />
+        </label>
+        <label>
+          Role
+          <select value={keyFor.role} onChange={(e) => setKeyFor({ ...keyFor, role: e.target.value })}>
+            <option value={Role.CONSUMER}>consumer</option>
+            <option value={Role.PROVIDER}>provider</option>
+            <option value={Role.ADMIN}>admin</option>
+          </select>
+        </label>
+        <label>
+          Description
+          <input value={keyFor.description} onChange={(e) => setKeyFor({ ...keyFor, description: e.target.value })} />
+        </label>
+        <button type="submit">Create API key</button>
+      </form>
+      {secret && <Secret title="API key created." secret={secret} usage="GPUPLANE_API_KEY=… or the dashboard's login" />}
       {error && (
         <p className="error" role="alert">
           {error}
