@@ -144,6 +144,21 @@ async def test_consumer_cancels_a_running_job_from_its_page(
     assert (await plane.get(job.job_id)).state == S.JOB_STATE_CANCELLED
 
 
+async def test_consumer_filters_offers(page: Page, stack: Stack, tmp_path: Path) -> None:
+    await log_in(page, stack, stack.plane.consumer_key)
+    await page.get_by_role("link", name="Offers").click()
+    offer = page.get_by_role("cell", name="NVIDIA A100-SXM4-80GB")
+    await expect(offer).to_be_visible()
+    await page.get_by_label("GPU model").fill("h100")
+    await page.get_by_role("button", name="Filter").click()
+    await expect(page.get_by_role("cell", name="No offers match.")).to_be_visible()
+    await page.get_by_label("GPU model").fill("a100")
+    await page.get_by_label("Max price (credits)").fill("1.8")
+    await page.get_by_role("button", name="Filter").click()
+    await expect(offer).to_be_visible()
+    await page.screenshot(path=screenshot(tmp_path, "offers"), full_page=True)
+
+
 def credits(micro: int) -> str:
     """As the dashboard writes an amount (web/src/format.ts)."""
     whole, fraction = divmod(micro, 1_000_000)

@@ -45,6 +45,7 @@ async def test_the_job_page_reconnects_after_a_control_plane_restart(
             await page.goto(url)
             await page.get_by_label("API key").fill(consumer)
             await page.get_by_role("button", name="Log in").click()
+            await expect(page.get_by_role("button", name="Log out")).to_be_visible()
             await page.goto(f"{url}#/jobs/{job.job_id}")
             timeline = page.get_by_test_id("timeline")
             await expect(timeline).to_contain_text("QUEUED")

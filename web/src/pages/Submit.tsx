@@ -5,7 +5,7 @@ import { useEffect, useState, type FormEvent } from "react";
 import { create } from "@bufbuild/protobuf";
 import { jobs, describe } from "../api";
 import type { Quote } from "../gen/gpuplane/v1/jobs_pb";
-import { JobSpecSchema, type JobSpec } from "../gen/gpuplane/v1/types_pb";
+import { JobSpecSchema, NetworkMode, type JobSpec } from "../gen/gpuplane/v1/types_pb";
 import { credits, parseCredits } from "../format";
 import { navigate } from "../router";
 
@@ -18,6 +18,9 @@ interface Form {
   labels: string;
   gpuCount: string;
   gpuModels: string;
+  minVramGib: string;
+  inputs: string;
+  network: string;
   maxDurationSeconds: string;
   maxPrice: string;
   budget: string;
@@ -31,6 +34,9 @@ const EMPTY: Form = {
   labels: "",
   gpuCount: "1",
   gpuModels: "",
+  minVramGib: "0",
+  inputs: "",
+  network: "none",
   maxDurationSeconds: "3600",
   maxPrice: "",
   budget: "",
@@ -85,6 +91,13 @@ function specOf(form: Form): JobSpec {
     labels: pairs(form.labels, "Labels"),
     gpuCount: whole(form.gpuCount, "GPUs"),
     gpuModels: form.gpuModels.split(",").map((m) => m.trim()).filter(Boolean),
+    minVramGib: whole(form.minVramGib || "0", "Min VRAM"),
+    inputs: form.inputs
+      .split("\n")
+      .map((l) => l.trim())
+      .filter(Boolean)
+      .map((key) => ({ key })),
+    network: form.network === "bridge" ? NetworkMode.BRIDGE : NetworkMode.NONE,
     maxDurationSeconds: BigInt(whole(form.maxDurationSeconds, "Max duration")),
     maxPricePerGpuHourMicroCredits: money(form.maxPrice, "Max price"),
     budgetMicroCredits: money(form.budget, "Budget"),
@@ -195,6 +208,22 @@ export function SubmitPage() {
         <Field id="command" label="Command" form={form} set={setForm} area hint="One argument per line; empty: the image's entrypoint." />
         <Field id="gpuCount" label="GPUs" form={form} set={setForm} inputMode="numeric" />
         <Field id="gpuModels" label="GPU models" form={form} set={setForm} hint="Comma-separated, e.g. H100,A100; empty: any." />
+        <Field id="minVramGib" label="Min VRAM per GPU (GiB)" form={form} set={setForm} inputMode="numeric" />
+        <div className="field">
+          <label htmlFor="f-network">Network</label>
+          <select id="f-network" value={form.network} onChange={(e) => setForm({ ...form, network: e.target.value })}>
+            <option value="none">none (no network in the container)</option>
+            <option value="bridge">bridge (outbound through the host)</option>
+          </select>
+        </div>
+        <Field
+          id="inputs"
+          label="Inputs"
+          form={form}
+          set={setForm}
+          area
+          hint="Keys of your uploaded data (gpuplane data put), one per line; found under /input."
+        />
         <Field id="maxDurationSeconds" label="Max duration (seconds)" form={form} set={setForm} inputMode="numeric" />
         <Field id="maxPrice" label="Max price per GPU-hour (credits)" form={form} set={setForm} inputMode="decimal" />
         <Field id="budget" label="Budget (credits)" form={form} set={setForm} inputMode="decimal" hint="Empty: price × GPUs × max duration." />
