@@ -26,6 +26,7 @@ async def log_in(page: Page, stack: Stack, key: str) -> None:
     await page.get_by_label("API key").fill(key)
     await page.get_by_role("button", name="Log in").click()
     await expect(page.get_by_role("button", name="Log out")).to_be_visible()
+    await expect(page).to_have_url(re.compile(r"#/(jobs|hosts|fleet)$"))  # the role's home
 
 
 def fetch(url: str) -> bytes:

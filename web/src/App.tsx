@@ -2,7 +2,7 @@
 import { useEffect, useState } from "react";
 import { currentSession, logout, onSessionExpired, type Role, type Session } from "./api";
 import { Login } from "./pages/Login";
-import { navigate, usePath } from "./router";
+import { currentPath, navigate, usePath } from "./router";
 import { JobsPage } from "./pages/Jobs";
 import { JobPage } from "./pages/Job";
 import { SubmitPage } from "./pages/Submit";
@@ -79,7 +79,9 @@ export function App() {
   }, []);
 
   useEffect(() => {
-    if (session && (path === "/" || path === "/login")) navigate(home(session.role));
+    // The location, not `path`: it may have moved on since this render (a link, a test).
+    const now = currentPath();
+    if (session && (now === "/" || now === "/login")) navigate(home(session.role));
   }, [session, path]);
 
   if (session === undefined) return <p className="loading">Loading…</p>;
@@ -97,6 +99,12 @@ export function App() {
   const links = LINKS.filter((l) => l.roles.includes(session.role));
   return (
     <>
+      <a className="skip" href="#main" onClick={(e) => {
+        e.preventDefault();
+        document.getElementById("main")?.focus();
+      }}>
+        Skip to content
+      </a>
       <header className="topbar">
         <a className="brand" href={`#${home(session.role)}`}>
           gpuplane
@@ -123,7 +131,7 @@ export function App() {
           Log out
         </button>
       </header>
-      <main>
+      <main id="main" tabIndex={-1}>
         <Page path={path} session={session} />
       </main>
     </>
