@@ -41,7 +41,8 @@ function Page({ path, session }: { path: string; session: Session }) {
   const [, section, id] = path.split("/");
   switch (section) {
     case "jobs":
-      return id ? <JobPage jobId={decodeURIComponent(id)} /> : <JobsPage />;
+      // keyed: another job's page starts afresh (its events, streams and chart)
+      return id ? <JobPage key={id} jobId={decodeURIComponent(id)} /> : <JobsPage />;
     case "submit":
       return <SubmitPage />;
     case "statement":
@@ -49,7 +50,7 @@ function Page({ path, session }: { path: string; session: Session }) {
     case "usage":
       return <UsagePage session={session} />;
     case "hosts":
-      return id ? <HostPage hostId={decodeURIComponent(id)} /> : <HostsPage role={session.role} />;
+      return id ? <HostPage key={id} hostId={decodeURIComponent(id)} /> : <HostsPage role={session.role} />;
     case "earnings":
       return <EarningsPage />;
     case "fleet":
