@@ -296,12 +296,17 @@ async def test_phone_width_has_no_sideways_scrolling_and_logout_ends_the_session
 ) -> None:
     await page.set_viewport_size({"width": 390, "height": 844})
     await log_in(page, stack, stack.plane.consumer_key)
-    for route in ("#/jobs", "#/submit", "#/statement"):
+    listed = await stack.plane.jobs.ListJobs(
+        jobs_pb2.ListJobsRequest(page_size=1), metadata=stack.plane.auth(stack.plane.consumer_key)
+    )
+    job_page = f"#/jobs/{listed.jobs[0].job_id}"
+    for route in ("#/jobs", "#/submit", "#/statement", "#/usage", job_page):
         await page.goto(f"{stack.url}{route}")
         await expect(page.get_by_role("heading", level=1)).to_be_visible()
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, f"{route} is {width} px wide at a 390 px viewport"
-        await page.screenshot(path=screenshot(tmp_path, f"phone-{route.strip('#/')}"))
+        name = "job" if route == job_page else route.strip("#/")
+        await page.screenshot(path=screenshot(tmp_path, f"phone-{name}"), full_page=True)
     # Logging out ends the session on the server too.
     await page.get_by_role("button", name="Log out").click()
     await expect(page.get_by_role("status")).to_have_text("You are logged out.")
