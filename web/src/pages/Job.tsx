@@ -48,7 +48,7 @@ function attemptPoints(job: Job): Snapshot[] {
     });
 }
 
-function Logs({ jobId }: { jobId: string }) {
+function Logs({ jobId, finished }: { jobId: string; finished: boolean }) {
   const [text, setText] = useState("");
   const box = useRef<HTMLPreElement>(null);
   const status = useLiveStream(
@@ -79,7 +79,7 @@ function Logs({ jobId }: { jobId: string }) {
         </span>
       </h2>
       <pre className="logs" ref={box} tabIndex={0} aria-label="Job logs" data-testid="logs">
-        {text || "No output yet."}
+        {text || (finished ? "No output." : "No output yet.")}
       </pre>
     </section>
   );
@@ -303,7 +303,7 @@ export function JobPage({ jobId }: { jobId: string }) {
           </table>
         </div>
       </section>
-      <Logs jobId={jobId} />
+      <Logs jobId={jobId} finished={finished} />
       {finished && <Results jobId={jobId} />}
     </article>
   );
