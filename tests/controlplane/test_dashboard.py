@@ -73,6 +73,15 @@ async def test_login_gives_a_strict_http_only_cookie(site: JobPlane) -> None:
         assert reply.code == OK, reply.message
         (who,) = reply.decoded(admin_pb2.WhoAmIResponse)
         assert who.tenant_id == site.consumer_tenant
+        # The spec's other name for the binary format works the same, and is echoed.
+        plain = await b.call(
+            "AdminService/WhoAmI",
+            admin_pb2.WhoAmIRequest(),
+            headers={"Content-Type": "application/grpc-web"},
+        )
+        assert plain.code == OK
+        assert plain.headers["Content-Type"] == "application/grpc-web"
+        assert plain.decoded(admin_pb2.WhoAmIResponse) == [who]
 
 
 async def test_a_wrong_or_revoked_key_gets_the_same_401(site: JobPlane) -> None:
