@@ -67,7 +67,7 @@ class BrowserSessions:
                 expires = min(expires, key.expires_at)
             BrowserSessionRepository(session).add(
                 BrowserSession(
-                    id=new_id("ses"),
+                    id=new_id("web"),
                     token_hash=hash_secret(token),
                     api_key_id=key.id,
                     created_at=now,

@@ -159,7 +159,13 @@ class Dashboard:
         )
         await runner.setup()
         site = web.TCPSite(runner, host.strip("[]") or None, int(port or 0), ssl_context=self.tls)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise OSError(
+                f"dashboard: cannot listen on {self.settings.address}: {error.strerror}"
+            ) from error
         self.port = int(runner.addresses[0][1])
         scheme = "https" if self.tls else "http"
         log.info("dashboard serving on %s://%s:%d/", scheme, host or "0.0.0.0", self.port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings
 
 # The checkout's built app (scripts/bootstrap runs its npm build).
@@ -47,6 +47,15 @@ class DashboardFields(BaseSettings):
         description="A browser session ends this long after login, however much it is used "
         "(and when its API key expires or is revoked, at once).",
     )
+
+    @field_validator("dashboard_address")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        value = value.strip()
+        _, colon, port = value.rpartition(":")
+        if value and (not colon or not port.isdigit() or int(port) > 65535):
+            raise ValueError(f"must be host:port (e.g. 127.0.0.1:8080), not {value!r}")
+        return value
 
     @property
     def dashboard(self) -> DashboardSettings:

@@ -115,12 +115,12 @@ class Browser:
         *,
         first_only: bool = False,
         on_message: Callable[[bytes], Awaitable[None]] | None = None,
-        **headers: str,
+        headers: Mapping[str, str] | None = None,
     ) -> Reply:
         """POST /gpuplane.v1.<method> as connect-web's gRPC-Web transport does; with
         `first_only`, stops reading after the first message (a stream that goes on);
         `on_message` is awaited on each message as it arrives."""
-        sent = {"Content-Type": GRPC_WEB, "x-grpc-web": "1", **self.headers(), **headers}
+        sent = {"Content-Type": GRPC_WEB, "x-grpc-web": "1", **self.headers(), **(headers or {})}
         async with self.http.post(
             f"/gpuplane.v1.{method}", data=frame(request.SerializeToString()), headers=sent
         ) as response:

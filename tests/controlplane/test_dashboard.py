@@ -14,11 +14,12 @@ import aiohttp
 import grpc
 import pytest
 from gpuplane.v1 import admin_pb2, jobs_pb2, registry_pb2, types_pb2
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import update
 
 from controlplane.auth.models import BrowserSession
 from controlplane.db.base import utcnow
+from controlplane.server import ControlPlane
 from daemon.channel import ChannelSecurity
 from devstack.certs import TestCerts
 from devstack.factories import job_spec, new_key, new_tenant
@@ -72,6 +73,15 @@ async def test_login_gives_a_strict_http_only_cookie(site: JobPlane) -> None:
         assert reply.code == OK, reply.message
         (who,) = reply.decoded(admin_pb2.WhoAmIResponse)
         assert who.tenant_id == site.consumer_tenant
+        # The spec's other name for the binary format works the same, and is echoed.
+        plain = await b.call(
+            "AdminService/WhoAmI",
+            admin_pb2.WhoAmIRequest(),
+            headers={"Content-Type": "application/grpc-web"},
+        )
+        assert plain.code == OK
+        assert plain.headers["Content-Type"] == "application/grpc-web"
+        assert plain.decoded(admin_pb2.WhoAmIResponse) == [who]
 
 
 async def test_a_wrong_or_revoked_key_gets_the_same_401(site: JobPlane) -> None:
@@ -418,3 +428,23 @@ async def test_a_stream_in_flight_ends_unavailable_when_the_control_plane_stops(
     assert watched.decoded(types_pb2.JobEvent)[0].state == types_pb2.JOB_STATE_QUEUED
     assert watched.trailers["grpc-status"] == str(grpc.StatusCode.UNAVAILABLE.value[0])
     assert "reconnect" in watched.message
+
+
+def test_the_address_must_be_host_and_port(tmp_path: Path) -> None:
+    for bad in ("8080", "localhost", "127.0.0.1:http", "127.0.0.1:70000"):
+        with pytest.raises(ValidationError) as caught:
+            sqlite_settings(tmp_path, dashboard_address=bad)
+        assert "dashboard_address" in str(caught.value)
+    assert sqlite_settings(tmp_path, dashboard_address="[::1]:0").dashboard.address == "[::1]:0"
+
+
+async def test_a_taken_port_fails_start_naming_the_dashboard(
+    site: JobPlane, tmp_path: Path
+) -> None:
+    taken = f"127.0.0.1:{site.plane.dashboard_port}"
+    plane = ControlPlane(sqlite_settings(tmp_path / "cp", dashboard_address=taken))
+    try:
+        with pytest.raises(OSError, match=f"dashboard: cannot listen on {taken}"):
+            await plane.start()
+    finally:
+        await plane.stop(grace=0)  # as `gpuplane up` does before it tries another port
