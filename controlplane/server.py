@@ -42,9 +42,11 @@ from controlplane.api.registry import RegistryServicer
 from controlplane.api.sessions import SessionServicer
 from controlplane.api.text import TextInterceptor
 from controlplane.api.tunnels import TunnelRelayServicer, TunnelServicer
+from controlplane.auth.browser_sessions import BrowserSessions
 from controlplane.auth.service import AuthService
 from controlplane.background import Background
 from controlplane.bus import Bus
+from controlplane.dashboard import app as dashboard_app
 from controlplane.data.service import DataService
 from controlplane.db import migrate
 from controlplane.db.engine import Database
@@ -119,8 +121,8 @@ class ControlPlane:
         self.db: Database | None = None
         self.server: aio.Server | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.port = 0
-        self.metrics_port = 0
+        self.port = self.metrics_port = self.dashboard_port = 0  # each known once bound
+        self.dashboard: dashboard_app.Dashboard | None = None
         self.admin_key_file: str | None = None
         nats = settings.nats
         self.nats_keys = nats.keys
@@ -162,6 +164,8 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics.addr:
             self.metrics_port = self.metrics.serve(settings.metrics.addr)
+        if self.dashboard is not None:
+            self.dashboard_port = await self.dashboard.start()
         self.background = self._build_background(domains)
         self.background.start()
         self._bucket_task = asyncio.create_task(self._ensure_bucket())
@@ -233,12 +237,15 @@ class ControlPlane:
     ) -> aio.Server:
         """The gRPC server with every service on it, listening."""
         serving, limits = self.settings.serving, self.settings.auth
+        dashboard = self.settings.dashboard
+        browser_sessions = BrowserSessions(domains.db, *dashboard.session_lifetimes)
         server = aio.server(
             interceptors=[
                 ErrorInterceptor(self.metrics),
                 AuthInterceptor(
                     domains.auth.authenticate,
                     RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
+                    browser_sessions.authenticate,
                 ),
                 TextInterceptor(),
             ],
@@ -264,6 +271,10 @@ class ControlPlane:
             raise OSError(f"cannot listen on {serving.listen_addr}")
         if self.tunnels is not None:
             self.tunnels.address = advertised(serving, self.port)
+        if dashboard.address:
+            self.dashboard = dashboard_app.build(
+                self.settings, browser_sessions, server, SERVICE_NAMES
+            )
         await server.start()
         return server
 
@@ -350,6 +361,9 @@ class ControlPlane:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
         Scheduling stops first, so another replica takes leadership over during the grace."""
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard = None
         if self.background is not None:
             await self.background.stop_scheduling()
         elif self.leader is not None:

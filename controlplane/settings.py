@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from controlplane.dashboard.settings import DashboardFields
 from controlplane.sessions.settings import SessionFields
 from controlplane.settings_groups import (
     AuthSettings,
@@ -24,7 +25,9 @@ from controlplane.settings_groups import (
 )
 from controlplane.settings_logging import LoggingFields
 from controlplane.settings_secrets import SecretFileFields
+from controlplane.settings_telemetry import TelemetryFields
 from controlplane.settings_trust import TrustFields
+from controlplane.tunnels.settings import TunnelFields
 from controlplane.verification.settings import VerificationFields
 from messaging.natsjwt import NatsKeys, public_key
 
@@ -33,7 +36,16 @@ from messaging.natsjwt import NatsKeys, public_key
 ClientAuth = Literal["off", "require"]
 
 
-class Settings(VerificationFields, TrustFields, LoggingFields, SecretFileFields, SessionFields):
+class Settings(
+    DashboardFields,
+    VerificationFields,
+    TrustFields,
+    LoggingFields,
+    SecretFileFields,
+    SessionFields,
+    TunnelFields,
+    TelemetryFields,
+):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
     The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;
@@ -66,19 +78,6 @@ class Settings(VerificationFields, TrustFields, LoggingFields, SecretFileFields,
     # ---- gRPC API and its TLS (serving).
     listen_addr: str = Field(
         default="127.0.0.1:50051", description="gRPC host:port; port 0 picks one."
-    )
-    advertise_address: str = Field(
-        default="",
-        description="host:port daemons reach this replica's gRPC API at, named in the "
-        "tunnel commands (exec, port-forward) it sends them so that they call it back. "
-        "Empty: the listen address with the port it got (a wildcard host becomes this "
-        "machine's name).",
-    )
-    tunnel_open_timeout_ms: int = Field(
-        default=5000,
-        gt=0,
-        description="How long an exec or port-forward waits for the host's daemon to call "
-        "back before it fails with UNAVAILABLE, in milliseconds.",
     )
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024,
@@ -254,39 +253,6 @@ class Settings(VerificationFields, TrustFields, LoggingFields, SecretFileFields,
         default=5000,
         gt=0,
         description="GPU telemetry period daemons are told to use, unless they set their own.",
-    )
-
-    # ---- GPU telemetry, health and usage (telemetry).
-    telemetry_history: int = Field(
-        default=60,
-        ge=1,
-        le=10_000,
-        description="Telemetry samples kept in memory per GPU (GetHost's recent).",
-    )
-    telemetry_max_clock_skew_seconds: float = Field(
-        default=60.0, ge=0, description="Samples stamped further ahead of our clock are rejected."
-    )
-    gpu_clean_period_seconds: float = Field(
-        default=600.0,
-        gt=0,
-        description="An unhealthy GPU is healthy again after this long without a new fault.",
-    )
-    gpu_ignored_xids: list[int] = Field(
-        default=[13, 31, 43, 45, 68, 109],
-        description="XIDs that do not make a GPU unhealthy: errors of the application running "
-        "on it (as NVIDIA's device plugin ignores them).",
-    )
-    job_usage_max_attempts: int = Field(
-        default=100_000,
-        ge=1,
-        description="Attempts whose GPU usage is kept in memory between two flushes.",
-    )
-    job_usage_flush_seconds: float = Field(
-        default=5.0,
-        gt=0,
-        le=3600,
-        description="How often each control plane adds the GPU utilisation it measured to "
-        "the attempts' rows (one batched write; also when it stops).",
     )
 
     # ---- Scheduling and its leadership (scheduler).

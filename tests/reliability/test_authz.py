@@ -32,6 +32,7 @@ from gpuplane.v1 import (
 
 from controlplane.auth.policy import ALLOWED_ROLES, PUBLIC_METHODS
 from devstack.factories import new_tenant
+from tests.controlplane.browser import Browser, browser_cell, dashboard_url, logged_in
 from tests.controlplane.scripted_host import ScriptedHost
 from tests.harness import CREDIT, JobPlane, job_plane
 from tests.reliability import summary
@@ -220,7 +221,7 @@ async def world(
     tmp_path_factory: pytest.TempPathFactory, nats_server: Any, s3_server: Any
 ) -> AsyncIterator[World]:
     data_dir = tmp_path_factory.mktemp("authz") / "cp"
-    async with job_plane(data_dir, nats_server.url, s3_server) as plane:
+    async with job_plane(data_dir, nats_server.url, s3_server, configure=with_dashboard) as plane:
         w = World(plane)
         admin = plane.admin
         provider_key = await admin.CreateApiKey(
@@ -642,3 +643,53 @@ async def test_result_urls_are_scoped_to_the_job_and_expire(world: World) -> Non
         await plane.jobs.GetResults(too_long, metadata=plane.auth(plane.consumer_key))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     summary.record("presigned URLs", "scoped to the attempt prefix, expire", requests_tried=7)
+
+
+def with_dashboard(options: dict[str, Any]) -> None:
+    options["dashboard_address"] = "127.0.0.1:0"  # the browser path: gRPC-Web
+
+
+@pytest.fixture(scope="module")
+async def browsers(world: World) -> AsyncIterator[dict[str, Browser]]:
+    """Each caller's browser, logged in with its key, after the gRPC matrix ran. A host
+    credential is not an API key: it cannot log in, so the host's browser has no session;
+    "revoked" logs in with a key revoked after the login."""
+    plane = world.plane
+    key = await plane.admin.CreateApiKey(
+        admin_pb2.CreateApiKeyRequest(
+            tenant_id=plane.consumer_tenant, role=types_pb2.ROLE_CONSUMER
+        ),
+        metadata=plane.auth(),
+    )
+    keys = {**world.keys, "revoked": key.secret}
+    async with logged_in(dashboard_url(plane), keys) as browsers:
+        assert browsers["host"].logged_in is False
+        await plane.admin.RevokeApiKey(
+            admin_pb2.RevokeApiKeyRequest(key_id=key.key.key_id), metadata=plane.auth()
+        )
+        # The gRPC matrix deleted the consumer's input: put back for the same answers.
+        await upload_input(plane, plane.consumer_key, INPUT_KEY, b"input")
+        yield browsers
+
+
+@pytest.mark.parametrize("method", ORDER)
+async def test_authorisation_matrix_through_the_browser(
+    world: World, browsers: dict[str, Browser], method: str
+) -> None:
+    """The same table through gRPC-Web with each caller's session cookie, but for what a
+    browser cannot do: hold a host credential's session (UNAUTHENTICATED) or stream requests
+    (UNIMPLEMENTED, whoever calls)."""
+    expected = {**EXPECTED[method], "host": UNAUTH}
+    if method_descriptor(method).client_streaming:
+        expected = dict.fromkeys(CALLERS, "UNIMPLEMENTED")
+    got = {}
+    for caller in CALLERS:
+        reply = await browsers[caller].call(method, request_for(world, method), first_only=True)
+        got[caller] = browser_cell(reply, f"{method} as {caller}")
+    summary.record(
+        "authorisation matrix",
+        f"{len(EXPECTED)} RPCs x {len(CALLERS)} callers, through gRPC and gRPC-Web",
+        requests_tried=len(CALLERS),
+    )
+    wrong = {c: g for c, g in got.items() if not g.startswith(expected[c])}
+    assert not wrong, f"{method} (gRPC-Web): expected {expected}, got {wrong}"
