@@ -59,6 +59,7 @@ class Background:
         gauges_interval: float = 15.0,
         spending_interval: float = 5.0,
         on_spending: Callable[[list[TenantSpend]], None] | None = None,
+        sessions: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.bus = bus
         self.notifier = notifier
@@ -77,6 +78,8 @@ class Background:
         self.spending_interval = spending_interval
         self.on_spending = on_spending
         self.report_consumer: ReportConsumer | None = None
+        # Running sessions' expiry warnings and deadlines (controlplane/sessions/expiry.py).
+        self.sessions = sessions
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
@@ -96,6 +99,8 @@ class Background:
             loops.append(("nats-account", self._sync_nats_account, False))
         if self.refresh_gauges is not None:
             loops.append(("gauges", self._gauges, False))
+        if self.sessions is not None:
+            loops.append(("sessions", self.sessions, False))
         self._tasks = {
             name: asyncio.create_task(self._supervise(name, loop, once=once), name=name)
             for name, loop, once in loops
@@ -212,6 +217,7 @@ class Background:
             await self.jobs.sweep_lost_attempts()
             await self.jobs.sweep_over_budget()
             await self.jobs.reconcile_running(self.registry.running_lists)
+            await self.jobs.resync_connected(list(self.registry.running_lists()))
             await self.registry.maintain()
 
     async def _expire_holds(self) -> None:

@@ -23,6 +23,8 @@ from gpuplane.v1 import (
     ledger_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
     types_pb2,
 )
 from grpc import aio
@@ -36,6 +38,7 @@ from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, Rat
 from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
+from controlplane.api.sessions import SessionServicer
 from controlplane.api.text import TextInterceptor
 from controlplane.auth.browser_sessions import BrowserSessions
 from controlplane.auth.service import AuthService
@@ -63,6 +66,8 @@ from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership
 from controlplane.scheduler.market import Market
 from controlplane.scheduler.quote import Quoter
 from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolicy
+from controlplane.sessions.expiry import SessionExpiry
+from controlplane.sessions.service import SessionService
 from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
 from controlplane.tls import server_credentials
@@ -81,6 +86,7 @@ SERVICE_NAMES = (
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
+    sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
 )
 
 
@@ -203,6 +209,7 @@ class ControlPlane:
         )
         jobs.on_report_capped = self.metrics.reports_capped.inc
         jobs.on_resync = self.metrics.resyncs.inc
+        jobs.resync_interval = settings.sessions.host_resync_interval_seconds
         self.leader = leader = leadership_for(
             db,
             check_interval=scheduling.leader_check_interval_seconds,
@@ -310,6 +317,9 @@ class ControlPlane:
         data_pb2_grpc.add_DataServiceServicer_to_server(
             DataServicer(DataService(db, self.store)), server
         )
+        sessions_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(SessionService(jobs)), server
+        )
 
     def _build_background(self, domains: Domains) -> Background:
         """The background loops, with the periods their domains' settings groups set."""
@@ -332,6 +342,7 @@ class ControlPlane:
             gauges_interval=settings.metrics.refresh_interval_seconds,
             spending_interval=settings.jobs.spending_limit_interval_seconds,
             on_spending=self.metrics.record_spending,
+            sessions=SessionExpiry(domains.jobs, settings.sessions).run,
         )
 
     async def stop(self, grace: float | None = None) -> None:

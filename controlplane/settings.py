@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from controlplane.dashboard.settings import DashboardFields
+from controlplane.settings_domains import DomainFields
 from controlplane.settings_groups import (
     AuthSettings,
     HostSettings,
@@ -25,7 +25,6 @@ from controlplane.settings_groups import (
 from controlplane.settings_logging import LoggingFields
 from controlplane.settings_secrets import SecretFileFields
 from controlplane.settings_trust import TrustFields
-from controlplane.verification.settings import VerificationFields
 from messaging.natsjwt import NatsKeys, public_key
 
 # No "optional": grpcio's Python API either requires a verified client certificate or asks
@@ -33,7 +32,7 @@ from messaging.natsjwt import NatsKeys, public_key
 ClientAuth = Literal["off", "require"]
 
 
-class Settings(DashboardFields, VerificationFields, TrustFields, LoggingFields, SecretFileFields):
+class Settings(DomainFields, TrustFields, LoggingFields, SecretFileFields):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
     The fields are the environment variables (GPUPLANE_<FIELD>), grouped below by domain;

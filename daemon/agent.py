@@ -43,6 +43,7 @@ from daemon.progress import Progress
 from daemon.provenance import HostFacts
 from daemon.runtime import DockerRuntime
 from daemon.scrub import Scrubber, mark_quarantined, recheck_forever, scrubber_for
+from daemon.sessions import SessionDeadline, is_session
 from daemon.settings import DaemonSettings
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
@@ -66,6 +67,7 @@ class Agent:
         self.identity: HostIdentity | None = None
         self.journal = Journal(settings.journal_dir)
         self.executors: dict[Key, JobExecutor] = {}
+        self.deadlines: dict[Key, SessionDeadline] = {}  # of the running sessions
         self.draining = False
         self.drain_reason = ""
         # Attempts journaled by an earlier run of this daemon, not yet adopted or settled.
@@ -304,6 +306,9 @@ class Agent:
         )
         key = (dispatch.job_id, dispatch.attempt)
         self.executors[key] = executor
+        if is_session(dispatch.spec):
+            self.deadlines[key] = SessionDeadline(executor, dispatch.spec.max_duration_seconds)
+            self.deadlines[key].start()
         task = self._spawn(executor.run(adopt, journaled))
         task.add_done_callback(lambda _: self._ended_attempt(key))
 
@@ -314,6 +319,8 @@ class Agent:
 
     def _ended_attempt(self, key: Key) -> None:
         self.executors.pop(key, None)
+        if (deadline := self.deadlines.pop(key, None)) is not None:
+            deadline.close()
         self._ended[key] = None
         while len(self._ended) > _REMEMBERED_ATTEMPTS:
             self._ended.popitem(last=False)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from gpuplane.v1 import messaging_pb2, registry_pb2
+
+from daemon.sessions import remember_dispatch
 
 if TYPE_CHECKING:
     from daemon.agent import Agent
@@ -37,6 +40,8 @@ async def answer(
         assert agent.connect is not None
         known = {(j.job_id, j.attempt) for j in message.hello_ack.known_jobs}
         await agent.reconcile(known, listed_after=agent.connect.hello_sent_at)
+    elif kind == "extend":
+        return await _extend(agent, message.extend)
     elif kind == "probe":
         # Run in the background: the stream reads on; the answers follow on the stream.
         agent.start_probe(message.probe)
@@ -68,6 +73,24 @@ def _cancel(
     if targets or not command.attempt:
         return Answer.COMMAND_ANSWER_APPLIED
     return _here(agent, (command.job_id, command.attempt))
+
+
+async def _extend(
+    agent: Agent, command: registry_pb2.ExtendCommand
+) -> registry_pb2.CommandAnswer.ValueType | None:
+    """Moves a running session's deadline, and its journaled dispatch's duration (a restarted
+    daemon adopts it with the new one). An attempt that ended here is done with; one not
+    taken yet hears it again (None: never "not running here", which would bar its dispatch)."""
+    key = (command.job_id, command.attempt)
+    deadline = agent.deadlines.get(key)
+    if deadline is not None:
+        deadline.extend(command.max_duration_seconds)
+        executor = deadline.executor
+        executor.dispatch.spec.max_duration_seconds = command.max_duration_seconds
+        if executor.terminal is None:
+            await asyncio.to_thread(remember_dispatch, agent.journal, executor.dispatch)
+        return Answer.COMMAND_ANSWER_APPLIED
+    return Answer.COMMAND_ANSWER_APPLIED if key in agent._ended else None
 
 
 def _here(agent: Agent, key: tuple[str, int]) -> registry_pb2.CommandAnswer.ValueType | None:

@@ -45,6 +45,8 @@ class RunLimit:
 def run_limit(dispatch: messaging_pb2.DispatchMessage) -> RunLimit:
     """The attempt's limit: max_duration_seconds or the dispatch's budget_run_time_ms,
     whichever comes first (max_duration on a tie: the charge is the same)."""
+    if dispatch.spec.HasField("session"):
+        return RunLimit(0.0)  # its deadline moves: daemon/sessions.SessionDeadline stops it
     max_ms = dispatch.spec.max_duration_seconds * 1000
     budget_ms = dispatch.budget_run_time_ms
     if budget_ms and (not max_ms or budget_ms < max_ms):

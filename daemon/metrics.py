@@ -141,6 +141,12 @@ class AgentCollector(Collector):
         )
         draining.add_metric([], 1.0 if agent.draining else 0.0)
         yield draining
+        orphans = CounterMetricFamily(
+            "gpuplane_daemon_orphans_removed",
+            "gpuplane containers the control plane did not know, destroyed at a resync.",
+        )
+        orphans.add_metric([], float(agent.orphans_removed))
+        yield orphans
 
     def _links(self) -> Iterator[Metric]:
         agent = self.agent

@@ -21,6 +21,7 @@ from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 
 from daemon.logstream import LogFollower
 from daemon.preflight import userns_remapped
+from daemon.sessions import authorized_keys_tar
 from daemon.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,10 @@ class DockerRuntime:
                 str(work_dir / "input"): {"bind": "/input", "mode": "ro"},
             },
         }
+        if spec.HasField("session"):
+            # A shell stays up on a terminal with open stdin; its filesystem is the user's
+            # to change (and takes the SSH keys: put_archive refuses a read-only root).
+            config.update(tty=True, stdin_open=True, read_only=False)
         share = max(spec.gpu_count, 1) / self.gpu_count  # of the machine, by GPUs
         memory = spec.memory_bytes or self.settings.default_memory_bytes
         memory = memory or int(facts.memory_bytes * min(share, 1.0))
@@ -256,12 +261,16 @@ class DockerRuntime:
             user = str((image.attrs.get("Config") or {}).get("User") or "")
             config = self.container_config(dispatch, work_dir, user)
             try:
-                return self.client.containers.create(dispatch.spec.image, **config)
+                container = self.client.containers.create(dispatch.spec.image, **config)
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
-            self.client.api.remove_container(config["name"], force=True)
-            return self.client.containers.create(dispatch.spec.image, **config)
+                self.client.api.remove_container(config["name"], force=True)
+                container = self.client.containers.create(dispatch.spec.image, **config)
+            keys = list(dispatch.spec.session.ssh_public_keys)
+            if keys and not container.put_archive("/", authorized_keys_tar(keys)):
+                raise ContainerError("the session's SSH keys could not be written")
+            return container
 
         try:
             return await asyncio.to_thread(create)

@@ -16,6 +16,7 @@ from gpuplane.v1 import (
     jobs_pb2_grpc,
     ledger_pb2_grpc,
     registry_pb2_grpc,
+    sessions_pb2_grpc,
 )
 from grpc import aio
 
@@ -238,6 +239,7 @@ class Client:
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
         self.data = data_pb2_grpc.DataServiceStub(self.channel)
+        self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
 
     async def call(self, method: aio.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
         """One unary call with the caller's key and the unary timeout."""

@@ -61,6 +61,8 @@ def _completer_for(action: argparse.Action) -> IdCompleter | None:
         return IdCompleter(_job_ids)
     if action.dest == "host_id":
         return IdCompleter(_host_ids)
+    if action.dest == "session_id":
+        return IdCompleter(_session_ids)
     return None
 
 
@@ -106,3 +108,11 @@ async def _host_ids(client: Client) -> dict[str, str]:
     request = registry_pb2.ListHostsRequest(page_size=LOOKUP_PAGE)
     hosts = (await client.call(client.registry.ListHosts, request)).hosts
     return {h.host_id: f"{enum_name(types_pb2.HostState, h.state)} {h.hostname}" for h in hosts}
+
+
+async def _session_ids(client: Client) -> dict[str, str]:
+    from gpuplane.v1 import sessions_pb2, types_pb2
+
+    request = sessions_pb2.ListSessionsRequest(page_size=LOOKUP_PAGE)
+    found = (await client.call(client.sessions.ListSessions, request)).sessions
+    return {s.session_id: f"{enum_name(types_pb2.JobState, s.state)} {s.image}" for s in found}

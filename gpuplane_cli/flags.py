@@ -57,6 +57,9 @@ FIELD_FLAGS: dict[str, str] = {
     "job_id": "JOB",
     "host_id": "HOST",
     "id_prefix": "JOB/HOST (its start)",
+    "duration_seconds": "--hours",
+    "ssh_public_keys": "--ssh-key",
+    "session_id": "SESSION",
 }
 # The flag's dest when it is not the flag's name: positional arguments and `-- COMMAND`.
 _DEST = {
@@ -70,6 +73,7 @@ _DEST = {
     "--account": "account",
     "COMMAND (after --)": "image",
     "JOB/HOST (its start)": "",
+    "SESSION": "session_id",
 }
 # `spec.env['X']`, `spec.gpu_models[2]`, `spec.inputs[0].key`: the field, an index, the rest.
 _FIELD = re.compile(r"(?P<field>[a-z_][a-z_.]*?)(?:\[(?P<index>[^\]]*)\](?P<rest>\.[a-z_.]+)?)?: ")

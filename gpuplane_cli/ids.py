@@ -24,18 +24,32 @@ class Kind:
     noun: str
     prefix: str
     attrs: tuple[str, ...]
+    # Other prefixes of ids of this kind, taken as given: a session (`ses_…`) is a job too.
+    others: tuple[str, ...] = ()
 
     def full(self, text: str) -> bool:
-        return text.startswith(self.prefix) and bool(_HEX.fullmatch(text[len(self.prefix) :]))
+        return any(
+            text.startswith(prefix) and bool(_HEX.fullmatch(text[len(prefix) :]))
+            for prefix in (self.prefix, *self.others)
+        )
+
+    def starts(self, text: str) -> list[str]:
+        """`text` as the starts of ids: as given when it has one of this kind's prefixes,
+        else with each of them (`3f9a`: a job's `job_3f9a` or a session's `ses_3f9a`)."""
+        prefixes = (self.prefix, *self.others)
+        if text.startswith(prefixes):
+            return [text]
+        return [prefix + text for prefix in prefixes]
 
 
-JOB = Kind("job", "job_", ("job_id", "job_ids", "job"))  # `job`: ledger --job
+JOB = Kind("job", "job_", ("job_id", "job_ids", "job"), ("ses_",))  # `job`: ledger --job
 HOST = Kind("host", "host_", ("host_id", "host_ids"))
+SESSION = Kind("session", "ses_", ("session_id",))
 
 
 async def resolve_args(args: argparse.Namespace, ctx: Context) -> None:
-    """Replaces every short job or host id among the arguments with the full one."""
-    for kind in (JOB, HOST):
+    """Replaces every short job, host or session id among the arguments with the full one."""
+    for kind in (JOB, HOST, SESSION):
         for attr in kind.attrs:
             value = getattr(args, attr, None)
             if isinstance(value, str) and value:
@@ -49,11 +63,10 @@ async def resolve(ctx: Context, kind: Kind, text: str) -> str:
     may read. A full id is returned as given, without a call."""
     if kind.full(text):
         return text
-    wanted = text.strip().lower()
-    prefix = wanted if wanted.startswith(kind.prefix) else kind.prefix + wanted
-    if not _PREFIX.fullmatch(prefix):
+    starts = kind.starts(text.strip().lower())
+    if not all(_PREFIX.fullmatch(prefix) for prefix in starts):
         raise CliError(f"{text!r} is not a {kind.noun} id nor the start of one", EXIT_USAGE)
-    matches = await _matching(ctx, kind, prefix)
+    matches = [found for prefix in starts for found in await _matching(ctx, kind, prefix)]
     if not matches:
         # Worded as the server's NOT_FOUND for a full id, which scripts may match.
         raise CliError(f"NOT_FOUND: no {kind.noun} matches {text!r}", EXIT_NOT_FOUND)
@@ -71,7 +84,7 @@ async def resolve(ctx: Context, kind: Kind, text: str) -> str:
 async def _matching(ctx: Context, kind: Kind, prefix: str) -> Sequence[str]:
     """Up to a page of the ids starting with `prefix` (enough to say it is ambiguous)."""
     client = ctx.client()
-    if kind is JOB:
+    if kind in (JOB, SESSION):  # a session is a job: ListJobs finds it by its prefix
         jobs = await client.call(
             client.jobs.ListJobs, jobs_pb2.ListJobsRequest(id_prefix=prefix, page_size=50)
         )

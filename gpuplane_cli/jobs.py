@@ -81,7 +81,7 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
         "--image", required=True, help="container image reference, e.g. busybox or ghcr.io/o/r:1"
     )
     p.add_argument("--entrypoint", help="replace the image's entrypoint, e.g. /bin/sh")
-    _resource_options(p)
+    resource_options(p)
     p.add_argument(
         "--max-duration",
         type=a.duration,
@@ -133,7 +133,7 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     _placement_options(p)
 
 
-def _resource_options(p: argparse.ArgumentParser) -> None:
+def resource_options(p: argparse.ArgumentParser) -> None:
     """What a job needs of a host: GPUs, their kind, CPU and memory."""
     p.add_argument(
         "--gpus", type=a.non_negative, default=1, help="GPUs on one host (default 1), e.g. 8"

@@ -24,6 +24,7 @@ from gpuplane_cli import (
     ledger,
     natskeys,
     serve,
+    sessions,
     up,
 )
 from gpuplane_cli.args import Handler, common_options
@@ -67,6 +68,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     up.register(subparsers)
     serve.register(subparsers, want_daemon=_first_command(argv) == "daemon")
     jobs.register(subparsers, leaf_common)
+    sessions.register(subparsers, leaf_common)
     apply.register(subparsers, leaf_common)
     data.register(subparsers, leaf_common)
     hosts.register(subparsers, leaf_common)

@@ -21,7 +21,6 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from controlplane.db import migrate
 from controlplane.db.engine import Database
 from devstack import (
     TEST_IMAGE,
@@ -35,6 +34,7 @@ from devstack import (
 from devstack.certs import TestCerts, issue_test_certs
 from messaging.subjects import ensure_streams
 from storage.objects import ObjectStore
+from tests.dbseed import migrated_database
 from tests.harness import JobPlane, job_plane
 from tests.serving import serve, start_or_message
 
@@ -99,19 +99,22 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresClust
     yield from serve(PostgresCluster(tmp_path_factory.mktemp("postgres")))
 
 
+def _database_name(request: pytest.FixtureRequest) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:40]
+    return f"t{next(_databases)}_{slug}"
+
+
 @pytest.fixture
 def pg_url(postgres: PostgresCluster, request: pytest.FixtureRequest) -> str:
     """A SQLAlchemy URL (postgresql+psycopg://) of a fresh, empty database for this test."""
-    slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:40]
-    name = postgres.create_database(f"t{next(_databases)}_{slug}")
-    return postgres.url(name)
+    return postgres.url(postgres.create_database(_database_name(request)))
 
 
 @pytest.fixture
-async def db(pg_url: str) -> AsyncIterator[Database]:
-    """A migrated PostgreSQL database of this test's own."""
-    await asyncio.to_thread(migrate.upgrade, pg_url)
-    database = Database(pg_url)
+async def db(postgres: PostgresCluster, request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    """A migrated PostgreSQL database of this test's own (a copy of one migrated once)."""
+    url = await asyncio.to_thread(migrated_database, postgres, _database_name(request))
+    database = Database(url)
     try:
         yield database
     finally:
@@ -146,9 +149,15 @@ async def store(s3_server: S3Server) -> ObjectStore:
 @pytest.fixture
 def database_url(request: pytest.FixtureRequest) -> str:
     """The control plane's database: "" (SQLite in its data dir) unless the test is marked
-    `databases(...)`, which runs it once per kind, PostgreSQL on a fresh database."""
+    `databases(...)`, which runs it once per kind, PostgreSQL on a fresh database: empty, or
+    for a test with a `plane`, a copy of one migrated once (tests/dbseed.py)."""
     kind = getattr(request, "param", "sqlite")
-    return "" if kind == "sqlite" else str(request.getfixturevalue("pg_url"))
+    if kind == "sqlite":
+        return ""
+    if "plane" in request.fixturenames:  # a harness plane: start from a migrated copy
+        postgres: PostgresCluster = request.getfixturevalue("postgres")
+        return migrated_database(postgres, _database_name(request))
+    return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture

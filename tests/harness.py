@@ -26,6 +26,7 @@ from controlplane.settings import Settings
 from daemon.channel import PLAINTEXT, ChannelSecurity, open_channel
 from devstack.certs import TestCerts
 from devstack.factories import CREDIT, bearer, deposit, new_job, new_tenant, new_token
+from tests.dbseed import seed_sqlite
 
 __all__ = ["CREDIT", "JobPlane", "job_plane", "open_plane"]
 
@@ -195,6 +196,8 @@ async def open_plane(
 ) -> AsyncIterator[JobPlane]:
     """Starts a control plane on `settings` and opens a channel to it; stops both after. No
     tenants: job_plane() adds them; a bare plane (no NATS) serves the admin API alone."""
+    if not settings.database_url:  # SQLite in data_dir: a copy of a database migrated once
+        await asyncio.to_thread(seed_sqlite, settings.data_dir)
     plane = ControlPlane(settings)
     await plane.start()
     try:

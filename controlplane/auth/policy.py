@@ -28,6 +28,13 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.JobService/StreamLogs": frozenset({A, C}),
     "/gpuplane.v1.JobService/GetResults": frozenset({A, C}),
     "/gpuplane.v1.JobService/GetJobEfficiency": frozenset({A, C}),
+    # SessionService: interactive sessions are consumers' jobs; ownership in the service.
+    "/gpuplane.v1.SessionService/CreateSession": frozenset({A, C}),
+    "/gpuplane.v1.SessionService/GetSession": frozenset({A, C}),
+    "/gpuplane.v1.SessionService/ListSessions": frozenset({A, C}),
+    "/gpuplane.v1.SessionService/ExtendSession": frozenset({A, C}),
+    "/gpuplane.v1.SessionService/FinishSession": frozenset({A, C}),
+    "/gpuplane.v1.SessionService/DestroySession": frozenset({A, C}),
     # DataService: a caller's own input area (inputs/<tenant>/), scoped in the service.
     "/gpuplane.v1.DataService/CreateUpload": frozenset({A, C}),
     "/gpuplane.v1.DataService/CompleteUpload": frozenset({A, C}),

@@ -16,7 +16,7 @@ from controlplane.jobs.models import JobAttempt
 SUPERSEDED = "superseded"
 MOOT = "moot"
 # Kinds of command that may be about one attempt (job_id, attempt): moot once it ended.
-ABOUT_ATTEMPTS = ("cancel", "resync")
+ABOUT_ATTEMPTS = ("cancel", "resync", "extend")
 
 
 class CommandRepository:
@@ -34,14 +34,20 @@ class CommandRepository:
     ) -> None:
         """Stores a command for the host, due at once, in the caller's transaction. A drain, or
         a resync about no attempt, closes the host's unacknowledged earlier ones of its kind
-        (only the latest matters); a cancel or resync already waiting for the same attempt is
-        not stored twice."""
+        (only the latest matters), and so does a session's extend its attempt's earlier ones
+        (each names the whole new duration); a cancel or resync already waiting for the same
+        attempt is not stored twice."""
         kind = message.WhichOneof("msg") or ""
         unacked = (HostCommand.host_id == host_id, HostCommand.acked_at.is_(None))
-        if kind == "drain" or (kind == "resync" and job_id is None):
+        if kind in ("drain", "extend") or (kind == "resync" and job_id is None):
+            about = (HostCommand.job_id == job_id, HostCommand.attempt == attempt)
             await self.session.execute(
                 update(HostCommand)
-                .where(*unacked, HostCommand.kind == kind, HostCommand.job_id.is_(None))
+                .where(
+                    *unacked,
+                    HostCommand.kind == kind,
+                    *(about if kind == "extend" else (HostCommand.job_id.is_(None),)),
+                )
                 .values(acked_at=now, answer=SUPERSEDED)
                 .execution_options(synchronize_session=False)
             )

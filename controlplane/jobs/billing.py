@@ -66,6 +66,9 @@ class JobBilling:
         # last one saw per host (acted on only when the next one sees them again).
         self._next_reconcile = 0.0
         self._reconcile_suspects: dict[str, set[tuple[str, int]]] = {}
+        # jobs/reconcile.PeriodicResync: its period (seconds, 0: off) and next round.
+        self.resync_interval = 60.0
+        self._next_periodic_resync = 0.0
 
     @staticmethod
     def _cancel_command(

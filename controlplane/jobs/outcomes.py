@@ -127,6 +127,11 @@ OUTCOMES: Mapping[Reason, Outcome] = {
     # The registry unreachable from the host (its network, DNS) or failing: the host's fault,
     # retried on another host. An image the registry does not know is IMAGE_UNAVAILABLE.
     StopReason.STOP_REASON_IMAGE_PULL_FAILED: Outcome(None, Fault.PROVIDER, _pull_failed),
+    # An interactive session the user said is done (SessionService.FinishSession): a success,
+    # charged the time it ran.
+    StopReason.STOP_REASON_SESSION_DONE: Outcome(
+        JobState.SUCCEEDED, Fault.NONE, lambda f: "done: ended by the user"
+    ),
 }
 
 # The strings daemons of earlier releases wrote (legacy_stop_reason, and "upload_failed" at
@@ -146,6 +151,8 @@ CANCEL_TEXTS: Mapping[Reason, str] = {
     StopReason.STOP_REASON_BUDGET_EXHAUSTED: "budget_exhausted",
     StopReason.STOP_REASON_HOLD_EXPIRED: "hold expired",
     StopReason.STOP_REASON_SPENDING_LIMIT: "spending limit reached",
+    StopReason.STOP_REASON_SESSION_DONE: "session done",
+    StopReason.STOP_REASON_TIMED_OUT: "session expired",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Collection, Mapping, Set
 
 from gpuplane.v1 import registry_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -98,6 +98,35 @@ class Reconciliation(JobBilling):
             if self.on_resync is not None:
                 self.on_resync()
         return stored
+
+
+class PeriodicResync(Reconciliation):
+    """Part of JobService: every `resync_interval` seconds (0: never) each daemon connected
+    to this replica is sent a ResyncCommand with the attempts live on its host, whatever its
+    heartbeats say, straight on its stream (not stored: the next period sends another). The
+    daemon destroys any gpuplane container the control plane does not know (left by a crash,
+    or started by hand), logs it and counts it (gpuplane_daemon_orphans_removed_total)."""
+
+    async def resync_connected(self, hosts: Collection[str]) -> int:
+        """One round, if due, for the connected `hosts`; returns how many were sent."""
+        clock = time.monotonic()
+        if not self.resync_interval or clock < self._next_periodic_resync:
+            return 0
+        first = not self._next_periodic_resync
+        self._next_periodic_resync = clock + self.resync_interval
+        if first or not hosts:
+            return 0  # connecting reconciled them just now (HelloAck)
+        async with self.db.read() as session:
+            rows = await JobRepository(session).live_on_hosts(sorted(hosts))
+        live: dict[str, dict[Key, AttemptState]] = defaultdict(dict)
+        for host_id, job_id, attempt, state in rows:
+            live[host_id][(job_id, attempt)] = AttemptState(state)
+        sent = 0
+        for host_id in hosts:
+            known = [_running_job(k, s) for k, s in sorted(live.get(host_id, {}).items())]
+            resync = registry_pb2.ResyncCommand(known_jobs=known)
+            sent += self.streams.send(host_id, registry_pb2.ControlMessage(resync=resync))
+        return sent
 
 
 def _running_job(key: Key, state: AttemptState) -> registry_pb2.RunningJob:

@@ -82,6 +82,29 @@ class JobRepository:
             self.session, query, (Job.created_at, Job.id), page, lambda j: (j.created_at, j.id)
         )
 
+    async def running_with_prefix(self, id_prefix: str, limit: int) -> Sequence[Job]:
+        """Running jobs whose id starts with `id_prefix` (interactive sessions: "ses_")."""
+        query = (
+            select(Job)
+            .where(starts_with(Job.id, id_prefix), Job.state == "running")
+            .order_by(Job.id)
+            .limit(limit)
+        )
+        return (await self.session.scalars(query)).all()
+
+    async def latest_events_like(
+        self, job_ids: Collection[str], reason_prefix: str
+    ) -> dict[str, str]:
+        """The reason of each job's latest event whose reason starts with `reason_prefix`."""
+        if not job_ids:
+            return {}
+        query = (
+            select(JobEvent.job_id, JobEvent.reason)
+            .where(JobEvent.job_id.in_(job_ids), JobEvent.reason.startswith(reason_prefix))
+            .order_by(JobEvent.job_id, JobEvent.seq)
+        )
+        return {job_id: reason for job_id, reason in await self.session.execute(query)}
+
     async def queued(self, now: datetime, limit: int) -> Sequence[Job]:
         """Queued jobs whose backoff has passed, highest priority first, then oldest."""
         query = (

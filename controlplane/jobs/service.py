@@ -25,9 +25,10 @@ from controlplane.jobs.acks import CommandAcks
 from controlplane.jobs.budget import BudgetStops
 from controlplane.jobs.expiry import HoldExpiry
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
+from controlplane.jobs.outcomes import Reason, StopReason
 from controlplane.jobs.policy import JobPolicy as JobPolicy  # re-exported
 from controlplane.jobs.policy import hold_expiry, hold_for, priced
-from controlplane.jobs.reconcile import Reconciliation
+from controlplane.jobs.reconcile import PeriodicResync
 from controlplane.jobs.rejection import Rejections
 from controlplane.jobs.reports import Reports
 from controlplane.jobs.repository import JobRepository
@@ -47,7 +48,7 @@ class JobView:
 
 
 class JobService(
-    Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks, SpendingLimits, Reconciliation
+    Reports, HoldExpiry, Rejections, BudgetStops, CommandAcks, SpendingLimits, PeriodicResync
 ):
     """The jobs domain's entry point: servicers, the report consumer and the background
     loops call it. Its parts live beside it: billing.py (metering, settlement), reports.py,
@@ -85,8 +86,12 @@ class JobService(
         spec: types_pb2.JobSpec,
         idempotency_key: str | None,
         request_hash: str,
+        kind: str = "job",
     ) -> Job:
-        """Validates, holds credit and queues the job in one transaction."""
+        """Validates, holds credit and queues the job in one transaction; `kind` is its id's
+        prefix ("ses" for an interactive session, whose spec only SessionService makes)."""
+        if kind == "job" and spec.HasField("session"):
+            raise InvalidArgument("spec.session", "sessions are created by CreateSession")
         spec = await self.price_spec(self.prepare_spec(spec))
         hold = hold_for(spec, self.policy.default_max_price)
         now = utcnow()
@@ -101,7 +106,7 @@ class JobService(
             stamped = await stamp_input_hashes(session, caller.tenant_id, spec)
             job = new_job(
                 repo,
-                job_id=new_id("job"),
+                job_id=new_id(kind),
                 tenant_id=caller.tenant_id,
                 spec=stamped.SerializeToString(deterministic=True),
                 gpu_count=spec.gpu_count,
@@ -201,7 +206,16 @@ class JobService(
                 id_prefix,
             )
 
-    async def cancel(self, caller: Principal, job_id: str, reason: str) -> Job:
+    async def cancel(
+        self,
+        caller: Principal,
+        job_id: str,
+        reason: str,
+        stop: Reason = StopReason.STOP_REASON_CANCELLED,
+        why: str = "",
+    ) -> Job:
+        """Stops the job (its host told `stop`, the reason it ends for: a cancel, or a
+        session's "done"); a queued one ends CANCELLED at once. `why`: its state reason."""
         if len(reason) > 500:
             raise InvalidArgument("reason", "at most 500 characters")
         now = utcnow()
@@ -212,15 +226,16 @@ class JobService(
             if job is None:
                 raise NotFound(f"job_id: no job {job_id!r}")
             state = JobState(job.state)
-            why = f"cancelled: {reason}" if reason else "cancelled by the user"
+            said = why or (f"cancelled: {reason}" if reason else "cancelled by the user")
             if state == JobState.QUEUED:
-                set_job_state(repo, job, JobState.CANCELLED, reason=why, now=now)
+                set_job_state(repo, job, JobState.CANCELLED, reason=said, now=now)
                 await self._settle(session, job, None, None)
             elif state in ON_HOST:
                 job.cancel_requested = True
                 # Kept until the daemon's STOPPED report: it becomes the CANCELLED reason.
-                job.state_reason = why
-                await self._command(session, job, self._cancel_command(job, text=why), now)
+                job.state_reason = said
+                command = self._cancel_command(job, stop, text=said)
+                await self._command(session, job, command, now)
                 return job, True
             return job, False
 

@@ -79,9 +79,9 @@ JOB = register(
             },
             S.RUNNING: {
                 S.UPLOADING: "the container exited; outputs and logs are being stored",
-                S.SUCCEEDED: "exit 0 and results stored (UPLOADING collapsed)",
-                S.FAILED: "non-zero exit, OOM, budget exhausted, upload failed",
-                S.TIMED_OUT: "ran past max_duration and was stopped",
+                S.SUCCEEDED: "exit 0 and results stored (UPLOADING collapsed), or a session done",
+                S.FAILED: "non-zero exit, OOM, budget exhausted, upload failed; a session lost",
+                S.TIMED_OUT: "ran past max_duration (a session: expired) and was stopped",
                 S.CANCELLED: "cancelled and stopped",
                 S.QUEUED: "lost mid-run, or exited with a code the spec retries: attempt+1",
             },

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.db.base import new_id, utcnow
-from controlplane.errors import AlreadyExists, FailedPrecondition, NotFound
+from controlplane.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
 from controlplane.ledger.limits import check_hold
 from controlplane.ledger.models import Hold
 from controlplane.ledger.repository import LedgerRepository
@@ -355,3 +355,24 @@ async def extend(session: AsyncSession, hold_id: str, expires_at: datetime) -> b
     return await LedgerRepository(session).update_pending_hold(
         hold_id, expires_at=expires_at, updated_at=utcnow()
     )
+
+
+async def top_up(
+    session: AsyncSession, hold_id: str, amount: int, key: str, expires_at: datetime
+) -> int:
+    """Adds `amount` of the tenant's available credit to a pending hold (a session extended)
+    and moves its expiry; returns the hold's new amount. Insufficient credit is
+    FailedPrecondition, a hold past the monthly spending limit SpendingLimitExceeded: the
+    caller's transaction then rolls back, nothing changed."""
+    repo = LedgerRepository(session)
+    hold = (await _lock(repo, [hold_id])).get(hold_id)
+    if hold is None or hold.state != PENDING:
+        raise Conflict(f"hold {hold_id!r} is no longer pending")
+    now = utcnow()
+    await check_hold(session, hold.tenant_id, amount, now)
+    available, held = hold_accounts(hold.tenant_id)
+    transfer = NewTransfer(available, held, amount, TransferKind.HOLD, key, hold.job_id)
+    await post(session, [transfer])
+    total = hold.amount + amount
+    await repo.update_pending_hold(hold_id, amount=total, expires_at=expires_at, updated_at=now)
+    return total

@@ -347,6 +347,12 @@ class LedgerService:
         """Moves a pending hold's expiry (a requeued job waits again)."""
         return await holds.extend(session, hold_id, expires_at)
 
+    async def top_up(
+        self, session: AsyncSession, hold_id: str, amount: int, key: str, expires_at: datetime
+    ) -> int:
+        """Adds `amount` to a pending hold and moves its expiry (see holds.top_up)."""
+        return await holds.top_up(session, hold_id, amount, key, expires_at)
+
     # Holds in a transaction of their own (callers without a job: tools, tests, the
     # benchmark), through the methods above; keys derived from the hold -------------------
 

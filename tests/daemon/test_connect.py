@@ -84,6 +84,12 @@ async def test_reconnects_with_hello_and_takes_commands() -> None:
         assert list(hello.running_jobs) == running
         assert list(beat.running_jobs) == running
         assert session.heartbeat_interval_ms == 50  # taken from the HelloAck
+        # The cancel came before the first heartbeat, but the daemon hands it to on_command
+        # from its reader task, which a loaded machine may run after the heartbeat went out.
+        for _ in range(200):
+            if commands:
+                break
+            await asyncio.sleep(0.025)
         cancels = [c.cancel for c in commands if c.WhichOneof("msg") == "cancel"]
         assert [(c.job_id, c.attempt, c.reason) for c in cancels] == [("job-1", 2, "user")]
         assert session.streams_opened == 2

@@ -24,6 +24,8 @@ from gpuplane.v1 import (
     ledger_pb2,
     messaging_pb2,
     registry_pb2,
+    sessions_pb2,
+    sessions_pb2_grpc,
     types_pb2,
 )
 
@@ -72,6 +74,8 @@ OWN_INPUT_AREA = table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW)
 # A key only the consumer uploaded: absent from everyone else's input area.
 OWNED_INPUT = table(admin=HIDDEN, consumer=ALLOW, other_consumer=HIDDEN)
 INPUT_KEY = "authz/input.bin"
+# Every module with a service: the table must name each of their RPCs.
+SERVICE_MODULES = (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, sessions_pb2)
 EXPECTED: dict[str, dict[str, str]] = {
     "JobService/SubmitJob": table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW),
     "JobService/GetJob": OWNED_JOB,
@@ -81,6 +85,12 @@ EXPECTED: dict[str, dict[str, str]] = {
     "JobService/StreamLogs": OWNED_JOB,
     "JobService/GetResults": OWNED_JOB,
     "JobService/GetJobEfficiency": OWNED_JOB,
+    "SessionService/CreateSession": table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW),
+    "SessionService/GetSession": OWNED_JOB,
+    "SessionService/ListSessions": OWN_TENANT,
+    "SessionService/ExtendSession": OWNED_JOB,
+    "SessionService/FinishSession": OWNED_JOB,
+    "SessionService/DestroySession": OWNED_JOB,
     "DataService/CreateUpload": OWN_INPUT_AREA,
     "DataService/CompleteUpload": OWNED_INPUT,
     "DataService/AbortUpload": OWN_INPUT_AREA,
@@ -136,6 +146,7 @@ class World:
     host: ScriptedHost | None = None
     job: str = ""  # the consumer's job with stored results
     other_job: str = ""  # the other consumer's job, also with results
+    session: str = ""  # the consumer's interactive session (on no host: no B200 here)
     token_id: str = ""  # a registration token of the provider's
     spare_key_id: str = ""  # an API key of the other consumer's, for RevokeApiKey
     spare_host_id: str = ""  # a host of the provider's, for RevokeHost
@@ -263,6 +274,10 @@ async def world(
             stray_logs=f"jobs/{w.other_job}/1/logs/stdout",
         )
         await upload_input(plane, plane.consumer_key, INPUT_KEY, b"input")
+        created = await sessions_pb2_grpc.SessionServiceStub(plane.channel).CreateSession(
+            session_request(), metadata=plane.auth(plane.consumer_key)
+        )
+        w.session = created.session.session_id
         try:
             yield w
         finally:
@@ -282,6 +297,11 @@ async def upload_input(plane: JobPlane, key: str, input_key: str, data: bytes) -
     )
 
 
+def session_request() -> sessions_pb2.CreateSessionRequest:
+    spec = types_pb2.JobSpec(image="gpuplane-test/busybox:1", gpu_count=1, gpu_models=["B200"])
+    return sessions_pb2.CreateSessionRequest(spec=spec, duration_seconds=60)
+
+
 def request_for(world: World, method: str) -> Message:
     """A well-formed request of `method` aimed at the consumer's or the provider's things."""
     t = world.tenants
@@ -296,6 +316,16 @@ def request_for(world: World, method: str) -> Message:
         "JobService/StreamLogs": jobs_pb2.StreamLogsRequest(job_id=world.job),
         "JobService/GetResults": jobs_pb2.GetResultsRequest(job_id=world.job),
         "JobService/GetJobEfficiency": jobs_pb2.GetJobEfficiencyRequest(job_id=world.job),
+        "SessionService/CreateSession": session_request(),
+        "SessionService/GetSession": sessions_pb2.GetSessionRequest(session_id=world.session),
+        "SessionService/ListSessions": sessions_pb2.ListSessionsRequest(tenant_id=t["consumer"]),
+        "SessionService/ExtendSession": sessions_pb2.ExtendSessionRequest(
+            session_id=world.session, duration_seconds=60
+        ),
+        "SessionService/FinishSession": sessions_pb2.FinishSessionRequest(session_id=world.session),
+        "SessionService/DestroySession": sessions_pb2.DestroySessionRequest(
+            session_id=world.session
+        ),
         "DataService/CreateUpload": data_pb2.CreateUploadRequest(key=INPUT_KEY, size_bytes=5),
         "DataService/CompleteUpload": data_pb2.CompleteUploadRequest(key=INPUT_KEY),
         "DataService/AbortUpload": data_pb2.AbortUploadRequest(key=INPUT_KEY, upload_id="gone"),
@@ -373,7 +403,7 @@ def request_for(world: World, method: str) -> Message:
 
 def method_descriptor(method: str) -> Any:
     service, name = method.split("/")
-    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2):
+    for module in SERVICE_MODULES:
         if service in module.DESCRIPTOR.services_by_name:
             return module.DESCRIPTOR.services_by_name[service].methods_by_name[name]
     raise KeyError(method)
@@ -425,7 +455,7 @@ def test_table_covers_every_rpc_and_the_policy() -> None:
     """The intended table, the policy module and the proto agree on what exists."""
     rpcs = {
         f"{service.name}/{m.name}"
-        for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2)
+        for module in SERVICE_MODULES
         for service in module.DESCRIPTOR.services_by_name.values()
         for m in service.methods
     }
@@ -441,6 +471,9 @@ ORDER = sorted(
     key=lambda m: m.endswith(
         (
             "CancelJob",
+            "ExtendSession",
+            "FinishSession",
+            "DestroySession",
             "DeleteInput",
             "RevokeApiKey",
             "RevokeRegistrationToken",

@@ -20,7 +20,15 @@ import grpc
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
-from gpuplane.v1 import admin_pb2, data_pb2, jobs_pb2, ledger_pb2, registry_pb2, types_pb2
+from gpuplane.v1 import (
+    admin_pb2,
+    data_pb2,
+    jobs_pb2,
+    ledger_pb2,
+    registry_pb2,
+    sessions_pb2,
+    types_pb2,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,12 +44,20 @@ T = TypeVar("T")
 FDT = FieldDescriptor
 METHODS: list[MethodDescriptor] = [
     method
-    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2)
+    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, sessions_pb2)
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 ]
 # Requests that may move money or make jobs: a rejected one must leave no trace.
-MUTATING = {"SubmitJob", "Deposit", "Payout", "RefundJob", "CancelJob"}
+MUTATING = {
+    "SubmitJob",
+    "Deposit",
+    "Payout",
+    "RefundJob",
+    "CancelJob",
+    "CreateSession",
+    "ExtendSession",
+}
 # Codes a hostile request may get; INTERNAL and UNKNOWN are bugs, DEADLINE_EXCEEDED only on
 # streams that legitimately wait for more.
 DELIBERATE = {

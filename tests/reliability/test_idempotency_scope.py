@@ -21,6 +21,8 @@ from gpuplane.v1 import (
     ledger_pb2_grpc,
     messaging_pb2,
     registry_pb2,
+    sessions_pb2,
+    sessions_pb2_grpc,
     types_pb2,
 )
 
@@ -52,7 +54,7 @@ Kind = messaging_pb2.JobReportKind
 def keyed_methods() -> dict[str, str]:
     """Every RPC whose request carries an idempotency key: name → full method path."""
     found = {}
-    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2):
+    for module in (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, sessions_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 if "idempotency_key" in method.input_type.fields_by_name:
@@ -89,6 +91,16 @@ CASES: dict[str, Case] = {
         lambda p: jobs_pb2_grpc.JobServiceStub(p.channel).SubmitJob,
         lambda r: r.job.job_id,
         lambda r, c: r.job.tenant_id == c.tenant_id and r.job.idempotency_key == KEY,
+    ),
+    "CreateSession": Case(
+        lambda c: sessions_pb2.CreateSessionRequest(
+            spec=types_pb2.JobSpec(image="busybox", gpu_count=1),
+            duration_seconds=60,
+            idempotency_key=KEY,
+        ),
+        lambda p: sessions_pb2_grpc.SessionServiceStub(p.channel).CreateSession,
+        lambda r: r.session.session_id,
+        lambda r, c: r.session.tenant_id == c.tenant_id,
     ),
     "CreateRegistrationToken": Case(
         # The issue's case: the same request (own provider, same label) from two providers.

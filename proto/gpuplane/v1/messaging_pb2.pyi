@@ -153,6 +153,11 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     """A GPU the dispatch names is quarantined on the host: the scrub after an earlier attempt
     found processes or memory left on it (see ScrubAttestation); `reason` says which.
     """
+    STOP_REASON_SESSION_DONE: _StopReason.ValueType  # 30
+    """Interactive sessions (SessionService).
+    The user said the session is done (FinishSession): it ends SUCCEEDED, charged the time
+    it ran.
+    """
 
 class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
     """Why an attempt ended: set by the daemon on every terminal report (FINISHED, STOPPED,
@@ -229,6 +234,11 @@ says why. An image the registry says does not exist is IMAGE_UNAVAILABLE instead
 STOP_REASON_GPU_QUARANTINED: StopReason.ValueType  # 36
 """A GPU the dispatch names is quarantined on the host: the scrub after an earlier attempt
 found processes or memory left on it (see ScrubAttestation); `reason` says which.
+"""
+STOP_REASON_SESSION_DONE: StopReason.ValueType  # 30
+"""Interactive sessions (SessionService).
+The user said the session is done (FinishSession): it ends SUCCEEDED, charged the time
+it ran.
 """
 Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 

@@ -522,6 +522,36 @@ class ResyncCommand(_message.Message):
 Global___ResyncCommand: _TypeAlias = ResyncCommand  # noqa: Y015
 
 @_typing.final
+class ExtendCommand(_message.Message):
+    """An interactive session was extended (SessionService.ExtendSession): the attempt's run
+    limit is now `max_duration_seconds` from its container's start (at most 12 hours; the
+    daemon caps it there whatever it is told).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    max_duration_seconds: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        max_duration_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "max_duration_seconds", b"max_duration_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtendCommand: _TypeAlias = ExtendCommand  # noqa: Y015
+
+@_typing.final
 class ProbeCommand(_message.Message):
     """A hardware verification challenge: the daemon runs `image` as a container with all the
     host's GPUs, as it runs jobs, and sends the ProbeAnswer within `deadline_ms` of receiving
@@ -619,6 +649,7 @@ class ControlMessage(_message.Message):
     DRAIN_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
     PROBE_FIELD_NUMBER: _builtins.int
+    EXTEND_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
     """Set on a command stored in the control plane's database (cancel, drain, resync): the daemon
@@ -635,6 +666,8 @@ class ControlMessage(_message.Message):
     def resync(self) -> Global___ResyncCommand: ...
     @_builtins.property
     def probe(self) -> Global___ProbeCommand: ...
+    @_builtins.property
+    def extend(self) -> Global___ExtendCommand: ...
     def __init__(
         self,
         *,
@@ -643,13 +676,14 @@ class ControlMessage(_message.Message):
         drain: Global___DrainCommand | None = ...,
         resync: Global___ResyncCommand | None = ...,
         probe: Global___ProbeCommand | None = ...,
+        extend: Global___ExtendCommand | None = ...,
         command_id: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "drain", b"drain", "extend", b"extend", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "command_id", b"command_id", "drain", b"drain", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "command_id", b"command_id", "drain", b"drain", "extend", b"extend", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello_ack", "cancel", "drain", "resync", "probe"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello_ack", "cancel", "drain", "resync", "probe", "extend"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

@@ -493,6 +493,7 @@ class JobSpec(_message.Message):
     ALLOW_UNVERIFIED_FIELD_NUMBER: _builtins.int
     RETRY_ON_EXIT_CODES_FIELD_NUMBER: _builtins.int
     MIN_RELIABILITY_PERMILLE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """Container image reference, e.g. "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime"."""
     gpu_count: _builtins.int
@@ -570,6 +571,13 @@ class JobSpec(_message.Message):
         found) end the job.
         """
 
+    @_builtins.property
+    def session(self) -> Global___SessionSpec:
+        """Set on an interactive session (SessionService.CreateSession; its id starts `ses_`): the
+        container runs with a TTY and open stdin, and max_duration_seconds is its duration
+        (extensions included, at most 12 hours), the deadline its daemon enforces itself.
+        """
+
     def __init__(
         self,
         *,
@@ -600,16 +608,43 @@ class JobSpec(_message.Message):
         allow_unverified: _builtins.bool = ...,
         retry_on_exit_codes: _abc.Iterable[_builtins.int] | None = ...,
         min_reliability_permille: _builtins.int = ...,
+        session: Global___SessionSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "allow_unverified", b"allow_unverified", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_reliability_permille", b"min_reliability_permille", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "shm_bytes", b"shm_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "allow_simulated", b"allow_simulated", "allow_unverified", b"allow_unverified", "args", b"args", "budget_micro_credits", b"budget_micro_credits", "command", b"command", "cpu_millicores", b"cpu_millicores", "env", b"env", "exclude_host_ids", b"exclude_host_ids", "gpu_count", b"gpu_count", "gpu_models", b"gpu_models", "host_labels", b"host_labels", "image", b"image", "inputs", b"inputs", "labels", b"labels", "locations", b"locations", "max_duration_seconds", b"max_duration_seconds", "max_price_per_gpu_hour_micro_credits", b"max_price_per_gpu_hour_micro_credits", "max_retries", b"max_retries", "memory_bytes", b"memory_bytes", "min_compute_capability", b"min_compute_capability", "min_reliability_permille", b"min_reliability_permille", "min_vram_gib", b"min_vram_gib", "network", b"network", "placement_policy", b"placement_policy", "priority", b"priority", "retry_on_exit_codes", b"retry_on_exit_codes", "session", b"session", "shm_bytes", b"shm_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
     _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class SessionSpec(_message.Message):
+    """What makes a job an interactive session (JobSpec.session)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SSH_PUBLIC_KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ssh_public_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """OpenSSH public keys ("ssh-ed25519 AAAA… comment"), written to /root/.ssh/authorized_keys
+        (mode 600, directory 700) in the container before it starts.
+        """
+
+    def __init__(
+        self,
+        *,
+        ssh_public_keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ssh_public_keys", b"ssh_public_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionSpec: _TypeAlias = SessionSpec  # noqa: Y015
 
 @_typing.final
 class JobUsage(_message.Message):

@@ -1,0 +1,1 @@
+"""Interactive sessions: a kind of job with a duration, extended, ended by the user."""
