@@ -6,7 +6,6 @@ import asyncio
 import gc
 import logging
 import os
-import shutil
 import signal
 from dataclasses import dataclass
 
@@ -25,6 +24,8 @@ from gpuplane.v1 import (
     registry_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
+    tunnels_pb2,
+    tunnels_pb2_grpc,
     types_pb2,
 )
 from grpc import aio
@@ -40,11 +41,11 @@ from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
 from controlplane.api.sessions import SessionServicer
 from controlplane.api.text import TextInterceptor
-from controlplane.auth.browser_sessions import BrowserSessions
+from controlplane.api.tunnels import TunnelRelayServicer, TunnelServicer
 from controlplane.auth.service import AuthService
 from controlplane.background import Background
 from controlplane.bus import Bus
-from controlplane.dashboard import app as dashboard_app
+from controlplane.dashboard.app import DashboardFront
 from controlplane.data.service import DataService
 from controlplane.db import migrate
 from controlplane.db.engine import Database
@@ -71,6 +72,8 @@ from controlplane.sessions.service import SessionService
 from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
 from controlplane.tls import server_credentials
+from controlplane.tunnels.broker import TunnelBroker
+from controlplane.tunnels.service import TunnelService, advertised
 from controlplane.verification.service import VerificationService
 from messaging.envcheck import OTHER_GPUPLANE_VARIABLES, warn_unknown_settings
 from messaging.natsjwt import Permissions
@@ -86,6 +89,8 @@ SERVICE_NAMES = (
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
+    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelService"].full_name,
+    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelRelayService"].full_name,
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
 )
 
@@ -117,9 +122,8 @@ class ControlPlane:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics_port = 0
-        self.dashboard: dashboard_app.Dashboard | None = None
+        self.front: DashboardFront | None = None  # browser sessions, the dashboard if on
         self.dashboard_port = 0
-        self._web_dir: str | None = None  # the gRPC-Web proxy's private Unix socket's
         self.admin_key_file: str | None = None
         nats = settings.nats
         self.nats_keys = nats.keys
@@ -132,6 +136,7 @@ class ControlPlane:
         self.market: Market | None = None
         self.registry: RegistryService | None = None
         self.monitor: GpuMonitor | None = None
+        self.tunnels: TunnelService | None = None
         self.leader: SoleLeader | PostgresLeader | None = None
         self.store = object_store(settings.storage)
         self._stopped = asyncio.Event()
@@ -160,8 +165,8 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics.addr:
             self.metrics_port = self.metrics.serve(settings.metrics.addr)
-        if self.dashboard is not None:
-            self.dashboard_port = await self.dashboard.start()
+        if self.front is not None:
+            self.dashboard_port = await self.front.start()
         self.background = self._build_background(domains)
         self.background.start()
         self._bucket_task = asyncio.create_task(self._ensure_bucket())
@@ -233,17 +238,14 @@ class ControlPlane:
     ) -> aio.Server:
         """The gRPC server with every service on it, listening."""
         serving, limits = self.settings.serving, self.settings.auth
-        dashboard = self.settings.dashboard
-        browser_sessions = BrowserSessions(
-            domains.db, dashboard.session_idle_seconds, dashboard.session_max_seconds
-        )
+        self.front = front = DashboardFront(self.settings, domains.db)
         server = aio.server(
             interceptors=[
                 ErrorInterceptor(self.metrics),
                 AuthInterceptor(
                     domains.auth.authenticate,
                     RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
-                    browser_sessions.authenticate,
+                    front.browser_sessions.authenticate,
                 ),
                 TextInterceptor(),
             ],
@@ -267,12 +269,9 @@ class ControlPlane:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {serving.listen_addr}")
-        if dashboard.address:
-            target, web_dir = dashboard_app.loopback(server)
-            self._web_dir = str(web_dir)
-            self.dashboard = dashboard_app.build(
-                self.settings, browser_sessions, target, SERVICE_NAMES
-            )
+        front.attach(server, SERVICE_NAMES)
+        if self.tunnels is not None:
+            self.tunnels.address = advertised(serving, self.port)
         await server.start()
         return server
 
@@ -320,6 +319,17 @@ class ControlPlane:
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(SessionService(jobs)), server
         )
+        broker = TunnelBroker()
+        self.tunnels = TunnelService(
+            db,
+            domains.registry.streams,
+            broker,
+            open_timeout=settings.serving.tunnel_open_timeout_seconds,
+        )
+        tunnels_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(self.tunnels), server)
+        tunnels_pb2_grpc.add_TunnelRelayServiceServicer_to_server(
+            TunnelRelayServicer(broker), server
+        )
 
     def _build_background(self, domains: Domains) -> Background:
         """The background loops, with the periods their domains' settings groups set."""
@@ -348,9 +358,8 @@ class ControlPlane:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
         Scheduling stops first, so another replica takes leadership over during the grace."""
-        if self.dashboard is not None:
-            await self.dashboard.stop()
-            self.dashboard = None
+        if self.front is not None:
+            await self.front.stop()
         if self.background is not None:
             await self.background.stop_scheduling()
         elif self.leader is not None:
@@ -359,6 +368,8 @@ class ControlPlane:
             await self.health.enter_graceful_shutdown()
             if self.registry is not None:
                 self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
+            if self.tunnels is not None:
+                self.tunnels.broker.close()  # tunnels end: their clients reconnect
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )
@@ -379,8 +390,6 @@ class ControlPlane:
         if self.db is not None:
             await self.db.close()
             self.db = None
-        if self._web_dir is not None:
-            shutil.rmtree(self._web_dir, ignore_errors=True)
         self._stopped.set()
 
     def _leadership_changed(self, leading: bool) -> None:

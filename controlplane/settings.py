@@ -66,6 +66,19 @@ class Settings(DomainFields, TrustFields, LoggingFields, SecretFileFields):
     listen_addr: str = Field(
         default="127.0.0.1:50051", description="gRPC host:port; port 0 picks one."
     )
+    advertise_address: str = Field(
+        default="",
+        description="host:port daemons reach this replica's gRPC API at, named in the "
+        "tunnel commands (exec, port-forward) it sends them so that they call it back. "
+        "Empty: the listen address with the port it got (a wildcard host becomes this "
+        "machine's name).",
+    )
+    tunnel_open_timeout_ms: int = Field(
+        default=5000,
+        gt=0,
+        description="How long an exec or port-forward waits for the host's daemon to call "
+        "back before it fails with UNAVAILABLE, in milliseconds.",
+    )
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024,
         gt=0,
@@ -391,6 +404,8 @@ class Settings(DomainFields, TrustFields, LoggingFields, SecretFileFields):
     def serving(self) -> ServingSettings:
         return ServingSettings(
             listen_addr=self.listen_addr,
+            advertise_address=self.advertise_address,
+            tunnel_open_timeout_seconds=self.tunnel_open_timeout_ms / 1000,
             max_message_bytes=self.max_message_bytes,
             shutdown_grace_seconds=self.shutdown_grace_seconds,
         )

@@ -5,6 +5,7 @@ checks on everything."""
 from __future__ import annotations
 
 import logging
+import shutil
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable
@@ -18,6 +19,7 @@ from controlplane.auth.browser_sessions import BrowserSessions
 from controlplane.dashboard.grpcweb import GrpcWebProxy
 from controlplane.dashboard.login import LoginRoutes, session_token
 from controlplane.dashboard.settings import DashboardSettings
+from controlplane.db.engine import Database
 from controlplane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -199,17 +201,45 @@ def loopback(server: aio.Server) -> tuple[str, Path]:
     return target, directory
 
 
-def build(
-    settings: Settings, browser_sessions: BrowserSessions, target: str, services: Iterable[str]
-) -> Dashboard:
-    """The dashboard of a control plane, from its settings."""
-    limits = settings.auth
-    return Dashboard(
-        settings.dashboard,
-        browser_sessions,
-        RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
-        target,
-        services,
-        settings.serving.max_message_bytes,
-        server_tls(settings),
-    )
+class DashboardFront:
+    """What a control plane holds of its dashboard: the browser sessions (whose tokens the auth
+    interceptor resolves) and, when an address is set, the gRPC-Web loopback port and the HTTP
+    server. `attach()` before the gRPC server starts, `await start()` after (the port)."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        group = settings.dashboard
+        self.settings = settings
+        self.browser_sessions = BrowserSessions(
+            db, group.session_idle_seconds, group.session_max_seconds
+        )
+        self.dashboard: Dashboard | None = None
+        self._directory: Path | None = None  # the loopback socket's
+
+    def attach(self, server: aio.Server, services: Iterable[str]) -> None:
+        """The dashboard over a loopback port of `server`, if one is configured."""
+        settings = self.settings
+        if not settings.dashboard.address:
+            return
+        target, self._directory = loopback(server)
+        limits = settings.auth
+        self.dashboard = Dashboard(
+            settings.dashboard,
+            self.browser_sessions,
+            RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
+            target,
+            services,
+            settings.serving.max_message_bytes,
+            server_tls(settings),
+        )
+
+    async def start(self) -> int:
+        """Serves the dashboard; its port (0 when off)."""
+        return 0 if self.dashboard is None else await self.dashboard.start()
+
+    async def stop(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard = None
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None

@@ -26,6 +26,7 @@ from gpuplane.v1 import (
     registry_pb2,
     sessions_pb2,
     sessions_pb2_grpc,
+    tunnels_pb2,
     types_pb2,
 )
 
@@ -75,7 +76,15 @@ OWN_INPUT_AREA = table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW)
 OWNED_INPUT = table(admin=HIDDEN, consumer=ALLOW, other_consumer=HIDDEN)
 INPUT_KEY = "authz/input.bin"
 # Every module with a service: the table must name each of their RPCs.
-SERVICE_MODULES = (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, sessions_pb2)
+SERVICE_MODULES = (
+    jobs_pb2,
+    registry_pb2,
+    ledger_pb2,
+    admin_pb2,
+    data_pb2,
+    sessions_pb2,
+    tunnels_pb2,
+)
 EXPECTED: dict[str, dict[str, str]] = {
     "JobService/SubmitJob": table(admin=ALLOW, consumer=ALLOW, other_consumer=ALLOW),
     "JobService/GetJob": OWNED_JOB,
@@ -134,6 +143,12 @@ EXPECTED: dict[str, dict[str, str]] = {
     ),
     "AdminService/GetPricingPolicy": SIGNED_IN,
     "AdminService/SetPricingPolicy": ADMIN_ONLY,
+    # The world's job has finished: past authorisation its owner and admins get
+    # FAILED_PRECONDITION, another tenant NOT_FOUND.
+    "TunnelService/Exec": OWNED_JOB,
+    "TunnelService/PortForward": OWNED_JOB,
+    # Only a host calls back; no tunnel waits under the made-up id: NOT_FOUND past the policy.
+    "TunnelRelayService/Tunnel": table(host=HIDDEN),
 }
 PRICE = 2 * CREDIT
 
@@ -397,6 +412,13 @@ def request_for(world: World, method: str) -> Message:
         ),
         "AdminService/GetPricingPolicy": admin_pb2.GetPricingPolicyRequest(),
         "AdminService/SetPricingPolicy": admin_pb2.SetPricingPolicyRequest(),
+        "TunnelService/Exec": tunnels_pb2.ExecRequest(
+            start=tunnels_pb2.ExecStart(job_id=world.job, command=["true"])
+        ),
+        "TunnelService/PortForward": tunnels_pb2.PortForwardRequest(
+            start=tunnels_pb2.PortForwardStart(job_id=world.job, port=8080)
+        ),
+        "TunnelRelayService/Tunnel": tunnels_pb2.TunnelFrame(tunnel_id="no-such-tunnel"),
     }
     return requests[method]
 

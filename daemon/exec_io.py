@@ -1,0 +1,129 @@
+"""Exec sessions through the Docker API and connections inside a container's network namespace."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+
+# docker's multiplexed stream (no tty): an 8-byte header, stream type 1 stdout, 2 stderr.
+_HEADER = 8
+_CLONE_NEWNET = 0x40000000
+
+
+@dataclass
+class ExecSession:
+    """A started `docker exec`: its hijacked connection (non-blocking) and id."""
+
+    api: Any
+    exec_id: str
+    sock: socket.socket
+    tty: bool
+    # Bytes the HTTP client read past the upgrade's headers (output already there).
+    early: bytes = b""
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.tty and rows and cols:
+            self.api.exec_resize(self.exec_id, height=rows, width=cols)
+
+    def exit_code(self) -> int:
+        """The command's exit status (its output ended: it exited, or is about to)."""
+        for _ in range(100):
+            info = self.api.exec_inspect(self.exec_id)
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                return int(info["ExitCode"])
+            threading.Event().wait(0.02)
+        return -1
+
+
+def start_exec(
+    client: docker.DockerClient,
+    container_id: str,
+    command: list[str],
+    *,
+    tty: bool,
+    stdin: bool,
+    size: tuple[int, int],
+) -> ExecSession:
+    """Creates and starts an exec in the container (blocking: run it in a thread)."""
+    api = client.api
+    created = api.exec_create(container_id, command, stdin=stdin, tty=tty)
+    exec_id = created["Id"]
+    raw = api.exec_start(exec_id, socket=True, tty=tty)
+    sock: socket.socket = getattr(raw, "_sock", raw)
+    sock.setblocking(False)
+    # The HTTP client's buffer may hold output read with the upgrade's headers: take it
+    # (read1 returns what is buffered, else one non-blocking read of the socket).
+    response = getattr(raw, "_response", None)
+    reader = response.raw._fp.fp if response is not None else None
+    early = b""
+    if reader is not None:
+        try:
+            early = reader.read1(65536) or b""
+        except (BlockingIOError, OSError, ValueError):
+            early = b""
+    session = ExecSession(api, exec_id, sock, tty, early)
+    session.resize(*size)
+    return session
+
+
+@dataclass
+class Demux:
+    """Splits docker's multiplexed (non-tty) output into (stream, bytes) pieces."""
+
+    _buffer: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        self._buffer += data
+        while len(self._buffer) >= _HEADER:
+            kind = self._buffer[0]
+            size = int.from_bytes(self._buffer[4:8], "big")
+            if len(self._buffer) < _HEADER + size:
+                return
+            piece = bytes(self._buffer[_HEADER : _HEADER + size])
+            del self._buffer[: _HEADER + size]
+            yield kind, piece
+
+
+def connect_in_netns(pid: int, port: int, timeout: float = 5.0) -> socket.socket:
+    """A TCP connection to 127.0.0.1:port inside the network namespace of process `pid` (a
+    container's), so it works for containers with network none, as kubelet's port-forward
+    does. A dedicated thread enters the namespace (setns; CAP_SYS_ADMIN), creates and connects
+    the socket, and ends: the namespace a socket was created in stays its own, and no pooled
+    thread is ever left inside a container's namespace."""
+    result: Future[socket.socket] = Future()
+
+    def work() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"setns: {os.strerror(error)}")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            result.set_result(sock)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result.set_exception(exc)
+
+    thread = threading.Thread(target=work, name=f"netns-{pid}", daemon=True)
+    thread.start()
+    thread.join()
+    return result.result()
