@@ -5,6 +5,7 @@ NATS, S3, Docker and an in-process daemon with one simulated GPU; and headless C
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -155,7 +156,10 @@ def screenshot(directory: Path, name: str) -> Path:
 
 
 def publish(shot: Path, name: str) -> None:
-    """Copies a screenshot to docs/img/ for the README."""
+    """Copies a screenshot to docs/img/ for the README when GPUPLANE_UPDATE_SCREENSHOTS=1 (so
+    that a test run leaves the checkout as it was)."""
+    if os.environ.get("GPUPLANE_UPDATE_SCREENSHOTS") != "1":
+        return
     docs = Path(__file__).resolve().parents[2] / "docs" / "img"
     docs.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shot, docs / name)
