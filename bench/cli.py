@@ -22,6 +22,7 @@ from bench import (  # noqa: F401 - registers them
     scheduler,
     signing,
     telemetry,
+    tunnels,
 )
 from bench.registry import REGISTRY, Benchmark, Result, RunContext, plan, ratio_of
 from bench.resources import Resources

@@ -32,6 +32,8 @@ class Stack:
     jobs: jobs_pb2_grpc.JobServiceAsyncStub
     consumer: tuple[tuple[str, str], ...]
     image: str
+    # The consumer's channel to the control plane (other services: tunnels).
+    channel: grpc.aio.Channel
 
 
 @asynccontextmanager
@@ -66,7 +68,9 @@ async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
             token = await new_token(plane, provider.tenant_id)
             agent = await _daemon(ctx, engine, s3, address, token.secret, suffix)
             try:
-                yield Stack(jobs_pb2_grpc.JobServiceStub(channel), bearer(consumer.key), TEST_IMAGE)
+                yield Stack(
+                    jobs_pb2_grpc.JobServiceStub(channel), bearer(consumer.key), TEST_IMAGE, channel
+                )
             finally:
                 await agent.stop()
 

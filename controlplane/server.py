@@ -7,7 +7,6 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -23,10 +22,10 @@ from gpuplane.v1 import (
     ledger_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
-    services_pb2,
-    services_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
+    tunnels_pb2,
+    tunnels_pb2_grpc,
     types_pb2,
 )
 from grpc import aio
@@ -40,12 +39,14 @@ from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, Rat
 from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
-from controlplane.api.services import ServiceServicer
 from controlplane.api.sessions import SessionServicer
 from controlplane.api.text import TextInterceptor
+from controlplane.api.tunnels import TunnelRelayServicer, TunnelServicer
+from controlplane.auth.browser_sessions import BrowserSessions
 from controlplane.auth.service import AuthService
 from controlplane.background import Background
 from controlplane.bus import Bus
+from controlplane.dashboard import app as dashboard_app
 from controlplane.data.service import DataService
 from controlplane.db import migrate
 from controlplane.db.engine import Database
@@ -67,13 +68,14 @@ from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership
 from controlplane.scheduler.market import Market
 from controlplane.scheduler.quote import Quoter
 from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolicy
-from controlplane.services.reconciler import Reconciler
-from controlplane.services.service import ServiceService
+from controlplane.services.wiring import SERVICE_NAME, add_servicer, build_services, reconciler_loop
 from controlplane.sessions.expiry import SessionExpiry
 from controlplane.sessions.service import SessionService
 from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
 from controlplane.tls import server_credentials
+from controlplane.tunnels.broker import TunnelBroker
+from controlplane.tunnels.service import TunnelService, advertised
 from controlplane.verification.service import VerificationService
 from messaging.envcheck import OTHER_GPUPLANE_VARIABLES, warn_unknown_settings
 from messaging.natsjwt import Permissions
@@ -89,8 +91,10 @@ SERVICE_NAMES = (
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
+    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelService"].full_name,
+    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelRelayService"].full_name,
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
-    services_pb2.DESCRIPTOR.services_by_name["ServiceService"].full_name,
+    SERVICE_NAME,
 )
 
 
@@ -119,8 +123,8 @@ class ControlPlane:
         self.db: Database | None = None
         self.server: aio.Server | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.port = 0
-        self.metrics_port = 0
+        self.port = self.metrics_port = self.dashboard_port = 0  # each known once bound
+        self.dashboard: dashboard_app.Dashboard | None = None
         self.admin_key_file: str | None = None
         nats = settings.nats
         self.nats_keys = nats.keys
@@ -130,11 +134,10 @@ class ControlPlane:
         self.background: Background | None = None
         self.scheduler: Scheduler | None = None
         self.jobs: JobService | None = None
-        # Long-running services: their API and the leader's reconciler share it.
-        self.services: ServiceService | None = None
         self.market: Market | None = None
         self.registry: RegistryService | None = None
         self.monitor: GpuMonitor | None = None
+        self.tunnels: TunnelService | None = None
         self.leader: SoleLeader | PostgresLeader | None = None
         self.store = object_store(settings.storage)
         self._stopped = asyncio.Event()
@@ -163,6 +166,8 @@ class ControlPlane:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.metrics.addr:
             self.metrics_port = self.metrics.serve(settings.metrics.addr)
+        if self.dashboard is not None:
+            self.dashboard_port = await self.dashboard.start()
         self.background = self._build_background(domains)
         self.background.start()
         self._bucket_task = asyncio.create_task(self._ensure_bucket())
@@ -211,8 +216,7 @@ class ControlPlane:
         jobs.on_report_capped = self.metrics.reports_capped.inc
         jobs.on_resync = self.metrics.resyncs.inc
         jobs.resync_interval = settings.sessions.host_resync_interval_seconds
-        self.services = ServiceService(jobs, settings.services)
-        registry.on_replica_health = self.services.replica_health
+        self.services = build_services(jobs, registry, settings.services)
         self.leader = leader = leadership_for(
             db,
             check_interval=scheduling.leader_check_interval_seconds,
@@ -236,12 +240,15 @@ class ControlPlane:
     ) -> aio.Server:
         """The gRPC server with every service on it, listening."""
         serving, limits = self.settings.serving, self.settings.auth
+        dashboard = self.settings.dashboard
+        browser_sessions = BrowserSessions(domains.db, *dashboard.session_lifetimes)
         server = aio.server(
             interceptors=[
                 ErrorInterceptor(self.metrics),
                 AuthInterceptor(
                     domains.auth.authenticate,
                     RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
+                    browser_sessions.authenticate,
                 ),
                 TextInterceptor(),
             ],
@@ -265,6 +272,12 @@ class ControlPlane:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {serving.listen_addr}")
+        if self.tunnels is not None:
+            self.tunnels.address = advertised(serving, self.port)
+        if dashboard.address:
+            self.dashboard = dashboard_app.build(
+                self.settings, browser_sessions, server, SERVICE_NAMES
+            )
         await server.start()
         return server
 
@@ -312,10 +325,18 @@ class ControlPlane:
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(SessionService(jobs)), server
         )
-        assert self.services is not None
-        services_pb2_grpc.add_ServiceServiceServicer_to_server(
-            ServiceServicer(self.services), server
+        broker = TunnelBroker()
+        self.tunnels = TunnelService(
+            db,
+            domains.registry.streams,
+            broker,
+            open_timeout=settings.serving.tunnel_open_timeout_seconds,
         )
+        tunnels_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(self.tunnels), server)
+        tunnels_pb2_grpc.add_TunnelRelayServiceServicer_to_server(
+            TunnelRelayServicer(broker), server
+        )
+        add_servicer(server, self.services)
 
     def _build_background(self, domains: Domains) -> Background:
         """The background loops, with the periods their domains' settings groups set."""
@@ -339,18 +360,15 @@ class ControlPlane:
             spending_interval=settings.jobs.spending_limit_interval_seconds,
             on_spending=self.metrics.record_spending,
             sessions=SessionExpiry(domains.jobs, settings.sessions).run,
-            services=self._reconciler(),
+            services=reconciler_loop(self.services, self.leader),
         )
-
-    def _reconciler(self) -> Callable[[], Awaitable[None]] | None:
-        """The services' reconciler loop (leader-only)."""
-        if self.services is None or self.leader is None:
-            return None
-        return Reconciler(self.services, self.leader).run
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
         Scheduling stops first, so another replica takes leadership over during the grace."""
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard = None
         if self.background is not None:
             await self.background.stop_scheduling()
         elif self.leader is not None:
@@ -359,6 +377,8 @@ class ControlPlane:
             await self.health.enter_graceful_shutdown()
             if self.registry is not None:
                 self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
+            if self.tunnels is not None:
+                self.tunnels.broker.close()  # tunnels end: their clients reconnect
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from controlplane.dashboard.settings import DashboardFields
 from controlplane.services.settings import ServiceFields
 from controlplane.sessions.settings import SessionFields
 from controlplane.settings_groups import (
@@ -25,7 +26,9 @@ from controlplane.settings_groups import (
 )
 from controlplane.settings_logging import LoggingFields
 from controlplane.settings_secrets import SecretFileFields
+from controlplane.settings_telemetry import TelemetryFields
 from controlplane.settings_trust import TrustFields
+from controlplane.tunnels.settings import TunnelFields
 from controlplane.verification.settings import VerificationFields
 from messaging.natsjwt import NatsKeys, public_key
 
@@ -35,7 +38,15 @@ ClientAuth = Literal["off", "require"]
 
 
 class Settings(
-    VerificationFields, TrustFields, LoggingFields, SecretFileFields, SessionFields, ServiceFields
+    DashboardFields,
+    VerificationFields,
+    TrustFields,
+    LoggingFields,
+    SecretFileFields,
+    SessionFields,
+    TunnelFields,
+    TelemetryFields,
+    ServiceFields,
 ):
     """Every setting of one control-plane process. Built once in main() and passed down.
 
@@ -246,39 +257,6 @@ class Settings(
         description="GPU telemetry period daemons are told to use, unless they set their own.",
     )
 
-    # ---- GPU telemetry, health and usage (telemetry).
-    telemetry_history: int = Field(
-        default=60,
-        ge=1,
-        le=10_000,
-        description="Telemetry samples kept in memory per GPU (GetHost's recent).",
-    )
-    telemetry_max_clock_skew_seconds: float = Field(
-        default=60.0, ge=0, description="Samples stamped further ahead of our clock are rejected."
-    )
-    gpu_clean_period_seconds: float = Field(
-        default=600.0,
-        gt=0,
-        description="An unhealthy GPU is healthy again after this long without a new fault.",
-    )
-    gpu_ignored_xids: list[int] = Field(
-        default=[13, 31, 43, 45, 68, 109],
-        description="XIDs that do not make a GPU unhealthy: errors of the application running "
-        "on it (as NVIDIA's device plugin ignores them).",
-    )
-    job_usage_max_attempts: int = Field(
-        default=100_000,
-        ge=1,
-        description="Attempts whose GPU usage is kept in memory between two flushes.",
-    )
-    job_usage_flush_seconds: float = Field(
-        default=5.0,
-        gt=0,
-        le=3600,
-        description="How often each control plane adds the GPU utilisation it measured to "
-        "the attempts' rows (one batched write; also when it stops).",
-    )
-
     # ---- Scheduling and its leadership (scheduler).
     scheduler_interval_ms: int = Field(
         default=500, gt=0, description="Period of the scheduler's placement pass."
@@ -395,6 +373,8 @@ class Settings(
     def serving(self) -> ServingSettings:
         return ServingSettings(
             listen_addr=self.listen_addr,
+            advertise_address=self.advertise_address,
+            tunnel_open_timeout_seconds=self.tunnel_open_timeout_ms / 1000,
             max_message_bytes=self.max_message_bytes,
             shutdown_grace_seconds=self.shutdown_grace_seconds,
         )

@@ -19,6 +19,9 @@ class ServingSettings:
     """The gRPC API of one process."""
 
     listen_addr: str
+    # Where daemons call this replica back for tunnels ("": derived from listen_addr).
+    advertise_address: str
+    tunnel_open_timeout_seconds: float
     max_message_bytes: int
     # On SIGTERM, how long RPCs in progress may run on before the server closes.
     shutdown_grace_seconds: float

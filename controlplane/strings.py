@@ -24,6 +24,7 @@ MULTILINE_FIELDS = frozenset(
         "gpuplane.v1.JobSpec.command",
         "gpuplane.v1.JobSpec.args",
         "gpuplane.v1.JobSpec.env",
+        "gpuplane.v1.ExecStart.command",
     }
 )
 REPLACEMENT = "\ufffd"

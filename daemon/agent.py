@@ -47,6 +47,7 @@ from daemon.scrub import Scrubber, mark_quarantined, recheck_forever, scrubber_f
 from daemon.sessions import SessionDeadline, deadline_cap, has_moving_deadline
 from daemon.settings import DaemonSettings
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
+from daemon.tunnels import Tunnels
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 from messaging.tasks import stop_tasks
 from storage.scoped import GrantedStore, grant_http_pool
@@ -89,6 +90,7 @@ class Agent:
         self._http: urllib3.PoolManager | None = None
         self.connect: ConnectClient | None = None
         self.scrubber: Scrubber | None = None
+        self.tunnels = Tunnels(self)  # exec and port-forward (daemon/tunnels.py)
         # Set before start() when the daemon serves /metrics (daemon/metrics.py).
         self.metrics: DaemonMetrics | None = None
 
@@ -183,6 +185,7 @@ class Agent:
         stay, for the next start to settle)."""
         self._stopped.set()
         await stop_tasks(list(self._tasks))
+        await self.tunnels.close()
         if self._bus is not None:
             await self._bus.close()
         if self._channel is not None:

@@ -46,6 +46,10 @@ async def answer(
         # Run in the background: the stream reads on; the answers follow on the stream.
         agent.start_probe(message.probe)
         return Answer.COMMAND_ANSWER_APPLIED
+    elif kind == "tunnel":
+        # In the background: the answer only stops re-sends; the tunnel says how it went.
+        agent.tunnels.open(message.tunnel)
+        return Answer.COMMAND_ANSWER_APPLIED
     elif kind == "resync":
         known = {(j.job_id, j.attempt) for j in message.resync.known_jobs}
         await agent.reconcile(known, listed_after=time.monotonic() - RESYNC_GRACE_SECONDS)

@@ -65,7 +65,8 @@ def _applets(busybox: Path) -> list[str]:
 
 def rootfs_tar(busybox: Path, extra: dict[str, bytes] | None = None) -> bytes:
     """A tar of a minimal root filesystem around `busybox`, with `extra` executables (path
-    in the image: content)."""
+    in the image: content; an `etc/passwd` among them replaces the default one)."""
+    extra = dict(extra or {})
     now = int(time.time())
     buffer = io.BytesIO()
 
@@ -86,9 +87,9 @@ def rootfs_tar(busybox: Path, extra: dict[str, bytes] | None = None) -> bytes:
         add("usr/bin", tarfile.SYMTYPE, 0o777, target="../bin")
         add("usr/sbin", tarfile.SYMTYPE, 0o777, target="../bin")
         passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
-        add("etc/passwd", tarfile.REGTYPE, 0o644, passwd)
+        add("etc/passwd", tarfile.REGTYPE, 0o644, extra.pop("etc/passwd", passwd))
         add("etc/group", tarfile.REGTYPE, 0o644, b"root:x:0:\nnogroup:x:65534:\n")
-        for name, data in (extra or {}).items():
+        for name, data in extra.items():
             add(name, tarfile.REGTYPE, 0o755, data)
     return buffer.getvalue()
 

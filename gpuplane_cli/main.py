@@ -26,6 +26,7 @@ from gpuplane_cli import (
     serve,
     services,
     sessions,
+    tunnels,
     up,
 )
 from gpuplane_cli.args import Handler, common_options
@@ -77,6 +78,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ledger.register(subparsers, leaf_common)
     admin.register(subparsers, leaf_common)
     natskeys.register(subparsers, leaf_common)
+    tunnels.register(subparsers, leaf_common)
     contexts.register(subparsers)
     completion.register(subparsers)
     return parser
@@ -123,9 +125,10 @@ def main(argv: Sequence[str] | None = None, environ: MutableMapping[str, str] | 
     completion.autocomplete(parser)  # under a shell's completion script: answers and exits
     args = hints.parse(parser, words, command, takes_command=jobs.submit_job)
     if command:
-        if not hasattr(args, "image"):
+        if not hasattr(args, "image") and args.handler is not tunnels.exec_command:
             parser.error(
-                "`-- COMMAND` is only accepted by `gpuplane jobs submit` and `services deploy`"
+                "`-- COMMAND` is only accepted by `gpuplane jobs submit`, `services deploy` "
+                "and `exec`"
             )
         args.job_command = command
     ctx = Context(args=args, environ=os.environ if environ is None else environ)

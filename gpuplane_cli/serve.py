@@ -34,6 +34,9 @@ def register(subparsers: a.Subparsers, want_daemon: bool) -> None:
     )
     serve.add_argument("--listen", help="gRPC host:port (GPUPLANE_LISTEN_ADDR)")
     serve.add_argument("--metrics", help="/metrics host:port, empty = off (GPUPLANE_METRICS_ADDR)")
+    serve.add_argument(
+        "--dashboard", help="web dashboard host:port, empty = off (GPUPLANE_DASHBOARD_ADDRESS)"
+    )
     serve.add_argument("--data-dir", type=Path, help="GPUPLANE_DATA_DIR")
     serve.add_argument("--database-url", help="GPUPLANE_DATABASE_URL; empty = SQLite in data dir")
     serve.add_argument("--log-level", help="GPUPLANE_LOG_LEVEL")
@@ -80,6 +83,7 @@ async def serve_control_plane(args: argparse.Namespace, ctx: Context) -> int:
     for flag, field in (
         ("listen", "listen_addr"),
         ("metrics", "metrics_addr"),
+        ("dashboard", "dashboard_address"),
         ("data_dir", "data_dir"),
         ("database_url", "database_url"),
         ("log_level", "log_level"),

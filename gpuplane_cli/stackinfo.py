@@ -109,6 +109,7 @@ def banner(stack: Stack, keys: DemoKeys, env_path: Path, ready_seconds: float) -
     addr = stack.addr
     rows = [
         ("gRPC API", f"{addr}  (control plane, SQLite in {stack.data_dir / 'gpuplane.db'})"),
+        ("dashboard", f"http://127.0.0.1:{plane.dashboard_port}/  (log in with an API key)"),
         ("metrics", metrics),
         ("NATS", f"{stack.nats.url}  (JetStream; monitor {stack.nats.monitor_url})"),
         ("S3", f"{stack.s3.url}  (bucket gpuplane, access key {stack.s3.access_key})"),

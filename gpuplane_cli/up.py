@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 DEFAULT_DATA_DIR = ".gpuplane"
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_DASHBOARD_PORT = 8080
 ENV_FILE = "gpuplane.env"
 STOP_TIMEOUT = 15.0
 
@@ -44,6 +45,12 @@ def register(subparsers: a.Subparsers) -> None:
         "--port", type=int, default=DEFAULT_PORT, help="gRPC port; another if busy (default 50051)"
     )
     up.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    up.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        help="web dashboard port on 127.0.0.1; another if busy (default 8080)",
+    )
     up.add_argument("--log-level", default="INFO", help="of DATA_DIR/logs/gpuplane.log")
     up.add_argument(
         "--demo",
@@ -95,10 +102,13 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
 class Stack:
     """The servers of `gpuplane up`, started in order and stopped in reverse."""
 
-    def __init__(self, data_dir: Path, port: int, metrics_port: int) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, metrics_port: int, dashboard_port: int = 0
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.metrics_port = metrics_port
+        self.dashboard_port = dashboard_port  # 0: any free one
         self.nats: NatsServer | None = None
         self.s3: S3Server | None = None
         self.plane: ControlPlane | None = None
@@ -145,6 +155,7 @@ class Stack:
                 database_url="",
                 listen_addr=f"127.0.0.1:{attempt}",
                 metrics_addr=f"127.0.0.1:{port_or_free(self.metrics_port)}",
+                dashboard_address=f"127.0.0.1:{self._free_dashboard_port()}",
                 nats_url=self.nats.url,
                 s3_endpoint=self.s3.endpoint,
                 s3_access_key=self.s3.access_key,
@@ -168,6 +179,9 @@ class Stack:
             self.plane = plane
             break
         self.admin_key = admin_key or self._read_admin_key()
+
+    def _free_dashboard_port(self) -> int:
+        return port_or_free(self.dashboard_port) if self.dashboard_port else 0
 
     def _read_admin_key(self) -> str:
         key_file = self.data_dir / "admin.key"
@@ -227,7 +241,7 @@ async def run_up(args: argparse.Namespace, ctx: Context) -> int:
     known: dict[str, str] = {}
     if env_path.exists():
         load_env_file(str(env_path), known, override=True)
-    stack = Stack(data_dir, args.port, args.metrics_port)
+    stack = Stack(data_dir, args.port, args.metrics_port, args.dashboard_port)
     try:
         print(f"starting the local stack in {data_dir} …", flush=True)
         await stack.start(known)

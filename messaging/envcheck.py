@@ -43,8 +43,10 @@ OTHER_GPUPLANE_VARIABLES: tuple[str, ...] = (
     # and SEEDS are also set there from the control plane's GPUPLANE_PROBE_* settings.
     "GPUPLANE_PROBE_OUTPUT",
     "GPUPLANE_PROBE_SEEDS",
-    # Tests only (tests/reliability/test_hostile.py).
+    # Tests only (tests/reliability/test_hostile.py; tests/browser/conftest.py: 1 copies the
+    # README's screenshots to docs/img/).
     "GPUPLANE_HOSTILE_EXAMPLES",
+    "GPUPLANE_UPDATE_SCREENSHOTS",
 )
 
 

@@ -172,16 +172,28 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
 Authenticator = Callable[[str], Awaitable[Principal]]
 
 
-def bearer_secret(metadata: Any) -> str | None:
-    """The secret of an `authorization: Bearer <secret>` metadata entry, if any."""
+# The scheme the dashboard's gRPC-Web proxy forwards a browser session's cookie token with.
+BROWSER_SESSION_SCHEME = "session"
+
+
+def credential(metadata: Any) -> tuple[str, str] | None:
+    """(scheme, secret) of an `authorization: Bearer <api key>` or `authorization: Session
+    <browser session token>` metadata entry, if any."""
     for key, value in metadata or ():
         if key == "authorization":
             text = value.decode() if isinstance(value, bytes) else str(value)
             scheme, _, secret = text.partition(" ")
-            if scheme.lower() == "bearer" and secret.strip():
-                return secret.strip()
+            scheme = scheme.lower()
+            if scheme in ("bearer", BROWSER_SESSION_SCHEME) and secret.strip():
+                return scheme, secret.strip()
             return None
     return None
+
+
+def bearer_secret(metadata: Any) -> str | None:
+    """The secret of an `authorization: Bearer <secret>` metadata entry, if any."""
+    found = credential(metadata)
+    return found[1] if found is not None and found[0] == "bearer" else None
 
 
 # The daemon's long-lived stream is one call, not a request rate: never limited.
@@ -246,14 +258,25 @@ class RateLimiter:
             )
 
 
+async def _no_sessions(token: str) -> Principal:
+    raise Unauthenticated("browser sessions are not served here")
+
+
 class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authenticates the bearer key, applies its rate limit and checks the caller's role
     against the policy table; the principal is then available to the handler through
     current_principal()."""
 
-    def __init__(self, authenticate: Authenticator, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        authenticate: Authenticator,
+        limiter: RateLimiter | None = None,
+        authenticate_session: Authenticator | None = None,
+    ) -> None:
         self.authenticate = authenticate
         self.limiter = limiter
+        # A browser session's token (controlplane/auth/browser_sessions.py) stands for its API key.
+        self.authenticate_session = authenticate_session
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -263,16 +286,18 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method in PUBLIC_METHODS:
             return handler
         roles = allowed_roles(method)
-        secret = bearer_secret(handler_call_details.invocation_metadata)
+        found = credential(handler_call_details.invocation_metadata)
         authenticate = self.authenticate
+        if found is not None and found[0] == BROWSER_SESSION_SCHEME:
+            authenticate = self.authenticate_session or _no_sessions
         limiter = self.limiter
 
         async def admit() -> None:
-            if secret is None:
+            if found is None:
                 raise Unauthenticated(
                     "missing credential: send metadata 'authorization: Bearer <api key>'"
                 )
-            principal = await authenticate(secret)
+            principal = await authenticate(found[1])
             if limiter is not None:
                 limiter.check(principal, method)
             if principal.role not in roles:

@@ -47,3 +47,20 @@ class ApiKey(Base):
     # The tenant of the caller whose idempotency key it is (keys are scoped per tenant).
     idempotency_tenant_id: Mapped[str | None] = mapped_column(String(40))
     request_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class BrowserSession(Base):
+    """A dashboard login: a browser's cookie token (stored only as its SHA-256) standing for
+    the API key it was exchanged for. The key is checked on every call, so revoking it ends
+    its browser sessions' access at once."""
+
+    __tablename__ = "browser_sessions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # Kept to a coarse resolution (AuthSessions.touch_every): the idle expiry counts from it.
+    last_used_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The absolute expiry: created_at + the session's maximum life.
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -75,6 +75,12 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     # A consumer's own monthly spending limit; admins any tenant's.
     "/gpuplane.v1.LedgerService/SetSpendingLimit": frozenset({A, C}),
     "/gpuplane.v1.LedgerService/GetBudget": frozenset({A, C}),
+    # TunnelService: into a consumer's own running job (any for admins); checked in the
+    # service, where another tenant's job is NOT_FOUND.
+    "/gpuplane.v1.TunnelService/Exec": frozenset({A, C}),
+    "/gpuplane.v1.TunnelService/PortForward": frozenset({A, C}),
+    # The daemon's call back for a tunnel its control plane asked it to open.
+    "/gpuplane.v1.TunnelRelayService/Tunnel": frozenset({H}),
     # AdminService.
     "/gpuplane.v1.AdminService/WhoAmI": frozenset({A, C, P, H}),
     "/gpuplane.v1.AdminService/CreateTenant": frozenset({A}),

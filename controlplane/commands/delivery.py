@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 Outgoing = list[tuple[str, registry_pb2.ControlMessage]]
 # How often each replica closes the cancels of attempts that ended meanwhile.
 MOOT_SWEEP_SECONDS = 60.0
+# A tunnel command older than this is closed as moot instead of sent: its client has given up
+# (it waits a few seconds), so a daemon that connects later must not open it.
+TUNNEL_TTL = timedelta(seconds=30)
 
 
 def replica_name() -> str:
@@ -119,8 +122,10 @@ class CommandDelivery:
     async def close_moot(self) -> int:
         """Closes the cancels of attempts that are no longer live, whichever host they are
         for (those of hosts that stay away are never delivered, so never closed there)."""
+        now = utcnow()
         async with self.db.transaction() as session:
-            return await CommandRepository(session).close_moot(utcnow())
+            repo = CommandRepository(session)
+            return await repo.close_moot(now) + await repo.expire("tunnel", now - TUNNEL_TTL, now)
 
     async def run(self) -> None:
         """The replica's delivery loop (background.py); every `MOOT_SWEEP_SECONDS` it also
@@ -178,6 +183,9 @@ class CommandDelivery:
         outgoing: Outgoing = []
         gone: set[str] = set()
         for row in rows:
+            if row.kind == "tunnel" and row.created_at < now - TUNNEL_TTL:
+                row.acked_at, row.answer = now, MOOT
+                continue
             if row.kind in ABOUT_ATTEMPTS and row.job_id and (row.job_id, row.attempt) not in live:
                 row.acked_at, row.answer = now, MOOT
                 continue

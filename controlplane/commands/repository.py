@@ -163,6 +163,20 @@ class CommandRepository:
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
+    async def expire(self, kind: str, before: datetime, now: datetime) -> int:
+        """Closes the unacknowledged commands of `kind` stored before `before` as moot."""
+        result = await self.session.execute(
+            update(HostCommand)
+            .where(
+                HostCommand.acked_at.is_(None),
+                HostCommand.kind == kind,
+                HostCommand.created_at < before,
+            )
+            .values(acked_at=now, answer=MOOT)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
     async def close_host(self, host_id: str, now: datetime) -> None:
         """Closes every unacknowledged command of a host that will never connect again."""
         await self.session.execute(

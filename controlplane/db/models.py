@@ -1,6 +1,6 @@
 """Imports every domain's ORM models so Base.metadata is complete (Alembic, tests)."""
 
-from controlplane.auth.models import ApiKey, Tenant
+from controlplane.auth.models import ApiKey, BrowserSession, Tenant
 from controlplane.commands.models import HostCommand, HostStreamHolder
 from controlplane.data.models import InputRecord
 from controlplane.db.base import Base
@@ -23,6 +23,7 @@ __all__ = [
     "Account",
     "ApiKey",
     "Base",
+    "BrowserSession",
     "Gpu",
     "Hold",
     "Host",

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import stat
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +76,11 @@ def children_of_data_dir(data_dir: Path) -> list[tuple[int, str]]:
 
 
 def start_up(data_dir: Path, *extra: str) -> UpProcess:
-    port, metrics_port = free_ports(2)
+    port, metrics_port, dashboard_port = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPLANE_")}
     argv = [sys.executable, "-m", "gpuplane_cli.main", "up", "--data-dir", str(data_dir)]
-    argv += ["--port", str(port), "--metrics-port", str(metrics_port), *extra]
+    argv += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    argv += ["--dashboard-port", str(dashboard_port), *extra]
     started_at = time.monotonic()
     process = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -139,6 +143,11 @@ def test_up_serves_writes_env_file_and_stops_cleanly(
     up.wait_for("grpcurl -plaintext", timeout=10)
     banner = "".join(up.output)
     assert f"set -a; . {env_file}; set +a" in banner
+    # The dashboard's URL is in the banner, and it serves there (no session yet: 401).
+    (url,) = re.findall(r"dashboard\s+(http://127\.0\.0\.1:\d+/)", banner)
+    with pytest.raises(urllib.error.HTTPError) as no_session:
+        urllib.request.urlopen(url + "auth/session", timeout=10)  # noqa: S310 - loopback
+    assert no_session.value.code == 401
 
     grpcurl = Path(sys.executable).parent / "grpcurl"
     called = subprocess.run(

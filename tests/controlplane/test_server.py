@@ -46,6 +46,8 @@ async def test_grpcurl_lists_services_and_describes_job_service(
         "gpuplane.v1.RegistryService",
         "gpuplane.v1.LedgerService",
         "gpuplane.v1.AdminService",
+        "gpuplane.v1.TunnelService",
+        "gpuplane.v1.TunnelRelayService",
         "grpc.health.v1.Health",
     } <= services
 

@@ -5,6 +5,7 @@ presigned result URLs are scoped to one job's attempt prefix and expire."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,11 +29,13 @@ from gpuplane.v1 import (
     services_pb2_grpc,
     sessions_pb2,
     sessions_pb2_grpc,
+    tunnels_pb2,
     types_pb2,
 )
 
 from controlplane.auth.policy import ALLOWED_ROLES, PUBLIC_METHODS
 from devstack.factories import new_tenant
+from tests.controlplane.browser import Browser, browser_cell, dashboard_url, logged_in
 from tests.controlplane.scripted_host import ScriptedHost
 from tests.harness import CREDIT, JobPlane, job_plane
 from tests.reliability import summary
@@ -83,6 +86,7 @@ SERVICE_MODULES = (
     admin_pb2,
     data_pb2,
     sessions_pb2,
+    tunnels_pb2,
     services_pb2,
 )
 EXPECTED: dict[str, dict[str, str]] = {
@@ -150,6 +154,12 @@ EXPECTED: dict[str, dict[str, str]] = {
     ),
     "AdminService/GetPricingPolicy": SIGNED_IN,
     "AdminService/SetPricingPolicy": ADMIN_ONLY,
+    # The world's job has finished: past authorisation its owner and admins get
+    # FAILED_PRECONDITION, another tenant NOT_FOUND.
+    "TunnelService/Exec": OWNED_JOB,
+    "TunnelService/PortForward": OWNED_JOB,
+    # Only a host calls back; no tunnel waits under the made-up id: NOT_FOUND past the policy.
+    "TunnelRelayService/Tunnel": table(host=HIDDEN),
 }
 PRICE = 2 * CREDIT
 
@@ -223,7 +233,7 @@ async def world(
     tmp_path_factory: pytest.TempPathFactory, nats_server: Any, s3_server: Any
 ) -> AsyncIterator[World]:
     data_dir = tmp_path_factory.mktemp("authz") / "cp"
-    async with job_plane(data_dir, nats_server.url, s3_server) as plane:
+    async with job_plane(data_dir, nats_server.url, s3_server, configure=with_dashboard) as plane:
         w = World(plane)
         admin = plane.admin
         provider_key = await admin.CreateApiKey(
@@ -352,7 +362,8 @@ def request_for(world: World, method: str) -> Message:
         "SessionService/DestroySession": sessions_pb2.DestroySessionRequest(
             session_id=world.session
         ),
-        "ServiceService/DeployService": service_request("authz-deploy"),
+        # A new name each time: every caller (and the browser pass again) deploys its own.
+        "ServiceService/DeployService": service_request(f"authz-{secrets.token_hex(4)}"),
         "ServiceService/GetService": services_pb2.GetServiceRequest(service=world.service),
         "ServiceService/ListServices": services_pb2.ListServicesRequest(tenant_id=t["consumer"]),
         "ServiceService/ScaleService": services_pb2.ScaleServiceRequest(
@@ -432,6 +443,13 @@ def request_for(world: World, method: str) -> Message:
         ),
         "AdminService/GetPricingPolicy": admin_pb2.GetPricingPolicyRequest(),
         "AdminService/SetPricingPolicy": admin_pb2.SetPricingPolicyRequest(),
+        "TunnelService/Exec": tunnels_pb2.ExecRequest(
+            start=tunnels_pb2.ExecStart(job_id=world.job, command=["true"])
+        ),
+        "TunnelService/PortForward": tunnels_pb2.PortForwardRequest(
+            start=tunnels_pb2.PortForwardStart(job_id=world.job, port=8080)
+        ),
+        "TunnelRelayService/Tunnel": tunnels_pb2.TunnelFrame(tunnel_id="no-such-tunnel"),
     }
     return requests[method]
 
@@ -657,3 +675,58 @@ async def test_result_urls_are_scoped_to_the_job_and_expire(world: World) -> Non
         await plane.jobs.GetResults(too_long, metadata=plane.auth(plane.consumer_key))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     summary.record("presigned URLs", "scoped to the attempt prefix, expire", requests_tried=7)
+
+
+def with_dashboard(options: dict[str, Any]) -> None:
+    options["dashboard_address"] = "127.0.0.1:0"  # the browser path: gRPC-Web
+
+
+@pytest.fixture(scope="module")
+async def browsers(world: World) -> AsyncIterator[dict[str, Browser]]:
+    """Each caller's browser, logged in with its key, after the gRPC matrix ran. A host
+    credential is not an API key: it cannot log in, so the host's browser has no session;
+    "revoked" logs in with a key revoked after the login."""
+    plane = world.plane
+    key = await plane.admin.CreateApiKey(
+        admin_pb2.CreateApiKeyRequest(
+            tenant_id=plane.consumer_tenant, role=types_pb2.ROLE_CONSUMER
+        ),
+        metadata=plane.auth(),
+    )
+    keys = {**world.keys, "revoked": key.secret}
+    async with logged_in(dashboard_url(plane), keys) as browsers:
+        assert browsers["host"].logged_in is False
+        await plane.admin.RevokeApiKey(
+            admin_pb2.RevokeApiKeyRequest(key_id=key.key.key_id), metadata=plane.auth()
+        )
+        # The gRPC matrix deleted the consumer's input: put back for the same answers.
+        await upload_input(plane, plane.consumer_key, INPUT_KEY, b"input")
+        # And deleted the consumer's service: deployed again (its name is free).
+        deployed = await services_pb2_grpc.ServiceServiceStub(plane.channel).DeployService(
+            service_request("authz"), metadata=plane.auth(plane.consumer_key)
+        )
+        world.service = deployed.service.service_id
+        yield browsers
+
+
+@pytest.mark.parametrize("method", ORDER)
+async def test_authorisation_matrix_through_the_browser(
+    world: World, browsers: dict[str, Browser], method: str
+) -> None:
+    """The same table through gRPC-Web with each caller's session cookie, but for what a
+    browser cannot do: hold a host credential's session (UNAUTHENTICATED) or stream requests
+    (UNIMPLEMENTED, whoever calls)."""
+    expected = {**EXPECTED[method], "host": UNAUTH}
+    if method_descriptor(method).client_streaming:
+        expected = dict.fromkeys(CALLERS, "UNIMPLEMENTED")
+    got = {}
+    for caller in CALLERS:
+        reply = await browsers[caller].call(method, request_for(world, method), first_only=True)
+        got[caller] = browser_cell(reply, f"{method} as {caller}")
+    summary.record(
+        "authorisation matrix",
+        f"{len(EXPECTED)} RPCs x {len(CALLERS)} callers, through gRPC and gRPC-Web",
+        requests_tried=len(CALLERS),
+    )
+    wrong = {c: g for c, g in got.items() if not g.startswith(expected[c])}
+    assert not wrong, f"{method} (gRPC-Web): expected {expected}, got {wrong}"

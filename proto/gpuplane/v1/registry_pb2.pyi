@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from gpuplane.v1 import messaging_pb2 as _messaging_pb2
+from gpuplane.v1 import tunnels_pb2 as _tunnels_pb2
 from gpuplane.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -690,6 +691,7 @@ class ControlMessage(_message.Message):
     DRAIN_FIELD_NUMBER: _builtins.int
     RESYNC_FIELD_NUMBER: _builtins.int
     PROBE_FIELD_NUMBER: _builtins.int
+    TUNNEL_FIELD_NUMBER: _builtins.int
     EXTEND_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
@@ -708,6 +710,10 @@ class ControlMessage(_message.Message):
     @_builtins.property
     def probe(self) -> Global___ProbeCommand: ...
     @_builtins.property
+    def tunnel(self) -> _tunnels_pb2.TunnelCommand:
+        """Open a tunnel (exec, port-forward) and call the named replica back (tunnels.proto)."""
+
+    @_builtins.property
     def extend(self) -> Global___ExtendCommand: ...
     def __init__(
         self,
@@ -717,14 +723,15 @@ class ControlMessage(_message.Message):
         drain: Global___DrainCommand | None = ...,
         resync: Global___ResyncCommand | None = ...,
         probe: Global___ProbeCommand | None = ...,
+        tunnel: _tunnels_pb2.TunnelCommand | None = ...,
         extend: Global___ExtendCommand | None = ...,
         command_id: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "drain", b"drain", "extend", b"extend", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "drain", b"drain", "extend", b"extend", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync", "tunnel", b"tunnel"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "command_id", b"command_id", "drain", b"drain", "extend", b"extend", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "command_id", b"command_id", "drain", b"drain", "extend", b"extend", "hello_ack", b"hello_ack", "msg", b"msg", "probe", b"probe", "resync", b"resync", "tunnel", b"tunnel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello_ack", "cancel", "drain", "resync", "probe", "extend"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello_ack", "cancel", "drain", "resync", "probe", "tunnel", "extend"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

@@ -1,7 +1,7 @@
 """long-running services: services, their replicas (jobs of kind rep) and service_events
 
 Revision ID: 0023
-Revises: 0020
+Revises: 0022
 Create Date: 2026-12-06 23:20:00.000000
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0023"
-down_revision = "0020"
+down_revision = "0022"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,233 @@
+"""Tunnel figures: a 1-byte echo's round trip through Exec and bytes per second through
+PortForward (control plane in its own process, a real daemon, a busybox container), each beside
+the same over a direct loopback TCP connection to the same program (busybox nc running cat)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from gpuplane.v1 import jobs_pb2, tunnels_pb2, tunnels_pb2_grpc, types_pb2
+
+from bench.jobpath import Stack, job_stack
+from bench.load import percentile
+from bench.registry import Measurement, RunContext, benchmark
+
+T = tunnels_pb2
+ECHOES = 300
+VOLUME = 32 * 1024 * 1024
+CHUNK = 64 * 1024
+ECHO_PORT = 7000
+SCRIPT = f"(nc -ll -p {ECHO_PORT} -e cat &) && sleep 3600"
+Send = Callable[[bytes], Awaitable[None]]
+Receive = Callable[[], Awaitable[bytes]]
+
+
+def _latencies(samples: list[float]) -> dict[str, float | int | str]:
+    in_us = sorted(int(s * 1e6) for s in samples)
+    return {
+        "echoes": len(in_us),
+        "p50_ms": round(percentile(in_us, 0.50) / 1000, 3),
+        "p99_ms": round(percentile(in_us, 0.99) / 1000, 3),
+    }
+
+
+async def _rtts(send: Send, receive: Receive, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await send(b"x")
+        got = b""
+        while not got:
+            got = await receive()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def _throughput(send: Send, receive: Receive, volume: int) -> float:
+    """MB/s of `volume` bytes sent and echoed back, both directions at once."""
+    chunk = bytes(CHUNK)
+
+    async def writer() -> None:
+        for _ in range(volume // CHUNK):
+            await send(chunk)
+
+    started = time.perf_counter()
+    task = asyncio.create_task(writer())
+    got = 0
+    while got < volume:
+        got += len(await receive())
+    await task
+    return volume / (time.perf_counter() - started) / 1e6
+
+
+class _LocalEcho:
+    """busybox nc running cat on a loopback port: the direct-TCP floor's server."""
+
+    async def __aenter__(self) -> tuple[Send, Receive]:
+        from devstack.ports import free_port
+
+        busybox = shutil.which("busybox") or "busybox"
+        port = free_port()
+        self.proc = subprocess.Popen([busybox, "nc", "-ll", "-p", str(port), "-e", "cat"])
+        for _ in range(100):
+            try:
+                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("busybox nc did not listen")
+
+        async def send(data: bytes) -> None:
+            self.writer.write(data)
+            await self.writer.drain()
+
+        return send, lambda: self.reader.read(CHUNK)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.writer.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+@benchmark(
+    "tcp_echo_rtt",
+    unit="ms",
+    better="lower",
+    description="p50 round trip of 1 byte to busybox `nc -e cat` over a direct loopback TCP "
+    "connection",
+)
+async def tcp_echo_rtt(ctx: RunContext) -> Measurement:
+    async with _LocalEcho() as (send, receive):
+        samples = await _rtts(send, receive, ECHOES)
+        details = _latencies(samples)
+        details["throughput_mb_s"] = round(await _throughput(send, receive, VOLUME), 1)
+    return Measurement(statistics.median(samples) * 1000, details)
+
+
+@benchmark(
+    "exec_echo_rtt",
+    unit="ms",
+    better="lower",
+    floor="tcp_echo_rtt",
+    description="p50 round trip of 1 byte to `cat` run by Exec (client → control plane → "
+    "daemon → docker exec and back); the issue's target: at most 2 ms added to the floor",
+)
+async def exec_echo_rtt(ctx: RunContext) -> Measurement:
+    async with _tunnel_stack(ctx) as (stack, job_id):
+        stop = asyncio.Event()
+        start = T.ExecStart(job_id=job_id, command=["cat"], stdin=True)
+        outgoing: asyncio.Queue[T.ExecRequest] = asyncio.Queue(1)
+
+        async def requests() -> AsyncIterator[T.ExecRequest]:
+            yield T.ExecRequest(start=start)
+            while not stop.is_set():
+                yield await outgoing.get()
+
+        stub = tunnels_pb2_grpc.TunnelServiceStub(stack.channel)
+        call = stub.Exec(requests(), metadata=stack.consumer)
+
+        async def send(data: bytes) -> None:
+            await outgoing.put(T.ExecRequest(stdin=data))
+
+        async def receive() -> bytes:
+            response = await call.read()
+            return bytes(getattr(response, "stdout", b""))
+
+        await _rtts(send, receive, 20)  # warm-up
+        samples = await _rtts(send, receive, ECHOES)
+        stop.set()
+        call.cancel()
+    return _added(ctx, samples, "tcp_echo_rtt")
+
+
+def _added(ctx: RunContext, samples: list[float], floor: str) -> Measurement:
+    details = _latencies(samples)
+    direct = ctx.results.get(floor)
+    if direct is not None and direct.figure is not None:
+        added = statistics.median(samples) * 1000 - direct.figure
+        details["added_p50_ms"] = round(added, 3)
+        details["added_target_met"] = "yes" if added <= 2.0 else "no"
+    return Measurement(statistics.median(samples) * 1000, details)
+
+
+@benchmark(
+    "port_forward_throughput",
+    unit="MB/s",
+    better="higher",
+    floor="tcp_throughput",
+    target=0.5,
+    description="bytes echoed per second by busybox `nc -e cat` in the container through "
+    "PortForward (both directions at once), vs the same over direct loopback TCP",
+)
+async def port_forward_throughput(ctx: RunContext) -> Measurement:
+    async with _tunnel_stack(ctx) as (stack, job_id):
+        outgoing: asyncio.Queue[T.PortForwardRequest | None] = asyncio.Queue(2)
+
+        async def requests() -> AsyncIterator[T.PortForwardRequest]:
+            yield T.PortForwardRequest(start=T.PortForwardStart(job_id=job_id, port=ECHO_PORT))
+            while (item := await outgoing.get()) is not None:
+                yield item
+
+        stub = tunnels_pb2_grpc.TunnelServiceStub(stack.channel)
+        call = stub.PortForward(requests(), metadata=stack.consumer)
+
+        async def send(data: bytes) -> None:
+            await outgoing.put(T.PortForwardRequest(data=data))
+
+        async def receive() -> bytes:
+            response = await call.read()
+            return bytes(getattr(response, "data", b""))
+
+        await _rtts(send, receive, 5)
+        rate = await _throughput(send, receive, VOLUME)
+        call.cancel()
+    return Measurement(rate, {"megabytes": VOLUME // 1_000_000, "chunk_bytes": CHUNK})
+
+
+@benchmark(
+    "tcp_throughput",
+    unit="MB/s",
+    better="higher",
+    description="bytes echoed per second by busybox `nc -e cat` over direct loopback TCP "
+    "(both directions at once)",
+)
+async def tcp_throughput(ctx: RunContext) -> Measurement:
+    async with _LocalEcho() as (send, receive):
+        rate = await _throughput(send, receive, VOLUME)
+    return Measurement(rate, {"megabytes": VOLUME // 1_000_000, "chunk_bytes": CHUNK})
+
+
+@asynccontextmanager
+async def _tunnel_stack(ctx: RunContext) -> AsyncIterator[tuple[Stack, str]]:
+    """A job stack with one running job serving the echo on ECHO_PORT."""
+    async with job_stack(ctx) as stack:
+        spec = types_pb2.JobSpec(
+            image=stack.image,
+            command=["sh", "-c", SCRIPT],
+            gpu_count=1,
+            max_duration_seconds=600,
+            max_price_per_gpu_hour_micro_credits=10_000_000,
+            allow_simulated=True,
+            allow_unverified=True,
+        )
+        request = jobs_pb2.SubmitJobRequest(spec=spec)
+        reply = await stack.jobs.SubmitJob(request, metadata=stack.consumer)
+        job_id = reply.job.job_id
+        for _ in range(600):
+            got = await stack.jobs.GetJob(
+                jobs_pb2.GetJobRequest(job_id=job_id), metadata=stack.consumer
+            )
+            if got.job.state == types_pb2.JOB_STATE_RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError(f"job {job_id} did not start")
+        await asyncio.sleep(0.5)  # nc listens a moment after the container runs
+        yield stack, job_id

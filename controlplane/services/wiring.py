@@ -1,0 +1,41 @@
+"""How the control plane process wires services in: their servicer and the reconciler loop."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from gpuplane.v1 import services_pb2, services_pb2_grpc
+from grpc import aio
+
+from controlplane.api.services import ServiceServicer
+from controlplane.jobs.service import JobService
+from controlplane.registry.service import RegistryService
+from controlplane.scheduler.leader import Leadership
+from controlplane.services.reconciler import Reconciler
+from controlplane.services.service import ServiceService
+from controlplane.services.settings import ServiceSettings
+
+SERVICE_NAME = services_pb2.DESCRIPTOR.services_by_name["ServiceService"].full_name
+
+
+def build_services(
+    jobs: JobService, registry: RegistryService, settings: ServiceSettings
+) -> ServiceService:
+    """The services domain; daemons' ReplicaHealth messages reach it through the registry."""
+    services = ServiceService(jobs, settings)
+    registry.on_replica_health = services.replica_health
+    return services
+
+
+def add_servicer(server: aio.Server, services: ServiceService | None) -> None:
+    assert services is not None
+    services_pb2_grpc.add_ServiceServiceServicer_to_server(ServiceServicer(services), server)
+
+
+def reconciler_loop(
+    services: ServiceService | None, leader: Leadership | None
+) -> Callable[[], Awaitable[None]] | None:
+    """The services' reconciler loop (it acts only while `leader` leads)."""
+    if services is None or leader is None:
+        return None
+    return Reconciler(services, leader).run

@@ -1,0 +1,96 @@
+"""Opens tunnels: checks the caller may reach the job, stores the host's TunnelCommand, waits."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from gpuplane.v1 import registry_pb2, tunnels_pb2
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from controlplane.auth.principal import Principal
+from controlplane.commands.repository import CommandRepository
+from controlplane.db.base import utcnow
+from controlplane.db.engine import Database
+from controlplane.errors import FailedPrecondition, NotFound
+from controlplane.jobs.repository import JobRepository
+from controlplane.jobs.states import JobState
+from controlplane.registry.streams import HostStreams
+from controlplane.settings_groups import ServingSettings
+from controlplane.tunnels.broker import Pipe, TunnelBroker, wait_arrival
+
+# What a tunnel opens: a command to exec, or a port to forward to.
+Target = tunnels_pb2.ExecStart | int
+
+
+class TunnelService:
+    """Exec and port-forward into a RUNNING job's container, through the host's daemon: the
+    replica taking the client's call stores a TunnelCommand for the host (delivered, like any
+    command, by whichever replica holds its Connect stream) naming `address`, and waits for
+    the daemon to call back there (TunnelRelayService.Tunnel) for `open_timeout` seconds."""
+
+    def __init__(
+        self,
+        db: Database,
+        streams: HostStreams,
+        broker: TunnelBroker,
+        *,
+        open_timeout: float = 5.0,
+    ) -> None:
+        self.db = db
+        self.streams = streams
+        self.broker = broker
+        self.open_timeout = open_timeout
+        # host:port daemons reach this replica at (set once the server listens).
+        self.address = ""
+
+    @asynccontextmanager
+    async def open(self, caller: Principal, job_id: str, target: Target) -> AsyncIterator[Pipe]:
+        """A tunnel into the job's container, paired with its daemon's call; forgotten (and
+        the daemon's call ended) on the way out."""
+        # Waiting before the command exists: the daemon may call back before the commit returns.
+        pipe = self.broker.expect()
+
+        async def work(session: AsyncSession) -> str:
+            job = await JobRepository(session).get_readable(caller, job_id)
+            if job is None:
+                raise NotFound(f"job_id: no job {job_id!r}")
+            if job.state != JobState.RUNNING.value or not job.host_id:
+                raise FailedPrecondition(
+                    f"job_id: job {job_id} is {job.state}; exec and port-forward need a "
+                    "running workload"
+                )
+            pipe.host_id = job.host_id  # the only host whose call back it pairs with
+            command = tunnels_pb2.TunnelCommand(
+                tunnel_id=pipe.tunnel_id,
+                job_id=job.id,
+                attempt=job.attempt,
+                address=self.address,
+            )
+            if isinstance(target, int):
+                command.port = target
+            else:
+                command.exec.CopyFrom(target)
+            # No job_id on the row: several tunnels into one attempt are all stored.
+            message = registry_pb2.ControlMessage(tunnel=command)
+            await CommandRepository(session).issue(job.host_id, message, utcnow())
+            return job.host_id
+
+        try:
+            self.streams.wake(await self.db.run(work))
+            await wait_arrival(pipe, self.open_timeout)
+            yield pipe
+        finally:
+            self.broker.forget(pipe)
+
+
+def advertised(serving: ServingSettings, port: int) -> str:
+    """The address daemons call this replica back at: the setting, else the listen address
+    with the port it got (a wildcard host becomes this machine's name)."""
+    if serving.advertise_address:
+        return serving.advertise_address
+    host = serving.listen_addr.rpartition(":")[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
