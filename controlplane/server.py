@@ -68,7 +68,7 @@ from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership
 from controlplane.scheduler.market import Market
 from controlplane.scheduler.quote import Quoter
 from controlplane.scheduler.service import CycleStats, Scheduler, SchedulerPolicy
-from controlplane.services.wiring import SERVICE_NAME, add_servicer, build_services, reconciler_loop
+from controlplane.services.wiring import SERVICE_NAME, add_servicer, build_services, services_loop
 from controlplane.sessions.expiry import SessionExpiry
 from controlplane.sessions.service import SessionService
 from controlplane.settings import Settings
@@ -360,7 +360,7 @@ class ControlPlane:
             spending_interval=settings.jobs.spending_limit_interval_seconds,
             on_spending=self.metrics.record_spending,
             sessions=SessionExpiry(domains.jobs, settings.sessions).run,
-            services=reconciler_loop(self.services, self.leader),
+            services=services_loop(self.services, self.leader, self.tunnels, domains.auth),
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gpuplane.v1 import registry_pb2, types_pb2
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +32,9 @@ from controlplane.services.states import (
     note_service_event,
     set_service_state,
 )
+
+if TYPE_CHECKING:
+    from controlplane.gateway.proxy import Gateway
 
 PREFIX = "svc"
 REPLICA_PREFIX = "rep"
@@ -62,6 +66,8 @@ class ServiceService:
         self.settings = settings
         # Set when a service changed: the reconciler looks at once instead of next interval.
         self.changed = asyncio.Event()
+        # The gateway this process serves, if any (services.wiring.services_loop).
+        self.gateway: Gateway | None = None
 
     async def deploy(
         self,

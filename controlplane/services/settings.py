@@ -16,6 +16,7 @@ class ServiceSettings:
     healthy_reset_seconds: float
     lease_seconds: float
     lease_renew_lead_seconds: float
+    gateway_address: str
 
 
 class ServiceFields(BaseSettings):
@@ -52,6 +53,13 @@ class ServiceFields(BaseSettings):
         "owner's credit cannot pay, a warning is recorded and the service stops at its end.",
     )
 
+    gateway_address: str = Field(
+        default="",
+        description="host:port the services gateway serves HTTP on (/s/NAME/… to a ready "
+        "replica of the caller's service NAME, its API key as `Authorization: Bearer KEY`); "
+        "empty: no gateway in this process. Every control-plane replica may serve one.",
+    )
+
     @property
     def services(self) -> ServiceSettings:
         return ServiceSettings(
@@ -61,4 +69,5 @@ class ServiceFields(BaseSettings):
             healthy_reset_seconds=float(self.service_healthy_reset_seconds),
             lease_seconds=float(self.service_lease_seconds),
             lease_renew_lead_seconds=float(self.service_lease_renew_lead_seconds),
+            gateway_address=self.gateway_address,
         )

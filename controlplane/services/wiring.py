@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from gpuplane.v1 import services_pb2, services_pb2_grpc
 from grpc import aio
 
 from controlplane.api.services import ServiceServicer
+from controlplane.auth.service import AuthService
+from controlplane.gateway.proxy import Gateway
 from controlplane.jobs.service import JobService
 from controlplane.registry.service import RegistryService
 from controlplane.scheduler.leader import Leadership
 from controlplane.services.reconciler import Reconciler
 from controlplane.services.service import ServiceService
 from controlplane.services.settings import ServiceSettings
+from controlplane.tunnels.service import TunnelService
 
 SERVICE_NAME = services_pb2.DESCRIPTOR.services_by_name["ServiceService"].full_name
 
@@ -32,10 +36,23 @@ def add_servicer(server: aio.Server, services: ServiceService | None) -> None:
     services_pb2_grpc.add_ServiceServiceServicer_to_server(ServiceServicer(services), server)
 
 
-def reconciler_loop(
-    services: ServiceService | None, leader: Leadership | None
+def services_loop(
+    services: ServiceService | None,
+    leader: Leadership | None,
+    tunnels: TunnelService | None,
+    auth: AuthService,
 ) -> Callable[[], Awaitable[None]] | None:
-    """The services' reconciler loop (it acts only while `leader` leads)."""
+    """The services' reconciler loop (it acts only while `leader` leads) and, when
+    `gateway_address` is set, the gateway beside it (on every replica)."""
     if services is None or leader is None:
         return None
-    return Reconciler(services, leader).run
+    reconciler = Reconciler(services, leader)
+    address = services.settings.gateway_address
+    if not address or tunnels is None:
+        return reconciler.run
+    gateway = services.gateway = Gateway(services, tunnels, auth)
+
+    async def run() -> None:
+        await asyncio.gather(reconciler.run(), gateway.serve(address))
+
+    return run

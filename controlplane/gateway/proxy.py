@@ -1,0 +1,184 @@
+"""The services gateway: HTTP to /s/NAME/… reaches a ready replica through its daemon's tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from gpuplane.v1 import tunnels_pb2
+
+from controlplane.api.tunnels import relay
+from controlplane.auth.principal import Principal
+from controlplane.auth.service import AuthService
+from controlplane.errors import DomainError, NotFound
+from controlplane.gateway.balancer import Choice, ServicePool
+from controlplane.services.service import ServiceService, spec_of
+from controlplane.tunnels.service import TunnelService
+
+log = logging.getLogger(__name__)
+Frame = tunnels_pb2.TunnelFrame
+CHUNK = 64 * 1024
+MAX_RESPONSE = 64 * 1024 * 1024
+# Methods retried on another replica when the first one failed (RFC 9110's idempotent ones).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Hop-by-hop headers: not forwarded either way (RFC 9110 7.6.1), nor lengths the proxy sets.
+HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "authorization",
+        "host",
+    }
+)
+
+
+class BadAnswer(Exception):
+    """The replica's answer was not an HTTP response (it closed early, or spoke garbage)."""
+
+
+def request_bytes(request: web.Request, path: str, body: bytes) -> bytes:
+    """The request as HTTP/1.0 to the replica (so it answers without chunking and closes)."""
+    lines = [f"{request.method} {path} HTTP/1.0", "Host: localhost"]
+    lines += [f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in HOP]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+def parse_response(raw: bytes) -> web.Response:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise BadAnswer("no complete HTTP header")
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ", 2)
+    if len(status) < 2 or not status[0].startswith("HTTP/") or not status[1].isdigit():
+        raise BadAnswer(f"not an HTTP status line: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() not in HOP:
+            headers[name.strip()] = value.strip()
+    return web.Response(status=int(status[1]), body=body, headers=headers)
+
+
+class Gateway:
+    """Routes `/s/NAME/PATH` of a caller (its API key as `Authorization: Bearer KEY`) to a
+    ready replica of the caller's service NAME (another tenant's is 404, as a missing one),
+    round-robin, each replica behind its circuit breaker; an idempotent request that failed
+    on one replica is tried once on another; 503 with the reason when none can take it. The
+    bytes go through the replica's daemon's tunnel (TunnelService.open: the daemon calls
+    back, so its host needs no inbound port)."""
+
+    def __init__(self, services: ServiceService, tunnels: TunnelService, auth: AuthService):
+        self.services = services
+        self.tunnels = tunnels
+        self.auth = auth
+        self.pools: dict[str, ServicePool] = {}
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_RESPONSE)
+        app.router.add_route("*", "/s/{name}/{tail:.*}", self.handle)
+        app.router.add_route("*", "/s/{name}", self.handle)
+        return app
+
+    async def serve(self, address: str) -> None:
+        """Serves on `address` (host:port; port 0 picks one, then `port`) until cancelled."""
+        host, _, port = address.rpartition(":")
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+            await site.start()
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            log.info("gateway listening on %s:%d", host, self.port)
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        principal = await self._caller(request)
+        if principal is None:
+            return web.Response(status=401, text="an API key is needed: Authorization: Bearer KEY")
+        name = request.match_info["name"]
+        try:
+            view = await self.services.get(principal, name)
+        except NotFound:
+            return web.Response(status=404, text=f"no service {name!r}")
+        ready = [j.id for r, j in view.replicas if r.ready and j.state == "running"]
+        pool = self.pools.setdefault(view.service.id, ServicePool())
+        pool.update(ready)
+        path = "/" + request.match_info.get("tail", "")
+        if request.query_string:
+            path += "?" + request.query_string
+        raw = request_bytes(request, path, await request.read())
+        port = spec_of(view.service).service_replica.port
+        return await self._route(principal, pool, request.method, raw, port)
+
+    async def _route(
+        self, principal: Principal, pool: ServicePool, method: str, raw: bytes, port: int
+    ) -> web.StreamResponse:
+        tried: set[str] = set()
+        why = ""
+        for _ in range(2 if method in IDEMPOTENT else 1):
+            choice: Choice = pool.choose(avoid=tried)
+            if choice.replica is None:
+                why = why or choice.reason
+                break
+            replica = choice.replica
+            tried.add(replica.replica_id)
+            started = time.monotonic()
+            try:
+                answer = await self._exchange(principal, replica.replica_id, port, raw)
+                response = parse_response(answer)
+            except (DomainError, BadAnswer, OSError) as error:
+                pool.release(replica, ok=False)
+                why = f"replica {replica.replica_id}: {getattr(error, 'message', error)}"
+                log.warning("gateway: %s", why)
+                continue
+            pool.release(replica, ok=True)
+            response.headers["X-Gpuplane-Replica"] = replica.replica_id
+            log.debug(
+                "gateway: %s in %.1f ms", replica.replica_id, 1000 * (time.monotonic() - started)
+            )
+            return response
+        return web.Response(status=503, text=f"service unavailable: {why}")
+
+    async def _exchange(self, principal: Principal, job_id: str, port: int, raw: bytes) -> bytes:
+        """Sends `raw` to 127.0.0.1:port in the replica's container; its whole answer."""
+
+        async def frames() -> AsyncIterator[Frame | None]:
+            for at in range(0, len(raw), CHUNK):
+                yield Frame(data=raw[at : at + CHUNK])
+            yield Frame(close_write=True)
+
+        answer = bytearray()
+        async with self.tunnels.open(principal, job_id, port) as pipe:
+            async for frame in relay(pipe, frames()):
+                if frame.WhichOneof("msg") == "data":
+                    answer += frame.data
+                    if len(answer) > MAX_RESPONSE:
+                        raise BadAnswer("the answer is larger than 64 MiB")
+                elif frame.WhichOneof("msg") == "close_write":
+                    break
+        return bytes(answer)
+
+    async def _caller(self, request: web.Request) -> Principal | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            return None
+        try:
+            return await self.auth.authenticate(secret.strip())
+        except DomainError:
+            return None
