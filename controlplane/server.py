@@ -360,7 +360,7 @@ class ControlPlane:
             spending_interval=settings.jobs.spending_limit_interval_seconds,
             on_spending=self.metrics.record_spending,
             sessions=SessionExpiry(domains.jobs, settings.sessions).run,
-            services=services_loop(self.services, self.leader, self.tunnels, domains.auth),
+            services=services_loop(self, domains.auth),
         )
 
     async def stop(self, grace: float | None = None) -> None:

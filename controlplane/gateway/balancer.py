@@ -38,6 +38,7 @@ class ServicePool:
 
     clock: Clock = time.monotonic
     strategy: Strategy = Strategy.ROUND_ROBIN
+    service_id: str = ""
     replicas: dict[str, Replica] = field(default_factory=dict)
     _next: int = 0
 

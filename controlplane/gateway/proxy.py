@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from gpuplane.v1 import tunnels_pb2
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from controlplane.api.tunnels import relay
 from controlplane.auth.principal import Principal
@@ -77,12 +78,36 @@ class Gateway:
     bytes go through the replica's daemon's tunnel (TunnelService.open: the daemon calls
     back, so its host needs no inbound port)."""
 
-    def __init__(self, services: ServiceService, tunnels: TunnelService, auth: AuthService):
+    def __init__(
+        self,
+        services: ServiceService,
+        tunnels: TunnelService,
+        auth: AuthService,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.services = services
         self.tunnels = tunnels
         self.auth = auth
         self.pools: dict[str, ServicePool] = {}
         self.port = 0
+        self.requests = Counter(
+            "gpuplane_gateway_requests_total",
+            "Requests the gateway answered, by service id, replica (- when none) and status.",
+            ["service", "replica", "code"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "gpuplane_gateway_request_seconds",
+            "Time from a request's arrival to its answer, by service id.",
+            ["service"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "gpuplane_gateway_replica_failures_total",
+            "Requests a replica failed (the tunnel refused or broke, not an HTTP answer).",
+            ["service", "replica"],
+            registry=registry,
+        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_RESPONSE)
@@ -116,14 +141,20 @@ class Gateway:
         except NotFound:
             return web.Response(status=404, text=f"no service {name!r}")
         ready = [j.id for r, j in view.replicas if r.ready and j.state == "running"]
-        pool = self.pools.setdefault(view.service.id, ServicePool())
+        pool = self.pools.setdefault(view.service.id, ServicePool(service_id=view.service.id))
         pool.update(ready)
         path = "/" + request.match_info.get("tail", "")
         if request.query_string:
             path += "?" + request.query_string
         raw = request_bytes(request, path, await request.read())
         port = spec_of(view.service).service_replica.port
-        return await self._route(principal, pool, request.method, raw, port)
+        started = time.monotonic()
+        response = await self._route(principal, pool, request.method, raw, port)
+        sid = view.service.id
+        replica = response.headers.get("X-Gpuplane-Replica", "-")
+        self.requests.labels(sid, replica, str(response.status)).inc()
+        self.seconds.labels(sid).observe(time.monotonic() - started)
+        return response
 
     async def _route(
         self, principal: Principal, pool: ServicePool, method: str, raw: bytes, port: int
@@ -137,20 +168,17 @@ class Gateway:
                 break
             replica = choice.replica
             tried.add(replica.replica_id)
-            started = time.monotonic()
             try:
                 answer = await self._exchange(principal, replica.replica_id, port, raw)
                 response = parse_response(answer)
             except (DomainError, BadAnswer, OSError) as error:
                 pool.release(replica, ok=False)
+                self.failures.labels(pool.service_id, replica.replica_id).inc()
                 why = f"replica {replica.replica_id}: {getattr(error, 'message', error)}"
                 log.warning("gateway: %s", why)
                 continue
             pool.release(replica, ok=True)
             response.headers["X-Gpuplane-Replica"] = replica.replica_id
-            log.debug(
-                "gateway: %s in %.1f ms", replica.replica_id, 1000 * (time.monotonic() - started)
-            )
             return response
         return web.Response(status=503, text=f"service unavailable: {why}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from gpuplane.v1 import services_pb2, services_pb2_grpc
 from grpc import aio
@@ -13,11 +14,12 @@ from controlplane.auth.service import AuthService
 from controlplane.gateway.proxy import Gateway
 from controlplane.jobs.service import JobService
 from controlplane.registry.service import RegistryService
-from controlplane.scheduler.leader import Leadership
 from controlplane.services.reconciler import Reconciler
 from controlplane.services.service import ServiceService
 from controlplane.services.settings import ServiceSettings
-from controlplane.tunnels.service import TunnelService
+
+if TYPE_CHECKING:
+    from controlplane.server import ControlPlane
 
 SERVICE_NAME = services_pb2.DESCRIPTOR.services_by_name["ServiceService"].full_name
 
@@ -36,21 +38,18 @@ def add_servicer(server: aio.Server, services: ServiceService | None) -> None:
     services_pb2_grpc.add_ServiceServiceServicer_to_server(ServiceServicer(services), server)
 
 
-def services_loop(
-    services: ServiceService | None,
-    leader: Leadership | None,
-    tunnels: TunnelService | None,
-    auth: AuthService,
-) -> Callable[[], Awaitable[None]] | None:
-    """The services' reconciler loop (it acts only while `leader` leads) and, when
+def services_loop(plane: ControlPlane, auth: AuthService) -> Callable[[], Awaitable[None]] | None:
+    """The services' reconciler loop (it acts only while the process leads) and, when
     `gateway_address` is set, the gateway beside it (on every replica)."""
+    services, leader, tunnels = plane.services, plane.leader, plane.tunnels
     if services is None or leader is None:
         return None
     reconciler = Reconciler(services, leader)
     address = services.settings.gateway_address
     if not address or tunnels is None:
         return reconciler.run
-    gateway = services.gateway = Gateway(services, tunnels, auth)
+    gateway = Gateway(services, tunnels, auth, plane.metrics.registry)
+    services.gateway = gateway
 
     async def run() -> None:
         await asyncio.gather(reconciler.run(), gateway.serve(address))

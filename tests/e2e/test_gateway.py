@@ -66,6 +66,12 @@ async def test_requests_reach_ready_replicas_round_robin_through_the_gateway(
         seen[headers["X-Gpuplane-Replica"]] = body
     assert set(seen) == replicas, "round-robin: each replica once"
     assert len(set(seen.values())) == 3, "each page names its own container"
+    registry = plane.plane.metrics.registry
+    for replica in replicas:
+        labels = {"service": up.service_id, "replica": replica, "code": "200"}
+        assert registry.get_sample_value("gpuplane_gateway_requests_total", labels) == 1
+    timed = {"service": up.service_id}
+    assert registry.get_sample_value("gpuplane_gateway_request_seconds_count", timed) == 3
 
     # A replica's container killed: GETs keep being answered (one that hits the dead replica
     # is retried on another), and the service heals.
