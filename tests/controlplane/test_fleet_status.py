@@ -12,6 +12,7 @@ import pytest
 from gpuplane.v1 import admin_pb2, jobs_pb2, types_pb2
 
 from controlplane.db.base import utcnow
+from controlplane.db.engine import Database
 from controlplane.fleet import CycleWindow
 from controlplane.outbox.repository import OutboxRepository
 from controlplane.scheduler.service import CycleStats
@@ -35,22 +36,32 @@ async def fleet_when(
     raise AssertionError(f"fleet status never became ready: {status}")
 
 
-async def hold_unpublished(plane: JobPlane) -> None:
-    """An outbox row enqueued HELD_AGO seconds ago that another replica's relay has leased
-    and not yet published (it died mid-batch): unpublished until its lease passes."""
-    assert plane.plane.db is not None
-    created = utcnow() - timedelta(seconds=HELD_AGO)
-    async with plane.plane.db.transaction() as session:
+async def hold_unpublished(db: Database, ago: float, lease: float = 300.0) -> int:
+    """An outbox row enqueued `ago` seconds back that another replica's relay has leased for
+    `lease` seconds and not yet published (it died mid-batch): unpublished until the lease
+    passes. Its id."""
+    async with db.transaction() as session:
         outbox = OutboxRepository(session)
+        created = utcnow() - timedelta(seconds=ago)
         outbox.enqueue("gpuplane.test.fleet", "fleet-held", b"held", created)
         await session.flush()
-        leased = await outbox.lease(1000, utcnow(), utcnow() + timedelta(minutes=5))
-        assert "fleet-held" in [row.msg_id for row in leased]
+        leased = await outbox.lease(1000, utcnow(), utcnow() + timedelta(seconds=lease))
+        held = [row.id for row in leased if row.msg_id == "fleet-held"]
+        assert held, "the relay published the row before it was leased"
+        return held[0]
+
+
+async def publish_held(db: Database, row_id: int) -> None:
+    """The held row marked published, as its relay would have (before its lease passes and
+    the plane's relay publishes it to a subject no stream takes)."""
+    async with db.transaction() as session:
+        await OutboxRepository(session).mark_published([row_id], utcnow())
 
 
 async def test_fleet_status_counts_queue_outbox_and_cycles(plane: JobPlane) -> None:
     job = await plane.submit(gpu_count=1)  # no host at all: it stays queued
-    await hold_unpublished(plane)
+    assert plane.plane.db is not None
+    await hold_unpublished(plane.plane.db, HELD_AGO)
     status = await fleet_when(
         plane, lambda s: s.scheduler.last_considered >= 1 and s.outbox_backlog == 1
     )
