@@ -1,6 +1,6 @@
 """AdminService.GetFleetStatus on SQLite and PostgreSQL: a queued job with no host to run it,
-an outbox row another relay holds unpublished, the scheduler's cycles that looked at the job;
-and the cycle window's bound and percentiles."""
+a drain command no daemon acknowledged, an outbox row another relay holds unpublished, the
+scheduler's cycles that looked at the job; and the cycle window's bound and percentiles."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from collections.abc import Callable
 from datetime import UTC, timedelta
 
 import pytest
-from gpuplane.v1 import admin_pb2, jobs_pb2, types_pb2
+from gpuplane.v1 import admin_pb2, jobs_pb2, registry_pb2, registry_pb2_grpc, types_pb2
 
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.fleet import CycleWindow
 from controlplane.outbox.repository import OutboxRepository
 from controlplane.scheduler.service import CycleStats
+from devstack.factories import new_online_host, new_token
 from tests.harness import JobPlane
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.databases("sqlite", "postgresql")]
@@ -58,8 +59,20 @@ async def publish_held(db: Database, row_id: int) -> None:
         await OutboxRepository(session).mark_published([row_id], utcnow())
 
 
-async def test_fleet_status_counts_queue_outbox_and_cycles(plane: JobPlane) -> None:
-    job = await plane.submit(gpu_count=1)  # no host at all: it stays queued
+async def drained_host_never_told(plane: JobPlane) -> None:
+    """A host that said hello once and hung up, drained by the admin: the drain command waits
+    for a daemon that never reconnects (unacknowledged), and the host offers nothing."""
+    token = await new_token(plane, plane.provider_tenant)
+    host = await new_online_host(plane.channel, token.secret)
+    await registry_pb2_grpc.RegistryServiceStub(plane.channel).DrainHost(
+        registry_pb2.DrainHostRequest(host_id=host.host_id, reason="fleet test"),
+        metadata=plane.auth(),
+    )
+
+
+async def test_fleet_status_counts_queue_outbox_commands_and_cycles(plane: JobPlane) -> None:
+    await drained_host_never_told(plane)
+    job = await plane.submit(gpu_count=1)  # no host offers a GPU: it stays queued
     assert plane.plane.db is not None
     await hold_unpublished(plane.plane.db, HELD_AGO)
     status = await fleet_when(
@@ -73,10 +86,11 @@ async def test_fleet_status_counts_queue_outbox_and_cycles(plane: JobPlane) -> N
     assert set(jobs) == set(types_pb2.JobState.values()) - {types_pb2.JOB_STATE_UNSPECIFIED}
     hosts = {c.state: c.count for c in status.hosts}
     assert set(hosts) == set(types_pb2.HostState.values()) - {types_pb2.HOST_STATE_UNSPECIFIED}
-    assert sum(hosts.values()) == 0
+    assert sum(hosts.values()) == 1  # drained, or lost since (no heartbeat)
+    assert hosts[types_pb2.HOST_STATE_ONLINE] == 0
     assert HELD_AGO <= status.outbox_oldest_seconds < HELD_AGO + 30
-    assert status.commands_unacked == 0
-    assert status.commands_oldest_seconds == 0
+    assert status.commands_unacked == 1
+    assert 0 < status.commands_oldest_seconds < 30
 
     assert status.scheduler_leader_here
     cycles = status.scheduler
