@@ -4,6 +4,7 @@ one scraped tells the whole marketplace."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -23,40 +24,71 @@ from controlplane.registry.models import Host
 from controlplane.registry.states import HostState
 
 
-async def refresh(db: Database, metrics: Metrics) -> None:
-    """Reads the counts in one read transaction and sets the gauges; every state is set,
-    those with no row to 0, so a state that empties does not keep its last count."""
+@dataclass(frozen=True)
+class FleetCounts:
+    """Jobs and hosts by state (every state, those with no row at 0), the outbox backlog and
+    the commands not yet acknowledged, each with its oldest row's age in seconds."""
+
+    jobs: dict[JobState, int]
+    hosts: dict[HostState, int]
+    outbox_backlog: int
+    outbox_oldest_seconds: float
+    commands_unacked: int
+    commands_oldest_seconds: float
+
+
+async def fleet(db: Database) -> FleetCounts:
+    """The fleet's counts, in one read transaction (AdminService.GetFleetStatus)."""
     async with db.read() as session:
-        jobs = dict(
-            (await session.execute(select(Job.state, func.count()).group_by(Job.state))).all()
-        )
-        hosts = dict(
-            (await session.execute(select(Host.state, func.count()).group_by(Host.state))).all()
-        )
-        backlog, oldest = (
-            await session.execute(
-                select(func.count(), func.min(OutboxMessage.created_at)).where(
-                    OutboxMessage.published_at.is_(None)
-                )
+        return await read_fleet(session)
+
+
+async def read_fleet(session: AsyncSession) -> FleetCounts:
+    """The fleet's counts in `session`: a few grouped counts over indexed columns."""
+    jobs = dict((await session.execute(select(Job.state, func.count()).group_by(Job.state))).all())
+    hosts = dict(
+        (await session.execute(select(Host.state, func.count()).group_by(Host.state))).all()
+    )
+    backlog, oldest = (
+        await session.execute(
+            select(func.count(), func.min(OutboxMessage.created_at)).where(
+                OutboxMessage.published_at.is_(None)
             )
-        ).one()
-        unacked, oldest_command = (
-            await session.execute(
-                select(func.count(), func.min(HostCommand.created_at)).where(
-                    HostCommand.acked_at.is_(None)
-                )
+        )
+    ).one()
+    unacked, oldest_command = (
+        await session.execute(
+            select(func.count(), func.min(HostCommand.created_at)).where(
+                HostCommand.acked_at.is_(None)
             )
-        ).one()
+        )
+    ).one()
+    return FleetCounts(
+        jobs={state: int(jobs.get(state.value, 0)) for state in JobState},
+        hosts={state: int(hosts.get(state.value, 0)) for state in HostState},
+        outbox_backlog=int(backlog),
+        outbox_oldest_seconds=_age(oldest),
+        commands_unacked=int(unacked),
+        commands_oldest_seconds=_age(oldest_command),
+    )
+
+
+async def refresh(db: Database, metrics: Metrics) -> None:
+    """Reads the counts and the ledger's totals in one read transaction and sets the gauges;
+    every state is set, those with no row to 0, so a state that empties does not keep its
+    last count."""
+    async with db.read() as session:
+        counts = await read_fleet(session)
         ledger = await _ledger(session)
     metrics.record_ledger(ledger)
-    for job_state in JobState:
-        metrics.jobs.labels(job_state.value).set(jobs.get(job_state.value, 0))
-    for host_state in HostState:
-        metrics.hosts.labels(host_state.value).set(hosts.get(host_state.value, 0))
-    metrics.outbox_backlog.set(backlog)
-    metrics.outbox_oldest_seconds.set(_age(oldest))
-    metrics.commands_unacked.set(unacked)
-    metrics.commands_oldest_seconds.set(_age(oldest_command))
+    for job_state, jobs in counts.jobs.items():
+        metrics.jobs.labels(job_state.value).set(jobs)
+    for host_state, hosts in counts.hosts.items():
+        metrics.hosts.labels(host_state.value).set(hosts)
+    metrics.outbox_backlog.set(counts.outbox_backlog)
+    metrics.outbox_oldest_seconds.set(counts.outbox_oldest_seconds)
+    metrics.commands_unacked.set(counts.commands_unacked)
+    metrics.commands_oldest_seconds.set(counts.commands_oldest_seconds)
 
 
 async def _ledger(session: AsyncSession) -> LedgerTotals:

@@ -26,14 +26,13 @@ from gpuplane.v1 import (
     sessions_pb2_grpc,
     tunnels_pb2,
     tunnels_pb2_grpc,
-    types_pb2,
 )
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane import gauges
-from controlplane.api.admin import AdminServicer
+from controlplane.api.admin import AdminServicer, pricing_policy
 from controlplane.api.data import DataServicer
 from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, RateLimiter
 from controlplane.api.jobs import JobServicer
@@ -50,6 +49,7 @@ from controlplane.dashboard import app as dashboard_app
 from controlplane.data.service import DataService
 from controlplane.db import migrate
 from controlplane.db.engine import Database
+from controlplane.fleet import CycleWindow, Fleet
 from controlplane.jobs.config import job_policy
 from controlplane.jobs.dryrun import DryRun
 from controlplane.jobs.logs import LogReader
@@ -72,7 +72,7 @@ from controlplane.services.wiring import SERVICE_NAME, add_servicer, build_servi
 from controlplane.sessions.expiry import SessionExpiry
 from controlplane.sessions.service import SessionService
 from controlplane.settings import Settings
-from controlplane.settings_groups import NatsSettings, PricingSettings, StorageSettings
+from controlplane.settings_groups import NatsSettings, StorageSettings
 from controlplane.tls import server_credentials
 from controlplane.tunnels.broker import TunnelBroker
 from controlplane.tunnels.service import TunnelService, advertised
@@ -120,6 +120,7 @@ class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.cycles = CycleWindow()  # this replica's recent scheduler cycles (GetFleetStatus)
         self.db: Database | None = None
         self.server: aio.Server | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -315,7 +316,11 @@ class ControlPlane:
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(domains.ledger), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(
-                domains.auth, domains.registry, pricing_policy(pricing), domains.ledger.fees
+                domains.auth,
+                domains.registry,
+                pricing_policy(pricing),
+                domains.ledger.fees,
+                Fleet(db, self.cycles),
             ),
             server,
         )
@@ -403,6 +408,7 @@ class ControlPlane:
 
     def _leadership_changed(self, leading: bool) -> None:
         self.metrics.scheduler_leader.set(1 if leading else 0)
+        self.cycles.leading = leading
         if leading:
             if self.scheduler is not None:
                 # Another replica may have led meanwhile: start fair share from history.
@@ -412,6 +418,7 @@ class ControlPlane:
     def _observe_cycle(self, cycle: CycleStats) -> None:
         self.metrics.scheduler_cycle_seconds.observe(cycle.seconds)
         self.metrics.jobs_placed.inc(cycle.placed)
+        self.cycles.observe(cycle)
 
     async def _ensure_bucket(self) -> None:
         """Creates the results bucket, retrying while the S3 server is unreachable."""
@@ -462,16 +469,6 @@ def object_store(group: StorageSettings) -> ObjectStore:
             timeout=urllib3.Timeout(connect=2.0, read=30.0),
             retries=urllib3.Retry(total=2, backoff_factor=0.2),
         ),
-    )
-
-
-def pricing_policy(group: PricingSettings) -> types_pb2.PricingPolicy:
-    """The pricing policy AdminService states."""
-    return types_pb2.PricingPolicy(
-        platform_fee_basis_points=group.fee_basis_points,
-        min_price_per_gpu_hour_micro_credits=group.min_price,
-        max_price_per_gpu_hour_micro_credits=group.max_price,
-        min_payout_micro_credits=group.min_payout,
     )
 
 

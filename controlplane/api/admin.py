@@ -1,4 +1,4 @@
-"""AdminService: tenants, API keys, registration tokens, pricing policy."""
+"""AdminService: tenants, API keys, registration tokens, pricing policy, fleet status."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from controlplane.auth.models import ApiKey, Tenant
 from controlplane.auth.principal import Role, current_principal
 from controlplane.auth.service import AuthService
 from controlplane.errors import InvalidArgument
+from controlplane.fleet import Fleet, FleetStatus
 from controlplane.idempotency import check_key, fingerprint
+from controlplane.jobs.states import JobState
 from controlplane.ledger.fees import PlatformFees
 from controlplane.paging import PageRequest
 from controlplane.registry.models import RegistrationToken
 from controlplane.registry.service import RegistryService
+from controlplane.settings_groups import PricingSettings
 
 Context = Any
 # What SetPricingPolicy cannot change: the hosts' price bounds and the minimum payout.
@@ -56,8 +59,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         registry: RegistryService,
         pricing: types_pb2.PricingPolicy,
         fees: PlatformFees,
+        fleet: Fleet,
     ) -> None:
         self.auth = auth
+        self.fleet = fleet
         self.registry = registry
         # The settings' policy; its fee until an operator sets one (`fees`).
         self.pricing = pricing
@@ -186,6 +191,45 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 )
         fee = await self.fees.set(wanted.platform_fee_basis_points)
         return admin_pb2.SetPricingPolicyResponse(policy=self._policy(fee))
+
+    async def GetFleetStatus(
+        self, request: admin_pb2.GetFleetStatusRequest, context: Context
+    ) -> admin_pb2.GetFleetStatusResponse:
+        return fleet_pb(await self.fleet.status())
+
+
+def pricing_policy(group: PricingSettings) -> types_pb2.PricingPolicy:
+    """The pricing policy AdminService states."""
+    return types_pb2.PricingPolicy(
+        platform_fee_basis_points=group.fee_basis_points,
+        min_price_per_gpu_hour_micro_credits=group.min_price,
+        max_price_per_gpu_hour_micro_credits=group.max_price,
+        min_payout_micro_credits=group.min_payout,
+    )
+
+
+def fleet_pb(status: FleetStatus) -> admin_pb2.GetFleetStatusResponse:
+    counts, cycles = status.counts, status.cycles
+    last = cycles.last
+    return admin_pb2.GetFleetStatusResponse(
+        hosts=[admin_pb2.HostStateCount(state=s.pb, count=n) for s, n in counts.hosts.items()],
+        jobs=[admin_pb2.JobStateCount(state=s.pb, count=n) for s, n in counts.jobs.items()],
+        queue_depth=counts.jobs[JobState.QUEUED],
+        outbox_backlog=counts.outbox_backlog,
+        outbox_oldest_seconds=counts.outbox_oldest_seconds,
+        commands_unacked=counts.commands_unacked,
+        commands_oldest_seconds=counts.commands_oldest_seconds,
+        scheduler_leader_here=status.leader_here,
+        scheduler=admin_pb2.SchedulerCycles(
+            last_cycle_at=timestamp(cycles.last_at),
+            last_cycle_seconds=last.seconds if last else 0.0,
+            last_considered=last.considered if last else 0,
+            last_placed=last.placed if last else 0,
+            p50_seconds=cycles.p50_seconds,
+            p99_seconds=cycles.p99_seconds,
+            cycles_in_window=cycles.count,
+        ),
+    )
 
 
 def token_pb(row: RegistrationToken) -> types_pb2.RegistrationToken:

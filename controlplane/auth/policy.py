@@ -93,6 +93,7 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.AdminService/RevokeRegistrationToken": frozenset({A, P}),
     "/gpuplane.v1.AdminService/GetPricingPolicy": frozenset({A, C, P}),
     "/gpuplane.v1.AdminService/SetPricingPolicy": frozenset({A}),
+    "/gpuplane.v1.AdminService/GetFleetStatus": frozenset({A}),
 }
 
 

@@ -15,6 +15,7 @@ from gpuplane.v1 import admin_pb2, jobs_pb2, registry_pb2, registry_pb2_grpc, ty
 from playwright.async_api import Page, expect
 
 from tests.browser.conftest import Stack, publish, screenshot
+from tests.controlplane.test_fleet_status import fleet_when, hold_unpublished, publish_held
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.docker]
 
@@ -213,14 +214,42 @@ async def test_provider_sees_the_gpu_chart_move_while_a_job_runs(
     await expect(page.get_by_role("alert")).to_contain_text("minted by an admin")
 
 
+async def operator_sees_the_fleet(page: Page, stack: Stack, tmp_path: Path) -> None:
+    """The fleet page: a job no host can take yet queued (a scheduler cycle looks at it), an
+    outbox row held unpublished for 90 s: the cycle time and the outbox lag are shown."""
+    plane = stack.plane
+    assert plane.plane.db is not None
+    job = await plane.submit(image=stack.test_image, command=["true"], gpu_count=8)
+    held = await hold_unpublished(plane.plane.db, ago=90.0, lease=60.0)
+    try:
+        await fleet_when(plane, lambda s: s.queue_depth >= 1 and s.scheduler.last_considered >= 1)
+        await log_in(page, stack, plane.admin_key)
+        await expect(page.get_by_test_id("fleet")).to_contain_text("Hosts")
+        await expect(page.get_by_test_id("queue-depth")).to_have_text(re.compile(r"^[1-9]\d*$"))
+        await expect(page.get_by_test_id("cycle-time")).to_have_text(
+            re.compile(r"^\d+\.\d+ (ms|s)$")
+        )
+        await expect(page.get_by_test_id("scheduler-where")).to_have_text(
+            "Measured on the leading replica."
+        )
+        await expect(page.get_by_test_id("outbox-lag")).to_have_text(
+            re.compile(r"^1m 3\ds \([1-9]\d*\)$")
+        )
+        await page.screenshot(path=screenshot(tmp_path, "fleet"), full_page=True)
+    finally:
+        await publish_held(plane.plane.db, held)
+        await plane.jobs.CancelJob(
+            jobs_pb2.CancelJobRequest(job_id=job.job_id), metadata=plane.auth(plane.consumer_key)
+        )
+        await plane.wait_for(job.job_id, [S.JOB_STATE_CANCELLED], timeout=30)
+
+
 async def test_operator_drains_and_undrains_a_host(
     page: Page, stack: Stack, tmp_path: Path
 ) -> None:
     plane = stack.plane
     registry = registry_pb2_grpc.RegistryServiceStub(plane.channel)
-    await log_in(page, stack, plane.admin_key)
-    await expect(page.get_by_test_id("fleet")).to_contain_text("Hosts")
-    await page.screenshot(path=screenshot(tmp_path, "fleet"), full_page=True)
+    await operator_sees_the_fleet(page, stack, tmp_path)
     await page.get_by_role("link", name="Tenants & keys").click()
     tenant = page.get_by_role("cell", name=plane.consumer_tenant, exact=True)
     await expect(tenant.first).to_be_visible()  # its row, and its key's

@@ -84,7 +84,12 @@ async def test_a_nine_second_budget_stops_a_sixty_second_job_on_time(
     # when it heard the job run, and when it heard the container had stopped).
     at = {e.state: e.time.ToDatetime() for e in events}
     ran = (at[S.JOB_STATE_UPLOADING] - at[S.JOB_STATE_RUNNING]).total_seconds()
-    assert 8.8 <= ran <= 11.0, ran
+    assert ran <= 11.0, ran
+    # Not stopped early: the run time the daemon billed is the budget's 9 s (exact in the
+    # charge below). On this clock the interval may look shorter: the control plane hears
+    # RUNNING a report's latency after the container started (0.2 s and more under load).
+    assert ran >= 8.0, ran
+    assert done.usage.run_time_ms >= 9_000, done.usage.run_time_ms
 
     # Charged exactly the budget; the rest of the consumer's credit untouched.
     assert done.charged_micro_credits == BUDGET == done.hold_micro_credits

@@ -154,6 +154,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     ),
     "AdminService/GetPricingPolicy": SIGNED_IN,
     "AdminService/SetPricingPolicy": ADMIN_ONLY,
+    "AdminService/GetFleetStatus": ADMIN_ONLY,
     # The world's job has finished: past authorisation its owner and admins get
     # FAILED_PRECONDITION, another tenant NOT_FOUND.
     "TunnelService/Exec": OWNED_JOB,
@@ -443,6 +444,7 @@ def request_for(world: World, method: str) -> Message:
         ),
         "AdminService/GetPricingPolicy": admin_pb2.GetPricingPolicyRequest(),
         "AdminService/SetPricingPolicy": admin_pb2.SetPricingPolicyRequest(),
+        "AdminService/GetFleetStatus": admin_pb2.GetFleetStatusRequest(),
         "TunnelService/Exec": tunnels_pb2.ExecRequest(
             start=tunnels_pb2.ExecStart(job_id=world.job, command=["true"])
         ),

@@ -83,3 +83,17 @@ export function shortId(id: string): string {
   const [prefix, rest] = id.includes("_") ? id.split(/_(.*)/s) : ["", id];
   return prefix ? `${prefix}_${rest.slice(0, 8)}` : id.slice(0, 8);
 }
+
+/** How long ago, humanised: "none" for 0 (nothing waiting), "0.4 s", "12s", "3m 5s", "2h 1m". */
+export function age(seconds: number): string {
+  if (seconds <= 0) return "none";
+  if (seconds < 10) return `${seconds.toFixed(1)} s`;
+  return duration(seconds * 1000);
+}
+
+/** A short duration measured in seconds, e.g. a scheduler cycle: "0.42 ms", "12.3 ms", "1.25 s". */
+export function cycleTime(seconds: number): string {
+  if (seconds < 0.001) return `${(seconds * 1000).toFixed(2)} ms`;
+  if (seconds < 1) return `${(seconds * 1000).toFixed(1)} ms`;
+  return `${seconds.toFixed(2)} s`;
+}

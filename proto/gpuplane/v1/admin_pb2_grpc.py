@@ -89,6 +89,11 @@ class AdminServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_admin__pb2.SetPricingPolicyRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_admin__pb2.SetPricingPolicyResponse.FromString,
                 _registered_method=True)
+        self.GetFleetStatus = channel.unary_unary(
+                '/gpuplane.v1.AdminService/GetFleetStatus',
+                request_serializer=gpuplane_dot_v1_dot_admin__pb2.GetFleetStatusRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_admin__pb2.GetFleetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -163,6 +168,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFleetStatus(self, request, context):
+        """Admin only: the fleet at a glance, for the operator's overview. Counts come from the
+        database (any replica tells the whole marketplace); the scheduler's cycles are those of
+        the answering replica, which runs them only while it leads (`scheduler_leader_here`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +234,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetPricingPolicy,
                     request_deserializer=gpuplane_dot_v1_dot_admin__pb2.SetPricingPolicyRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_admin__pb2.SetPricingPolicyResponse.SerializeToString,
+            ),
+            'GetFleetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFleetStatus,
+                    request_deserializer=gpuplane_dot_v1_dot_admin__pb2.GetFleetStatusRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_admin__pb2.GetFleetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -519,6 +538,33 @@ class AdminService:
             '/gpuplane.v1.AdminService/SetPricingPolicy',
             gpuplane_dot_v1_dot_admin__pb2.SetPricingPolicyRequest.SerializeToString,
             gpuplane_dot_v1_dot_admin__pb2.SetPricingPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFleetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.AdminService/GetFleetStatus',
+            gpuplane_dot_v1_dot_admin__pb2.GetFleetStatusRequest.SerializeToString,
+            gpuplane_dot_v1_dot_admin__pb2.GetFleetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
