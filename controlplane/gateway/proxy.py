@@ -15,7 +15,7 @@ from controlplane.api.tunnels import relay
 from controlplane.auth.principal import Principal
 from controlplane.auth.service import AuthService
 from controlplane.errors import DomainError, NotFound
-from controlplane.gateway.balancer import Choice, ServicePool
+from controlplane.gateway.balancer import Choice, ServicePool, Strategy
 from controlplane.services.service import ServiceService, spec_of
 from controlplane.tunnels.service import TunnelService
 
@@ -141,7 +141,12 @@ class Gateway:
         except NotFound:
             return web.Response(status=404, text=f"no service {name!r}")
         ready = [j.id for r, j in view.replicas if r.ready and j.state == "running"]
-        pool = self.pools.setdefault(view.service.id, ServicePool(service_id=view.service.id))
+        pool = self.pools.get(view.service.id)
+        if pool is None:
+            strategy = Strategy(self.services.settings.gateway_balance)
+            pool = self.pools[view.service.id] = ServicePool(
+                strategy=strategy, service_id=view.service.id
+            )
         pool.update(ready)
         path = "/" + request.match_info.get("tail", "")
         if request.query_string:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings
@@ -17,6 +18,7 @@ class ServiceSettings:
     lease_seconds: float
     lease_renew_lead_seconds: float
     gateway_address: str
+    gateway_balance: str
 
 
 class ServiceFields(BaseSettings):
@@ -60,6 +62,12 @@ class ServiceFields(BaseSettings):
         "empty: no gateway in this process. Every control-plane replica may serve one.",
     )
 
+    gateway_balance: Literal["round_robin", "least_outstanding"] = Field(
+        default="round_robin",
+        description="How the gateway picks among a service's ready replicas: in turn, or the "
+        "one with the fewest requests in flight.",
+    )
+
     @property
     def services(self) -> ServiceSettings:
         return ServiceSettings(
@@ -70,4 +78,5 @@ class ServiceFields(BaseSettings):
             lease_seconds=float(self.service_lease_seconds),
             lease_renew_lead_seconds=float(self.service_lease_renew_lead_seconds),
             gateway_address=self.gateway_address,
+            gateway_balance=self.gateway_balance,
         )

@@ -14,12 +14,13 @@ import docker
 import pytest
 from gpuplane.v1 import types_pb2
 
+from controlplane.gateway.breaker import Circuit
 from daemon.agent import Agent
 from devstack.factories import new_tenant
-from tests.e2e.test_services import SERVE, agents, deploy, ready, scale, until
+from tests.e2e.test_services import SERVE, agents, cleanup, deploy, ready, scale, until
 from tests.harness import JobPlane
 
-__all__ = ["agents"]  # the fixture, from test_services
+__all__ = ["agents", "cleanup"]  # the fixtures, from test_services
 pytestmark = [
     pytest.mark.timeout(90),
     pytest.mark.docker,
@@ -94,3 +95,39 @@ async def test_requests_reach_ready_replicas_round_robin_through_the_gateway(
     status, _, body = await asyncio.to_thread(fetch, f"{base}/s/web/", plane.consumer_key)
     assert status == 503, body
     assert b"no replica is ready" in body
+
+
+@pytest.mark.plane(
+    service_reconcile_interval_ms=100,
+    gateway_address="127.0.0.1:0",
+    heartbeat_timeout_ms=20_000,
+    tunnel_open_timeout_ms=300,
+)
+async def test_a_replica_that_stops_answering_opens_its_circuit(
+    plane: JobPlane, agents: list[Agent], cleanup: None, test_image: str
+) -> None:
+    base = await gateway_url(plane)
+    await deploy(plane, test_image, 2, SERVE)
+    up = await until(plane, ready(2))
+    crashed = agents[0]
+    dead = next(r.replica_id for r in up.replicas if r.host_id == crashed.host_id)
+    await crashed.stop()  # its replica stays RUNNING and ready until the heartbeat timeout
+    services = plane.plane.services
+    assert services is not None
+    assert services.gateway is not None
+    for _ in range(6):  # the dead replica's turns fail (and are retried on the other)
+        status, headers, body = await asyncio.to_thread(fetch, f"{base}/s/web/", plane.consumer_key)
+        assert status == 200, body
+        assert headers["X-Gpuplane-Replica"] != dead
+    breaker = services.gateway.pools[up.service_id].replicas[dead].breaker
+    assert breaker.circuit is Circuit.OPEN, "3 failures in a row"
+    started = time.monotonic()
+    for _ in range(3):  # the open circuit is skipped: no time lost on the dead replica
+        status, headers, _ = await asyncio.to_thread(fetch, f"{base}/s/web/", plane.consumer_key)
+        assert status == 200
+        assert headers["X-Gpuplane-Replica"] != dead
+    assert time.monotonic() - started < 3 * 0.3
+    failures = plane.plane.metrics.registry.get_sample_value(
+        "gpuplane_gateway_replica_failures_total", {"service": up.service_id, "replica": dead}
+    )
+    assert failures == 3
