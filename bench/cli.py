@@ -15,6 +15,7 @@ from pathlib import Path
 from bench import (  # noqa: F401 - registers them
     figures,
     floors,
+    gateway,
     jobpath,
     jobsettle,
     ledger,
