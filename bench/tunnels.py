@@ -17,11 +17,15 @@ from gpuplane.v1 import jobs_pb2, tunnels_pb2, tunnels_pb2_grpc, types_pb2
 from bench.jobpath import Stack, job_stack
 from bench.load import percentile
 from bench.registry import Measurement, RunContext, benchmark
+from gpuplane_cli.terminal import CHUNK as CLI_CHUNK
 
 T = tunnels_pb2
 ECHOES = 300
 VOLUME = 32 * 1024 * 1024
+# Per write and read by the application, direct or through the tunnel alike.
 CHUNK = 64 * 1024
+# What the CLI reads off its local connection per PortForward request.
+FRAME = CLI_CHUNK
 ECHO_PORT = 7000
 SCRIPT = f"(nc -ll -p {ECHO_PORT} -e cat &) && sleep 3600"
 Send = Callable[[bytes], Awaitable[None]]
@@ -168,27 +172,50 @@ def _added(ctx: RunContext, samples: list[float], floor: str) -> Measurement:
 )
 async def port_forward_throughput(ctx: RunContext) -> Measurement:
     async with _tunnel_stack(ctx) as (stack, job_id):
-        outgoing: asyncio.Queue[T.PortForwardRequest | None] = asyncio.Queue(2)
+        local = _LocalSocket()
 
         async def requests() -> AsyncIterator[T.PortForwardRequest]:
             yield T.PortForwardRequest(start=T.PortForwardStart(job_id=job_id, port=ECHO_PORT))
-            while (item := await outgoing.get()) is not None:
-                yield item
+            while data := await local.read():
+                yield T.PortForwardRequest(data=data)
 
         stub = tunnels_pb2_grpc.TunnelServiceStub(stack.channel)
         call = stub.PortForward(requests(), metadata=stack.consumer)
-
-        async def send(data: bytes) -> None:
-            await outgoing.put(T.PortForwardRequest(data=data))
 
         async def receive() -> bytes:
             response = await call.read()
             return bytes(getattr(response, "data", b""))
 
-        await _rtts(send, receive, 5)
-        rate = await _throughput(send, receive, VOLUME)
+        await _rtts(local.write, receive, 5)
+        rate = await _throughput(local.write, receive, VOLUME)
         call.cancel()
-    return Measurement(rate, {"megabytes": VOLUME // 1_000_000, "chunk_bytes": CHUNK})
+    details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000}
+    details.update(chunk_bytes=CHUNK, frame_bytes=FRAME)
+    return Measurement(rate, details)
+
+
+class _LocalSocket:
+    """The application's connection to `gpuplane port-forward` as the CLI sees it: the
+    application writes CHUNK at a time into a bounded buffer (a socket's), the CLI reads what
+    has arrived, up to FRAME (gpuplane_cli.terminal.CHUNK), per PortForward request."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.changed = asyncio.Condition()
+
+    async def write(self, data: bytes) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.buffer) < FRAME)
+            self.buffer += data
+            self.changed.notify_all()
+
+    async def read(self) -> bytes:
+        async with self.changed:
+            await self.changed.wait_for(lambda: bool(self.buffer))
+            data = bytes(self.buffer[:FRAME])
+            del self.buffer[:FRAME]
+            self.changed.notify_all()
+            return data
 
 
 @benchmark(
