@@ -11,12 +11,16 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from gpuplane.v1 import jobs_pb2, tunnels_pb2, tunnels_pb2_grpc, types_pb2
 
 from bench.jobpath import Stack, job_stack
 from bench.load import percentile
 from bench.registry import Measurement, RunContext, benchmark
+from bench.resources import ServerProcess
+from bench.servers import ECHO_STREAM_METHOD
+from daemon.channel import PLAINTEXT, open_channel
 from gpuplane_cli.terminal import CHUNK as CLI_CHUNK
 
 T = tunnels_pb2
@@ -191,6 +195,9 @@ async def port_forward_throughput(ctx: RunContext) -> Measurement:
         call.cancel()
     details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000}
     details.update(chunk_bytes=CHUNK, frame_bytes=FRAME)
+    bare = ctx.results.get("grpc_stream_throughput")
+    if bare is not None and bare.figure:
+        details["vs_one_bare_grpc_hop"] = round(rate / bare.figure, 2)
     return Measurement(rate, details)
 
 
@@ -216,6 +223,39 @@ class _LocalSocket:
             del self.buffer[:FRAME]
             self.changed.notify_all()
             return data
+
+
+@benchmark(
+    "grpc_stream_throughput",
+    unit="MB/s",
+    better="higher",
+    description="bytes echoed per second by a bare grpc.aio bidirectional stream (server in "
+    "its own process, raw bytes, messages as large as a tunnel's frames): one gRPC hop, the "
+    "most a relay built on grpc.aio could move; PortForward crosses two",
+)
+async def grpc_stream_throughput(ctx: RunContext) -> Measurement:
+    async with ServerProcess("echo", ctx.workdir / "echo-stream-server.log") as server:
+        ready = await server.start()
+        async with open_channel(f"127.0.0.1:{ready['port']}", PLAINTEXT) as channel:
+            method = channel.stream_stream(ECHO_STREAM_METHOD, None, None)
+            call: Any = method()  # type: ignore[call-arg]
+            local = _LocalSocket()
+
+            async def pump() -> None:
+                while data := await local.read():
+                    await call.write(data)
+
+            async def receive() -> bytes:
+                data: bytes = await call.read()
+                return data
+
+            pumping = asyncio.create_task(pump())
+            rate = await _throughput(local.write, receive, VOLUME)
+            pumping.cancel()
+            call.cancel()
+    details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000}
+    details.update(chunk_bytes=CHUNK, frame_bytes=FRAME)
+    return Measurement(rate, details)
 
 
 @benchmark(
