@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
+from daemon.channel import PLAINTEXT, open_channel
 
 if TYPE_CHECKING:
     from daemon.agent import Agent
@@ -61,7 +62,7 @@ async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
     async with server:
         ready = await server.start()
         address = f"127.0.0.1:{ready['port']}"
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address, PLAINTEXT) as channel:  # as the CLI opens it
             plane = Client(channel, ready["admin_key"])
             consumer = await new_tenant(plane, f"bench-consumer-{suffix}", micro_credits=10**12)
             provider = await new_tenant(plane, f"bench-provider-{suffix}", types_pb2.ROLE_PROVIDER)

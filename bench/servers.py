@@ -22,11 +22,14 @@ from grpc import aio
 
 ECHO_SERVICE = "bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+# Bidirectional: every message comes back as it is (the floor of a relay built on grpc.aio).
+ECHO_STREAM_METHOD = f"/{ECHO_SERVICE}/EchoStream"
 # The control plane's own options (controlplane/server.py), so both servers are configured alike.
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
+    ("grpc.http2.max_frame_size", 1 << 20),
 ]
 
 
@@ -34,13 +37,25 @@ async def _echo(request: bytes, context: aio.ServicerContext[bytes, bytes]) -> b
     return request
 
 
+async def _echo_stream(
+    requests: AsyncIterator[bytes], context: aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield request
+
+
 @asynccontextmanager
 async def echo_server() -> AsyncIterator[dict[str, Any]]:
     """A bare grpc.aio server whose one method returns the request bytes."""
     server = aio.server(options=SERVER_OPTIONS)
     handler = grpc.unary_unary_rpc_method_handler(_echo)  # no (de)serializers: raw bytes
+    stream = grpc.stream_stream_rpc_method_handler(_echo_stream)
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler}),)
+        (
+            grpc.method_handlers_generic_handler(
+                ECHO_SERVICE, {"Echo": handler, "EchoStream": stream}
+            ),
+        )
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

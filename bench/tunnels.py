@@ -11,17 +11,25 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from gpuplane.v1 import jobs_pb2, tunnels_pb2, tunnels_pb2_grpc, types_pb2
 
 from bench.jobpath import Stack, job_stack
 from bench.load import percentile
 from bench.registry import Measurement, RunContext, benchmark
+from bench.resources import ServerProcess
+from bench.servers import ECHO_STREAM_METHOD
+from daemon.channel import PLAINTEXT, open_channel
+from gpuplane_cli.terminal import CHUNK as CLI_CHUNK
 
 T = tunnels_pb2
 ECHOES = 300
 VOLUME = 32 * 1024 * 1024
+# Per write and read by the application, direct or through the tunnel alike.
 CHUNK = 64 * 1024
+# What the CLI reads off its local connection per PortForward request.
+FRAME = CLI_CHUNK
 ECHO_PORT = 7000
 SCRIPT = f"(nc -ll -p {ECHO_PORT} -e cat &) && sleep 3600"
 Send = Callable[[bytes], Awaitable[None]]
@@ -168,27 +176,86 @@ def _added(ctx: RunContext, samples: list[float], floor: str) -> Measurement:
 )
 async def port_forward_throughput(ctx: RunContext) -> Measurement:
     async with _tunnel_stack(ctx) as (stack, job_id):
-        outgoing: asyncio.Queue[T.PortForwardRequest | None] = asyncio.Queue(2)
+        local = _LocalSocket()
 
         async def requests() -> AsyncIterator[T.PortForwardRequest]:
             yield T.PortForwardRequest(start=T.PortForwardStart(job_id=job_id, port=ECHO_PORT))
-            while (item := await outgoing.get()) is not None:
-                yield item
+            while data := await local.read():
+                yield T.PortForwardRequest(data=data)
 
         stub = tunnels_pb2_grpc.TunnelServiceStub(stack.channel)
         call = stub.PortForward(requests(), metadata=stack.consumer)
-
-        async def send(data: bytes) -> None:
-            await outgoing.put(T.PortForwardRequest(data=data))
 
         async def receive() -> bytes:
             response = await call.read()
             return bytes(getattr(response, "data", b""))
 
-        await _rtts(send, receive, 5)
-        rate = await _throughput(send, receive, VOLUME)
+        await _rtts(local.write, receive, 5)
+        rate = await _throughput(local.write, receive, VOLUME)
         call.cancel()
-    return Measurement(rate, {"megabytes": VOLUME // 1_000_000, "chunk_bytes": CHUNK})
+    details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000}
+    details.update(chunk_bytes=CHUNK, frame_bytes=FRAME)
+    bare = ctx.results.get("grpc_stream_throughput")
+    if bare is not None and bare.figure:
+        details["vs_one_bare_grpc_hop"] = round(rate / bare.figure, 2)
+    return Measurement(rate, details)
+
+
+class _LocalSocket:
+    """The application's connection to `gpuplane port-forward` as the CLI sees it: the
+    application writes CHUNK at a time into a bounded buffer (a socket's), the CLI reads what
+    has arrived, up to FRAME (gpuplane_cli.terminal.CHUNK), per PortForward request."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.changed = asyncio.Condition()
+
+    async def write(self, data: bytes) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.buffer) < FRAME)
+            self.buffer += data
+            self.changed.notify_all()
+
+    async def read(self) -> bytes:
+        async with self.changed:
+            await self.changed.wait_for(lambda: bool(self.buffer))
+            data = bytes(self.buffer[:FRAME])
+            del self.buffer[:FRAME]
+            self.changed.notify_all()
+            return data
+
+
+@benchmark(
+    "grpc_stream_throughput",
+    unit="MB/s",
+    better="higher",
+    description="bytes echoed per second by a bare grpc.aio bidirectional stream (server in "
+    "its own process, raw bytes, messages as large as a tunnel's frames): one gRPC hop, the "
+    "most a relay built on grpc.aio could move; PortForward crosses two",
+)
+async def grpc_stream_throughput(ctx: RunContext) -> Measurement:
+    async with ServerProcess("echo", ctx.workdir / "echo-stream-server.log") as server:
+        ready = await server.start()
+        async with open_channel(f"127.0.0.1:{ready['port']}", PLAINTEXT) as channel:
+            method = channel.stream_stream(ECHO_STREAM_METHOD, None, None)
+            call: Any = method()  # type: ignore[call-arg]
+            local = _LocalSocket()
+
+            async def pump() -> None:
+                while data := await local.read():
+                    await call.write(data)
+
+            async def receive() -> bytes:
+                data: bytes = await call.read()
+                return data
+
+            pumping = asyncio.create_task(pump())
+            rate = await _throughput(local.write, receive, VOLUME)
+            pumping.cancel()
+            call.cancel()
+    details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000}
+    details.update(chunk_bytes=CHUNK, frame_bytes=FRAME)
+    return Measurement(rate, details)
 
 
 @benchmark(

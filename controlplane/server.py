@@ -257,6 +257,8 @@ class ControlPlane:
                 ("grpc.max_receive_message_length", serving.max_message_bytes),
                 ("grpc.max_send_message_length", serving.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # HTTP/2 frames up to 1 MiB: a 256 KiB tunnel frame in one (daemon/channel.py).
+                ("grpc.http2.max_frame_size", 1 << 20),
             ],
         )
         self._add_servicers(server, domains)

@@ -52,6 +52,10 @@ class ChannelSecurity:
 
 
 PLAINTEXT = ChannelSecurity(plaintext=True)
+# HTTP/2 frames this end accepts up to 1 MiB (the default, 16 KiB, cuts each 256 KiB tunnel
+# frame into 16, each parsed and accounted on its own); the control plane's server says the
+# same (controlplane/server.py).
+TRANSPORT_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.http2.max_frame_size", 1 << 20),)
 
 
 def open_channel(
@@ -60,8 +64,8 @@ def open_channel(
     """A channel to "HOST:PORT[,HOST:PORT…]" (see grpc_target for failover)."""
     target = grpc_target(addresses)
     if security.plaintext:
-        return aio.insecure_channel(target, options=list(options))
-    extra = list(options)
+        return aio.insecure_channel(target, options=[*TRANSPORT_OPTIONS, *options])
+    extra = [*TRANSPORT_OPTIONS, *options]
     # Several addresses become an ipv4:/ipv6: list of resolved IPs, whose authority names no
     # host: verify every replica's certificate against the first address's host instead.
     name = security.server_name or ("" if target == addresses.strip() else first_host(addresses))

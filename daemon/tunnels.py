@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Frame = tunnels_pb2.TunnelFrame
 Call: TypeAlias = "grpc.aio.StreamStreamCall[tunnels_pb2.TunnelFrame, tunnels_pb2.TunnelFrame]"
-# Bytes read from the container per frame: bounded, like every hop's.
-CHUNK = 64 * 1024
+# Bytes read from the container per frame: bounded, like every hop's (the control plane takes
+# at most 256 KiB a frame).
+CHUNK = 256 * 1024
 # After the exit code: how long the control plane may take to end the call.
 _END_GRACE = 5.0
 

@@ -12,8 +12,9 @@ import threading
 import tty
 from collections.abc import Iterator
 
-# Bytes read from stdin per message: bounded, like every hop's chunks.
-CHUNK = 32 * 1024
+# Bytes read from stdin (or a forwarded connection) per message: bounded, like every hop's
+# chunks, and as large as the control plane takes (fewer, larger messages: less per-message work).
+CHUNK = 256 * 1024
 
 
 class StdinReader:

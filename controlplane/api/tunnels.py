@@ -10,7 +10,7 @@ from typing import Any
 from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc
 
 from controlplane.auth.principal import current_principal
-from controlplane.errors import InvalidArgument
+from controlplane.errors import DomainError, InvalidArgument
 from controlplane.tunnels.broker import MAX_CHUNK, Frame, Pipe, TunnelBroker
 from controlplane.tunnels.service import TunnelService
 
@@ -84,10 +84,15 @@ def forward_frame(request: tunnels_pb2.PortForwardRequest) -> Frame | None:
 
 
 async def pump_client(pipe: Pipe, frames: AsyncIterator[Frame | None]) -> None:
-    """The client's requests, one at a time, to the daemon's call."""
-    async for frame in frames:
-        if frame is not None and not await pipe.to_daemon.put(frame, pipe.daemon_done):
-            return
+    """The client's requests, one at a time, to the daemon's call; a bad one ends the
+    client's call with its error at once (not when the daemon next says something)."""
+    try:
+        async for frame in frames:
+            if frame is not None and not await pipe.to_daemon.put(frame, pipe.daemon_done):
+                return
+    except DomainError as error:
+        pipe.fail(error)
+        raise
 
 
 class TunnelServicer(tunnels_pb2_grpc.TunnelServiceServicer):

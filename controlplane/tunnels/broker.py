@@ -14,7 +14,7 @@ from controlplane.errors import FailedPrecondition, NotFound, Unavailable
 
 Frame = tunnels_pb2.TunnelFrame
 # Largest data frame either way: bounded chunks keep every hop's memory bounded.
-MAX_CHUNK = 64 * 1024
+MAX_CHUNK = 256 * 1024
 
 
 class Handoff:
@@ -29,7 +29,11 @@ class Handoff:
         self.writable.set()
 
     async def put(self, item: Frame | None, gone: asyncio.Event) -> bool:
-        """Awaits room; False (not put) once the reader is `gone`."""
+        """Awaits room; False (not put) once the reader is `gone`. Data waiting behind data
+        joins it while both fit in one frame (MAX_CHUNK): fewer, larger frames for the next
+        hop, and still at most one frame's bytes held here."""
+        if not gone.is_set() and self._joined(item):
+            return True
         while self._slot and not gone.is_set():
             self.writable.clear()
             await self.writable.wait()
@@ -37,6 +41,18 @@ class Handoff:
             return False
         self._slot.append(item)
         self.readable.set()
+        return True
+
+    def _joined(self, item: Frame | None) -> bool:
+        """Appends a data frame to the data frame waiting in the slot, if both fit in one."""
+        if not self._slot or item is None or item.WhichOneof("msg") != "data":
+            return False
+        waiting = self._slot[0]
+        if waiting is None or waiting.WhichOneof("msg") != "data":
+            return False
+        if len(waiting.data) + len(item.data) > MAX_CHUNK:
+            return False
+        self._slot[0] = Frame(data=waiting.data + item.data)
         return True
 
     def empty(self) -> bool:
@@ -73,6 +89,12 @@ class Pipe:
     closing: bool = False
     # Frames relayed from the daemon (for tests).
     relayed: int = 0
+    # The client's side failed (a bad request): the client's call ends with it at once.
+    failure: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        self.failure = error
+        self.from_daemon.wake()
 
     def end_client(self) -> None:
         self.client_done.set()
@@ -88,10 +110,12 @@ class Pipe:
         """The daemon's frames, in order, until it ends; raises Unavailable when its call
         broke (or this replica is stopping) and FailedPrecondition when it refused."""
         while True:
-            while self.from_daemon.empty() and not (self.daemon_done.is_set() or self.closing):
+            while self.from_daemon.empty() and not self._ended():
                 await self.from_daemon.readable.wait()
                 if self.from_daemon.empty():
                     self.from_daemon.readable.clear()
+            if self.failure is not None:
+                raise self.failure
             if self.closing:
                 raise Unavailable("the control plane is shutting down; connect again")
             if self.from_daemon.empty():  # nothing came: the daemon's call is gone
@@ -103,6 +127,9 @@ class Pipe:
                 raise FailedPrecondition(f"the host could not open the tunnel: {frame.error}")
             self.relayed += 1
             yield frame
+
+    def _ended(self) -> bool:
+        return self.daemon_done.is_set() or self.closing or self.failure is not None
 
     async def to_host(self) -> AsyncIterator[Frame]:
         """The client's frames for the daemon's call, until the client is done."""

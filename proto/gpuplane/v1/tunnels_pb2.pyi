@@ -92,7 +92,7 @@ class ExecRequest(_message.Message):
     RESIZE_FIELD_NUMBER: _builtins.int
     STDIN_CLOSED_FIELD_NUMBER: _builtins.int
     stdin: _builtins.bytes
-    """At most 64 KiB per message."""
+    """At most 256 KiB per message."""
     stdin_closed: _builtins.bool
     """No more stdin: the command reads end-of-file."""
     @_builtins.property
@@ -176,7 +176,7 @@ class PortForwardRequest(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     CLOSE_WRITE_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
-    """At most 64 KiB per message."""
+    """At most 256 KiB per message."""
     close_write: _builtins.bool
     """The client sends no more bytes (the connection's write side is shut down)."""
     @_builtins.property
@@ -281,7 +281,7 @@ class TunnelFrame(_message.Message):
     tunnel_id: _builtins.str
     """Daemon → control plane, first: which tunnel this call serves."""
     data: _builtins.bytes
-    """Exec stdin / stdout, or port-forward bytes. At most 64 KiB."""
+    """Exec stdin / stdout, or port-forward bytes. At most 256 KiB."""
     stderr: _builtins.bytes
     """Daemon → control plane: exec stderr (no tty)."""
     close_write: _builtins.bool
