@@ -85,17 +85,11 @@ from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
-    registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
-    ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
-    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-    data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
-    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelService"].full_name,
-    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelRelayService"].full_name,
-    sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
-    SERVICE_NAME,
-)
+# Every gpuplane.v1 service, as reflection, health and the dashboard's gRPC-Web list them.
+_PROTOS = (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, tunnels_pb2, sessions_pb2)
+SERVICE_NAMES = tuple(
+    s.full_name for m in _PROTOS for s in m.DESCRIPTOR.services_by_name.values()
+) + (SERVICE_NAME,)
 
 
 @dataclass(frozen=True, slots=True)

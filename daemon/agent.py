@@ -25,7 +25,6 @@ from daemon.channel import open_channel
 from daemon.connect import ConnectClient
 from daemon.executor import JobExecutor
 from daemon.gpus import GpuInventory, discover
-from daemon.health import ReplicaHealth
 from daemon.identity import (
     HostIdentity,
     RegistrationError,
@@ -44,10 +43,10 @@ from daemon.progress import Progress
 from daemon.provenance import HostFacts
 from daemon.runtime import DockerRuntime
 from daemon.scrub import Scrubber, mark_quarantined, recheck_forever, scrubber_for
-from daemon.sessions import SessionDeadline, deadline_cap, has_moving_deadline
 from daemon.settings import DaemonSettings
 from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, TelemetryLoop
 from daemon.tunnels import Tunnels
+from daemon.watchers import AttemptWatchers
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
 from messaging.tasks import stop_tasks
 from storage.scoped import GrantedStore, grant_http_pool
@@ -69,8 +68,10 @@ class Agent:
         self.identity: HostIdentity | None = None
         self.journal = Journal(settings.journal_dir)
         self.executors: dict[Key, JobExecutor] = {}
-        self.deadlines: dict[Key, SessionDeadline] = {}  # of the running sessions
-        self.healths: dict[Key, ReplicaHealth] = {}  # of the running service replicas
+        self.watchers = AttemptWatchers(
+            lambda: self._runtime, lambda m: self.connect is not None and self.connect.send(m)
+        )
+        self.deadlines = self.watchers.deadlines  # of sessions and replicas, for commands
         self.draining = False
         self.drain_reason = ""
         # Attempts journaled by an earlier run of this daemon, not yet adopted or settled.
@@ -311,26 +312,9 @@ class Agent:
         )
         key = (dispatch.job_id, dispatch.attempt)
         self.executors[key] = executor
-        if dispatch.spec.HasField("service_replica"):
-            health = ReplicaHealth(executor, self._container_pid, self._send_health)
-            self.healths[key] = health
-            health.start()
-        if has_moving_deadline(dispatch.spec):
-            self.deadlines[key] = SessionDeadline(
-                executor, dispatch.spec.max_duration_seconds, cap=deadline_cap(dispatch.spec)
-            )
-            self.deadlines[key].start()
+        self.watchers.start(key, executor)
         task = self._spawn(executor.run(adopt, journaled))
         task.add_done_callback(lambda _: self._ended_attempt(key))
-
-    def _container_pid(self, container_id: str) -> int:
-        """The container's main process id (0 when it is not running), blocking."""
-        assert self._runtime is not None
-        attrs = self._runtime.client.api.inspect_container(container_id)
-        return int(attrs["State"]["Pid"] or 0)
-
-    def _send_health(self, message: registry_pb2.DaemonMessage) -> bool:
-        return self.connect is not None and self.connect.send(message)
 
     def _host_facts(self) -> HostFacts | None:
         if self._bus is None or self._bus.signer is None or self.inventory is None:
@@ -339,10 +323,7 @@ class Agent:
 
     def _ended_attempt(self, key: Key) -> None:
         self.executors.pop(key, None)
-        if (deadline := self.deadlines.pop(key, None)) is not None:
-            deadline.close()
-        if (health := self.healths.pop(key, None)) is not None:
-            health.close()
+        self.watchers.close(key)
         self._ended[key] = None
         while len(self._ended) > _REMEMBERED_ATTEMPTS:
             self._ended.popitem(last=False)

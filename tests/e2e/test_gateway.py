@@ -121,12 +121,12 @@ async def test_a_replica_that_stops_answering_opens_its_circuit(
         assert headers["X-Gpuplane-Replica"] != dead
     breaker = services.gateway.pools[up.service_id].replicas[dead].breaker
     assert breaker.circuit is Circuit.OPEN, "3 failures in a row"
-    started = time.monotonic()
-    for _ in range(3):  # the open circuit is skipped: no time lost on the dead replica
+    for _ in range(3):  # the open circuit is skipped: the dead replica is not tried again
         status, headers, _ = await asyncio.to_thread(fetch, f"{base}/s/web/", plane.consumer_key)
         assert status == 200
         assert headers["X-Gpuplane-Replica"] != dead
-    assert time.monotonic() - started < 3 * 0.3
+    # Still 3: none of the last requests went to the dead replica (a try would count one
+    # more failure after its 0.3 s open timeout; a wall-clock bound failed on a loaded machine).
     failures = plane.plane.metrics.registry.get_sample_value(
         "gpuplane_gateway_replica_failures_total", {"service": up.service_id, "replica": dead}
     )
