@@ -28,7 +28,7 @@ from gpuplane_cli.client import (
     Context,
     all_pages,
 )
-from gpuplane_cli.output import print_json, table, when
+from gpuplane_cli.output import print_json, print_listing, table, when
 from gpuplane_cli.units import format_bytes
 
 # A file larger than this goes up in parts of this size (multipart), each its own PUT.
@@ -264,18 +264,17 @@ async def list_data(args: argparse.Namespace, ctx: Context) -> int:
         return response.inputs, response.next_page_token
 
     inputs, more = await all_pages(fetch, args.limit)
-    if ctx.json:
-        print_json(inputs)
-        return EXIT_OK
-    print(
-        table(
-            ["KEY", "SIZE", "SHA256", "UPLOADED"],
-            [(i.key, format_bytes(i.size_bytes), i.sha256, when(i.uploaded_at)) for i in inputs],
-        )
+    print_listing(
+        inputs, _inputs_table, json_out=ctx.json, more=more, limit=args.limit, noun="inputs"
     )
-    if more:
-        print(f"(more than {args.limit} inputs: --limit 0 lists all)", file=sys.stderr)
     return EXIT_OK
+
+
+def _inputs_table(inputs: Sequence[data_pb2.InputObject]) -> str:
+    return table(
+        ["KEY", "SIZE", "SHA256", "UPLOADED"],
+        [(i.key, format_bytes(i.size_bytes), i.sha256, when(i.uploaded_at)) for i in inputs],
+    )
 
 
 async def remove_data(args: argparse.Namespace, ctx: Context) -> int:

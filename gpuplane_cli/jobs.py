@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 import grpc
@@ -12,7 +11,7 @@ from gpuplane.v1 import jobs_pb2, types_pb2
 from gpuplane_cli import args as a
 from gpuplane_cli import budget, bulk, credit, data, efficiency, follow, verify
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag, exit_code_for
-from gpuplane_cli.output import enum_name, fields, print_json, table, when
+from gpuplane_cli.output import enum_name, fields, print_json, print_listing, table, when
 from gpuplane_cli.units import (
     format_bytes,
     format_credits,
@@ -379,12 +378,7 @@ async def list_jobs(args: argparse.Namespace, ctx: Context) -> int:
         return response.jobs, response.next_page_token
 
     jobs, more = await all_pages(fetch, args.limit)
-    if ctx.json:
-        print_json(jobs)
-        return EXIT_OK
-    print(jobs_table(jobs))
-    if more:
-        print(f"(more than {args.limit} jobs: --limit 0 lists all)", file=sys.stderr)
+    print_listing(jobs, jobs_table, json_out=ctx.json, more=more, limit=args.limit, noun="jobs")
     return EXIT_OK
 
 

@@ -8,14 +8,16 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import types_pb2
+
+MessageT = TypeVar("MessageT", bound=Message)
 
 Cell = str | int | None
 
@@ -159,6 +161,25 @@ def print_json(
     else:
         payload = [message_dict(m) for m in data]
     stream.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def print_listing(
+    items: Sequence[MessageT],
+    render: Callable[[Sequence[MessageT]], str],
+    *,
+    json_out: bool,
+    more: bool,
+    limit: int,
+    noun: str,
+) -> None:
+    """A listing as JSON or as the table `render` draws, saying on stderr when `--limit` cut
+    it (`more`: the server had more than `limit` `noun`)."""
+    if json_out:
+        print_json(items)
+        return
+    print(render(items))
+    if more:
+        print(f"(more than {limit} {noun}: --limit 0 lists all)", file=sys.stderr)
 
 
 def print_json_line(message: Message, out: TextIO | None = None) -> None:

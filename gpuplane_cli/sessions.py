@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from gpuplane.v1 import sessions_pb2, types_pb2
 from gpuplane_cli import args as a
 from gpuplane_cli import jobs
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag
-from gpuplane_cli.output import enum_name, fields, print_json, table, when
+from gpuplane_cli.output import enum_name, fields, print_json, print_listing, table, when
 from gpuplane_cli.units import format_credits, format_duration_ms
 
 DEFAULT_IMAGE = "ubuntu:24.04"
@@ -195,12 +194,9 @@ async def list_sessions(args: argparse.Namespace, ctx: Context) -> int:
         return response.sessions, response.next_page_token
 
     sessions, more = await all_pages(fetch, args.limit)
-    if ctx.json:
-        print_json(sessions)
-        return EXIT_OK
-    print(sessions_table(sessions))
-    if more:
-        print(f"(more than {args.limit} sessions: --limit 0 lists all)", file=sys.stderr)
+    print_listing(
+        sessions, sessions_table, json_out=ctx.json, more=more, limit=args.limit, noun="sessions"
+    )
     return EXIT_OK
 
 
