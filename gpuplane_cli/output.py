@@ -163,6 +163,14 @@ def print_json(
     stream.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
+def print_shown(item: MessageT, render: Callable[[MessageT], str], *, json_out: bool) -> None:
+    """One resource as JSON or as the text `render` draws (what `get`-like commands print)."""
+    if json_out:
+        print_json(item)
+    else:
+        print(render(item))
+
+
 def print_listing(
     items: Sequence[MessageT],
     render: Callable[[Sequence[MessageT]], str],

@@ -10,7 +10,7 @@ from gpuplane.v1 import services_pb2, types_pb2
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_OK, CliError, Context, env_flag
 from gpuplane_cli.follow import job_logs
-from gpuplane_cli.output import enum_name, fields, print_json, table, when
+from gpuplane_cli.output import enum_name, fields, print_json, print_shown, table, when
 from gpuplane_cli.units import format_credits
 
 DEPLOY_EPILOG = """\
@@ -187,10 +187,7 @@ def show_service(s: services_pb2.Service) -> str:
 
 
 def _print(ctx: Context, shown: services_pb2.Service) -> int:
-    if ctx.json:
-        print_json(shown)
-    else:
-        print(show_service(shown))
+    print_shown(shown, show_service, json_out=ctx.json)
     return EXIT_OK
 
 

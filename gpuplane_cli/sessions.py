@@ -12,7 +12,15 @@ from gpuplane.v1 import sessions_pb2, types_pb2
 from gpuplane_cli import args as a
 from gpuplane_cli import jobs
 from gpuplane_cli.client import EXIT_OK, CliError, Context, all_pages, env_flag
-from gpuplane_cli.output import enum_name, fields, print_json, print_listing, table, when
+from gpuplane_cli.output import (
+    enum_name,
+    fields,
+    print_json,
+    print_listing,
+    print_shown,
+    table,
+    when,
+)
 from gpuplane_cli.units import format_credits, format_duration_ms
 
 DEFAULT_IMAGE = "ubuntu:24.04"
@@ -243,10 +251,7 @@ def show_session(s: sessions_pb2.Session) -> str:
 
 
 def _print(ctx: Context, shown: sessions_pb2.Session) -> int:
-    if ctx.json:
-        print_json(shown)
-    else:
-        print(show_session(shown))
+    print_shown(shown, show_session, json_out=ctx.json)
     return EXIT_OK
 
 
