@@ -22,6 +22,7 @@ from bench.resources import ServerProcess
 from bench.servers import ECHO_STREAM_METHOD
 from daemon.channel import PLAINTEXT, open_channel
 from gpuplane_cli.terminal import CHUNK as CLI_CHUNK
+from messaging.rawpath import connect
 
 T = tunnels_pb2
 ECHOES = 300
@@ -171,10 +172,53 @@ def _added(ctx: RunContext, samples: list[float], floor: str) -> Measurement:
     better="higher",
     floor="tcp_throughput",
     target=0.5,
-    description="bytes echoed per second by busybox `nc -e cat` in the container through "
-    "PortForward (both directions at once), vs the same over direct loopback TCP",
+    description="bytes echoed per second by busybox `nc -e cat` in the container through a "
+    "raw PortForward (client → the control plane's tunnel data port → daemon, spliced; gRPC "
+    "sets it up), both directions at once, vs the same over direct loopback TCP",
 )
 async def port_forward_throughput(ctx: RunContext) -> Measurement:
+    async with _tunnel_stack(ctx) as (stack, job_id):
+        stop = asyncio.Event()
+
+        async def requests() -> AsyncIterator[T.PortForwardRequest]:
+            start = T.PortForwardStart(job_id=job_id, port=ECHO_PORT, raw=True)
+            yield T.PortForwardRequest(start=start)
+            await stop.wait()
+
+        stub = tunnels_pb2_grpc.TunnelServiceStub(stack.channel)
+        call = stub.PortForward(requests(), metadata=stack.consumer)
+        first = await call.read()
+        assert isinstance(first, T.PortForwardResponse)
+        reader, writer = await connect(first.raw_path.address, first.raw_path.token, None)
+
+        async def send(data: bytes) -> None:
+            writer.write(data)
+            await writer.drain()
+
+        async def receive() -> bytes:
+            return await reader.read(CHUNK)
+
+        await _rtts(send, receive, 5)
+        rate = await _throughput(send, receive, VOLUME)
+        writer.close()
+        stop.set()
+        call.cancel()
+    details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000, "chunk_bytes": CHUNK}
+    frames = ctx.results.get("port_forward_frames_throughput")
+    if frames is not None and frames.figure:
+        details["vs_in_band_frames"] = round(rate / frames.figure, 2)
+    return Measurement(rate, details)
+
+
+@benchmark(
+    "port_forward_frames_throughput",
+    unit="MB/s",
+    better="higher",
+    floor="tcp_throughput",
+    description="the same as port_forward_throughput over PortForward's in-band `data` "
+    "messages (grpcurl's way; the bytes cross two gRPC hops), for comparison",
+)
+async def port_forward_frames_throughput(ctx: RunContext) -> Measurement:
     async with _tunnel_stack(ctx) as (stack, job_id):
         local = _LocalSocket()
 

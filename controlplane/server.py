@@ -75,7 +75,8 @@ from controlplane.settings import Settings
 from controlplane.settings_groups import NatsSettings, StorageSettings
 from controlplane.tls import server_credentials
 from controlplane.tunnels.broker import TunnelBroker
-from controlplane.tunnels.service import TunnelService, advertised
+from controlplane.tunnels.data import data_port_for
+from controlplane.tunnels.service import TunnelService
 from controlplane.verification.service import VerificationService
 from messaging.envcheck import OTHER_GPUPLANE_VARIABLES, warn_unknown_settings
 from messaging.natsjwt import Permissions
@@ -269,8 +270,8 @@ class ControlPlane:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {serving.listen_addr}")
-        if self.tunnels is not None:
-            self.tunnels.address = advertised(serving, self.port)
+        if self.tunnels is not None:  # daemons call back there; raw tunnels on the data port
+            await self.tunnels.listen(serving, self.port)
         if dashboard.address:
             self.dashboard = dashboard_app.build(
                 self.settings, browser_sessions, server, SERVICE_NAMES
@@ -332,6 +333,7 @@ class ControlPlane:
             domains.registry.streams,
             broker,
             open_timeout=settings.serving.tunnel_open_timeout_seconds,
+            data=data_port_for(settings),
         )
         tunnels_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(self.tunnels), server)
         tunnels_pb2_grpc.add_TunnelRelayServiceServicer_to_server(
@@ -379,7 +381,7 @@ class ControlPlane:
             if self.registry is not None:
                 self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
             if self.tunnels is not None:
-                self.tunnels.broker.close()  # tunnels end: their clients reconnect
+                await self.tunnels.close()  # tunnels end: their clients reconnect
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )

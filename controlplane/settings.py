@@ -375,6 +375,7 @@ class Settings(
             listen_addr=self.listen_addr,
             advertise_address=self.advertise_address,
             tunnel_open_timeout_seconds=self.tunnel_open_timeout_ms / 1000,
+            tunnel_data_address=self.tunnel_data_address,
             max_message_bytes=self.max_message_bytes,
             shutdown_grace_seconds=self.shutdown_grace_seconds,
         )

@@ -22,6 +22,8 @@ class ServingSettings:
     # Where daemons call this replica back for tunnels ("": derived from listen_addr).
     advertise_address: str
     tunnel_open_timeout_seconds: float
+    # host:port of the raw tunnel data port ("": none; port 0 picks one).
+    tunnel_data_address: str
     max_message_bytes: int
     # On SIGTERM, how long RPCs in progress may run on before the server closes.
     shutdown_grace_seconds: float

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,18 @@ class ChannelSecurity:
             private_key=read(self.key_file, "client key"),
             certificate_chain=read(self.cert_file, "client certificate"),
         )
+
+    def raw_context(self) -> ssl.SSLContext | None:
+        """The same trust for a raw connection to a tunnel data port; None when plaintext."""
+        if self.plaintext:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+            if self.cert_file is not None:
+                context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ChannelConfigError(f"TLS files: {exc}") from None
+        return context
 
 
 PLAINTEXT = ChannelSecurity(plaintext=True)

@@ -13,9 +13,11 @@ import docker
 import grpc
 from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc
 
+from daemon import rawpath
 from daemon.channel import open_channel
 from daemon.exec_io import Demux, ExecSession, connect_in_netns, start_exec
 from daemon.progress import Progress
+from messaging.rawpath import connect_socket
 
 if TYPE_CHECKING:
     from daemon.agent import Agent
@@ -30,7 +32,7 @@ CHUNK = 256 * 1024
 _END_GRACE = 5.0
 
 
-class Refused(Exception):
+class Refused(RuntimeError):
     """The tunnel cannot be opened here; said to the client."""
 
 
@@ -43,9 +45,28 @@ class Tunnels:
         self.agent = agent
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.opened = 0
+        # Container id → its process id (for its network namespace), looked up once.
+        self._pids: dict[str, int] = {}
+        self.standing: dict[str, rawpath.StandingPool] = {}
 
     def open(self, command: tunnels_pb2.TunnelCommand) -> None:
-        self.agent._spawn(self.serve(command))
+        if command.standing and command.data_address:
+            self.agent._spawn(self.keep_standing(command))
+        else:
+            self.agent._spawn(self.serve(command))
+
+    async def keep_standing(self, command: tunnels_pb2.TunnelCommand) -> None:
+        """Standing connections for the gateway (daemon/rawpath.py), until their replica
+        refuses them or the attempt ends."""
+
+        async def connect() -> socket.socket:
+            return await self._connect_port(command)
+
+        pool = self.standing[command.tunnel_id] = rawpath.StandingPool(self.agent, command, connect)
+        try:
+            await pool.run()
+        finally:
+            self.standing.pop(command.tunnel_id, None)
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -80,7 +101,10 @@ class Tunnels:
                 await call.done_writing()
                 return
             try:
-                await Relay(call, endpoint).run()
+                if command.data_address and command.WhichOneof("target") == "port":
+                    await self._relay_raw(call, command, endpoint)
+                else:
+                    await Relay(call, endpoint).run()
             finally:
                 endpoint.sock.close()
         except grpc.aio.AioRpcError as exc:
@@ -88,20 +112,49 @@ class Tunnels:
         finally:
             call.cancel()
 
-    async def _endpoint(self, command: tunnels_pb2.TunnelCommand) -> Endpoint:
-        """The exec or connection the command asks for, in its attempt's own container."""
-        agent = self.agent
-        executor = agent.executors.get((command.job_id, command.attempt))
+    async def _relay_raw(
+        self, call: Call, command: tunnels_pb2.TunnelCommand, endpoint: Endpoint
+    ) -> None:
+        try:
+            data: rawpath.Streams | socket.socket
+            if command.data_tls:
+                data = await rawpath.open_data(self.agent, command)
+            else:
+                data = await connect_socket(command.data_address, command.tunnel_id)
+        except OSError as exc:
+            await call.write(Frame(error=f"the control plane's data port: {exc}"[:500]))
+            await call.done_writing()
+            return
+        await rawpath.relay(call, endpoint.sock, data)
+
+    def _container(self, command: tunnels_pb2.TunnelCommand) -> str:
+        """The running container of the command's attempt; Refused when there is none."""
+        executor = self.agent.executors.get((command.job_id, command.attempt))
         container_id = executor.container_id if executor is not None else ""
         if executor is None or executor.progress is not Progress.RUNNING or not container_id:
             raise Refused(f"job {command.job_id} attempt {command.attempt} is not running here")
+        return container_id
+
+    async def _connect_port(self, command: tunnels_pb2.TunnelCommand) -> socket.socket:
+        """A connection to the command's port in its attempt's container."""
+        container_id = self._container(command)
+        pid = self._pids.get(container_id)
+        if pid is None:
+            assert self.agent._runtime is not None
+            api = self.agent._runtime.client.api
+            attrs = await asyncio.to_thread(api.inspect_container, container_id)
+            pid = self._pids[container_id] = int(attrs["State"]["Pid"])
+        return await asyncio.to_thread(connect_in_netns, pid, command.port)
+
+    async def _endpoint(self, command: tunnels_pb2.TunnelCommand) -> Endpoint:
+        """The exec or connection the command asks for, in its attempt's own container."""
+        agent = self.agent
+        container_id = self._container(command)
         assert agent._runtime is not None
         client = agent._runtime.client
         if command.WhichOneof("target") == "port":
-            attrs = await asyncio.to_thread(client.api.inspect_container, container_id)
-            pid = int(attrs["State"]["Pid"])
             try:
-                sock = await asyncio.to_thread(connect_in_netns, pid, command.port)
+                sock = await self._connect_port(command)
             except ConnectionRefusedError:
                 raise Refused(f"nothing listens on port {command.port} in the container") from None
             return Endpoint(sock)

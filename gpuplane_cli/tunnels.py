@@ -14,6 +14,7 @@ import grpc
 from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc
 
 from gpuplane_cli import args as a
+from gpuplane_cli import rawforward
 from gpuplane_cli.client import EXIT_USAGE, CliError, Context
 from gpuplane_cli.terminal import CHUNK, StdinReader, raw_mode, terminal_size, write_out
 
@@ -167,14 +168,9 @@ async def port_forward(args: argparse.Namespace, ctx: Context) -> int:
         write: Callable[[bytes], Awaitable[None]],
         close_write: Callable[[], Awaitable[None]],
     ) -> None:
-        call = stub.PortForward(
-            _forward_requests(args.job_id, remote, read), metadata=client.metadata
-        )
-        async for response in call:
-            if response.WhichOneof("msg") == "data":
-                await write(response.data)
-            elif response.WhichOneof("msg") == "close_write":
-                await close_write()
+        target = (args.job_id, remote)
+        local = (read, write, close_write)
+        await rawforward.forward(stub, client.metadata, client.target.security, target, local)
 
     if args.stdio:
         stdin = StdinReader(sys.stdin.fileno())
@@ -224,12 +220,3 @@ async def _listen(
     async with server:
         await server.serve_forever()
     return 0
-
-
-async def _forward_requests(
-    job_id: str, port: int, read: Callable[[], Awaitable[bytes]]
-) -> AsyncIterator[T.PortForwardRequest]:
-    yield T.PortForwardRequest(start=T.PortForwardStart(job_id=job_id, port=port))
-    while data := await read():
-        yield T.PortForwardRequest(data=data)
-    yield T.PortForwardRequest(close_write=True)

@@ -11,6 +11,7 @@ from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc
 
 from controlplane.auth.principal import current_principal
 from controlplane.errors import DomainError, InvalidArgument
+from controlplane.tunnels import raw
 from controlplane.tunnels.broker import MAX_CHUNK, Frame, Pipe, TunnelBroker
 from controlplane.tunnels.service import TunnelService
 
@@ -119,6 +120,10 @@ class TunnelServicer(tunnels_pb2_grpc.TunnelServiceServicer):
         self, request_iterator: AsyncIterator[tunnels_pb2.PortForwardRequest], context: Context
     ) -> AsyncIterator[tunnels_pb2.PortForwardResponse]:
         start = forward_start(await anext(aiter(request_iterator), None))
+        if start.raw:
+            async for response in self._raw_forward(start, request_iterator):
+                yield response
+            return
         frames = (forward_frame(r) async for r in request_iterator)
         async with self.tunnels.open(current_principal(), start.job_id, start.port) as pipe:
             async for frame in relay(pipe, frames):
@@ -127,6 +132,20 @@ class TunnelServicer(tunnels_pb2_grpc.TunnelServiceServicer):
                     yield T.PortForwardResponse(data=frame.data)
                 elif kind == "close_write":
                     yield T.PortForwardResponse(close_write=True)
+
+    async def _raw_forward(
+        self, start: tunnels_pb2.PortForwardStart, requests: AsyncIterator[object]
+    ) -> AsyncIterator[tunnels_pb2.PortForwardResponse]:
+        """The raw data path: where to connect, then the tunnel's lifetime (raw.py)."""
+        tunnels = self.tunnels
+        async with tunnels.open(current_principal(), start.job_id, start.port, raw=True) as pipe:
+            link, path = await raw.daemon_ready(tunnels, pipe)
+            try:
+                where = T.RawPath(address=path.address, token=path.token, tls=path.tls)
+                yield T.PortForwardResponse(raw_path=where)
+                await raw.relay_raw(tunnels, pipe, link, requests)
+            finally:
+                link.close()
 
 
 async def relay(pipe: Pipe, frames: AsyncIterator[Frame | None]) -> AsyncIterator[Frame]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from gpuplane.v1 import tunnels_pb2
 
 from controlplane.errors import FailedPrecondition, NotFound, Unavailable
+from messaging.rawpath import Link
 
 Frame = tunnels_pb2.TunnelFrame
 # Largest data frame either way: bounded chunks keep every hop's memory bounded.
@@ -91,6 +92,10 @@ class Pipe:
     relayed: int = 0
     # The client's side failed (a bad request): the client's call ends with it at once.
     failure: Exception | None = None
+    # A raw tunnel (controlplane/tunnels/raw.py): the daemon's raw connection to the data
+    # port, presenting tunnel_id, and the token the client's presents.
+    daemon_link: asyncio.Future[Link] | None = None
+    client_token: str = ""
 
     def fail(self, error: Exception) -> None:
         self.failure = error

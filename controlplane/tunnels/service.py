@@ -19,6 +19,7 @@ from controlplane.jobs.states import JobState
 from controlplane.registry.streams import HostStreams
 from controlplane.settings_groups import ServingSettings
 from controlplane.tunnels.broker import Pipe, TunnelBroker, wait_arrival
+from controlplane.tunnels.data import DataPort
 
 # What a tunnel opens: a command to exec, or a port to forward to.
 Target = tunnels_pb2.ExecStart | int
@@ -37,6 +38,7 @@ class TunnelService:
         broker: TunnelBroker,
         *,
         open_timeout: float = 5.0,
+        data: DataPort | None = None,
     ) -> None:
         self.db = db
         self.streams = streams
@@ -44,13 +46,36 @@ class TunnelService:
         self.open_timeout = open_timeout
         # host:port daemons reach this replica at (set once the server listens).
         self.address = ""
+        # The raw data port (controlplane/tunnels/data.py) and the host:port it is reached at.
+        self.data = data
+        self.data_address = ""
+
+    async def listen(self, serving: ServingSettings, grpc_port: int) -> None:
+        """The gRPC API listens on `grpc_port`: daemons call back there; the data port starts."""
+        self.address = advertised(serving, grpc_port)
+        if self.data is not None:
+            port = await self.data.start(serving.tunnel_data_address)
+            self.data_address = advertised_data(serving, port)
+
+    async def close(self) -> None:
+        """This replica is stopping: tunnels end (their clients get UNAVAILABLE)."""
+        self.broker.close()
+        if self.data is not None:
+            await self.data.stop()
 
     @asynccontextmanager
-    async def open(self, caller: Principal, job_id: str, target: Target) -> AsyncIterator[Pipe]:
+    async def open(
+        self, caller: Principal, job_id: str, target: Target, *, raw: bool = False
+    ) -> AsyncIterator[Pipe]:
         """A tunnel into the job's container, paired with its daemon's call; forgotten (and
-        the daemon's call ended) on the way out."""
+        the daemon's call ended) on the way out. `raw` (a port only): the daemon also opens
+        a raw connection to the data port (controlplane/tunnels/raw.py carries the bytes)."""
         # Waiting before the command exists: the daemon may call back before the commit returns.
         pipe = self.broker.expect()
+        if raw:
+            if self.data is None:
+                raise FailedPrecondition("raw: this control plane has no tunnel data port")
+            pipe.daemon_link = self.data.expect(pipe.tunnel_id)
 
         async def work(session: AsyncSession) -> str:
             job = await JobRepository(session).get_readable(caller, job_id)
@@ -70,6 +95,8 @@ class TunnelService:
             )
             if isinstance(target, int):
                 command.port = target
+                if raw and self.data is not None:
+                    command.data_address, command.data_tls = self.data_address, self.data.tls
             else:
                 command.exec.CopyFrom(target)
             # No job_id on the row: several tunnels into one attempt are all stored.
@@ -83,6 +110,10 @@ class TunnelService:
             yield pipe
         finally:
             self.broker.forget(pipe)
+            if self.data is not None:
+                self.data.forget(pipe.tunnel_id)
+                if pipe.client_token:
+                    self.data.forget(pipe.client_token)
 
 
 def advertised(serving: ServingSettings, port: int) -> str:
@@ -90,7 +121,18 @@ def advertised(serving: ServingSettings, port: int) -> str:
     with the port it got (a wildcard host becomes this machine's name)."""
     if serving.advertise_address:
         return serving.advertise_address
-    host = serving.listen_addr.rpartition(":")[0]
-    if host in ("", "0.0.0.0", "[::]", "::"):
-        host = socket.getfqdn()
-    return f"{host}:{port}"
+    return f"{_named(serving.listen_addr.rpartition(':')[0])}:{port}"
+
+
+def advertised_data(serving: ServingSettings, port: int) -> str:
+    """The address clients and daemons reach the tunnel data port at: its listen address
+    with the port it got; a wildcard host becomes the advertised gRPC address's host (else
+    this machine's name)."""
+    host = serving.tunnel_data_address.rpartition(":")[0]
+    if host in ("", "0.0.0.0", "[::]", "::") and serving.advertise_address:
+        host = serving.advertise_address.rpartition(":")[0]
+    return f"{_named(host)}:{port}"
+
+
+def _named(host: str) -> str:
+    return socket.getfqdn() if host in ("", "0.0.0.0", "[::]", "::") else host

@@ -17,6 +17,15 @@ class TunnelFields(BaseSettings):
         "Empty: the listen address with the port it got (a wildcard host becomes this "
         "machine's name).",
     )
+    tunnel_data_address: str = Field(
+        default="127.0.0.1:0",
+        description="host:port of this replica's tunnel data port: the raw connections that "
+        "carry port-forward and gateway bytes (PortForwardStart.raw) from clients and "
+        "daemons, each claimed by a one-time token; TLS with the gRPC API's certificate when "
+        "it serves TLS. Port 0 picks a free one; a wildcard host is advertised as the "
+        "advertise_address's host (else this machine's name). Empty: no data port (raw "
+        "port-forwards fail with FAILED_PRECONDITION).",
+    )
     tunnel_open_timeout_ms: int = Field(
         default=5000,
         gt=0,

@@ -151,18 +151,27 @@ class PortForwardStart(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     port: _builtins.int
     """1..65535, on 127.0.0.1 inside the container."""
+    raw: _builtins.bool
+    """The bytes travel over a raw connection to the replica's tunnel data port instead of
+    `data` messages: the first response is `raw_path`; the client connects there, writes its
+    token and then reads and writes the port's bytes (a half-close is passed on). The call
+    stays open for the tunnel's lifetime (cancelling it closes the connection; its status
+    says why the tunnel ended); no `data` requests may follow.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         port: _builtins.int = ...,
+        raw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "port", b"port"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "port", b"port", "raw", b"raw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,24 +213,61 @@ class PortForwardResponse(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     CLOSE_WRITE_FIELD_NUMBER: _builtins.int
+    RAW_PATH_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     close_write: _builtins.bool
     """The server in the container sends no more bytes; the call ends after it."""
+    @_builtins.property
+    def raw_path(self) -> Global___RawPath:
+        """PortForwardStart.raw: where the bytes go; the first and only response."""
+
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
         close_write: _builtins.bool = ...,
+        raw_path: Global___RawPath | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close_write", b"close_write", "data", b"data", "msg", b"msg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close_write", b"close_write", "data", b"data", "msg", b"msg", "raw_path", b"raw_path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_write", b"close_write", "data", b"data", "msg", b"msg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_write", b"close_write", "data", b"data", "msg", b"msg", "raw_path", b"raw_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["data", "close_write"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["data", "close_write", "raw_path"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___PortForwardResponse: _TypeAlias = PortForwardResponse  # noqa: Y015
+
+@_typing.final
+class RawPath(_message.Message):
+    """A raw byte connection to a control-plane replica's tunnel data port, for one tunnel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """host:port of the data port (TLS when `tls`, with the gRPC API's certificate)."""
+    token: _builtins.str
+    """Written first on the connection (its 32 ASCII characters, 192 random bits): the tunnel
+    it joins. Good once, for a few seconds; a wrong, used or late one is closed unanswered.
+    """
+    tls: _builtins.bool
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        token: _builtins.str = ...,
+        tls: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "tls", b"tls", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RawPath: _TypeAlias = RawPath  # noqa: Y015
 
 @_typing.final
 class TunnelCommand(_message.Message):
@@ -235,6 +281,9 @@ class TunnelCommand(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     EXEC_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
+    DATA_ADDRESS_FIELD_NUMBER: _builtins.int
+    DATA_TLS_FIELD_NUMBER: _builtins.int
+    STANDING_FIELD_NUMBER: _builtins.int
     tunnel_id: _builtins.str
     """Random and unguessable: the replica pairs the daemon's Tunnel call with it."""
     job_id: _builtins.str
@@ -243,6 +292,19 @@ class TunnelCommand(_message.Message):
     """host:port of the control-plane replica that waits for the Tunnel call."""
     port: _builtins.int
     """Port-forward to 127.0.0.1:port in the container's network namespace."""
+    data_address: _builtins.str
+    """Set for a raw port-forward: host:port of the replica's tunnel data port. The daemon
+    still calls back (Tunnel: errors and the tunnel's lifetime) and, the container's port
+    connected, opens a connection there, writes `tunnel_id` (32 characters), reads the one
+    byte "+" that accepts it, then relays raw bytes between it and the container.
+    """
+    data_tls: _builtins.bool
+    standing: _builtins.int
+    """Standing connections (the services gateway): instead of one tunnel, keep this many
+    accepted connections to data_address open for `port`, each presenting `tunnel_id`; the
+    first bytes on one connect it into the container (and another is opened in its place).
+    Kept until the attempt ends or the data port refuses the id.
+    """
     @_builtins.property
     def exec(self) -> Global___ExecStart: ...
     def __init__(
@@ -254,10 +316,13 @@ class TunnelCommand(_message.Message):
         address: _builtins.str = ...,
         exec: Global___ExecStart | None = ...,
         port: _builtins.int = ...,
+        data_address: _builtins.str = ...,
+        data_tls: _builtins.bool = ...,
+        standing: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "port", b"port", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attempt", b"attempt", "exec", b"exec", "job_id", b"job_id", "port", b"port", "target", b"target", "tunnel_id", b"tunnel_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attempt", b"attempt", "data_address", b"data_address", "data_tls", b"data_tls", "exec", b"exec", "job_id", b"job_id", "port", b"port", "standing", b"standing", "target", b"target", "tunnel_id", b"tunnel_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["exec", "port"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015

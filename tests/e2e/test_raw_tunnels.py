@@ -1,0 +1,237 @@
+"""Raw port-forwards (PortForwardStart.raw) through the control plane's tunnel data port and a
+real daemon into a busybox container: bytes, half-close, tokens, lifetime, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from gpuplane.v1 import tunnels_pb2
+
+from controlplane.tunnels.service import TunnelService
+from devstack import DockerEngine, NatsServer, S3Server
+from messaging.rawpath import CHUNK, Refused, connect
+from tests.controlplane.scheduler.planes import until
+from tests.e2e.test_tunnels import peak_rss
+from tests.e2e.tunnelstack import (
+    ECHO_PORT,
+    HTTP_PORT,
+    INDEX,
+    TunnelStack,
+    tunnel_stack,
+    wait_listening,
+)
+
+T = tunnels_pb2
+pytestmark = [pytest.mark.timeout(120), pytest.mark.docker]
+Call = grpc.aio.StreamStreamCall[T.PortForwardRequest, T.PortForwardResponse]
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    nats_server: NatsServer,
+    s3_server: S3Server,
+    docker_engine: DockerEngine,
+    test_image: str,
+) -> AsyncIterator[TunnelStack]:
+    data_dir = tmp_path_factory.mktemp("raw-tunnels")
+    async with tunnel_stack(data_dir, nats_server, s3_server, docker_engine, test_image) as s:
+        await wait_listening(s, HTTP_PORT)
+        await wait_listening(s, ECHO_PORT)
+        yield s
+
+
+async def open_raw(
+    stack: TunnelStack, port: int, more: list[T.PortForwardRequest] | None = None
+) -> tuple[Call, T.RawPath, asyncio.Event]:
+    stop = asyncio.Event()
+
+    async def requests() -> AsyncIterator[T.PortForwardRequest]:
+        start = T.PortForwardStart(job_id=stack.job.job_id, port=port, raw=True)
+        yield T.PortForwardRequest(start=start)
+        for request in more or []:
+            yield request
+        await stop.wait()
+
+    call = stack.tunnels.PortForward(
+        requests(), metadata=stack.plane.auth(stack.plane.consumer_key)
+    )
+    first = await call.read()
+    assert isinstance(first, T.PortForwardResponse)
+    assert first.WhichOneof("msg") == "raw_path"
+    assert len(first.raw_path.token) == 32
+    assert not first.raw_path.tls
+    return call, first.raw_path, stop
+
+
+def tunnels_of(stack: TunnelStack) -> TunnelService:
+    tunnels = stack.plane.plane.tunnels
+    assert tunnels is not None
+    assert tunnels.data is not None
+    return tunnels
+
+
+async def test_http_through_a_raw_port_forward_with_a_half_close(stack: TunnelStack) -> None:
+    call, path, stop = await open_raw(stack, HTTP_PORT)
+    reader, writer = await connect(path.address, path.token, None)
+    writer.write(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+    writer.write_eof()  # the half-close reaches httpd, which still answers
+    reply = await asyncio.wait_for(reader.read(), 10)
+    assert reply.startswith(b"HTTP/1.")
+    assert reply.endswith(INDEX)
+    writer.close()
+    # Both ways done: the call ends cleanly, and nothing is left on the control plane.
+    assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF  # type: ignore[attr-defined]
+    assert await call.code() == grpc.StatusCode.OK
+    stop.set()
+    await until(lambda: tunnels_of(stack).broker.open_count == 0, 10, "the tunnel is forgotten")
+
+
+async def test_bytes_both_ways_through_the_echo(stack: TunnelStack) -> None:
+    call, path, stop = await open_raw(stack, ECHO_PORT)
+    reader, writer = await connect(path.address, path.token, None)
+    volume = 8 * 1024 * 1024
+    block = bytes(range(256)) * 256
+
+    async def send() -> None:
+        for _ in range(volume // len(block)):
+            writer.write(block)
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    got = bytearray()
+    while data := await asyncio.wait_for(reader.read(CHUNK), 10):
+        got += data
+    await sender
+    assert len(got) == volume
+    assert got[: len(block)] == block
+    assert got[-len(block) :] == block
+    writer.close()
+    stop.set()
+    call.cancel()
+
+
+async def test_a_token_is_good_once_and_wrong_ones_get_nothing(stack: TunnelStack) -> None:
+    data = tunnels_of(stack).data
+    assert data is not None
+    call, path, stop = await open_raw(stack, ECHO_PORT)
+    refused = data.refused
+    with pytest.raises(Refused):  # someone else's guess
+        await connect(path.address, "x" * 32, None)
+    reader, writer = await connect(path.address, path.token, None)
+    with pytest.raises(Refused):  # the same token again
+        await connect(path.address, path.token, None)
+    # A daemon's side: a tunnel id nobody waits for is refused as well.
+    with pytest.raises(Refused):
+        await connect(path.address, "t" * 32, None)
+    assert data.refused == refused + 3
+    writer.write(b"ping\n")
+    assert await asyncio.wait_for(reader.readexactly(5), 10) == b"ping\n"
+    writer.close()
+    stop.set()
+    call.cancel()
+
+
+async def test_a_late_client_is_unavailable_and_its_token_dies(stack: TunnelStack) -> None:
+    tunnels = tunnels_of(stack)
+    timeout, tunnels.open_timeout = tunnels.open_timeout, 0.3
+    try:
+        call, path, stop = await open_raw(stack, ECHO_PORT)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), 10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "data port" in (caught.value.details() or "")
+        with pytest.raises(Refused):
+            await connect(path.address, path.token, None)
+        stop.set()
+    finally:
+        tunnels.open_timeout = timeout
+
+
+async def test_data_requests_on_a_raw_call_are_invalid(stack: TunnelStack) -> None:
+    call, path, stop = await open_raw(stack, ECHO_PORT, [T.PortForwardRequest(data=b"x")])
+    reader, writer = await connect(path.address, path.token, None)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(call.read(), 10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "data" in (caught.value.details() or "")
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # the connection went with it
+    writer.close()
+    stop.set()
+
+
+async def test_nothing_listening_is_failed_precondition(stack: TunnelStack) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await open_raw(stack, 9)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "nothing listens" in (caught.value.details() or "")
+
+
+async def test_cancelling_the_call_closes_the_connections(stack: TunnelStack) -> None:
+    call, path, stop = await open_raw(stack, ECHO_PORT)
+    reader, writer = await connect(path.address, path.token, None)
+    writer.write(b"a")
+    assert await asyncio.wait_for(reader.readexactly(1), 10) == b"a"
+    call.cancel()
+    stop.set()
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 10)
+    writer.close()
+    agent = stack.agent
+    assert agent is not None
+
+    def serving() -> bool:
+        return any("Tunnels.serve" in repr(t.get_coro()) for t in agent._tasks)
+
+    await until(lambda: not serving(), 20, "the daemon's side of the tunnel ended")
+    assert tunnels_of(stack).broker.open_count == 0
+
+
+async def test_the_daemons_side_breaking_is_unavailable(stack: TunnelStack) -> None:
+    call, path, stop = await open_raw(stack, ECHO_PORT)
+    reader, writer = await connect(path.address, path.token, None)
+    assert stack.agent is not None
+    serving = [t for t in stack.agent._tasks if "Tunnels.serve" in repr(t.get_coro())]
+    assert len(serving) == 1
+    serving[0].cancel()  # as when the daemon dies: its call and connection break
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(call.read(), 10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    stop.set()
+
+
+async def test_a_client_that_stops_reading_stalls_the_path_not_memory(stack: TunnelStack) -> None:
+    """The client writes into the echo and never reads: every hop's buffer fills to its
+    mark, then the client's writes stop being taken; memory here (control plane and daemon
+    run in this process) stays flat."""
+    call, path, stop = await open_raw(stack, ECHO_PORT)
+    reader, writer = await connect(path.address, path.token, None)
+    block = bytes(CHUNK)
+    written = 0
+
+    async def flood() -> None:
+        nonlocal written
+        while True:
+            writer.write(block)
+            await writer.drain()
+            written += len(block)
+
+    flooding = asyncio.create_task(flood())
+    await asyncio.sleep(1.5)
+    stalled, rss = written, peak_rss()
+    await asyncio.sleep(1.5)
+    assert written == stalled  # nothing more is taken
+    assert peak_rss() - rss < 32 * 1024 * 1024
+    assert written < 128 * 1024 * 1024  # socket buffers and high-water marks, no more
+    flooding.cancel()
+    # Reading again drains it: the path was stalled, not broken.
+    assert len(await asyncio.wait_for(reader.read(CHUNK), 10)) > 0
+    writer.close()
+    stop.set()
+    call.cancel()
