@@ -18,6 +18,8 @@ from messaging.rawpath import (
     HIGH_WATER,
     Refused,
     connect,
+    connect_socket,
+    splice_plain,
     splice_sockets,
     splice_streams,
 )
@@ -122,12 +124,17 @@ class StandingPool:
         """One standing connection: waits for its first bytes, then serves them; another
         takes its place as soon as it is no longer idle (an end-of-file first: the replica
         let it go; refused: the replica forgot the pool, which ends)."""
-        data: Streams | None = None
+        data: Streams | socket.socket | None = None
         idle = True
+        ended = True  # anything unforeseen ends the pool (never a loop of failures)
         try:
-            data = await open_data(self.agent, self.command)
-            first = await data[0].read(CHUNK)
-            idle = False
+            if self.command.data_tls:
+                data = await open_data(self.agent, self.command)
+                first = await data[0].read(CHUNK)
+            else:
+                data = await connect_socket(self.command.data_address, self.command.tunnel_id)
+                first = await asyncio.get_running_loop().sock_recv(data, CHUNK)
+            idle = ended = False
             self.idle -= 1
             self.wanted.set()
             if first:
@@ -135,15 +142,21 @@ class StandingPool:
         except (Refused, OSError) as exc:
             if idle:
                 log.info("standing tunnel %s… ended: %s", self.command.tunnel_id[:6], exc)
-                self._end()
+        except asyncio.CancelledError:
+            ended = False
+            raise
         finally:
             if idle:
                 self.idle -= 1
                 self.wanted.set()
-            if data is not None:
+            if ended:
+                self._end()
+            if isinstance(data, socket.socket):
+                data.close()
+            elif data is not None:
                 data[1].close()
 
-    async def _serve(self, first: bytes, data: Streams) -> None:
+    async def _serve(self, first: bytes, data: Streams | socket.socket) -> None:
         try:
             sock = await self.connect_container()
         except (OSError, RuntimeError) as exc:
@@ -151,7 +164,10 @@ class StandingPool:
             if isinstance(exc, RuntimeError):  # the attempt is gone: so is the pool
                 self._end()
             return
+        self.served += 1
+        if isinstance(data, socket.socket):
+            await splice_plain(data, sock, first)
+            return
         container = await asyncio.open_connection(sock=sock, limit=HIGH_WATER)
         container[1].write(first)
-        self.served += 1
         await splice_streams(container, data)

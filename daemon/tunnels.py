@@ -15,7 +15,8 @@ from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc
 
 from daemon import rawpath
 from daemon.channel import open_channel
-from daemon.exec_io import Demux, ExecSession, connect_in_netns, start_exec
+from daemon.exec_io import Demux, ExecSession, start_exec
+from daemon.netns import Connector
 from daemon.progress import Progress
 from messaging.rawpath import connect_socket
 
@@ -45,8 +46,8 @@ class Tunnels:
         self.agent = agent
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.opened = 0
-        # Container id → its process id (for its network namespace), looked up once.
-        self._pids: dict[str, int] = {}
+        # Container id → the thread that connects inside its network namespace.
+        self._connectors: dict[str, Connector] = {}
         self.standing: dict[str, rawpath.StandingPool] = {}
 
     def open(self, command: tunnels_pb2.TunnelCommand) -> None:
@@ -69,6 +70,9 @@ class Tunnels:
             self.standing.pop(command.tunnel_id, None)
 
     async def close(self) -> None:
+        for connector in self._connectors.values():
+            connector.close()
+        self._connectors.clear()
         for channel in self._channels.values():
             await channel.close(grace=None)
         self._channels.clear()
@@ -136,15 +140,28 @@ class Tunnels:
         return container_id
 
     async def _connect_port(self, command: tunnels_pb2.TunnelCommand) -> socket.socket:
-        """A connection to the command's port in its attempt's container."""
+        """A connection to the command's port in its attempt's container, through the
+        container's connector thread (started on first use; a failed connect lets it go, so
+        a container restarted under the same id is looked up again)."""
         container_id = self._container(command)
-        pid = self._pids.get(container_id)
-        if pid is None:
+        connector = self._connectors.get(container_id)
+        if connector is None:
+            live = {e.container_id for e in self.agent.executors.values()}
+            for gone in set(self._connectors) - live:
+                self._connectors.pop(gone).close()
             assert self.agent._runtime is not None
             api = self.agent._runtime.client.api
             attrs = await asyncio.to_thread(api.inspect_container, container_id)
-            pid = self._pids[container_id] = int(attrs["State"]["Pid"])
-        return await asyncio.to_thread(connect_in_netns, pid, command.port)
+            connector = Connector(int(attrs["State"]["Pid"]))
+            if container_id in self._connectors:  # another call started one meanwhile
+                connector.close()
+            connector = self._connectors.setdefault(container_id, connector)
+        try:
+            return await connector.connect(command.port)
+        except OSError:
+            if self._connectors.get(container_id) is connector:
+                self._connectors.pop(container_id).close()
+            raise
 
     async def _endpoint(self, command: tunnels_pb2.TunnelCommand) -> Endpoint:
         """The exec or connection the command asks for, in its attempt's own container."""

@@ -91,11 +91,12 @@ class Link(asyncio.Protocol):
     pauses this side's reads (and resumes them below the low one). End-of-file one way is a
     half-close the other way; both done, or either connection lost, closes both."""
 
-    def __init__(self, on_token: Callable[[Link, str], None]) -> None:
+    def __init__(self, on_token: Callable[[Link, str], None] | None) -> None:
         self.on_token = on_token
         self.transport: asyncio.Transport | None = None
         self.head = bytearray()
-        self.token = ""
+        # No on_token: a connection whose handshake is done (or that has none).
+        self.token = "" if on_token is not None else "-"
         self.held = bytearray()
         self.peer: Link | None = None
         self.eof = False
@@ -120,6 +121,7 @@ class Link(asyncio.Protocol):
             token, data = bytes(self.head[:TOKEN_LEN]), bytes(self.head[TOKEN_LEN:])
             self.head.clear()
             self.token = token.decode("ascii", "replace")
+            assert self.on_token is not None
             self.on_token(self, self.token)
             if self.peer is not None or self.closing:
                 if data and self.peer is not None:
@@ -202,6 +204,27 @@ def pair(a: Link, b: Link) -> None:
 async def spliced(a: Link, b: Link) -> None:
     """Waits until both links of a pair are gone."""
     await asyncio.gather(a.lost, b.lost)
+
+
+async def splice_plain(a: socket.socket, b: socket.socket, first: bytes = b"") -> None:
+    """Both ways between two non-blocking sockets on the event loop (Links: no task per
+    direction, each read written straight to the other side under its high-water mark), with
+    `first` sent to `b` before anything; until both are done. Cheaper than splice_sockets'
+    threads for short exchanges (a gateway request)."""
+    loop = asyncio.get_running_loop()
+    _, one = await loop.create_connection(lambda: Link(None), sock=a)
+    try:
+        _, other = await loop.create_connection(lambda: Link(None), sock=b)
+    except BaseException:
+        one.abort()
+        raise
+    one.held += first  # as if `a` had just said it: it goes to `b` first
+    pair(one, other)
+    try:
+        await spliced(one, other)
+    finally:
+        one.abort()
+        other.abort()
 
 
 async def connect_socket(address: str, token: str) -> socket.socket:

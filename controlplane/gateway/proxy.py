@@ -5,23 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 
 from aiohttp import web
-from gpuplane.v1 import tunnels_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from controlplane.api.tunnels import relay
 from controlplane.auth.principal import Principal
 from controlplane.auth.service import AuthService
 from controlplane.errors import DomainError, NotFound
 from controlplane.gateway.balancer import Choice, ServicePool, Strategy
+from controlplane.gateway.transport import BadAnswer, Transport
 from controlplane.services.service import ServiceService, spec_of
 from controlplane.tunnels.service import TunnelService
 
 log = logging.getLogger(__name__)
-Frame = tunnels_pb2.TunnelFrame
-CHUNK = 64 * 1024
 MAX_RESPONSE = 64 * 1024 * 1024
 # Methods retried on another replica when the first one failed (RFC 9110's idempotent ones).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -42,10 +38,6 @@ HOP = frozenset(
 )
 
 
-class BadAnswer(Exception):
-    """The replica's answer was not an HTTP response (it closed early, or spoke garbage)."""
-
-
 def request_bytes(request: web.Request, path: str, body: bytes) -> bytes:
     """The request as HTTP/1.0 to the replica (so it answers without chunking and closes)."""
     lines = [f"{request.method} {path} HTTP/1.0", "Host: localhost"]
@@ -54,29 +46,13 @@ def request_bytes(request: web.Request, path: str, body: bytes) -> bytes:
     return "\r\n".join(lines).encode("latin-1") + body
 
 
-def parse_response(raw: bytes) -> web.Response:
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise BadAnswer("no complete HTTP header")
-    lines = head.decode("latin-1").split("\r\n")
-    status = lines[0].split(" ", 2)
-    if len(status) < 2 or not status[0].startswith("HTTP/") or not status[1].isdigit():
-        raise BadAnswer(f"not an HTTP status line: {lines[0][:80]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() not in HOP:
-            headers[name.strip()] = value.strip()
-    return web.Response(status=int(status[1]), body=body, headers=headers)
-
-
 class Gateway:
     """Routes `/s/NAME/PATH` of a caller (its API key as `Authorization: Bearer KEY`) to a
     ready replica of the caller's service NAME (another tenant's is 404, as a missing one),
     round-robin, each replica behind its circuit breaker; an idempotent request that failed
     on one replica is tried once on another; 503 with the reason when none can take it. The
-    bytes go through the replica's daemon's tunnel (TunnelService.open: the daemon calls
-    back, so its host needs no inbound port)."""
+    bytes go over a raw stream into the replica's container (gateway/transport.py: through
+    its daemon's outbound connections, so its host needs no inbound port)."""
 
     def __init__(
         self,
@@ -87,6 +63,7 @@ class Gateway:
     ) -> None:
         self.services = services
         self.tunnels = tunnels
+        self.transport = Transport(tunnels)
         self.auth = auth
         self.pools: dict[str, ServicePool] = {}
         self.port = 0
@@ -174,8 +151,7 @@ class Gateway:
             replica = choice.replica
             tried.add(replica.replica_id)
             try:
-                answer = await self._exchange(principal, replica.replica_id, port, raw)
-                response = parse_response(answer)
+                response = await self.transport.exchange(replica.replica_id, port, raw)
             except (DomainError, BadAnswer, OSError) as error:
                 pool.release(replica, ok=False)
                 self.failures.labels(pool.service_id, replica.replica_id).inc()
@@ -186,25 +162,6 @@ class Gateway:
             response.headers["X-Gpuplane-Replica"] = replica.replica_id
             return response
         return web.Response(status=503, text=f"service unavailable: {why}")
-
-    async def _exchange(self, principal: Principal, job_id: str, port: int, raw: bytes) -> bytes:
-        """Sends `raw` to 127.0.0.1:port in the replica's container; its whole answer."""
-
-        async def frames() -> AsyncIterator[Frame | None]:
-            for at in range(0, len(raw), CHUNK):
-                yield Frame(data=raw[at : at + CHUNK])
-            yield Frame(close_write=True)
-
-        answer = bytearray()
-        async with self.tunnels.open(principal, job_id, port) as pipe:
-            async for frame in relay(pipe, frames()):
-                if frame.WhichOneof("msg") == "data":
-                    answer += frame.data
-                    if len(answer) > MAX_RESPONSE:
-                        raise BadAnswer("the answer is larger than 64 MiB")
-                elif frame.WhichOneof("msg") == "close_write":
-                    break
-        return bytes(answer)
 
     async def _caller(self, request: web.Request) -> Principal | None:
         header = request.headers.get("Authorization", "")

@@ -35,8 +35,11 @@ class Standing:
         return True
 
     def _lost(self, link: Link) -> None:
+        """An idle connection went away: its daemon let the pool go (the attempt ended, or
+        the daemon stops), so this one ends too and the next stream asks again."""
         with contextlib.suppress(ValueError):
             self.idle.remove(link)
+            self.close()
 
     async def take(self, timeout: float) -> Link | None:
         """An idle connection (its daemon has not connected it into the container yet), or
@@ -124,7 +127,9 @@ class DataPort:
             link.abort()
 
     def _claimed(self, link: Link, token: str) -> None:
-        """The token is read: hands the link to whoever expects it, else closes it."""
+        """The token is read: hands the link to whoever expects it (who closes it), else
+        closes it."""
+        self._links.discard(link)
         waiting = self._expected.pop(token, None)
         if waiting is not None and not waiting.done():
             link.accept()

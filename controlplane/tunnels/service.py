@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from gpuplane.v1 import registry_pb2, tunnels_pb2
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,6 +20,7 @@ from controlplane.registry.streams import HostStreams
 from controlplane.settings_groups import ServingSettings
 from controlplane.tunnels.broker import Pipe, TunnelBroker, wait_arrival
 from controlplane.tunnels.data import DataPort
+from controlplane.tunnels.standing import StandingStreams, Streams
 
 # What a tunnel opens: a command to exec, or a port to forward to.
 Target = tunnels_pb2.ExecStart | int
@@ -49,6 +50,14 @@ class TunnelService:
         # The raw data port (controlplane/tunnels/data.py) and the host:port it is reached at.
         self.data = data
         self.data_address = ""
+        self.standing = StandingStreams(self)
+
+    def open_stream(self, job_id: str, port: int) -> AbstractAsyncContextManager[Streams]:
+        """`async with tunnels.open_stream(job_id, port) as (reader, writer)`: a raw byte
+        stream to 127.0.0.1:port in a running job's container, over a connection its daemon
+        keeps standing at this replica's data port (controlplane/tunnels/standing.py). For
+        the control plane's own use (the services gateway): the caller authorised it."""
+        return self.standing.open_stream(job_id, port)
 
     async def listen(self, serving: ServingSettings, grpc_port: int) -> None:
         """The gRPC API listens on `grpc_port`: daemons call back there; the data port starts."""
@@ -60,6 +69,7 @@ class TunnelService:
     async def close(self) -> None:
         """This replica is stopping: tunnels end (their clients get UNAVAILABLE)."""
         self.broker.close()
+        self.standing.close()
         if self.data is not None:
             await self.data.stop()
 
