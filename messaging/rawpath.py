@@ -137,6 +137,8 @@ class Link(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.peer is None and self.on_lost is not None:
+            self.close()  # idle in a standing pool: its daemon let it go
         if self.peer is not None:
             self.peer.shut_write()
             if self.peer.eof:

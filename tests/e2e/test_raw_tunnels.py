@@ -8,9 +8,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from aiohttp import web
 from gpuplane.v1 import tunnels_pb2
 
+from controlplane.errors import FailedPrecondition
+from controlplane.gateway.transport import Transport
 from controlplane.tunnels.service import TunnelService
+from controlplane.tunnels.standing import STANDING
+from daemon.rawpath import StandingPool
 from devstack import DockerEngine, NatsServer, S3Server
 from messaging.rawpath import CHUNK, Refused, connect
 from tests.controlplane.scheduler.planes import until
@@ -235,3 +240,88 @@ async def test_a_client_that_stops_reading_stalls_the_path_not_memory(stack: Tun
     writer.close()
     stop.set()
     call.cancel()
+
+
+# ---- Raw streams for the control plane's own use (the services gateway's transport).
+
+
+async def get_through(tunnels: TunnelService, job_id: str) -> bytes:
+    async with tunnels.open_stream(job_id, HTTP_PORT) as (reader, writer):
+        writer.write(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10)
+
+
+def pools(stack: TunnelStack) -> dict[str, StandingPool]:
+    assert stack.agent is not None
+    return stack.agent.tunnels.standing
+
+
+async def test_streams_reuse_the_daemons_standing_connections(stack: TunnelStack) -> None:
+    tunnels = tunnels_of(stack)
+    for _ in range(3):
+        reply = await get_through(tunnels, stack.job.job_id)
+        assert reply.startswith(b"HTTP/1.")
+        assert reply.endswith(INDEX)
+    (pool,) = pools(stack).values()  # one command asked for one pool, used three times
+    assert pool.served == 3
+    assert pool.count == STANDING
+
+
+async def test_a_stream_into_a_job_that_is_not_running(stack: TunnelStack) -> None:
+    with pytest.raises(FailedPrecondition, match="not running"):
+        await get_through(tunnels_of(stack), "job_nonexistent")
+
+
+async def test_a_pool_its_daemon_let_go_is_asked_for_again(stack: TunnelStack) -> None:
+    tunnels = tunnels_of(stack)
+    await get_through(tunnels, stack.job.job_id)
+    (before,) = pools(stack)
+    assert stack.agent is not None
+    keeping = [t for t in stack.agent._tasks if "keep_standing" in repr(t.get_coro())]
+    for task in keeping:
+        task.cancel()  # as when the daemon restarts: its standing connections close
+    await until(lambda: not pools(stack), 10, "the daemon's pool ended")
+    reply = await get_through(tunnels, stack.job.job_id)
+    assert reply.endswith(INDEX)
+    (after,) = pools(stack)
+    assert after != before
+
+
+async def test_a_large_answer_streams_to_a_slow_caller_without_buffering(
+    stack: TunnelStack,
+) -> None:
+    """32 MiB through the gateway's transport to a caller that reads 64 KiB, then stalls:
+    the answer is not gathered anywhere (memory here stays flat), then arrives whole."""
+    size = 32 * 1024 * 1024
+    _, _, code = await stack.exec(["dd", "if=/dev/zero", "of=/tmp/www/big", "bs=1M", "count=32"])
+    assert code == 0
+    transport = Transport(tunnels_of(stack))
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        raw = b"GET /big HTTP/1.0\r\nHost: x\r\n\r\n"
+        return await transport.exchange(stack.job.job_id, HTTP_PORT, raw)
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    assert site._server is not None
+    address = site._server.sockets[0].getsockname()  # type: ignore[attr-defined]
+    try:
+        rss = peak_rss()
+        reader, writer = await asyncio.open_connection(*address[:2])
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert f"Content-Length: {size}".encode() in head
+        got = len(await reader.read(64 * 1024))
+        await asyncio.sleep(1.5)  # every hop fills to its mark, then waits
+        assert peak_rss() - rss < 16 * 1024 * 1024  # the answer is not gathered anywhere
+        while data := await asyncio.wait_for(reader.read(1 << 20), 10):
+            got += len(data)
+        assert got == size
+        writer.close()
+    finally:
+        await runner.cleanup()
