@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import os
 import socket
 import ssl
 import threading
 from collections.abc import Callable
+from typing import Any
 
 # What a connection to a tunnel data port writes first: its token (32 ASCII characters,
 # 192 random bits: secrets.token_urlsafe(24)). The port answers ACCEPTED once it took it, and
@@ -234,9 +236,14 @@ async def connect_socket(address: str, token: str) -> socket.socket:
     splice_sockets."""
     loop = asyncio.get_running_loop()
     host, _, port = address.rpartition(":")
-    infos = await loop.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
-    family, kind, proto, _, where = infos[0]
-    sock = socket.socket(family, kind, proto)
+    host = host.strip("[]")
+    try:  # an address: no resolver round trip (a thread) per connection
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        where: tuple[Any, ...] = (host, int(port))
+    except ValueError:
+        infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        family, _, _, _, where = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         await loop.sock_connect(sock, where)

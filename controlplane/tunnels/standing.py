@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 Streams: TypeAlias = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # Connections a daemon keeps standing per workload port (each one a gateway request takes is
 # replaced at once), and how long an unused pool is kept before it is let go.
-STANDING = 4
+STANDING = 8
 IDLE_SECONDS = 60.0
 
 
