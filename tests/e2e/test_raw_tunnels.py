@@ -325,3 +325,22 @@ async def test_a_large_answer_streams_to_a_slow_caller_without_buffering(
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_the_replica_stopping_is_unavailable_and_closes_the_connection(
+    stack: TunnelStack,
+) -> None:
+    call, path, stop = await open_raw(stack, ECHO_PORT)
+    reader, writer = await connect(path.address, path.token, None)
+    broker = tunnels_of(stack).broker
+    broker.close()  # what ControlPlane.stop does first (the data port's listener aside)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), 10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (caught.value.details() or "")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        broker.closing = False  # the module's stack goes on serving
+    writer.close()
+    stop.set()
