@@ -101,8 +101,7 @@ class Tunnels:
             except (Refused, OSError, docker.errors.DockerException) as exc:
                 # One line (the control plane refuses control characters), bounded.
                 said = " ".join(str(exc).split())[:500] or type(exc).__name__
-                await call.write(Frame(error=said))
-                await call.done_writing()
+                await _say_error(call, said)
                 return
             try:
                 if command.data_address and command.WhichOneof("target") == "port":
@@ -126,8 +125,7 @@ class Tunnels:
             else:
                 data = await connect_socket(command.data_address, command.tunnel_id)
         except OSError as exc:
-            await call.write(Frame(error=f"the control plane's data port: {exc}"[:500]))
-            await call.done_writing()
+            await _say_error(call, f"the control plane's data port: {exc}"[:500])
             return
         await rawpath.relay(call, endpoint.sock, data)
 
@@ -186,6 +184,15 @@ class Tunnels:
             size=(spec.size.rows, spec.size.cols),
         )
         return Endpoint(session.sock, session)
+
+
+async def _say_error(call: Call, said: str) -> None:
+    """The tunnel's last word: the error, then the end of the call once the control plane
+    ended it (cancelling at once could drop the error on its way)."""
+    await call.write(Frame(error=said))
+    await call.done_writing()
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+        await asyncio.wait_for(call.code(), _END_GRACE)
 
 
 class Endpoint:

@@ -313,3 +313,44 @@ async def splice_sockets(a: socket.socket, b: socket.socket) -> None:
         await asyncio.shield(asyncio.gather(*ways))
         a.close()
         b.close()
+
+
+def _detach(link: Link) -> socket.socket | None:
+    """The link's connection as a socket of its own (the event loop lets go of it), or None
+    when its transport still has bytes to write (then it stays on the loop)."""
+    transport = link.transport
+    if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+        return None
+    transport.pause_reading()
+    sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+    transport.abort()  # closes the loop's descriptor; the duplicate keeps the connection
+    return sock
+
+
+async def splice_links(a: Link, b: Link, kernel: bool) -> None:
+    """Splices two accepted links until both ways are done: with `kernel` (plaintext) their
+    sockets leave the event loop for splice_sockets (what either held goes first), else they
+    are paired on the loop (TLS)."""
+    one = _detach(a) if kernel else None
+    other = _detach(b) if one is not None else None
+    if one is None or other is None:
+        if one is not None:  # cannot happen after a plain accept; kept correct anyway
+            one.close()
+            b.close()
+            return
+        pair(a, b)
+        await spliced(a, b)
+        return
+    loop = asyncio.get_running_loop()
+    for sock in (one, other):
+        sock.setblocking(False)
+    try:
+        if a.held:
+            await loop.sock_sendall(other, bytes(a.held))
+        if b.held:
+            await loop.sock_sendall(one, bytes(b.held))
+    except BaseException:
+        one.close()
+        other.close()
+        raise
+    await splice_sockets(one, other)

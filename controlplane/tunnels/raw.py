@@ -13,7 +13,7 @@ from controlplane.errors import InvalidArgument, Unavailable
 from controlplane.tunnels.broker import Pipe
 from controlplane.tunnels.data import arrival
 from controlplane.tunnels.service import TunnelService
-from messaging.rawpath import Link, pair, spliced
+from messaging.rawpath import Link, splice_links
 
 # After the daemon's call ended cleanly, how long the splice may take to flush and close.
 _END_GRACE = 5.0
@@ -69,8 +69,7 @@ async def relay_raw(
     if client is None:
         daemon.close()
         raise Unavailable("the client did not connect to the tunnel data port in time")
-    pair(client, daemon)
-    splice = asyncio.create_task(spliced(client, daemon))
+    splice = asyncio.create_task(splice_links(client, daemon, kernel=not tunnels.data.tls))
     said = asyncio.create_task(_said(pipe))
     asked = asyncio.create_task(_no_data(requests))
     try:
