@@ -16,6 +16,9 @@ T = tunnels_pb2
 Read = Callable[[], Awaitable[bytes]]
 Write = Callable[[bytes], Awaitable[None]]
 CloseWrite = Callable[[], Awaitable[None]]
+# A raw attempt that failed so is tried in-band: the daemon could not reach the data port
+# (FAILED_PRECONDITION; anything else it said is said again), or this client could not.
+_FALLBACK = frozenset({grpc.StatusCode.FAILED_PRECONDITION})
 
 
 async def forward(
@@ -37,13 +40,23 @@ async def forward(
 
     call = stub.PortForward(requests(), metadata=metadata)
     try:
-        first = await call.read()
-        if not isinstance(first, T.PortForwardResponse) or first.WhichOneof("msg") != "raw_path":
-            await _ended(call)  # the call's error, if it ended without saying where
-            raise ConnectionError("the control plane did not open a raw port-forward")
-        path = first.raw_path
-        context = security.raw_context() if path.tls else None
-        reader, writer = await connect(path.address, path.token, context, security.server_name)
+        try:
+            first = await call.read()
+            if not isinstance(first, T.PortForwardResponse) or not first.HasField("raw_path"):
+                await _ended(call)  # the call's error, if it ended without saying where
+                raise ConnectionError("the control plane did not open a raw port-forward")
+            path = first.raw_path
+            context = security.raw_context() if path.tls else None
+            reader, writer = await connect(path.address, path.token, context, security.server_name)
+        except (grpc.aio.AioRpcError, OSError) as error:
+            if isinstance(error, grpc.aio.AioRpcError) and error.code() not in _FALLBACK:
+                raise
+            # The data port is out of reach (from here, or from the host: a NAT, a firewall,
+            # a compose network): the bytes go in-band, as grpcurl's do. Nothing was read yet.
+            stop.set()
+            call.cancel()
+            await forward_frames(stub, metadata, target, local)
+            return
         try:
             await _relay(call, local, reader, writer)
         finally:
@@ -51,6 +64,28 @@ async def forward(
     finally:
         stop.set()
         call.cancel()
+
+
+async def forward_frames(
+    stub: tunnels_pb2_grpc.TunnelServiceAsyncStub,
+    metadata: tuple[tuple[str, str], ...],
+    target: tuple[str, int],
+    local: tuple[Read, Write, CloseWrite],
+) -> None:
+    """The same through PortForward's own `data` messages (two gRPC hops: slower)."""
+    read, write, close_write = local
+
+    async def requests() -> AsyncIterator[T.PortForwardRequest]:
+        yield T.PortForwardRequest(start=T.PortForwardStart(job_id=target[0], port=target[1]))
+        while data := await read():
+            yield T.PortForwardRequest(data=data)
+        yield T.PortForwardRequest(close_write=True)
+
+    async for response in stub.PortForward(requests(), metadata=metadata):
+        if response.WhichOneof("msg") == "data":
+            await write(response.data)
+        elif response.WhichOneof("msg") == "close_write":
+            await close_write()
 
 
 async def _relay(

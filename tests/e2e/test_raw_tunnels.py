@@ -15,8 +15,10 @@ from controlplane.errors import FailedPrecondition
 from controlplane.gateway.transport import Transport
 from controlplane.tunnels.service import TunnelService
 from controlplane.tunnels.standing import STANDING
+from daemon.channel import ChannelSecurity
 from daemon.rawpath import StandingPool
 from devstack import DockerEngine, NatsServer, S3Server
+from gpuplane_cli import rawforward
 from messaging.rawpath import CHUNK, Refused, connect
 from tests.controlplane.scheduler.planes import until
 from tests.e2e.test_tunnels import peak_rss
@@ -240,6 +242,43 @@ async def test_a_client_that_stops_reading_stalls_the_path_not_memory(stack: Tun
     writer.close()
     stop.set()
     call.cancel()
+
+
+async def test_the_cli_falls_back_to_frames_when_the_data_port_is_out_of_reach(
+    stack: TunnelStack,
+) -> None:
+    """A data port the daemon cannot reach (a NAT, a compose network): the raw attempt is
+    FAILED_PRECONDITION, and the CLI's forward carries the bytes in-band instead."""
+    tunnels = tunnels_of(stack)
+    address, tunnels.data_address = tunnels.data_address, "127.0.0.1:1"
+    chunks = [b"first ", b"second"]
+    got = bytearray()
+    closed = asyncio.Event()
+
+    async def read() -> bytes:
+        return chunks.pop(0) if chunks else b""
+
+    async def write(data: bytes) -> None:
+        got.extend(data)
+
+    async def close_write() -> None:
+        closed.set()
+
+    try:
+        await asyncio.wait_for(
+            rawforward.forward(
+                stack.tunnels,
+                stack.plane.auth(stack.plane.consumer_key),
+                ChannelSecurity(plaintext=True),
+                (stack.job.job_id, ECHO_PORT),
+                (read, write, close_write),
+            ),
+            30,
+        )
+    finally:
+        tunnels.data_address = address
+    assert bytes(got) == b"first second"
+    assert closed.is_set()
 
 
 # ---- Raw streams for the control plane's own use (the services gateway's transport).
