@@ -33,6 +33,8 @@ Call: TypeAlias = "grpc.aio.StreamStreamCall[tunnels_pb2.TunnelFrame, tunnels_pb
 Streams: TypeAlias = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # Standing connections a daemon keeps at most per command (the control plane asks for fewer).
 MAX_STANDING = 16
+# How often an idle pool looks whether its attempt still runs.
+CHECK_SECONDS = 2.0
 
 
 def _server_name(agent: Agent) -> str:
@@ -90,10 +92,13 @@ class StandingPool:
         agent: Agent,
         command: tunnels_pb2.TunnelCommand,
         connect_container: Callable[[], Awaitable[socket.socket]],
+        running: Callable[[], bool],
     ) -> None:
         self.agent = agent
         self.command = command
         self.connect_container = connect_container
+        # Whether the attempt still runs here: looked at every CHECK_SECONDS while idle.
+        self.running = running
         self.count = min(command.standing, MAX_STANDING)
         self.done = asyncio.Event()
         self.idle = 0
@@ -110,7 +115,10 @@ class StandingPool:
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 self.wanted.clear()
-                await self.wanted.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wanted.wait(), CHECK_SECONDS)
+                if not self.running():  # the attempt ended: its connections go too
+                    self._end()
         finally:
             for task in tasks:
                 task.cancel()

@@ -63,7 +63,15 @@ class Tunnels:
         async def connect() -> socket.socket:
             return await self._connect_port(command)
 
-        pool = self.standing[command.tunnel_id] = rawpath.StandingPool(self.agent, command, connect)
+        def running() -> bool:
+            try:
+                self._container(command)
+            except Refused:
+                return False
+            return True
+
+        pool = rawpath.StandingPool(self.agent, command, connect, running)
+        self.standing[command.tunnel_id] = pool
         try:
             await pool.run()
         finally:

@@ -44,6 +44,7 @@ class StandingStreams:
         self._pools: dict[tuple[str, int], Standing] = {}
         self._used: dict[tuple[str, int], float] = {}
         self._opening: dict[tuple[str, int], asyncio.Lock] = {}
+        self._swept = time.monotonic()
 
     @asynccontextmanager
     async def open_stream(self, job_id: str, port: int) -> AsyncIterator[Streams]:
@@ -51,6 +52,8 @@ class StandingStreams:
         it); FailedPrecondition when the job is not running, Unavailable when its daemon
         keeps no connection here in time. Closed on the way out."""
         key = (job_id, port)
+        if time.monotonic() - self._swept > IDLE_SECONDS / 4:
+            self._sweep()
         pool = await self._pool(key)
         link = await self._take(key, pool)
         reader, writer = streams_of(link)
@@ -85,7 +88,6 @@ class StandingStreams:
             pool = self._pools.get(key)
             if pool is not None and not pool.closed:
                 return pool
-            self._sweep()
             pool = await self._ask(*key)
             self._pools[key] = pool
             self._used[key] = time.monotonic()
@@ -129,12 +131,14 @@ class StandingStreams:
         if self._pools.get(key) is pool:
             del self._pools[key]
             self._used.pop(key, None)
+            self._opening.pop(key, None)
         if self.tunnels.data is not None:
             self.tunnels.data.drop_standing(pool)
 
     def _sweep(self) -> None:
         """Lets go of pools nobody used for IDLE_SECONDS (their daemons stop keeping them)."""
-        stale = time.monotonic() - IDLE_SECONDS
+        self._swept = time.monotonic()
+        stale = self._swept - IDLE_SECONDS
         for key, used in list(self._used.items()):
             if used < stale:
                 self._drop(key, self._pools[key])

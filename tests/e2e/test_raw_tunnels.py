@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from aiohttp import web
-from gpuplane.v1 import tunnels_pb2
+from gpuplane.v1 import jobs_pb2, tunnels_pb2, types_pb2
 
 from controlplane.errors import FailedPrecondition
 from controlplane.gateway.transport import Transport
@@ -383,3 +383,31 @@ async def test_the_replica_stopping_is_unavailable_and_closes_the_connection(
         broker.closing = False  # the module's stack goes on serving
     writer.close()
     stop.set()
+
+
+async def test_a_pool_ends_with_its_attempt(stack: TunnelStack, test_image: str) -> None:
+    """The workload stops: its daemon lets its standing connections go (it looks every few
+    seconds), and a stream into it is FAILED_PRECONDITION, not a wait."""
+    plane = stack.plane
+    kept = len(pools(stack))
+    script = f"nc -ll -p {ECHO_PORT} -e cat"
+    job = await plane.submit(image=test_image, command=["sh", "-c", script], gpu_count=1)
+    await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_RUNNING], 60)
+    tunnels = tunnels_of(stack)
+    for _ in range(50):
+        try:
+            async with tunnels.open_stream(job.job_id, ECHO_PORT) as (reader, writer):
+                writer.write(b"x")
+                assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
+            break
+        except asyncio.IncompleteReadError:  # nc listens a moment after the start
+            await asyncio.sleep(0.1)
+    assert len(pools(stack)) == kept + 1
+    await plane.jobs.CancelJob(
+        jobs_pb2.CancelJobRequest(job_id=job.job_id), metadata=plane.auth(plane.consumer_key)
+    )
+    await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_CANCELLED], 30)
+    await until(lambda: len(pools(stack)) == kept, 15, "the ended attempt's pool is let go")
+    with pytest.raises(FailedPrecondition, match="not running"):
+        async with tunnels.open_stream(job.job_id, ECHO_PORT):
+            pass
