@@ -327,17 +327,16 @@ class ControlPlane:
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(SessionService(jobs)), server
         )
-        broker = TunnelBroker()
         self.tunnels = TunnelService(
             db,
             domains.registry.streams,
-            broker,
+            TunnelBroker(),
             open_timeout=settings.serving.tunnel_open_timeout_seconds,
             data=data_port_for(settings),
         )
         tunnels_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(self.tunnels), server)
         tunnels_pb2_grpc.add_TunnelRelayServiceServicer_to_server(
-            TunnelRelayServicer(broker), server
+            TunnelRelayServicer(self.tunnels.broker), server
         )
         add_servicer(server, self.services)
 
