@@ -150,11 +150,9 @@ class Tunnels:
         container's connector thread (started on first use; a failed connect lets it go, so
         a container restarted under the same id is looked up again)."""
         container_id = self._container(command)
+        self._prune()
         connector = self._connectors.get(container_id)
         if connector is None:
-            live = {e.container_id for e in self.agent.executors.values()}
-            for gone in set(self._connectors) - live:
-                self._connectors.pop(gone).close()
             assert self.agent._runtime is not None
             api = self.agent._runtime.client.api
             attrs = await asyncio.to_thread(api.inspect_container, container_id)
@@ -168,6 +166,12 @@ class Tunnels:
             if self._connectors.get(container_id) is connector:
                 self._connectors.pop(container_id).close()
             raise
+
+    def _prune(self) -> None:
+        """Lets the connector threads of containers no longer run here go."""
+        live = {e.container_id for e in self.agent.executors.values()}
+        for gone in set(self._connectors) - live:
+            self._connectors.pop(gone).close()
 
     async def _endpoint(self, command: tunnels_pb2.TunnelCommand) -> Endpoint:
         """The exec or connection the command asks for, in its attempt's own container."""
