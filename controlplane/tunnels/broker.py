@@ -96,6 +96,7 @@ class Pipe:
     # port, presenting tunnel_id, and the token the client's presents.
     daemon_link: asyncio.Future[Link] | None = None
     client_token: str = ""
+    client_link: asyncio.Future[Link] | None = None
 
     def fail(self, error: Exception) -> None:
         self.failure = error

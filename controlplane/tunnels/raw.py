@@ -55,6 +55,8 @@ async def daemon_ready(tunnels: TunnelService, pipe: Pipe) -> tuple[Link, RawPat
             task.cancel()
         await asyncio.gather(came, said, return_exceptions=True)
     pipe.client_token = secrets.token_urlsafe(24)
+    # Expected before the client hears of it: it may connect before this call goes on.
+    pipe.client_link = tunnels.data.expect(pipe.client_token)
     return link, RawPath(tunnels.data_address, pipe.client_token, tunnels.data.tls)
 
 
@@ -65,7 +67,8 @@ async def relay_raw(
     both are done; the daemon's call breaking, this replica stopping or a client mistake
     ends it with that error. Either way both connections are closed on the way out."""
     assert tunnels.data is not None
-    client = await arrival(tunnels.data.expect(pipe.client_token), tunnels.open_timeout)
+    assert pipe.client_link is not None
+    client = await arrival(pipe.client_link, tunnels.open_timeout)
     if client is None:
         daemon.close()
         raise Unavailable("the client did not connect to the tunnel data port in time")
