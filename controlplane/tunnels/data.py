@@ -79,8 +79,8 @@ class DataPort:
         self._server: asyncio.Server | None = None
         self._links: set[Link] = set()
         self.port = 0
-        # Connections refused (tests).
-        self.refused = 0
+        # Connections refused and accepted (tests).
+        self.refused = self.accepted = 0
 
     @property
     def tls(self) -> bool:
@@ -133,11 +133,13 @@ class DataPort:
         waiting = self._expected.pop(token, None)
         if waiting is not None and not waiting.done():
             link.accept()
+            self.accepted += 1
             waiting.set_result(link)
             return
         standing = self._standing.get(token)
         if standing is not None and standing.add(link):
             link.accept()
+            self.accepted += 1
             return
         self.refused += 1
         link.abort()

@@ -244,16 +244,9 @@ async def test_a_client_that_stops_reading_stalls_the_path_not_memory(stack: Tun
     call.cancel()
 
 
-async def test_the_cli_falls_back_to_frames_when_the_data_port_is_out_of_reach(
-    stack: TunnelStack,
-) -> None:
-    """A data port the daemon cannot reach (a NAT, a compose network): the raw attempt is
-    FAILED_PRECONDITION, and the CLI's forward carries the bytes in-band instead."""
-    tunnels = tunnels_of(stack)
-    address, tunnels.data_address = tunnels.data_address, "127.0.0.1:1"
-    chunks = [b"first ", b"second"]
+async def cli_forward(stack: TunnelStack, chunks: list[bytes]) -> bytes:
+    """The CLI's forward of `chunks` to the echo; what came back."""
     got = bytearray()
-    closed = asyncio.Event()
 
     async def read() -> bytes:
         return chunks.pop(0) if chunks else b""
@@ -262,23 +255,43 @@ async def test_the_cli_falls_back_to_frames_when_the_data_port_is_out_of_reach(
         got.extend(data)
 
     async def close_write() -> None:
-        closed.set()
+        return None
 
+    await asyncio.wait_for(
+        rawforward.forward(
+            stack.tunnels,
+            stack.plane.auth(stack.plane.consumer_key),
+            ChannelSecurity(plaintext=True),
+            (stack.job.job_id, ECHO_PORT),
+            (read, write, close_write),
+        ),
+        30,
+    )
+    return bytes(got)
+
+
+async def test_the_cli_forwards_over_the_raw_path(stack: TunnelStack) -> None:
+    data = tunnels_of(stack).data
+    assert data is not None
+    accepted = data.accepted
+    assert await cli_forward(stack, [b"raw ", b"path"]) == b"raw path"
+    assert data.accepted == accepted + 2  # the daemon's connection and the CLI's
+
+
+async def test_the_cli_falls_back_to_frames_when_the_data_port_is_out_of_reach(
+    stack: TunnelStack,
+) -> None:
+    """A data port the daemon cannot reach (a NAT, a compose network): the raw attempt is
+    FAILED_PRECONDITION, and the CLI's forward carries the bytes in-band instead."""
+    tunnels = tunnels_of(stack)
+    assert tunnels.data is not None
+    accepted = tunnels.data.accepted
+    address, tunnels.data_address = tunnels.data_address, "127.0.0.1:1"
     try:
-        await asyncio.wait_for(
-            rawforward.forward(
-                stack.tunnels,
-                stack.plane.auth(stack.plane.consumer_key),
-                ChannelSecurity(plaintext=True),
-                (stack.job.job_id, ECHO_PORT),
-                (read, write, close_write),
-            ),
-            30,
-        )
+        assert await cli_forward(stack, [b"first ", b"second"]) == b"first second"
     finally:
         tunnels.data_address = address
-    assert bytes(got) == b"first second"
-    assert closed.is_set()
+    assert tunnels.data.accepted == accepted  # nothing went raw
 
 
 # ---- Raw streams for the control plane's own use (the services gateway's transport).
