@@ -33,6 +33,8 @@ Call: TypeAlias = "grpc.aio.StreamStreamCall[tunnels_pb2.TunnelFrame, tunnels_pb
 Streams: TypeAlias = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # Standing connections a daemon keeps at most per command (the control plane asks for fewer).
 MAX_STANDING = 16
+# After its last word, how long the daemon waits for the control plane to end a call.
+END_GRACE = 5.0
 # How often an idle pool looks whether its attempt still runs.
 CHECK_SECONDS = 2.0
 
@@ -64,6 +66,10 @@ async def relay(call: Call, sock: socket.socket, data: Streams | socket.socket) 
         if splice.done():
             await call.write(Frame(close_write=True))
             await call.done_writing()
+            # The control plane ends the call once its side is done too; cancelling it at
+            # once could lose the close_write (the client would read UNAVAILABLE).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(ended), END_GRACE)
     finally:
         for task in (splice, ended):
             task.cancel()
