@@ -129,7 +129,7 @@ def build_request(args: argparse.Namespace, ctx: Context) -> services_pb2.Deploy
 
 def services_table(services: Sequence[services_pb2.Service]) -> str:
     return table(
-        ["NAME", "STATE", "IMAGE", "PORT", "READY", "RUNNING", "DESIRED", "RESTARTS", "CHARGED"],
+        ["NAME", "STATE", "IMAGE", "PORT", "READY", "RUNNING", "DESIRED", "REPLACED", "CHARGED"],
         [
             (
                 s.name,
@@ -162,7 +162,7 @@ def show_service(s: services_pb2.Service) -> str:
                 f"{s.ready_replicas} ready, {s.running_replicas} running, "
                 f"{s.desired_replicas} desired",
             ),
-            ("Restarts", s.restarts),
+            ("Replacements", s.restarts),
             ("Last failure", s.last_failure or None),
             ("Backing off until", when(s.backoff_until) or None),
             ("Charged", format_credits(s.charged_micro_credits)),
@@ -170,12 +170,13 @@ def show_service(s: services_pb2.Service) -> str:
         ]
     )
     rows = table(
-        ["REPLICA", "STATE", "READY", "HOST", "STARTED", "CHARGED"],
+        ["REPLICA", "STATE", "READY", "RESTARTS", "HOST", "STARTED", "CHARGED"],
         [
             (
                 r.replica_id,
                 enum_name(types_pb2.JobState, r.state),
                 "yes" if r.ready else "no",
+                r.restarts,
                 r.host_id or "-",
                 when(r.started_at) or "-",
                 format_credits(r.charged_micro_credits),

@@ -31,6 +31,7 @@ def replica_pb(replica: ServiceReplica, job: Job, run_time_ms: int) -> services_
         finished_at=timestamp(job.finished_at),
         charged_micro_credits=job.charged,
         run_time_ms=run_time_ms,
+        restarts=replica.restarts,
     )
 
 

@@ -67,6 +67,9 @@ class ServiceReplica(Base):
     settled: Mapped[bool] = mapped_column(Boolean, default=False)
     # Lease extensions already paid for (the next one's idempotency key).
     extensions: Mapped[int] = mapped_column(Integer, default=0)
+    # Its daemon restarted its container in place this many times (ReplicaHealth.restarts:
+    # the provider's word, shown and recorded as events, never billed).
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 

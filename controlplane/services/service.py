@@ -183,8 +183,10 @@ class ServiceService:
         return await self._change(caller, ref, change, deleting=True)
 
     async def replica_health(self, host_id: str, health: registry_pb2.ReplicaHealth) -> None:
-        """A daemon's probe result: the replica's readiness, kept when it is the replica's
-        live attempt on that host (a stale or foreign report changes nothing)."""
+        """A daemon's probe result: the replica's readiness and its restarts in place, kept
+        when it is the replica's live attempt on that host (a stale or foreign report changes
+        nothing). The restarts are the provider's word: a report adds one at most, and they
+        change nothing but what is shown (the attempt runs and is billed throughout)."""
         now = utcnow()
 
         async def work(session: AsyncSession) -> bool:
@@ -193,14 +195,19 @@ class ServiceService:
             job = await JobRepository(session).get(health.job_id)
             if replica is None or job is None or job.host_id != host_id:
                 return False
-            if job.attempt != health.attempt or replica.ready == health.ready:
+            restarted = health.restarts > replica.restarts
+            if job.attempt != health.attempt or (replica.ready == health.ready and not restarted):
                 return False
             # Kept as probed: its RUNNING report (through NATS) may come after this; a
             # replica counts as ready only while RUNNING too (api.services.replica_pb).
             replica.ready = health.ready
+            said = "ready" if replica.ready else f"not ready: {health.reason}"
+            if restarted:  # the reason says why and when it starts again; ready: it did
+                replica.restarts += 1
+                said = f"restarted in place ({replica.restarts})"
+                said += f": {health.reason}" if health.reason else ""
             service = await repo.get(replica.service_id, lock=True)
             if service is not None:
-                said = "ready" if replica.ready else f"not ready: {health.reason}"
                 note_service_event(repo, service, f"replica {job.id} {said}", now)
             return True
 

@@ -382,6 +382,7 @@ class ServiceReplica(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     CHARGED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     RUN_TIME_MS_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     state: _types_pb2.JobState.ValueType
     state_reason: _builtins.str
@@ -392,6 +393,10 @@ class ServiceReplica(_message.Message):
     """
     charged_micro_credits: _builtins.int
     run_time_ms: _builtins.int
+    restarts: _builtins.int
+    """Times its daemon restarted its container in place (same host, GPUs and attempt) after it
+    exited or failed liveness; after repeated failures it ends and is replaced instead.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -411,10 +416,11 @@ class ServiceReplica(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         charged_micro_credits: _builtins.int = ...,
         run_time_ms: _builtins.int = ...,
+        restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micro_credits", b"charged_micro_credits", "created_at", b"created_at", "finished_at", b"finished_at", "host_id", b"host_id", "ready", b"ready", "replica_id", b"replica_id", "run_time_ms", b"run_time_ms", "started_at", b"started_at", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micro_credits", b"charged_micro_credits", "created_at", b"created_at", "finished_at", b"finished_at", "host_id", b"host_id", "ready", b"ready", "replica_id", b"replica_id", "restarts", b"restarts", "run_time_ms", b"run_time_ms", "started_at", b"started_at", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
