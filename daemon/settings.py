@@ -173,7 +173,12 @@ class DaemonSettings(BaseSettings):
         description="Restarts in place within replica_restart_window_seconds before a failing "
         "replica's attempt ends instead (its service replaces it, on another host if it can).",
     )
-    replica_restart_window_seconds: float = Field(default=restarts.WINDOW_SECONDS, gt=0)
+    replica_restart_window_seconds: float = Field(
+        default=restarts.WINDOW_SECONDS,
+        gt=0,
+        description="The window replica_restart_max counts restarts in; the backoff starts "
+        "over once the earlier restarts are older than this.",
+    )
     max_concurrent_jobs: int = Field(default=64, gt=0)
     heartbeat_interval_ms: int = Field(
         default=2000, gt=0, description="Used until the control plane says otherwise."
