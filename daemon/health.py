@@ -156,7 +156,8 @@ class ReplicaHealth:
             await self.executor.cancel(StopReason.STOP_REASON_LIVENESS_FAILED, text)
             return
         await replica.fail_liveness(text)
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
         while self.executor.terminal is None and not self._restarting():
-            if run != self.executor.restarts:
-                return
+            if run != self.executor.restarts or asyncio.get_running_loop().time() > deadline:
+                return  # restarted already, or the kill failed: probed on
             await asyncio.sleep(POLL)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from docker.errors import DockerException
 from gpuplane.v1 import messaging_pb2
 
 if TYPE_CHECKING:
@@ -112,7 +113,10 @@ class ReplicaRestarts:
         self.liveness = why
         container = self.executor._container
         if container is not None and not self.restarting:
-            await self.executor.runtime.kill(container)
+            try:
+                await self.executor.runtime.kill(container)
+            except (DockerException, OSError) as exc:  # probed on: failing, it is tried again
+                log.warning("%s: its container could not be killed: %s", self.executor.job_id, exc)
 
     async def after_exit(self, container: Container) -> bool | None:
         """The container ended: None when it is not restarted (its restarts are used up: after

@@ -41,16 +41,13 @@ async def restarting(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[list[Agent]]:
     """Two daemons restarting replicas in place: twice within their window, the first after
-    `param` seconds (0.3 unless the test says)."""
-    backoff = getattr(request, "param", 0.3)
-    async with two_agents(
-        plane,
-        tmp_path,
-        s3_server,
-        docker_engine,
-        replica_restart_backoff_seconds=backoff,
-        replica_restart_max=2,
-    ) as running:
+    0.3 s, unless the test's `param` (settings) says otherwise."""
+    overrides = {
+        "replica_restart_backoff_seconds": 0.3,
+        "replica_restart_max": 2,
+        **getattr(request, "param", {}),
+    }
+    async with two_agents(plane, tmp_path, s3_server, docker_engine, **overrides) as running:
         yield running
 
 
@@ -126,7 +123,9 @@ async def test_a_replica_that_keeps_dying_is_restarted_with_growing_gaps_then_re
     plane: JobPlane, restarting: list[Agent], test_image: str
 ) -> None:
     await deploy(plane, test_image, 1, ["sh", "-c", "sleep 0.2; exit 3"])
-    replaced = await until(plane, lambda s: s.restarts >= 1 and len(s.replicas) >= 2)
+    replaced = await until(
+        plane, lambda s: s.restarts >= 1 and len(s.replicas) >= 2 and bool(s.replicas[-2].host_id)
+    )
     first = replaced.replicas[-1]  # newest first
     assert (first.state, first.restarts) == (S.JOB_STATE_FAILED, 2)
     assert first.state_reason == "exit code 3", first.state_reason
@@ -148,7 +147,7 @@ async def test_a_replica_that_keeps_dying_is_restarted_with_growing_gaps_then_re
     assert second.host_id not in ("", first.host_id), "replaced on the other host"
 
 
-@pytest.mark.parametrize("restarting", [30.0], indirect=True)
+@pytest.mark.parametrize("restarting", [{"replica_restart_backoff_seconds": 30.0}], indirect=True)
 async def test_a_stop_during_the_backoff_ends_the_replica_at_once(
     plane: JobPlane, restarting: list[Agent], docker_client: docker.DockerClient, test_image: str
 ) -> None:
@@ -172,3 +171,26 @@ async def test_a_stop_during_the_backoff_ends_the_replica_at_once(
     assert left == []
     assert (await get(plane)).state == SV.SERVICE_STATE_STOPPED
     assert (await plane.balance(plane.consumer_tenant)).held_micro_credits == 0
+
+
+@pytest.mark.parametrize("restarting", [{"replica_restart_max": 1}], indirect=True)
+async def test_a_replica_failing_liveness_is_restarted_in_place_then_replaced(
+    plane: JobPlane, restarting: list[Agent], test_image: str
+) -> None:
+    # Serves for 1 s after each start, then stops answering while its container keeps running.
+    script = (
+        "mkdir -p /tmp/www && hostname > /tmp/www/index.html && "
+        "httpd -f -p 8080 -h /tmp/www & sleep 1; kill $!; exec sleep 1000"
+    )
+    await deploy(plane, test_image, 1, ["sh", "-c", script])
+    first = (await until(plane, ready(1))).replicas[0]
+    failed = await until(plane, lambda s: s.restarts >= 1, timeout=30)
+    ended = replica_of(failed, first.replica_id)
+    assert (ended.state, ended.restarts) == (S.JOB_STATE_FAILED, 1)
+    assert ended.state_reason.startswith("failed its health probe 3 times in a row: "), ended
+    said = [e.reason for e in events_of(failed, first.replica_id)]
+    restarted = f"replica {first.replica_id} restarted in place (1): failed its health probe 3 "
+    at = next(i for i, r in enumerate(said) if r.startswith(restarted))
+    assert said[at].endswith("; restart 1 in 0.3 s"), said[at]
+    assert f"replica {first.replica_id} ready" in said[:at], said
+    assert f"replica {first.replica_id} ready" in said[at:], "ready again after its restart"
