@@ -2,7 +2,9 @@
 busybox httpd: a killed replica's container is started again (same replica, attempt and
 host; traffic through the gateway keeps flowing; its restart is a service event and counted;
 its charge is its whole run time); a replica that keeps dying is restarted with growing gaps
-and then replaced on the other host; a stop during a restart's backoff ends it at once."""
+and then replaced on the other host; one failing liveness is restarted, then replaced; a
+stop during a restart's backoff ends it at once; a daemon restarted during a backoff adopts
+the same container, restarts it and counts on."""
 
 from __future__ import annotations
 
@@ -194,3 +196,36 @@ async def test_a_replica_failing_liveness_is_restarted_in_place_then_replaced(
     assert said[at].endswith("; restart 1 in 0.3 s"), said[at]
     assert f"replica {first.replica_id} ready" in said[:at], said
     assert f"replica {first.replica_id} ready" in said[at:], "ready again after its restart"
+
+
+@pytest.mark.parametrize("restarting", [{"replica_restart_backoff_seconds": 2.0}], indirect=True)
+async def test_a_daemon_restarted_during_a_backoff_restarts_the_same_container(
+    plane: JobPlane, restarting: list[Agent], docker_client: docker.DockerClient, test_image: str
+) -> None:
+    # Fails its first run (its /output, kept across restarts, remembers it), then serves.
+    script = (
+        "[ -e /output/ran ] || { touch /output/ran; exit 1; }; mkdir -p /tmp/www && "
+        "hostname > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"
+    )
+    await deploy(plane, test_image, 1, ["sh", "-c", script])
+    backing_off = await until(plane, lambda s: any(r.restarts == 1 for r in s.replicas))
+    replica = backing_off.replicas[0]
+    label = {"label": f"gpuplane.job={replica.replica_id}"}
+    [container] = docker_client.containers.list(all=True, filters=label)
+    old = next(a for a in restarting if a.host_id == replica.host_id)
+    await old.stop()  # during the backoff: the exited container is left as it is
+    anew = Agent(old.settings)
+    await anew.start()
+    try:
+        healed = await until(plane, ready(1))
+        again = replica_of(healed, replica.replica_id)
+        assert (again.host_id, again.started_at) == (replica.host_id, replica.started_at)
+        assert again.restarts == 2, "adopted, restarted, counted on"
+        assert [c.id for c in docker_client.containers.list(all=True, filters=label)] == [
+            container.id
+        ], "the same container, and no second one"
+        assert healed.restarts == 0, "not replaced"
+    finally:
+        await anew.stop()
+        for left in docker_client.containers.list(all=True, filters=label):
+            left.remove(force=True)
