@@ -32,7 +32,7 @@ NO_REPLICA = (503, "service unavailable: no replica is ready")
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.databases("sqlite", "postgresql"),
-    pytest.mark.plane(gateway_address="127.0.0.1:0"),
+    pytest.mark.plane(gateway_address="127.0.0.1:0", gateway_resync_ms=60_000),
 ]
 
 

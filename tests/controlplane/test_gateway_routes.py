@@ -28,7 +28,11 @@ BOUND = 1.0
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.databases("sqlite", "postgresql"),
-    pytest.mark.plane(service_reconcile_interval_ms=100, gateway_address="127.0.0.1:0"),
+    pytest.mark.plane(
+        service_reconcile_interval_ms=100,
+        gateway_address="127.0.0.1:0",
+        gateway_resync_ms=60_000,  # what the tests see is the change stream, not a resync
+    ),
 ]
 
 
