@@ -81,12 +81,12 @@ async def refresh(db: Database, metrics: Metrics) -> None:
     async with db.read() as session:
         counts = await read_fleet(session)
         ledger = await _ledger(session)
+        replicas = await service_replicas(session)
     metrics.record_ledger(ledger)
     for job_state, jobs in counts.jobs.items():
         metrics.jobs.labels(job_state.value).set(jobs)
     for host_state, hosts in counts.hosts.items():
         metrics.hosts.labels(host_state.value).set(hosts)
-    replicas = await service_replicas(db)
     metrics.service_replicas.clear()  # a deleted service's series go
     for service_id, by_state in replicas.items():
         for replica_state, count in by_state.items():
@@ -134,13 +134,12 @@ async def _ledger(session: AsyncSession) -> LedgerTotals:
     )
 
 
-async def service_replicas(db: Database) -> dict[str, dict[str, int]]:
+async def service_replicas(session: AsyncSession) -> dict[str, dict[str, int]]:
     """Each service not deleted: its desired replicas, those RUNNING, and those of them
     ready (their latest probe passed)."""
-    async with db.read() as session:
-        repo = RouteRepository(session)
-        services = await repo.services(None)
-        rows = await repo.replicas(None)
+    repo = RouteRepository(session)
+    services = await repo.services(None)
+    rows = await repo.replicas(None)
     counts = {s.id: {"desired": s.desired_replicas, "running": 0, "ready": 0} for s in services}
     for row in rows:
         if row.service_id in counts and row.state == JobState.RUNNING.value:

@@ -169,6 +169,10 @@ class Gateway:
         """The service's pool, its replicas those of `route` (kept while the route is)."""
         pool = self.pools.get(route.service_id)
         if pool is None:
+            if len(self.pools) >= 2 * len(self.routes) + 100:  # deleted services' pools go
+                gone = [sid for sid in self.pools if self.routes.get(sid) is None]
+                for sid in gone:
+                    del self.pools[sid], self._pooled[sid]
             pool = self.pools[route.service_id] = ServicePool(
                 strategy=self.strategy, service_id=route.service_id
             )

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
@@ -158,9 +158,9 @@ class RouteWatcher:
         self.table.update(services, routes)
 
     @staticmethod
-    async def _guarded(read: object) -> bool:
+    async def _guarded(read: Awaitable[None]) -> bool:
         try:
-            await read  # type: ignore[misc]
+            await read
         except (SQLAlchemyError, OSError, DomainError) as error:
             log.warning("gateway routes: read failed (%s); loading them all again", error)
             return False
