@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sqlalchemy.exc import SQLAlchemyError
 
+from controlplane.bus import Bus
 from controlplane.db.engine import Database
 from controlplane.errors import DomainError
 from controlplane.gateway.repository import RouteRepository
@@ -57,6 +58,18 @@ class RouteFeed:
     def _tell(self, ref: str) -> None:
         for subscriber in self.subscribers:
             subscriber(ref)
+
+    async def follow(self, bus: Bus) -> None:
+        """Listens (below) whenever NATS is connected; a failed subscription is retried, and
+        its gap healed by the subscribers' full reload when it starts again."""
+        while True:
+            await bus.ready.wait()
+            if bus.nc is not None:
+                try:
+                    await self.listen(bus.nc)
+                except (nats.errors.Error, OSError) as error:
+                    log.info("route changes: NATS subscription failed (%s); retrying", error)
+            await asyncio.sleep(1.0)
 
     async def listen(self, nc: Client) -> None:
         """While NATS is connected: announces this replica's changes and hears the others'."""

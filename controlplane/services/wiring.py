@@ -52,16 +52,11 @@ def services_loop(plane: ControlPlane, auth: AuthService) -> Callable[[], Awaita
     services.listeners.append(feed.changed)
     services.jobs.notifier.listeners.append(feed.changed)
 
-    async def announce() -> None:
-        await bus.ready.wait()
-        assert bus.nc is not None
-        await feed.listen(bus.nc)
-
     address = services.settings.gateway_address
     if not address or tunnels is None:
 
         async def run_without_gateway() -> None:
-            await asyncio.gather(reconciler.run(), announce())
+            await asyncio.gather(reconciler.run(), feed.follow(bus))
 
         return run_without_gateway
     table = RouteTable()
@@ -75,6 +70,6 @@ def services_loop(plane: ControlPlane, auth: AuthService) -> Callable[[], Awaita
         await gateway.serve(address)
 
     async def run() -> None:
-        await asyncio.gather(reconciler.run(), announce(), watcher.run(), serve())
+        await asyncio.gather(reconciler.run(), feed.follow(bus), watcher.run(), serve())
 
     return run
