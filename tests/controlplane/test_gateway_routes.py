@@ -178,3 +178,32 @@ async def test_a_restarted_watcher_loads_every_route_again(plane: JobPlane) -> N
     assert route_of(plane, "quiet") is None, "nobody told the table"
     watcher.resync()
     await within(lambda: route_of(plane, "quiet") is not None)
+
+
+async def test_requests_are_answered_from_memory_with_the_database_unreachable(
+    plane: JobPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No database read per request: with every read and transaction failing, the gateway
+    still authenticates (a cached API key, a caller key) and routes."""
+    base = await gateway_base(plane)
+    await deploy(plane, "web", plane.consumer_key, replicas=0)
+    made = await services_stub(plane).CreateServiceKey(
+        SV.CreateServiceKeyRequest(service="web"), metadata=plane.auth(plane.consumer_key)
+    )
+    await within(lambda: bool(getattr(route_of(plane, "web"), "keys", None)))
+    assert (await fetch(base, "web", plane.consumer_key))[0] == 503  # the API key now cached
+    db = plane.plane.db
+    assert db is not None
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the gateway read the database for a request")
+
+    with monkeypatch.context() as patched:
+        for method in ("read", "transaction", "run"):
+            patched.setattr(db, method, unreachable)
+        for key in (plane.consumer_key, made.secret) * 20:
+            assert await fetch(base, "web", key) == (
+                503,
+                "service unavailable: no replica is ready",
+            )
+        assert (await fetch(base, "nope", plane.consumer_key))[0] == 404
