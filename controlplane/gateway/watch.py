@@ -25,18 +25,23 @@ log = logging.getLogger(__name__)
 Listener = Callable[[str], None]
 
 
+API_KEY_PREFIX = "key_"
+
+
 def routable(ref: str) -> bool:
-    """Whether a changed id may move a route: a service's, or a replica's job's."""
-    return ref.startswith((f"{PREFIX}_", f"{REPLICA_PREFIX}_"))
+    """Whether a changed id may move a route (a service's, or a replica's job's) or a
+    cached credential (an API key's, revoked)."""
+    return ref.startswith((f"{PREFIX}_", f"{REPLICA_PREFIX}_", API_KEY_PREFIX))
 
 
 class RouteFeed:
     """The control plane's stream of route changes: the id of each service that changed
     (ServiceService.touched: deploy, scale, stop, start, delete, a replica's readiness, its
     keys) and of each replica's job that changed (Notifier: running, ended, cancelled, a lost
-    host), after their commits. Every replica feeds it and tells the others over core NATS
-    (`ROUTES_CHANGED_SUBJECT`), since the change may be committed on a replica that serves
-    no gateway; its subscribers (this process's gateway) hear both."""
+    host), after their commits, and of each API key revoked (AuthService). Every replica
+    feeds it and tells the others over core NATS (`ROUTES_CHANGED_SUBJECT`), since the change
+    may be committed on a replica that serves no gateway; its subscribers (this process's
+    gateway, its API-key cache) hear both."""
 
     def __init__(self) -> None:
         self.subscribers: list[Listener] = []
@@ -123,7 +128,12 @@ class RouteWatcher:
         feed.on_gap.append(self.resync)
 
     def heard(self, ref: str) -> None:
-        (self._services if ref.startswith(f"{PREFIX}_") else self._jobs).add(ref)
+        if ref.startswith(f"{PREFIX}_"):
+            self._services.add(ref)
+        elif ref.startswith(f"{REPLICA_PREFIX}_"):
+            self._jobs.add(ref)
+        else:
+            return
         self._wake.set()
 
     def resync(self) -> None:

@@ -13,7 +13,7 @@ from controlplane.api.services import ServiceServicer
 from controlplane.auth.service import AuthService
 from controlplane.gateway.proxy import Gateway
 from controlplane.gateway.routes import RouteTable
-from controlplane.gateway.watch import RouteFeed, RouteWatcher
+from controlplane.gateway.watch import API_KEY_PREFIX, RouteFeed, RouteWatcher
 from controlplane.jobs.service import JobService
 from controlplane.registry.service import RegistryService
 from controlplane.services.reconciler import Reconciler
@@ -51,6 +51,11 @@ def services_loop(plane: ControlPlane, auth: AuthService) -> Callable[[], Awaita
     feed = RouteFeed()
     services.listeners.append(feed.changed)
     services.jobs.notifier.listeners.append(feed.changed)
+    # A key revoked on another replica leaves this one's cache at once, not after its ttl.
+    auth.revoked_listeners.append(feed.changed)
+    feed.subscribers.append(
+        lambda ref: auth.forget(ref) if ref.startswith(API_KEY_PREFIX) else None
+    )
 
     address = services.settings.gateway_address
     if not address or tunnels is None:

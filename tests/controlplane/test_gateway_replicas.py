@@ -1,20 +1,25 @@
 """Two control planes on one PostgreSQL database: the daemon and every change are on the
 first, which serves no gateway; the second's gateway hears of them through the change stream
-(core NATS) within a second, with its full resync an hour away: a deployed service, a
-replica probed ready then unready, a caller key created then revoked, a deleted service."""
+(core NATS) within a second, with its full resync and its API-key cache's ttl an hour away:
+a deployed service, a replica probed ready then unready, a caller key created then revoked,
+an API key revoked, a deleted service."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gpuplane.v1 import messaging_pb2, services_pb2
+from gpuplane.v1 import admin_pb2, messaging_pb2, services_pb2, types_pb2
 
 from controlplane.gateway.routes import Route
+from devstack.factories import new_key
 from tests.controlplane.scheduler.planes import InProcessPlane, fleet, plane_options
 from tests.controlplane.scripted_host import scripted_host as start_host
 from tests.controlplane.test_gateway_routes import (
+    BOUND,
     PRICE,
     ProbingHost,
     deploy,
@@ -48,7 +53,10 @@ async def test_a_gateway_follows_changes_made_on_another_replica(
     async with fleet(tmp_path, options, monkeypatch) as planes:
         first = await planes.start("first")
         second = await planes.start(
-            "second", gateway_address="127.0.0.1:0", gateway_resync_ms=3_600_000
+            "second",
+            gateway_address="127.0.0.1:0",
+            gateway_resync_ms=3_600_000,
+            auth_cache_ttl_seconds=3600,
         )
         base = await gateway_base(second.api)
         api, key = first.api, first.api.consumer_key
@@ -76,6 +84,21 @@ async def test_a_gateway_follows_changes_made_on_another_replica(
             )
             await within(lambda: not getattr(route(second, "web"), "keys", True))
             assert (await fetch(base, "web", made.secret))[0] == 401
+
+            spare = await new_key(api, api.consumer_tenant, types_pb2.ROLE_CONSUMER)
+            assert (await fetch(base, "web", spare))[0] == 503  # cached on the second
+            listed = await api.admin.ListApiKeys(
+                admin_pb2.ListApiKeysRequest(tenant_id=api.consumer_tenant),
+                metadata=api.auth(api.admin_key),
+            )
+            spare_id = next(k.key_id for k in listed.keys if spare.startswith(k.prefix))
+            await api.admin.RevokeApiKey(
+                admin_pb2.RevokeApiKeyRequest(key_id=spare_id), metadata=api.auth(api.admin_key)
+            )
+            started = time.monotonic()
+            while (await fetch(base, "web", spare))[0] != 401:
+                assert time.monotonic() - started < BOUND, "revoked on the first: 401 at once"
+                await asyncio.sleep(0.01)
 
             await stub.DeleteService(SV.DeleteServiceRequest(service="web"), metadata=auth)
             await within(lambda: route(second, "web") is None)
