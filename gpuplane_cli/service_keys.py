@@ -19,6 +19,9 @@ def register(group: a.Subparsers, common: argparse.ArgumentParser) -> None:
     )
     create.add_argument("service", metavar="NAME")
     create.add_argument("--description", default="", help="what the key is for")
+    create.add_argument(
+        "--idempotency-key", default="", help="a retry with the same key makes no second key"
+    )
     listing = a.add_leaf(keys, "list", list_keys, "list a service's caller keys", common)
     listing.add_argument("service", metavar="NAME")
     listing.add_argument("--include-revoked", action="store_true", help="revoked keys too")
@@ -30,15 +33,20 @@ def register(group: a.Subparsers, common: argparse.ArgumentParser) -> None:
 async def create_key(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
     request = services_pb2.CreateServiceKeyRequest(
-        service=args.service, description=args.description
+        service=args.service, description=args.description, idempotency_key=args.idempotency_key
     )
     response = await client.call(client.services.CreateServiceKey, request)
     if ctx.json:
         print_json(response)
         return EXIT_OK
     print(f"caller key {response.key.key_id} for service {args.service}")
-    print(response.secret)
-    print("(the secret is shown only this once)", file=sys.stderr)
+    if response.secret:
+        print(response.secret)
+        print("(the secret is shown only this once)", file=sys.stderr)
+    else:
+        print(
+            "(an idempotent replay: the secret was shown when the key was created)", file=sys.stderr
+        )
     return EXIT_OK
 
 

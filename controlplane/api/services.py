@@ -154,7 +154,11 @@ class ServiceServicer(services_pb2_grpc.ServiceServiceServicer):
         self, request: services_pb2.CreateServiceKeyRequest, context: Context
     ) -> services_pb2.CreateServiceKeyResponse:
         created = await self.keys.create(
-            current_principal(), _ref(request.service), request.description
+            current_principal(),
+            _ref(request.service),
+            request.description,
+            check_key(request.idempotency_key),
+            fingerprint(request),
         )
         return services_pb2.CreateServiceKeyResponse(key=key_pb(created.key), secret=created.secret)
 

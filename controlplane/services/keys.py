@@ -11,6 +11,7 @@ from controlplane.auth.principal import Principal
 from controlplane.auth.service import generate_secret, hash_secret
 from controlplane.db.base import new_id, utcnow
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
+from controlplane.idempotency import ensure_same
 from controlplane.services.keys_repository import ServiceKeyRepository
 from controlplane.services.models import Service, ServiceKey
 from controlplane.services.repository import ServiceRepository
@@ -44,18 +45,32 @@ class ServiceKeys:
         self.services = services
         self.db = services.jobs.db
 
-    async def create(self, caller: Principal, ref: str, description: str) -> CreatedServiceKey:
+    async def create(
+        self,
+        caller: Principal,
+        ref: str,
+        description: str,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+    ) -> CreatedServiceKey:
+        """A new caller key of the service; a replay of `idempotency_key` (per service) returns
+        the key it made, without its secret (shown once)."""
         if len(description) > MAX_DESCRIPTION or not description.isprintable():
             raise InvalidArgument(
                 "description", f"must be printable and at most {MAX_DESCRIPTION} characters"
             )
         secret = generate_secret(SERVICE_KEY_PREFIX)
 
-        async def work(session: AsyncSession) -> ServiceKey:
+        async def work(session: AsyncSession) -> CreatedServiceKey:
             service = await self._service(session, caller, ref, lock=True)
+            keys = ServiceKeyRepository(session)
+            if idempotency_key:
+                existing = await keys.by_idempotency_key(service.id, idempotency_key)
+                if existing is not None:
+                    ensure_same(existing.request_hash, request_hash, idempotency_key)
+                    return CreatedServiceKey(existing, "")
             if service.state == ServiceState.DELETED.value:
                 raise NotFound(f"service: {ref[:63]!r} was deleted")
-            keys = ServiceKeyRepository(session)
             if await keys.live_count(service.id) >= MAX_LIVE_KEYS:
                 raise FailedPrecondition(
                     f"service: {service.name!r} has {MAX_LIVE_KEYS} keys; revoke one first"
@@ -68,16 +83,19 @@ class ServiceKeys:
                 prefix=secret[:10],
                 secret_hash=hash_secret(secret),
                 created_at=now,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
             )
             keys.add(key)
             note_service_event(
                 ServiceRepository(session), service, f"caller key {key.id} created", now
             )
-            return key
+            return CreatedServiceKey(key, secret)
 
-        key = await self.db.run(work)
-        self.services.touched(key.service_id)
-        return CreatedServiceKey(key, secret)
+        created = await self.db.run(work)
+        if created.secret:
+            self.services.touched(created.key.service_id)
+        return created
 
     async def list_keys(
         self, caller: Principal, ref: str, include_revoked: bool

@@ -32,6 +32,13 @@ class ServiceKeyRepository:
             query = query.with_for_update().execution_options(populate_existing=True)
         return await self.session.scalar(query)
 
+    async def by_idempotency_key(self, service_id: str, key: str) -> ServiceKey | None:
+        return await self.session.scalar(
+            select(ServiceKey).where(
+                ServiceKey.service_id == service_id, ServiceKey.idempotency_key == key
+            )
+        )
+
     async def live_count(self, service_id: str) -> int:
         query = select(func.count()).where(
             ServiceKey.service_id == service_id, ServiceKey.revoked_at.is_(None)

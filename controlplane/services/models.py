@@ -89,6 +89,7 @@ class ServiceKey(Base):
     reaches that service through the gateway and nothing else."""
 
     __tablename__ = "service_keys"
+    __table_args__ = (UniqueConstraint("service_id", "idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     service_id: Mapped[str] = mapped_column(ForeignKey("services.id"), index=True)
@@ -98,3 +99,6 @@ class ServiceKey(Base):
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The creator's key, per service (a retried CreateServiceKey finds the same key).
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64), default="")

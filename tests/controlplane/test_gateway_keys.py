@@ -1,6 +1,7 @@
 """Services' caller keys (ServiceService.Create/List/RevokeServiceKey) and how the gateway
 takes them and API keys, without a database read per request (SQLite and PostgreSQL): bad
-input names its field; the secret is shown once and stored hashed; a caller key reaches its
+input names its field; the secret is shown once and stored hashed (an idempotent retry
+returns the same key without it); a caller key reaches its
 own service only (another of the owner's services, or another tenant's, is 404 like a missing
 one); a revoked caller key, and a revoked API key, are 401 within a second."""
 
@@ -79,10 +80,20 @@ async def test_caller_keys_reach_their_service_only_and_stop_when_revoked(
         stub.RevokeServiceKey(unknown, metadata=auth), grpc.StatusCode.NOT_FOUND
     )
 
-    made = await stub.CreateServiceKey(
-        SV.CreateServiceKeyRequest(service="web", description="partner"), metadata=auth
+    long_key = SV.CreateServiceKeyRequest(service="web", idempotency_key="k" * 201)
+    assert "idempotency_key" in await refused(
+        stub.CreateServiceKey(long_key, metadata=auth), grpc.StatusCode.INVALID_ARGUMENT
     )
+
+    once = SV.CreateServiceKeyRequest(service="web", description="partner", idempotency_key="p1")
+    made = await stub.CreateServiceKey(once, metadata=auth)
     secret, key_id = made.secret, made.key.key_id
+    replay = await stub.CreateServiceKey(once, metadata=auth)
+    assert (replay.key.key_id, replay.secret) == (key_id, ""), "the same key, its secret not again"
+    changed = SV.CreateServiceKeyRequest(service="web", description="other", idempotency_key="p1")
+    assert "idempotency_key" in await refused(
+        stub.CreateServiceKey(changed, metadata=auth), grpc.StatusCode.ALREADY_EXISTS
+    )
     assert secret.startswith("gsk_")
     assert made.key.prefix == secret[:10]
     db = plane.plane.db

@@ -599,19 +599,25 @@ class CreateServiceKeyRequest(_message.Message):
 
     SERVICE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """The service's id or name."""
     description: _builtins.str
     """At most 500 printable characters."""
+    idempotency_key: _builtins.str
+    """Same key (per service) and same request → the original key, its secret not shown again;
+    a different request → ALREADY_EXISTS.
+    """
     def __init__(
         self,
         *,
         service: _builtins.str = ...,
         description: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "idempotency_key", b"idempotency_key", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,7 +630,7 @@ class CreateServiceKeyResponse(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
-    """The bearer secret (`gsk_…`); shown only here."""
+    """The bearer secret (`gsk_…`); shown only here, and empty on an idempotent replay."""
     @_builtins.property
     def key(self) -> Global___ServiceKey: ...
     def __init__(

@@ -26,11 +26,18 @@ def upgrade() -> None:
         sa.Column("secret_hash", sa.String(length=64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=200), nullable=True),
+        sa.Column("request_hash", sa.String(length=64), nullable=False),
         sa.ForeignKeyConstraint(
             ["service_id"], ["services.id"], name=op.f("fk_service_keys_service_id_services")
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_service_keys")),
         sa.UniqueConstraint("secret_hash", name=op.f("uq_service_keys_secret_hash")),
+        sa.UniqueConstraint(
+            "service_id",
+            "idempotency_key",
+            name=op.f("uq_service_keys_service_id_idempotency_key"),
+        ),
     )
     op.create_index(op.f("ix_service_keys_service_id"), "service_keys", ["service_id"])
 
