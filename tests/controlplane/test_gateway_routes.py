@@ -1,8 +1,9 @@
 """The gateway's routing table follows the control plane's change stream (a scripted daemon
 plays the replica, on SQLite and PostgreSQL): a deployed service is routable at once (503: no
-replica ready), a replica probed ready is routed to within a second, one probed unready or
-ended is dropped within a second, a stopped service is 503 and a deleted one 404 within a
-second; the replica-state gauges say desired, running and ready per service."""
+replica ready), a replica probed ready is routed to within a second, one probed unready,
+ended or scaled away is dropped within a second, a stopped service is 503 and a deleted one
+404 within a second; no request reads the database; the replica-state gauges say desired,
+running and ready per service."""
 
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def gauge(plane: JobPlane, service_id: str, state: str) -> float | None:
     return plane.plane.metrics.registry.get_sample_value("gpuplane_service_replicas", labels)
 
 
-async def test_routes_follow_readiness_ends_stop_and_delete_within_a_second(
+async def test_routes_follow_readiness_ends_scaling_stop_and_delete_within_a_second(
     plane: JobPlane,
 ) -> None:
     base = await gateway_base(plane)
@@ -142,6 +143,19 @@ async def test_routes_follow_readiness_ends_stop_and_delete_within_a_second(
         await within(lambda: routed(plane, "web") == (dispatch.job_id,))
         await host.report(dispatch, K.JOB_REPORT_KIND_FINISHED, exit_code=1, run_time_ms=2_000)
         await within(lambda: routed(plane, "web") == ())
+
+        # Its replacement (after the backoff) ready, then scaled away: out of the routes as
+        # soon as it is retired, before its daemon has stopped it.
+        again = await host.next_dispatch()
+        await host.report(again, K.JOB_REPORT_KIND_STARTING)
+        await host.report(again, K.JOB_REPORT_KIND_RUNNING)
+        await plane.wait_for(again.job_id, [S.JOB_STATE_RUNNING])
+        await host.probed(again.job_id, ready=True)
+        await within(lambda: routed(plane, "web") == (again.job_id,))
+        scale = SV.ScaleServiceRequest(service="web", replicas=0)
+        await services_stub(plane).ScaleService(scale, metadata=plane.auth(plane.consumer_key))
+        await within(lambda: routed(plane, "web") == ())
+        assert (await plane.get(again.job_id)).state == S.JOB_STATE_RUNNING, "still running"
 
         stop = SV.StopServiceRequest(service="web")
         await services_stub(plane).StopService(stop, metadata=plane.auth(plane.consumer_key))
