@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from controlplane.auth.principal import Principal, Role
 from controlplane.auth.service import AuthService, hash_secret
 from controlplane.errors import DomainError
-from controlplane.gateway.routes import RouteTable
+from controlplane.gateway.routes import Route, RouteTable
 from controlplane.services.keys import SERVICE_KEY_PREFIX
 
 
@@ -17,6 +17,18 @@ class Caller:
     principal: Principal
     # A caller key's service: the only one it reaches ("" for an API key).
     service_id: str = ""
+
+    def route(self, routes: RouteTable, ref: str) -> Route | None:
+        """The service `ref` (a name among the caller's tenant's, or an id) if the caller
+        reaches it: a caller key its own service only; an API key its tenant's (an admin's
+        any, by id). Anything else is None: 404, as a missing one."""
+        tenant = self.principal.tenant_id
+        found = routes.get(ref) if ref.startswith("svc_") else routes.named(tenant, ref)
+        if found is None:
+            return None
+        if self.service_id:
+            return found if found.service_id == self.service_id else None
+        return found if found.tenant_id == tenant or self.principal.is_admin else None
 
 
 class Callers:

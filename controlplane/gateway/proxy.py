@@ -147,8 +147,8 @@ class Gateway:
                 status=401, text="a key is needed: Authorization: Bearer API-KEY or CALLER-KEY"
             )
         name = request.match_info["name"]
-        route = self.routes.named(caller.principal.tenant_id, name)
-        if route is None or caller.service_id not in ("", route.service_id):
+        route = caller.route(self.routes, name)
+        if route is None:
             return web.Response(status=404, text=f"no service {name!r}")
         if not route.active:
             return web.Response(status=503, text=f"service unavailable: {name!r} is stopped")

@@ -57,7 +57,7 @@ async def test_caller_keys_reach_their_service_only_and_stop_when_revoked(
     await deploy(plane, "web", plane.consumer_key, replicas=0)
     await deploy(plane, "api", plane.consumer_key, replicas=0)
     other_tenant, other_key = await new_tenant(plane, "other", types_pb2.ROLE_CONSUMER)
-    await deploy(plane, "shop", other_key, replicas=0)
+    shop = await deploy(plane, "shop", other_key, replicas=0)
 
     bad = SV.CreateServiceKeyRequest(service="web", description="x" * 501)
     assert "description" in await refused(
@@ -114,6 +114,16 @@ async def test_caller_keys_reach_their_service_only_and_stop_when_revoked(
     assert (await fetch(base, "web", "gsk_" + "x" * 43))[0] == 401
     assert (await fetch(base, "web", ""))[0] == 401
     assert await fetch(base, "api", plane.consumer_key) == NO_REPLICA, "the owner's key: all"
+    web_id, shop_id = made.key.service_id, shop.service_id
+    services = plane.plane.services
+    assert services is not None
+    gateway = services.gateway
+    assert gateway is not None
+    await within(lambda: gateway.routes.get(shop_id) is not None)
+    assert await fetch(base, web_id, secret) == NO_REPLICA, "by id too"
+    assert await fetch(base, web_id, plane.consumer_key) == NO_REPLICA
+    assert (await fetch(base, shop_id, plane.consumer_key))[0] == 404, "not another's by id"
+    assert await fetch(base, shop_id, plane.admin_key) == NO_REPLICA, "an admin's: any by id"
     assert other_tenant
 
     revoked = await stub.RevokeServiceKey(
