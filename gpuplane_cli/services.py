@@ -1,4 +1,4 @@
-"""`gpuplane services deploy|list|get|scale|stop|start|delete|logs`: long-running services."""
+"""`gpuplane services deploy|list|get|scale|stop|start|delete|logs|keys`: long-running services."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from gpuplane.v1 import services_pb2, types_pb2
 
 from gpuplane_cli import args as a
+from gpuplane_cli import service_keys
 from gpuplane_cli.client import EXIT_OK, CliError, Context, env_flag
 from gpuplane_cli.follow import job_logs
 from gpuplane_cli.output import enum_name, fields, print_json, print_shown, table, when
@@ -60,6 +61,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     )
     logs.add_argument("-f", "--follow", action="store_true", help="keep streaming")
     logs.add_argument("--tail", type=a.non_negative, default=0, help="only the last N lines")
+    service_keys.register(group, common)
 
 
 def _deploy_options(p: argparse.ArgumentParser) -> None:
