@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from controlplane.commands.models import HostCommand
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
+from controlplane.gateway.repository import RouteRepository
 from controlplane.jobs.models import Job
 from controlplane.jobs.states import JobState
 from controlplane.ledger.models import Account, Hold, Transfer
@@ -80,11 +81,16 @@ async def refresh(db: Database, metrics: Metrics) -> None:
     async with db.read() as session:
         counts = await read_fleet(session)
         ledger = await _ledger(session)
+        replicas = await service_replicas(session)
     metrics.record_ledger(ledger)
     for job_state, jobs in counts.jobs.items():
         metrics.jobs.labels(job_state.value).set(jobs)
     for host_state, hosts in counts.hosts.items():
         metrics.hosts.labels(host_state.value).set(hosts)
+    metrics.service_replicas.clear()  # a deleted service's series go
+    for service_id, by_state in replicas.items():
+        for replica_state, count in by_state.items():
+            metrics.service_replicas.labels(service_id, replica_state).set(count)
     metrics.outbox_backlog.set(counts.outbox_backlog)
     metrics.outbox_oldest_seconds.set(counts.outbox_oldest_seconds)
     metrics.commands_unacked.set(counts.commands_unacked)
@@ -126,6 +132,20 @@ async def _ledger(session: AsyncSession) -> LedgerTotals:
         holds=int(holds),
         held=int(held),
     )
+
+
+async def service_replicas(session: AsyncSession) -> dict[str, dict[str, int]]:
+    """Each service not deleted: its desired replicas, those RUNNING, and those of them
+    ready (their latest probe passed)."""
+    repo = RouteRepository(session)
+    services = await repo.services(None)
+    rows = await repo.replicas(None)
+    counts = {s.id: {"desired": s.desired_replicas, "running": 0, "ready": 0} for s in services}
+    for row in rows:
+        if row.service_id in counts and row.state == JobState.RUNNING.value:
+            counts[row.service_id]["running"] += 1
+            counts[row.service_id]["ready"] += int(row.ready)
+    return counts
 
 
 def _age(since: datetime | None) -> float:

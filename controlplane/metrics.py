@@ -146,6 +146,13 @@ class Metrics:
             registry=self.registry,
         )
         self.hosts = Gauge("gpuplane_hosts", "Hosts by state.", ["state"], registry=self.registry)
+        self.service_replicas = Gauge(
+            "gpuplane_service_replicas",
+            "Replicas of each service not deleted (service id): desired, running, ready "
+            "(running and its health probe passed).",
+            ["service", "state"],
+            registry=self.registry,
+        )
         self.outbox_backlog = Gauge(
             "gpuplane_outbox_unpublished",
             "Outbox messages (dispatch, control) committed but not yet published to NATS.",

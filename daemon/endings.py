@@ -41,6 +41,10 @@ class RunLimit:
             return self
         return RunLimit(max(self.seconds - elapsed, 0.001), self.reason)
 
+    def stop_reason(self, budget_spent: bool) -> Reason:
+        """Why a running container was stopped: its budget, or this limit."""
+        return StopReason.STOP_REASON_BUDGET_EXHAUSTED if budget_spent else self.reason
+
 
 def run_limit(dispatch: messaging_pb2.DispatchMessage) -> RunLimit:
     """The attempt's limit: max_duration_seconds or the dispatch's budget_run_time_ms,

@@ -17,6 +17,9 @@ while running), with the StopReason (STOP_REASON_...) of the terminal one:
   host fault   STOPPED(HOST_ERROR) once running, else FAILED_TO_START(HOST_ERROR)
   adopted      (after a daemon restart; seq continues from the journaled one + 2) [RUNNING],
                USAGE*, then as above; the uploaded logs are the container's whole logs
+  replica      a service replica's container that exits or fails its liveness probe is
+               started again in place, RUNNING throughout (daemon/restarts.py), until its
+               restarts are used up: then as exited, or STOPPED(LIVENESS_FAILED)
 Uploads are retried `upload_attempts` times with exponential backoff while the attempt stays
 UPLOADING; then FINISHED carries UPLOAD_FAILED with whatever manifest was stored (outputs
 over `output_max_bytes` are not stored at all: logs only, OUTPUT_TOO_LARGE, `reason` why).
@@ -36,7 +39,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
-from docker.errors import DockerException
 from docker.models.containers import Container
 from gpuplane.v1 import messaging_pb2
 
@@ -48,12 +50,13 @@ from daemon.endings import (
     run_limit,
     start_failure,
 )
-from daemon.inputs import ObjectReader, fetch_inputs
+from daemon.inputs import ObjectReader, fetch_inputs, make_work_dir
 from daemon.journal import Journal, JournalEntry
-from daemon.logstream import LogPump, PublishLog, drain_logs
+from daemon.logstream import LogFollower, LogPump, PublishLog, drain_logs
 from daemon.progress import Progress
 from daemon.provenance import HostFacts, finished_attestations
-from daemon.runtime import DockerRuntime, ExitInfo
+from daemon.restarts import ReplicaRestarts
+from daemon.runtime import DockerRuntime, ExitInfo, quietly
 from daemon.scrub import Scrubber
 from daemon.settings import DaemonSettings
 from daemon.uploads import store_results
@@ -134,6 +137,8 @@ class JobExecutor:
         self.adopted = False
         # The host's key and GPUs: FINISHED reports carry signed provenance (None: they don't).
         self.facts = facts
+        replica = dispatch.spec.HasField("service_replica")  # restarted in place, or not
+        self.replica = ReplicaRestarts(self, settings) if replica else None
 
     # ---- control ---------------------------------------------------------------------------
 
@@ -143,17 +148,25 @@ class JobExecutor:
         """Stops the attempt (container killed and removed) and returns once STOPPED is out,
         which carries `reason` and `text` (default "cancelled"). A budget stop of a container
         that has started ends it as its budget's run time would (outputs stored, FINISHED)."""
+        self.request_stop(reason, text)
+        await self._done.wait()
+
+    def request_stop(self, reason: Reason, text: str = "") -> None:
+        """cancel() without waiting for the attempt's end."""
         if reason == StopReason.STOP_REASON_BUDGET_EXHAUSTED and self._started_at:
             self._budget_spent.set()
         elif not self._cancel.is_set():
             self._cancel_reason = reason or StopReason.STOP_REASON_CANCELLED
             self._cancel_text = text or "cancelled"
             self._cancel.set()
-        await self._done.wait()
 
     @property
     def container_id(self) -> str:
         return (self._container.id or "") if self._container is not None else ""
+
+    @property
+    def restarts(self) -> int:  # a replica's restarts in place so far
+        return self.replica.policy.made if self.replica is not None else 0
 
     async def run(
         self, adopt: Container | None = None, journaled: JournalEntry | None = None
@@ -190,7 +203,7 @@ class JobExecutor:
             self._done.set()
             if not abandoned:
                 if self._container is not None:
-                    await self._quietly(self.runtime.stop(self._container))
+                    await quietly(self.runtime.stop(self._container))
                 await asyncio.to_thread(shutil.rmtree, self.work_dir, ignore_errors=True)
 
     # ---- the attempt -----------------------------------------------------------------------
@@ -239,6 +252,8 @@ class JobExecutor:
             await self.runtime.start(container)
             info = await self.runtime.inspect(container)
         elapsed = info.run_time_ms / 1000
+        if self.replica is not None and journaled is not None:
+            elapsed = self.replica.resumed(journaled, elapsed)
         self._started_at = time.monotonic() - elapsed
         if journaled_progress in (Progress.ACCEPTED, Progress.STARTING):
             await self._advance(Progress.RUNNING)
@@ -247,26 +262,27 @@ class JobExecutor:
         limit = run_limit(self.dispatch).after(elapsed)
         if info.status in ("exited", "dead"):
             limit = RunLimit(0.0)  # it ended while no daemon watched: its exit is what counts
-        log.info(
-            "attempt %s/%s re-attached to container %s (%s, %.1fs in)",
-            self.job_id,
-            self.attempt,
-            (container.id or "")[:12],
-            info.status,
-            elapsed,
-        )
+        what = f"container {(container.id or '')[:12]} ({info.status}, {elapsed:.1f}s in)"
+        log.info("attempt %s/%s re-attached to %s", self.job_id, self.attempt, what)
         return await self._watch(container, limit)
 
     async def _watch(self, container: Container, limit: RunLimit) -> messaging_pb2.JobReport:
-        """A started container: logs, run-time reports and its time limit until it ends, then
-        its results."""
-        follower = self.runtime.follow_logs(container, from_now=self.adopted)
-        pump = LogPump(
-            logs_subject(self.host_id, self.job_id, self.attempt), self._publish_log, self.work_dir
-        )
-        pump_task = asyncio.create_task(pump.pump(follower))
+        """A started container: logs, run-time reports and its time limit until it ends (a
+        replica's restarted in place meanwhile: daemon/restarts.py), then its results."""
+        follower, pump, pump_task = self._follow(container)
         try:
             outcome = await self._supervise(container, limit)
+            while outcome == "exited" and self.replica is not None:
+                if (restarted := await self.replica.after_exit(container)) is None:
+                    break
+                follower.close()
+                await asyncio.wait({pump_task}, timeout=2.0)
+                if not restarted:
+                    break
+                follower, pump, pump_task = self._follow(container)
+                outcome = await self._supervise(container, limit)
+            if self._cancel.is_set():  # during a backoff, or its liveness restarts used up
+                outcome = "cancelled"
             watched_ms = self._run_time_ms()
             if outcome == "cancelled":
                 stopped = await self._stopped(container)
@@ -280,22 +296,32 @@ class JobExecutor:
             # only when they say 0 does the time this daemon watched it run (from its start
             # call's return to the exit, as the run-time reports count) stand in. An adopted
             # container's start was not watched: Docker's times are all there is.
-            if not info.run_time_ms and not self.adopted:
+            # A replica restarted in place ran (and is billed) from its first start.
+            if self.restarts or (not info.run_time_ms and not self.adopted):
                 info = replace(info, run_time_ms=watched_ms)
-            name = f"{self.job_id}/{self.attempt}"
-            await drain_logs(self.runtime, container, pump_task, follower, pump, self.adopted, name)
+            name, whole = f"{self.job_id}/{self.attempt}", self.adopted or self.restarts > 0
+            await drain_logs(self.runtime, container, pump_task, follower, pump, whole, name)
             await pump.end()
         finally:
             follower.close()
             pump_task.cancel()
         await self.runtime.stop(container)
         self._container = None
-        limited = self._stopped_at(limit) if outcome == "stopped" else None
+        spent = self._budget_spent.is_set()
+        limited = limit.stop_reason(spent) if outcome == "stopped" else None
         return await self._collect(info, pump, stopped=limited)
+
+    def _follow(self, container: Container) -> tuple[LogFollower, LogPump, asyncio.Task[None]]:
+        """Its logs into a pump: all, from now on when adopted, or since its latest restart."""
+        since = self.replica.logs_since if self.replica is not None else None
+        follower = self.runtime.follow_logs(container, from_now=self.adopted, since=since)
+        subject = logs_subject(self.host_id, self.job_id, self.attempt)
+        pump = LogPump(subject, self._publish_log, self.work_dir)
+        return follower, pump, asyncio.create_task(pump.pump(follower))
 
     async def _start(self) -> Container:
         """Work dir, inputs, image, container; racing each slow step against cancel()."""
-        await asyncio.to_thread(self._make_work_dir)
+        await asyncio.to_thread(make_work_dir, self.work_dir)
         inputs = list(self.dispatch.spec.inputs)
         await self._unless_cancelled(
             fetch_inputs(self.store, self.dispatch.tenant_id, inputs, self.work_dir / "input")
@@ -329,17 +355,11 @@ class JobExecutor:
         if exited.done() and exited.result() is not None:
             return "exited"
         exited.cancel()
-        reason = StopReason.Name(self._stopped_at(limit))
+        reason = StopReason.Name(limit.stop_reason(self._budget_spent.is_set()))
         log.info("attempt %s/%s stopped (%s): killing it", self.job_id, self.attempt, reason)
         await self.runtime.kill(container)
         await self.runtime.wait(container, 30)
         return "stopped"
-
-    def _stopped_at(self, limit: RunLimit) -> Reason:
-        """Why a running container was stopped: its budget, or the limit it reached."""
-        if self._budget_spent.is_set():
-            return StopReason.STOP_REASON_BUDGET_EXHAUSTED
-        return limit.reason
 
     async def _run_time_loop(self, stop: asyncio.Event) -> None:
         interval = self.settings.usage_report_interval_seconds
@@ -396,10 +416,12 @@ class JobExecutor:
         fields: dict[str, Any] = {"stop_reason": self._cancel_reason, "reason": self._cancel_text}
         if container is not None:
             await self.runtime.kill(container)
-            info = await self._quietly(self.runtime.inspect(container))
+            info = await quietly(self.runtime.inspect(container))
             await self.runtime.stop(container)
             self._container = None
-            if info is not None:
+            if self.restarts:  # a replica restarted in place ran from its first start
+                fields["run_time_ms"] = self._run_time_ms()
+            elif info is not None:
                 fields["run_time_ms"] = info.run_time_ms
         return await self._emit(Kind.JOB_REPORT_KIND_STOPPED, **fields)
 
@@ -408,7 +430,7 @@ class JobExecutor:
             return self.terminal
         reason = f"host error: {exc}"
         if self._container is not None:  # gone before the scrub reads its GPUs
-            await self._quietly(self.runtime.stop(self._container))
+            await quietly(self.runtime.stop(self._container))
         if self._started_at:
             return await self._emit(
                 Kind.JOB_REPORT_KIND_STOPPED,
@@ -473,23 +495,5 @@ class JobExecutor:
         await asyncio.gather(task, return_exceptions=True)
         raise _Cancelled
 
-    def _make_work_dir(self) -> None:
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-        self.work_dir.mkdir(parents=True, mode=0o700)
-        (self.work_dir / "input").mkdir(mode=0o755)
-        output = self.work_dir / "output"
-        output.mkdir()
-        # The job may run as any user, without CAP_DAC_OVERRIDE: /output must be writable.
-        output.chmod(0o777)
-
     def _run_time_ms(self) -> int:
         return int((time.monotonic() - self._started_at) * 1000) if self._started_at else 0
-
-    @staticmethod
-    async def _quietly(work: Awaitable[T]) -> T | None:
-        """Cleanup that must not mask the outcome: errors are logged, not raised."""
-        try:
-            return await work
-        except (DockerException, OSError, TimeoutError) as exc:
-            log.warning("cleanup step failed: %s", exc)
-            return None

@@ -24,6 +24,8 @@ INTERVAL = 1.0
 TIMEOUT = 2.0
 LIVENESS_FAILURES = 3
 START_GRACE = 60.0
+# How often a replica waiting for its restart in place is looked at again.
+POLL = 0.05
 
 
 def probe(pid: int, port: int, path: str, timeout: float = TIMEOUT) -> str:
@@ -53,10 +55,12 @@ def probe(pid: int, port: int, path: str, timeout: float = TIMEOUT) -> str:
 
 
 class ReplicaHealth:
-    """Probes a running replica every INTERVAL; tells the control plane when its readiness
-    changes (ReplicaHealth, resent while unsent); stops the attempt
-    (STOP_REASON_LIVENESS_FAILED) after LIVENESS_FAILURES failures in a row once it had
-    passed, or when it never passed within START_GRACE of its start."""
+    """Probes a running replica every INTERVAL; tells the control plane when its readiness or
+    its restarts in place change (ReplicaHealth, resent while unsent); has its container
+    restarted in place (daemon/restarts.py: not ready meanwhile, probed afresh after) after
+    LIVENESS_FAILURES failures in a row once it had passed, or when it never passed within
+    START_GRACE of its start; the restarts used up, the attempt stops
+    (STOP_REASON_LIVENESS_FAILED)."""
 
     def __init__(self, executor: JobExecutor, pid_of: Callable[[str], int], send: Send) -> None:
         self.executor = executor
@@ -65,8 +69,10 @@ class ReplicaHealth:
         spec = executor.dispatch.spec.service_replica
         self.port, self.path = spec.port, spec.health_path
         self.ready: bool | None = None
-        self._reported: bool | None = None
+        self._reported: tuple[bool, int] | None = None  # ready, restarts
         self._task: asyncio.Task[None] | None = None
+        if executor.replica is not None:
+            executor.replica.on_restart = self.restarted
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self.run(), name=f"health-{self.executor.job_id}")
@@ -82,17 +88,32 @@ class ReplicaHealth:
                 return
             await asyncio.sleep(0.1)
         loop = asyncio.get_running_loop()
-        started, failures, passed = loop.time(), 0, False
+        run = -1  # the restarts made when the counts below began
+        started, failures, passed = 0.0, 0, False
         while self.executor.terminal is None:
+            if self._restarting():
+                await asyncio.sleep(POLL)
+                continue
+            if run != self.executor.restarts:  # (re)started: probed afresh
+                run, started, failures, passed = self.executor.restarts, loop.time(), 0, False
             why = await self._probe_once()
+            if self._restarting() or run != self.executor.restarts:
+                continue  # a probe of a container being restarted says nothing of the next
             passed = passed or not why
             failures = failures + 1 if why else 0
             self._set(not why, why)
             never = not passed and loop.time() - started > START_GRACE
             if (passed and failures >= LIVENESS_FAILURES) or never:
-                await self._stop(why, failures if passed else 0)
-                return
+                await self._fail(why, failures if passed else 0, run)
+                continue
             await asyncio.sleep(INTERVAL)
+
+    def _restarting(self) -> bool:
+        return self.executor.replica is not None and self.executor.replica.restarting
+
+    def restarted(self, why: str) -> None:
+        """Its container is restarted in place: not ready until a probe passes again."""
+        self._set(False, why)
 
     async def _probe_once(self) -> str:
         try:
@@ -104,25 +125,39 @@ class ReplicaHealth:
         return await asyncio.to_thread(probe, pid, self.port, self.path)
 
     def _set(self, ready: bool, why: str) -> None:
-        """Records the probe's result and reports it when it changed (or was not sent yet)."""
+        """Records the probe's result and reports it with the restarts made so far when
+        either changed (or was not sent yet)."""
         self.ready = ready
-        if self._reported == ready:
+        state = (ready, self.executor.restarts)
+        if self._reported == state:
             return
         health = registry_pb2.ReplicaHealth(
             job_id=self.executor.job_id,
             attempt=self.executor.dispatch.attempt,
             ready=ready,
             reason=why,
+            restarts=state[1],
         )
         if self.send(registry_pb2.DaemonMessage(replica_health=health)):
-            self._reported = ready
+            self._reported = state
             log.info("replica %s: %s", self.executor.job_id, "ready" if ready else why)
 
-    async def _stop(self, why: str, failures: int) -> None:
+    async def _fail(self, why: str, failures: int, run: int) -> None:
+        """Failed liveness: its container is restarted in place (or the attempt stops, its
+        restarts used up); returns once that has begun."""
         text = (
             f"failed its health probe {failures} times in a row: {why}"
             if failures
             else f"never passed its health probe within {START_GRACE:.0f} s: {why}"
         )
-        log.warning("replica %s %s: stopping it", self.executor.job_id, text)
-        await self.executor.cancel(StopReason.STOP_REASON_LIVENESS_FAILED, text)
+        log.warning("replica %s %s", self.executor.job_id, text)
+        replica = self.executor.replica
+        if replica is None:  # not a replica: nothing restarts it
+            await self.executor.cancel(StopReason.STOP_REASON_LIVENESS_FAILED, text)
+            return
+        await replica.fail_liveness(text)
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while self.executor.terminal is None and not self._restarting():
+            if run != self.executor.restarts or asyncio.get_running_loop().time() > deadline:
+                return  # restarted already, or the kill failed: probed on
+            await asyncio.sleep(POLL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -9,6 +10,17 @@ from gpuplane.v1 import types_pb2
 
 from storage.layout import input_key
 from storage.objects import ObjectNotFound, StorageError, StoredObject
+
+
+def make_work_dir(work_dir: Path) -> None:
+    """An attempt's fresh work dir: /input (read-only to the job) and /output (blocking)."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True, mode=0o700)
+    (work_dir / "input").mkdir(mode=0o755)
+    output = work_dir / "output"
+    output.mkdir()
+    # The job may run as any user, without CAP_DAC_OVERRIDE: /output must be writable.
+    output.chmod(0o777)
 
 
 class ObjectReader(Protocol):

@@ -30,6 +30,10 @@ class JournalEntry:
     state: Progress = Progress.ACCEPTED
     # The raw DispatchMessage, so a restarted daemon knows the spec and its GPUs.
     dispatch_b64: str = ""
+    # A service replica's restarts in place so far, and when its container first started
+    # (Unix time): its run time counts from there, not from Docker's latest start.
+    restarts: int = 0
+    first_started: float = 0.0
 
 
 class Journal:

@@ -7,11 +7,12 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
@@ -25,6 +26,7 @@ from daemon.sessions import authorized_keys_tar
 from daemon.settings import DaemonSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LABEL_JOB = "gpuplane.job"
 LABEL_ATTEMPT = "gpuplane.attempt"
@@ -111,6 +113,15 @@ def short_reason(exc: BaseException) -> str:
     text = str(getattr(exc, "explanation", None) or exc).strip()
     text = text.splitlines()[0] if text else type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+async def quietly(work: Awaitable[T]) -> T | None:
+    """Cleanup that must not mask the outcome: errors are logged, not raised."""
+    try:
+        return await work
+    except (DockerException, OSError, TimeoutError) as exc:
+        log.warning("cleanup step failed: %s", exc)
+        return None
 
 
 def container_name(job_id: str, attempt: int) -> str:
@@ -395,13 +406,15 @@ class DockerRuntime:
         )
         return bytes(stdout), bytes(stderr)
 
-    def follow_logs(self, container: Container, from_now: bool = False) -> LogFollower:
+    def follow_logs(
+        self, container: Container, from_now: bool = False, since: float | None = None
+    ) -> LogFollower:
         """Streams ("stdout" | "stderr", chunk) from the start (or, `from_now`, only what is
-        written from now on) until the container stops."""
-        tail: int | str = 0 if from_now else "all"
+        written from now on; `since`: from that Unix time) until the container stops."""
+        tail: int | str = 0 if from_now and since is None else "all"
         streams = {
             name: lambda out=(name == "stdout"): container.logs(
-                stdout=out, stderr=not out, stream=True, follow=True, tail=tail
+                stdout=out, stderr=not out, stream=True, follow=True, tail=tail, since=since
             )
             for name in ("stdout", "stderr")
         }

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from daemon import restarts
 from daemon.channel import ChannelSecurity
 from messaging.jsonlog import LogFormat
 from messaging.secretfiles import apply_secret_files
@@ -160,6 +161,24 @@ class DaemonSettings(BaseSettings):
         default=5, ge=1, description="Tries to store an attempt's results before upload_failed."
     )
     upload_retry_base_seconds: float = Field(default=1.0, ge=0)
+    replica_restart_backoff_seconds: float = Field(
+        default=restarts.BASE_SECONDS,
+        gt=0,
+        description="A service replica whose container exits or fails its liveness probe is "
+        "restarted in place after this long, then twice as long each time (daemon/restarts.py).",
+    )
+    replica_restart_max: int = Field(
+        default=restarts.MAX_RESTARTS,
+        ge=0,
+        description="Restarts in place within replica_restart_window_seconds before a failing "
+        "replica's attempt ends instead (its service replaces it, on another host if it can).",
+    )
+    replica_restart_window_seconds: float = Field(
+        default=restarts.WINDOW_SECONDS,
+        gt=0,
+        description="The window replica_restart_max counts restarts in; the backoff starts "
+        "over once the earlier restarts are older than this.",
+    )
     max_concurrent_jobs: int = Field(default=64, gt=0)
     heartbeat_interval_ms: int = Field(
         default=2000, gt=0, description="Used until the control plane says otherwise."

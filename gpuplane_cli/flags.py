@@ -64,6 +64,7 @@ FIELD_FLAGS: dict[str, str] = {
     "replicas": "--replicas",
     "health_path": "--health-path",
     "service": "NAME",
+    "key_id": "KEY_ID",
 }
 # The flag's dest when it is not the flag's name: positional arguments and `-- COMMAND`.
 _DEST = {
@@ -79,6 +80,7 @@ _DEST = {
     "JOB/HOST (its start)": "",
     "SESSION": "session_id",
     "NAME": "service",
+    "KEY_ID": "key_id",
 }
 # `spec.env['X']`, `spec.gpu_models[2]`, `spec.inputs[0].key`: the field, an index, the rest.
 _FIELD = re.compile(r"(?P<field>[a-z_][a-z_.]*?)(?:\[(?P<index>[^\]]*)\](?P<rest>\.[a-z_.]+)?)?: ")

@@ -1,4 +1,4 @@
-"""`gpuplane services deploy|list|get|scale|stop|start|delete|logs`: long-running services."""
+"""`gpuplane services deploy|list|get|scale|stop|start|delete|logs|keys`: long-running services."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from gpuplane.v1 import services_pb2, types_pb2
 
 from gpuplane_cli import args as a
+from gpuplane_cli import service_keys
 from gpuplane_cli.client import EXIT_OK, CliError, Context, env_flag
 from gpuplane_cli.follow import job_logs
 from gpuplane_cli.output import enum_name, fields, print_json, print_shown, table, when
@@ -60,6 +61,7 @@ def register(subparsers: a.Subparsers, common: argparse.ArgumentParser) -> None:
     )
     logs.add_argument("-f", "--follow", action="store_true", help="keep streaming")
     logs.add_argument("--tail", type=a.non_negative, default=0, help="only the last N lines")
+    service_keys.register(group, common)
 
 
 def _deploy_options(p: argparse.ArgumentParser) -> None:
@@ -129,7 +131,7 @@ def build_request(args: argparse.Namespace, ctx: Context) -> services_pb2.Deploy
 
 def services_table(services: Sequence[services_pb2.Service]) -> str:
     return table(
-        ["NAME", "STATE", "IMAGE", "PORT", "READY", "RUNNING", "DESIRED", "RESTARTS", "CHARGED"],
+        ["NAME", "STATE", "IMAGE", "PORT", "READY", "RUNNING", "DESIRED", "REPLACED", "CHARGED"],
         [
             (
                 s.name,
@@ -162,7 +164,7 @@ def show_service(s: services_pb2.Service) -> str:
                 f"{s.ready_replicas} ready, {s.running_replicas} running, "
                 f"{s.desired_replicas} desired",
             ),
-            ("Restarts", s.restarts),
+            ("Replacements", s.restarts),
             ("Last failure", s.last_failure or None),
             ("Backing off until", when(s.backoff_until) or None),
             ("Charged", format_credits(s.charged_micro_credits)),
@@ -170,12 +172,13 @@ def show_service(s: services_pb2.Service) -> str:
         ]
     )
     rows = table(
-        ["REPLICA", "STATE", "READY", "HOST", "STARTED", "CHARGED"],
+        ["REPLICA", "STATE", "READY", "RESTARTS", "HOST", "STARTED", "CHARGED"],
         [
             (
                 r.replica_id,
                 enum_name(types_pb2.JobState, r.state),
                 "yes" if r.ready else "no",
+                r.restarts,
                 r.host_id or "-",
                 when(r.started_at) or "-",
                 format_credits(r.charged_micro_credits),

@@ -46,6 +46,9 @@ def logs_subject(host_id: str, job_id: str, attempt: int) -> str:
 # Core NATS (no stream): a control plane that stored a host command tells the other replicas
 # to look at once instead of at their next poll. Payload: the host id.
 COMMANDS_STORED_SUBJECT = "gpuplane.control.commands"
+# Core NATS (no stream): a service or a replica's job changed on some replica; the gateways
+# reread its route. Payload: "<origin> <service or job id>".
+ROUTES_CHANGED_SUBJECT = "gpuplane.control.routes"
 
 
 def dispatch_durable(host_id: str) -> str:

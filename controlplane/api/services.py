@@ -12,7 +12,8 @@ from controlplane.errors import InvalidArgument, NotFound
 from controlplane.idempotency import check_key, fingerprint
 from controlplane.jobs.models import Job
 from controlplane.jobs.states import JobState
-from controlplane.services.models import ServiceReplica
+from controlplane.services.keys import ServiceKeys
+from controlplane.services.models import ServiceKey, ServiceReplica
 from controlplane.services.service import ServiceService, ServiceView, spec_of
 from controlplane.services.states import ServiceState
 
@@ -31,6 +32,7 @@ def replica_pb(replica: ServiceReplica, job: Job, run_time_ms: int) -> services_
         finished_at=timestamp(job.finished_at),
         charged_micro_credits=job.charged,
         run_time_ms=run_time_ms,
+        restarts=replica.restarts,
     )
 
 
@@ -76,9 +78,21 @@ def _ref(ref: str) -> str:
     return ref
 
 
+def key_pb(key: ServiceKey) -> services_pb2.ServiceKey:
+    return services_pb2.ServiceKey(
+        key_id=key.id,
+        service_id=key.service_id,
+        description=key.description,
+        prefix=key.prefix,
+        created_at=timestamp(key.created_at),
+        revoked_at=timestamp(key.revoked_at),
+    )
+
+
 class ServiceServicer(services_pb2_grpc.ServiceServiceServicer):
     def __init__(self, services: ServiceService) -> None:
         self.services = services
+        self.keys = ServiceKeys(services)
 
     async def DeployService(
         self, request: services_pb2.DeployServiceRequest, context: Context
@@ -136,3 +150,29 @@ class ServiceServicer(services_pb2_grpc.ServiceServiceServicer):
     ) -> services_pb2.DeleteServiceResponse:
         view = await self.services.delete(current_principal(), _ref(request.service))
         return services_pb2.DeleteServiceResponse(service=service_pb(view))
+
+    async def CreateServiceKey(
+        self, request: services_pb2.CreateServiceKeyRequest, context: Context
+    ) -> services_pb2.CreateServiceKeyResponse:
+        created = await self.keys.create(
+            current_principal(),
+            _ref(request.service),
+            request.description,
+            check_key(request.idempotency_key),
+            fingerprint(request),
+        )
+        return services_pb2.CreateServiceKeyResponse(key=key_pb(created.key), secret=created.secret)
+
+    async def ListServiceKeys(
+        self, request: services_pb2.ListServiceKeysRequest, context: Context
+    ) -> services_pb2.ListServiceKeysResponse:
+        keys = await self.keys.list_keys(
+            current_principal(), _ref(request.service), request.include_revoked
+        )
+        return services_pb2.ListServiceKeysResponse(keys=[key_pb(k) for k in keys])
+
+    async def RevokeServiceKey(
+        self, request: services_pb2.RevokeServiceKeyRequest, context: Context
+    ) -> services_pb2.RevokeServiceKeyResponse:
+        key = await self.keys.revoke(current_principal(), _ref(request.service), request.key_id)
+        return services_pb2.RevokeServiceKeyResponse(key=key_pb(key))

@@ -43,6 +43,9 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = {
     "/gpuplane.v1.ServiceService/StopService": frozenset({A, C}),
     "/gpuplane.v1.ServiceService/StartService": frozenset({A, C}),
     "/gpuplane.v1.ServiceService/DeleteService": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/CreateServiceKey": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/ListServiceKeys": frozenset({A, C}),
+    "/gpuplane.v1.ServiceService/RevokeServiceKey": frozenset({A, C}),
     # DataService: a caller's own input area (inputs/<tenant>/), scoped in the service.
     "/gpuplane.v1.DataService/CreateUpload": frozenset({A, C}),
     "/gpuplane.v1.DataService/CompleteUpload": frozenset({A, C}),

@@ -66,6 +66,8 @@ class AuthService:
         # Other credentials (host credentials) are checked here when no API key matches.
         self.fallback = fallback
         self._cache: dict[str, tuple[Principal, float, datetime | None]] = {}
+        # Told each key id revoked here (the other replicas' caches hear of it: gateway.watch).
+        self.revoked_listeners: list[Callable[[str], None]] = []
 
     async def authenticate(self, secret: str) -> Principal:
         """The principal of an API key secret, or UNAUTHENTICATED."""
@@ -215,6 +217,8 @@ class AuthService:
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
         self.forget(key_id)
+        for listener in self.revoked_listeners:
+            listener(key_id)
         return key
 
     async def _lock_bootstrap(self, session: AsyncSession) -> None:

@@ -11,10 +11,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from controlplane.auth.principal import Principal
 from controlplane.auth.service import AuthService
-from controlplane.errors import DomainError, NotFound
+from controlplane.errors import DomainError
 from controlplane.gateway.balancer import Choice, ServicePool, Strategy
+from controlplane.gateway.callers import Caller, Callers
+from controlplane.gateway.routes import Route, RouteTable
 from controlplane.gateway.transport import BadAnswer, Transport
-from controlplane.services.service import ServiceService, spec_of
+from controlplane.services.service import ServiceService
 from controlplane.tunnels.service import TunnelService
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,19 @@ class Gateway:
         tunnels: TunnelService,
         auth: AuthService,
         registry: CollectorRegistry | None = None,
+        routes: RouteTable | None = None,
     ) -> None:
         self.services = services
         self.tunnels = tunnels
         self.transport = Transport(tunnels)
         self.auth = auth
+        # Kept by a RouteWatcher from the control plane's change stream; read per request.
+        self.routes = routes if routes is not None else RouteTable()
+        self.callers = Callers(auth, self.routes)
+        self.strategy = Strategy(services.settings.gateway_balance)
         self.pools: dict[str, ServicePool] = {}
+        # The route each pool's replicas were last taken from.
+        self._pooled: dict[str, Route] = {}
         self.port = 0
         self.requests = Counter(
             "gpuplane_gateway_requests_total",
@@ -109,34 +118,45 @@ class Gateway:
             await runner.cleanup()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        principal = await self._caller(request)
-        if principal is None:
-            return web.Response(status=401, text="an API key is needed: Authorization: Bearer KEY")
-        name = request.match_info["name"]
-        try:
-            view = await self.services.get(principal, name)
-        except NotFound:
-            return web.Response(status=404, text=f"no service {name!r}")
-        ready = [j.id for r, j in view.replicas if r.ready and j.state == "running"]
-        pool = self.pools.get(view.service.id)
-        if pool is None:
-            strategy = Strategy(self.services.settings.gateway_balance)
-            pool = self.pools[view.service.id] = ServicePool(
-                strategy=strategy, service_id=view.service.id
+        caller = await self._caller(request)
+        if caller is None:
+            return web.Response(
+                status=401, text="a key is needed: Authorization: Bearer API-KEY or CALLER-KEY"
             )
-        pool.update(ready)
+        name = request.match_info["name"]
+        route = caller.route(self.routes, name)
+        if route is None:
+            return web.Response(status=404, text=f"no service {name!r}")
+        if not route.active:
+            return web.Response(status=503, text=f"service unavailable: {name!r} is stopped")
+        pool = self._pool(route)
         path = "/" + request.match_info.get("tail", "")
         if request.query_string:
             path += "?" + request.query_string
         raw = request_bytes(request, path, await request.read())
-        port = spec_of(view.service).service_replica.port
         started = time.monotonic()
-        response = await self._route(principal, pool, request.method, raw, port)
-        sid = view.service.id
+        response = await self._route(caller.principal, pool, request.method, raw, route.port)
+        sid = route.service_id
         replica = response.headers.get("X-Gpuplane-Replica", "-")
         self.requests.labels(sid, replica, str(response.status)).inc()
         self.seconds.labels(sid).observe(time.monotonic() - started)
         return response
+
+    def _pool(self, route: Route) -> ServicePool:
+        """The service's pool, its replicas those of `route` (kept while the route is)."""
+        pool = self.pools.get(route.service_id)
+        if pool is None:
+            if len(self.pools) >= 2 * len(self.routes) + 100:  # deleted services' pools go
+                gone = [sid for sid in self.pools if self.routes.get(sid) is None]
+                for sid in gone:
+                    del self.pools[sid], self._pooled[sid]
+            pool = self.pools[route.service_id] = ServicePool(
+                strategy=self.strategy, service_id=route.service_id
+            )
+        if self._pooled.get(route.service_id) is not route:
+            pool.update(route.replica_ids)
+            self._pooled[route.service_id] = route
+        return pool
 
     async def _route(
         self, principal: Principal, pool: ServicePool, method: str, raw: bytes, port: int
@@ -163,12 +183,9 @@ class Gateway:
             return response
         return web.Response(status=503, text=f"service unavailable: {why}")
 
-    async def _caller(self, request: web.Request) -> Principal | None:
+    async def _caller(self, request: web.Request) -> Caller | None:
         header = request.headers.get("Authorization", "")
         scheme, _, secret = header.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             return None
-        try:
-            return await self.auth.authenticate(secret.strip())
-        except DomainError:
-            return None
+        return await self.callers.identify(secret.strip())

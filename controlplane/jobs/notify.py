@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 
 
 class Notifier:
@@ -14,10 +15,14 @@ class Notifier:
         self._jobs: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self.schedule = asyncio.Event()
         self.outbox = asyncio.Event()
+        # Told every job id that changed here (the gateway's routes follow replicas' jobs).
+        self.listeners: list[Callable[[str], None]] = []
 
     def job_changed(self, job_id: str) -> None:
         for event in self._jobs.get(job_id, ()):
             event.set()
+        for listener in self.listeners:
+            listener(job_id)
 
     async def wait_job(self, job_id: str, timeout: float) -> None:
         event = asyncio.Event()

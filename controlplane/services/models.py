@@ -67,6 +67,9 @@ class ServiceReplica(Base):
     settled: Mapped[bool] = mapped_column(Boolean, default=False)
     # Lease extensions already paid for (the next one's idempotency key).
     extensions: Mapped[int] = mapped_column(Integer, default=0)
+    # Its daemon restarted its container in place this many times (ReplicaHealth.restarts:
+    # the provider's word, shown and recorded as events, never billed).
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
@@ -82,3 +85,23 @@ class ServiceEvent(Base):
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(String(1000), default="")
     time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class ServiceKey(Base):
+    """A caller key of one service: its bearer secret (`gsk_…`, stored only as its SHA-256)
+    reaches that service through the gateway and nothing else."""
+
+    __tablename__ = "service_keys"
+    __table_args__ = (UniqueConstraint("service_id", "idempotency_key"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    service_id: Mapped[str] = mapped_column(ForeignKey("services.id"), index=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    # Enough of the secret to recognise it in a list, never enough to use it.
+    prefix: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The creator's key, per service (a retried CreateServiceKey finds the same key).
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64), default="")

@@ -212,7 +212,7 @@ class Reconciler:
 
         await self.jobs.db.run(work)
         log.warning("service %s stopped: %s", service_id, why)
-        self.services.changed.set()
+        self.services.touched(service_id)
 
     async def _launch(self, service_id: str) -> bool:
         """Submits one replica as a job of the service's owner, spread away from the hosts

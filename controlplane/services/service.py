@@ -35,6 +35,7 @@ from controlplane.services.states import (
 
 if TYPE_CHECKING:
     from controlplane.gateway.proxy import Gateway
+    from controlplane.gateway.watch import RouteWatcher
 
 PREFIX = "svc"
 REPLICA_PREFIX = "rep"
@@ -68,6 +69,16 @@ class ServiceService:
         self.changed = asyncio.Event()
         # The gateway this process serves, if any (services.wiring.services_loop).
         self.gateway: Gateway | None = None
+        self.route_watcher: RouteWatcher | None = None
+        # Told the id of each service that changed, after its commit (the gateway's routes).
+        self.listeners: list[Callable[[str], None]] = []
+
+    def touched(self, service_id: str) -> None:
+        """A service (its state, count, replicas' readiness or keys) changed and committed:
+        the reconciler looks at once, and the listeners hear of it."""
+        self.changed.set()
+        for listener in self.listeners:
+            listener(service_id)
 
     async def deploy(
         self,
@@ -119,7 +130,7 @@ class ServiceService:
             service = await self.jobs.db.run(work)
         except IntegrityError:
             raise AlreadyExists(f"name: you already have a service named {name!r}") from None
-        self.changed.set()
+        self.touched(service.id)
         return await self.get(caller, service.id)
 
     async def get(self, caller: Principal, ref: str) -> ServiceView:
@@ -183,29 +194,37 @@ class ServiceService:
         return await self._change(caller, ref, change, deleting=True)
 
     async def replica_health(self, host_id: str, health: registry_pb2.ReplicaHealth) -> None:
-        """A daemon's probe result: the replica's readiness, kept when it is the replica's
-        live attempt on that host (a stale or foreign report changes nothing)."""
+        """A daemon's probe result: the replica's readiness and its restarts in place, kept
+        when it is the replica's live attempt on that host (a stale or foreign report changes
+        nothing). The restarts are the provider's word: a report adds one at most, and they
+        change nothing but what is shown (the attempt runs and is billed throughout)."""
         now = utcnow()
 
-        async def work(session: AsyncSession) -> bool:
+        async def work(session: AsyncSession) -> str | None:
             repo = ServiceRepository(session)
             replica = await repo.replica(health.job_id, lock=True)
             job = await JobRepository(session).get(health.job_id)
             if replica is None or job is None or job.host_id != host_id:
-                return False
-            if job.attempt != health.attempt or replica.ready == health.ready:
-                return False
+                return None
+            restarted = health.restarts > replica.restarts
+            if job.attempt != health.attempt or (replica.ready == health.ready and not restarted):
+                return None
             # Kept as probed: its RUNNING report (through NATS) may come after this; a
             # replica counts as ready only while RUNNING too (api.services.replica_pb).
             replica.ready = health.ready
+            said = "ready" if replica.ready else f"not ready: {health.reason}"
+            if restarted:  # the reason says why and when it starts again; ready: it did
+                replica.restarts += 1
+                said = f"restarted in place ({replica.restarts})"
+                said += f": {health.reason}" if health.reason else ""
             service = await repo.get(replica.service_id, lock=True)
             if service is not None:
-                said = "ready" if replica.ready else f"not ready: {health.reason}"
                 note_service_event(repo, service, f"replica {job.id} {said}", now)
-            return True
+            return replica.service_id
 
-        if await self.jobs.db.run(work):
-            self.changed.set()
+        changed = await self.jobs.db.run(work)
+        if changed is not None:
+            self.touched(changed)
 
     async def _change(
         self,
@@ -230,5 +249,5 @@ class ServiceService:
             return service
 
         service = await self.jobs.db.run(work)
-        self.changed.set()
+        self.touched(service.id)
         return await self.get(caller, service.id)

@@ -19,6 +19,7 @@ class ServiceSettings:
     lease_renew_lead_seconds: float
     gateway_address: str
     gateway_balance: str
+    gateway_resync_seconds: float
 
 
 class ServiceFields(BaseSettings):
@@ -58,14 +59,23 @@ class ServiceFields(BaseSettings):
     gateway_address: str = Field(
         default="",
         description="host:port the services gateway serves HTTP on (/s/NAME/… to a ready "
-        "replica of the caller's service NAME, its API key as `Authorization: Bearer KEY`); "
-        "empty: no gateway in this process. Every control-plane replica may serve one.",
+        "replica of service NAME: the caller's API key, or a caller key of that service, as "
+        "`Authorization: Bearer KEY`); empty: no gateway in this process. Every "
+        "control-plane replica may serve one.",
     )
 
     gateway_balance: Literal["round_robin", "least_outstanding"] = Field(
         default="round_robin",
         description="How the gateway picks among a service's ready replicas: in turn, or the "
         "one with the fewest requests in flight.",
+    )
+
+    gateway_resync_ms: int = Field(
+        default=5000,
+        gt=0,
+        description="How often the gateway rereads its whole routing table. Changes reach it "
+        "at once through the control plane's change stream; this bounds how long one that "
+        "stream lost (NATS down) leaves a route stale.",
     )
 
     @property
@@ -79,4 +89,5 @@ class ServiceFields(BaseSettings):
             lease_renew_lead_seconds=float(self.service_lease_renew_lead_seconds),
             gateway_address=self.gateway_address,
             gateway_balance=self.gateway_balance,
+            gateway_resync_seconds=self.gateway_resync_ms / 1000,
         )

@@ -12,6 +12,8 @@ from grpc import aio
 from controlplane.api.services import ServiceServicer
 from controlplane.auth.service import AuthService
 from controlplane.gateway.proxy import Gateway
+from controlplane.gateway.routes import RouteTable
+from controlplane.gateway.watch import API_KEY_PREFIX, RouteFeed, RouteWatcher
 from controlplane.jobs.service import JobService
 from controlplane.registry.service import RegistryService
 from controlplane.services.reconciler import Reconciler
@@ -39,19 +41,40 @@ def add_servicer(server: aio.Server, services: ServiceService | None) -> None:
 
 
 def services_loop(plane: ControlPlane, auth: AuthService) -> Callable[[], Awaitable[None]] | None:
-    """The services' reconciler loop (it acts only while the process leads) and, when
-    `gateway_address` is set, the gateway beside it (on every replica)."""
-    services, leader, tunnels = plane.services, plane.leader, plane.tunnels
+    """The services' reconciler loop (it acts only while the process leads), the route
+    changes told to the other replicas and, when `gateway_address` is set, the gateway beside
+    them (on every replica) with its routing table kept from those changes."""
+    services, leader, tunnels, bus = plane.services, plane.leader, plane.tunnels, plane.bus
     if services is None or leader is None:
         return None
     reconciler = Reconciler(services, leader)
+    feed = RouteFeed()
+    services.listeners.append(feed.changed)
+    services.jobs.notifier.listeners.append(feed.changed)
+    # A key revoked on another replica leaves this one's cache at once, not after its ttl.
+    auth.revoked_listeners.append(feed.changed)
+    feed.subscribers.append(
+        lambda ref: auth.forget(ref) if ref.startswith(API_KEY_PREFIX) else None
+    )
+
     address = services.settings.gateway_address
     if not address or tunnels is None:
-        return reconciler.run
-    gateway = Gateway(services, tunnels, auth, plane.metrics.registry)
+
+        async def run_without_gateway() -> None:
+            await asyncio.gather(reconciler.run(), feed.follow(bus))
+
+        return run_without_gateway
+    table = RouteTable()
+    watcher = RouteWatcher(services.jobs.db, table, feed, services.settings.gateway_resync_seconds)
+    gateway = Gateway(services, tunnels, auth, plane.metrics.registry, routes=table)
     services.gateway = gateway
+    services.route_watcher = watcher
+
+    async def serve() -> None:
+        await watcher.loaded.wait()  # no answer from an empty table
+        await gateway.serve(address)
 
     async def run() -> None:
-        await asyncio.gather(reconciler.run(), gateway.serve(address))
+        await asyncio.gather(reconciler.run(), feed.follow(bus), watcher.run(), serve())
 
     return run

@@ -1,5 +1,6 @@
 """Services on real servers and two real daemons with Docker and the busybox image serving a
-page (`httpd`, probed inside each container's network namespace): 3 replicas spread over
+page (`httpd`, probed inside each container's network namespace), the daemons' restarts in
+place turned off (tests/e2e/test_replica_restarts.py has them): 3 replicas spread over
 both hosts and ready; a killed container is replaced and the service is 3 ready again; each
 replica is charged exactly its run time; a crashed daemon's replicas are replaced on the
 other host within the heartbeat timeout + 10 s; stop, start, scale to 0 and back, delete; a
@@ -8,6 +9,7 @@ replica that crashes on start is replaced with a growing backoff and the service
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -38,23 +40,34 @@ SERVE = [
 ]
 
 
-@pytest.fixture
-async def agents(
-    plane: JobPlane, tmp_path: Path, s3_server: S3Server, docker_engine: DockerEngine
+@contextlib.asynccontextmanager
+async def two_agents(
+    plane: JobPlane, tmp_path: Path, s3: S3Server, engine: DockerEngine, **overrides: object
 ) -> AsyncIterator[list[Agent]]:
+    """Two daemons of 3 GPUs each, their settings changed by `overrides`."""
     running = []
     try:
         for name in ("a", "b"):
             token = await plane.token()
-            agent = Agent(
-                settings(plane, token, tmp_path / name, s3_server, docker_engine, "3xA100-80GB")
-            )
+            made = settings(plane, token, tmp_path / name, s3, engine, "3xA100-80GB")
+            agent = Agent(made.model_copy(update=overrides))
             await agent.start()
             running.append(agent)
         yield running
     finally:
         for agent in running:
             await agent.stop()
+
+
+@pytest.fixture
+async def agents(
+    plane: JobPlane, tmp_path: Path, s3_server: S3Server, docker_engine: DockerEngine
+) -> AsyncIterator[list[Agent]]:
+    """Two daemons that restart no replica in place: a failing one's attempt ends at once."""
+    async with two_agents(
+        plane, tmp_path, s3_server, docker_engine, replica_restart_max=0
+    ) as running:
+        yield running
 
 
 @pytest.fixture

@@ -111,6 +111,9 @@ EXPECTED: dict[str, dict[str, str]] = {
     "ServiceService/StopService": OWNED_JOB,
     "ServiceService/StartService": OWNED_JOB,
     "ServiceService/DeleteService": OWNED_JOB,
+    "ServiceService/CreateServiceKey": OWNED_JOB,
+    "ServiceService/ListServiceKeys": OWNED_JOB,
+    "ServiceService/RevokeServiceKey": OWNED_JOB,
     "DataService/CreateUpload": OWN_INPUT_AREA,
     "DataService/CompleteUpload": OWNED_INPUT,
     "DataService/AbortUpload": OWN_INPUT_AREA,
@@ -175,6 +178,7 @@ class World:
     other_job: str = ""  # the other consumer's job, also with results
     session: str = ""  # the consumer's interactive session (on no host: no B200 here)
     service: str = ""  # the consumer's service (no replica: it is deployed with 0)
+    service_key: str = ""  # a caller key of that service, for RevokeServiceKey
     token_id: str = ""  # a registration token of the provider's
     spare_key_id: str = ""  # an API key of the other consumer's, for RevokeApiKey
     spare_host_id: str = ""  # a host of the provider's, for RevokeHost
@@ -310,6 +314,7 @@ async def world(
             service_request("authz"), metadata=plane.auth(plane.consumer_key)
         )
         w.service = deployed.service.service_id
+        w.service_key = await service_key(plane, w.service)
         try:
             yield w
         finally:
@@ -337,6 +342,15 @@ def session_request() -> sessions_pb2.CreateSessionRequest:
 def service_request(name: str) -> services_pb2.DeployServiceRequest:
     spec = types_pb2.JobSpec(image="gpuplane-test/busybox:1", gpu_count=1, gpu_models=["B200"])
     return services_pb2.DeployServiceRequest(name=name, spec=spec, port=8080, replicas=0)
+
+
+async def service_key(plane: JobPlane, service: str) -> str:
+    """A caller key of the consumer's `service` (its id)."""
+    created = await services_pb2_grpc.ServiceServiceStub(plane.channel).CreateServiceKey(
+        services_pb2.CreateServiceKeyRequest(service=service, description="authz"),
+        metadata=plane.auth(plane.consumer_key),
+    )
+    return str(created.key.key_id)
 
 
 def request_for(world: World, method: str) -> Message:
@@ -373,6 +387,16 @@ def request_for(world: World, method: str) -> Message:
         "ServiceService/StopService": services_pb2.StopServiceRequest(service=world.service),
         "ServiceService/StartService": services_pb2.StartServiceRequest(service=world.service),
         "ServiceService/DeleteService": services_pb2.DeleteServiceRequest(service=world.service),
+        "ServiceService/CreateServiceKey": services_pb2.CreateServiceKeyRequest(
+            service=world.service, description="authz"
+        ),
+        "ServiceService/ListServiceKeys": services_pb2.ListServiceKeysRequest(
+            service=world.service
+        ),
+        # Revoking a revoked key again answers it as it is: every caller may try the same key.
+        "ServiceService/RevokeServiceKey": services_pb2.RevokeServiceKeyRequest(
+            service=world.service, key_id=world.service_key
+        ),
         "DataService/CreateUpload": data_pb2.CreateUploadRequest(key=INPUT_KEY, size_bytes=5),
         "DataService/CompleteUpload": data_pb2.CompleteUploadRequest(key=INPUT_KEY),
         "DataService/AbortUpload": data_pb2.AbortUploadRequest(key=INPUT_KEY, upload_id="gone"),
@@ -708,6 +732,7 @@ async def browsers(world: World) -> AsyncIterator[dict[str, Browser]]:
             service_request("authz"), metadata=plane.auth(plane.consumer_key)
         )
         world.service = deployed.service.service_id
+        world.service_key = await service_key(plane, world.service)
         yield browsers
 
 

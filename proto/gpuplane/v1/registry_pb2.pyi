@@ -387,7 +387,7 @@ Global___DaemonMessage: _TypeAlias = DaemonMessage  # noqa: Y015
 class ReplicaHealth(_message.Message):
     """The health of a service's replica as its daemon probed it, inside the container's network
     namespace: an HTTP GET of the health path (a 2xx or 3xx answer passes), or a TCP connect to
-    the port when it has none. Sent when readiness changes.
+    the port when it has none. Sent when readiness or the restarts in place change.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -396,12 +396,19 @@ class ReplicaHealth(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     ready: _builtins.bool
     """The latest probe passed."""
     reason: _builtins.str
     """Why it did not ("connection refused", "HTTP 503"); empty when ready."""
+    restarts: _builtins.int
+    """Times its daemon restarted its container in place during this attempt (its container
+    exited or failed liveness; daemon/restarts.py): sent with each change, `reason` saying
+    why. The control plane takes it as the provider's word, one restart more per report at
+    most: it is shown and recorded as a service event, never billed or let change the lease.
+    """
     def __init__(
         self,
         *,
@@ -409,10 +416,11 @@ class ReplicaHealth(_message.Message):
         attempt: _builtins.int = ...,
         ready: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "ready", b"ready", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "ready", b"ready", "reason", b"reason", "restarts", b"restarts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

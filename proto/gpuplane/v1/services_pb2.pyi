@@ -382,6 +382,7 @@ class ServiceReplica(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     CHARGED_MICRO_CREDITS_FIELD_NUMBER: _builtins.int
     RUN_TIME_MS_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     state: _types_pb2.JobState.ValueType
     state_reason: _builtins.str
@@ -392,6 +393,10 @@ class ServiceReplica(_message.Message):
     """
     charged_micro_credits: _builtins.int
     run_time_ms: _builtins.int
+    restarts: _builtins.int
+    """Times its daemon restarted its container in place (same host, GPUs and attempt) after it
+    exited or failed liveness; after repeated failures it ends and is replaced instead.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -411,10 +416,11 @@ class ServiceReplica(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         charged_micro_credits: _builtins.int = ...,
         run_time_ms: _builtins.int = ...,
+        restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micro_credits", b"charged_micro_credits", "created_at", b"created_at", "finished_at", b"finished_at", "host_id", b"host_id", "ready", b"ready", "replica_id", b"replica_id", "run_time_ms", b"run_time_ms", "started_at", b"started_at", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micro_credits", b"charged_micro_credits", "created_at", b"created_at", "finished_at", b"finished_at", "host_id", b"host_id", "ready", b"ready", "replica_id", b"replica_id", "restarts", b"restarts", "run_time_ms", b"run_time_ms", "started_at", b"started_at", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,3 +557,185 @@ class ServiceEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServiceEvent: _TypeAlias = ServiceEvent  # noqa: Y015
+
+@_typing.final
+class ServiceKey(_message.Message):
+    """A caller key of a service (its secret is never shown again after CreateServiceKey)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SERVICE_ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    service_id: _builtins.str
+    description: _builtins.str
+    prefix: _builtins.str
+    """The secret's first characters, to recognise it."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset while the key works."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        service_id: _builtins.str = ...,
+        description: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "key_id", b"key_id", "prefix", b"prefix", "revoked_at", b"revoked_at", "service_id", b"service_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceKey: _TypeAlias = ServiceKey  # noqa: Y015
+
+@_typing.final
+class CreateServiceKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """The service's id or name."""
+    description: _builtins.str
+    """At most 500 printable characters."""
+    idempotency_key: _builtins.str
+    """Same key (per service) and same request → the original key, its secret not shown again;
+    a different request → ALREADY_EXISTS.
+    """
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        description: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "idempotency_key", b"idempotency_key", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateServiceKeyRequest: _TypeAlias = CreateServiceKeyRequest  # noqa: Y015
+
+@_typing.final
+class CreateServiceKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The bearer secret (`gsk_…`); shown only here, and empty on an idempotent replay."""
+    @_builtins.property
+    def key(self) -> Global___ServiceKey: ...
+    def __init__(
+        self,
+        *,
+        key: Global___ServiceKey | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateServiceKeyResponse: _TypeAlias = CreateServiceKeyResponse  # noqa: Y015
+
+@_typing.final
+class ListServiceKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    INCLUDE_REVOKED_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    include_revoked: _builtins.bool
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        include_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListServiceKeysRequest: _TypeAlias = ListServiceKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListServiceKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceKey]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___ServiceKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListServiceKeysResponse: _TypeAlias = ListServiceKeysResponse  # noqa: Y015
+
+@_typing.final
+class RevokeServiceKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    key_id: _builtins.str
+    """`skey_…`, one of the service's keys."""
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeServiceKeyRequest: _TypeAlias = RevokeServiceKeyRequest  # noqa: Y015
+
+@_typing.final
+class RevokeServiceKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___ServiceKey: ...
+    def __init__(
+        self,
+        *,
+        key: Global___ServiceKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeServiceKeyResponse: _TypeAlias = RevokeServiceKeyResponse  # noqa: Y015

@@ -69,6 +69,21 @@ class ServiceServiceStub:
                 request_serializer=gpuplane_dot_v1_dot_services__pb2.DeleteServiceRequest.SerializeToString,
                 response_deserializer=gpuplane_dot_v1_dot_services__pb2.DeleteServiceResponse.FromString,
                 _registered_method=True)
+        self.CreateServiceKey = channel.unary_unary(
+                '/gpuplane.v1.ServiceService/CreateServiceKey',
+                request_serializer=gpuplane_dot_v1_dot_services__pb2.CreateServiceKeyRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_services__pb2.CreateServiceKeyResponse.FromString,
+                _registered_method=True)
+        self.ListServiceKeys = channel.unary_unary(
+                '/gpuplane.v1.ServiceService/ListServiceKeys',
+                request_serializer=gpuplane_dot_v1_dot_services__pb2.ListServiceKeysRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_services__pb2.ListServiceKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeServiceKey = channel.unary_unary(
+                '/gpuplane.v1.ServiceService/RevokeServiceKey',
+                request_serializer=gpuplane_dot_v1_dot_services__pb2.RevokeServiceKeyRequest.SerializeToString,
+                response_deserializer=gpuplane_dot_v1_dot_services__pb2.RevokeServiceKeyResponse.FromString,
+                _registered_method=True)
 
 
 class ServiceServiceServicer:
@@ -122,6 +137,30 @@ class ServiceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateServiceKey(self, request, context):
+        """A caller key of the service: a bearer secret (`gsk_…`, in the response only, stored
+        hashed) that reaches this service through the gateway and nothing else (another
+        service, by name, is 404 to it; it is no API key). The owner's API keys reach the
+        service too: a service without caller keys is private to its tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServiceKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeServiceKey(self, request, context):
+        """The key stops working at the gateway within a second or so (its routing table follows
+        the control plane's changes; at the latest GPUPLANE_GATEWAY_RESYNC_MS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServiceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +198,21 @@ def add_ServiceServiceServicer_to_server(servicer, server):
                     servicer.DeleteService,
                     request_deserializer=gpuplane_dot_v1_dot_services__pb2.DeleteServiceRequest.FromString,
                     response_serializer=gpuplane_dot_v1_dot_services__pb2.DeleteServiceResponse.SerializeToString,
+            ),
+            'CreateServiceKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateServiceKey,
+                    request_deserializer=gpuplane_dot_v1_dot_services__pb2.CreateServiceKeyRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_services__pb2.CreateServiceKeyResponse.SerializeToString,
+            ),
+            'ListServiceKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServiceKeys,
+                    request_deserializer=gpuplane_dot_v1_dot_services__pb2.ListServiceKeysRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_services__pb2.ListServiceKeysResponse.SerializeToString,
+            ),
+            'RevokeServiceKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeServiceKey,
+                    request_deserializer=gpuplane_dot_v1_dot_services__pb2.RevokeServiceKeyRequest.FromString,
+                    response_serializer=gpuplane_dot_v1_dot_services__pb2.RevokeServiceKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +404,87 @@ class ServiceService:
             '/gpuplane.v1.ServiceService/DeleteService',
             gpuplane_dot_v1_dot_services__pb2.DeleteServiceRequest.SerializeToString,
             gpuplane_dot_v1_dot_services__pb2.DeleteServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateServiceKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.ServiceService/CreateServiceKey',
+            gpuplane_dot_v1_dot_services__pb2.CreateServiceKeyRequest.SerializeToString,
+            gpuplane_dot_v1_dot_services__pb2.CreateServiceKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServiceKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.ServiceService/ListServiceKeys',
+            gpuplane_dot_v1_dot_services__pb2.ListServiceKeysRequest.SerializeToString,
+            gpuplane_dot_v1_dot_services__pb2.ListServiceKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeServiceKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuplane.v1.ServiceService/RevokeServiceKey',
+            gpuplane_dot_v1_dot_services__pb2.RevokeServiceKeyRequest.SerializeToString,
+            gpuplane_dot_v1_dot_services__pb2.RevokeServiceKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,17 @@ class ServiceServiceStub:
     """Stops every replica and deletes the service: its name is free again; reading it by id
     still works (DELETED), scaling or starting it is NOT_FOUND.
     """
+    CreateServiceKey: _grpc.UnaryUnaryMultiCallable[_services_pb2.CreateServiceKeyRequest, _services_pb2.CreateServiceKeyResponse]
+    """A caller key of the service: a bearer secret (`gsk_…`, in the response only, stored
+    hashed) that reaches this service through the gateway and nothing else (another
+    service, by name, is 404 to it; it is no API key). The owner's API keys reach the
+    service too: a service without caller keys is private to its tenant.
+    """
+    ListServiceKeys: _grpc.UnaryUnaryMultiCallable[_services_pb2.ListServiceKeysRequest, _services_pb2.ListServiceKeysResponse]
+    RevokeServiceKey: _grpc.UnaryUnaryMultiCallable[_services_pb2.RevokeServiceKeyRequest, _services_pb2.RevokeServiceKeyResponse]
+    """The key stops working at the gateway within a second or so (its routing table follows
+    the control plane's changes; at the latest GPUPLANE_GATEWAY_RESYNC_MS).
+    """
 
 @_typing.type_check_only
 class ServiceServiceAsyncStub(ServiceServiceStub):
@@ -71,6 +82,17 @@ class ServiceServiceAsyncStub(ServiceServiceStub):
     DeleteService: _aio.UnaryUnaryMultiCallable[_services_pb2.DeleteServiceRequest, _services_pb2.DeleteServiceResponse]  # type: ignore[assignment]
     """Stops every replica and deletes the service: its name is free again; reading it by id
     still works (DELETED), scaling or starting it is NOT_FOUND.
+    """
+    CreateServiceKey: _aio.UnaryUnaryMultiCallable[_services_pb2.CreateServiceKeyRequest, _services_pb2.CreateServiceKeyResponse]  # type: ignore[assignment]
+    """A caller key of the service: a bearer secret (`gsk_…`, in the response only, stored
+    hashed) that reaches this service through the gateway and nothing else (another
+    service, by name, is 404 to it; it is no API key). The owner's API keys reach the
+    service too: a service without caller keys is private to its tenant.
+    """
+    ListServiceKeys: _aio.UnaryUnaryMultiCallable[_services_pb2.ListServiceKeysRequest, _services_pb2.ListServiceKeysResponse]  # type: ignore[assignment]
+    RevokeServiceKey: _aio.UnaryUnaryMultiCallable[_services_pb2.RevokeServiceKeyRequest, _services_pb2.RevokeServiceKeyResponse]  # type: ignore[assignment]
+    """The key stops working at the gateway within a second or so (its routing table follows
+    the control plane's changes; at the latest GPUPLANE_GATEWAY_RESYNC_MS).
     """
 
 class ServiceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -129,6 +151,35 @@ class ServiceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_services_pb2.DeleteServiceResponse, _abc.Awaitable[_services_pb2.DeleteServiceResponse]]:
         """Stops every replica and deletes the service: its name is free again; reading it by id
         still works (DELETED), scaling or starting it is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateServiceKey(
+        self,
+        request: _services_pb2.CreateServiceKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_services_pb2.CreateServiceKeyResponse, _abc.Awaitable[_services_pb2.CreateServiceKeyResponse]]:
+        """A caller key of the service: a bearer secret (`gsk_…`, in the response only, stored
+        hashed) that reaches this service through the gateway and nothing else (another
+        service, by name, is 404 to it; it is no API key). The owner's API keys reach the
+        service too: a service without caller keys is private to its tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def ListServiceKeys(
+        self,
+        request: _services_pb2.ListServiceKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_services_pb2.ListServiceKeysResponse, _abc.Awaitable[_services_pb2.ListServiceKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeServiceKey(
+        self,
+        request: _services_pb2.RevokeServiceKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_services_pb2.RevokeServiceKeyResponse, _abc.Awaitable[_services_pb2.RevokeServiceKeyResponse]]:
+        """The key stops working at the gateway within a second or so (its routing table follows
+        the control plane's changes; at the latest GPUPLANE_GATEWAY_RESYNC_MS).
         """
 
 def add_ServiceServiceServicer_to_server(servicer: ServiceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
