@@ -146,7 +146,7 @@ class Reports(LostAttempts):
                 continue
             job, attempt = plain[n]
             applied.append(await self._apply_one(session, rows, job, attempt, incoming, now, ended))
-        await self._finish_attempts(session, ended, now)
+        await self._finish_attempts(session, ended, now, rows.holds)
         if self.provenance_key is not None:  # settled: its charge is known
             for job, attempt in ended:
                 await countersign_attempt(session, job, attempt, self.provenance_key, now)

@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, tuple_, update
+from sqlalchemy import Select, Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import class_mapper
 from sqlalchemy.orm.attributes import instance_state
 
+from controlplane.jobs import repository_endings_pg as pg
 from controlplane.jobs.models import Job, JobAttempt, JobEvent
 from controlplane.jobs.repository import JobRepository
 
@@ -51,6 +52,9 @@ class EndingRows(JobRepository):
     def __init__(self, session: AsyncSession) -> None:
         super().__init__(session)
         self.events: list[JobEvent] = []
+        # The holds of the jobs lock_ending read, by job id (PostgreSQL; else empty).
+        self.holds: dict[str, str] = {}
+        self.postgres = session.get_bind().dialect.name == "postgresql"
 
     def add(self, row: Job | JobAttempt | JobEvent) -> None:
         if isinstance(row, JobEvent):
@@ -63,59 +67,88 @@ class EndingRows(JobRepository):
         order, as lock_jobs then lock_attempts would); each found as a detached pair."""
         if not keys:
             return {}
-        query = (
-            select(*_JOB_READ, *_ATTEMPT_READ)
-            .join_from(JOBS, ATTEMPTS, ATTEMPTS.c.job_id == JOBS.c.id)
-            .where(tuple_(ATTEMPTS.c.job_id, ATTEMPTS.c.attempt).in_(list(keys)))
-            .order_by(JOBS.c.id, ATTEMPTS.c.attempt)
-            .with_for_update()
-        )
+        if self.postgres:
+            rows = await pg.lock(self.session, _LOCK_PG, sorted(keys))
+            self.holds = {row[0]: row[-1] for row in rows if row[-1] is not None}
+        else:
+            rows = [tuple(row) for row in await self.session.execute(_lock_query(keys))]
         split = len(_JOB_READ)
-        job_names = [c.name for c in _JOB_READ]
-        attempt_names = [c.name for c in _ATTEMPT_READ]
         found: dict[Key, tuple[Job, JobAttempt]] = {}
-        for row in await self.session.execute(query):
-            job = _detached(Job, dict(zip(job_names, row[:split], strict=True)))
-            attempt = _detached(JobAttempt, dict(zip(attempt_names, row[split:], strict=True)))
+        for row in rows:
+            job = _detached(Job, dict(zip(_JOB_NAMES, row[:split], strict=False)))
+            values = row[split : split + len(_ATTEMPT_NAMES)]
+            attempt = _detached(JobAttempt, dict(zip(_ATTEMPT_NAMES, values, strict=True)))
             found[(attempt.job_id, attempt.attempt)] = (job, attempt)
         return found
 
     async def write_ended(self, pairs: Sequence[tuple[Job, JobAttempt]]) -> None:
-        """Writes back what changed on detached pairs (one UPDATE statement for the jobs, one
-        for the attempts, each run for the batch's rows) and inserts the recorded events in
-        one statement."""
-        jobs = [_changes(job, JOB_ENDED, "b_id", job.id) for job, _ in pairs]
-        attempts = [
-            _changes(attempt, ATTEMPT_ENDED, "b_job", attempt.job_id) for _, attempt in pairs
+        """Writes back what changed on detached pairs (one UPDATE for the jobs, one for the
+        attempts) and inserts the recorded events (one INSERT); on PostgreSQL all three in
+        one round trip."""
+        jobs = [_changes(job, JOB_ENDED) for job, _ in pairs]
+        attempts = [_changes(attempt, ATTEMPT_ENDED) for _, attempt in pairs]
+        job_rows = [(j.id, *row) for (j, _), row in zip(pairs, jobs, strict=True) if row]
+        attempt_rows = [
+            (a.job_id, a.attempt, *row) for (_, a), row in zip(pairs, attempts, strict=True) if row
         ]
-        for row, (_, attempt) in zip(attempts, pairs, strict=True):
-            if row is not None:
-                row["b_attempt"] = attempt.attempt
-        connection = await self.session.connection()
-        if changed := [row for row in jobs if row is not None]:
-            await connection.execute(update(JOBS).where(JOBS.c.id == bindparam("b_id")), changed)
-        if changed := [row for row in attempts if row is not None]:
-            key = (ATTEMPTS.c.job_id == bindparam("b_job")) & (
-                ATTEMPTS.c.attempt == bindparam("b_attempt")
+        event_rows = [tuple(getattr(e, c) for c in _EVENT_COLUMNS) for e in self.events]
+        self.events = []
+        if self.postgres:
+            await pg.write(
+                self.session,
+                [
+                    (_UPDATE_JOBS_PG, _JOB_WRITE_PG, job_rows),
+                    (_UPDATE_ATTEMPTS_PG, _ATTEMPT_WRITE_PG, attempt_rows),
+                    (_INSERT_EVENTS_PG, _EVENTS_PG, event_rows),
+                ],
             )
-            await connection.execute(update(ATTEMPTS).where(key), changed)
-        if self.events:
-            rows = [{c: getattr(e, c) for c in _EVENT_COLUMNS} for e in self.events]
-            await connection.execute(insert(EVENTS), rows)
-            self.events = []
+            return
+        key = (ATTEMPTS.c.job_id == bindparam("b_job")) & (
+            ATTEMPTS.c.attempt == bindparam("b_attempt")
+        )
+        writes = (
+            (update(JOBS).where(JOBS.c.id == bindparam("b_id")), ("b_id", *JOB_ENDED), job_rows),
+            (update(ATTEMPTS).where(key), ("b_job", "b_attempt", *ATTEMPT_ENDED), attempt_rows),
+            (insert(EVENTS), _EVENT_COLUMNS, event_rows),
+        )
+        connection = await self.session.connection()
+        for statement, names, rows in writes:
+            if rows:
+                await connection.execute(
+                    statement, [dict(zip(names, r, strict=True)) for r in rows]
+                )
 
 
-def _changes(
-    row: Job | JobAttempt, columns: Sequence[str], key: str, id_: str
-) -> dict[str, Any] | None:
+def _lock_query(keys: Collection[Key]) -> Select[Any]:
+    return (
+        select(*_JOB_READ, *_ATTEMPT_READ)
+        .join_from(JOBS, ATTEMPTS, ATTEMPTS.c.job_id == JOBS.c.id)
+        .where(tuple_(ATTEMPTS.c.job_id, ATTEMPTS.c.attempt).in_(list(keys)))
+        .order_by(JOBS.c.id, ATTEMPTS.c.attempt)
+        .with_for_update()
+    )
+
+
+def _changes(row: Job | JobAttempt, columns: Sequence[str]) -> tuple[Any, ...] | None:
     """The row's written columns (all of `columns`, so every row of a batch has the same
-    statement) with its key, or None when nothing changed on it."""
+    statement), or None when nothing changed on it."""
     changed = instance_state(row).committed_state
     if not changed:
         return None
     unexpected = set(changed) - set(columns)
     if unexpected:
         raise AssertionError(f"{type(row).__name__} columns {sorted(unexpected)} not written")
-    values = {c: getattr(row, c) for c in columns}
-    values[key] = id_
-    return values
+    return tuple(getattr(row, c) for c in columns)
+
+
+_JOB_NAMES = [c.name for c in _JOB_READ]
+_ATTEMPT_NAMES = [c.name for c in _ATTEMPT_READ]
+_LOCK_PG = pg.lock_statement(_JOB_NAMES, _ATTEMPT_NAMES)
+_JOB_WRITE_PG = pg.typed(JOBS, ("id", *JOB_ENDED))
+_ATTEMPT_WRITE_PG = pg.typed(ATTEMPTS, ("job_id", "attempt", *ATTEMPT_ENDED))
+_EVENTS_PG = pg.typed(EVENTS, _EVENT_COLUMNS)
+_UPDATE_JOBS_PG = pg.update_statement("jobs", _JOB_WRITE_PG[:1], _JOB_WRITE_PG[1:])
+_UPDATE_ATTEMPTS_PG = pg.update_statement(
+    "job_attempts", _ATTEMPT_WRITE_PG[:2], _ATTEMPT_WRITE_PG[2:]
+)
+_INSERT_EVENTS_PG = pg.insert_statement("job_events", _EVENTS_PG)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import Select, case, exists, select, tuple_, update
+from sqlalchemy import Select, Table, bindparam, case, exists, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal, Role
@@ -15,6 +17,27 @@ from controlplane.jobs.models import JobAttempt
 from controlplane.paging import Page, PageRequest, page_by_id
 from controlplane.registry.models import Gpu, Host, HostEvent, NatsRevocation, RegistrationToken
 from controlplane.registry.reliability import ProviderBook, note_outcome
+
+_OUTCOME_COLUMNS = (
+    Host.id,
+    Host.provider_tenant_id,
+    Host.completed_attempts,
+    Host.reliability_good,
+    Host.reliability_bad,
+    Host.reliability_at,
+)
+
+
+@dataclass(slots=True)
+class _Outcomes:
+    """A locked host's counts (a reliability.Record), changed in memory and written back."""
+
+    id: str
+    provider_tenant_id: str
+    completed_attempts: int
+    reliability_good: float
+    reliability_bad: float
+    reliability_at: datetime | None
 
 
 class RegistryRepository:
@@ -322,15 +345,41 @@ class RegistryRepository:
         """Counts each (host id, completed?) in its host's reliability record
         (registry/reliability.note_outcome), the hosts locked in id order first: the decayed
         counts are read and written back, so concurrent reports must not interleave."""
-        ids = sorted({host_id for host_id, _ in outcomes})
+        await self.end_attempts({}, outcomes, now)
+
+    async def end_attempts(
+        self, completed: Mapping[str, int], outcomes: Sequence[tuple[str, bool]], now: datetime
+    ) -> dict[str, str]:
+        """Adds `completed` (host id → attempts completed) to the hosts' counts and each
+        (host id, completed?) of `outcomes` to its host's reliability record
+        (reliability.note_outcome): the hosts locked in id order and read in one statement,
+        written back in one (run per host), whatever the batch; the providers of the hosts
+        that exist. Rows, not ORM objects: a Host loaded in this session keeps its values."""
+        ids = sorted({*completed, *(host_id for host_id, _ in outcomes)})
         if not ids:
-            return
-        query = select(Host).where(Host.id.in_(ids)).order_by(Host.id).with_for_update()
-        hosts = {host.id: host for host in await self.session.scalars(query)}
+            return {}
+        query = (
+            select(*_OUTCOME_COLUMNS).where(Host.id.in_(ids)).order_by(Host.id).with_for_update()
+        )
+        hosts = {row.id: _Outcomes(*row) for row in await self.session.execute(query)}
         for host_id, ok in outcomes:
-            host = hosts.get(host_id)
-            if host is not None:
+            if (host := hosts.get(host_id)) is not None:
                 note_outcome(host, ok, now)
+        rows = [
+            {
+                "b_id": host.id,
+                "completed_attempts": host.completed_attempts + completed.get(host.id, 0),
+                "reliability_good": host.reliability_good,
+                "reliability_bad": host.reliability_bad,
+                "reliability_at": host.reliability_at,
+            }
+            for host in hosts.values()
+        ]
+        if rows:
+            table = cast(Table, Host.__table__)
+            connection = await self.session.connection()
+            await connection.execute(update(table).where(table.c.id == bindparam("b_id")), rows)
+        return {host.id: host.provider_tenant_id for host in hosts.values()}
 
     async def count_completed_attempt(self, host_id: str) -> str | None:
         """One more attempt completed on the host (count_completed_attempts); its provider."""
