@@ -68,10 +68,10 @@ class EndingRows(JobRepository):
         if not keys:
             return {}
         if self.postgres:
-            rows = await pg.lock(self.session, _LOCK_PG, sorted(keys))
+            rows = await pg.lock(self.session, _LOCK_PG, sorted(keys), _TIMES)
             self.holds = {row[0]: row[-1] for row in rows if row[-1] is not None}
         else:
-            rows = [tuple(row) for row in await self.session.execute(_lock_query(keys))]
+            rows = [list(row) for row in await self.session.execute(_lock_query(keys))]
         split = len(_JOB_READ)
         found: dict[Key, tuple[Job, JobAttempt]] = {}
         for row in rows:
@@ -144,6 +144,8 @@ def _changes(row: Job | JobAttempt, columns: Sequence[str]) -> tuple[Any, ...] |
 _JOB_NAMES = [c.name for c in _JOB_READ]
 _ATTEMPT_NAMES = [c.name for c in _ATTEMPT_READ]
 _LOCK_PG = pg.lock_statement(_JOB_NAMES, _ATTEMPT_NAMES)
+# Where the timestamps are in a locked row.
+_TIMES = [n for n, c in enumerate((*_JOB_READ, *_ATTEMPT_READ)) if pg.pg_type(c) == "timestamptz"]
 _JOB_WRITE_PG = pg.typed(JOBS, ("id", *JOB_ENDED))
 _ATTEMPT_WRITE_PG = pg.typed(ATTEMPTS, ("job_id", "attempt", *ATTEMPT_ENDED))
 _EVENTS_PG = pg.typed(EVENTS, _EVENT_COLUMNS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Column, Integer, LargeBinary, Table
@@ -75,17 +75,21 @@ def lock_statement(jobs: Sequence[str], attempts: Sequence[str]) -> str:
 
 
 async def lock(
-    session: AsyncSession, statement: str, keys: Sequence[tuple[str, int]]
-) -> list[tuple[Any, ...]]:
-    """Runs lock_statement for `keys`; datetimes in UTC, as the ORM's UtcDateTime gives them."""
+    session: AsyncSession, statement: str, keys: Sequence[tuple[str, int]], times: Sequence[int]
+) -> list[list[Any]]:
+    """Runs lock_statement for `keys`; the values at `times` (timestamptz columns) in UTC, as
+    the ORM's UtcDateTime gives them."""
     rows = await execute(
         session, statement, _params("k", [("job_id", "varchar"), ("attempt", "integer")], keys)
     )
-    return [tuple(_utc(value) for value in row) for row in rows]
-
-
-def _utc(value: Any) -> Any:
-    return value.astimezone(UTC) if isinstance(value, datetime) else value
+    found = []
+    for row in rows:
+        values = list(row)
+        for n in times:
+            if values[n] is not None:
+                values[n] = values[n].astimezone(UTC)
+        found.append(values)
+    return found
 
 
 def update_statement(
