@@ -114,13 +114,13 @@ class JobBilling:
             return
         registry = RegistryRepository(session)
         with session.no_autoflush:
-            await registry.release_gpus_of([(job.id, attempt.attempt) for job, attempt in ended])
             # Each host counts the attempts that ended on it, and each in its reliability: a
             # completed one for it, a lost one against.
             providers = await registry.end_attempts(
                 Counter(attempt.host_id for _, attempt in ended),
                 [(attempt.host_id, not attempt.lost) for _, attempt in ended],
                 now,
+                release=[(job.id, attempt.attempt) for job, attempt in ended],
             )
             settling: list[Settling] = []
             for job, attempt in ended:
