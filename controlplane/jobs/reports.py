@@ -155,7 +155,8 @@ class Reports(LostAttempts):
         if self.provenance_key is not None:  # settled: its charge is known
             for job, attempt in ended:
                 await countersign_attempt(session, job, attempt, self.provenance_key, now)
-        await rows.write_ended(list(plain.values()))
+        # The last writes: with nothing loaded into the session, they carry the COMMIT.
+        await rows.write_ended(list(plain.values()), commit=not loaded and not session.new)
         return applied
 
     async def _apply_loaded(

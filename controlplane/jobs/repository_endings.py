@@ -81,10 +81,14 @@ class EndingRows(JobRepository):
             found[(attempt.job_id, attempt.attempt)] = (job, attempt)
         return found
 
-    async def write_ended(self, pairs: Sequence[tuple[Job, JobAttempt]]) -> None:
+    async def write_ended(
+        self, pairs: Sequence[tuple[Job, JobAttempt]], *, commit: bool = False
+    ) -> None:
         """Writes back what changed on detached pairs (one UPDATE for the jobs, one for the
         attempts) and inserts the recorded events (one INSERT); on PostgreSQL all three in
-        one round trip."""
+        one round trip. `commit` (PostgreSQL): these are the transaction's last writes and
+        nothing is pending in the session, so the COMMIT travels in the same round trip (as
+        the ledger's posts do); the unit of work's own commit then finds nothing to do."""
         jobs = [_changes(job, JOB_ENDED) for job, _ in pairs]
         attempts = [_changes(attempt, ATTEMPT_ENDED) for _, attempt in pairs]
         job_rows = [(j.id, *row) for (j, _), row in zip(pairs, jobs, strict=True) if row]
@@ -94,14 +98,12 @@ class EndingRows(JobRepository):
         event_rows = [tuple(getattr(e, c) for c in _EVENT_COLUMNS) for e in self.events]
         self.events = []
         if self.postgres:
-            await pg.write(
-                self.session,
-                [
-                    (_UPDATE_JOBS_PG, _JOB_WRITE_PG, job_rows),
-                    (_UPDATE_ATTEMPTS_PG, _ATTEMPT_WRITE_PG, attempt_rows),
-                    (_INSERT_EVENTS_PG, _EVENTS_PG, event_rows),
-                ],
-            )
+            statements = [
+                (_UPDATE_JOBS_PG, _JOB_WRITE_PG, job_rows),
+                (_UPDATE_ATTEMPTS_PG, _ATTEMPT_WRITE_PG, attempt_rows),
+                (_INSERT_EVENTS_PG, _EVENTS_PG, event_rows),
+            ]
+            await pg.write(self.session, statements, commit=commit and not self.session.dirty)
             return
         key = (ATTEMPTS.c.job_id == bindparam("b_job")) & (
             ATTEMPTS.c.attempt == bindparam("b_attempt")

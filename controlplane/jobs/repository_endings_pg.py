@@ -108,8 +108,13 @@ def insert_statement(table: str, columns: Sequence[tuple[str, str]]) -> str:
 async def write(
     session: AsyncSession,
     writes: Sequence[tuple[str, Sequence[tuple[str, str]], Sequence[Sequence[Any]]]],
+    *,
+    commit: bool = False,
 ) -> None:
-    """Runs each (statement, its columns, rows) with rows present, all in one round trip."""
+    """Runs each (statement, its columns, rows) with rows present, all in one round trip;
+    with `commit`, the transaction's COMMIT last in it."""
     statements = [(query, _params("v", columns, rows)) for query, columns, rows in writes if rows]
+    if commit:
+        statements.append(("COMMIT", {}))
     if statements:
         await execute_all(session, statements)
