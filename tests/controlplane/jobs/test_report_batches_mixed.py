@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from controlplane.jobs.models import JobAttempt, JobEvent
 from controlplane.jobs.reports import Incoming
+from controlplane.jobs.repository_endings import EndingRows
 from controlplane.registry.models import Gpu, Host
 from devstack.factories import new_gpus, new_online_host
 from tests.controlplane.jobs.test_report_batches import PRICE, _finished, _jobs, _running
@@ -106,3 +107,38 @@ async def test_a_mixed_batch_answers_each_report_and_writes_what_the_loaded_path
     again = await _jobs(plane)._apply_batch(batch)
     assert [a is not None for a in again] == [False, False, False, False, False, False]
     assert [(await plane.get(j)).charged_micro_credits for j in jobs] == charged
+
+
+async def test_detached_rows_write_bytes_and_json_back_exactly(plane: JobPlane) -> None:
+    """What a plain ending writes round-trips whatever it holds (bytes of every value, JSON
+    with quotes and backslashes), and a change to a column an ending may not write is refused
+    rather than lost."""
+    token = await plane.token()
+    host = await new_online_host(
+        plane.channel, token, gpus=new_gpus(1), price_per_gpu_hour_micro_credits=PRICE
+    )
+    (job_id,) = await _running(plane, host.host_id, 1)
+    signature = bytes(range(256))
+    manifest = [{"key": 'a"b\\c', "path": "x\ty", "size_bytes": 2**40, "sha256": "é"}]
+    db = plane.plane.db
+    assert db is not None
+    async with db.transaction() as session:
+        rows = EndingRows(session)
+        (pair,) = (await rows.lock_ending({(job_id, 1)})).values()
+        _, attempt = pair
+        attempt.host_provenance = b'{"q":"\\"","nul":"\\u0000"}'
+        attempt.host_provenance_signature = signature
+        attempt.manifest = manifest
+        await rows.write_ended([pair])
+    async with db.read() as session:
+        stored = await session.get(JobAttempt, (job_id, 1))
+    assert stored is not None
+    assert stored.host_provenance == b'{"q":"\\"","nul":"\\u0000"}'
+    assert stored.host_provenance_signature == signature
+    assert stored.manifest == manifest
+    async with db.transaction() as session:
+        rows = EndingRows(session)
+        (pair,) = (await rows.lock_ending({(job_id, 1)})).values()
+        pair[1].gpu_utilization_sum = 7  # not a column an ending writes
+        with pytest.raises(AssertionError, match="gpu_utilization_sum"):
+            await rows.write_ended([pair])
