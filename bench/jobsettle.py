@@ -17,7 +17,7 @@ from gpuplane.v1 import messaging_pb2, types_pb2
 from sqlalchemy import text
 
 from bench.ledger import _deadlocks, _ms
-from bench.machine import busy_seconds, cpu_ticks, per_item_us, steal_percent
+from bench.machine import busy_seconds, cpu_ticks, per_item_us, postgres_seconds, steal_percent
 from bench.registry import Measurement, RunContext, benchmark
 from controlplane.db.engine import Database
 from controlplane.jobs.service import JobService
@@ -72,6 +72,8 @@ class Plane:
     db: Database
     jobs: JobService
     client: Client
+    # The PostgreSQL cluster's data directory (its CPU is read from its processes).
+    pg_data: Path
 
 
 @asynccontextmanager
@@ -111,7 +113,7 @@ async def _plane(ctx: RunContext, database: str) -> AsyncIterator[Plane]:
         assert plane.jobs is not None
         admin_key = Path(plane.admin_key_file).read_text().strip()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.port}") as channel:
-            yield Plane(plane.db, plane.jobs, Client(channel, admin_key))
+            yield Plane(plane.db, plane.jobs, Client(channel, admin_key), cluster.data_dir)
     finally:
         await plane.stop(grace=0)
 
@@ -284,7 +286,8 @@ async def check_charged_once(db: Database, attempts: Sequence[Attempt]) -> None:
     f"host, the hold settled) from {CLIENTS} concurrent clients, in-process control plane on "
     "PostgreSQL, until the settlements took --duration; afterwards every job is checked "
     "SUCCEEDED and charged exactly once and the ledger balanced; details: p50/p99, process "
-    "CPU and machine CPU (PostgreSQL included) per settlement, deadlocks (any fails it)",
+    "CPU, the bench's PostgreSQL's CPU and machine CPU (all processes) per settlement, "
+    "deadlocks (any fails it)",
 )
 async def job_settlements_per_s(ctx: RunContext) -> Measurement:
     async with _plane(ctx, "bench_job_settle") as plane:
@@ -296,16 +299,20 @@ async def job_settlements_per_s(ctx: RunContext) -> Measurement:
         settled: list[Attempt] = []
         seconds, latencies, cpu = 0.0, [], 0.0
         busy: float | None = 0.0 if busy_seconds() is not None else None
+        postgres: float | None = 0.0 if postgres_seconds(plane.pg_data) is not None else None
         deadlocks_before = await _deadlocks(plane.db)
         ticks = cpu_ticks()
         while not settled or (seconds < ctx.duration and time.monotonic() < give_up):
             attempts = await running_jobs(plane, consumer_key, size)
             started_cpu, started_busy = time.process_time(), busy_seconds()
+            started_pg = postgres_seconds(plane.pg_data)
             took, round_latencies = await settle_jobs(plane, attempts, CLIENTS)
             cpu += time.process_time() - started_cpu
-            ended_busy = busy_seconds()
+            ended_busy, ended_pg = busy_seconds(), postgres_seconds(plane.pg_data)
             if busy is not None and started_busy is not None and ended_busy is not None:
                 busy += ended_busy - started_busy
+            if postgres is not None and started_pg is not None and ended_pg is not None:
+                postgres += ended_pg - started_pg
             seconds += took
             latencies += round_latencies
             settled += attempts
@@ -326,6 +333,9 @@ async def job_settlements_per_s(ctx: RunContext) -> Measurement:
                 "process_cpu_us": round(cpu / len(settled) * 1e6),
                 # CPU of every process (PostgreSQL's backends too) per settlement (-1: unknown)
                 "machine_cpu_us": per_item_us(0.0, busy, len(settled)),
+                # CPU of this bench's PostgreSQL alone per settlement: unlike machine_cpu_us,
+                # not moved by other work on a shared machine (-1: unknown)
+                "pg_cpu_us": per_item_us(0.0, postgres, len(settled)),
                 "cpu_steal_pct": -1 if steal is None else steal,
                 "deadlocks": deadlocks,
                 "retries": sum(plane.db.retries.values()),

@@ -50,3 +50,24 @@ def per_item_us(before: float | None, after: float | None, items: int) -> int:
     if before is None or after is None or items <= 0:
         return -1
     return round((after - before) / items * 1e6)
+
+
+def postgres_seconds(data_dir: Path) -> float | None:
+    """CPU seconds the PostgreSQL cluster of `data_dir` used so far: its postmaster and the
+    backends it started (their own, not other processes' on a shared machine); None where its
+    pid file or /proc cannot be read."""
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(entry.name) == postmaster or int(fields[1]) == postmaster:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -99,23 +99,28 @@ class JobBilling:
             )
 
     async def _finish_attempts(
-        self, session: AsyncSession, ended: Sequence[tuple[Job, JobAttempt]], now: datetime
+        self,
+        session: AsyncSession,
+        ended: Sequence[tuple[Job, JobAttempt]],
+        now: datetime,
+        holds: Mapping[str, str] | None = None,
     ) -> None:
         """Charges attempts that just ended (what metering has not), frees their GPUs and
         resolves their jobs' holds, the rest back to available: a few statements however
         many attempts (GPUs, one per host, holds). The jobs' and attempts' changes are
-        written once, at commit (none of the statements here reads them)."""
+        written once, at commit (none of the statements here reads them). `holds`: the ids of
+        jobs' holds the caller read already, by job id."""
         if not ended:
             return
         registry = RegistryRepository(session)
         with session.no_autoflush:
-            await registry.release_gpus_of([(job.id, attempt.attempt) for job, attempt in ended])
-            providers = await registry.count_completed_attempts(
-                Counter(attempt.host_id for _, attempt in ended)
-            )
-            # Each host's reliability: a completed attempt counts for it, a lost one against.
-            await registry.note_outcomes(
-                [(attempt.host_id, not attempt.lost) for _, attempt in ended], now
+            # Each host counts the attempts that ended on it, and each in its reliability: a
+            # completed one for it, a lost one against.
+            providers = await registry.end_attempts(
+                Counter(attempt.host_id for _, attempt in ended),
+                [(attempt.host_id, not attempt.lost) for _, attempt in ended],
+                now,
+                release=[(job.id, attempt.attempt) for job, attempt in ended],
             )
             settling: list[Settling] = []
             for job, attempt in ended:
@@ -124,7 +129,7 @@ class JobBilling:
                 if provider is not None and not attempt.lost:
                     cost = await self._cost(session, job, attempt, provider)
                 settling.append(Settling(job, attempt, cost))
-            await self._settle_many(session, settling)
+            await self._settle_many(session, settling, holds)
 
     async def _cost(
         self, session: AsyncSession, job: Job, attempt: JobAttempt, provider: str
@@ -170,9 +175,17 @@ class JobBilling:
         released. A replay (the hold already resolved) moves nothing."""
         await self._settle_many(session, [Settling(job, attempt, cost, outcome)])
 
-    async def _settle_many(self, session: AsyncSession, settling: Sequence[Settling]) -> None:
-        """Resolves each job's hold once (see _settle), all in one `settle_many`."""
-        holds = await LedgerRepository(session).hold_ids_of_jobs([s.job.id for s in settling])
+    async def _settle_many(
+        self,
+        session: AsyncSession,
+        settling: Sequence[Settling],
+        known: Mapping[str, str] | None = None,
+    ) -> None:
+        """Resolves each job's hold once (see _settle), all in one `settle_many`; the holds'
+        ids are read unless `known` (by job id) has them all."""
+        holds = dict(known or {})
+        if missing := [s.job.id for s in settling if s.job.id not in holds]:
+            holds |= await LedgerRepository(session).hold_ids_of_jobs(missing)
         requests, owners = [], []
         for s in settling:
             if (hold_id := holds.get(s.job.id)) is None:

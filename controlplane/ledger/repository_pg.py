@@ -216,6 +216,24 @@ async def execute(session: AsyncSession, query: str, params: dict[str, Any]) -> 
         raise _wrapped(query, params, error) from error
 
 
+async def execute_all(
+    session: AsyncSession, statements: Sequence[tuple[str, dict[str, Any]]]
+) -> list[Any]:
+    """Runs `statements` in order in one pipeline (one round trip), unprepared as `execute`
+    does; the rows of the last one."""
+    driver = await _connection(session)
+    query, params = statements[-1]
+    try:
+        async with driver.pipeline():
+            for query, params in statements[:-1]:
+                await driver.execute(query, params, prepare=False)
+            query, params = statements[-1]
+            cursor = await driver.execute(query, params, prepare=False, binary=True)
+        return await cursor.fetchall() if cursor.description else []
+    except psycopg.Error as error:
+        raise _wrapped(query, params, error) from error
+
+
 async def lock_holds(session: AsyncSession, ids: Sequence[str]) -> list[Any]:
     """See LedgerRepository.lock_holds."""
     return await execute(session, LOCK_HOLDS, {"ids": array_literal(ids)})

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import Select, case, exists, select, tuple_, update
+from sqlalchemy import Select, Table, bindparam, case, exists, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal, Role
@@ -13,8 +15,30 @@ from controlplane.db.base import utcnow
 from controlplane.db.prefix import starts_with
 from controlplane.jobs.models import JobAttempt
 from controlplane.paging import Page, PageRequest, page_by_id
+from controlplane.registry import repository_hosts_pg as hosts_pg
 from controlplane.registry.models import Gpu, Host, HostEvent, NatsRevocation, RegistrationToken
 from controlplane.registry.reliability import ProviderBook, note_outcome
+
+_OUTCOME_COLUMNS = (
+    Host.id,
+    Host.provider_tenant_id,
+    Host.completed_attempts,
+    Host.reliability_good,
+    Host.reliability_bad,
+    Host.reliability_at,
+)
+
+
+@dataclass(slots=True)
+class _Outcomes:
+    """A locked host's counts (a reliability.Record), changed in memory and written back."""
+
+    id: str
+    provider_tenant_id: str
+    completed_attempts: int
+    reliability_good: float
+    reliability_bad: float
+    reliability_at: datetime | None
 
 
 class RegistryRepository:
@@ -322,15 +346,58 @@ class RegistryRepository:
         """Counts each (host id, completed?) in its host's reliability record
         (registry/reliability.note_outcome), the hosts locked in id order first: the decayed
         counts are read and written back, so concurrent reports must not interleave."""
-        ids = sorted({host_id for host_id, _ in outcomes})
-        if not ids:
-            return
-        query = select(Host).where(Host.id.in_(ids)).order_by(Host.id).with_for_update()
-        hosts = {host.id: host for host in await self.session.scalars(query)}
+        await self.end_attempts({}, outcomes, now)
+
+    async def end_attempts(
+        self,
+        completed: Mapping[str, int],
+        outcomes: Sequence[tuple[str, bool]],
+        now: datetime,
+        release: Collection[tuple[str, int]] = (),
+    ) -> dict[str, str]:
+        """Frees the GPUs of the attempts `release` names (job id, attempt), adds `completed`
+        (host id → attempts completed) to the hosts' counts and each (host id, completed?) of
+        `outcomes` to its host's reliability record (reliability.note_outcome): the hosts
+        locked in id order and read in one statement, written back in one, whatever the
+        batch (on PostgreSQL the GPUs' statement travels with the hosts' lock); the providers
+        of the hosts that exist. Rows, not ORM objects: a Host loaded in this session keeps
+        its values."""
+        ids = sorted({*completed, *(host_id for host_id, _ in outcomes)})
+        if not ids and not release:
+            return {}
+        postgres = self.session.get_bind().dialect.name == "postgresql"
+        if postgres:
+            rows = await hosts_pg.release_and_lock(self.session, release, ids)
+        else:
+            if release:
+                await self.release_gpus_of(release)
+            query = select(*_OUTCOME_COLUMNS).where(Host.id.in_(ids)).order_by(Host.id)
+            rows = [list(row) for row in await self.session.execute(query.with_for_update())]
+        hosts = {row[0]: _Outcomes(*row) for row in rows}
         for host_id, ok in outcomes:
-            host = hosts.get(host_id)
-            if host is not None:
+            if (host := hosts.get(host_id)) is not None:
                 note_outcome(host, ok, now)
+        written = [
+            (
+                h.id,
+                h.completed_attempts + completed.get(h.id, 0),
+                h.reliability_good,
+                h.reliability_bad,
+                h.reliability_at,
+            )
+            for h in hosts.values()
+        ]
+        if written and postgres:
+            await hosts_pg.write_hosts(self.session, written)
+        elif written:
+            names = ("b_id", *(c.name for c in _OUTCOME_COLUMNS[2:]))
+            table = cast(Table, Host.__table__)
+            connection = await self.session.connection()
+            await connection.execute(
+                update(table).where(table.c.id == bindparam("b_id")),
+                [dict(zip(names, row, strict=True)) for row in written],
+            )
+        return {host.id: host.provider_tenant_id for host in hosts.values()}
 
     async def count_completed_attempt(self, host_id: str) -> str | None:
         """One more attempt completed on the host (count_completed_attempts); its provider."""
