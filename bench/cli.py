@@ -22,6 +22,7 @@ from bench import (  # noqa: F401 - registers them
     probe,
     scheduler,
     signing,
+    submit,
     telemetry,
     tunnels,
 )

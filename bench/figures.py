@@ -38,7 +38,7 @@ async def authenticated_noop_rpc(ctx: RunContext) -> Measurement:
             concurrency=ctx.concurrency,
             duration=ctx.duration,
         )
-        summary = await run_load(spec, ctx.client_processes)
+        summary = await run_load(spec, ctx.client_processes, server_pid=server.pid)
     if summary.calls == 0:
         raise RuntimeError(f"no call succeeded: {summary.first_error or 'no answer'}")
     details = summary.details()
