@@ -31,7 +31,7 @@ from controlplane.jobs.policy import hold_expiry, hold_for, priced
 from controlplane.jobs.reconcile import PeriodicResync
 from controlplane.jobs.rejection import Rejections
 from controlplane.jobs.reports import Reports
-from controlplane.jobs.repository import JobRepository
+from controlplane.jobs.repository import JobRepository, NewRows
 from controlplane.jobs.spec import DEFAULT_MAX_RETRIES, validate_labels, validate_spec
 from controlplane.jobs.spending import SpendingLimits
 from controlplane.jobs.states import ON_HOST, JobState, new_job, set_job_state
@@ -113,8 +113,9 @@ class JobService(
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
                     return existing
             stamped = await stamp_input_hashes(session, caller.tenant_id, spec)
+            rows = NewRows()
             job = new_job(
-                repo,
+                rows,
                 job_id=new_id(kind),
                 tenant_id=caller.tenant_id,
                 spec=stamped.SerializeToString(deterministic=True),
@@ -127,7 +128,7 @@ class JobService(
                 request_hash=request_hash,
                 now=now,
             )
-            await repo.flush()
+            await repo.insert_new(rows)
             await self._hold(session, caller, spec, job, hold, now)
             return job
 
