@@ -12,7 +12,7 @@ from bench.resources import ServerProcess
     unit="calls/s",
     better="higher",
     floor="grpc_echo_qps",
-    target=0.5,
+    target=0.8,
     description="AdminService/WhoAmI with a bearer key against the real control plane (SQLite, "
     "own process, NATS and S3 up), same clients and load as grpc_echo_qps",
 )
