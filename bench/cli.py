@@ -22,6 +22,7 @@ from bench import (  # noqa: F401 - registers them
     probe,
     scheduler,
     signing,
+    submit,
     telemetry,
     tunnels,
 )
@@ -52,6 +53,8 @@ def format_table(results: list[Result]) -> str:
         aims = [f"{sign} {r.target:g}"] if r.target is not None else []
         if r.minimum is not None:
             aims.append(f">= {_number(r.minimum)} {r.unit}")
+        if r.maximum is not None:
+            aims.append(f"<= {_number(r.maximum)} {r.unit}")
         target = "-"
         if aims:
             target = f"{' and '.join(aims)} {'ok' if r.meets_target else 'MISSED'}"
@@ -72,6 +75,7 @@ async def run_one(bench: Benchmark, ctx: RunContext) -> Result:
         ratio=None,
         target=bench.target,
         minimum=bench.minimum,
+        maximum=bench.maximum,
         better=bench.better,
         seconds=0.0,
     )

@@ -32,7 +32,7 @@ async def grpc_echo_qps(ctx: RunContext) -> Measurement:
             concurrency=ctx.concurrency,
             duration=ctx.duration,
         )
-        summary = await run_load(spec, ctx.client_processes)
+        summary = await run_load(spec, ctx.client_processes, server_pid=server.pid)
     details = summary.details()
     details["clients"] = f"{ctx.client_processes} processes × {ctx.concurrency} callers"
     return Measurement(summary.qps, details)

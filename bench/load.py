@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -24,6 +26,10 @@ class LoadSpec:
     method: str
     request_hex: str = ""
     metadata: list[tuple[str, str]] = field(default_factory=list)
+    # When given, caller i of process p sends callers_metadata[(p × concurrency + i) % len]
+    # instead of `metadata` (one credential per caller).
+    callers_metadata: list[list[tuple[str, str]]] = field(default_factory=list)
+    process_index: int = 0
     concurrency: int = 16
     start_at: float = 0.0  # time.time() when measuring begins; warm-up until then
     duration: float = 3.0
@@ -41,7 +47,6 @@ class LoadResult:
 async def drive(spec: LoadSpec) -> LoadResult:
     """Runs one client process's share of the load."""
     request = bytes.fromhex(spec.request_hex)
-    metadata = tuple((k, v) for k, v in spec.metadata)
     latencies: list[int] = []
     counts = {"errors": 0}
     first_error: list[str] = []
@@ -50,7 +55,7 @@ async def drive(spec: LoadSpec) -> LoadResult:
         call = channel.unary_unary(spec.method, None, None)
         await asyncio.wait_for(channel.channel_ready(), timeout=10)
 
-        async def caller() -> None:
+        async def caller(metadata: tuple[tuple[str, str], ...]) -> None:
             while True:
                 started = time.perf_counter()
                 now = time.time()
@@ -67,7 +72,7 @@ async def drive(spec: LoadSpec) -> LoadResult:
                 if now >= spec.start_at:
                     latencies.append(int((time.perf_counter() - started) * 1e6))
 
-        await asyncio.gather(*(caller() for _ in range(spec.concurrency)))
+        await asyncio.gather(*(caller(_metadata_of(spec, i)) for i in range(spec.concurrency)))
     return LoadResult(
         calls=len(latencies),
         errors=counts["errors"],
@@ -75,6 +80,21 @@ async def drive(spec: LoadSpec) -> LoadResult:
         latencies_us=latencies,
         first_error=first_error[0] if first_error else "",
     )
+
+
+def _metadata_of(spec: LoadSpec, caller: int) -> tuple[tuple[str, str], ...]:
+    if not spec.callers_metadata:
+        return tuple((k, v) for k, v in spec.metadata)
+    chosen = spec.callers_metadata[
+        (spec.process_index * spec.concurrency + caller) % len(spec.callers_metadata)
+    ]
+    return tuple((k, v) for k, v in chosen)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(sorted_values: list[int], q: float) -> float:
@@ -93,6 +113,8 @@ class LoadSummary:
     p50_ms: float
     p99_ms: float
     first_error: str
+    # The server's CPU time per answered call over the window (when its pid was given).
+    server_cpu_ms: float | None = None
 
     def details(self) -> dict[str, float | int | str]:
         out: dict[str, float | int | str] = {
@@ -101,26 +123,48 @@ class LoadSummary:
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
         }
+        if self.server_cpu_ms is not None:
+            out["server_cpu_ms_per_call"] = round(self.server_cpu_ms, 3)
         if self.first_error:
             out["first_error"] = self.first_error
         return out
 
 
-async def run_load(spec: LoadSpec, processes: int, warmup: float = 1.0) -> LoadSummary:
-    """Starts `processes` client processes against spec.target and merges what they saw."""
+async def _server_cpu(pid: int, start_at: float, duration: float) -> float:
+    """The CPU seconds process `pid` used between wall-clock start_at and start_at+duration."""
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    before = process_cpu_seconds(pid)
+    await asyncio.sleep(max(0.0, start_at + duration - time.time()))
+    return process_cpu_seconds(pid) - before
+
+
+async def run_load(
+    spec: LoadSpec, processes: int, warmup: float = 1.0, server_pid: int | None = None
+) -> LoadSummary:
+    """Starts `processes` client processes against spec.target and merges what they saw;
+    with `server_pid`, also what that process's CPU time was per answered call."""
     spec.start_at = time.time() + warmup + 0.5  # + interpreter start-up of the clients
     from bench.resources import child_env
 
-    argv = [sys.executable, "-m", "bench.load", json.dumps(asdict(spec))]
-    children = [
-        await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_env()
+    children = []
+    for index in range(processes):
+        spec.process_index = index
+        argv = [sys.executable, "-m", "bench.load", json.dumps(asdict(spec))]
+        children.append(
+            await asyncio.create_subprocess_exec(
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=child_env(),
+            )
         )
-        for _ in range(processes)
-    ]
+    cpu = None
+    if server_pid is not None:
+        cpu = asyncio.create_task(_server_cpu(server_pid, spec.start_at, spec.duration))
     outputs = await asyncio.gather(
         *(asyncio.wait_for(c.communicate(), spec.duration + warmup + 30) for c in children)
     )
+    cpu_seconds = await cpu if cpu is not None else None
     results: list[LoadResult] = []
     for child, (out, err) in zip(children, outputs, strict=True):
         if child.returncode != 0:
@@ -135,12 +179,14 @@ async def run_load(spec: LoadSpec, processes: int, warmup: float = 1.0) -> LoadS
         p50_ms=percentile(latencies, 0.50) / 1000,
         p99_ms=percentile(latencies, 0.99) / 1000,
         first_error=next((r.first_error for r in results if r.first_error), ""),
+        server_cpu_ms=cpu_seconds * 1000 / calls if cpu_seconds is not None and calls else None,
     )
 
 
 def main() -> None:
     raw = json.loads(sys.argv[1])
     raw["metadata"] = [tuple(pair) for pair in raw["metadata"]]
+    raw["callers_metadata"] = [[tuple(p) for p in m] for m in raw["callers_metadata"]]
     result = asyncio.run(drive(LoadSpec(**raw)))
     sys.stdout.write(json.dumps(asdict(result)))
 

@@ -54,6 +54,8 @@ class Benchmark:
     # The figure itself to reach (an issue's absolute target on the reference machine),
     # checked as well as the ratio where both are given.
     minimum: float | None = None
+    # The same for a figure where lower is better: the most it may be.
+    maximum: float | None = None
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Result:
     details: dict[str, float | int | str] = field(default_factory=dict)
     error: str | None = None
     minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def meets_target(self) -> bool | None:
@@ -79,6 +82,8 @@ class Result:
             checks.append(self.ratio >= self.target if higher else self.ratio <= self.target)
         if self.figure is not None and self.minimum is not None:
             checks.append(self.figure >= self.minimum)
+        if self.figure is not None and self.maximum is not None:
+            checks.append(self.figure <= self.maximum)
         return all(checks) if checks else None
 
     def as_json(self) -> dict[str, object]:
@@ -92,6 +97,7 @@ class Result:
             "floor_name": self.floor_name,
             "better": self.better,
             "minimum": self.minimum,
+            "maximum": self.maximum,
             "meets_target": self.meets_target,
             "seconds": round(self.seconds, 3),
             "details": self.details,
@@ -111,13 +117,16 @@ def benchmark(
     floor: str | None = None,
     target: float | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
 ) -> Callable[[Runner], Runner]:
     """Registers the decorated coroutine function as benchmark `name`."""
 
     def register(run: Runner) -> Runner:
         if name in REGISTRY:
             raise ValueError(f"benchmark {name!r} registered twice")
-        REGISTRY[name] = Benchmark(name, unit, better, run, description, floor, target, minimum)
+        REGISTRY[name] = Benchmark(
+            name, unit, better, run, description, floor, target, minimum, maximum
+        )
         return run
 
     return register

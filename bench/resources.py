@@ -134,6 +134,12 @@ class ServerProcess:
         ready: dict[str, Any] = json.loads(line)
         return ready
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (once started)."""
+        assert self.process is not None, "not started"
+        return self.process.pid
+
     async def stop(self) -> None:
         process = self.process
         if process is None:

@@ -34,12 +34,11 @@ from grpc_reflection.v1alpha import reflection
 from controlplane import gauges
 from controlplane.api.admin import AdminServicer, pricing_policy
 from controlplane.api.data import DataServicer
-from controlplane.api.interceptors import AuthInterceptor, ErrorInterceptor, RateLimiter
+from controlplane.api.interceptors import Admission, Gate, RateLimiter
 from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
 from controlplane.api.registry import RegistryServicer
 from controlplane.api.sessions import SessionServicer
-from controlplane.api.text import TextInterceptor
 from controlplane.api.tunnels import TunnelRelayServicer, TunnelServicer
 from controlplane.auth.browser_sessions import BrowserSessions
 from controlplane.auth.service import AuthService
@@ -240,13 +239,14 @@ class ControlPlane:
         browser_sessions = BrowserSessions(domains.db, *dashboard.session_lifetimes)
         server = aio.server(
             interceptors=[
-                ErrorInterceptor(self.metrics),
-                AuthInterceptor(
-                    domains.auth.authenticate,
-                    RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
-                    browser_sessions.authenticate,
-                ),
-                TextInterceptor(),
+                Gate(
+                    self.metrics,
+                    Admission(
+                        domains.auth.authenticate,
+                        RateLimiter(limits.rate_limit_per_second, limits.rate_limit_burst),
+                        browser_sessions.authenticate,
+                    ),
+                )
             ],
             options=[
                 ("grpc.max_receive_message_length", serving.max_message_bytes),

@@ -1,18 +1,20 @@
-"""Server interceptors: error mapping (with RPC metrics), bearer-key authentication and
-per-key rate limits."""
+"""The server's one interceptor (`Gate`): error mapping with RPC metrics, bearer-key
+authentication, per-key rate limits, the role policy and the request text check, applied by
+one wrapper built once per method."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
 
 from controlplane.api.status import dependency_down, status_code_for
+from controlplane.api.text import check_request, checked_stream
 from controlplane.auth.policy import PUBLIC_METHODS, allowed_roles
 from controlplane.auth.principal import Principal, Role, set_current_principal
 from controlplane.errors import DomainError, PermissionDenied, ResourceExhausted, Unauthenticated
@@ -78,25 +80,31 @@ def aborted_code(context: aio.ServicerContext[Any, Any]) -> str:
 
 
 class _RpcCall:
-    """One method's metrics (go-grpc-prometheus's labels) and its error answers."""
+    """One method's metrics (go-grpc-prometheus's labels) and its error answers; the labelled
+    series are looked up once per method, not per call."""
 
     def __init__(self, metrics: Metrics, method: str, kind: str) -> None:
         self.method = method
         self.labels = (kind, *split_method(method))
-        self.rpcs_started = metrics.rpcs_started
+        self.started = metrics.rpcs_started.labels(*self.labels)
         self.rpcs = metrics.rpcs
+        self.ended: dict[str, Any] = {}
         # Streams stay open for hours: their durations go to a histogram of their own.
-        self.durations = metrics.rpc_seconds if kind == "unary" else metrics.stream_seconds
+        durations = metrics.rpc_seconds if kind == "unary" else metrics.stream_seconds
+        self.durations = durations.labels(*self.labels)
 
     def start(self) -> float:
         """One RPC started: counted; returns when (perf_counter)."""
-        self.rpcs_started.labels(*self.labels).inc()
+        self.started.inc()
         return time.perf_counter()
 
     def done(self, code: str, started: float) -> None:
         """One RPC ended with `code`, whichever: counted and timed."""
-        self.rpcs.labels(*self.labels, code).inc()
-        self.durations.labels(*self.labels).observe(time.perf_counter() - started)
+        ended = self.ended.get(code)
+        if ended is None:
+            ended = self.ended[code] = self.rpcs.labels(*self.labels, code)
+        ended.inc()
+        self.durations.observe(time.perf_counter() - started)
 
     async def fail(
         self, context: aio.ServicerContext[Any, Any], error: BaseException, started: float
@@ -117,56 +125,6 @@ class _RpcCall:
         log.error("unhandled error in %s (ref %s)", method, ref, exc_info=error)
         self.done("INTERNAL", started)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
-
-
-class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
-    """The one place domain errors become status codes. Anything else is logged with its
-    traceback and answered INTERNAL with a generic message and a reference to the log line."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler  # unknown method: grpc answers UNIMPLEMENTED
-        call = _RpcCall(self.metrics, handler_call_details.method, rpc_type(handler))
-        start, done, fail = call.start, call.done, call.fail
-
-        def wrap(behaviour: Any, streams_out: bool) -> Any:
-            if streams_out:
-
-                async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                    started = start()
-                    try:
-                        async for item in behaviour(request, context):
-                            yield item
-                    except aio.AbortError:
-                        done(aborted_code(context), started)
-                        raise
-                    except Exception as error:  # noqa: BLE001 - the one catch-all
-                        await fail(context, error, started)
-                    done("OK", started)
-
-                return stream
-
-            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                started = start()
-                try:
-                    response = await behaviour(request, context)
-                except aio.AbortError:
-                    done(aborted_code(context), started)
-                    raise
-                except Exception as error:  # noqa: BLE001 - the one catch-all
-                    await fail(context, error, started)
-                done("OK", started)
-                return response
-
-            return unary
-
-        return _rewrap(handler, wrap)
 
 
 Authenticator = Callable[[str], Awaitable[Principal]]
@@ -262,10 +220,9 @@ async def _no_sessions(token: str) -> Principal:
     raise Unauthenticated("browser sessions are not served here")
 
 
-class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Authenticates the bearer key, applies its rate limit and checks the caller's role
-    against the policy table; the principal is then available to the handler through
-    current_principal()."""
+class Admission:
+    """Who may call a method: the bearer key (or browser session) authenticated, its rate
+    limit applied and its role checked against the policy table."""
 
     def __init__(
         self,
@@ -276,50 +233,111 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         self.authenticate = authenticate
         self.limiter = limiter
         # A browser session's token (controlplane/auth/browser_sessions.py) stands for its API key.
-        self.authenticate_session = authenticate_session
+        self.authenticate_session = authenticate_session or _no_sessions
+
+    async def admit(self, method: str, roles: frozenset[Role], metadata: Any) -> Principal:
+        """The caller's principal on `method`, or the domain error that refuses it."""
+        found = credential(metadata)
+        if found is None:
+            raise Unauthenticated(
+                "missing credential: send metadata 'authorization: Bearer <api key>'"
+            )
+        scheme, secret = found
+        if scheme == BROWSER_SESSION_SCHEME:
+            principal = await self.authenticate_session(secret)
+        else:
+            principal = await self.authenticate(secret)
+        if self.limiter is not None:
+            self.limiter.check(principal, method)
+        if principal.role not in roles:
+            raise PermissionDenied(
+                f"{method.rsplit('/', 1)[-1]} is not allowed for role {principal.role.value}"
+            )
+        return principal
+
+
+class Gate(aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The one interceptor. Per method, once: a handler that counts and times each call, turns
+    domain errors into status codes (the only place: anything else is logged with its
+    traceback and answered INTERNAL with a generic message and a reference to the log line),
+    admits the caller (`admission`; the principal is then current_principal()) and checks
+    every request's text (api/text.py) before the servicer sees it. One wrapper, built once,
+    instead of a chain rebuilt per call: the chain cost as much as the call it guarded."""
+
+    def __init__(
+        self, metrics: Metrics, admission: Admission | None = None, check_text: bool = True
+    ) -> None:
+        self.metrics = metrics
+        self.admission = admission
+        self.check_text = check_text
+        # method -> (the servicer's handler, its wrapped twin)
+        self._handlers: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler:
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # unknown method: grpc answers UNIMPLEMENTED
         method = handler_call_details.method
-        if handler is None or method in PUBLIC_METHODS:
-            return handler
-        roles = allowed_roles(method)
-        found = credential(handler_call_details.invocation_metadata)
-        authenticate = self.authenticate
-        if found is not None and found[0] == BROWSER_SESSION_SCHEME:
-            authenticate = self.authenticate_session or _no_sessions
-        limiter = self.limiter
+        known = self._handlers.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _rewrap(handler, self._wrapper(method, handler))
+        self._handlers[method] = (handler, wrapped)
+        return wrapped
 
-        async def admit() -> None:
-            if found is None:
-                raise Unauthenticated(
-                    "missing credential: send metadata 'authorization: Bearer <api key>'"
-                )
-            principal = await authenticate(found[1])
-            if limiter is not None:
-                limiter.check(principal, method)
-            if principal.role not in roles:
-                raise PermissionDenied(
-                    f"{method.rsplit('/', 1)[-1]} is not allowed for role {principal.role.value}"
-                )
-            set_current_principal(principal)
+    def _wrapper(self, method: str, handler: Handler) -> Wrap:
+        call = _RpcCall(self.metrics, method, rpc_type(handler))
+        start, done, fail = call.start, call.done, call.fail
+        admission = None if method in PUBLIC_METHODS else self.admission
+        roles = allowed_roles(method)
+        streams_in = bool(handler.stream_unary or handler.stream_stream)
+        check = (checked_stream if streams_in else check_request) if self.check_text else None
+
+        async def enter(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            """The request as the servicer gets it, once the caller is admitted."""
+            if admission is not None:
+                metadata = context.invocation_metadata()
+                set_current_principal(await admission.admit(method, roles, metadata))
+            return request if check is None else check(request)
 
         def wrap(behaviour: Any, streams_out: bool) -> Any:
             if streams_out:
 
-                async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                    await admit()
-                    async for item in behaviour(request, context):
-                        yield item
+                async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                    started = start()
+                    try:
+                        async for item in behaviour(await enter(request, context), context):
+                            yield item
+                    except aio.AbortError:
+                        done(aborted_code(context), started)
+                        raise
+                    except Exception as error:  # noqa: BLE001 - the one catch-all
+                        await fail(context, error, started)
+                    done("OK", started)
 
                 return stream
 
-            async def unary(request: Any, context: Any) -> Any:
-                await admit()
-                return await behaviour(request, context)
+            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                started = start()
+                try:
+                    response = await behaviour(await enter(request, context), context)
+                except aio.AbortError:
+                    done(aborted_code(context), started)
+                    raise
+                except Exception as error:  # noqa: BLE001 - the one catch-all
+                    await fail(context, error, started)
+                done("OK", started)
+                return response
 
             return unary
 
-        return _rewrap(handler, wrap)
+        return wrap
+
+
+class ErrorInterceptor(Gate):
+    """The gate with error mapping and metrics only (no credentials, no text check)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(metrics, admission=None, check_text=False)

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
-import grpc
 from google.protobuf.message import Message
 from gpuplane.v1 import registry_pb2
-from grpc import aio
 
-from controlplane.api.interceptors import Continuation, Handler, _rewrap
 from controlplane.strings import check_text
 
 
@@ -26,44 +22,16 @@ def _is_telemetry(message: Message) -> bool:
     )
 
 
-class TextInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Applies check_text to every request message, streamed ones included, before the
-    handler sees it: a refused request reaches no service and stores nothing."""
+def check_request(request: Message) -> Message:
+    """The request, once check_text found nothing in it (else InvalidArgument)."""
+    check_text(request)
+    return request
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        streams_in = bool(handler.stream_unary or handler.stream_stream)
 
-        def wrap(behaviour: Any, streams_out: bool) -> Any:
-            async def checked(requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
-                async for request in requests:
-                    if not _is_telemetry(request):
-                        check_text(request)
-                    yield request
-
-            if streams_out:
-
-                async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                    if streams_in:
-                        request = checked(request)
-                    else:
-                        check_text(request)
-                    async for item in behaviour(request, context):
-                        yield item
-
-                return stream
-
-            async def unary(request: Any, context: Any) -> Any:
-                if streams_in:
-                    request = checked(request)
-                else:
-                    check_text(request)
-                return await behaviour(request, context)
-
-            return unary
-
-        return _rewrap(handler, wrap)
+async def checked_stream(requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
+    """A client stream's messages, each checked before the handler sees it (telemetry
+    batches excepted)."""
+    async for request in requests:
+        if not _is_telemetry(request):
+            check_text(request)
+        yield request

@@ -31,7 +31,7 @@ from controlplane.jobs.policy import hold_expiry, hold_for, priced
 from controlplane.jobs.reconcile import PeriodicResync
 from controlplane.jobs.rejection import Rejections
 from controlplane.jobs.reports import Reports
-from controlplane.jobs.repository import JobRepository
+from controlplane.jobs.repository import JobRepository, NewRows
 from controlplane.jobs.spec import DEFAULT_MAX_RETRIES, validate_labels, validate_spec
 from controlplane.jobs.spending import SpendingLimits
 from controlplane.jobs.states import ON_HOST, JobState, new_job, set_job_state
@@ -75,10 +75,16 @@ class JobService(
     async def price_spec(self, spec: types_pb2.JobSpec) -> types_pb2.JobSpec:
         """A prepared spec with the price its hold assumes as its max price: the dearest
         offer matching it now (policy.priced)."""
+        return (await self._priced(spec))[0]
+
+    async def _priced(self, spec: types_pb2.JobSpec) -> tuple[types_pb2.JobSpec, bool]:
+        """price_spec, and whether some host could take the job now (True when unknown)."""
         if spec.budget_micro_credits:
-            return spec
-        dearest = await self.prices.dearest_match(spec) if self.prices is not None else None
-        return priced(spec, dearest, self.policy.default_max_price)
+            return spec, True
+        if self.prices is None:
+            return priced(spec, None, self.policy.default_max_price), True
+        dearest = await self.prices.dearest_match(spec)
+        return priced(spec, dearest, self.policy.default_max_price), dearest is not None
 
     async def submit(
         self,
@@ -95,7 +101,7 @@ class JobService(
             raise InvalidArgument("spec.session", "sessions are created by CreateSession")
         if kind != "rep" and spec.HasField("service_replica"):
             raise InvalidArgument("spec.service_replica", "replicas are made by DeployService")
-        spec = await self.price_spec(self.prepare_spec(spec))
+        spec, placeable = await self._priced(self.prepare_spec(spec))
         hold = hold_for(spec, self.policy.default_max_price)
         now = utcnow()
 
@@ -107,8 +113,9 @@ class JobService(
                     ensure_same(existing.request_hash, request_hash, idempotency_key)
                     return existing
             stamped = await stamp_input_hashes(session, caller.tenant_id, spec)
+            rows = NewRows()
             job = new_job(
-                repo,
+                rows,
                 job_id=new_id(kind),
                 tenant_id=caller.tenant_id,
                 spec=stamped.SerializeToString(deterministic=True),
@@ -121,7 +128,7 @@ class JobService(
                 request_hash=request_hash,
                 now=now,
             )
-            await repo.flush()
+            await repo.insert_new(rows)
             await self._hold(session, caller, spec, job, hold, now)
             return job
 
@@ -135,7 +142,11 @@ class JobService(
                 raise
             ensure_same(existing.request_hash, request_hash, idempotency_key)
             return existing
-        self.notifier.schedule.set()
+        if placeable:
+            # A cycle now could place it. Else no host could take it yet (the market view is
+            # at most FRESH_SECONDS old): the periodic cycle will once one can, and a burst of
+            # such submits does not run a cycle over the whole queue per submit.
+            self.notifier.schedule.set()
         return job
 
     async def _hold(
