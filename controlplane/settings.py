@@ -116,10 +116,11 @@ class Settings(
         "Unset: one is generated once and written to data_dir/admin.key.",
     )
     auth_cache_ttl_seconds: float = Field(
-        default=1.0,
+        default=5.0,
         ge=0,
-        description="How long a verified API key is trusted before re-checking: the longest a "
-        "key revoked on another replica keeps working (on the revoking replica it stops at once).",
+        description="How long a verified API key is trusted before re-checking. A revoked key "
+        "stops at once on the revoking replica and, through the routes change stream on core "
+        "NATS, on the others; this bounds only a revocation that stream lost.",
     )
     rate_limit_per_second: float = Field(
         default=200.0,

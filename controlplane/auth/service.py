@@ -58,7 +58,7 @@ class AuthService:
     def __init__(
         self,
         db: Database,
-        cache_ttl: float = 1.0,
+        cache_ttl: float = 5.0,
         fallback: Callable[[str], Awaitable[Principal | None]] | None = None,
     ) -> None:
         self.db = db
