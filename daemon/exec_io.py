@@ -92,6 +92,19 @@ class Demux:
             yield kind, piece
 
 
+def enter_net_namespace(pid: int) -> None:
+    """Moves the calling thread into the network namespace of process `pid` (setns;
+    CAP_SYS_ADMIN): only a thread that runs nothing else afterwards may call it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
 def connect_in_netns(pid: int, port: int, timeout: float = 5.0) -> socket.socket:
     """A TCP connection to 127.0.0.1:port inside the network namespace of process `pid` (a
     container's), so it works for containers with network none, as kubelet's port-forward
@@ -102,14 +115,7 @@ def connect_in_netns(pid: int, port: int, timeout: float = 5.0) -> socket.socket
 
     def work() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    error = ctypes.get_errno()
-                    raise OSError(error, f"setns: {os.strerror(error)}")
-            finally:
-                os.close(fd)
+            enter_net_namespace(pid)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             try:

@@ -4,13 +4,12 @@ a connection costs a queue hand-off and a connect, not a thread and a setns of i
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import os
 import queue
 import socket
 import threading
 
-_CLONE_NEWNET = 0x40000000
+from daemon.exec_io import enter_net_namespace
+
 # How long a connect inside the container may take.
 CONNECT_TIMEOUT = 5.0
 Request = tuple[int, asyncio.AbstractEventLoop, "asyncio.Future[socket.socket]"]
@@ -31,14 +30,7 @@ class Connector:
 
     def _run(self) -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/proc/{self.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    error = ctypes.get_errno()
-                    raise OSError(error, f"setns: {os.strerror(error)}")
-            finally:
-                os.close(fd)
+            enter_net_namespace(self.pid)
         except OSError as exc:
             self._failed = exc
         while (request := self._requests.get()) is not None:

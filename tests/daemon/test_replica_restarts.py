@@ -19,6 +19,7 @@ from daemon.runtime import DockerRuntime
 from daemon.settings import DaemonSettings
 from storage.objects import ObjectStore
 from tests.daemon.conftest import Reports, make_dispatch
+from tests.daemon.test_executor import executor as new_executor
 
 K = messaging_pb2.JobReportKind
 R = messaging_pb2.StopReason
@@ -53,25 +54,6 @@ class Restarts:
             while len(self.seen) < count:
                 self.changed.clear()
                 await self.changed.wait()
-
-
-def new_executor(
-    dispatch: messaging_pb2.DispatchMessage,
-    runtime: DockerRuntime,
-    store: ObjectStore,
-    settings: DaemonSettings,
-    reports: Reports,
-    journal: Journal | None = None,
-) -> JobExecutor:
-    return JobExecutor(
-        dispatch,
-        host_id="host-test",
-        runtime=runtime,
-        store=store,
-        settings=settings,
-        report=reports,
-        journal=journal,
-    )
 
 
 def containers_of(client: docker.DockerClient, job_id: str) -> list[str]:
