@@ -164,6 +164,21 @@ def required_token(settings: DaemonSettings) -> str:
     return settings.registration_token.get_secret_value()
 
 
+# Answers that say "not now" rather than "no": a control plane that is down or slow
+# (UNAVAILABLE, DEADLINE_EXCEEDED), shedding load (RESOURCE_EXHAUSTED: gRPC core's pending-call
+# limit, rate limits), or a call cut short (CANCELLED, ABORTED) while thousands of hosts
+# (re)connect at once. Registration and the offer's update are retried on them.
+RETRIED = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
 async def register(
     settings: DaemonSettings, inventory: GpuInventory, channel: grpc.aio.Channel
 ) -> HostIdentity:
@@ -173,7 +188,7 @@ async def register(
     try:
         response = await stub.RegisterHost(request, timeout=30)
     except grpc.aio.AioRpcError as exc:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if exc.code() in RETRIED:
             raise
         raise RegistrationError(
             f"the control plane at {settings.control_plane} refused to register this host: "
@@ -205,7 +220,7 @@ async def apply_offer(
         response = await stub.UpdateHost(request, timeout=30, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if code in RETRIED:
             raise
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED):
             # A refused credential re-registers (with these flags) once connected; an older
@@ -230,8 +245,8 @@ def take_nats_servers(identity: HostIdentity, servers: list[str], host_file: Pat
 
 
 async def until_answered(settings: DaemonSettings, call: Callable[[], Awaitable[T]]) -> T:
-    """`call` until the control plane answers: an RPC error (UNAVAILABLE, DEADLINE_EXCEEDED:
-    the others raise RegistrationError) is retried with jittered backoff."""
+    """`call` until the control plane answers: an RPC error of RETRIED (the others raise
+    RegistrationError) is retried with jittered backoff."""
     backoff = Backoff(settings.reconnect_base_seconds, settings.reconnect_max_seconds)
     while True:
         try:

@@ -37,6 +37,11 @@ class Refused(RuntimeError):
     """The tunnel cannot be opened here; said to the client."""
 
 
+class NotRunning(OSError):
+    """The attempt runs but its container has no process now (a replica between restarts):
+    this connection fails, a standing pool lives on (an OSError, not Refused)."""
+
+
 class Tunnels:
     """Opens the tunnels the control plane's TunnelCommands ask for, each on its own task,
     over a call back to the replica the command names: the daemon's own channel when that is
@@ -156,7 +161,13 @@ class Tunnels:
             assert self.agent._runtime is not None
             api = self.agent._runtime.client.api
             attrs = await asyncio.to_thread(api.inspect_container, container_id)
-            connector = Connector(int(attrs["State"]["Pid"]))
+            pid = int(attrs["State"]["Pid"] or 0)
+            if not pid:  # exited: a replica waiting for its restart in place
+                raise NotRunning(
+                    f"job {command.job_id} attempt {command.attempt}: its container is not "
+                    "running now (a replica restarting in place); try again shortly"
+                )
+            connector = Connector(pid)
             if container_id in self._connectors:  # another call started one meanwhile
                 connector.close()
             connector = self._connectors.setdefault(container_id, connector)

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import docker
+import grpc
 import pytest
-from gpuplane.v1 import jobs_pb2, services_pb2, types_pb2
+from gpuplane.v1 import jobs_pb2, services_pb2, tunnels_pb2, tunnels_pb2_grpc, types_pb2
 
 from controlplane.ledger.transfers import charge_for
 from daemon.agent import Agent
@@ -23,6 +24,7 @@ from devstack import DockerEngine, S3Server
 from tests.e2e.test_gateway import fetch, gateway_url
 from tests.e2e.test_job_path import PRICE
 from tests.e2e.test_services import SERVE, deploy, get, live, ready, scale, stub, two_agents, until
+from tests.e2e.tunnelstack import aiter_of
 from tests.harness import JobPlane
 
 S = types_pb2
@@ -158,6 +160,21 @@ async def test_a_stop_during_the_backoff_ends_the_replica_at_once(
     replica = backing_off.replicas[0]
     assert replica.state == S.JOB_STATE_RUNNING, "running (and billed) through its backoff"
     auth = plane.auth(plane.consumer_key)
+    # A tunnel into it meanwhile is refused plainly: its container has no process to enter.
+    opening = [
+        tunnels_pb2.PortForwardRequest(
+            start=tunnels_pb2.PortForwardStart(job_id=replica.replica_id, port=8080)
+        ),
+        tunnels_pb2.PortForwardRequest(close_write=True),
+    ]
+    call = tunnels_pb2_grpc.TunnelServiceStub(plane.channel).PortForward(
+        aiter_of(opening),  # type: ignore[arg-type]
+        metadata=auth,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        _ = [answer async for answer in call]
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not running now" in (caught.value.details() or "")
     asked = time.monotonic()
     await stub(plane).StopService(SV.StopServiceRequest(service="web"), metadata=auth)
     stopped = await until(plane, lambda s: not live(s), timeout=10)

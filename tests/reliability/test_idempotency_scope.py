@@ -82,6 +82,8 @@ class Caller:
     # consumer whose credit Deposit adds to.
     job_id: str = ""
     deposit_to: str = ""
+    # The caller's service "web" (DeployService's case made it), for CreateServiceKey.
+    service_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,14 @@ CASES: dict[str, Case] = {
         lambda p: services_pb2_grpc.ServiceServiceStub(p.channel).DeployService,
         lambda r: r.service.service_id,
         lambda r, c: r.service.tenant_id == c.tenant_id,
+    ),
+    "CreateServiceKey": Case(
+        lambda c: services_pb2.CreateServiceKeyRequest(
+            service="web", description="caller", idempotency_key=KEY
+        ),
+        lambda p: services_pb2_grpc.ServiceServiceStub(p.channel).CreateServiceKey,
+        lambda r: r.key.key_id,
+        lambda r, c: bool(r.secret) and r.key.service_id == c.service_id,
     ),
     "CreateRegistrationToken": Case(
         # The case: the same request (own provider, same label) from two providers.
@@ -244,7 +254,8 @@ async def test_the_same_key_from_two_tenants_gets_each_its_own_result(plane: Job
     methods = keyed_methods()
     callers: dict[Role, tuple[Caller, Caller]] = {}
     tried = 0
-    for name, path in sorted(methods.items()):
+    # A caller key needs its service: DeployService's case first.
+    for name, path in sorted(methods.items(), key=lambda m: (m[0] == "CreateServiceKey", m[0])):
         case, role = CASES[name], role_for(path)
         if role not in callers:
             callers[role] = await two_callers(plane, role)
@@ -258,6 +269,8 @@ async def test_the_same_key_from_two_tenants_gets_each_its_own_result(plane: Job
         assert case.owner(one, first), f"{name}: {one}"
         assert case.owner(two, second), f"{name}: the second tenant got {two}"
         assert case.result_id(again) == case.result_id(one), f"{name}: the replay differs"
+        if name == "DeployService":
+            first.service_id, second.service_id = one.service.service_id, two.service.service_id
     await plane.assert_ledger_consistent()
     summary.record(
         "idempotency keys scoped per tenant",
