@@ -88,8 +88,9 @@ class Pipe:
     daemon_done: asyncio.Event = field(default_factory=asyncio.Event)
     # This replica is stopping: the client's call ends with UNAVAILABLE.
     closing: bool = False
-    # Frames relayed from the daemon (for tests).
+    # Frames, and their data bytes, relayed from the daemon (for tests).
     relayed: int = 0
+    relayed_bytes: int = 0
     # The client's side failed (a bad request): the client's call ends with it at once.
     failure: Exception | None = None
     # A raw tunnel (controlplane/tunnels/raw.py): the daemon's raw connection to the data
@@ -132,6 +133,7 @@ class Pipe:
             if frame.WhichOneof("msg") == "error":
                 raise FailedPrecondition(f"the host could not open the tunnel: {frame.error}")
             self.relayed += 1
+            self.relayed_bytes += len(frame.data)
             yield frame
 
     def _ended(self) -> bool:
