@@ -13,7 +13,7 @@ from gpuplane.v1 import admin_pb2, types_pb2
 from gpuplane_cli import args as a
 from gpuplane_cli import pricing
 from gpuplane_cli.client import EXIT_OK, Context, all_pages
-from gpuplane_cli.output import print_json, role_name, table, when
+from gpuplane_cli.output import print_json, print_key_secret, role_name, table, when
 
 ROLES = {
     "admin": types_pb2.ROLE_ADMIN,
@@ -120,13 +120,7 @@ async def create_key(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_OK
     key = response.key
     print(f"key {key.key_id} for tenant {key.tenant_id}, role {role_name(key.role)}")
-    if response.secret:
-        print(response.secret)
-        print("(the secret is shown only this once)", file=sys.stderr)
-    else:
-        print(
-            "(an idempotent replay: the secret was shown when the key was created)", file=sys.stderr
-        )
+    print_key_secret(response.secret)
     return EXIT_OK
 
 

@@ -38,6 +38,18 @@ _GAP = 2  # spaces between columns
 _MIN_COLUMN = 6  # a column is not squeezed below this (or its header, or its widest cell)
 
 
+def print_key_secret(secret: str) -> None:
+    """A created key's secret on stdout (said once on stderr), or, for an idempotent replay
+    (no secret), where it went."""
+    if secret:
+        print(secret)
+        print("(the secret is shown only this once)", file=sys.stderr)
+    else:
+        print(
+            "(an idempotent replay: the secret was shown when the key was created)", file=sys.stderr
+        )
+
+
 def is_terminal(stream: TextIO | None = None) -> bool:
     """Whether output goes to a person: a terminal, and neither TERM=dumb nor a pipe."""
     out = stream or sys.stdout

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from gpuplane.v1 import services_pb2
 
 from gpuplane_cli import args as a
 from gpuplane_cli.client import EXIT_OK, Context
-from gpuplane_cli.output import print_json, table, when
+from gpuplane_cli.output import print_json, print_key_secret, table, when
 
 
 def register(group: a.Subparsers, common: argparse.ArgumentParser) -> None:
@@ -40,13 +39,7 @@ async def create_key(args: argparse.Namespace, ctx: Context) -> int:
         print_json(response)
         return EXIT_OK
     print(f"caller key {response.key.key_id} for service {args.service}")
-    if response.secret:
-        print(response.secret)
-        print("(the secret is shown only this once)", file=sys.stderr)
-    else:
-        print(
-            "(an idempotent replay: the secret was shown when the key was created)", file=sys.stderr
-        )
+    print_key_secret(response.secret)
     return EXIT_OK
 
 
