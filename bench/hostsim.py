@@ -205,11 +205,14 @@ class SimulatedHost:
                         break
 
     async def _heartbeats(self) -> None:
-        beat = registry_pb2.DaemonMessage(heartbeat=registry_pb2.Heartbeat()).SerializeToString()
         while True:
+            # Stamped as the daemon does: the control plane measures its processing lag.
+            beat = registry_pb2.Heartbeat()
+            beat.time.GetCurrentTime()
+            message = registry_pb2.DaemonMessage(heartbeat=beat).SerializeToString()
             async with self.lock:
                 with contextlib.suppress(*ENDED):  # _drain connects again
-                    await self.call.write(beat)
+                    await self.call.write(message)
             await asyncio.sleep(self.spec.heartbeat_interval)
 
     async def telemetry(self) -> None:

@@ -93,6 +93,7 @@ class Background:
             ("outbox", self._relay, False),
             ("reports", self._consume, False),
             ("liveness", self._liveness, False),
+            ("loop-lag", self.registry.loop_lag.run, False),
             ("holds", self._expire_holds, False),
             ("commands", self.registry.commands.run, False),
             ("commands-announce", self._announce_commands, False),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -12,6 +13,9 @@ from prometheus_client.registry import Collector
 from controlplane.jobs.spending import TenantSpend
 from controlplane.registry.monitor import GpuMonitor
 from messaging.exposition import GpuSampleFamilies, MetricsServer, add_standard_collectors
+
+if TYPE_CHECKING:
+    from controlplane.registry.service import RegistryService
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,19 @@ class Metrics:
             "gpuplane_job_reports_capped_total",
             "Daemon reports whose run time exceeded what this control plane observed (plus "
             "the slack) and was capped.",
+            registry=self.registry,
+        )
+        self.heartbeat_lag = Histogram(
+            "gpuplane_heartbeat_processing_lag_seconds",
+            "From a daemon's heartbeat (its own timestamp) to this control plane processing it "
+            "(clock skew between the two included; a negative lag counts as 0).",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.loop_lag = Gauge(
+            "gpuplane_event_loop_lag_seconds",
+            "The longest this process's event loop ran late over the last 10 s (what was "
+            "ready, a heartbeat read included, waited that long); loss checks discount it.",
             registry=self.registry,
         )
         self.resyncs = Counter(
@@ -244,6 +261,11 @@ class Metrics:
         if self._telemetry is None:
             self._telemetry = TelemetryCollector(monitor)
             self.registry.register(self._telemetry)
+
+    def watch_liveness(self, registry: RegistryService) -> None:
+        """Exports the heartbeat processing lag and the event-loop lag of `registry`."""
+        registry.on_heartbeat_lag = self.heartbeat_lag.observe
+        self.loop_lag.set_function(lambda: registry.loop_lag.largest(10.0))
 
     def serve(self, addr: str) -> int:
         """Starts /metrics on `addr` ("host:port", port 0 picks one); returns the port."""

@@ -61,7 +61,7 @@ from controlplane.registry.access import HostAccess
 from controlplane.registry.config import heartbeat_write_interval, monitor_policy
 from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
-from controlplane.registry.service import RegistryService
+from controlplane.registry.service import HOST_CREDENTIAL_PREFIX, RegistryService
 from controlplane.scheduler.config import scheduler_policy
 from controlplane.scheduler.leader import PostgresLeader, SoleLeader, leadership_for
 from controlplane.scheduler.market import Market
@@ -188,8 +188,12 @@ class ControlPlane:
             command_poll_interval=hosts.command_poll_interval_seconds,
             command_resend_after=hosts.command_resend_seconds,
         )
+        self.metrics.watch_liveness(registry)
         auth = AuthService(
-            db, cache_ttl=settings.auth.cache_ttl_seconds, fallback=registry.authenticate_host
+            db,
+            cache_ttl=settings.auth.cache_ttl_seconds,
+            fallback=registry.authenticate_host,
+            fallback_prefix=HOST_CREDENTIAL_PREFIX,
         )
         ledger = LedgerService(db, min_payout=settings.pricing.min_payout)
         scheduling = settings.scheduler
@@ -248,13 +252,7 @@ class ControlPlane:
                     ),
                 )
             ],
-            options=[
-                ("grpc.max_receive_message_length", serving.max_message_bytes),
-                ("grpc.max_send_message_length", serving.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-                # HTTP/2 frames up to 1 MiB: a 256 KiB tunnel frame in one (daemon/channel.py).
-                ("grpc.http2.max_frame_size", 1 << 20),
-            ],
+            options=serving.grpc_options(),
         )
         self._add_servicers(server, domains)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -301,7 +299,10 @@ class ControlPlane:
                 domains.registry,
                 jobs,
                 HostAccess(
-                    domains.registry, jobs.sweep_lost_attempts, forget_principal=domains.auth.forget
+                    domains.registry,
+                    jobs.sweep_lost_attempts,
+                    forget_principal=domains.auth.forget,
+                    remember_credential=domains.auth.remember,
                 ),
                 nats_servers=self.bus.servers,
                 # The wire (Connect's HostIdentity) speaks milliseconds.

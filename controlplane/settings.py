@@ -86,6 +86,12 @@ class Settings(
         gt=0,
         description="Largest gRPC message received or sent, in bytes.",
     )
+    max_pending_calls: int = Field(
+        default=20_000,
+        gt=0,
+        description="Calls gRPC may queue before this server takes them (grpc.server."
+        "max_pending_requests; gRPC's 1,000 answers a fleet reconnecting at once CANCELLED).",
+    )
     tls_cert_file: Path | None = Field(
         default=None,
         description="PEM certificate chain the gRPC API serves TLS with (with tls_key_file); "
@@ -381,6 +387,7 @@ class Settings(
             tunnel_open_timeout_seconds=self.tunnel_open_timeout_ms / 1000,
             tunnel_data_address=self.tunnel_data_address,
             max_message_bytes=self.max_message_bytes,
+            max_pending_calls=self.max_pending_calls,
             shutdown_grace_seconds=self.shutdown_grace_seconds,
         )
 

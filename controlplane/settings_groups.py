@@ -25,8 +25,24 @@ class ServingSettings:
     # host:port of the raw tunnel data port ("": none; port 0 picks one).
     tunnel_data_address: str
     max_message_bytes: int
+    # Calls gRPC core queues before the server takes them (a fleet reconnecting at once).
+    max_pending_calls: int
     # On SIGTERM, how long RPCs in progress may run on before the server closes.
     shutdown_grace_seconds: float
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC server's channel arguments."""
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            # HTTP/2 frames up to 1 MiB: a 256 KiB tunnel frame in one (daemon/channel.py).
+            ("grpc.http2.max_frame_size", 1 << 20),
+            # Thousands of daemons reconnecting at once queue here instead of being answered
+            # CANCELLED (gRPC's own soft limit is 1,000, its hard limit 3,000).
+            ("grpc.server.max_pending_requests", self.max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", self.max_pending_calls),
+        ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC
 from typing import Any
 
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
@@ -131,12 +132,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> AsyncIterator[registry_pb2.ControlMessage]:
         caller = current_principal()
         host_id = caller.principal_id
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("msg") != "hello":
-            raise InvalidArgument("hello", "the first message on Connect must be a hello")
-        if first.hello.host_id and first.hello.host_id != host_id:
-            raise PermissionDenied("hello.host_id: a host credential acts only as its own host")
-        host = await self.registry.connect(host_id, first.hello.running_jobs, first.hello)
+        # Not declared lost while its hello waits its turn here (a reconnect storm).
+        with self.registry.serving_sign_of_life(host_id):
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("msg") != "hello":
+                raise InvalidArgument("hello", "the first message on Connect must be a hello")
+            if first.hello.host_id and first.hello.host_id != host_id:
+                raise PermissionDenied("hello.host_id: a host credential acts only as its own host")
+            host = await self.registry.connect(host_id, first.hello.running_jobs, first.hello)
         stream = self.registry.streams.open(host_id)
         known = await self.jobs.live_attempts(host_id)
         yield registry_pb2.ControlMessage(
@@ -190,7 +193,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if kind == "telemetry":
                 await self.registry.receive_telemetry(host_id, message.telemetry)
             elif kind == "heartbeat":
-                await self.registry.heartbeat(host_id, message.heartbeat.running_jobs)
+                beat = message.heartbeat
+                sent = beat.time.ToDatetime(UTC) if beat.HasField("time") else None
+                await self.registry.heartbeat(host_id, beat.running_jobs, sent)
             elif kind == "hello":
                 await self.registry.heartbeat(host_id, message.hello.running_jobs)
             elif kind == "command_ack":

@@ -60,12 +60,18 @@ class AuthService:
         db: Database,
         cache_ttl: float = 5.0,
         fallback: Callable[[str], Awaitable[Principal | None]] | None = None,
+        fallback_prefix: str = "",
     ) -> None:
         self.db = db
         self.cache_ttl = cache_ttl
-        # Other credentials (host credentials) are checked here when no API key matches.
+        # Other credentials (host credentials) are checked here when no API key matches;
+        # those starting with `fallback_prefix` (never an API key's) are checked there only.
         self.fallback = fallback
+        self.fallback_prefix = fallback_prefix
         self._cache: dict[str, tuple[Principal, float, datetime | None]] = {}
+        # The cached digest of each fallback principal (a host has one credential at a time:
+        # caching its new one drops the one it replaced).
+        self._fallback_digests: dict[str, str] = {}
         # Told each key id revoked here (the other replicas' caches hear of it: gateway.watch).
         self.revoked_listeners: list[Callable[[str], None]] = []
 
@@ -81,13 +87,15 @@ class AuthService:
             ):
                 return principal
             del self._cache[digest]
-        async with self.db.read() as session:
-            key = await AuthRepository(session).key_by_hash(digest)
+        key = None
+        if not (self.fallback_prefix and secret.startswith(self.fallback_prefix)):
+            async with self.db.read() as session:
+                key = await AuthRepository(session).key_by_hash(digest)
         now = utcnow()
         if key is None and self.fallback is not None:
             other = await self.fallback(secret)
             if other is not None:
-                self._cache[digest] = (other, now_mono, None)
+                self._cache_fallback(digest, other)
                 return other
         if key is None or key.revoked_at is not None:
             raise Unauthenticated("the API key is not valid (unknown or revoked)")
@@ -102,8 +110,25 @@ class AuthService:
         self._cache[digest] = (principal, now_mono, key.expires_at)
         return principal
 
+    def remember(self, secret: str, principal: Principal) -> None:
+        """Caches a credential issued by this process (a host's, at RegisterHost) for the
+        cache's TTL, as a lookup would have; the principal's earlier credential (that the
+        new one replaced) is no longer cached."""
+        self._cache_fallback(hash_secret(secret), principal)
+
+    def _cache_fallback(self, digest: str, principal: Principal) -> None:
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+            self._fallback_digests.clear()
+        earlier = self._fallback_digests.get(principal.principal_id)
+        if earlier is not None and earlier != digest:
+            self._cache.pop(earlier, None)
+        self._fallback_digests[principal.principal_id] = digest
+        self._cache[digest] = (principal, time.monotonic(), None)
+
     def forget(self, key_id: str) -> None:
         """Drops a key from this process's cache (after revocation)."""
+        self._fallback_digests.pop(key_id, None)
         for digest, (principal, _, _) in list(self._cache.items()):
             if principal.principal_id == key_id:
                 del self._cache[digest]

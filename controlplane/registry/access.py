@@ -28,12 +28,16 @@ class HostAccess:
         registry: RegistryService,
         sweep_lost_attempts: Callable[[], Awaitable[object]],
         forget_principal: Callable[[str], None] | None = None,
+        remember_credential: Callable[[str, Principal], None] | None = None,
     ) -> None:
         self.registry = registry
         # Ends the live attempts of lost hosts (JobService.sweep_lost_attempts).
         self.sweep_lost_attempts = sweep_lost_attempts
         # Drops a principal from the API-key cache (AuthService.forget) once it is revoked.
         self.forget_principal = forget_principal
+        # Caches a credential issued here (AuthService.remember): the daemon's Connect, which
+        # follows at once, then costs no credential lookup.
+        self.remember_credential = remember_credential
 
     async def register(
         self, request: registry_pb2.RegisterHostRequest
@@ -43,8 +47,9 @@ class HostAccess:
         host = registration.host
         if registration.revoked_nats_user:
             await self.push_account("re-registration revoked the host's earlier NATS user")
-        _, gpus = await self.registry.get_host(as_host(host), host.id)
-        return registration, gpus
+        if self.remember_credential is not None:
+            self.remember_credential(registration.credential, as_host(host))
+        return registration, registration.gpus
 
     async def revoke(
         self, caller: Principal, host_id: str, reason: str

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gpuplane.v1 import registry_pb2
@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from controlplane.db.engine import Database
 from controlplane.jobs.repository import JobRepository
+from controlplane.registry.models import Gpu
 from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.telemetry import HealthChange, TelemetryBuffer
 from controlplane.registry.utilization import AttemptUtilizationBook
@@ -59,10 +60,12 @@ class GpuMonitor:
         self.accepted_samples = 0
         self.rejected_samples: Counter[str] = Counter()
 
-    async def attach(self, host_id: str) -> None:
-        """Starts keeping telemetry for a host that connected (its GPUs from the database)."""
-        async with self.db.read() as session:
-            rows = await RegistryRepository(session).gpus_of([host_id])
+    async def attach(self, host_id: str, rows: Sequence[Gpu] | None = None) -> None:
+        """Starts keeping telemetry for a host that connected (its GPUs as stored: `rows`,
+        when the caller read them already, else from the database)."""
+        if rows is None:
+            async with self.db.read() as session:
+                rows = await RegistryRepository(session).gpus_of([host_id])
         self.buffer.attach(host_id, rows, time.time())
 
     def detach(self, host_id: str) -> None:

@@ -4,9 +4,10 @@ registration tokens of registry/tokens.py and the revocations of registry/revoca
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from gpuplane.v1 import registry_pb2
 
@@ -26,6 +27,8 @@ from controlplane.errors import (
     Unauthenticated,
 )
 from controlplane.paging import Page, PageRequest, offset_of, page_by_offset
+from controlplane.registry.lag import LoopLag
+from controlplane.registry.liveness import Liveness
 from controlplane.registry.models import Gpu, Host
 from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
@@ -66,6 +69,8 @@ class HostRegistration:
     nats_credentials: str = ""
     # Re-registration revoked the host's earlier NATS user: the account JWT must be pushed.
     revoked_nats_user: bool = False
+    # The host's GPUs as stored (read in the registering transaction, not after it).
+    gpus: Sequence[Gpu] = ()
 
 
 async def _unverify_if_changed(repo: RegistryRepository, host: Host, now: datetime) -> None:
@@ -77,11 +82,12 @@ async def _unverify_if_changed(repo: RegistryRepository, host: Host, now: dateti
             set_verification(repo, host, None, "its GPUs or driver changed", now)
 
 
-class RegistryService(RegistrationTokens, Revocations):
+class RegistryService(RegistrationTokens, Revocations, Liveness):
     """Hosts and their liveness. Heartbeats of hosts known to be up are written together, one
     statement for all of them, by flush_heartbeats() (the liveness loop, every
-    `heartbeat_write_interval` seconds at most); liveness allows for that lag. `monitor` keeps
-    the telemetry of the hosts connected to this process."""
+    `heartbeat_write_interval` seconds at most); liveness allows for that lag and for this
+    process's stalls (registry/liveness.py). `monitor` keeps the telemetry of the hosts
+    connected to this process."""
 
     def __init__(
         self,
@@ -114,6 +120,10 @@ class RegistryService(RegistrationTokens, Revocations):
         # heard from since the last flush.
         self._up: set[str] = set()
         self._heard: set[str] = set()
+        self._pending: dict[str, tuple[int, float]] = {}
+        self._registered: dict[str, float] = {}
+        # How late this process's loop runs (run by the liveness loop's owner: Background).
+        self.loop_lag = LoopLag()
         # The attempts each daemon connected here said it runs in its last heartbeat (or
         # hello), reconciled with the live attempts (jobs/reconcile.py).
         self._running: dict[str, frozenset[tuple[str, int]]] = {}
@@ -124,6 +134,8 @@ class RegistryService(RegistrationTokens, Revocations):
         self.on_replica_health: (
             Callable[[str, registry_pb2.ReplicaHealth], Awaitable[None]] | None
         ) = None
+        # Observes each heartbeat's processing lag, seconds (metrics.watch_liveness).
+        self.on_heartbeat_lag: Callable[[float], None] | None = None
         # Probes hosts' hardware (controlplane/verification); None: no probes are sent.
         self.verification: VerificationService | None = None
 
@@ -179,16 +191,26 @@ class RegistryService(RegistrationTokens, Revocations):
             await repo.flush()
             await self._sync_gpus(repo, host, request)
             await _unverify_if_changed(repo, host, now)
-            registration = HostRegistration(host, credential)
-            if self.nats_auth is not None:
-                user = self.nats_auth.host_user(host.id)
-                if host.nats_user_key and host.nats_user_key != user.public_key:
-                    # Whoever holds the earlier host.json loses NATS as well as gRPC.
-                    await repo.revoke_nats_user(host.nats_user_key, host.id, now)
-                    registration.revoked_nats_user = True
-                host.nats_user_key = user.public_key
-                registration.nats_credentials = user.creds
-            return registration
+            await repo.score([host], now)
+            registration = HostRegistration(host, credential, gpus=await repo.gpus_of([host.id]))
+            await self._new_nats_user(repo, registration, now)
+        self._registered[host.id] = time.monotonic()
+        return registration
+
+    async def _new_nats_user(
+        self, repo: RegistryRepository, registration: HostRegistration, now: datetime
+    ) -> None:
+        """A registered host's new NATS user (when NATS auth is on); the earlier one revoked."""
+        if self.nats_auth is None:
+            return
+        host = registration.host
+        user = self.nats_auth.host_user(host.id)
+        if host.nats_user_key and host.nats_user_key != user.public_key:
+            # Whoever holds the earlier host.json loses NATS as well as gRPC.
+            await repo.revoke_nats_user(host.nats_user_key, host.id, now)
+            registration.revoked_nats_user = True
+        host.nats_user_key = user.public_key
+        registration.nats_credentials = user.creds
 
     async def _sync_gpus(
         self, repo: RegistryRepository, host: Host, request: registry_pb2.RegisterHostRequest
@@ -237,13 +259,14 @@ class RegistryService(RegistrationTokens, Revocations):
     ) -> Host:
         """A daemon's hello: records a heartbeat (a REGISTERED host goes online), starts
         keeping its telemetry."""
-        host = await self._record_heartbeat(host_id, hello=True)
+        host, gpus = await self._record_heartbeat(host_id, hello=True)
+        self._registered.pop(host_id, None)
         running = list(running)
         self._running[host_id] = _keys(running)
         if self.verification is not None:
-            await self.verification.hello(host_id, hello)
+            await self.verification.hello(host_id, hello, known=host)
         if self.monitor is not None:
-            await self.monitor.attach(host_id)
+            await self.monitor.attach(host_id, gpus)
             self.monitor.running(host_id, running)
         if self.on_host_connected is not None:
             self.on_host_connected()
@@ -260,10 +283,15 @@ class RegistryService(RegistrationTokens, Revocations):
         self.commands.closed(stream.host_id)
 
     async def heartbeat(
-        self, host_id: str, running: Iterable[registry_pb2.RunningJob] = ()
+        self,
+        host_id: str,
+        running: Iterable[registry_pb2.RunningJob] = (),
+        sent: datetime | None = None,
     ) -> None:
         """Records a heartbeat (written at the next flush); a lost host that reports again is
-        back at once."""
+        back at once. `sent`: the daemon's timestamp, for the processing-lag metric."""
+        if sent is not None and self.on_heartbeat_lag is not None:
+            self.on_heartbeat_lag(max(0.0, (utcnow() - sent).total_seconds()))
         running = list(running)
         if self.streams.connected(host_id):
             self._running[host_id] = _keys(running)
@@ -281,37 +309,12 @@ class RegistryService(RegistrationTokens, Revocations):
             await self.monitor.record_batch(host_id, batch)
         await self._heard_from(host_id)
 
-    def acknowledged(self, host_id: str) -> None:
-        """The daemon's hello was answered: a sign of life as of now (written at the next
-        flush), when the hello's heartbeat went through (the host is up here)."""
-        if host_id in self._up:
-            self._heard.add(host_id)
-
-    async def _heard_from(self, host_id: str) -> None:
-        if host_id in self._up:
-            self._heard.add(host_id)
-        else:
-            await self._record_heartbeat(host_id)
-
-    async def flush_heartbeats(self) -> None:
-        """Writes the heartbeats heard since the last flush, in one statement."""
-        if not self._heard:
-            return
-        heard, self._heard = self._heard, set()
-        try:
-            async with self.db.transaction() as session:
-                repo = RegistryRepository(session)
-                if await repo.record_heartbeats(heard, utcnow()) < len(heard):
-                    # Lost meanwhile (another replica, or a slow flush): their next heartbeat
-                    # takes the full path, which brings them back.
-                    self._up.difference_update(await repo.not_up_among(heard))
-        except BaseException:
-            self._heard |= heard  # not written: kept for the next flush, not forgotten
-            raise
-
-    async def _record_heartbeat(self, host_id: str, *, hello: bool = False) -> Host:
+    async def _record_heartbeat(
+        self, host_id: str, *, hello: bool = False
+    ) -> tuple[Host, Sequence[Gpu]]:
         """Records a sign of life; a lost host is back, and a REGISTERED one is admitted on its
-        daemon's hello (states.hello_state: the verification gate), never on anything else."""
+        daemon's hello (states.hello_state: the verification gate), never on anything else.
+        Returns the host and, on a hello, its GPUs (read in the same transaction)."""
         async with self.db.transaction() as session:
             repo = RegistryRepository(session)
             host = await repo.get_host(host_id)
@@ -330,8 +333,9 @@ class RegistryService(RegistrationTokens, Revocations):
                 admitted = hello_state(host)
                 if admitted is not None:
                     set_host_state(repo, host, admitted, "its daemon connected (hello)", now)
+            gpus = await repo.gpus_of([host_id]) if hello else ()
         self._up.add(host_id)
-        return host
+        return host, gpus
 
     def telemetry_of(self, host_id: str) -> dict[str, GpuSeries]:
         """The GPUs' telemetry kept here, by uuid (empty when the host is not connected here)."""
@@ -438,23 +442,6 @@ class RegistryService(RegistrationTokens, Revocations):
         if self.on_host_connected is not None:
             self.on_host_connected()
         return host
-
-    async def stale_hosts(self, timeout: timedelta, now: datetime) -> Sequence[str]:
-        """Marks hosts without a heartbeat for `timeout` as lost; returns their ids. Flushes
-        this process's heartbeats first; another replica's may lag by its write interval."""
-        await self.flush_heartbeats()
-        cutoff = now - timeout - timedelta(seconds=self.heartbeat_write_interval)
-        async with self.db.transaction() as session:
-            repo = RegistryRepository(session)
-            hosts = await repo.stale_online_hosts(cutoff)
-            for host in hosts:
-                why = f"no heartbeat since {host.last_heartbeat_at}"
-                set_host_state(repo, host, HostState.LOST, why, now)
-            lost = [h.id for h in hosts]
-        self._up.difference_update(lost)
-        if self.monitor is not None:
-            self.monitor.forget(lost)
-        return lost
 
     async def maintain(self) -> None:
         """Periodic: idle draining hosts become drained; GPU health recovers (monitor)."""

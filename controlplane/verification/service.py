@@ -59,13 +59,20 @@ class VerificationService:
         self.check_seconds: list[float] = []
         self._next_look = 0.0
 
-    async def hello(self, host_id: str, hello: registry_pb2.DaemonHello | None = None) -> None:
+    async def hello(
+        self,
+        host_id: str,
+        hello: registry_pb2.DaemonHello | None = None,
+        known: Host | None = None,
+    ) -> None:
         """The host's daemon said hello: probe it unless it is verified as it is now (the
         driver and GPUs its hello reports, when it reports them, are what it registered). A
         simulated host already marked never-verified costs one read: hello storms of
-        simulated fleets (tests, benchmarks) take no writer lock here."""
-        async with self.db.read() as session:
-            known = await RegistryRepository(session).get_host(host_id)
+        simulated fleets (tests, benchmarks) take no writer lock here; none at all when the
+        caller passes the host as `known` (read as the hello was recorded)."""
+        if known is None:
+            async with self.db.read() as session:
+                known = await RegistryRepository(session).get_host(host_id)
         reported = "" if hello is None else hello.driver_version[:64]
         if known is None or (
             known.simulated
