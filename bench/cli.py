@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import (  # noqa: F401 - registers them
     figures,
+    fleet,
     floors,
     gateway,
     jobpath,

@@ -1,9 +1,10 @@
-"""Servers under test, each in its own process: `python -m bench.servers echo|controlplane`.
+"""Servers under test, each in its own process: `python -m bench.servers KIND`.
 
-Both kinds run alone in a fresh interpreter with the same gRPC server options and are driven
-by the same client processes (bench.load), so the control plane's figure and the raw echo
-floor differ only in what the server does per call. Each prints one JSON line with its port
-(and what a client needs) when ready, and exits when its stdin closes.
+KIND is echo, registry (the fleet figures' floor, bench/fleetfloor.py) or controlplane. They
+run alone in a fresh interpreter with the same gRPC server options and are driven by the same
+client processes (bench.load), so the control plane's figure and the raw echo floor differ only
+in what the server does per call. Each prints one JSON line with its port (and what a client
+needs) when ready, and exits when its stdin closes.
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ async def echo_server() -> AsyncIterator[dict[str, Any]]:
 
 
 @asynccontextmanager
+async def registry_server() -> AsyncIterator[dict[str, Any]]:
+    """A bare grpc.aio server answering RegisterHost and Connect's hello with fixed replies
+    (the floor of a fleet connecting: what gRPC and the simulators cost)."""
+    from bench.fleetfloor import registry_handlers
+
+    server = aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((registry_handlers(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield {"port": port}
+    finally:
+        await server.stop(0)
+
+
+@asynccontextmanager
 async def control_plane(args: argparse.Namespace) -> AsyncIterator[dict[str, Any]]:
     """The real control plane on SQLite, with the bootstrap admin key for callers."""
     from pydantic import SecretStr
@@ -97,7 +114,8 @@ async def control_plane(args: argparse.Namespace) -> AsyncIterator[dict[str, Any
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    server = echo_server() if args.kind == "echo" else control_plane(args)
+    kinds = {"echo": echo_server, "registry": registry_server}
+    server = kinds[args.kind]() if args.kind in kinds else control_plane(args)
     async with server as ready:
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
@@ -107,7 +125,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
-    parser.add_argument("kind", choices=["echo", "controlplane"])
+    parser.add_argument("kind", choices=["echo", "registry", "controlplane"])
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--database-url", default="")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")

@@ -56,6 +56,8 @@ class Stack:
     consumer: tuple[tuple[str, str], ...]
     token: str
     channel: grpc.aio.Channel
+    # The control plane's process id.
+    pid: int = 0
 
 
 def _auth(key: str) -> tuple[tuple[str, str], ...]:
@@ -99,7 +101,13 @@ async def telemetry_stack(
             token = await new_token(plane, provider.tenant_id)
             consumer = await new_tenant(plane, "bench-consumer", micro_credits=10**12)
             yield Stack(
-                address, ready["metrics_port"], admin, _auth(consumer.key), token.secret, channel
+                address,
+                ready["metrics_port"],
+                admin,
+                _auth(consumer.key),
+                token.secret,
+                channel,
+                server.pid,
             )
 
 

@@ -191,7 +191,8 @@ class RegistryRepository:
 
     async def provider_book(self, providers: Iterable[str], now: datetime) -> ProviderBook:
         """The outcomes of every host (revoked and lost ones too) of `providers`, by provider:
-        what a host's reliability is scored over."""
+        what a host's reliability is scored over. Hosts without any outcome add nothing and
+        are not read (a fleet of fresh hosts registering costs no scan of its provider's)."""
         wanted = sorted(set(providers))
         if not wanted:
             return ProviderBook((), now)
@@ -201,7 +202,10 @@ class RegistryRepository:
                 Host.reliability_good,
                 Host.reliability_bad,
                 Host.reliability_at,
-            ).where(Host.provider_tenant_id.in_(wanted))
+            ).where(
+                Host.provider_tenant_id.in_(wanted),
+                (Host.reliability_good != 0) | (Host.reliability_bad != 0),
+            )
         )
         return ProviderBook(rows.all(), now)
 

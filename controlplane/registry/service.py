@@ -163,6 +163,7 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
                     f"machine_id: this machine's host {host.id} has been revoked; it cannot "
                     "register again"
                 )
+            created = host is None
             if host is None:
                 if not await repo.consume_token(token.id):
                     raise PermissionDenied("registration_token: has no uses left")
@@ -189,10 +190,10 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
             host.signing_public_key = request.signing_public_key or None
             host.last_heartbeat_at = now
             await repo.flush()
-            await self._sync_gpus(repo, host, request)
+            gpus = await self._sync_gpus(repo, host, request, created)
             await _unverify_if_changed(repo, host, now)
             await repo.score([host], now)
-            registration = HostRegistration(host, credential, gpus=await repo.gpus_of([host.id]))
+            registration = HostRegistration(host, credential, gpus=gpus)
             await self._new_nats_user(repo, registration, now)
         self._registered[host.id] = time.monotonic()
         return registration
@@ -213,9 +214,16 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
         registration.nats_credentials = user.creds
 
     async def _sync_gpus(
-        self, repo: RegistryRepository, host: Host, request: registry_pb2.RegisterHostRequest
-    ) -> None:
+        self,
+        repo: RegistryRepository,
+        host: Host,
+        request: registry_pb2.RegisterHostRequest,
+        created: bool,
+    ) -> list[Gpu]:
+        """Stores the GPUs the host reports; those it no longer reports are unhealthy. Returns
+        its GPU rows by index. A host `created` now has no other row to read."""
         existing = {g.uuid: g for g in await repo.gpus_by_uuid([g.uuid for g in request.gpus])}
+        added: list[Gpu] = []
         for gpu in request.gpus:
             row = existing.get(gpu.uuid)
             if row is not None and row.host_id != host.id:
@@ -223,6 +231,7 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
             if row is None:
                 row = Gpu(uuid=gpu.uuid, host_id=host.id, healthy=True, unhealthy_reason="")
                 repo.add(row)
+                added.append(row)
             row.index = gpu.index
             row.name = gpu.name
             row.memory_total_bytes = gpu.memory_total_bytes
@@ -230,14 +239,18 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
             row.pci_bus_id = gpu.pci_bus_id
             row.mig_mode = gpu.mig_mode
             row.power_limit_milliwatts = gpu.power_limit_milliwatts
+        if created:
+            return sorted(added, key=lambda row: row.index)
         reported = {g.uuid for g in request.gpus}
-        for row in await repo.gpus_of([host.id]):
+        rows = list(await repo.gpus_of([host.id]))
+        for row in rows:
             if row.uuid not in reported:
                 if row.healthy:
                     host.gpu_faults += 1
                     note_outcome(host, False, utcnow())
                 row.healthy = False
                 row.unhealthy_reason = "GPU no longer reported by the host"
+        return rows
 
     async def authenticate_host(self, secret: str) -> Principal | None:
         """The principal of a host credential, or None when it is not one."""
