@@ -72,19 +72,43 @@ class CommandDelivery:
         # of them (release_closed), so a thousand daemons dropping at once cost one write.
         self._closed: set[str] = set()
         self._holders = asyncio.Lock()  # a release never deletes a claim made meanwhile
+        # Streams opened here whose holder rows wait to be written (opened), by host.
+        self._opening: dict[str, asyncio.Future[None]] = {}
 
     async def opened(self, host_id: str) -> None:
         """The host's Connect stream opened here: this replica delivers its commands from
-        now on, starting with every unacknowledged one."""
+        now on, starting with every unacknowledged one. Streams opening together (a fleet
+        reconnecting) are recorded in one transaction: whoever takes the lock first writes
+        every one waiting by then."""
+        self._closed.discard(host_id)
+        done = self._opening.get(host_id)
+        if done is None:
+            done = self._opening[host_id] = asyncio.get_running_loop().create_future()
+        async with self._holders:
+            if not done.done():
+                await self._open_waiting()  # an error is set on `done`: raised below
+        await done
+
+    async def _open_waiting(self) -> None:
+        opening, self._opening = self._opening, {}
+        hosts = list(opening)
 
         async def work(session: AsyncSession) -> Outgoing:
             repo = CommandRepository(session)
-            await repo.hold_stream(host_id, self.replica, utcnow())
-            return await self._take(repo, await repo.unacked_of(host_id))
+            await repo.hold_streams(hosts, self.replica, utcnow())
+            return await self._take(repo, await repo.unacked_of(hosts))
 
-        async with self._holders:
-            self._closed.discard(host_id)
+        try:
             outgoing = await self.db.run(work)
+        except asyncio.CancelledError:
+            self._opening = {**opening, **self._opening}  # the next opener writes them
+            raise
+        except Exception as error:  # noqa: BLE001 - each waiting opener gets it
+            for done in opening.values():
+                done.set_exception(error)
+            return
+        for done in opening.values():
+            done.set_result(None)
         self._send(outgoing)
 
     def closed(self, host_id: str) -> None:

@@ -77,14 +77,23 @@ class CommandRepository:
             )
         )
 
-    async def hold_stream(self, host_id: str, replica: str, now: datetime) -> None:
-        """Records that `replica` holds the host's (latest) Connect stream."""
-        holder = await self.session.get(HostStreamHolder, host_id, with_for_update=True)
-        if holder is None:
-            self.session.add(HostStreamHolder(host_id=host_id, replica=replica, opened_at=now))
-        else:
-            holder.replica = replica
-            holder.opened_at = now
+    async def hold_streams(self, host_ids: Sequence[str], replica: str, now: datetime) -> None:
+        """Records that `replica` holds these hosts' (latest) Connect streams."""
+        ids = sorted(set(host_ids))  # locked in one order: replicas opening alike never deadlock
+        query = (
+            select(HostStreamHolder)
+            .where(HostStreamHolder.host_id.in_(ids))
+            .order_by(HostStreamHolder.host_id)
+            .with_for_update()
+        )
+        held = {h.host_id: h for h in (await self.session.scalars(query)).all()}
+        for host_id in ids:
+            holder = held.get(host_id)
+            if holder is None:
+                self.session.add(HostStreamHolder(host_id=host_id, replica=replica, opened_at=now))
+            else:
+                holder.replica = replica
+                holder.opened_at = now
 
     async def release_streams(self, host_ids: Iterable[str], replica: str) -> None:
         """Forgets the holders, except where another replica holds a newer stream of a host."""
@@ -119,11 +128,11 @@ class CommandRepository:
             .order_by(HostCommand.id)
         )
 
-    async def unacked_of(self, host_id: str) -> Sequence[HostCommand]:
-        """Every unacknowledged command of one host, oldest first, locked for delivery."""
+    async def unacked_of(self, host_ids: Sequence[str]) -> Sequence[HostCommand]:
+        """Every unacknowledged command of these hosts, oldest first, locked for delivery."""
         query = (
             select(HostCommand)
-            .where(HostCommand.host_id == host_id, HostCommand.acked_at.is_(None))
+            .where(HostCommand.host_id.in_(list(host_ids)), HostCommand.acked_at.is_(None))
             .order_by(HostCommand.id)
             .with_for_update()
         )
