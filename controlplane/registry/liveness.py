@@ -3,6 +3,7 @@ of serving time without one (never because this process's loop ran late)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
@@ -10,11 +11,14 @@ from datetime import datetime, timedelta
 
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
+from controlplane.errors import NotFound, Unauthenticated
 from controlplane.registry.lag import LoopLag
 from controlplane.registry.models import Gpu, Host
 from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.repository import RegistryRepository
-from controlplane.registry.states import HostState, set_host_state
+from controlplane.registry.states import HostState, hello_state, returning_state, set_host_state
+
+REVOKED = "host credential: the host has been revoked"
 
 
 class Liveness:
@@ -33,10 +37,74 @@ class Liveness:
     _registered: dict[str, float]
     loop_lag: LoopLag
 
+    # Signs of life waiting to be recorded, by (host, whether a hello), and the lock whose
+    # holder records all of them in one transaction.
+    _recording: dict[tuple[str, bool], asyncio.Future[tuple[Host, Sequence[Gpu]]]]
+    _recorder: asyncio.Lock
+
     async def _record_heartbeat(
         self, host_id: str, *, hello: bool = False
     ) -> tuple[Host, Sequence[Gpu]]:
-        raise NotImplementedError
+        """Records a sign of life; a lost host is back, and a REGISTERED one is admitted on its
+        daemon's hello (states.hello_state: the verification gate), never on anything else.
+        Returns the host and, on a hello, its GPUs (read in the same transaction). Those
+        arriving together (a fleet reconnecting) are written in one transaction: whoever
+        takes the lock first records every one waiting by then."""
+        key = (host_id, hello)
+        done = self._recording.get(key)
+        if done is None:
+            done = self._recording[key] = asyncio.get_running_loop().create_future()
+        async with self._recorder:
+            if not done.done():
+                await self._record_waiting()  # an error is set on `done`: raised below
+        return await done
+
+    async def _record_waiting(self) -> None:
+        waiting, self._recording = self._recording, {}
+        try:
+            outcomes, gpus = await self._record_signs(list(waiting))
+        except asyncio.CancelledError:
+            self._recording = {**waiting, **self._recording}  # the next caller records them
+            raise
+        except Exception as error:  # noqa: BLE001 - each waiting caller gets it
+            for done in waiting.values():
+                done.set_exception(error)
+            return
+        for (host_id, hello), done in waiting.items():
+            outcome = outcomes[host_id]
+            if isinstance(outcome, Exception):
+                done.set_exception(outcome)
+            else:
+                done.set_result((outcome, gpus.get(host_id, []) if hello else ()))
+
+    async def _record_signs(
+        self, keys: list[tuple[str, bool]]
+    ) -> tuple[dict[str, Host | Exception], dict[str, list[Gpu]]]:
+        """One transaction for these signs of life: each host (or why it was refused), and
+        the GPUs of those that said hello."""
+        hellos = {host_id for host_id, hello in keys if hello}
+        outcomes: dict[str, Host | Exception] = {}
+        gpus: dict[str, list[Gpu]] = {}
+        async with self.db.transaction() as session:
+            repo = RegistryRepository(session)
+            hosts = await repo.hosts_by_id(sorted({host_id for host_id, _ in keys}))
+            # Once the database answered: a writer that waited its turn behind a reconnect
+            # storm must not record the time it started waiting, already near the cutoff.
+            now = utcnow()
+            for host_id in sorted({host_id for host_id, _ in keys}):
+                host = hosts.get(host_id)
+                if host is None:
+                    outcomes[host_id] = NotFound(f"host_id: no host {host_id!r}")
+                elif host.revoked_at is not None:
+                    # Another replica revoked it while its stream here was open.
+                    outcomes[host_id] = Unauthenticated(REVOKED)
+                else:
+                    _sign_of_life(repo, host, host_id in hellos, now)
+                    outcomes[host_id] = host
+            for gpu in await repo.gpus_of(sorted(hellos & hosts.keys())):
+                gpus.setdefault(gpu.host_id, []).append(gpu)
+        self._up.update(h for h, outcome in outcomes.items() if isinstance(outcome, Host))
+        return outcomes, gpus
 
     @contextlib.contextmanager
     def serving_sign_of_life(self, host_id: str) -> Iterator[None]:
@@ -113,3 +181,15 @@ class Liveness:
         if self.monitor is not None:
             self.monitor.forget(lost)
         return lost
+
+
+def _sign_of_life(repo: RegistryRepository, host: Host, hello: bool, now: datetime) -> None:
+    """A lost host is back; a REGISTERED one is admitted on its daemon's hello, if the
+    verification gate lets it (states.hello_state)."""
+    host.last_heartbeat_at = now
+    if host.state == HostState.LOST.value:
+        set_host_state(repo, host, returning_state(host), "heartbeat after loss", now)
+    elif host.state == HostState.REGISTERED.value and hello:
+        admitted = hello_state(host)
+        if admitted is not None:
+            set_host_state(repo, host, admitted, "its daemon connected (hello)", now)

@@ -143,6 +143,11 @@ class RegistryRepository:
         counters are read-modify-written by concurrent reports)."""
         return await self.session.get(Host, host_id, with_for_update=lock, populate_existing=lock)
 
+    async def hosts_by_id(self, host_ids: Sequence[str]) -> dict[str, Host]:
+        """The hosts of these ids that exist, by id."""
+        rows = await self.session.scalars(select(Host).where(Host.id.in_(list(host_ids))))
+        return {host.id: host for host in rows.all()}
+
     async def hosts_in_states(self, states: Sequence[str]) -> Sequence[Host]:
         """Hosts in `states`, cheapest first, then by id."""
         return (

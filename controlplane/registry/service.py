@@ -3,6 +3,7 @@ registration tokens of registry/tokens.py and the revocations of registry/revoca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -38,9 +39,7 @@ from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.revocation import Revocations
 from controlplane.registry.states import (
     HostState,
-    hello_state,
     new_host,
-    returning_state,
     set_host_state,
     set_verification,
 )
@@ -122,6 +121,8 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
         self._heard: set[str] = set()
         self._pending: dict[str, tuple[int, float]] = {}
         self._registered: dict[str, float] = {}
+        self._recording: dict[tuple[str, bool], asyncio.Future[tuple[Host, Sequence[Gpu]]]] = {}
+        self._recorder = asyncio.Lock()
         # How late this process's loop runs (run by the liveness loop's owner: Background).
         self.loop_lag = LoopLag()
         # The attempts each daemon connected here said it runs in its last heartbeat (or
@@ -321,34 +322,6 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
         if self.monitor is not None:
             await self.monitor.record_batch(host_id, batch)
         await self._heard_from(host_id)
-
-    async def _record_heartbeat(
-        self, host_id: str, *, hello: bool = False
-    ) -> tuple[Host, Sequence[Gpu]]:
-        """Records a sign of life; a lost host is back, and a REGISTERED one is admitted on its
-        daemon's hello (states.hello_state: the verification gate), never on anything else.
-        Returns the host and, on a hello, its GPUs (read in the same transaction)."""
-        async with self.db.transaction() as session:
-            repo = RegistryRepository(session)
-            host = await repo.get_host(host_id)
-            if host is None:
-                raise NotFound(f"host_id: no host {host_id!r}")
-            # Once the database answered: a writer that waited its turn behind a reconnect
-            # storm must not record the time it started waiting, already near the cutoff.
-            now = utcnow()
-            if host.revoked_at is not None:
-                # Another replica revoked it while its stream here was open.
-                raise Unauthenticated("host credential: the host has been revoked")
-            host.last_heartbeat_at = now
-            if host.state == HostState.LOST.value:
-                set_host_state(repo, host, returning_state(host), "heartbeat after loss", now)
-            elif host.state == HostState.REGISTERED.value and hello:
-                admitted = hello_state(host)
-                if admitted is not None:
-                    set_host_state(repo, host, admitted, "its daemon connected (hello)", now)
-            gpus = await repo.gpus_of([host_id]) if hello else ()
-        self._up.add(host_id)
-        return host, gpus
 
     def telemetry_of(self, host_id: str) -> dict[str, GpuSeries]:
         """The GPUs' telemetry kept here, by uuid (empty when the host is not connected here)."""
