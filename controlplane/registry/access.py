@@ -43,7 +43,8 @@ class HostAccess:
         self, request: registry_pb2.RegisterHostRequest
     ) -> tuple[HostRegistration, Sequence[Gpu]]:
         """RegisterHost: the host, its new credentials, and its GPUs as stored."""
-        registration = await self.registry.register_host(request)
+        async with self.registry.connecting:  # a fleet registering at once waits parked
+            registration = await self.registry.register_host(request)
         host = registration.host
         if registration.revoked_nats_user:
             await self.push_account("re-registration revoked the host's earlier NATS user")

@@ -54,6 +54,8 @@ from controlplane.verification.service import VerificationService, fingerprint
 log = logging.getLogger(__name__)
 
 HOST_CREDENTIAL_PREFIX = "gph_"
+# Registrations and hellos this process serves at once (about its database pool's size).
+CONNECTS_AT_ONCE = 16
 # Stored when DrainHost names no reason: a non-empty drain_reason is what records the request.
 DEFAULT_DRAIN_REASON = "drain requested"
 
@@ -123,6 +125,10 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
         self._registered: dict[str, float] = {}
         self._recording: dict[tuple[str, bool], asyncio.Future[tuple[Host, Sequence[Gpu]]]] = {}
         self._recorder = asyncio.Lock()
+        # Registrations and hellos served at once; the others wait parked (their hosts are
+        # spared meanwhile), so a fleet reconnecting does not fill the event loop's queue
+        # ahead of every other call.
+        self.connecting = asyncio.Semaphore(CONNECTS_AT_ONCE)
         # How late this process's loop runs (run by the liveness loop's owner: Background).
         self.loop_lag = LoopLag()
         # The attempts each daemon connected here said it runs in its last heartbeat (or
@@ -273,15 +279,16 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
     ) -> Host:
         """A daemon's hello: records a heartbeat (a REGISTERED host goes online), starts
         keeping its telemetry."""
-        host, gpus = await self._record_heartbeat(host_id, hello=True)
-        self._registered.pop(host_id, None)
-        running = list(running)
-        self._running[host_id] = _keys(running)
-        if self.verification is not None:
-            await self.verification.hello(host_id, hello, known=host)
-        if self.monitor is not None:
-            await self.monitor.attach(host_id, gpus)
-            self.monitor.running(host_id, running)
+        async with self.connecting:
+            host, gpus = await self._record_heartbeat(host_id, hello=True)
+            self._registered.pop(host_id, None)
+            running = list(running)
+            self._running[host_id] = _keys(running)
+            if self.verification is not None:
+                await self.verification.hello(host_id, hello, known=host)
+            if self.monitor is not None:
+                await self.monitor.attach(host_id, gpus)
+                self.monitor.running(host_id, running)
         if self.on_host_connected is not None:
             self.on_host_connected()
         return host
