@@ -26,10 +26,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from daemon.channel import PLAINTEXT, ChannelSecurity, open_channel
+from daemon.identity import RETRIED
 
 CONNECT = "/gpuplane.v1.RegistryService/Connect"
-# Answers after which a daemon tries again (the control plane is busy or restarting).
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Answers after which a daemon tries again (the control plane is busy or restarting): the
+# daemon's own list (daemon/identity.py).
+RETRYABLE = RETRIED
 GIB = 1 << 30
 # A write to a Connect stream that the control plane ended (or is ending).
 ENDED = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
