@@ -31,6 +31,8 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
     ("grpc.http2.max_frame_size", 1 << 20),
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
 ]
 
 

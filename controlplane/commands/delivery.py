@@ -80,7 +80,6 @@ class CommandDelivery:
         now on, starting with every unacknowledged one. Streams opening together (a fleet
         reconnecting) are recorded in one transaction: whoever takes the lock first writes
         every one waiting by then."""
-        self._closed.discard(host_id)
         done = self._opening.get(host_id)
         if done is None:
             done = self._opening[host_id] = asyncio.get_running_loop().create_future()
@@ -91,6 +90,7 @@ class CommandDelivery:
 
     async def _open_waiting(self) -> None:
         opening, self._opening = self._opening, {}
+        self._closed.difference_update(opening)
         hosts = list(opening)
 
         async def work(session: AsyncSession) -> Outgoing:

@@ -45,10 +45,11 @@ class LoopLag:
             self._stalls.popleft()
 
     def largest(self, seconds: float, now: float | None = None) -> float:
-        """The longest stall of the last `seconds` (the one going on included)."""
+        """The longest stall of the last `seconds` (the one going on included). Safe from
+        another thread (the metrics server's): it walks a copy."""
         now = time.monotonic() if now is None else now
-        ongoing = self._ongoing(now)
-        return max([ongoing, *(late for woke, late in self._stalls if woke >= now - seconds)])
+        stalls = tuple(self._stalls)  # one C call: atomic under the GIL
+        return max([self._ongoing(now), *(late for woke, late in stalls if woke >= now - seconds)])
 
     def stalled_since(self, since: float, now: float | None = None) -> float:
         """Seconds the loop stalled after monotonic `since` (the stall going on included)."""
