@@ -1,17 +1,23 @@
-"""Servers under test, each in its own process: `python -m bench.servers echo|controlplane`.
+"""Servers under test, each in its own process: `python -m bench.servers echo|controlplane|relay`.
 
-Both kinds run alone in a fresh interpreter with the same gRPC server options and are driven
-by the same client processes (bench.load), so the control plane's figure and the raw echo
-floor differ only in what the server does per call. Each prints one JSON line with its port
-(and what a client needs) when ready, and exits when its stdin closes.
+The gRPC kinds run alone in a fresh interpreter with the same gRPC server options and are
+driven by the same client processes (bench.load), so the control plane's figure and the raw
+echo floor differ only in what the server does per call; `relay` is a bare spliced TCP relay
+(the tunnels' ceiling). Each prints one JSON line with its port (and what a client needs) when
+ready, and exits when its stdin closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +30,8 @@ ECHO_SERVICE = "bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 # Bidirectional: every message comes back as it is (the floor of a relay built on grpc.aio).
 ECHO_STREAM_METHOD = f"/{ECHO_SERVICE}/EchoStream"
+# The pipe each bare relay thread moves bytes through (as messaging.rawpath's).
+RELAY_PIPE = 1024 * 1024
 # The control plane's own options (controlplane/server.py), so both servers are configured alike.
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -96,8 +104,54 @@ async def control_plane(args: argparse.Namespace) -> AsyncIterator[dict[str, Any
         await plane.stop(grace=0)
 
 
+def _splice_one_way(src: socket.socket, dst: socket.socket) -> None:
+    """src → dst with splice(2) through one pipe until end-of-file: the least a relay does."""
+    read_end, write_end = os.pipe()
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, RELAY_PIPE)
+        while moved := os.splice(src.fileno(), write_end, RELAY_PIPE):
+            while moved:
+                moved -= os.splice(read_end, dst.fileno(), moved)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+@asynccontextmanager
+async def relay_server(target: str) -> AsyncIterator[dict[str, Any]]:
+    """A bare TCP relay: each accepted connection is joined to a new one to `target`
+    (host:port) by two threads moving bytes with splice(2), no framing, no event loop."""
+    host, _, port = target.rpartition(":")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        while True:
+            try:
+                near, _ = listener.accept()
+                far = socket.create_connection((host, int(port)))
+            except OSError:
+                return
+            for sock in (near, far):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=_splice_one_way, args=(src, dst), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield {"port": listener.getsockname()[1]}
+    finally:
+        listener.close()
+
+
 async def _serve(args: argparse.Namespace) -> None:
-    server = echo_server() if args.kind == "echo" else control_plane(args)
+    if args.kind == "relay":
+        server = relay_server(args.target)
+    else:
+        server = echo_server() if args.kind == "echo" else control_plane(args)
     async with server as ready:
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
@@ -107,7 +161,8 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
-    parser.add_argument("kind", choices=["echo", "controlplane"])
+    parser.add_argument("kind", choices=["echo", "controlplane", "relay"])
+    parser.add_argument("--target", default="", help="relay: host:port to relay to")
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--database-url", default="")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
