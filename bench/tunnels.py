@@ -18,6 +18,7 @@ from gpuplane.v1 import jobs_pb2, tunnels_pb2, tunnels_pb2_grpc, types_pb2
 
 from bench.jobpath import Stack, job_stack
 from bench.load import percentile
+from bench.machine import whole_machine_millicores
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
 from bench.servers import ECHO_STREAM_METHOD
@@ -366,6 +367,7 @@ async def _tunnel_stack(ctx: RunContext) -> AsyncIterator[tuple[Stack, str]]:
             image=stack.image,
             command=["sh", "-c", SCRIPT],
             gpu_count=1,
+            cpu_millicores=whole_machine_millicores(),  # as the floor's program has
             max_duration_seconds=600,
             max_price_per_gpu_hour_micro_credits=10_000_000,
             allow_simulated=True,
