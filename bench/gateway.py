@@ -130,7 +130,7 @@ async def gateway_latency(ctx: RunContext) -> Measurement:
     gateway_port = free_port()
     os.environ["GPUPLANE_GATEWAY_ADDRESS"] = f"127.0.0.1:{gateway_port}"
     try:
-        async with job_stack(ctx) as stack:
+        async with job_stack(ctx, daemon_process=True) as stack:
             key = stack.consumer[0][1].removeprefix("Bearer ")
             await _deploy(stack.channel, stack.consumer, stack.image)
             samples, rate = await measure(gateway_port, "/s/bench/", key)

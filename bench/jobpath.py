@@ -38,8 +38,10 @@ class Stack:
 
 
 @asynccontextmanager
-async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
-    """Control plane (own process) + one daemon with 8 simulated GPUs + a funded consumer."""
+async def job_stack(ctx: RunContext, daemon_process: bool = False) -> AsyncIterator[Stack]:
+    """Control plane (own process) + one daemon with 8 simulated GPUs + a funded consumer.
+    The daemon runs in the bench's process, or with `daemon_process` in one of its own (as in
+    production: a tunnel's daemon side then does not share the bench client's event loop)."""
     from devstack import TEST_IMAGE
     from devstack.factories import Client, bearer, new_tenant, new_token
 
@@ -67,13 +69,20 @@ async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
             consumer = await new_tenant(plane, f"bench-consumer-{suffix}", micro_credits=10**12)
             provider = await new_tenant(plane, f"bench-provider-{suffix}", types_pb2.ROLE_PROVIDER)
             token = await new_token(plane, provider.tenant_id)
-            agent = await _daemon(ctx, engine, s3, address, token.secret, suffix)
+            if daemon_process:
+                daemon = _daemon_process(ctx, engine, address, suffix)
+                await daemon.start(secret=token.secret)
+            else:
+                agent = await _daemon(ctx, engine, s3, address, token.secret, suffix)
             try:
                 yield Stack(
                     jobs_pb2_grpc.JobServiceStub(channel), bearer(consumer.key), TEST_IMAGE, channel
                 )
             finally:
-                await agent.stop()
+                if daemon_process:
+                    await daemon.stop()
+                else:
+                    await agent.stop()
 
 
 async def _daemon(
@@ -97,6 +106,21 @@ async def _daemon(
     )
     await agent.start()
     return agent
+
+
+def _daemon_process(
+    ctx: RunContext, engine: DockerEngine, address: str, suffix: str
+) -> ServerProcess:
+    """The same daemon as _daemon's, as `python -m bench.servers daemon` (not started)."""
+    return ServerProcess(
+        "daemon",
+        ctx.workdir / f"jobpath-daemon-{suffix}.log",
+        f"--data-dir={ctx.workdir / f'jobpath-daemon-{suffix}'}",
+        f"--control-plane={address}",
+        f"--simulate-gpus={DAEMON_GPUS}",
+        f"--docker-host={engine.base_url}",
+        "--max-concurrent-jobs=8",
+    )
 
 
 def _spec(stack: Stack, command: list[str]) -> types_pb2.JobSpec:

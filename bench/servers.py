@@ -1,10 +1,10 @@
-"""Servers under test, each in its own process: `python -m bench.servers echo|controlplane|relay`.
+"""Servers under test, each in its own process: `python -m bench.servers KIND`.
 
 The gRPC kinds run alone in a fresh interpreter with the same gRPC server options and are
 driven by the same client processes (bench.load), so the control plane's figure and the raw
 echo floor differ only in what the server does per call; `relay` is a bare spliced TCP relay
-(the tunnels' ceiling). Each prints one JSON line with its port (and what a client needs) when
-ready, and exits when its stdin closes.
+(the tunnels' ceiling); `daemon` a provider daemon. Each prints one JSON line with its port
+(and what a client needs) when ready, and exits when its stdin closes.
 """
 
 from __future__ import annotations
@@ -147,9 +147,41 @@ async def relay_server(target: str) -> AsyncIterator[dict[str, Any]]:
         listener.close()
 
 
+@asynccontextmanager
+async def daemon(args: argparse.Namespace) -> AsyncIterator[dict[str, Any]]:
+    """A provider daemon (registered and connected) in a process of its own, as in production:
+    what it does per request then runs beside the bench's client, not on its event loop."""
+    from pydantic import SecretStr
+
+    from controlplane.server import settle_heap
+    from daemon.agent import Agent
+    from daemon.settings import DaemonSettings
+
+    agent = Agent(
+        DaemonSettings(
+            control_plane=args.control_plane,
+            plaintext=True,
+            registration_token=SecretStr(sys.stdin.readline().strip()),
+            data_dir=Path(args.data_dir),
+            simulate_gpus=args.simulate_gpus,
+            gpu_device_requests="always",
+            docker_host=args.docker_host,
+            max_concurrent_jobs=args.max_concurrent_jobs,
+        )
+    )
+    await agent.start()
+    settle_heap()
+    try:
+        yield {"started": True}
+    finally:
+        await agent.stop()
+
+
 async def _serve(args: argparse.Namespace) -> None:
     if args.kind == "relay":
         server = relay_server(args.target)
+    elif args.kind == "daemon":
+        server = daemon(args)
     else:
         server = echo_server() if args.kind == "echo" else control_plane(args)
     async with server as ready:
@@ -161,8 +193,13 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
-    parser.add_argument("kind", choices=["echo", "controlplane", "relay"])
+    parser.add_argument("kind", choices=["echo", "controlplane", "relay", "daemon"])
     parser.add_argument("--target", default="", help="relay: host:port to relay to")
+    # daemon (its registration token is the first line on stdin)
+    parser.add_argument("--control-plane", default="")
+    parser.add_argument("--simulate-gpus", default="")
+    parser.add_argument("--docker-host", default="")
+    parser.add_argument("--max-concurrent-jobs", type=int, default=8)
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--database-url", default="")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")

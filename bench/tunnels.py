@@ -1,5 +1,5 @@
 """Tunnel figures: a 1-byte echo's round trip through Exec and bytes per second through
-PortForward (control plane in its own process, a real daemon, a busybox container), each beside
+PortForward (control plane and daemon each in its own process, a busybox container), each beside
 the same over a direct loopback TCP connection to the same program (busybox nc running cat)."""
 
 from __future__ import annotations
@@ -362,7 +362,7 @@ async def relay_chain_throughput(ctx: RunContext) -> Measurement:
 @asynccontextmanager
 async def _tunnel_stack(ctx: RunContext) -> AsyncIterator[tuple[Stack, str]]:
     """A job stack with one running job serving the echo on ECHO_PORT."""
-    async with job_stack(ctx) as stack:
+    async with job_stack(ctx, daemon_process=True) as stack:
         spec = types_pb2.JobSpec(
             image=stack.image,
             command=["sh", "-c", SCRIPT],
