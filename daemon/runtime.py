@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +20,7 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest
 from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 
+from daemon import dockerlogs
 from daemon.logstream import LogFollower
 from daemon.preflight import userns_remapped
 from daemon.sessions import authorized_keys_tar
@@ -410,15 +411,18 @@ class DockerRuntime:
         self, container: Container, from_now: bool = False, since: float | None = None
     ) -> LogFollower:
         """Streams ("stdout" | "stderr", chunk) from the start (or, `from_now`, only what is
-        written from now on; `since`: from that Unix time) until the container stops."""
+        written from now on; `since`: from that Unix time) until the container stops: both
+        streams on one connection read by one thread (daemon/dockerlogs.py)."""
         tail: int | str = 0 if from_now and since is None else "all"
-        streams = {
-            name: lambda out=(name == "stdout"): container.logs(
-                stdout=out, stderr=not out, stream=True, follow=True, tail=tail, since=since
+        container_id = container.id or ""
+        tty = bool((container.attrs.get("Config") or {}).get("Tty"))
+
+        def source() -> Iterable[tuple[str, bytes]]:
+            return dockerlogs.follow_logs(
+                self.client.api, container_id, tty=tty, tail=tail, since=since
             )
-            for name in ("stdout", "stderr")
-        }
-        return LogFollower(streams, self._long)
+
+        return LogFollower([source], self._long)
 
     def job_containers(self) -> dict[str, str]:
         """{container id: job id} of this host's running job containers (blocking: one
