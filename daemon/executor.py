@@ -132,6 +132,7 @@ class JobExecutor:
         self._budget_spent = asyncio.Event()
         self._done = asyncio.Event()
         self._container: Container | None = None
+        self._image: dict[str, Any] | None = None  # its inspect before create (not adopted)
         self._started_at = 0.0
         self.created_at = time.monotonic()
         self.adopted = False
@@ -326,8 +327,9 @@ class JobExecutor:
         await self._unless_cancelled(
             fetch_inputs(self.store, self.dispatch.tenant_id, inputs, self.work_dir / "input")
         )
-        await self._unless_cancelled(self.runtime.ensure_image(self.dispatch.spec.image))
-        container = await self.runtime.create(self.dispatch, self.work_dir)
+        image = await self._unless_cancelled(self.runtime.ensure_image(self.dispatch.spec.image))
+        container = await self.runtime.create(self.dispatch, self.work_dir, image)
+        self._image = image
         self._container = container
         await self._journal(container_id=container.id)
         if self._cancel.is_set():
@@ -399,9 +401,8 @@ class JobExecutor:
             "run_time_ms": info.run_time_ms,
             "manifest": stored.manifest,
         }
-        attested = await finished_attestations(
-            self.runtime, self.facts, self.scrubber, self.dispatch, self.host_id, finished, ended
-        )
+        host = (self.runtime, self.facts, self.scrubber, self.dispatch, self.host_id)
+        attested = await finished_attestations(*host, finished, ended, self._image)
         return await self._emit(
             Kind.JOB_REPORT_KIND_FINISHED,
             **finished,
