@@ -8,6 +8,7 @@ import statistics
 import time
 
 from bench.load import LoadSpec, percentile, run_load
+from bench.machine import busy_seconds, cpu_ticks, steal_percent
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
 from bench.servers import ECHO_METHOD
@@ -140,3 +141,59 @@ async def docker_run(ctx: RunContext) -> Measurement:
     finally:
         client.close()
     return Measurement(statistics.median(samples) * 1000, _latency_details(samples))
+
+
+# The parallel job floor and figure (bench/jobpath.py job_throughput) run this many jobs,
+# this many at once (the daemon's max_concurrent_jobs there).
+PARALLEL_JOBS = 200
+PARALLEL_AT_ONCE = 8
+
+
+def cpu_per_job_ms(busy_before: float | None, busy_after: float | None, jobs: int) -> float:
+    """Machine CPU (all processes, /proc/stat) per job in ms between two busy_seconds()
+    readings; -1 where unknown."""
+    if busy_before is None or busy_after is None or jobs <= 0:
+        return -1.0
+    return round((busy_after - busy_before) / jobs * 1000, 1)
+
+
+@benchmark(
+    "docker_run_parallel",
+    unit="jobs/s",
+    better="higher",
+    description=f"{PARALLEL_JOBS} `docker run --rm` (network none) of the busybox test image "
+    f"running `true`, {PARALLEL_AT_ONCE} at once through the Docker SDK; machine CPU per job "
+    "(all processes, /proc/stat) in its details",
+)
+async def docker_run_parallel(ctx: RunContext) -> Measurement:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from devstack import TEST_IMAGE
+
+    _, client = await ctx.resources.docker()
+
+    def one(_: int) -> None:
+        client.containers.run(TEST_IMAGE, ["true"], remove=True, network_mode="none")
+
+    def measure() -> tuple[float, float | None, float | None, str]:
+        with ThreadPoolExecutor(PARALLEL_AT_ONCE) as pool:
+            list(pool.map(one, range(PARALLEL_AT_ONCE)))  # warm-up
+            ticks, busy, started = cpu_ticks(), busy_seconds(), time.monotonic()
+            list(pool.map(one, range(PARALLEL_JOBS)))
+            elapsed = time.monotonic() - started
+            return elapsed, busy, busy_seconds(), str(steal_percent(ticks, cpu_ticks()))
+
+    try:
+        elapsed, busy_before, busy_after, steal = await asyncio.to_thread(measure)
+    finally:
+        client.close()
+    return Measurement(
+        PARALLEL_JOBS / elapsed,
+        {
+            "jobs": PARALLEL_JOBS,
+            "at_once": PARALLEL_AT_ONCE,
+            "seconds": round(elapsed, 2),
+            "cpu_per_job_ms": cpu_per_job_ms(busy_before, busy_after, PARALLEL_JOBS),
+            "steal_pct": steal,
+        },
+    )

@@ -20,6 +20,7 @@ from gpuplane.v1 import services_pb2, services_pb2_grpc, types_pb2
 
 from bench.jobpath import job_stack
 from bench.load import percentile
+from bench.machine import whole_machine_millicores
 from bench.registry import Measurement, RunContext, benchmark
 
 REQUESTS = 200
@@ -129,7 +130,7 @@ async def gateway_latency(ctx: RunContext) -> Measurement:
     gateway_port = free_port()
     os.environ["GPUPLANE_GATEWAY_ADDRESS"] = f"127.0.0.1:{gateway_port}"
     try:
-        async with job_stack(ctx) as stack:
+        async with job_stack(ctx, daemon_process=True) as stack:
             key = stack.consumer[0][1].removeprefix("Bearer ")
             await _deploy(stack.channel, stack.consumer, stack.image)
             samples, rate = await measure(gateway_port, "/s/bench/", key)
@@ -156,6 +157,7 @@ async def _deploy(
         image=image,
         args=["sh", "-c", SERVE],
         gpu_count=1,
+        cpu_millicores=whole_machine_millicores(),  # as the floor's program has
         max_price_per_gpu_hour_micro_credits=10_000_000,
         allow_simulated=True,
         allow_unverified=True,

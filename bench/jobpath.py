@@ -15,6 +15,8 @@ import grpc
 from gpuplane.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 from pydantic import SecretStr
 
+from bench.floors import PARALLEL_JOBS, cpu_per_job_ms
+from bench.machine import busy_seconds, cpu_ticks, steal_percent
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
 from daemon.channel import PLAINTEXT, open_channel
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
     from devstack import DockerEngine, S3Server
 
 SAMPLES = 20
-THROUGHPUT_JOBS = 40
+THROUGHPUT_JOBS = PARALLEL_JOBS
+# Machine CPU per job (job_throughput) may exceed bare `docker run`'s by this much.
+CPU_OVER_BARE_MS = 50.0
 DAEMON_GPUS = "8xA100-80GB"
 
 
@@ -38,23 +42,45 @@ class Stack:
 
 
 @asynccontextmanager
-async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
-    """Control plane (own process) + one daemon with 8 simulated GPUs + a funded consumer."""
-    from devstack import TEST_IMAGE
-    from devstack.factories import Client, bearer, new_tenant, new_token
+async def job_stack(ctx: RunContext, daemon_process: bool = False) -> AsyncIterator[Stack]:
+    """Control plane (own process) + one daemon with 8 simulated GPUs + a funded consumer,
+    on a NATS server of its own (no other benchmark's streams, consumers or backlog). The
+    daemon runs in the bench's process, or with `daemon_process` in one of its own (as in
+    production: a tunnel's daemon side then does not share the bench client's event loop)."""
+    from devstack import TEST_IMAGE, NatsServer
 
-    nats = await ctx.resources.nats()
     s3 = await ctx.resources.s3()
     engine, client = await ctx.resources.docker()
     client.close()
     # A data dir per stack: a second stack on the first one's database would place jobs on
     # the first one's daemon, stopped but not yet timed out.
     suffix = str(time.monotonic_ns())
+    nats = NatsServer(ctx.workdir / f"jobpath-nats-{suffix}")
+    await asyncio.to_thread(nats.start)
+    try:
+        async with _plane(ctx, nats.url, s3, engine, suffix, TEST_IMAGE, daemon_process) as stack:
+            yield stack
+    finally:
+        await asyncio.to_thread(nats.stop)
+
+
+@asynccontextmanager
+async def _plane(
+    ctx: RunContext,
+    nats_url: str,
+    s3: S3Server,
+    engine: DockerEngine,
+    suffix: str,
+    image: str,
+    daemon_process: bool,
+) -> AsyncIterator[Stack]:
+    from devstack.factories import Client, bearer, new_tenant, new_token
+
     server = ServerProcess(
         "controlplane",
         ctx.workdir / f"jobpath-controlplane-{suffix}.log",
         f"--data-dir={ctx.workdir / f'jobpath-controlplane-{suffix}'}",
-        f"--nats-url={nats.url}",
+        f"--nats-url={nats_url}",
         f"--s3-endpoint={s3.endpoint}",
         f"--s3-access-key={s3.access_key}",
         f"--s3-secret-key={s3.secret_key}",
@@ -67,13 +93,20 @@ async def job_stack(ctx: RunContext) -> AsyncIterator[Stack]:
             consumer = await new_tenant(plane, f"bench-consumer-{suffix}", micro_credits=10**12)
             provider = await new_tenant(plane, f"bench-provider-{suffix}", types_pb2.ROLE_PROVIDER)
             token = await new_token(plane, provider.tenant_id)
-            agent = await _daemon(ctx, engine, s3, address, token.secret, suffix)
+            if daemon_process:
+                daemon = _daemon_process(ctx, engine, address, suffix)
+                await daemon.start(secret=token.secret)
+            else:
+                agent = await _daemon(ctx, engine, s3, address, token.secret, suffix)
             try:
                 yield Stack(
-                    jobs_pb2_grpc.JobServiceStub(channel), bearer(consumer.key), TEST_IMAGE, channel
+                    jobs_pb2_grpc.JobServiceStub(channel), bearer(consumer.key), image, channel
                 )
             finally:
-                await agent.stop()
+                if daemon_process:
+                    await daemon.stop()
+                else:
+                    await agent.stop()
 
 
 async def _daemon(
@@ -99,6 +132,21 @@ async def _daemon(
     return agent
 
 
+def _daemon_process(
+    ctx: RunContext, engine: DockerEngine, address: str, suffix: str
+) -> ServerProcess:
+    """The same daemon as _daemon's, as `python -m bench.servers daemon` (not started)."""
+    return ServerProcess(
+        "daemon",
+        ctx.workdir / f"jobpath-daemon-{suffix}.log",
+        f"--data-dir={ctx.workdir / f'jobpath-daemon-{suffix}'}",
+        f"--control-plane={address}",
+        f"--simulate-gpus={DAEMON_GPUS}",
+        f"--docker-host={engine.base_url}",
+        "--max-concurrent-jobs=8",
+    )
+
+
 def _spec(stack: Stack, command: list[str]) -> types_pb2.JobSpec:
     return types_pb2.JobSpec(
         image=stack.image,
@@ -121,9 +169,43 @@ async def _until(stack: Stack, job_id: str, states: set[types_pb2.JobState.Value
     raise RuntimeError(f"job {job_id} ended without reaching {states}")
 
 
+TERMINAL = {
+    types_pb2.JOB_STATE_SUCCEEDED,
+    types_pb2.JOB_STATE_FAILED,
+    types_pb2.JOB_STATE_CANCELLED,
+    types_pb2.JOB_STATE_TIMED_OUT,
+    types_pb2.JOB_STATE_REJECTED,
+}
+
+
 def _percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def _sequential(
+    ctx: RunContext, first: types_pb2.JobState.ValueType
+) -> dict[str, float | int | str]:
+    """SAMPLES jobs one after another: p50/p99 of SubmitJob → `first` (WatchJob), each
+    awaited to SUCCEEDED before the next is submitted."""
+    samples: list[float] = []
+    async with job_stack(ctx) as stack:
+        for _ in range(SAMPLES):
+            started = time.perf_counter()
+            reply = await stack.jobs.SubmitJob(
+                jobs_pb2.SubmitJobRequest(spec=_spec(stack, ["true"])), metadata=stack.consumer
+            )
+            event = await _until(stack, reply.job.job_id, {first, *TERMINAL})
+            if event.state != first:
+                raise RuntimeError(f"job {reply.job.job_id} ended {event.state} before {first}")
+            samples.append(time.perf_counter() - started)
+            if first != types_pb2.JOB_STATE_SUCCEEDED:
+                await _until(stack, reply.job.job_id, {types_pb2.JOB_STATE_SUCCEEDED})
+    return {
+        "p50_ms": round(statistics.median(samples) * 1000, 1),
+        "p99_ms": round(_percentile(samples, 0.99) * 1000, 1),
+        "samples": len(samples),
+    }
 
 
 @benchmark(
@@ -136,36 +218,39 @@ def _percentile(samples: list[float], fraction: float) -> float:
     "plane, outbox, JetStream, daemon and Docker, vs bare `docker run` of the same image",
 )
 async def submit_to_running(ctx: RunContext) -> Measurement:
-    samples: list[float] = []
-    async with job_stack(ctx) as stack:
-        for _ in range(SAMPLES):
-            started = time.perf_counter()
-            reply = await stack.jobs.SubmitJob(
-                jobs_pb2.SubmitJobRequest(spec=_spec(stack, ["true"])), metadata=stack.consumer
-            )
-            await _until(stack, reply.job.job_id, {types_pb2.JOB_STATE_RUNNING})
-            samples.append(time.perf_counter() - started)
-            await _until(stack, reply.job.job_id, {types_pb2.JOB_STATE_SUCCEEDED})
-    return Measurement(
-        statistics.median(samples) * 1000,
-        {
-            "p50_ms": round(statistics.median(samples) * 1000, 1),
-            "p99_ms": round(_percentile(samples, 0.99) * 1000, 1),
-            "samples": len(samples),
-        },
-    )
+    details = await _sequential(ctx, types_pb2.JOB_STATE_RUNNING)
+    return Measurement(float(details["p50_ms"]), details)
+
+
+@benchmark(
+    "submit_to_succeeded",
+    unit="ms",
+    better="lower",
+    floor="docker_run",
+    target=1.2,
+    description=f"p50 of SubmitJob → SUCCEEDED (WatchJob) over {SAMPLES} sequential 1-GPU "
+    "busybox `true` jobs (placement, dispatch, container, log and manifest upload, "
+    "settlement), vs bare `docker run` of the same container",
+)
+async def submit_to_succeeded(ctx: RunContext) -> Measurement:
+    details = await _sequential(ctx, types_pb2.JOB_STATE_SUCCEEDED)
+    return Measurement(float(details["p50_ms"]), details)
 
 
 @benchmark(
     "job_throughput",
     unit="jobs/s",
     better="higher",
+    floor="docker_run_parallel",
+    target=0.9,
     description=f"{THROUGHPUT_JOBS} trivial 1-GPU jobs submitted at once to one daemon with 8 "
-    "GPUs, until all SUCCEEDED (placement, dispatch, container, upload, settlement)",
+    "GPUs, until all SUCCEEDED (placement, dispatch, container, upload, settlement), vs the "
+    "same containers by bare `docker run` 8 at once; machine CPU per job beside bare's, "
+    f"at most +{CPU_OVER_BARE_MS:g} ms (cpu_target)",
 )
 async def job_throughput(ctx: RunContext) -> Measurement:
     async with job_stack(ctx) as stack:
-        started = time.perf_counter()
+        ticks, busy, started = cpu_ticks(), busy_seconds(), time.perf_counter()
         replies = await asyncio.gather(
             *(
                 stack.jobs.SubmitJob(
@@ -175,17 +260,24 @@ async def job_throughput(ctx: RunContext) -> Measurement:
                 for _ in range(THROUGHPUT_JOBS)
             )
         )
-        terminal = {
-            types_pb2.JOB_STATE_SUCCEEDED,
-            types_pb2.JOB_STATE_FAILED,
-            types_pb2.JOB_STATE_CANCELLED,
-            types_pb2.JOB_STATE_TIMED_OUT,
-        }
-        events = await asyncio.gather(*(_until(stack, r.job.job_id, terminal) for r in replies))
+        events = await asyncio.gather(*(_until(stack, r.job.job_id, TERMINAL) for r in replies))
         elapsed = time.perf_counter() - started
+        cpu = cpu_per_job_ms(busy, busy_seconds(), THROUGHPUT_JOBS)
+        steal = str(steal_percent(ticks, cpu_ticks()))
     failed = sum(1 for e in events if e.state != types_pb2.JOB_STATE_SUCCEEDED)
     if failed:
         raise RuntimeError(f"{failed} of {THROUGHPUT_JOBS} jobs did not succeed")
-    return Measurement(
-        THROUGHPUT_JOBS / elapsed, {"jobs": THROUGHPUT_JOBS, "seconds": round(elapsed, 2)}
-    )
+    details: dict[str, float | int | str] = {
+        "jobs": THROUGHPUT_JOBS,
+        "seconds": round(elapsed, 2),
+        "cpu_per_job_ms": cpu,
+    }
+    bare = ctx.results.get("docker_run_parallel")
+    bare_cpu = bare.details.get("cpu_per_job_ms") if bare is not None else None
+    if isinstance(bare_cpu, float) and bare_cpu >= 0 and cpu >= 0:
+        over = cpu - bare_cpu
+        verdict = "ok" if over <= CPU_OVER_BARE_MS else "MISSED"
+        details["bare_cpu_per_job_ms"] = bare_cpu
+        details["cpu_target"] = f"+{over:.0f} ms <= +{CPU_OVER_BARE_MS:g} {verdict}"
+    details["steal_pct"] = steal
+    return Measurement(THROUGHPUT_JOBS / elapsed, details)

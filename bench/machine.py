@@ -71,3 +71,11 @@ def postgres_seconds(data_dir: Path) -> float | None:
         if int(entry.name) == postmaster or int(fields[1]) == postmaster:
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def whole_machine_millicores() -> int:
+    """Every core of this machine in thousandths, for a benchmark's container: the floor's
+    program beside it runs without a CPU limit, so the container's must not have one either
+    (a 1-GPU job's default share on the bench's 8-GPU daemon is 1/8 of the cores, which then
+    caps what the program can answer, not what the path under test can carry)."""
+    return (os.cpu_count() or 1) * 1000

@@ -110,7 +110,9 @@ class ServerProcess:
         self.log_path = log_path
         self.process: asyncio.subprocess.Process | None = None
 
-    async def start(self, timeout: float = 60.0) -> dict[str, Any]:
+    async def start(self, timeout: float = 60.0, secret: str = "") -> dict[str, Any]:
+        """Starts the server (`secret`, if any, as its first line on stdin: not in argv) and
+        returns its ready line."""
         log = self.log_path.open("ab")
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -123,6 +125,9 @@ class ServerProcess:
         finally:
             log.close()
         assert self.process.stdout is not None
+        if secret:
+            assert self.process.stdin is not None
+            self.process.stdin.write(secret.encode() + b"\n")
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
         except TimeoutError:

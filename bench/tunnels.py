@@ -1,5 +1,5 @@
 """Tunnel figures: a 1-byte echo's round trip through Exec and bytes per second through
-PortForward (control plane in its own process, a real daemon, a busybox container), each beside
+PortForward (control plane and daemon each in its own process, a busybox container), each beside
 the same over a direct loopback TCP connection to the same program (busybox nc running cat)."""
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from gpuplane.v1 import jobs_pb2, tunnels_pb2, tunnels_pb2_grpc, types_pb2
 
 from bench.jobpath import Stack, job_stack
 from bench.load import percentile
+from bench.machine import whole_machine_millicores
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
 from bench.servers import ECHO_STREAM_METHOD
@@ -26,9 +28,12 @@ from messaging.rawpath import connect
 
 T = tunnels_pb2
 ECHOES = 300
-# Bytes each way per throughput figure: enough for a few hundred milliseconds at loopback
-# speeds (32 MiB took 20-70 ms, too short a window for a stable figure).
-VOLUME = 256 * 1024 * 1024
+# Bytes each way per throughput figure: about a second at loopback speeds (32 MiB took 20-70
+# ms and 256 MiB 0.2-0.5 s: windows short enough for a scheduler hiccup to move the figure
+# by a third).
+VOLUME = 1024 * 1024 * 1024
+# The same for the gRPC-framed paths, 5-10x slower: as long a window with less.
+FRAMED_VOLUME = 256 * 1024 * 1024
 # Per write and read by the application, direct or through the tunnel alike.
 CHUNK = 64 * 1024
 # What the CLI reads off its local connection per PortForward request.
@@ -80,12 +85,25 @@ async def _throughput(send: Send, receive: Receive, volume: int) -> float:
 class _LocalEcho:
     """busybox nc running cat on a loopback port: the direct-TCP floor's server."""
 
+    def __init__(self, relays: int = 0, workdir: Path | None = None) -> None:
+        # Bare relays (bench.servers relay) between the client and the echo, each in its
+        # own process: the tunnels' ceiling.
+        self.relays = relays
+        self.workdir = workdir
+        self.servers: list[ServerProcess] = []
+
     async def __aenter__(self) -> tuple[Send, Receive]:
         from devstack.ports import free_port
 
         busybox = shutil.which("busybox") or "busybox"
         port = free_port()
         self.proc = subprocess.Popen([busybox, "nc", "-ll", "-p", str(port), "-e", "cat"])
+        for hop in range(self.relays):
+            assert self.workdir is not None
+            log = self.workdir / f"relay-{hop}.log"
+            server = ServerProcess("relay", log, f"--target=127.0.0.1:{port}")
+            self.servers.append(server)
+            port = (await server.start())["port"]
         for _ in range(100):
             try:
                 self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
@@ -103,6 +121,8 @@ class _LocalEcho:
 
     async def __aexit__(self, *exc: object) -> None:
         self.writer.close()
+        for server in self.servers:
+            await server.stop()
         self.proc.kill()
         self.proc.wait()
 
@@ -209,6 +229,9 @@ async def port_forward_throughput(ctx: RunContext) -> Measurement:
     frames = ctx.results.get("port_forward_frames_throughput")
     if frames is not None and frames.figure:
         details["vs_in_band_frames"] = round(rate / frames.figure, 2)
+    chain = ctx.results.get("relay_chain_throughput")
+    if chain is not None and chain.figure:
+        details["vs_relay_chain"] = round(rate / chain.figure, 3)
     return Measurement(rate, details)
 
 
@@ -237,9 +260,9 @@ async def port_forward_frames_throughput(ctx: RunContext) -> Measurement:
             return bytes(getattr(response, "data", b""))
 
         await _rtts(local.write, receive, 5)
-        rate = await _throughput(local.write, receive, VOLUME)
+        rate = await _throughput(local.write, receive, FRAMED_VOLUME)
         call.cancel()
-    details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000}
+    details: dict[str, float | int | str] = {"megabytes": FRAMED_VOLUME // 1_000_000}
     details.update(chunk_bytes=CHUNK, frame_bytes=FRAME)
     bare = ctx.results.get("grpc_stream_throughput")
     if bare is not None and bare.figure:
@@ -296,10 +319,10 @@ async def grpc_stream_throughput(ctx: RunContext) -> Measurement:
                 return data
 
             pumping = asyncio.create_task(pump())
-            rate = await _throughput(local.write, receive, VOLUME)
+            rate = await _throughput(local.write, receive, FRAMED_VOLUME)
             pumping.cancel()
             call.cancel()
-    details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000}
+    details: dict[str, float | int | str] = {"megabytes": FRAMED_VOLUME // 1_000_000}
     details.update(chunk_bytes=CHUNK, frame_bytes=FRAME)
     return Measurement(rate, details)
 
@@ -317,14 +340,34 @@ async def tcp_throughput(ctx: RunContext) -> Measurement:
     return Measurement(rate, {"megabytes": VOLUME // 1_000_000, "chunk_bytes": CHUNK})
 
 
+@benchmark(
+    "relay_chain_throughput",
+    unit="MB/s",
+    better="higher",
+    description="the same echo as tcp_throughput through two bare TCP relays in their own "
+    "processes (accept, connect on, splice(2) both ways: no handshake, no event loop): three "
+    "loopback connections in a row as a raw port-forward has (client → control plane → "
+    "daemon → container), so the most any such relay could reach on this machine",
+)
+async def relay_chain_throughput(ctx: RunContext) -> Measurement:
+    async with _LocalEcho(relays=2, workdir=ctx.workdir) as (send, receive):
+        rate = await _throughput(send, receive, VOLUME)
+    details: dict[str, float | int | str] = {"megabytes": VOLUME // 1_000_000, "relays": 2}
+    direct = ctx.results.get("tcp_throughput")
+    if direct is not None and direct.figure:
+        details["vs_tcp_throughput"] = round(rate / direct.figure, 3)
+    return Measurement(rate, details)
+
+
 @asynccontextmanager
 async def _tunnel_stack(ctx: RunContext) -> AsyncIterator[tuple[Stack, str]]:
     """A job stack with one running job serving the echo on ECHO_PORT."""
-    async with job_stack(ctx) as stack:
+    async with job_stack(ctx, daemon_process=True) as stack:
         spec = types_pb2.JobSpec(
             image=stack.image,
             command=["sh", "-c", SCRIPT],
             gpu_count=1,
+            cpu_millicores=whole_machine_millicores(),  # as the floor's program has
             max_duration_seconds=600,
             max_price_per_gpu_hour_micro_credits=10_000_000,
             allow_simulated=True,

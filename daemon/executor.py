@@ -25,7 +25,7 @@ UPLOADING; then FINISHED carries UPLOAD_FAILED with whatever manifest was stored
 over `output_max_bytes` are not stored at all: logs only, OUTPUT_TOO_LARGE, `reason` why).
 Each step is a Progress (daemon/progress.py): the executor's, the journal's and the report's.
 The terminal report carries the scrub attestation of the attempt's GPUs (daemon/scrub.py),
-read once the container is removed.
+read once the container is removed (which runs while the results are stored).
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ class JobExecutor:
         self._budget_spent = asyncio.Event()
         self._done = asyncio.Event()
         self._container: Container | None = None
+        self._image: dict[str, Any] | None = None  # its inspect before create (not adopted)
+        self._removal: asyncio.Future[None] | None = None  # of its container, once exited
         self._started_at = 0.0
         self.created_at = time.monotonic()
         self.adopted = False
@@ -305,8 +307,7 @@ class JobExecutor:
         finally:
             follower.close()
             pump_task.cancel()
-        await self.runtime.stop(container)
-        self._container = None
+        self._removal = asyncio.ensure_future(self.runtime.stop(container))  # as it uploads
         spent = self._budget_spent.is_set()
         limited = limit.stop_reason(spent) if outcome == "stopped" else None
         return await self._collect(info, pump, stopped=limited)
@@ -326,8 +327,9 @@ class JobExecutor:
         await self._unless_cancelled(
             fetch_inputs(self.store, self.dispatch.tenant_id, inputs, self.work_dir / "input")
         )
-        await self._unless_cancelled(self.runtime.ensure_image(self.dispatch.spec.image))
-        container = await self.runtime.create(self.dispatch, self.work_dir)
+        image = await self._unless_cancelled(self.runtime.ensure_image(self.dispatch.spec.image))
+        container = await self.runtime.create(self.dispatch, self.work_dir, image)
+        self._image = image
         self._container = container
         await self._journal(container_id=container.id)
         if self._cancel.is_set():
@@ -385,23 +387,19 @@ class JobExecutor:
                 )
             )
         except _Cancelled:
-            return await self._emit(
-                Kind.JOB_REPORT_KIND_STOPPED,
-                stop_reason=self._cancel_reason,
-                reason=self._cancel_text,
-                exit_code=info.exit_code,
-                run_time_ms=info.run_time_ms,
-            )
+            stored = None
+        if self._removal is not None:  # gone before the end's scrub reads its GPUs
+            await self._removal
+        self._container = None
+        finished: dict[str, Any] = {"exit_code": info.exit_code, "run_time_ms": info.run_time_ms}
+        if stored is None:
+            why = {"stop_reason": self._cancel_reason, "reason": self._cancel_text}
+            return await self._emit(Kind.JOB_REPORT_KIND_STOPPED, **finished, **why)
         if self._on_uploaded is not None:
             self._on_uploaded(stored.failure, time.perf_counter() - started)
-        finished: dict[str, Any] = {
-            "exit_code": info.exit_code,
-            "run_time_ms": info.run_time_ms,
-            "manifest": stored.manifest,
-        }
-        attested = await finished_attestations(
-            self.runtime, self.facts, self.scrubber, self.dispatch, self.host_id, finished, ended
-        )
+        finished["manifest"] = stored.manifest
+        host = (self.runtime, self.facts, self.scrubber, self.dispatch, self.host_id)
+        attested = await finished_attestations(*host, finished, ended, self._image)
         return await self._emit(
             Kind.JOB_REPORT_KIND_FINISHED,
             **finished,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -26,17 +26,18 @@ PublishLog = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
 
 
 class LogFollower:
-    """Runs one blocking log iterator per stream on `executor` and hands their chunks to the
-    event loop in order per stream. At most `max_pending` chunks wait to be consumed: a slow
-    consumer slows the reading threads, never the container (Docker keeps the log file)."""
+    """Runs each blocking log source (an iterator of (stream name, chunk)) on `executor` and
+    hands their chunks to the event loop in order per source. At most `max_pending` chunks
+    wait to be consumed: a slow consumer slows the reading threads, never the container
+    (Docker keeps the log file)."""
 
     def __init__(
         self,
-        streams: Mapping[str, Callable[[], Iterable[bytes]]],
+        sources: Sequence[Callable[[], Iterable[tuple[str, bytes]]]],
         executor: Executor,
         max_pending: int = 256,
     ) -> None:
-        self._streams = streams
+        self._sources = sources
         self._executor = executor
         self._queue: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
         self._slots = threading.Semaphore(max_pending)
@@ -44,16 +45,16 @@ class LogFollower:
         self._loop = asyncio.get_running_loop()
         self.errors: list[str] = []
         self._futures = [
-            self._loop.run_in_executor(executor, self._produce, name, opener)
-            for name, opener in streams.items()
+            self._loop.run_in_executor(executor, self._produce, index, opener)
+            for index, opener in enumerate(sources)
         ]
 
     def _put(self, item: tuple[str, bytes | None]) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-    def _produce(self, name: str, opener: Callable[[], Iterable[bytes]]) -> None:
+    def _produce(self, index: int, opener: Callable[[], Iterable[tuple[str, bytes]]]) -> None:
         try:
-            for chunk in opener():
+            for name, chunk in opener():
                 while not self._slots.acquire(timeout=0.5):
                     if self._closed.is_set():
                         return
@@ -61,17 +62,17 @@ class LogFollower:
                     return
                 self._put((name, chunk))
         except Exception as exc:  # noqa: BLE001 - reported to the consumer, never raised
-            self.errors.append(f"{name}: {exc}")
+            self.errors.append(f"logs source {index}: {exc}")
         finally:
-            self._put((name, None))  # this stream has ended
+            self._put(("", None))  # this source has ended
 
     async def chunks(self) -> AsyncIterator[tuple[str, bytes]]:
-        """(stream, chunk) pairs until every stream has ended."""
-        open_streams = len(self._streams)
-        while open_streams:
+        """(stream, chunk) pairs until every source has ended."""
+        open_sources = len(self._sources)
+        while open_sources:
             name, chunk = await self._queue.get()
             if chunk is None:
-                open_streams -= 1
+                open_sources -= 1
                 continue
             self._slots.release()
             yield name, chunk

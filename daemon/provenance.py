@@ -78,16 +78,18 @@ async def finished_attestations(
     host_id: str,
     finished: dict[str, Any],
     ended: datetime,
+    image_attrs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a FINISHED report adds to `finished` (its exit_code, run_time_ms and manifest):
     the scrub attestation of the attempt's GPUs (their container removed by now) and the
-    host's signed provenance part, which includes it (none without a key)."""
+    host's signed provenance part, which includes it (none without a key). `image_attrs`:
+    the image's inspect as the attempt read it before creating its container (else asked)."""
     scrub = None if scrubber is None else await scrubber.check(dispatch.gpu_uuids)
     fields: dict[str, Any] = {} if scrub is None else {"scrub": scrub}
     if facts is None:
         return fields
     try:
-        image = await runtime.image_identity(dispatch.spec.image)
+        image = await runtime.image_identity(dispatch.spec.image, image_attrs)
     except (DockerException, OSError, TimeoutError) as exc:
         log.warning("image identity of %s not read: %s", dispatch.spec.image, exc)
         image = None

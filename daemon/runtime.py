@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,10 +16,11 @@ from typing import Any, TypeVar
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.models.containers import Container
+from docker.models.containers import Container, _create_container_args
 from docker.types import DeviceRequest
 from gpuplane.v1 import messaging_pb2, registry_pb2, types_pb2
 
+from daemon import dockerlogs
 from daemon.logstream import LogFollower
 from daemon.preflight import userns_remapped
 from daemon.sessions import authorized_keys_tar
@@ -167,42 +168,43 @@ class DockerRuntime:
     def close(self) -> None:
         self._long.shutdown(wait=False, cancel_futures=True)
 
-    async def ensure_image(self, image: str) -> None:
-        """Makes sure `image` is local, pulling it if needed. Raises ImageUnavailable when
-        the registry refused the image (the engine answered 4xx) and ImagePullFailed when
-        the pull failed for the host's reasons (5xx: registry unreachable; or no answer)."""
+    async def ensure_image(self, image: str) -> dict[str, Any]:
+        """Makes sure `image` is local, pulling it if needed, and returns its `docker image
+        inspect` (one call when it is here: create() and image_identity() take it instead of
+        asking again). Raises ImageUnavailable when the registry refused the image (the
+        engine answered 4xx) and ImagePullFailed when the pull failed for the host's reasons
+        (5xx: registry unreachable; or no answer)."""
         if not image:
             raise ImageUnavailable("the job names no container image")
 
-        def ensure() -> None:
+        def ensure() -> dict[str, Any]:
             try:
-                self.client.images.get(image)
-                return
+                return dict(self.client.api.inspect_image(image))
             except ImageNotFound:
                 pass
             try:
-                self.client.images.pull(image)
+                return dict(self.client.images.pull(image).attrs)
             except (DockerException, OSError) as exc:
                 why = f"image '{image}' is not on this host and could not be pulled: "
                 if isinstance(exc, APIError) and exc.status_code in _USER_PULL_STATUSES:
                     raise ImageUnavailable(why + short_reason(exc)) from exc
                 raise ImagePullFailed(why + short_reason(exc)) from exc
 
-        await asyncio.to_thread(ensure)
+        return await asyncio.to_thread(ensure)
 
-    async def image_identity(self, image: str) -> dict[str, Any]:
+    async def image_identity(
+        self, image: str, attrs: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The local image's content digest (its config's sha256, Docker's image id) and the
-        registry digests it was pulled by: what provenance names instead of a mutable tag."""
-
-        def inspect() -> dict[str, Any]:
-            attrs = self.client.images.get(image).attrs
-            return {
-                "reference": image,
-                "digest": str(attrs.get("Id", "")),
-                "repo_digests": sorted(attrs.get("RepoDigests") or []),
-            }
-
-        return await asyncio.to_thread(inspect)
+        registry digests it was pulled by: what provenance names instead of a mutable tag;
+        from `attrs` (its inspect, as ensure_image returned it) when given."""
+        if attrs is None:
+            attrs = dict(await asyncio.to_thread(self.client.api.inspect_image, image))
+        return {
+            "reference": image,
+            "digest": str(attrs.get("Id", "")),
+            "repo_digests": sorted(attrs.get("RepoDigests") or []),
+        }
 
     def container_config(
         self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path, image_user: str = ""
@@ -263,21 +265,32 @@ class DockerRuntime:
             ]
         return config
 
-    async def create(self, dispatch: messaging_pb2.DispatchMessage, work_dir: Path) -> Container:
-        """Creates (does not start) the attempt's container; a leftover of the same name from
-        an earlier run of this attempt is removed first. Raises ContainerError."""
+    async def create(
+        self,
+        dispatch: messaging_pb2.DispatchMessage,
+        work_dir: Path,
+        image: Mapping[str, Any] | None = None,
+    ) -> Container:
+        """Creates (does not start) the attempt's container from its image's inspect `image`
+        (asked here when None); a leftover of the same name from an earlier run of this
+        attempt is removed first. Raises ContainerError.
+
+        One API call: the SDK's containers.create() inspects the container it made, but
+        what this daemon needs of it (id, name, whether it has a terminal) it already knows."""
 
         def create() -> Container:
-            image = self.client.images.get(dispatch.spec.image)
-            user = str((image.attrs.get("Config") or {}).get("User") or "")
+            attrs = (
+                image if image is not None else self.client.api.inspect_image(dispatch.spec.image)
+            )
+            user = str((attrs.get("Config") or {}).get("User") or "")
             config = self.container_config(dispatch, work_dir, user)
             try:
-                container = self.client.containers.create(dispatch.spec.image, **config)
+                container = self._create(dispatch.spec.image, config)
             except APIError as exc:
                 if exc.status_code != 409:
                     raise
                 self.client.api.remove_container(config["name"], force=True)
-                container = self.client.containers.create(dispatch.spec.image, **config)
+                container = self._create(dispatch.spec.image, config)
             keys = list(dispatch.spec.session.ssh_public_keys)
             if keys and not container.put_archive("/", authorized_keys_tar(keys)):
                 raise ContainerError("the session's SSH keys could not be written")
@@ -289,6 +302,15 @@ class DockerRuntime:
             raise ContainerError(
                 f"the container could not be created: {short_reason(exc)}"
             ) from exc
+
+    def _create(self, image: str, config: dict[str, Any]) -> Container:
+        """containers.create() without its inspect of the new container (blocking)."""
+        api = self.client.api
+        kwargs = {**config, "image": image, "version": api._version}
+        created = api.create_container(**_create_container_args(kwargs))
+        attrs = {"Id": created["Id"], "Name": f"/{config['name']}"}
+        attrs["Config"] = {"Image": image, "Tty": bool(config.get("tty"))}
+        return self.client.containers.prepare_model(attrs)
 
     async def start(self, container: Container) -> None:
         try:
@@ -410,15 +432,18 @@ class DockerRuntime:
         self, container: Container, from_now: bool = False, since: float | None = None
     ) -> LogFollower:
         """Streams ("stdout" | "stderr", chunk) from the start (or, `from_now`, only what is
-        written from now on; `since`: from that Unix time) until the container stops."""
+        written from now on; `since`: from that Unix time) until the container stops: both
+        streams on one connection read by one thread (daemon/dockerlogs.py)."""
         tail: int | str = 0 if from_now and since is None else "all"
-        streams = {
-            name: lambda out=(name == "stdout"): container.logs(
-                stdout=out, stderr=not out, stream=True, follow=True, tail=tail, since=since
+        container_id = container.id or ""
+        tty = bool((container.attrs.get("Config") or {}).get("Tty"))
+
+        def source() -> Iterable[tuple[str, bytes]]:
+            return dockerlogs.follow_logs(
+                self.client.api, container_id, tty=tty, tail=tail, since=since
             )
-            for name in ("stdout", "stderr")
-        }
-        return LogFollower(streams, self._long)
+
+        return LogFollower([source], self._long)
 
     def job_containers(self) -> dict[str, str]:
         """{container id: job id} of this host's running job containers (blocking: one

@@ -19,6 +19,7 @@ from controlplane.jobs.notify import Notifier
 from controlplane.jobs.results import JobResults, url_ttl
 from controlplane.jobs.service import JobService
 from controlplane.jobs.states import JobState
+from controlplane.jobs.watchers import JobWatchers
 from controlplane.paging import PageRequest
 from controlplane.registry.utilization import mean_basis_points, percent_of
 
@@ -154,6 +155,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         efficiency: Efficiency | None = None,
     ) -> None:
         self.jobs = jobs
+        self.watchers = JobWatchers(jobs.db, notifier)
         self.efficiency = efficiency or Efficiency(jobs.db)
         self.dry_run = dry_run
         self.results = results
@@ -234,7 +236,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 yield event_pb(event, job_id)
             if JobState(job.state).terminal and seq >= job.event_seq:
                 return
-            await self.notifier.wait_job(job_id, timeout=1.0)
+            await self.watchers.wait(job_id, seq)
 
     async def StreamLogs(
         self, request: jobs_pb2.StreamLogsRequest, context: Context

@@ -19,10 +19,14 @@ class Notifier:
         self.listeners: list[Callable[[str], None]] = []
 
     def job_changed(self, job_id: str) -> None:
-        for event in self._jobs.get(job_id, ()):
-            event.set()
+        self.wake_watchers(job_id)
         for listener in self.listeners:
             listener(job_id)
+
+    def wake_watchers(self, job_id: str) -> None:
+        """Wakes whoever waits on `job_id` here (not the listeners)."""
+        for event in self._jobs.get(job_id, ()):
+            event.set()
 
     async def wait_job(self, job_id: str, timeout: float) -> None:
         event = asyncio.Event()

@@ -82,6 +82,15 @@ class Reports(LostAttempts):
         a time, cost 1.5-2x the CPU per settlement of batches of 32, one at a time)."""
         return GroupCommit(self._apply_batch, max_batch=64, min_batch=32)
 
+    @cached_property
+    def progress_reports(self) -> GroupCommit[Incoming, _Applied | None]:
+        """Concurrent reports that do not end their attempt (STARTING, RUNNING, UPLOADING,
+        USAGE), applied in batches of one transaction each, apart from the terminal ones
+        (whose batches settle holds). Three of them per job otherwise cost a transaction
+        each; the report consumer applies a fetched batch's jobs at once, so those of jobs
+        starting and ending together share one. A lone report still runs at once."""
+        return GroupCommit(self._apply_batch, max_batch=64, min_batch=1)
+
     async def apply_report(
         self, report: messaging_pb2.JobReport, subject_host: str | None = None
     ) -> bool:
@@ -89,7 +98,8 @@ class Reports(LostAttempts):
         `subject_host` is the host its subject names (None: the host-less subject of earlier
         releases); ForeignReport when it, or the report's own host_id, is not the attempt's.
         Concurrent terminal reports share a transaction (`terminal_reports`, group commit),
-        whose holds settle in one `settle_many`; the others run alone."""
+        whose holds settle in one `settle_many`; concurrent others share one of their own
+        (`progress_reports`)."""
         if subject_host is not None and report.host_id != subject_host:
             raise ForeignReport(f"report names host {report.host_id!r}")
         scrub_text(report)  # its reason and manifest are stored; PostgreSQL refuses NUL
@@ -97,7 +107,7 @@ class Reports(LostAttempts):
         if report.kind in TERMINAL_REPORTS:
             applied = await self.terminal_reports(incoming)
         else:
-            (applied,) = await self.db.run(lambda s: self._apply_reports(s, [incoming]))
+            applied = await self.progress_reports(incoming)
         return self._announce(report.host_id, applied)
 
     async def _apply_batch(self, batch: Sequence[Incoming]) -> list[_Applied | None | Exception]:

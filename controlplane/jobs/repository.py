@@ -287,6 +287,11 @@ class JobRepository:
         rows = (await self.session.execute(query)).all()
         return [(attempt, _lost_why(state, revoked)) for attempt, state, revoked in rows]
 
+    async def event_seqs(self, job_ids: Collection[str]) -> dict[str, int]:
+        """{job id: its latest event's seq} of those of `job_ids` that exist."""
+        query = select(Job.id, Job.event_seq).where(Job.id.in_(job_ids))
+        return {job_id: seq for job_id, seq in (await self.session.execute(query)).all()}
+
     async def events_after(self, job_id: str, seq: int, limit: int = 500) -> Sequence[JobEvent]:
         return (
             await self.session.scalars(
