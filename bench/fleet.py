@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import grpc
 from gpuplane.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, registry_pb2_grpc, types_pb2
 
-from bench.hostsim import HostSpec
+from bench.hostsim import HostSpec, spawn
 from bench.load import percentile
 from bench.registry import Measurement, RunContext, benchmark
-from bench.resources import ServerProcess, child_env
+from bench.resources import ServerProcess
 from bench.telemetry import Stack, telemetry_stack
 
 FLEET_HOSTS = 1000
@@ -52,19 +49,7 @@ async def _storm(ctx: RunContext, target: str, token: str) -> tuple[float, list[
     ]
     started = time.monotonic()
     with (ctx.workdir / "fleet-hostsim.log").open("ab") as log:
-        children = [
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bench.hostsim",
-                json.dumps(asdict(spec)),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                env=child_env(),
-            )
-            for spec in specs
-        ]
+        children = [await spawn(spec, log) for spec in specs]
     for child in children:
         assert child.stdout is not None
         if not await asyncio.wait_for(child.stdout.readline(), 300):

@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -267,6 +267,23 @@ async def drive(spec: HostSpec) -> HostReport:
         errors=len(failed),
         first_error=repr(failed[0].exception()) if failed else "",
         reconnects=sum(h.reconnects for h in hosts),
+    )
+
+
+async def spawn(spec: HostSpec, log: IO[bytes]) -> asyncio.subprocess.Process:
+    """`python -m bench.hostsim SPEC` as a child (its stdout: the report; closing its stdin
+    stops it), its stderr to `log`."""
+    from bench.resources import child_env
+
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.hostsim",
+        json.dumps(asdict(spec)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log,
+        env=child_env(),
     )
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,10 +23,10 @@ from gpuplane.v1 import (
     types_pb2,
 )
 
-from bench.hostsim import HostSpec
+from bench.hostsim import HostSpec, spawn
 from bench.load import percentile
 from bench.registry import Measurement, RunContext, benchmark
-from bench.resources import ServerProcess, child_env
+from bench.resources import ServerProcess
 
 HOSTS = 200
 GPUS_PER_HOST = 8
@@ -130,18 +129,7 @@ async def simulated_hosts(
                 gpus=GPUS_PER_HOST,
                 batches_per_second=batches_per_second,
             )
-            children.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "bench.hostsim",
-                    json.dumps(asdict(spec)),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=log,
-                    env=child_env(),
-                )
-            )
+            children.append(await spawn(spec, log))
     finally:
         log.close()
     reports: list[dict[str, Any]] = []

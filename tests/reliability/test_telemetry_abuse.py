@@ -9,14 +9,12 @@ import asyncio
 import collections
 import json
 import re
-import sys
 import time
 import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,10 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
-from bench.hostsim import CONNECT, HostSpec
+from bench.hostsim import CONNECT, HostSpec, spawn
 from bench.load import percentile
 from bench.registry import RunContext
-from bench.resources import Resources, child_env
+from bench.resources import Resources
 from bench.telemetry import Stack, accepted_samples, paced_submits, telemetry_stack
 from tests.reliability import summary
 
@@ -291,23 +289,7 @@ class HostSims:
     async def start(self, timeout: float = 120.0) -> None:
         """Starts every process at once and waits for all of them to print ready."""
         with self.log.open("ab") as log:
-            self.children = list(
-                await asyncio.gather(
-                    *(
-                        asyncio.create_subprocess_exec(
-                            sys.executable,
-                            "-m",
-                            "bench.hostsim",
-                            json.dumps(asdict(spec)),
-                            stdin=asyncio.subprocess.PIPE,
-                            stdout=asyncio.subprocess.PIPE,
-                            stderr=log,
-                            env=child_env(),
-                        )
-                        for spec in self.specs
-                    )
-                )
-            )
+            self.children = list(await asyncio.gather(*(spawn(spec, log) for spec in self.specs)))
 
         async def ready(child: asyncio.subprocess.Process) -> None:
             assert child.stdout is not None
