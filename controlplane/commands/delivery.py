@@ -21,6 +21,7 @@ from controlplane.commands.models import HostCommand
 from controlplane.commands.repository import ABOUT_ATTEMPTS, MOOT, CommandRepository
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
+from controlplane.ledger.batch import GroupCommit
 from controlplane.registry.streams import HostStreams
 from messaging.subjects import COMMANDS_STORED_SUBJECT
 
@@ -72,44 +73,31 @@ class CommandDelivery:
         # of them (release_closed), so a thousand daemons dropping at once cost one write.
         self._closed: set[str] = set()
         self._holders = asyncio.Lock()  # a release never deletes a claim made meanwhile
-        # Streams opened here whose holder rows wait to be written (opened), by host.
-        self._opening: dict[str, asyncio.Future[None]] = {}
+        # Streams opened here, their holder rows written together (opened).
+        self._opening = GroupCommit(self._open_batch, max_batch=1000, max_in_flight=1, min_batch=1)
 
     async def opened(self, host_id: str) -> None:
         """The host's Connect stream opened here: this replica delivers its commands from
         now on, starting with every unacknowledged one. Streams opening together (a fleet
-        reconnecting) are recorded in one transaction: whoever takes the lock first writes
-        every one waiting by then."""
-        done = self._opening.get(host_id)
-        if done is None:
-            done = self._opening[host_id] = asyncio.get_running_loop().create_future()
-        async with self._holders:
-            if not done.done():
-                await self._open_waiting()  # an error is set on `done`: raised below
-        await done
+        reconnecting) are recorded in one transaction (GroupCommit: what opens while one is
+        written goes in the next)."""
+        await self._opening(host_id)
 
-    async def _open_waiting(self) -> None:
-        opening, self._opening = self._opening, {}
-        self._closed.difference_update(opening)
-        hosts = list(opening)
+    async def _open_batch(self, opening: Sequence[str]) -> list[None]:
+        """GroupCommit's batch: holder rows for these streams, and their unacknowledged
+        commands sent."""
+        hosts = list(dict.fromkeys(opening))
 
         async def work(session: AsyncSession) -> Outgoing:
             repo = CommandRepository(session)
             await repo.hold_streams(hosts, self.replica, utcnow())
             return await self._take(repo, await repo.unacked_of(hosts))
 
-        try:
+        async with self._holders:
+            self._closed.difference_update(hosts)
             outgoing = await self.db.run(work)
-        except asyncio.CancelledError:
-            self._opening = {**opening, **self._opening}  # the next opener writes them
-            raise
-        except Exception as error:  # noqa: BLE001 - each waiting opener gets it
-            for done in opening.values():
-                done.set_exception(error)
-            return
-        for done in opening.values():
-            done.set_result(None)
         self._send(outgoing)
+        return [None] * len(opening)
 
     def closed(self, host_id: str) -> None:
         """The host's stream here ended (and no newer one of it is open here): its holder row

@@ -3,7 +3,6 @@ of serving time without one (never because this process's loop ran late)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
@@ -12,6 +11,7 @@ from datetime import datetime, timedelta
 from controlplane.db.base import utcnow
 from controlplane.db.engine import Database
 from controlplane.errors import NotFound, Unauthenticated
+from controlplane.ledger.batch import GroupCommit
 from controlplane.registry.lag import LoopLag
 from controlplane.registry.models import Gpu, Host
 from controlplane.registry.monitor import GpuMonitor
@@ -19,6 +19,10 @@ from controlplane.registry.repository import RegistryRepository
 from controlplane.registry.states import HostState, hello_state, returning_state, set_host_state
 
 REVOKED = "host credential: the host has been revoked"
+# A recorded sign of life: the host, and on a hello its GPUs.
+Signed = tuple[Host, Sequence[Gpu]]
+# Signs of life written per transaction at most.
+MAX_SIGNS_BATCH = 1000
 
 
 class Liveness:
@@ -37,10 +41,9 @@ class Liveness:
     _registered: dict[str, float]
     loop_lag: LoopLag
 
-    # Signs of life waiting to be recorded, by (host, whether a hello), and the lock whose
-    # holder records all of them in one transaction.
-    _recording: dict[tuple[str, bool], asyncio.Future[tuple[Host, Sequence[Gpu]]]]
-    _recorder: asyncio.Lock
+    # Signs of life, by (host, whether a hello), recorded together: those arriving while a
+    # batch is written go in the next one (one transaction each, one at a time).
+    _signs: GroupCommit[tuple[str, bool], Signed]
 
     async def _record_heartbeat(
         self, host_id: str, *, hello: bool = False
@@ -48,34 +51,22 @@ class Liveness:
         """Records a sign of life; a lost host is back, and a REGISTERED one is admitted on its
         daemon's hello (states.hello_state: the verification gate), never on anything else.
         Returns the host and, on a hello, its GPUs (read in the same transaction). Those
-        arriving together (a fleet reconnecting) are written in one transaction: whoever
-        takes the lock first records every one waiting by then."""
-        key = (host_id, hello)
-        done = self._recording.get(key)
-        if done is None:
-            done = self._recording[key] = asyncio.get_running_loop().create_future()
-        async with self._recorder:
-            if not done.done():
-                await self._record_waiting()  # an error is set on `done`: raised below
-        return await done
+        arriving together (a fleet reconnecting) are written in one transaction (GroupCommit:
+        what arrives while one is written goes in the next)."""
+        return await self._signs((host_id, hello))
 
-    async def _record_waiting(self) -> None:
-        waiting, self._recording = self._recording, {}
-        try:
-            outcomes, gpus = await self._record_signs(list(waiting))
-        except asyncio.CancelledError:
-            self._recording = {**waiting, **self._recording}  # the next caller records them
-            raise
-        except Exception as error:  # noqa: BLE001 - each waiting caller gets it
-            for done in waiting.values():
-                done.set_exception(error)
-            return
-        for (host_id, hello), done in waiting.items():
+    async def _record_batch(self, keys: Sequence[tuple[str, bool]]) -> list[Signed | Exception]:
+        """GroupCommit's batch: the signs of life `keys` in one transaction, each answered
+        with its host and GPUs or why it was refused."""
+        outcomes, gpus = await self._record_signs(list(dict.fromkeys(keys)))
+        answers: list[Signed | Exception] = []
+        for host_id, hello in keys:
             outcome = outcomes[host_id]
             if isinstance(outcome, Exception):
-                done.set_exception(outcome)
+                answers.append(outcome)
             else:
-                done.set_result((outcome, gpus.get(host_id, []) if hello else ()))
+                answers.append((outcome, gpus.get(host_id, []) if hello else ()))
+        return answers
 
     async def _record_signs(
         self, keys: list[tuple[str, bool]]

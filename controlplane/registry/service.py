@@ -27,9 +27,10 @@ from controlplane.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from controlplane.ledger.batch import GroupCommit
 from controlplane.paging import Page, PageRequest, offset_of, page_by_offset
 from controlplane.registry.lag import LoopLag
-from controlplane.registry.liveness import Liveness
+from controlplane.registry.liveness import MAX_SIGNS_BATCH, Liveness
 from controlplane.registry.models import Gpu, Host
 from controlplane.registry.monitor import GpuMonitor
 from controlplane.registry.natsauth import NatsAuth
@@ -123,8 +124,9 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
         self._heard: set[str] = set()
         self._pending: dict[str, tuple[int, float]] = {}
         self._registered: dict[str, float] = {}
-        self._recording: dict[tuple[str, bool], asyncio.Future[tuple[Host, Sequence[Gpu]]]] = {}
-        self._recorder = asyncio.Lock()
+        self._signs = GroupCommit(
+            self._record_batch, max_batch=MAX_SIGNS_BATCH, max_in_flight=1, min_batch=1
+        )
         # Registrations and hellos served at once; the others wait parked (their hosts are
         # spared meanwhile), so a fleet reconnecting does not fill the event loop's queue
         # ahead of every other call.
