@@ -291,7 +291,8 @@ class JobExecutor:
                 await asyncio.wait({pump_task}, timeout=2.0)
                 await pump.end()
                 return stopped
-            info = await self.runtime.inspect(container)
+            # An exit of its own (not this daemon's kill) may be an OOM kill reported late.
+            info = await self.runtime.inspect_exited(container, settle=outcome == "exited")
             # Docker stamps StartedAt when its start call is done, which on a busy host can be
             # after a short job has already exited (FinishedAt is the exit's own time), so
             # its run time comes out 0: the job would be free. Docker's times stay the bill;

@@ -34,6 +34,8 @@ LABEL_ATTEMPT = "gpuplane.attempt"
 LABEL_HOST = "gpuplane.host"
 # Users that are root inside a container (an image's empty USER is root too).
 _ROOT_USERS = frozenset({"", "0", "root"})
+# How long an exit by SIGKILL under a memory limit waits for Docker's OOM flag (inspect_exited).
+OOM_SETTLE = 1.0
 # Where a job may write besides /output and /dev/shm: a tmpfs of settings.scratch_bytes.
 SCRATCH = "/tmp"
 # A verification probe's container (never a job's: orphan sweeps leave it alone).
@@ -419,6 +421,26 @@ class DockerRuntime:
             started=started is not None,
             memory_limit_bytes=memory_limit,
         )
+
+    async def inspect_exited(self, container: Container, settle: bool = True) -> ExitInfo:
+        """inspect() of an exited container; with `settle` (it exited by itself, not killed by
+        this daemon) looked at again for up to OOM_SETTLE seconds when it was SIGKILLed (137)
+        under a memory limit and Docker does not say OOM yet:
+        containerd reports a cgroup's OOM kill apart from the exit, at times after it, and
+        Docker sets OOMKilled only then (a job killed for memory must say so, not "exit code
+        137")."""
+        info = await self.inspect(container)
+        deadline = asyncio.get_running_loop().time() + OOM_SETTLE
+        while (
+            settle
+            and info.exit_code == 137
+            and not info.oom_killed
+            and info.memory_limit_bytes
+            and asyncio.get_running_loop().time() < deadline
+        ):
+            await asyncio.sleep(0.05)
+            info = await self.inspect(container)
+        return info
 
     async def logs(self, container: Container) -> tuple[bytes, bytes]:
         """Everything the container wrote so far: (stdout, stderr)."""
