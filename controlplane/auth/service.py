@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -72,21 +74,44 @@ class AuthService:
         # The cached digest of each fallback principal (a host has one credential at a time:
         # caching its new one drops the one it replaced).
         self._fallback_digests: dict[str, str] = {}
+        # Lookups under way, by digest: callers that miss the cache together share one
+        # (at each TTL expiry every in-flight call missed at once, each reading the database).
+        self._lookups: dict[str, asyncio.Future[Principal]] = {}
+        # Bumped by `forget`: a lookup that began before a revocation answers its callers but
+        # does not cache its (possibly stale) verdict.
+        self._generation = 0
         # Told each key id revoked here (the other replicas' caches hear of it: gateway.watch).
         self.revoked_listeners: list[Callable[[str], None]] = []
 
     async def authenticate(self, secret: str) -> Principal:
-        """The principal of an API key secret, or UNAUTHENTICATED."""
+        """The principal of an API key secret, or UNAUTHENTICATED. Callers that miss the
+        cache for the same secret at the same time wait for one lookup."""
         digest = hash_secret(secret)
-        now_mono = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None:
             principal, checked_at, expires_at = cached
-            if now_mono - checked_at < self.cache_ttl and (
+            if time.monotonic() - checked_at < self.cache_ttl and (
                 expires_at is None or expires_at > utcnow()
             ):
                 return principal
             del self._cache[digest]
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._look_up(secret, digest))
+            self._lookups[digest] = lookup
+            lookup.add_done_callback(functools.partial(self._looked_up, digest))
+        # One caller going away (a cancelled call) does not cancel the others' lookup.
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, digest: str, lookup: asyncio.Future[Principal]) -> None:
+        if self._lookups.get(digest) is lookup:
+            del self._lookups[digest]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: every caller may have gone away
+
+    async def _look_up(self, secret: str, digest: str) -> Principal:
+        now_mono = time.monotonic()
+        generation = self._generation
         key = None
         if not (self.fallback_prefix and secret.startswith(self.fallback_prefix)):
             async with self.db.read() as session:
@@ -95,7 +120,8 @@ class AuthService:
         if key is None and self.fallback is not None:
             other = await self.fallback(secret)
             if other is not None:
-                self._cache_fallback(digest, other)
+                if generation == self._generation:
+                    self._cache_fallback(digest, other)
                 return other
         if key is None or key.revoked_at is not None:
             raise Unauthenticated("the API key is not valid (unknown or revoked)")
@@ -105,9 +131,10 @@ class AuthService:
             async with self.db.transaction() as session:
                 await AuthRepository(session).touch_key(key.id, now)
         principal = Principal(tenant_id=key.tenant_id, role=Role(key.role), principal_id=key.id)
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[digest] = (principal, now_mono, key.expires_at)
+        if generation == self._generation:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[digest] = (principal, now_mono, key.expires_at)
         return principal
 
     def remember(self, secret: str, principal: Principal) -> None:
@@ -127,7 +154,10 @@ class AuthService:
         self._cache[digest] = (principal, time.monotonic(), None)
 
     def forget(self, key_id: str) -> None:
-        """Drops a key from this process's cache (after revocation)."""
+        """Drops a key from this process's cache (after revocation); lookups under way
+        do not cache what they find, and later callers do not join them."""
+        self._generation += 1
+        self._lookups.clear()
         self._fallback_digests.pop(key_id, None)
         for digest, (principal, _, _) in list(self._cache.items()):
             if principal.principal_id == key_id:
