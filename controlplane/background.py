@@ -152,7 +152,9 @@ class Background:
             else:
                 await self.leader.wait_leading()
             try:
-                while self.leader.leading and await self.scheduler.run_once():
+                while (
+                    self.leader.leading and await self.scheduler.run_once() and self.scheduler.more
+                ):
                     pass
             except NotLeader as error:
                 log.warning("scheduling cycle fenced off, nothing placed: %s", error.message)

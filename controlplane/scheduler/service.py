@@ -108,6 +108,8 @@ class Scheduler:
         self.fair = FairShare(self.policy.fair_share)
         self.durations = Durations()
         self.last = CycleStats()
+        # Whether the last cycle left jobs another cycle at once could place (run_once).
+        self.more = False
         # Called with each cycle's stats (metrics), when set.
         self.on_cycle: Callable[[CycleStats], None] | None = None
         self._seeded = False
@@ -119,7 +121,9 @@ class Scheduler:
         self._seeded = False
 
     async def run_once(self) -> int:
-        """One scheduling cycle; returns how many jobs were placed."""
+        """One scheduling cycle; returns how many jobs were placed. `more` says afterwards
+        whether another cycle at once could place more."""
+        self.more = False
         started = time.perf_counter()
         now = utcnow()
         async with self.db.transaction() as session:
@@ -157,6 +161,14 @@ class Scheduler:
             for job_id in rejected:
                 plan.reasons.pop(job_id, None)
             await self._commit(repo, plan, by_id, specs, now)
+            # A cycle sees a window of the queue (`policy.batch`, `per_tenant` per tenant):
+            # jobs past it could still be placed at once while GPUs are free (or by a job
+            # asking for none). With every GPU taken the next cycle could place nothing, so
+            # it waits for a wake-up (a GPU freed, a job submitted) or the period instead of
+            # planning the whole queue again for nothing.
+            self.more = bool(plan.placed) and (
+                capacity.index.free_total > 0 or any(p.demand.gpu_count == 0 for p in plan.placed)
+            )
             if rejected and self.reject is not None:
                 await self.reject(session, [(by_id[j], why) for j, why in rejected.items()], now)
         self.last = CycleStats(

@@ -165,3 +165,46 @@ async def dry_run(plane: JobPlane, **spec: Any) -> jobs_pb2.Quote:
     )
     assert not reply.HasField("job")
     return reply.quote
+
+
+async def test_a_cycle_that_took_the_last_free_gpu_asks_for_no_second_at_once(
+    plane: JobPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a cycle that placed jobs, the scheduler runs another at once only while GPUs are
+    free (jobs past the cycle's window could use them); with every GPU taken it waits for a
+    wake-up instead of planning the whole queue again for nothing."""
+    assert plane.plane.background is not None
+    scheduler = plane.plane.background.scheduler
+    placing: list[tuple[int, bool]] = []
+    run_once = scheduler.run_once
+
+    async def recorded() -> int:
+        placed = await run_once()
+        if placed:
+            placing.append((placed, scheduler.more))
+        return placed
+
+    async def queued(jobs: list[Any]) -> list[bool]:
+        return [(await plane.get(j.job_id)).state == S.JOB_STATE_QUEUED for j in jobs]
+
+    monkeypatch.setattr(scheduler, "run_once", recorded)
+    host = await scripted_host(plane, gpus=2, price=1_000_000)
+    spec: dict[str, Any] = {"gpu_count": 1, "max_duration_seconds": 600}
+    try:
+        first = await plane.submit(**spec)
+        deadline = time.monotonic() + 20
+        while (await queued([first])) == [True]:
+            assert time.monotonic() < deadline, "the first job was not placed"
+            await asyncio.sleep(0.05)
+        assert placing == [(1, True)]  # one GPU still free
+        rest = [await plane.submit(**spec) for _ in range(3)]
+        while all(await queued(rest)):
+            assert time.monotonic() < deadline, "no second job was placed"
+            await asyncio.sleep(0.05)
+        assert placing[1:] == [(1, False)], placing  # the last GPU taken
+        # The other two wait for a GPU, and no later cycle places anything.
+        await asyncio.sleep(1.0)
+        assert (await queued(rest)).count(True) == 2
+        assert len(placing) == 2, placing
+    finally:
+        await host.close()
