@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import docker
 from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc, types_pb2
 from pydantic import SecretStr
 
@@ -110,7 +111,25 @@ async def tunnel_stack(
             running = await plane.wait_for(job.job_id, [types_pb2.JOB_STATE_RUNNING], 60)
             yield TunnelStack(plane, running, agent)
         finally:
+            host_id = agent.host_id
             await agent.stop()
+            # A stopped daemon leaves its containers for the next start to adopt; this
+            # stack's are removed, with what was exec'd in them (a `cat /dev/zero` left
+            # behind kept a core busy for the rest of the suite).
+            await asyncio.to_thread(_remove_containers, engine.base_url, host_id)
+
+
+def _remove_containers(base_url: str, host_id: str) -> None:
+    if not host_id:
+        return
+    client = docker.DockerClient(base_url=base_url)
+    try:
+        for container in client.containers.list(
+            all=True, filters={"label": f"gpuplane.host={host_id}"}
+        ):
+            container.remove(force=True)
+    finally:
+        client.close()
 
 
 async def wait_listening(stack: TunnelStack, port: int) -> None:
