@@ -18,6 +18,7 @@ from gpuplane.v1 import jobs_pb2, sessions_pb2, sessions_pb2_grpc, types_pb2
 from controlplane.ledger.transfers import charge_for
 from daemon.agent import Agent
 from devstack import DockerEngine, S3Server
+from tests.controlplane.scheduler.planes import until
 from tests.e2e.test_job_path import PRICE, container_of, settings
 from tests.harness import CREDIT, JobPlane
 
@@ -182,10 +183,7 @@ async def test_the_periodic_resync_destroys_a_container_no_control_plane_knows(
             stray.remove(force=True)
     # The container leaves Docker's list before the daemon's removal call returns and counts
     # it: the count follows within a moment.
-    deadline = time.monotonic() + 10
-    while agent.orphans_removed < 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert agent.orphans_removed >= 1
+    await until(lambda: agent.orphans_removed >= 1, 10, "the daemon counted the orphan")
 
 
 @pytest.mark.plane(heartbeat_timeout_ms=1000)
