@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from controlplane.jobs.models import JobAttempt
 from controlplane.registry.models import Gpu
+from tests.controlplane.scheduler.planes import until
 from tests.controlplane.scripted_host import scripted_host
 from tests.harness import JobPlane
 
@@ -187,20 +188,18 @@ async def test_a_cycle_that_took_the_last_free_gpu_asks_for_no_second_at_once(
     async def queued(jobs: list[Any]) -> list[bool]:
         return [(await plane.get(j.job_id)).state == S.JOB_STATE_QUEUED for j in jobs]
 
+    async def any_placed(jobs: list[Any]) -> bool:
+        return not all(await queued(jobs))
+
     monkeypatch.setattr(scheduler, "run_once", recorded)
     host = await scripted_host(plane, gpus=2, price=1_000_000)
     spec: dict[str, Any] = {"gpu_count": 1, "max_duration_seconds": 600}
     try:
         first = await plane.submit(**spec)
-        deadline = time.monotonic() + 20
-        while (await queued([first])) == [True]:
-            assert time.monotonic() < deadline, "the first job was not placed"
-            await asyncio.sleep(0.05)
+        await until(lambda: any_placed([first]), 20, "the first job was placed")
         assert placing == [(1, True)]  # one GPU still free
         rest = [await plane.submit(**spec) for _ in range(3)]
-        while all(await queued(rest)):
-            assert time.monotonic() < deadline, "no second job was placed"
-            await asyncio.sleep(0.05)
+        await until(lambda: any_placed(rest), 20, "a second job was placed")
         assert placing[1:] == [(1, False)], placing  # the last GPU taken
         # The other two wait for a GPU, and no later cycle places anything.
         await asyncio.sleep(1.0)
