@@ -32,6 +32,10 @@ FAILED = "failed"
 SIMULATED = "simulated GPUs are never verified"
 # How often connected hosts are looked at for a periodic probe, at most, in seconds.
 REPROBE_LOOK_SECONDS = 30.0
+# The sweep fails an unanswered probe only this long after its deadline: an answer already
+# on its way is judged on its own arrival time ("late: … answered N ms after"), which tells
+# the provider more than "no answer", and the outcome (failed) is the same.
+NO_ANSWER_GRACE = timedelta(seconds=2)
 
 
 def fingerprint(host: Host, gpus: Sequence[Gpu]) -> str:
@@ -251,12 +255,12 @@ class VerificationService:
         return "", spent
 
     async def sweep(self) -> None:
-        """Periodic: fails the probes past their deadline; probes connected hosts again whose
-        last probe passed `reverify_seconds` ago (failed: `retry_seconds`)."""
+        """Periodic: fails the probes `NO_ANSWER_GRACE` past their deadline; probes connected
+        hosts again whose last probe passed `reverify_seconds` ago (failed: `retry_seconds`)."""
         now = utcnow()
         async with self.db.transaction() as session:
             registry = RegistryRepository(session)
-            for probe in await ProbeRepository(session).overdue(now):
+            for probe in await ProbeRepository(session).overdue(now - NO_ANSWER_GRACE):
                 limit_ms = (probe.deadline_at - probe.issued_at).total_seconds() * 1000
                 why = (
                     f"no answer within its deadline of {limit_ms:.0f} ms "
