@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import os
+import select
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -13,6 +17,10 @@ from typing import Any
 
 import docker
 
+log = logging.getLogger(__name__)
+
+# After the hang-up (SIGHUP), how long an exec's command has to end before SIGKILL.
+HANGUP_GRACE = 5.0
 # docker's multiplexed stream (no tty): an 8-byte header, stream type 1 stdout, 2 stderr.
 _HEADER = 8
 _CLONE_NEWNET = 0x40000000
@@ -33,14 +41,79 @@ class ExecSession:
         if self.tty and rows and cols:
             self.api.exec_resize(self.exec_id, height=rows, width=cols)
 
+    # Set once the command is known to have exited (its exit code was read).
+    exited: bool = False
+
     def exit_code(self) -> int:
         """The command's exit status (its output ended: it exited, or is about to)."""
         for _ in range(100):
             info = self.api.exec_inspect(self.exec_id)
             if not info.get("Running") and info.get("ExitCode") is not None:
+                self.exited = True
                 return int(info["ExitCode"])
             threading.Event().wait(0.02)
         return -1
+
+    def hang_up(self, grace: float = HANGUP_GRACE) -> str:
+        """Ends the command when its client went away and it still runs (blocking: run it in
+        a thread). Docker has no way to stop an exec and keeps draining its output, so a
+        command that never reads its input (`cat /dev/zero`) would run, and burn the
+        consumer's GPU host, until the container goes. As after ssh: with a terminal, SIGHUP
+        to its process group (its process when it leads none) at once; without one, its
+        input has ended (the connection closed) and it has `grace` to finish by itself before
+        that SIGHUP. SIGKILL to the process if it has not ended `grace` after the SIGHUP.
+        What it started in a group of its own (`setsid`, shells' background jobs) survives.
+        Says what it did ("" when it had nothing to do)."""
+        if self.exited:
+            return ""
+        pid = self._running_pid()
+        if not pid:
+            return ""
+        try:
+            handle = os.pidfd_open(pid)
+        except OSError:  # ended meanwhile
+            return ""
+        poller = select.poll()
+        poller.register(handle, select.POLLIN)  # readable once the process has ended
+        try:
+            # Still running under that pid after the handle was opened: the handle is the
+            # exec's process, never another that reused the number.
+            if self._running_pid() != pid or not self._in_container(pid):
+                return ""
+            if not self.tty and poller.poll(int(grace * 1000)):
+                return ""  # ended by itself on end-of-file
+            try:
+                group = os.getpgid(pid)
+                if group == pid:
+                    os.killpg(group, signal.SIGHUP)
+                else:
+                    signal.pidfd_send_signal(handle, signal.SIGHUP)
+            except ProcessLookupError:
+                return ""
+            if poller.poll(int(grace * 1000)):
+                return "hung up"
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(handle, signal.SIGKILL)
+            return "killed"
+        except PermissionError as exc:
+            log.warning("exec %s… outlives its client: %s", self.exec_id[:12], exc)
+            return ""
+        finally:
+            os.close(handle)
+
+    def _running_pid(self) -> int:
+        """The command's host pid while it runs (0 once it ended)."""
+        info = self.api.exec_inspect(self.exec_id)
+        return int(info.get("Pid") or 0) if info.get("Running") else 0
+
+    def _in_container(self, pid: int) -> bool:
+        """Whether process `pid` of this machine is in a pid namespace other than the
+        daemon's: a guard against signalling a local process when the Docker engine's pids
+        are another machine's (a remote DOCKER_HOST)."""
+        try:
+            return os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            return False
 
 
 def start_exec(

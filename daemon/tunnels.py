@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 from typing import TYPE_CHECKING, TypeAlias
 
 import docker
@@ -123,6 +124,8 @@ class Tunnels:
                     await Relay(call, endpoint).run()
             finally:
                 endpoint.sock.close()
+                if endpoint.session is not None and not endpoint.session.exited:
+                    _hang_up(endpoint.session)
         except grpc.aio.AioRpcError as exc:
             log.info("tunnel %s… ended: %s", command.tunnel_id[:6], exc.code().name)
         finally:
@@ -207,6 +210,22 @@ class Tunnels:
             size=(spec.size.rows, spec.size.cols),
         )
         return Endpoint(session.sock, session)
+
+
+def _hang_up(session: ExecSession) -> None:
+    """Ends an exec whose client went away (ExecSession.hang_up), in a thread of its own: the
+    tunnel's task ends now, also when it was cancelled (the daemon stopping)."""
+
+    def work() -> None:
+        try:
+            done = session.hang_up()
+        except (docker.errors.DockerException, OSError) as exc:  # the engine went away
+            log.info("exec %s…: not hung up: %s", session.exec_id[:12], exc)
+            return
+        if done:
+            log.info("exec %s… outlived its client: %s", session.exec_id[:12], done)
+
+    threading.Thread(target=work, name="exec-hangup", daemon=True).start()
 
 
 async def _say_error(call: Call, said: str) -> None:

@@ -152,6 +152,71 @@ async def test_a_reader_that_stops_stalls_the_daemon_not_memory(stack: TunnelSta
     tunnels = stack.plane.plane.tunnels
     assert tunnels is not None
     assert tunnels.broker.open_count == 0
+    # And ended it (SIGHUP, HANGUP_GRACE after its input ended): Docker would have drained
+    # `cat /dev/zero` until the container went.
+    await until_gone(stack, "cat /dev/zero", 20)
+
+
+async def processes(stack: TunnelStack) -> list[str]:
+    """The container's processes' command lines (busybox ps), less the ps itself."""
+    out, _, code = await stack.exec(["ps", "-o", "args"])
+    assert code == 0
+    return [line.strip() for line in out.decode().splitlines()[1:] if line.strip() != "ps -o args"]
+
+
+async def until_gone(stack: TunnelStack, args: str, seconds: float) -> None:
+    async with asyncio.timeout(seconds):
+        while args in await processes(stack):
+            await asyncio.sleep(0.2)
+
+
+async def test_an_exec_whose_client_goes_away_is_hung_up_then_killed(stack: TunnelStack) -> None:
+    """As after ssh: SIGHUP ends an interactive shell (tty) at once; a command without a
+    terminal gets end-of-file, then SIGHUP after the grace (HANGUP_GRACE, 5 s), and when it
+    ignores that, SIGKILL after another; what the shell started in a session of its own
+    (setsid) survives."""
+    stop = asyncio.Event()
+    start = T.ExecStart(
+        job_id=stack.job.job_id,
+        command=["sh"],
+        tty=True,
+        stdin=True,
+        size=T.TerminalSize(rows=24, cols=80),
+    )
+    typed = b"setsid sleep 301 & echo $((6*7))\n"
+
+    async def requests() -> AsyncIterator[T.ExecRequest]:
+        yield T.ExecRequest(start=start)
+        yield T.ExecRequest(stdin=typed)
+        await stop.wait()
+
+    auth = stack.plane.auth(stack.plane.consumer_key)
+    shell = stack.tunnels.Exec(requests(), metadata=auth)
+    seen = b""
+    async with asyncio.timeout(20):
+        while b"42" not in seen:
+            response = await shell.read()
+            assert isinstance(response, T.ExecResponse)
+            seen += response.stdout
+    stubborn = await open_exec(
+        stack, ["sh", "-c", "trap '' HUP; echo stubborn; while :; do sleep 1; done"], stop
+    )
+    response = await stubborn.read()
+    assert isinstance(response, T.ExecResponse)
+    assert response.stdout == b"stubborn\n"
+    before = await processes(stack)
+    assert "sh" in before
+    assert any("while :" in p for p in before)
+    shell.cancel()
+    stubborn.cancel()
+    stop.set()
+    await until_gone(stack, "sh", 4.5)  # the interactive shell: hung up at once (< 5 s)
+    assert any("while :" in p for p in await processes(stack))  # no terminal: still there
+    async with asyncio.timeout(25):  # killed two graces later (it ignores SIGHUP)
+        while any("while :" in p for p in await processes(stack)):
+            await asyncio.sleep(0.2)
+    assert "sleep 301" in await processes(stack)  # its own session: left running
+    await stack.exec(["pkill", "-f", "sleep 301"])
 
 
 async def test_the_daemons_call_breaking_is_unavailable(stack: TunnelStack) -> None:
