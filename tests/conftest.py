@@ -4,6 +4,7 @@ and `plane`, the harness's control plane (tests/harness.py) for one test."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import itertools
 import re
@@ -22,6 +23,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from controlplane.db.engine import Database
+from daemon.runtime import LABEL_JOB
 from devstack import (
     TEST_IMAGE,
     DockerEngine,
@@ -182,10 +184,36 @@ async def plane(
         yield running
 
 
+# The session's engine once a test asked for it (module teardown looks, never starts it).
+_engines: list[DockerEngine] = []
+
+
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
     """A Docker engine: a private dockerd with a stand-in NVIDIA hook when root."""
-    yield from serve(DockerEngine(tmp_path_factory.mktemp("docker")))
+    engine = DockerEngine(tmp_path_factory.mktemp("docker"))
+    _engines.append(engine)
+    try:
+        yield from serve(engine)
+    finally:
+        _engines.remove(engine)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_workload_outlives_its_module() -> Iterator[None]:
+    """After each module, the workload containers its daemons left behind (a stopped daemon
+    leaves them for its next start to adopt) are removed: no later test needs them, and each
+    kept a core busy or a daemon thread of this process waiting on it (container waits, log
+    follows) for the rest of the suite."""
+    yield
+    for engine in _engines:
+        client = engine.client()
+        try:
+            for container in client.containers.list(all=True, filters={"label": LABEL_JOB}):
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True)
+        finally:
+            client.close()
 
 
 @pytest.fixture(scope="session")
