@@ -200,6 +200,7 @@ class ControlPlane:
         policy = scheduler_policy(scheduling)
         self.market = market = Market(db, policy.default_policy)
         registry.on_host_connected = market.invalidate
+        self.notifier.capacity_listeners.append(market.touched)
         registry.verification = VerificationService(db, settings.verification, registry.streams)
         self.jobs = jobs = JobService(
             db,

@@ -60,5 +60,5 @@ class CommandAcks(LostAttempts):
             return False
         log.warning("%s: attempt lost, its host %s does not run it", job_id, host_id)
         self.notifier.job_changed(job_id)
-        self.notifier.schedule.set()
+        self.notifier.gpus_changed(freed=True)
         return True

@@ -39,7 +39,7 @@ class LostAttempts(JobBilling):
         for job_id in touched:
             self.notifier.job_changed(job_id)
         if touched:
-            self.notifier.schedule.set()
+            self.notifier.gpus_changed(freed=True)
         return touched
 
     async def _lose_attempt(

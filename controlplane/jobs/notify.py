@@ -17,6 +17,16 @@ class Notifier:
         self.outbox = asyncio.Event()
         # Told every job id that changed here (the gateway's routes follow replicas' jobs).
         self.listeners: list[Callable[[str], None]] = []
+        # Told when GPUs were taken or freed here (the market view quotes show).
+        self.capacity_listeners: list[Callable[[], None]] = []
+
+    def gpus_changed(self, *, freed: bool) -> None:
+        """GPUs were taken (a placement) or freed (an attempt ended) here: views of free GPUs
+        are read again; freed ones wake the scheduler."""
+        for listener in self.capacity_listeners:
+            listener()
+        if freed:
+            self.schedule.set()
 
     def job_changed(self, job_id: str) -> None:
         self.wake_watchers(job_id)

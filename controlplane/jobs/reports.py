@@ -296,7 +296,7 @@ class Reports(LostAttempts):
         if applied.changed:
             self.notifier.job_changed(applied.job_id)
             if not applied.live:
-                self.notifier.schedule.set()
+                self.notifier.gpus_changed(freed=True)
         return True
 
     def _apply(

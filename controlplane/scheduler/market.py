@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,13 @@ class MarketView:
 
 
 class Market:
-    """The view submits and quotes price against. Submits never wait on the database while
-    the view is younger than STALE_SECONDS; quotes reload it (they show free GPUs)."""
+    """The view submits and quotes price against. Neither waits on the database while the
+    view is younger than STALE_SECONDS (past FRESH_SECONDS it is reloaded in the background),
+    except that quotes, which show free GPUs, wait for a view loaded after the last change of
+    GPUs this replica made or saw (`touched`: a placement, an attempt's end); another
+    replica's such change reaches its quotes within FRESH_SECONDS of the next quote (at most
+    STALE_SECONDS when quotes are rare). Submits price holds on hosts and prices only, which
+    GPUs being taken or freed do not change."""
 
     def __init__(
         self,
@@ -75,6 +81,8 @@ class Market:
         self._generation = 0
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[MarketView] | None = None
+        # When GPUs were last taken or freed here (`touched`).
+        self._touched_at = float("-inf")
 
     async def view(self, *, reload: bool = False) -> MarketView:
         """The current view; `reload` reads the database now."""
@@ -87,6 +95,17 @@ class Market:
                 self._reload_in_background()
                 return current
         return await self._reload(self.clock())
+
+    async def quote_view(self) -> MarketView:
+        """The view a quote shows: as `view()`, but loaded after the last `touched`."""
+        current = self._view
+        if current is None or current.loaded_at <= self._touched_at:
+            return await self._reload(math.nextafter(self._touched_at, math.inf))
+        return await self.view()
+
+    def touched(self) -> None:
+        """GPUs were taken or freed here: the next quote reads the database."""
+        self._touched_at = self.clock()
 
     async def dearest_match(self, spec: types_pb2.JobSpec) -> int | None:
         """The highest price among the offers matching `spec` now (see MarketView)."""

@@ -31,8 +31,10 @@ class Quoter:
 
     async def quote(self, spec: types_pb2.JobSpec) -> jobs_pb2.Quote:
         """The quote of a prepared spec; its hold is priced as submit prices it (the dearest
-        matching offer), on a view read now."""
-        view = await self.market.view(reload=True)
+        matching offer), on a view loaded after this replica's last change of GPUs and at
+        most a few seconds old (Market.quote_view): a quote reads the database only then,
+        so its cost does not grow with the fleet while GPUs stay as they are."""
+        view = await self.market.quote_view()
         index = view.index
         now = utcnow()
         demand = demand_of("", "", spec, now.timestamp(), default_policy=self.default_policy)

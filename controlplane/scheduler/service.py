@@ -179,6 +179,7 @@ class Scheduler:
         for job_id in [p.demand.job_id for p in plan.placed] + list(rejected):
             self.notifier.job_changed(job_id)
         if plan.placed:
+            self.notifier.gpus_changed(freed=False)
             self.notifier.outbox.set()
             log.info(
                 "placed %d of %d queued job(s) in %.0f ms",

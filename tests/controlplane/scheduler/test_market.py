@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from gpuplane.v1 import types_pb2
+from gpuplane.v1 import jobs_pb2, types_pb2
 
 from controlplane.scheduler.demand import demand_of
 from controlplane.scheduler.index import CapacityIndex, HostEntry
@@ -95,3 +95,67 @@ async def test_submits_use_a_recent_view_and_reload_a_stale_one(plane: JobPlane)
             await host.close()
     finally:
         await market.close()
+
+
+@pytest.mark.timeout(60)
+async def test_quotes_read_again_only_after_gpus_changed_here(plane: JobPlane) -> None:
+    """A quote shows free GPUs: it waits for a view loaded after the last placement or end of
+    an attempt on this replica (`touched`), else it uses the view as submits do, so quoting
+    costs no database read per request while GPUs stay as they are."""
+    assert plane.plane.db is not None
+    now = [1000.0]
+    market = Market(plane.plane.db, fresh_seconds=1.0, stale_seconds=5.0, clock=lambda: now[0])
+    try:
+        first = await market.quote_view()
+        now[0] += 0.5
+        assert await market.quote_view() is first  # fresh and nothing changed: no read
+        now[0] += 1.0
+        assert await market.quote_view() is first  # past fresh: served, reloaded behind it
+        background = market._background
+        assert background is not None
+        behind = await background
+        market.touched()  # a placement here: the next quote reads, whatever the view's age
+        now[0] += 0.01
+        touched = await market.quote_view()
+        assert touched is not behind
+        assert touched.loaded_at >= now[0]
+        assert await market.quote_view() is touched
+        market.touched()
+        now[0] += 0.1
+        views = await asyncio.gather(*(market.quote_view() for _ in range(5)))
+        assert len({id(v) for v in views}) == 1  # concurrent quotes share one read
+        assert views[0] is not touched
+        assert await market.view() is views[0]  # submits see the same view
+    finally:
+        await market.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_placement_shows_in_the_next_quote(plane: JobPlane) -> None:
+    """The scheduler taking GPUs tells the market (Notifier.gpus_changed): a quote right
+    after a job started counts the GPUs it took as busy."""
+    host = await scripted_host(plane, gpus=2, price=1_000_000)
+    try:
+        spec = {"gpu_count": 1, "allow_simulated": True, "allow_unverified": True}
+        before = await quote(plane, **spec)
+        assert [(o.host_id, o.free_gpu_count) for o in before.offers] == [(host.host_id, 2)]
+        job = await plane.submit(gpu_count=1)
+        await host.next_dispatch()
+        assert (await plane.get(job.job_id)).state != types_pb2.JOB_STATE_QUEUED
+        after = await quote(plane, **spec)
+        assert [(o.host_id, o.free_gpu_count) for o in after.offers] == [(host.host_id, 1)]
+    finally:
+        await host.close()
+
+
+async def quote(plane: JobPlane, **spec: object) -> jobs_pb2.Quote:
+    request = jobs_pb2.SubmitJobRequest(
+        spec=types_pb2.JobSpec(
+            image="gpuplane-test/busybox:1",
+            max_duration_seconds=600,
+            **spec,  # type: ignore[arg-type]
+        ),
+        dry_run=True,
+    )
+    reply = await plane.jobs.SubmitJob(request, metadata=plane.auth(plane.consumer_key))
+    return reply.quote
