@@ -15,6 +15,7 @@ from pathlib import Path
 from bench import (  # noqa: F401 - registers them
     figures,
     fleet,
+    fleetscale,
     floors,
     gateway,
     jobpath,
@@ -81,7 +82,8 @@ async def run_one(bench: Benchmark, ctx: RunContext) -> Result:
         seconds=0.0,
     )
     try:
-        measured = await asyncio.wait_for(bench.run(ctx), ctx.duration * 3 + SETUP_ALLOWANCE)
+        allowance = SETUP_ALLOWANCE if bench.allowance is None else bench.allowance
+        measured = await asyncio.wait_for(bench.run(ctx), ctx.duration * 3 + allowance)
     except Exception as exc:  # noqa: BLE001 - one failed benchmark must not stop the others
         result.error = f"{type(exc).__name__}: {exc}"
     else:

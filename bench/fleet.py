@@ -36,23 +36,26 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _storm(ctx: RunContext, target: str, token: str) -> tuple[float, list[Any]]:
-    """Starts the simulators together; returns the seconds until all of them were connected
-    and the processes (still running: close their stdin to stop them)."""
-    shares = [
-        FLEET_HOSTS // SIM_PROCESSES + (i < FLEET_HOSTS % SIM_PROCESSES)
-        for i in range(SIM_PROCESSES)
-    ]
+async def _storm(
+    ctx: RunContext, target: str, token: str, hosts: int | None = None
+) -> tuple[float, list[Any]]:
+    """Starts the simulators together (`hosts`, default FLEET_HOSTS, each heartbeating every
+    2 s and sending telemetry every 5 s, the daemon's defaults); returns the seconds until
+    all of them were connected and the processes (still running: close their stdin to stop
+    them)."""
+    hosts = hosts or FLEET_HOSTS
+    shares = [hosts // SIM_PROCESSES + (i < hosts % SIM_PROCESSES) for i in range(SIM_PROCESSES)]
     specs = [
         HostSpec(target=target, token=token, hosts=n, gpus=GPUS_PER_HOST, batches_per_second=0.2)
         for n in shares
+        if n
     ]
     started = time.monotonic()
     with (ctx.workdir / "fleet-hostsim.log").open("ab") as log:
         children = [await spawn(spec, log) for spec in specs]
     for child in children:
         assert child.stdout is not None
-        if not await asyncio.wait_for(child.stdout.readline(), 300):
+        if not await asyncio.wait_for(child.stdout.readline(), 900):
             raise RuntimeError("a host simulator died while connecting (fleet-hostsim.log)")
     return time.monotonic() - started, children
 

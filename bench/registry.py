@@ -56,6 +56,8 @@ class Benchmark:
     minimum: float | None = None
     # The same for a figure where lower is better: the most it may be.
     maximum: float | None = None
+    # Seconds it may take beyond three times the run's duration (None: the run's default).
+    allowance: float | None = None
 
 
 @dataclass
@@ -118,6 +120,7 @@ def benchmark(
     target: float | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
+    allowance: float | None = None,
 ) -> Callable[[Runner], Runner]:
     """Registers the decorated coroutine function as benchmark `name`."""
 
@@ -125,7 +128,7 @@ def benchmark(
         if name in REGISTRY:
             raise ValueError(f"benchmark {name!r} registered twice")
         REGISTRY[name] = Benchmark(
-            name, unit, better, run, description, floor, target, minimum, maximum
+            name, unit, better, run, description, floor, target, minimum, maximum, allowance
         )
         return run
 
