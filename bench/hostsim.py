@@ -1,7 +1,7 @@
 """Simulated provider hosts for the telemetry benchmarks: `python -m bench.hostsim SPEC`.
 
 Each process registers its share of hosts, opens one Connect stream per host (each on its own
-channel, as daemons do), heartbeats, and sends one TelemetryBatch per round listing every GPU.
+channel and TCP connection, as daemons do), heartbeats, and sends one TelemetryBatch per round listing every GPU.
 Batches are assembled from pre-encoded bytes (only the timestamp changes), so a client costs
 little and the control plane is what is measured. Prints {"ready": true} once every host is
 connected and sending, and a HostReport line when its stdin closes.
@@ -53,14 +53,17 @@ class HostSpec:
     key_file: str = ""
 
     def channel(self) -> grpc.aio.Channel:
+        # Each host on a TCP connection of its own, as each daemon is: gRPC would otherwise
+        # carry every channel of this process with one target over one shared connection.
+        own = (("grpc.use_local_subchannel_pool", 1),)
         if not self.ca_file:
-            return open_channel(self.target, PLAINTEXT)
+            return open_channel(self.target, PLAINTEXT, own)
         security = ChannelSecurity(
             ca_file=Path(self.ca_file),
             cert_file=Path(self.cert_file) if self.cert_file else None,
             key_file=Path(self.key_file) if self.key_file else None,
         )
-        return open_channel(self.target, security)
+        return open_channel(self.target, security, own)
 
 
 @dataclass
