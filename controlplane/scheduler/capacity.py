@@ -107,15 +107,16 @@ async def load_capacity(session: AsyncSession, durations: Durations) -> Capacity
         until = epoch(row.since) + durations.seconds.get(row.job_id, 0.0)
         for uuid in row.gpu_uuids or []:
             ends[uuid] = until
-    for gpu in await repo.healthy_gpus(SCHEDULABLE_HOST_STATES):
-        entry = entries.get(gpu.host_id)
+    for group in await repo.gpu_groups(SCHEDULABLE_HOST_STATES):
+        entry = entries.get(group.host_id)
         if entry is None:
             continue
-        gpu_class = index.gpu_class(gpu.name, gpu.memory_total_bytes, gpu.compute_capability)
-        if gpu.job_id is None:
-            entry.free.setdefault(gpu_class.id, []).append(gpu.uuid)
-        else:
-            entry.busy_until.setdefault(gpu_class.id, []).append(ends.get(gpu.uuid, 0.0))
+        gpu_class = index.gpu_class(group.name, group.memory_total_bytes, group.compute_capability)
+        if group.free:
+            entry.free.setdefault(gpu_class.id, []).extend(group.free)
+        if group.busy:
+            busy = entry.busy_until.setdefault(gpu_class.id, [])
+            busy.extend(ends.get(uuid, 0.0) for uuid in group.busy)
     for entry in entries.values():
         index.add_host(entry)
     return Capacity(index, running)
