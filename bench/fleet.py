@@ -1,7 +1,8 @@
-"""Fleet figures: FLEET_HOSTS simulated hosts (bench.hostsim, each on its own channel and connection) all
-registering and connecting at once, as after a control-plane restart: how long until every
-one is connected, hosts falsely declared lost, control-plane CPU per connect and WhoAmI p99
-during the storm; beside the same simulators against a bare server (the floor)."""
+"""Fleet figures: FLEET_HOSTS simulated hosts (bench.hostsim, each on its own channel and
+connection) all registering and connecting at once, as after a control-plane restart: how
+long until every one is connected, hosts falsely declared lost, control-plane CPU per connect
+and WhoAmI p99 during the storm; beside the same simulators against a bare server (the
+floor)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Simulated provider hosts for the telemetry benchmarks: `python -m bench.hostsim SPEC`.
 
 Each process registers its share of hosts, opens one Connect stream per host (each on its own
-channel and TCP connection, as daemons do), heartbeats, and sends one TelemetryBatch per round listing every GPU.
+channel and TCP connection, as daemons do), heartbeats, and sends one TelemetryBatch per round
+listing every GPU.
 Batches are assembled from pre-encoded bytes (only the timestamp changes), so a client costs
 little and the control plane is what is measured. Prints {"ready": true} once every host is
 connected and sending, and a HostReport line when its stdin closes.
