@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import re
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from bench import fleet
 from bench.load import percentile
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
-from bench.telemetry import Stack, paced_submits, telemetry_stack
+from bench.telemetry import Stack, metrics_text, paced_submits, telemetry_stack
 
 # Seconds of each window (idle, then steady with the fleet connected).
 IDLE_SECONDS = 10.0
@@ -58,13 +57,7 @@ def rss_bytes(pid: int) -> int:
 
 async def lag_buckets(stack: Stack) -> dict[float, float]:
     """The heartbeat processing lag histogram's cumulative buckets now ({le: count})."""
-    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
-
-    def fetch() -> str:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return str(response.read().decode())
-
-    text = await asyncio.to_thread(fetch)
+    text = await metrics_text(stack)
     pattern = rf'^{LAG}_bucket\{{le="([^"]+)"\}} (\S+)$'
     return {float(le): float(count) for le, count in re.findall(pattern, text, re.M)}
 

@@ -150,15 +150,20 @@ async def simulated_hosts(
                 reports.append(json.loads(out.strip().splitlines()[-1]))
 
 
-async def accepted_samples(stack: Stack) -> tuple[float, float]:
-    """(accepted, rejected) telemetry samples so far, from the control plane's /metrics."""
+async def metrics_text(stack: Stack, timeout: float = 30.0) -> str:
+    """The control plane's /metrics page now."""
     url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
 
     def fetch() -> str:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return str(response.read().decode())
 
-    text = await asyncio.to_thread(fetch)
+    return await asyncio.to_thread(fetch)
+
+
+async def accepted_samples(stack: Stack) -> tuple[float, float]:
+    """(accepted, rejected) telemetry samples so far, from the control plane's /metrics."""
+    text = await metrics_text(stack, timeout=10)
     accepted = re.search(r"^gpuplane_telemetry_samples_total (\S+)$", text, re.M)
     rejected = re.findall(r"^gpuplane_telemetry_rejected_samples_total\{.*\} (\S+)$", text, re.M)
     return float(accepted.group(1)) if accepted else 0.0, sum(float(v) for v in rejected)

@@ -10,7 +10,6 @@ import collections
 import json
 import re
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -27,7 +26,7 @@ from bench.hostsim import CONNECT, HostSpec, spawn
 from bench.load import percentile
 from bench.registry import RunContext
 from bench.resources import Resources
-from bench.telemetry import Stack, accepted_samples, paced_submits, telemetry_stack
+from bench.telemetry import Stack, accepted_samples, metrics_text, paced_submits, telemetry_stack
 from tests.reliability import summary
 
 GIB = 1 << 30
@@ -235,13 +234,7 @@ def _control_plane_pid(workdir: Path, name: str) -> int:
 
 
 async def _rejected_by_reason(stack: Stack) -> Counter[str]:
-    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
-
-    def fetch() -> str:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return str(response.read().decode())
-
-    text = await asyncio.to_thread(fetch)
+    text = await metrics_text(stack, timeout=10)
     pattern = r'^gpuplane_telemetry_rejected_samples_total\{reason="(\w+)"\} (\S+)$'
     return Counter({k: int(float(v)) for k, v in re.findall(pattern, text, re.M)})
 
