@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
 from gpuplane.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, registry_pb2_grpc, types_pb2
 
 from bench.hostsim import HostSpec, spawn
-from bench.load import percentile
+from bench.load import percentile, process_cpu_seconds
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
 from bench.telemetry import Stack, telemetry_stack
@@ -29,12 +27,6 @@ SIM_PROCESSES = 4
 # falsely declared lost shows up here.
 SETTLE_SECONDS = 10.0
 WHOAMI_EVERY = 0.02
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far, seconds (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _storm(
@@ -122,10 +114,10 @@ async def fleet_reconnect(ctx: RunContext) -> Measurement:
         pid = stack.pid
         latencies: list[int] = []
         probe = asyncio.create_task(_whoami(stack, latencies))
-        cpu = _cpu_seconds(pid)
+        cpu = process_cpu_seconds(pid)
         try:
             seconds, children = await _storm(ctx, stack.address, stack.token)
-            cpu = _cpu_seconds(pid) - cpu
+            cpu = process_cpu_seconds(pid) - cpu
             storm = sorted(latencies)
             lost = await _lost(stack)
             await asyncio.sleep(SETTLE_SECONDS)

@@ -13,13 +13,12 @@ import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import grpc
 from gpuplane.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from bench import fleet
-from bench.load import percentile
+from bench.load import percentile, process_cpu_seconds, process_rss_bytes
 from bench.registry import Measurement, RunContext, benchmark
 from bench.resources import ServerProcess
 from bench.telemetry import Stack, metrics_text, paced_submits, telemetry_stack
@@ -46,13 +45,6 @@ QUOTE = jobs_pb2.SubmitJobRequest(
     dry_run=True,
 )
 LAG = "gpuplane_heartbeat_processing_lag_seconds"
-
-
-def rss_bytes(pid: int) -> int:
-    """A process's resident memory now (/proc/<pid>/status VmRSS)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    found = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.M)
-    return int(found.group(1)) * 1024 if found else 0
 
 
 async def lag_buckets(stack: Stack) -> dict[float, float]:
@@ -141,17 +133,17 @@ async def fleet_at_scale(ctx: RunContext, hosts: int) -> Measurement:
         pid = stack.pid
         await _window(stack, 2.0)  # warm-up
         idle = await _window(stack, IDLE_SECONDS)
-        rss = rss_bytes(pid)
+        rss = process_rss_bytes(pid)
         seconds, children = await fleet._storm(ctx, stack.address, stack.token, hosts)
         try:
             lost = await _lost(stack)
             lag = await lag_buckets(stack)
-            cpu = fleet._cpu_seconds(pid)
+            cpu = process_cpu_seconds(pid)
             started = time.monotonic()
             steady = await _window(stack, max(ctx.duration, STEADY_SECONDS))
-            cpu = (fleet._cpu_seconds(pid) - cpu) / (time.monotonic() - started)
+            cpu = (process_cpu_seconds(pid) - cpu) / (time.monotonic() - started)
             lag_after = await lag_buckets(stack)
-            after = rss_bytes(pid)
+            after = process_rss_bytes(pid)
             lost |= await _lost(stack)
         finally:
             await fleet._stop(children)

@@ -97,6 +97,14 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_rss_bytes(pid: int) -> int:
+    """A process's resident memory now, bytes (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
 def percentile(sorted_values: list[int], q: float) -> float:
     """The q-quantile (0..1) of already sorted values, nearest rank."""
     if not sorted_values:

@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gpuplane.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 from bench.hostsim import CONNECT, HostSpec, spawn
-from bench.load import percentile
+from bench.load import percentile, process_rss_bytes
 from bench.registry import RunContext
 from bench.resources import Resources
 from bench.telemetry import Stack, accepted_samples, metrics_text, paced_submits, telemetry_stack
@@ -210,14 +210,6 @@ class RawHost:
         await self.channel.close(None)
 
 
-def _rss(pid: int) -> int:
-    """Resident set size of a process, bytes (VmRSS in /proc/<pid>/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
 def _control_plane_pid(workdir: Path, name: str) -> int:
     """The pid of telemetry_stack's control plane (`python -m bench.servers controlplane`)."""
     marker = f"--data-dir={workdir / f'{name}-controlplane'}".encode()
@@ -368,7 +360,7 @@ async def test_flood_and_garbage_telemetry(tmp_path: Path, monkeypatch: pytest.M
             idle_errors += second_errors
             if _p99_ms(second_idle) > _p99_ms(idle_latencies):
                 idle_latencies, second_idle = second_idle, idle_latencies
-            rss_idle = _rss(pid)
+            rss_idle = process_rss_bytes(pid)
 
             await flood.start()
             await asyncio.sleep(1.0)  # flood under way
@@ -397,7 +389,7 @@ async def test_flood_and_garbage_telemetry(tmp_path: Path, monkeypatch: pytest.M
             accepted_after, rejected_after = await accepted_samples(stack)
             flood_seconds = time.monotonic() - flood_started
             by_reason = await _rejected_by_reason(stack) - by_reason_before
-            rss_abuse = _rss(pid)
+            rss_abuse = process_rss_bytes(pid)
             hosts = await _hosts(stack)
             registry = registry_pb2_grpc.RegistryServiceStub(stack.channel)
             got = [
@@ -573,7 +565,7 @@ async def _storms(
             connect_seconds = time.monotonic() - t0
             assert len(first) == STORM_HOSTS
             await asyncio.sleep(2.0)
-            rss = [_rss(pid)]
+            rss = [process_rss_bytes(pid)]
             storm_seconds: list[float] = []
             previous = first
             gone: set[str] = set()
@@ -588,7 +580,7 @@ async def _storms(
                 assert len(back) == STORM_HOSTS, (len(back), storm_seconds)
                 # The old sessions time out and their telemetry is forgotten.
                 await _wait_forgotten(stack, previous, time.monotonic() + 30)
-                rss.append(_rss(pid))
+                rss.append(process_rss_bytes(pid))
                 previous = back
             hosts = await _hosts(stack)
         finally:
