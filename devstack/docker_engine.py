@@ -230,6 +230,15 @@ class DockerEngine(LocalServer):
         return calls
 
 
+def remove_containers(client: docker.DockerClient, label: str) -> None:
+    """Removes every container carrying `label` ("key" or "key=value"), running or not, with
+    what runs in it; one that went meanwhile is fine. Tests use it to leave no workload
+    behind a daemon they stopped (a stopped daemon leaves its containers for its next start)."""
+    for container in client.containers.list(all=True, filters={"label": label}):
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+
+
 def _can_remap_users() -> bool:
     """dockerd's `--userns-remap=default` creates the `dockremap` user (useradd) and its
     subordinate ids, or uses them when they exist."""

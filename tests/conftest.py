@@ -4,7 +4,6 @@ and `plane`, the harness's control plane (tests/harness.py) for one test."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import itertools
 import re
@@ -34,6 +33,7 @@ from devstack import (
     build_test_image,
 )
 from devstack.certs import TestCerts, issue_test_certs
+from devstack.docker_engine import remove_containers
 from messaging.subjects import ensure_streams
 from storage.objects import ObjectStore
 from tests.dbseed import migrated_database
@@ -209,9 +209,7 @@ def _no_workload_outlives_its_module() -> Iterator[None]:
     for engine in _engines:
         client = engine.client()
         try:
-            for container in client.containers.list(all=True, filters={"label": LABEL_JOB}):
-                with contextlib.suppress(docker.errors.NotFound):
-                    container.remove(force=True)
+            remove_containers(client, LABEL_JOB)
         finally:
             client.close()
 

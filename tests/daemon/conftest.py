@@ -13,8 +13,9 @@ import pytest
 from gpuplane.v1 import messaging_pb2, types_pb2
 
 from daemon.gpus import GpuInventory, simulated_gpus
-from daemon.runtime import DockerRuntime
+from daemon.runtime import LABEL_JOB, DockerRuntime
 from daemon.settings import DaemonSettings
+from devstack.docker_engine import remove_containers
 
 
 @pytest.fixture
@@ -53,10 +54,7 @@ async def cleanup_containers(
     job_ids: list[str] = []
     yield job_ids
     for job_id in job_ids:
-        for container in docker_client.containers.list(
-            all=True, filters={"label": f"gpuplane.job={job_id}"}
-        ):
-            container.remove(force=True)
+        remove_containers(docker_client, f"{LABEL_JOB}={job_id}")
 
 
 def new_job_id() -> str:

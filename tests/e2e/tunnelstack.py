@@ -11,13 +11,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import docker
 from gpuplane.v1 import tunnels_pb2, tunnels_pb2_grpc, types_pb2
 from pydantic import SecretStr
 
 from daemon.agent import Agent
+from daemon.runtime import LABEL_HOST
 from daemon.settings import DaemonSettings
 from devstack import DockerEngine, NatsServer, S3Server
+from devstack.docker_engine import remove_containers
 from tests.harness import JobPlane, job_plane
 
 T = tunnels_pb2
@@ -116,18 +117,14 @@ async def tunnel_stack(
             # A stopped daemon leaves its containers for the next start to adopt; this
             # stack's are removed, with what was exec'd in them (a `cat /dev/zero` left
             # behind kept a core busy for the rest of the suite).
-            await asyncio.to_thread(_remove_containers, engine.base_url, host_id)
+            if host_id:
+                await asyncio.to_thread(_remove_containers, engine, host_id)
 
 
-def _remove_containers(base_url: str, host_id: str) -> None:
-    if not host_id:
-        return
-    client = docker.DockerClient(base_url=base_url)
+def _remove_containers(engine: DockerEngine, host_id: str) -> None:
+    client = engine.client()
     try:
-        for container in client.containers.list(
-            all=True, filters={"label": f"gpuplane.host={host_id}"}
-        ):
-            container.remove(force=True)
+        remove_containers(client, f"{LABEL_HOST}={host_id}")
     finally:
         client.close()
 

@@ -30,7 +30,9 @@ from sqlalchemy import select
 from controlplane.db.engine import Database
 from controlplane.jobs.models import JobAttempt
 from controlplane.outbox.models import OutboxMessage
+from daemon.runtime import LABEL_JOB
 from devstack import DockerEngine, NatsServer, S3Server
+from devstack.docker_engine import remove_containers
 from messaging.subjects import DISPATCH_STREAM, dispatch_msg_id
 from storage import layout
 from tests.controlplane.scheduler.planes import fleet, plane_options, until
@@ -514,10 +516,7 @@ async def test_frozen_daemon_is_replaced_and_its_late_reports_are_fenced(
                 os.kill(daemon.pid, signal.SIGCONT)
                 daemon.kill()
                 daemon.wait()
-        for container in docker_client.containers.list(
-            all=True, filters={"label": f"gpuplane.job={job_id}"}
-        ):
-            container.remove(force=True)
+        remove_containers(docker_client, f"{LABEL_JOB}={job_id}")
     kinds = Counter(K.JobReportKind.Name(kind) for kind, _ in late)  # type: ignore[arg-type]
     print(f"frozen {frozen_for:.1f}s; late attempt-1 reports, all rejected: {dict(kinds)}")
     summary.record(
