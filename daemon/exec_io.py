@@ -36,13 +36,12 @@ class ExecSession:
     tty: bool
     # Bytes the HTTP client read past the upgrade's headers (output already there).
     early: bytes = b""
+    # Set once the command is known to have exited (its exit code was read).
+    exited: bool = False
 
     def resize(self, rows: int, cols: int) -> None:
         if self.tty and rows and cols:
             self.api.exec_resize(self.exec_id, height=rows, width=cols)
-
-    # Set once the command is known to have exited (its exit code was read).
-    exited: bool = False
 
     def exit_code(self) -> int:
         """The command's exit status (its output ended: it exited, or is about to)."""
