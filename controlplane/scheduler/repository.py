@@ -22,11 +22,18 @@ from controlplane.registry.models import Gpu, Host
 # SQLite binds at most 32,766 variables per statement: allocate in chunks.
 SQLITE_CHUNK = 500
 
+# A GPU is given only while it is free and healthy and its host is schedulable at the price
+# the plan charges: a plan made on an index loaded a moment ago (or reused, service.py) never
+# places on a GPU, host or price that changed since.
 PG_ALLOCATE = text(
     """
     UPDATE gpus AS g SET job_id = r.job_id, attempt = r.attempt
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(uuid varchar, job_id varchar, attempt int)
-    WHERE g.uuid = r.uuid AND g.job_id IS NULL
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS r(uuid varchar, job_id varchar, attempt int, price bigint),
+         hosts AS h
+    WHERE g.uuid = r.uuid AND g.job_id IS NULL AND g.healthy
+      AND h.id = g.host_id AND h.state = ANY(CAST(:states AS varchar[]))
+      AND h.price_per_gpu_hour = r.price
     """
 )
 
@@ -256,23 +263,40 @@ class SchedulerRepository:
         )
         return {tenant: float(weight) for tenant, weight in rows}
 
-    async def allocate(self, rows: Sequence[tuple[str, str, int]]) -> int:
-        """Gives each (GPU uuid, job id, attempt) its GPU if still free, in one statement per
-        chunk; returns how many were free (all, or the caller rolls back)."""
+    async def allocate(
+        self, rows: Sequence[tuple[str, str, int, int]], states: Sequence[str]
+    ) -> int:
+        """Gives each (GPU uuid, job id, attempt, price per GPU-hour) its GPU if it is still
+        free and healthy and its host is in one of `states` at that price, in one statement
+        per chunk; returns how many were (all, or the caller rolls back)."""
         if not rows:
             return 0
         if self.postgres:
-            payload = json.dumps([{"uuid": u, "job_id": j, "attempt": a} for u, j, a in rows])
-            result = await self.session.execute(PG_ALLOCATE, {"rows": payload})
+            payload = json.dumps(
+                [{"uuid": u, "job_id": j, "attempt": a, "price": p} for u, j, a, p in rows]
+            )
+            params = {"rows": payload, "states": list(states)}
+            result = await self.session.execute(PG_ALLOCATE, params)
             return int(getattr(result, "rowcount", 0))
         total = 0
         for start in range(0, len(rows), SQLITE_CHUNK):
             chunk = rows[start : start + SQLITE_CHUNK]
-            jobs = {u: literal(j) for u, j, _ in chunk}
-            attempts = {u: literal(a) for u, _, a in chunk}
+            jobs = {u: literal(j) for u, j, _, _ in chunk}
+            attempts = {u: literal(a) for u, _, a, _ in chunk}
+            prices = {u: literal(p) for u, _, _, p in chunk}
+            host_price = (
+                select(Host.price_per_gpu_hour)
+                .where(Host.id == Gpu.host_id, Host.state.in_(states))
+                .scalar_subquery()
+            )
             statement = (
                 update(Gpu)
-                .where(Gpu.uuid.in_(list(jobs)), Gpu.job_id.is_(None))
+                .where(
+                    Gpu.uuid.in_(list(jobs)),
+                    Gpu.job_id.is_(None),
+                    Gpu.healthy.is_(True),
+                    host_price == case(prices, value=Gpu.uuid),
+                )
                 .values(
                     job_id=case(jobs, value=Gpu.uuid),
                     attempt=case(attempts, value=Gpu.uuid),
@@ -281,6 +305,18 @@ class SchedulerRepository:
             result = await self.session.execute(statement)
             total += int(getattr(result, "rowcount", 0))
         return total
+
+    async def hosts_at(self, prices: dict[str, int], states: Sequence[str]) -> bool:
+        """Whether every host named (host id → price per GPU-hour) is in one of `states` at
+        that price now: what allocate checks for placements that take no GPU."""
+        if not prices:
+            return True
+        rows = await self.session.execute(
+            select(Host.id, Host.price_per_gpu_hour).where(
+                Host.id.in_(list(prices)), Host.state.in_(states)
+            )
+        )
+        return {host_id: price for host_id, price in rows} == prices
 
     async def place(
         self,

@@ -23,6 +23,7 @@ from controlplane.jobs.notify import Notifier
 from controlplane.jobs.states import Placement, schedule_jobs
 from controlplane.scheduler.capacity import (
     SCHEDULABLE_HOST_STATES,
+    Capacity,
     Durations,
     capacity_snapshot,
     epoch,
@@ -58,6 +59,15 @@ Reject = Callable[[AsyncSession, list[tuple[Job, str]], datetime], Awaitable[Non
 # most this often, so a leader cut off from its lock still learns it within a second while
 # idle, and cycles woken by every batch of finished jobs cost no lock.
 IDLE_FENCE_SECONDS = 1.0
+
+# The capacity index (every schedulable host and GPU) is read afresh for each cycle while that
+# is cheap. Once a read takes REUSE_LOAD_SECONDS or more (thousands of hosts), the index is kept
+# for the next cycles (the planner takes the GPUs it places from it) until it is REUSE_FACTOR
+# read-times old, so reading it costs at most about a tenth of the scheduler's time whatever
+# the fleet's size; a cycle that fails throws it away. A GPU, host or price that changed
+# meanwhile is never placed on (repository.allocate checks each against its row).
+REUSE_LOAD_SECONDS = 0.05
+REUSE_FACTOR = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,16 +124,31 @@ class Scheduler:
         self.on_cycle: Callable[[CycleStats], None] | None = None
         self._seeded = False
         self._fenced_at = -IDLE_FENCE_SECONDS  # monotonic time of the last fenced cycle
+        # The capacity index kept between cycles (see REUSE_LOAD_SECONDS), when its read
+        # began (monotonic) and how long it took; `loads` counts reads.
+        self._capacity: Capacity | None = None
+        self._loaded_at = 0.0
+        self._load_seconds = 0.0
+        self.loads = 0
 
     def reset(self) -> None:
-        """Forgets in-memory state (fair share); the next cycle seeds it from history."""
+        """Forgets in-memory state (fair share, the capacity index); the next cycle seeds it
+        from history and reads the capacity afresh."""
         self.fair = FairShare(self.policy.fair_share)
         self._seeded = False
+        self._capacity = None
 
     async def run_once(self) -> int:
         """One scheduling cycle; returns how many jobs were placed. `more` says afterwards
         whether another cycle at once could place more."""
         self.more = False
+        try:
+            return await self._cycle()
+        except BaseException:
+            self._capacity = None  # the plan took GPUs from it that were not placed
+            raise
+
+    async def _cycle(self) -> int:
         started = time.perf_counter()
         now = utcnow()
         async with self.db.transaction() as session:
@@ -139,7 +164,7 @@ class Scheduler:
             jobs = await repo.queued(now, self.policy.per_tenant, self.policy.batch)
             if not jobs:
                 return 0
-            capacity = await load_capacity(session, self.durations)
+            capacity = await self._capacity_index(session)
             if not self._seeded:
                 await self._seed(repo, now)
             self.fair.weights = await repo.weights({job.tenant_id for job in jobs})
@@ -171,6 +196,9 @@ class Scheduler:
             )
             if rejected and self.reject is not None:
                 await self.reject(session, [(by_id[j], why) for j, why in rejected.items()], now)
+        for placed in plan.placed:  # committed: a kept index counts them as running
+            tenant = placed.demand.tenant_id
+            capacity.running[tenant] = capacity.running.get(tenant, 0) + placed.demand.gpu_count
         self.last = CycleStats(
             len(jobs), len(plan.placed), len(plan.reservations), time.perf_counter() - started
         )
@@ -188,6 +216,23 @@ class Scheduler:
                 self.last.seconds * 1000,
             )
         return len(plan.placed)
+
+    async def _capacity_index(self, session: AsyncSession) -> Capacity:
+        """The capacity this cycle plans on: the kept index while it may be reused (see
+        REUSE_LOAD_SECONDS), else one read now."""
+        kept, now = self._capacity, time.monotonic()
+        if (
+            kept is not None
+            and self._load_seconds >= REUSE_LOAD_SECONDS
+            and now - self._loaded_at < REUSE_FACTOR * self._load_seconds
+        ):
+            return kept
+        self._capacity = None
+        capacity = await load_capacity(session, self.durations)
+        self._capacity, self._loaded_at = capacity, now
+        self._load_seconds = time.monotonic() - now
+        self.loads += 1
+        return capacity
 
     def _demand(self, job: Job, spec: types_pb2.JobSpec) -> Demand:
         since = job.created_at if job.not_before is None else max(job.created_at, job.not_before)
@@ -267,12 +312,16 @@ class Scheduler:
         the loaded jobs are only read); the rows come from the job and attempt machines'
         batch form (jobs/states.schedule_jobs), which checks every job's edge."""
         rows = [
-            (uuid, p.demand.job_id, jobs[p.demand.job_id].attempt)
+            (uuid, p.demand.job_id, jobs[p.demand.job_id].attempt, p.price)
             for p in plan.placed
             for uuid in p.gpu_uuids
         ]
-        if await repo.allocate(rows) != len(rows):
-            # Another writer took a GPU since the load: roll the whole cycle back.
+        gpu_less = {p.host_id: p.price for p in plan.placed if not p.gpu_uuids}
+        if await repo.allocate(rows, SCHEDULABLE_HOST_STATES) != len(rows) or not (
+            await repo.hosts_at(gpu_less, SCHEDULABLE_HOST_STATES)
+        ):
+            # A GPU was taken or fell sick, or its host left or changed its price, since the
+            # index was read: roll the whole cycle back (run_once drops the index).
             raise Conflict("GPU allocation raced; retrying the cycle")
         budgets = {
             p.demand.job_id: attempt_budget(
