@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Select, Table, bindparam, case, exists, select, tuple_, update
+from sqlalchemy import Select, Table, bindparam, case, exists, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from controlplane.auth.principal import Principal, Role
@@ -39,6 +39,12 @@ class _Outcomes:
     reliability_good: float
     reliability_bad: float
     reliability_at: datetime | None
+
+
+_RECORD_HEARTBEATS_PG = text(
+    "UPDATE hosts SET last_heartbeat_at = :when "
+    "WHERE id = ANY(CAST(:ids AS varchar[])) AND state != 'lost'"
+)
 
 
 class RegistryRepository:
@@ -293,6 +299,12 @@ class RegistryRepository:
 
     async def record_heartbeats(self, host_ids: Iterable[str], when: datetime) -> int:
         """Sets last_heartbeat_at of those hosts that are not lost; returns how many."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            # One array parameter: an IN list of thousands of ids (a fleet's heartbeats each
+            # second) cost more to render than the update itself.
+            params = {"ids": list(host_ids), "when": when}
+            result = await self.session.execute(_RECORD_HEARTBEATS_PG, params)
+            return int(result.rowcount)  # type: ignore[attr-defined]
         result = await self.session.execute(
             update(Host)
             .where(Host.id.in_(list(host_ids)), Host.state != "lost")

@@ -25,6 +25,13 @@ FRESH_SECONDS = 1.0
 # A view younger than this is used while a reload runs in the background; an older one (or
 # none) is reloaded before it is used.
 STALE_SECONDS = 10.0
+# A quote waits for a view loaded after the last change of GPUs (`touched`), unless reading
+# one is slow (thousands of hosts): a view that took REUSE_LOAD_SECONDS or more is shown until
+# it is REUSE_FACTOR load-times old (and used as fresh by submits as long), so a steady stream
+# of placements and submits cannot keep rereading the whole fleet (as the scheduler's own
+# index, scheduler/service.py).
+REUSE_LOAD_SECONDS = 0.05
+REUSE_FACTOR = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +42,20 @@ class MarketView:
     # When the load began (the clock of the Market that made it).
     loaded_at: float
     dearest_first: tuple[HostEntry, ...]
+    # How long the load took (that clock).
+    load_seconds: float = 0.0
 
     @classmethod
-    def of(cls, index: CapacityIndex, loaded_at: float) -> MarketView:
+    def of(cls, index: CapacityIndex, loaded_at: float, load_seconds: float = 0.0) -> MarketView:
         hosts = sorted(index.hosts.values(), key=lambda h: (-h.price, h.host_id))
-        return cls(index, loaded_at, tuple(hosts))
+        return cls(index, loaded_at, tuple(hosts), load_seconds)
+
+    def reusable(self, now: float) -> bool:
+        """Whether a quote may show this view though GPUs changed since (REUSE_LOAD_SECONDS)."""
+        return (
+            self.load_seconds >= REUSE_LOAD_SECONDS
+            and now - self.loaded_at < REUSE_FACTOR * self.load_seconds
+        )
 
     def dearest_match(self, demand: Demand) -> int | None:
         """The highest price per GPU-hour among the hosts that could take the job (free or
@@ -54,12 +70,14 @@ class MarketView:
 
 class Market:
     """The view submits and quotes price against. Neither waits on the database while the
-    view is younger than STALE_SECONDS (past FRESH_SECONDS it is reloaded in the background),
+    view is younger than STALE_SECONDS (past FRESH_SECONDS, or past REUSE_FACTOR read-times
+    for a view slow to read, it is reloaded in the background),
     except that quotes, which show free GPUs, wait for a view loaded after the last change of
     GPUs this replica made or saw (`touched`: a placement, an attempt's end); another
     replica's such change reaches its quotes within FRESH_SECONDS of the next quote (at most
-    STALE_SECONDS when quotes are rare). Submits price holds on hosts and prices only, which
-    GPUs being taken or freed do not change."""
+    STALE_SECONDS when quotes are rare; see REUSE_LOAD_SECONDS for fleets whose view is slow to
+    read). Submits price holds on hosts and prices only, which GPUs being taken or freed do
+    not change."""
 
     def __init__(
         self,
@@ -88,8 +106,9 @@ class Market:
         """The current view; `reload` reads the database now."""
         current = self._view
         if current is not None and not reload:
-            age = self.clock() - current.loaded_at
-            if age < self.fresh_seconds:
+            now = self.clock()
+            age = now - current.loaded_at
+            if age < self.fresh_seconds or (age < self.stale_seconds and current.reusable(now)):
                 return current
             if age < self.stale_seconds:
                 self._reload_in_background()
@@ -97,9 +116,12 @@ class Market:
         return await self._reload(self.clock())
 
     async def quote_view(self) -> MarketView:
-        """The view a quote shows: as `view()`, but loaded after the last `touched`."""
+        """The view a quote shows: as `view()`, but loaded after the last `touched` (unless
+        loading is slow and the view recent: MarketView.reusable)."""
         current = self._view
-        if current is None or current.loaded_at <= self._touched_at:
+        if current is None or (
+            current.loaded_at <= self._touched_at and not current.reusable(self.clock())
+        ):
             return await self._reload(math.nextafter(self._touched_at, math.inf))
         return await self.view()
 
@@ -113,7 +135,12 @@ class Market:
         return (await self.view()).dearest_match(demand)
 
     def invalidate(self) -> None:
-        """Forgets the view: the next caller reads the database."""
+        """Forgets the view: the next caller reads the database. A view slow to read that may
+        still be reused (MarketView.reusable) is kept: in a fleet of thousands, hosts
+        (re)connecting every second would otherwise have submits reread it in turn."""
+        current = self._view
+        if current is not None and current.reusable(self.clock()):
+            return
         self._view = None
         self._generation += 1
 
@@ -131,7 +158,7 @@ class Market:
             started, generation = self.clock(), self._generation
             async with self.db.read() as session:
                 capacity = await load_capacity(session, self.durations)
-            view = MarketView.of(capacity.index, started)
+            view = MarketView.of(capacity.index, started, self.clock() - started)
             if generation == self._generation:
                 self._view = view
             return view

@@ -20,7 +20,11 @@ from controlplane.registry.service import RegistryService
 from devstack.factories import new_online_host
 from tests.harness import JobPlane
 
-pytestmark = [pytest.mark.timeout(30), pytest.mark.plane(heartbeat_timeout_ms=600_000)]
+pytestmark = [
+    pytest.mark.timeout(30),
+    pytest.mark.plane(heartbeat_timeout_ms=600_000),
+    pytest.mark.databases("sqlite", "postgresql"),
+]
 TIMEOUT = timedelta(seconds=30)
 
 

@@ -10,7 +10,7 @@ from gpuplane.v1 import jobs_pb2, types_pb2
 
 from controlplane.scheduler.demand import demand_of
 from controlplane.scheduler.index import CapacityIndex, HostEntry
-from controlplane.scheduler.market import Market, MarketView
+from controlplane.scheduler.market import REUSE_FACTOR, REUSE_LOAD_SECONDS, Market, MarketView
 from tests.controlplane.scripted_host import scripted_host
 from tests.harness import JobPlane
 
@@ -159,3 +159,47 @@ async def quote(plane: JobPlane, **spec: object) -> jobs_pb2.Quote:
     )
     reply = await plane.jobs.SubmitJob(request, metadata=plane.auth(plane.consumer_key))
     return reply.quote
+
+
+@pytest.mark.timeout(60)
+async def test_a_slow_view_is_quoted_for_ten_reads_of_its_age_though_gpus_changed(
+    plane: JobPlane,
+) -> None:
+    """Where reading the market is slow (thousands of hosts), a stream of placements must not
+    make every quote reread it: a view that took REUSE_LOAD_SECONDS or more to read is quoted
+    until it is REUSE_FACTOR read-times old, changes or not; a quick one is reread. Submits use
+    such a view as fresh for as long."""
+    assert plane.plane.db is not None
+    now = [1000.0]
+    market = Market(plane.plane.db, fresh_seconds=100.0, stale_seconds=500.0, clock=lambda: now[0])
+    try:
+        slow = MarketView.of(CapacityIndex(), now[0], load_seconds=REUSE_LOAD_SECONDS * 2)
+        market._view = slow
+        market.touched()
+        now[0] += REUSE_FACTOR * slow.load_seconds - 0.01
+        assert await market.quote_view() is slow  # recent for its cost: no read
+        now[0] += 0.02
+        reread = await market.quote_view()  # old for its cost: read, as it changed
+        assert reread is not slow
+        assert reread.load_seconds == 0.0  # the test clock stands still while it reads
+        market.touched()
+        now[0] += 0.01
+        assert await market.quote_view() is not reread  # a quick view is never kept
+    finally:
+        await market.close()
+    # Submits too use a slow view as fresh for ten reads of its age (no reload behind it).
+    market = Market(plane.plane.db, fresh_seconds=1.0, stale_seconds=5.0, clock=lambda: now[0])
+    try:
+        slow = MarketView.of(CapacityIndex(), now[0], load_seconds=0.2)
+        market._view = slow
+        now[0] += 1.5  # past fresh, within 10 × 0.2 s
+        assert await market.view() is slow
+        assert market._background is None
+        market.invalidate()  # a host connected: a slow view is kept while it may be reused
+        assert await market.view() is slow
+        now[0] += 0.6  # past both: served while a reload runs behind it
+        assert await market.view() is slow
+        assert market._background is not None
+        assert await market._background is not slow
+    finally:
+        await market.close()
