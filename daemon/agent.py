@@ -23,6 +23,7 @@ from daemon.attribution import JobAttribution
 from daemon.bus import DaemonBus, connect_bus
 from daemon.channel import open_channel
 from daemon.connect import ConnectClient
+from daemon.exec_io import hang_up_left_execs
 from daemon.executor import JobExecutor
 from daemon.gpus import GpuInventory, discover
 from daemon.identity import (
@@ -78,6 +79,8 @@ class Agent:
         self.leftovers: dict[Key, JournalEntry] = {}
         self.reattached: list[Key] = []
         self.orphans_removed = 0
+        # Execs an earlier run left running in containers this run adopted, ended.
+        self.left_execs_ended = 0
         self.telemetry: TelemetryLoop | None = None
         self._reconciling = asyncio.Lock()
         self._ended: OrderedDict[Key, None] = OrderedDict()
@@ -450,7 +453,25 @@ class Agent:
         dispatch = messaging_pb2.DispatchMessage.FromString(base64.b64decode(entry.dispatch_b64))
         self.leftovers.pop(key, None)
         self.reattached.append(key)
+        # Listed before this run could exec into it: every one is an earlier run's.
+        left = list(container.attrs.get("ExecIDs") or [])
         self._start_executor(dispatch, adopt=container, journaled=entry)
+        if left:
+            self._spawn(self._hang_up_left_execs(container, left))
+
+    async def _hang_up_left_execs(self, container: Container, exec_ids: list[str]) -> None:
+        """Ends what an earlier run of the daemon exec'd in an adopted container and still
+        runs (exec_io.hang_up_left_execs): its clients went with that run."""
+        assert self._runtime is not None
+        api = self._runtime.client.api
+        ended = await asyncio.to_thread(hang_up_left_execs, api, exec_ids)
+        if ended:
+            self.left_execs_ended += ended
+            log.warning(
+                "hung up %d exec(s) an earlier run left in container %s",
+                ended,
+                (container.id or "")[:12],
+            )
 
     async def _remove_orphan(self, container: Container) -> None:
         """A container the control plane does not know: it, its journal entry and work dir go."""

@@ -54,65 +54,102 @@ class ExecSession:
         return -1
 
     def hang_up(self, grace: float = HANGUP_GRACE) -> str:
-        """Ends the command when its client went away and it still runs (blocking: run it in
-        a thread). Docker has no way to stop an exec and keeps draining its output, so a
-        command that never reads its input (`cat /dev/zero`) would run, and burn the
-        consumer's GPU host, until the container goes. As after ssh: with a terminal, SIGHUP
-        to its process group (its process when it leads none) at once; without one, its
-        input has ended (the connection closed) and it has `grace` to finish by itself before
-        that SIGHUP. SIGKILL to the process if it has not ended `grace` after the SIGHUP.
-        What it started in a group of its own (`setsid`, shells' background jobs) survives.
-        Says what it did ("" when it had nothing to do)."""
+        """Ends the command when its client went away and it still runs (hang_up_exec)."""
         if self.exited:
             return ""
-        pid = self._running_pid()
-        if not pid:
-            return ""
-        try:
-            handle = os.pidfd_open(pid)
-        except OSError:  # ended meanwhile
-            return ""
-        poller = select.poll()
-        poller.register(handle, select.POLLIN)  # readable once the process has ended
-        try:
-            # Still running under that pid after the handle was opened: the handle is the
-            # exec's process, never another that reused the number.
-            if self._running_pid() != pid or not self._in_container(pid):
-                return ""
-            if not self.tty and poller.poll(int(grace * 1000)):
-                return ""  # ended by itself on end-of-file
-            try:
-                group = os.getpgid(pid)
-                if group == pid:
-                    os.killpg(group, signal.SIGHUP)
-                else:
-                    signal.pidfd_send_signal(handle, signal.SIGHUP)
-            except ProcessLookupError:
-                return ""
-            if poller.poll(int(grace * 1000)):
-                return "hung up"
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(handle, signal.SIGKILL)
-            return "killed"
-        except PermissionError as exc:
-            log.warning("exec %s… outlives its client: %s", self.exec_id[:12], exc)
-            return ""
-        finally:
-            os.close(handle)
+        return hang_up_exec(self.api, self.exec_id, tty=self.tty, grace=grace)
 
-    def _running_pid(self) -> int:
-        """The command's host pid while it runs (0 once it ended)."""
-        info = self.api.exec_inspect(self.exec_id)
-        return int(info.get("Pid") or 0) if info.get("Running") else 0
 
-    def _in_container(self, pid: int) -> bool:
-        """Whether process `pid` of this machine is in a pid namespace other than the
-        daemon's: a guard against signalling a local process when the Docker engine's pids
-        are another machine's (a remote DOCKER_HOST)."""
+def hang_up_exec(api: Any, exec_id: str, *, tty: bool, grace: float = HANGUP_GRACE) -> str:
+    """Ends an exec's command whose client went away, if it still runs (blocking: run it in a
+    thread). Docker has no way to stop an exec and keeps draining its output, so a command
+    that never reads its input (`cat /dev/zero`) would run, and burn the consumer's GPU host,
+    until the container goes. As after ssh: with a terminal, SIGHUP to its process group (its
+    process when it leads none) at once; without one, its input has ended (the connection
+    closed) and it has `grace` to finish by itself before that SIGHUP. SIGKILL to the process
+    if it has not ended `grace` after the SIGHUP. What it started in a group of its own
+    (`setsid`, shells' background jobs) survives. Says what it did ("" when it had nothing to
+    do)."""
+    pid = _running_pid(api, exec_id)
+    if not pid:
+        return ""
+    try:
+        handle = os.pidfd_open(pid)
+    except OSError:  # ended meanwhile
+        return ""
+    poller = select.poll()
+    poller.register(handle, select.POLLIN)  # readable once the process has ended
+    try:
+        # Still running under that pid after the handle was opened: the handle is the exec's
+        # process, never another that reused the number.
+        if _running_pid(api, exec_id) != pid or not _in_container(pid):
+            return ""
+        if not tty and poller.poll(int(grace * 1000)):
+            return ""  # ended by itself on end-of-file
         try:
-            return os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino
-        except OSError:
-            return False
+            group = os.getpgid(pid)
+            if group == pid:
+                os.killpg(group, signal.SIGHUP)
+            else:
+                signal.pidfd_send_signal(handle, signal.SIGHUP)
+        except ProcessLookupError:
+            return ""
+        if poller.poll(int(grace * 1000)):
+            return "hung up"
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
+        return "killed"
+    except PermissionError as exc:
+        log.warning("exec %s… outlives its client: %s", exec_id[:12], exc)
+        return ""
+    finally:
+        os.close(handle)
+
+
+def hang_up_left_execs(api: Any, exec_ids: list[str], grace: float = HANGUP_GRACE) -> int:
+    """Ends the commands still running of execs an earlier run of the daemon started in a
+    container it adopts (`ExecIDs` as listed before adopting): their clients' connections
+    went with that run, and Docker cannot attach to an exec again, so each is hung up as its
+    client going away would have (hang_up_exec), all at once. Returns how many still ran."""
+    running: list[tuple[str, bool]] = []
+    for exec_id in exec_ids:
+        try:
+            info = api.exec_inspect(exec_id)
+        except docker.errors.NotFound:
+            continue
+        if info.get("Running"):
+            running.append((exec_id, bool((info.get("ProcessConfig") or {}).get("tty"))))
+    threads = [
+        threading.Thread(
+            target=hang_up_exec,
+            args=(api, exec_id),
+            kwargs={"tty": tty, "grace": grace},
+            name=f"hang-up-{exec_id[:12]}",
+            daemon=True,
+        )
+        for exec_id, tty in running
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(running)
+
+
+def _running_pid(api: Any, exec_id: str) -> int:
+    """The exec's command's host pid while it runs (0 once it ended)."""
+    info = api.exec_inspect(exec_id)
+    return int(info.get("Pid") or 0) if info.get("Running") else 0
+
+
+def _in_container(pid: int) -> bool:
+    """Whether process `pid` of this machine is in a pid namespace other than the daemon's: a
+    guard against signalling a local process when the Docker engine's pids are another
+    machine's (a remote DOCKER_HOST)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino != os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return False
 
 
 def start_exec(

@@ -125,6 +125,80 @@ async def test_a_restarted_daemon_reattaches_and_the_job_is_charged_once(
     await plane.assert_ledger_consistent()
 
 
+async def test_execs_left_by_a_dead_daemon_are_hung_up_when_it_adopts_their_container(
+    plane: JobPlane,
+    tmp_path: Path,
+    s3_server: S3Server,
+    docker_engine: DockerEngine,
+    docker_client: docker.DockerClient,
+    test_image: str,
+) -> None:
+    """A daemon that died took its execs' client connections with it, and Docker cannot attach
+    to an exec again: the next run hangs up what still runs in the containers it adopts, as
+    a client going away would (a terminal's at once, others after end-of-file and the
+    grace), and leaves the job and what an exec started in a session of its own running."""
+    token = await plane.token()
+    first = Agent(daemon_settings(plane, token, tmp_path / "daemon", s3_server, docker_engine))
+    await first.start()
+    try:
+        await wait_online(plane, first.host_id)
+        job = await plane.submit(
+            image=test_image, command=["sleep", "300"], gpu_count=1, max_duration_seconds=120
+        )
+        await plane.wait_for(job.job_id, [S.JOB_STATE_RUNNING])
+        [container] = labelled(docker_client, job.job_id)
+    finally:
+        await first.stop()
+    api = docker_client.api
+    assert container.id is not None
+
+    def left(command: str, tty: bool) -> str:
+        """An exec running when its daemon died (started here, detached: no client left)."""
+        exec_id = api.exec_create(container.id, ["sh", "-c", command], tty=tty, stdin=True)
+        api.exec_start(exec_id["Id"], detach=True, tty=tty)
+        return str(exec_id["Id"])
+
+    shell = left("setsid sleep 305 & sleep 303", tty=True)
+    plain = left("sleep 304", tty=False)
+    async with asyncio.timeout(10):
+        while not all(api.exec_inspect(e)["Running"] for e in (shell, plain)):
+            await asyncio.sleep(0.05)
+    assert "sleep 305" in ps(container)
+
+    second = Agent(daemon_settings(plane, None, tmp_path / "daemon", s3_server, docker_engine))
+    await second.start()
+    try:
+        async with asyncio.timeout(10):
+            while (job.job_id, 1) not in second.reattached:
+                await asyncio.sleep(0.02)
+        adopted = time.monotonic()
+        async with asyncio.timeout(4):  # the terminal's: SIGHUP at once
+            while api.exec_inspect(shell)["Running"]:
+                await asyncio.sleep(0.05)
+        assert api.exec_inspect(plain)["Running"]  # no terminal: it has the grace first
+        async with asyncio.timeout(15):
+            while api.exec_inspect(plain)["Running"]:
+                await asyncio.sleep(0.1)
+        assert time.monotonic() - adopted >= 4.0
+        async with asyncio.timeout(5):
+            while second.left_execs_ended != 2:
+                await asyncio.sleep(0.05)
+        assert "sleep 305" in ps(container)  # its own session: left running
+        assert (await plane.get(job.job_id)).state == S.JOB_STATE_RUNNING
+        container.reload()
+        assert container.status == "running"
+        request = jobs_pb2.CancelJobRequest(job_id=job.job_id)
+        await plane.jobs.CancelJob(request, metadata=plane.auth(plane.consumer_key))
+        await plane.wait_for(job.job_id, [S.JOB_STATE_CANCELLED])
+    finally:
+        await second.stop()
+
+
+def ps(container: Container) -> str:
+    """The container's processes' command lines."""
+    return str(container.top(ps_args="-o pid,args")["Processes"])
+
+
 def leave_orphan(
     agent: Agent, client: docker.DockerClient, image: str, job_id: str, host_id: str
 ) -> Container:
