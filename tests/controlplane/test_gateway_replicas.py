@@ -1,7 +1,7 @@
 """Two control planes on one PostgreSQL database: the daemon and every change are on the
 first, which serves no gateway; the second's gateway hears of them through the change stream
-(core NATS) within a second, with its full resync and its API-key cache's ttl an hour away:
-a deployed service, a replica probed ready then unready, a caller key created then revoked,
+(core NATS) at once (within BOUND), with its full resync and its API-key cache's ttl an hour
+away: a deployed service, a replica probed ready then unready, a caller key created then revoked,
 an API key revoked, a deleted service."""
 
 from __future__ import annotations
