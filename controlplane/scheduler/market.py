@@ -50,12 +50,14 @@ class MarketView:
         hosts = sorted(index.hosts.values(), key=lambda h: (-h.price, h.host_id))
         return cls(index, loaded_at, tuple(hosts), load_seconds)
 
+    @property
+    def slow(self) -> bool:
+        """Whether reading it took REUSE_LOAD_SECONDS or more (thousands of hosts)."""
+        return self.load_seconds >= REUSE_LOAD_SECONDS
+
     def reusable(self, now: float) -> bool:
         """Whether a quote may show this view though GPUs changed since (REUSE_LOAD_SECONDS)."""
-        return (
-            self.load_seconds >= REUSE_LOAD_SECONDS
-            and now - self.loaded_at < REUSE_FACTOR * self.load_seconds
-        )
+        return self.slow and now - self.loaded_at < REUSE_FACTOR * self.load_seconds
 
     def dearest_match(self, demand: Demand) -> int | None:
         """The highest price per GPU-hour among the hosts that could take the job (free or
@@ -116,12 +118,20 @@ class Market:
         return await self._reload(self.clock())
 
     async def quote_view(self) -> MarketView:
-        """The view a quote shows: as `view()`, but loaded after the last `touched` (unless
-        loading is slow and the view recent: MarketView.reusable)."""
+        """The view a quote shows: as `view()`, but loaded after the last `touched`, unless
+        loading is slow (MarketView.slow): then a view younger than STALE_SECONDS is shown
+        while a newer one loads behind it once it is past its reuse (MarketView.reusable),
+        so a quote never waits seconds for a read on a busy fleet."""
         current = self._view
-        if current is None or (
-            current.loaded_at <= self._touched_at and not current.reusable(self.clock())
-        ):
+        if current is not None and current.slow:
+            now = self.clock()
+            if current.loaded_at <= self._touched_at and not current.reusable(now):
+                if now - current.loaded_at < self.stale_seconds:
+                    self._reload_in_background()
+                    return current
+                return await self._reload(math.nextafter(self._touched_at, math.inf))
+            return await self.view()
+        if current is None or current.loaded_at <= self._touched_at:
             return await self._reload(math.nextafter(self._touched_at, math.inf))
         return await self.view()
 

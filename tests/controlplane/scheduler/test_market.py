@@ -166,9 +166,10 @@ async def test_a_slow_view_is_quoted_for_ten_reads_of_its_age_though_gpus_change
     plane: JobPlane,
 ) -> None:
     """Where reading the market is slow (thousands of hosts), a stream of placements must not
-    make every quote reread it: a view that took REUSE_LOAD_SECONDS or more to read is quoted
-    until it is REUSE_FACTOR read-times old, changes or not; a quick one is reread. Submits use
-    such a view as fresh for as long."""
+    make every quote reread it, nor wait for a read: a view that took REUSE_LOAD_SECONDS or
+    more to read is quoted until it is REUSE_FACTOR read-times old, changes or not, then while
+    a new one loads behind it (up to STALE_SECONDS old); a quick one is reread before the
+    quote. Submits use such a view as fresh for as long, even after a host connected."""
     assert plane.plane.db is not None
     now = [1000.0]
     market = Market(plane.plane.db, fresh_seconds=100.0, stale_seconds=500.0, clock=lambda: now[0])
@@ -178,13 +179,23 @@ async def test_a_slow_view_is_quoted_for_ten_reads_of_its_age_though_gpus_change
         market.touched()
         now[0] += REUSE_FACTOR * slow.load_seconds - 0.01
         assert await market.quote_view() is slow  # recent for its cost: no read
+        assert market._background is None
         now[0] += 0.02
-        reread = await market.quote_view()  # old for its cost: read, as it changed
+        # Old for its cost and GPUs changed: still quoted, while a read runs behind it.
+        assert await market.quote_view() is slow
+        background = market._background
+        assert background is not None
+        reread = await background
         assert reread is not slow
         assert reread.load_seconds == 0.0  # the test clock stands still while it reads
         market.touched()
         now[0] += 0.01
-        assert await market.quote_view() is not reread  # a quick view is never kept
+        assert await market.quote_view() is not reread  # a quick view is reread first
+        slow = MarketView.of(CapacityIndex(), now[0], load_seconds=REUSE_LOAD_SECONDS * 2)
+        market._view = slow
+        market.touched()
+        now[0] += 500.0  # past STALE_SECONDS: the quote waits for a read
+        assert await market.quote_view() is not slow
     finally:
         await market.close()
     # Submits too use a slow view as fresh for ten reads of its age (no reload behind it).
