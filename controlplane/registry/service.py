@@ -59,6 +59,7 @@ HOST_CREDENTIAL_PREFIX = "gph_"
 CONNECTS_AT_ONCE = 16
 # Stored when DrainHost names no reason: a non-empty drain_reason is what records the request.
 DEFAULT_DRAIN_REASON = "drain requested"
+NO_USES_LEFT = "registration_token: has no uses left"
 
 
 @dataclass
@@ -174,8 +175,8 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
                 )
             created = host is None
             if host is None:
-                if not await repo.consume_token(token.id):
-                    raise PermissionDenied("registration_token: has no uses left")
+                if token.max_uses and token.uses >= token.max_uses:
+                    raise PermissionDenied(NO_USES_LEFT)
                 host = new_host(
                     repo,
                     host_id=new_id("host"),
@@ -204,6 +205,11 @@ class RegistryService(RegistrationTokens, Revocations, Liveness):
             await repo.score([host], now)
             registration = HostRegistration(host, credential, gpus=gpus)
             await self._new_nats_user(repo, registration, now)
+            # A use is counted last (atomically: a race for the last use fails here and rolls
+            # back), so the token's row stays locked only until the commit: the hosts of a
+            # fleet installed with one token do not queue on it for the whole registration.
+            if created and not await repo.consume_token(token.id):
+                raise PermissionDenied(NO_USES_LEFT)
         self._registered[host.id] = time.monotonic()
         return registration
 

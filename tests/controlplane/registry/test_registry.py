@@ -20,8 +20,10 @@ from gpuplane.v1 import (
     registry_pb2_grpc,
     types_pb2,
 )
+from sqlalchemy import select
 
 from controlplane.db.base import utcnow
+from controlplane.registry.models import RegistrationToken
 from controlplane.registry.repository import RegistryRepository
 from devstack.factories import new_token
 from tests.controlplane.registry.test_telemetry import (
@@ -44,6 +46,31 @@ async def refused(host: TelemetryHost) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await host.register()
     return caught.value
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+async def test_hosts_racing_for_a_tokens_last_uses_get_exactly_its_uses(plane: JobPlane) -> None:
+    """A use is counted at the end of the registration (the token's row is locked only until
+    its commit), still atomically: of eight machines registering at once with a token of
+    three uses, three become hosts and five are refused, leaving nothing behind."""
+    token = await plane.token(max_uses=3)
+    hosts = [TelemetryHost(plane.channel, plane.nats_url, token) for _ in range(8)]
+    outcomes = await asyncio.gather(*(h.register() for h in hosts), return_exceptions=True)
+    registered = [o for o in outcomes if not isinstance(o, BaseException)]
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(registered) == 3
+    assert all(isinstance(e, grpc.aio.AioRpcError) for e in errors)
+    assert {(e.code(), e.details()) for e in errors if isinstance(e, grpc.aio.AioRpcError)} == {
+        (grpc.StatusCode.PERMISSION_DENIED, "registration_token: has no uses left")
+    }
+    listed = await registry(plane).ListHosts(registry_pb2.ListHostsRequest(), metadata=plane.auth())
+    assert sorted(h.host_id for h in listed.hosts) == sorted(r.host_id for r in registered)
+    assert plane.plane.db is not None
+    async with plane.plane.db.read() as session:
+        uses = await session.scalar(
+            select(RegistrationToken.uses).where(RegistrationToken.max_uses == 3)
+        )
+    assert uses == 3
 
 
 async def test_registration_tokens_refused_when_unknown_expired_used_up_or_revoked(
