@@ -145,16 +145,21 @@ class SimulatedHost:
         self.tasks: list[asyncio.Task[None]] = []
 
     async def connect(self) -> None:
-        """Registers, opens Connect (hello, HelloAck) and starts heartbeating; like a daemon,
-        retries with jittered backoff while the control plane answers "busy, retry"."""
-        for attempt in range(8):
+        """Registers, opens Connect (hello, HelloAck) and starts heartbeating; like a daemon
+        (daemon/identity.py), retries with jittered backoff for as long as the control plane
+        answers "busy, retry" (the bench bounds the whole connect phase); any other answer
+        ends the simulator. A simulator that gave up after eight tries ended a 10,000-host run
+        while gRPC shed load, where a daemon would have gone on trying."""
+        attempt = 0
+        while True:
             try:
                 await self._connect_once()
                 return
             except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE or attempt == 7:
+                if error.code() not in RETRYABLE:
                     raise
                 await asyncio.sleep(random.uniform(0, min(8.0, 0.25 * 2**attempt)))
+                attempt = min(attempt + 1, 6)
 
     async def _connect_once(self) -> None:
         reply = await registry_pb2_grpc.RegistryServiceStub(self.channel).RegisterHost(
