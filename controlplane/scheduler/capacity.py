@@ -17,6 +17,24 @@ from controlplane.scheduler.repository import SchedulerRepository
 
 # Only these host states take new placements; draining, drained and lost hosts offer nothing.
 SCHEDULABLE_HOST_STATES = ("online",)
+# A capacity read is done again for every use while it is cheap. Once one takes
+# REUSE_LOAD_SECONDS or more (thousands of hosts), what it read is kept until it is REUSE_FACTOR
+# read-times old, so reading costs at most about a tenth of the reader's time whatever the
+# fleet's size: the scheduler's index between cycles (service.py) and the market view quotes
+# and submits use (market.py).
+REUSE_LOAD_SECONDS = 0.05
+REUSE_FACTOR = 10.0
+
+
+def slow_read(load_seconds: float) -> bool:
+    """Whether a capacity read that took `load_seconds` is worth keeping (REUSE_LOAD_SECONDS)."""
+    return load_seconds >= REUSE_LOAD_SECONDS
+
+
+def reusable(loaded_at: float, load_seconds: float, now: float) -> bool:
+    """Whether what a read begun at `loaded_at` (taking `load_seconds`) found may still be used
+    at `now` without reading again (REUSE_LOAD_SECONDS, REUSE_FACTOR)."""
+    return slow_read(load_seconds) and now - loaded_at < REUSE_FACTOR * load_seconds
 
 
 async def capacity_snapshot(session: AsyncSession) -> list[HostCapacity]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from gpuplane.v1 import types_pb2
 
 from controlplane.db.engine import Database
-from controlplane.scheduler.capacity import Durations, load_capacity
+from controlplane.scheduler.capacity import Durations, load_capacity, reusable, slow_read
 from controlplane.scheduler.demand import Demand, Policy, demand_of
 from controlplane.scheduler.index import CapacityIndex, HostEntry, could_take
 from messaging.tasks import stop_tasks
@@ -25,13 +25,6 @@ FRESH_SECONDS = 1.0
 # A view younger than this is used while a reload runs in the background; an older one (or
 # none) is reloaded before it is used.
 STALE_SECONDS = 10.0
-# A quote waits for a view loaded after the last change of GPUs (`touched`), unless reading
-# one is slow (thousands of hosts): a view that took REUSE_LOAD_SECONDS or more is shown until
-# it is REUSE_FACTOR load-times old (and used as fresh by submits as long), so a steady stream
-# of placements and submits cannot keep rereading the whole fleet (as the scheduler's own
-# index, scheduler/service.py).
-REUSE_LOAD_SECONDS = 0.05
-REUSE_FACTOR = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +45,14 @@ class MarketView:
 
     @property
     def slow(self) -> bool:
-        """Whether reading it took REUSE_LOAD_SECONDS or more (thousands of hosts)."""
-        return self.load_seconds >= REUSE_LOAD_SECONDS
+        """Whether reading it was slow (capacity.slow_read: thousands of hosts)."""
+        return slow_read(self.load_seconds)
 
     def reusable(self, now: float) -> bool:
-        """Whether a quote may show this view though GPUs changed since (REUSE_LOAD_SECONDS)."""
-        return self.slow and now - self.loaded_at < REUSE_FACTOR * self.load_seconds
+        """Whether it may be used as fresh, and quoted though GPUs changed since, at `now`
+        (capacity.reusable): a steady stream of placements, submits and hosts connecting
+        cannot keep rereading the whole fleet."""
+        return reusable(self.loaded_at, self.load_seconds, now)
 
     def dearest_match(self, demand: Demand) -> int | None:
         """The highest price per GPU-hour among the hosts that could take the job (free or
@@ -72,12 +67,12 @@ class MarketView:
 
 class Market:
     """The view submits and quotes price against. Neither waits on the database while the
-    view is younger than STALE_SECONDS (past FRESH_SECONDS, or past REUSE_FACTOR read-times
-    for a view slow to read, it is reloaded in the background),
+    view is younger than STALE_SECONDS (past FRESH_SECONDS, or past its reuse for a view
+    slow to read, it is reloaded in the background),
     except that quotes, which show free GPUs, wait for a view loaded after the last change of
     GPUs this replica made or saw (`touched`: a placement, an attempt's end); another
     replica's such change reaches its quotes within FRESH_SECONDS of the next quote (at most
-    STALE_SECONDS when quotes are rare; see REUSE_LOAD_SECONDS for fleets whose view is slow to
+    STALE_SECONDS when quotes are rare; see MarketView.reusable for fleets whose view is slow to
     read). Submits price holds on hosts and prices only, which GPUs being taken or freed do
     not change."""
 
@@ -122,18 +117,13 @@ class Market:
         loading is slow (MarketView.slow): then a view younger than STALE_SECONDS is shown
         while a newer one loads behind it once it is past its reuse (MarketView.reusable),
         so a quote never waits seconds for a read on a busy fleet."""
-        current = self._view
-        if current is not None and current.slow:
-            now = self.clock()
-            if current.loaded_at <= self._touched_at and not current.reusable(now):
-                if now - current.loaded_at < self.stale_seconds:
-                    self._reload_in_background()
-                    return current
-                return await self._reload(math.nextafter(self._touched_at, math.inf))
+        current, now = self._view, self.clock()
+        if current is not None and (current.loaded_at > self._touched_at or current.reusable(now)):
             return await self.view()
-        if current is None or current.loaded_at <= self._touched_at:
-            return await self._reload(math.nextafter(self._touched_at, math.inf))
-        return await self.view()
+        if current is not None and current.slow and now - current.loaded_at < self.stale_seconds:
+            self._reload_in_background()  # GPUs changed, past its reuse: shown meanwhile
+            return current
+        return await self._reload(math.nextafter(self._touched_at, math.inf))
 
     def touched(self) -> None:
         """GPUs were taken or freed here: the next quote reads the database."""

@@ -28,6 +28,7 @@ from controlplane.scheduler.capacity import (
     capacity_snapshot,
     epoch,
     load_capacity,
+    reusable,
 )
 from controlplane.scheduler.demand import Demand, Policy, demand_of
 from controlplane.scheduler.fairshare import FairShare, FairShareConfig
@@ -59,15 +60,6 @@ Reject = Callable[[AsyncSession, list[tuple[Job, str]], datetime], Awaitable[Non
 # most this often, so a leader cut off from its lock still learns it within a second while
 # idle, and cycles woken by every batch of finished jobs cost no lock.
 IDLE_FENCE_SECONDS = 1.0
-
-# The capacity index (every schedulable host and GPU) is read afresh for each cycle while that
-# is cheap. Once a read takes REUSE_LOAD_SECONDS or more (thousands of hosts), the index is kept
-# for the next cycles (the planner takes the GPUs it places from it) until it is REUSE_FACTOR
-# read-times old, so reading it costs at most about a tenth of the scheduler's time whatever
-# the fleet's size; a cycle that fails throws it away. A GPU, host or price that changed
-# meanwhile is never placed on (repository.allocate checks each against its row).
-REUSE_LOAD_SECONDS = 0.05
-REUSE_FACTOR = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +116,10 @@ class Scheduler:
         self.on_cycle: Callable[[CycleStats], None] | None = None
         self._seeded = False
         self._fenced_at = -IDLE_FENCE_SECONDS  # monotonic time of the last fenced cycle
-        # The capacity index kept between cycles (see REUSE_LOAD_SECONDS), when its read
-        # began (monotonic) and how long it took; `loads` counts reads.
+        # The capacity index kept between cycles while its read was slow (capacity.reusable:
+        # the planner takes the GPUs it places from it, a failed cycle throws it away, and
+        # repository.allocate never places on a GPU, host or price that changed since), when
+        # its read began (monotonic) and how long it took; `loads` counts reads.
         self._capacity: Capacity | None = None
         self._loaded_at = 0.0
         self._load_seconds = 0.0
@@ -218,16 +212,11 @@ class Scheduler:
         return len(plan.placed)
 
     async def _capacity_index(self, session: AsyncSession) -> Capacity:
-        """The capacity this cycle plans on: the kept index while it may be reused (see
-        REUSE_LOAD_SECONDS), else one read now."""
+        """The capacity this cycle plans on: the kept index while it may be reused
+        (capacity.reusable), else one read now."""
         kept, now = self._capacity, time.monotonic()
-        if (
-            kept is not None
-            and self._load_seconds >= REUSE_LOAD_SECONDS
-            and now - self._loaded_at < REUSE_FACTOR * self._load_seconds
-        ):
+        if kept is not None and reusable(self._loaded_at, self._load_seconds, now):
             return kept
-        self._capacity = None
         capacity = await load_capacity(session, self.durations)
         self._capacity, self._loaded_at = capacity, now
         self._load_seconds = time.monotonic() - now

@@ -1,5 +1,5 @@
 """A fleet whose capacity is slow to read keeps its scheduler's capacity index between cycles
-(scheduler/service.py, REUSE_LOAD_SECONDS): cycles then place on the kept index, taking from
+(scheduler/service.py, capacity.reusable): cycles then place on the kept index, taking from
 it what they place, and a GPU, host or price that changed since it was read is never placed
 on (the allocation checks each against its row; the cycle rolls back and reads afresh)."""
 
@@ -24,10 +24,9 @@ PRICE = 1_000_000
 
 @pytest.fixture
 def kept_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every read counts as slow and a kept index never ages out: only a failed cycle (or a
-    new term) reads the capacity again."""
-    monkeypatch.setattr(service, "REUSE_LOAD_SECONDS", 0.0)
-    monkeypatch.setattr(service, "REUSE_FACTOR", float("inf"))
+    """The scheduler's kept index never ages out, however quick its read: only a failed cycle
+    (or a new term) reads the capacity again. The market view is left as it is."""
+    monkeypatch.setattr(service, "reusable", lambda loaded_at, load_seconds, now: True)
 
 
 def scheduler_of(plane: JobPlane) -> Scheduler:

@@ -8,9 +8,10 @@ import asyncio
 import pytest
 from gpuplane.v1 import jobs_pb2, types_pb2
 
+from controlplane.scheduler.capacity import REUSE_FACTOR, REUSE_LOAD_SECONDS
 from controlplane.scheduler.demand import demand_of
 from controlplane.scheduler.index import CapacityIndex, HostEntry
-from controlplane.scheduler.market import REUSE_FACTOR, REUSE_LOAD_SECONDS, Market, MarketView
+from controlplane.scheduler.market import Market, MarketView
 from tests.controlplane.scripted_host import scripted_host
 from tests.harness import JobPlane
 
