@@ -17,24 +17,26 @@ from controlplane.scheduler.repository import SchedulerRepository
 
 # Only these host states take new placements; draining, drained and lost hosts offer nothing.
 SCHEDULABLE_HOST_STATES = ("online",)
-# A capacity read is done again for every use while it is cheap. Once one takes
-# REUSE_LOAD_SECONDS or more (thousands of hosts), what it read is kept until it is REUSE_FACTOR
-# read-times old, so reading costs at most about a tenth of the reader's time whatever the
-# fleet's size: the scheduler's index between cycles (service.py) and the market view quotes
-# and submits use (market.py).
-REUSE_LOAD_SECONDS = 0.05
+# A capacity read is done again for every use while the fleet is small. Once it has
+# REUSE_MIN_HOSTS schedulable hosts or more (a read then takes tens of milliseconds, ~150 ms at
+# 4,000 hosts), what a read found is kept until it is REUSE_FACTOR read-times old, so reading
+# costs at most about a tenth of the reader's time whatever the fleet's size: the scheduler's
+# index between cycles (service.py) and the market view quotes and submits use (market.py).
+# The fleet's size decides, not the read's time: a busy machine stretches a small fleet's read
+# past any time bound, and a small fleet must see every change at once.
+REUSE_MIN_HOSTS = 1000
 REUSE_FACTOR = 10.0
 
 
-def slow_read(load_seconds: float) -> bool:
-    """Whether a capacity read that took `load_seconds` is worth keeping (REUSE_LOAD_SECONDS)."""
-    return load_seconds >= REUSE_LOAD_SECONDS
+def large_fleet(hosts: int) -> bool:
+    """Whether a read of `hosts` schedulable hosts is worth keeping (REUSE_MIN_HOSTS)."""
+    return hosts >= REUSE_MIN_HOSTS
 
 
-def reusable(loaded_at: float, load_seconds: float, now: float) -> bool:
-    """Whether what a read begun at `loaded_at` (taking `load_seconds`) found may still be used
-    at `now` without reading again (REUSE_LOAD_SECONDS, REUSE_FACTOR)."""
-    return slow_read(load_seconds) and now - loaded_at < REUSE_FACTOR * load_seconds
+def reusable(hosts: int, loaded_at: float, load_seconds: float, now: float) -> bool:
+    """Whether what a read of `hosts` hosts begun at `loaded_at` (taking `load_seconds`) found
+    may still be used at `now` without reading again (REUSE_MIN_HOSTS, REUSE_FACTOR)."""
+    return large_fleet(hosts) and now - loaded_at < REUSE_FACTOR * load_seconds
 
 
 async def capacity_snapshot(session: AsyncSession) -> list[HostCapacity]:

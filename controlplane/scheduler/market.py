@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from gpuplane.v1 import types_pb2
 
 from controlplane.db.engine import Database
-from controlplane.scheduler.capacity import Durations, load_capacity, reusable, slow_read
+from controlplane.scheduler.capacity import Durations, large_fleet, load_capacity, reusable
 from controlplane.scheduler.demand import Demand, Policy, demand_of
 from controlplane.scheduler.index import CapacityIndex, HostEntry, could_take
 from messaging.tasks import stop_tasks
@@ -45,14 +45,14 @@ class MarketView:
 
     @property
     def slow(self) -> bool:
-        """Whether reading it was slow (capacity.slow_read: thousands of hosts)."""
-        return slow_read(self.load_seconds)
+        """Whether it is a large fleet's, slow to read (capacity.large_fleet)."""
+        return large_fleet(len(self.index.hosts))
 
     def reusable(self, now: float) -> bool:
         """Whether it may be used as fresh, and quoted though GPUs changed since, at `now`
         (capacity.reusable): a steady stream of placements, submits and hosts connecting
         cannot keep rereading the whole fleet."""
-        return reusable(self.loaded_at, self.load_seconds, now)
+        return reusable(len(self.index.hosts), self.loaded_at, self.load_seconds, now)
 
     def dearest_match(self, demand: Demand) -> int | None:
         """The highest price per GPU-hour among the hosts that could take the job (free or

@@ -215,7 +215,9 @@ class Scheduler:
         """The capacity this cycle plans on: the kept index while it may be reused
         (capacity.reusable), else one read now."""
         kept, now = self._capacity, time.monotonic()
-        if kept is not None and reusable(self._loaded_at, self._load_seconds, now):
+        if kept is not None and reusable(
+            len(kept.index.hosts), self._loaded_at, self._load_seconds, now
+        ):
             return kept
         capacity = await load_capacity(session, self.durations)
         self._capacity, self._loaded_at = capacity, now
