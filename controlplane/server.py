@@ -29,7 +29,7 @@ from gpuplane.v1 import (
 )
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from controlplane import gauges
 from controlplane.api.admin import AdminServicer, pricing_policy
@@ -37,6 +37,7 @@ from controlplane.api.data import DataServicer
 from controlplane.api.interceptors import Admission, Gate, RateLimiter
 from controlplane.api.jobs import JobServicer
 from controlplane.api.ledger import LedgerServicer
+from controlplane.api.registration import GenericHandlersOnly
 from controlplane.api.registry import RegistryServicer
 from controlplane.api.sessions import SessionServicer
 from controlplane.api.tunnels import TunnelRelayServicer, TunnelServicer
@@ -255,11 +256,14 @@ class ControlPlane:
             ],
             options=serving.grpc_options(),
         )
-        self._add_servicers(server, domains)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        registrar = GenericHandlersOnly(server).as_server()
+        self._add_servicers(registrar, domains)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
+        # What reflection.enable_server_reflection does for a grpc.aio server, on the registrar
+        # (which that function, checking isinstance, would take for a sync server).
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        servicer = reflection.aio.ReflectionServicer(names)  # type: ignore[attr-defined]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, registrar)
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(serving.listen_addr)
@@ -279,7 +283,8 @@ class ControlPlane:
         return server
 
     def _add_servicers(self, server: aio.Server, domains: Domains) -> None:
-        """One thin servicer per proto service, over the domain services."""
+        """One thin servicer per proto service, over the domain services (`server` is the
+        GenericHandlersOnly registrar)."""
         settings = self.settings
         db, jobs, pricing = domains.db, domains.jobs, settings.pricing
         quoter = Quoter(domains.market, pricing.max_price, domains.scheduling.default_policy)

@@ -4,6 +4,7 @@ one wrapper built once per method."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import secrets
 import time
@@ -303,7 +304,10 @@ class Gate(aio.ServerInterceptor):  # type: ignore[type-arg]
             return request if check is None else check(request)
 
         def wrap(behaviour: Any, streams_out: bool) -> Any:
-            if streams_out:
+            # A streaming handler is an async generator, or a coroutine that writes its
+            # messages with context.write (grpc_health's Watch): the latter is wrapped as a
+            # unary one is, its None returned.
+            if streams_out and inspect.isasyncgenfunction(behaviour):
 
                 async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                     started = start()
