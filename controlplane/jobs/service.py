@@ -167,6 +167,7 @@ class JobService(
                 key=f"job/{job.id}/hold",
                 expires_at=hold_expiry(spec, self.policy, now),
                 job_id=job.id,
+                fresh_key=True,  # the job's id was made in this transaction
             )
         except ledger.SpendingLimitExceeded as refused:
             raise FailedPrecondition(limit_refusal(refused.budget, hold)) from None

@@ -134,12 +134,15 @@ async def place_hold(
     key: str,
     expires_at: datetime,
     job_id: str | None = None,
+    fresh_key: bool = False,
 ) -> Hold:
     """Holds `amount` of the tenant's available credit (a pending hold). Idempotent by `key`;
     insufficient credit is FailedPrecondition, a hold past the tenant's monthly spending
-    limit SpendingLimitExceeded (limits.check_hold)."""
+    limit SpendingLimitExceeded (limits.check_hold). With `fresh_key` the caller made the key
+    in this transaction (from a new job's id), so no hold can have it yet and it is not looked
+    up (one round trip less per submit); the holds' unique key still refuses a reuse."""
     repo = LedgerRepository(session)
-    existing = await repo.hold_by_key(key)
+    existing = None if fresh_key else await repo.hold_by_key(key)
     if existing is not None:
         if (existing.tenant_id, existing.amount, existing.job_id) != (tenant_id, amount, job_id):
             raise AlreadyExists(f"idempotency_key {key!r} was already used for another hold")

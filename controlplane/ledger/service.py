@@ -295,9 +295,11 @@ class LedgerService:
         key: str,
         expires_at: datetime,
         job_id: str | None = None,
+        fresh_key: bool = False,
     ) -> Hold:
         """Holds `amount` of the tenant's available credit (a pending hold). Idempotent by
-        `key`; insufficient credit is FailedPrecondition."""
+        `key` (not looked up when `fresh_key`: holds.place_hold); insufficient credit is
+        FailedPrecondition."""
         return await holds.place_hold(
             session,
             tenant_id=tenant_id,
@@ -305,6 +307,7 @@ class LedgerService:
             key=key,
             expires_at=expires_at,
             job_id=job_id,
+            fresh_key=fresh_key,
         )
 
     async def charge(

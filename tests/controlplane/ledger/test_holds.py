@@ -8,9 +8,16 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from controlplane.db.base import utcnow
-from controlplane.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.errors import (
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from controlplane.ledger.repository import LedgerRepository
 from controlplane.ledger.service import REVENUE, split_fee
 from controlplane.ledger.states import HoldState, PayoutState
@@ -305,6 +312,36 @@ async def test_replays_change_nothing_and_answer_the_original(ledger: Ledger) ->
     await ledger.service.refund_job("job-r", 0, "why", "rf")
     async with ledger.db.read() as session:
         assert await LedgerRepository(session).transfer_count() == transfers + 2  # share + fee
+    await assert_consistent(ledger)
+
+
+async def test_a_fresh_key_is_not_looked_up_but_still_never_holds_twice(ledger: Ledger) -> None:
+    """A submit's hold key is made from the job's new id (`fresh_key`: no lookup). Should such
+    a key ever be reused, the holds' unique key refuses the second hold and its transaction
+    changes nothing, instead of the replay answer a looked-up key gets."""
+    consumer = await ledger.funded("consumer")
+    expires = utcnow() + timedelta(hours=1)
+    job_id = ledger.tenant("job")  # a fresh id: the database is shared across tests
+
+    async def place(amount: int) -> None:
+        await ledger.db.run(
+            lambda session: ledger.service.place_hold(
+                session,
+                tenant_id=consumer,
+                amount=amount,
+                key=f"job/{job_id}/hold",
+                expires_at=expires,
+                job_id=job_id,
+                fresh_key=True,
+            )
+        )
+
+    await place(5 * CREDIT)
+    # PostgreSQL's unique violation is retried as a possible race, then answered Conflict.
+    with pytest.raises((IntegrityError, Conflict)):
+        await place(5 * CREDIT)
+    balance = await ledger.service.balance(consumer)
+    assert (balance.available, balance.held) == (95 * CREDIT, 5 * CREDIT)
     await assert_consistent(ledger)
 
 
