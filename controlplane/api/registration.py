@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc import aio
 
+from controlplane.api.interceptors import Handler
+
 if TYPE_CHECKING:
-    Handler = grpc.RpcMethodHandler[Any, Any]
     GenericHandler = grpc.GenericRpcHandler[Any, Any]
 else:
-    Handler = grpc.RpcMethodHandler
     GenericHandler = grpc.GenericRpcHandler
 
 
