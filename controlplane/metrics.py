@@ -40,6 +40,7 @@ class Metrics:
     rpc_seconds: Histogram
     stream_seconds: Histogram
     up: Gauge
+    grpc_server_restarts: Counter
     reports_dropped: Counter
     reports_capped: Counter
     resyncs: Counter
@@ -102,6 +103,12 @@ class Metrics:
 
     def _add_process_metrics(self) -> None:
         self.up = Gauge("gpuplane_up", "1 while this control plane serves.", registry=self.registry)
+        self.grpc_server_restarts = Counter(
+            "gpuplane_grpc_server_restarts_total",
+            "Times grpc.aio stopped this control plane's gRPC server by itself (its loop "
+            "accepting calls failed) and a fresh one took its ports (api/keeper.py).",
+            registry=self.registry,
+        )
         self.reports_dropped = Counter(
             "gpuplane_job_reports_dropped_total",
             "Daemon reports dropped unapplied, by reason (foreign_host: the subject's host "

@@ -36,8 +36,8 @@ from controlplane.api.admin import AdminServicer, pricing_policy
 from controlplane.api.data import DataServicer
 from controlplane.api.interceptors import Admission, Gate, RateLimiter
 from controlplane.api.jobs import JobServicer
+from controlplane.api.keeper import KeptServer
 from controlplane.api.ledger import LedgerServicer
-from controlplane.api.registration import GenericHandlersOnly
 from controlplane.api.registry import RegistryServicer
 from controlplane.api.sessions import SessionServicer
 from controlplane.api.tunnels import TunnelRelayServicer, TunnelServicer
@@ -117,7 +117,10 @@ class ControlPlane:
         self.metrics = Metrics()
         self.cycles = CycleWindow()  # this replica's recent scheduler cycles (GetFleetStatus)
         self.db: Database | None = None
-        self.server: aio.Server | None = None
+        self.server: KeptServer | None = None
+        # Once stopped: how often grpc.aio stopped the gRPC server by itself, and why.
+        self.grpc_restarts = 0
+        self.grpc_failures: list[BaseException] = []
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = self.metrics_port = self.dashboard_port = 0  # each known once bound
         self.dashboard: dashboard_app.Dashboard | None = None
@@ -238,13 +241,14 @@ class ControlPlane:
 
     async def _serve_grpc(
         self, domains: Domains, credentials: grpc.ServerCredentials | None
-    ) -> aio.Server:
-        """The gRPC server with every service on it, listening."""
+    ) -> KeptServer:
+        """The gRPC server with every service on it, listening (served again on the same
+        ports should grpc.aio stop it by itself: api/keeper.py)."""
         serving, limits = self.settings.serving, self.settings.auth
         dashboard = self.settings.dashboard
         browser_sessions = BrowserSessions(domains.db, *dashboard.session_lifetimes)
-        server = aio.server(
-            interceptors=[
+        server = KeptServer(
+            [
                 Gate(
                     self.metrics,
                     Admission(
@@ -254,9 +258,10 @@ class ControlPlane:
                     ),
                 )
             ],
-            options=serving.grpc_options(),
+            serving.grpc_options(),
+            on_restart=self.metrics.grpc_server_restarts.inc,
         )
-        registrar = GenericHandlersOnly(server).as_server()
+        registrar = server.registrar()
         self._add_servicers(registrar, domains)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         # What reflection.enable_server_reflection does for a grpc.aio server, on the registrar
@@ -265,10 +270,7 @@ class ControlPlane:
         servicer = reflection.aio.ReflectionServicer(names)  # type: ignore[attr-defined]
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, registrar)
         try:
-            if credentials is None:
-                self.port = server.add_insecure_port(serving.listen_addr)
-            else:
-                self.port = server.add_secure_port(serving.listen_addr, credentials)
+            self.port = server.add_port(serving.listen_addr, credentials)
         except RuntimeError:  # grpcio's "Failed to bind" (older releases returned port 0)
             self.port = 0
         if self.port == 0:
@@ -277,7 +279,7 @@ class ControlPlane:
             await self.tunnels.listen(serving, self.port)
         if dashboard.address:
             self.dashboard = dashboard_app.build(
-                self.settings, browser_sessions, server, SERVICE_NAMES
+                self.settings, browser_sessions, server.add_port, SERVICE_NAMES
             )
         await server.start()
         return server
@@ -391,6 +393,7 @@ class ControlPlane:
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )
+            self.grpc_restarts, self.grpc_failures = self.server.restarts, self.server.failures
             self.server = None
         if self.background is not None:
             await self.background.stop()

@@ -192,10 +192,15 @@ async def job_plane(
 
 @asynccontextmanager
 async def open_plane(
-    settings: Settings, security: ChannelSecurity = PLAINTEXT, tls: TestCerts | None = None
+    settings: Settings,
+    security: ChannelSecurity = PLAINTEXT,
+    tls: TestCerts | None = None,
+    *,
+    expect_grpc_restarts: bool = False,
 ) -> AsyncIterator[JobPlane]:
     """Starts a control plane on `settings` and opens a channel to it; stops both after. No
-    tenants: job_plane() adds them; a bare plane (no NATS) serves the admin API alone."""
+    tenants: job_plane() adds them; a bare plane (no NATS) serves the admin API alone. Fails
+    if grpc.aio stopped its gRPC server by itself, unless `expect_grpc_restarts`."""
     if not settings.database_url:  # SQLite in data_dir: a copy of a database migrated once
         await asyncio.to_thread(seed_sqlite, settings.data_dir)
     plane = ControlPlane(settings)
@@ -214,3 +219,11 @@ async def open_plane(
             await channel.close(None)
     finally:
         await plane.stop(grace=0)
+        # grpc.aio stopping the server by itself is a bug whatever the test was about (and
+        # the likely cause of its failure, if it failed: this says why).
+        if plane.grpc_restarts and not expect_grpc_restarts:
+            raise AssertionError(
+                f"grpc.aio stopped the control plane's gRPC server by itself "
+                f"{plane.grpc_restarts} time(s) (controlplane/api/keeper.py): "
+                f"{plane.grpc_failures!r}"
+            )

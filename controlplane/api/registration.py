@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -29,11 +29,17 @@ class GenericHandlersOnly:
     is found with one dict lookup per service, and every method still gets the same handler,
     the Gate interceptor included."""
 
-    def __init__(self, server: aio.Server) -> None:
+    def __init__(
+        self,
+        server: aio.Server,
+        keep: Callable[[Sequence[GenericHandler]], None] = lambda handlers: None,
+    ) -> None:
         self._server = server
+        self._keep = keep  # told each service's handler too (api/keeper.KeptServer)
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[GenericHandler]) -> None:
         self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+        self._keep(generic_rpc_handlers)
 
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: dict[str, Handler]

@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from aiohttp import web
-from grpc import aio
 
 from controlplane.api.interceptors import RateLimiter
 from controlplane.auth.browser_sessions import BrowserSessions
@@ -194,26 +193,27 @@ def server_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def loopback(server: aio.Server) -> tuple[str, Path]:
+def loopback(add_port: Callable[[str], int]) -> tuple[str, Path]:
     """A plaintext gRPC port on a Unix socket in a fresh private directory (mode 0700), for the
     gRPC-Web proxy alone: the TCP port may require client certificates, which a browser has
     not. Returns its target and the directory (removed by Dashboard.stop)."""
     directory = Path(tempfile.mkdtemp(prefix="gpuplane-web-"))
     target = f"unix:{directory / 'grpc.sock'}"
-    server.add_insecure_port(target)
+    add_port(target)
     return target, directory
 
 
 def build(
     settings: Settings,
     browser_sessions: BrowserSessions,
-    server: aio.Server,
+    add_port: Callable[[str], int],
     services: Iterable[str],
 ) -> Dashboard:
-    """The dashboard of a control plane, from its settings, fronting `server` (not started
-    yet: it gains the proxy's private port, see loopback)."""
+    """The dashboard of a control plane, from its settings, fronting the gRPC server whose
+    `add_port` it is given (not started yet: it gains the proxy's private port, see
+    loopback)."""
     limits = settings.auth
-    target, directory = loopback(server)
+    target, directory = loopback(add_port)
     dashboard = Dashboard(
         settings.dashboard,
         browser_sessions,
