@@ -5,6 +5,7 @@ grpc.aio then shuts the whole server down (controlplane/api/keeper.py)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 import time
 import urllib.request
@@ -14,7 +15,9 @@ import grpc
 from gpuplane.v1 import admin_pb2, admin_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from daemon.channel import PLAINTEXT, open_channel
+from controlplane.settings import Settings
+from daemon.channel import PLAINTEXT, ChannelSecurity, open_channel
+from devstack.certs import TestCerts
 from devstack.factories import bearer
 from tests.controlplane.browser import OK, Browser, dashboard_url
 from tests.controlplane.conftest import sqlite_settings
@@ -32,10 +35,13 @@ def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return header + struct.pack(">I", stream) + payload
 
 
-async def send_request_with_path(port: int, path: bytes) -> asyncio.StreamWriter:
-    """Opens an HTTP/2 connection and sends one gRPC request's headers with `path`, as no
-    gRPC client library would; returns the connection, held open as a hostile client may."""
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
+async def send_request_with_path(
+    port: int, path: bytes, tls: ssl.SSLContext | None = None
+) -> asyncio.StreamWriter:
+    """Opens an HTTP/2 connection (over TLS with `tls`) and sends one gRPC request's headers
+    with `path`, as no gRPC client library would; returns the connection, held open as a
+    hostile client may."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     headers = b"".join(
         _literal(name, value)
         for name, value in (
@@ -133,3 +139,33 @@ async def test_a_request_whose_path_is_not_utf8_does_not_stop_the_server(
         await watching.close(None)
     assert ended in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     assert plane.plane.grpc_restarts == 2
+
+
+async def test_a_tls_server_is_served_again_with_its_certificate(
+    tmp_path: Path, test_certs: TestCerts
+) -> None:
+    """The public API over TLS without client certificates (consumers hold API keys, not
+    certificates): anyone who completes a handshake can send the request."""
+    settings = Settings(
+        data_dir=tmp_path / "cp",
+        listen_addr="127.0.0.1:0",
+        metrics_addr="",
+        tls_cert_file=test_certs.server_cert,
+        tls_key_file=test_certs.server_key,
+    )
+    security = ChannelSecurity(ca_file=test_certs.ca_cert)
+    async with open_plane(settings, security, expect_grpc_restarts=True) as plane:
+        admin = await who_am_i(plane.channel, plane.admin_key)
+        tls = ssl.create_default_context(cafile=str(test_certs.ca_cert))
+        tls.set_alpn_protocols(["h2"])
+        hostile = await send_request_with_path(plane.plane.port, b"/\xff", tls)
+        await restarted(plane, 1)
+        assert await who_am_i(plane.channel, plane.admin_key) == admin
+        fresh = open_channel(plane.address, security)
+        try:
+            assert await who_am_i(fresh, plane.admin_key) == admin
+        finally:
+            await fresh.close(None)
+        assert plane.plane.server is not None
+        assert [type(e) for e in plane.plane.server.failures] == [UnicodeDecodeError]
+        hostile.close()
