@@ -106,8 +106,12 @@ class KeptServer:
     async def _keep(self) -> None:
         while True:
             await asyncio.sleep(self._check_interval)
-            if not self._stopping and not _running(self.server):
+            if self._stopping or _running(self.server):
+                continue
+            try:
                 await self._restart()
+            except Exception:  # the watch goes on: the next check tries again
+                log.exception("serving gRPC again failed; the next check tries again")
 
     async def _restart(self) -> None:
         stopped = self.server

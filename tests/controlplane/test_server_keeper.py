@@ -5,16 +5,20 @@ grpc.aio then shuts the whole server down (controlplane/api/keeper.py)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import struct
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 from gpuplane.v1 import admin_pb2, admin_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controlplane.api.keeper import KeptServer, _running
+from controlplane.api.registration import GenericHandler
 from controlplane.settings import Settings
 from daemon.channel import PLAINTEXT, ChannelSecurity, open_channel
 from devstack.certs import TestCerts
@@ -169,3 +173,52 @@ async def test_a_tls_server_is_served_again_with_its_certificate(
         assert plane.plane.server is not None
         assert [type(e) for e in plane.plane.server.failures] == [UnicodeDecodeError]
         hostile.close()
+
+
+class Pong(GenericHandler):
+    """Answers any unary method with b"pong" (raw bytes: no serializers)."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> Any:
+        async def pong(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            return b"pong"
+
+        return grpc.unary_unary_rpc_method_handler(pong)
+
+
+async def test_a_port_taken_meanwhile_is_bound_again_once_free() -> None:
+    """Between the stop and the restart another process listens on the port: the keeper
+    retries with a backoff and serves again once the port is free."""
+    keeper = KeptServer([], [("grpc.so_reuseport", 0)], check_interval=1.0)
+    keeper.registrar().add_generic_rpc_handlers((Pong(),))
+    port = keeper.add_port("127.0.0.1:0")
+    await keeper.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    ping = channel.unary_unary("/x.Y/Ping", bytes, bytes)
+    squatter = socket.socket()
+    try:
+        assert await ping(b"", timeout=5) == b"pong"
+        hostile = await send_request_with_path(port, b"/\xff")
+        deadline = time.monotonic() + 3
+        while True:  # the listener closes as grpc.aio stops the server: the port is free
+            try:
+                squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                squatter.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the port stayed taken"
+                await asyncio.sleep(0.01)
+        squatter.listen()
+        while keeper.restarts < 1:
+            assert time.monotonic() < deadline + 2, "not noticed"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # its binds fail meanwhile
+        assert not _running(keeper.server)
+        squatter.close()
+        assert await ping(b"", timeout=10, wait_for_ready=True) == b"pong"
+        assert keeper.restarts == 1
+        assert _running(keeper.server)
+        hostile.close()
+    finally:
+        squatter.close()
+        await channel.close(None)
+        await keeper.stop(0)
