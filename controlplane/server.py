@@ -118,8 +118,7 @@ class ControlPlane:
         self.cycles = CycleWindow()  # this replica's recent scheduler cycles (GetFleetStatus)
         self.db: Database | None = None
         self.server: KeptServer | None = None
-        # Once stopped: how often grpc.aio stopped the gRPC server by itself, and why.
-        self.grpc_restarts = 0
+        # Once stopped: why grpc.aio stopped the gRPC server by itself, each time it did.
         self.grpc_failures: list[BaseException] = []
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = self.metrics_port = self.dashboard_port = 0  # each known once bound
@@ -393,7 +392,7 @@ class ControlPlane:
             await self.server.stop(
                 self.settings.serving.shutdown_grace_seconds if grace is None else grace
             )
-            self.grpc_restarts, self.grpc_failures = self.server.restarts, self.server.failures
+            self.grpc_failures = self.server.failures
             self.server = None
         if self.background is not None:
             await self.background.stop()
@@ -412,6 +411,11 @@ class ControlPlane:
             await self.db.close()
             self.db = None
         self._stopped.set()
+
+    @property
+    def grpc_restarts(self) -> int:
+        """Once stopped: how often grpc.aio stopped the gRPC server by itself."""
+        return len(self.grpc_failures)
 
     def _leadership_changed(self, leading: bool) -> None:
         self.metrics.scheduler_leader.set(1 if leading else 0)

@@ -54,11 +54,14 @@ class KeptServer:
         self._on_restart = on_restart
         self._check_interval = check_interval
         self.server = self._new_server()
-        self.restarts = 0
-        self.failures: list[BaseException] = []
+        self.failures: list[BaseException] = []  # why each restart's server stopped
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
         self._stopped: list[aio.Server] = []  # stopped by themselves; their calls go on
+
+    @property
+    def restarts(self) -> int:
+        return len(self.failures)
 
     def _new_server(self) -> aio.Server:
         server = aio.server(interceptors=self._interceptors, options=self._options)
@@ -116,7 +119,6 @@ class KeptServer:
     async def _restart(self) -> None:
         stopped = self.server
         self._stopped.append(stopped)
-        self.restarts += 1
         try:
             await stopped.wait_for_termination(0)  # raises what stopped it, if grpc.aio knows
             failure: BaseException = RuntimeError("the gRPC server stopped (no error given)")
