@@ -81,10 +81,13 @@ from controlplane.verification.service import VerificationService
 from messaging.envcheck import OTHER_GPUPLANE_VARIABLES, warn_unknown_settings
 from messaging.natsjwt import Permissions
 from messaging.signing import SigningKey
+from messaging.tasks import timed
 from messaging.tls import nats_tls_context
 from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
+# A step of stop() that takes longer is logged with its time (a slow stop names its step).
+STEP_WARNING = 1.0
 
 # Every gpuplane.v1 service, as reflection, health and the dashboard's gRPC-Web list them.
 _PROTOS = (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, tunnels_pb2, sessions_pb2)
@@ -376,26 +379,32 @@ class ControlPlane:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
         Scheduling stops first, so another replica takes leadership over during the grace."""
+        # A step slower than STEP_WARNING seconds is logged with its time.
         if self.dashboard is not None:
-            await self.dashboard.stop()
+            with timed(log, "control plane stop: the dashboard", STEP_WARNING):
+                await self.dashboard.stop()
             self.dashboard = None
-        if self.background is not None:
-            await self.background.stop_scheduling()
-        elif self.leader is not None:
-            await self.leader.release()
+        with timed(log, "control plane stop: scheduling", STEP_WARNING):
+            if self.background is not None:
+                await self.background.stop_scheduling()
+            elif self.leader is not None:
+                await self.leader.release()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             if self.registry is not None:
                 self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
             if self.tunnels is not None:
-                await self.tunnels.close()  # tunnels end: their clients reconnect
-            await self.server.stop(
-                self.settings.serving.shutdown_grace_seconds if grace is None else grace
-            )
+                with timed(log, "control plane stop: tunnels", STEP_WARNING):
+                    await self.tunnels.close()  # tunnels end: their clients reconnect
+            grace = self.settings.serving.shutdown_grace_seconds if grace is None else grace
+            # Past its grace: the stopped servers' close (keeper.CLOSING_WAIT) is the rest.
+            with timed(log, "control plane stop: the gRPC server", grace + STEP_WARNING):
+                await self.server.stop(grace)
             self.grpc_failures = self.server.failures
             self.server = None
         if self.background is not None:
-            await self.background.stop()
+            with timed(log, "control plane stop: background work", STEP_WARNING):
+                await self.background.stop()
             self.background = None
         if self.monitor is not None and self.db is not None:
             await self.monitor.flush()  # what was measured since the last flush is kept
@@ -404,11 +413,13 @@ class ControlPlane:
             self._bucket_task = None
         if self.market is not None:
             await self.market.close()
-        await self.bus.close()
+        with timed(log, "control plane stop: its NATS connection", STEP_WARNING):
+            await self.bus.close()
         self.metrics.up.set(0)
         self.metrics.stop()
         if self.db is not None:
-            await self.db.close()
+            with timed(log, "control plane stop: the database", STEP_WARNING):
+                await self.db.close()
             self.db = None
         self._stopped.set()
 

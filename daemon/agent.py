@@ -49,7 +49,7 @@ from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, Tel
 from daemon.tunnels import Tunnels
 from daemon.watchers import AttemptWatchers
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
-from messaging.tasks import stop_tasks
+from messaging.tasks import stop_tasks, timed
 from storage.scoped import GrantedStore, grant_http_pool
 
 log = logging.getLogger(__name__)
@@ -188,15 +188,21 @@ class Agent:
         """Stops taking work and leaves running containers as they are (their journal entries
         stay, for the next start to settle)."""
         self._stopped.set()
-        await stop_tasks(list(self._tasks))
-        await self.tunnels.close()
+        # A step slower than a second is logged with its time (a slow stop names its step).
+        with timed(log, "daemon stop: its tasks", warn_after=1.0):
+            await stop_tasks(list(self._tasks))
+        with timed(log, "daemon stop: its tunnels", warn_after=1.0):
+            await self.tunnels.close()
         if self._bus is not None:
-            await self._bus.close()
+            with timed(log, "daemon stop: its NATS connection", warn_after=1.0):
+                await self._bus.close()
         if self._channel is not None:
-            await self._channel.close(grace=None)
+            with timed(log, "daemon stop: its gRPC channel", warn_after=1.0):
+                await self._channel.close(grace=None)
         if self._runtime is not None:
-            self._runtime.close()
-            await asyncio.to_thread(self._runtime.client.close)
+            with timed(log, "daemon stop: its Docker client", warn_after=1.0):
+                self._runtime.close()
+                await asyncio.to_thread(self._runtime.client.close)
 
     def running_jobs(self) -> list[registry_pb2.RunningJob]:
         """Live executors, and leftovers of an earlier run still waiting to be adopted."""

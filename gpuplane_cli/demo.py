@@ -18,6 +18,7 @@ from gpuplane_cli import follow
 from gpuplane_cli.client import EXIT_UNIMPLEMENTED, Client, CliError, Context, Target
 from gpuplane_cli.stackinfo import DemoKeys
 from gpuplane_cli.units import format_credits
+from messaging.tasks import timed
 
 if TYPE_CHECKING:
     from daemon.agent import Agent
@@ -63,10 +64,12 @@ class LocalDaemon:
 
     async def stop(self) -> None:
         if self.agent is not None:
-            await self.agent.stop()
+            with timed(log, "stopping: the demo daemon"):
+                await self.agent.stop()
             self.agent = None
         if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
+            with timed(log, "stopping: the demo's Docker engine"):
+                await asyncio.to_thread(self.engine.stop)
             self.engine = None
 
 

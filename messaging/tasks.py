@@ -9,8 +9,10 @@ within a bound, and names the ones that would not stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -47,3 +49,19 @@ def stopping() -> bool:
     checks this before retrying, since the error may be a cancel in disguise."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+@contextlib.contextmanager
+def timed(logger: logging.Logger, what: str, warn_after: float | None = None) -> Iterator[None]:
+    """Logs how long the block took ("WHAT took 0.52s", errors included): at INFO, or with
+    `warn_after` at DEBUG when quicker and at WARNING when slower. For the steps of a stop,
+    so that a slow one names itself."""
+    began = time.monotonic()
+    try:
+        yield
+    finally:
+        took = time.monotonic() - began
+        level = logging.INFO
+        if warn_after is not None:
+            level = logging.WARNING if took >= warn_after else logging.DEBUG
+        logger.log(level, "%s took %.2fs", what, took)

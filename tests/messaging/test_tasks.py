@@ -1,14 +1,17 @@
-"""stop_tasks ends tasks whose cancel a library swallowed or turned into another error."""
+"""stop_tasks ends tasks whose cancel a library swallowed or turned into another error; timed
+logs how long a step of a stop took."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 
 import pytest
 
 from controlplane.background import Background
-from messaging.tasks import stop_tasks, stopping
+from messaging.tasks import stop_tasks, stopping, timed
 
 
 async def swallows_cancels(times: int, stopped: list[str]) -> None:
@@ -74,3 +77,25 @@ async def test_results_and_errors_of_ended_tasks_are_consumed() -> None:
     await asyncio.sleep(0)
     assert await stop_tasks([task]) == []
     assert isinstance(task.exception(), RuntimeError)
+
+
+def test_timed_logs_each_step_and_warns_only_past_its_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("test.timed")
+    caplog.set_level(logging.DEBUG, logger="test.timed")
+    with timed(logger, "plain"):
+        time.sleep(0.05)
+    with timed(logger, "quick", warn_after=60.0):
+        pass
+    with timed(logger, "slow", warn_after=0.0):
+        pass
+    with pytest.raises(RuntimeError), timed(logger, "failed"):
+        raise RuntimeError("boom")
+    got = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in got] == ["INFO", "DEBUG", "WARNING", "INFO"]
+    names = ("plain", "quick", "slow", "failed")
+    assert all(
+        re.fullmatch(rf"{n} took \d+\.\d\ds", m) for n, (_, m) in zip(names, got, strict=True)
+    )
+    assert float(got[0][1].split()[-1].rstrip("s")) >= 0.05
