@@ -38,7 +38,7 @@ from messaging.subjects import ensure_streams
 from storage.objects import ObjectStore
 from tests.dbseed import migrated_database
 from tests.harness import JobPlane, job_plane
-from tests.serving import serve, start_or_message
+from tests.serving import STOPS, serve, start_or_message
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -56,6 +56,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "plane(**settings): Settings overrides for the `plane` fixture's control plane"
     )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How long the servers fixtures started took to stop, slowest first (the session's stop
+    in the last test's teardown, which --durations shows as one figure)."""
+    slow = sorted(((took, name) for name, took in STOPS if took >= 1.0), reverse=True)
+    if slow:
+        total = sum(took for took, _ in slow)
+        terminalreporter.write_sep(
+            "-", f"{len(slow)} server stops slower than 1 s, {total:.1f}s in all (slowest 10)"
+        )
+        for took, name in slow[:10]:
+            terminalreporter.write_line(f"{took:6.2f}s {name}")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

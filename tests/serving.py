@@ -4,6 +4,7 @@ fails the test (loudly, with devstack's message, never skipped)."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -12,6 +13,9 @@ import pytest
 from devstack import DevstackError, LocalServer
 
 Server = TypeVar("Server", bound=LocalServer)
+# How long each server `serve` started took to stop (name, seconds), in order: the session's
+# servers stop in the last test's teardown, whose time the terminal summary breaks down.
+STOPS: list[tuple[str, float]] = []
 
 
 def start_or_message(start: Callable[[], object]) -> str | None:
@@ -32,7 +36,9 @@ def serve(server: Server) -> Iterator[Server]:
     try:
         yield server
     finally:
+        began = time.monotonic()
         server.stop()
+        STOPS.append((server.name, time.monotonic() - began))
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
