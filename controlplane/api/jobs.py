@@ -229,14 +229,22 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         seq = request.after_seq
         if seq > MAX_SEQ:
             raise InvalidArgument("after_seq", f"at most {MAX_SEQ}")
+        # The job is read (and the caller checked) first, and again once an event says it
+        # ended (its row says whether more events follow); in between each wake-up reads
+        # only the events after the last one sent.
+        job, events = await self.jobs.events_after(caller, job_id, seq)
         while True:
-            job, events = await self.jobs.events_after(caller, job_id, seq)
             for event in events:
                 seq = event.seq
                 yield event_pb(event, job_id)
-            if JobState(job.state).terminal and seq >= job.event_seq:
+            ended = JobState(job.state).terminal
+            if ended and seq >= job.event_seq:
                 return
+            if not ended and any(JobState(event.state).terminal for event in events):
+                job, events = await self.jobs.events_after(caller, job_id, seq)
+                continue
             await self.watchers.wait(job_id, seq)
+            events = await self.jobs.events_since(job_id, seq)
 
     async def StreamLogs(
         self, request: jobs_pb2.StreamLogsRequest, context: Context

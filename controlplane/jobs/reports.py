@@ -46,6 +46,10 @@ TERMINAL_REPORTS = frozenset(
 )
 # States in which a job still runs up cost on its host.
 RUNS_UP_COST = frozenset({JobState.SCHEDULED, JobState.STARTING, JobState.RUNNING})
+# Reports whose run time is charged at once (metering), while the container runs. UPLOADING's
+# is not: the container has ended, and the terminal report that follows settles the hold
+# with the whole run's cost anyway (a charge there cost a ledger post per job for nothing).
+METERED_REPORTS = frozenset({Kind.JOB_REPORT_KIND_RUNNING, Kind.JOB_REPORT_KIND_USAGE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +233,7 @@ class Reports(LostAttempts):
             changed = True
         else:
             changed = self._apply(repo, job, attempt, report, ending, now)
-            if report.kind not in TERMINAL_REPORTS and attempt.run_time_ms:
+            if report.kind in METERED_REPORTS and attempt.run_time_ms:
                 charged = await self._meter(session, job, attempt)
                 if charged.exhausted and JobState(job.state) in RUNS_UP_COST:
                     resend = self._cancel_command(job, StopReason.STOP_REASON_BUDGET_EXHAUSTED)

@@ -270,6 +270,12 @@ class JobService(
                 raise NotFound(f"job_id: no job {job_id!r}")
             return job, await repo.events_after(job_id, seq)
 
+    async def events_since(self, job_id: str, seq: int) -> Sequence[JobEvent]:
+        """The job's events after `seq`, for a caller events_after already let read it (a job
+        is never deleted, nor does it change tenant): one statement, not two."""
+        async with self.db.read() as session:
+            return await JobRepository(session).events_after(job_id, seq)
+
     async def attempt_of(
         self, caller: Principal, job_id: str, attempt: int
     ) -> tuple[Job, JobAttempt | None]:

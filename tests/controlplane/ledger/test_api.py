@@ -137,6 +137,8 @@ async def test_the_final_report_charges_only_what_metering_did_not(plane: JobPla
             await host.report(dispatch, K.JOB_REPORT_KIND_USAGE, run_time_ms=ms)
         await charged_becomes(plane, job.job_id, charge_for(PRICE, 1, 120_000))
         await host.report(dispatch, K.JOB_REPORT_KIND_UPLOADING, exit_code=0, run_time_ms=150_001)
+        uploading = await plane.wait_for(job.job_id, [S.JOB_STATE_UPLOADING])
+        assert uploading.charged_micro_credits == charge_for(PRICE, 1, 120_000)
         await host.report(dispatch, K.JOB_REPORT_KIND_FINISHED, exit_code=0, run_time_ms=150_001)
         done = await plane.wait_for(job.job_id, [S.JOB_STATE_SUCCEEDED])
     finally:
@@ -147,8 +149,9 @@ async def test_the_final_report_charges_only_what_metering_did_not(plane: JobPla
     rows = await entries(plane, plane.consumer_tenant, job_id=job.job_id)
     charges = [e for e in rows if e.kind in (S.TRANSFER_KIND_CHARGE, S.TRANSFER_KIND_FEE)]
     assert -sum(e.amount_micro_credits for e in charges) == total
-    # Metered at 60 s, 120 s and by the UPLOADING report (150.001 s); the duplicate tick and
-    # the FINISHED report found nothing left to charge.
+    # Metered at 60 s and 120 s (the duplicate tick found nothing to charge); the container
+    # had ended by the UPLOADING report, which charges nothing: the FINISHED report charged
+    # the last 30.001 s.
     assert len(charges) == 2 * 3
     assert (await plane.balance(plane.provider_tenant)).earnings_micro_credits == split_fee(
         total, FEE_BP
