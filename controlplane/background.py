@@ -32,11 +32,14 @@ from messaging.tasks import stop_tasks, stopping
 log = logging.getLogger(__name__)
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> None:
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Waits until `event` is set or `timeout` passed, then clears it; whether it was set."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):  # unlike 3.11's wait_for, never eats a cancel
             await event.wait()
+    woken = event.is_set()
     event.clear()
+    return woken
 
 
 class Background:
@@ -165,10 +168,15 @@ class Background:
         await self.bus.ready.wait()
         assert self.bus.js is not None
         relay = OutboxRelay(self.scheduler.db, self.bus.js)
+        # Woken by this process's commit of a row (or after a full batch), the relay leases
+        # at once; after the period's timeout (another replica's rows, a failed publish
+        # released) it first looks whether any row waits, outside a write transaction. A
+        # batch that was not full is the last one: the next comes with the next wake-up.
+        pending = False
         while True:
-            while await relay.run_once():
-                pass
-            await _wait(self.notifier.outbox, 1.0)
+            while await relay.run_once(pending=pending) >= relay.batch:
+                pending = True
+            pending = await _wait(self.notifier.outbox, 1.0)
 
     async def _consume(self) -> None:
         await self.bus.ready.wait()

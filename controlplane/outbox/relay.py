@@ -37,12 +37,14 @@ class OutboxRelay:
         self.batch = batch
         self.lease = lease
 
-    async def run_once(self) -> int:
-        """Publishes one batch; returns how many rows were published."""
+    async def run_once(self, pending: bool = False) -> int:
+        """Publishes one batch; returns how many rows were published. Unless the caller
+        knows rows are `pending`, it looks first without a write transaction."""
         now = utcnow()
-        async with self.db.read() as session:
-            if not await OutboxRepository(session).any_pending(now):
-                return 0  # the common case, without a write transaction
+        if not pending:
+            async with self.db.read() as session:
+                if not await OutboxRepository(session).any_pending(now):
+                    return 0  # the common case, without a write transaction
         async with self.db.transaction() as session:
             rows = [
                 (r.id, r.subject, r.msg_id, r.payload)

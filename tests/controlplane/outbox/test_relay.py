@@ -86,3 +86,29 @@ async def test_a_failed_batch_is_handed_back_at_once(db: Database, jetstream: An
     assert await OutboxRelay(db, other).run_once() == 1  # type: ignore[arg-type]
     assert sorted(failing.published + other.published) == sorted(ids)
     assert await unpublished(db) == 0
+
+
+async def test_a_relay_told_rows_are_pending_leases_without_looking_first(
+    db: Database, jetstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Woken by a commit of its own process, the relay leases at once (one read fewer per
+    batch); otherwise it looks first, and finds nothing without a write transaction."""
+    looks: list[bool] = []
+    original = OutboxRepository.any_pending
+
+    async def counted(self: OutboxRepository, now: Any) -> bool:
+        looks.append(found := await original(self, now))
+        return found
+
+    monkeypatch.setattr(OutboxRepository, "any_pending", counted)
+    while await unpublished(db):  # rows other tests left
+        await OutboxRelay(db, jetstream).run_once()
+    ids = await enqueue(db, 5)
+    looks.clear()
+    counting = CountingJetStream(jetstream)
+    relay = OutboxRelay(db, counting)  # type: ignore[arg-type]
+    assert await relay.run_once(pending=True) == 5
+    assert looks == []
+    assert sorted(counting.published) == sorted(ids)
+    assert await relay.run_once() == 0
+    assert looks == [False]
