@@ -188,6 +188,24 @@ class PostgresCluster(LocalServer):
             self._process.stop()
             self._process = None
         if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            _remove_in_background(self._scratch)
             self._scratch = None
             self.data_dir = self.directory / "pgdata"
+
+
+def _remove_in_background(path: Path) -> None:
+    """Removes a stopped cluster's directory without waiting: with the hundreds of databases
+    a test session makes, removing them took 11.5 s of the session's end. The directory is
+    renamed first, so nothing finds it meanwhile; where `rm` cannot start, removed here."""
+    doomed = path.with_name(f"{path.name}.removing")
+    try:
+        path.rename(doomed)
+        subprocess.Popen(
+            ["rm", "-rf", "--", str(doomed)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not the caller's child to wait for, nor its signals
+        )
+    except OSError:
+        shutil.rmtree(doomed if doomed.exists() else path, ignore_errors=True)
