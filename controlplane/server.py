@@ -81,13 +81,11 @@ from controlplane.verification.service import VerificationService
 from messaging.envcheck import OTHER_GPUPLANE_VARIABLES, warn_unknown_settings
 from messaging.natsjwt import Permissions
 from messaging.signing import SigningKey
-from messaging.tasks import timed
+from messaging.tasks import SLOW_STEP_SECONDS, timed
 from messaging.tls import nats_tls_context
 from storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
-# A step of stop() that takes longer is logged with its time (a slow stop names its step).
-STEP_WARNING = 1.0
 
 # Every gpuplane.v1 service, as reflection, health and the dashboard's gRPC-Web list them.
 _PROTOS = (jobs_pb2, registry_pb2, ledger_pb2, admin_pb2, data_pb2, tunnels_pb2, sessions_pb2)
@@ -379,12 +377,12 @@ class ControlPlane:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets running ones finish for `grace` seconds, then closes.
         Scheduling stops first, so another replica takes leadership over during the grace."""
-        # A step slower than STEP_WARNING seconds is logged with its time.
+        # A step slower than SLOW_STEP_SECONDS is logged with its time.
         if self.dashboard is not None:
-            with timed(log, "control plane stop: the dashboard", STEP_WARNING):
+            with timed(log, "control plane stop: the dashboard", SLOW_STEP_SECONDS):
                 await self.dashboard.stop()
             self.dashboard = None
-        with timed(log, "control plane stop: scheduling", STEP_WARNING):
+        with timed(log, "control plane stop: scheduling", SLOW_STEP_SECONDS):
             if self.background is not None:
                 await self.background.stop_scheduling()
             elif self.leader is not None:
@@ -394,16 +392,16 @@ class ControlPlane:
             if self.registry is not None:
                 self.registry.streams.closing.set()  # daemons reconnect, elsewhere if they can
             if self.tunnels is not None:
-                with timed(log, "control plane stop: tunnels", STEP_WARNING):
+                with timed(log, "control plane stop: tunnels", SLOW_STEP_SECONDS):
                     await self.tunnels.close()  # tunnels end: their clients reconnect
             grace = self.settings.serving.shutdown_grace_seconds if grace is None else grace
             # Past its grace: the stopped servers' close (keeper.CLOSING_WAIT) is the rest.
-            with timed(log, "control plane stop: the gRPC server", grace + STEP_WARNING):
+            with timed(log, "control plane stop: the gRPC server", grace + SLOW_STEP_SECONDS):
                 await self.server.stop(grace)
             self.grpc_failures = self.server.failures
             self.server = None
         if self.background is not None:
-            with timed(log, "control plane stop: background work", STEP_WARNING):
+            with timed(log, "control plane stop: background work", SLOW_STEP_SECONDS):
                 await self.background.stop()
             self.background = None
         if self.monitor is not None and self.db is not None:
@@ -413,12 +411,12 @@ class ControlPlane:
             self._bucket_task = None
         if self.market is not None:
             await self.market.close()
-        with timed(log, "control plane stop: its NATS connection", STEP_WARNING):
+        with timed(log, "control plane stop: its NATS connection", SLOW_STEP_SECONDS):
             await self.bus.close()
         self.metrics.up.set(0)
         self.metrics.stop()
         if self.db is not None:
-            with timed(log, "control plane stop: the database", STEP_WARNING):
+            with timed(log, "control plane stop: the database", SLOW_STEP_SECONDS):
                 await self.db.close()
             self.db = None
         self._stopped.set()

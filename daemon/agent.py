@@ -49,7 +49,7 @@ from daemon.telemetry import DEFAULT_INTERVAL_MS, Sampler, SimulatedSampler, Tel
 from daemon.tunnels import Tunnels
 from daemon.watchers import AttemptWatchers
 from messaging.subjects import DISPATCH_STREAM, dispatch_durable, dispatch_subject
-from messaging.tasks import stop_tasks, timed
+from messaging.tasks import SLOW_STEP_SECONDS, stop_tasks, timed
 from storage.scoped import GrantedStore, grant_http_pool
 
 log = logging.getLogger(__name__)
@@ -188,19 +188,19 @@ class Agent:
         """Stops taking work and leaves running containers as they are (their journal entries
         stay, for the next start to settle)."""
         self._stopped.set()
-        # A step slower than a second is logged with its time (a slow stop names its step).
-        with timed(log, "daemon stop: its tasks", warn_after=1.0):
+        # A step slower than SLOW_STEP_SECONDS is logged with its time.
+        with timed(log, "daemon stop: its tasks", warn_after=SLOW_STEP_SECONDS):
             await stop_tasks(list(self._tasks))
-        with timed(log, "daemon stop: its tunnels", warn_after=1.0):
+        with timed(log, "daemon stop: its tunnels", warn_after=SLOW_STEP_SECONDS):
             await self.tunnels.close()
         if self._bus is not None:
-            with timed(log, "daemon stop: its NATS connection", warn_after=1.0):
+            with timed(log, "daemon stop: its NATS connection", warn_after=SLOW_STEP_SECONDS):
                 await self._bus.close()
         if self._channel is not None:
-            with timed(log, "daemon stop: its gRPC channel", warn_after=1.0):
+            with timed(log, "daemon stop: its gRPC channel", warn_after=SLOW_STEP_SECONDS):
                 await self._channel.close(grace=None)
         if self._runtime is not None:
-            with timed(log, "daemon stop: its Docker client", warn_after=1.0):
+            with timed(log, "daemon stop: its Docker client", warn_after=SLOW_STEP_SECONDS):
                 self._runtime.close()
                 await asyncio.to_thread(self._runtime.client.close)
 

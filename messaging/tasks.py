@@ -16,6 +16,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
+# A step of a stop that takes longer than this is logged as a warning, with its time
+# (`timed(..., warn_after=SLOW_STEP_SECONDS)`): a slow stop names its step.
+SLOW_STEP_SECONDS = 1.0
 
 
 async def stop_tasks(
